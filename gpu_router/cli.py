@@ -1,2 +1,84 @@
-def main() -> None:
-    pass
+"""`gpu-router`: run the local stack, validate policy files."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+from control_plane.policy.load import PolicyError, default_policy_path, load_policy_file
+from gpu_router.processes import ProcessError
+from gpu_router.stack import Stack, StackPorts
+
+
+def validate(args: argparse.Namespace) -> int:
+    failed = 0
+    for path in args.files:
+        try:
+            config = load_policy_file(path)
+        except (PolicyError, OSError) as error:
+            print(error, file=sys.stderr)
+            failed += 1
+            continue
+        print(f"{path}: ok ({len(config.providers)} providers, {len(config.models)} models, "
+              f"{len(config.policies)} policies, version {config.version})")
+    return 1 if failed else 0
+
+
+def up(args: argparse.Namespace) -> int:
+    policy = Path(args.policy) if args.policy else default_policy_path()
+    try:
+        load_policy_file(policy)
+    except PolicyError as error:
+        print(error, file=sys.stderr)
+        return 2
+    ports = StackPorts(edge=args.edge_port, admin=args.admin_port, xds=args.xds_port,
+                       ext_proc=args.ext_proc_port, control_http=args.http_port)
+    log_dir = Path(args.log_dir) if args.log_dir else Path(tempfile.mkdtemp(prefix="gpu-router-"))
+    stack = Stack(policy=policy, log_dir=log_dir, ports=ports, ext_proc_workers=args.workers,
+                  simulators=not args.no_simulators)
+    print(f"starting gpu-router with {policy} (logs in {log_dir}) ...", flush=True)
+    try:
+        stack.start()
+        print(f"gpu-router is up: OpenAI-compatible endpoint {stack.url}/v1\n"
+              f"  Envoy admin     http://127.0.0.1:{ports.admin}/stats\n"
+              f"  control plane   {stack.control_url('/v1/health')}\n"
+              f"Ctrl-C stops everything.", flush=True)
+        stack.wait_forever()
+    except KeyboardInterrupt:
+        print("\nstopping ...", file=sys.stderr)
+        return 0
+    except ProcessError as error:
+        print(f"gpu-router: {error}", file=sys.stderr)
+        return 1
+    finally:
+        stack.stop()
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="gpu-router", description=__doc__)
+    commands = root.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("up", help="run Envoy, control plane, ext_proc and simulated providers")
+    run.add_argument("--policy", help="policy YAML (default: the embedded default policy)")
+    run.add_argument("--workers", type=int, default=1, help="ext_proc worker processes")
+    run.add_argument("--no-simulators", action="store_true", help="do not start simulated providers")
+    run.add_argument("--log-dir", help="where child process logs go (default: a new temp dir)")
+    defaults = StackPorts()
+    run.add_argument("--edge-port", type=int, default=defaults.edge)
+    run.add_argument("--admin-port", type=int, default=defaults.admin)
+    run.add_argument("--xds-port", type=int, default=defaults.xds)
+    run.add_argument("--ext-proc-port", type=int, default=defaults.ext_proc)
+    run.add_argument("--http-port", type=int, default=defaults.control_http)
+    run.set_defaults(handler=up)
+
+    check = commands.add_parser("validate", help="check policy files; non-zero exit on errors")
+    check.add_argument("files", nargs="+")
+    check.set_defaults(handler=validate)
+    return root
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    sys.exit(args.handler(args))

@@ -1,0 +1,190 @@
+"""Routed path vs Envoy direct, in one run.
+
+Starts a fast upstream (an Envoy answering every request itself), a baseline Envoy
+that routes straight to it (no ext_proc), and the gpu-router stack in front of the
+same upstream; then drives both with wrk and prints latency and throughput with the
+ratios against the baseline, plus the ext_proc gRPC cluster's own time from Envoy's
+admin stats (Envoy has no ext_proc timing stat of its own).
+
+    python bench/routed_path.py [--duration 10] [--workers 1 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from gpu_router.processes import EnvoyAdmin, ManagedProcess, envoy_binary, free_port, http_get
+from gpu_router.stack import Stack, StackPorts
+
+MODEL = "bench-model"
+COMPLETION = json.dumps({
+    "id": "bench", "object": "chat.completion", "model": MODEL,
+    "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
+    "usage": {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6},
+})
+
+
+def static_envoy(name: str, work: Path, listen_port: int, route: dict, clusters: list[dict],
+                 concurrency: list[str] = ()) -> ManagedProcess:
+    admin = free_port()
+    config = {
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin}}},
+        "static_resources": {
+            "listeners": [{
+                "name": name, "per_connection_buffer_limit_bytes": 33554432,
+                "address": {"socket_address": {"address": "127.0.0.1", "port_value": listen_port}},
+                "filter_chains": [{"filters": [{
+                    "name": "envoy.filters.network.http_connection_manager",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                        "stat_prefix": name,
+                        "route_config": {"virtual_hosts": [{"name": "all", "domains": ["*"], "routes": [route]}]},
+                        "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {
+                            "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}],
+                    }}]}],
+            }],
+            "clusters": clusters,
+        },
+    }
+    path = work / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    argv = [envoy_binary(), "-c", str(path), "--base-id", str(free_port()), "--log-level", "error",
+            *concurrency]
+    process = ManagedProcess(name, argv, work / f"{name}.log").start()
+    process.wait_until(EnvoyAdmin(admin).ready, f"{name} to start")
+    return process
+
+
+def fast_upstream(work: Path, port: int) -> ManagedProcess:
+    route = {"match": {"prefix": "/"}, "direct_response": {"status": 200, "body": {"inline_string": COMPLETION}},
+             "response_headers_to_add": [{"header": {"key": "content-type", "value": "application/json"}}]}
+    return static_envoy("upstream", work, port, route, [], ["--concurrency", "1"])
+
+
+def direct_envoy(work: Path, port: int, upstream_port: int) -> ManagedProcess:
+    cluster = {"name": "upstream", "type": "STATIC", "connect_timeout": "1s",
+               "load_assignment": {"cluster_name": "upstream", "endpoints": [{"lb_endpoints": [{"endpoint": {
+                   "address": {"socket_address": {"address": "127.0.0.1", "port_value": upstream_port}}}}]}]}}
+    route = {"match": {"prefix": "/"}, "route": {"cluster": "upstream"}}
+    return static_envoy("direct", work, port, route, [cluster])
+
+
+def bench_policy(path: Path, upstream_port: int) -> Path:
+    path.write_text(yaml.safe_dump({
+        "version": 1,
+        "providers": [{
+            "name": "fast", "base_url": f"http://127.0.0.1:{upstream_port}", "health_check_path": "/health",
+            "gpus": [{"type": "H100", "memory_gb": 80}],
+            "models": [{"name": MODEL, "id": MODEL, "gpu": "H100", "price": {"input": 0.1, "output": 0.1}}],
+        }],
+        "models": [{"name": MODEL, "min_gpu_memory_gb": 1}],
+        "policies": [{"name": "all", "strategy": "balanced"}],
+    }))
+    return path
+
+
+@dataclass(frozen=True)
+class Load:
+    p50_ms: float
+    p99_ms: float
+    rps: float
+    errors: int
+
+
+WRK_SCRIPT = """
+wrk.method = "POST"
+wrk.headers["content-type"] = "application/json"
+local f = io.open("%s", "rb"); wrk.body = f:read("*a"); f:close()
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format("RESULT {\\"p50\\":%%d,\\"p99\\":%%d,\\"requests\\":%%d,\\"duration\\":%%d,\\"errors\\":%%d}\\n",
+    latency:percentile(50), latency:percentile(99), summary.requests, summary.duration,
+    e.connect + e.read + e.write + e.status + e.timeout))
+end
+"""
+
+
+def wrk(url: str, body: bytes, connections: int, seconds: int, work: Path) -> Load:
+    body_path = work / f"body-{len(body)}.json"
+    body_path.write_bytes(body)
+    script = work / f"wrk-{len(body)}.lua"
+    script.write_text(WRK_SCRIPT % body_path)
+    threads = min(connections, 2)
+    out = subprocess.run(["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{seconds}s",
+                          "-s", str(script), url], capture_output=True, text=True, check=True).stdout
+    result = json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])
+    return Load(result["p50"] / 1000, result["p99"] / 1000,
+                result["requests"] / (result["duration"] / 1e6), result["errors"])
+
+
+def chat_body(prompt_bytes: int) -> bytes:
+    return json.dumps({"model": MODEL, "max_tokens": 16,
+                       "messages": [{"role": "user", "content": "x" * prompt_bytes}]}).encode()
+
+
+def ext_proc_time(admin: EnvoyAdmin) -> str:
+    _, body = http_get(admin.url("/stats?filter=cluster.gpu-router.ext_proc.upstream_rq_time$"))
+    return body.decode().strip() or "(no samples)"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--duration", type=int, default=10, help="seconds per measurement")
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="ext_proc worker counts")
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        print("bench needs wrk (apt-get install wrk)", file=sys.stderr)
+        return 2
+
+    work = Path(tempfile.mkdtemp(prefix="gpu-router-bench-"))
+    upstream_port, direct_port = free_port(), free_port()
+    children = [fast_upstream(work, upstream_port)]
+    try:
+        children.append(direct_envoy(work, direct_port, upstream_port))
+        small, large = chat_body(64), chat_body(200 * 1024)
+        direct_url = f"http://127.0.0.1:{direct_port}/v1/chat/completions"
+        rows = [("direct", "1 conn", wrk(direct_url, small, 1, args.duration, work)),
+                ("direct", "16 conn", wrk(direct_url, small, 16, args.duration, work)),
+                ("direct", "1 conn 200KB", wrk(direct_url, large, 1, args.duration, work))]
+        base = {label: load for _, label, load in rows}
+        policy = bench_policy(work / "policy.yaml", upstream_port)
+        timings = {}
+        for workers in args.workers:
+            stack = Stack(policy=policy, log_dir=work / f"stack-{workers}", ports=StackPorts.free(),
+                          ext_proc_workers=workers, simulators=False).start()
+            try:
+                routed_url = f"{stack.url}/v1/chat/completions"
+                name = f"routed x{workers}"
+                rows += [(name, "1 conn", wrk(routed_url, small, 1, args.duration, work)),
+                         (name, "16 conn", wrk(routed_url, small, 16, args.duration, work)),
+                         (name, "1 conn 200KB", wrk(routed_url, large, 1, args.duration, work))]
+                timings[name] = ext_proc_time(stack.edges[0].admin)
+            finally:
+                stack.stop()
+    finally:
+        for child in children:
+            child.stop()
+
+    print(f"{'path':<12} {'load':<14} {'p50 ms':>8} {'p99 ms':>8} {'req/s':>9} {'errors':>6}"
+          f" {'p50 +ms':>8} {'rps ratio':>9}")
+    for name, label, load in rows:
+        ref = base[label]
+        print(f"{name:<12} {label:<14} {load.p50_ms:8.3f} {load.p99_ms:8.3f} {load.rps:9.0f} {load.errors:6d}"
+              f" {load.p50_ms - ref.p50_ms:8.3f} {load.rps / ref.rps:9.2f}")
+    print("\next_proc gRPC cluster time (Envoy admin, ms):")
+    for name, text in timings.items():
+        print(f"  {name}: {text}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

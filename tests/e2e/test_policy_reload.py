@@ -1,0 +1,124 @@
+"""Editing the watched policy file changes routing with no restart and no failed request."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from gpu_router.processes import http_get
+from gpu_router.stack import Stack
+from tests.e2e.conftest import Providers, chat, eventually
+
+
+class Traffic:
+    """Requests sent back to back from a few threads until stopped; every outcome counted."""
+
+    def __init__(self, stack: Stack, model: str, headers: dict[str, str], threads: int = 4) -> None:
+        self.stack, self.model, self.headers = stack, model, headers
+        self.outcomes: Counter[tuple[int, str]] = Counter()
+        self.stopping = threading.Event()
+        self.lock = threading.Lock()
+        self.threads = [threading.Thread(target=self.run, daemon=True) for _ in range(threads)]
+
+    def run(self) -> None:
+        while not self.stopping.is_set():
+            status, headers, _ = chat(self.stack, self.model, self.headers)
+            with self.lock:
+                self.outcomes[(status, headers.get("x-gpu-router-provider", ""))] += 1
+
+    def __enter__(self) -> Traffic:
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stopping.set()
+        for thread in self.threads:
+            thread.join(timeout=60)
+
+    def failures(self) -> dict[tuple[int, str], int]:
+        return {key: n for key, n in self.outcomes.items() if key[0] != 200}
+
+    def count(self, provider: str) -> int:
+        with self.lock:
+            return sum(n for (status, name), n in self.outcomes.items() if name == provider and status == 200)
+
+
+def edit_policy(path: Path, change) -> None:
+    document = yaml.safe_load(path.read_text())
+    change(document)
+    path.write_text(yaml.safe_dump(document, sort_keys=False))
+
+
+def provider(document: dict, name: str) -> dict:
+    return next(p for p in document["providers"] if p["name"] == name)
+
+
+def policy_version(stack: Stack) -> str:
+    return json.loads(http_get(stack.control_url("/v1/policy"))[1])["version"]
+
+
+@pytest.fixture
+def original_policy(stack: Stack) -> Iterator[str]:
+    text = stack.policy.read_text()
+    yield text
+    stack.policy.write_text(text)
+
+
+def test_removing_a_provider_moves_traffic_without_failing_in_flight_requests(
+    stack: Stack, providers: Providers, original_policy: str
+) -> None:
+    providers.latency("runpod", 300)  # keep requests in flight while the policy changes
+    batch = {"x-workload": "batch"}
+    with Traffic(stack, "mixtral-8x7b", batch) as traffic:
+        eventually(lambda: traffic.count("runpod") >= 4, "traffic to runpod")
+        edit_policy(stack.policy, lambda d: d["providers"].remove(provider(d, "runpod")))
+        eventually(lambda: traffic.count("lambda") >= 8, "traffic to move to lambda")
+
+    assert traffic.failures() == {}
+    status, headers, _ = chat(stack, "mixtral-8x7b", batch)
+    assert (status, headers["x-gpu-router-provider"]) == (200, "lambda")
+    assert "runpod" not in stack.edges[0].admin.clusters()
+
+
+def test_a_price_change_reroutes_without_restart(
+    stack: Stack, providers: Providers, original_policy: str
+) -> None:
+    stack.policy.write_text(original_policy)
+    eventually(lambda: chat(stack, "llama-3.1-70b", {"x-workload": "batch"})[1].get("x-gpu-router-provider")
+               == "coreweave", "the original policy to be back")
+    envoy_pid = stack.edges[0].process.pid
+
+    with Traffic(stack, "llama-3.1-70b", {"x-workload": "batch"}) as traffic:
+        edit_policy(stack.policy, lambda d: provider(d, "coreweave")["models"][0]["price"].update(input=9.0))
+        eventually(lambda: traffic.count("lambda") >= 8, "cost-first to move to lambda")
+
+    assert traffic.failures() == {}
+    assert stack.edges[0].process.pid == envoy_pid and stack.edges[0].process.alive()
+
+
+def test_an_invalid_edit_is_rejected_and_routing_stays(
+    stack: Stack, providers: Providers, original_policy: str
+) -> None:
+    stack.policy.write_text(original_policy)
+    good = eventually(lambda: chat(stack, "llama-3.1-8b", {"x-workload": "batch"})[1].get(
+        "x-gpu-router-provider") == "vast" and policy_version(stack), "the original policy")
+
+    broken = original_policy.replace("price: {input: 0.05, output: 0.08}", "price: {input: -1, output: 0.08}")
+    assert broken != original_policy
+    stack.policy.write_text(broken)
+    log = stack.processes["control-plane"].log_path
+    rejected = eventually(
+        lambda: [json.loads(line) for line in log.read_text().splitlines()
+                 if '"policy_rejected"' in line], "the control plane to reject the edit")
+
+    assert "price" in rejected[-1]["error"] and str(stack.policy) in rejected[-1]["error"]
+    assert policy_version(stack) == good
+    status, headers, _ = chat(stack, "llama-3.1-8b", {"x-workload": "batch"})
+    assert (status, headers["x-gpu-router-provider"]) == (200, "vast")

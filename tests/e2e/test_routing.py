@@ -1,0 +1,108 @@
+"""The routing loop end to end: policy -> xDS -> real Envoy -> ext_proc -> simulated providers."""
+
+from __future__ import annotations
+
+import json
+
+from gpu_router.stack import Stack
+from tests.e2e.conftest import Providers, chat, eventually, post
+
+
+def test_cost_first_picks_the_cheapest_fitting_provider(stack: Stack, providers: Providers) -> None:
+    status, headers, body = chat(stack, "llama-3.1-8b", {"x-workload": "batch"})
+
+    assert status == 200, body
+    assert headers["x-gpu-router-provider"] == "vast"
+    assert headers["x-gpu-router-reason"].startswith("cheapest")
+    # vast's own id for the model reached vast: ext_proc rewrote the body.
+    assert body["model"] == "llama3.1:8b"
+    assert providers.stats("vast")["last_request"]["model"] == "llama3.1:8b"
+
+
+def test_a_model_too_large_for_a_providers_gpus_is_never_sent_there(stack: Stack, providers: Providers) -> None:
+    # vast lists mixtral-8x7b cheapest, on 24 GB RTX-4090s: cost-first must still skip it.
+    served = set()
+    for _ in range(5):
+        status, headers, body = chat(stack, "mixtral-8x7b", {"x-workload": "batch"})
+        assert status == 200, body
+        served.add(headers["x-gpu-router-provider"])
+
+    assert served == {"runpod"}
+    assert providers.stats("vast")["requests"] == 0
+
+
+def test_strategy_header_overrides_the_policy(stack: Stack, providers: Providers) -> None:
+    status, headers, _ = chat(stack, "llama-3.1-70b", {"x-gpu-router-strategy": "cost"})
+    assert status == 200
+    assert headers["x-gpu-router-provider"] == "coreweave"
+
+    status, _, body = chat(stack, "llama-3.1-70b", {"x-gpu-router-strategy": "fastest-please"})
+    assert status == 400
+    assert "x-gpu-router-strategy" in body["error"]["message"]
+
+
+def test_latency_first_follows_the_measured_ewma(stack: Stack, providers: Providers) -> None:
+    for name in ("lambda", "coreweave", "vast"):
+        providers.latency(name, 150)
+    providers.latency("runpod", 5)
+
+    def routed_to() -> str:
+        status, headers, body = chat(stack, "llama-3.1-8b")
+        assert status == 200, body
+        return headers["x-gpu-router-provider"]
+
+    eventually(lambda: all(routed_to() == "runpod" for _ in range(3)), "latency-first to settle on runpod")
+
+    # runpod slows down: its EWMA rises with its own traffic until another provider is faster.
+    providers.latency("runpod", 400)
+    providers.latency("coreweave", 5)
+    eventually(lambda: routed_to() == "coreweave", "latency-first to leave the slowed provider")
+
+
+def test_model_in_header_is_routed_without_sending_the_body(stack: Stack, providers: Providers) -> None:
+    edge = stack.edges[0]
+    before = edge.admin.stats("http.edge.ext_proc.")
+    headers = {"x-gpu-router-model": "llama-3.1-70b", "x-gpu-router-strategy": "cost"}
+    status, response_headers, body = chat(stack, "llama-3.1-70b", headers)
+    after = edge.admin.stats("http.edge.ext_proc.")
+
+    assert status == 200, body
+    assert response_headers["x-gpu-router-provider"] == "coreweave"
+    sent = after["http.edge.ext_proc.stream_msgs_sent"] - before["http.edge.ext_proc.stream_msgs_sent"]
+    assert sent == 1  # request headers only
+
+
+def test_a_one_mebibyte_prompt_routes(stack: Stack, providers: Providers) -> None:
+    prompt = "x" * (1024 * 1024 + 17)
+    payload = {"model": "llama-3.1-8b", "messages": [{"role": "user", "content": prompt}], "max_tokens": 4}
+
+    status, headers, body = post(f"{stack.url}/v1/chat/completions", payload, {"x-workload": "batch"})
+
+    assert status == 200, body
+    assert headers["x-gpu-router-provider"] == "vast"
+    assert providers.stats("vast")["last_request"]["body_bytes"] > 1024 * 1024
+
+
+def test_bad_requests_get_openai_style_errors(stack: Stack, providers: Providers) -> None:
+    url = f"{stack.url}/v1/chat/completions"
+
+    status, _, body = post(url, None, raw=b"{not json")
+    assert status == 400 and "JSON" in body["error"]["message"]
+
+    status, _, body = post(url, {"messages": []})
+    assert status == 400 and "model" in body["error"]["message"]
+
+    status, _, body = post(url, {"model": "gpt-17", "messages": []})
+    assert status == 404 and body["error"]["code"] == "model_not_found"
+
+    assert sum(providers.stats(name)["requests"] for name in providers.urls) == 0
+
+
+def test_models_are_listed_through_the_edge(stack: Stack) -> None:
+    from gpu_router.processes import http_get
+
+    status, body = http_get(f"{stack.url}/v1/models")
+    names = {model["id"] for model in json.loads(body)["data"]}
+
+    assert status == 200
+    assert names == {"llama-3.1-8b", "mixtral-8x7b", "llama-3.1-70b", "bge-large"}
