@@ -106,6 +106,8 @@ class Policy:
     cost_ceiling_usd_per_mtok: float = 0.0
     """Latency-first: skip providers pricier than this for the request (0 = no ceiling)."""
     max_fallbacks: int = 2
+    providers: tuple[str, ...] = ()
+    """Allow-list of provider names this policy may route to (empty = every provider)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -1,0 +1,233 @@
+"""FleetHealth: EWMA, windows, eject/cooldown/recover, versions. Pure: time is passed in."""
+
+from __future__ import annotations
+
+import pytest
+
+from control_plane.telemetry.health import PROVIDER_WIDE, FleetHealth, HealthState, ProviderHealth
+from control_plane.telemetry.samples import RequestSample
+from gpu_router.api.v1 import health_pb2
+
+T0 = 1_700_000_000_000
+
+
+def sample(
+    at_ms: int,
+    status: int = 200,
+    *,
+    provider: str = "prov-a",
+    model: str = "m1",
+    total_ms: float = 100.0,
+    ttfb_ms: float = 20.0,
+    upstream_failure: bool = False,
+) -> RequestSample:
+    return RequestSample(
+        provider=provider,
+        model=model,
+        status=status,
+        ttfb_ms=ttfb_ms,
+        total_ms=total_ms,
+        at_unix_ms=at_ms,
+        upstream_failure=upstream_failure,
+        policy="p",
+        reason="r",
+        node="edge-1",
+    )
+
+
+def fleet(**overrides: float) -> FleetHealth:
+    settings = {
+        "alpha": 0.5,
+        "window_s": 10.0,
+        "eject_error_rate": 0.5,
+        "eject_min_samples": 4,
+        "cooldown_s": 5.0,
+        **overrides,
+    }
+    return FleetHealth(**settings)  # type: ignore[arg-type]
+
+
+def view(
+    health: FleetHealth, now_ms: int, model: str = "m1", provider: str = "prov-a"
+) -> ProviderHealth:
+    found = health.get(provider, model, now_ms)
+    assert found is not None, f"no aggregate for ({provider}, {model})"
+    return found
+
+
+def test_ewma_starts_at_first_value_then_smooths() -> None:
+    health = fleet(alpha=0.5)
+    health.record(sample(T0, total_ms=100.0, ttfb_ms=10.0))
+    health.record(sample(T0 + 1, total_ms=200.0, ttfb_ms=30.0))
+    health.record(sample(T0 + 2, total_ms=50.0, ttfb_ms=0.0))  # no TTFB known: TTFB EWMA untouched
+    current = view(health, T0 + 2)
+    assert current.ewma_latency_ms == pytest.approx(0.5 * 50 + 0.5 * (0.5 * 200 + 0.5 * 100))
+    assert current.ewma_ttfb_ms == pytest.approx(20.0)
+    assert current.samples == 3
+
+
+def test_errors_and_429s_do_not_move_the_ewma() -> None:
+    health = fleet()
+    health.record(sample(T0, total_ms=100.0))
+    health.record(sample(T0 + 1, status=503, total_ms=5.0))
+    health.record(sample(T0 + 2, status=429, total_ms=1.0))
+    health.record(sample(T0 + 3, status=0, total_ms=3000.0, upstream_failure=True))
+    current = view(health, T0 + 3)
+    assert current.ewma_latency_ms == 100.0
+    assert (current.samples, current.latency_samples) == (4, 1)
+    assert current.error_rate == pytest.approx(2 / 4)
+    assert current.rate_429 == pytest.approx(1 / 4)
+
+
+def test_provider_wide_aggregate_spans_models() -> None:
+    health = fleet()
+    health.record(sample(T0, model="m1", total_ms=100.0))
+    health.record(sample(T0 + 1, model="m2", status=503))
+    health.record(sample(T0 + 2, model="", total_ms=300.0))  # fallback route: no ext_proc decision
+    wide = health.get("prov-a", PROVIDER_WIDE, T0 + 2)
+    assert wide is not None and wide.samples == 3 and wide.error_rate == pytest.approx(1 / 3)
+    assert wide.ewma_latency_ms == pytest.approx(0.5 * 300 + 0.5 * 100)
+    assert view(health, T0 + 2, "m2").samples == 1
+    assert [(e.provider, e.model) for e in health.entries(T0 + 2)] == [
+        ("prov-a", ""),
+        ("prov-a", "m1"),
+        ("prov-a", "m2"),
+    ]
+
+
+def test_window_expiry_clears_error_rate_but_keeps_ewma() -> None:
+    health = fleet(window_s=10.0)
+    health.record(sample(T0, status=503))
+    health.record(sample(T0 + 1, total_ms=80.0))
+    assert view(health, T0 + 9_999).error_rate == pytest.approx(0.5)
+    current = view(health, T0 + 10_000)
+    assert current.error_rate == 0.0  # the 503 at T0 has left; the 200 at T0+1 stays
+    assert current.ewma_latency_ms == 80.0 and current.samples == 2
+    assert view(health, T0 + 20_000).error_rate == 0.0
+
+
+def test_degraded_at_half_the_eject_rate() -> None:
+    health = fleet(eject_error_rate=0.5)
+    for i in range(3):
+        health.record(sample(T0 + i))
+    health.record(sample(T0 + 3, status=502))
+    assert view(health, T0 + 3).state is HealthState.DEGRADED
+
+
+def test_eject_needs_min_samples() -> None:
+    health = fleet(eject_min_samples=4)
+    for i in range(3):
+        health.record(sample(T0 + i, status=503))
+    current = view(health, T0 + 3)
+    assert current.state is HealthState.DEGRADED and current.cooldown_until_unix_ms == 0
+    health.record(sample(T0 + 3, status=503))
+    current = view(health, T0 + 3)
+    assert current.state is HealthState.EJECTED
+    assert current.cooldown_until_unix_ms == T0 + 3 + 5_000
+
+
+def test_ejected_until_cooldown_then_judged_on_new_samples_only() -> None:
+    health = fleet(window_s=30.0, cooldown_s=5.0, eject_min_samples=4)
+    for i in range(4):
+        health.record(sample(T0 + i, status=503))
+    ejected_until = T0 + 3 + 5_000
+    health.record(sample(T0 + 100, total_ms=90.0))  # a straggler success does not end the cooldown
+    assert view(health, ejected_until - 1).state is HealthState.EJECTED
+    current = view(health, ejected_until)
+    # The old errors are still in the 30 s window (reported), but they do not re-eject it.
+    assert current.state is HealthState.HEALTHY and current.cooldown_until_unix_ms == 0
+    assert current.error_rate == pytest.approx(4 / 5)
+
+
+def test_fails_again_after_cooldown_is_ejected_again() -> None:
+    health = fleet(cooldown_s=5.0, eject_min_samples=4)
+    for i in range(4):
+        health.record(sample(T0 + i, status=503))
+    back = T0 + 3 + 5_000
+    for i in range(4):
+        health.record(sample(back + i, status=0, upstream_failure=True))
+    current = view(health, back + 3)
+    assert current.state is HealthState.EJECTED
+    assert current.cooldown_until_unix_ms == back + 3 + 5_000
+
+
+def test_recovers_to_healthy_once_errors_leave_the_window() -> None:
+    health = fleet(window_s=10.0, eject_error_rate=0.5)
+    health.record(sample(T0, status=503))
+    health.record(sample(T0 + 1))
+    assert view(health, T0 + 1).state is HealthState.DEGRADED
+    assert view(health, T0 + 10_000).state is HealthState.HEALTHY
+
+
+def test_version_moves_on_records_and_on_time_driven_changes_only() -> None:
+    health = fleet(window_s=10.0)
+    assert health.version == 0
+    health.record(sample(T0))
+    after_record = health.version
+    assert after_record > 0
+    assert health.refresh(T0 + 5_000) is False
+    assert health.version == after_record
+    assert health.refresh(T0 + 10_000) is True  # the sample aged out of the window
+    assert health.version == after_record + 1
+    health.snapshot_proto(T0 + 20_000)
+    health.to_json(T0 + 20_000)
+    assert health.version == after_record + 1
+
+
+def test_snapshot_proto() -> None:
+    health = fleet(eject_min_samples=1, cooldown_s=5.0)
+    health.record(sample(T0, provider="prov-b", model="m1", total_ms=40.0, ttfb_ms=8.0))
+    health.record(sample(T0 + 1, provider="prov-a", model="m1", status=503))
+    snapshot = health.snapshot_proto(T0 + 2)
+    assert snapshot.generated_at_unix_ms == T0 + 2
+    assert [(e.provider, e.model) for e in snapshot.entries] == [
+        ("prov-a", ""),
+        ("prov-a", "m1"),
+        ("prov-b", ""),
+        ("prov-b", "m1"),
+    ]
+    ejected, healthy = snapshot.entries[1], snapshot.entries[3]
+    assert ejected.state == health_pb2.EJECTED and ejected.cooldown_until_unix_ms == T0 + 1 + 5_000
+    # samples counts the EWMA's evidence: 0 tells ext_proc the 0.0 latency is unmeasured.
+    assert ejected.error_rate == 1.0 and ejected.ewma_latency_ms == 0.0 and ejected.samples == 0
+    assert healthy.state == health_pb2.HEALTHY and healthy.cooldown_until_unix_ms == 0
+    assert healthy.samples == 1
+    assert (healthy.ewma_latency_ms, healthy.ewma_ttfb_ms) == (40.0, 8.0)
+    assert health_pb2.HealthSnapshot.FromString(snapshot.SerializeToString()) == snapshot
+
+
+def test_to_json() -> None:
+    health = fleet(eject_min_samples=1, cooldown_s=5.0)
+    health.record(sample(T0, model="m1", status=503))
+    doc = health.to_json(T0)
+    assert doc["generated_at"] == "2023-11-14T22:13:20.000+00:00"
+    provider = doc["providers"]["prov-a"]
+    assert provider["state"] == "ejected"
+    assert provider["cooldown_until"] == "2023-11-14T22:13:25.000+00:00"
+    assert provider["ewma_latency_ms"] is None
+    assert provider["models"]["m1"] == {
+        "ewma_latency_ms": None,
+        "ewma_ttfb_ms": None,
+        "samples": 1,
+        "latency_samples": 0,
+        "error_rate": 1.0,
+        "rate_429": 0.0,
+        "state": "ejected",
+        "cooldown_until": "2023-11-14T22:13:25.000+00:00",
+    }
+    assert doc["version"] == health.version
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"alpha": 0.0},
+        {"window_s": 0.0},
+        {"eject_error_rate": 1.5},
+        {"eject_min_samples": 0},
+        {"cooldown_s": -1.0},
+    ],
+)
+def test_rejects_nonsense_settings(bad: dict[str, float]) -> None:
+    with pytest.raises(ValueError):
+        fleet(**bad)

@@ -1,0 +1,153 @@
+"""sample_from_log_entry on hand-built access-log entries."""
+
+from __future__ import annotations
+
+import pytest
+from envoy.data.accesslog.v3 import accesslog_pb2
+from google.protobuf import duration_pb2, struct_pb2
+
+from control_plane.telemetry.samples import RequestSample, sample_from_log_entry
+
+START_MS = 1_700_000_000_123
+
+
+def _duration(ms: float) -> duration_pb2.Duration:
+    return duration_pb2.Duration(seconds=int(ms // 1000), nanos=round((ms % 1000) * 1_000_000))
+
+
+def log_entry(
+    cluster: str = "prov-a",
+    status: int | None = 200,
+    *,
+    tx_ms: float | None = 2.0,
+    first_rx_ms: float | None = 12.0,
+    last_rx_ms: float | None = 52.0,
+    duration_ms: float = 53.0,
+    metadata: dict[str, str] | None = None,
+    flags: tuple[str, ...] = (),
+    log_type: int = accesslog_pb2.AccessLogType.DownstreamEnd,
+) -> accesslog_pb2.HTTPAccessLogEntry:
+    """An entry as Envoy's http_grpc logger builds it (timings relative to start_time)."""
+    entry = accesslog_pb2.HTTPAccessLogEntry()
+    common = entry.common_properties
+    common.upstream_cluster = cluster
+    common.start_time.FromMilliseconds(START_MS)
+    common.access_log_type = log_type
+    if tx_ms is not None:
+        common.time_to_first_upstream_tx_byte.CopyFrom(_duration(tx_ms))
+    if first_rx_ms is not None:
+        common.time_to_first_upstream_rx_byte.CopyFrom(_duration(first_rx_ms))
+    if last_rx_ms is not None:
+        common.time_to_last_upstream_rx_byte.CopyFrom(_duration(last_rx_ms))
+    common.time_to_last_downstream_tx_byte.CopyFrom(_duration(duration_ms))
+    common.duration.CopyFrom(_duration(duration_ms))
+    for flag in flags:
+        setattr(common.response_flags, flag, True)
+    if metadata is not None:
+        decision = struct_pb2.Struct()
+        decision.update(metadata)
+        common.metadata.filter_metadata["gpu_router"].CopyFrom(decision)
+    if status is not None:
+        entry.response.response_code.value = status
+    return entry
+
+
+def test_successful_entry_gives_provider_latency_and_decision() -> None:
+    entry = log_entry(
+        metadata={
+            "provider": "prov-a",
+            "model": "m1",
+            "policy": "chat",
+            "strategy": "latency",
+            "reason": "fastest",
+            "fallbacks": "b,c",
+        }
+    )
+    assert sample_from_log_entry(entry, "edge-1") == RequestSample(
+        provider="prov-a",
+        model="m1",
+        status=200,
+        ttfb_ms=10.0,
+        total_ms=50.0,
+        at_unix_ms=START_MS + 53,
+        upstream_failure=False,
+        policy="chat",
+        reason="fastest",
+        node="edge-1",
+    )
+
+
+def test_receiver_clock_overrides_entry_time() -> None:
+    sample = sample_from_log_entry(log_entry(), "edge-1", at_unix_ms=42)
+    assert sample is not None and sample.at_unix_ms == 42
+
+
+def test_entry_without_decision_metadata_still_counts_for_the_provider() -> None:
+    sample = sample_from_log_entry(log_entry(metadata=None), "edge-1")
+    assert sample is not None
+    assert (sample.provider, sample.model, sample.policy, sample.reason) == ("prov-a", "", "", "")
+
+
+@pytest.mark.parametrize(
+    "flag",
+    [
+        "upstream_connection_failure",
+        "upstream_remote_reset",
+        "upstream_overflow",
+        "upstream_request_timeout",
+        "no_healthy_upstream",
+    ],
+)
+def test_upstream_failure_flags(flag: str) -> None:
+    entry = log_entry(status=503, first_rx_ms=None, last_rx_ms=None, duration_ms=7.5, flags=(flag,))
+    sample = sample_from_log_entry(entry, "edge-1")
+    assert sample is not None
+    assert sample.upstream_failure and sample.status == 503
+    assert sample.ttfb_ms == 0.0 and sample.total_ms == 7.5
+
+
+def test_client_side_flags_are_not_upstream_failures() -> None:
+    sample = sample_from_log_entry(
+        log_entry(flags=("downstream_connection_termination",)), "edge-1"
+    )
+    assert sample is not None and not sample.upstream_failure
+
+
+def test_headers_only_response_uses_first_byte_as_last() -> None:
+    sample = sample_from_log_entry(log_entry(last_rx_ms=None), "edge-1")
+    assert sample is not None and sample.total_ms == sample.ttfb_ms == 10.0
+
+
+def test_missing_response_code_is_zero() -> None:
+    sample = sample_from_log_entry(log_entry(status=None), "edge-1")
+    assert sample is not None and sample.status == 0
+
+
+@pytest.mark.parametrize("cluster", ["", "gpu-router.ext_proc", "gpu-router.xds"])
+def test_entries_not_about_a_provider_are_skipped(cluster: str) -> None:
+    assert sample_from_log_entry(log_entry(cluster=cluster), "edge-1") is None
+
+
+@pytest.mark.parametrize(
+    "log_type",
+    [
+        accesslog_pb2.AccessLogType.DownstreamPeriodic,
+        accesslog_pb2.AccessLogType.UpstreamEnd,
+        accesslog_pb2.AccessLogType.DownstreamStart,
+    ],
+)
+def test_non_final_entries_are_skipped(log_type: int) -> None:
+    assert sample_from_log_entry(log_entry(log_type=log_type), "edge-1") is None
+
+
+def test_intermediate_entries_are_skipped() -> None:
+    entry = log_entry()
+    entry.common_properties.intermediate_log_entry = True
+    assert sample_from_log_entry(entry, "edge-1") is None
+
+
+def test_unset_log_type_counts() -> None:
+    assert (
+        sample_from_log_entry(log_entry(log_type=accesslog_pb2.AccessLogType.NotSet), "edge-1")
+        is not None
+    )
