@@ -1,0 +1,67 @@
+"""RoutingConfig -> Envoy resources (LDS/RDS/CDS/EDS/SDS), as pure functions.
+
+Same config, settings and credentials give byte-identical protos (serialize with
+deterministic=True), so xDS versions can be content hashes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.endpoint.v3 import endpoint_pb2
+from envoy.config.listener.v3 import listener_pb2
+from envoy.config.route.v3 import route_pb2
+from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
+
+from control_plane.policy.model import RoutingConfig
+from control_plane.translate.clusters import all_clusters
+from control_plane.translate.endpoints import endpoint_assignments
+from control_plane.translate.errors import MissingCredentialError, TranslationError
+from control_plane.translate.listeners import all_listeners
+from control_plane.translate.names import ROUTE_CONFIG
+from control_plane.translate.routes import route_configuration
+from control_plane.translate.secrets import credential_secrets
+from control_plane.translate.settings import EdgeSettings
+
+__all__ = [
+    "EdgeSettings",
+    "EnvoyResources",
+    "MissingCredentialError",
+    "TranslationError",
+    "translate",
+]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EnvoyResources:
+    """One consistent set of Envoy resources, each by resource name (read-only mappings)."""
+
+    listeners: Mapping[str, listener_pb2.Listener]
+    routes: Mapping[str, route_pb2.RouteConfiguration]
+    clusters: Mapping[str, cluster_pb2.Cluster]
+    endpoints: Mapping[str, endpoint_pb2.ClusterLoadAssignment]
+    secrets: Mapping[str, secret_pb2.Secret]
+
+
+def translate(
+    config: RoutingConfig,
+    settings: EdgeSettings,
+    credentials: Mapping[str, str],
+    weights: Mapping[str, int] | None = None,
+) -> EnvoyResources:
+    """Every resource the edge needs for `config`.
+
+    `credentials` maps provider name -> resolved key for providers whose policy has a credential
+    (MissingCredentialError if one is absent). `weights` (provider -> weight) shapes the fallback
+    route used when ext_proc is down; None spreads it evenly.
+    """
+    return EnvoyResources(
+        listeners=MappingProxyType(all_listeners(settings)),
+        routes=MappingProxyType({ROUTE_CONFIG: route_configuration(config, settings, weights)}),
+        clusters=MappingProxyType(all_clusters(config, settings)),
+        endpoints=MappingProxyType(endpoint_assignments(config)),
+        secrets=MappingProxyType(credential_secrets(config, credentials)),
+    )

@@ -1,0 +1,209 @@
+"""Provider clusters (and the ext_proc cluster): Envoy's own fault machinery, configured per provider.
+
+Health checks, outlier detection and circuit breakers live here, in Envoy, not in Python. Upstream
+HTTP filters run once per attempt on the routed cluster: that is where a provider's API key is
+injected, from an SDS secret, so the key never passes through ext_proc, logs or /config_dump.
+"""
+
+from __future__ import annotations
+
+from envoy.config.cluster.v3 import circuit_breaker_pb2, cluster_pb2, outlier_detection_pb2
+from envoy.config.core.v3 import (
+    base_pb2,
+    extension_pb2,
+    health_check_pb2,
+    protocol_pb2,
+)
+from envoy.extensions.filters.http.credential_injector.v3 import credential_injector_pb2
+from envoy.extensions.filters.http.upstream_codec.v3 import upstream_codec_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import (
+    http_connection_manager_pb2 as hcm_pb2,
+)
+from envoy.extensions.http.injected_credentials.generic.v3 import generic_pb2
+from envoy.extensions.transport_sockets.tls.v3 import common_pb2, secret_pb2, tls_pb2
+from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2 as upstream_http_pb2
+from envoy.type.matcher.v3 import string_pb2
+from envoy.type.v3 import percent_pb2
+from google.protobuf import wrappers_pb2
+
+from control_plane.policy.model import Credential, Provider, RoutingConfig
+from control_plane.translate.endpoints import ip_address, load_assignment, single_endpoint, uses_eds
+from control_plane.translate.envoy_api import ads_source, packed, provider_metadata, seconds
+from control_plane.translate.names import EXT_PROC_CLUSTER, credential_secret
+from control_plane.translate.settings import EdgeSettings
+
+HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+MAX_RETRIES = 3
+
+
+def provider_cluster(provider: Provider, settings: EdgeSettings) -> cluster_pb2.Cluster:
+    cluster = cluster_pb2.Cluster(
+        name=provider.name,
+        connect_timeout=seconds(5),
+        per_connection_buffer_limit_bytes=wrappers_pb2.UInt32Value(
+            value=settings.buffer_limit_bytes
+        ),
+        metadata=provider_metadata(provider.name),
+        health_checks=[_health_check(provider)],
+        circuit_breakers=_circuit_breakers(provider.max_concurrency),
+        outlier_detection=_outlier_detection(),
+        # Without this an ejected or unhealthy lone endpoint still gets traffic in "panic" mode
+        # (default threshold 50%), which would defeat outlier detection and health checks.
+        common_lb_config=cluster_pb2.Cluster.CommonLbConfig(
+            healthy_panic_threshold=percent_pb2.Percent(value=0.0)
+        ),
+    )
+    if uses_eds(provider):
+        cluster.type = cluster_pb2.Cluster.EDS
+        cluster.eds_cluster_config.eds_config.CopyFrom(ads_source())
+    else:
+        cluster.type = cluster_pb2.Cluster.STRICT_DNS
+        cluster.dns_lookup_family = cluster_pb2.Cluster.V4_PREFERRED
+        cluster.load_assignment.CopyFrom(load_assignment(provider))
+    tls = provider.upstream.scheme == "https"
+    if tls:
+        cluster.transport_socket.CopyFrom(
+            _tls_socket(provider.upstream.host, settings.trusted_ca_file)
+        )
+    cluster.typed_extension_protocol_options[HTTP_PROTOCOL_OPTIONS].CopyFrom(
+        packed(_protocol_options(provider, tls=tls))
+    )
+    return cluster
+
+
+def ext_proc_cluster(settings: EdgeSettings) -> cluster_pb2.Cluster:
+    """The gRPC (HTTP/2) cluster of the ext_proc service."""
+    options = upstream_http_pb2.HttpProtocolOptions(
+        explicit_http_config=upstream_http_pb2.HttpProtocolOptions.ExplicitHttpConfig(
+            http2_protocol_options=protocol_pb2.Http2ProtocolOptions()
+        )
+    )
+    cluster = cluster_pb2.Cluster(
+        name=EXT_PROC_CLUSTER,
+        type=cluster_pb2.Cluster.STATIC,
+        connect_timeout=seconds(1),
+        per_connection_buffer_limit_bytes=wrappers_pb2.UInt32Value(
+            value=settings.buffer_limit_bytes
+        ),
+        load_assignment=single_endpoint(
+            EXT_PROC_CLUSTER, settings.ext_proc_host, settings.ext_proc_port
+        ),
+    )
+    cluster.typed_extension_protocol_options[HTTP_PROTOCOL_OPTIONS].CopyFrom(packed(options))
+    return cluster
+
+
+def all_clusters(config: RoutingConfig, settings: EdgeSettings) -> dict[str, cluster_pb2.Cluster]:
+    """Every cluster Envoy needs over CDS, by name: providers in policy order, then ext_proc."""
+    clusters = {p.name: provider_cluster(p, settings) for p in config.providers}
+    clusters[EXT_PROC_CLUSTER] = ext_proc_cluster(settings)
+    return clusters
+
+
+def _health_check(provider: Provider) -> health_check_pb2.HealthCheck:
+    return health_check_pb2.HealthCheck(
+        timeout=seconds(2),
+        interval=seconds(5),
+        no_traffic_interval=seconds(5),
+        unhealthy_threshold=wrappers_pb2.UInt32Value(value=3),
+        healthy_threshold=wrappers_pb2.UInt32Value(value=1),
+        http_health_check=health_check_pb2.HealthCheck.HttpHealthCheck(
+            host=provider.upstream.host, path=provider.health_check_path
+        ),
+    )
+
+
+def _circuit_breakers(max_concurrency: int) -> circuit_breaker_pb2.CircuitBreakers:
+    return circuit_breaker_pb2.CircuitBreakers(
+        thresholds=[
+            circuit_breaker_pb2.CircuitBreakers.Thresholds(
+                priority=base_pb2.RoutingPriority.DEFAULT,
+                max_requests=wrappers_pb2.UInt32Value(value=max_concurrency),
+                max_pending_requests=wrappers_pb2.UInt32Value(value=max_concurrency),
+                max_retries=wrappers_pb2.UInt32Value(value=MAX_RETRIES),
+            )
+        ]
+    )
+
+
+def _outlier_detection() -> outlier_detection_pb2.OutlierDetection:
+    """Gateway-failure ejection is enforced (its default enforcement is 0%) and a provider's
+    only endpoint may be ejected (max_ejection_percent defaults to 10%)."""
+    return outlier_detection_pb2.OutlierDetection(
+        consecutive_5xx=wrappers_pb2.UInt32Value(value=5),
+        consecutive_gateway_failure=wrappers_pb2.UInt32Value(value=3),
+        enforcing_consecutive_gateway_failure=wrappers_pb2.UInt32Value(value=100),
+        interval=seconds(5),
+        base_ejection_time=seconds(10),
+        max_ejection_percent=wrappers_pb2.UInt32Value(value=100),
+    )
+
+
+def _tls_socket(host: str, trusted_ca_file: str) -> base_pb2.TransportSocket:
+    """TLS with ALPN h2/http1.1, the chain checked against the CA bundle and the name against
+    the certificate (Envoy checks no name unless told). No SNI for IP literals (RFC 6066)."""
+    address = ip_address(host)
+    if address is None:
+        san = common_pb2.SubjectAltNameMatcher(
+            san_type=common_pb2.SubjectAltNameMatcher.DNS,
+            matcher=string_pb2.StringMatcher(exact=host),
+        )
+    else:
+        san = common_pb2.SubjectAltNameMatcher(
+            san_type=common_pb2.SubjectAltNameMatcher.IP_ADDRESS,
+            matcher=string_pb2.StringMatcher(exact=address),
+        )
+    context = tls_pb2.UpstreamTlsContext(
+        sni=host if address is None else "",
+        common_tls_context=tls_pb2.CommonTlsContext(
+            alpn_protocols=["h2", "http/1.1"],
+            validation_context=common_pb2.CertificateValidationContext(
+                trusted_ca=base_pb2.DataSource(filename=trusted_ca_file),
+                match_typed_subject_alt_names=[san],
+            ),
+        ),
+    )
+    return base_pb2.TransportSocket(
+        name="envoy.transport_sockets.tls", typed_config=packed(context)
+    )
+
+
+def _protocol_options(provider: Provider, *, tls: bool) -> upstream_http_pb2.HttpProtocolOptions:
+    """HTTP/1.1 in clear; ALPN-negotiated h2 or HTTP/1.1 over TLS; then the per-attempt filters."""
+    options = upstream_http_pb2.HttpProtocolOptions()
+    if tls:
+        options.auto_config.http_protocol_options.CopyFrom(protocol_pb2.Http1ProtocolOptions())
+        options.auto_config.http2_protocol_options.CopyFrom(protocol_pb2.Http2ProtocolOptions())
+    else:
+        options.explicit_http_config.http_protocol_options.CopyFrom(
+            protocol_pb2.Http1ProtocolOptions()
+        )
+    if provider.credential is not None:
+        options.http_filters.append(_credential_injector(provider.name, provider.credential))
+    options.http_filters.append(
+        hcm_pb2.HttpFilter(
+            name="envoy.filters.http.upstream_codec",
+            typed_config=packed(upstream_codec_pb2.UpstreamCodec()),
+        )
+    )
+    return options
+
+
+def _credential_injector(provider: str, credential: Credential) -> hcm_pb2.HttpFilter:
+    """Writes the provider's key (SDS secret, value already prefixed, see secrets.py) into
+    `credential.header`, replacing whatever the client sent there."""
+    generic = generic_pb2.Generic(
+        credential=secret_pb2.SdsSecretConfig(
+            name=credential_secret(provider), sds_config=ads_source()
+        ),
+        header=credential.header,
+    )
+    injector = credential_injector_pb2.CredentialInjector(
+        overwrite=True,
+        credential=extension_pb2.TypedExtensionConfig(
+            name="envoy.http.injected_credentials.generic", typed_config=packed(generic)
+        ),
+    )
+    return hcm_pb2.HttpFilter(
+        name="envoy.filters.http.credential_injector", typed_config=packed(injector)
+    )

@@ -1,0 +1,26 @@
+"""Names fixed by the wire contract between the control plane, Envoy and ext_proc.
+
+ext_proc does not import this (it is a separate deployable); it spells the same strings itself.
+"""
+
+from __future__ import annotations
+
+LISTENER = "gpu-router.edge"
+ROUTE_CONFIG = "gpu-router.routes"
+EXT_PROC_CLUSTER = "gpu-router.ext_proc"
+ACCESS_LOG_NAME = "gpu-router.edge"
+
+CLUSTER_HEADER = "x-gpu-router-cluster"
+"""Set by ext_proc to the chosen provider cluster; stripped from client requests."""
+MODEL_HEADER = "x-gpu-router-model"
+STRATEGY_HEADER = "x-gpu-router-strategy"
+PROVIDER_RESPONSE_HEADER = "x-gpu-router-provider"
+REASON_RESPONSE_HEADER = "x-gpu-router-reason"
+
+METADATA_NAMESPACE = "gpu_router"
+"""Dynamic-metadata namespace ext_proc writes, and filter_metadata key on clusters and endpoints."""
+
+
+def credential_secret(provider: str) -> str:
+    """The SDS secret holding a provider's API key."""
+    return f"gpu-router.credential.{provider}"

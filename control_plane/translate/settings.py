@@ -1,0 +1,29 @@
+"""Deployment knobs of the edge that are not policy: where things listen, limits, timeouts.
+
+Kept apart from the policy so one policy file runs unchanged on a laptop and in production.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MIB = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EdgeSettings:
+    edge_host: str = "127.0.0.1"
+    edge_port: int = 10000
+    ext_proc_host: str = "127.0.0.1"
+    ext_proc_port: int = 50051
+    xds_cluster: str = "gpu-router.xds"
+    """The bootstrap's static xDS cluster; also the gRPC access-log target."""
+    buffer_limit_bytes: int = 32 * MIB
+    """Per-connection buffer on the listener and every cluster: large prompts must not 413."""
+    ext_proc_max_message_bytes: int = 64 * MIB
+    """Largest gRPC message Envoy accepts from ext_proc (a rewritten body travels back in one)."""
+    ext_proc_message_timeout_ms: int = 1000
+    upstream_timeout_s: int = 300
+    """Whole-response timeout of a routed request; LLM generations are long."""
+    access_log_flush_ms: int = 100
+    trusted_ca_file: str = "/etc/ssl/certs/ca-certificates.crt"

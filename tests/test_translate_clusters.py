@@ -1,0 +1,151 @@
+"""Provider and ext_proc clusters: discovery, TLS, protocols, fault machinery, upstream filters."""
+
+from __future__ import annotations
+
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.extensions.filters.http.credential_injector.v3 import credential_injector_pb2
+from envoy.extensions.http.injected_credentials.generic.v3 import generic_pb2
+from envoy.extensions.transport_sockets.tls.v3 import common_pb2, tls_pb2
+from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2 as upstream_http_pb2
+from translate_fixtures import provider, routing_config
+
+from control_plane.policy.model import Credential
+from control_plane.translate.clusters import (
+    HTTP_PROTOCOL_OPTIONS,
+    all_clusters,
+    ext_proc_cluster,
+    provider_cluster,
+)
+from control_plane.translate.settings import EdgeSettings
+
+SETTINGS = EdgeSettings()
+
+
+def protocol_options(cluster: cluster_pb2.Cluster) -> upstream_http_pb2.HttpProtocolOptions:
+    options = upstream_http_pb2.HttpProtocolOptions()
+    assert cluster.typed_extension_protocol_options[HTTP_PROTOCOL_OPTIONS].Unpack(options)
+    return options
+
+
+def tls_context(cluster: cluster_pb2.Cluster) -> tls_pb2.UpstreamTlsContext:
+    context = tls_pb2.UpstreamTlsContext()
+    assert cluster.transport_socket.name == "envoy.transport_sockets.tls"
+    assert cluster.transport_socket.typed_config.Unpack(context)
+    return context
+
+
+def test_ip_and_localhost_providers_use_eds_from_ads() -> None:
+    for base_url in ("http://127.0.0.1:8101", "http://localhost:8101", "http://[::1]:8101"):
+        cluster = provider_cluster(provider("p", base_url), SETTINGS)
+        assert cluster.type == cluster_pb2.Cluster.EDS
+        assert cluster.eds_cluster_config.eds_config.HasField("ads")
+        assert not cluster.HasField("load_assignment")
+
+
+def test_dns_providers_use_strict_dns_with_inline_endpoint() -> None:
+    cluster = provider_cluster(provider("p", "https://api.example.com"), SETTINGS)
+    assert cluster.type == cluster_pb2.Cluster.STRICT_DNS
+    address = cluster.load_assignment.endpoints[0].lb_endpoints[0].endpoint.address.socket_address
+    assert (address.address, address.port_value) == ("api.example.com", 443)
+
+
+def test_https_gets_tls_with_sni_name_check_ca_and_alpn_auto_config() -> None:
+    cluster = provider_cluster(provider("p", "https://api.example.com"), SETTINGS)
+    context = tls_context(cluster)
+    assert context.sni == "api.example.com"
+    assert list(context.common_tls_context.alpn_protocols) == ["h2", "http/1.1"]
+    validation = context.common_tls_context.validation_context
+    assert validation.trusted_ca.filename == SETTINGS.trusted_ca_file
+    (san,) = validation.match_typed_subject_alt_names
+    assert san.san_type == common_pb2.SubjectAltNameMatcher.DNS
+    assert san.matcher.exact == "api.example.com"
+    options = protocol_options(cluster)
+    assert options.HasField("auto_config")
+    assert options.auto_config.HasField("http2_protocol_options")
+
+
+def test_https_to_an_ip_checks_the_ip_san_and_sends_no_sni() -> None:
+    context = tls_context(provider_cluster(provider("p", "https://10.0.0.7:8443"), SETTINGS))
+    assert context.sni == ""
+    (san,) = context.common_tls_context.validation_context.match_typed_subject_alt_names
+    assert san.san_type == common_pb2.SubjectAltNameMatcher.IP_ADDRESS
+    assert san.matcher.exact == "10.0.0.7"
+
+
+def test_plain_http_is_explicit_http1_without_tls() -> None:
+    cluster = provider_cluster(provider("p", "http://127.0.0.1:8101"), SETTINGS)
+    assert not cluster.HasField("transport_socket")
+    options = protocol_options(cluster)
+    assert options.explicit_http_config.HasField("http_protocol_options")
+
+
+def test_fault_machinery_follows_the_provider() -> None:
+    cluster = provider_cluster(
+        provider("p", "http://127.0.0.1:8101", max_concurrency=17, health_check_path="/healthz"),
+        SETTINGS,
+    )
+    assert cluster.connect_timeout.seconds == 5
+    assert cluster.per_connection_buffer_limit_bytes.value == 32 * 1024 * 1024
+    (check,) = cluster.health_checks
+    assert check.http_health_check.path == "/healthz"
+    assert (check.interval.seconds, check.timeout.seconds, check.no_traffic_interval.seconds) == (
+        5,
+        2,
+        5,
+    )
+    assert (check.unhealthy_threshold.value, check.healthy_threshold.value) == (3, 1)
+    (thresholds,) = cluster.circuit_breakers.thresholds
+    assert (thresholds.max_requests.value, thresholds.max_pending_requests.value) == (17, 17)
+    assert thresholds.max_retries.value == 3
+    outlier = cluster.outlier_detection
+    assert outlier.consecutive_5xx.value == 5
+    assert outlier.consecutive_gateway_failure.value == 3
+    assert outlier.enforcing_consecutive_gateway_failure.value == 100
+    assert outlier.max_ejection_percent.value == 100
+    assert (outlier.interval.seconds, outlier.base_ejection_time.seconds) == (5, 10)
+    assert cluster.common_lb_config.healthy_panic_threshold.value == 0
+    assert cluster.metadata.filter_metadata["gpu_router"]["provider"] == "p"
+
+
+def test_credentialed_provider_injects_from_its_sds_secret_before_the_codec() -> None:
+    credential = Credential(env="KEY", header="x-api-key", prefix="")
+    cluster = provider_cluster(
+        provider("p", "http://127.0.0.1:8101", credential=credential), SETTINGS
+    )
+    injector_filter, codec = protocol_options(cluster).http_filters
+    assert codec.name == "envoy.filters.http.upstream_codec"
+    assert injector_filter.name == "envoy.filters.http.credential_injector"
+    injector = credential_injector_pb2.CredentialInjector()
+    assert injector_filter.typed_config.Unpack(injector)
+    assert injector.overwrite
+    assert injector.credential.name == "envoy.http.injected_credentials.generic"
+    generic = generic_pb2.Generic()
+    assert injector.credential.typed_config.Unpack(generic)
+    assert generic.header == "x-api-key"
+    assert generic.credential.name == "gpu-router.credential.p"
+    assert generic.credential.sds_config.HasField("ads")
+
+
+def test_provider_without_credential_has_only_the_codec() -> None:
+    cluster = provider_cluster(provider("p", "http://127.0.0.1:8101"), SETTINGS)
+    assert [f.name for f in protocol_options(cluster).http_filters] == [
+        "envoy.filters.http.upstream_codec"
+    ]
+
+
+def test_ext_proc_cluster_is_static_http2_on_the_configured_port() -> None:
+    cluster = ext_proc_cluster(EdgeSettings(ext_proc_port=50999))
+    assert cluster.name == "gpu-router.ext_proc"
+    assert cluster.type == cluster_pb2.Cluster.STATIC
+    assert cluster.connect_timeout.seconds == 1
+    address = cluster.load_assignment.endpoints[0].lb_endpoints[0].endpoint.address.socket_address
+    assert (address.address, address.port_value) == ("127.0.0.1", 50999)
+    assert protocol_options(cluster).explicit_http_config.HasField("http2_protocol_options")
+    assert cluster.per_connection_buffer_limit_bytes.value == SETTINGS.buffer_limit_bytes
+
+
+def test_all_clusters_are_named_after_providers_plus_ext_proc() -> None:
+    config = routing_config(
+        provider("a", "http://127.0.0.1:1"), provider("b", "https://b.example.com")
+    )
+    assert list(all_clusters(config, SETTINGS)) == ["a", "b", "gpu-router.ext_proc"]

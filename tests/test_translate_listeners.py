@@ -1,0 +1,95 @@
+"""The edge listener: address, limits, header stripping, ext_proc contract, access log."""
+
+from __future__ import annotations
+
+from envoy.extensions.access_loggers.grpc.v3 import als_pb2
+from envoy.extensions.filters.http.ext_proc.v3 import ext_proc_pb2, processing_mode_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import (
+    http_connection_manager_pb2 as hcm_pb2,
+)
+from envoy.extensions.http.early_header_mutation.header_mutation.v3 import (
+    header_mutation_pb2 as early_mutation_pb2,
+)
+
+from control_plane.translate.listeners import all_listeners, edge_listener
+from control_plane.translate.settings import EdgeSettings
+
+SETTINGS = EdgeSettings(edge_host="127.0.0.2", edge_port=10123, xds_cluster="custom.xds")
+Mode = processing_mode_pb2.ProcessingMode
+
+
+def connection_manager() -> hcm_pb2.HttpConnectionManager:
+    listener = edge_listener(SETTINGS)
+    (chain,) = listener.filter_chains
+    (network_filter,) = chain.filters
+    assert network_filter.name == "envoy.filters.network.http_connection_manager"
+    manager = hcm_pb2.HttpConnectionManager()
+    assert network_filter.typed_config.Unpack(manager)
+    return manager
+
+
+def ext_proc_config() -> ext_proc_pb2.ExternalProcessor:
+    (ext_proc_filter,) = [
+        f for f in connection_manager().http_filters if f.name == "envoy.filters.http.ext_proc"
+    ]
+    config = ext_proc_pb2.ExternalProcessor()
+    assert ext_proc_filter.typed_config.Unpack(config)
+    return config
+
+
+def test_listener_name_address_and_buffer_limit() -> None:
+    listener = edge_listener(SETTINGS)
+    assert listener.name == "gpu-router.edge"
+    assert list(all_listeners(SETTINGS)) == ["gpu-router.edge"]
+    address = listener.address.socket_address
+    assert (address.address, address.port_value) == ("127.0.0.2", 10123)
+    assert listener.per_connection_buffer_limit_bytes.value == 32 * 1024 * 1024
+
+
+def test_connection_manager_takes_routes_from_ads() -> None:
+    manager = connection_manager()
+    assert manager.stat_prefix == "edge"
+    assert manager.codec_type == hcm_pb2.HttpConnectionManager.AUTO
+    assert manager.rds.route_config_name == "gpu-router.routes"
+    assert manager.rds.config_source.HasField("ads")
+    assert manager.stream_idle_timeout.seconds == SETTINGS.upstream_timeout_s
+    assert [f.name for f in manager.http_filters] == [
+        "envoy.filters.http.ext_proc",
+        "envoy.filters.http.router",
+    ]
+
+
+def test_client_cluster_header_is_removed_before_routing() -> None:
+    (extension,) = connection_manager().early_header_mutation_extensions
+    mutation = early_mutation_pb2.HeaderMutation()
+    assert extension.typed_config.Unpack(mutation)
+    assert [m.remove for m in mutation.mutations] == ["x-gpu-router-cluster"]
+
+
+def test_ext_proc_follows_the_contract() -> None:
+    config = ext_proc_config()
+    assert config.grpc_service.envoy_grpc.cluster_name == "gpu-router.ext_proc"
+    assert config.grpc_service.envoy_grpc.max_receive_message_length.value == 64 * 1024 * 1024
+    mode = config.processing_mode
+    assert (mode.request_header_mode, mode.response_header_mode) == (Mode.SEND, Mode.SKIP)
+    assert (mode.request_body_mode, mode.response_body_mode) == (Mode.BUFFERED, Mode.NONE)
+    assert (mode.request_trailer_mode, mode.response_trailer_mode) == (Mode.SKIP, Mode.SKIP)
+    assert config.allow_mode_override and config.failure_mode_allow
+    assert config.message_timeout.ToMilliseconds() == 1000
+    assert list(config.metadata_options.receiving_namespaces.untyped) == ["gpu_router"]
+
+
+def test_access_log_goes_over_grpc_to_the_xds_cluster() -> None:
+    (access_log,) = connection_manager().access_log
+    assert access_log.name == "envoy.access_loggers.http_grpc"
+    config = als_pb2.HttpGrpcAccessLogConfig()
+    assert access_log.typed_config.Unpack(config)
+    common = config.common_config
+    assert common.log_name == "gpu-router.edge"
+    assert common.grpc_service.envoy_grpc.cluster_name == "custom.xds"
+    assert common.buffer_flush_interval.ToMilliseconds() == 100
+    assert list(config.additional_request_headers_to_log) == [
+        "x-gpu-router-model",
+        "x-gpu-router-strategy",
+        "x-request-id",
+    ]
