@@ -87,9 +87,9 @@ class Stack:
         sims.wait_until(lambda: all(port_open(p) for p in self.simulator_ports()), "simulators to listen", timeout)
 
     def simulator_ports(self) -> list[int]:
-        from simulator.__main__ import loopback_providers
+        from simulator.fleet import load_fleet
 
-        return [port for _, port, _ in loopback_providers(self.policy)]
+        return [spec.port for spec in load_fleet(self.policy).specs]
 
     def start_control_plane(self, timeout: float) -> None:
         args = ["--policy", str(self.policy), "--xds-port", str(self.ports.xds),

@@ -20,7 +20,6 @@ def test_chat_completion(stack: Stack, providers: Providers) -> None:
 
     assert raw.headers["x-gpu-router-provider"] in providers.urls
     assert completion.choices[0].message.content
-    assert completion.usage.completion_tokens > 0
 
 
 def test_streaming_chat_completion(stack: Stack, providers: Providers) -> None:

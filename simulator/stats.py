@@ -1,0 +1,54 @@
+"""What a simulated provider has received: how tests prove where the router sent a request.
+
+Only API requests count; health checks and the /_sim control API do not.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ReceivedRequest:
+    model: str | None
+    """The body's "model" as sent (None when absent or the body is not JSON)."""
+    path: str
+    headers: Mapping[str, str]
+    """Lower-case names, as received (injected credentials included: that is what tests check)."""
+    body_bytes: int
+
+
+class SimStats:
+    def __init__(self) -> None:
+        self.requests = 0
+        self.by_model: Counter[str] = Counter()
+        self.by_path: Counter[str] = Counter()
+        self.last_request: ReceivedRequest | None = None
+
+    def record(self, request: ReceivedRequest) -> int:
+        """Count one API request; returns its sequence number (from 1)."""
+        self.requests += 1
+        self.by_path[request.path] += 1
+        if request.model is not None:
+            self.by_model[request.model] += 1
+        self.last_request = request
+        return self.requests
+
+    def snapshot(self) -> dict[str, Any]:
+        last = self.last_request
+        return {
+            "requests": self.requests,
+            "by_model": dict(self.by_model),
+            "by_path": dict(self.by_path),
+            "last_request": None
+            if last is None
+            else {
+                "model": last.model,
+                "path": last.path,
+                "headers": dict(last.headers),
+                "body_bytes": last.body_bytes,
+            },
+        }
