@@ -1,0 +1,56 @@
+"""python -m ext_proc: the Envoy external processor that picks a provider per request."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ext_proc.json_log import configure_logging
+from ext_proc.workers import WorkerConfig, run_workers
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def _address(text: str) -> str:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"expected host:port, got {text!r}")
+    return text
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ext_proc", description=__doc__)
+    parser.add_argument(
+        "--listen",
+        type=_address,
+        default="127.0.0.1:50051",
+        help="ExternalProcessor gRPC address (default %(default)s)",
+    )
+    parser.add_argument(
+        "--xds",
+        type=_address,
+        default="127.0.0.1:18000",
+        help="control plane ADS address (default %(default)s)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=_positive,
+        default=1,
+        help="processes sharing the port with SO_REUSEPORT (default %(default)s)",
+    )
+    parser.add_argument("--log-level", choices=LOG_LEVELS, default="warning")
+    args = parser.parse_args(argv)
+    configure_logging(args.log_level)
+    return run_workers(
+        WorkerConfig(listen=args.listen, xds=args.xds, log_level=args.log_level), args.workers
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+"""What ext_proc currently knows: the routing table and fleet health, swapped as one.
+
+A request takes `LiveState.current` once when its stream starts and decides on
+that snapshot, so a policy or health update never shows a request half of each.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+from ext_proc.health_view import EMPTY_HEALTH, CandidateHealth, HealthView, build_health_view
+from ext_proc.routing_table import RoutingTable, build_routing_table
+from gpu_router.api.v1 import health_pb2, routing_pb2
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RouterState:
+    table: RoutingTable | None = None
+    """None until the control plane sends a RoutingPolicy."""
+    health: HealthView = EMPTY_HEALTH
+    aligned: Mapping[str, CandidateHealth] = field(default_factory=lambda: MappingProxyType({}))
+    """Canonical model -> health aligned with the table's candidates for it."""
+
+    @classmethod
+    def of(cls, table: RoutingTable | None, health: HealthView) -> RouterState:
+        aligned = health.align_table(table) if table is not None else MappingProxyType({})
+        return cls(table=table, health=health, aligned=aligned)
+
+
+class LiveState:
+    """The state every new stream reads; replaced whole by the xDS client."""
+
+    def __init__(self) -> None:
+        self.current = RouterState()
+
+    def apply_policy(self, policy: routing_pb2.RoutingPolicy) -> None:
+        """Build the routing table (RoutingTableError leaves the old one in place)."""
+        self.current = RouterState.of(build_routing_table(policy), self.current.health)
+
+    def apply_health(self, snapshot: health_pb2.HealthSnapshot) -> None:
+        self.current = RouterState.of(self.current.table, build_health_view(snapshot))

@@ -1,0 +1,249 @@
+"""Picks a provider for one request: pure and vectorised over a model's candidates.
+
+Every candidate gets an expected cost for this request and, where measured, an
+expected latency. Ineligible candidates (GPU does not fit, ejected and cooling
+down) are kept with the reason, for the audit trail. The strategy ranks the rest:
+
+- cost: cheapest among those inside the latency SLA (unmeasured counts as inside);
+  when none is inside, the fastest measured one.
+- latency: fastest among those whose price for this request is under the cost
+  ceiling; unmeasured candidates score 0 ms so each is explored once. When none
+  is under the ceiling, the cheapest.
+- balanced: cost_weight * cost / min_cost + latency_weight * latency / min_latency.
+
+DEGRADED candidates score double. Candidates that break the constraint rank after
+those that keep it (they are still fallbacks); ties go to provider order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from ext_proc.health_view import CandidateHealth
+from ext_proc.routing_table import ModelRoute, PolicyRule
+
+DEFAULT_MAX_TOKENS = 256
+"""Output tokens assumed when the request does not say (OpenAI's max_tokens is optional)."""
+
+BYTES_PER_TOKEN = 4
+"""Prompt estimate without a tokenizer: ~4 bytes of English text (or JSON) per token."""
+
+DEGRADED_PENALTY = 2.0
+
+
+def estimate_prompt_tokens(body_bytes: int) -> int:
+    """Prompt tokens from the request body's size (or its content-length)."""
+    return body_bytes // BYTES_PER_TOKEN
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Candidate:
+    provider: str
+    cluster: str
+    provider_model_id: str
+    expected_cost_usd: float
+    expected_latency_ms: float | None
+    """Measured EWMA; None when unmeasured."""
+    score: float | None
+    """The strategy's rank key (lower is better); None when excluded."""
+    excluded: str | None
+    """Why the candidate cannot be used, or None."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Decision:
+    provider: str
+    cluster: str
+    provider_model_id: str
+    model: str
+    """Canonical public model name."""
+    policy: str
+    strategy: str
+    reason: str
+    fallbacks: tuple[str, ...]
+    """Next providers in rank order (at most the policy's max_fallbacks)."""
+    candidates: tuple[Candidate, ...]
+    """Every offering, in rank order, excluded ones last."""
+
+
+class NoCandidateError(Exception):
+    """No offering of the model can take the request; `reason` says why, per provider."""
+
+    def __init__(self, model: str, reason: str, candidates: tuple[Candidate, ...] = ()) -> None:
+        super().__init__(reason)
+        self.model = model
+        self.reason = reason
+        self.candidates = candidates
+
+
+def _positive_min(values: npt.NDArray[np.float64], mask: npt.NDArray[np.bool_]) -> float:
+    """Smallest positive value under mask (the normaliser of a balanced term), 1.0 if none."""
+    chosen = values[mask & (values > 0)]
+    return float(chosen.min()) if chosen.size else 1.0
+
+
+def _fmt_latency(latency: float) -> str:
+    return "unmeasured" if np.isnan(latency) else f"{latency:.0f} ms EWMA"
+
+
+def decide(
+    route: ModelRoute,
+    health: CandidateHealth,
+    policy: PolicyRule,
+    *,
+    strategy: str,
+    prompt_tokens: int,
+    max_tokens: int,
+    now_unix_ms: int,
+) -> Decision:
+    """Rank the route's candidates for one request; NoCandidateError when none is eligible."""
+    if not route.providers:
+        raise NoCandidateError(route.name, f"no provider offers {route.name}")
+    cost = (prompt_tokens * route.input_usd_per_mtok + max_tokens * route.output_usd_per_mtok) / 1e6
+    latency = health.latency_ms
+    ejected = health.ejected(now_unix_ms)
+    eligible = route.fits & ~ejected
+    excluded = [
+        unfit or ("ejected (cooling down)" if out else None)
+        for unfit, out in zip(route.unfit, ejected.tolist(), strict=True)
+    ]
+    if not eligible.any():
+        detail = "; ".join(f"{p}: {why}" for p, why in zip(route.providers, excluded, strict=True))
+        raise NoCandidateError(
+            route.name,
+            f"no provider can serve {route.name} ({detail})",
+            _candidates(route, cost, latency, None, excluded, range(len(excluded))),
+        )
+    penalty = np.where(health.degraded, DEGRADED_PENALTY, 1.0)
+    keeps, score, describe = _RANKERS[strategy](
+        route, policy, cost, latency, eligible, penalty, prompt_tokens + max_tokens
+    )
+    group = np.where(keeps, 0, np.where(eligible, 1, 2))
+    order = np.lexsort((route.provider_index, np.where(eligible, score, np.inf), group)).tolist()
+    best = order[0]
+    reason = describe(best) + (" (degraded)" if health.degraded[best] else "")
+    ranked_eligible = [i for i in order if eligible[i]]
+    return Decision(
+        provider=route.providers[best],
+        cluster=route.clusters[best],
+        provider_model_id=route.provider_model_ids[best],
+        model=route.name,
+        policy=policy.name,
+        strategy=strategy,
+        reason=reason,
+        fallbacks=tuple(route.providers[i] for i in ranked_eligible[1 : 1 + policy.max_fallbacks]),
+        candidates=_candidates(route, cost, latency, score, excluded, order),
+    )
+
+
+Ranking = tuple[npt.NDArray[np.bool_], npt.NDArray[np.float64], Callable[[int], str]]
+"""(candidates that keep the strategy's constraint, score, reason for the winner at an index)."""
+
+
+def _rank_cost(
+    route: ModelRoute,
+    policy: PolicyRule,
+    cost: npt.NDArray[np.float64],
+    latency: npt.NDArray[np.float64],
+    eligible: npt.NDArray[np.bool_],
+    penalty: npt.NDArray[np.float64],
+    tokens: int,
+) -> Ranking:
+    sla = policy.latency_sla_ms
+    if sla <= 0:
+        return eligible, cost * penalty, lambda i: f"cheapest: ${cost[i]:.6f}"
+    keeps = eligible & (np.isnan(latency) | (latency <= sla))
+    if keeps.any():
+        return keeps, cost * penalty, lambda i: f"cheapest within {sla:g} ms SLA: ${cost[i]:.6f}"
+    return (
+        eligible,
+        latency * penalty,
+        lambda i: f"no provider within {sla:g} ms SLA; fastest: {latency[i]:.0f} ms EWMA",
+    )
+
+
+def _rank_latency(
+    route: ModelRoute,
+    policy: PolicyRule,
+    cost: npt.NDArray[np.float64],
+    latency: npt.NDArray[np.float64],
+    eligible: npt.NDArray[np.bool_],
+    penalty: npt.NDArray[np.float64],
+    tokens: int,
+) -> Ranking:
+    ceiling = policy.cost_ceiling_usd_per_mtok
+    price = cost * 1e6 / tokens if tokens else route.input_usd_per_mtok
+    keeps = eligible & (price <= ceiling) if ceiling > 0 else eligible
+    if not keeps.any():
+        return (
+            eligible,
+            cost * penalty,
+            lambda i: f"no provider under ${ceiling:g}/1M ceiling; cheapest: ${cost[i]:.6f}",
+        )
+    measured = ~np.isnan(latency)
+
+    def describe(i: int) -> str:
+        return f"fastest: {latency[i]:.0f} ms EWMA" if measured[i] else "unmeasured: exploring"
+
+    return keeps, np.where(measured, latency, 0.0) * penalty, describe
+
+
+def _rank_balanced(
+    route: ModelRoute,
+    policy: PolicyRule,
+    cost: npt.NDArray[np.float64],
+    latency: npt.NDArray[np.float64],
+    eligible: npt.NDArray[np.bool_],
+    penalty: npt.NDArray[np.float64],
+    tokens: int,
+) -> Ranking:
+    cost_weight, latency_weight = policy.cost_weight, policy.latency_weight
+    if cost_weight <= 0 and latency_weight <= 0:
+        cost_weight = latency_weight = 0.5
+    measured = ~np.isnan(latency)
+    seen = eligible & measured
+    unmeasured_as = float(np.median(latency[seen])) if seen.any() else 1.0
+    filled = np.where(measured, latency, unmeasured_as)
+    score = (
+        cost_weight * cost / _positive_min(cost, eligible)
+        + latency_weight * filled / _positive_min(filled, eligible)
+    ) * penalty
+
+    def describe(i: int) -> str:
+        return f"balanced: score {score[i]:.2f} (${cost[i]:.6f}, {_fmt_latency(latency[i])})"
+
+    return eligible, score, describe
+
+
+_RANKERS: dict[str, Callable[..., Ranking]] = {
+    "cost": _rank_cost,
+    "latency": _rank_latency,
+    "balanced": _rank_balanced,
+}
+"""Strategy name -> ranking; its keys are the strategies a client may ask for."""
+
+
+def _candidates(
+    route: ModelRoute,
+    cost: npt.NDArray[np.float64],
+    latency: npt.NDArray[np.float64],
+    score: npt.NDArray[np.float64] | None,
+    excluded: list[str | None],
+    order: range | list[int],
+) -> tuple[Candidate, ...]:
+    return tuple(
+        Candidate(
+            provider=route.providers[i],
+            cluster=route.clusters[i],
+            provider_model_id=route.provider_model_ids[i],
+            expected_cost_usd=float(cost[i]),
+            expected_latency_ms=None if np.isnan(latency[i]) else float(latency[i]),
+            score=None if score is None or excluded[i] is not None else float(score[i]),
+            excluded=excluded[i],
+        )
+        for i in order
+    )

@@ -1,0 +1,36 @@
+"""The grpc.aio ExternalProcessor servicer: adapts Envoy's stream to RequestPhases."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+import grpc
+from envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_proc_grpc
+
+from ext_proc.request import ProtocolError, RequestPhases
+from ext_proc.router_state import LiveState
+
+_log = logging.getLogger(__name__)
+
+
+class ExternalProcessorService(ext_proc_grpc.ExternalProcessorServicer):
+    """One stream per HTTP request; each stream decides on the state current when it opened."""
+
+    def __init__(self, live: LiveState) -> None:
+        self._live = live
+
+    async def Process(
+        self,
+        request_iterator: AsyncIterator[ext_proc_pb2.ProcessingRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[ext_proc_pb2.ProcessingResponse]:
+        phases = RequestPhases(self._live.current)
+        async for request in request_iterator:
+            try:
+                response = phases.handle(request)
+            except ProtocolError as error:
+                _log.warning("ext_proc protocol error", extra={"error": str(error)})
+                await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(error))
+            yield response

@@ -1,0 +1,135 @@
+"""ext_proc processes: N spawned workers share one port (SO_REUSEPORT), each with its own
+grpc.aio server and xDS client, so decisions scale with cores and no state is shared."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import os
+import signal
+from dataclasses import dataclass
+from multiprocessing.connection import wait
+from types import FrameType
+
+import grpc
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_proc_grpc
+
+from ext_proc.json_log import configure_logging
+from ext_proc.router_state import LiveState
+from ext_proc.service import ExternalProcessorService
+from ext_proc.xds_client import AdsClient, Subscriptions, live_subscriptions, node_identity
+
+GRPC_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+"""Envoy sends whole buffered bodies (up to the 32 MiB buffer limit) in one message."""
+
+SHUTDOWN_GRACE_S = 2.0
+EXIT_BIND_FAILED = 2
+
+_log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WorkerConfig:
+    listen: str
+    """host:port of the ExternalProcessor gRPC server."""
+    xds: str
+    """host:port of the control plane's ADS server."""
+    log_level: str = "warning"
+
+
+class BindError(RuntimeError):
+    """The gRPC server could not listen on the configured address."""
+
+
+async def serve(config: WorkerConfig, stop: asyncio.Event) -> None:
+    """Serve ext_proc and follow the control plane until `stop` is set."""
+    live = LiveState()
+    server = grpc.aio.server(
+        options=[
+            ("grpc.so_reuseport", 1),
+            ("grpc.max_receive_message_length", GRPC_MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", GRPC_MAX_MESSAGE_BYTES),
+        ]
+    )
+    ext_proc_grpc.add_ExternalProcessorServicer_to_server(ExternalProcessorService(live), server)
+    try:
+        server.add_insecure_port(config.listen)
+    except RuntimeError as error:
+        raise BindError(f"cannot listen on {config.listen}: {error}") from error
+    await server.start()
+    node = node_identity()
+    _log.info(
+        "ext_proc worker serving",
+        extra={"listen": config.listen, "xds": config.xds, "node": node.id},
+    )
+    xds = asyncio.create_task(
+        AdsClient(config.xds, Subscriptions(node, live_subscriptions(live))).run()
+    )
+    try:
+        await stop.wait()
+    finally:
+        xds.cancel()
+        await server.stop(SHUTDOWN_GRACE_S)
+
+
+async def _serve_until_signalled(config: WorkerConfig) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await serve(config, stop)
+
+
+def worker_main(config: WorkerConfig) -> None:
+    """Entry point of one spawned worker process."""
+    configure_logging(config.log_level)
+    try:
+        asyncio.run(_serve_until_signalled(config))
+    except BindError as error:
+        _log.error("ext_proc worker cannot start", extra={"error": str(error)})
+        raise SystemExit(EXIT_BIND_FAILED) from error
+
+
+def run_workers(config: WorkerConfig, count: int) -> int:
+    """Spawn `count` workers, forward SIGTERM/SIGINT to them, return when all have exited.
+
+    If one worker dies on its own, the rest are stopped too: a half-running
+    replica would hide the failure behind the surviving workers. A worker still
+    starting when the signal comes dies of it (its handlers are not installed
+    yet): that counts as a clean stop.
+    """
+    context = multiprocessing.get_context("spawn")
+    workers = [
+        context.Process(target=worker_main, args=(config,), name=f"ext-proc-worker-{i}")
+        for i in range(count)
+    ]
+
+    stop_signals: set[int] = set()
+
+    def signal_all(signum: int) -> None:
+        for worker in workers:
+            if worker.pid is not None and worker.exitcode is None:
+                os.kill(worker.pid, signum)
+
+    def forward(signum: int, _frame: FrameType | None) -> None:
+        stop_signals.add(signum)
+        signal_all(signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    for worker in workers:
+        worker.start()
+    running = {worker.sentinel: worker for worker in workers}
+    while running:
+        for sentinel in wait(list(running)):
+            worker = running.pop(sentinel)  # type: ignore[arg-type]
+            worker.join()
+            if worker.exitcode != 0 and running and not stop_signals:
+                _log.error(
+                    "ext_proc worker exited; stopping the others",
+                    extra={"worker": worker.name, "exitcode": worker.exitcode},
+                )
+                signal_all(signal.SIGTERM)
+    clean = {0} | {-signum for signum in stop_signals}
+    return 0 if all(worker.exitcode in clean for worker in workers) else 1

@@ -1,0 +1,311 @@
+"""ext_proc test material: policy/health protos, ProcessingRequest factories, a fake ADS."""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from typing import Self
+
+import grpc
+from envoy.config.core.v3 import base_pb2
+from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc_pb2
+from google.protobuf import any_pb2
+from google.protobuf.message import Message
+
+from gpu_router.api.v1 import health_pb2, routing_pb2
+from gpu_router.processes import free_port
+
+POLICY_TYPE_URL = "type.googleapis.com/gpu_router.api.v1.RoutingPolicy"
+HEALTH_TYPE_URL = "type.googleapis.com/gpu_router.api.v1.HealthSnapshot"
+
+
+def offering(
+    model: str, pmid: str, gpu: str, price_in: float, price_out: float
+) -> routing_pb2.Offering:
+    return routing_pb2.Offering(
+        model=model,
+        provider_model_id=pmid,
+        gpu=gpu,
+        input_usd_per_mtok=price_in,
+        output_usd_per_mtok=price_out,
+    )
+
+
+def default_policy(version: str = "v1") -> routing_pb2.RoutingPolicy:
+    """The embedded default policy (control_plane/policy/default.yaml), as the wire carries it."""
+    h100, a100 = (
+        routing_pb2.Gpu(type="H100", memory_gb=80),
+        routing_pb2.Gpu(type="A100-80GB", memory_gb=80),
+    )
+    rtx, l40s = (
+        routing_pb2.Gpu(type="RTX-4090", memory_gb=24),
+        routing_pb2.Gpu(type="L40S", memory_gb=48),
+    )
+    return routing_pb2.RoutingPolicy(
+        version=version,
+        providers=[
+            routing_pb2.Provider(
+                name="lambda",
+                cluster="lambda",
+                gpus=[h100, a100],
+                max_concurrency=64,
+                offerings=[
+                    offering(
+                        "llama-3.1-70b", "meta-llama/Llama-3.1-70B-Instruct", "H100", 0.88, 0.88
+                    ),
+                    offering(
+                        "mixtral-8x7b",
+                        "mistralai/Mixtral-8x7B-Instruct-v0.1",
+                        "A100-80GB",
+                        0.60,
+                        0.60,
+                    ),
+                    offering(
+                        "llama-3.1-8b", "meta-llama/Llama-3.1-8B-Instruct", "H100", 0.25, 0.25
+                    ),
+                ],
+            ),
+            routing_pb2.Provider(
+                name="coreweave",
+                cluster="coreweave",
+                gpus=[h100],
+                offerings=[
+                    offering("llama-3.1-70b", "llama-3.1-70b-instruct", "H100", 0.95, 0.95),
+                    offering("llama-3.1-8b", "llama-3.1-8b-instruct", "H100", 0.30, 0.30),
+                    offering("bge-large", "BAAI/bge-large-en-v1.5", "H100", 0.02, 0.0),
+                ],
+            ),
+            routing_pb2.Provider(
+                name="vast",
+                cluster="vast",
+                gpus=[rtx, l40s],
+                offerings=[
+                    offering("llama-3.1-8b", "llama3.1:8b", "RTX-4090", 0.05, 0.08),
+                    offering("mixtral-8x7b", "mixtral:8x7b", "RTX-4090", 0.20, 0.20),
+                    offering("bge-large", "bge-large-en-v1.5", "L40S", 0.01, 0.0),
+                ],
+            ),
+            routing_pb2.Provider(
+                name="runpod",
+                cluster="runpod",
+                gpus=[l40s, a100],
+                offerings=[
+                    offering(
+                        "llama-3.1-8b", "meta-llama/Meta-Llama-3.1-8B-Instruct", "L40S", 0.10, 0.10
+                    ),
+                    offering(
+                        "mixtral-8x7b",
+                        "mistralai/Mixtral-8x7B-Instruct-v0.1",
+                        "A100-80GB",
+                        0.45,
+                        0.45,
+                    ),
+                ],
+            ),
+        ],
+        models=[
+            routing_pb2.Model(
+                name="llama-3.1-8b",
+                aliases=["llama3-8b", "meta-llama/Llama-3.1-8B-Instruct"],
+                min_gpu_memory_gb=16,
+            ),
+            routing_pb2.Model(name="mixtral-8x7b", aliases=["mixtral"], min_gpu_memory_gb=80),
+            routing_pb2.Model(
+                name="llama-3.1-70b",
+                aliases=["llama3-70b"],
+                min_gpu_memory_gb=80,
+                gpu_types=["H100", "A100-80GB"],
+            ),
+            routing_pb2.Model(name="bge-large", min_gpu_memory_gb=2),
+        ],
+        policies=[
+            routing_pb2.Policy(
+                name="embeddings",
+                match=routing_pb2.Match(path_prefix="/v1/embeddings"),
+                strategy=routing_pb2.COST,
+                latency_sla_ms=2000,
+                max_fallbacks=2,
+            ),
+            routing_pb2.Policy(
+                name="batch",
+                match=routing_pb2.Match(headers={"x-workload": "batch"}),
+                strategy=routing_pb2.COST,
+                latency_sla_ms=5000,
+                max_fallbacks=2,
+            ),
+            routing_pb2.Policy(
+                name="interactive",
+                strategy=routing_pb2.LATENCY,
+                cost_ceiling_usd_per_mtok=1.0,
+                max_fallbacks=2,
+            ),
+        ],
+    )
+
+
+def health_entry(
+    provider: str,
+    model: str = "",
+    latency_ms: float | None = None,
+    state: int = health_pb2.HEALTHY,
+    cooldown_until_unix_ms: int = 0,
+) -> health_pb2.ProviderHealth:
+    return health_pb2.ProviderHealth(
+        provider=provider,
+        model=model,
+        ewma_latency_ms=latency_ms or 0.0,
+        samples=0 if latency_ms is None else 10,
+        state=state,
+        cooldown_until_unix_ms=cooldown_until_unix_ms,
+    )
+
+
+def snapshot(*entries: health_pb2.ProviderHealth) -> health_pb2.HealthSnapshot:
+    return health_pb2.HealthSnapshot(
+        entries=list(entries), generated_at_unix_ms=int(time.time() * 1000)
+    )
+
+
+def headers_request(
+    path: str = "/v1/chat/completions",
+    method: str = "POST",
+    *,
+    end_of_stream: bool = False,
+    **headers: str,
+) -> ext_proc_pb2.ProcessingRequest:
+    """Request headers as Envoy sends them (raw_value bytes); kwargs are headers, '_' -> '-'."""
+    pairs = {
+        ":path": path,
+        ":method": method,
+        ":authority": "gpu-router",
+        ":scheme": "http",
+        **{k.replace("_", "-"): v for k, v in headers.items()},
+    }
+    return ext_proc_pb2.ProcessingRequest(
+        request_headers=ext_proc_pb2.HttpHeaders(
+            headers=base_pb2.HeaderMap(
+                headers=[
+                    base_pb2.HeaderValue(key=k, raw_value=v.encode()) for k, v in pairs.items()
+                ]
+            ),
+            end_of_stream=end_of_stream,
+        )
+    )
+
+
+def body_request(body: bytes, *, end_of_stream: bool = True) -> ext_proc_pb2.ProcessingRequest:
+    return ext_proc_pb2.ProcessingRequest(
+        request_body=ext_proc_pb2.HttpBody(body=body, end_of_stream=end_of_stream)
+    )
+
+
+def packed(message: Message) -> any_pb2.Any:
+    out = any_pb2.Any()
+    out.Pack(message)
+    return out
+
+
+class FakeAds(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
+    """A tiny state-of-the-world ADS server for ext_proc tests (threads, not asyncio).
+
+    Serves the latest `publish`ed resource per type to every stream that
+    subscribed to it and records every DiscoveryRequest it receives.
+    """
+
+    def __init__(self, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.requests: list[discovery_pb2.DiscoveryRequest] = []
+        self._resources: dict[str, tuple[str, list[any_pb2.Any]]] = {}
+        self._streams: list[
+            tuple[set[str], queue.Queue[discovery_pb2.DiscoveryResponse | None]]
+        ] = []
+        self._lock = threading.Lock()
+        self._nonce = 0
+        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
+        ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(self, self._server)
+        self._server.add_insecure_port(f"127.0.0.1:{self.port}")
+
+    def __enter__(self) -> Self:
+        self._server.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        with self._lock:
+            for _, out in self._streams:
+                out.put(None)
+        self._server.stop(grace=None).wait()
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def _response(self, type_url: str) -> discovery_pb2.DiscoveryResponse:
+        self._nonce += 1
+        version, resources = self._resources[type_url]
+        return discovery_pb2.DiscoveryResponse(
+            type_url=type_url, version_info=version, resources=resources, nonce=str(self._nonce)
+        )
+
+    def publish(self, type_url: str, version: str, *resources: Message | any_pb2.Any) -> None:
+        """Make `resources` the current state of `type_url` and push it to subscribed streams."""
+        with self._lock:
+            self._resources[type_url] = (
+                version,
+                [r if isinstance(r, any_pb2.Any) else packed(r) for r in resources],
+            )
+            for subscribed, out in self._streams:
+                if type_url in subscribed:
+                    out.put(self._response(type_url))
+
+    def StreamAggregatedResources(
+        self,
+        request_iterator: Iterator[discovery_pb2.DiscoveryRequest],
+        context: grpc.ServicerContext,
+    ) -> Iterator[discovery_pb2.DiscoveryResponse]:
+        subscribed: set[str] = set()
+        out: queue.Queue[discovery_pb2.DiscoveryResponse | None] = queue.Queue()
+        with self._lock:
+            self._streams.append((subscribed, out))
+
+        def read() -> None:
+            try:
+                for request in request_iterator:
+                    with self._lock:
+                        self.requests.append(request)
+                        if request.type_url not in subscribed:
+                            subscribed.add(request.type_url)
+                            if request.type_url in self._resources:
+                                out.put(self._response(request.type_url))
+            except grpc.RpcError:
+                pass
+            out.put(None)
+
+        threading.Thread(target=read, daemon=True).start()
+        try:
+            while (response := out.get()) is not None:
+                yield response
+        finally:
+            with self._lock:
+                self._streams.remove((subscribed, out))
+
+    def requests_for(self, type_url: str) -> list[discovery_pb2.DiscoveryRequest]:
+        with self._lock:
+            return [r for r in self.requests if r.type_url == type_url]
+
+
+def eventually(check: Callable[[], object], what: str, timeout: float = 15.0) -> object:
+    """Poll until `check` returns something truthy; fail with `what` at the deadline."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = check()
+        if result:
+            return result
+        time.sleep(0.02)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")

@@ -1,0 +1,237 @@
+"""Scoring: strategies, SLA, ceiling, fit, ejection, degradation, ties, fallbacks, reasons."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from ext_proc_fixtures import default_policy, health_entry, snapshot
+
+from ext_proc.health_view import build_health_view
+from ext_proc.routing_table import RoutingTable, build_routing_table
+from ext_proc.scoring import Decision, NoCandidateError, decide, estimate_prompt_tokens
+from gpu_router.api.v1 import health_pb2
+
+NOW_MS = 1_700_000_000_000
+TABLE: RoutingTable = build_routing_table(default_policy())
+COST = TABLE.policies[0]  # embeddings: cost, 2000 ms SLA
+LATENCY = TABLE.policies[2]  # interactive: latency, $1.00 ceiling
+# llama-3.1-8b, 1000 prompt + 256 output tokens: lambda $0.000314, coreweave $0.0003768,
+# vast $0.00007048, runpod $0.0001256.
+
+
+def run(
+    strategy: str,
+    *entries: health_pb2.ProviderHealth,
+    model: str = "llama-3.1-8b",
+    policy=None,
+    prompt_tokens: int = 1000,
+    max_tokens: int = 256,
+) -> Decision:
+    policy = policy or (LATENCY if strategy == "latency" else COST)
+    route = TABLE.models[model]
+    health = build_health_view(snapshot(*entries)).align(route)
+    return decide(
+        route,
+        health,
+        policy,
+        strategy=strategy,
+        prompt_tokens=prompt_tokens,
+        max_tokens=max_tokens,
+        now_unix_ms=NOW_MS,
+    )
+
+
+def test_prompt_estimate_is_four_bytes_per_token() -> None:
+    assert estimate_prompt_tokens(4000) == 1000
+
+
+def test_cost_picks_the_cheapest_within_the_sla() -> None:
+    decision = run("cost")
+    assert (decision.provider, decision.cluster, decision.provider_model_id) == (
+        "vast",
+        "vast",
+        "llama3.1:8b",
+    )
+    assert decision.reason == "cheapest within 2000 ms SLA: $0.000070"
+    assert decision.fallbacks == ("runpod", "lambda")
+    assert decision.candidates[0].expected_cost_usd == pytest.approx(70.48e-6)
+    assert [c.provider for c in decision.candidates] == ["vast", "runpod", "lambda", "coreweave"]
+
+
+def test_cost_skips_a_provider_measured_over_the_sla_but_keeps_it_as_a_late_fallback() -> None:
+    decision = run(
+        "cost",
+        health_entry("vast", "llama-3.1-8b", 2500),
+        policy=dataclasses.replace(COST, max_fallbacks=3),
+    )
+    assert decision.provider == "runpod"
+    assert decision.fallbacks == ("lambda", "coreweave", "vast")
+    assert decision.candidates[-1].expected_latency_ms == 2500
+
+
+def test_cost_without_anyone_inside_the_sla_takes_the_fastest() -> None:
+    decision = run(
+        "cost",
+        health_entry("lambda", latency_ms=3000),
+        health_entry("coreweave", latency_ms=2500),
+        health_entry("vast", latency_ms=4000),
+        health_entry("runpod", latency_ms=2600),
+    )
+    assert decision.provider == "coreweave"
+    assert decision.reason == "no provider within 2000 ms SLA; fastest: 2500 ms EWMA"
+    assert decision.fallbacks == ("runpod", "lambda")
+
+
+def test_cost_without_an_sla_is_plain_cheapest() -> None:
+    decision = run(
+        "cost",
+        health_entry("vast", latency_ms=9000),
+        policy=dataclasses.replace(COST, latency_sla_ms=0),
+    )
+    assert (decision.provider, decision.reason) == ("vast", "cheapest: $0.000070")
+
+
+def test_latency_explores_unmeasured_providers_first() -> None:
+    decision = run(
+        "latency",
+        health_entry("lambda", latency_ms=100),
+        health_entry("coreweave", latency_ms=80),
+        health_entry("vast", latency_ms=300),
+    )
+    assert (decision.provider, decision.reason) == ("runpod", "unmeasured: exploring")
+    assert decision.fallbacks == ("coreweave", "lambda")
+
+
+def test_latency_picks_the_fastest_measured() -> None:
+    decision = run(
+        "latency",
+        health_entry("lambda", latency_ms=100),
+        health_entry("coreweave", latency_ms=80),
+        health_entry("vast", latency_ms=300),
+        health_entry("runpod", latency_ms=200),
+    )
+    assert (decision.provider, decision.reason) == ("coreweave", "fastest: 80 ms EWMA")
+
+
+def test_latency_respects_the_cost_ceiling() -> None:
+    decision = run(
+        "latency",
+        health_entry("lambda", latency_ms=50),
+        health_entry("coreweave", latency_ms=40),
+        health_entry("vast", latency_ms=300),
+        health_entry("runpod", latency_ms=200),
+        policy=dataclasses.replace(LATENCY, cost_ceiling_usd_per_mtok=0.2),
+    )
+    assert (decision.provider, decision.reason) == ("runpod", "fastest: 200 ms EWMA")
+    assert decision.fallbacks == ("vast", "coreweave")
+
+
+def test_latency_over_every_ceiling_takes_the_cheapest() -> None:
+    decision = run("latency", policy=dataclasses.replace(LATENCY, cost_ceiling_usd_per_mtok=0.01))
+    assert (decision.provider, decision.reason) == (
+        "vast",
+        "no provider under $0.01/1M ceiling; cheapest: $0.000070",
+    )
+
+
+def test_balanced_scores_unmeasured_at_the_fleet_median() -> None:
+    decision = run(
+        "balanced",
+        health_entry("lambda", latency_ms=100),
+        health_entry("coreweave", latency_ms=100),
+        health_entry("vast", latency_ms=400),
+    )
+    assert decision.provider == "runpod"
+    assert decision.reason == "balanced: score 1.39 ($0.000126, unmeasured)"
+    scores = {c.provider: c.score for c in decision.candidates}
+    assert scores["vast"] == pytest.approx(2.5)
+    assert scores["lambda"] == pytest.approx(0.5 * 314 / 70.48 + 0.5)
+
+
+def test_balanced_weights_shift_the_choice() -> None:
+    entries = (
+        health_entry("lambda", latency_ms=100),
+        health_entry("coreweave", latency_ms=120),
+        health_entry("vast", latency_ms=900),
+        health_entry("runpod", latency_ms=700),
+    )
+    by_latency = run(
+        "balanced", *entries, policy=dataclasses.replace(COST, cost_weight=0.0, latency_weight=1.0)
+    )
+    by_cost = run(
+        "balanced", *entries, policy=dataclasses.replace(COST, cost_weight=1.0, latency_weight=0.0)
+    )
+    assert (by_latency.provider, by_cost.provider) == ("lambda", "vast")
+
+
+def test_degraded_scores_double() -> None:
+    assert run("cost", health_entry("vast", state=health_pb2.DEGRADED)).provider == "runpod"
+    decision = run(
+        "cost",
+        health_entry("vast", state=health_pb2.DEGRADED),
+        health_entry("runpod", state=health_pb2.DEGRADED),
+    )
+    assert decision.provider == "vast"
+    assert decision.reason == "cheapest within 2000 ms SLA: $0.000070 (degraded)"
+
+
+def test_ejected_cooling_down_is_excluded_until_the_cooldown_ends() -> None:
+    cooling = run(
+        "cost", health_entry("vast", state=health_pb2.EJECTED, cooldown_until_unix_ms=NOW_MS + 1)
+    )
+    assert cooling.provider == "runpod"
+    assert "vast" not in cooling.fallbacks
+    vast = next(c for c in cooling.candidates if c.provider == "vast")
+    assert (vast.excluded, vast.score) == ("ejected (cooling down)", None)
+    assert cooling.candidates[-1] is vast
+    cooled = run(
+        "cost", health_entry("vast", state=health_pb2.EJECTED, cooldown_until_unix_ms=NOW_MS - 1)
+    )
+    assert cooled.provider == "vast"
+
+
+def test_provider_wide_ejection_covers_every_model() -> None:
+    decision = run(
+        "cost",
+        health_entry("vast", state=health_pb2.EJECTED),
+        health_entry("vast", "llama-3.1-8b", latency_ms=10),
+    )
+    assert decision.provider == "runpod"
+
+
+def test_gpu_that_does_not_fit_is_never_picked() -> None:
+    decision = run("cost", model="mixtral-8x7b")
+    assert decision.provider == "runpod"
+    assert decision.fallbacks == ("lambda",)
+    vast = decision.candidates[-1]
+    assert (vast.provider, vast.excluded) == (
+        "vast",
+        "gpu RTX-4090 (24 GB) too small for mixtral-8x7b (needs 80 GB)",
+    )
+
+
+def test_no_candidate_carries_every_reason() -> None:
+    with pytest.raises(NoCandidateError) as caught:
+        run(
+            "cost",
+            health_entry("lambda", state=health_pb2.EJECTED),
+            health_entry("runpod", state=health_pb2.EJECTED),
+            model="mixtral-8x7b",
+        )
+    assert caught.value.reason == (
+        "no provider can serve mixtral-8x7b (lambda: ejected (cooling down); "
+        "vast: gpu RTX-4090 (24 GB) too small for mixtral-8x7b (needs 80 GB); "
+        "runpod: ejected (cooling down))"
+    )
+    assert len(caught.value.candidates) == 3
+
+
+def test_ties_go_to_provider_order() -> None:
+    decision = run("cost", model="bge-large", prompt_tokens=0, max_tokens=0)
+    assert (decision.provider, decision.fallbacks) == ("coreweave", ("vast",))
+
+
+def test_max_fallbacks_bounds_the_list() -> None:
+    assert run("cost", policy=dataclasses.replace(COST, max_fallbacks=0)).fallbacks == ()
+    assert len(run("cost", policy=dataclasses.replace(COST, max_fallbacks=9)).fallbacks) == 3

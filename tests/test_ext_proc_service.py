@@ -1,0 +1,143 @@
+"""`python -m ext_proc` over real gRPC: a fake ADS in the test, a client playing Envoy."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_proc_grpc
+from ext_proc_fixtures import (
+    POLICY_TYPE_URL,
+    FakeAds,
+    body_request,
+    default_policy,
+    eventually,
+    headers_request,
+)
+
+from gpu_router.processes import ManagedProcess, free_port, port_open, python_module
+
+
+@pytest.fixture
+def ads() -> Iterator[FakeAds]:
+    with FakeAds() as server:
+        yield server
+
+
+@pytest.fixture
+def ext_proc(ads: FakeAds, tmp_path: Path) -> Iterator[tuple[ManagedProcess, str]]:
+    port = free_port()
+    process = python_module(
+        "ext_proc",
+        "ext_proc",
+        [
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--xds",
+            ads.target,
+            "--workers",
+            "2",
+            "--log-level",
+            "info",
+        ],
+        tmp_path,
+    )
+    process.start()
+    try:
+        process.wait_until(lambda: port_open(port), "the ext_proc port")
+        yield process, f"127.0.0.1:{port}"
+    finally:
+        process.stop()
+
+
+def process(
+    target: str, *requests: ext_proc_pb2.ProcessingRequest
+) -> list[ext_proc_pb2.ProcessingResponse]:
+    """One ext_proc stream, as Envoy drives it: a message, its answer, the next message."""
+    with grpc.insecure_channel(
+        target, options=[("grpc.max_receive_message_length", 64 << 20)]
+    ) as channel:
+        return list(
+            ext_proc_grpc.ExternalProcessorStub(channel).Process(iter(requests), timeout=10)
+        )
+
+
+def test_not_ready_then_routes_once_the_policy_arrives(
+    ads: FakeAds, ext_proc: tuple[ManagedProcess, str]
+) -> None:
+    _, target = ext_proc
+    [not_ready] = process(target, headers_request())
+    assert not_ready.immediate_response.status.code == 503
+    ads.publish(POLICY_TYPE_URL, "v1", default_policy("v1"))
+    nodes = eventually(
+        lambda: (
+            {r.node.id for r in ads.requests_for(POLICY_TYPE_URL) if r.node.id}
+            if sum(1 for r in ads.requests_for(POLICY_TYPE_URL) if r.version_info == "v1") >= 2
+            else None
+        ),
+        "both workers to ACK v1",
+    )
+    assert len(nodes) == 2 and all(n.startswith("ext-proc-") for n in nodes)
+    assert {r.node.cluster for r in ads.requests_for(POLICY_TYPE_URL) if r.node.id} == {
+        "gpu-router-ext-proc"
+    }
+    for _ in range(8):  # several connections: SO_REUSEPORT spreads them over both workers
+        headers, body = process(
+            target,
+            headers_request(x_request_id="r-1"),
+            body_request(b'{"model":"mixtral","messages":[]}'),
+        )
+        assert headers.WhichOneof("response") == "request_headers"
+        mutation = body.request_body.response
+        assert {h.header.key: h.header.raw_value for h in mutation.header_mutation.set_headers}[
+            "x-gpu-router-cluster"
+        ] == b"lambda"
+        assert (
+            json.loads(mutation.body_mutation.body)["model"]
+            == "mistralai/Mixtral-8x7B-Instruct-v0.1"
+        )
+
+
+def test_large_bodies_fit_the_message_limit(
+    ads: FakeAds, ext_proc: tuple[ManagedProcess, str]
+) -> None:
+    _, target = ext_proc
+    ads.publish(POLICY_TYPE_URL, "v1", default_policy("v1"))
+    prompt = "x" * (8 * 1024 * 1024)
+    body = json.dumps(
+        {"model": "llama-3.1-8b", "messages": [{"role": "user", "content": prompt}]}
+    ).encode()
+
+    def routed() -> bool:
+        return process(target, headers_request())[0].WhichOneof("response") == "request_headers"
+
+    eventually(routed, "the policy in every worker")
+    _, response = process(target, headers_request(), body_request(body))
+    assert len(response.request_body.response.body_mutation.body) > 8 * 1024 * 1024
+
+
+def test_out_of_phase_message_fails_the_stream(
+    ads: FakeAds, ext_proc: tuple[ManagedProcess, str]
+) -> None:
+    _, target = ext_proc
+    with pytest.raises(grpc.RpcError) as caught:
+        process(target, body_request(b"{}"))
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "unexpected request_body in the headers phase" in caught.value.details()
+
+
+def test_sigterm_stops_every_worker(ext_proc: tuple[ManagedProcess, str]) -> None:
+    managed, target = ext_proc
+    managed.stop()
+    assert managed.popen is not None and managed.popen.returncode == 0
+    assert not port_open(int(target.rsplit(":", 1)[1]))
+    lines = [
+        json.loads(line)
+        for line in managed.log_path.read_text().splitlines()
+        if line.startswith("{")
+    ]
+    assert lines, "expected JSON-line logs"
