@@ -5,7 +5,7 @@ from __future__ import annotations
 import openai
 
 from gpu_router.stack import Stack
-from tests.e2e.conftest import Providers
+from stack_harness import Providers
 
 
 def client(stack: Stack) -> openai.OpenAI:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import threading
-from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,41 +11,8 @@ import yaml
 
 from gpu_router.processes import http_get
 from gpu_router.stack import Stack
-from tests.e2e.conftest import Providers, chat, eventually
+from stack_harness import Providers, Traffic, chat, eventually
 
-
-class Traffic:
-    """Requests sent back to back from a few threads until stopped; every outcome counted."""
-
-    def __init__(self, stack: Stack, model: str, headers: dict[str, str], threads: int = 4) -> None:
-        self.stack, self.model, self.headers = stack, model, headers
-        self.outcomes: Counter[tuple[int, str]] = Counter()
-        self.stopping = threading.Event()
-        self.lock = threading.Lock()
-        self.threads = [threading.Thread(target=self.run, daemon=True) for _ in range(threads)]
-
-    def run(self) -> None:
-        while not self.stopping.is_set():
-            status, headers, _ = chat(self.stack, self.model, self.headers)
-            with self.lock:
-                self.outcomes[(status, headers.get("x-gpu-router-provider", ""))] += 1
-
-    def __enter__(self) -> Traffic:
-        for thread in self.threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stopping.set()
-        for thread in self.threads:
-            thread.join(timeout=60)
-
-    def failures(self) -> dict[tuple[int, str], int]:
-        return {key: n for key, n in self.outcomes.items() if key[0] != 200}
-
-    def count(self, provider: str) -> int:
-        with self.lock:
-            return sum(n for (status, name), n in self.outcomes.items() if name == provider and status == 200)
 
 
 def edit_policy(path: Path, change) -> None:
@@ -110,9 +75,7 @@ def test_an_invalid_edit_is_rejected_and_routing_stays(
     good = eventually(lambda: chat(stack, "llama-3.1-8b", {"x-workload": "batch"})[1].get(
         "x-gpu-router-provider") == "vast" and policy_version(stack), "the original policy")
 
-    broken = original_policy.replace("price: {input: 0.05, output: 0.08}", "price: {input: -1, output: 0.08}")
-    assert broken != original_policy
-    stack.policy.write_text(broken)
+    edit_policy(stack.policy, lambda d: provider(d, "vast")["models"][0]["price"].update(input=-1))
     log = stack.processes["control-plane"].log_path
     rejected = eventually(
         lambda: [json.loads(line) for line in log.read_text().splitlines()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from gpu_router.stack import Stack
-from tests.e2e.conftest import Providers, chat, eventually, post
+from stack_harness import Providers, chat, eventually, post
 
 
 def test_cost_first_picks_the_cheapest_fitting_provider(stack: Stack, providers: Providers) -> None:

@@ -1,0 +1,270 @@
+"""The control-plane process: policy in, xDS out, telemetry back in, admin HTTP on the side.
+
+Startup order matters: the policy is validated before any port opens (a bad file exits
+with code 2 and the reason on stderr), and the first rollout runs before the watcher, so
+the first nodes to connect already find a complete snapshot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import sys
+import time
+from collections.abc import Coroutine, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import grpc
+from envoy.service.discovery.v3 import ads_pb2_grpc
+
+from control_plane.admin_http import AdminHttpServer
+from control_plane.policy.load import default_policy_path
+from control_plane.rollout import REJECTIONS, Rollout, prepare_release
+from control_plane.telemetry.als import AccessLogReceiver
+from control_plane.telemetry.health import FleetHealth
+from control_plane.telemetry.publisher import publish_health
+from control_plane.translate import EdgeSettings
+from control_plane.watch import PolicyWatcher
+from control_plane.xds import type_urls
+from control_plane.xds.cache import SnapshotCache
+from control_plane.xds.server import AggregatedDiscoveryServer
+from gpu_router.api.v1 import health_pb2
+
+log = logging.getLogger("control_plane")
+
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+HEALTH_SNAPSHOT_NAME = "fleet"
+EXIT_BAD_POLICY = 2
+EXIT_FAILED = 1
+_STOP_GRACE_S = 2.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Options:
+    policy: Path | None
+    """None: the embedded default policy (not watched)."""
+    xds_host: str = "127.0.0.1"
+    xds_port: int = 18000
+    http_host: str = "127.0.0.1"
+    http_port: int = 8080
+    edge_port: int = 10000
+    ext_proc_host: str = "127.0.0.1"
+    ext_proc_port: int = 50051
+    log_level: str = "info"
+
+    @property
+    def policy_path(self) -> Path:
+        return self.policy if self.policy is not None else default_policy_path()
+
+    def edge_settings(self) -> EdgeSettings:
+        return EdgeSettings(
+            edge_port=self.edge_port,
+            ext_proc_host=self.ext_proc_host,
+            ext_proc_port=self.ext_proc_port,
+        )
+
+
+def parse_args(argv: Sequence[str] | None = None) -> Options:
+    parser = argparse.ArgumentParser(
+        prog="python -m control_plane", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument(
+        "--policy", type=Path, help="policy YAML, watched for changes (default: embedded)"
+    )
+    parser.add_argument("--xds-host", default="127.0.0.1")
+    parser.add_argument("--xds-port", type=int, default=18000, help="ADS and access-log gRPC port")
+    parser.add_argument("--http-host", default="127.0.0.1")
+    parser.add_argument("--http-port", type=int, default=8080, help="admin HTTP port")
+    parser.add_argument(
+        "--edge-port", type=int, default=10000, help="port of Envoy's edge listener"
+    )
+    parser.add_argument("--ext-proc-address", default="127.0.0.1:50051", metavar="HOST:PORT")
+    parser.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
+    )
+    args = parser.parse_args(argv)
+    host, _, port = args.ext_proc_address.rpartition(":")
+    if not host or not port.isdigit():
+        parser.error(f"--ext-proc-address must be HOST:PORT, got {args.ext_proc_address!r}")
+    return Options(
+        policy=args.policy,
+        xds_host=args.xds_host,
+        xds_port=args.xds_port,
+        http_host=args.http_host,
+        http_port=args.http_port,
+        edge_port=args.edge_port,
+        ext_proc_host=host,
+        ext_proc_port=int(port),
+        log_level=args.log_level,
+    )
+
+
+_RECORD_FIELDS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
+    "message",
+    "asctime",
+}
+
+
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per line: ts, level, logger, event (the message), then each `extra`."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "ts": datetime.fromtimestamp(record.created, tz=UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "event": record.getMessage(),
+        }
+        entry.update((k, v) for k, v in vars(record).items() if k not in _RECORD_FIELDS)
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def configure_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonLogFormatter())
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+
+
+class ControlPlaneState:
+    """What the admin HTTP surface shows (control_plane.admin_http.AdminState)."""
+
+    def __init__(self, cache: SnapshotCache, rollout: Rollout, fleet: FleetHealth) -> None:
+        self._cache = cache
+        self._rollout = rollout
+        self._fleet = fleet
+
+    def policy_summary(self) -> dict[str, Any]:
+        release = self._rollout.current
+        snapshot = self._cache.snapshot
+        versions = {
+            t.rsplit(".", 1)[-1]: snapshot.version(t)
+            for t in type_urls.SEND_ORDER
+            if snapshot.has(t)
+        }
+        if release is None:
+            return {"source": None, "version": None, "xds_versions": versions}
+        config = release.config
+        return {
+            "source": config.source,
+            "version": config.version,
+            "providers": [
+                {
+                    "name": p.name,
+                    "base_url": p.base_url,
+                    "gpus": [g.type for g in p.gpus],
+                    "models": [o.model for o in p.offerings],
+                }
+                for p in config.providers
+            ],
+            "models": [m.name for m in config.models],
+            "policies": [{"name": p.name, "strategy": p.strategy.value} for p in config.policies],
+            "xds_versions": versions,
+        }
+
+    def xds_nodes(self) -> list[dict[str, Any]]:
+        return self._cache.nodes()
+
+    def health(self) -> dict[str, Any]:
+        return self._fleet.to_json(int(time.time() * 1000))
+
+
+async def serve(options: Options, stop: asyncio.Event) -> None:
+    """Run every part of the control plane until `stop` is set or a part fails.
+
+    Raises one of REJECTIONS, before any port is opened, when the startup policy is unusable.
+    """
+    settings = options.edge_settings()
+    cache = SnapshotCache()
+    rollout = Rollout(cache)
+    fleet = FleetHealth()
+    watcher = (
+        PolicyWatcher(
+            options.policy, lambda path: prepare_release(path, settings), rollout.apply, REJECTIONS
+        )
+        if options.policy is not None
+        else None
+    )
+    first = prepare_release(options.policy_path, settings)
+
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ]
+    )
+    ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(
+        AggregatedDiscoveryServer(cache), server
+    )
+    AccessLogReceiver(fleet).register(server)
+    server.add_insecure_port(f"{options.xds_host}:{options.xds_port}")
+    await rollout.apply(first)
+    await server.start()
+    admin = AdminHttpServer(
+        options.http_host, options.http_port, ControlPlaneState(cache, rollout, fleet)
+    )
+    await admin.start()
+    log.info(
+        "control_plane_started",
+        extra={
+            "xds": f"{options.xds_host}:{options.xds_port}",
+            "http": f"{options.http_host}:{admin.port}",
+            "policy": first.config.source,
+            "policy_version": first.config.version,
+        },
+    )
+
+    def publish(snapshot: health_pb2.HealthSnapshot) -> None:
+        cache.set_types({type_urls.HEALTH_SNAPSHOT: {HEALTH_SNAPSHOT_NAME: snapshot}})
+
+    jobs: list[Coroutine[Any, Any, None]] = [publish_health(fleet, publish)]
+    if watcher is not None:
+        jobs.append(watcher.run())
+    tasks = [asyncio.create_task(job) for job in jobs]
+    stopping = asyncio.create_task(stop.wait())
+    try:
+        done, _ = await asyncio.wait([*tasks, stopping], return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            if task is not stopping:
+                task.result()
+                raise RuntimeError(f"background task {task.get_coro()!r} ended on its own")
+    finally:
+        for task in [*tasks, stopping]:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await admin.stop()
+        await server.stop(_STOP_GRACE_S)
+        log.info("control_plane_stopped")
+
+
+async def _run(options: Options) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await serve(options, stop)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `python -m control_plane`; the process exit code."""
+    options = parse_args(argv)
+    configure_logging(options.log_level)
+    try:
+        asyncio.run(_run(options))
+    except REJECTIONS as error:
+        print(f"control plane: policy {options.policy_path} rejected:\n{error}", file=sys.stderr)
+        return EXIT_BAD_POLICY
+    except (OSError, RuntimeError) as error:
+        print(f"control plane: failed: {error}", file=sys.stderr)
+        return EXIT_FAILED
+    return 0

@@ -1,0 +1,153 @@
+"""The gRPC adapter: AggregatedDiscoveryService streams driven by XdsStream and SnapshotCache.
+
+All protocol decisions are in stream.py; this module only converts protobufs, merges the
+two inputs of a stream (client requests and snapshot changes) into one queue, and logs.
+Delta xDS is not served (the base servicer answers UNIMPLEMENTED): Envoy's bootstrap here
+uses state-of-the-world ADS (api_type GRPC), as do our ext_proc replicas.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+from collections.abc import AsyncIterator
+
+import grpc
+from envoy.config.core.v3 import base_pb2
+from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+
+from control_plane.xds.cache import SnapshotCache
+from control_plane.xds.stream import (
+    Acked,
+    Event,
+    Nacked,
+    Node,
+    Request,
+    Response,
+    StaleNonce,
+    Subscribed,
+    XdsStream,
+)
+
+log = logging.getLogger(__name__)
+
+CONTROL_PLANE = base_pb2.ControlPlane(identifier="gpu-router.control-plane")
+
+
+class _Signal(enum.Enum):
+    SNAPSHOT_CHANGED = enum.auto()
+    CLIENT_DONE = enum.auto()
+
+
+class AggregatedDiscoveryServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
+    """State-of-the-world ADS over one SnapshotCache, for Envoy nodes and ext_proc replicas."""
+
+    def __init__(self, cache: SnapshotCache) -> None:
+        self._cache = cache
+
+    async def StreamAggregatedResources(
+        self,
+        request_iterator: AsyncIterator[discovery_pb2.DiscoveryRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[discovery_pb2.DiscoveryResponse]:
+        stream = XdsStream()
+        inbox: asyncio.Queue[Request | _Signal] = asyncio.Queue()
+        peer = context.peer()
+        self._cache.open_stream(stream, peer, lambda: inbox.put_nowait(_Signal.SNAPSHOT_CHANGED))
+        reader = asyncio.create_task(_pump(request_iterator, inbox))
+        try:
+            while (item := await inbox.get()) is not _Signal.CLIENT_DONE:
+                if isinstance(item, Request):
+                    first = stream.node is None
+                    for event in stream.receive(item):
+                        _log_event(stream, event)
+                    if first and stream.node is not None:
+                        log.info("xds_stream_open", extra={**_node_fields(stream), "peer": peer})
+                    self._cache.note_acks()
+                for response in stream.responses(self._cache.snapshot):
+                    yield _to_proto(response)
+        finally:
+            reader.cancel()
+            self._cache.close_stream(stream)
+            log.info("xds_stream_closed", extra={**_node_fields(stream), "peer": peer})
+
+
+async def _pump(
+    requests: AsyncIterator[discovery_pb2.DiscoveryRequest], inbox: asyncio.Queue[Request | _Signal]
+) -> None:
+    """Move client requests into the stream's queue until the client half-closes or goes away."""
+    try:
+        async for message in requests:
+            inbox.put_nowait(_from_proto(message))
+    except grpc.RpcError as error:
+        log.debug("xds_stream_read_failed", extra={"error": str(error)})
+    finally:
+        inbox.put_nowait(_Signal.CLIENT_DONE)
+
+
+def _from_proto(message: discovery_pb2.DiscoveryRequest) -> Request:
+    return Request(
+        type_url=message.type_url,
+        version_info=message.version_info,
+        resource_names=tuple(message.resource_names),
+        response_nonce=message.response_nonce,
+        error_message=message.error_detail.message if message.HasField("error_detail") else None,
+        node=Node(id=message.node.id, cluster=message.node.cluster)
+        if message.HasField("node")
+        else None,
+    )
+
+
+def _to_proto(response: Response) -> discovery_pb2.DiscoveryResponse:
+    return discovery_pb2.DiscoveryResponse(
+        version_info=response.version,
+        resources=response.resources,
+        type_url=response.type_url,
+        nonce=response.nonce,
+        control_plane=CONTROL_PLANE,
+    )
+
+
+def _node_fields(stream: XdsStream) -> dict[str, str]:
+    node = stream.node
+    return {"node": node.id if node else "", "node_cluster": node.cluster if node else ""}
+
+
+def _log_event(stream: XdsStream, event: Event) -> None:
+    match event:
+        case Nacked():
+            log.warning(
+                "xds_nack",
+                extra={
+                    **_node_fields(stream),
+                    "type_url": event.type_url,
+                    "rejected_version": event.version,
+                    "kept_version": event.kept_version,
+                    "error": event.error,
+                },
+            )
+        case Acked():
+            log.debug(
+                "xds_ack",
+                extra={
+                    **_node_fields(stream),
+                    "type_url": event.type_url,
+                    "version": event.version,
+                },
+            )
+        case Subscribed():
+            log.debug(
+                "xds_subscribe",
+                extra={
+                    **_node_fields(stream),
+                    "type_url": event.type_url,
+                    "names": list(event.names),
+                    "wildcard": event.wildcard,
+                },
+            )
+        case StaleNonce():
+            log.debug(
+                "xds_stale_nonce",
+                extra={**_node_fields(stream), "type_url": event.type_url, "nonce": event.nonce},
+            )
