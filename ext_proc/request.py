@@ -278,6 +278,9 @@ class RequestPhases:
         ).response
         common.clear_route_cache = True
         common.header_mutation.set_headers.append(_header(ROUTING_HEADER, decision.cluster))
+        if decision.path_prefix:
+            path = decision.path_prefix + self._headers.get(":path", "")
+            common.header_mutation.set_headers.append(_header(":path", path))
         if new_body is not None:
             common.body_mutation.body = new_body
             common.header_mutation.set_headers.append(_header("content-length", str(len(new_body))))

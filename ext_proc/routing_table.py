@@ -41,6 +41,8 @@ class ModelRoute:
     """Provider of each candidate, in policy provider order (the tie-break order)."""
     clusters: tuple[str, ...]
     provider_model_ids: tuple[str, ...]
+    path_prefixes: tuple[str, ...]
+    """The path of each candidate's base URL, put in front of the request path."""
     provider_index: npt.NDArray[np.int64]
     """Index of each candidate's provider in RoutingTable.providers."""
     input_usd_per_mtok: npt.NDArray[np.float64]
@@ -68,6 +70,8 @@ class PolicyRule:
     headers: tuple[tuple[str, str], ...] = ()
     models: frozenset[str] = frozenset()
     """Canonical model names; empty matches every model."""
+    providers: frozenset[str] = frozenset()
+    """The policy's provider allow-list; empty allows every provider."""
 
     def match(self, path: str, headers: Mapping[str, str], model: str | None) -> bool:
         """True when every condition of the policy's match holds for the request."""
@@ -143,6 +147,7 @@ def _policy_rule(policy: routing_pb2.Policy, names: Mapping[str, str]) -> Policy
         path_prefix=policy.match.path_prefix,
         headers=tuple(sorted((k.lower(), v) for k, v in policy.match.headers.items())),
         models=frozenset(names[m] for m in policy.match.models),
+        providers=frozenset(policy.providers),
     )
 
 
@@ -191,6 +196,7 @@ def build_routing_table(policy: routing_pb2.RoutingPolicy) -> RoutingTable:
             providers=tuple(p.name for _, p, _, _ in rows),
             clusters=tuple(p.cluster for _, p, _, _ in rows),
             provider_model_ids=tuple(o.provider_model_id or name for _, _, o, _ in rows),
+            path_prefixes=tuple(p.path_prefix.rstrip("/") for _, p, _, _ in rows),
             provider_index=np.array([i for i, _, _, _ in rows], dtype=np.int64),
             input_usd_per_mtok=np.array(
                 [o.input_usd_per_mtok for _, _, o, _ in rows], dtype=np.float64

@@ -59,6 +59,8 @@ class Decision:
     provider: str
     cluster: str
     provider_model_id: str
+    path_prefix: str
+    """Put in front of the request path for this provider ("" for none)."""
     model: str
     """Canonical public model name."""
     policy: str
@@ -86,6 +88,12 @@ def _positive_min(values: npt.NDArray[np.float64], mask: npt.NDArray[np.bool_]) 
     return float(chosen.min()) if chosen.size else 1.0
 
 
+def _allowed(route: ModelRoute, policy: PolicyRule) -> npt.NDArray[np.bool_]:
+    if not policy.providers:
+        return np.ones(len(route.providers), dtype=np.bool_)
+    return np.fromiter((p in policy.providers for p in route.providers), np.bool_, len(route.providers))
+
+
 def _fmt_latency(latency: float) -> str:
     return "unmeasured" if np.isnan(latency) else f"{latency:.0f} ms EWMA"
 
@@ -106,10 +114,13 @@ def decide(
     cost = (prompt_tokens * route.input_usd_per_mtok + max_tokens * route.output_usd_per_mtok) / 1e6
     latency = health.latency_ms
     ejected = health.ejected(now_unix_ms)
-    eligible = route.fits & ~ejected
+    allowed = _allowed(route, policy)
+    eligible = route.fits & ~ejected & allowed
     excluded = [
-        unfit or ("ejected (cooling down)" if out else None)
-        for unfit, out in zip(route.unfit, ejected.tolist(), strict=True)
+        unfit
+        or ("ejected (cooling down)" if out else None)
+        or (None if ok else f"not in policy {policy.name}'s providers")
+        for unfit, out, ok in zip(route.unfit, ejected.tolist(), allowed.tolist(), strict=True)
     ]
     if not eligible.any():
         detail = "; ".join(f"{p}: {why}" for p, why in zip(route.providers, excluded, strict=True))
@@ -131,6 +142,7 @@ def decide(
         provider=route.providers[best],
         cluster=route.clusters[best],
         provider_model_id=route.provider_model_ids[best],
+        path_prefix=route.path_prefixes[best],
         model=route.name,
         policy=policy.name,
         strategy=strategy,

@@ -253,3 +253,16 @@ def test_max_completion_tokens_drives_the_expected_cost() -> None:
     assert phases.decision is not None
     vast = next(c for c in phases.decision.candidates if c.provider == "vast")
     assert vast.expected_cost_usd == pytest.approx((13 * 0.05 + 1_000_000 * 0.08) / 1e6)
+
+
+def test_a_base_url_path_is_put_in_front_of_the_request_path() -> None:
+    policy = default_policy()
+    policy.providers[0].path_prefix = "/inference/"
+    state = RouterState.of(build_routing_table(policy), build_health_view(snapshot()))
+    phases = to_body(RequestPhases(state))
+
+    response = phases.handle(body_request(b'{"model": "llama-3.1-8b", "messages": []}'))
+
+    headers = set_headers(response.request_body.response.header_mutation)
+    assert headers["x-gpu-router-cluster"] == "lambda"
+    assert headers[":path"] == "/inference/v1/chat/completions"

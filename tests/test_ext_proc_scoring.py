@@ -235,3 +235,14 @@ def test_ties_go_to_provider_order() -> None:
 def test_max_fallbacks_bounds_the_list() -> None:
     assert run("cost", policy=dataclasses.replace(COST, max_fallbacks=0)).fallbacks == ()
     assert len(run("cost", policy=dataclasses.replace(COST, max_fallbacks=9)).fallbacks) == 3
+
+
+def test_the_policys_provider_allow_list_excludes_the_rest_with_the_reason() -> None:
+    only_big_clouds = dataclasses.replace(COST, providers=frozenset({"lambda", "coreweave"}))
+
+    decision = run("cost", policy=only_big_clouds)
+
+    assert decision.provider == "lambda"
+    excluded = {c.provider: c.excluded for c in decision.candidates}
+    assert excluded["vast"] == excluded["runpod"] == f"not in policy {COST.name}'s providers"
+    assert decision.fallbacks == ("coreweave",)

@@ -11,11 +11,17 @@ from stack_harness import Providers, policy_on_free_ports, start_stack
 from gpu_router.stack import Stack
 
 
+def serve_runpod_under_a_path(document: dict) -> None:
+    """runpod's base URL gets a path, as real providers' often have (https://host/openai)."""
+    runpod = next(p for p in document["providers"] if p["name"] == "runpod")
+    runpod["base_url"] += "/openai"
+
+
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """One stack per test module, on the embedded default policy moved to free ports."""
     directory = tmp_path_factory.mktemp("stack")
-    policy = policy_on_free_ports(default_policy_path(), directory / "policy.yaml")
+    policy = policy_on_free_ports(default_policy_path(), directory / "policy.yaml", serve_runpod_under_a_path)
     running = start_stack(policy, directory / "logs")
     try:
         yield running

@@ -6,6 +6,7 @@ import json
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections import Counter
 from collections.abc import Callable
@@ -42,7 +43,8 @@ class Providers:
 
     def __init__(self, stack: Stack) -> None:
         document = yaml.safe_load(stack.policy.read_text())
-        self.urls = {p["name"]: p["base_url"] for p in document["providers"]}
+        origins = {p["name"]: urllib.parse.urlsplit(p["base_url"]) for p in document["providers"]}
+        self.urls = {name: f"{url.scheme}://{url.netloc}" for name, url in origins.items()}
 
     def call(self, name: str, path: str, payload: dict | None = None) -> dict:
         data = None if payload is None else json.dumps(payload).encode()

@@ -29,6 +29,8 @@ def test_a_model_too_large_for_a_providers_gpus_is_never_sent_there(stack: Stack
 
     assert served == {"runpod"}
     assert providers.stats("vast")["requests"] == 0
+    # runpod's base URL has a path: it is put in front of the request path.
+    assert providers.stats("runpod")["last_request"]["path"] == "/openai/v1/chat/completions"
 
 
 def test_strategy_header_overrides_the_policy(stack: Stack, providers: Providers) -> None:
