@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 from pathlib import Path
 
 from control_plane.policy.load import PolicyError, default_policy_path, load_policy_file
-from gpu_router.processes import ProcessError
+from gpu_router.health_view import render_health
+from gpu_router.processes import ProcessError, http_get
 from gpu_router.stack import Stack, StackPorts
 
 
@@ -56,6 +58,21 @@ def up(args: argparse.Namespace) -> int:
         stack.stop()
 
 
+def health(args: argparse.Namespace) -> int:
+    url = f"{args.control_plane.rstrip('/')}/v1/health"
+    try:
+        status, body = http_get(url)
+    except OSError as error:
+        print(f"gpu-router: cannot reach the control plane at {url}: {error}", file=sys.stderr)
+        return 1
+    if status != 200:
+        print(f"gpu-router: {url} answered {status}: {body[:200]!r}", file=sys.stderr)
+        return 1
+    document = json.loads(body)
+    print(json.dumps(document, indent=2) if args.format == "json" else render_health(document))
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="gpu-router", description=__doc__)
     commands = root.add_subparsers(dest="command", required=True)
@@ -76,6 +93,10 @@ def parser() -> argparse.ArgumentParser:
     check = commands.add_parser("validate", help="check policy files; non-zero exit on errors")
     check.add_argument("files", nargs="+")
     check.set_defaults(handler=validate)
+    show = commands.add_parser("health", help="fleet health per provider and model, from the control plane")
+    show.add_argument("--control-plane", default=f"http://127.0.0.1:{defaults.control_http}")
+    show.add_argument("--format", choices=("table", "json"), default="table")
+    show.set_defaults(handler=health)
     return root
 
 

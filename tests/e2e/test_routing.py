@@ -108,3 +108,21 @@ def test_models_are_listed_through_the_edge(stack: Stack) -> None:
 
     assert status == 200
     assert names == {"llama-3.1-8b", "mixtral-8x7b", "llama-3.1-70b", "bge-large"}
+
+
+def test_gpu_router_health_shows_what_the_fleet_measured(stack: Stack, providers: Providers) -> None:
+    import subprocess
+    import sys
+
+    for _ in range(3):
+        assert chat(stack, "llama-3.1-8b", {"x-workload": "batch"})[0] == 200
+    command = [sys.executable, "-c", "from gpu_router.cli import main; main()", "health",
+               "--control-plane", stack.control_url("")]
+
+    def vast_rows() -> list[str]:
+        table = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+        return [line.split() for line in table.splitlines() if line.startswith("vast ")]
+
+    rows = eventually(lambda: [r for r in vast_rows() if r[1] == "llama-3.1-8b" and int(r[6]) >= 3],
+                      "health to count vast's requests")
+    assert rows[0][2] == "healthy"
