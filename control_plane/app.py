@@ -43,6 +43,7 @@ MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 HEALTH_SNAPSHOT_NAME = "fleet"
 EXIT_BAD_POLICY = 2
 EXIT_FAILED = 1
+DEFAULT_EXT_PROC = ("127.0.0.1", 50051)
 _STOP_GRACE_S = 2.0
 
 
@@ -54,9 +55,10 @@ class Options:
     xds_port: int = 18000
     http_host: str = "127.0.0.1"
     http_port: int = 8080
+    edge_host: str = "127.0.0.1"
     edge_port: int = 10000
-    ext_proc_host: str = "127.0.0.1"
-    ext_proc_port: int = 50051
+    ext_proc_endpoints: tuple[tuple[str, int], ...] = (DEFAULT_EXT_PROC,)
+    """(host, port) of every ext_proc replica; Envoy balances over them."""
     log_level: str = "info"
 
     @property
@@ -65,10 +67,19 @@ class Options:
 
     def edge_settings(self) -> EdgeSettings:
         return EdgeSettings(
+            edge_host=self.edge_host,
             edge_port=self.edge_port,
-            ext_proc_host=self.ext_proc_host,
-            ext_proc_port=self.ext_proc_port,
+            ext_proc_endpoints=self.ext_proc_endpoints,
         )
+
+
+def _host_port(text: str) -> tuple[str, int]:
+    """ "HOST:PORT" (an IPv6 host in brackets) as (host, port)."""
+    host, _, port = text.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
+    return host, int(port)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> Options:
@@ -78,30 +89,46 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     parser.add_argument(
         "--policy", type=Path, help="policy YAML, watched for changes (default: embedded)"
     )
-    parser.add_argument("--xds-host", default="127.0.0.1")
+    parser.add_argument(
+        "--xds-host", default="127.0.0.1", help="ADS bind address (0.0.0.0 in a container)"
+    )
     parser.add_argument("--xds-port", type=int, default=18000, help="ADS and access-log gRPC port")
-    parser.add_argument("--http-host", default="127.0.0.1")
+    parser.add_argument(
+        "--http-host", default="127.0.0.1", help="admin HTTP bind address (0.0.0.0 in a container)"
+    )
     parser.add_argument("--http-port", type=int, default=8080, help="admin HTTP port")
     parser.add_argument(
-        "--edge-port", type=int, default=10000, help="port of Envoy's edge listener"
+        "--edge-host",
+        default="127.0.0.1",
+        help="address Envoy's edge listener binds (0.0.0.0 in a container)",
     )
-    parser.add_argument("--ext-proc-address", default="127.0.0.1:50051", metavar="HOST:PORT")
+    parser.add_argument(
+        "--edge-port",
+        type=int,
+        default=10000,
+        help="port of Envoy's edge listener (a node's metadata may ask for another)",
+    )
+    parser.add_argument(
+        "--ext-proc-address",
+        type=_host_port,
+        action="append",
+        metavar="HOST:PORT",
+        help="an ext_proc replica; repeat for each one "
+        f"(default: {DEFAULT_EXT_PROC[0]}:{DEFAULT_EXT_PROC[1]})",
+    )
     parser.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"]
     )
     args = parser.parse_args(argv)
-    host, _, port = args.ext_proc_address.rpartition(":")
-    if not host or not port.isdigit():
-        parser.error(f"--ext-proc-address must be HOST:PORT, got {args.ext_proc_address!r}")
     return Options(
         policy=args.policy,
         xds_host=args.xds_host,
         xds_port=args.xds_port,
         http_host=args.http_host,
         http_port=args.http_port,
+        edge_host=args.edge_host,
         edge_port=args.edge_port,
-        ext_proc_host=host,
-        ext_proc_port=int(port),
+        ext_proc_endpoints=tuple(dict.fromkeys(args.ext_proc_address or [DEFAULT_EXT_PROC])),
         log_level=args.log_level,
     )
 
@@ -217,6 +244,8 @@ async def serve(options: Options, stop: asyncio.Event) -> None:
         extra={
             "xds": f"{options.xds_host}:{options.xds_port}",
             "http": f"{options.http_host}:{admin.port}",
+            "edge": f"{options.edge_host}:{options.edge_port}",
+            "ext_proc": [f"{host}:{port}" for host, port in options.ext_proc_endpoints],
             "policy": first.config.source,
             "policy_version": first.config.version,
         },

@@ -1,22 +1,27 @@
-"""One ext_proc stream (= one HTTP request) as an explicit phase machine.
+"""One ext_proc stream (= one HTTP request): one request_headers message, one answer.
 
-Envoy sends the request headers, then (BUFFERED body mode) the whole body in one
-message unless a headers answer overrode the body mode to NONE. Each
-(phase, message) pair below has a handler; any other pair is a ProtocolError.
-Pure: no I/O, so it tests with hand-built ProcessingRequest protos.
+Envoy's json_to_metadata filter reads the JSON body before ext_proc runs and forwards
+what routing needs (model, max_tokens, ...) in the message's metadata_context under
+REQUEST_NAMESPACE, so the body never travels to ext_proc and one round trip decides.
+Envoy's upstream filters, not ext_proc, rewrite the path and the body's model per attempt.
+Any message after the request headers is a ProtocolError. Pure: no I/O, so it tests
+with hand-built ProcessingRequest protos.
 """
 
 from __future__ import annotations
 
 import enum
+import functools
 import json
+import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
 
 from envoy.config.core.v3 import base_pb2
-from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc_pb2
 from envoy.type.v3 import http_status_pb2
+from google.protobuf import struct_pb2
 
 from ext_proc.router_state import RouterState
 from ext_proc.routing_table import STRATEGIES, RoutingTable
@@ -33,15 +38,21 @@ MODEL_HEADER = "x-gpu-router-model"
 STRATEGY_HEADER = "x-gpu-router-strategy"
 REASON_HEADER = "x-gpu-router-reason"
 METADATA_NAMESPACE = "gpu_router"
+"""Where the decision goes (dynamic metadata Envoy logs and its upstream filters read)."""
+REQUEST_NAMESPACE = "gpu_router.request"
+"""Where json_to_metadata puts the body's fields: model, max_tokens, max_completion_tokens,
+stream, or body_error when the body could not be read as JSON."""
 
 ROUTED_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
 MODELS_PATH = "/v1/models"
+JSON_MEDIA_TYPES = frozenset({"application/json", ""})
+"""The media types json_to_metadata reads (its allow_content_types and regex, allow_empty_content_type,
+parameters such as charset allowed): it flags a body of any other type with body_error too, as if
+it were invalid JSON."""
 _NO_OUTPUT_PATHS = frozenset({"/v1/embeddings"})
 
+_NO_FIELDS: Mapping[str, struct_pb2.Value] = MappingProxyType({})
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
-_SKIP_BODY = processing_mode_pb2.ProcessingMode(
-    request_body_mode=processing_mode_pb2.ProcessingMode.NONE
-)
 _MAX_REASON_HEADER = 200
 
 
@@ -51,7 +62,6 @@ class ProtocolError(Exception):
 
 class Phase(enum.Enum):
     HEADERS = "headers"
-    BODY = "body"
     DONE = "done"
 
 
@@ -86,11 +96,20 @@ def error_response(
     )
 
 
+def _bad_request(
+    message: str, code: str, param: str | None = None
+) -> ext_proc_pb2.ProcessingResponse:
+    return error_response(400, message, kind="invalid_request_error", code=code, param=param)
+
+
 NOT_READY = error_response(
     503,
     "router not ready: no routing policy from the control plane yet",
     kind="server_error",
     code="router_not_ready",
+)
+MISSING_MODEL = _bad_request(
+    f'missing "model": give it in the JSON body or in {MODEL_HEADER}', "missing_model", "model"
 )
 
 
@@ -116,26 +135,58 @@ def _unknown_model(name: str) -> ext_proc_pb2.ProcessingResponse:
     )
 
 
-def _no_candidate(error: NoCandidateError) -> ext_proc_pb2.ProcessingResponse:
-    return error_response(503, error.reason, kind="server_error", code="no_provider")
+def is_json(content_type: str) -> bool:
+    return content_type.partition(";")[0].strip().lower() in JSON_MEDIA_TYPES
 
 
-def _bad_request(
-    message: str, code: str, param: str | None = None
-) -> ext_proc_pb2.ProcessingResponse:
-    return error_response(400, message, kind="invalid_request_error", code=code, param=param)
+def _unreadable_body(problem: str, content_type: str) -> ext_proc_pb2.ProcessingResponse:
+    """The 400 for a body json_to_metadata flagged (body_error): bad JSON, or a type it skips."""
+    if is_json(content_type):
+        return _bad_request(
+            f"the request body is not a JSON object ({problem}); "
+            "send one with content-type: application/json",
+            "invalid_json",
+        )
+    return _bad_request(
+        f"content-type {content_type!r} is not read: send the JSON body as application/json "
+        f"or give the model in {MODEL_HEADER}",
+        "missing_model",
+        "model",
+    )
 
 
-def _max_tokens(body: dict[str, object], default: int) -> int:
-    """max_completion_tokens (newer OpenAI name) or max_tokens; else the default."""
-    value = body.get("max_completion_tokens", body.get("max_tokens"))
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        return value
-    return default
+def _max_tokens(fields: Mapping[str, struct_pb2.Value], default: int) -> int:
+    """max_completion_tokens (newer OpenAI name) or max_tokens from the metadata; else default."""
+    value = fields.get("max_completion_tokens")
+    if value is None:
+        value = fields.get("max_tokens")
+        if value is None:
+            return default
+    if value.WhichOneof("kind") != "number_value":
+        return default
+    number = value.number_value
+    return int(number) if 0 <= number < math.inf else default
+
+
+@functools.lru_cache(maxsize=256)
+def _route_to(cluster: str) -> ext_proc_pb2.CommonResponse:
+    """Set the cluster header and re-pick the route (built once per cluster, then copied)."""
+    return ext_proc_pb2.CommonResponse(
+        clear_route_cache=True,
+        header_mutation=ext_proc_pb2.HeaderMutation(set_headers=[_header(ROUTING_HEADER, cluster)]),
+    )
+
+
+@functools.lru_cache(maxsize=4096)
+def _decision_fields(provider: str, model: str, policy: str, strategy: str) -> struct_pb2.Struct:
+    """The metadata fields that repeat across requests, built once and copied into each answer."""
+    fields = struct_pb2.Struct()
+    fields.update({"provider": provider, "model": model, "policy": policy, "strategy": strategy})
+    return fields
 
 
 class RequestPhases:
-    """The state of one request across its ext_proc messages."""
+    """The state of one request's ext_proc stream."""
 
     def __init__(self, state: RouterState, clock: Callable[[], float] = time.time) -> None:
         self._state = state
@@ -143,156 +194,88 @@ class RequestPhases:
         self.phase = Phase.HEADERS
         self.decision: Decision | None = None
         """The routing decision, once made (for whoever audits the stream)."""
-        self._headers: dict[str, str] = {}
-        self._path = ""
-        self._strategy = ""
-        self._header_model = ""
 
     def handle(self, request: ext_proc_pb2.ProcessingRequest) -> ext_proc_pb2.ProcessingResponse:
         kind = request.WhichOneof("request")
         if self.phase is Phase.HEADERS and kind == "request_headers":
-            return self.on_request_headers(request.request_headers)
-        if self.phase is Phase.BODY and kind == "request_body":
-            return self.on_request_body(request.request_body)
+            self.phase = Phase.DONE
+            return self._answer(request.request_headers, request.metadata_context)
         raise ProtocolError(f"unexpected {kind} in the {self.phase.value} phase")
 
-    def _finish(self, response: ext_proc_pb2.ProcessingResponse) -> ext_proc_pb2.ProcessingResponse:
-        self.phase = Phase.DONE
-        return response
-
-    def on_request_headers(
-        self, message: ext_proc_pb2.HttpHeaders
+    def _answer(
+        self, message: ext_proc_pb2.HttpHeaders, metadata: base_pb2.Metadata
     ) -> ext_proc_pb2.ProcessingResponse:
         table = self._state.table
         if table is None:
-            return self._finish(NOT_READY)
-        headers = self._headers = {
-            h.key: h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value
-            for h in message.headers.headers
-        }
-        path = self._path = headers.get(":path", "").partition("?")[0]
+            return NOT_READY
+        headers = {h.key: h.raw_value.decode("utf-8", "replace") for h in message.headers.headers}
+        full_path = headers.get(":path", "")
+        path = full_path.partition("?")[0]
         if path == MODELS_PATH and headers.get(":method") == "GET":
-            return self._finish(models_response(table))
+            return models_response(table)
         if path not in ROUTED_PATHS:
-            return self._finish(
-                error_response(
-                    404, f"unknown path {path}", kind="invalid_request_error", code="unknown_url"
-                )
+            return error_response(
+                404, f"unknown path {path}", kind="invalid_request_error", code="unknown_url"
             )
         strategy = headers.get(STRATEGY_HEADER)
-        if strategy is not None and strategy.strip().lower() not in STRATEGIES:
-            return self._finish(
-                _bad_request(
-                    f"invalid {STRATEGY_HEADER} {strategy!r}: "
+        if strategy is not None:
+            strategy = strategy.strip().lower()
+            if strategy not in STRATEGIES:
+                return _bad_request(
+                    f"invalid {STRATEGY_HEADER} {headers[STRATEGY_HEADER]!r}: "
                     f"expected one of {', '.join(STRATEGIES)}",
                     "invalid_strategy",
                 )
-            )
-        self._strategy = strategy.strip().lower() if strategy else ""
-        self._header_model = headers.get(MODEL_HEADER, "")
-        if self._header_model:
-            try:
-                length = int(headers.get("content-length") or 0)
-            except ValueError:
-                length = 0
-            outcome = self._decide(self._header_model, estimate_prompt_tokens(length), None)
-            if not isinstance(outcome, Decision):
-                return self._finish(outcome)
-            # Otherwise the body must be rewritten: decided again on it, whose size and
-            # max_tokens estimate the cost better than content-length alone.
-            if message.end_of_stream or outcome.provider_model_id == self._header_model:
-                response = self._routed(outcome, None)
-                if not message.end_of_stream:
-                    response.mode_override.CopyFrom(_SKIP_BODY)
-                return self._finish(response)
-        elif message.end_of_stream:
-            return self._finish(
-                _bad_request(
-                    f"no request body: give the model in the JSON body or in {MODEL_HEADER}",
-                    "missing_model",
-                    "model",
-                )
-            )
-        self.phase = Phase.BODY
-        return ext_proc_pb2.ProcessingResponse(request_headers=ext_proc_pb2.HeadersResponse())
-
-    def on_request_body(self, message: ext_proc_pb2.HttpBody) -> ext_proc_pb2.ProcessingResponse:
-        if not message.end_of_stream:
-            raise ProtocolError(
-                "got a partial request body: the filter must buffer it (request_body_mode BUFFERED)"
-            )
-        try:
-            body = json.loads(message.body)
-        except (ValueError, UnicodeDecodeError) as error:
-            return self._finish(_bad_request(f"invalid JSON body: {error}", "invalid_json"))
-        if not isinstance(body, dict):
-            return self._finish(
-                _bad_request("the request body must be a JSON object", "invalid_json")
-            )
-        model = self._header_model or body.get("model")
-        if not isinstance(model, str) or not model:
-            return self._finish(
-                _bad_request('missing "model" in the request body', "missing_model", "model")
-            )
-        outcome = self._decide(model, estimate_prompt_tokens(len(message.body)), body)
-        if not isinstance(outcome, Decision):
-            return self._finish(outcome)
-        new_body = None
-        if body.get("model") != outcome.provider_model_id:
-            body["model"] = outcome.provider_model_id
-            new_body = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
-        return self._finish(self._routed(outcome, new_body))
-
-    def _decide(
-        self, model: str, prompt_tokens: int, body: dict[str, object] | None
-    ) -> Decision | ext_proc_pb2.ProcessingResponse:
-        """The decision, or the error response that ends the request."""
-        table = self._state.table
-        assert table is not None, "headers phase answers NOT_READY before any decision"
+        body = metadata.filter_metadata.get(REQUEST_NAMESPACE)
+        fields = _NO_FIELDS if body is None else body.fields
+        model = headers.get(MODEL_HEADER)
+        problem = fields.get("body_error")
+        if problem is not None:
+            # A body json_to_metadata skipped for its content type still routes by the header.
+            content_type = headers.get("content-type", "")
+            if not model or is_json(content_type):
+                return _unreadable_body(problem.string_value, content_type)
+        if not model:
+            found = fields.get("model")
+            if found is None:
+                return MISSING_MODEL
+            model = found.string_value
         route = table.resolve(model)
         if route is None:
             return _unknown_model(model)
-        policy = table.match(self._path, self._headers, route.name)
-        default_max = 0 if self._path in _NO_OUTPUT_PATHS else DEFAULT_MAX_TOKENS
         try:
-            self.decision = decide(
+            length = int(headers.get("content-length") or 0)
+        except ValueError:
+            length = 0
+        policy = table.match(path, headers, route.name)
+        try:
+            decision = self.decision = decide(
                 route,
                 self._state.aligned[route.name],
                 policy,
-                strategy=self._strategy or policy.strategy,
-                prompt_tokens=prompt_tokens,
-                max_tokens=default_max if body is None else _max_tokens(body, default_max),
+                strategy=strategy or policy.strategy,
+                prompt_tokens=estimate_prompt_tokens(length),
+                max_tokens=_max_tokens(
+                    fields, 0 if path in _NO_OUTPUT_PATHS else DEFAULT_MAX_TOKENS
+                ),
                 now_unix_ms=int(self._clock() * 1000),
             )
         except NoCandidateError as error:
-            return _no_candidate(error)
-        return self.decision
+            return error_response(503, error.reason, kind="server_error", code="no_provider")
+        return _routed(decision, headers.get("x-request-id", ""), full_path)
 
-    def _routed(
-        self, decision: Decision, new_body: bytes | None
-    ) -> ext_proc_pb2.ProcessingResponse:
-        """Route to the decision's cluster; with a rewritten body when the model id changed."""
-        response = ext_proc_pb2.ProcessingResponse()
-        common = (
-            response.request_headers if self.phase is Phase.HEADERS else response.request_body
-        ).response
-        common.clear_route_cache = True
-        common.header_mutation.set_headers.append(_header(ROUTING_HEADER, decision.cluster))
-        if decision.path_prefix:
-            path = decision.path_prefix + self._headers.get(":path", "")
-            common.header_mutation.set_headers.append(_header(":path", path))
-        if new_body is not None:
-            common.body_mutation.body = new_body
-            common.header_mutation.set_headers.append(_header("content-length", str(len(new_body))))
-        response.dynamic_metadata.fields[METADATA_NAMESPACE].struct_value.update(
-            {
-                "provider": decision.provider,
-                "model": decision.model,
-                "policy": decision.policy,
-                "strategy": decision.strategy,
-                "reason": decision.reason,
-                "fallbacks": ",".join(decision.fallbacks),
-                "request_id": self._headers.get("x-request-id", ""),
-            }
-        )
-        return response
+
+def _routed(decision: Decision, request_id: str, path: str) -> ext_proc_pb2.ProcessingResponse:
+    """Route to the decision's cluster and record the decision as dynamic metadata."""
+    response = ext_proc_pb2.ProcessingResponse()
+    response.request_headers.response.CopyFrom(_route_to(decision.cluster))
+    audit = response.dynamic_metadata.fields[METADATA_NAMESPACE].struct_value
+    audit.CopyFrom(
+        _decision_fields(decision.provider, decision.model, decision.policy, decision.strategy)
+    )
+    fields = audit.fields
+    fields["reason"].string_value = decision.reason
+    fields["fallbacks"].string_value = ",".join(decision.fallbacks)
+    fields["request_id"].string_value = request_id
+    fields["path"].string_value = path
+    return response

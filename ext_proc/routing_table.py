@@ -41,8 +41,6 @@ class ModelRoute:
     """Provider of each candidate, in policy provider order (the tie-break order)."""
     clusters: tuple[str, ...]
     provider_model_ids: tuple[str, ...]
-    path_prefixes: tuple[str, ...]
-    """The path of each candidate's base URL, put in front of the request path."""
     provider_index: npt.NDArray[np.int64]
     """Index of each candidate's provider in RoutingTable.providers."""
     input_usd_per_mtok: npt.NDArray[np.float64]
@@ -196,7 +194,6 @@ def build_routing_table(policy: routing_pb2.RoutingPolicy) -> RoutingTable:
             providers=tuple(p.name for _, p, _, _ in rows),
             clusters=tuple(p.cluster for _, p, _, _ in rows),
             provider_model_ids=tuple(o.provider_model_id or name for _, _, o, _ in rows),
-            path_prefixes=tuple(p.path_prefix.rstrip("/") for _, p, _, _ in rows),
             provider_index=np.array([i for i, _, _, _ in rows], dtype=np.int64),
             input_usd_per_mtok=np.array(
                 [o.input_usd_per_mtok for _, _, o, _ in rows], dtype=np.float64

@@ -17,8 +17,9 @@ those that keep it (they are still fallbacks); ties go to provider order.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
@@ -59,8 +60,6 @@ class Decision:
     provider: str
     cluster: str
     provider_model_id: str
-    path_prefix: str
-    """Put in front of the request path for this provider ("" for none)."""
     model: str
     """Canonical public model name."""
     policy: str
@@ -68,8 +67,13 @@ class Decision:
     reason: str
     fallbacks: tuple[str, ...]
     """Next providers in rank order (at most the policy's max_fallbacks)."""
-    candidates: tuple[Candidate, ...]
-    """Every offering, in rank order, excluded ones last."""
+    audit: Callable[[], tuple[Candidate, ...]] = field(repr=False, compare=False)
+    """Builds `candidates` on demand: only audits read them, so routing does not pay for them."""
+
+    @property
+    def candidates(self) -> tuple[Candidate, ...]:
+        """Every offering, in rank order, excluded ones last."""
+        return self.audit()
 
 
 class NoCandidateError(Exception):
@@ -91,7 +95,9 @@ def _positive_min(values: npt.NDArray[np.float64], mask: npt.NDArray[np.bool_]) 
 def _allowed(route: ModelRoute, policy: PolicyRule) -> npt.NDArray[np.bool_]:
     if not policy.providers:
         return np.ones(len(route.providers), dtype=np.bool_)
-    return np.fromiter((p in policy.providers for p in route.providers), np.bool_, len(route.providers))
+    return np.fromiter(
+        (p in policy.providers for p in route.providers), np.bool_, len(route.providers)
+    )
 
 
 def _fmt_latency(latency: float) -> str:
@@ -116,40 +122,66 @@ def decide(
     ejected = health.ejected(now_unix_ms)
     allowed = _allowed(route, policy)
     eligible = route.fits & ~ejected & allowed
-    excluded = [
-        unfit
-        or ("ejected (cooling down)" if out else None)
-        or (None if ok else f"not in policy {policy.name}'s providers")
-        for unfit, out, ok in zip(route.unfit, ejected.tolist(), allowed.tolist(), strict=True)
-    ]
     if not eligible.any():
+        excluded = _excluded(route, policy, ejected, allowed)
         detail = "; ".join(f"{p}: {why}" for p, why in zip(route.providers, excluded, strict=True))
         raise NoCandidateError(
             route.name,
             f"no provider can serve {route.name} ({detail})",
             _candidates(route, cost, latency, None, excluded, range(len(excluded))),
         )
-    penalty = np.where(health.degraded, DEGRADED_PENALTY, 1.0)
+    degraded = health.degraded
+    penalty = np.where(degraded, DEGRADED_PENALTY, 1.0)
     keeps, score, describe = _RANKERS[strategy](
         route, policy, cost, latency, eligible, penalty, prompt_tokens + max_tokens
     )
     group = np.where(keeps, 0, np.where(eligible, 1, 2))
     order = np.lexsort((route.provider_index, np.where(eligible, score, np.inf), group)).tolist()
     best = order[0]
-    reason = describe(best) + (" (degraded)" if health.degraded[best] else "")
+    reason = describe(best) + (" (degraded)" if degraded[best] else "")
     ranked_eligible = [i for i in order if eligible[i]]
     return Decision(
         provider=route.providers[best],
         cluster=route.clusters[best],
         provider_model_id=route.provider_model_ids[best],
-        path_prefix=route.path_prefixes[best],
         model=route.name,
         policy=policy.name,
         strategy=strategy,
         reason=reason,
         fallbacks=tuple(route.providers[i] for i in ranked_eligible[1 : 1 + policy.max_fallbacks]),
-        candidates=_candidates(route, cost, latency, score, excluded, order),
+        audit=functools.partial(
+            _audited, route, policy, cost, latency, score, ejected, allowed, order
+        ),
     )
+
+
+def _excluded(
+    route: ModelRoute,
+    policy: PolicyRule,
+    ejected: npt.NDArray[np.bool_],
+    allowed: npt.NDArray[np.bool_],
+) -> list[str | None]:
+    """Why each candidate cannot be used (None when it can)."""
+    return [
+        unfit
+        or ("ejected (cooling down)" if out else None)
+        or (None if ok else f"not in policy {policy.name}'s providers")
+        for unfit, out, ok in zip(route.unfit, ejected.tolist(), allowed.tolist(), strict=True)
+    ]
+
+
+def _audited(
+    route: ModelRoute,
+    policy: PolicyRule,
+    cost: npt.NDArray[np.float64],
+    latency: npt.NDArray[np.float64],
+    score: npt.NDArray[np.float64],
+    ejected: npt.NDArray[np.bool_],
+    allowed: npt.NDArray[np.bool_],
+    order: list[int],
+) -> tuple[Candidate, ...]:
+    excluded = _excluded(route, policy, ejected, allowed)
+    return _candidates(route, cost, latency, score, excluded, order)
 
 
 Ranking = tuple[npt.NDArray[np.bool_], npt.NDArray[np.float64], Callable[[int], str]]

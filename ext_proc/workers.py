@@ -20,9 +20,6 @@ from ext_proc.router_state import LiveState
 from ext_proc.service import ExternalProcessorService
 from ext_proc.xds_client import AdsClient, Subscriptions, live_subscriptions, node_identity
 
-GRPC_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-"""Envoy sends whole buffered bodies (up to the 32 MiB buffer limit) in one message."""
-
 SHUTDOWN_GRACE_S = 2.0
 EXIT_BIND_FAILED = 2
 
@@ -45,13 +42,9 @@ class BindError(RuntimeError):
 async def serve(config: WorkerConfig, stop: asyncio.Event) -> None:
     """Serve ext_proc and follow the control plane until `stop` is set."""
     live = LiveState()
-    server = grpc.aio.server(
-        options=[
-            ("grpc.so_reuseport", 1),
-            ("grpc.max_receive_message_length", GRPC_MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", GRPC_MAX_MESSAGE_BYTES),
-        ]
-    )
+    # Messages stay small (headers and metadata: Envoy never sends bodies), so gRPC's default
+    # message limits hold.
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 1)])
     ext_proc_grpc.add_ExternalProcessorServicer_to_server(ExternalProcessorService(live), server)
     try:
         server.add_insecure_port(config.listen)

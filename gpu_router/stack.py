@@ -1,15 +1,21 @@
-"""The local stack: simulated providers, control plane, ext_proc and Envoy edge nodes.
+"""The local stack: simulated providers, control plane, ext_proc replicas and Envoy edge nodes.
 
 `gpu-router up`, the end-to-end tests and the benchmarks all start the stack through
-`Stack`, in dependency order, and stop it in reverse.
+`Stack`, in dependency order, and stop it in reverse. A fleet on one machine is the same
+stack with several Envoy nodes (each asks the control plane for its own edge port through
+its node metadata) and several ext_proc replicas (each on its own port, all given to the
+control plane); degraded-mode tests kill and restart its processes by name.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
+from typing import Any, Self
 
 from gpu_router.bootstrap import EdgeNode, write_bootstrap
 from gpu_router.processes import (
@@ -23,19 +29,36 @@ from gpu_router.processes import (
     python_module,
 )
 
+EDGE_NODE_CLUSTER = "gpu-router-edge"
+EXT_PROC_NODE_CLUSTER = "gpu-router-ext-proc"
+_LISTENER_TYPE = "type.googleapis.com/envoy.config.listener.v3.Listener"
+_CLUSTER_TYPE = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
+_ROUTING_POLICY_TYPE = "type.googleapis.com/gpu_router.api.v1.RoutingPolicy"
+
+Probe = Callable[[], Callable[[], bool]]
+"""Called just before a process (re)starts; returns the check that it is ready."""
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class StackPorts:
     edge: int = 10000
+    """Edge listener of the first Envoy node (the others get free ports)."""
     admin: int = 9901
+    """Admin port of the first Envoy node (the others get free ports)."""
     xds: int = 18000
     ext_proc: int = 50051
+    """Port of the first ext_proc replica (the others get free ports)."""
     control_http: int = 8080
 
     @classmethod
     def free(cls) -> StackPorts:
-        return cls(edge=free_port(), admin=free_port(), xds=free_port(), ext_proc=free_port(),
-                   control_http=free_port())
+        return cls(
+            edge=free_port(),
+            admin=free_port(),
+            xds=free_port(),
+            ext_proc=free_port(),
+            control_http=free_port(),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,33 +81,48 @@ class Stack:
     log_dir: Path
     ports: StackPorts = field(default_factory=StackPorts)
     ext_proc_workers: int = 1
+    """Worker processes per ext_proc replica."""
+    ext_proc_replicas: int = 1
     simulators: bool = True
     """Start a simulated provider for every loopback provider in the policy."""
     edge_nodes: int = 1
     processes: dict[str, ManagedProcess] = field(default_factory=dict)
+    """By name, in start order: simulator, control-plane, ext-proc-1.., edge-1.."""
     edges: list[EdgeHandle] = field(default_factory=list)
+    ext_proc_ports: list[int] = field(default_factory=list)
+    """Port of each ext_proc replica, ext-proc-1 first."""
+    _probes: dict[str, tuple[str, Probe]] = field(default_factory=dict, repr=False)
+    """name -> (what readiness means, probe), for start and restart alike."""
 
-    def start(self, timeout: float = 60.0) -> Stack:
-        """Start everything and wait until a request through every edge reaches ext_proc's policy."""
+    def start(self, timeout: float = 60.0) -> Self:
+        """Start everything and wait until every edge node routes with every replica's policy."""
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.ext_proc_ports = [self.ports.ext_proc] + [
+            free_port() for _ in range(self.ext_proc_replicas - 1)
+        ]
         try:
             if self.simulators:
                 self.start_simulators(timeout)
             self.start_control_plane(timeout)
-            self.start_ext_proc(timeout)
+            for index in range(self.ext_proc_replicas):
+                self.start_ext_proc(index, timeout)
             for index in range(self.edge_nodes):
                 self.start_edge(index, timeout)
             for edge in self.edges:
-                edge.process.wait_until(lambda e=edge: self.edge_serves_models(e), "the edge to route", timeout)
+                edge.process.wait_until(
+                    partial(self.edge_serves_models, edge), "the edge to route", timeout
+                )
         except BaseException:
             self.stop()
             raise
         return self
 
     def start_simulators(self, timeout: float) -> None:
-        sims = python_module("simulator", "simulator", ["--policy", str(self.policy)], self.log_dir).start()
-        self.processes["simulator"] = sims
-        sims.wait_until(lambda: all(port_open(p) for p in self.simulator_ports()), "simulators to listen", timeout)
+        sims = python_module("simulator", "simulator", ["--policy", str(self.policy)], self.log_dir)
+        ports = self.simulator_ports()
+        self._launch(
+            sims, "simulators to listen", lambda: lambda: all(map(port_open, ports)), timeout
+        )
 
     def simulator_ports(self) -> list[int]:
         from simulator.fleet import load_fleet
@@ -92,37 +130,86 @@ class Stack:
         return [spec.port for spec in load_fleet(self.policy).specs]
 
     def start_control_plane(self, timeout: float) -> None:
-        args = ["--policy", str(self.policy), "--xds-port", str(self.ports.xds),
-                "--http-port", str(self.ports.control_http), "--edge-port", str(self.ports.edge),
-                "--ext-proc-address", f"127.0.0.1:{self.ports.ext_proc}"]
-        control = python_module("control-plane", "control_plane", args, self.log_dir).start()
-        self.processes["control-plane"] = control
-        control.wait_until(lambda: http_get(self.control_url("/healthz"))[0] == 200, "its HTTP port", timeout)
+        args = [
+            "--policy", str(self.policy),
+            "--xds-port", str(self.ports.xds),
+            "--http-port", str(self.ports.control_http),
+            "--edge-port", str(self.ports.edge),
+        ]  # fmt: skip
+        for port in self.ext_proc_ports:
+            args += ["--ext-proc-address", f"127.0.0.1:{port}"]
+        control = python_module("control-plane", "control_plane", args, self.log_dir)
+        self._launch(control, "its HTTP port", lambda: self._control_plane_healthy, timeout)
 
-    def start_ext_proc(self, timeout: float) -> None:
-        args = ["--listen", f"127.0.0.1:{self.ports.ext_proc}", "--xds", f"127.0.0.1:{self.ports.xds}",
-                "--workers", str(self.ext_proc_workers)]
-        ext_proc = python_module("ext-proc", "ext_proc", args, self.log_dir).start()
-        self.processes["ext-proc"] = ext_proc
-        ext_proc.wait_until(lambda: port_open(self.ports.ext_proc), "its gRPC port", timeout)
+    def start_ext_proc(self, index: int, timeout: float) -> None:
+        """ext_proc replica `index` (named ext-proc-<index + 1>) on its port."""
+        port = self.ext_proc_ports[index]
+        args = [
+            "--listen", f"127.0.0.1:{port}",
+            "--xds", f"127.0.0.1:{self.ports.xds}",
+            "--workers", str(self.ext_proc_workers),
+        ]  # fmt: skip
+        ext_proc = python_module(f"ext-proc-{index + 1}", "ext_proc", args, self.log_dir)
+        self._launch(
+            ext_proc,
+            "its gRPC port and the routing policy in every worker",
+            lambda: self._new_policy_holders(port),
+            timeout,
+        )
 
     def start_edge(self, index: int, timeout: float) -> EdgeHandle:
-        """Envoy node `index`; node 0 uses the stack's admin port, others get free ones."""
+        """Envoy node `index`; node 0 uses the stack's edge and admin ports, others free ones
+        (the edge port through node metadata, so the control plane serves it that port)."""
         node_id = f"edge-{index + 1}"
         admin_port = self.ports.admin if index == 0 else free_port()
-        edge_port = self.ports.edge
+        edge_port = self.ports.edge if index == 0 else free_port()
         bootstrap = write_bootstrap(
-            EdgeNode(node_id=node_id, admin_port=admin_port, xds_port=self.ports.xds),
+            EdgeNode(
+                node_id=node_id,
+                admin_port=admin_port,
+                xds_port=self.ports.xds,
+                edge_port=None if index == 0 else edge_port,
+            ),
             self.log_dir / f"{node_id}.bootstrap.yaml",
         )
-        argv = [envoy_binary(), "-c", str(bootstrap), "--base-id", str(free_port()),
-                "--log-level", "warning", "--drain-time-s", "2", "--parent-shutdown-time-s", "3"]
-        process = ManagedProcess(node_id, argv, self.log_dir / f"{node_id}.log").start()
-        self.processes[node_id] = process
+        argv = [
+            envoy_binary(), "-c", str(bootstrap), "--disable-hot-restart",
+            "--log-level", "warning", "--drain-time-s", "2", "--parent-shutdown-time-s", "3",
+        ]  # fmt: skip
+        process = ManagedProcess(node_id, argv, self.log_dir / f"{node_id}.log")
         handle = EdgeHandle(node_id, edge_port, EnvoyAdmin(admin_port), process)
-        process.wait_until(handle.admin.ready, "Envoy to accept its config from the control plane", timeout)
+        self._launch(
+            process,
+            "Envoy to accept its config from the control plane",
+            lambda: handle.admin.ready,
+            timeout,
+        )
         self.edges.append(handle)
         return handle
+
+    def _launch(self, process: ManagedProcess, what: str, probe: Probe, timeout: float) -> None:
+        self.processes[process.name] = process
+        self._probes[process.name] = (what, probe)
+        ready = probe()
+        process.start().wait_until(ready, what, timeout)
+
+    def kill(self, name: str) -> None:
+        """SIGKILL one process (and its workers), as a crash would."""
+        self.processes[name].kill()
+
+    def restart(self, name: str, timeout: float = 60.0) -> None:
+        """Stop `name` if it still runs, start the same argv again (same ports), wait until ready.
+
+        Ready means what it meant at start; for the control plane also that every edge node
+        and every ext_proc worker is back in sync with it (they reconnect with backoff).
+        """
+        process = self.processes[name]
+        what, probe = self._probes[name]
+        process.stop()
+        ready = probe()
+        process.start().wait_until(ready, what, timeout)
+        if name == "control-plane":
+            process.wait_until(self.fleet_synced, "every node to resync", timeout)
 
     def edge_serves_models(self, edge: EdgeHandle) -> bool:
         status, body = http_get(f"{edge.url}/v1/models")
@@ -130,6 +217,44 @@ class Stack:
 
     def control_url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.ports.control_http}{path}"
+
+    def xds_nodes(self) -> list[dict[str, Any]]:
+        """The control plane's view of every connected node (GET /v1/xds)."""
+        status, body = http_get(self.control_url("/v1/xds"))
+        if status != 200:
+            raise ProcessError(f"control plane /v1/xds answered {status}: {body[:200]!r}")
+        nodes: list[dict[str, Any]] = json.loads(body)
+        return nodes
+
+    def fleet_synced(self) -> bool:
+        """Whether every edge node runs the control plane's listener and clusters, and every
+        ext_proc worker its routing policy."""
+        nodes = self.xds_nodes()
+        synced_edges = {
+            node["id"]
+            for node in nodes
+            if node["cluster"] == EDGE_NODE_CLUSTER
+            and all(_acked_current(node, t) for t in (_LISTENER_TYPE, _CLUSTER_TYPE))
+        }
+        workers = self.ext_proc_replicas * self.ext_proc_workers
+        return {e.node_id for e in self.edges} <= synced_edges and len(
+            _policy_holders(nodes)
+        ) >= workers
+
+    def _control_plane_healthy(self) -> bool:
+        return http_get(self.control_url("/healthz"))[0] == 200
+
+    def _new_policy_holders(self, port: int) -> Callable[[], bool]:
+        """Ready check of an ext_proc replica about to (re)start on `port`: it listens, and as
+        many ext_proc nodes as it has workers, none connected before, hold the current policy."""
+        try:
+            known = _policy_holders(self.xds_nodes())
+        except (OSError, ProcessError):
+            known = set()
+        return lambda: (
+            port_open(port)
+            and len(_policy_holders(self.xds_nodes()) - known) >= self.ext_proc_workers
+        )
 
     @property
     def url(self) -> str:
@@ -139,7 +264,7 @@ class Stack:
         for name in reversed(list(self.processes)):
             self.processes[name].stop()
 
-    def __enter__(self) -> Stack:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -152,3 +277,17 @@ class Stack:
                 if not process.alive():
                     raise ProcessError(f"{name} exited:\n{process.log_tail()}")
             time.sleep(0.5)
+
+
+def _acked_current(node: dict[str, Any], type_url: str) -> bool:
+    state = node["types"].get(type_url)
+    return state is not None and state["acked_version"] == state["current_version"] != ""
+
+
+def _policy_holders(nodes: list[dict[str, Any]]) -> set[str]:
+    """Ids of the ext_proc nodes that ACKed the routing policy the control plane serves now."""
+    return {
+        node["id"]
+        for node in nodes
+        if node["cluster"] == EXT_PROC_NODE_CLUSTER and _acked_current(node, _ROUTING_POLICY_TYPE)
+    }

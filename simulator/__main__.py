@@ -1,8 +1,11 @@
 """`python -m simulator`: run simulated GPU providers until SIGTERM or SIGINT.
 
-  python -m simulator [--policy FILE] [--only NAME ...] [--provider NAME=PORT --model ID ...]
+  python -m simulator [--policy FILE] [--all-providers] [--only NAME ...]
+                      [--provider NAME=PORT --model ID ...] [--host ADDRESS]
 
 Without --policy and --provider, simulates the loopback providers of the embedded default policy.
+--all-providers also simulates the policy's http providers on other hosts (in Compose, base URLs
+name the simulator's service); every provider listens on --host (0.0.0.0 in a container).
 Logs one JSON object per line on stderr; exits 2 on a bad command line or policy, 1 when a port
 cannot be bound.
 """
@@ -16,6 +19,7 @@ import logging
 import signal
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from simulator.fleet import Fleet, FleetError, adhoc_spec, default_policy_path, load_fleet, select
@@ -54,6 +58,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="policy YAML whose loopback providers to simulate (default: embedded)",
     )
     parser.add_argument(
+        "--all-providers",
+        action="store_true",
+        help="simulate every plain-http provider of the policy, whatever its host",
+    )
+    parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address every simulated provider listens on (default %(default)s)",
+    )
+    parser.add_argument(
         "--only",
         action="append",
         default=[],
@@ -82,15 +96,21 @@ def plan(args: argparse.Namespace) -> Fleet:
     policy = args.policy or (None if args.provider else default_policy_path())
     if args.only and policy is None:
         raise FleetError("--only selects from a policy file; give --policy")
-    fleet = select(load_fleet(policy), args.only) if policy else Fleet(specs=())
+    fleet = (
+        select(load_fleet(policy, any_host=args.all_providers), args.only)
+        if policy
+        else Fleet(specs=())
+    )
     adhoc = tuple(adhoc_spec(argument, args.model) for argument in args.provider)
-    names = [spec.name for spec in (*fleet.specs, *adhoc)]
+    specs = tuple(replace(spec, host=args.host) for spec in (*fleet.specs, *adhoc))
+    names = [spec.name for spec in specs]
     duplicated = sorted({name for name in names if names.count(name) > 1})
     if duplicated:
         raise FleetError(f"providers {duplicated} are defined twice")
     if not names:
-        raise FleetError(f"nothing to simulate: no loopback http providers in {policy}")
-    return Fleet(specs=(*fleet.specs, *adhoc), skipped=fleet.skipped)
+        kind = "http" if args.all_providers else "loopback http"
+        raise FleetError(f"nothing to simulate: no {kind} providers in {policy}")
+    return Fleet(specs=specs, skipped=fleet.skipped)
 
 
 async def serve(fleet: Fleet) -> None:

@@ -2,7 +2,8 @@
 
 The policy YAML is read directly (not through control_plane, which is another deployable): only
 providers[].name, base_url, health_check_path and models[].id (default: models[].name) matter here.
-A provider is simulated when its base_url is plain http on 127.0.0.1 or localhost.
+A provider is simulated when its base_url is plain http on 127.0.0.1 or localhost, or, with
+any_host (Compose, where base URLs name the simulator's service), plain http on any host.
 """
 
 from __future__ import annotations
@@ -60,8 +61,9 @@ def _model_ids(provider: dict[str, Any], where: str) -> tuple[str, ...]:
     return tuple(ids)
 
 
-def fleet_from_policy(document: object, *, source: str) -> Fleet:
-    """The providers of a parsed policy document that can be simulated on this machine."""
+def fleet_from_policy(document: object, *, source: str, any_host: bool = False) -> Fleet:
+    """The providers of a parsed policy document that can be simulated on this machine
+    (`any_host`: whatever host their base_url names)."""
     providers = document.get("providers") if isinstance(document, dict) else None
     if not isinstance(providers, list):
         raise FleetError(f"{source}: providers must be a list")
@@ -73,7 +75,7 @@ def fleet_from_policy(document: object, *, source: str) -> Fleet:
             raise FleetError(f"{where} must be a mapping")
         name = _field(provider, "name", where)
         url = urlsplit(_field(provider, "base_url", where))
-        if url.hostname not in LOOPBACK_HOSTS:
+        if not any_host and url.hostname not in LOOPBACK_HOSTS:
             skipped.append((name, f"base_url host {url.hostname!r} is not loopback"))
             continue
         if url.scheme != "http":
@@ -93,20 +95,20 @@ def fleet_from_policy(document: object, *, source: str) -> Fleet:
                 model_ids=_model_ids(provider, where),
                 health_check_path=health,
                 profile=profile_for(name),
-                host=url.hostname or "127.0.0.1",
+                host=url.hostname if url.hostname in LOOPBACK_HOSTS else "127.0.0.1",
             )
         )
     return Fleet(specs=tuple(specs), skipped=tuple(skipped))
 
 
-def load_fleet(path: Path) -> Fleet:
+def load_fleet(path: Path, *, any_host: bool = False) -> Fleet:
     try:
         document = yaml.safe_load(path.read_text())
     except OSError as error:
         raise FleetError(f"cannot read policy file {path}: {error}") from error
     except yaml.YAMLError as error:
         raise FleetError(f"{path}: invalid YAML: {error}") from error
-    return fleet_from_policy(document, source=str(path))
+    return fleet_from_policy(document, source=str(path), any_host=any_host)
 
 
 def select(fleet: Fleet, only: Collection[str]) -> Fleet:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent import futures
 from typing import Self
 
@@ -21,6 +21,7 @@ from gpu_router.processes import free_port
 
 POLICY_TYPE_URL = "type.googleapis.com/gpu_router.api.v1.RoutingPolicy"
 HEALTH_TYPE_URL = "type.googleapis.com/gpu_router.api.v1.HealthSnapshot"
+REQUEST_NAMESPACE = "gpu_router.request"
 
 
 def offering(
@@ -175,9 +176,14 @@ def headers_request(
     method: str = "POST",
     *,
     end_of_stream: bool = False,
+    body_fields: Mapping[str, object] | None = None,
     **headers: str,
 ) -> ext_proc_pb2.ProcessingRequest:
-    """Request headers as Envoy sends them (raw_value bytes); kwargs are headers, '_' -> '-'."""
+    """Request headers as Envoy sends them (raw_value bytes); kwargs are headers, '_' -> '-'.
+
+    `body_fields` is what Envoy's json_to_metadata filter read from the body, forwarded in
+    metadata_context under gpu_router.request (None: the filter wrote nothing).
+    """
     pairs = {
         ":path": path,
         ":method": method,
@@ -185,7 +191,7 @@ def headers_request(
         ":scheme": "http",
         **{k.replace("_", "-"): v for k, v in headers.items()},
     }
-    return ext_proc_pb2.ProcessingRequest(
+    request = ext_proc_pb2.ProcessingRequest(
         request_headers=ext_proc_pb2.HttpHeaders(
             headers=base_pb2.HeaderMap(
                 headers=[
@@ -195,6 +201,9 @@ def headers_request(
             end_of_stream=end_of_stream,
         )
     )
+    if body_fields is not None:
+        request.metadata_context.filter_metadata[REQUEST_NAMESPACE].update(body_fields)
+    return request
 
 
 def body_request(body: bytes, *, end_of_stream: bool = True) -> ext_proc_pb2.ProcessingRequest:

@@ -20,10 +20,12 @@ providers:
       - {type: H100, memory_gb: 80}
       - {type: L4, memory_gb: 24}
     models:
-      - {name: big, id: org/big-model, gpu: H100, price: {input: 1.0, output: 2.0}}
-      - {name: small-alias, gpu: L4, price: {input: 0.1, output: 0.2}}
+      - {name: big, id: org/big-model, gpu: H100, price: {input: 1.0, output: 2.0, cached_input: 0.25,
+                                                       reasoning: 2.5}}
+      - {name: small-alias, gpu: L4, price: {input: 0.1, output: 0.2, cached_input: 0.02, reasoning: 0.2}}
   - name: beta
     base_url: http://127.0.0.1:9001
+    usage_format: none
     gpus:
       - {type: L4, memory_gb: 24}
     models:

@@ -17,7 +17,7 @@ from control_plane.xds.cache import SnapshotCache
 from control_plane.xds.stream import Node, Request, Response, XdsStream
 from gpu_router.api.v1 import routing_pb2
 
-SETTINGS = EdgeSettings(edge_port=10000, ext_proc_port=50051)
+SETTINGS = EdgeSettings(edge_port=10000)
 
 
 class AutoAckingNode:

@@ -1,9 +1,11 @@
-"""ext_proc behind the real Envoy 1.40, configured as the common contract says.
+"""ext_proc behind the real Envoy 1.40, with the refactor contract's request path.
 
-A static bootstrap (the control plane is not under test here): the edge listener with
-header_mutation -> ext_proc -> router, a cluster_header route plus the weighted
-fallback, and two provider clusters that are tiny HTTP servers echoing what reached
-them. The fake ADS server feeds ext_proc its policy.
+A static bootstrap (the control plane is not under test here): the edge listener drops a
+client's cluster header early, then json_to_metadata (the body's model, max_tokens, ... into
+gpu_router.request) -> ext_proc (request headers only, that namespace forwarded) -> router,
+a cluster_header route plus the weighted fallback, and two provider clusters that are tiny
+HTTP servers echoing what reached them. The fake ADS server feeds ext_proc its policy. No
+upstream Lua filter here: what reaches a provider is the client's request unchanged.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from ext_proc_fixtures import POLICY_TYPE_URL, FakeAds, eventually, offering
+from ext_proc_fixtures import POLICY_TYPE_URL, REQUEST_NAMESPACE, FakeAds, eventually, offering
 
 from gpu_router.api.v1 import routing_pb2
 from gpu_router.processes import (
@@ -36,7 +38,7 @@ HCM = "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectio
 
 
 def policy() -> routing_pb2.RoutingPolicy:
-    """alpha: cheaper for m1, calls it m1. beta: cheaper for m2, calls it beta/m2."""
+    """alpha: cheaper for m1. beta: cheaper for m2 (alias "m2-alias")."""
     gpu = routing_pb2.Gpu(type="H100", memory_gb=80)
     return routing_pb2.RoutingPolicy(
         version="envoy-test",
@@ -60,13 +62,13 @@ def policy() -> routing_pb2.RoutingPolicy:
                 ],
             ),
         ],
-        models=[routing_pb2.Model(name="m1"), routing_pb2.Model(name="m2")],
+        models=[routing_pb2.Model(name="m1"), routing_pb2.Model(name="m2", aliases=["m2-alias"])],
         policies=[routing_pb2.Policy(name="cheap", strategy=routing_pb2.COST, max_fallbacks=1)],
     )
 
 
 class EchoUpstream(ThreadingHTTPServer):
-    """A provider: answers what reached it (which upstream, the model in the body, sizes)."""
+    """A provider: answers what reached it (which upstream, path, body, sizes)."""
 
     daemon_threads = True
 
@@ -80,14 +82,11 @@ class _EchoHandler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers.get("content-length", "0")))
-        try:
-            model = json.loads(body).get("model")
-        except ValueError:
-            model = None
         answer = json.dumps(
             {
                 "upstream": self.server.name,
-                "model": model,
+                "path": self.path,
+                "body_prefix": body[:40].decode("utf-8", "replace"),
                 "bytes": len(body),
                 "content_length": self.headers.get("content-length"),
             }
@@ -135,24 +134,58 @@ def _static_cluster(name: str, port: int, *, http2: bool = False) -> dict:
     return cluster
 
 
+def _request_field(key: str, kind: str) -> dict:
+    """A json_to_metadata rule copying the body's top-level `key` into gpu_router.request."""
+    return {
+        "selectors": [{"key": key}],
+        "on_present": {"metadata_namespace": REQUEST_NAMESPACE, "key": key, "type": kind},
+    }
+
+
+def json_to_metadata() -> dict:
+    """What the refactor contract has Envoy read from the body, so ext_proc never gets it."""
+    model = _request_field("model", "STRING")
+    model["on_error"] = {
+        "metadata_namespace": REQUEST_NAMESPACE,
+        "key": "body_error",
+        "value": "invalid JSON",  # a google.protobuf.Value: in JSON, the plain value
+    }
+    return {
+        "@type": TYPE + "envoy.extensions.filters.http.json_to_metadata.v3.JsonToMetadata",
+        "request_rules": {
+            "rules": [
+                model,
+                _request_field("max_tokens", "NUMBER"),
+                _request_field("max_completion_tokens", "NUMBER"),
+                _request_field("stream", "PROTOBUF_VALUE"),
+            ],
+            "allow_content_types": ["application/json"],
+            "allow_empty_content_type": True,
+        },
+    }
+
+
 def bootstrap(
     edge: int, admin: int, ext_proc: int, upstreams: dict[str, int], access_log: Path
 ) -> dict:
     ext_proc_filter = {
-        "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
+        "@type": TYPE + "envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
         "grpc_service": {"envoy_grpc": {"cluster_name": "gpu-router.ext_proc"}},
         "failure_mode_allow": True,
         "message_timeout": "1s",
-        "allow_mode_override": True,
+        "allow_mode_override": False,
         "processing_mode": {
             "request_header_mode": "SEND",
             "response_header_mode": "SKIP",
-            "request_body_mode": "BUFFERED",
+            "request_body_mode": "NONE",
             "response_body_mode": "NONE",
             "request_trailer_mode": "SKIP",
             "response_trailer_mode": "SKIP",
         },
-        "metadata_options": {"receiving_namespaces": {"untyped": ["gpu_router"]}},
+        "metadata_options": {
+            "forwarding_namespaces": {"untyped": [REQUEST_NAMESPACE]},
+            "receiving_namespaces": {"untyped": ["gpu_router"]},
+        },
     }
     routes = [
         {
@@ -196,20 +229,25 @@ def bootstrap(
                             "status": "%RESPONSE_CODE%",
                             "cluster": "%UPSTREAM_CLUSTER%",
                             "gpu_router": "%DYNAMIC_METADATA(gpu_router)%",
+                            "request": "%DYNAMIC_METADATA(gpu_router.request)%",
                         }
                     },
                 },
             }
         ],
-        "http_filters": [
+        "early_header_mutation_extensions": [
             {
-                "name": "envoy.filters.http.header_mutation",
+                "name": "envoy.http.early_header_mutation.header_mutation",
                 "typed_config": {
                     "@type": TYPE
-                    + "envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
-                    "mutations": {"request_mutations": [{"remove": "x-gpu-router-cluster"}]},
+                    + "envoy.extensions.http.early_header_mutation.header_mutation.v3"
+                    + ".HeaderMutation",
+                    "mutations": [{"remove": "x-gpu-router-cluster"}],
                 },
-            },
+            }
+        ],
+        "http_filters": [
+            {"name": "envoy.filters.http.json_to_metadata", "typed_config": json_to_metadata()},
             {"name": "envoy.filters.http.ext_proc", "typed_config": ext_proc_filter},
             {
                 "name": "envoy.filters.http.router",
@@ -254,15 +292,21 @@ class Edge:
     admin: EnvoyAdmin
     access_log: Path
 
-    def post(self, body: bytes, **headers: str) -> tuple[int, dict[str, str], dict]:
+    def post(
+        self,
+        body: bytes,
+        path: str = "/v1/chat/completions",
+        content_type: str = "application/json",
+        **headers: str,
+    ) -> tuple[int, dict[str, str], dict]:
         connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
         try:
             connection.request(
                 "POST",
-                "/v1/chat/completions",
+                path,
                 body=body,
                 headers={
-                    "content-type": "application/json",
+                    "content-type": content_type,
                     **{k.replace("_", "-"): v for k, v in headers.items()},
                 },
             )
@@ -277,6 +321,20 @@ class Edge:
 
     def ext_proc_stat(self, name: str) -> int:
         return self.admin.stats(EXT_PROC_STATS).get(EXT_PROC_STATS + name, 0)
+
+    def ext_proc_messages(self) -> tuple[int, int, int]:
+        """(streams started, messages Envoy sent, messages it received) so far."""
+        return (
+            self.ext_proc_stat("streams_started"),
+            self.ext_proc_stat("stream_msgs_sent"),
+            self.ext_proc_stat("stream_msgs_received"),
+        )
+
+    def one_exchange_since(self, before: tuple[int, int, int]) -> bool:
+        """Exactly one stream with one message each way since `before` (the counters settle)."""
+        expected = tuple(n + 1 for n in before)
+        eventually(lambda: self.ext_proc_messages() >= expected, "the ext_proc counters")
+        return self.ext_proc_messages() == expected
 
 
 @pytest.fixture(scope="module")
@@ -339,15 +397,21 @@ def edge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Edge]:
             upstream.server_close()
 
 
-def test_body_model_is_routed_to_the_picked_cluster_and_rewritten(edge: Edge) -> None:
+def test_the_body_model_routes_to_the_picked_cluster_in_one_message(edge: Edge) -> None:
+    before = edge.ext_proc_messages()
     body = json.dumps({"model": "m2", "messages": [{"role": "user", "content": "hi"}]}).encode()
-    status, headers, answer = edge.post(body)
+    status, headers, answer = edge.post(body, "/v1/chat/completions?api-version=2")
     assert status == 200
-    assert answer["upstream"] == "beta"
-    assert answer["model"] == "beta/m2"
-    assert answer["content_length"] == str(answer["bytes"])
+    assert (answer["upstream"], answer["path"]) == ("beta", "/v1/chat/completions?api-version=2")
+    assert answer["bytes"] == len(body) == int(answer["content_length"])  # ext_proc rewrote nothing
     assert headers["x-gpu-router-provider"] == "beta"
     assert headers["x-gpu-router-reason"].startswith("cheapest: $")
+    assert edge.one_exchange_since(before)
+
+
+def test_an_alias_in_the_body_resolves(edge: Edge) -> None:
+    status, _, answer = edge.post(b'{"model":"m2-alias","max_tokens":5}')
+    assert (status, answer["upstream"]) == (200, "beta")
 
 
 def test_a_client_cannot_pick_the_cluster_itself(edge: Edge) -> None:
@@ -355,20 +419,42 @@ def test_a_client_cannot_pick_the_cluster_itself(edge: Edge) -> None:
     assert (status, answer["upstream"]) == (200, "beta")
 
 
-def test_header_model_never_sends_the_body_to_ext_proc(edge: Edge) -> None:
-    sent_before = edge.ext_proc_stat("stream_msgs_sent")
-    status, _, answer = edge.post(b'{"model":"m1","messages":[]}', x_gpu_router_model="m1")
-    assert (status, answer["upstream"], answer["model"]) == (200, "alpha", "m1")
-    eventually(lambda: edge.ext_proc_stat("stream_msgs_sent") > sent_before, "the stat to move")
-    assert edge.ext_proc_stat("stream_msgs_sent") == sent_before + 1  # the headers, never the body
-
-
-def test_a_body_above_a_mebibyte_routes(edge: Edge) -> None:
+def test_a_body_above_a_mebibyte_routes_and_never_goes_to_ext_proc(edge: Edge) -> None:
+    before = edge.ext_proc_messages()
     messages = [{"role": "user", "content": "y" * (3 * 1024 * 1024)}]
-    status, _, answer = edge.post(json.dumps({"model": "m2", "messages": messages}).encode())
-    assert (status, answer["upstream"], answer["model"]) == (200, "beta", "beta/m2")
-    rewritten = json.dumps({"model": "beta/m2", "messages": messages}, separators=(",", ":"))
-    assert answer["bytes"] == len(rewritten) == int(answer["content_length"])
+    body = json.dumps({"model": "m2", "messages": messages}).encode()
+    status, _, answer = edge.post(body)
+    assert (status, answer["upstream"], answer["bytes"]) == (200, "beta", len(body))
+    assert edge.one_exchange_since(before)
+
+
+def test_the_model_header_routes_a_body_json_to_metadata_does_not_read(edge: Edge) -> None:
+    status, _, answer = edge.post(b"m2 please", content_type="text/plain", x_gpu_router_model="m1")
+    assert (status, answer["upstream"], answer["body_prefix"]) == (200, "alpha", "m2 please")
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "status", "code", "message"),
+    [
+        (b'{"model": m2}', "application/json", 400, "invalid_json", "the request body is not a"),
+        (b"", "application/json", 400, "missing_model", 'missing "model"'),
+        (b'["m2"]', "application/json", 400, "missing_model", 'missing "model"'),
+        (b'{"model": ""}', "application/json", 400, "missing_model", 'missing "model"'),
+        (b'{"model": "m2"}', "text/plain", 400, "missing_model", "content-type 'text/plain'"),
+        (b'{"model": "gpt-4"}', "application/json", 404, "model_not_found", "model 'gpt-4'"),
+    ],
+)
+def test_unusable_requests_get_openai_errors(
+    edge: Edge, body: bytes, content_type: str, status: int, code: str, message: str
+) -> None:
+    got, headers, answer = edge.post(body, content_type=content_type)
+    assert (got, headers["content-type"], answer["error"]["code"]) == (
+        status,
+        "application/json",
+        code,
+    )
+    assert answer["error"]["message"].startswith(message)
+    assert headers["x-gpu-router-reason"].startswith(message)
 
 
 def test_models_list_is_answered_by_ext_proc(edge: Edge) -> None:
@@ -382,17 +468,12 @@ def test_models_list_is_answered_by_ext_proc(edge: Edge) -> None:
         connection.close()
 
 
-def test_invalid_json_is_a_400_openai_error(edge: Edge) -> None:
-    status, headers, answer = edge.post(b'{"model": m2}')
-    assert status == 400
-    assert headers["content-type"] == "application/json"
-    assert answer["error"]["code"] == "invalid_json"
-    assert answer["error"]["message"].startswith("invalid JSON body: ")
-    assert headers["x-gpu-router-reason"].startswith("invalid JSON body: ")
-
-
 def test_decision_metadata_reaches_the_access_log(edge: Edge) -> None:
-    edge.post(b'{"model":"m1"}', x_request_id="audit-1")
+    edge.post(
+        b'{"model":"m1","max_tokens":3,"stream":false}',
+        "/v1/chat/completions?a=b",
+        x_request_id="audit-1",
+    )
 
     def logged() -> dict | None:
         for line in edge.access_log.read_text().splitlines() if edge.access_log.exists() else []:
@@ -407,7 +488,9 @@ def test_decision_metadata_reaches_the_access_log(edge: Edge) -> None:
         "model": "m1",
         "policy": "cheap",
         "strategy": "cost",
-        "reason": "cheapest: $0.000026",
+        "reason": "cheapest: $0.000001",  # 44 bytes / 4 + max_tokens 3 (not the default 256)
         "fallbacks": "beta",
         "request_id": "audit-1",
+        "path": "/v1/chat/completions?a=b",
     }
+    assert entry["request"] == {"model": "m1", "max_tokens": 3, "stream": False}

@@ -184,7 +184,7 @@ def test_ejected_cooling_down_is_excluded_until_the_cooldown_ends() -> None:
     assert "vast" not in cooling.fallbacks
     vast = next(c for c in cooling.candidates if c.provider == "vast")
     assert (vast.excluded, vast.score) == ("ejected (cooling down)", None)
-    assert cooling.candidates[-1] is vast
+    assert cooling.candidates[-1] == vast
     cooled = run(
         "cost", health_entry("vast", state=health_pb2.EJECTED, cooldown_until_unix_ms=NOW_MS - 1)
     )

@@ -18,6 +18,7 @@ from ext_proc_fixtures import (
     eventually,
     headers_request,
 )
+from google.protobuf import json_format
 
 from gpu_router.processes import ManagedProcess, free_port, port_open, python_module
 
@@ -58,9 +59,7 @@ def process(
     target: str, *requests: ext_proc_pb2.ProcessingRequest
 ) -> list[ext_proc_pb2.ProcessingResponse]:
     """One ext_proc stream, as Envoy drives it: a message, its answer, the next message."""
-    with grpc.insecure_channel(
-        target, options=[("grpc.max_receive_message_length", 64 << 20)]
-    ) as channel:
+    with grpc.insecure_channel(target) as channel:
         return list(
             ext_proc_grpc.ExternalProcessorStub(channel).Process(iter(requests), timeout=10)
         )
@@ -86,38 +85,38 @@ def test_not_ready_then_routes_once_the_policy_arrives(
         "gpu-router-ext-proc"
     }
     for _ in range(8):  # several connections: SO_REUSEPORT spreads them over both workers
-        headers, body = process(
-            target,
-            headers_request(x_request_id="r-1"),
-            body_request(b'{"model":"mixtral","messages":[]}'),
+        [response] = process(
+            target, headers_request(x_request_id="r-1", body_fields={"model": "mixtral"})
         )
-        assert headers.WhichOneof("response") == "request_headers"
-        mutation = body.request_body.response
-        assert {h.header.key: h.header.raw_value for h in mutation.header_mutation.set_headers}[
-            "x-gpu-router-cluster"
-        ] == b"lambda"
-        assert (
-            json.loads(mutation.body_mutation.body)["model"]
-            == "mistralai/Mixtral-8x7B-Instruct-v0.1"
-        )
+        mutation = response.request_headers.response.header_mutation
+        assert [(h.header.key, h.header.raw_value) for h in mutation.set_headers] == [
+            ("x-gpu-router-cluster", b"lambda")
+        ]
+        audit = json_format.MessageToDict(response.dynamic_metadata)["gpu_router"]
+        assert (audit["model"], audit["request_id"]) == ("mixtral-8x7b", "r-1")
 
 
-def test_large_bodies_fit_the_message_limit(
+def test_a_second_message_fails_the_stream_after_the_answer(
     ads: FakeAds, ext_proc: tuple[ManagedProcess, str]
 ) -> None:
     _, target = ext_proc
     ads.publish(POLICY_TYPE_URL, "v1", default_policy("v1"))
-    prompt = "x" * (8 * 1024 * 1024)
-    body = json.dumps(
-        {"model": "llama-3.1-8b", "messages": [{"role": "user", "content": prompt}]}
-    ).encode()
+    request = headers_request(body_fields={"model": "mixtral"})
 
     def routed() -> bool:
-        return process(target, headers_request())[0].WhichOneof("response") == "request_headers"
+        return process(target, request)[0].WhichOneof("response") == "request_headers"
 
     eventually(routed, "the policy in every worker")
-    _, response = process(target, headers_request(), body_request(body))
-    assert len(response.request_body.response.body_mutation.body) > 8 * 1024 * 1024
+    answers: list[ext_proc_pb2.ProcessingResponse] = []
+    with grpc.insecure_channel(target) as channel:
+        stream = ext_proc_grpc.ExternalProcessorStub(channel).Process(
+            iter([request, body_request(b"{}")]), timeout=10
+        )
+        with pytest.raises(grpc.RpcError) as caught:
+            answers.extend(stream)
+    assert [a.WhichOneof("response") for a in answers] == ["request_headers"]
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "unexpected request_body in the done phase" in caught.value.details()
 
 
 def test_out_of_phase_message_fails_the_stream(

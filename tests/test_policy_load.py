@@ -205,7 +205,7 @@ CASES = {
                                       "models[0].gpu_types[1]", "B300", "unknown gpu 'B300'"),
     "alias collides with a name": Case("aliases: [small-alias]", "aliases: [small-alias, big]",
                                        "models[1].aliases[1]", "aliases:",
-                                       "duplicate model name or alias 'big' (first at line 22)"),
+                                       "duplicate model name or alias 'big' (first at line 24)"),
     "negative memory floor": Case("min_gpu_memory_gb: 16", "min_gpu_memory_gb: -1",
                                   "models[1].min_gpu_memory_gb", "-1", "must be >= 0"),
     "credentials env and file": Case("      env: ALPHA_KEY\n",

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.extensions.filters.http.credential_injector.v3 import credential_injector_pb2
+from envoy.extensions.filters.http.lua.v3 import lua_pb2
 from envoy.extensions.http.injected_credentials.generic.v3 import generic_pb2
 from envoy.extensions.transport_sockets.tls.v3 import common_pb2, tls_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2 as upstream_http_pb2
 from translate_fixtures import provider, routing_config
 
-from control_plane.policy.model import Credential
+from control_plane.policy.model import Credential, Provider
 from control_plane.translate.clusters import (
     HTTP_PROTOCOL_OPTIONS,
     all_clusters,
@@ -17,8 +18,14 @@ from control_plane.translate.clusters import (
     provider_cluster,
 )
 from control_plane.translate.settings import EdgeSettings
+from control_plane.translate.upstream_lua import provider_lua
 
 SETTINGS = EdgeSettings()
+STRIP = ("authorization",)
+
+
+def cluster_of(provider: Provider) -> cluster_pb2.Cluster:
+    return provider_cluster(provider, SETTINGS, STRIP)
 
 
 def protocol_options(cluster: cluster_pb2.Cluster) -> upstream_http_pb2.HttpProtocolOptions:
@@ -36,21 +43,21 @@ def tls_context(cluster: cluster_pb2.Cluster) -> tls_pb2.UpstreamTlsContext:
 
 def test_ip_and_localhost_providers_use_eds_from_ads() -> None:
     for base_url in ("http://127.0.0.1:8101", "http://localhost:8101", "http://[::1]:8101"):
-        cluster = provider_cluster(provider("p", base_url), SETTINGS)
+        cluster = cluster_of(provider("p", base_url))
         assert cluster.type == cluster_pb2.Cluster.EDS
         assert cluster.eds_cluster_config.eds_config.HasField("ads")
         assert not cluster.HasField("load_assignment")
 
 
 def test_dns_providers_use_strict_dns_with_inline_endpoint() -> None:
-    cluster = provider_cluster(provider("p", "https://api.example.com"), SETTINGS)
+    cluster = cluster_of(provider("p", "https://api.example.com"))
     assert cluster.type == cluster_pb2.Cluster.STRICT_DNS
     address = cluster.load_assignment.endpoints[0].lb_endpoints[0].endpoint.address.socket_address
     assert (address.address, address.port_value) == ("api.example.com", 443)
 
 
 def test_https_gets_tls_with_sni_name_check_ca_and_alpn_auto_config() -> None:
-    cluster = provider_cluster(provider("p", "https://api.example.com"), SETTINGS)
+    cluster = cluster_of(provider("p", "https://api.example.com"))
     context = tls_context(cluster)
     assert context.sni == "api.example.com"
     assert list(context.common_tls_context.alpn_protocols) == ["h2", "http/1.1"]
@@ -65,7 +72,7 @@ def test_https_gets_tls_with_sni_name_check_ca_and_alpn_auto_config() -> None:
 
 
 def test_https_to_an_ip_checks_the_ip_san_and_sends_no_sni() -> None:
-    context = tls_context(provider_cluster(provider("p", "https://10.0.0.7:8443"), SETTINGS))
+    context = tls_context(cluster_of(provider("p", "https://10.0.0.7:8443")))
     assert context.sni == ""
     (san,) = context.common_tls_context.validation_context.match_typed_subject_alt_names
     assert san.san_type == common_pb2.SubjectAltNameMatcher.IP_ADDRESS
@@ -73,16 +80,15 @@ def test_https_to_an_ip_checks_the_ip_san_and_sends_no_sni() -> None:
 
 
 def test_plain_http_is_explicit_http1_without_tls() -> None:
-    cluster = provider_cluster(provider("p", "http://127.0.0.1:8101"), SETTINGS)
+    cluster = cluster_of(provider("p", "http://127.0.0.1:8101"))
     assert not cluster.HasField("transport_socket")
     options = protocol_options(cluster)
     assert options.explicit_http_config.HasField("http_protocol_options")
 
 
 def test_fault_machinery_follows_the_provider() -> None:
-    cluster = provider_cluster(
-        provider("p", "http://127.0.0.1:8101", max_concurrency=17, health_check_path="/healthz"),
-        SETTINGS,
+    cluster = cluster_of(
+        provider("p", "http://127.0.0.1:8101", max_concurrency=17, health_check_path="/healthz")
     )
     assert cluster.connect_timeout.seconds == 5
     assert cluster.per_connection_buffer_limit_bytes.value == 32 * 1024 * 1024
@@ -107,12 +113,11 @@ def test_fault_machinery_follows_the_provider() -> None:
     assert cluster.metadata.filter_metadata["gpu_router"]["provider"] == "p"
 
 
-def test_credentialed_provider_injects_from_its_sds_secret_before_the_codec() -> None:
+def test_credentialed_provider_rewrites_then_injects_from_its_sds_secret_then_codec() -> None:
     credential = Credential(env="KEY", header="x-api-key", prefix="")
-    cluster = provider_cluster(
-        provider("p", "http://127.0.0.1:8101", credential=credential), SETTINGS
-    )
-    injector_filter, codec = protocol_options(cluster).http_filters
+    cluster = cluster_of(provider("p", "http://127.0.0.1:8101", credential=credential))
+    lua_filter, injector_filter, codec = protocol_options(cluster).http_filters
+    assert lua_filter.name == "envoy.filters.http.lua"
     assert codec.name == "envoy.filters.http.upstream_codec"
     assert injector_filter.name == "envoy.filters.http.credential_injector"
     injector = credential_injector_pb2.CredentialInjector()
@@ -126,15 +131,36 @@ def test_credentialed_provider_injects_from_its_sds_secret_before_the_codec() ->
     assert generic.credential.sds_config.HasField("ads")
 
 
-def test_provider_without_credential_has_only_the_codec() -> None:
-    cluster = provider_cluster(provider("p", "http://127.0.0.1:8101"), SETTINGS)
+def test_provider_without_credential_has_the_rewrite_and_the_codec() -> None:
+    cluster = cluster_of(provider("p", "http://127.0.0.1:8101"))
     assert [f.name for f in protocol_options(cluster).http_filters] == [
-        "envoy.filters.http.upstream_codec"
+        "envoy.filters.http.lua",
+        "envoy.filters.http.upstream_codec",
     ]
 
 
+def test_the_rewrite_is_the_providers_own_lua() -> None:
+    p = provider("p", "http://127.0.0.1:8101/api/", model_ids={"m": "vendor/m"})
+    options = protocol_options(provider_cluster(p, SETTINGS, ("authorization", "x-key")))
+    config = lua_pb2.Lua()
+    assert options.http_filters[0].typed_config.Unpack(config)
+    assert config.default_source_code.inline_string == provider_lua(p, ("authorization", "x-key"))
+
+
+def test_every_cluster_strips_every_providers_credential_header() -> None:
+    config = routing_config(
+        provider("a", "http://127.0.0.1:1", credential=Credential(env="K", header="x-api-key")),
+        provider("b", "http://127.0.0.1:2"),
+    )
+    expected = provider_lua(config.providers[1], ("authorization", "x-api-key"))
+    options = protocol_options(all_clusters(config, SETTINGS)["b"])
+    lua = lua_pb2.Lua()
+    assert options.http_filters[0].typed_config.Unpack(lua)
+    assert lua.default_source_code.inline_string == expected
+
+
 def test_ext_proc_cluster_is_static_http2_on_the_configured_port() -> None:
-    cluster = ext_proc_cluster(EdgeSettings(ext_proc_port=50999))
+    cluster = ext_proc_cluster(EdgeSettings(ext_proc_endpoints=(("127.0.0.1", 50999),)))
     assert cluster.name == "gpu-router.ext_proc"
     assert cluster.type == cluster_pb2.Cluster.STATIC
     assert cluster.connect_timeout.seconds == 1
@@ -149,3 +175,13 @@ def test_all_clusters_are_named_after_providers_plus_ext_proc() -> None:
         provider("a", "http://127.0.0.1:1"), provider("b", "https://b.example.com")
     )
     assert list(all_clusters(config, SETTINGS)) == ["a", "b", "gpu-router.ext_proc"]
+
+
+def test_ext_proc_replicas_are_all_endpoints_of_one_cluster() -> None:
+    by_ip = ext_proc_cluster(EdgeSettings(ext_proc_endpoints=(("127.0.0.1", 1), ("127.0.0.1", 2))))
+    by_name = ext_proc_cluster(EdgeSettings(ext_proc_endpoints=(("ext-proc-1", 50051), ("ext-proc-2", 50051))))
+
+    assert by_ip.type == cluster_pb2.Cluster.STATIC
+    assert by_name.type == cluster_pb2.Cluster.STRICT_DNS
+    addresses = [e.endpoint.address.socket_address for e in by_name.load_assignment.endpoints[0].lb_endpoints]
+    assert [(a.address, a.port_value) for a in addresses] == [("ext-proc-1", 50051), ("ext-proc-2", 50051)]

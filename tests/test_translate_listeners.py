@@ -1,21 +1,28 @@
-"""The edge listener: address, limits, header stripping, ext_proc contract, access log."""
+"""The edge listener: address, limits, header stripping, body fields to metadata, ext_proc
+contract, access log."""
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 from envoy.extensions.access_loggers.grpc.v3 import als_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import ext_proc_pb2, processing_mode_pb2
+from envoy.extensions.filters.http.json_to_metadata.v3 import json_to_metadata_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
 from envoy.extensions.http.early_header_mutation.header_mutation.v3 import (
     header_mutation_pb2 as early_mutation_pb2,
 )
+from google.protobuf.message import Message
 
-from control_plane.translate.listeners import all_listeners, edge_listener
+from control_plane.translate.listeners import BODY_ERROR, all_listeners, edge_listener
 from control_plane.translate.settings import EdgeSettings
 
 SETTINGS = EdgeSettings(edge_host="127.0.0.2", edge_port=10123, xds_cluster="custom.xds")
 Mode = processing_mode_pb2.ProcessingMode
+ValueType = json_to_metadata_pb2.JsonToMetadata.ValueType
+M = TypeVar("M", bound=Message)
 
 
 def connection_manager() -> hcm_pb2.HttpConnectionManager:
@@ -28,12 +35,9 @@ def connection_manager() -> hcm_pb2.HttpConnectionManager:
     return manager
 
 
-def ext_proc_config() -> ext_proc_pb2.ExternalProcessor:
-    (ext_proc_filter,) = [
-        f for f in connection_manager().http_filters if f.name == "envoy.filters.http.ext_proc"
-    ]
-    config = ext_proc_pb2.ExternalProcessor()
-    assert ext_proc_filter.typed_config.Unpack(config)
+def http_filter_config(name: str, config: M) -> M:
+    (http_filter,) = [f for f in connection_manager().http_filters if f.name == name]
+    assert http_filter.typed_config.Unpack(config)
     return config
 
 
@@ -54,6 +58,7 @@ def test_connection_manager_takes_routes_from_ads() -> None:
     assert manager.rds.config_source.HasField("ads")
     assert manager.stream_idle_timeout.seconds == SETTINGS.upstream_timeout_s
     assert [f.name for f in manager.http_filters] == [
+        "envoy.filters.http.json_to_metadata",
         "envoy.filters.http.ext_proc",
         "envoy.filters.http.router",
     ]
@@ -66,17 +71,47 @@ def test_client_cluster_header_is_removed_before_routing() -> None:
     assert [m.remove for m in mutation.mutations] == ["x-gpu-router-cluster"]
 
 
-def test_ext_proc_follows_the_contract() -> None:
-    config = ext_proc_config()
+def test_body_fields_go_to_the_request_metadata_namespace() -> None:
+    config = http_filter_config(
+        "envoy.filters.http.json_to_metadata", json_to_metadata_pb2.JsonToMetadata()
+    )
+    assert not config.HasField("response_rules")
+    rules = config.request_rules
+    assert list(rules.allow_content_types) == ["application/json"]
+    assert rules.allow_empty_content_type
+    assert rules.allow_content_types_regex.regex == r"(?i)application/json\s*(;.*)?"
+    fields = {}
+    for rule in rules.rules:
+        (selector,) = rule.selectors
+        present = rule.on_present
+        assert (present.metadata_namespace, present.key) == ("gpu_router.request", selector.key)
+        assert not present.HasField("value") and not rule.HasField("on_missing")
+        fields[selector.key] = present.type
+    assert fields == {
+        "model": ValueType.STRING,
+        "max_tokens": ValueType.NUMBER,
+        "max_completion_tokens": ValueType.NUMBER,
+        "stream": ValueType.PROTOBUF_VALUE,
+    }
+    errors = [rule.on_error for rule in rules.rules if rule.HasField("on_error")]
+    assert [(e.metadata_namespace, e.key, e.value.string_value) for e in errors] == [
+        ("gpu_router.request", "body_error", BODY_ERROR)
+    ]
+
+
+def test_ext_proc_gets_request_headers_and_body_metadata_only() -> None:
+    config = http_filter_config("envoy.filters.http.ext_proc", ext_proc_pb2.ExternalProcessor())
     assert config.grpc_service.envoy_grpc.cluster_name == "gpu-router.ext_proc"
-    assert config.grpc_service.envoy_grpc.max_receive_message_length.value == 64 * 1024 * 1024
     mode = config.processing_mode
     assert (mode.request_header_mode, mode.response_header_mode) == (Mode.SEND, Mode.SKIP)
-    assert (mode.request_body_mode, mode.response_body_mode) == (Mode.BUFFERED, Mode.NONE)
+    assert (mode.request_body_mode, mode.response_body_mode) == (Mode.NONE, Mode.NONE)
     assert (mode.request_trailer_mode, mode.response_trailer_mode) == (Mode.SKIP, Mode.SKIP)
-    assert config.allow_mode_override and config.failure_mode_allow
+    assert not config.allow_mode_override
+    assert config.failure_mode_allow
     assert config.message_timeout.ToMilliseconds() == 1000
-    assert list(config.metadata_options.receiving_namespaces.untyped) == ["gpu_router"]
+    options = config.metadata_options
+    assert list(options.forwarding_namespaces.untyped) == ["gpu_router.request"]
+    assert list(options.receiving_namespaces.untyped) == ["gpu_router"]
 
 
 def test_access_log_goes_over_grpc_to_the_xds_cluster() -> None:

@@ -61,6 +61,14 @@ def test_fallback_spreads_evenly_over_all_providers_by_default() -> None:
     }
 
 
+def test_both_routes_buffer_request_bodies_up_to_the_buffer_limit() -> None:
+    table = route_configuration(CONFIG, EdgeSettings(buffer_limit_bytes=12345))
+    assert [r.request_body_buffer_limit.value for r in table.virtual_hosts[0].routes] == [
+        12345,
+        12345,
+    ]
+
+
 def test_fallback_weights_are_applied_and_zero_drains_a_provider() -> None:
     fallback = routes({"a": 5, "b-2": 0, "c": 2})[1]
     assert {c.name: c.weight.value for c in fallback.route.weighted_clusters.clusters} == {

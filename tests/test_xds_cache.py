@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from xds_fixtures import cluster, endpoints
+from xds_fixtures import cluster, endpoints, listener, route_config
 
 from control_plane.xds import type_urls
 from control_plane.xds.cache import SnapshotCache
@@ -145,3 +145,75 @@ def test_nodes_report_versions_and_nack_detail() -> None:
     )
     assert cds["last_nack_error"] == "cluster a: bad" and cds["parked"] is True
     assert cds["responses_sent"] == 1
+
+
+def publish_listener(cache: SnapshotCache, port: int) -> str:
+    snapshot = cache.set_types(
+        {
+            type_urls.LISTENER: {
+                "gpu-router.edge": listener("gpu-router.edge", port, "gpu-router.routes")
+            },
+            type_urls.ROUTE: {"gpu-router.routes": route_config("gpu-router.routes", "a")},
+        }
+    )
+    return snapshot.version(type_urls.LISTENER)
+
+
+def connect_moved(cache: SnapshotCache, node_id: str, edge_port: int) -> XdsStream:
+    stream = XdsStream()
+    cache.open_stream(stream, "ipv4:127.0.0.1:1", lambda: None)
+    node = Node(id=node_id, cluster=EDGE, edge_port=edge_port)
+    stream.receive(Request(type_url=type_urls.LISTENER, node=node))
+    return stream
+
+
+def test_wait_acked_counts_a_node_specific_version_as_its_snapshot_version() -> None:
+    async def scenario() -> list[object]:
+        cache = SnapshotCache()
+        plain = XdsStream()
+        cache.open_stream(plain, "ipv4:127.0.0.1:1", lambda: None)
+        plain.receive(Request(type_url=type_urls.LISTENER, node=Node(id="e1", cluster=EDGE)))
+        moved = connect_moved(cache, "e2", 10001)
+        old = publish_listener(cache, 10000)
+        reply(cache, plain)
+        reply(cache, moved)
+        new = publish_listener(cache, 10500)
+        waiter = asyncio.create_task(cache.wait_acked(type_urls.LISTENER, new, EDGE, timeout=10))
+        reply(cache, plain)
+        await asyncio.sleep(0)
+        pending_until_the_moved_node_acks = not waiter.done()
+        reply(cache, moved)
+        return [
+            await cache.wait_acked(type_urls.LISTENER, old, EDGE, timeout=1),
+            pending_until_the_moved_node_acks,
+            await waiter,
+            moved.acked_version(type_urls.LISTENER) == f"{new}:10001",
+        ]
+
+    assert asyncio.run(scenario()) == [True, True, True, True]
+
+
+def test_a_nack_of_a_node_specific_version_fails_the_wait() -> None:
+    async def scenario() -> bool:
+        cache = SnapshotCache()
+        moved = connect_moved(cache, "e2", 10001)
+        version = publish_listener(cache, 10000)
+        waiter = asyncio.create_task(
+            cache.wait_acked(type_urls.LISTENER, version, EDGE, timeout=10)
+        )
+        await asyncio.sleep(0)
+        reply(cache, moved, error="cannot bind to 127.0.0.1:10001")
+        return await waiter
+
+    assert asyncio.run(scenario()) is False
+
+
+def test_nodes_show_the_edge_port_and_the_version_that_node_is_served() -> None:
+    cache = SnapshotCache()
+    moved = connect_moved(cache, "e2", 10001)
+    version = publish_listener(cache, 10000)
+    reply(cache, moved)
+    [node] = cache.nodes()
+    lds = node["types"][type_urls.LISTENER]
+    assert node["edge_port"] == 10001
+    assert lds["acked_version"] == lds["current_version"] == f"{version}:10001"

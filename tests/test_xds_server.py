@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -24,8 +25,10 @@ from xds_fixtures import (
 
 from control_plane.xds import type_urls
 from control_plane.xds.snapshot import Snapshot
-from gpu_router.processes import free_port
+from gpu_router.bootstrap import EdgeNode, write_bootstrap
+from gpu_router.processes import EnvoyAdmin, ManagedProcess, envoy_binary, free_port, port_open
 
+EDGE = "gpu-router-edge"
 ENVOY_TYPES = (type_urls.CLUSTER, type_urls.ENDPOINT, type_urls.LISTENER, type_urls.ROUTE)
 
 
@@ -198,3 +201,77 @@ def test_two_envoy_nodes_are_served_and_waited_for(ads: AdsHarness, tmp_path: Pa
         for admin in (one, two):
             assert dynamic_clusters(admin) == {"a": first.version(type_urls.CLUSTER), "b": version}
         assert sorted(n["id"] for n in ads.call(ads.cache.nodes)) == ["edge-1", "edge-2"]
+
+
+@contextmanager
+def production_envoy(tmp_path: Path, node: EdgeNode) -> Iterator[EnvoyAdmin]:
+    """A real Envoy on envoy/bootstrap.yaml rendered for `node`; stopped on exit."""
+    config = write_bootstrap(node, tmp_path / f"{node.node_id}.yaml")
+    envoy = ManagedProcess(
+        node.node_id,
+        [envoy_binary(), "-c", str(config), "--disable-hot-restart", "-l", "info"],
+        tmp_path / f"{node.node_id}.log",
+    ).start()
+    admin = EnvoyAdmin(node.admin_port)
+    try:
+        envoy.wait_until(lambda: admin.stats("server.state") != {}, "admin endpoint")
+        yield admin
+    finally:
+        envoy.stop()
+
+
+def listener_port(admin: EnvoyAdmin) -> int | None:
+    dump = admin.config_dump("dynamic_listeners").get("configs", [])
+    for entry in dump:
+        active = entry.get("active_state", {}).get("listener", {})
+        if active.get("name") == "gpu-router.edge":
+            return int(active["address"]["socket_address"]["port_value"])
+    return None
+
+
+def test_each_node_gets_the_edge_port_its_metadata_asks_for(
+    ads: AdsHarness, tmp_path: Path
+) -> None:
+    base_port, moved_port = free_port(), free_port()
+    first = publish(ads, edge_resources(base_port, cluster("a")))
+    plain = EdgeNode(node_id="edge-1", admin_port=free_port(), xds_port=ads.port)
+    moved = EdgeNode(
+        node_id="edge-2", admin_port=free_port(), xds_port=ads.port, edge_port=moved_port
+    )
+    with production_envoy(tmp_path, plain) as one, production_envoy(tmp_path, moved) as two:
+        lds = first.version(type_urls.LISTENER)
+        assert ads.run(ads.cache.wait_acked(type_urls.LISTENER, lds, EDGE, timeout=20))
+        eventually(lambda: listener_port(one) == base_port, "edge-1 listening on the base port")
+        eventually(lambda: listener_port(two) == moved_port, "edge-2 listening on its own port")
+        eventually(lambda: port_open(base_port) and port_open(moved_port), "both ports bound")
+        versions = {n["id"]: n["types"][type_urls.LISTENER] for n in ads.call(ads.cache.nodes)}
+        assert versions["edge-1"]["acked_version"] == lds
+        assert versions["edge-2"]["acked_version"] == f"{lds}:{moved_port}"
+
+        # A new snapshot: each node ACKs its own view of it, and wait_acked sees both.
+        second = publish(ads, edge_resources(base_port, cluster("a"), cluster("b")))
+        assert second.version(type_urls.LISTENER) == lds, "the listener did not change"
+        third = publish(ads, edge_resources(free_port(), cluster("a"), cluster("b")))
+        new_lds = third.version(type_urls.LISTENER)
+        assert ads.run(ads.cache.wait_acked(type_urls.LISTENER, new_lds, EDGE, timeout=20))
+        assert node_types(ads, "edge-2")[type_urls.LISTENER]["acked_version"] == (
+            f"{new_lds}:{moved_port}"
+        )
+        eventually(lambda: listener_port(two) == moved_port, "edge-2 still on its own port")
+        assert admin_counter(two, "listener_manager.lds.update_rejected") == 0
+
+
+def test_unusable_node_metadata_closes_the_stream_with_the_reason(
+    ads: AdsHarness, tmp_path: Path, nack_log: ListHandler
+) -> None:
+    publish(ads, edge_resources(free_port(), cluster("a")))
+    broken = EdgeNode(node_id="edge-9", admin_port=free_port(), xds_port=ads.port, edge_port=0)
+    with production_envoy(tmp_path, broken):
+        eventually(lambda: nack_log.named("xds_node_rejected"), "the node to be rejected")
+        [record, *_] = nack_log.named("xds_node_rejected")
+        assert "edge_port must be a port number" in record.error  # type: ignore[attr-defined]
+        assert ads.call(ads.cache.nodes) == []
+
+
+def admin_counter(admin: EnvoyAdmin, name: str) -> int:
+    return admin.stats(name).get(name, 0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from envoy.config.listener.v3 import listener_pb2
 from google.protobuf import any_pb2
 from google.protobuf.message import Message
 from xds_fixtures import cluster, endpoints, listener, route_config
@@ -300,3 +301,51 @@ def test_first_response_is_sent_even_if_the_client_already_runs_that_version() -
         Request(type_url=type_urls.CLUSTER, version_info=snap.version(type_urls.CLUSTER))
     )
     assert only(stream.responses(snap), type_urls.CLUSTER)
+
+
+MOVED_EDGE = Node(id="edge-2", cluster="gpu-router-edge", edge_port=10001)
+
+
+def listener_port(response: Response) -> int:
+    [packed] = response.resources
+    decoded = listener_pb2.Listener()
+    packed.Unpack(decoded)
+    return decoded.address.socket_address.port_value
+
+
+def test_a_node_with_an_edge_port_gets_its_own_listener_and_version() -> None:
+    moved, plain = XdsStream(), XdsStream()
+    subscribe(moved, type_urls.LISTENER, node=MOVED_EDGE)
+    subscribe(plain, type_urls.LISTENER, node=EDGE)
+    snap = snapshot("a")
+    mine, theirs = (
+        only(moved.responses(snap), type_urls.LISTENER),
+        only(plain.responses(snap), type_urls.LISTENER),
+    )
+    assert (listener_port(mine), listener_port(theirs)) == (10001, 10000)
+    assert theirs.version == snap.version(type_urls.LISTENER)
+    assert mine.version == f"{theirs.version}:10001"
+    assert answer(moved, mine) == [Acked(type_url=type_urls.LISTENER, version=mine.version)]
+    assert moved.acked_version(type_urls.LISTENER) == mine.version
+    assert moved.responses(snap) == []
+
+
+def test_a_node_version_changes_with_the_snapshot_and_unparks_after_a_nack() -> None:
+    stream = XdsStream()
+    subscribe(stream, type_urls.LISTENER, node=MOVED_EDGE)
+    first = only(stream.responses(snapshot("a")), type_urls.LISTENER)
+    answer(stream, first, error="cannot bind 10001")
+    assert stream.responses(snapshot("a")) == []
+    changed = snapshot("a", routes=("gpu-router.routes-2",))
+    second = only(stream.responses(changed), type_urls.LISTENER)
+    assert second.version == f"{changed.version(type_urls.LISTENER)}:10001" != first.version
+    assert listener_port(second) == 10001
+
+
+def test_the_view_is_computed_once_per_snapshot_entry() -> None:
+    stream = XdsStream()
+    subscribe(stream, type_urls.LISTENER, node=MOVED_EDGE)
+    snap = snapshot("a")
+    first = stream.view(type_urls.LISTENER, snap)
+    assert stream.view(type_urls.LISTENER, snap.with_types({type_urls.CLUSTER: {}})) is first
+    assert stream.view(type_urls.HEALTH_SNAPSHOT, snap) is None

@@ -3,6 +3,7 @@ from translated resources (ADS references replaced by the resources themselves).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TypeVar
 from urllib.parse import urlsplit
@@ -19,7 +20,14 @@ from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2 as upst
 from google.protobuf import any_pb2, json_format
 from google.protobuf.message import Message
 
-from control_plane.policy.model import Credential, Provider, RoutingConfig, Upstream
+from control_plane.policy.model import (
+    Credential,
+    Offering,
+    Price,
+    Provider,
+    RoutingConfig,
+    Upstream,
+)
 from control_plane.translate import EnvoyResources
 from control_plane.translate.clusters import HTTP_PROTOCOL_OPTIONS
 from control_plane.translate.endpoints import single_endpoint
@@ -34,16 +42,27 @@ def provider(
     credential: Credential | None = None,
     max_concurrency: int = 64,
     health_check_path: str = "/health",
+    model_ids: Mapping[str, str] | None = None,
 ) -> Provider:
+    """A provider at `base_url` (its path is the path prefix) offering `model_ids` (public model
+    name -> the provider's own id)."""
     url = urlsplit(base_url)
     assert url.hostname is not None, base_url
     port = url.port or (443 if url.scheme == "https" else 80)
+    offerings = tuple(
+        Offering(
+            model=model, provider_model_id=own_id, gpu="H100", price=Price(input=1.0, output=1.0)
+        )
+        for model, own_id in (model_ids or {}).items()
+    )
     return Provider(
         name=name,
         base_url=base_url,
-        upstream=Upstream(scheme=url.scheme, host=url.hostname, port=port),
+        upstream=Upstream(
+            scheme=url.scheme, host=url.hostname, port=port, path_prefix=url.path.rstrip("/")
+        ),
         gpus=(),
-        offerings=(),
+        offerings=offerings,
         max_concurrency=max_concurrency,
         health_check_path=health_check_path,
         credential=credential,

@@ -33,6 +33,7 @@ from control_plane.policy.model import (
     RoutingConfig,
     Strategy,
     Upstream,
+    UsageFormat,
 )
 
 SCHEMA_VERSION = 1
@@ -345,6 +346,16 @@ class _Checker:
 
 _PROVIDER_HINT = "lower-case letters, digits, '-' or '_', starting with a letter"
 _STRATEGIES = ", ".join(strategy.value for strategy in Strategy)
+_USAGE_FORMATS = ", ".join(usage_format.value for usage_format in UsageFormat)
+_PRICE_KEYS = ("input", "output", "cached_input", "cache_write", "reasoning")
+_REPORTED_PRICES: dict[UsageFormat, dict[str, str]] = {
+    UsageFormat.OPENAI: {"cached_input": "cached prompt tokens",
+                         "reasoning": "reasoning tokens"},
+    UsageFormat.ANTHROPIC: {"cached_input": "cache read tokens",
+                            "cache_write": "cache creation tokens"},
+    UsageFormat.NONE: {},
+}
+"""Per usage format: the optional prices it makes required, and the token count behind each."""
 
 
 @dataclass(slots=True, kw_only=True)
@@ -430,7 +441,7 @@ def _model(check: _Checker, raw: Any, path: KeyPath, names: _Names) -> Model | N
 def _provider(check: _Checker, raw: Any, path: KeyPath, names: _Names) -> Provider | None:
     fields = check.mapping(
         raw, path, required=("name", "base_url", "gpus", "models"),
-        optional=("credentials", "max_concurrency", "health_check_path"),
+        optional=("credentials", "max_concurrency", "health_check_path", "usage_format"),
     )
     if fields is None:
         return None
@@ -447,6 +458,8 @@ def _provider(check: _Checker, raw: Any, path: KeyPath, names: _Names) -> Provid
     health_check_path = check.string(fields.get("health_check_path", "/health"),
                                      (*path, "health_check_path"), pattern=_URL_PATH,
                                      pattern_hint="a path starting with '/'")
+    usage_format = _usage_format(check, fields.get("usage_format", UsageFormat.OPENAI.value),
+                                 (*path, "usage_format"))
     gpu_seen: dict[str, KeyPath] = {}
     gpus = check.items(fields.get("gpus", _MISSING), (*path, "gpus"),
                        lambda item, item_path: _gpu(check, item, item_path, gpu_seen),
@@ -454,16 +467,29 @@ def _provider(check: _Checker, raw: Any, path: KeyPath, names: _Names) -> Provid
     offered: dict[str, KeyPath] = {}
     offerings = check.items(
         fields.get("models", _MISSING), (*path, "models"),
-        lambda item, item_path: _offering(check, item, item_path, names, gpus, offered),
+        lambda item, item_path: _offering(check, item, item_path, names, gpus, offered,
+                                          usage_format),
         non_empty=True,
     )
     if (name is None or base_url is None or upstream is None or max_concurrency is None
             or health_check_path is None or gpus is None or offerings is None
-            or ("credentials" in fields and credential is None)):
+            or usage_format is None or ("credentials" in fields and credential is None)):
         return None
     return Provider(name=name, base_url=base_url, upstream=upstream, gpus=tuple(gpus),
                     offerings=tuple(offerings), max_concurrency=max_concurrency,
-                    health_check_path=health_check_path, credential=credential)
+                    health_check_path=health_check_path, credential=credential,
+                    usage_format=usage_format)
+
+
+def _usage_format(check: _Checker, raw: Any, path: KeyPath) -> UsageFormat | None:
+    text = check.string(raw, path)
+    if text is None:
+        return None
+    try:
+        return UsageFormat(text)
+    except ValueError:
+        check.fail(path, f"unknown usage_format '{text}'; one of: {_USAGE_FORMATS}")
+        return None
 
 
 def _upstream(check: _Checker, url: str, path: KeyPath) -> Upstream | None:
@@ -540,8 +566,10 @@ def _gpu(check: _Checker, raw: Any, path: KeyPath, seen: dict[str, KeyPath]) -> 
 
 
 def _offering(check: _Checker, raw: Any, path: KeyPath, names: _Names,
-              gpus: list[Gpu] | None, offered: dict[str, KeyPath]) -> Offering | None:
-    """One provider's `models` entry; `gpus` is None when the provider's gpus are invalid."""
+              gpus: list[Gpu] | None, offered: dict[str, KeyPath],
+              usage_format: UsageFormat | None) -> Offering | None:
+    """One provider's `models` entry; `gpus` is None when the provider's gpus are invalid,
+    `usage_format` None when the provider's is."""
     fields = check.mapping(raw, path, required=("name", "price"), optional=("id", "gpu"))
     if fields is None:
         return None
@@ -553,7 +581,7 @@ def _offering(check: _Checker, raw: Any, path: KeyPath, names: _Names,
     provider_model_id = check.string(fields.get("id", _MISSING if public is None else public),
                                      (*path, "id"))
     gpu = _offering_gpu(check, fields, path, gpus)
-    price = _price(check, fields.get("price", _MISSING), (*path, "price"))
+    price = _price(check, fields.get("price", _MISSING), (*path, "price"), usage_format)
     if model is None or provider_model_id is None or gpu is None or price is None:
         return None
     return Offering(model=model, provider_model_id=provider_model_id, gpu=gpu, price=price)
@@ -579,14 +607,24 @@ def _offering_gpu(check: _Checker, fields: dict[str, Any], path: KeyPath,
     return gpu
 
 
-def _price(check: _Checker, raw: Any, path: KeyPath) -> Price | None:
-    fields = check.mapping(raw, path, required=("input", "output"))
+def _price(check: _Checker, raw: Any, path: KeyPath,
+           usage_format: UsageFormat | None) -> Price | None:
+    """The price sheet; every price the usage format can report must be listed (never a
+    silent default), others are optional."""
+    fields = check.mapping(raw, path, required=("input", "output"), optional=_PRICE_KEYS[2:])
     if fields is None:
         return None
-    prices = [check.number(fields.get(key, _MISSING), (*path, key)) for key in ("input", "output")]
-    if prices[0] is None or prices[1] is None:
+    if usage_format is not None:
+        for key, tokens in _REPORTED_PRICES[usage_format].items():
+            if key not in fields:
+                check.fail(path, f"missing price '{key}': usage_format '{usage_format.value}' "
+                                 f"reports {tokens}; list it (0 if they are free)")
+    prices = {key: check.number(fields[key], (*path, key))
+              for key in _PRICE_KEYS if key in fields}
+    if (len(prices) != len(fields) or None in prices.values()
+            or not {"input", "output"} <= prices.keys()):
         return None
-    return Price(input=prices[0], output=prices[1])
+    return Price(**prices)
 
 
 def _known_model(check: _Checker, name: str | None, path: KeyPath,

@@ -16,6 +16,18 @@ class Strategy(enum.Enum):
     BALANCED = "balanced"
 
 
+class UsageFormat(enum.Enum):
+    """How a provider reports token usage in its responses (control_plane.usage reads it)."""
+
+    OPENAI = "openai"
+    """usage {prompt_tokens, completion_tokens, prompt_tokens_details.cached_tokens,
+    completion_tokens_details.reasoning_tokens}; streams: the stream_options.include_usage chunk."""
+    ANTHROPIC = "anthropic"
+    """usage {input_tokens, output_tokens, cache_read_input_tokens, cache_creation_input_tokens}."""
+    NONE = "none"
+    """No usage at all: tokens are estimated from body sizes and marked estimated."""
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Gpu:
     type: str
@@ -25,10 +37,23 @@ class Gpu:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Price:
-    """USD per 1M tokens."""
+    """USD per 1M tokens; None = the provider does not list that price.
+
+    Validation requires every price the provider's usage format can report (openai:
+    cached_input and reasoning; anthropic: cached_input and cache_write), so a token
+    count is never billed at a guessed rate.
+    """
 
     input: float
+    """Uncached input (prompt) tokens."""
     output: float
+    """Output tokens other than reasoning tokens."""
+    cached_input: float | None = None
+    """Input tokens read from the provider's prompt cache."""
+    cache_write: float | None = None
+    """Input tokens written to the provider's prompt cache."""
+    reasoning: float | None = None
+    """Reasoning (hidden thinking) output tokens."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -66,6 +91,40 @@ class Upstream:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class HealthCheck:
+    """Envoy's active health check of a provider (its own machinery, configured here);
+    the path is Provider.health_check_path."""
+
+    interval_ms: int = 5000
+    timeout_ms: int = 2000
+    unhealthy_threshold: int = 3
+    healthy_threshold: int = 1
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OutlierDetection:
+    """Envoy's passive ejection of a provider; enforcement is on (Envoy's default is off for most)."""
+
+    consecutive_5xx: int = 5
+    consecutive_gateway_failure: int = 3
+    consecutive_local_origin_failure: int = 3
+    failure_percentage_threshold: int = 50
+    failure_percentage_minimum_hosts: int = 1
+    failure_percentage_request_volume: int = 20
+    interval_ms: int = 2000
+    base_ejection_time_ms: int = 10000
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Failover:
+    """How much retrying across providers the whole edge may do."""
+
+    retry_budget_percent: float = 25.0
+    """Retries in flight, as a share of requests in flight, per provider cluster."""
+    min_retry_concurrency: int = 3
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Provider:
     name: str
     base_url: str
@@ -75,6 +134,9 @@ class Provider:
     max_concurrency: int = 64
     health_check_path: str = "/health"
     credential: Credential | None = None
+    usage_format: UsageFormat = UsageFormat.OPENAI
+    health_check: HealthCheck = field(default_factory=HealthCheck)
+    outlier_detection: OutlierDetection = field(default_factory=OutlierDetection)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -106,6 +168,8 @@ class Policy:
     cost_ceiling_usd_per_mtok: float = 0.0
     """Latency-first: skip providers pricier than this for the request (0 = no ceiling)."""
     max_fallbacks: int = 2
+    per_try_timeout_ms: int = 60000
+    """Time an attempt may take to response headers before the next provider is tried."""
     providers: tuple[str, ...] = ()
     """Allow-list of provider names this policy may route to (empty = every provider)."""
 
@@ -118,6 +182,7 @@ class RoutingConfig:
     models: tuple[Model, ...]
     policies: tuple[Policy, ...]
     """In match order; the first whose match fits a request wins."""
+    failover: Failover = field(default_factory=Failover)
     source: str = "<embedded default>"
     version: str = ""
     """Content hash of the source text."""

@@ -6,7 +6,7 @@ Each provider's Envoy cluster is named exactly the provider name.
 
 from __future__ import annotations
 
-from control_plane.policy.model import Model, Policy, Provider, RoutingConfig, Strategy
+from control_plane.policy.model import Model, Offering, Policy, Provider, RoutingConfig, Strategy
 from gpu_router.api.v1 import routing_pb2
 
 _STRATEGIES = {
@@ -30,18 +30,26 @@ def _provider(provider: Provider) -> routing_pb2.Provider:
         name=provider.name,
         cluster=provider.name,
         gpus=[routing_pb2.Gpu(type=gpu.type, memory_gb=gpu.memory_gb) for gpu in provider.gpus],
-        offerings=[
-            routing_pb2.Offering(
-                model=offering.model,
-                provider_model_id=offering.provider_model_id,
-                gpu=offering.gpu,
-                input_usd_per_mtok=offering.price.input,
-                output_usd_per_mtok=offering.price.output,
-            )
-            for offering in provider.offerings
-        ],
+        offerings=[_offering(offering) for offering in provider.offerings],
         max_concurrency=provider.max_concurrency,
-        path_prefix=provider.upstream.path_prefix,
+    )
+
+
+def _offering(offering: Offering) -> routing_pb2.Offering:
+    """Unlisted optional prices stay unset (HasField false), never 0."""
+    price = offering.price
+    optional = {
+        "cached_input_usd_per_mtok": price.cached_input,
+        "cache_write_usd_per_mtok": price.cache_write,
+        "reasoning_usd_per_mtok": price.reasoning,
+    }
+    return routing_pb2.Offering(
+        model=offering.model,
+        provider_model_id=offering.provider_model_id,
+        gpu=offering.gpu,
+        input_usd_per_mtok=price.input,
+        output_usd_per_mtok=price.output,
+        **{name: value for name, value in optional.items() if value is not None},
     )
 
 

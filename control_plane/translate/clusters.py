@@ -1,8 +1,9 @@
 """Provider clusters (and the ext_proc cluster): Envoy's own fault machinery, configured per provider.
 
 Health checks, outlier detection and circuit breakers live here, in Envoy, not in Python. Upstream
-HTTP filters run once per attempt on the routed cluster: that is where a provider's API key is
-injected, from an SDS secret, so the key never passes through ext_proc, logs or /config_dump.
+HTTP filters run once per attempt on the routed cluster: that is where the request is fitted to the
+provider (path prefix, its own model id: see upstream_lua.py) and its API key is injected, from an
+SDS secret, so the key never passes through ext_proc, logs or /config_dump.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from envoy.config.core.v3 import (
     protocol_pb2,
 )
 from envoy.extensions.filters.http.credential_injector.v3 import credential_injector_pb2
+from envoy.extensions.filters.http.lua.v3 import lua_pb2
 from envoy.extensions.filters.http.upstream_codec.v3 import upstream_codec_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
@@ -27,16 +29,27 @@ from envoy.type.v3 import percent_pb2
 from google.protobuf import wrappers_pb2
 
 from control_plane.policy.model import Credential, Provider, RoutingConfig
-from control_plane.translate.endpoints import ip_address, load_assignment, single_endpoint, uses_eds
+from control_plane.translate.endpoints import (
+    assignment,
+    ip_address,
+    lb_endpoint,
+    load_assignment,
+    uses_eds,
+)
 from control_plane.translate.envoy_api import ads_source, packed, provider_metadata, seconds
 from control_plane.translate.names import EXT_PROC_CLUSTER, credential_secret
 from control_plane.translate.settings import EdgeSettings
+from control_plane.translate.upstream_lua import credential_headers, provider_lua
 
 HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 MAX_RETRIES = 3
 
 
-def provider_cluster(provider: Provider, settings: EdgeSettings) -> cluster_pb2.Cluster:
+def provider_cluster(
+    provider: Provider, settings: EdgeSettings, strip_headers: tuple[str, ...]
+) -> cluster_pb2.Cluster:
+    """`strip_headers` are removed from every attempt before the provider's credential is set
+    (see upstream_lua.credential_headers)."""
     cluster = cluster_pb2.Cluster(
         name=provider.name,
         connect_timeout=seconds(5),
@@ -66,7 +79,7 @@ def provider_cluster(provider: Provider, settings: EdgeSettings) -> cluster_pb2.
             _tls_socket(provider.upstream.host, settings.trusted_ca_file)
         )
     cluster.typed_extension_protocol_options[HTTP_PROTOCOL_OPTIONS].CopyFrom(
-        packed(_protocol_options(provider, tls=tls))
+        packed(_protocol_options(provider, strip_headers, tls=tls))
     )
     return cluster
 
@@ -78,15 +91,18 @@ def ext_proc_cluster(settings: EdgeSettings) -> cluster_pb2.Cluster:
             http2_protocol_options=protocol_pb2.Http2ProtocolOptions()
         )
     )
+    replicas = settings.ext_proc_endpoints
+    by_ip = all(ip_address(host) is not None for host, _ in replicas)
     cluster = cluster_pb2.Cluster(
         name=EXT_PROC_CLUSTER,
-        type=cluster_pb2.Cluster.STATIC,
+        type=cluster_pb2.Cluster.STATIC if by_ip else cluster_pb2.Cluster.STRICT_DNS,
         connect_timeout=seconds(1),
         per_connection_buffer_limit_bytes=wrappers_pb2.UInt32Value(
             value=settings.buffer_limit_bytes
         ),
-        load_assignment=single_endpoint(
-            EXT_PROC_CLUSTER, settings.ext_proc_host, settings.ext_proc_port
+        load_assignment=assignment(
+            EXT_PROC_CLUSTER,
+            [lb_endpoint(ip_address(host) or host, port) for host, port in replicas],
         ),
     )
     cluster.typed_extension_protocol_options[HTTP_PROTOCOL_OPTIONS].CopyFrom(packed(options))
@@ -95,7 +111,8 @@ def ext_proc_cluster(settings: EdgeSettings) -> cluster_pb2.Cluster:
 
 def all_clusters(config: RoutingConfig, settings: EdgeSettings) -> dict[str, cluster_pb2.Cluster]:
     """Every cluster Envoy needs over CDS, by name: providers in policy order, then ext_proc."""
-    clusters = {p.name: provider_cluster(p, settings) for p in config.providers}
+    strip_headers = credential_headers(config)
+    clusters = {p.name: provider_cluster(p, settings, strip_headers) for p in config.providers}
     clusters[EXT_PROC_CLUSTER] = ext_proc_cluster(settings)
     return clusters
 
@@ -168,8 +185,11 @@ def _tls_socket(host: str, trusted_ca_file: str) -> base_pb2.TransportSocket:
     )
 
 
-def _protocol_options(provider: Provider, *, tls: bool) -> upstream_http_pb2.HttpProtocolOptions:
-    """HTTP/1.1 in clear; ALPN-negotiated h2 or HTTP/1.1 over TLS; then the per-attempt filters."""
+def _protocol_options(
+    provider: Provider, strip_headers: tuple[str, ...], *, tls: bool
+) -> upstream_http_pb2.HttpProtocolOptions:
+    """HTTP/1.1 in clear; ALPN-negotiated h2 or HTTP/1.1 over TLS; then the per-attempt filters:
+    the rewrite, the credential, the codec."""
     options = upstream_http_pb2.HttpProtocolOptions()
     if tls:
         options.auto_config.http_protocol_options.CopyFrom(protocol_pb2.Http1ProtocolOptions())
@@ -178,6 +198,12 @@ def _protocol_options(provider: Provider, *, tls: bool) -> upstream_http_pb2.Htt
         options.explicit_http_config.http_protocol_options.CopyFrom(
             protocol_pb2.Http1ProtocolOptions()
         )
+    lua = lua_pb2.Lua(
+        default_source_code=base_pb2.DataSource(inline_string=provider_lua(provider, strip_headers))
+    )
+    options.http_filters.append(
+        hcm_pb2.HttpFilter(name="envoy.filters.http.lua", typed_config=packed(lua))
+    )
     if provider.credential is not None:
         options.http_filters.append(_credential_injector(provider.name, provider.credential))
     options.http_filters.append(

@@ -7,6 +7,7 @@ can change its endpoints without re-warming the cluster; a DNS name is left to E
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Sequence
 
 from envoy.config.core.v3 import address_pb2, base_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
@@ -43,15 +44,10 @@ def load_assignment(provider: Provider) -> endpoint_pb2.ClusterLoadAssignment:
     )
 
 
-def single_endpoint(
-    cluster: str,
-    address: str,
-    port: int,
-    *,
-    hostname: str = "",
-    metadata: base_pb2.Metadata | None = None,
-) -> endpoint_pb2.ClusterLoadAssignment:
-    endpoint = endpoint_components_pb2.LbEndpoint(
+def lb_endpoint(
+    address: str, port: int, *, hostname: str = "", metadata: base_pb2.Metadata | None = None
+) -> endpoint_components_pb2.LbEndpoint:
+    return endpoint_components_pb2.LbEndpoint(
         endpoint=endpoint_components_pb2.Endpoint(
             address=address_pb2.Address(
                 socket_address=address_pb2.SocketAddress(address=address, port_value=port)
@@ -60,10 +56,26 @@ def single_endpoint(
         ),
         metadata=metadata,
     )
+
+
+def assignment(
+    cluster: str, endpoints: Sequence[endpoint_components_pb2.LbEndpoint]
+) -> endpoint_pb2.ClusterLoadAssignment:
     return endpoint_pb2.ClusterLoadAssignment(
         cluster_name=cluster,
-        endpoints=[endpoint_components_pb2.LocalityLbEndpoints(lb_endpoints=[endpoint])],
+        endpoints=[endpoint_components_pb2.LocalityLbEndpoints(lb_endpoints=endpoints)],
     )
+
+
+def single_endpoint(
+    cluster: str,
+    address: str,
+    port: int,
+    *,
+    hostname: str = "",
+    metadata: base_pb2.Metadata | None = None,
+) -> endpoint_pb2.ClusterLoadAssignment:
+    return assignment(cluster, [lb_endpoint(address, port, hostname=hostname, metadata=metadata)])
 
 
 def endpoint_assignments(config: RoutingConfig) -> dict[str, endpoint_pb2.ClusterLoadAssignment]:

@@ -1,4 +1,5 @@
-"""The edge listener: strip client routing headers, ask ext_proc, route; log every request over gRPC."""
+"""The edge listener: strip client routing headers, read the body's routing fields into metadata,
+ask ext_proc (headers and that metadata: one message per request), route; log every request."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from envoy.config.core.v3.config_source_pb2 import ApiVersion
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.extensions.access_loggers.grpc.v3 import als_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import ext_proc_pb2, processing_mode_pb2
+from envoy.extensions.filters.http.json_to_metadata.v3 import json_to_metadata_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
@@ -16,7 +18,8 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 from envoy.extensions.http.early_header_mutation.header_mutation.v3 import (
     header_mutation_pb2 as early_mutation_pb2,
 )
-from google.protobuf import wrappers_pb2
+from envoy.type.matcher.v3 import regex_pb2
+from google.protobuf import struct_pb2, wrappers_pb2
 
 from control_plane.translate.envoy_api import ads_source, milliseconds, packed, seconds
 from control_plane.translate.names import (
@@ -26,12 +29,22 @@ from control_plane.translate.names import (
     LISTENER,
     METADATA_NAMESPACE,
     MODEL_HEADER,
+    REQUEST_METADATA_NAMESPACE,
     ROUTE_CONFIG,
     STRATEGY_HEADER,
 )
 from control_plane.translate.settings import EdgeSettings
 
 Mode = processing_mode_pb2.ProcessingMode
+JsonToMetadata = json_to_metadata_pb2.JsonToMetadata
+ValueType = JsonToMetadata.ValueType
+
+BODY_ERROR = "invalid JSON"
+"""Value of "body_error" in gpu_router.request when the body could not be read as JSON."""
+JSON_CONTENT_TYPE = "application/json"
+JSON_CONTENT_TYPE_WITH_PARAMETERS = r"(?i)application/json\s*(;.*)?"
+"""Also admitted: any case, and parameters such as "; charset=utf-8" (json_to_metadata matches
+allow_content_types exactly, and treats any other content type as an error)."""
 
 
 def edge_listener(settings: EdgeSettings) -> listener_pb2.Listener:
@@ -42,7 +55,7 @@ def edge_listener(settings: EdgeSettings) -> listener_pb2.Listener:
         # Token streams may pause; only a stream silent this long is cut.
         stream_idle_timeout=seconds(settings.upstream_timeout_s),
         early_header_mutation_extensions=[_strip_cluster_header()],
-        http_filters=[_ext_proc(settings), _router()],
+        http_filters=[_json_to_metadata(), _ext_proc(settings), _router()],
         access_log=[_access_log(settings)],
     )
     return listener_pb2.Listener(
@@ -85,34 +98,76 @@ def _strip_cluster_header() -> extension_pb2.TypedExtensionConfig:
     )
 
 
+def _json_to_metadata() -> hcm_pb2.HttpFilter:
+    """The body fields ext_proc decides on, read by Envoy (the body never travels to ext_proc):
+    the model string as sent, token limits, stream. A body that is not JSON (or a content type
+    that is not JSON) sets "body_error" instead."""
+    model = _body_field("model", ValueType.STRING)
+    # A body error applies the on_error of every rule: one rule carries it.
+    model.on_error.CopyFrom(
+        JsonToMetadata.KeyValuePair(
+            metadata_namespace=REQUEST_METADATA_NAMESPACE,
+            key="body_error",
+            value=struct_pb2.Value(string_value=BODY_ERROR),
+        )
+    )
+    config = JsonToMetadata(
+        request_rules=JsonToMetadata.MatchRules(
+            rules=[
+                model,
+                _body_field("max_tokens", ValueType.NUMBER),
+                _body_field("max_completion_tokens", ValueType.NUMBER),
+                _body_field("stream", ValueType.PROTOBUF_VALUE),
+            ],
+            allow_content_types=[JSON_CONTENT_TYPE],
+            allow_content_types_regex=regex_pb2.RegexMatcher(
+                regex=JSON_CONTENT_TYPE_WITH_PARAMETERS
+            ),
+            allow_empty_content_type=True,
+        )
+    )
+    return hcm_pb2.HttpFilter(
+        name="envoy.filters.http.json_to_metadata", typed_config=packed(config)
+    )
+
+
+def _body_field(key: str, value_type: int) -> json_to_metadata_pb2.JsonToMetadata.Rule:
+    """Top-level `key` of the body, when present, into gpu_router.request[key] as `value_type`
+    (a JsonToMetadata.ValueType)."""
+    return JsonToMetadata.Rule(
+        selectors=[JsonToMetadata.Selector(key=key)],
+        on_present=JsonToMetadata.KeyValuePair(
+            metadata_namespace=REQUEST_METADATA_NAMESPACE, key=key, type=value_type
+        ),
+    )
+
+
 def _ext_proc(settings: EdgeSettings) -> hcm_pb2.HttpFilter:
-    """Request headers always, the body buffered unless ext_proc waives it (mode override), no
-    response phases; when ext_proc is down or slow the request goes on to the fallback route."""
+    """Request headers only, with json_to_metadata's fields attached: one message, one answer per
+    request; when ext_proc is down or slow the request goes on to the fallback route."""
     processor = ext_proc_pb2.ExternalProcessor(
         grpc_service=grpc_service_pb2.GrpcService(
-            envoy_grpc=grpc_service_pb2.GrpcService.EnvoyGrpc(
-                cluster_name=EXT_PROC_CLUSTER,
-                max_receive_message_length=wrappers_pb2.UInt32Value(
-                    value=settings.ext_proc_max_message_bytes
-                ),
-            )
+            envoy_grpc=grpc_service_pb2.GrpcService.EnvoyGrpc(cluster_name=EXT_PROC_CLUSTER)
         ),
         processing_mode=Mode(
             request_header_mode=Mode.SEND,
             response_header_mode=Mode.SKIP,
-            request_body_mode=Mode.BUFFERED,
+            request_body_mode=Mode.NONE,
             response_body_mode=Mode.NONE,
             request_trailer_mode=Mode.SKIP,
             response_trailer_mode=Mode.SKIP,
         ),
-        allow_mode_override=True,
+        allow_mode_override=False,
         failure_mode_allow=True,
         message_timeout=milliseconds(settings.ext_proc_message_timeout_ms),
-        # Envoy drops dynamic metadata from ext_proc unless its namespace is listed here.
         metadata_options=ext_proc_pb2.MetadataOptions(
+            forwarding_namespaces=ext_proc_pb2.MetadataOptions.MetadataNamespaces(
+                untyped=[REQUEST_METADATA_NAMESPACE]
+            ),
+            # Envoy drops dynamic metadata from ext_proc unless its namespace is listed here.
             receiving_namespaces=ext_proc_pb2.MetadataOptions.MetadataNamespaces(
                 untyped=[METADATA_NAMESPACE]
-            )
+            ),
         ),
     )
     return hcm_pb2.HttpFilter(name="envoy.filters.http.ext_proc", typed_config=packed(processor))

@@ -19,6 +19,8 @@ REASON_RESPONSE_HEADER = "x-gpu-router-reason"
 
 METADATA_NAMESPACE = "gpu_router"
 """Dynamic-metadata namespace ext_proc writes, and filter_metadata key on clusters and endpoints."""
+REQUEST_METADATA_NAMESPACE = "gpu_router.request"
+"""Dynamic-metadata namespace json_to_metadata fills from the request body, forwarded to ext_proc."""
 
 
 def credential_secret(provider: str) -> str:

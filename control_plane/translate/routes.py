@@ -36,6 +36,8 @@ def route_configuration(
 ) -> route_pb2.RouteConfiguration:
     """`weights` (provider -> weight, 0 drains it) shapes the fallback route; None means equal."""
     timeout = seconds(settings.upstream_timeout_s)
+    # The upstream Lua filter buffers the body to rewrite the model: a 1 MiB+ prompt must not 413.
+    body_limit = wrappers_pb2.UInt64Value(value=settings.buffer_limit_bytes)
     picked = rc_pb2.Route(
         name="ext_proc-pick",
         match=rc_pb2.RouteMatch(prefix="/", headers=[_names_a_provider(config)]),
@@ -52,6 +54,7 @@ def route_configuration(
         ],
         # Applied after the cluster is chosen: the provider never sees our routing header.
         request_headers_to_remove=[CLUSTER_HEADER],
+        request_body_buffer_limit=body_limit,
     )
     fallback = rc_pb2.Route(
         name="fallback",
@@ -65,6 +68,7 @@ def route_configuration(
             _response_header(PROVIDER_RESPONSE_HEADER, "%UPSTREAM_CLUSTER%"),
             _response_header(REASON_RESPONSE_HEADER, FALLBACK_REASON),
         ],
+        request_body_buffer_limit=body_limit,
     )
     return route_pb2.RouteConfiguration(
         name=ROUTE_CONFIG,

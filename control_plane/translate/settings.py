@@ -14,14 +14,13 @@ MIB = 1024 * 1024
 class EdgeSettings:
     edge_host: str = "127.0.0.1"
     edge_port: int = 10000
-    ext_proc_host: str = "127.0.0.1"
-    ext_proc_port: int = 50051
+    ext_proc_endpoints: tuple[tuple[str, int], ...] = (("127.0.0.1", 50051),)
+    """(host, port) of every ext_proc replica; Envoy balances streams over them."""
     xds_cluster: str = "gpu-router.xds"
     """The bootstrap's static xDS cluster; also the gRPC access-log target."""
     buffer_limit_bytes: int = 32 * MIB
-    """Per-connection buffer on the listener and every cluster: large prompts must not 413."""
-    ext_proc_max_message_bytes: int = 64 * MIB
-    """Largest gRPC message Envoy accepts from ext_proc (a rewritten body travels back in one)."""
+    """Per-connection buffer on the listener and every cluster, and the routes' request-body
+    buffer (json_to_metadata and the upstream Lua read whole bodies): large prompts must not 413."""
     ext_proc_message_timeout_ms: int = 1000
     upstream_timeout_s: int = 300
     """Whole-response timeout of a routed request; LLM generations are long."""

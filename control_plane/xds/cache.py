@@ -18,7 +18,8 @@ from typing import Any
 
 from google.protobuf.message import Message
 
-from control_plane.xds.snapshot import Snapshot
+from control_plane.xds.node import snapshot_version
+from control_plane.xds.snapshot import Snapshot, TypeResources
 from control_plane.xds.stream import XdsStream
 
 
@@ -119,9 +120,12 @@ class SnapshotCache:
         waiting = False
         for stream in self._streams(node_cluster):
             state = stream.types.get(type_url)
-            if state is not None and published.get(state.nacked_version, -1) >= target:
+            if state is None:
+                waiting = True
+                continue
+            if published.get(snapshot_version(state.nacked_version), -1) >= target:
                 return False
-            acked = published.get(state.acked_version, -1) if state is not None else -1
+            acked = published.get(snapshot_version(state.acked_version), -1)
             waiting = waiting or acked < target or not stream.acked_covers(type_url, names)
         return None if waiting else True
 
@@ -140,6 +144,7 @@ class SnapshotCache:
                 {
                     "id": node.id if node else "",
                     "cluster": node.cluster if node else "",
+                    "edge_port": node.edge_port if node else None,
                     "peer": connection.peer,
                     "connected_at_unix_ms": connection.connected_at_unix_ms,
                     "types": {
@@ -147,7 +152,9 @@ class SnapshotCache:
                             "subscribed": "*" if state.wildcard else sorted(state.names),
                             "sent_version": state.sent_version,
                             "acked_version": state.acked_version,
-                            "current_version": self._snapshot.version(type_url),
+                            "current_version": _version(
+                                connection.stream.view(type_url, self._snapshot)
+                            ),
                             "responses_sent": state.responses_sent,
                             "nacked_version": state.nacked_version,
                             "last_nack_error": state.last_error,
@@ -158,3 +165,7 @@ class SnapshotCache:
                 }
             )
         return sorted(out, key=lambda entry: (entry["cluster"], entry["id"]))
+
+
+def _version(entry: TypeResources | None) -> str:
+    return entry.version if entry is not None else ""

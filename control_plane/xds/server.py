@@ -18,6 +18,7 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 
 from control_plane.xds.cache import SnapshotCache
+from control_plane.xds.node import NodeMetadataError, edge_port_from_metadata
 from control_plane.xds.stream import (
     Acked,
     Event,
@@ -52,15 +53,20 @@ class AggregatedDiscoveryServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer)
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[discovery_pb2.DiscoveryResponse]:
         stream = XdsStream()
-        inbox: asyncio.Queue[Request | _Signal] = asyncio.Queue()
+        inbox: asyncio.Queue[discovery_pb2.DiscoveryRequest | _Signal] = asyncio.Queue()
         peer = context.peer()
         self._cache.open_stream(stream, peer, lambda: inbox.put_nowait(_Signal.SNAPSHOT_CHANGED))
         reader = asyncio.create_task(_pump(request_iterator, inbox))
         try:
             while (item := await inbox.get()) is not _Signal.CLIENT_DONE:
-                if isinstance(item, Request):
+                if isinstance(item, discovery_pb2.DiscoveryRequest):
+                    try:
+                        request = _from_proto(item)
+                    except NodeMetadataError as error:
+                        log.warning("xds_node_rejected", extra={"peer": peer, "error": str(error)})
+                        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
                     first = stream.node is None
-                    for event in stream.receive(item):
+                    for event in stream.receive(request):
                         _log_event(stream, event)
                     if first and stream.node is not None:
                         log.info("xds_stream_open", extra={**_node_fields(stream), "peer": peer})
@@ -74,12 +80,13 @@ class AggregatedDiscoveryServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer)
 
 
 async def _pump(
-    requests: AsyncIterator[discovery_pb2.DiscoveryRequest], inbox: asyncio.Queue[Request | _Signal]
+    requests: AsyncIterator[discovery_pb2.DiscoveryRequest],
+    inbox: asyncio.Queue[discovery_pb2.DiscoveryRequest | _Signal],
 ) -> None:
     """Move client requests into the stream's queue until the client half-closes or goes away."""
     try:
         async for message in requests:
-            inbox.put_nowait(_from_proto(message))
+            inbox.put_nowait(message)
     except grpc.RpcError as error:
         log.debug("xds_stream_read_failed", extra={"error": str(error)})
     finally:
@@ -87,13 +94,18 @@ async def _pump(
 
 
 def _from_proto(message: discovery_pb2.DiscoveryRequest) -> Request:
+    """Raises NodeMetadataError when the node's metadata asks for something unservable."""
     return Request(
         type_url=message.type_url,
         version_info=message.version_info,
         resource_names=tuple(message.resource_names),
         response_nonce=message.response_nonce,
         error_message=message.error_detail.message if message.HasField("error_detail") else None,
-        node=Node(id=message.node.id, cluster=message.node.cluster)
+        node=Node(
+            id=message.node.id,
+            cluster=message.node.cluster,
+            edge_port=edge_port_from_metadata(message.node.metadata),
+        )
         if message.HasField("node")
         else None,
     )
@@ -109,9 +121,13 @@ def _to_proto(response: Response) -> discovery_pb2.DiscoveryResponse:
     )
 
 
-def _node_fields(stream: XdsStream) -> dict[str, str]:
+def _node_fields(stream: XdsStream) -> dict[str, str | int | None]:
     node = stream.node
-    return {"node": node.id if node else "", "node_cluster": node.cluster if node else ""}
+    return {
+        "node": node.id if node else "",
+        "node_cluster": node.cluster if node else "",
+        "edge_port": node.edge_port if node else None,
+    }
 
 
 def _log_event(stream: XdsStream, event: Event) -> None:

@@ -15,6 +15,9 @@ Rules followed (envoy/api/xds_protocol.rst, "ACK/NACK and resource type instance
 - LDS and CDS responses carry the full set (a resource left out is deleted); EDS, RDS
   and SDS carry the subscribed names that exist; after every CDS response EDS is re-sent,
   since an updated cluster warms until it receives its endpoints again.
+
+Each node is served its own view of the snapshot (node.py); versions recorded here are the
+ones on the wire, i.e. that view's.
 """
 
 from __future__ import annotations
@@ -26,15 +29,8 @@ from dataclasses import dataclass
 from google.protobuf import any_pb2
 
 from control_plane.xds import type_urls
-from control_plane.xds.snapshot import Snapshot
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Node:
-    """Who is at the other end of the stream (the DiscoveryRequest's node)."""
-
-    id: str
-    cluster: str
+from control_plane.xds.node import Node, node_resources
+from control_plane.xds.snapshot import Snapshot, TypeResources
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -135,6 +131,8 @@ class XdsStream:
         self.node: Node | None = None
         self.types: dict[str, TypeState] = {}
         self._nonces: Iterator[int] = itertools.count(1)
+        self._views: dict[str, tuple[TypeResources, TypeResources]] = {}
+        """type URL -> (snapshot entry, this node's view of it), the last one computed."""
 
     def acked_version(self, type_url: str) -> str:
         state = self.types.get(type_url)
@@ -185,17 +183,30 @@ class XdsStream:
                     self.types[dependent].resend = True
         return out
 
-    def _response(self, type_url: str, state: TypeState, snapshot: Snapshot) -> Response | None:
-        if not snapshot.has(type_url):
+    def view(self, type_url: str, snapshot: Snapshot) -> TypeResources | None:
+        """This node's resources and version of one type (None: never published)."""
+        entry = snapshot.types.get(type_url)
+        if entry is None:
             return None
-        available = snapshot.resources(type_url)
+        cached = self._views.get(type_url)
+        if cached is not None and cached[0] is entry:
+            return cached[1]
+        view = node_resources(self.node, type_url, entry)
+        self._views[type_url] = (entry, view)
+        return view
+
+    def _response(self, type_url: str, state: TypeState, snapshot: Snapshot) -> Response | None:
+        entry = self.view(type_url, snapshot)
+        if entry is None:
+            return None
+        available = entry.resources
         if state.wildcard:
             chosen = [available[name] for name in sorted(available)]
         else:
             chosen = [available[name] for name in sorted(state.names) if name in available]
             if not chosen:
                 return None
-        version = snapshot.version(type_url)
+        version = entry.version
         if state.parked_on == (version, state.names):
             return None
         state.parked_on = None

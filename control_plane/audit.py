@@ -1,0 +1,103 @@
+"""The routing audit log: one JSON line per request, the decision and then its outcome.
+
+A line answers "why did this request go there, and what happened": every candidate
+with its score or the reason it was excluded, the choice, the fallback order and the
+reason, then who served after any failover, attempts, latency, status, tokens and
+cost. Lines are built and written by a background thread in batches (like the
+ledger, see control_plane/ledger/batching.py), so `add` never waits for the disk;
+a crash loses at most the last 0.5 s / 200 lines.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, TextIO
+
+from control_plane.ledger.batching import BackgroundBatcher
+from control_plane.usage.normalise import Usage
+from control_plane.usage.record import RequestRecord
+
+EXCLUDED_PREFIX = "x:"
+
+
+def parse_candidates(summary: str) -> list[dict[str, Any]]:
+    """ext_proc's "a=0.0001;b=x:gpu too small" -> [{"provider", "score"} | {"provider",
+    "excluded"}], in its (rank) order. Never raises: an unreadable entry keeps its text."""
+    candidates: list[dict[str, Any]] = []
+    for entry in filter(None, (part.strip() for part in summary.split(";"))):
+        provider, _, value = entry.partition("=")
+        if value.startswith(EXCLUDED_PREFIX):
+            candidates.append({"provider": provider, "excluded": value[len(EXCLUDED_PREFIX):]})
+            continue
+        try:
+            candidates.append({"provider": provider, "score": float(value)})
+        except ValueError:
+            candidates.append({"provider": provider, "unparsed": value})
+    return candidates
+
+
+def audit_entry(record: RequestRecord, usage: Usage, cost_usd: float) -> dict[str, Any]:
+    """The audit line's content. The choice is ext_proc's first scored candidate (it lists
+    them in rank order); "" when ext_proc did not decide (its fallback route)."""
+    candidates = parse_candidates(record.candidates)
+    choice = next((c["provider"] for c in candidates if "score" in c), "")
+    at = datetime.fromtimestamp(record.at_unix_ms / 1000, tz=timezone.utc)
+    return {
+        "at": at.isoformat(timespec="milliseconds"),
+        "request_id": record.request_id,
+        "model": record.model,
+        "policy": record.policy,
+        "strategy": record.strategy,
+        "candidates": candidates,
+        "choice": choice,
+        "fallbacks": list(record.fallbacks),
+        "reason": record.reason,
+        "outcome": {
+            "provider": record.provider,
+            "failed_over": bool(record.provider) and record.provider != choice,
+            "attempts": record.attempts,
+            "status": record.status,
+            "ttfb_ms": record.ttfb_ms,
+            "total_ms": record.total_ms,
+            "stream": record.stream,
+            "tokens": {
+                "input": usage.input_tokens,
+                "output": usage.output_tokens,
+                "cached_input": usage.cached_input_tokens,
+                "cache_write": usage.cache_write_tokens,
+                "reasoning": usage.reasoning_tokens,
+            },
+            "reported": dict(usage.reported),
+            "estimated": usage.estimated,
+            "estimate_reason": usage.estimate_reason,
+            "cost_usd": cost_usd,
+        },
+    }
+
+
+class AuditLog:
+    """Appends audit lines to `path` (created with its directory) from a background thread."""
+
+    def __init__(self, path: str | Path, *, flush_interval_s: float = 0.5,
+                 max_batch: int = 200) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file: TextIO = self.path.open("a", encoding="utf-8", buffering=1)
+        self._batcher: BackgroundBatcher[tuple[RequestRecord, Usage, float]] = (
+            BackgroundBatcher(self._write, name=f"audit-log:{self.path}",
+                              interval_s=flush_interval_s, max_batch=max_batch))
+
+    def add(self, record: RequestRecord, usage: Usage, cost_usd: float) -> None:
+        """O(1): the line is built and written later, off the caller's thread."""
+        self._batcher.add((record, usage, cost_usd))
+
+    def close(self) -> None:
+        """Writes every line added so far, then closes the file."""
+        self._batcher.close()
+        self._file.close()
+
+    def _write(self, batch: list[tuple[RequestRecord, Usage, float]]) -> None:
+        self._file.write("".join(
+            json.dumps(audit_entry(*item), separators=(",", ":")) + "\n" for item in batch))

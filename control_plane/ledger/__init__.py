@@ -1,0 +1,1 @@
+"""The usage ledger: one SQLite row per request (written in batches) and reports over it."""

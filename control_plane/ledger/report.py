@@ -1,0 +1,175 @@
+"""`gpu-router report`: spend, share, cost per request, latency and errors per provider.
+
+Definitions (also in the table's footer):
+- latency: total request latency as Envoy measured it; p50/p99 by nearest rank.
+- error: the client got no success because of the upstream side: status 0 (no
+  response), 429 or 5xx. Other 4xx are the client's own mistakes, not counted.
+- a request nobody served (e.g. no provider fits) is listed under "(none)".
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import sqlite3
+from dataclasses import asdict, dataclass
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+from control_plane.usage.record import is_error_status
+
+NO_PROVIDER = "(none)"
+TOTAL = "total"
+FORMATS = ("table", "json")
+_WINDOW = re.compile(r"^(\d+)([smhd])$")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
+
+
+class ReportError(Exception):
+    """A report that cannot be made (bad window or format, no ledger); say it and exit 2."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ProviderStats:
+    provider: str
+    requests: int
+    spend_usd: float
+    spend_share: float
+    """This provider's fraction (0..1) of the window's spend."""
+    cost_per_request_usd: float
+    p50_ms: float | None
+    """None when there were no requests."""
+    p99_ms: float | None
+    error_rate: float
+    rate_429: float
+    estimated: int
+    """Requests whose tokens were estimated, not reported."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Report:
+    since: datetime
+    until: datetime
+    providers: tuple[ProviderStats, ...]
+    """By spend, highest first."""
+    total: ProviderStats
+
+
+def parse_window(text: str) -> timedelta:
+    """"15m", "1h", "24h", "30d" (also seconds: "90s") -> timedelta; ReportError otherwise."""
+    match = _WINDOW.fullmatch(text.strip())
+    if match is None or int(match.group(1)) == 0:
+        raise ReportError(f"invalid window {text!r}: use a positive whole number and a unit "
+                          "s, m, h or d, e.g. 15m, 1h, 24h, 30d")
+    return timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
+
+
+def build_report(db_path: str | Path, since: timedelta, now: datetime) -> Report:
+    """The report over ledger rows with since <= age, i.e. at_unix_ms >= now - since."""
+    start = now - since
+    rows = _rows(Path(db_path), int(start.timestamp() * 1000))
+    by_provider: dict[str, list[tuple[float, int, float, int]]] = {}
+    for provider, total_ms, status, cost, estimated in rows:
+        by_provider.setdefault(provider or NO_PROVIDER, []).append(
+            (total_ms, status, cost, estimated))
+    spend_total = math.fsum(cost for _, _, cost, _ in (r for g in by_provider.values() for r in g))
+    providers = sorted((_stats(name, group, spend_total) for name, group in by_provider.items()),
+                       key=lambda stats: (-stats.spend_usd, stats.provider))
+    every = [row for group in by_provider.values() for row in group]
+    return Report(since=start, until=now, providers=tuple(providers),
+                  total=_stats(TOTAL, every, spend_total))
+
+
+def _rows(path: Path, since_unix_ms: int) -> list[tuple[str, float, int, float, int]]:
+    if not path.is_file():
+        raise ReportError(f"no usage ledger at {path}")
+    try:
+        connection = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+        try:
+            return connection.execute(
+                "SELECT provider, total_ms, status, cost_usd, estimated FROM requests "
+                "WHERE at_unix_ms >= ?", (since_unix_ms,)).fetchall()
+        finally:
+            connection.close()
+    except sqlite3.Error as error:
+        raise ReportError(f"cannot read the usage ledger {path}: {error}") from error
+
+
+def _percentile(ordered: list[float], fraction: float) -> float | None:
+    """Nearest rank: the smallest value with at least `fraction` of values at or below it."""
+    if not ordered:
+        return None
+    return ordered[max(math.ceil(fraction * len(ordered)) - 1, 0)]
+
+
+def _stats(name: str, rows: list[tuple[float, int, float, int]],
+           spend_total: float) -> ProviderStats:
+    count = len(rows)
+    spend = math.fsum(cost for _, _, cost, _ in rows)
+    latencies = sorted(total_ms for total_ms, _, _, _ in rows)
+    return ProviderStats(
+        provider=name, requests=count, spend_usd=spend,
+        spend_share=spend / spend_total if spend_total else 0.0,
+        cost_per_request_usd=spend / count if count else 0.0,
+        p50_ms=_percentile(latencies, 0.50), p99_ms=_percentile(latencies, 0.99),
+        error_rate=sum(is_error_status(status) for _, status, _, _ in rows) / count if count else 0.0,
+        rate_429=sum(status == 429 for _, status, _, _ in rows) / count if count else 0.0,
+        estimated=sum(bool(estimated) for _, _, _, estimated in rows),
+    )
+
+
+# --- rendering ---------------------------------------------------------------------------
+
+_HEADERS = ("provider", "requests", "spend USD", "share", "USD/request", "p50 ms", "p99 ms",
+            "errors", "429s", "estimated")
+
+
+def _cells(stats: ProviderStats) -> tuple[str, ...]:
+    def ms(value: float | None) -> str:
+        return "-" if value is None else f"{value:.1f}"
+
+    return (stats.provider, str(stats.requests), f"{stats.spend_usd:.6f}",
+            f"{stats.spend_share:.1%}", f"{stats.cost_per_request_usd:.8f}", ms(stats.p50_ms),
+            ms(stats.p99_ms), f"{stats.error_rate:.1%}", f"{stats.rate_429:.1%}",
+            str(stats.estimated))
+
+
+def render_table(report: Report) -> str:
+    """An aligned terminal table: provider left-aligned, numbers right-aligned."""
+    rows = [_HEADERS, *(_cells(stats) for stats in report.providers), _cells(report.total)]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(_HEADERS))]
+
+    def line(row: tuple[str, ...]) -> str:
+        return "  ".join(cell.ljust(widths[i]) if i == 0 else cell.rjust(widths[i])
+                         for i, cell in enumerate(row)).rstrip()
+
+    rule = "  ".join("-" * width for width in widths)
+    since, until = (moment.astimezone(timezone.utc) for moment in (report.since, report.until))
+    title = f"gpu-router usage {since:%Y-%m-%d %H:%M:%S} .. {until:%Y-%m-%d %H:%M:%S} UTC"
+    body = [line(row) for row in rows[1:-1]] or ["(no requests in this window)"]
+    footer = ("errors = no response, 429 or 5xx; latency = total, nearest rank; "
+              "estimated = tokens estimated from body sizes")
+    return "\n".join([title, "", line(rows[0]), rule, *body, rule, line(rows[-1]), "", footer])
+
+
+def to_json(report: Report) -> dict[str, Any]:
+    return {
+        "since": report.since.isoformat(),
+        "until": report.until.isoformat(),
+        "providers": [asdict(stats) for stats in report.providers],
+        "total": asdict(report.total),
+    }
+
+
+def run_report(db_path: str | Path, since_text: str, fmt: str, *,
+               now: datetime | None = None) -> str:
+    """What `gpu-router report --since <since_text> --format <fmt>` prints (the window
+    ends now); ReportError for a bad window or format or a missing ledger."""
+    if fmt not in FORMATS:
+        raise ReportError(f"unknown format {fmt!r}; one of: {', '.join(FORMATS)}")
+    report = build_report(db_path, parse_window(since_text), now or datetime.now(timezone.utc))
+    if fmt == "json":
+        return json.dumps(to_json(report), indent=2)
+    return render_table(report)

@@ -1,0 +1,296 @@
+"""Prometheus metrics for the control plane's /metrics, and the dashboard's recent history.
+
+A small registry that writes the text exposition format 0.0.4 (no client library):
+counters and histograms with labels. `Metrics.observe` takes one finished request and
+updates every series below; it also keeps, for the dashboard, a bounded time series
+(per provider, per 10 s bucket, the last 360 buckets = 1 hour) and the last 50
+decisions. Everything is guarded by one lock, so any thread may observe or render.
+
+Metric names (deploy/grafana/gpu-router.json reads them):
+  gpu_router_requests_total{provider,model,status_class}   status_class 2xx..5xx, "none"
+  gpu_router_request_errors_total{provider,model}          no response, 429 or 5xx
+  gpu_router_rate_limited_total{provider,model}            status 429
+  gpu_router_failovers_total{provider,model}               served after more than 1 attempt
+  gpu_router_request_duration_seconds{provider,model}      histogram, total latency
+  gpu_router_time_to_first_byte_seconds{provider,model}    histogram
+  gpu_router_tokens_total{provider,model,kind}             kind input|output|cached_input|
+                                                           cache_write|reasoning
+  gpu_router_estimated_usage_total{provider,model}         requests with estimated tokens
+  gpu_router_cost_usd_total{provider,model}
+  gpu_router_decisions_total{policy,strategy,reason}       reason: its first words only
+A request nobody served has provider="none".
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import re
+import threading
+from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from control_plane.usage.normalise import Usage
+from control_plane.usage.record import RequestRecord, is_error_status
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+SERIES_BUCKET_S = 10
+SERIES_BUCKETS = 360
+RECENT_DECISIONS = 50
+NO_PROVIDER = "none"
+_REASON_WORDS = 3
+_WORD_END = re.compile(r"[:;,.]$")
+
+
+def _escape_label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _escape_help(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("\n", "\\n")
+
+
+def _number(value: float) -> str:
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    return repr(float(value)) if not float(value).is_integer() else str(int(value))
+
+
+def _labels(names: Sequence[str], values: Sequence[str], extra: str = "") -> str:
+    pairs = [f'{name}="{_escape_label(value)}"' for name, value in zip(names, values, strict=True)]
+    if extra:
+        pairs.append(extra)
+    return "{" + ",".join(pairs) + "}" if pairs else ""
+
+
+class Counter:
+    def __init__(self, name: str, help_text: str, labelnames: Sequence[str]) -> None:
+        self.name, self.help, self.labelnames = name, help_text, tuple(labelnames)
+        self._values: dict[tuple[str, ...], float] = {}
+
+    def inc(self, labels: tuple[str, ...], amount: float = 1.0) -> None:
+        if amount < 0:
+            raise ValueError(f"{self.name}: a counter only goes up, got {amount}")
+        self._values[labels] = self._values.get(labels, 0.0) + amount
+
+    def value(self, labels: tuple[str, ...]) -> float:
+        return self._values.get(labels, 0.0)
+
+    def samples(self) -> Iterable[str]:
+        for labels, value in sorted(self._values.items()):
+            yield f"{self.name}{_labels(self.labelnames, labels)} {_number(value)}"
+
+
+class Histogram:
+    def __init__(self, name: str, help_text: str, labelnames: Sequence[str],
+                 buckets: Sequence[float]) -> None:
+        self.name, self.help, self.labelnames = name, help_text, tuple(labelnames)
+        self.buckets = tuple(sorted(buckets))
+        self._series: dict[tuple[str, ...], list[float]] = {}
+        """labels -> per-bucket counts (not cumulative), the +Inf count, then the sum."""
+
+    def observe(self, labels: tuple[str, ...], value: float) -> None:
+        series = self._series.setdefault(labels, [0.0] * (len(self.buckets) + 2))
+        series[bisect.bisect_left(self.buckets, value)] += 1
+        series[-1] += value
+
+    def samples(self) -> Iterable[str]:
+        for labels, series in sorted(self._series.items()):
+            cumulative = 0.0
+            for bound, count in zip((*self.buckets, math.inf), series[:-1], strict=True):
+                cumulative += count
+                le = f'le="{_number(bound)}"'
+                yield f"{self.name}_bucket{_labels(self.labelnames, labels, le)} {_number(cumulative)}"
+            yield f"{self.name}_sum{_labels(self.labelnames, labels)} {_number(series[-1])}"
+            yield f"{self.name}_count{_labels(self.labelnames, labels)} {_number(cumulative)}"
+
+
+def status_class(status: int) -> str:
+    return f"{status // 100}xx" if 100 <= status <= 599 else "none"
+
+
+def reason_bucket(reason: str) -> str:
+    """The reason's first words ("cheapest within 2000 ms SLA: $0.00003" -> "cheapest within"),
+    so the decisions label has few values: numbers, symbols and what follows are dropped."""
+    words: list[str] = []
+    for word in reason.lower().split():
+        if len(words) == _REASON_WORDS or not word[0].isalpha() or any(c.isdigit() for c in word):
+            break
+        words.append(_WORD_END.sub("", word))
+        if _WORD_END.search(word):
+            break
+    return " ".join(words) or "none"
+
+
+# --- dashboard history ----------------------------------------------------------------------
+
+_SKETCH_BOUNDS_MS = tuple(1.0 * 1.25 ** i for i in range(64))
+"""Latency sketch bins: 1 ms .. ~1.6e6 ms, each 25% wider, so a percentile read from
+the bins is within 25% of the true value while a bucket's memory stays fixed."""
+
+
+@dataclass(slots=True)
+class _Sketch:
+    counts: list[int] = field(default_factory=lambda: [0] * (len(_SKETCH_BOUNDS_MS) + 1))
+    total: int = 0
+
+    def add(self, value_ms: float) -> None:
+        self.counts[bisect.bisect_left(_SKETCH_BOUNDS_MS, value_ms)] += 1
+        self.total += 1
+
+    def percentile(self, fraction: float) -> float | None:
+        """The upper bound of the bin holding the nearest-rank percentile."""
+        if not self.total:
+            return None
+        rank = max(math.ceil(fraction * self.total), 1)
+        seen = 0
+        for index, count in enumerate(self.counts):
+            seen += count
+            if seen >= rank:
+                return _SKETCH_BOUNDS_MS[min(index, len(_SKETCH_BOUNDS_MS) - 1)]
+        return _SKETCH_BOUNDS_MS[-1]
+
+
+@dataclass(slots=True)
+class _Bucket:
+    requests: int = 0
+    errors: int = 0
+    cost_usd: float = 0.0
+    ttfb: _Sketch = field(default_factory=_Sketch)
+    total: _Sketch = field(default_factory=_Sketch)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SeriesPoint:
+    """One provider's requests in one 10 s bucket."""
+
+    start_unix_ms: int
+    requests: int
+    errors: int
+    cost_usd: float
+    ttfb_p50_ms: float | None
+    ttfb_p99_ms: float | None
+    total_p50_ms: float | None
+    total_p99_ms: float | None
+
+
+class Metrics:
+    """The registry plus dashboard history; `observe` once per finished request."""
+
+    def __init__(self) -> None:
+        pm = ("provider", "model")
+        self.requests = Counter("gpu_router_requests_total",
+                                "Requests by serving provider, model and status class.",
+                                (*pm, "status_class"))
+        self.errors = Counter("gpu_router_request_errors_total",
+                              "Requests that got no response, a 429 or a 5xx.", pm)
+        self.rate_limited = Counter("gpu_router_rate_limited_total",
+                                    "Requests answered 429.", pm)
+        self.failovers = Counter("gpu_router_failovers_total",
+                                 "Requests served after more than one attempt.", pm)
+        self.duration = Histogram("gpu_router_request_duration_seconds",
+                                  "Total request latency as Envoy measured it.", pm,
+                                  LATENCY_BUCKETS_S)
+        self.ttfb = Histogram("gpu_router_time_to_first_byte_seconds",
+                              "Time to the first upstream response byte.", pm, LATENCY_BUCKETS_S)
+        self.tokens = Counter("gpu_router_tokens_total",
+                              "Normalised tokens by kind (reported or estimated).",
+                              (*pm, "kind"))
+        self.estimated = Counter("gpu_router_estimated_usage_total",
+                                 "Requests whose tokens were estimated from body sizes.", pm)
+        self.cost = Counter("gpu_router_cost_usd_total",
+                            "Spend in USD from normalised tokens and the price sheet.", pm)
+        self.decisions = Counter("gpu_router_decisions_total",
+                                 "Routing decisions by policy, strategy and reason (first words).",
+                                 ("policy", "strategy", "reason"))
+        self._registry: tuple[Counter | Histogram, ...] = (
+            self.requests, self.errors, self.rate_limited, self.failovers, self.duration,
+            self.ttfb, self.tokens, self.estimated, self.cost, self.decisions)
+        self._lock = threading.Lock()
+        self._buckets: dict[int, dict[str, _Bucket]] = {}
+        self._decisions: deque[dict[str, Any]] = deque(maxlen=RECENT_DECISIONS)
+
+    def observe(self, record: RequestRecord, usage: Usage, cost_usd: float) -> None:
+        provider = record.provider or NO_PROVIDER
+        pm = (provider, record.model)
+        error = is_error_status(record.status)
+        with self._lock:
+            self.requests.inc((*pm, status_class(record.status)))
+            if error:
+                self.errors.inc(pm)
+            if record.status == 429:
+                self.rate_limited.inc(pm)
+            if record.attempts > 1:
+                self.failovers.inc(pm)
+            self.duration.observe(pm, record.total_ms / 1000)
+            self.ttfb.observe(pm, record.ttfb_ms / 1000)
+            for kind, count in (("input", usage.input_tokens), ("output", usage.output_tokens),
+                                ("cached_input", usage.cached_input_tokens),
+                                ("cache_write", usage.cache_write_tokens),
+                                ("reasoning", usage.reasoning_tokens)):
+                self.tokens.inc((*pm, kind), count)
+            if usage.estimated:
+                self.estimated.inc(pm)
+            self.cost.inc(pm, cost_usd)
+            self.decisions.inc((record.policy, record.strategy, reason_bucket(record.reason)))
+            self._record_history(record, provider, error, cost_usd)
+
+    def _record_history(self, record: RequestRecord, provider: str, error: bool,
+                        cost_usd: float) -> None:
+        self._decisions.append({
+            "at_unix_ms": record.at_unix_ms, "request_id": record.request_id,
+            "model": record.model, "policy": record.policy, "strategy": record.strategy,
+            "reason": record.reason, "fallbacks": list(record.fallbacks),
+            "provider": record.provider, "attempts": record.attempts, "status": record.status,
+            "ttfb_ms": record.ttfb_ms, "total_ms": record.total_ms, "cost_usd": cost_usd,
+        })
+        index = record.at_unix_ms // (SERIES_BUCKET_S * 1000)
+        if index not in self._buckets:
+            if self._buckets and index <= max(self._buckets) - SERIES_BUCKETS:
+                return
+            self._buckets[index] = {}
+            for old in [i for i in self._buckets if i <= index - SERIES_BUCKETS]:
+                del self._buckets[old]
+        bucket = self._buckets[index].setdefault(provider, _Bucket())
+        bucket.requests += 1
+        bucket.errors += error
+        bucket.cost_usd += cost_usd
+        bucket.ttfb.add(record.ttfb_ms)
+        bucket.total.add(record.total_ms)
+
+    def render(self) -> str:
+        """The text exposition format 0.0.4, one HELP and TYPE line per metric."""
+        lines: list[str] = []
+        with self._lock:
+            for metric in self._registry:
+                kind = "counter" if isinstance(metric, Counter) else "histogram"
+                lines.append(f"# HELP {metric.name} {_escape_help(metric.help)}")
+                lines.append(f"# TYPE {metric.name} {kind}")
+                lines.extend(metric.samples())
+        return "\n".join(lines) + "\n"
+
+    def series(self, since_unix_ms: int) -> dict[str, list[SeriesPoint]]:
+        """Provider -> its 10 s buckets starting at or after `since_unix_ms`, oldest first."""
+        out: dict[str, list[SeriesPoint]] = {}
+        size_ms = SERIES_BUCKET_S * 1000
+        with self._lock:
+            for index in sorted(self._buckets):
+                if (index + 1) * size_ms <= since_unix_ms:
+                    continue
+                for provider, bucket in self._buckets[index].items():
+                    out.setdefault(provider, []).append(SeriesPoint(
+                        start_unix_ms=index * size_ms, requests=bucket.requests,
+                        errors=bucket.errors, cost_usd=bucket.cost_usd,
+                        ttfb_p50_ms=bucket.ttfb.percentile(0.5),
+                        ttfb_p99_ms=bucket.ttfb.percentile(0.99),
+                        total_p50_ms=bucket.total.percentile(0.5),
+                        total_p99_ms=bucket.total.percentile(0.99)))
+        return out
+
+    def recent_decisions(self) -> list[dict[str, Any]]:
+        """The last 50 requests' decisions and outcomes, newest first."""
+        with self._lock:
+            return list(reversed(self._decisions))

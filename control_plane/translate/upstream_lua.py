@@ -1,0 +1,143 @@
+"""The Lua upstream filter of a provider cluster: the per-attempt request rewrite.
+
+Envoy re-runs only upstream filters on a retry, so whatever depends on the provider an attempt
+lands on is done here: the provider's path prefix, its own model id in the JSON body, and the
+removal of credential headers before credential_injector writes the provider's own.
+
+Request-header edits made here carry into later attempts (the router shares one header map), so
+every step starts from saved originals: ext_proc's "gpu_router" metadata (canonical model, original
+:path) and json_to_metadata's "gpu_router.request" (the model string the client sent). Body edits
+do not carry over: the router re-sends its buffered original. The body is only read (buffered)
+when the provider's id differs from the client's model string.
+"""
+
+from __future__ import annotations
+
+import json
+
+from control_plane.policy.model import Provider, RoutingConfig
+from control_plane.translate.names import METADATA_NAMESPACE, REQUEST_METADATA_NAMESPACE
+
+_REWRITE = r"""
+local NONE = {}
+
+-- Index of the closing quote of the JSON string opening at `open` (the end of s if unclosed).
+local function string_end(s, open)
+  local i = open + 1
+  while true do
+    local at = string.find(s, '["\\]', i)
+    if at == nil then
+      return #s
+    end
+    if string.byte(s, at) == 34 then
+      return at
+    end
+    i = at + 2
+  end
+end
+
+-- The JSON object s with the string value of every top-level "model" member replaced by
+-- `json`; nil when it has none. Strings are skipped whole, so nothing inside them counts.
+local function with_model(s, json)
+  local parts, copied, depth, i = {}, 1, 0, 1
+  while true do
+    local at, _, c = string.find(s, '([%[%]{}"])', i)
+    if at == nil then
+      break
+    end
+    i = at + 1
+    if c == '"' then
+      local close = string_end(s, at)
+      i = close + 1
+      if depth == 1 and string.sub(s, at, close) == '"model"' then
+        local value = string.match(s, '^%s*:%s*()"', i)
+        if value ~= nil then
+          parts[#parts + 1] = string.sub(s, copied, value - 1)
+          parts[#parts + 1] = json
+          copied = string_end(s, value) + 1
+          i = copied
+        end
+      end
+    elseif c == "{" or c == "[" then
+      depth = depth + 1
+    else
+      depth = depth - 1
+    end
+  end
+  if #parts == 0 then
+    return nil
+  end
+  parts[#parts + 1] = string.sub(s, copied)
+  return table.concat(parts)
+end
+
+function envoy_on_request(handle)
+  local headers = handle:headers()
+  for _, name in ipairs(CREDENTIAL_HEADERS) do
+    headers:remove(name)
+  end
+  local metadata = handle:streamInfo():dynamicMetadata()
+  local routed = metadata:get(ROUTED) or NONE
+  local path = routed.path
+  if path == nil then
+    -- No ext_proc answer (fallback route): save the original for later attempts.
+    path = headers:get(":path")
+    metadata:set(ROUTED, "path", path)
+  end
+  headers:replace(":path", PATH_PREFIX .. path)
+  local sent = (metadata:get(REQUEST) or NONE).model
+  local target = MODEL_IDS[routed.model or sent]
+  if sent == nil or target == nil or target.id == sent then
+    return
+  end
+  local body = handle:body()
+  if body == nil then
+    return
+  end
+  local rewritten = with_model(body:getBytes(0, body:length()), target.json)
+  if rewritten ~= nil then
+    body:setBytes(rewritten)
+    -- Handles taken before body() are no longer valid once it has waited for the body.
+    handle:headers():replace("content-length", tostring(#rewritten))
+  end
+end
+"""
+
+
+def lua_string(value: str) -> str:
+    """`value` as a Lua string literal that means exactly its UTF-8 bytes: printable ASCII as is,
+    every other byte (quote, backslash, controls, non-ASCII) as a three-digit decimal escape."""
+    escaped = "".join(
+        chr(byte) if 0x20 <= byte < 0x7F and byte not in b'"\\' else f"\\{byte:03d}"
+        for byte in value.encode()
+    )
+    return f'"{escaped}"'
+
+
+def credential_headers(config: RoutingConfig) -> tuple[str, ...]:
+    """Headers no attempt may carry to a provider, whether a client sent them or an earlier
+    attempt's credential_injector set them: authorization and every provider's credential
+    header, sorted."""
+    headers = {"authorization"}
+    headers.update(p.credential.header for p in config.providers if p.credential is not None)
+    return tuple(sorted(headers))
+
+
+def provider_lua(provider: Provider, strip_headers: tuple[str, ...]) -> str:
+    """The Lua source of `provider`'s upstream filter; models in name order, so the same
+    provider always gives the same bytes."""
+    models = "".join(
+        f"  [{lua_string(o.model)}] = {{id = {lua_string(o.provider_model_id)}, "
+        f"json = {lua_string(json.dumps(o.provider_model_id))}}},\n"
+        for o in sorted(provider.offerings, key=lambda o: o.model)
+    )
+    headers = ", ".join(lua_string(h) for h in strip_headers)
+    return (
+        f"-- gpu-router: per-attempt rewrite for provider {provider.name} (generated).\n"
+        f"local ROUTED = {lua_string(METADATA_NAMESPACE)}\n"
+        f"local REQUEST = {lua_string(REQUEST_METADATA_NAMESPACE)}\n"
+        f"local PATH_PREFIX = {lua_string(provider.upstream.path_prefix)}\n"
+        f"local CREDENTIAL_HEADERS = {{{headers}}}\n"
+        f"local MODEL_IDS = {{\n{models}}}\n"
+        f"{_REWRITE}"
+    )

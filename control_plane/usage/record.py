@@ -1,0 +1,50 @@
+"""What the control plane knows about one finished request, from Envoy's access log.
+
+The lead's access-log ingestion builds one RequestRecord per request; usage
+normalisation, pricing, the ledger, the audit log and the metrics all read it, so
+none of them depends on how Envoy delivered it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RequestRecord:
+    request_id: str
+    at_unix_ms: int
+    """When the request started (Envoy's start time), Unix milliseconds."""
+    model: str
+    """Public (canonical) model name."""
+    policy: str
+    strategy: str
+    reason: str
+    """ext_proc's one-phrase reason for its choice ("" when ext_proc did not decide)."""
+    fallbacks: tuple[str, ...]
+    """Providers Envoy may retry on, in order."""
+    candidates: str
+    """ext_proc's compact summary in rank order, e.g.
+    "vast=0.000070;runpod=0.000126;lambda=x:gpu too small" (provider=score, or
+    provider=x:exclusion reason); the first scored candidate is ext_proc's choice."""
+    provider: str
+    """Who finally served (after any failover); "" if nobody did."""
+    attempts: int
+    status: int
+    """HTTP status sent to the client (0 = no response, e.g. the client went away)."""
+    ttfb_ms: float
+    total_ms: float
+    stream: bool
+    request_bytes: int
+    response_bytes: int
+    usage_text: str
+    """Raw response text where usage was found: a JSON body from `"usage"` on, or the SSE
+    `data: {...}` line(s) carrying usage; "" when nothing was captured."""
+    usage_format: str
+    """"openai" | "anthropic" | "none": the serving provider's policy usage_format."""
+
+
+def is_error_status(status: int) -> bool:
+    """An upstream-side failure as the client saw it: no response (0), 429 or 5xx.
+    Other 4xx are the client's own mistakes. The report and the metrics both count this."""
+    return status == 0 or status == 429 or status >= 500
