@@ -4,6 +4,9 @@ GET /healthz      -> 200 "ok"
 GET /v1/health    -> fleet health (state.health())
 GET /v1/policy    -> the policy being served (state.policy_summary())
 GET /v1/xds       -> connected xDS nodes and what they ACKed (state.xds_nodes())
+GET /v1/dashboard -> the dashboard's data (state.dashboard())
+GET /metrics      -> Prometheus text exposition (state.metrics_text())
+GET /dashboard    -> the dashboard page and its assets (no CDN: works offline)
 
 Errors are JSON in the same shape the edge gives clients:
 {"error": {"message": ..., "type": ..., "param": null, "code": ...}}.
@@ -17,6 +20,9 @@ import logging
 from collections.abc import Callable
 from http import HTTPStatus
 from typing import Any, Protocol
+
+from control_plane.dashboard.data import DATA_PATH, dashboard_files
+from control_plane.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 
 logger = logging.getLogger(__name__)
 
@@ -33,17 +39,38 @@ class AdminState(Protocol):
 
     def xds_nodes(self) -> Any: ...
 
+    def dashboard(self) -> Any: ...
+
+    def metrics_text(self) -> str: ...
+
 
 class MalformedRequestError(ValueError):
     """The bytes received are not an HTTP/1.x request head we can answer."""
 
 
-def _json_routes(state: AdminState) -> dict[str, Callable[[], Any]]:
-    return {
-        "/v1/health": state.health,
-        "/v1/policy": state.policy_summary,
-        "/v1/xds": state.xds_nodes,
+JSON = "application/json"
+
+Route = tuple[str, Callable[[], bytes]]
+"""(content type, producer of the body)."""
+
+
+def _as_json(producer: Callable[[], Any]) -> Callable[[], bytes]:
+    return lambda: json.dumps(producer(), indent=2, sort_keys=True).encode()
+
+
+def routes(state: AdminState) -> dict[str, Route]:
+    """Every path the admin surface answers, built once per server."""
+    table: dict[str, Route] = {
+        "/healthz": ("text/plain; charset=utf-8", lambda: b"ok"),
+        "/v1/health": (JSON, _as_json(state.health)),
+        "/v1/policy": (JSON, _as_json(state.policy_summary)),
+        "/v1/xds": (JSON, _as_json(state.xds_nodes)),
+        DATA_PATH: (JSON, _as_json(state.dashboard)),
+        "/metrics": (METRICS_CONTENT_TYPE, lambda: state.metrics_text().encode()),
     }
+    for path, (content_type, content) in dashboard_files().items():
+        table[path] = (content_type, lambda content=content: content)
+    return table
 
 
 def _error_body(status: HTTPStatus, message: str) -> bytes:
@@ -81,10 +108,10 @@ def parse_request_line(head: bytes) -> tuple[str, str]:
     return method, target.split("?", 1)[0]
 
 
-def respond(state: AdminState, method: str, path: str) -> bytes:
-    """The full HTTP response to one request; pure apart from calling `state`."""
-    json_routes = _json_routes(state)
-    if path != "/healthz" and path not in json_routes:
+def respond(table: dict[str, Route], method: str, path: str) -> bytes:
+    """The full HTTP response to one request; pure apart from calling the route's producer."""
+    route = table.get(path)
+    if route is None:
         return _response(
             HTTPStatus.NOT_FOUND,
             _error_body(HTTPStatus.NOT_FOUND, f"no such path: {path}"),
@@ -97,10 +124,9 @@ def respond(state: AdminState, method: str, path: str) -> bytes:
             "application/json",
             ("Allow: GET",),
         )
-    if path == "/healthz":
-        return _response(HTTPStatus.OK, b"ok", "text/plain; charset=utf-8")
+    content_type, producer = route
     try:
-        body = json.dumps(json_routes[path](), indent=2, sort_keys=True).encode()
+        body = producer()
     except Exception as error:
         # A bug behind one endpoint must not take the admin surface down; say what broke.
         logger.exception("admin endpoint failed", extra={"path": path})
@@ -111,7 +137,7 @@ def respond(state: AdminState, method: str, path: str) -> bytes:
             ),
             "application/json",
         )
-    return _response(HTTPStatus.OK, body, "application/json")
+    return _response(HTTPStatus.OK, body, content_type)
 
 
 class AdminHttpServer:
@@ -120,7 +146,7 @@ class AdminHttpServer:
     def __init__(self, host: str, port: int, state: AdminState) -> None:
         self.host = host
         self.port = port
-        self._state = state
+        self._routes = routes(state)
         self._server: asyncio.Server | None = None
 
     async def start(self) -> None:
@@ -142,7 +168,7 @@ class AdminHttpServer:
             try:
                 head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), _READ_TIMEOUT_S)
                 method, path = parse_request_line(head)
-                response = respond(self._state, method, path)
+                response = respond(self._routes, method, path)
             except (
                 MalformedRequestError,
                 asyncio.LimitOverrunError,

@@ -25,6 +25,8 @@ import grpc
 from envoy.service.discovery.v3 import ads_pb2_grpc
 
 from control_plane.admin_http import AdminHttpServer
+from control_plane.dashboard.data import dashboard_data
+from control_plane.metrics import Metrics
 from control_plane.policy.load import default_policy_path
 from control_plane.rollout import REJECTIONS, Rollout, prepare_release
 from control_plane.telemetry.als import AccessLogReceiver
@@ -164,10 +166,19 @@ def configure_logging(level: str) -> None:
 class ControlPlaneState:
     """What the admin HTTP surface shows (control_plane.admin_http.AdminState)."""
 
-    def __init__(self, cache: SnapshotCache, rollout: Rollout, fleet: FleetHealth) -> None:
+    def __init__(
+        self, cache: SnapshotCache, rollout: Rollout, fleet: FleetHealth, metrics: Metrics
+    ) -> None:
         self._cache = cache
         self._rollout = rollout
         self._fleet = fleet
+        self._metrics = metrics
+
+    def dashboard(self) -> dict[str, Any]:
+        return dashboard_data(self._metrics, datetime.now(UTC))
+
+    def metrics_text(self) -> str:
+        return self._metrics.render()
 
     def policy_summary(self) -> dict[str, Any]:
         release = self._rollout.current
@@ -213,6 +224,7 @@ async def serve(options: Options, stop: asyncio.Event) -> None:
     cache = SnapshotCache()
     rollout = Rollout(cache)
     fleet = FleetHealth()
+    metrics = Metrics()
     watcher = (
         PolicyWatcher(
             options.policy, lambda path: prepare_release(path, settings), rollout.apply, REJECTIONS
@@ -236,7 +248,7 @@ async def serve(options: Options, stop: asyncio.Event) -> None:
     await rollout.apply(first)
     await server.start()
     admin = AdminHttpServer(
-        options.http_host, options.http_port, ControlPlaneState(cache, rollout, fleet)
+        options.http_host, options.http_port, ControlPlaneState(cache, rollout, fleet, metrics)
     )
     await admin.start()
     log.info(

@@ -8,6 +8,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from control_plane.ledger.report import ReportError, run_report
+from control_plane.ledger.store import default_ledger_path
 from control_plane.policy.load import PolicyError, default_policy_path, load_policy_file
 from gpu_router.health_view import render_health
 from gpu_router.processes import ProcessError, http_get
@@ -73,6 +75,15 @@ def health(args: argparse.Namespace) -> int:
     return 0
 
 
+def report(args: argparse.Namespace) -> int:
+    try:
+        print(run_report(args.ledger, args.since, args.format))
+    except ReportError as error:
+        print(f"gpu-router report: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="gpu-router", description=__doc__)
     commands = root.add_subparsers(dest="command", required=True)
@@ -97,6 +108,12 @@ def parser() -> argparse.ArgumentParser:
     show.add_argument("--control-plane", default=f"http://127.0.0.1:{defaults.control_http}")
     show.add_argument("--format", choices=("table", "json"), default="table")
     show.set_defaults(handler=health)
+
+    spend = commands.add_parser("report", help="spend, latency and errors per provider from the usage ledger")
+    spend.add_argument("--since", default="24h", help="window ending now: 15m, 1h, 24h, 30d ...")
+    spend.add_argument("--format", choices=("table", "json"), default="table")
+    spend.add_argument("--ledger", default=str(default_ledger_path()), help="the SQLite usage ledger")
+    spend.set_defaults(handler=report)
     return root
 
 

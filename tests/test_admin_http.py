@@ -23,6 +23,12 @@ class FakeState:
     def xds_nodes(self) -> Any:
         raise RuntimeError("xds state unavailable")
 
+    def dashboard(self) -> Any:
+        return {"providers": {}}
+
+    def metrics_text(self) -> str:
+        return "# TYPE gpu_router_requests_total counter\ngpu_router_requests_total 3\n"
+
 
 def _request(port: int, method: str, path: str) -> tuple[int, dict[str, str], bytes]:
     request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method=method)
@@ -72,6 +78,14 @@ async def _exercise() -> None:
         status, headers, body = await asyncio.to_thread(_request, port, "POST", "/v1/health")
         assert status == 405 and headers["Allow"] == "GET"
         assert json.loads(body)["error"]["code"] == "method_not_allowed"
+
+        status, headers, body = await asyncio.to_thread(_request, port, "GET", "/metrics")
+        assert status == 200 and headers["Content-Type"].startswith("text/plain; version=0.0.4")
+        assert b"gpu_router_requests_total 3" in body
+
+        status, headers, body = await asyncio.to_thread(_request, port, "GET", "/dashboard")
+        assert status == 200 and headers["Content-Type"].startswith("text/html")
+        assert b"<script" in body
 
         reply = await asyncio.to_thread(_raw, port, b"garbage\r\n\r\n")
         assert reply.startswith(b"HTTP/1.1 400 Bad Request\r\n")
