@@ -11,7 +11,7 @@ a crash loses at most the last 0.5 s / 200 lines.
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -43,7 +43,7 @@ def audit_entry(record: RequestRecord, usage: Usage, cost_usd: float) -> dict[st
     them in rank order); "" when ext_proc did not decide (its fallback route)."""
     candidates = parse_candidates(record.candidates)
     choice = next((c["provider"] for c in candidates if "score" in c), "")
-    at = datetime.fromtimestamp(record.at_unix_ms / 1000, tz=timezone.utc)
+    at = datetime.fromtimestamp(record.at_unix_ms / 1000, tz=UTC)
     return {
         "at": at.isoformat(timespec="milliseconds"),
         "request_id": record.request_id,

@@ -127,9 +127,9 @@ def reason_bucket(reason: str) -> str:
 
 # --- dashboard history ----------------------------------------------------------------------
 
-_SKETCH_BOUNDS_MS = tuple(1.0 * 1.25 ** i for i in range(64))
-"""Latency sketch bins: 1 ms .. ~1.6e6 ms, each 25% wider, so a percentile read from
-the bins is within 25% of the true value while a bucket's memory stays fixed."""
+_SKETCH_BOUNDS_MS = tuple(1.1 ** i for i in range(140))
+"""Latency sketch bins: 1 ms .. ~10 min, each 10% wider, so a percentile read from
+the bins is within 10% of the true value while a bucket's memory stays fixed."""
 
 
 @dataclass(slots=True)

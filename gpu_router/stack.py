@@ -40,6 +40,17 @@ Probe = Callable[[], Callable[[], bool]]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class _Lifecycle:
+    """How the stack (re)starts and kills one of its processes."""
+
+    what: str
+    """What being ready means, for the error when it never is."""
+    probe: Probe
+    ports: tuple[int, ...]
+    """Where it listens: it is down once none of them accepts a connection."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class StackPorts:
     edge: int = 10000
     """Edge listener of the first Envoy node (the others get free ports)."""
@@ -91,8 +102,7 @@ class Stack:
     edges: list[EdgeHandle] = field(default_factory=list)
     ext_proc_ports: list[int] = field(default_factory=list)
     """Port of each ext_proc replica, ext-proc-1 first."""
-    _probes: dict[str, tuple[str, Probe]] = field(default_factory=dict, repr=False)
-    """name -> (what readiness means, probe), for start and restart alike."""
+    _lifecycles: dict[str, _Lifecycle] = field(default_factory=dict, repr=False)
 
     def start(self, timeout: float = 60.0) -> Self:
         """Start everything and wait until every edge node routes with every replica's policy."""
@@ -119,9 +129,15 @@ class Stack:
 
     def start_simulators(self, timeout: float) -> None:
         sims = python_module("simulator", "simulator", ["--policy", str(self.policy)], self.log_dir)
-        ports = self.simulator_ports()
+        ports = tuple(self.simulator_ports())
         self._launch(
-            sims, "simulators to listen", lambda: lambda: all(map(port_open, ports)), timeout
+            sims,
+            _Lifecycle(
+                what="simulators to listen",
+                probe=lambda: lambda: all(map(port_open, ports)),
+                ports=ports,
+            ),
+            timeout,
         )
 
     def simulator_ports(self) -> list[int]:
@@ -139,7 +155,15 @@ class Stack:
         for port in self.ext_proc_ports:
             args += ["--ext-proc-address", f"127.0.0.1:{port}"]
         control = python_module("control-plane", "control_plane", args, self.log_dir)
-        self._launch(control, "its HTTP port", lambda: self._control_plane_healthy, timeout)
+        self._launch(
+            control,
+            _Lifecycle(
+                what="its HTTP port",
+                probe=lambda: self._control_plane_healthy,
+                ports=(self.ports.xds, self.ports.control_http),
+            ),
+            timeout,
+        )
 
     def start_ext_proc(self, index: int, timeout: float) -> None:
         """ext_proc replica `index` (named ext-proc-<index + 1>) on its port."""
@@ -152,8 +176,11 @@ class Stack:
         ext_proc = python_module(f"ext-proc-{index + 1}", "ext_proc", args, self.log_dir)
         self._launch(
             ext_proc,
-            "its gRPC port and the routing policy in every worker",
-            lambda: self._new_policy_holders(port),
+            _Lifecycle(
+                what="its gRPC port and the routing policy in every worker",
+                probe=lambda: self._new_policy_holders(port),
+                ports=(port,),
+            ),
             timeout,
         )
 
@@ -180,22 +207,31 @@ class Stack:
         handle = EdgeHandle(node_id, edge_port, EnvoyAdmin(admin_port), process)
         self._launch(
             process,
-            "Envoy to accept its config from the control plane",
-            lambda: handle.admin.ready,
+            _Lifecycle(
+                what="Envoy to accept its config from the control plane",
+                probe=lambda: handle.admin.ready,
+                ports=(edge_port, admin_port),
+            ),
             timeout,
         )
         self.edges.append(handle)
         return handle
 
-    def _launch(self, process: ManagedProcess, what: str, probe: Probe, timeout: float) -> None:
+    def _launch(self, process: ManagedProcess, lifecycle: _Lifecycle, timeout: float) -> None:
         self.processes[process.name] = process
-        self._probes[process.name] = (what, probe)
-        ready = probe()
-        process.start().wait_until(ready, what, timeout)
+        self._lifecycles[process.name] = lifecycle
+        ready = lifecycle.probe()
+        process.start().wait_until(ready, lifecycle.what, timeout)
 
-    def kill(self, name: str) -> None:
-        """SIGKILL one process (and its workers), as a crash would."""
+    def kill(self, name: str, timeout: float = 10.0) -> None:
+        """SIGKILL one process and its workers, as a crash would; return once none of its
+        ports accepts a connection (its workers die a moment after it)."""
         self.processes[name].kill()
+        deadline = time.monotonic() + timeout
+        while any(map(port_open, self._lifecycles[name].ports)):
+            if time.monotonic() > deadline:
+                raise ProcessError(f"{name}: still listening {timeout:.0f}s after SIGKILL")
+            time.sleep(0.05)
 
     def restart(self, name: str, timeout: float = 60.0) -> None:
         """Stop `name` if it still runs, start the same argv again (same ports), wait until ready.
@@ -203,11 +239,10 @@ class Stack:
         Ready means what it meant at start; for the control plane also that every edge node
         and every ext_proc worker is back in sync with it (they reconnect with backoff).
         """
-        process = self.processes[name]
-        what, probe = self._probes[name]
+        process, lifecycle = self.processes[name], self._lifecycles[name]
         process.stop()
-        ready = probe()
-        process.start().wait_until(ready, what, timeout)
+        ready = lifecycle.probe()
+        process.start().wait_until(ready, lifecycle.what, timeout)
         if name == "control-plane":
             process.wait_until(self.fleet_synced, "every node to resync", timeout)
 
@@ -237,9 +272,8 @@ class Stack:
             and all(_acked_current(node, t) for t in (_LISTENER_TYPE, _CLUSTER_TYPE))
         }
         workers = self.ext_proc_replicas * self.ext_proc_workers
-        return {e.node_id for e in self.edges} <= synced_edges and len(
-            _policy_holders(nodes)
-        ) >= workers
+        every_edge = {edge.node_id for edge in self.edges} <= synced_edges
+        return every_edge and len(_policy_holders(nodes)) >= workers
 
     def _control_plane_healthy(self) -> bool:
         return http_get(self.control_url("/healthz"))[0] == 200

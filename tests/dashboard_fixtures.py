@@ -7,7 +7,7 @@ import random
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from usage_fixtures import make_record
@@ -46,11 +46,11 @@ def dashboard_server(metrics: Metrics) -> Iterator[str]:
     files = dashboard_files()
 
     class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        def do_GET(self) -> None:
             path = self.path.split("?", 1)[0]
             if path == DATA_PATH:
                 content_type = "application/json"
-                body = json.dumps(dashboard_data(metrics, datetime.now(timezone.utc))).encode()
+                body = json.dumps(dashboard_data(metrics, datetime.now(UTC))).encode()
             elif path in files:
                 content_type, body = files[path]
             else:

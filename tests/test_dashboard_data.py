@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import urllib.request
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 from dashboard_fixtures import PROVIDERS, dashboard_server, synthetic_metrics
@@ -14,7 +14,7 @@ from control_plane.dashboard.data import DATA_PATH, dashboard_data, dashboard_fi
 from control_plane.metrics import Metrics
 from control_plane.usage.normalise import normalise
 
-NOW = datetime(2024, 5, 1, 12, 0, tzinfo=timezone.utc)
+NOW = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 
 
 def test_data_has_series_totals_and_decisions() -> None:
@@ -56,7 +56,7 @@ def test_files_are_self_contained() -> None:
                           "/dashboard/dashboard.css"}
     html = files["/dashboard"][1].decode()
     assert files["/dashboard"][0].startswith("text/html")
-    for _, (_, body) in files.items():
+    for _, body in files.values():
         text = body.decode()
         assert "http://" not in text.replace("http://www.w3.org/2000/svg", "")
         assert "https://" not in text and "//cdn" not in text and "@import" not in text
@@ -65,7 +65,7 @@ def test_files_are_self_contained() -> None:
 
 
 def test_served_over_http() -> None:
-    with dashboard_server(synthetic_metrics(datetime.now(timezone.utc))) as base:
+    with dashboard_server(synthetic_metrics(datetime.now(UTC))) as base:
         with urllib.request.urlopen(f"{base}{DATA_PATH}", timeout=10) as response:
             data = json.load(response)
         with urllib.request.urlopen(f"{base}/dashboard", timeout=10) as response:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 from usage_fixtures import captured_json_usage, compact, make_record, sse
@@ -81,7 +82,7 @@ def test_anthropic_stream_merges_message_start_and_message_delta() -> None:
 
 
 def test_openai_stream_reads_the_include_usage_chunk() -> None:
-    events = [{"choices": [{"delta": {"content": "a"}}]},
+    events: list[dict[str, Any]] = [{"choices": [{"delta": {"content": "a"}}]},
               {"choices": [], "usage": {"prompt_tokens": 20, "completion_tokens": 7,
                                         "total_tokens": 27}}]
     usage = normalise(make_record(stream=True, usage_text=sse(events)))
@@ -134,13 +135,14 @@ MALFORMED = {
     "truncated json": ('"usage":{"prompt_tokens":12,"completion', "not valid JSON"),
     "usage not an object": ('"usage": [1, 2]', "not an object"),
     "no usage key": ('{"id": "x"}', 'no "usage" key'),
-    "wrong dialect": ('"usage":{"input_tokens":5,"output_tokens":2}', "usage.prompt_tokens is "
-                      "missing"),
+    "wrong dialect": ('"usage":{"input_tokens":5,"output_tokens":2}',
+                      "usage.prompt_tokens is missing"),
     "string count": ('"usage":{"prompt_tokens":"12","completion_tokens":2}', "'12'"),
     "boolean count": ('"usage":{"prompt_tokens":true,"completion_tokens":2}', "True"),
     "negative count": ('"usage":{"prompt_tokens":-1,"completion_tokens":2}', "negative"),
-    "cached above prompt": ('"usage":{"prompt_tokens":3,"completion_tokens":2,'
-                            '"prompt_tokens_details":{"cached_tokens":9}}', "inconsistent"),
+    "cached above prompt": (
+        '"usage":{"prompt_tokens":3,"completion_tokens":2,"prompt_tokens_details":{"cached_tokens":9}}',
+        "inconsistent"),
     "sse without usage": ("data: {\"choices\":[]}\n\ndata: [DONE]\n\n", "no SSE event"),
     "sse garbage": ("data: {not json\n\n", "no SSE event"),
     "colon missing": ('"usage" {"prompt_tokens":1}', "not followed by ':'"),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+from typing import Any
 
 import pytest
 
@@ -10,11 +12,12 @@ from control_plane.policy.model import Price
 from control_plane.usage.normalise import Usage
 from control_plane.usage.pricing import MissingPriceError, PriceBook, cost_usd
 
+ZERO = Usage(input_tokens=0, output_tokens=0, cached_input_tokens=0, cache_write_tokens=0,
+             reasoning_tokens=0, estimated=False)
 
-def usage(**counts: int) -> Usage:
-    fields = {"input_tokens": 0, "output_tokens": 0, "cached_input_tokens": 0,
-              "cache_write_tokens": 0, "reasoning_tokens": 0, **counts}
-    return Usage(estimated=False, **fields)
+
+def usage(**counts: Any) -> Usage:
+    return replace(ZERO, **counts)
 
 
 FULL = Price(input=3.0, output=15.0, cached_input=0.3, cache_write=3.75, reasoning=12.0)

@@ -30,6 +30,7 @@ function fmtMs(value) {
 
 function fmtUsd(value) {
   if (value === null || value === undefined) return "-";
+  if (value === 0) return "0";
   return value < 0.01 ? value.toExponential(2) : value.toFixed(4);
 }
 

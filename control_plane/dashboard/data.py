@@ -13,7 +13,7 @@ from datetime import datetime, timedelta
 from importlib import resources
 from typing import Any
 
-from control_plane.metrics import SERIES_BUCKET_S, SERIES_BUCKETS, Metrics
+from control_plane.metrics import SERIES_BUCKET_S, SERIES_BUCKETS, Metrics, SeriesPoint
 
 DATA_PATH = "/v1/dashboard"
 _FILES = {
@@ -37,7 +37,7 @@ def dashboard_data(metrics: Metrics, now: datetime) -> dict[str, Any]:
     now_ms = int(now.timestamp() * 1000)
     since = now - timedelta(seconds=SERIES_BUCKET_S * SERIES_BUCKETS)
     series = metrics.series(int(since.timestamp() * 1000))
-    totals = {}
+    totals: dict[str, dict[str, Any]] = {}
     for provider, points in series.items():
         requests = sum(point.requests for point in points)
         errors = sum(point.errors for point in points)
@@ -60,7 +60,7 @@ def dashboard_data(metrics: Metrics, now: datetime) -> dict[str, Any]:
     }
 
 
-def _point(point: Any) -> dict[str, Any]:
+def _point(point: SeriesPoint) -> dict[str, Any]:
     data = asdict(point)
     data["success_rate"] = 1 - point.errors / point.requests if point.requests else None
     data["cost_per_request_usd"] = point.cost_usd / point.requests if point.requests else None

@@ -14,7 +14,7 @@ import math
 import re
 import sqlite3
 from dataclasses import asdict, dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -146,7 +146,7 @@ def render_table(report: Report) -> str:
                          for i, cell in enumerate(row)).rstrip()
 
     rule = "  ".join("-" * width for width in widths)
-    since, until = (moment.astimezone(timezone.utc) for moment in (report.since, report.until))
+    since, until = (moment.astimezone(UTC) for moment in (report.since, report.until))
     title = f"gpu-router usage {since:%Y-%m-%d %H:%M:%S} .. {until:%Y-%m-%d %H:%M:%S} UTC"
     body = [line(row) for row in rows[1:-1]] or ["(no requests in this window)"]
     footer = ("errors = no response, 429 or 5xx; latency = total, nearest rank; "
@@ -169,7 +169,7 @@ def run_report(db_path: str | Path, since_text: str, fmt: str, *,
     ends now); ReportError for a bad window or format or a missing ledger."""
     if fmt not in FORMATS:
         raise ReportError(f"unknown format {fmt!r}; one of: {', '.join(FORMATS)}")
-    report = build_report(db_path, parse_window(since_text), now or datetime.now(timezone.utc))
+    report = build_report(db_path, parse_window(since_text), now or datetime.now(UTC))
     if fmt == "json":
         return json.dumps(to_json(report), indent=2)
     return render_table(report)

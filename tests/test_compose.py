@@ -1,0 +1,318 @@
+"""docker-compose.yml: it parses as a Compose file, and every address and port in it agrees with
+the control plane's flags, the Envoy bootstrap, the default policy and the simulator.
+
+No Docker engine runs here: Debian's docker-compose renders the file, the rest is read with
+the same parsers the services use (control_plane's and simulator's argument parsers), and the
+two pieces that are not ours (the Envoy image's healthcheck, the Compose bootstrap) run against
+the real Envoy.
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import subprocess
+import urllib.parse
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from xds_fixtures import AdsHarness
+
+from control_plane.app import Options
+from control_plane.app import parse_args as control_plane_args
+from control_plane.policy.load import default_policy_path
+from control_plane.xds import type_urls
+from gpu_router.bootstrap import EdgeNode, render_bootstrap
+from gpu_router.processes import (
+    EnvoyAdmin,
+    ManagedProcess,
+    envoy_binary,
+    free_port,
+    http_get,
+    python_module,
+)
+from simulator.__main__ import parse_args as simulator_args
+from simulator.__main__ import plan as simulator_plan
+
+ROOT = Path(__file__).resolve().parents[1]
+COMPOSE_FILE = ROOT / "docker-compose.yml"
+EDGE_NODE_CLUSTER = "gpu-router-edge"
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    return yaml.safe_load(COMPOSE_FILE.read_text())
+
+
+@pytest.fixture(scope="module")
+def services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return compose["services"]
+
+
+def of_kind(services: dict[str, dict[str, Any]], module: str) -> dict[str, dict[str, Any]]:
+    """Services whose command runs `python -m module` (or `envoy` for module "envoy")."""
+    return {name: s for name, s in services.items() if _program(s["command"]) == module}
+
+
+def _program(command: list[str]) -> str:
+    return command[2] if command[:2] == ["python", "-m"] else command[0]
+
+
+def flags(command: list[str]) -> dict[str, list[str]]:
+    """-flag value pairs of an argv, values of repeated flags in order (switches map to [])."""
+    out: dict[str, list[str]] = {}
+    for index, word in enumerate(command):
+        if word.startswith("-"):
+            value = command[index + 1 : index + 2]
+            out.setdefault(word, []).extend(v for v in value if not v.startswith("-"))
+    return out
+
+
+def host_path(service: dict[str, Any], container_path: str) -> Path:
+    """The repository file a service sees at `container_path` through its bind mounts."""
+    for volume in service["volumes"]:
+        source, target, *_ = volume.split(":")
+        if container_path == target or container_path.startswith(target.rstrip("/") + "/"):
+            return (ROOT / source / container_path[len(target) :].lstrip("/")).resolve()
+    raise AssertionError(f"{container_path} is not mounted into the service")
+
+
+def published(service: dict[str, Any]) -> dict[int, tuple[str, int]]:
+    """container port -> (host address, host port) of a service's short-syntax `ports`."""
+    out: dict[int, tuple[str, int]] = {}
+    for entry in service.get("ports", []):
+        *address, host_port, container_port = entry.split(":")
+        out[int(container_port)] = (address[0] if address else "0.0.0.0", int(host_port))
+    return out
+
+
+def control_plane_options(services: dict[str, dict[str, Any]]) -> Options:
+    [service] = of_kind(services, "control_plane").values()
+    return control_plane_args(service["command"][3:])
+
+
+def simulated_policy(services: dict[str, dict[str, Any]]) -> Path:
+    [service] = of_kind(services, "simulator").values()
+    return host_path(service, flags(service["command"])["--policy"][0])
+
+
+def test_docker_compose_renders_the_file() -> None:
+    binary = shutil.which("docker-compose")
+    if binary is None:
+        pytest.skip("docker-compose is not installed (.ci/run installs Debian's package)")
+    result = subprocess.run(
+        [binary, "-f", str(COMPOSE_FILE), "config"],
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    rendered = yaml.safe_load(result.stdout)["services"]
+    assert set(rendered) == set(yaml.safe_load(COMPOSE_FILE.read_text())["services"])
+    assert rendered["envoy-1"]["depends_on"]["control-plane"]["condition"] == "service_healthy"
+
+
+def test_the_fleet_has_a_control_plane_two_envoys_two_ext_procs_and_the_simulator(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    assert len(of_kind(services, "control_plane")) == 1
+    assert len(of_kind(services, "simulator")) == 1
+    assert len(of_kind(services, "ext_proc")) >= 2
+    envoys = of_kind(services, "envoy")
+    assert len(envoys) >= 2
+    assert all(s["image"].startswith("envoyproxy/envoy:v1.40") for s in envoys.values())
+    kinds = {_program(s["command"]) for s in services.values()}
+    assert kinds == {"control_plane", "simulator", "ext_proc", "envoy"}
+
+
+def test_every_service_restarts_and_has_a_healthcheck(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    for name, service in services.items():
+        assert service.get("restart") == "unless-stopped", name
+        assert service["healthcheck"]["test"][0] == "CMD", name
+        for dependency in service.get("depends_on", {}):
+            assert dependency in services, f"{name} depends on unknown {dependency}"
+
+
+def test_the_control_plane_listens_on_every_interface_and_publishes_its_http_port(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    options = control_plane_options(services)
+    [service] = of_kind(services, "control_plane").values()
+    assert (options.xds_host, options.http_host, options.edge_host) == ("0.0.0.0",) * 3
+    assert published(service) == {options.http_port: ("127.0.0.1", 8080)}
+    assert f"127.0.0.1:{options.http_port}/healthz" in service["healthcheck"]["test"][-1]
+    assert options.policy is not None
+    assert host_path(service, str(options.policy)) == simulated_policy(services)
+
+
+def test_envoy_nodes_bootstrap_to_the_control_plane_service(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    options = control_plane_options(services)
+    [control_plane_name] = of_kind(services, "control_plane")
+    node_ids = []
+    for name, service in of_kind(services, "envoy").items():
+        argv = flags(service["command"])
+        bootstrap = host_path(service, argv["-c"][0])
+        expected = render_bootstrap(
+            EdgeNode(admin_host="0.0.0.0", xds_host=control_plane_name, xds_port=options.xds_port)
+        )
+        assert yaml.safe_load(bootstrap.read_text()) == expected, name
+        assert argv["--service-cluster"] == [EDGE_NODE_CLUSTER]
+        node_ids += argv["--service-node"]
+    assert len(set(node_ids)) == len(node_ids) == len(of_kind(services, "envoy"))
+
+
+def test_edge_and_admin_ports_are_published_once_per_node(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    options = control_plane_options(services)
+    envoys = of_kind(services, "envoy")
+    admin_port = render_bootstrap(EdgeNode())["admin"]["address"]["socket_address"]["port_value"]
+    edge_hosts, admin_hosts = [], []
+    for name, service in envoys.items():
+        ports = published(service)
+        assert set(ports) == {options.edge_port, admin_port}, name
+        assert ports[admin_port][0] == "127.0.0.1", "admin stays on the host's loopback"
+        assert f"/dev/tcp/127.0.0.1/{admin_port} " in service["healthcheck"]["test"][-1]
+        edge_hosts.append(ports[options.edge_port][1])
+        admin_hosts.append(ports[admin_port][1])
+    assert sorted(edge_hosts) == [10000 + i for i in range(len(envoys))]
+    assert sorted(admin_hosts) == [9901 + i for i in range(len(envoys))]
+
+
+def test_the_control_plane_names_every_ext_proc_replica_where_it_listens(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    options = control_plane_options(services)
+    [control_plane_name] = of_kind(services, "control_plane")
+    replicas = {}
+    for name, service in of_kind(services, "ext_proc").items():
+        argv = flags(service["command"])
+        host, _, port = argv["--listen"][0].rpartition(":")
+        assert host == "0.0.0.0", name
+        assert argv["--xds"] == [f"{control_plane_name}:{options.xds_port}"]
+        assert f"('127.0.0.1', {port})" in service["healthcheck"]["test"][-1]
+        replicas[name] = int(port)
+    assert sorted(options.ext_proc_endpoints) == sorted(replicas.items())
+
+
+def test_the_compose_policy_is_the_default_policy_on_the_simulator_service(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    compose_policy = yaml.safe_load(simulated_policy(services).read_text())
+    default = yaml.safe_load(default_policy_path().read_text())
+    [simulator_name] = of_kind(services, "simulator")
+    moved = copy.deepcopy(default)
+    for provider in moved["providers"]:
+        url = urllib.parse.urlsplit(provider["base_url"])
+        provider["base_url"] = url._replace(netloc=f"{simulator_name}:{url.port}").geturl()
+    assert compose_policy == moved
+
+
+def test_the_simulator_serves_every_provider_of_the_compose_policy(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    [service] = of_kind(services, "simulator").values()
+    command = [
+        str(host_path(service, word)) if word.startswith("/src/") else word
+        for word in service["command"][3:]
+    ]
+    fleet = simulator_plan(simulator_args(command))
+    policy = yaml.safe_load(simulated_policy(services).read_text())
+    wanted = {p["name"]: urllib.parse.urlsplit(p["base_url"]).port for p in policy["providers"]}
+    assert {spec.name: spec.port for spec in fleet.specs} == wanted
+    assert {spec.host for spec in fleet.specs} == {"0.0.0.0"}
+    assert fleet.skipped == ()
+    health = service["healthcheck"]["test"][-1]
+    assert f"for p in {tuple(sorted(wanted.values()))}" in health
+
+
+def test_all_providers_are_served_on_the_given_host(tmp_path: Path) -> None:
+    """--all-providers --host, run for real: providers named by a non-loopback host answer."""
+    document = yaml.safe_load((ROOT / "deploy/compose/policy.yaml").read_text())
+    ports = {}
+    for provider in document["providers"]:
+        ports[provider["name"]] = free_port()
+        provider["base_url"] = f"http://simulator:{ports[provider['name']]}"
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(yaml.safe_dump(document))
+    args = ["--all-providers", "--host", "127.0.0.1", "--policy", str(policy)]
+    sims = python_module("simulator", "simulator", args, tmp_path).start()
+    try:
+        health = {p["name"]: p.get("health_check_path", "/health") for p in document["providers"]}
+        for name, port in ports.items():
+            url = f"http://127.0.0.1:{port}{health[name]}"
+            sims.wait_until(lambda url=url: http_get(url)[0] == 200, f"{name} to answer {url}")
+    finally:
+        sims.stop()
+
+
+def test_the_compose_bootstrap_passes_envoy_validation() -> None:
+    result = subprocess.run(
+        [
+            envoy_binary(),
+            "--mode",
+            "validate",
+            "-c",
+            str(ROOT / "deploy/compose/envoy.yaml"),
+            "--service-node",
+            "envoy-1",
+            "--service-cluster",
+            EDGE_NODE_CLUSTER,
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.fixture
+def ads() -> Iterator[AdsHarness]:
+    harness = AdsHarness().start()
+    try:
+        yield harness
+    finally:
+        harness.stop()
+
+
+def test_the_envoy_healthcheck_passes_only_once_envoy_is_live(
+    services: dict[str, dict[str, Any]], ads: AdsHarness, tmp_path: Path
+) -> None:
+    """The image has no curl: the healthcheck speaks HTTP over bash's /dev/tcp. Run it."""
+    [service, *_] = of_kind(services, "envoy").values()
+    admin = EnvoyAdmin(free_port())
+    node = EdgeNode(admin_port=admin.port, xds_port=ads.port)
+    config = tmp_path / "envoy.yaml"
+    config.write_text(yaml.safe_dump(render_bootstrap(node)))
+    healthcheck = [
+        word.replace("/dev/tcp/127.0.0.1/9901", f"/dev/tcp/127.0.0.1/{admin.port}")
+        for word in service["healthcheck"]["test"][1:]
+    ]
+
+    def healthy() -> bool:
+        return (
+            subprocess.run(healthcheck, check=False, capture_output=True, timeout=10).returncode
+            == 0
+        )
+
+    assert not healthy(), "nothing listens yet"
+    envoy = ManagedProcess(
+        "envoy", [envoy_binary(), "-c", str(config), "--disable-hot-restart"], tmp_path / "e.log"
+    ).start()
+    try:
+        envoy.wait_until(lambda: admin.stats("server.state") != {}, "the admin port")
+        assert not healthy(), "Envoy waits for its first CDS and LDS"
+        ads.call(lambda: ads.cache.set_types({type_urls.CLUSTER: {}, type_urls.LISTENER: {}}))
+        envoy.wait_until(healthy, "the healthcheck to pass")
+    finally:
+        envoy.stop()
