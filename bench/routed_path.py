@@ -84,7 +84,7 @@ def bench_policy(path: Path, upstream_port: int) -> Path:
         "providers": [{
             "name": "fast", "base_url": f"http://127.0.0.1:{upstream_port}", "health_check_path": "/health",
             "gpus": [{"type": "H100", "memory_gb": 80}],
-            "models": [{"name": MODEL, "id": MODEL, "gpu": "H100", "price": {"input": 0.1, "output": 0.1}}],
+            "models": [{"name": MODEL, "id": MODEL, "gpu": "H100", "price": {"input": 0.1, "output": 0.1, "cached_input": 0.05, "reasoning": 0.1}}],
         }],
         "models": [{"name": MODEL, "min_gpu_memory_gb": 1}],
         "policies": [{"name": "all", "strategy": "balanced"}],

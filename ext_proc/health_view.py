@@ -1,8 +1,10 @@
 """An immutable view of the fleet's HealthSnapshot, aligned with a routing table.
 
 Built once per (snapshot, routing table) pair, so a request reads ready numpy
-arrays: per candidate, the measured latency, the health state and until when an
-ejected provider cools down.
+arrays: per candidate, the measured latency, whether it is degraded and until when
+an ejected provider cools down. A candidate is ejected when its model's entry or its
+provider-wide entry says so (a 429's Retry-After arrives provider-wide), for the
+later of the two cooldowns.
 """
 
 from __future__ import annotations
@@ -17,16 +19,13 @@ import numpy.typing as npt
 from ext_proc.routing_table import ModelRoute, RoutingTable
 from gpu_router.api.v1 import health_pb2
 
-HEALTHY = health_pb2.HEALTHY
 DEGRADED = health_pb2.DEGRADED
 EJECTED = health_pb2.EJECTED
 
-_SEVERITY: dict[int, int] = {
-    health_pb2.HEALTH_STATE_UNSPECIFIED: 0,
-    HEALTHY: 0,
-    DEGRADED: 1,
-    EJECTED: 2,
-}
+NOT_EJECTED = -1
+"""ejected_until value of a candidate no entry ejects."""
+UNTIL_NEXT_SNAPSHOT = 0
+"""ejected_until value of an ejection without a cooldown: it lasts until a snapshot lifts it."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -35,18 +34,14 @@ class CandidateHealth:
 
     latency_ms: npt.NDArray[np.float64]
     """EWMA total latency; NaN when unmeasured."""
-    state: npt.NDArray[np.int8]
-    """HealthState value (UNSPECIFIED counts as healthy)."""
-    cooldown_until_unix_ms: npt.NDArray[np.int64]
-    """For EJECTED candidates: when they may be tried again (0 = until the next snapshot)."""
+    degraded: npt.NDArray[np.bool_]
+    """The model's or the provider-wide entry is DEGRADED (it still is once an ejection ends)."""
+    ejected_until_unix_ms: npt.NDArray[np.int64]
+    """NOT_EJECTED, UNTIL_NEXT_SNAPSHOT, or when the candidate may be tried again."""
 
     def ejected(self, now_unix_ms: int) -> npt.NDArray[np.bool_]:
-        cooling = (self.cooldown_until_unix_ms == 0) | (self.cooldown_until_unix_ms > now_unix_ms)
-        return (self.state == EJECTED) & cooling
-
-    @property
-    def degraded(self) -> npt.NDArray[np.bool_]:
-        return self.state == DEGRADED
+        until = self.ejected_until_unix_ms
+        return (until == UNTIL_NEXT_SNAPSHOT) | (until > now_unix_ms)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -63,22 +58,33 @@ class HealthView:
                 return entry.ewma_latency_ms
         return None
 
-    def state(self, provider: str, model: str) -> tuple[int, int]:
-        """(state, cooldown) of the worse of the model's and the provider-wide entries."""
-        worst: tuple[int, int] = (HEALTHY, 0)
-        for key in ((provider, model), (provider, "")):
-            entry = self.entries.get(key)
-            if entry is not None and _SEVERITY.get(entry.state, 0) > _SEVERITY[worst[0]]:
-                worst = (entry.state, entry.cooldown_until_unix_ms)
-        return worst
+    def _entries(self, provider: str, model: str) -> list[health_pb2.ProviderHealth]:
+        """The model's entry and the provider-wide one, those that exist."""
+        found = (self.entries.get((provider, model)), self.entries.get((provider, "")))
+        return [entry for entry in found if entry is not None]
+
+    def degraded(self, provider: str, model: str) -> bool:
+        return any(entry.state == DEGRADED for entry in self._entries(provider, model))
+
+    def ejected_until(self, provider: str, model: str) -> int:
+        """NOT_EJECTED, UNTIL_NEXT_SNAPSHOT, or the later cooldown end of the ejecting entries."""
+        until = NOT_EJECTED
+        for entry in self._entries(provider, model):
+            if entry.state != EJECTED:
+                continue
+            if entry.cooldown_until_unix_ms <= 0:
+                return UNTIL_NEXT_SNAPSHOT
+            until = max(until, entry.cooldown_until_unix_ms)
+        return until
 
     def align(self, route: ModelRoute) -> CandidateHealth:
         latency = [self.latency_ms(p, route.name) for p in route.providers]
-        states = [self.state(p, route.name) for p in route.providers]
         return CandidateHealth(
             latency_ms=np.array([np.nan if v is None else v for v in latency], dtype=np.float64),
-            state=np.array([s for s, _ in states], dtype=np.int8),
-            cooldown_until_unix_ms=np.array([c for _, c in states], dtype=np.int64),
+            degraded=np.array([self.degraded(p, route.name) for p in route.providers], np.bool_),
+            ejected_until_unix_ms=np.array(
+                [self.ejected_until(p, route.name) for p in route.providers], dtype=np.int64
+            ),
         )
 
     def align_table(self, table: RoutingTable) -> Mapping[str, CandidateHealth]:

@@ -3,7 +3,10 @@
 Envoy's json_to_metadata filter reads the JSON body before ext_proc runs and forwards
 what routing needs (model, max_tokens, ...) in the message's metadata_context under
 REQUEST_NAMESPACE, so the body never travels to ext_proc and one round trip decides.
-Envoy's upstream filters, not ext_proc, rewrite the path and the body's model per attempt.
+The answer names the ranked order (winner, then fallbacks) in ROUTE_HEADER; the control
+plane has one route per order, whose retry policy walks the providers in that order
+within the same client request. Envoy's upstream filters, not ext_proc, rewrite the path
+and the body's model per attempt.
 Any message after the request headers is a ProtocolError. Pure: no I/O, so it tests
 with hand-built ProcessingRequest protos.
 """
@@ -33,7 +36,8 @@ from ext_proc.scoring import (
     estimate_prompt_tokens,
 )
 
-ROUTING_HEADER = "x-gpu-router-cluster"
+ROUTE_HEADER = "x-gpu-router-route"
+"""Set to "<policy>/<winner>,<fallback>,...": the exact value a generated route matches."""
 MODEL_HEADER = "x-gpu-router-model"
 STRATEGY_HEADER = "x-gpu-router-strategy"
 REASON_HEADER = "x-gpu-router-reason"
@@ -168,20 +172,33 @@ def _max_tokens(fields: Mapping[str, struct_pb2.Value], default: int) -> int:
     return int(number) if 0 <= number < math.inf else default
 
 
-@functools.lru_cache(maxsize=256)
-def _route_to(cluster: str) -> ext_proc_pb2.CommonResponse:
-    """Set the cluster header and re-pick the route (built once per cluster, then copied)."""
+@functools.lru_cache(maxsize=4096)
+def _route_to(
+    policy: str, provider: str, fallbacks: tuple[str, ...]
+) -> ext_proc_pb2.CommonResponse:
+    """Set the route header and re-pick the route (built once per order, then copied)."""
+    value = f"{policy}/{','.join((provider, *fallbacks))}"
     return ext_proc_pb2.CommonResponse(
         clear_route_cache=True,
-        header_mutation=ext_proc_pb2.HeaderMutation(set_headers=[_header(ROUTING_HEADER, cluster)]),
+        header_mutation=ext_proc_pb2.HeaderMutation(set_headers=[_header(ROUTE_HEADER, value)]),
     )
 
 
 @functools.lru_cache(maxsize=4096)
-def _decision_fields(provider: str, model: str, policy: str, strategy: str) -> struct_pb2.Struct:
+def _decision_fields(
+    provider: str, fallbacks: tuple[str, ...], model: str, policy: str, strategy: str
+) -> struct_pb2.Struct:
     """The metadata fields that repeat across requests, built once and copied into each answer."""
     fields = struct_pb2.Struct()
-    fields.update({"provider": provider, "model": model, "policy": policy, "strategy": strategy})
+    fields.update(
+        {
+            "provider": provider,
+            "model": model,
+            "policy": policy,
+            "strategy": strategy,
+            "fallbacks": ",".join(fallbacks),
+        }
+    )
     return fields
 
 
@@ -266,16 +283,23 @@ class RequestPhases:
 
 
 def _routed(decision: Decision, request_id: str, path: str) -> ext_proc_pb2.ProcessingResponse:
-    """Route to the decision's cluster and record the decision as dynamic metadata."""
+    """Route along the decision's order and record the decision as dynamic metadata."""
     response = ext_proc_pb2.ProcessingResponse()
-    response.request_headers.response.CopyFrom(_route_to(decision.cluster))
+    response.request_headers.response.CopyFrom(
+        _route_to(decision.policy, decision.provider, decision.fallbacks)
+    )
     audit = response.dynamic_metadata.fields[METADATA_NAMESPACE].struct_value
     audit.CopyFrom(
-        _decision_fields(decision.provider, decision.model, decision.policy, decision.strategy)
+        _decision_fields(
+            decision.provider,
+            decision.fallbacks,
+            decision.model,
+            decision.policy,
+            decision.strategy,
+        )
     )
     fields = audit.fields
     fields["reason"].string_value = decision.reason
-    fields["fallbacks"].string_value = ",".join(decision.fallbacks)
     fields["request_id"].string_value = request_id
     fields["path"].string_value = path
     return response

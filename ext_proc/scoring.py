@@ -2,7 +2,8 @@
 
 Every candidate gets an expected cost for this request and, where measured, an
 expected latency. Ineligible candidates (GPU does not fit, ejected and cooling
-down) are kept with the reason, for the audit trail. The strategy ranks the rest:
+down, not in the policy's providers) are kept with the reason, for the audit trail,
+and are neither the winner nor a fallback. The strategy ranks the rest:
 
 - cost: cheapest among those inside the latency SLA (unmeasured counts as inside);
   when none is inside, the fastest measured one.
@@ -12,7 +13,9 @@ down) are kept with the reason, for the audit trail. The strategy ranks the rest
 - balanced: cost_weight * cost / min_cost + latency_weight * latency / min_latency.
 
 DEGRADED candidates score double. Candidates that break the constraint rank after
-those that keep it (they are still fallbacks); ties go to provider order.
+those that keep it (they are still fallbacks); ties go to provider order. The
+reason names the winner's merit and, when the fleet ejected a candidate that would
+otherwise have competed, that it was skipped.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
-from ext_proc.health_view import CandidateHealth
+from ext_proc.health_view import UNTIL_NEXT_SNAPSHOT, CandidateHealth
 from ext_proc.routing_table import ModelRoute, PolicyRule
 
 DEFAULT_MAX_TOKENS = 256
@@ -123,7 +126,7 @@ def decide(
     allowed = _allowed(route, policy)
     eligible = route.fits & ~ejected & allowed
     if not eligible.any():
-        excluded = _excluded(route, policy, ejected, allowed)
+        excluded = _excluded(route, policy, health, now_unix_ms, allowed)
         detail = "; ".join(f"{p}: {why}" for p, why in zip(route.providers, excluded, strict=True))
         raise NoCandidateError(
             route.name,
@@ -139,6 +142,9 @@ def decide(
     order = np.lexsort((route.provider_index, np.where(eligible, score, np.inf), group)).tolist()
     best = order[0]
     reason = describe(best) + (" (degraded)" if degraded[best] else "")
+    skipped = ejected & route.fits & allowed
+    if skipped.any():
+        reason += "; " + ", ".join(route.providers[i] for i in np.flatnonzero(skipped)) + " ejected"
     ranked_eligible = [i for i in order if eligible[i]]
     return Decision(
         provider=route.providers[best],
@@ -150,23 +156,36 @@ def decide(
         reason=reason,
         fallbacks=tuple(route.providers[i] for i in ranked_eligible[1 : 1 + policy.max_fallbacks]),
         audit=functools.partial(
-            _audited, route, policy, cost, latency, score, ejected, allowed, order
+            _audited, route, policy, cost, latency, score, health, now_unix_ms, allowed, order
         ),
     )
+
+
+def _ejection(until_unix_ms: int, now_unix_ms: int) -> str:
+    if until_unix_ms == UNTIL_NEXT_SNAPSHOT:
+        return "ejected (until fleet health lifts it)"
+    return f"ejected (cooling down for {(until_unix_ms - now_unix_ms) / 1000:.1f} s)"
 
 
 def _excluded(
     route: ModelRoute,
     policy: PolicyRule,
-    ejected: npt.NDArray[np.bool_],
+    health: CandidateHealth,
+    now_unix_ms: int,
     allowed: npt.NDArray[np.bool_],
 ) -> list[str | None]:
     """Why each candidate cannot be used (None when it can)."""
     return [
         unfit
-        or ("ejected (cooling down)" if out else None)
+        or (_ejection(until, now_unix_ms) if out else None)
         or (None if ok else f"not in policy {policy.name}'s providers")
-        for unfit, out, ok in zip(route.unfit, ejected.tolist(), allowed.tolist(), strict=True)
+        for unfit, out, until, ok in zip(
+            route.unfit,
+            health.ejected(now_unix_ms).tolist(),
+            health.ejected_until_unix_ms.tolist(),
+            allowed.tolist(),
+            strict=True,
+        )
     ]
 
 
@@ -176,11 +195,12 @@ def _audited(
     cost: npt.NDArray[np.float64],
     latency: npt.NDArray[np.float64],
     score: npt.NDArray[np.float64],
-    ejected: npt.NDArray[np.bool_],
+    health: CandidateHealth,
+    now_unix_ms: int,
     allowed: npt.NDArray[np.bool_],
     order: list[int],
 ) -> tuple[Candidate, ...]:
-    excluded = _excluded(route, policy, ejected, allowed)
+    excluded = _excluded(route, policy, health, now_unix_ms, allowed)
     return _candidates(route, cost, latency, score, excluded, order)
 
 

@@ -1,27 +1,41 @@
 """ext_proc behind the real Envoy 1.40, with the refactor contract's request path.
 
 A static bootstrap (the control plane is not under test here): the edge listener drops a
-client's cluster header early, then json_to_metadata (the body's model, max_tokens, ... into
-gpu_router.request) -> ext_proc (request headers only, that namespace forwarded) -> router,
-a cluster_header route plus the weighted fallback, and two provider clusters that are tiny
-HTTP servers echoing what reached them. The fake ADS server feeds ext_proc its policy. No
-upstream Lua filter here: what reaches a provider is the client's request unchanged.
+client's route header early, then json_to_metadata (the body's model, max_tokens, ... into
+gpu_router.request) -> ext_proc (request headers only, that namespace forwarded) -> router.
+As the failover contract has the control plane generate them: one route per ranked order of
+providers, matched on the exact x-gpu-router-route value ext_proc sets, whose priority_group
+cluster specifier and retry policy walk that order within one client request, plus the
+no-header fallback route. Two provider clusters are tiny HTTP servers echoing what reached
+them. The fake ADS server feeds ext_proc its policy and health. No upstream Lua filter here:
+what reaches a provider is the client's request unchanged.
 """
 
 from __future__ import annotations
 
 import http.client
+import itertools
 import json
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from ext_proc_fixtures import POLICY_TYPE_URL, REQUEST_NAMESPACE, FakeAds, eventually, offering
+from ext_proc_fixtures import (
+    HEALTH_TYPE_URL,
+    POLICY_TYPE_URL,
+    REQUEST_NAMESPACE,
+    FakeAds,
+    eventually,
+    health_entry,
+    offering,
+    snapshot,
+)
 
-from gpu_router.api.v1 import routing_pb2
+from gpu_router.api.v1 import health_pb2, routing_pb2
 from gpu_router.processes import (
     EnvoyAdmin,
     ManagedProcess,
@@ -32,6 +46,13 @@ from gpu_router.processes import (
 )
 
 BUFFER_LIMIT = 32 * 1024 * 1024
+ROUTE_HEADER = "x-gpu-router-route"
+FAIL_HEADER = "x-test-fail"
+"""Providers named in it answer 503 (the upstreams see the client's headers unchanged)."""
+ROUTE_NAME_HEADER = "x-test-route"
+"""The name of the route Envoy took: the order's header value, or "fallback"."""
+POLICY = "cheap"
+MAX_FALLBACKS = 1
 EXT_PROC_STATS = "http.edge.ext_proc."
 TYPE = "type.googleapis.com/"
 HCM = "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
@@ -63,17 +84,21 @@ def policy() -> routing_pb2.RoutingPolicy:
             ),
         ],
         models=[routing_pb2.Model(name="m1"), routing_pb2.Model(name="m2", aliases=["m2-alias"])],
-        policies=[routing_pb2.Policy(name="cheap", strategy=routing_pb2.COST, max_fallbacks=1)],
+        policies=[
+            routing_pb2.Policy(name=POLICY, strategy=routing_pb2.COST, max_fallbacks=MAX_FALLBACKS)
+        ],
     )
 
 
 class EchoUpstream(ThreadingHTTPServer):
-    """A provider: answers what reached it (which upstream, path, body, sizes)."""
+    """A provider: answers what reached it (which upstream, route, path, body, sizes)."""
 
     daemon_threads = True
 
     def __init__(self, name: str) -> None:
         self.name = name
+        self.request_ids: list[str] = []
+        """x-request-id of every request that reached it, failed or not."""
         super().__init__(("127.0.0.1", 0), _EchoHandler)
 
 
@@ -82,16 +107,19 @@ class _EchoHandler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers.get("content-length", "0")))
+        self.server.request_ids.append(self.headers.get("x-request-id", ""))
+        failing = self.server.name in self.headers.get(FAIL_HEADER, "").split(",")
         answer = json.dumps(
             {
                 "upstream": self.server.name,
+                "route": self.headers.get(ROUTE_HEADER),
                 "path": self.path,
                 "body_prefix": body[:40].decode("utf-8", "replace"),
                 "bytes": len(body),
                 "content_length": self.headers.get("content-length"),
             }
         ).encode()
-        self.send_response(200)
+        self.send_response(503 if failing else 200)
         self.send_header("content-type", "application/json")
         self.send_header("content-length", str(len(answer)))
         self.end_headers()
@@ -165,6 +193,46 @@ def json_to_metadata() -> dict:
     }
 
 
+def _ordered_route(name: str, order: tuple[str, ...]) -> dict:
+    """A route that tries the providers of `order` in turn, one per attempt (the lab's design)."""
+    groups = [{"name": p, "clusters": [{"cluster_name": p, "weight": 1}]} for p in order]
+    return {
+        "name": name,
+        "route": {
+            "inline_cluster_specifier_plugin": {
+                "extension": {
+                    "name": "envoy.router.cluster_specifier_plugin.priority_group",
+                    "typed_config": {
+                        "@type": TYPE
+                        + "envoy.extensions.router.cluster_specifiers.priority_group.v3"
+                        + ".PriorityGroupClusterSpecifier",
+                        "priority_groups": groups,
+                    },
+                }
+            },
+            "timeout": "30s",
+            "retry_policy": {
+                "retry_on": "5xx,reset,connect-failure,refused-stream,retriable-status-codes",
+                "retriable_status_codes": [429],
+                "num_retries": len(order) - 1,
+                "retry_back_off": {"base_interval": "0.01s", "max_interval": "0.02s"},
+                "refresh_cluster_on_retry": True,
+            },
+        },
+        "request_body_buffer_limit": BUFFER_LIMIT,
+        "response_headers_to_add": [
+            {"header": {"key": "x-gpu-router-provider", "value": "%UPSTREAM_CLUSTER%"}},
+            {"header": {"key": ROUTE_NAME_HEADER, "value": "%ROUTE_NAME%"}},
+            {
+                "header": {
+                    "key": "x-gpu-router-reason",
+                    "value": "%DYNAMIC_METADATA(gpu_router:reason)%",
+                }
+            },
+        ],
+    }
+
+
 def bootstrap(
     edge: int, admin: int, ext_proc: int, upstreams: dict[str, int], access_log: Path
 ) -> dict:
@@ -187,30 +255,27 @@ def bootstrap(
             "receiving_namespaces": {"untyped": ["gpu_router"]},
         },
     }
+    orders = [
+        order
+        for length in range(1, MAX_FALLBACKS + 2)
+        for order in itertools.permutations(upstreams, length)
+    ]
     routes = [
         {
             "match": {
                 "prefix": "/",
-                "headers": [{"name": "x-gpu-router-cluster", "present_match": True}],
-            },
-            "route": {"cluster_header": "x-gpu-router-cluster", "timeout": "30s"},
-            "response_headers_to_add": [
-                {"header": {"key": "x-gpu-router-provider", "value": "%UPSTREAM_CLUSTER%"}},
-                {
-                    "header": {
-                        "key": "x-gpu-router-reason",
-                        "value": "%DYNAMIC_METADATA(gpu_router:reason)%",
+                "headers": [
+                    {
+                        "name": ROUTE_HEADER,
+                        "string_match": {"exact": f"{POLICY}/{','.join(order)}"},
                     }
-                },
-            ],
-        },
-        {
-            "match": {"prefix": "/"},
-            "route": {
-                "weighted_clusters": {"clusters": [{"name": n, "weight": 1} for n in upstreams]}
+                ],
             },
-        },
+            **_ordered_route(f"{POLICY}/{','.join(order)}", order),
+        }
+        for order in orders
     ]
+    routes.append({"match": {"prefix": "/"}, **_ordered_route("fallback", tuple(upstreams))})
     hcm = {
         "@type": TYPE + HCM,
         "stat_prefix": "edge",
@@ -228,6 +293,7 @@ def bootstrap(
                         "json_format": {
                             "status": "%RESPONSE_CODE%",
                             "cluster": "%UPSTREAM_CLUSTER%",
+                            "attempts": "%UPSTREAM_REQUEST_ATTEMPT_COUNT%",
                             "gpu_router": "%DYNAMIC_METADATA(gpu_router)%",
                             "request": "%DYNAMIC_METADATA(gpu_router.request)%",
                         }
@@ -242,7 +308,7 @@ def bootstrap(
                     "@type": TYPE
                     + "envoy.extensions.http.early_header_mutation.header_mutation.v3"
                     + ".HeaderMutation",
-                    "mutations": [{"remove": "x-gpu-router-cluster"}],
+                    "mutations": [{"remove": ROUTE_HEADER}],
                 },
             }
         ],
@@ -291,6 +357,29 @@ class Edge:
     port: int
     admin: EnvoyAdmin
     access_log: Path
+    upstreams: dict[str, EchoUpstream]
+    ads: FakeAds
+
+    def publish_health(self, version: str, *entries: health_pb2.ProviderHealth) -> None:
+        """Send ext_proc a HealthSnapshot and wait for its ACK (it then decides on it)."""
+        self.ads.publish(HEALTH_TYPE_URL, version, snapshot(*entries))
+        eventually(
+            lambda: any(r.version_info == version for r in self.ads.requests_for(HEALTH_TYPE_URL)),
+            f"ext_proc to ACK health {version}",
+        )
+
+    def logged(self, request_id: str) -> dict:
+        """The access-log line of the request with that x-request-id (Envoy flushes it soon)."""
+
+        def find() -> dict | None:
+            lines = self.access_log.read_text().splitlines() if self.access_log.exists() else []
+            for line in lines:
+                entry = json.loads(line)
+                if (entry.get("gpu_router") or {}).get("request_id") == request_id:
+                    return entry
+            return None
+
+        return eventually(find, f"the access log line of {request_id}")  # type: ignore[return-value]
 
     def post(
         self,
@@ -388,7 +477,7 @@ def edge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Edge]:
                 lambda: any(r.version_info == "v1" for r in ads.requests_for(POLICY_TYPE_URL)),
                 "ext_proc to ACK the policy",
             )
-            yield Edge(edge_port, admin, tmp / "access.log")
+            yield Edge(edge_port, admin, tmp / "access.log", {u.name: u for u in upstreams}, ads)
     finally:
         for process in reversed(processes):
             process.stop()
@@ -414,9 +503,54 @@ def test_an_alias_in_the_body_resolves(edge: Edge) -> None:
     assert (status, answer["upstream"]) == (200, "beta")
 
 
-def test_a_client_cannot_pick_the_cluster_itself(edge: Edge) -> None:
-    status, _, answer = edge.post(b'{"model":"m2"}', x_gpu_router_cluster="alpha")
-    assert (status, answer["upstream"]) == (200, "beta")
+def test_a_client_cannot_pick_the_route_itself(edge: Edge) -> None:
+    status, _, answer = edge.post(b'{"model":"m2"}', x_gpu_router_route=f"{POLICY}/alpha")
+    assert (status, answer["upstream"], answer["route"]) == (200, "beta", f"{POLICY}/beta,alpha")
+
+
+def test_a_503_from_the_winner_is_answered_by_the_fallback_in_the_same_request(
+    edge: Edge,
+) -> None:
+    before = edge.ext_proc_messages()
+    body = json.dumps({"model": "m1", "messages": [{"role": "user", "content": "hi"}]}).encode()
+    status, headers, answer = edge.post(body, x_test_fail="alpha", x_request_id="failover-1")
+    assert (status, answer["upstream"], answer["route"]) == (200, "beta", f"{POLICY}/alpha,beta")
+    assert answer["bytes"] == len(body)  # the retry re-sent the buffered body whole
+    assert "failover-1" in edge.upstreams["alpha"].request_ids  # the winner was tried first
+    assert (headers[ROUTE_NAME_HEADER], headers["x-gpu-router-provider"]) == (
+        f"{POLICY}/alpha,beta",
+        "beta",
+    )
+    assert headers["x-gpu-router-reason"].startswith("cheapest: $")
+    assert edge.one_exchange_since(before)  # Envoy retried without asking ext_proc again
+    entry = edge.logged("failover-1")
+    assert (entry["status"], entry["cluster"], entry["attempts"]) == (200, "beta", 2)
+    assert (entry["gpu_router"]["provider"], entry["gpu_router"]["fallbacks"]) == ("alpha", "beta")
+
+
+def test_a_provider_cooling_down_is_left_out_of_the_order(edge: Edge) -> None:
+    cooldown_ms = int((time.time() + 300) * 1000)
+    try:
+        edge.publish_health(
+            "alpha-429",
+            health_entry("alpha", state=health_pb2.EJECTED, cooldown_until_unix_ms=cooldown_ms),
+        )
+        status, headers, answer = edge.post(b'{"model":"m1"}', x_request_id="cooling-1")
+        assert (status, answer["upstream"], headers[ROUTE_NAME_HEADER]) == (
+            200,
+            "beta",
+            f"{POLICY}/beta",
+        )
+        status, _, answer = edge.post(
+            b'{"model":"m1"}', x_test_fail="beta", x_request_id="cooling-2"
+        )
+        assert (status, answer["upstream"]) == (503, "beta")  # no retry on alpha: not in the order
+        assert not {"cooling-1", "cooling-2"} & set(edge.upstreams["alpha"].request_ids)
+        assert edge.logged("cooling-1")["gpu_router"]["reason"].endswith("; alpha ejected")
+    finally:
+        edge.publish_health("all-healthy")
+    status, _, answer = edge.post(b'{"model":"m1"}')
+    assert (status, answer["upstream"], answer["route"]) == (200, "alpha", f"{POLICY}/alpha,beta")
 
 
 def test_a_body_above_a_mebibyte_routes_and_never_goes_to_ext_proc(edge: Edge) -> None:
@@ -475,14 +609,7 @@ def test_decision_metadata_reaches_the_access_log(edge: Edge) -> None:
         x_request_id="audit-1",
     )
 
-    def logged() -> dict | None:
-        for line in edge.access_log.read_text().splitlines() if edge.access_log.exists() else []:
-            entry = json.loads(line)
-            if (entry.get("gpu_router") or {}).get("request_id") == "audit-1":
-                return entry
-        return None
-
-    entry = eventually(logged, "the access log line")
+    entry = edge.logged("audit-1")
     assert entry["gpu_router"] == {
         "provider": "alpha",
         "model": "m1",

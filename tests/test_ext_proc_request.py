@@ -15,6 +15,7 @@ from ext_proc.router_state import RouterState
 from ext_proc.routing_table import build_routing_table
 from gpu_router.api.v1 import health_pb2
 
+NOW_MS = 1_700_000_000_000
 STATE = RouterState.of(build_routing_table(default_policy()), build_health_view(snapshot()))
 
 
@@ -31,16 +32,16 @@ def error_of(response: ext_proc_pb2.ProcessingResponse) -> tuple[int, dict]:
 
 
 def routed(response: ext_proc_pb2.ProcessingResponse) -> tuple[str, dict[str, str]]:
-    """(the cluster picked, the gpu_router metadata) of an answer that routes."""
+    """(the route header: policy/winner,fallbacks, the gpu_router metadata) of an answer that routes."""
     assert response.WhichOneof("response") == "request_headers"
     common = response.request_headers.response
     assert common.clear_route_cache
     headers = set_headers(common.header_mutation)
-    assert list(headers) == ["x-gpu-router-cluster"]  # no :path, no content-length: Envoy's job
+    assert list(headers) == ["x-gpu-router-route"]  # no :path, no content-length: Envoy's job
     assert not common.HasField("body_mutation") and not response.HasField("mode_override")
     metadata = json_format.MessageToDict(response.dynamic_metadata)
     assert list(metadata) == ["gpu_router"]
-    return headers["x-gpu-router-cluster"], metadata["gpu_router"]
+    return headers["x-gpu-router-route"], metadata["gpu_router"]
 
 
 def test_the_body_model_from_metadata_is_decided_in_one_answer() -> None:
@@ -55,7 +56,7 @@ def test_the_body_model_from_metadata_is_decided_in_one_answer() -> None:
         )
     )
     assert routed(response) == (
-        "lambda",
+        "interactive/lambda,coreweave,vast",
         {
             "provider": "lambda",
             "model": "llama-3.1-8b",
@@ -71,6 +72,43 @@ def test_the_body_model_from_metadata_is_decided_in_one_answer() -> None:
     assert phases.decision is not None and phases.decision.provider == "lambda"
 
 
+@pytest.mark.parametrize(
+    ("entries", "route", "reason"),
+    [
+        ((), "interactive/lambda,coreweave,vast", "unmeasured: exploring"),
+        (
+            (health_entry("lambda", state=health_pb2.EJECTED, cooldown_until_unix_ms=NOW_MS + 1),),
+            "interactive/coreweave,vast,runpod",
+            "unmeasured: exploring; lambda ejected",
+        ),
+        (
+            (
+                health_entry("lambda", state=health_pb2.EJECTED, cooldown_until_unix_ms=NOW_MS + 1),
+                health_entry("vast", "llama-3.1-8b", state=health_pb2.EJECTED),
+                health_entry("runpod", state=health_pb2.EJECTED, cooldown_until_unix_ms=NOW_MS),
+            ),
+            "interactive/coreweave,runpod",  # runpod's Retry-After has run out
+            "unmeasured: exploring; lambda, vast ejected",
+        ),
+    ],
+)
+def test_the_route_header_orders_winner_then_fallbacks_without_ejected_providers(
+    entries: tuple[health_pb2.ProviderHealth, ...], route: str, reason: str
+) -> None:
+    state = RouterState.of(STATE.table, build_health_view(snapshot(*entries)))
+    response = RequestPhases(state, clock=lambda: NOW_MS / 1000).handle(
+        headers_request(body_fields={"model": "llama-3.1-8b"})
+    )
+    header, metadata = routed(response)
+    assert header == route
+    policy, _, order = header.partition("/")
+    assert (policy, order) == (
+        metadata["policy"],
+        ",".join([metadata["provider"], *filter(None, metadata["fallbacks"].split(","))]),
+    )
+    assert metadata["reason"] == reason
+
+
 def test_the_model_header_wins_over_the_body() -> None:
     response = RequestPhases(STATE).handle(
         headers_request(x_gpu_router_model="mixtral", body_fields={"model": "bge-large"})
@@ -82,8 +120,8 @@ def test_the_strategy_header_overrides_the_policy() -> None:
     response = RequestPhases(STATE).handle(
         headers_request(x_gpu_router_strategy=" COST", body_fields={"model": "llama-3.1-8b"})
     )
-    cluster, metadata = routed(response)
-    assert (cluster, metadata["strategy"], metadata["policy"]) == ("vast", "cost", "interactive")
+    route, metadata = routed(response)
+    assert (route, metadata["strategy"]) == ("interactive/vast,runpod,lambda", "cost")
 
 
 def test_requests_sharing_a_decision_keep_their_own_fields() -> None:
@@ -143,9 +181,12 @@ def test_output_tokens_from_the_metadata_else_the_path_default(
 
 
 def test_the_original_path_goes_to_envoys_per_attempt_rewrite_untouched() -> None:
-    request = headers_request("/v1/chat/completions?api-version=2", body_fields={"model": "llama-3.1-8b"})
-    cluster, metadata = routed(RequestPhases(STATE).handle(request))  # asserts no :path mutation
-    assert (cluster, metadata["path"]) == ("lambda", "/v1/chat/completions?api-version=2")
+    request = headers_request(
+        "/v1/chat/completions?api-version=2", body_fields={"model": "llama-3.1-8b"}
+    )
+    route, metadata = routed(RequestPhases(STATE).handle(request))  # asserts no :path mutation
+    assert route.startswith("interactive/lambda,")
+    assert metadata["path"] == "/v1/chat/completions?api-version=2"
 
 
 def test_models_list_answers_directly() -> None:
@@ -245,7 +286,7 @@ def test_a_body_of_another_content_type_routes_by_the_model_header() -> None:
             body_fields={"body_error": "invalid JSON"},
         )
     )
-    assert routed(response)[0] == "lambda"
+    assert routed(response)[0].startswith("interactive/lambda,")
 
 
 def test_no_candidate_is_503_with_the_reason_in_body_and_header() -> None:

@@ -178,17 +178,31 @@ def test_degraded_scores_double() -> None:
 
 def test_ejected_cooling_down_is_excluded_until_the_cooldown_ends() -> None:
     cooling = run(
-        "cost", health_entry("vast", state=health_pb2.EJECTED, cooldown_until_unix_ms=NOW_MS + 1)
+        "cost",
+        health_entry("vast", state=health_pb2.EJECTED, cooldown_until_unix_ms=NOW_MS + 1500),
     )
     assert cooling.provider == "runpod"
     assert "vast" not in cooling.fallbacks
+    assert cooling.reason == "cheapest within 2000 ms SLA: $0.000126; vast ejected"
     vast = next(c for c in cooling.candidates if c.provider == "vast")
-    assert (vast.excluded, vast.score) == ("ejected (cooling down)", None)
+    assert (vast.excluded, vast.score) == ("ejected (cooling down for 1.5 s)", None)
     assert cooling.candidates[-1] == vast
     cooled = run(
         "cost", health_entry("vast", state=health_pb2.EJECTED, cooldown_until_unix_ms=NOW_MS - 1)
     )
-    assert cooled.provider == "vast"
+    assert (cooled.provider, cooled.reason) == ("vast", "cheapest within 2000 ms SLA: $0.000070")
+
+
+def test_a_provider_wide_cooldown_takes_it_out_of_the_winner_and_the_fallbacks() -> None:
+    """A 429's Retry-After reaches ext_proc as the provider-wide entry, EJECTED with a cooldown."""
+    retry_after = health_entry(
+        "runpod", state=health_pb2.EJECTED, cooldown_until_unix_ms=NOW_MS + 2000
+    )
+    decision = run("cost", retry_after, health_entry("vast", "llama-3.1-8b", latency_ms=10))
+    assert (decision.provider, decision.fallbacks) == ("vast", ("lambda", "coreweave"))
+    assert decision.reason == "cheapest within 2000 ms SLA: $0.000070; runpod ejected"
+    allowed_anyway = run("cost", retry_after, policy=dataclasses.replace(COST, max_fallbacks=9))
+    assert "runpod" not in (allowed_anyway.provider, *allowed_anyway.fallbacks)
 
 
 def test_provider_wide_ejection_covers_every_model() -> None:
@@ -198,6 +212,12 @@ def test_provider_wide_ejection_covers_every_model() -> None:
         health_entry("vast", "llama-3.1-8b", latency_ms=10),
     )
     assert decision.provider == "runpod"
+
+
+def test_an_ejected_provider_outside_the_policy_is_not_named_as_skipped() -> None:
+    only_vast = dataclasses.replace(COST, providers=frozenset({"vast", "lambda"}))
+    decision = run("cost", health_entry("runpod", state=health_pb2.EJECTED), policy=only_vast)
+    assert decision.reason == "cheapest within 2000 ms SLA: $0.000070"
 
 
 def test_gpu_that_does_not_fit_is_never_picked() -> None:
@@ -220,9 +240,9 @@ def test_no_candidate_carries_every_reason() -> None:
             model="mixtral-8x7b",
         )
     assert caught.value.reason == (
-        "no provider can serve mixtral-8x7b (lambda: ejected (cooling down); "
+        "no provider can serve mixtral-8x7b (lambda: ejected (until fleet health lifts it); "
         "vast: gpu RTX-4090 (24 GB) too small for mixtral-8x7b (needs 80 GB); "
-        "runpod: ejected (cooling down))"
+        "runpod: ejected (until fleet health lifts it))"
     )
     assert len(caught.value.candidates) == 3
 

@@ -16,7 +16,16 @@ from control_plane.policy.load import (
     load_policy_file,
     load_policy_text,
 )
-from control_plane.policy.model import Credential, Strategy, Upstream
+from control_plane.policy.model import (
+    Credential,
+    Failover,
+    HealthCheck,
+    OutlierDetection,
+    Price,
+    Strategy,
+    Upstream,
+    UsageFormat,
+)
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "policy.yaml"
 
@@ -84,6 +93,21 @@ def test_valid_policy_is_read_with_defaults_and_canonical_names(tmp_path: Path) 
     assert (default.cost_weight, default.latency_weight) == (1.0, 3.0)
     assert config.source == str(tmp_path / "policy.yaml")
     assert config.version == hashlib.sha256(VALID_POLICY.encode()).hexdigest()[:16]
+
+
+def test_usage_format_and_price_sheets_are_read(tmp_path: Path) -> None:
+    alpha, beta = load_valid(tmp_path).providers
+    assert (alpha.usage_format, beta.usage_format) == (UsageFormat.OPENAI, UsageFormat.NONE), \
+        "openai is the default"
+    assert alpha.offerings[0].price == Price(input=1.0, output=2.0, cached_input=0.25,
+                                             reasoning=2.5)
+    assert beta.offerings[0].price == Price(input=0.05, output=0.0), "none: only input, output"
+
+
+def test_a_format_may_list_prices_it_does_not_report() -> None:
+    text = mutated("{input: 0.05, output: 0}", "{input: 0.05, output: 0, cache_write: 0.1}")
+    price = load_policy_text(text, "p.yaml").providers[1].offerings[0].price
+    assert (price.cache_write, price.cached_input) == (0.1, None)
 
 
 def test_version_follows_the_content() -> None:
@@ -240,6 +264,28 @@ CASES = {
                                "duplicate key (first at line 7)"),
     "yaml syntax error": Case("strategy: cost", "strategy: [cost", "", "latency_sla_ms: 5000",
                               "invalid YAML"),
+    "unknown usage_format": Case("    usage_format: none\n", "    usage_format: json\n",
+                                 "providers[1].usage_format", "usage_format: json",
+                                 "unknown usage_format 'json'; one of: openai, anthropic, none"),
+    "openai format needs the cached input price": Case(
+        "cached_input: 0.02, reasoning: 0.2}", "reasoning: 0.2}", "providers[0].models[1].price",
+        "{name: small-alias", "missing price 'cached_input': usage_format 'openai' reports cached "
+        "prompt tokens"),
+    "openai format needs the reasoning price": Case(
+        "cached_input: 0.02, reasoning: 0.2}", "cached_input: 0.02}",
+        "providers[0].models[1].price", "{name: small-alias",
+        "missing price 'reasoning': usage_format 'openai' reports reasoning tokens"),
+    "anthropic format needs the cache write price": Case(
+        "    usage_format: none\n", "    usage_format: anthropic\n",
+        "providers[1].models[0].price", "{name: small, price",
+        "missing price 'cache_write': usage_format 'anthropic' reports cache creation tokens"),
+    "unknown price key": Case("{input: 0.05, output: 0}", "{input: 0.05, output: 0, batch: 0.01}",
+                              "providers[1].models[0].price.batch", "batch: 0.01",
+                              "unknown key; allowed keys: input, output, cached_input, "
+                              "cache_write, reasoning"),
+    "negative cached input price": Case("cached_input: 0.25", "cached_input: -0.25",
+                                        "providers[0].models[0].price.cached_input", "-0.25",
+                                        "must be >= 0, got -0.25"),
     "empty list": Case("policies:\n  - name: batch", "policies: []\nold_policies:\n  - name: batch",
                        "policies", "policies: []", "must not be empty"),
 }
@@ -299,3 +345,96 @@ def test_file_errors_name_the_file(tmp_path: Path) -> None:
     with pytest.raises(PolicyError) as caught:
         load_policy_file(path)
     assert str(caught.value).startswith(f"{path}:")
+
+
+def test_example_policy_shows_every_usage_format() -> None:
+    config = load_policy_file(EXAMPLE)
+    assert {p.usage_format for p in config.providers} == set(UsageFormat)
+
+
+# --- failover settings (issue 3) -------------------------------------------------------
+
+FAILOVER_SETTINGS = (
+    ("version: 1\n",
+     "version: 1\nfailover: {retry_budget_percent: 12.5, min_retry_concurrency: 0}\n"),
+    ("    health_check_path: /ready\n",
+     ("    health_check_path: /ready\n"
+      "    health_check: {interval_ms: 1500, timeout_ms: 700}\n"
+      "    outlier_detection: {consecutive_5xx: 2, failure_percentage_threshold: 100,\n"
+      "                        base_ejection_time_ms: 30000}\n")),
+    ("    max_fallbacks: 1\n", "    max_fallbacks: 1\n    per_try_timeout_ms: 2500\n"),
+)
+
+
+def test_failover_settings_are_read_and_the_rest_keep_their_defaults() -> None:
+    text = VALID_POLICY
+    for old, new in FAILOVER_SETTINGS:
+        text = mutated(old, new, text)
+    config = load_policy_text(text, "p.yaml")
+    assert config.failover == Failover(retry_budget_percent=12.5, min_retry_concurrency=0)
+    alpha, beta = config.providers
+    assert alpha.health_check == HealthCheck(interval_ms=1500, timeout_ms=700)
+    assert alpha.outlier_detection == OutlierDetection(
+        consecutive_5xx=2, failure_percentage_threshold=100, base_ejection_time_ms=30000
+    )
+    assert (beta.health_check, beta.outlier_detection) == (HealthCheck(), OutlierDetection())
+    assert [p.per_try_timeout_ms for p in config.policies] == [2500, 60000, 60000]
+
+
+def test_failover_settings_default_when_absent() -> None:
+    config = load_policy_text(VALID_POLICY, "p.yaml")
+    assert config.failover == Failover()
+
+
+FAILOVER_CASES = {
+    "budget above 100": Case(
+        "version: 1\n", "version: 1\nfailover:\n  retry_budget_percent: 101\n",
+        "failover.retry_budget_percent", "retry_budget_percent", "must be at most 100"),
+    "budget of 0": Case(
+        "version: 1\n", "version: 1\nfailover:\n  retry_budget_percent: 0\n",
+        "failover.retry_budget_percent", "retry_budget_percent", "must be > 0"),
+    "negative retry concurrency": Case(
+        "version: 1\n", "version: 1\nfailover:\n  min_retry_concurrency: -1\n",
+        "failover.min_retry_concurrency", "min_retry_concurrency", "must be >= 0"),
+    "unknown failover key": Case(
+        "version: 1\n", "version: 1\nfailover:\n  retries: 3\n",
+        "failover.retries", "retries: 3",
+        "unknown key; allowed keys: retry_budget_percent, min_retry_concurrency"),
+    "zero health-check interval": Case(
+        "    health_check_path: /ready\n",
+        "    health_check_path: /ready\n    health_check:\n      interval_ms: 0\n",
+        "providers[0].health_check.interval_ms", "interval_ms: 0", "must be >= 1, got 0"),
+    "unknown health-check key": Case(
+        "    health_check_path: /ready\n",
+        "    health_check_path: /ready\n    health_check:\n      path: /x\n",
+        "providers[0].health_check.path", "path: /x",
+        "allowed keys: interval_ms, timeout_ms, unhealthy_threshold, healthy_threshold"),
+    "failure percentage above 100": Case(
+        "    health_check_path: /ready\n",
+        "    health_check_path: /ready\n    outlier_detection:\n"
+        "      failure_percentage_threshold: 101\n",
+        "providers[0].outlier_detection.failure_percentage_threshold", "threshold: 101",
+        "must be between 1 and 100, got 101"),
+    "fractional ejection time": Case(
+        "    health_check_path: /ready\n",
+        "    health_check_path: /ready\n    outlier_detection:\n"
+        "      base_ejection_time_ms: 1.5\n",
+        "providers[0].outlier_detection.base_ejection_time_ms", "time_ms: 1.5",
+        "expected an integer, got number"),
+    "zero per-try timeout": Case(
+        "    max_fallbacks: 1\n", "    max_fallbacks: 1\n    per_try_timeout_ms: 0\n",
+        "policies[0].per_try_timeout_ms", "per_try_timeout_ms", "must be >= 1, got 0"),
+}
+
+
+@pytest.mark.parametrize("case", FAILOVER_CASES.values(), ids=FAILOVER_CASES.keys())
+def test_failover_setting_errors_name_key_path_and_line(case: Case) -> None:
+    test_error_names_key_path_and_line(case)
+
+
+def test_example_policy_documents_the_failover_settings() -> None:
+    config = load_policy_file(EXAMPLE)
+    assert config.failover != Failover()
+    assert any(p.health_check != HealthCheck() for p in config.providers)
+    assert any(p.outlier_detection != OutlierDetection() for p in config.providers)
+    assert any(p.per_try_timeout_ms != 60000 for p in config.policies)

@@ -61,3 +61,13 @@ def test_round_trip_through_bytes(path: Path) -> None:
     assert sum(len(p.offerings) for p in parsed.providers) == sum(
         len(p.offerings) for p in config.providers)
 
+
+
+def test_optional_prices_are_set_only_when_listed(tmp_path: Path) -> None:
+    alpha, beta = to_routing_policy(load_valid(tmp_path)).providers
+    big = alpha.offerings[0]
+    assert (big.cached_input_usd_per_mtok, big.reasoning_usd_per_mtok) == (0.25, 2.5)
+    assert not big.HasField("cache_write_usd_per_mtok")
+    small = beta.offerings[0]
+    assert not any(small.HasField(name) for name in (
+        "cached_input_usd_per_mtok", "cache_write_usd_per_mtok", "reasoning_usd_per_mtok"))

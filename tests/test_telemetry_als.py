@@ -1,8 +1,11 @@
-"""AccessLogReceiver fed by a real Envoy's http_grpc access logger.
+"""AccessLogReceiver fed by a real Envoy: router upstream_log attempts feed FleetHealth (per
+model once the request's entry names it), listener entries go to the on_request hooks.
 
 Test scaffolding: a static Envoy bootstrap whose listener sets the "gpu_router" dynamic metadata
-with the set_metadata filter (standing in for ext_proc) and routes to a tiny local HTTP upstream
-(cluster "prov-a"), to a dead port (cluster "prov-dead"), or answers itself (direct response).
+with the set_metadata filter (standing in for ext_proc) and routes with the priority_group
+cluster specifier and a retry policy, as the generated config does: "/" tries prov-a then
+prov-b, "/dead" tries prov-dead (nothing listens) then prov-b; "/local" is a direct response.
+The upstreams keep connections alive, so attempts share upstream connections.
 """
 
 from __future__ import annotations
@@ -18,22 +21,29 @@ from typing import Any
 
 import grpc
 import pytest
+from envoy.data.accesslog.v3 import accesslog_pb2
 
-from control_plane.telemetry.als import AccessLogReceiver
+from control_plane.telemetry.als import ATTEMPT_LOG_NAME, EDGE_LOG_NAME, AccessLogReceiver
 from control_plane.telemetry.health import PROVIDER_WIDE, FleetHealth, HealthState
 from gpu_router.processes import EnvoyAdmin, ManagedProcess, envoy_binary, free_port, http_get
 
 POLL_DEADLINE_S = 15.0
 TYPE_PREFIX = "type.googleapis.com/"
+RETRY_AFTER_S = 30
 
 
 class _Upstream(BaseHTTPRequestHandler):
-    """/fail answers 503, anything else 200 with a small JSON body."""
+    """200 with a small JSON body; a rate-limiting one answers /ratelimit 429 with Retry-After."""
+
+    rate_limits = False
+    protocol_version = "HTTP/1.1"
 
     def do_GET(self) -> None:
-        status = 503 if self.path.startswith("/fail") else 200
+        limited = self.rate_limits and self.path.startswith("/ratelimit")
         body = b'{"ok": true}'
-        self.send_response(status)
+        self.send_response(429 if limited else 200)
+        if limited:
+            self.send_header("retry-after", str(RETRY_AFTER_S))
         self.send_header("content-type", "application/json")
         self.send_header("content-length", str(len(body)))
         self.end_headers()
@@ -43,9 +53,12 @@ class _Upstream(BaseHTTPRequestHandler):
         pass
 
 
-@pytest.fixture
-def upstream_port() -> Iterator[int]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Upstream)
+class _RateLimitingUpstream(_Upstream):
+    rate_limits = True
+
+
+def _serve(handler: type[_Upstream]) -> Iterator[int]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -54,6 +67,16 @@ def upstream_port() -> Iterator[int]:
         server.shutdown()
         server.server_close()
         thread.join()
+
+
+@pytest.fixture
+def upstream_port() -> Iterator[int]:
+    yield from _serve(_RateLimitingUpstream)
+
+
+@pytest.fixture
+def second_upstream_port() -> Iterator[int]:
+    yield from _serve(_Upstream)
 
 
 def _static_cluster(name: str, port: int, *, http2: bool = False) -> dict[str, Any]:
@@ -88,22 +111,55 @@ def _static_cluster(name: str, port: int, *, http2: bool = False) -> dict[str, A
     return cluster
 
 
-def envoy_bootstrap(
-    *, admin_port: int, listen_port: int, upstream_port: int, dead_port: int, als_port: int
-) -> dict[str, Any]:
-    access_log = {
+def _grpc_log(log_name: str, **extra: Any) -> dict[str, Any]:
+    common_config = {
+        "log_name": log_name,
+        "transport_api_version": "V3",
+        "buffer_flush_interval": "0.1s",
+        "grpc_service": {"envoy_grpc": {"cluster_name": "gpu-router.xds"}},
+    }
+    return {
         "name": "envoy.access_loggers.http_grpc",
         "typed_config": {
             "@type": TYPE_PREFIX
             + "envoy.extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig",
-            "common_config": {
-                "log_name": "gpu-router.edge",
-                "transport_api_version": "V3",
-                "buffer_flush_interval": "0.1s",
-                "grpc_service": {"envoy_grpc": {"cluster_name": "gpu-router.xds"}},
+            "common_config": common_config,
+            **extra,
+        },
+    }
+
+
+def _failover_route(prefix: str, order: list[str]) -> dict[str, Any]:
+    specifier = {
+        "@type": TYPE_PREFIX + "envoy.extensions.router.cluster_specifiers.priority_group.v3"
+        ".PriorityGroupClusterSpecifier",
+        "priority_groups": [
+            {"name": name, "clusters": [{"cluster_name": name, "weight": 1}]} for name in order
+        ],
+    }
+    return {
+        "match": {"prefix": prefix},
+        "route": {
+            "inline_cluster_specifier_plugin": {
+                "extension": {
+                    "name": "envoy.router.cluster_specifier_plugin.priority_group",
+                    "typed_config": specifier,
+                }
+            },
+            "retry_policy": {
+                "retry_on": "5xx,reset,connect-failure,refused-stream,retriable-status-codes",
+                "retriable_status_codes": [429],
+                "num_retries": len(order) - 1,
+                "retry_back_off": {"base_interval": "0.01s", "max_interval": "0.02s"},
+                "refresh_cluster_on_retry": True,
             },
         },
     }
+
+
+def envoy_bootstrap(
+    *, admin_port: int, listen_port: int, upstream_ports: tuple[int, int], als_port: int
+) -> dict[str, Any]:
     set_metadata = {
         "name": "envoy.filters.http.set_metadata",
         "typed_config": {
@@ -111,42 +167,38 @@ def envoy_bootstrap(
             "metadata": [
                 {
                     "metadata_namespace": "gpu_router",
-                    "value": {
-                        "model": "m1",
-                        "provider": "prov-a",
-                        "reason": "test",
-                        "policy": "default",
-                    },
+                    "value": {"model": "m1", "provider": "prov-a", "reason": "test"},
                 }
             ],
         },
     }
+    router = {
+        "name": "envoy.filters.http.router",
+        "typed_config": {
+            "@type": TYPE_PREFIX + "envoy.extensions.filters.http.router.v3.Router",
+            "upstream_log": [
+                _grpc_log(ATTEMPT_LOG_NAME, additional_response_headers_to_log=["retry-after"])
+            ],
+        },
+    }
     routes = [
-        {"match": {"prefix": "/dead"}, "route": {"cluster": "prov-dead"}},
         {
             "match": {"prefix": "/local"},
             "direct_response": {"status": 404, "body": {"inline_string": "no"}},
         },
-        {"match": {"prefix": "/"}, "route": {"cluster": "prov-a"}},
+        _failover_route("/dead", ["prov-dead", "prov-b"]),
+        _failover_route("/", ["prov-a", "prov-b"]),
     ]
     manager = {
         "@type": TYPE_PREFIX + "envoy.extensions.filters.network.http_connection_manager.v3"
         ".HttpConnectionManager",
         "stat_prefix": "edge",
-        "access_log": [access_log],
+        "access_log": [_grpc_log(EDGE_LOG_NAME)],
         "route_config": {
             "name": "test",
             "virtual_hosts": [{"name": "all", "domains": ["*"], "routes": routes}],
         },
-        "http_filters": [
-            set_metadata,
-            {
-                "name": "envoy.filters.http.router",
-                "typed_config": {
-                    "@type": TYPE_PREFIX + "envoy.extensions.filters.http.router.v3.Router"
-                },
-            },
-        ],
+        "http_filters": [set_metadata, router],
     }
     return {
         "node": {"id": "edge-test-1", "cluster": "gpu-router-edge"},
@@ -173,8 +225,9 @@ def envoy_bootstrap(
                 }
             ],
             "clusters": [
-                _static_cluster("prov-a", upstream_port),
-                _static_cluster("prov-dead", dead_port),
+                _static_cluster("prov-a", upstream_ports[0]),
+                _static_cluster("prov-b", upstream_ports[1]),
+                _static_cluster("prov-dead", free_port()),
                 _static_cluster("gpu-router.xds", als_port, http2=True),
             ],
         },
@@ -193,10 +246,17 @@ async def _eventually(condition: Callable[[], bool], what: str) -> None:
         await asyncio.sleep(0.05)
 
 
-async def _run(tmp_path: Path, upstream: int) -> None:
-    fleet = FleetHealth(eject_min_samples=3)
+async def _run(tmp_path: Path, upstreams: tuple[int, int]) -> None:
+    fleet = FleetHealth(eject_min_samples=3, cooldown_s=10.0)
+    requests: list[tuple[accesslog_pb2.HTTPAccessLogEntry, str]] = []
+
+    def broken_hook(entry: accesslog_pb2.HTTPAccessLogEntry, node: str) -> None:
+        raise RuntimeError("a failing subscriber")
+
+    receiver = AccessLogReceiver(fleet, on_request=[broken_hook])
+    receiver.on_request.append(lambda entry, node: requests.append((entry, node)))
     server = grpc.aio.server()
-    AccessLogReceiver(fleet).register(server)
+    receiver.register(server)
     als_port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     admin_port, listen_port = free_port(), free_port()
@@ -206,8 +266,7 @@ async def _run(tmp_path: Path, upstream: int) -> None:
             envoy_bootstrap(
                 admin_port=admin_port,
                 listen_port=listen_port,
-                upstream_port=upstream,
-                dead_port=free_port(),
+                upstream_ports=upstreams,
                 als_port=als_port,
             )
         )
@@ -225,43 +284,64 @@ async def _run(tmp_path: Path, upstream: int) -> None:
             status, _ = await asyncio.to_thread(http_get, f"http://127.0.0.1:{listen_port}{path}")
             return status
 
-        # Logged first on the one ALS stream, so it has been received once the others are.
-        assert await get("/local") == 404
-        assert [await get("/v1/chat") for _ in range(3)] == [200, 200, 200]
-
-        def samples(provider: str) -> int:
-            view = fleet.get(provider, "m1", now_ms())
+        def samples(provider: str, model: str = PROVIDER_WIDE) -> int:
+            view = fleet.get(provider, model, now_ms())
             return 0 if view is None else view.samples
 
-        await _eventually(lambda: samples("prov-a") >= 3, "three prov-a/m1 samples")
+        assert await get("/local") == 404
+        assert [await get("/v1/chat") for _ in range(3)] == [200, 200, 200]
+        await _eventually(lambda: samples("prov-a", "m1") >= 3, "three prov-a/m1 samples")
         healthy = fleet.get("prov-a", "m1", now_ms())
-        assert healthy is not None
-        assert healthy.error_rate == 0.0 and healthy.state is HealthState.HEALTHY
+        assert healthy is not None and healthy.state is HealthState.HEALTHY
         assert healthy.ewma_latency_ms is not None and healthy.ewma_latency_ms > 0
         assert (
             healthy.ewma_ttfb_ms is not None and 0 < healthy.ewma_ttfb_ms <= healthy.ewma_latency_ms
         )
-        # The direct response reached no provider: only prov-a is known.
-        assert {view.provider for view in fleet.entries(now_ms())} == {"prov-a"}
 
-        assert [await get("/fail") for _ in range(3)] == [503, 503, 503]
-        await _eventually(lambda: samples("prov-a") >= 6, "the 503 samples")
-        failing = fleet.get("prov-a", PROVIDER_WIDE, now_ms())
-        assert failing is not None and failing.error_rate == pytest.approx(0.5)
+        before_ms = now_ms()
+        assert await get("/ratelimit") == 200  # prov-a's 429 was answered by prov-b
+        await _eventually(lambda: samples("prov-b", "m1") >= 1, "the prov-b attempt after the 429")
+        after_ms = now_ms()
+        limited = fleet.get("prov-a", PROVIDER_WIDE, after_ms)
+        assert limited is not None and limited.state is HealthState.EJECTED
+        assert limited.samples == 4 and limited.rate_429 == pytest.approx(1 / 4)
         assert (
-            failing.state is HealthState.EJECTED
-        )  # 3 errors in 6 samples reaches eject_error_rate 0.5
-        assert failing.ewma_latency_ms == healthy.ewma_latency_ms  # failures never feed the EWMA
+            before_ms + RETRY_AFTER_S * 1000
+            <= limited.cooldown_until_unix_ms
+            <= after_ms + RETRY_AFTER_S * 1000
+        )
+        shown = fleet.to_json(after_ms)["providers"]["prov-a"]
+        assert shown["state"] == "ejected"
+        assert shown["reason"] == f"rate limited (Retry-After {RETRY_AFTER_S} s)"
+        assert shown["last_ejected_at"] == shown["first_failure_at"] is not None
 
-        assert [await get("/dead") for _ in range(3)] == [503, 503, 503]
-        await _eventually(lambda: samples("prov-dead") >= 3, "the connection-failure samples")
-        dead = fleet.get("prov-dead", "m1", now_ms())
+        # A dead provider fails every attempt though every client request succeeds.
+        assert [await get("/dead") for _ in range(3)] == [200, 200, 200]
+        await _eventually(lambda: samples("prov-dead") >= 3, "the connection-failure attempts")
+        dead = fleet.get("prov-dead", PROVIDER_WIDE, now_ms())
         assert dead is not None and dead.error_rate == 1.0 and dead.state is HealthState.EJECTED
-        assert dead.ewma_latency_ms is None
+        assert dead.reason == "error rate 100% over 30 s" and dead.ewma_latency_ms is None
+
+        # Client requests reach the hooks (past the failing one) and never count as samples.
+        await _eventually(lambda: len(requests) == 8, "the eight client-request entries")
+        assert {node for _, node in requests} == {"edge-test-1"}
+        by_path = {entry.request.path: entry.common_properties for entry, _ in requests}
+        assert by_path["/ratelimit"].upstream_cluster == "prov-b"
+        assert by_path["/ratelimit"].upstream_request_attempt_count == 2
+        assert by_path["/local"].upstream_cluster == ""
+        # Every attempt counted once for its provider and once for its model; no more.
+        await _eventually(lambda: samples("prov-dead", "m1") == 3, "the dead attempts' model")
+        for provider, attempts in {"prov-a": 4, "prov-b": 4, "prov-dead": 3}.items():
+            assert (samples(provider), samples(provider, "m1")) == (attempts, attempts)
+        per_model = fleet.get("prov-a", "m1", now_ms())
+        assert per_model is not None and per_model.rate_429 == pytest.approx(1 / 4)
+        assert per_model.state is HealthState.HEALTHY  # the 429 ejects the provider, not a model
     finally:
         envoy.stop()
         await server.stop(grace=None)
 
 
-def test_envoy_access_logs_feed_fleet_health(tmp_path: Path, upstream_port: int) -> None:
-    asyncio.run(_run(tmp_path, upstream_port))
+def test_envoy_attempt_logs_feed_fleet_health_and_requests_reach_hooks(
+    tmp_path: Path, upstream_port: int, second_upstream_port: int
+) -> None:
+    asyncio.run(_run(tmp_path, (upstream_port, second_upstream_port)))

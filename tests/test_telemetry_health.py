@@ -20,6 +20,7 @@ def sample(
     total_ms: float = 100.0,
     ttfb_ms: float = 20.0,
     upstream_failure: bool = False,
+    retry_after_s: float | None = None,
 ) -> RequestSample:
     return RequestSample(
         provider=provider,
@@ -32,6 +33,7 @@ def sample(
         policy="p",
         reason="r",
         node="edge-1",
+        retry_after_s=retry_after_s,
     )
 
 
@@ -214,8 +216,101 @@ def test_to_json() -> None:
         "rate_429": 0.0,
         "state": "ejected",
         "cooldown_until": "2023-11-14T22:13:25.000+00:00",
+        "reason": "error rate 100% over 10 s",
+        "first_failure_at": "2023-11-14T22:13:20.000+00:00",
+        "last_ejected_at": "2023-11-14T22:13:20.000+00:00",
     }
     assert doc["version"] == health.version
+    assert (doc["weights"], doc["weights_pushed_at"]) == (None, None)
+
+    health.record_pushed_weights({"prov-a": 0, "prov-b": 100}, T0 + 1)
+    doc = health.to_json(T0 + 2)
+    assert doc["weights"] == {"prov-a": 0, "prov-b": 100}
+    assert doc["weights_pushed_at"] == "2023-11-14T22:13:20.001+00:00"
+
+
+def test_error_ejection_reason_names_the_rate_and_window() -> None:
+    health = fleet(window_s=30.0, eject_error_rate=0.6, eject_min_samples=5)
+    for i, status in enumerate([200, 200, 503, 503, 503]):
+        health.record(sample(T0 + i, status=status))
+    current = view(health, T0 + 4, PROVIDER_WIDE)
+    assert current.state is HealthState.EJECTED
+    assert current.reason == "error rate 60% over 30 s"
+
+
+def test_degraded_has_a_reason_and_healthy_none() -> None:
+    health = fleet(window_s=10.0, eject_error_rate=0.5)
+    for i, status in enumerate([200, 200, 200, 502]):
+        health.record(sample(T0 + i, status=status))
+    assert view(health, T0 + 3).reason == "error rate 25% over 10 s"
+    assert view(health, T0 + 10_003).reason == ""
+
+
+def test_429_with_retry_after_ejects_the_provider_for_every_model() -> None:
+    health = fleet(cooldown_s=5.0)
+    health.record(sample(T0, model="m1"))
+    health.record(sample(T0 + 10, model="m1", status=429, retry_after_s=2.0))
+    wide = view(health, T0 + 10, PROVIDER_WIDE)
+    assert wide.state is HealthState.EJECTED
+    assert wide.cooldown_until_unix_ms == T0 + 10 + 2_000
+    assert wide.reason == "rate limited (Retry-After 2 s)"
+    assert wide.last_ejected_unix_ms == T0 + 10 and wide.first_failure_unix_ms == T0 + 10
+    # The per-model entry counts the 429 but is not itself ejected: the provider-wide one is.
+    model = view(health, T0 + 10, "m1")
+    assert model.state is HealthState.HEALTHY and model.rate_429 == pytest.approx(0.5)
+    assert view(health, T0 + 10 + 1_999, PROVIDER_WIDE).state is HealthState.EJECTED
+    back = view(health, T0 + 10 + 2_000, PROVIDER_WIDE)
+    assert back.state is HealthState.HEALTHY and back.cooldown_until_unix_ms == 0
+    assert back.reason == "" and back.error_rate == 0.0  # a 429 is not an error
+
+
+def test_429_without_retry_after_uses_the_cooldown() -> None:
+    health = fleet(cooldown_s=5.0)
+    health.record(sample(T0, status=429))
+    wide = view(health, T0, PROVIDER_WIDE)
+    assert (wide.state, wide.cooldown_until_unix_ms) == (HealthState.EJECTED, T0 + 5_000)
+    assert wide.reason == "rate limited (no Retry-After)"
+
+
+def test_retry_after_is_capped() -> None:
+    health = fleet(max_retry_after_s=300.0)
+    health.record(sample(T0, status=429, retry_after_s=86_400.0))
+    wide = view(health, T0, PROVIDER_WIDE)
+    assert wide.cooldown_until_unix_ms == T0 + 300_000
+    assert wide.reason == "rate limited (Retry-After 300 s)"
+
+
+def test_a_429_never_shortens_a_running_cooldown() -> None:
+    health = fleet(cooldown_s=5.0, eject_min_samples=4)
+    for i in range(4):
+        health.record(sample(T0 + i, status=503))
+    health.record(sample(T0 + 10, status=429, retry_after_s=1.0))
+    wide = view(health, T0 + 10, PROVIDER_WIDE)
+    assert wide.cooldown_until_unix_ms == T0 + 3 + 5_000
+    assert wide.reason == "error rate 100% over 10 s"
+    health.record(sample(T0 + 20, status=429, retry_after_s=60.0))
+    wide = view(health, T0 + 20, PROVIDER_WIDE)
+    assert wide.cooldown_until_unix_ms == T0 + 20 + 60_000
+    assert wide.reason == "rate limited (Retry-After 60 s)"
+    assert wide.last_ejected_unix_ms == T0 + 20
+
+
+def test_time_to_eject_is_first_failure_to_ejection_of_one_episode() -> None:
+    health = fleet(window_s=10.0, cooldown_s=5.0, eject_min_samples=4)
+    health.record(sample(T0))
+    never = view(health, T0, PROVIDER_WIDE)
+    assert (never.first_failure_unix_ms, never.last_ejected_unix_ms) == (0, 0)
+    for at in (T0 + 100, T0 + 150, T0 + 200, T0 + 250, T0 + 300):
+        health.record(sample(at, status=503))
+    ejected = view(health, T0 + 300, PROVIDER_WIDE)
+    assert ejected.state is HealthState.EJECTED
+    assert (ejected.first_failure_unix_ms, ejected.last_ejected_unix_ms) == (T0 + 100, T0 + 200)
+    # Once the window holds no failure the episode is over; the next failure starts a new one.
+    quiet = T0 + 300 + 10_000
+    assert view(health, quiet, PROVIDER_WIDE).state is HealthState.HEALTHY
+    health.record(sample(quiet + 5, status=0, upstream_failure=True))
+    again = view(health, quiet + 5, PROVIDER_WIDE)
+    assert (again.first_failure_unix_ms, again.last_ejected_unix_ms) == (quiet + 5, T0 + 200)
 
 
 @pytest.mark.parametrize(
@@ -226,6 +321,7 @@ def test_to_json() -> None:
         {"eject_error_rate": 1.5},
         {"eject_min_samples": 0},
         {"cooldown_s": -1.0},
+        {"max_retry_after_s": -1.0},
     ],
 )
 def test_rejects_nonsense_settings(bad: dict[str, float]) -> None:

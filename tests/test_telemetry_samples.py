@@ -1,4 +1,4 @@
-"""sample_from_log_entry on hand-built access-log entries."""
+"""sample_from_log_entry and sample_from_attempt_entry on hand-built access-log entries."""
 
 from __future__ import annotations
 
@@ -6,7 +6,13 @@ import pytest
 from envoy.data.accesslog.v3 import accesslog_pb2
 from google.protobuf import duration_pb2, struct_pb2
 
-from control_plane.telemetry.samples import RequestSample, sample_from_log_entry
+from control_plane.telemetry.samples import (
+    RequestSample,
+    decided_model,
+    parse_retry_after,
+    sample_from_attempt_entry,
+    sample_from_log_entry,
+)
 
 START_MS = 1_700_000_000_123
 
@@ -151,3 +157,95 @@ def test_unset_log_type_counts() -> None:
         sample_from_log_entry(log_entry(log_type=accesslog_pb2.AccessLogType.NotSet), "edge-1")
         is not None
     )
+
+
+def attempt_entry(
+    cluster: str = "prov-a",
+    status: int | None = 200,
+    *,
+    retry_after: str | None = None,
+    first_rx_ms: float | None = 12.0,
+    last_rx_ms: float | None = 52.0,
+    duration_ms: float = 53.0,
+) -> accesslog_pb2.HTTPAccessLogEntry:
+    """An entry as the router's upstream_log builds it: no downstream timings, no metadata."""
+    entry = log_entry(
+        cluster,
+        status,
+        first_rx_ms=first_rx_ms,
+        last_rx_ms=last_rx_ms,
+        duration_ms=duration_ms,
+        log_type=accesslog_pb2.AccessLogType.UpstreamEnd,
+    )
+    entry.common_properties.ClearField("time_to_last_downstream_tx_byte")
+    entry.request.request_id = "req-1"
+    if retry_after is not None:
+        entry.response.response_headers["retry-after"] = retry_after
+    return entry
+
+
+def test_attempt_entry_gives_provider_latency_and_request_id() -> None:
+    assert sample_from_attempt_entry(attempt_entry(), "edge-1") == RequestSample(
+        provider="prov-a",
+        model="",
+        status=200,
+        ttfb_ms=10.0,
+        total_ms=50.0,
+        at_unix_ms=START_MS + 53,
+        upstream_failure=False,
+        policy="",
+        reason="",
+        node="edge-1",
+        retry_after_s=None,
+        request_id="req-1",
+    )
+
+
+def test_attempt_429_carries_retry_after() -> None:
+    sample = sample_from_attempt_entry(
+        attempt_entry(status=429, retry_after="7"), "e", at_unix_ms=5
+    )
+    assert sample is not None and (sample.status, sample.retry_after_s) == (429, 7.0)
+
+
+def test_decided_model_of_a_request_entry() -> None:
+    assert decided_model(log_entry(metadata={"model": "m1", "provider": "prov-a"})) == "m1"
+    assert decided_model(log_entry(metadata=None)) == ""
+
+
+def test_failed_attempt_lasts_its_own_duration() -> None:
+    entry = attempt_entry(status=0, first_rx_ms=None, last_rx_ms=None, duration_ms=500.0)
+    entry.common_properties.response_flags.upstream_request_timeout = True
+    sample = sample_from_attempt_entry(entry, "edge-1")
+    assert sample is not None and sample.upstream_failure and sample.status == 0
+    assert (sample.ttfb_ms, sample.total_ms) == (0.0, 500.0)
+
+
+@pytest.mark.parametrize("cluster", ["", "gpu-router.ext_proc"])
+def test_attempts_not_to_a_provider_are_skipped(cluster: str) -> None:
+    assert sample_from_attempt_entry(attempt_entry(cluster=cluster), "edge-1") is None
+
+
+def test_request_entries_are_not_attempts() -> None:
+    assert sample_from_attempt_entry(log_entry(), "edge-1") is None
+
+
+NOW_MS = 1_700_000_000_000  # 2023-11-14T22:13:20Z
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [
+        ("2", 2.0),
+        (" 120 ", 120.0),
+        ("0", 0.0),
+        ("Tue, 14 Nov 2023 22:13:30 GMT", 10.0),
+        ("Tue, 14 Nov 2023 22:13:00 GMT", 0.0),  # in the past: go ahead now
+        ("soon", None),
+        ("-5", None),
+        ("1.5", None),
+        ("", None),
+    ],
+)
+def test_parse_retry_after(value: str, seconds: float | None) -> None:
+    assert parse_retry_after(value, NOW_MS) == seconds

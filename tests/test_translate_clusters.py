@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.extensions.filters.http.credential_injector.v3 import credential_injector_pb2
 from envoy.extensions.filters.http.lua.v3 import lua_pb2
@@ -10,7 +12,14 @@ from envoy.extensions.transport_sockets.tls.v3 import common_pb2, tls_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2 as upstream_http_pb2
 from translate_fixtures import provider, routing_config
 
-from control_plane.policy.model import Credential, Provider
+from control_plane.policy.model import (
+    Credential,
+    Failover,
+    HealthCheck,
+    Model,
+    OutlierDetection,
+    Provider,
+)
 from control_plane.translate.clusters import (
     HTTP_PROTOCOL_OPTIONS,
     all_clusters,
@@ -21,11 +30,12 @@ from control_plane.translate.settings import EdgeSettings
 from control_plane.translate.upstream_lua import provider_lua
 
 SETTINGS = EdgeSettings()
-STRIP = ("authorization",)
+LUA = "-- the provider's rewrite"
+DEFAULT_FAILOVER = Failover()
 
 
-def cluster_of(provider: Provider) -> cluster_pb2.Cluster:
-    return provider_cluster(provider, SETTINGS, STRIP)
+def cluster_of(provider: Provider, failover: Failover = DEFAULT_FAILOVER) -> cluster_pb2.Cluster:
+    return provider_cluster(provider, SETTINGS, lua_source=LUA, failover=failover)
 
 
 def protocol_options(cluster: cluster_pb2.Cluster) -> upstream_http_pb2.HttpProtocolOptions:
@@ -86,30 +96,59 @@ def test_plain_http_is_explicit_http1_without_tls() -> None:
     assert options.explicit_http_config.HasField("http_protocol_options")
 
 
-def test_fault_machinery_follows_the_provider() -> None:
-    cluster = cluster_of(
-        provider("p", "http://127.0.0.1:8101", max_concurrency=17, health_check_path="/healthz")
+def test_fault_machinery_follows_the_provider_and_the_failover_budget() -> None:
+    p = replace(
+        provider("p", "http://127.0.0.1:8101", max_concurrency=17, health_check_path="/healthz"),
+        health_check=HealthCheck(
+            interval_ms=1500, timeout_ms=700, unhealthy_threshold=4, healthy_threshold=2
+        ),
+        outlier_detection=OutlierDetection(
+            consecutive_5xx=6,
+            consecutive_gateway_failure=4,
+            consecutive_local_origin_failure=2,
+            failure_percentage_threshold=40,
+            failure_percentage_minimum_hosts=1,
+            failure_percentage_request_volume=10,
+            interval_ms=2500,
+            base_ejection_time_ms=12000,
+        ),
     )
+    cluster = cluster_of(p, Failover(retry_budget_percent=12.5, min_retry_concurrency=4))
     assert cluster.connect_timeout.seconds == 5
     assert cluster.per_connection_buffer_limit_bytes.value == 32 * 1024 * 1024
     (check,) = cluster.health_checks
     assert check.http_health_check.path == "/healthz"
-    assert (check.interval.seconds, check.timeout.seconds, check.no_traffic_interval.seconds) == (
-        5,
-        2,
-        5,
-    )
-    assert (check.unhealthy_threshold.value, check.healthy_threshold.value) == (3, 1)
+    assert [
+        check.interval.ToMilliseconds(),
+        check.timeout.ToMilliseconds(),
+        check.no_traffic_interval.ToMilliseconds(),
+    ] == [1500, 700, 1500]
+    assert (check.unhealthy_threshold.value, check.healthy_threshold.value) == (4, 2)
     (thresholds,) = cluster.circuit_breakers.thresholds
     assert (thresholds.max_requests.value, thresholds.max_pending_requests.value) == (17, 17)
-    assert thresholds.max_retries.value == 3
+    assert not thresholds.HasField("max_retries")
+    budget = thresholds.retry_budget
+    assert (budget.budget_percent.value, budget.min_retry_concurrency.value) == (12.5, 4)
     outlier = cluster.outlier_detection
-    assert outlier.consecutive_5xx.value == 5
-    assert outlier.consecutive_gateway_failure.value == 3
-    assert outlier.enforcing_consecutive_gateway_failure.value == 100
-    assert outlier.max_ejection_percent.value == 100
-    assert (outlier.interval.seconds, outlier.base_ejection_time.seconds) == (5, 10)
-    assert cluster.common_lb_config.healthy_panic_threshold.value == 0
+    assert [
+        outlier.consecutive_5xx.value,
+        outlier.consecutive_gateway_failure.value,
+        outlier.consecutive_local_origin_failure.value,
+        outlier.failure_percentage_threshold.value,
+        outlier.failure_percentage_minimum_hosts.value,
+        outlier.failure_percentage_request_volume.value,
+    ] == [6, 4, 2, 40, 1, 10]
+    assert outlier.split_external_local_origin_errors
+    assert [
+        outlier.enforcing_consecutive_gateway_failure.value,
+        outlier.enforcing_consecutive_local_origin_failure.value,
+        outlier.enforcing_failure_percentage.value,
+        outlier.enforcing_failure_percentage_local_origin.value,
+        outlier.max_ejection_percent.value,
+    ] == [100] * 5
+    assert outlier.interval.ToMilliseconds() == 2500
+    assert outlier.base_ejection_time.ToMilliseconds() == 12000
+    assert not cluster.common_lb_config.HasField("healthy_panic_threshold")
     assert cluster.metadata.filter_metadata["gpu_router"]["provider"] == "p"
 
 
@@ -139,20 +178,22 @@ def test_provider_without_credential_has_the_rewrite_and_the_codec() -> None:
     ]
 
 
-def test_the_rewrite_is_the_providers_own_lua() -> None:
-    p = provider("p", "http://127.0.0.1:8101/api/", model_ids={"m": "vendor/m"})
-    options = protocol_options(provider_cluster(p, SETTINGS, ("authorization", "x-key")))
+def test_the_rewrite_is_the_given_lua() -> None:
+    options = protocol_options(cluster_of(provider("p", "http://127.0.0.1:8101/api/")))
     config = lua_pb2.Lua()
     assert options.http_filters[0].typed_config.Unpack(config)
-    assert config.default_source_code.inline_string == provider_lua(p, ("authorization", "x-key"))
+    assert config.default_source_code.inline_string == LUA
 
 
-def test_every_cluster_strips_every_providers_credential_header() -> None:
+def test_every_cluster_knows_the_aliases_and_strips_every_providers_credential_header() -> None:
     config = routing_config(
         provider("a", "http://127.0.0.1:1", credential=Credential(env="K", header="x-api-key")),
-        provider("b", "http://127.0.0.1:2"),
+        provider("b", "http://127.0.0.1:2", model_ids={"m": "vendor/m"}),
+        models=(Model(name="m", aliases=("m-alias",)),),
     )
-    expected = provider_lua(config.providers[1], ("authorization", "x-api-key"))
+    expected = provider_lua(
+        config.providers[1], {"m": ("m-alias",)}, ("authorization", "x-api-key")
+    )
     options = protocol_options(all_clusters(config, SETTINGS)["b"])
     lua = lua_pb2.Lua()
     assert options.http_filters[0].typed_config.Unpack(lua)
@@ -170,6 +211,14 @@ def test_ext_proc_cluster_is_static_http2_on_the_configured_port() -> None:
     assert cluster.per_connection_buffer_limit_bytes.value == SETTINGS.buffer_limit_bytes
 
 
+def test_an_ext_proc_replica_that_fails_one_connection_is_ejected_at_once() -> None:
+    outlier = ext_proc_cluster(SETTINGS).outlier_detection
+    assert outlier.split_external_local_origin_errors
+    assert outlier.consecutive_local_origin_failure.value == 1
+    assert outlier.enforcing_consecutive_local_origin_failure.value == 100
+    assert outlier.max_ejection_percent.value == 100
+
+
 def test_all_clusters_are_named_after_providers_plus_ext_proc() -> None:
     config = routing_config(
         provider("a", "http://127.0.0.1:1"), provider("b", "https://b.example.com")
@@ -179,9 +228,14 @@ def test_all_clusters_are_named_after_providers_plus_ext_proc() -> None:
 
 def test_ext_proc_replicas_are_all_endpoints_of_one_cluster() -> None:
     by_ip = ext_proc_cluster(EdgeSettings(ext_proc_endpoints=(("127.0.0.1", 1), ("127.0.0.1", 2))))
-    by_name = ext_proc_cluster(EdgeSettings(ext_proc_endpoints=(("ext-proc-1", 50051), ("ext-proc-2", 50051))))
-
+    by_name = ext_proc_cluster(
+        EdgeSettings(ext_proc_endpoints=(("ext-proc-1", 50051), ("ext-proc-2", 50051)))
+    )
     assert by_ip.type == cluster_pb2.Cluster.STATIC
     assert by_name.type == cluster_pb2.Cluster.STRICT_DNS
-    addresses = [e.endpoint.address.socket_address for e in by_name.load_assignment.endpoints[0].lb_endpoints]
-    assert [(a.address, a.port_value) for a in addresses] == [("ext-proc-1", 50051), ("ext-proc-2", 50051)]
+    (locality,) = by_name.load_assignment.endpoints
+    addresses = [e.endpoint.address.socket_address for e in locality.lb_endpoints]
+    assert [(a.address, a.port_value) for a in addresses] == [
+        ("ext-proc-1", 50051),
+        ("ext-proc-2", 50051),
+    ]

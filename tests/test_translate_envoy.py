@@ -1,19 +1,22 @@
-"""The translated resources against the real Envoy 1.40: they validate, and they route.
+"""The translated resources against the real Envoy 1.40: they validate, route and fail over.
 
 The test runs Envoy on a static bootstrap made from translate() output (ADS references inlined,
-see translate_fixtures.py), two loopback HTTP upstreams, a stand-in ext_proc that answers the one
-request-headers message as the real one does (cluster header, clear_route_cache, gpu_router
-metadata) for the provider named in a test header, and a stand-in access-log service.
+see translate_fixtures.py), two loopback HTTP upstreams (alpha, beta) and a provider where nothing
+listens (gamma), a stand-in ext_proc that answers the one request-headers message as the real one
+does (route header "<policy>/<order>", clear_route_cache, gpu_router metadata) for the order named
+in a test header, and a stand-in access-log service. Each upstream misbehaves on request, per the
+x-test-mode-<provider> header: 503, 429 (with Retry-After), hang, reset, SSE streams.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import http.client
 import json
+import socket
 import subprocess
 import threading
 import time
+import uuid
 from collections.abc import Iterable, Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
@@ -23,25 +26,26 @@ from pathlib import Path
 import grpc
 import pytest
 from envoy.config.core.v3 import base_pb2
-from envoy.config.route.v3 import route_pb2
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 from envoy.type.v3 import http_status_pb2
-from google.protobuf import empty_pb2, json_format
+from google.protobuf import empty_pb2, json_format, struct_pb2
 from translate_fixtures import provider, routing_config, static_bootstrap, write_bootstrap
 
-from control_plane.policy.model import Credential, RoutingConfig
-from control_plane.translate import EdgeSettings, EnvoyResources, translate
+from control_plane.policy.model import Credential, Model, Policy, RoutingConfig
+from control_plane.translate import EdgeSettings, translate
 from control_plane.translate.routes import FALLBACK_REASON
 from gpu_router.processes import EnvoyAdmin, ManagedProcess, envoy_binary, free_port
 
 ALPHA_KEY = "sk-alpha-7f3a9c1e"
 BETA_KEY = "beta-key-2d8b41f0"
 PICK_HEADER = "x-test-pick"
+"""The ranked order the stand-in ext_proc picks, e.g. "alpha,beta"."""
 FAIL_HEADER = "x-test-ext-proc-fail"
-FAIL_ONCE_HEADER = "x-test-upstream-fail-once"
-"""The stand-in provider answers 503 the first time it sees this header's value."""
+PER_TRY_TIMEOUT_MS = 1000
+FALLBACK_WEIGHTS = {"gamma": 100, "alpha": 50, "beta": 10}
+"""The fallback route's order: gamma (nothing listens), alpha, beta."""
 CHAT_PATH = "/v1/chat/completions"
 ALPHA_PREFIX = "/alpha/v1"
 ALPHA_LLAMA = "meta-llama/Llama-3.1-8B-Instruct"
@@ -68,10 +72,15 @@ class Upstream:
 
 
 def start_upstream(name: str) -> Upstream:
+    """Answers 200 {"served_by": name}, unless x-test-mode-<name> says: "503"; "429" (with
+    Retry-After 7); "hang" (3 s before anything, beyond the per-try timeout); "reset" (closes the
+    connection without a byte); "sse" (an event stream of 3 chunks); "sse-slow" (the same over
+    1.5 s, beyond the per-try timeout); "sse-midfail" (headers and one chunk, then a reset)."""
     upstream: Upstream
-    failed_once: set[str] = set()
 
     class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
         def do_GET(self) -> None:  # health checks
             self._reply(200, b"ok")
 
@@ -84,19 +93,54 @@ def start_upstream(name: str) -> Upstream:
                     "body": body,
                 }
             )
-            token = self.headers.get(FAIL_ONCE_HEADER)
-            if token is not None and token not in failed_once:
-                failed_once.add(token)
+            mode = self.headers.get(f"x-test-mode-{name}", "ok")
+            if mode == "503":
                 self._reply(503, b"{}")
-                return
-            self._reply(200, json.dumps({"served_by": name}).encode())
+            elif mode == "429":
+                self._reply(429, b"{}", {"retry-after": "7"})
+            elif mode == "hang":
+                time.sleep(3)
+                self._reply(200, json.dumps({"served_by": name, "late": True}).encode())
+            elif mode == "reset":
+                self._reset()
+            elif mode.startswith("sse"):
+                self._stream(mode)
+            else:
+                self._reply(200, json.dumps({"served_by": name}).encode())
 
-        def _reply(self, status: int, body: bytes) -> None:
+        def _reply(self, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
             self.send_response(status)
             self.send_header("content-type", "application/json")
             self.send_header("content-length", str(len(body)))
+            for key, value in (headers or {}).items():
+                self.send_header(key, value)
             self.end_headers()
             self.wfile.write(body)
+
+        def _stream(self, mode: str) -> None:
+            """Chunked, so a reset mid-stream is an error, not the end of the body."""
+            self.send_response(200)
+            self.send_header("content-type", "text/event-stream")
+            self.send_header("transfer-encoding", "chunked")
+            self.end_headers()
+            for index in range(3):
+                event = f"data: {name}-{index}\n\n".encode()
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(event), event))
+                self.wfile.flush()
+                if mode == "sse-midfail":
+                    time.sleep(0.2)
+                    self._reset()
+                    return
+                if mode == "sse-slow":
+                    time.sleep(0.75)
+            self.wfile.write(b"0\r\n\r\n")
+
+        def _reset(self) -> None:
+            """A TCP reset: linger 0, then close."""
+            self.connection.setsockopt(
+                socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
+            )
+            self.close_connection = True
 
         def log_message(self, *args: object) -> None:
             pass
@@ -117,8 +161,8 @@ class Seen:
 
 class RoutingProcessor(ep_grpc.ExternalProcessorServicer):
     """Stand-in ext_proc keeping the contract: one answer to the request-headers message, model
-    from the x-gpu-router-model header or json_to_metadata's "gpu_router.request", provider from
-    PICK_HEADER."""
+    from the x-gpu-router-model header or json_to_metadata's "gpu_router.request", the ranked
+    order of providers from PICK_HEADER."""
 
     def __init__(self) -> None:
         self.seen: list[Seen] = []
@@ -143,7 +187,8 @@ class RoutingProcessor(ep_grpc.ExternalProcessorServicer):
             yield _routed(headers[PICK_HEADER], ALIASES.get(model, model), headers[":path"])
 
 
-def _routed(pick: str, model: str, path: str) -> ep_pb2.ProcessingResponse:
+def _routed(order: str, model: str, path: str) -> ep_pb2.ProcessingResponse:
+    route = f"default/{order}"
     response = ep_pb2.ProcessingResponse(
         request_headers=ep_pb2.HeadersResponse(
             response=ep_pb2.CommonResponse(
@@ -151,7 +196,7 @@ def _routed(pick: str, model: str, path: str) -> ep_pb2.ProcessingResponse:
                     set_headers=[
                         base_pb2.HeaderValueOption(
                             header=base_pb2.HeaderValue(
-                                key="x-gpu-router-cluster", raw_value=pick.encode()
+                                key="x-gpu-router-route", raw_value=route.encode()
                             )
                         )
                     ]
@@ -160,8 +205,17 @@ def _routed(pick: str, model: str, path: str) -> ep_pb2.ProcessingResponse:
             )
         )
     )
+    winner, _, fallbacks = order.partition(",")
     response.dynamic_metadata.update(
-        {"gpu_router": {"provider": pick, "model": model, "reason": "test pick", "path": path}}
+        {
+            "gpu_router": {
+                "provider": winner,
+                "fallbacks": fallbacks,
+                "model": model,
+                "reason": "test pick",
+                "path": path,
+            }
+        }
     )
     return response
 
@@ -222,6 +276,41 @@ class Edge:
         finally:
             connection.close()
 
+    def stream(self, headers: dict[str, str]) -> tuple[int, dict[str, str], bytes, str]:
+        """POST a streaming chat request: status, headers, the body bytes that arrived, and how
+        the body ended ("complete", or the error that cut it)."""
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        try:
+            connection.request(
+                "POST",
+                CHAT_PATH,
+                body=chat("llama3-8b", stream=True),
+                headers={"content-type": "application/json", **headers},
+            )
+            response = connection.getresponse()
+            received, ending = b"", "complete"
+            try:
+                while chunk := response.read1(65536):
+                    received += chunk
+            except (http.client.HTTPException, OSError) as error:
+                ending = type(error).__name__
+            return (
+                response.status,
+                {k.lower(): v for k, v in response.getheaders()},
+                received,
+                ending,
+            )
+        finally:
+            connection.close()
+
+    def logged(self, log_name: str, request_id: str) -> list[als_pb2.HTTPAccessLogEntry]:
+        """Entries of `log_name` for the request the client sent with this x-request-id."""
+        return [
+            entry
+            for name, entry in list(self.access_logs.entries)
+            if name == log_name and entry.request.request_id == request_id
+        ]
+
     def ext_proc_messages(self) -> int:
         return self.admin.stats("http.edge.ext_proc.")["http.edge.ext_proc.stream_msgs_sent"]
 
@@ -241,7 +330,7 @@ def wait_for(condition, what: str, timeout: float = 20.0) -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def config_for(upstreams: dict[str, Upstream]) -> RoutingConfig:
+def config_for(upstreams: dict[str, Upstream], refused_port: int) -> RoutingConfig:
     return routing_config(
         provider(
             "alpha",
@@ -256,26 +345,12 @@ def config_for(upstreams: dict[str, Upstream]) -> RoutingConfig:
             credential=Credential(env="BETA_KEY", header="x-api-key", prefix=""),
             model_ids={"llama-3.1-8b": "llama-3.1-8b"},
         ),
+        provider(
+            "gamma", f"http://127.0.0.1:{refused_port}", model_ids={"llama-3.1-8b": "gamma-8b"}
+        ),
+        policies=(Policy(name="default", max_fallbacks=2, per_try_timeout_ms=PER_TRY_TIMEOUT_MS),),
+        models=tuple(Model(name=name, aliases=(alias,)) for alias, name in ALIASES.items()),
     )
-
-
-def with_one_retry(resources: EnvoyResources) -> EnvoyResources:
-    """The translated resources plus one retry on a 5xx on the ext_proc-pick route (the translator
-    has no retry policy yet): shows the upstream rewrite is right on every attempt, although header
-    edits of an attempt carry into the next one."""
-    routes = {name: copy_of(table) for name, table in resources.routes.items()}
-    for table in routes.values():
-        picked = table.virtual_hosts[0].routes[0]
-        assert picked.name == "ext_proc-pick"
-        picked.route.retry_policy.retry_on = "5xx"
-        picked.route.retry_policy.num_retries.value = 1
-    return dataclasses.replace(resources, routes=routes)
-
-
-def copy_of(table: route_pb2.RouteConfiguration) -> route_pb2.RouteConfiguration:
-    copied = route_pb2.RouteConfiguration()
-    copied.CopyFrom(table)
-    return copied
 
 
 @pytest.fixture(scope="module")
@@ -283,7 +358,8 @@ def edge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Edge]:
     tmp_path = tmp_path_factory.mktemp("translate-envoy")
     upstreams = {name: start_upstream(name) for name in ("alpha", "beta")}
     processor, access_logs = RoutingProcessor(), AccessLogCollector()
-    ext_proc_port, als_port, edge_port, admin_port = (
+    ext_proc_port, als_port, edge_port, admin_port, refused_port = (
+        free_port(),
         free_port(),
         free_port(),
         free_port(),
@@ -293,12 +369,15 @@ def edge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Edge]:
     ep_grpc.add_ExternalProcessorServicer_to_server(processor, ext_proc_server)
     als_pb2_grpc.add_AccessLogServiceServicer_to_server(access_logs, als_server)
     settings = EdgeSettings(edge_port=edge_port, ext_proc_endpoints=(("127.0.0.1", ext_proc_port),))
-    resources = with_one_retry(
-        translate(config_for(upstreams), settings, {"alpha": ALPHA_KEY, "beta": BETA_KEY})
+    resources = translate(
+        config_for(upstreams, refused_port),
+        settings,
+        {"alpha": ALPHA_KEY, "beta": BETA_KEY},
+        FALLBACK_WEIGHTS,
     )
     config = write_bootstrap(
         static_bootstrap(resources, admin_port=admin_port, xds_port=als_port),
-        tmp_path / "envoy.json",
+        tmp_path / "envoy.pb",
     )
     envoy = ManagedProcess("envoy", envoy_argv(config), tmp_path / "envoy.log")
     admin = EnvoyAdmin(admin_port)
@@ -342,7 +421,7 @@ def test_translated_config_passes_envoy_validate_mode(tmp_path: Path) -> None:
     resources = translate(config, EdgeSettings(), {"local": "k1", "named": "k2"})
     path = write_bootstrap(
         static_bootstrap(resources, admin_port=free_port(), xds_port=free_port()),
-        tmp_path / "envoy.json",
+        tmp_path / "envoy.pb",
     )
     result = subprocess.run(
         envoy_argv(path, "--mode", "validate"),
@@ -392,22 +471,137 @@ def test_every_top_level_model_member_gets_the_id_whatever_its_escaping(edge: Ed
     )
 
 
-def test_a_retried_attempt_is_rewritten_from_the_originals_again(edge: Edge) -> None:
+def request_id() -> str:
+    return f"req-{uuid.uuid4()}"
+
+
+def since(edge: Edge, before: dict[str, int]) -> dict[str, list[dict]]:
+    """What each upstream received after `before` (counts per upstream)."""
+    return {name: u.received[before[name] :] for name, u in edge.upstreams.items()}
+
+
+def counts(edge: Edge) -> dict[str, int]:
+    return {name: len(u.received) for name, u in edge.upstreams.items()}
+
+
+def test_a_503_goes_to_the_next_provider_each_attempt_fitted_to_its_provider(edge: Edge) -> None:
     sent = chat("llama3-8b")
-    before = len(edge.upstreams["alpha"].received)
-    status, _, body = edge.post(
-        {PICK_HEADER: "alpha", FAIL_ONCE_HEADER: "retry-1", "authorization": "Bearer client"},
+    before = counts(edge)
+    status, headers, body = edge.post(
+        {
+            PICK_HEADER: "alpha,beta",
+            "x-test-mode-alpha": "503",
+            "authorization": "Bearer client",
+            "x-gpu-router-route": "default/alpha",
+        },
         sent,
         path=f"{CHAT_PATH}?q=1",
     )
     assert status == 200, body
-    attempts = edge.upstreams["alpha"].received[before:]
-    assert len(attempts) == 2
-    for attempt in attempts:
-        assert attempt["path"] == f"{ALPHA_PREFIX}{CHAT_PATH}?q=1"
-        assert attempt["headers"]["authorization"] == f"Bearer {ALPHA_KEY}"
+    assert json.loads(body) == {"served_by": "beta"}
+    assert headers["x-gpu-router-provider"] == "beta"
+    received = since(edge, before)
+    (alpha,), (beta,) = received["alpha"], received["beta"]
+    assert alpha["path"] == f"{ALPHA_PREFIX}{CHAT_PATH}?q=1"
+    assert alpha["headers"]["authorization"] == f"Bearer {ALPHA_KEY}"
+    assert json.loads(alpha["body"]) == {**json.loads(sent), "model": ALPHA_LLAMA}
+    # Header edits of alpha's attempt carry over: beta's own rewrite undoes them.
+    assert beta["path"] == f"{CHAT_PATH}?q=1"
+    assert beta["headers"]["x-api-key"] == BETA_KEY
+    assert "authorization" not in beta["headers"]
+    assert beta["headers"]["host"] == "localhost"
+    assert json.loads(beta["body"]) == {**json.loads(sent), "model": "llama-3.1-8b"}
+    for attempt in (alpha, beta):
         assert int(attempt["headers"]["content-length"]) == len(attempt["body"])
-        assert json.loads(attempt["body"]) == {**json.loads(sent), "model": ALPHA_LLAMA}
+        assert "x-gpu-router-route" not in attempt["headers"]
+
+
+@pytest.mark.parametrize(
+    ("order", "failure"),
+    [
+        ("alpha,beta", {"x-test-mode-alpha": "429"}),
+        ("alpha,beta", {"x-test-mode-alpha": "reset"}),
+        ("alpha,beta", {"x-test-mode-alpha": "hang"}),
+        ("gamma,beta", {}),
+    ],
+    ids=["429", "reset", "per-try timeout", "connection refused"],
+)
+def test_a_failed_first_attempt_is_answered_by_the_next_provider(
+    edge: Edge, order: str, failure: dict[str, str]
+) -> None:
+    before = counts(edge)
+    status, headers, body = edge.post({PICK_HEADER: order, **failure}, chat("llama3-8b"))
+    assert status == 200, body
+    assert json.loads(body) == {"served_by": "beta"}
+    assert headers["x-gpu-router-provider"] == "beta"
+    assert len(since(edge, before)["beta"]) == 1
+
+
+def test_the_chain_walks_every_provider_in_order_and_logs_each_attempt(edge: Edge) -> None:
+    rid = request_id()
+    status, _, body = edge.post(
+        {PICK_HEADER: "gamma,alpha,beta", "x-test-mode-alpha": "429", "x-request-id": rid},
+        chat("llama3-8b"),
+    )
+    assert status == 200, body
+    wait_for(lambda: len(edge.logged("gpu-router.attempt", rid)) == 3, "three attempt logs")
+    attempts = sorted(
+        edge.logged("gpu-router.attempt", rid),
+        key=lambda e: e.common_properties.start_time.ToNanoseconds(),
+    )
+    assert [e.common_properties.upstream_cluster for e in attempts] == ["gamma", "alpha", "beta"]
+    gamma, alpha, beta = attempts
+    assert gamma.common_properties.response_flags.upstream_connection_failure
+    assert alpha.response.response_code.value == 429
+    assert alpha.response.response_headers["retry-after"] == "7"
+    assert beta.response.response_code.value == 200
+    assert "retry-after" not in beta.response.response_headers
+    wait_for(lambda: edge.logged("gpu-router.edge", rid), "the edge log")
+    (outcome,) = edge.logged("gpu-router.edge", rid)
+    assert outcome.common_properties.upstream_cluster == "beta"
+    assert outcome.response.response_code.value == 200
+
+
+def test_an_order_that_fails_everywhere_ends_with_its_last_answer(edge: Edge) -> None:
+    before = counts(edge)
+    status, headers, _ = edge.post(
+        {PICK_HEADER: "alpha,beta", "x-test-mode-alpha": "503", "x-test-mode-beta": "503"},
+        chat("llama3-8b"),
+    )
+    assert status == 503
+    assert headers["x-gpu-router-provider"] == "beta"
+    assert {name: len(got) for name, got in since(edge, before).items()} == {"alpha": 1, "beta": 1}
+
+
+def test_a_stream_that_fails_before_its_first_byte_is_retried(edge: Edge) -> None:
+    status, headers, received, ending = edge.stream(
+        {PICK_HEADER: "alpha,beta", "x-test-mode-alpha": "reset", "x-test-mode-beta": "sse"}
+    )
+    assert (status, ending) == (200, "complete")
+    assert headers["x-gpu-router-provider"] == "beta"
+    assert received == b"data: beta-0\n\ndata: beta-1\n\ndata: beta-2\n\n"
+
+
+def test_a_stream_that_fails_after_its_first_byte_is_cut_not_retried(edge: Edge) -> None:
+    before = counts(edge)
+    status, _, received, ending = edge.stream(
+        {PICK_HEADER: "alpha,beta", "x-test-mode-alpha": "sse-midfail", "x-test-mode-beta": "sse"}
+    )
+    assert status == 200
+    assert received == b"data: alpha-0\n\n"
+    assert ending != "complete"
+    assert since(edge, before)["beta"] == []
+
+
+def test_the_per_try_timeout_ends_at_the_first_byte_not_the_last(edge: Edge) -> None:
+    """A stream that lasts longer than the per-try timeout is not cut (nor retried)."""
+    before = counts(edge)
+    status, _, received, ending = edge.stream(
+        {PICK_HEADER: "alpha,beta", "x-test-mode-alpha": "sse-slow"}
+    )
+    assert (status, ending) == (200, "complete")
+    assert received == b"data: alpha-0\n\ndata: alpha-1\n\ndata: alpha-2\n\n"
+    assert since(edge, before)["beta"] == []
 
 
 def test_body_is_untouched_when_the_ids_are_equal(edge: Edge) -> None:
@@ -491,7 +685,7 @@ def test_ext_proc_pick_routes_to_that_provider_with_its_credential_only(edge: Ed
     status, headers, body = edge.post(
         {
             PICK_HEADER: "beta",
-            "x-gpu-router-cluster": "alpha",
+            "x-gpu-router-route": "default/alpha",
             "authorization": "Bearer client-key",
         },
         chat("llama-3.1-8b"),
@@ -504,7 +698,7 @@ def test_ext_proc_pick_routes_to_that_provider_with_its_credential_only(edge: Ed
     assert sent["x-api-key"] == BETA_KEY
     assert "authorization" not in sent
     assert sent["host"] == "localhost"
-    assert "x-gpu-router-cluster" not in sent
+    assert "x-gpu-router-route" not in sent
 
 
 def test_bearer_prefix_is_part_of_the_injected_value_and_replaces_the_clients(edge: Edge) -> None:
@@ -519,23 +713,40 @@ def test_bearer_prefix_is_part_of_the_injected_value_and_replaces_the_clients(ed
     assert "x-api-key" not in sent
 
 
-def test_ext_proc_failure_falls_back_still_fitted_to_the_provider(edge: Edge) -> None:
+def test_without_ext_proc_the_fallback_walks_the_weights_order_fitted_to_each(
+    edge: Edge,
+) -> None:
+    """Weights order gamma (nothing listens), alpha (503 here), beta. No ext_proc metadata: the
+    upstream Lua looks the client's model string (an alias) up itself."""
+    sent = chat("llama3-8b")
+    before, rid = counts(edge), request_id()
     status, headers, body = edge.post(
-        {FAIL_HEADER: "1", "x-gpu-router-cluster": "alpha"}, chat("llama-3.1-8b")
+        {
+            FAIL_HEADER: "1",
+            "x-test-mode-alpha": "503",
+            "x-gpu-router-route": "default/alpha",
+            "x-request-id": rid,
+        },
+        sent,
+        path=f"{CHAT_PATH}?f=1",
     )
     assert status == 200, body
-    served_by = json.loads(body)["served_by"]
-    assert headers["x-gpu-router-provider"] == served_by
+    assert json.loads(body) == {"served_by": "beta"}
     assert headers["x-gpu-router-reason"] == FALLBACK_REASON
-    received = edge.upstreams[served_by].received[-1]
-    expected = {
-        "alpha": ("authorization", f"Bearer {ALPHA_KEY}", ALPHA_PREFIX, ALPHA_LLAMA),
-        "beta": ("x-api-key", BETA_KEY, "", "llama-3.1-8b"),
-    }
-    header, value, prefix, model = expected[served_by]
-    assert received["headers"][header] == value
-    assert received["path"] == prefix + CHAT_PATH
-    assert json.loads(received["body"])["model"] == model
+    received = since(edge, before)
+    (alpha,), (beta,) = received["alpha"], received["beta"]
+    assert alpha["path"] == f"{ALPHA_PREFIX}{CHAT_PATH}?f=1"
+    assert alpha["headers"]["authorization"] == f"Bearer {ALPHA_KEY}"
+    assert json.loads(alpha["body"])["model"] == ALPHA_LLAMA
+    assert beta["path"] == f"{CHAT_PATH}?f=1"
+    assert beta["headers"]["x-api-key"] == BETA_KEY
+    assert json.loads(beta["body"]) == {**json.loads(sent), "model": "llama-3.1-8b"}
+    wait_for(lambda: len(edge.logged("gpu-router.attempt", rid)) == 3, "three attempt logs")
+    attempts = sorted(
+        edge.logged("gpu-router.attempt", rid),
+        key=lambda e: e.common_properties.start_time.ToNanoseconds(),
+    )
+    assert [e.common_properties.upstream_cluster for e in attempts] == ["gamma", "alpha", "beta"]
 
 
 def test_access_log_carries_ext_proc_metadata(edge: Edge) -> None:
@@ -570,3 +781,24 @@ def test_config_dump_redacts_provider_keys(edge: Edge) -> None:
     assert static["gpu-router.credential.alpha"]["generic_secret"]["secret"] == {
         "inline_string": "[redacted]"
     }
+
+
+def ext_proc_call(edge: Edge, headers: dict[str, str]) -> dict:
+    """The ext_proc filter's state for one request, as the edge access log carries it."""
+    rid = request_id()
+    edge.post({**headers, "x-request-id": rid}, chat("llama3-8b"))
+    wait_for(lambda: edge.logged("gpu-router.edge", rid), "the edge log")
+    (entry,) = edge.logged("gpu-router.edge", rid)
+    state = struct_pb2.Struct()
+    assert entry.common_properties.filter_state_objects["envoy.filters.http.ext_proc"].Unpack(state)
+    return json_format.MessageToDict(state)
+
+
+def test_the_edge_log_times_the_ext_proc_call(edge: Edge) -> None:
+    answered = ext_proc_call(edge, {PICK_HEADER: "beta"})
+    assert answered["request_header_latency_us"] > 0
+    assert answered["request_header_call_status"] == 0  # gRPC OK
+    assert answered["destination"] == "gpu-router.ext_proc"
+    assert answered["failed_open"] is False
+    failed = ext_proc_call(edge, {FAIL_HEADER: "1"})
+    assert failed["failed_open"] is True

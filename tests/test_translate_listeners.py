@@ -8,6 +8,7 @@ from typing import TypeVar
 from envoy.extensions.access_loggers.grpc.v3 import als_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import ext_proc_pb2, processing_mode_pb2
 from envoy.extensions.filters.http.json_to_metadata.v3 import json_to_metadata_pb2
+from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
@@ -64,11 +65,11 @@ def test_connection_manager_takes_routes_from_ads() -> None:
     ]
 
 
-def test_client_cluster_header_is_removed_before_routing() -> None:
+def test_client_route_header_is_removed_before_routing() -> None:
     (extension,) = connection_manager().early_header_mutation_extensions
     mutation = early_mutation_pb2.HeaderMutation()
     assert extension.typed_config.Unpack(mutation)
-    assert [m.remove for m in mutation.mutations] == ["x-gpu-router-cluster"]
+    assert [m.remove for m in mutation.mutations] == ["x-gpu-router-route"]
 
 
 def test_body_fields_go_to_the_request_metadata_namespace() -> None:
@@ -128,3 +129,17 @@ def test_access_log_goes_over_grpc_to_the_xds_cluster() -> None:
         "x-gpu-router-strategy",
         "x-request-id",
     ]
+    assert list(common.filter_state_objects_to_log) == ["envoy.filters.http.ext_proc"]
+
+
+def test_every_attempt_is_logged_over_grpc_with_its_retry_after() -> None:
+    router = http_filter_config("envoy.filters.http.router", router_pb2.Router())
+    (upstream_log,) = router.upstream_log
+    assert upstream_log.name == "envoy.access_loggers.http_grpc"
+    config = als_pb2.HttpGrpcAccessLogConfig()
+    assert upstream_log.typed_config.Unpack(config)
+    common = config.common_config
+    assert common.log_name == "gpu-router.attempt"
+    assert common.grpc_service.envoy_grpc.cluster_name == "custom.xds"
+    assert common.buffer_flush_interval.ToMilliseconds() == 100
+    assert list(config.additional_response_headers_to_log) == ["retry-after"]

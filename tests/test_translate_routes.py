@@ -1,90 +1,201 @@
-"""The route table: ext_proc's pick, then the weighted fallback."""
+"""The route table: one failover route per ranked provider order, then the weighted fallback."""
 
 from __future__ import annotations
 
-import re
+import math
 
 import pytest
 from translate_fixtures import provider, routing_config
 
+from control_plane.policy.model import Policy
 from control_plane.translate.errors import TranslationError
-from control_plane.translate.routes import FALLBACK_REASON, route_configuration
+from control_plane.translate.newer_api import PriorityGroupClusterSpecifier
+from control_plane.translate.routes import (
+    FALLBACK_REASON,
+    MAX_ROUTES,
+    fallback_order,
+    provider_orders,
+    route_configuration,
+    route_header_value,
+)
 from control_plane.translate.settings import EdgeSettings
 
-CONFIG = routing_config(
+PROVIDERS = (
     provider("a", "http://127.0.0.1:1"),
     provider("b-2", "http://127.0.0.1:2"),
     provider("c", "http://127.0.0.1:3"),
 )
+CONFIG = routing_config(
+    *PROVIDERS,
+    policies=(
+        Policy(name="chat", providers=("c", "a"), max_fallbacks=1, per_try_timeout_ms=1500),
+        Policy(name="batch/x", max_fallbacks=2, per_try_timeout_ms=4000),
+    ),
+)
+SETTINGS = EdgeSettings(upstream_timeout_s=123, buffer_limit_bytes=12345)
 
 
-def routes(weights=None):
-    table = route_configuration(CONFIG, EdgeSettings(upstream_timeout_s=123), weights)
+def routes(config=CONFIG, weights=None):
+    table = route_configuration(config, SETTINGS, weights)
     assert table.name == "gpu-router.routes"
     (host,) = table.virtual_hosts
     assert list(host.domains) == ["*"]
+    assert list(host.request_headers_to_remove) == ["x-gpu-router-route"]
     return host.routes
+
+
+def by_name(config=CONFIG, weights=None):
+    return {route.name: route for route in routes(config, weights)}
+
+
+def attempt_order(route) -> list[str]:
+    """The cluster of attempt 1, 2, ...: one cluster per priority group."""
+    extension = route.route.inline_cluster_specifier_plugin.extension
+    assert extension.name == "envoy.router.cluster_specifier_plugin.priority_group"
+    specifier = PriorityGroupClusterSpecifier()
+    assert extension.typed_config.Unpack(specifier)
+    order = []
+    for group in specifier.priority_groups:
+        (weighted,) = group.clusters
+        assert group.name == weighted.cluster_name and weighted.weight.value == 1
+        order.append(weighted.cluster_name)
+    return order
 
 
 def response_headers(route) -> dict[str, str]:
     return {h.header.key: h.header.value for h in route.response_headers_to_add}
 
 
-def test_first_route_follows_the_cluster_header_only_for_provider_names() -> None:
-    picked = routes()[0]
-    assert picked.match.prefix == "/"
-    (matcher,) = picked.match.headers
-    assert matcher.name == "x-gpu-router-cluster"
-    pattern = re.compile(matcher.string_match.safe_regex.regex)
-    assert all(pattern.fullmatch(name) for name in ("a", "b-2", "c"))
-    assert not any(
-        pattern.fullmatch(name) for name in ("gpu-router.xds", "gpu-router.ext_proc", "ab", "")
+def test_header_value_is_policy_slash_ranked_providers() -> None:
+    assert route_header_value("batch/x", ("c", "a")) == "batch/x/c,a"
+
+
+def test_orders_are_every_ranked_selection_up_to_max_fallbacks_plus_one() -> None:
+    orders = list(provider_orders(("a", "b", "c"), 1))
+    assert orders == [
+        ("a",),
+        ("b",),
+        ("c",),
+        ("a", "b"),
+        ("a", "c"),
+        ("b", "a"),
+        ("b", "c"),
+        ("c", "a"),
+        ("c", "b"),
+    ]
+    assert len(list(provider_orders(("a", "b"), 5))) == 2 + 2
+
+
+@pytest.mark.parametrize(("count", "fallbacks"), [(3, 2), (4, 2), (5, 4), (5, 0)])
+def test_route_count_is_the_documented_sum(count: int, fallbacks: int) -> None:
+    config = routing_config(
+        *(provider(f"p{i}", f"http://127.0.0.1:{i + 1}") for i in range(count)),
+        policies=(Policy(name="only", max_fallbacks=fallbacks),),
     )
-    assert picked.route.cluster_header == "x-gpu-router-cluster"
-    assert picked.route.timeout.seconds == 123
-    assert list(picked.request_headers_to_remove) == ["x-gpu-router-cluster"]
-    assert response_headers(picked) == {
+    expected = sum(math.perm(count, length) for length in range(1, min(fallbacks + 1, count) + 1))
+    assert len(routes(config)) == expected + 1
+
+
+def test_a_route_per_order_matches_its_exact_header_value_and_fails_over_in_that_order() -> None:
+    table = by_name()
+    chat = [name for name in table if name.startswith("chat/")]
+    assert chat == ["chat/c", "chat/a", "chat/c,a", "chat/a,c"]
+    route = table["chat/c,a"]
+    assert route.match.prefix == "/"
+    (matcher,) = route.match.headers
+    assert (matcher.name, matcher.string_match.exact) == ("x-gpu-router-route", "chat/c,a")
+    assert attempt_order(route) == ["c", "a"]
+    assert attempt_order(table["batch/x/b-2,c,a"]) == ["b-2", "c", "a"]
+    assert response_headers(route) == {
         "x-gpu-router-provider": "%UPSTREAM_CLUSTER%",
         "x-gpu-router-reason": "%DYNAMIC_METADATA(gpu_router:reason)%",
     }
 
 
-def test_fallback_spreads_evenly_over_all_providers_by_default() -> None:
-    fallback = routes()[1]
+def test_retries_move_down_the_order_on_the_policys_terms() -> None:
+    table = by_name()
+    policy = table["chat/c,a"].route.retry_policy
+    assert policy.retry_on == "5xx,reset,connect-failure,refused-stream,retriable-status-codes"
+    assert list(policy.retriable_status_codes) == [429]
+    assert policy.num_retries.value == 1
+    assert policy.per_try_timeout.ToMilliseconds() == 1500
+    assert policy.retry_back_off.base_interval.ToMilliseconds() == 10
+    assert policy.retry_back_off.max_interval.ToMilliseconds() == 20
+    assert not policy.HasField("rate_limited_retry_back_off")
+    assert table["chat/a"].route.retry_policy.num_retries.value == 0
+    batch = table["batch/x/a,b-2,c"].route.retry_policy
+    assert (batch.num_retries.value, batch.per_try_timeout.ToMilliseconds()) == (2, 4000)
+
+
+def test_retries_refresh_the_cluster() -> None:
+    """refresh_cluster_on_retry (RetryPolicy field 14, a bool) is missing from the xds-protos
+    stubs: it travels as an unknown field, tag 14 << 3 | varint, value 1. (That Envoy reads it
+    is shown by test_translate_envoy.py: without it every retry would hit the same provider.)"""
+    for route in routes():
+        assert route.route.retry_policy.SerializeToString().endswith(b"\x70\x01")
+
+
+def test_every_route_has_the_timeout_host_rewrite_and_body_buffer() -> None:
+    for route in routes():
+        assert route.route.timeout.seconds == 123
+        assert route.route.auto_host_rewrite.value
+        assert route.request_body_buffer_limit.value == 12345
+
+
+def test_fallback_is_last_and_follows_policy_order_by_default() -> None:
+    fallback = routes()[-1]
+    assert fallback.name == "fallback"
     assert fallback.match.prefix == "/" and not fallback.match.headers
-    assert fallback.route.timeout.seconds == 123
-    weights = {c.name: c.weight.value for c in fallback.route.weighted_clusters.clusters}
-    assert weights == {"a": 1, "b-2": 1, "c": 1}
+    assert attempt_order(fallback) == ["a", "b-2", "c"]
     assert response_headers(fallback) == {
         "x-gpu-router-provider": "%UPSTREAM_CLUSTER%",
         "x-gpu-router-reason": FALLBACK_REASON,
     }
 
 
-def test_both_routes_buffer_request_bodies_up_to_the_buffer_limit() -> None:
-    table = route_configuration(CONFIG, EdgeSettings(buffer_limit_bytes=12345))
-    assert [r.request_body_buffer_limit.value for r in table.virtual_hosts[0].routes] == [
-        12345,
-        12345,
-    ]
+def test_fallback_takes_the_catch_all_policys_retry_terms() -> None:
+    policy = routes()[-1].route.retry_policy
+    assert (policy.num_retries.value, policy.per_try_timeout.ToMilliseconds()) == (2, 4000)
+    narrow = routing_config(*PROVIDERS, policies=(Policy(name="d", max_fallbacks=1),))
+    fallback = routes(narrow, {"a": 1, "b-2": 3, "c": 2})[-1]
+    assert attempt_order(fallback) == ["b-2", "c"]
+    assert fallback.route.retry_policy.num_retries.value == 1
 
 
-def test_fallback_weights_are_applied_and_zero_drains_a_provider() -> None:
-    fallback = routes({"a": 5, "b-2": 0, "c": 2})[1]
-    assert {c.name: c.weight.value for c in fallback.route.weighted_clusters.clusters} == {
-        "a": 5,
-        "c": 2,
-    }
+@pytest.mark.parametrize(
+    ("weights", "order"),
+    [
+        ({"a": 50, "b-2": 100, "c": 100}, ("b-2", "c", "a")),
+        ({"a": 5, "b-2": 0, "c": 7}, ("c", "a")),
+        ({"c": 1}, ("c",)),
+        ({"a": 0, "b-2": 0, "c": 0}, ("a", "b-2", "c")),
+        (None, ("a", "b-2", "c")),
+    ],
+)
+def test_fallback_order_is_by_weight_zero_leaves_out_all_zero_keeps_all(
+    weights: dict[str, int] | None, order: tuple[str, ...]
+) -> None:
+    assert fallback_order(CONFIG, weights) == order
 
 
 @pytest.mark.parametrize(
     ("weights", "message"),
-    [
-        ({"a": 1, "zz": 1}, "unknown providers: zz"),
-        ({"a": 0}, "positive weight"),
-        ({"a": -1}, "negative"),
-    ],
+    [({"a": 1, "zz": 1}, "unknown providers: zz"), ({"a": -1}, "negative")],
 )
 def test_bad_fallback_weights_are_rejected(weights: dict[str, int], message: str) -> None:
     with pytest.raises(TranslationError, match=message):
-        routes(weights)
+        routes(weights=weights)
+
+
+def test_too_many_orders_are_refused_with_the_way_out() -> None:
+    config = routing_config(
+        *(provider(f"p{i}", f"http://127.0.0.1:{i + 1}") for i in range(9)),
+        policies=(Policy(name="wide", max_fallbacks=5),),
+    )
+    with pytest.raises(TranslationError, match=f"more than {MAX_ROUTES}: narrow"):
+        routes(config)
+
+
+def test_a_config_without_policies_is_refused() -> None:
+    with pytest.raises(TranslationError, match="at least one policy"):
+        routes(routing_config(*PROVIDERS, policies=()))

@@ -7,6 +7,7 @@ from translate_fixtures import provider, routing_config
 
 from control_plane.policy.model import Credential
 from control_plane.translate import EdgeSettings, EnvoyResources, MissingCredentialError, translate
+from control_plane.translate.newer_api import PriorityGroupClusterSpecifier
 
 CONFIG = routing_config(
     provider("local", "http://127.0.0.1:8101", credential=Credential(env="K")),
@@ -35,8 +36,11 @@ def test_resources_are_complete_and_cross_referenced() -> None:
     assert list(resources.clusters) == ["local", "named", "open", "gpu-router.ext_proc"]
     assert list(resources.endpoints) == ["local", "open"]
     assert list(resources.secrets) == ["gpu-router.credential.local", "gpu-router.credential.named"]
-    fallback = resources.routes["gpu-router.routes"].virtual_hosts[0].routes[1]
-    assert {c.name for c in fallback.route.weighted_clusters.clusters} <= set(resources.clusters)
+    for route in resources.routes["gpu-router.routes"].virtual_hosts[0].routes:
+        specifier = PriorityGroupClusterSpecifier()
+        assert route.route.inline_cluster_specifier_plugin.extension.typed_config.Unpack(specifier)
+        clusters = {c.cluster_name for g in specifier.priority_groups for c in g.clusters}
+        assert clusters <= set(resources.clusters) - {"gpu-router.ext_proc"}
 
 
 def test_same_inputs_give_byte_identical_resources() -> None:

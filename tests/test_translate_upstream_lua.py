@@ -9,8 +9,13 @@ import re
 
 from translate_fixtures import provider, routing_config
 
-from control_plane.policy.model import Credential
-from control_plane.translate.upstream_lua import credential_headers, lua_string, provider_lua
+from control_plane.policy.model import Credential, Model
+from control_plane.translate.upstream_lua import (
+    credential_headers,
+    lua_string,
+    model_aliases,
+    provider_lua,
+)
 
 
 def lua_unescaped(literal: str) -> bytes:
@@ -36,7 +41,7 @@ def test_constants_are_the_providers() -> None:
         "http://127.0.0.1:1/base/",
         model_ids={"zeta": 'vendor/"zeta"', "alpha": "alpha"},
     )
-    source = provider_lua(p, ("authorization", "x-api-key"))
+    source = provider_lua(p, {}, ("authorization", "x-api-key"))
     assert 'local PATH_PREFIX = "/base"\n' in source
     assert 'local CREDENTIAL_HEADERS = {"authorization", "x-api-key"}\n' in source
     assert (
@@ -52,7 +57,27 @@ def test_constants_are_the_providers() -> None:
 def test_same_provider_gives_the_same_bytes_whatever_the_offering_order() -> None:
     forward = provider("p", "http://127.0.0.1:1", model_ids={"a": "1", "b": "2"})
     backward = provider("p", "http://127.0.0.1:1", model_ids={"b": "2", "a": "1"})
-    assert provider_lua(forward, ("authorization",)) == provider_lua(backward, ("authorization",))
+    assert provider_lua(forward, {}, ("authorization",)) == provider_lua(
+        backward, {}, ("authorization",)
+    )
+
+
+def test_aliases_map_to_the_same_id_as_their_model() -> None:
+    config = routing_config(
+        provider("p", "http://127.0.0.1:1", model_ids={"big": "vendor/big", "small": "s"}),
+        models=(Model(name="big", aliases=("large", "b")), Model(name="small")),
+    )
+    aliases = model_aliases(config)
+    assert aliases == {"big": ("large", "b"), "small": ()}
+    source = provider_lua(config.providers[0], aliases, ("authorization",))
+    assert (
+        "local MODEL_IDS = {\n"
+        '  ["b"] = {id = "vendor/big", json = "\\034vendor/big\\034"},\n'
+        '  ["big"] = {id = "vendor/big", json = "\\034vendor/big\\034"},\n'
+        '  ["large"] = {id = "vendor/big", json = "\\034vendor/big\\034"},\n'
+        '  ["small"] = {id = "s", json = "\\034s\\034"},\n'
+        "}\n"
+    ) in source
 
 
 def test_credential_headers_are_authorization_and_every_providers_sorted() -> None:

@@ -17,12 +17,14 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 )
 from envoy.extensions.http.injected_credentials.generic.v3 import generic_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2 as upstream_http_pb2
-from google.protobuf import any_pb2, json_format
+from google.protobuf import any_pb2
 from google.protobuf.message import Message
 
 from control_plane.policy.model import (
     Credential,
+    Model,
     Offering,
+    Policy,
     Price,
     Provider,
     RoutingConfig,
@@ -69,8 +71,13 @@ def provider(
     )
 
 
-def routing_config(*providers: Provider) -> RoutingConfig:
-    return RoutingConfig(providers=providers, models=(), policies=())
+def routing_config(
+    *providers: Provider,
+    policies: tuple[Policy, ...] = (Policy(name="default"),),
+    models: tuple[Model, ...] = (),
+) -> RoutingConfig:
+    """`providers` under `policies` (by default one catch-all, "default")."""
+    return RoutingConfig(providers=providers, models=models, policies=policies)
 
 
 def static_bootstrap(
@@ -106,7 +113,10 @@ def static_bootstrap(
 
 
 def write_bootstrap(bootstrap: bootstrap_pb2.Bootstrap, path: Path) -> Path:
-    path.write_text(json_format.MessageToJson(bootstrap))
+    """As binary protobuf (`path` must end in .pb): JSON would lose the Envoy 1.40 fields the
+    stubs lack (see control_plane/translate/newer_api.py)."""
+    assert path.suffix == ".pb", path
+    path.write_bytes(bootstrap.SerializeToString())
     return path
 
 

@@ -13,7 +13,8 @@ import ipaddress
 import math
 import re
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from dataclasses import fields as dataclass_fields
 from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
@@ -23,10 +24,13 @@ import yaml
 
 from control_plane.policy.model import (
     Credential,
+    Failover,
     Gpu,
+    HealthCheck,
     Match,
     Model,
     Offering,
+    OutlierDetection,
     Policy,
     Price,
     Provider,
@@ -379,7 +383,8 @@ class _Names:
 
 
 def _routing_config(check: _Checker, raw: Any, source: str, version: str) -> RoutingConfig | None:
-    top = check.mapping(raw, (), required=("version", "providers", "models", "policies"))
+    top = check.mapping(raw, (), required=("version", "providers", "models", "policies"),
+                        optional=("failover",))
     if top is None:
         return None
     schema = check.integer(top.get("version", _MISSING), ("version",), minimum=0)
@@ -402,12 +407,13 @@ def _routing_config(check: _Checker, raw: Any, source: str, version: str) -> Rou
                            lambda item, path: _policy(check, item, path, names), non_empty=True)
     if policies is not None:
         _check_catch_all(check, policies)
+    failover = _failover(check, top.get("failover", {}), ("failover",))
     if models is None or providers is None:
         return None
     _check_hardware_fit(check, models, providers, names)
-    if policies is None:
+    if policies is None or failover is None:
         return None
-    return RoutingConfig(providers=tuple(providers), models=tuple(models),
+    return RoutingConfig(providers=tuple(providers), models=tuple(models), failover=failover,
                          policies=tuple(policies), source=source, version=version)
 
 
@@ -441,7 +447,8 @@ def _model(check: _Checker, raw: Any, path: KeyPath, names: _Names) -> Model | N
 def _provider(check: _Checker, raw: Any, path: KeyPath, names: _Names) -> Provider | None:
     fields = check.mapping(
         raw, path, required=("name", "base_url", "gpus", "models"),
-        optional=("credentials", "max_concurrency", "health_check_path", "usage_format"),
+        optional=("credentials", "max_concurrency", "health_check_path", "usage_format",
+                  "health_check", "outlier_detection"),
     )
     if fields is None:
         return None
@@ -460,6 +467,10 @@ def _provider(check: _Checker, raw: Any, path: KeyPath, names: _Names) -> Provid
                                      pattern_hint="a path starting with '/'")
     usage_format = _usage_format(check, fields.get("usage_format", UsageFormat.OPENAI.value),
                                  (*path, "usage_format"))
+    health_check = _positive_integers(check, fields.get("health_check", {}),
+                                      (*path, "health_check"), HealthCheck())
+    outlier_detection = _positive_integers(check, fields.get("outlier_detection", {}),
+                                           (*path, "outlier_detection"), OutlierDetection())
     gpu_seen: dict[str, KeyPath] = {}
     gpus = check.items(fields.get("gpus", _MISSING), (*path, "gpus"),
                        lambda item, item_path: _gpu(check, item, item_path, gpu_seen),
@@ -473,12 +484,53 @@ def _provider(check: _Checker, raw: Any, path: KeyPath, names: _Names) -> Provid
     )
     if (name is None or base_url is None or upstream is None or max_concurrency is None
             or health_check_path is None or gpus is None or offerings is None
-            or usage_format is None or ("credentials" in fields and credential is None)):
+            or usage_format is None or ("credentials" in fields and credential is None)
+            or health_check is None or outlier_detection is None):
         return None
     return Provider(name=name, base_url=base_url, upstream=upstream, gpus=tuple(gpus),
                     offerings=tuple(offerings), max_concurrency=max_concurrency,
                     health_check_path=health_check_path, credential=credential,
-                    usage_format=usage_format)
+                    usage_format=usage_format, health_check=health_check,
+                    outlier_detection=outlier_detection)
+
+
+_PERCENT_KEYS = frozenset({"failure_percentage_threshold"})
+"""Integer settings that are a percentage (at most 100)."""
+Settings = TypeVar("Settings", HealthCheck, OutlierDetection)
+
+
+def _positive_integers(check: _Checker, raw: Any, path: KeyPath,
+                       defaults: Settings) -> Settings | None:
+    """A mapping whose keys are `defaults`' fields, each an optional integer >= 1; the keys
+    left out keep their defaults."""
+    keys = [field.name for field in dataclass_fields(defaults)]
+    given = check.mapping(raw, path, optional=keys)
+    if given is None:
+        return None
+    values = {key: check.integer(value, (*path, key), minimum=1,
+                                 maximum=100 if key in _PERCENT_KEYS else None)
+              for key, value in given.items() if key in keys}
+    valid = {key: value for key, value in values.items() if value is not None}
+    if len(valid) != len(given):
+        return None
+    return replace(defaults, **valid)
+
+
+def _failover(check: _Checker, raw: Any, path: KeyPath) -> Failover | None:
+    given = check.mapping(raw, path, optional=("retry_budget_percent", "min_retry_concurrency"))
+    if given is None:
+        return None
+    default = Failover()
+    budget = check.number(given.get("retry_budget_percent", default.retry_budget_percent),
+                          (*path, "retry_budget_percent"), positive=True)
+    if budget is not None and budget > 100:
+        check.fail((*path, "retry_budget_percent"), f"must be at most 100, got {budget:g}")
+        budget = None
+    concurrency = check.integer(given.get("min_retry_concurrency", default.min_retry_concurrency),
+                                (*path, "min_retry_concurrency"), minimum=0)
+    if budget is None or concurrency is None:
+        return None
+    return Failover(retry_budget_percent=budget, min_retry_concurrency=concurrency)
 
 
 def _usage_format(check: _Checker, raw: Any, path: KeyPath) -> UsageFormat | None:
@@ -621,10 +673,10 @@ def _price(check: _Checker, raw: Any, path: KeyPath,
                                  f"reports {tokens}; list it (0 if they are free)")
     prices = {key: check.number(fields[key], (*path, key))
               for key in _PRICE_KEYS if key in fields}
-    if (len(prices) != len(fields) or None in prices.values()
-            or not {"input", "output"} <= prices.keys()):
+    listed = {key: value for key, value in prices.items() if value is not None}
+    if len(listed) != len(fields) or not {"input", "output"} <= listed.keys():
         return None
-    return Price(**prices)
+    return Price(**listed)
 
 
 def _known_model(check: _Checker, name: str | None, path: KeyPath,
@@ -642,7 +694,7 @@ def _policy(check: _Checker, raw: Any, path: KeyPath, names: _Names) -> Policy |
     fields = check.mapping(
         raw, path, required=("name",),
         optional=("match", "strategy", "weights", "latency_sla_ms", "cost_ceiling_usd_per_mtok",
-                  "max_fallbacks", "providers"),
+                  "max_fallbacks", "per_try_timeout_ms", "providers"),
     )
     if fields is None:
         return None
@@ -656,6 +708,8 @@ def _policy(check: _Checker, raw: Any, path: KeyPath, names: _Names) -> Policy |
     latency_sla_ms = check.number(fields.get("latency_sla_ms", 0), (*path, "latency_sla_ms"))
     cost_ceiling = check.number(fields.get("cost_ceiling_usd_per_mtok", 0),
                                 (*path, "cost_ceiling_usd_per_mtok"))
+    per_try_timeout_ms = check.integer(fields.get("per_try_timeout_ms", 60000),
+                                       (*path, "per_try_timeout_ms"), minimum=1)
     max_fallbacks = check.integer(fields.get("max_fallbacks", 2), (*path, "max_fallbacks"),
                                   minimum=0, maximum=_MAX_FALLBACKS)
     allowed: dict[str, KeyPath] = {}
@@ -665,12 +719,12 @@ def _policy(check: _Checker, raw: Any, path: KeyPath, names: _Names) -> Policy |
     )
     if (name is None or match is None or strategy is None or weights is None
             or latency_sla_ms is None or cost_ceiling is None or max_fallbacks is None
-            or providers is None):
+            or per_try_timeout_ms is None or providers is None):
         return None
     return Policy(name=name, match=match, strategy=strategy, cost_weight=weights[0],
                   latency_weight=weights[1], latency_sla_ms=latency_sla_ms,
                   cost_ceiling_usd_per_mtok=cost_ceiling, max_fallbacks=max_fallbacks,
-                  providers=tuple(providers))
+                  per_try_timeout_ms=per_try_timeout_ms, providers=tuple(providers))
 
 
 def _strategy(check: _Checker, raw: Any, path: KeyPath) -> Strategy | None:

@@ -11,6 +11,15 @@ latency (an EWMA over successful responses), windowed error and 429 rates, and a
 - DEGRADED when that error rate is at least half of `eject_error_rate`;
 - HEALTHY otherwise.
 
+A 429 is not an error (the provider is up, only busy) but it is a request to back off: it
+ejects the provider as a whole (model PROVIDER_WIDE, which ext_proc applies to every model)
+until its Retry-After has passed (capped at `max_retry_after_s`; `cooldown_s` without one).
+It never shortens a cooldown already running.
+
+For timing an ejection (a benchmark reads these), every aggregate remembers when its current
+failure episode began (the first error or 429 seen while its window held none) and when it
+was last ejected.
+
 Time is always passed in (a sample's at_unix_ms, or now_ms), so the whole module is pure and
 tests without sleeping. Windows are deques pruned from the left by time, so a record is O(1)
 amortised.
@@ -20,6 +29,7 @@ from __future__ import annotations
 
 import enum
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -64,6 +74,12 @@ class ProviderHealth:
     state: HealthState
     cooldown_until_unix_ms: int
     """When an EJECTED entry is judged again; 0 when not ejected."""
+    reason: str
+    """Why it is EJECTED or DEGRADED, e.g. "error rate 60% over 30 s"; empty when HEALTHY."""
+    first_failure_unix_ms: int
+    """When the current (or latest) failure episode began; 0 when none was ever seen."""
+    last_ejected_unix_ms: int
+    """When it was last ejected; 0 when never."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +106,11 @@ class _Tally:
     judged_errors: int = 0
     state: HealthState = HealthState.HEALTHY
     cooldown_until_ms: int = 0
+    reason: str = ""
+    failing: bool = False
+    """A failure episode is open: a failure was seen and the window has not been clean since."""
+    first_failure_ms: int = 0
+    last_ejected_ms: int = 0
 
 
 def _ewma(previous: float | None, value: float, alpha: float) -> float:
@@ -98,6 +119,14 @@ def _ewma(previous: float | None, value: float, alpha: float) -> float:
 
 def _iso(unix_ms: int) -> str:
     return datetime.fromtimestamp(unix_ms / 1000.0, tz=UTC).isoformat(timespec="milliseconds")
+
+
+def _iso_or_none(unix_ms: int) -> str | None:
+    return _iso(unix_ms) if unix_ms else None
+
+
+def _seconds(value: float) -> str:
+    return f"{value:.1f}".removesuffix(".0")
 
 
 class FleetHealth:
@@ -110,12 +139,14 @@ class FleetHealth:
         eject_error_rate: float = 0.5,
         eject_min_samples: int = 5,
         cooldown_s: float = 10.0,
+        max_retry_after_s: float = 300.0,
     ) -> None:
         if not 0.0 < alpha <= 1.0:
             raise ValueError(f"alpha must be in (0, 1], got {alpha}")
-        if window_s <= 0 or cooldown_s < 0:
+        if window_s <= 0 or cooldown_s < 0 or max_retry_after_s < 0:
             raise ValueError(
-                f"window_s must be > 0 and cooldown_s >= 0, got {window_s}, {cooldown_s}"
+                f"window_s must be > 0, cooldown_s and max_retry_after_s >= 0, "
+                f"got {window_s}, {cooldown_s}, {max_retry_after_s}"
             )
         if not 0.0 < eject_error_rate <= 1.0 or eject_min_samples < 1:
             raise ValueError(
@@ -128,15 +159,36 @@ class FleetHealth:
         self._degrade_error_rate = eject_error_rate / 2
         self._eject_min_samples = eject_min_samples
         self._cooldown_ms = int(cooldown_s * 1000)
+        self._max_retry_after_s = max_retry_after_s
+        self._window_text = _seconds(window_s)
         self._tallies: dict[tuple[str, str], _Tally] = {}
+        self._pushed_weights: dict[str, int] | None = None
+        self._weights_pushed_at_ms = 0
         self.version = 0
 
     def record(self, sample: RequestSample) -> None:
-        """Count one request for its (provider, model) and for the provider as a whole."""
-        self._record_into((sample.provider, PROVIDER_WIDE), sample)
+        """Count one request (or attempt) for its (provider, model) and for the provider."""
+        provider_wide = self._record_into((sample.provider, PROVIDER_WIDE), sample)
         if sample.model:
             self._record_into((sample.provider, sample.model), sample)
+        if sample.status == 429:
+            self._back_off(provider_wide, sample)
         self.version += 1
+
+    def record_model(self, sample: RequestSample) -> None:
+        """Count an attempt for its (provider, model) only: record() counted it for the provider.
+
+        Attempts learn their model after the fact (attribution.py), so they are recorded twice:
+        at once for the provider, which is what ejects it, then for the model.
+        """
+        if sample.model:
+            self._record_into((sample.provider, sample.model), sample)
+            self.version += 1
+
+    def record_pushed_weights(self, weights: Mapping[str, int], now_ms: int) -> None:
+        """Remember the cluster weights last pushed to Envoy, for to_json only."""
+        self._pushed_weights = dict(weights)
+        self._weights_pushed_at_ms = now_ms
 
     def refresh(self, now_ms: int) -> bool:
         """Age windows out and end cooldowns as of now_ms; True (and a new version) on change."""
@@ -191,17 +243,24 @@ class FleetHealth:
                 "error_rate": view.error_rate,
                 "rate_429": view.rate_429,
                 "state": view.state.value,
-                "cooldown_until": _iso(view.cooldown_until_unix_ms)
-                if view.cooldown_until_unix_ms
-                else None,
+                "cooldown_until": _iso_or_none(view.cooldown_until_unix_ms),
+                "reason": view.reason,
+                "first_failure_at": _iso_or_none(view.first_failure_unix_ms),
+                "last_ejected_at": _iso_or_none(view.last_ejected_unix_ms),
             }
             if view.model == PROVIDER_WIDE:
                 providers[view.provider] = {**fields, "models": {}}
             else:
                 providers[view.provider]["models"][view.model] = fields
-        return {"version": self.version, "generated_at": _iso(now_ms), "providers": providers}
+        return {
+            "version": self.version,
+            "generated_at": _iso(now_ms),
+            "providers": providers,
+            "weights": self._pushed_weights,
+            "weights_pushed_at": _iso_or_none(self._weights_pushed_at_ms),
+        }
 
-    def _record_into(self, key: tuple[str, str], sample: RequestSample) -> None:
+    def _record_into(self, key: tuple[str, str], sample: RequestSample) -> _Tally:
         tally = self._tallies.get(key)
         if tally is None:
             tally = self._tallies[key] = _Tally()
@@ -215,6 +274,9 @@ class FleetHealth:
             tally.ewma_latency_ms = _ewma(tally.ewma_latency_ms, sample.total_ms, self._alpha)
             if sample.ttfb_ms > 0:
                 tally.ewma_ttfb_ms = _ewma(tally.ewma_ttfb_ms, sample.ttfb_ms, self._alpha)
+        if (error or rate_limited) and not tally.failing:
+            tally.failing = True
+            tally.first_failure_ms = now_ms
         tally.window.append(_Outcome(now_ms, error, rate_limited))
         tally.window_errors += error
         tally.window_429 += rate_limited
@@ -222,6 +284,24 @@ class FleetHealth:
             tally.judged += 1
             tally.judged_errors += error
         self._judge(tally, now_ms)
+        return tally
+
+    def _back_off(self, tally: _Tally, sample: RequestSample) -> None:
+        """Eject the provider until its Retry-After has passed; never shortens a cooldown."""
+        if sample.retry_after_s is None:
+            cooldown_ms = self._cooldown_ms
+            reason = "rate limited (no Retry-After)"
+        else:
+            wait_s = min(sample.retry_after_s, self._max_retry_after_s)
+            cooldown_ms = int(wait_s * 1000)
+            reason = f"rate limited (Retry-After {_seconds(wait_s)} s)"
+        until_ms = sample.at_unix_ms + cooldown_ms
+        if tally.state is HealthState.EJECTED and tally.cooldown_until_ms >= until_ms:
+            return
+        tally.state = HealthState.EJECTED
+        tally.cooldown_until_ms = until_ms
+        tally.reason = reason
+        tally.last_ejected_ms = sample.at_unix_ms
 
     def _prune(self, tally: _Tally, now_ms: int) -> None:
         horizon = now_ms - self._window_ms
@@ -241,13 +321,23 @@ class FleetHealth:
         if tally.judged >= self._eject_min_samples and error_rate >= self._eject_error_rate:
             tally.state = HealthState.EJECTED
             tally.cooldown_until_ms = now_ms + self._cooldown_ms
+            tally.reason = self._error_reason(error_rate)
+            tally.last_ejected_ms = now_ms
             tally.judged_since_ms = now_ms + 1
             tally.judged = tally.judged_errors = 0
             return
         tally.cooldown_until_ms = 0
-        tally.state = (
-            HealthState.DEGRADED if error_rate >= self._degrade_error_rate else HealthState.HEALTHY
-        )
+        if error_rate >= self._degrade_error_rate:
+            tally.state = HealthState.DEGRADED
+            tally.reason = self._error_reason(error_rate)
+        else:
+            tally.state = HealthState.HEALTHY
+            tally.reason = ""
+            if tally.window_errors == tally.window_429 == 0:
+                tally.failing = False
+
+    def _error_reason(self, error_rate: float) -> str:
+        return f"error rate {error_rate:.0%} over {self._window_text} s"
 
     @staticmethod
     def _view(key: tuple[str, str], tally: _Tally) -> ProviderHealth:
@@ -263,4 +353,7 @@ class FleetHealth:
             rate_429=tally.window_429 / in_window if in_window else 0.0,
             state=tally.state,
             cooldown_until_unix_ms=tally.cooldown_until_ms,
+            reason=tally.reason,
+            first_failure_unix_ms=tally.first_failure_ms,
+            last_ejected_unix_ms=tally.last_ejected_ms,
         )

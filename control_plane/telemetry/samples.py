@@ -1,25 +1,43 @@
-"""One finished request as the health aggregator sees it, read from an Envoy access-log entry.
+"""What an Envoy access-log entry says about a provider, as the health aggregator sees it.
 
-Envoy's gRPC access log (envoy.data.accesslog.v3.HTTPAccessLogEntry) carries the upstream
-cluster, the upstream timings, the response flags and the dynamic metadata ext_proc set
-under "gpu_router". Only entries that reached (or tried to reach) a provider cluster become
-samples: ext_proc's immediate responses have no upstream cluster, and internal clusters
-(names starting "gpu-router.") are not providers.
+Two logs reach the control plane (envoy.data.accesslog.v3.HTTPAccessLogEntry over gRPC ALS):
+
+- "gpu-router.attempt", the router's upstream_log: one entry per upstream attempt, so a request
+  that failed over from a provider still tells about that provider. These feed health
+  (`sample_from_attempt_entry`), with the provider's Retry-After from the logged response
+  header. An attempt entry has no dynamic metadata (it is the upstream request's own stream
+  info, measured on Envoy 1.40), so it does not know the model: attribution.py joins it with its
+  request's entry by request id. (Filter state shared with upstream is no way round: it is
+  shared per upstream connection, so a reused connection logs the model of the request that
+  opened it, measured.)
+- "gpu-router.edge", the listener's log: one entry per client request, the client's outcome
+  (`sample_from_log_entry`), with the decision ext_proc put under "gpu_router"
+  (`decided_model`).
+
+Only entries that reached (or tried to reach) a provider cluster become samples: ext_proc's
+immediate responses have no upstream cluster, and internal clusters (names starting
+"gpu-router.") are not providers.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
 
 from envoy.data.accesslog.v3 import accesslog_pb2
 from google.protobuf import duration_pb2, struct_pb2
 
 METADATA_NAMESPACE = "gpu_router"
 INTERNAL_CLUSTER_PREFIX = "gpu-router."
+RETRY_AFTER_HEADER = "retry-after"
 
-# Only the final entry of a request counts; periodic and start entries would count it twice.
+# Only the final entry of a request (or of an attempt) counts; periodic and start entries
+# would count it twice.
 _FINAL_LOG_TYPES = frozenset(
     {accesslog_pb2.AccessLogType.NotSet, accesslog_pb2.AccessLogType.DownstreamEnd}
+)
+_FINAL_ATTEMPT_LOG_TYPES = frozenset(
+    {accesslog_pb2.AccessLogType.NotSet, accesslog_pb2.AccessLogType.UpstreamEnd}
 )
 
 # Response flags that blame the provider (or the path to it), not the client or the router.
@@ -58,6 +76,10 @@ class RequestSample:
     reason: str
     node: str
     """Envoy node id that logged it."""
+    retry_after_s: float | None = None
+    """A 429's Retry-After in seconds from at_unix_ms; None when the provider sent none."""
+    request_id: str = ""
+    """The request's x-request-id: what joins an attempt to its request's entry."""
 
 
 def _ms(duration: duration_pb2.Duration) -> float:
@@ -77,11 +99,12 @@ def _latencies(common: accesslog_pb2.AccessLogCommon) -> tuple[float, float]:
     """(ttfb_ms, total_ms) from the first byte sent upstream: ext_proc time is not the provider's.
 
     A request that never got a byte back (connection failure, reset before headers) has no TTFB;
-    its total is the whole downstream duration, which is what the failure cost the client.
+    its total is the whole duration of the request (or attempt), which is what the failure cost.
     """
     first_rx = _offset_ms(common, "time_to_first_upstream_rx_byte")
     if first_rx is None:
-        return 0.0, _ms(common.time_to_last_downstream_tx_byte)
+        elapsed = _offset_ms(common, "duration")
+        return 0.0, _ms(common.time_to_last_downstream_tx_byte) if elapsed is None else elapsed
     sent = _offset_ms(common, "time_to_first_upstream_tx_byte") or 0.0
     last_rx = _offset_ms(common, "time_to_last_upstream_rx_byte")
     return first_rx - sent, (first_rx if last_rx is None else last_rx) - sent
@@ -128,4 +151,62 @@ def sample_from_log_entry(
         policy=_decision_field(decision, "policy"),
         reason=_decision_field(decision, "reason"),
         node=node_id,
+        request_id=entry.request.request_id,
     )
+
+
+def parse_retry_after(value: str, now_unix_ms: int) -> float | None:
+    """Seconds to wait from a Retry-After value (delay-seconds or an HTTP-date, RFC 9110 10.2.3).
+
+    A date in the past means 0; a value that is neither form means None (no usable hint).
+    """
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        moment = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if moment.tzinfo is None:
+        return None
+    return max(0.0, moment.timestamp() - now_unix_ms / 1000.0)
+
+
+def sample_from_attempt_entry(
+    entry: accesslog_pb2.HTTPAccessLogEntry, node_id: str, *, at_unix_ms: int | None = None
+) -> RequestSample | None:
+    """The sample one upstream attempt gives (router upstream_log), or None when it is not one.
+
+    The status is the provider's own answer to this attempt (0 when it gave none: refused,
+    reset, per-try timeout), not what the client finally got. The model is left empty.
+    """
+    common = entry.common_properties
+    cluster = common.upstream_cluster
+    if not cluster or cluster.startswith(INTERNAL_CLUSTER_PREFIX):
+        return None
+    if common.intermediate_log_entry or common.access_log_type not in _FINAL_ATTEMPT_LOG_TYPES:
+        return None
+    at = _end_unix_ms(common) if at_unix_ms is None else at_unix_ms
+    status = entry.response.response_code.value
+    retry_after = entry.response.response_headers.get(RETRY_AFTER_HEADER)
+    ttfb_ms, total_ms = _latencies(common)
+    return RequestSample(
+        provider=cluster,
+        model="",
+        status=status,
+        ttfb_ms=ttfb_ms,
+        total_ms=total_ms,
+        at_unix_ms=at,
+        upstream_failure=_upstream_failed(common.response_flags),
+        policy="",
+        reason="",
+        node=node_id,
+        retry_after_s=None if retry_after is None else parse_retry_after(retry_after, at),
+        request_id=entry.request.request_id,
+    )
+
+
+def decided_model(entry: accesslog_pb2.HTTPAccessLogEntry) -> str:
+    """The public model ext_proc decided for a client request; empty when it did not decide."""
+    decision = entry.common_properties.metadata.filter_metadata.get(METADATA_NAMESPACE)
+    return _decision_field(decision, "model")

@@ -55,8 +55,8 @@ def translate(
     """Every resource the edge needs for `config`.
 
     `credentials` maps provider name -> resolved key for providers whose policy has a credential
-    (MissingCredentialError if one is absent). `weights` (provider -> weight) shapes the fallback
-    route used when ext_proc is down; None spreads it evenly.
+    (MissingCredentialError if one is absent). `weights` (provider -> weight) orders the fallback
+    route used when ext_proc is down, highest first; None (or all 0) means policy order.
     """
     return EnvoyResources(
         listeners=MappingProxyType(all_listeners(settings)),

@@ -1,9 +1,15 @@
 """Provider clusters (and the ext_proc cluster): Envoy's own fault machinery, configured per provider.
 
-Health checks, outlier detection and circuit breakers live here, in Envoy, not in Python. Upstream
-HTTP filters run once per attempt on the routed cluster: that is where the request is fitted to the
-provider (path prefix, its own model id: see upstream_lua.py) and its API key is injected, from an
-SDS secret, so the key never passes through ext_proc, logs or /config_dump.
+Health checks, outlier detection, circuit breakers and the retry budget live here, in Envoy, not
+in Python, with the policy's settings. Upstream HTTP filters run once per attempt on the routed
+cluster: that is where the request is fitted to the provider (path prefix, its own model id: see
+upstream_lua.py) and its API key is injected, from an SDS secret, so the key never passes through
+ext_proc, logs or /config_dump.
+
+Provider clusters keep Envoy's default healthy_panic_threshold (50%): with 0, an attempt on a
+provider whose only endpoint is ejected ends in a local 503 "no healthy upstream" that the retry
+policy does not retry (seen with Envoy 1.40), so one ejected provider in a ranked order would end
+the request instead of passing it to the next. ext_proc leaves ejected providers out of its orders.
 """
 
 from __future__ import annotations
@@ -25,10 +31,16 @@ from envoy.extensions.http.injected_credentials.generic.v3 import generic_pb2
 from envoy.extensions.transport_sockets.tls.v3 import common_pb2, secret_pb2, tls_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2 as upstream_http_pb2
 from envoy.type.matcher.v3 import string_pb2
-from envoy.type.v3 import percent_pb2
 from google.protobuf import wrappers_pb2
 
-from control_plane.policy.model import Credential, Provider, RoutingConfig
+from control_plane.policy.model import (
+    Credential,
+    Failover,
+    HealthCheck,
+    OutlierDetection,
+    Provider,
+    RoutingConfig,
+)
 from control_plane.translate.endpoints import (
     assignment,
     ip_address,
@@ -36,20 +48,26 @@ from control_plane.translate.endpoints import (
     load_assignment,
     uses_eds,
 )
-from control_plane.translate.envoy_api import ads_source, packed, provider_metadata, seconds
+from control_plane.translate.envoy_api import (
+    ads_source,
+    milliseconds,
+    packed,
+    provider_metadata,
+    seconds,
+)
 from control_plane.translate.names import EXT_PROC_CLUSTER, credential_secret
 from control_plane.translate.settings import EdgeSettings
-from control_plane.translate.upstream_lua import credential_headers, provider_lua
+from control_plane.translate.upstream_lua import credential_headers, model_aliases, provider_lua
 
 HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
-MAX_RETRIES = 3
+ENFORCED = wrappers_pb2.UInt32Value(value=100)
+"""Outlier-detection enforcement: every detected outlier is ejected."""
 
 
 def provider_cluster(
-    provider: Provider, settings: EdgeSettings, strip_headers: tuple[str, ...]
+    provider: Provider, settings: EdgeSettings, *, lua_source: str, failover: Failover
 ) -> cluster_pb2.Cluster:
-    """`strip_headers` are removed from every attempt before the provider's credential is set
-    (see upstream_lua.credential_headers)."""
+    """`lua_source` is the provider's per-attempt rewrite (upstream_lua.provider_lua)."""
     cluster = cluster_pb2.Cluster(
         name=provider.name,
         connect_timeout=seconds(5),
@@ -57,14 +75,11 @@ def provider_cluster(
             value=settings.buffer_limit_bytes
         ),
         metadata=provider_metadata(provider.name),
-        health_checks=[_health_check(provider)],
-        circuit_breakers=_circuit_breakers(provider.max_concurrency),
-        outlier_detection=_outlier_detection(),
-        # Without this an ejected or unhealthy lone endpoint still gets traffic in "panic" mode
-        # (default threshold 50%), which would defeat outlier detection and health checks.
-        common_lb_config=cluster_pb2.Cluster.CommonLbConfig(
-            healthy_panic_threshold=percent_pb2.Percent(value=0.0)
-        ),
+        health_checks=[
+            _health_check(provider.upstream.host, provider.health_check_path, provider.health_check)
+        ],
+        circuit_breakers=_circuit_breakers(provider.max_concurrency, failover),
+        outlier_detection=_outlier_detection(provider.outlier_detection),
     )
     if uses_eds(provider):
         cluster.type = cluster_pb2.Cluster.EDS
@@ -79,13 +94,15 @@ def provider_cluster(
             _tls_socket(provider.upstream.host, settings.trusted_ca_file)
         )
     cluster.typed_extension_protocol_options[HTTP_PROTOCOL_OPTIONS].CopyFrom(
-        packed(_protocol_options(provider, strip_headers, tls=tls))
+        packed(_protocol_options(provider, lua_source, tls=tls))
     )
     return cluster
 
 
 def ext_proc_cluster(settings: EdgeSettings) -> cluster_pb2.Cluster:
-    """The gRPC (HTTP/2) cluster of the ext_proc service."""
+    """The gRPC (HTTP/2) cluster of the ext_proc replicas. A replica that refuses or drops one
+    connection is ejected at once, so a killed replica costs one request its ext_proc answer
+    (failure_mode_allow routes it on the fallback route), not one in every N."""
     options = upstream_http_pb2.HttpProtocolOptions(
         explicit_http_config=upstream_http_pb2.HttpProtocolOptions.ExplicitHttpConfig(
             http2_protocol_options=protocol_pb2.Http2ProtocolOptions()
@@ -104,6 +121,14 @@ def ext_proc_cluster(settings: EdgeSettings) -> cluster_pb2.Cluster:
             EXT_PROC_CLUSTER,
             [lb_endpoint(ip_address(host) or host, port) for host, port in replicas],
         ),
+        outlier_detection=outlier_detection_pb2.OutlierDetection(
+            split_external_local_origin_errors=True,
+            consecutive_local_origin_failure=wrappers_pb2.UInt32Value(value=1),
+            enforcing_consecutive_local_origin_failure=ENFORCED,
+            interval=seconds(1),
+            base_ejection_time=seconds(5),
+            max_ejection_percent=wrappers_pb2.UInt32Value(value=100),
+        ),
     )
     cluster.typed_extension_protocol_options[HTTP_PROTOCOL_OPTIONS].CopyFrom(packed(options))
     return cluster
@@ -112,46 +137,77 @@ def ext_proc_cluster(settings: EdgeSettings) -> cluster_pb2.Cluster:
 def all_clusters(config: RoutingConfig, settings: EdgeSettings) -> dict[str, cluster_pb2.Cluster]:
     """Every cluster Envoy needs over CDS, by name: providers in policy order, then ext_proc."""
     strip_headers = credential_headers(config)
-    clusters = {p.name: provider_cluster(p, settings, strip_headers) for p in config.providers}
+    aliases = model_aliases(config)
+    clusters = {
+        p.name: provider_cluster(
+            p,
+            settings,
+            lua_source=provider_lua(p, aliases, strip_headers),
+            failover=config.failover,
+        )
+        for p in config.providers
+    }
     clusters[EXT_PROC_CLUSTER] = ext_proc_cluster(settings)
     return clusters
 
 
-def _health_check(provider: Provider) -> health_check_pb2.HealthCheck:
+def _health_check(host: str, path: str, check: HealthCheck) -> health_check_pb2.HealthCheck:
+    """HTTP GET `path`; a provider that has no traffic is checked as often as one that has."""
+    interval = milliseconds(check.interval_ms)
     return health_check_pb2.HealthCheck(
-        timeout=seconds(2),
-        interval=seconds(5),
-        no_traffic_interval=seconds(5),
-        unhealthy_threshold=wrappers_pb2.UInt32Value(value=3),
-        healthy_threshold=wrappers_pb2.UInt32Value(value=1),
-        http_health_check=health_check_pb2.HealthCheck.HttpHealthCheck(
-            host=provider.upstream.host, path=provider.health_check_path
-        ),
+        timeout=milliseconds(check.timeout_ms),
+        interval=interval,
+        no_traffic_interval=interval,
+        unhealthy_threshold=wrappers_pb2.UInt32Value(value=check.unhealthy_threshold),
+        healthy_threshold=wrappers_pb2.UInt32Value(value=check.healthy_threshold),
+        http_health_check=health_check_pb2.HealthCheck.HttpHealthCheck(host=host, path=path),
     )
 
 
-def _circuit_breakers(max_concurrency: int) -> circuit_breaker_pb2.CircuitBreakers:
-    return circuit_breaker_pb2.CircuitBreakers(
-        thresholds=[
-            circuit_breaker_pb2.CircuitBreakers.Thresholds(
-                priority=base_pb2.RoutingPriority.DEFAULT,
-                max_requests=wrappers_pb2.UInt32Value(value=max_concurrency),
-                max_pending_requests=wrappers_pb2.UInt32Value(value=max_concurrency),
-                max_retries=wrappers_pb2.UInt32Value(value=MAX_RETRIES),
-            )
-        ]
+def _circuit_breakers(
+    max_concurrency: int, failover: Failover
+) -> circuit_breaker_pb2.CircuitBreakers:
+    """Requests capped by the provider's concurrency; retries onto it by the edge-wide budget
+    (which replaces max_retries, a fixed count that ignores load)."""
+    thresholds = circuit_breaker_pb2.CircuitBreakers.Thresholds(
+        priority=base_pb2.RoutingPriority.DEFAULT,
+        max_requests=wrappers_pb2.UInt32Value(value=max_concurrency),
+        max_pending_requests=wrappers_pb2.UInt32Value(value=max_concurrency),
     )
+    thresholds.retry_budget.budget_percent.value = failover.retry_budget_percent
+    thresholds.retry_budget.min_retry_concurrency.value = failover.min_retry_concurrency
+    return circuit_breaker_pb2.CircuitBreakers(thresholds=[thresholds])
 
 
-def _outlier_detection() -> outlier_detection_pb2.OutlierDetection:
-    """Gateway-failure ejection is enforced (its default enforcement is 0%) and a provider's
-    only endpoint may be ejected (max_ejection_percent defaults to 10%)."""
+def _outlier_detection(detection: OutlierDetection) -> outlier_detection_pb2.OutlierDetection:
+    """Every kind enforced (gateway, local-origin and failure-percentage enforcement default to
+    0%), and a provider's only endpoint may be ejected (max_ejection_percent defaults to 10%).
+    Local-origin failures (refused or reset connections, timeouts) are counted apart from the
+    provider's own 5xx answers."""
     return outlier_detection_pb2.OutlierDetection(
-        consecutive_5xx=wrappers_pb2.UInt32Value(value=5),
-        consecutive_gateway_failure=wrappers_pb2.UInt32Value(value=3),
-        enforcing_consecutive_gateway_failure=wrappers_pb2.UInt32Value(value=100),
-        interval=seconds(5),
-        base_ejection_time=seconds(10),
+        consecutive_5xx=wrappers_pb2.UInt32Value(value=detection.consecutive_5xx),
+        consecutive_gateway_failure=wrappers_pb2.UInt32Value(
+            value=detection.consecutive_gateway_failure
+        ),
+        enforcing_consecutive_gateway_failure=ENFORCED,
+        split_external_local_origin_errors=True,
+        consecutive_local_origin_failure=wrappers_pb2.UInt32Value(
+            value=detection.consecutive_local_origin_failure
+        ),
+        enforcing_consecutive_local_origin_failure=ENFORCED,
+        failure_percentage_threshold=wrappers_pb2.UInt32Value(
+            value=detection.failure_percentage_threshold
+        ),
+        failure_percentage_minimum_hosts=wrappers_pb2.UInt32Value(
+            value=detection.failure_percentage_minimum_hosts
+        ),
+        failure_percentage_request_volume=wrappers_pb2.UInt32Value(
+            value=detection.failure_percentage_request_volume
+        ),
+        enforcing_failure_percentage=ENFORCED,
+        enforcing_failure_percentage_local_origin=ENFORCED,
+        interval=milliseconds(detection.interval_ms),
+        base_ejection_time=milliseconds(detection.base_ejection_time_ms),
         max_ejection_percent=wrappers_pb2.UInt32Value(value=100),
     )
 
@@ -186,7 +242,7 @@ def _tls_socket(host: str, trusted_ca_file: str) -> base_pb2.TransportSocket:
 
 
 def _protocol_options(
-    provider: Provider, strip_headers: tuple[str, ...], *, tls: bool
+    provider: Provider, lua_source: str, *, tls: bool
 ) -> upstream_http_pb2.HttpProtocolOptions:
     """HTTP/1.1 in clear; ALPN-negotiated h2 or HTTP/1.1 over TLS; then the per-attempt filters:
     the rewrite, the credential, the codec."""
@@ -198,9 +254,7 @@ def _protocol_options(
         options.explicit_http_config.http_protocol_options.CopyFrom(
             protocol_pb2.Http1ProtocolOptions()
         )
-    lua = lua_pb2.Lua(
-        default_source_code=base_pb2.DataSource(inline_string=provider_lua(provider, strip_headers))
-    )
+    lua = lua_pb2.Lua(default_source_code=base_pb2.DataSource(inline_string=lua_source))
     options.http_filters.append(
         hcm_pb2.HttpFilter(name="envoy.filters.http.lua", typed_config=packed(lua))
     )

@@ -1,5 +1,6 @@
 """The edge listener: strip client routing headers, read the body's routing fields into metadata,
-ask ext_proc (headers and that metadata: one message per request), route; log every request."""
+ask ext_proc (headers and that metadata: one message per request), route; log every request (its
+outcome, "gpu-router.edge") and every attempt on a provider ("gpu-router.attempt")."""
 
 from __future__ import annotations
 
@@ -24,13 +25,14 @@ from google.protobuf import struct_pb2, wrappers_pb2
 from control_plane.translate.envoy_api import ads_source, milliseconds, packed, seconds
 from control_plane.translate.names import (
     ACCESS_LOG_NAME,
-    CLUSTER_HEADER,
+    ATTEMPT_LOG_NAME,
     EXT_PROC_CLUSTER,
     LISTENER,
     METADATA_NAMESPACE,
     MODEL_HEADER,
     REQUEST_METADATA_NAMESPACE,
     ROUTE_CONFIG,
+    ROUTE_HEADER,
     STRATEGY_HEADER,
 )
 from control_plane.translate.settings import EdgeSettings
@@ -39,6 +41,7 @@ Mode = processing_mode_pb2.ProcessingMode
 JsonToMetadata = json_to_metadata_pb2.JsonToMetadata
 ValueType = JsonToMetadata.ValueType
 
+EXT_PROC_FILTER = "envoy.filters.http.ext_proc"
 BODY_ERROR = "invalid JSON"
 """Value of "body_error" in gpu_router.request when the body could not be read as JSON."""
 JSON_CONTENT_TYPE = "application/json"
@@ -54,8 +57,8 @@ def edge_listener(settings: EdgeSettings) -> listener_pb2.Listener:
         rds=hcm_pb2.Rds(config_source=ads_source(), route_config_name=ROUTE_CONFIG),
         # Token streams may pause; only a stream silent this long is cut.
         stream_idle_timeout=seconds(settings.upstream_timeout_s),
-        early_header_mutation_extensions=[_strip_cluster_header()],
-        http_filters=[_json_to_metadata(), _ext_proc(settings), _router()],
+        early_header_mutation_extensions=[_strip_route_header()],
+        http_filters=[_json_to_metadata(), _ext_proc(settings), _router(settings)],
         access_log=[_access_log(settings)],
     )
     return listener_pb2.Listener(
@@ -85,13 +88,13 @@ def all_listeners(settings: EdgeSettings) -> dict[str, listener_pb2.Listener]:
     return {LISTENER: edge_listener(settings)}
 
 
-def _strip_cluster_header() -> extension_pb2.TypedExtensionConfig:
-    """Only ext_proc may choose the cluster: a client-sent cluster header is dropped before any
+def _strip_route_header() -> extension_pb2.TypedExtensionConfig:
+    """Only ext_proc may choose the providers: a client-sent route header is dropped before any
     route is matched. (A header_mutation HTTP filter is too late: Envoy 1.40 has already matched
     and cached the route by then, so when ext_proc fails open the client's header would pick the
-    cluster, internal ones included.)"""
+    route.)"""
     mutation = early_mutation_pb2.HeaderMutation(
-        mutations=[mutation_rules_pb2.HeaderMutation(remove=CLUSTER_HEADER)]
+        mutations=[mutation_rules_pb2.HeaderMutation(remove=ROUTE_HEADER)]
     )
     return extension_pb2.TypedExtensionConfig(
         name="envoy.http.early_header_mutation.header_mutation", typed_config=packed(mutation)
@@ -170,27 +173,44 @@ def _ext_proc(settings: EdgeSettings) -> hcm_pb2.HttpFilter:
             ),
         ),
     )
-    return hcm_pb2.HttpFilter(name="envoy.filters.http.ext_proc", typed_config=packed(processor))
+    return hcm_pb2.HttpFilter(name=EXT_PROC_FILTER, typed_config=packed(processor))
 
 
-def _router() -> hcm_pb2.HttpFilter:
+def _router(settings: EdgeSettings) -> hcm_pb2.HttpFilter:
+    """The upstream log has one entry per attempt (upstream_cluster, status, flags, timings and
+    a 429's Retry-After): the provider-health samples."""
+    attempt_log = _grpc_log(
+        settings,
+        ATTEMPT_LOG_NAME,
+        als_pb2.HttpGrpcAccessLogConfig(additional_response_headers_to_log=["retry-after"]),
+    )
     return hcm_pb2.HttpFilter(
-        name="envoy.filters.http.router", typed_config=packed(router_pb2.Router())
+        name="envoy.filters.http.router",
+        typed_config=packed(router_pb2.Router(upstream_log=[attempt_log])),
     )
 
 
 def _access_log(settings: EdgeSettings) -> accesslog_pb2.AccessLog:
+    """One entry per client request. The ext_proc filter's state (its call's latency and
+    status) goes along as common_properties.filter_state_objects["envoy.filters.http.ext_proc"]:
+    Envoy has no stat that times ext_proc."""
     config = als_pb2.HttpGrpcAccessLogConfig(
-        common_config=als_pb2.CommonGrpcAccessLogConfig(
-            log_name=ACCESS_LOG_NAME,
-            grpc_service=grpc_service_pb2.GrpcService(
-                envoy_grpc=grpc_service_pb2.GrpcService.EnvoyGrpc(cluster_name=settings.xds_cluster)
-            ),
-            transport_api_version=ApiVersion.V3,
-            buffer_flush_interval=milliseconds(settings.access_log_flush_ms),
-        ),
-        additional_request_headers_to_log=[MODEL_HEADER, STRATEGY_HEADER, "x-request-id"],
+        additional_request_headers_to_log=[MODEL_HEADER, STRATEGY_HEADER, "x-request-id"]
     )
+    config.common_config.filter_state_objects_to_log.append(EXT_PROC_FILTER)
+    return _grpc_log(settings, ACCESS_LOG_NAME, config)
+
+
+def _grpc_log(
+    settings: EdgeSettings, log_name: str, config: als_pb2.HttpGrpcAccessLogConfig
+) -> accesslog_pb2.AccessLog:
+    """`config` sent as `log_name` over gRPC ALS to the control plane (the bootstrap's xDS
+    cluster), batched for at most access_log_flush_ms."""
+    common = config.common_config
+    common.log_name = log_name
+    common.grpc_service.envoy_grpc.cluster_name = settings.xds_cluster
+    common.transport_api_version = ApiVersion.V3
+    common.buffer_flush_interval.CopyFrom(milliseconds(settings.access_log_flush_ms))
     return accesslog_pb2.AccessLog(
         name="envoy.access_loggers.http_grpc", typed_config=packed(config)
     )

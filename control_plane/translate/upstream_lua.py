@@ -8,12 +8,15 @@ Request-header edits made here carry into later attempts (the router shares one 
 every step starts from saved originals: ext_proc's "gpu_router" metadata (canonical model, original
 :path) and json_to_metadata's "gpu_router.request" (the model string the client sent). Body edits
 do not carry over: the router re-sends its buffered original. The body is only read (buffered)
-when the provider's id differs from the client's model string.
+when the provider's id differs from the client's model string. Without ext_proc (the fallback
+route) there is no canonical model: the model string the client sent is looked up instead, so the
+table holds every alias too.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 
 from control_plane.policy.model import Provider, RoutingConfig
 from control_plane.translate.names import METADATA_NAMESPACE, REQUEST_METADATA_NAMESPACE
@@ -123,13 +126,26 @@ def credential_headers(config: RoutingConfig) -> tuple[str, ...]:
     return tuple(sorted(headers))
 
 
-def provider_lua(provider: Provider, strip_headers: tuple[str, ...]) -> str:
-    """The Lua source of `provider`'s upstream filter; models in name order, so the same
+def model_aliases(config: RoutingConfig) -> dict[str, tuple[str, ...]]:
+    """Canonical model name -> its aliases."""
+    return {model.name: model.aliases for model in config.models}
+
+
+def provider_lua(
+    provider: Provider, aliases: Mapping[str, tuple[str, ...]], strip_headers: tuple[str, ...]
+) -> str:
+    """The Lua source of `provider`'s upstream filter. MODEL_IDS maps each model it offers, by
+    canonical name and by every alias in `aliases`, to its own id; in name order, so the same
     provider always gives the same bytes."""
+    ids = {
+        name: offering.provider_model_id
+        for offering in provider.offerings
+        for name in (offering.model, *aliases.get(offering.model, ()))
+    }
     models = "".join(
-        f"  [{lua_string(o.model)}] = {{id = {lua_string(o.provider_model_id)}, "
-        f"json = {lua_string(json.dumps(o.provider_model_id))}}},\n"
-        for o in sorted(provider.offerings, key=lambda o: o.model)
+        f"  [{lua_string(name)}] = {{id = {lua_string(own_id)}, "
+        f"json = {lua_string(json.dumps(own_id))}}},\n"
+        for name, own_id in sorted(ids.items())
     )
     headers = ", ".join(lua_string(h) for h in strip_headers)
     return (
