@@ -159,7 +159,10 @@ def main() -> int:
         policy = bench_policy(work / "policy.yaml", upstream_port)
         timings = {}
         for workers in args.workers:
-            stack = Stack(policy=policy, log_dir=work / f"stack-{workers}", ports=StackPorts.free(),
+            log_dir = work / f"stack-{workers}"
+            stack = Stack(policy=policy, log_dir=log_dir, ports=StackPorts.free(),
+                          accounting=["--ledger", str(log_dir / "ledger.db"),
+                                      "--audit-log", str(log_dir / "audit.jsonl")],
                           ext_proc_workers=workers, simulators=False).start()
             try:
                 routed_url = f"{stack.url}/v1/chat/completions"

@@ -15,8 +15,8 @@ import logging
 import signal
 import sys
 import time
-from collections.abc import Coroutine, Sequence
-from dataclasses import dataclass
+from collections.abc import Coroutine, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -24,15 +24,20 @@ from typing import Any
 import grpc
 from envoy.service.discovery.v3 import ads_pb2_grpc
 
+from control_plane.accounting import Accounting
 from control_plane.admin_http import AdminHttpServer
+from control_plane.audit import default_audit_path
 from control_plane.dashboard.data import dashboard_data
+from control_plane.ledger.store import default_ledger_path
 from control_plane.metrics import Metrics
 from control_plane.policy.load import default_policy_path
-from control_plane.rollout import REJECTIONS, Rollout, prepare_release
+from control_plane.rollout import REJECTIONS, Release, Rollout, prepare_release
 from control_plane.telemetry.als import AccessLogReceiver
 from control_plane.telemetry.health import FleetHealth
 from control_plane.telemetry.publisher import publish_health
+from control_plane.telemetry.weights import publish_weights
 from control_plane.translate import EdgeSettings
+from control_plane.translate.routes import route_configuration
 from control_plane.watch import PolicyWatcher
 from control_plane.xds import type_urls
 from control_plane.xds.cache import SnapshotCache
@@ -61,6 +66,10 @@ class Options:
     edge_port: int = 10000
     ext_proc_endpoints: tuple[tuple[str, int], ...] = (DEFAULT_EXT_PROC,)
     """(host, port) of every ext_proc replica; Envoy balances over them."""
+    ledger: Path | None = field(default_factory=default_ledger_path)
+    """SQLite usage ledger; None: no ledger."""
+    audit_log: Path | None = field(default_factory=default_audit_path)
+    """One JSON line per routing decision and its outcome; None: no audit log."""
     log_level: str = "info"
 
     @property
@@ -119,6 +128,17 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         f"(default: {DEFAULT_EXT_PROC[0]}:{DEFAULT_EXT_PROC[1]})",
     )
     parser.add_argument(
+        "--ledger", type=Path, default=default_ledger_path(), help="SQLite usage ledger path"
+    )
+    parser.add_argument(
+        "--audit-log", type=Path, default=default_audit_path(), help="routing audit log (JSON lines)"
+    )
+    parser.add_argument(
+        "--no-accounting",
+        action="store_true",
+        help="keep no ledger and no audit log (metrics and the dashboard still count requests)",
+    )
+    parser.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"]
     )
     args = parser.parse_args(argv)
@@ -131,6 +151,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         edge_host=args.edge_host,
         edge_port=args.edge_port,
         ext_proc_endpoints=tuple(dict.fromkeys(args.ext_proc_address or [DEFAULT_EXT_PROC])),
+        ledger=None if args.no_accounting else args.ledger,
+        audit_log=None if args.no_accounting else args.audit_log,
         log_level=args.log_level,
     )
 
@@ -225,14 +247,28 @@ async def serve(options: Options, stop: asyncio.Event) -> None:
     rollout = Rollout(cache)
     fleet = FleetHealth()
     metrics = Metrics()
+    first = prepare_release(options.policy_path, settings)
+    accounting = Accounting(metrics, options.ledger, options.audit_log)
+    weights: dict[str, int] = {}
+
+    def publish_routes(pushed: Mapping[str, int]) -> None:
+        """Health-driven weights order the fallback route (used while ext_proc is unavailable)."""
+        weights.clear()
+        weights.update(pushed)
+        routes = route_configuration(rollout.current.config, settings, weights)
+        cache.set_types({type_urls.ROUTE: {routes.name: routes}})
+
+    async def apply(release: Release) -> None:
+        await rollout.apply(release)
+        accounting.use_policy(release.config)
+        if weights:
+            publish_routes(weights)
+
     watcher = (
-        PolicyWatcher(
-            options.policy, lambda path: prepare_release(path, settings), rollout.apply, REJECTIONS
-        )
+        PolicyWatcher(options.policy, lambda path: prepare_release(path, settings), apply, REJECTIONS)
         if options.policy is not None
         else None
     )
-    first = prepare_release(options.policy_path, settings)
 
     server = grpc.aio.server(
         options=[
@@ -243,9 +279,11 @@ async def serve(options: Options, stop: asyncio.Event) -> None:
     ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(
         AggregatedDiscoveryServer(cache), server
     )
-    AccessLogReceiver(fleet).register(server)
+    receiver = AccessLogReceiver(fleet)
+    receiver.on_request.append(accounting.book)
+    receiver.register(server)
     server.add_insecure_port(f"{options.xds_host}:{options.xds_port}")
-    await rollout.apply(first)
+    await apply(first)
     await server.start()
     admin = AdminHttpServer(
         options.http_host, options.http_port, ControlPlaneState(cache, rollout, fleet, metrics)
@@ -266,7 +304,11 @@ async def serve(options: Options, stop: asyncio.Event) -> None:
     def publish(snapshot: health_pb2.HealthSnapshot) -> None:
         cache.set_types({type_urls.HEALTH_SNAPSHOT: {HEALTH_SNAPSHOT_NAME: snapshot}})
 
-    jobs: list[Coroutine[Any, Any, None]] = [publish_health(fleet, publish)]
+    jobs: list[Coroutine[Any, Any, None]] = [
+        publish_health(fleet, publish),
+        publish_weights(fleet, lambda: [p.name for p in rollout.current.config.providers],
+                        publish_routes),
+    ]
     if watcher is not None:
         jobs.append(watcher.run())
     tasks = [asyncio.create_task(job) for job in jobs]
@@ -285,6 +327,7 @@ async def serve(options: Options, stop: asyncio.Event) -> None:
                 await task
         await admin.stop()
         await server.stop(_STOP_GRACE_S)
+        accounting.close()
         log.info("control_plane_stopped")
 
 

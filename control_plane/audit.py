@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from control_plane.ledger.batching import BackgroundBatcher
+from control_plane.ledger.store import data_dir
 from control_plane.usage.normalise import Usage
 from control_plane.usage.record import RequestRecord
 
@@ -75,6 +76,10 @@ def audit_entry(record: RequestRecord, usage: Usage, cost_usd: float) -> dict[st
             "cost_usd": cost_usd,
         },
     }
+
+
+def default_audit_path() -> Path:
+    return data_dir() / "audit.jsonl"
 
 
 class AuditLog:

@@ -37,6 +37,7 @@ from control_plane.usage.record import RequestRecord, is_error_status
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+EXT_PROC_BUCKETS_S = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 SERIES_BUCKET_S = 10
 SERIES_BUCKETS = 360
 RECENT_DECISIONS = 50
@@ -206,9 +207,13 @@ class Metrics:
         self.decisions = Counter("gpu_router_decisions_total",
                                  "Routing decisions by policy, strategy and reason (first words).",
                                  ("policy", "strategy", "reason"))
+        self.ext_proc = Histogram("gpu_router_ext_proc_duration_seconds",
+                                  "ext_proc's time per request, as Envoy's ext_proc filter "
+                                  "measured it (Envoy has no ext_proc timing stat).",
+                                  (), EXT_PROC_BUCKETS_S)
         self._registry: tuple[Counter | Histogram, ...] = (
             self.requests, self.errors, self.rate_limited, self.failovers, self.duration,
-            self.ttfb, self.tokens, self.estimated, self.cost, self.decisions)
+            self.ttfb, self.tokens, self.estimated, self.cost, self.decisions, self.ext_proc)
         self._lock = threading.Lock()
         self._buckets: dict[int, dict[str, _Bucket]] = {}
         self._decisions: deque[dict[str, Any]] = deque(maxlen=RECENT_DECISIONS)
@@ -236,6 +241,8 @@ class Metrics:
                 self.estimated.inc(pm)
             self.cost.inc(pm, cost_usd)
             self.decisions.inc((record.policy, record.strategy, reason_bucket(record.reason)))
+            if record.ext_proc_us:
+                self.ext_proc.observe((), record.ext_proc_us / 1e6)
             self._record_history(record, provider, error, cost_usd)
 
     def _record_history(self, record: RequestRecord, provider: str, error: bool,

@@ -97,6 +97,9 @@ class Stack:
     simulators: bool = True
     """Start a simulated provider for every loopback provider in the policy."""
     edge_nodes: int = 1
+    accounting: list[str] = field(default_factory=list)
+    """Control-plane flags for the ledger and audit log (--ledger, --audit-log or
+    --no-accounting); empty: the control plane's defaults (the user's data directory)."""
     processes: dict[str, ManagedProcess] = field(default_factory=dict)
     """By name, in start order: simulator, control-plane, ext-proc-1.., edge-1.."""
     edges: list[EdgeHandle] = field(default_factory=list)
@@ -154,6 +157,7 @@ class Stack:
         ]  # fmt: skip
         for port in self.ext_proc_ports:
             args += ["--ext-proc-address", f"127.0.0.1:{port}"]
+        args += self.accounting
         control = python_module("control-plane", "control_plane", args, self.log_dir)
         self._launch(
             control,

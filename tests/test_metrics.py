@@ -136,7 +136,17 @@ def test_label_values_and_help_are_escaped() -> None:
 
 def test_empty_registry_still_declares_every_metric() -> None:
     types, samples = parse_exposition(Metrics().render())
-    assert len(types) == 10 and samples == {}
+    assert len(types) == 11 and samples == {}
+
+
+def test_ext_proc_time_from_envoys_filter_state_is_a_histogram() -> None:
+    metrics = Metrics()
+    timed = make_record(ext_proc_us=400)
+    metrics.observe(timed, normalise(timed), 0.0)
+    _, samples = parse_exposition(metrics.render())
+    assert samples[("gpu_router_ext_proc_duration_seconds_count", L())] == 1
+    assert samples[("gpu_router_ext_proc_duration_seconds_bucket", L(le="0.0005"))] == 1
+    assert samples[("gpu_router_ext_proc_duration_seconds_bucket", L(le="0.0002"))] == 0
 
 
 @pytest.mark.parametrize(("reason", "bucket"), [

@@ -39,6 +39,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         ports=StackPorts.free(),
         edge_nodes=2,
         ext_proc_replicas=2,
+        accounting=["--no-accounting"],
     )
     stack.start()
     try:

@@ -81,10 +81,14 @@ def ledger_row(record: RequestRecord, usage: Usage, cost_usd: float) -> LedgerRo
     )
 
 
-def default_ledger_path() -> Path:
-    """$XDG_DATA_HOME/gpu-router/ledger.db, else ~/.local/share/gpu-router/ledger.db."""
+def data_dir() -> Path:
+    """$XDG_DATA_HOME/gpu-router, else ~/.local/share/gpu-router: the ledger and audit log."""
     data_home = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return Path(data_home) / "gpu-router" / "ledger.db"
+    return Path(data_home) / "gpu-router"
+
+
+def default_ledger_path() -> Path:
+    return data_dir() / "ledger.db"
 
 
 def open_ledger(path: str | Path) -> sqlite3.Connection:

@@ -82,7 +82,7 @@ class RequestSample:
     """The request's x-request-id: what joins an attempt to its request's entry."""
 
 
-def _ms(duration: duration_pb2.Duration) -> float:
+def duration_ms(duration: duration_pb2.Duration) -> float:
     return duration.seconds * 1000.0 + duration.nanos / 1_000_000.0
 
 
@@ -90,27 +90,27 @@ def _upstream_failed(flags: accesslog_pb2.ResponseFlags) -> bool:
     return any(getattr(flags, name) for name in _UPSTREAM_FAILURE_FLAGS)
 
 
-def _offset_ms(common: accesslog_pb2.AccessLogCommon, name: str) -> float | None:
+def offset_ms(common: accesslog_pb2.AccessLogCommon, name: str) -> float | None:
     """One of the time_to_* offsets from start_time; None when Envoy did not reach that point."""
-    return _ms(getattr(common, name)) if common.HasField(name) else None
+    return duration_ms(getattr(common, name)) if common.HasField(name) else None
 
 
-def _latencies(common: accesslog_pb2.AccessLogCommon) -> tuple[float, float]:
+def upstream_latencies(common: accesslog_pb2.AccessLogCommon) -> tuple[float, float]:
     """(ttfb_ms, total_ms) from the first byte sent upstream: ext_proc time is not the provider's.
 
     A request that never got a byte back (connection failure, reset before headers) has no TTFB;
     its total is the whole duration of the request (or attempt), which is what the failure cost.
     """
-    first_rx = _offset_ms(common, "time_to_first_upstream_rx_byte")
+    first_rx = offset_ms(common, "time_to_first_upstream_rx_byte")
     if first_rx is None:
-        elapsed = _offset_ms(common, "duration")
-        return 0.0, _ms(common.time_to_last_downstream_tx_byte) if elapsed is None else elapsed
-    sent = _offset_ms(common, "time_to_first_upstream_tx_byte") or 0.0
-    last_rx = _offset_ms(common, "time_to_last_upstream_rx_byte")
+        elapsed = offset_ms(common, "duration")
+        return 0.0, duration_ms(common.time_to_last_downstream_tx_byte) if elapsed is None else elapsed
+    sent = offset_ms(common, "time_to_first_upstream_tx_byte") or 0.0
+    last_rx = offset_ms(common, "time_to_last_upstream_rx_byte")
     return first_rx - sent, (first_rx if last_rx is None else last_rx) - sent
 
 
-def _decision_field(decision: struct_pb2.Struct | None, key: str) -> str:
+def decision_field(decision: struct_pb2.Struct | None, key: str) -> str:
     """A string ext_proc put in its dynamic metadata; empty when ext_proc did not decide."""
     if decision is None or key not in decision.fields:
         return ""
@@ -118,10 +118,16 @@ def _decision_field(decision: struct_pb2.Struct | None, key: str) -> str:
 
 
 def _end_unix_ms(common: accesslog_pb2.AccessLogCommon) -> int:
-    elapsed = _offset_ms(common, "duration")
+    elapsed = offset_ms(common, "duration")
     if elapsed is None:
-        elapsed = _ms(common.time_to_last_downstream_tx_byte)
+        elapsed = duration_ms(common.time_to_last_downstream_tx_byte)
     return int(common.start_time.ToMilliseconds() + elapsed)
+
+
+def is_final_request_entry(entry: accesslog_pb2.HTTPAccessLogEntry) -> bool:
+    """The one entry that closes a client request (not a periodic or start entry)."""
+    common = entry.common_properties
+    return not common.intermediate_log_entry and common.access_log_type in _FINAL_LOG_TYPES
 
 
 def sample_from_log_entry(
@@ -136,20 +142,20 @@ def sample_from_log_entry(
     cluster = common.upstream_cluster
     if not cluster or cluster.startswith(INTERNAL_CLUSTER_PREFIX):
         return None
-    if common.intermediate_log_entry or common.access_log_type not in _FINAL_LOG_TYPES:
+    if not is_final_request_entry(entry):
         return None
     decision = common.metadata.filter_metadata.get(METADATA_NAMESPACE)
-    ttfb_ms, total_ms = _latencies(common)
+    ttfb_ms, total_ms = upstream_latencies(common)
     return RequestSample(
         provider=cluster,
-        model=_decision_field(decision, "model"),
+        model=decision_field(decision, "model"),
         status=entry.response.response_code.value,
         ttfb_ms=ttfb_ms,
         total_ms=total_ms,
         at_unix_ms=_end_unix_ms(common) if at_unix_ms is None else at_unix_ms,
         upstream_failure=_upstream_failed(common.response_flags),
-        policy=_decision_field(decision, "policy"),
-        reason=_decision_field(decision, "reason"),
+        policy=decision_field(decision, "policy"),
+        reason=decision_field(decision, "reason"),
         node=node_id,
         request_id=entry.request.request_id,
     )
@@ -189,7 +195,7 @@ def sample_from_attempt_entry(
     at = _end_unix_ms(common) if at_unix_ms is None else at_unix_ms
     status = entry.response.response_code.value
     retry_after = entry.response.response_headers.get(RETRY_AFTER_HEADER)
-    ttfb_ms, total_ms = _latencies(common)
+    ttfb_ms, total_ms = upstream_latencies(common)
     return RequestSample(
         provider=cluster,
         model="",
@@ -209,4 +215,4 @@ def sample_from_attempt_entry(
 def decided_model(entry: accesslog_pb2.HTTPAccessLogEntry) -> str:
     """The public model ext_proc decided for a client request; empty when it did not decide."""
     decision = entry.common_properties.metadata.filter_metadata.get(METADATA_NAMESPACE)
-    return _decision_field(decision, "model")
+    return decision_field(decision, "model")

@@ -42,6 +42,8 @@ class RequestRecord:
     `data: {...}` line(s) carrying usage; "" when nothing was captured."""
     usage_format: str
     """"openai" | "anthropic" | "none": the serving provider's policy usage_format."""
+    ext_proc_us: int = 0
+    """ext_proc's time on this request as Envoy's ext_proc filter measured it (0 = not called)."""
 
 
 def is_error_status(status: int) -> bool:

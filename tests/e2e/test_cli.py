@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -45,7 +46,8 @@ def test_up_runs_the_stack_and_ctrl_c_stops_everything(tmp_path: Path) -> None:
     ports = {name: free_port() for name in ("edge", "admin", "xds", "ext-proc", "http")}
     argv = [*CLI, "up", "--policy", str(policy), "--log-dir", str(tmp_path / "logs"),
             *(arg for name, port in ports.items() for arg in (f"--{name}-port", str(port)))]
-    up = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    env = {**os.environ, "XDG_DATA_HOME": str(tmp_path / "data")}  # the ledger's default home
+    up = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
         output = []
         for line in up.stdout:

@@ -1,0 +1,125 @@
+"""Books every client request: usage, cost, the ledger, the audit log and the metrics.
+
+Envoy's edge access log (one entry per client request, over gRPC ALS) carries the whole
+story: ext_proc's decision ("gpu_router" dynamic metadata), what json_to_metadata read
+from the body ("gpu_router.request"), the usage text the response Lua filter captured
+("gpu_router.usage"), who finally served and after how many attempts, and ext_proc's own
+time (its filter state). Reading it here keeps all of this off the client's path.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+from envoy.data.accesslog.v3 import accesslog_pb2
+from google.protobuf import struct_pb2
+
+from control_plane.audit import AuditLog
+from control_plane.ledger.store import LedgerWriter, ledger_row
+from control_plane.metrics import Metrics
+from control_plane.policy.model import RoutingConfig
+from control_plane.telemetry.samples import (
+    INTERNAL_CLUSTER_PREFIX,
+    METADATA_NAMESPACE,
+    decision_field,
+    duration_ms,
+    is_final_request_entry,
+    offset_ms,
+)
+from control_plane.usage.normalise import normalise
+from control_plane.usage.pricing import MissingPriceError, PriceBook, cost_usd
+from control_plane.usage.record import RequestRecord
+
+REQUEST_NAMESPACE = "gpu_router.request"
+USAGE_NAMESPACE = "gpu_router.usage"
+EXT_PROC_FILTER_STATE = "envoy.filters.http.ext_proc"
+
+log = logging.getLogger(__name__)
+
+
+def _struct(common: accesslog_pb2.AccessLogCommon, namespace: str) -> struct_pb2.Struct | None:
+    return common.metadata.filter_metadata.get(namespace)
+
+
+def _ext_proc_us(common: accesslog_pb2.AccessLogCommon) -> int:
+    state = common.filter_state_objects.get(EXT_PROC_FILTER_STATE)
+    if state is None:
+        return 0
+    fields = struct_pb2.Struct()
+    if not state.Unpack(fields) or "request_header_latency_us" not in fields.fields:
+        return 0
+    return int(fields.fields["request_header_latency_us"].number_value)
+
+
+def record_from_edge_entry(
+    entry: accesslog_pb2.HTTPAccessLogEntry, usage_format: Callable[[str], str]
+) -> RequestRecord | None:
+    """The client request an edge log entry closes; None for a periodic or start entry."""
+    if not is_final_request_entry(entry):
+        return None
+    common = entry.common_properties
+    decision = _struct(common, METADATA_NAMESPACE)
+    body = _struct(common, REQUEST_NAMESPACE)
+    usage = _struct(common, USAGE_NAMESPACE)
+    cluster = common.upstream_cluster
+    provider = "" if not cluster or cluster.startswith(INTERNAL_CLUSTER_PREFIX) else cluster
+    fallbacks = decision_field(decision, "fallbacks")
+    first_byte = offset_ms(common, "time_to_first_downstream_tx_byte")
+    return RequestRecord(
+        request_id=entry.request.request_id,
+        at_unix_ms=common.start_time.ToMilliseconds(),
+        model=decision_field(decision, "model"),
+        policy=decision_field(decision, "policy"),
+        strategy=decision_field(decision, "strategy"),
+        reason=decision_field(decision, "reason"),
+        fallbacks=tuple(fallbacks.split(",")) if fallbacks else (),
+        candidates=decision_field(decision, "candidates"),
+        provider=provider,
+        attempts=common.upstream_request_attempt_count,
+        status=entry.response.response_code.value,
+        ttfb_ms=first_byte or 0.0,
+        total_ms=duration_ms(common.time_to_last_downstream_tx_byte),
+        stream=body is not None and "stream" in body.fields and body.fields["stream"].bool_value,
+        request_bytes=entry.request.request_body_bytes,
+        response_bytes=entry.response.response_body_bytes,
+        usage_text=decision_field(usage, "text"),
+        usage_format=usage_format(provider),
+        ext_proc_us=_ext_proc_us(common),
+    )
+
+
+class Accounting:
+    """Subscribed to the access-log receiver; one `book` per client request, O(1) writes."""
+
+    def __init__(self, metrics: Metrics, ledger_path: Path | None, audit_path: Path | None) -> None:
+        self.metrics = metrics
+        self._prices = PriceBook(prices={}, usage_formats={})
+        self._ledger = None if ledger_path is None else LedgerWriter(ledger_path)
+        self._audit = None if audit_path is None else AuditLog(audit_path)
+
+    def use_policy(self, config: RoutingConfig) -> None:
+        self._prices = PriceBook.from_config(config)
+
+    def book(self, entry: accesslog_pb2.HTTPAccessLogEntry, node: str) -> None:
+        record = record_from_edge_entry(entry, self._prices.usage_format)
+        if record is None:
+            return
+        usage = normalise(record)
+        price = self._prices.price(record.provider, record.model)
+        try:
+            cost = 0.0 if price is None else cost_usd(usage, price)
+        except MissingPriceError as error:
+            log.warning("unpriced usage", extra={"request_id": record.request_id, "error": str(error)})
+            cost = 0.0
+        self.metrics.observe(record, usage, cost)
+        if self._ledger is not None:
+            self._ledger.add(ledger_row(record, usage, cost))
+        if self._audit is not None:
+            self._audit.add(record, usage, cost)
+
+    def close(self) -> None:
+        for writer in (self._ledger, self._audit):
+            if writer is not None:
+                writer.close()
