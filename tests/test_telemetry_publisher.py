@@ -61,7 +61,9 @@ async def _run_publisher() -> None:
         assert len(published) == 1
 
         fleet.record(failure(T0))
+        assert fleet.to_json(T0)["published_version"] < fleet.version  # not sent out yet
         await _eventually(lambda: len(published) == 2, "the snapshot with the ejection")
+        assert fleet.to_json(T0)["published_version"] == fleet.version
         assert {(e.model, e.state) for e in published[1].entries} == {
             ("", health_pb2.EJECTED),
             ("m1", health_pb2.EJECTED),

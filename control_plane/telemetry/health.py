@@ -164,6 +164,7 @@ class FleetHealth:
         self._tallies: dict[tuple[str, str], _Tally] = {}
         self._pushed_weights: dict[str, int] | None = None
         self._weights_pushed_at_ms = 0
+        self._published_version: int | None = None
         self.version = 0
 
     def record(self, sample: RequestSample) -> None:
@@ -189,6 +190,11 @@ class FleetHealth:
         """Remember the cluster weights last pushed to Envoy, for to_json only."""
         self._pushed_weights = dict(weights)
         self._weights_pushed_at_ms = now_ms
+
+    def record_published(self, version: int) -> None:
+        """Remember which version reached the xDS server as a HealthSnapshot, for to_json only:
+        whoever reads the JSON can tell whether what it sees has been sent out yet."""
+        self._published_version = version
 
     def refresh(self, now_ms: int) -> bool:
         """Age windows out and end cooldowns as of now_ms; True (and a new version) on change."""
@@ -254,6 +260,7 @@ class FleetHealth:
                 providers[view.provider]["models"][view.model] = fields
         return {
             "version": self.version,
+            "published_version": self._published_version,
             "generated_at": _iso(now_ms),
             "providers": providers,
             "weights": self._pushed_weights,

@@ -41,4 +41,5 @@ async def publish_health(
                 )
             else:
                 published = version
+                fleet.record_published(version)
         await asyncio.sleep(interval_s)

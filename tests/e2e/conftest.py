@@ -31,7 +31,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
 @pytest.fixture
 def providers(stack: Stack) -> Iterator[Providers]:
-    sims = Providers(stack)
+    sims = Providers(stack.policy)
     sims.reset_all()
     try:
         yield sims

@@ -11,7 +11,7 @@ import urllib.request
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import pytest
 import yaml
@@ -44,8 +44,8 @@ def start_stack(policy: Path, log_dir: Path, **kwargs: Any) -> Stack:
 class Providers:
     """The simulated providers of a running stack, by name."""
 
-    def __init__(self, stack: Stack) -> None:
-        document = yaml.safe_load(stack.policy.read_text())
+    def __init__(self, policy: Path) -> None:
+        document = yaml.safe_load(policy.read_text())
         origins = {p["name"]: urllib.parse.urlsplit(p["base_url"]) for p in document["providers"]}
         self.urls = {name: f"{url.scheme}://{url.netloc}" for name, url in origins.items()}
 
@@ -84,9 +84,16 @@ def post(url: str, payload: Any, headers: dict[str, str] | None = None,
     return status, {k.lower(): v for k, v in head.items()}, json.loads(data) if data else {}
 
 
-def chat(stack: Stack, model: str, headers: dict[str, str] | None = None, **extra: Any):
+class Edge(Protocol):
+    """A whole stack (its first node) or one EdgeHandle: anything with the edge's URL."""
+
+    @property
+    def url(self) -> str: ...
+
+
+def chat(edge: Edge, model: str, headers: dict[str, str] | None = None, **extra: Any):
     payload = {"model": model, "messages": [{"role": "user", "content": "hello"}], "max_tokens": 16, **extra}
-    return post(f"{stack.url}/v1/chat/completions", payload, headers)
+    return post(f"{edge.url}/v1/chat/completions", payload, headers)
 
 
 def eventually(check: Callable[[], Any], what: str, timeout: float = 20.0, interval: float = 0.05) -> Any:
@@ -103,16 +110,19 @@ def eventually(check: Callable[[], Any], what: str, timeout: float = 20.0, inter
 class Traffic:
     """Requests sent back to back from a few threads until stopped; every outcome counted."""
 
-    def __init__(self, stack: Stack, model: str, headers: dict[str, str], threads: int = 4) -> None:
-        self.stack, self.model, self.headers = stack, model, headers
+    def __init__(self, edges: Edge | list[Edge], model: str, headers: dict[str, str],
+                 threads: int = 4) -> None:
+        self.edges = edges if isinstance(edges, list) else [edges]
+        self.model, self.headers = model, headers
         self.outcomes: Counter[tuple[int, str]] = Counter()
         self.stopping = threading.Event()
         self.lock = threading.Lock()
-        self.threads = [threading.Thread(target=self.run, daemon=True) for _ in range(threads)]
+        self.threads = [threading.Thread(target=self.run, args=(self.edges[i % len(self.edges)],),
+                                         daemon=True) for i in range(threads)]
 
-    def run(self) -> None:
+    def run(self, edge: Edge) -> None:
         while not self.stopping.is_set():
-            status, headers, _ = chat(self.stack, self.model, self.headers)
+            status, headers, _ = chat(edge, self.model, self.headers)
             with self.lock:
                 self.outcomes[(status, headers.get("x-gpu-router-provider", ""))] += 1
 
