@@ -146,13 +146,13 @@ class EnvoyAdmin:
         return status == 200 and body.strip() == b"LIVE"
 
     def stats(self, prefix: str = "") -> dict[str, int]:
-        """Counters and gauges as name -> value (histograms left out)."""
+        """Counters and gauges as name -> value (histograms and text readouts left out)."""
         _, body = http_get(self.url("/stats?format=json"))
-        out: dict[str, int] = {}
-        for stat in json.loads(body).get("stats", []):
-            if "value" in stat and stat["name"].startswith(prefix):
-                out[stat["name"]] = int(stat["value"])
-        return out
+        return {
+            stat["name"]: stat["value"]
+            for stat in json.loads(body).get("stats", [])
+            if isinstance(stat.get("value"), int) and stat["name"].startswith(prefix)
+        }
 
     def config_dump(self, resource: str = "") -> dict:
         query = f"?resource={resource}" if resource else ""

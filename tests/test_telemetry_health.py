@@ -327,3 +327,26 @@ def test_time_to_eject_is_first_failure_to_ejection_of_one_episode() -> None:
 def test_rejects_nonsense_settings(bad: dict[str, float]) -> None:
     with pytest.raises(ValueError):
         fleet(**bad)
+
+
+def test_failures_in_a_row_eject_a_provider_with_a_long_good_past() -> None:
+    health = fleet(eject_consecutive=3)
+    for i in range(100):
+        health.record(sample(T0 + i))
+    for i in range(2):
+        health.record(sample(T0 + 200 + i, 503, upstream_failure=True))
+    assert view(health, T0 + 202).state is HealthState.HEALTHY  # 2% errors, 2 in a row
+
+    health.record(sample(T0 + 203, 0, upstream_failure=True))
+
+    ejected = view(health, T0 + 203)
+    assert ejected.state is HealthState.EJECTED
+    assert ejected.reason == "3 failures in a row"
+
+
+def test_a_success_breaks_the_run_of_failures() -> None:
+    health = fleet(eject_consecutive=3)
+    for i, status in enumerate((200, 200, 200, 503, 503, 200, 503, 503, 200, 200)):
+        health.record(sample(T0 + i, status))
+
+    assert view(health, T0 + 10).state is HealthState.DEGRADED  # 40%: not by rate, not in a row

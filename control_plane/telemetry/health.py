@@ -104,6 +104,9 @@ class _Tally:
     """Samples at or after this time (the last ejection) are the ones state is judged on."""
     judged: int = 0
     judged_errors: int = 0
+    consecutive_errors: int = 0
+    """Errors in a row since the last success (or ejection): a dead provider is ejected at
+    once, not only when its error rate over the window catches up with its good past."""
     state: HealthState = HealthState.HEALTHY
     cooldown_until_ms: int = 0
     reason: str = ""
@@ -138,6 +141,7 @@ class FleetHealth:
         window_s: float = 30.0,
         eject_error_rate: float = 0.5,
         eject_min_samples: int = 5,
+        eject_consecutive: int = 5,
         cooldown_s: float = 10.0,
         max_retry_after_s: float = 300.0,
     ) -> None:
@@ -148,11 +152,12 @@ class FleetHealth:
                 f"window_s must be > 0, cooldown_s and max_retry_after_s >= 0, "
                 f"got {window_s}, {cooldown_s}, {max_retry_after_s}"
             )
-        if not 0.0 < eject_error_rate <= 1.0 or eject_min_samples < 1:
+        if not 0.0 < eject_error_rate <= 1.0 or eject_min_samples < 1 or eject_consecutive < 1:
             raise ValueError(
-                f"eject_error_rate must be in (0, 1] and eject_min_samples >= 1, "
-                f"got {eject_error_rate}, {eject_min_samples}"
+                f"eject_error_rate must be in (0, 1], eject_min_samples and eject_consecutive >= 1, "
+                f"got {eject_error_rate}, {eject_min_samples}, {eject_consecutive}"
             )
+        self._eject_consecutive = eject_consecutive
         self._alpha = alpha
         self._window_ms = int(window_s * 1000)
         self._eject_error_rate = eject_error_rate
@@ -290,6 +295,7 @@ class FleetHealth:
         if now_ms >= tally.judged_since_ms:
             tally.judged += 1
             tally.judged_errors += error
+            tally.consecutive_errors = tally.consecutive_errors + 1 if error else 0
         self._judge(tally, now_ms)
         return tally
 
@@ -325,13 +331,19 @@ class FleetHealth:
         if tally.state is HealthState.EJECTED and now_ms < tally.cooldown_until_ms:
             return
         error_rate = tally.judged_errors / tally.judged if tally.judged else 0.0
-        if tally.judged >= self._eject_min_samples and error_rate >= self._eject_error_rate:
+        by_rate = tally.judged >= self._eject_min_samples and error_rate >= self._eject_error_rate
+        in_a_row = tally.consecutive_errors >= self._eject_consecutive
+        if by_rate or in_a_row:
             tally.state = HealthState.EJECTED
             tally.cooldown_until_ms = now_ms + self._cooldown_ms
-            tally.reason = self._error_reason(error_rate)
+            tally.reason = (
+                self._error_reason(error_rate)
+                if by_rate
+                else f"{tally.consecutive_errors} failures in a row"
+            )
             tally.last_ejected_ms = now_ms
             tally.judged_since_ms = now_ms + 1
-            tally.judged = tally.judged_errors = 0
+            tally.judged = tally.judged_errors = tally.consecutive_errors = 0
             return
         tally.cooldown_until_ms = 0
         if error_rate >= self._degrade_error_rate:
