@@ -346,7 +346,7 @@ def test_failures_in_a_row_eject_a_provider_with_a_long_good_past() -> None:
 
 def test_a_success_breaks_the_run_of_failures() -> None:
     health = fleet(eject_consecutive=3)
-    for i, status in enumerate((200, 200, 200, 503, 503, 200, 503, 503, 200, 200)):
+    for i, status in enumerate((200, 200, 200, 200, 503, 503, 200, 200, 503, 503)):
         health.record(sample(T0 + i, status))
 
     assert view(health, T0 + 10).state is HealthState.DEGRADED  # 40%: not by rate, not in a row
