@@ -300,6 +300,7 @@ def _routed(decision: Decision, request_id: str, path: str) -> ext_proc_pb2.Proc
     )
     fields = audit.fields
     fields["reason"].string_value = decision.reason
+    fields["candidates"].string_value = decision.candidate_summary
     fields["request_id"].string_value = request_id
     fields["path"].string_value = path
     return response

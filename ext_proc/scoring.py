@@ -38,6 +38,9 @@ BYTES_PER_TOKEN = 4
 
 DEGRADED_PENALTY = 2.0
 
+EXCLUDED_PREFIX = "x:"
+"""Marks an excluded candidate's reason in the candidate summary (a score otherwise)."""
+
 
 def estimate_prompt_tokens(body_bytes: int) -> int:
     """Prompt tokens from the request body's size (or its content-length)."""
@@ -70,6 +73,8 @@ class Decision:
     reason: str
     fallbacks: tuple[str, ...]
     """Next providers in rank order (at most the policy's max_fallbacks)."""
+    candidate_summary: str
+    """Every candidate in rank order with its score or exclusion (see candidate_summary())."""
     audit: Callable[[], tuple[Candidate, ...]] = field(repr=False, compare=False)
     """Builds `candidates` on demand: only audits read them, so routing does not pay for them."""
 
@@ -145,7 +150,15 @@ def decide(
     skipped = ejected & route.fits & allowed
     if skipped.any():
         reason += "; " + ", ".join(route.providers[i] for i in np.flatnonzero(skipped)) + " ejected"
-    ranked_eligible = [i for i in order if eligible[i]]
+    ok = eligible.tolist()
+    ranked_eligible = [i for i in order if ok[i]]
+    summary = candidate_summary(
+        route.providers,
+        order,
+        score.tolist(),
+        ok,
+        functools.partial(_exclusion, route, policy, health, now_unix_ms, allowed),
+    )
     return Decision(
         provider=route.providers[best],
         cluster=route.clusters[best],
@@ -155,6 +168,7 @@ def decide(
         strategy=strategy,
         reason=reason,
         fallbacks=tuple(route.providers[i] for i in ranked_eligible[1 : 1 + policy.max_fallbacks]),
+        candidate_summary=summary,
         audit=functools.partial(
             _audited, route, policy, cost, latency, score, health, now_unix_ms, allowed, order
         ),
@@ -167,6 +181,24 @@ def _ejection(until_unix_ms: int, now_unix_ms: int) -> str:
     return f"ejected (cooling down for {(until_unix_ms - now_unix_ms) / 1000:.1f} s)"
 
 
+def _exclusion(
+    route: ModelRoute,
+    policy: PolicyRule,
+    health: CandidateHealth,
+    now_unix_ms: int,
+    allowed: npt.NDArray[np.bool_],
+    i: int,
+) -> str | None:
+    """Why candidate `i` cannot be used (None when it can)."""
+    unfit = route.unfit[i]
+    if unfit is not None:
+        return unfit
+    until = int(health.ejected_until_unix_ms[i])
+    if until == UNTIL_NEXT_SNAPSHOT or until > now_unix_ms:
+        return _ejection(until, now_unix_ms)
+    return None if allowed[i] else f"not in policy {policy.name}'s providers"
+
+
 def _excluded(
     route: ModelRoute,
     policy: PolicyRule,
@@ -176,17 +208,30 @@ def _excluded(
 ) -> list[str | None]:
     """Why each candidate cannot be used (None when it can)."""
     return [
-        unfit
-        or (_ejection(until, now_unix_ms) if out else None)
-        or (None if ok else f"not in policy {policy.name}'s providers")
-        for unfit, out, until, ok in zip(
-            route.unfit,
-            health.ejected(now_unix_ms).tolist(),
-            health.ejected_until_unix_ms.tolist(),
-            allowed.tolist(),
-            strict=True,
-        )
+        _exclusion(route, policy, health, now_unix_ms, allowed, i)
+        for i in range(len(route.providers))
     ]
+
+
+def candidate_summary(
+    providers: tuple[str, ...],
+    order: list[int],
+    score: list[float],
+    eligible: list[bool],
+    exclusion: Callable[[int], str | None],
+) -> str:
+    """The compact audit line of a decision, every candidate in rank order:
+    "vast=7.048e-05;runpod=0.000126;lambda=x:gpu ... too small" (provider=score, or
+    provider=x:why it was excluded; ";" in a reason becomes ","). The control plane's audit log
+    parses it (control_plane/audit.py parse_candidates); Envoy's access log carries it."""
+    return ";".join(
+        [
+            f"{providers[i]}={score[i]:.6g}"
+            if eligible[i]
+            else f"{providers[i]}={EXCLUDED_PREFIX}{(exclusion(i) or '').replace(';', ',')}"
+            for i in order
+        ]
+    )
 
 
 def _audited(

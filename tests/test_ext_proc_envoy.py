@@ -617,6 +617,7 @@ def test_decision_metadata_reaches_the_access_log(edge: Edge) -> None:
         "strategy": "cost",
         "reason": "cheapest: $0.000001",  # 44 bytes / 4 + max_tokens 3 (not the default 256)
         "fallbacks": "beta",
+        "candidates": "alpha=1.4e-06;beta=2.8e-06",
         "request_id": "audit-1",
         "path": "/v1/chat/completions?a=b",
     }

@@ -64,6 +64,7 @@ def test_the_body_model_from_metadata_is_decided_in_one_answer() -> None:
             "strategy": "latency",
             "reason": "unmeasured: exploring",
             "fallbacks": "coreweave,vast",
+            "candidates": "lambda=0;coreweave=0;vast=0;runpod=0",
             "request_id": "req-1",
             "path": "/v1/chat/completions?api-version=1",
         },

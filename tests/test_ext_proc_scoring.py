@@ -9,7 +9,13 @@ from ext_proc_fixtures import default_policy, health_entry, snapshot
 
 from ext_proc.health_view import build_health_view
 from ext_proc.routing_table import RoutingTable, build_routing_table
-from ext_proc.scoring import Decision, NoCandidateError, decide, estimate_prompt_tokens
+from ext_proc.scoring import (
+    Decision,
+    NoCandidateError,
+    candidate_summary,
+    decide,
+    estimate_prompt_tokens,
+)
 from gpu_router.api.v1 import health_pb2
 
 NOW_MS = 1_700_000_000_000
@@ -266,3 +272,47 @@ def test_the_policys_provider_allow_list_excludes_the_rest_with_the_reason() -> 
     excluded = {c.provider: c.excluded for c in decision.candidates}
     assert excluded["vast"] == excluded["runpod"] == f"not in policy {COST.name}'s providers"
     assert decision.fallbacks == ("coreweave",)
+
+
+def test_the_candidate_summary_lists_every_candidate_in_rank_order() -> None:
+    decision = run(
+        "cost",
+        health_entry("lambda", state=health_pb2.EJECTED, cooldown_until_unix_ms=NOW_MS + 1500),
+    )
+    assert decision.candidate_summary == (
+        "vast=7.048e-05;runpod=0.0001256;coreweave=0.0003768;"
+        "lambda=x:ejected (cooling down for 1.5 s)"
+    )
+    listed = [entry.partition("=")[0] for entry in decision.candidate_summary.split(";")]
+    assert listed == [c.provider for c in decision.candidates]
+
+
+def test_the_summary_scores_are_the_strategys_and_unfit_gpus_say_why() -> None:
+    decision = run("latency", health_entry("lambda", "mixtral-8x7b", 80.5), model="mixtral-8x7b")
+    assert decision.candidate_summary == (
+        "runpod=0;lambda=80.5;vast=x:gpu RTX-4090 (24 GB) too small for mixtral-8x7b (needs 80 GB)"
+    )
+
+
+def test_the_summary_keeps_its_separator_out_of_reasons() -> None:
+    summary = candidate_summary(
+        ("a", "b", "c"),
+        [2, 0, 1],
+        [0.5, 1e-9, 0.0],
+        [True, False, True],
+        lambda i: "one; two" if i == 1 else None,
+    )
+    assert summary == "c=0;a=0.5;b=x:one, two"
+
+
+def test_the_control_planes_audit_reads_the_summary_back() -> None:
+    """The wire contract with control_plane/audit.py (a test may import both deployables)."""
+    from control_plane.audit import parse_candidates
+
+    decision = run("cost", model="mixtral-8x7b")
+    assert parse_candidates(decision.candidate_summary) == [
+        {"provider": c.provider, "score": pytest.approx(c.score, rel=1e-5)}
+        if c.excluded is None
+        else {"provider": c.provider, "excluded": c.excluded}
+        for c in decision.candidates
+    ]

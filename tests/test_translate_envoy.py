@@ -5,12 +5,14 @@ see translate_fixtures.py), two loopback HTTP upstreams (alpha, beta) and a prov
 listens (gamma), a stand-in ext_proc that answers the one request-headers message as the real one
 does (route header "<policy>/<order>", clear_route_cache, gpu_router metadata) for the order named
 in a test header, and a stand-in access-log service. Each upstream misbehaves on request, per the
-x-test-mode-<provider> header: 503, 429 (with Retry-After), hang, reset, SSE streams.
+x-test-mode-<provider> header: 503, 429 (with Retry-After), hang, reset, SSE streams, or a scripted
+response sent chunk by chunk in lockstep with the client's reads.
 """
 
 from __future__ import annotations
 
 import http.client
+import itertools
 import json
 import socket
 import subprocess
@@ -32,10 +34,12 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 from envoy.type.v3 import http_status_pb2
 from google.protobuf import empty_pb2, json_format, struct_pb2
 from translate_fixtures import provider, routing_config, static_bootstrap, write_bootstrap
+from usage_fixtures import make_record
 
 from control_plane.policy.model import Credential, Model, Policy, RoutingConfig
 from control_plane.translate import EdgeSettings, translate
 from control_plane.translate.routes import FALLBACK_REASON
+from control_plane.usage.normalise import normalise
 from gpu_router.processes import EnvoyAdmin, ManagedProcess, envoy_binary, free_port
 
 ALPHA_KEY = "sk-alpha-7f3a9c1e"
@@ -59,12 +63,26 @@ def envoy_argv(config: Path, *extra: str) -> list[str]:
 
 
 @dataclass
+class Script:
+    """A response an upstream sends chunk by chunk (chunked encoding), each chunk after the
+    client has read the one before (`next_chunk` released): Envoy sees every chunk apart, and
+    the client can only finish if Envoy passed each chunk on before the upstream sent the next."""
+
+    content_type: str
+    chunks: list[bytes]
+    status: int = 200
+    next_chunk: threading.Semaphore = field(default_factory=lambda: threading.Semaphore(0))
+
+
+@dataclass
 class Upstream:
     """A loopback HTTP server standing in for a provider; remembers what it was sent."""
 
     name: str
     server: ThreadingHTTPServer
     received: list[dict] = field(default_factory=list)
+    scripts: dict[str, Script] = field(default_factory=dict)
+    """Responses for x-test-mode-<name>: "script:<key>"."""
 
     @property
     def port(self) -> int:
@@ -75,7 +93,8 @@ def start_upstream(name: str) -> Upstream:
     """Answers 200 {"served_by": name}, unless x-test-mode-<name> says: "503"; "429" (with
     Retry-After 7); "hang" (3 s before anything, beyond the per-try timeout); "reset" (closes the
     connection without a byte); "sse" (an event stream of 3 chunks); "sse-slow" (the same over
-    1.5 s, beyond the per-try timeout); "sse-midfail" (headers and one chunk, then a reset)."""
+    1.5 s, beyond the per-try timeout); "sse-midfail" (headers and one chunk, then a reset);
+    "script:<key>" (the Script registered under that key)."""
     upstream: Upstream
 
     class Handler(BaseHTTPRequestHandler):
@@ -105,6 +124,8 @@ def start_upstream(name: str) -> Upstream:
                 self._reset()
             elif mode.startswith("sse"):
                 self._stream(mode)
+            elif mode.startswith("script:"):
+                self._script(upstream.scripts[mode.removeprefix("script:")])
             else:
                 self._reply(200, json.dumps({"served_by": name}).encode())
 
@@ -133,6 +154,19 @@ def start_upstream(name: str) -> Upstream:
                     return
                 if mode == "sse-slow":
                     time.sleep(0.75)
+            self.wfile.write(b"0\r\n\r\n")
+
+        def _script(self, script: Script) -> None:
+            self.send_response(script.status)
+            self.send_header("content-type", script.content_type)
+            self.send_header("transfer-encoding", "chunked")
+            self.end_headers()
+            for index, chunk in enumerate(script.chunks):
+                if index > 0 and not script.next_chunk.acquire(timeout=10):
+                    self._reset()  # the client never got the previous chunk
+                    return
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                self.wfile.flush()
             self.wfile.write(b"0\r\n\r\n")
 
         def _reset(self) -> None:
@@ -302,6 +336,45 @@ class Edge:
             )
         finally:
             connection.close()
+
+    def lockstep(self, script: Script) -> tuple[int, bytes, str]:
+        """Has beta answer with `script`, reading each chunk before letting beta send the next:
+        (status, the body the client received, the request's x-request-id)."""
+        key, rid = uuid.uuid4().hex, request_id()
+        self.upstreams["beta"].scripts[key] = script
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        try:
+            connection.request(
+                "POST",
+                CHAT_PATH,
+                body=chat("llama3-8b"),
+                headers={
+                    "content-type": "application/json",
+                    PICK_HEADER: "beta",
+                    "x-test-mode-beta": f"script:{key}",
+                    "x-request-id": rid,
+                },
+            )
+            response = connection.getresponse()
+            received, expected = b"", 0
+            for chunk in script.chunks:
+                expected += len(chunk)
+                while len(received) < expected:
+                    more = response.read1(65536)
+                    assert more, f"the body ended after {len(received)} of {expected} bytes"
+                    received += more
+                script.next_chunk.release()
+            received += response.read()
+            return response.status, received, rid
+        finally:
+            connection.close()
+
+    def usage_logged(self, request_id: str) -> dict | None:
+        """The edge log's "gpu_router.usage" metadata for the request (None: not there)."""
+        wait_for(lambda: self.logged("gpu-router.edge", request_id), "the edge log")
+        (entry,) = self.logged("gpu-router.edge", request_id)
+        found = entry.common_properties.metadata.filter_metadata.get("gpu_router.usage")
+        return None if found is None else json_format.MessageToDict(found)
 
     def logged(self, log_name: str, request_id: str) -> list[als_pb2.HTTPAccessLogEntry]:
         """Entries of `log_name` for the request the client sent with this x-request-id."""
@@ -802,3 +875,97 @@ def test_the_edge_log_times_the_ext_proc_call(edge: Edge) -> None:
     assert answered["failed_open"] is False
     failed = ext_proc_call(edge, {FAIL_HEADER: "1"})
     assert failed["failed_open"] is True
+
+
+def captured(edge: Edge, script: Script) -> str | None:
+    """Runs `script` through the edge: the client must get every byte unchanged, each chunk
+    before the upstream sends the next; returns the usage text the edge log carries."""
+    status, received, rid = edge.lockstep(script)
+    assert status == script.status
+    assert received == b"".join(script.chunks)
+    usage = edge.usage_logged(rid)
+    if usage is None:
+        return None
+    assert list(usage) == ["text"]
+    return usage["text"]
+
+
+def test_a_json_bodys_usage_is_captured_from_its_key_on(edge: Edge) -> None:
+    body = (
+        b'{"id":"c1","choices":[{"message":{"content":"the word \\"usage\\""}}],'
+        b'"usage":{"prompt_tokens":12,"completion_tokens":5},"system_fingerprint":"fp"}'
+    )
+    text = captured(edge, Script("application/json; charset=utf-8", [body[:40], body[40:]]))
+    assert text == '"usage":{"prompt_tokens":12,"completion_tokens":5},"system_fingerprint":"fp"}'
+    usage = normalise(make_record(usage_text=text, usage_format="openai"))
+    assert (usage.estimated, usage.input_tokens, usage.output_tokens) == (False, 12, 5)
+
+
+@pytest.mark.parametrize(
+    "cuts",
+    [(len('{"id":"c","us'),), (len('{"id":"c","usage"'),), (9, 10, 12, 14)],
+    ids=["inside the key", "after the key", "over four tiny chunks"],
+)
+def test_a_usage_key_split_across_chunks_is_found(edge: Edge, cuts: tuple[int, ...]) -> None:
+    body = b'{"id":"c","usage":{"input_tokens":3,"output_tokens":4}}'
+    bounds = (0, *cuts, len(body))
+    chunks = [body[start:end] for start, end in itertools.pairwise(bounds)]
+    text = captured(edge, Script("application/json", chunks))
+    assert text == '"usage":{"input_tokens":3,"output_tokens":4}}'
+    usage = normalise(make_record(usage_text=text, usage_format="anthropic"))
+    assert (usage.estimated, usage.input_tokens, usage.output_tokens) == (False, 3, 4)
+
+
+def test_a_json_capture_keeps_at_most_4_kib(edge: Edge) -> None:
+    body = b'{"usage":{"prompt_tokens":1,"completion_tokens":1},"pad":"' + b"x" * 10_000 + b'"}'
+    chunks = [body[at : at + 3000] for at in range(0, len(body), 3000)]
+    text = captured(edge, Script("application/json", chunks))
+    assert text is not None
+    assert text.encode() == body[1 : 1 + 4096]
+
+
+def test_an_openai_streams_usage_event_is_captured_as_the_stream_flows(edge: Edge) -> None:
+    """Each chunk reaches the client before the upstream sends the next (lockstep): the filter
+    does not hold the stream back; the usage line comes with the last chunk."""
+    delta = b'data: {"choices":[{"delta":{"content":"hi"}}],"usage":null}\n\n'
+    last = b'data: {"choices":[],"usage":{"prompt_tokens":9,"completion_tokens":2}}\n\n'
+    text = captured(edge, Script("text/event-stream", [delta, delta, last + b"data: [DONE]\n\n"]))
+    assert text == last.decode()[:-1]
+    usage = normalise(make_record(usage_text=text, usage_format="openai", stream=True))
+    assert (usage.estimated, usage.input_tokens, usage.output_tokens) == (False, 9, 2)
+
+
+def test_an_anthropic_streams_usage_lines_are_kept_whole_when_split(edge: Edge) -> None:
+    start = (
+        b'data: {"type":"message_start","message":{"id":"m","usage":'
+        b'{"input_tokens":25,"output_tokens":1}}}\n'
+    )
+    delta = b'data: {"type":"message_delta","delta":{"stop_reason":"end_turn"},"usage":{"output_tokens":15}}\n'
+    chunks = [
+        b"event: message_start\n" + start[:30],
+        start[30:] + b"\n",
+        b'event: content_block_delta\ndata: {"type":"content_block_delta","delta":{"text":"hi"}}\n\n',
+        b"event: message_delta\n" + delta[:60],
+        delta[60:80],
+        delta[80:] + b'\nevent: message_stop\ndata: {"type":"message_stop"}\n\n',
+    ]
+    text = captured(edge, Script("text/event-stream", chunks))
+    assert text == (start + delta).decode()
+    usage = normalise(make_record(usage_text=text, usage_format="anthropic", stream=True))
+    assert (usage.estimated, usage.input_tokens, usage.output_tokens) == (False, 25, 15)
+
+
+@pytest.mark.parametrize(
+    ("status", "content_type", "chunks"),
+    [
+        (200, "application/json", [b'{"id":"c1",', b'"choices":[]}']),
+        (200, "text/event-stream", [b'data: {"usage":null}\n\n', b"data: [DONE]\n\n"]),
+        (503, "application/json", [b'{"usage":{"prompt_tokens":1,"completion_tokens":1}}']),
+        (200, "text/plain", [b'"usage":{"prompt_tokens":1,"completion_tokens":1}']),
+    ],
+    ids=["JSON without usage", "stream with null usage", "error status", "other content type"],
+)
+def test_nothing_is_captured_without_a_usage_report_in_a_2xx_json_or_stream(
+    edge: Edge, status: int, content_type: str, chunks: list[bytes]
+) -> None:
+    assert captured(edge, Script(content_type, chunks, status=status)) is None

@@ -8,6 +8,7 @@ from typing import TypeVar
 from envoy.extensions.access_loggers.grpc.v3 import als_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import ext_proc_pb2, processing_mode_pb2
 from envoy.extensions.filters.http.json_to_metadata.v3 import json_to_metadata_pb2
+from envoy.extensions.filters.http.lua.v3 import lua_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
@@ -19,6 +20,7 @@ from google.protobuf.message import Message
 
 from control_plane.translate.listeners import BODY_ERROR, all_listeners, edge_listener
 from control_plane.translate.settings import EdgeSettings
+from control_plane.translate.usage_capture import usage_capture_lua
 
 SETTINGS = EdgeSettings(edge_host="127.0.0.2", edge_port=10123, xds_cluster="custom.xds")
 Mode = processing_mode_pb2.ProcessingMode
@@ -59,6 +61,7 @@ def test_connection_manager_takes_routes_from_ads() -> None:
     assert manager.rds.config_source.HasField("ads")
     assert manager.stream_idle_timeout.seconds == SETTINGS.upstream_timeout_s
     assert [f.name for f in manager.http_filters] == [
+        "envoy.filters.http.lua",
         "envoy.filters.http.json_to_metadata",
         "envoy.filters.http.ext_proc",
         "envoy.filters.http.router",
@@ -98,6 +101,18 @@ def test_body_fields_go_to_the_request_metadata_namespace() -> None:
     assert [(e.metadata_namespace, e.key, e.value.string_value) for e in errors] == [
         ("gpu_router.request", "body_error", BODY_ERROR)
     ]
+
+
+def test_usage_capture_runs_on_responses_only_and_writes_its_own_namespace() -> None:
+    """First filter, so it reads the response after every other filter (the client's bytes)."""
+    lua = http_filter_config("envoy.filters.http.lua", lua_pb2.Lua())
+    source = lua.default_source_code.inline_string
+    assert source == usage_capture_lua()
+    assert 'local NAMESPACE = "gpu_router.usage"\nlocal TEXT_KEY = "text"\n' in source
+    assert "local LIMIT = 4096\n" in source
+    assert "function envoy_on_response(" in source
+    assert "envoy_on_request" not in source
+    assert ":body()" not in source
 
 
 def test_ext_proc_gets_request_headers_and_body_metadata_only() -> None:

@@ -1,17 +1,19 @@
 """The edge listener: strip client routing headers, read the body's routing fields into metadata,
-ask ext_proc (headers and that metadata: one message per request), route; log every request (its
-outcome, "gpu-router.edge") and every attempt on a provider ("gpu-router.attempt")."""
+ask ext_proc (headers and that metadata: one message per request), route; capture the usage the
+response reports; log every request (its outcome and usage, "gpu-router.edge") and every attempt
+on a provider ("gpu-router.attempt")."""
 
 from __future__ import annotations
 
 from envoy.config.accesslog.v3 import accesslog_pb2
 from envoy.config.common.mutation_rules.v3 import mutation_rules_pb2
-from envoy.config.core.v3 import address_pb2, extension_pb2, grpc_service_pb2
+from envoy.config.core.v3 import address_pb2, base_pb2, extension_pb2, grpc_service_pb2
 from envoy.config.core.v3.config_source_pb2 import ApiVersion
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.extensions.access_loggers.grpc.v3 import als_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import ext_proc_pb2, processing_mode_pb2
 from envoy.extensions.filters.http.json_to_metadata.v3 import json_to_metadata_pb2
+from envoy.extensions.filters.http.lua.v3 import lua_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
@@ -36,12 +38,14 @@ from control_plane.translate.names import (
     STRATEGY_HEADER,
 )
 from control_plane.translate.settings import EdgeSettings
+from control_plane.translate.usage_capture import usage_capture_lua
 
 Mode = processing_mode_pb2.ProcessingMode
 JsonToMetadata = json_to_metadata_pb2.JsonToMetadata
 ValueType = JsonToMetadata.ValueType
 
 EXT_PROC_FILTER = "envoy.filters.http.ext_proc"
+USAGE_CAPTURE_FILTER = "envoy.filters.http.lua"
 BODY_ERROR = "invalid JSON"
 """Value of "body_error" in gpu_router.request when the body could not be read as JSON."""
 JSON_CONTENT_TYPE = "application/json"
@@ -58,7 +62,12 @@ def edge_listener(settings: EdgeSettings) -> listener_pb2.Listener:
         # Token streams may pause; only a stream silent this long is cut.
         stream_idle_timeout=seconds(settings.upstream_timeout_s),
         early_header_mutation_extensions=[_strip_route_header()],
-        http_filters=[_json_to_metadata(), _ext_proc(settings), _router(settings)],
+        http_filters=[
+            _usage_capture(),
+            _json_to_metadata(),
+            _ext_proc(settings),
+            _router(settings),
+        ],
         access_log=[_access_log(settings)],
     )
     return listener_pb2.Listener(
@@ -99,6 +108,14 @@ def _strip_route_header() -> extension_pb2.TypedExtensionConfig:
     return extension_pb2.TypedExtensionConfig(
         name="envoy.http.early_header_mutation.header_mutation", typed_config=packed(mutation)
     )
+
+
+def _usage_capture() -> hcm_pb2.HttpFilter:
+    """First in the chain, so last on the response path: it reads the response exactly as the
+    client gets it (after any retry, local reply or filter edit) and writes its usage text into
+    the edge request's dynamic metadata, which the edge access log carries."""
+    lua = lua_pb2.Lua(default_source_code=base_pb2.DataSource(inline_string=usage_capture_lua()))
+    return hcm_pb2.HttpFilter(name=USAGE_CAPTURE_FILTER, typed_config=packed(lua))
 
 
 def _json_to_metadata() -> hcm_pb2.HttpFilter:
@@ -191,9 +208,11 @@ def _router(settings: EdgeSettings) -> hcm_pb2.HttpFilter:
 
 
 def _access_log(settings: EdgeSettings) -> accesslog_pb2.AccessLog:
-    """One entry per client request. The ext_proc filter's state (its call's latency and
-    status) goes along as common_properties.filter_state_objects["envoy.filters.http.ext_proc"]:
-    Envoy has no stat that times ext_proc."""
+    """One entry per client request, with every dynamic-metadata namespace (ext_proc's decision,
+    the body fields, the captured usage) in common_properties.metadata. The ext_proc filter's
+    state (its call's latency and status) goes along as
+    common_properties.filter_state_objects["envoy.filters.http.ext_proc"]: Envoy has no stat
+    that times ext_proc."""
     config = als_pb2.HttpGrpcAccessLogConfig(
         additional_request_headers_to_log=[MODEL_HEADER, STRATEGY_HEADER, "x-request-id"]
     )

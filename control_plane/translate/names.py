@@ -25,6 +25,10 @@ METADATA_NAMESPACE = "gpu_router"
 """Dynamic-metadata namespace ext_proc writes, and filter_metadata key on clusters and endpoints."""
 REQUEST_METADATA_NAMESPACE = "gpu_router.request"
 """Dynamic-metadata namespace json_to_metadata fills from the request body, forwarded to ext_proc."""
+USAGE_METADATA_NAMESPACE = "gpu_router.usage"
+"""Dynamic-metadata namespace the edge's usage-capture Lua filter writes (see usage_capture.py)."""
+USAGE_METADATA_TEXT_KEY = "text"
+"""Its one key: the response text carrying the provider's usage report."""
 
 
 def credential_secret(provider: str) -> str:
