@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import random
+import subprocess
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 from usage_fixtures import make_record
 
@@ -74,3 +76,20 @@ def dashboard_server(metrics: Metrics) -> Iterator[str]:
         server.shutdown()
         server.server_close()
         thread.join()
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+def chromium(url: str, profile: Path, *output: str) -> str:
+    """Runs headless Chromium on `url` with `output` flags (--dump-dom, --screenshot=...)."""
+    command = [
+        str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+        "--no-first-run", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync", f"--user-data-dir={profile}", "--virtual-time-budget=5000",
+        "--window-size=1280,900", *output, url,
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120,
+                            check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout

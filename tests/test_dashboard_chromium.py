@@ -7,31 +7,15 @@ loads it, runs its polling script, and we read back the DOM it drew and a screen
 from __future__ import annotations
 
 import re
-import subprocess
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from dashboard_fixtures import PROVIDERS, dashboard_server, synthetic_metrics
+from dashboard_fixtures import CHROMIUM, PROVIDERS, chromium, dashboard_server, synthetic_metrics
 
-CHROMIUM = Path("/usr/bin/chromium")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="needs /usr/bin/chromium")
-
-
-def chromium(url: str, profile: Path, *output: str) -> str:
-    """Runs headless Chromium on `url` with `output` flags (--dump-dom, --screenshot=...)."""
-    command = [
-        str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-        "--no-first-run", "--disable-background-networking", "--disable-component-update",
-        "--disable-sync", f"--user-data-dir={profile}", "--virtual-time-budget=5000",
-        "--window-size=1280,900", *output, url,
-    ]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=120,
-                            check=False)
-    assert result.returncode == 0, result.stderr[-2000:]
-    return result.stdout
 
 
 def test_dashboard_draws_charts_and_decisions(tmp_path: Path) -> None:
