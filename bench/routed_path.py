@@ -131,15 +131,34 @@ def chat_body(prompt_bytes: int) -> bytes:
                        "messages": [{"role": "user", "content": "x" * prompt_bytes}]}).encode()
 
 
-def ext_proc_time(admin: EnvoyAdmin) -> str:
-    _, body = http_get(admin.url("/stats?filter=cluster.gpu-router.ext_proc.upstream_rq_time$"))
-    return body.decode().strip() or "(no samples)"
+def ext_proc_time(stack: Stack) -> str:
+    """ext_proc's time per request as Envoy's ext_proc filter measured it (from its filter
+    state in the access log, exported by the control plane: Envoy has no stat for it, and
+    the ext_proc gRPC cluster records no upstream_rq_time for these streams)."""
+    _, body = http_get(stack.control_url("/metrics"))
+    values = {}
+    for line in body.decode().splitlines():
+        name, _, value = line.partition(" ")
+        if name.startswith("gpu_router_ext_proc_duration_seconds"):
+            values[name] = float(value)
+    count = values.get("gpu_router_ext_proc_duration_seconds_count", 0.0)
+    if not count:
+        return "(no samples)"
+    buckets = sorted((float(name.split('le="')[1].rstrip('"}')), n) for name, n in values.items()
+                     if 'le="' in name and "+Inf" not in name)
+    p50 = next((le for le, n in buckets if n >= count / 2), float("inf"))
+    p99 = next((le for le, n in buckets if n >= count * 0.99), float("inf"))
+    mean = values["gpu_router_ext_proc_duration_seconds_sum"] / count
+    return (f"mean {mean * 1000:.3f} ms, p50 <= {p50 * 1000:g} ms, p99 <= {p99 * 1000:g} ms "
+            f"over {count:.0f} requests")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--duration", type=int, default=10, help="seconds per measurement")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="ext_proc worker counts")
+    parser.add_argument("--no-accounting-run", action="store_true",
+                        help="skip the run with usage accounting and audit logging off")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         print("bench needs wrk (apt-get install wrk)", file=sys.stderr)
@@ -158,19 +177,21 @@ def main() -> int:
         base = {label: load for _, label, load in rows}
         policy = bench_policy(work / "policy.yaml", upstream_port)
         timings = {}
-        for workers in args.workers:
-            log_dir = work / f"stack-{workers}"
-            stack = Stack(policy=policy, log_dir=log_dir, ports=StackPorts.free(),
-                          accounting=["--ledger", str(log_dir / "ledger.db"),
-                                      "--audit-log", str(log_dir / "audit.jsonl")],
+        runs = [(f"routed x{w}", w, True) for w in args.workers]
+        if not args.no_accounting_run:
+            runs.append(("x1 acct off", 1, False))
+        for name, workers, accounting in runs:
+            log_dir = work / name.replace(" ", "-")
+            flags = (["--ledger", str(log_dir / "ledger.db"), "--audit-log", str(log_dir / "audit.jsonl")]
+                     if accounting else ["--no-accounting"])
+            stack = Stack(policy=policy, log_dir=log_dir, ports=StackPorts.free(), accounting=flags,
                           ext_proc_workers=workers, simulators=False).start()
             try:
                 routed_url = f"{stack.url}/v1/chat/completions"
-                name = f"routed x{workers}"
                 rows += [(name, "1 conn", wrk(routed_url, small, 1, args.duration, work)),
                          (name, "16 conn", wrk(routed_url, small, 16, args.duration, work)),
                          (name, "1 conn 200KB", wrk(routed_url, large, 1, args.duration, work))]
-                timings[name] = ext_proc_time(stack.edges[0].admin)
+                timings[name] = ext_proc_time(stack)
             finally:
                 stack.stop()
     finally:
@@ -183,9 +204,15 @@ def main() -> int:
         ref = base[label]
         print(f"{name:<12} {label:<14} {load.p50_ms:8.3f} {load.p99_ms:8.3f} {load.rps:9.0f} {load.errors:6d}"
               f" {load.p50_ms - ref.p50_ms:8.3f} {load.rps / ref.rps:9.2f}")
-    print("\next_proc gRPC cluster time (Envoy admin, ms):")
+    print("\next_proc's own time per request (Envoy's ext_proc filter, via /metrics):")
     for name, text in timings.items():
         print(f"  {name}: {text}")
+    if "x1 acct off" in timings and "routed x1" in timings:
+        loads = {(name, label): load for name, label, load in rows}
+        print("\nusage accounting + audit log on vs off (one ext_proc process):")
+        for label in ("1 conn", "16 conn", "1 conn 200KB"):
+            on, off = loads[("routed x1", label)], loads[("x1 acct off", label)]
+            print(f"  {label:<14} rps on/off {on.rps / off.rps:5.2f}   p50 added {on.p50_ms - off.p50_ms:+.3f} ms")
     return 0
 
 

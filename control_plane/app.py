@@ -81,6 +81,7 @@ class Options:
             edge_host=self.edge_host,
             edge_port=self.edge_port,
             ext_proc_endpoints=self.ext_proc_endpoints,
+            capture_usage=self.ledger is not None or self.audit_log is not None,
         )
 
 
@@ -136,7 +137,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     parser.add_argument(
         "--no-accounting",
         action="store_true",
-        help="keep no ledger and no audit log (metrics and the dashboard still count requests)",
+        help="keep no ledger and no audit log, and do not capture usage at the edge "
+        "(metrics and the dashboard still count requests, with estimated tokens)",
     )
     parser.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"]

@@ -28,8 +28,8 @@ ValueType = json_to_metadata_pb2.JsonToMetadata.ValueType
 M = TypeVar("M", bound=Message)
 
 
-def connection_manager() -> hcm_pb2.HttpConnectionManager:
-    listener = edge_listener(SETTINGS)
+def connection_manager(settings: EdgeSettings = SETTINGS) -> hcm_pb2.HttpConnectionManager:
+    listener = edge_listener(settings)
     (chain,) = listener.filter_chains
     (network_filter,) = chain.filters
     assert network_filter.name == "envoy.filters.network.http_connection_manager"
@@ -158,3 +158,10 @@ def test_every_attempt_is_logged_over_grpc_with_its_retry_after() -> None:
     assert common.grpc_service.envoy_grpc.cluster_name == "custom.xds"
     assert common.buffer_flush_interval.ToMilliseconds() == 100
     assert list(config.additional_response_headers_to_log) == ["retry-after"]
+
+
+def test_usage_capture_is_left_out_when_accounting_is_off() -> None:
+    names = [f.name for f in connection_manager(EdgeSettings(capture_usage=False)).http_filters]
+
+    assert "envoy.filters.http.lua" not in names
+    assert names[0] == "envoy.filters.http.json_to_metadata"

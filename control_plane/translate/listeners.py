@@ -63,7 +63,7 @@ def edge_listener(settings: EdgeSettings) -> listener_pb2.Listener:
         stream_idle_timeout=seconds(settings.upstream_timeout_s),
         early_header_mutation_extensions=[_strip_route_header()],
         http_filters=[
-            _usage_capture(),
+            *([_usage_capture()] if settings.capture_usage else []),
             _json_to_metadata(),
             _ext_proc(settings),
             _router(settings),

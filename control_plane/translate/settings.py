@@ -25,4 +25,6 @@ class EdgeSettings:
     upstream_timeout_s: int = 300
     """Whole-response timeout of a routed request; LLM generations are long."""
     access_log_flush_ms: int = 100
+    capture_usage: bool = True
+    """Copy each response's usage into the access log for billing (an edge Lua filter)."""
     trusted_ca_file: str = "/etc/ssl/certs/ca-certificates.crt"
