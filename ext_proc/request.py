@@ -60,6 +60,11 @@ _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 _MAX_REASON_HEADER = 200
 
 
+class NotReadyError(Exception):
+    """No routing policy yet (a replica just started): the stream fails, so Envoy fails open
+    onto its fallback route instead of the client getting an error."""
+
+
 class ProtocolError(Exception):
     """Envoy sent a message the stream's phase does not expect."""
 
@@ -106,12 +111,6 @@ def _bad_request(
     return error_response(400, message, kind="invalid_request_error", code=code, param=param)
 
 
-NOT_READY = error_response(
-    503,
-    "router not ready: no routing policy from the control plane yet",
-    kind="server_error",
-    code="router_not_ready",
-)
 MISSING_MODEL = _bad_request(
     f'missing "model": give it in the JSON body or in {MODEL_HEADER}', "missing_model", "model"
 )
@@ -224,7 +223,7 @@ class RequestPhases:
     ) -> ext_proc_pb2.ProcessingResponse:
         table = self._state.table
         if table is None:
-            return NOT_READY
+            raise NotReadyError("no routing policy from the control plane yet")
         headers = {h.key: h.raw_value.decode("utf-8", "replace") for h in message.headers.headers}
         full_path = headers.get(":path", "")
         path = full_path.partition("?")[0]

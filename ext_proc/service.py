@@ -9,7 +9,7 @@ import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_proc_grpc
 
-from ext_proc.request import ProtocolError, RequestPhases
+from ext_proc.request import NotReadyError, ProtocolError, RequestPhases
 from ext_proc.router_state import LiveState
 
 _log = logging.getLogger(__name__)
@@ -30,6 +30,8 @@ class ExternalProcessorService(ext_proc_grpc.ExternalProcessorServicer):
         async for request in request_iterator:
             try:
                 response = phases.handle(request)
+            except NotReadyError as error:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, str(error))
             except ProtocolError as error:
                 _log.warning("ext_proc protocol error", extra={"error": str(error)})
                 await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(error))

@@ -10,7 +10,7 @@ from ext_proc_fixtures import body_request, default_policy, headers_request, hea
 from google.protobuf import json_format
 
 from ext_proc.health_view import build_health_view
-from ext_proc.request import Phase, ProtocolError, RequestPhases
+from ext_proc.request import NotReadyError, Phase, ProtocolError, RequestPhases
 from ext_proc.router_state import RouterState
 from ext_proc.routing_table import build_routing_table
 from gpu_router.api.v1 import health_pb2
@@ -311,11 +311,8 @@ def test_no_candidate_is_503_with_the_reason_in_body_and_header() -> None:
 
 
 def test_not_ready_before_any_policy() -> None:
-    status, body = error_of(RequestPhases(RouterState()).handle(headers_request()))
-    assert (status, body["error"]["message"]) == (
-        503,
-        "router not ready: no routing policy from the control plane yet",
-    )
+    with pytest.raises(NotReadyError, match="no routing policy from the control plane yet"):
+        RequestPhases(RouterState()).handle(headers_request())
 
 
 def test_any_message_but_the_first_request_headers_is_a_protocol_error() -> None:

@@ -69,8 +69,10 @@ def test_not_ready_then_routes_once_the_policy_arrives(
     ads: FakeAds, ext_proc: tuple[ManagedProcess, str]
 ) -> None:
     _, target = ext_proc
-    [not_ready] = process(target, headers_request())
-    assert not_ready.immediate_response.status.code == 503
+    with pytest.raises(grpc.RpcError) as not_ready:  # Envoy fails open onto its fallback route
+        process(target, headers_request())
+    assert not_ready.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "no routing policy" in not_ready.value.details()
     ads.publish(POLICY_TYPE_URL, "v1", default_policy("v1"))
     nodes = eventually(
         lambda: (

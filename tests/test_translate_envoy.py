@@ -723,15 +723,17 @@ def test_body_fields_reach_ext_proc_as_request_metadata(edge: Edge) -> None:
         ("Application/JSON", b'{"model": "llama3-8b"}', None),
         (None, b'{"model": "llama3-8b"}', None),
         ("application/json", b'{"model": ', {"body_error": "invalid JSON"}),
-        ("application/json", b'["model", "llama3-8b"]', {}),
-        ("application/json", b'"llama3-8b"', {}),
+        ("application/json", b'{"model": "x"}}', {"body_error": "invalid JSON"}),
+        ("application/json", b'["model", "llama3-8b"]', {"body_error": "invalid JSON"}),
+        ("application/json", b'"llama3-8b"', {"body_error": "invalid JSON"}),
         ("application/json", b"", {}),
-        ("application/json", b'{"messages": []}', {}),
-        ("text/plain", b'{"model": "llama3-8b"}', {"body_error": "invalid JSON"}),
-        ("application/x-www-form-urlencoded", b"model=llama3-8b", {"body_error": "invalid JSON"}),
+        ("application/json", b'{"messages": [], "tools": [{"model": "x"}]}', {}),
+        ("text/plain", b'{"model": "llama3-8b"}', {"body_error": "content type not read"}),
+        ("application/x-www-form-urlencoded", b"model=llama3-8b",
+         {"body_error": "content type not read"}),
     ],
 )
-def test_what_json_to_metadata_hands_ext_proc(
+def test_what_the_request_fields_filter_hands_ext_proc(
     edge: Edge, content_type: str | None, body: bytes, metadata: dict | None
 ) -> None:
     before = len(edge.processor.seen)
@@ -743,7 +745,8 @@ def test_what_json_to_metadata_hands_ext_proc(
     else:
         assert seen.request_metadata == metadata
         assert status == 400
-        assert json.loads(answer)["error"]["message"] in ("invalid JSON", "missing model")
+        assert json.loads(answer)["error"]["message"] in (
+            "invalid JSON", "missing model", "content type not read")
 
 
 def test_ext_proc_gets_exactly_one_message_per_request(edge: Edge) -> None:

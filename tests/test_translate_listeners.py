@@ -7,7 +7,6 @@ from typing import TypeVar
 
 from envoy.extensions.access_loggers.grpc.v3 import als_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import ext_proc_pb2, processing_mode_pb2
-from envoy.extensions.filters.http.json_to_metadata.v3 import json_to_metadata_pb2
 from envoy.extensions.filters.http.lua.v3 import lua_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
@@ -18,13 +17,13 @@ from envoy.extensions.http.early_header_mutation.header_mutation.v3 import (
 )
 from google.protobuf.message import Message
 
-from control_plane.translate.listeners import BODY_ERROR, all_listeners, edge_listener
+from control_plane.translate.listeners import all_listeners, edge_listener
+from control_plane.translate.request_fields import request_fields_lua
 from control_plane.translate.settings import EdgeSettings
 from control_plane.translate.usage_capture import usage_capture_lua
 
 SETTINGS = EdgeSettings(edge_host="127.0.0.2", edge_port=10123, xds_cluster="custom.xds")
 Mode = processing_mode_pb2.ProcessingMode
-ValueType = json_to_metadata_pb2.JsonToMetadata.ValueType
 M = TypeVar("M", bound=Message)
 
 
@@ -62,7 +61,7 @@ def test_connection_manager_takes_routes_from_ads() -> None:
     assert manager.stream_idle_timeout.seconds == SETTINGS.upstream_timeout_s
     assert [f.name for f in manager.http_filters] == [
         "envoy.filters.http.lua",
-        "envoy.filters.http.json_to_metadata",
+        "gpu-router.request_fields",
         "envoy.filters.http.ext_proc",
         "envoy.filters.http.router",
     ]
@@ -75,32 +74,9 @@ def test_client_route_header_is_removed_before_routing() -> None:
     assert [m.remove for m in mutation.mutations] == ["x-gpu-router-route"]
 
 
-def test_body_fields_go_to_the_request_metadata_namespace() -> None:
-    config = http_filter_config(
-        "envoy.filters.http.json_to_metadata", json_to_metadata_pb2.JsonToMetadata()
-    )
-    assert not config.HasField("response_rules")
-    rules = config.request_rules
-    assert list(rules.allow_content_types) == ["application/json"]
-    assert rules.allow_empty_content_type
-    assert rules.allow_content_types_regex.regex == r"(?i)application/json\s*(;.*)?"
-    fields = {}
-    for rule in rules.rules:
-        (selector,) = rule.selectors
-        present = rule.on_present
-        assert (present.metadata_namespace, present.key) == ("gpu_router.request", selector.key)
-        assert not present.HasField("value") and not rule.HasField("on_missing")
-        fields[selector.key] = present.type
-    assert fields == {
-        "model": ValueType.STRING,
-        "max_tokens": ValueType.NUMBER,
-        "max_completion_tokens": ValueType.NUMBER,
-        "stream": ValueType.PROTOBUF_VALUE,
-    }
-    errors = [rule.on_error for rule in rules.rules if rule.HasField("on_error")]
-    assert [(e.metadata_namespace, e.key, e.value.string_value) for e in errors] == [
-        ("gpu_router.request", "body_error", BODY_ERROR)
-    ]
+def test_body_fields_are_read_by_the_request_fields_lua() -> None:
+    lua = http_filter_config("gpu-router.request_fields", lua_pb2.Lua())
+    assert lua.default_source_code.inline_string == request_fields_lua()
 
 
 def test_usage_capture_runs_on_responses_only_and_writes_its_own_namespace() -> None:
@@ -164,4 +140,4 @@ def test_usage_capture_is_left_out_when_accounting_is_off() -> None:
     names = [f.name for f in connection_manager(EdgeSettings(capture_usage=False)).http_filters]
 
     assert "envoy.filters.http.lua" not in names
-    assert names[0] == "envoy.filters.http.json_to_metadata"
+    assert names[0] == "gpu-router.request_fields"

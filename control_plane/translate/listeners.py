@@ -12,7 +12,6 @@ from envoy.config.core.v3.config_source_pb2 import ApiVersion
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.extensions.access_loggers.grpc.v3 import als_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import ext_proc_pb2, processing_mode_pb2
-from envoy.extensions.filters.http.json_to_metadata.v3 import json_to_metadata_pb2
 from envoy.extensions.filters.http.lua.v3 import lua_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
@@ -21,8 +20,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 from envoy.extensions.http.early_header_mutation.header_mutation.v3 import (
     header_mutation_pb2 as early_mutation_pb2,
 )
-from envoy.type.matcher.v3 import regex_pb2
-from google.protobuf import struct_pb2, wrappers_pb2
+from google.protobuf import wrappers_pb2
 
 from control_plane.translate.envoy_api import ads_source, milliseconds, packed, seconds
 from control_plane.translate.names import (
@@ -37,21 +35,15 @@ from control_plane.translate.names import (
     ROUTE_HEADER,
     STRATEGY_HEADER,
 )
+from control_plane.translate.request_fields import request_fields_lua
 from control_plane.translate.settings import EdgeSettings
 from control_plane.translate.usage_capture import usage_capture_lua
 
 Mode = processing_mode_pb2.ProcessingMode
-JsonToMetadata = json_to_metadata_pb2.JsonToMetadata
-ValueType = JsonToMetadata.ValueType
 
 EXT_PROC_FILTER = "envoy.filters.http.ext_proc"
 USAGE_CAPTURE_FILTER = "envoy.filters.http.lua"
-BODY_ERROR = "invalid JSON"
-"""Value of "body_error" in gpu_router.request when the body could not be read as JSON."""
-JSON_CONTENT_TYPE = "application/json"
-JSON_CONTENT_TYPE_WITH_PARAMETERS = r"(?i)application/json\s*(;.*)?"
-"""Also admitted: any case, and parameters such as "; charset=utf-8" (json_to_metadata matches
-allow_content_types exactly, and treats any other content type as an error)."""
+REQUEST_FIELDS_FILTER = "gpu-router.request_fields"
 
 
 def edge_listener(settings: EdgeSettings) -> listener_pb2.Listener:
@@ -64,7 +56,7 @@ def edge_listener(settings: EdgeSettings) -> listener_pb2.Listener:
         early_header_mutation_extensions=[_strip_route_header()],
         http_filters=[
             *([_usage_capture()] if settings.capture_usage else []),
-            _json_to_metadata(),
+            _request_fields(),
             _ext_proc(settings),
             _router(settings),
         ],
@@ -118,52 +110,15 @@ def _usage_capture() -> hcm_pb2.HttpFilter:
     return hcm_pb2.HttpFilter(name=USAGE_CAPTURE_FILTER, typed_config=packed(lua))
 
 
-def _json_to_metadata() -> hcm_pb2.HttpFilter:
+def _request_fields() -> hcm_pb2.HttpFilter:
     """The body fields ext_proc decides on, read by Envoy (the body never travels to ext_proc):
-    the model string as sent, token limits, stream. A body that is not JSON (or a content type
-    that is not JSON) sets "body_error" instead."""
-    model = _body_field("model", ValueType.STRING)
-    # A body error applies the on_error of every rule: one rule carries it.
-    model.on_error.CopyFrom(
-        JsonToMetadata.KeyValuePair(
-            metadata_namespace=REQUEST_METADATA_NAMESPACE,
-            key="body_error",
-            value=struct_pb2.Value(string_value=BODY_ERROR),
-        )
-    )
-    config = JsonToMetadata(
-        request_rules=JsonToMetadata.MatchRules(
-            rules=[
-                model,
-                _body_field("max_tokens", ValueType.NUMBER),
-                _body_field("max_completion_tokens", ValueType.NUMBER),
-                _body_field("stream", ValueType.PROTOBUF_VALUE),
-            ],
-            allow_content_types=[JSON_CONTENT_TYPE],
-            allow_content_types_regex=regex_pb2.RegexMatcher(
-                regex=JSON_CONTENT_TYPE_WITH_PARAMETERS
-            ),
-            allow_empty_content_type=True,
-        )
-    )
-    return hcm_pb2.HttpFilter(
-        name="envoy.filters.http.json_to_metadata", typed_config=packed(config)
-    )
-
-
-def _body_field(key: str, value_type: int) -> json_to_metadata_pb2.JsonToMetadata.Rule:
-    """Top-level `key` of the body, when present, into gpu_router.request[key] as `value_type`
-    (a JsonToMetadata.ValueType)."""
-    return JsonToMetadata.Rule(
-        selectors=[JsonToMetadata.Selector(key=key)],
-        on_present=JsonToMetadata.KeyValuePair(
-            metadata_namespace=REQUEST_METADATA_NAMESPACE, key=key, type=value_type
-        ),
-    )
+    the model string as sent, token limits, stream (see request_fields.py)."""
+    lua = lua_pb2.Lua(default_source_code=base_pb2.DataSource(inline_string=request_fields_lua()))
+    return hcm_pb2.HttpFilter(name=REQUEST_FIELDS_FILTER, typed_config=packed(lua))
 
 
 def _ext_proc(settings: EdgeSettings) -> hcm_pb2.HttpFilter:
-    """Request headers only, with json_to_metadata's fields attached: one message, one answer per
+    """Request headers only, with the request fields' metadata attached: one message, one answer per
     request; when ext_proc is down or slow the request goes on to the fallback route."""
     processor = ext_proc_pb2.ExternalProcessor(
         grpc_service=grpc_service_pb2.GrpcService(

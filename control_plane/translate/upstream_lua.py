@@ -6,7 +6,7 @@ removal of credential headers before credential_injector writes the provider's o
 
 Request-header edits made here carry into later attempts (the router shares one header map), so
 every step starts from saved originals: ext_proc's "gpu_router" metadata (canonical model, original
-:path) and json_to_metadata's "gpu_router.request" (the model string the client sent). Body edits
+:path) and the edge's "gpu_router.request" (the model string the client sent). Body edits
 do not carry over: the router re-sends its buffered original. The body is only read (buffered)
 when the provider's id differs from the client's model string. Without ext_proc (the fallback
 route) there is no canonical model: the model string the client sent is looked up instead, so the
@@ -19,54 +19,24 @@ import json
 from collections.abc import Mapping
 
 from control_plane.policy.model import Provider, RoutingConfig
+from control_plane.translate.lua_json import JSON_MEMBERS
 from control_plane.translate.names import METADATA_NAMESPACE, REQUEST_METADATA_NAMESPACE
 
 _REWRITE = r"""
 local NONE = {}
 
--- Index of the closing quote of the JSON string opening at `open` (the end of s if unclosed).
-local function string_end(s, open)
-  local i = open + 1
-  while true do
-    local at = string.find(s, '["\\]', i)
-    if at == nil then
-      return #s
-    end
-    if string.byte(s, at) == 34 then
-      return at
-    end
-    i = at + 2
-  end
-end
-
 -- The JSON object s with the string value of every top-level "model" member replaced by
--- `json`; nil when it has none. Strings are skipped whole, so nothing inside them counts.
+-- `json`; nil when it has none.
 local function with_model(s, json)
-  local parts, copied, depth, i = {}, 1, 0, 1
-  while true do
-    local at, _, c = string.find(s, '([%[%]{}"])', i)
-    if at == nil then
-      break
+  local parts, copied = {}, 1
+  members(s, function(key, value)
+    if key == "model" and string.sub(s, value, value) == '"' then
+      parts[#parts + 1] = string.sub(s, copied, value - 1)
+      parts[#parts + 1] = json
+      copied = string_end(s, value) + 1
+      return copied
     end
-    i = at + 1
-    if c == '"' then
-      local close = string_end(s, at)
-      i = close + 1
-      if depth == 1 and string.sub(s, at, close) == '"model"' then
-        local value = string.match(s, '^%s*:%s*()"', i)
-        if value ~= nil then
-          parts[#parts + 1] = string.sub(s, copied, value - 1)
-          parts[#parts + 1] = json
-          copied = string_end(s, value) + 1
-          i = copied
-        end
-      end
-    elseif c == "{" or c == "[" then
-      depth = depth + 1
-    else
-      depth = depth - 1
-    end
-  end
+  end)
   if #parts == 0 then
     return nil
   end
@@ -155,5 +125,5 @@ def provider_lua(
         f"local PATH_PREFIX = {lua_string(provider.upstream.path_prefix)}\n"
         f"local CREDENTIAL_HEADERS = {{{headers}}}\n"
         f"local MODEL_IDS = {{\n{models}}}\n"
-        f"{_REWRITE}"
+        f"{JSON_MEMBERS}{_REWRITE}"
     )

@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+from stack_harness import Providers, policy_on_free_ports, start_stack
 
 from control_plane.policy.load import default_policy_path
-from stack_harness import Providers, policy_on_free_ports, start_stack
 from gpu_router.stack import Stack
 
 

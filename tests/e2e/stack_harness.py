@@ -115,6 +115,8 @@ class Traffic:
         self.edges = edges if isinstance(edges, list) else [edges]
         self.model, self.headers = model, headers
         self.outcomes: Counter[tuple[int, str]] = Counter()
+        self.failed: list[tuple[str, str, int, dict[str, str], dict]] = []
+        """The first failed requests in full (when, edge, status, headers, body), to say why."""
         self.stopping = threading.Event()
         self.lock = threading.Lock()
         self.threads = [threading.Thread(target=self.run, args=(self.edges[i % len(self.edges)],),
@@ -122,9 +124,11 @@ class Traffic:
 
     def run(self, edge: Edge) -> None:
         while not self.stopping.is_set():
-            status, headers, _ = chat(edge, self.model, self.headers)
+            status, headers, body = chat(edge, self.model, self.headers)
             with self.lock:
                 self.outcomes[(status, headers.get("x-gpu-router-provider", ""))] += 1
+                if status != 200 and len(self.failed) < 10:
+                    self.failed.append((time.strftime("%H:%M:%S"), edge.url, status, headers, body))
 
     def __enter__(self) -> Traffic:
         for thread in self.threads:

@@ -5,6 +5,7 @@ provider failures, ext_proc crashes and a control-plane crash give no failed cli
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -86,6 +87,11 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
             sim.stop()
 
 
+def phase(name: str) -> None:
+    """Printed with its time: pytest shows it next to a failure's timestamps."""
+    print(time.strftime("%H:%M:%S"), name)
+
+
 def hold(traffic: Traffic, served: Callable[[], int], at_least: int) -> None:
     """Keep the load on until `served` has grown by `at_least` more requests."""
     start = served()
@@ -94,10 +100,11 @@ def hold(traffic: Traffic, served: Callable[[], int], at_least: int) -> None:
 
 def test_provider_and_control_failures_never_reach_the_client(fleet: Fleet) -> None:
     fleet.providers.reset_all()
-    total = lambda: sum(traffic.outcomes.values())  # noqa: E731
+    total = lambda: sum(traffic.outcomes.values())
     with Traffic(fleet.edges, MODEL, BATCH, threads=4) as traffic:
         hold(traffic, total, 20)
 
+        phase("runpod hard down")
         fleet.sims["runpod"].kill()  # hard down: connection refused
         hold(traffic, total, 40)
         fleet.sims["runpod"].start()
@@ -105,23 +112,26 @@ def test_provider_and_control_failures_never_reach_the_client(fleet: Fleet) -> N
 
         for fault in ({"mode": "error", "status": 503}, {"mode": "rate_limit", "retry_after_s": 2},
                       {"mode": "hang"}):
+            phase(f"runpod {fault}")
             fleet.providers.fault("runpod", rate=1.0, **fault)
             hold(traffic, total, 40)
             fleet.providers.call("runpod", "/_sim/reset", {})
             fleet.recovered("runpod")
 
+        phase("ext_proc replicas killed")
         for replica in ("ext-proc-1", "ext-proc-2"):
             fleet.stack.kill(replica)
         hold(traffic, total, 40)
         for replica in ("ext-proc-1", "ext-proc-2"):
             fleet.stack.restart(replica)
 
+        phase("control plane killed")
         fleet.stack.kill("control-plane")
         hold(traffic, total, 40)
         fleet.stack.restart("control-plane")
         hold(traffic, total, 20)
 
-    assert traffic.failures() == {}
+    assert traffic.failures() == {}, traffic.failed
     served_by = {provider for _, provider in traffic.outcomes}
     assert served_by >= {"runpod", "lambda"}
 

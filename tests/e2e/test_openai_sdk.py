@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import openai
+from stack_harness import Providers
 
 from gpu_router.stack import Stack
-from stack_harness import Providers
 
 
 def client(stack: Stack) -> openai.OpenAI:

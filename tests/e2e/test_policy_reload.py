@@ -8,12 +8,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from stack_harness import Providers, Traffic, chat, eventually
 
 from control_plane.policy.load import load_policy_text
 from gpu_router.processes import http_get
 from gpu_router.stack import Stack
-from stack_harness import Providers, Traffic, chat, eventually
-
 
 
 def edit_policy(path: Path, change) -> None:

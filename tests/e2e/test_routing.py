@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 
-from gpu_router.stack import Stack
 from stack_harness import Providers, chat, eventually, post
+
+from gpu_router.stack import Stack
 
 
 def test_cost_first_picks_the_cheapest_fitting_provider(stack: Stack, providers: Providers) -> None:
