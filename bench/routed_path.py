@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -131,26 +132,38 @@ def chat_body(prompt_bytes: int) -> bytes:
                        "messages": [{"role": "user", "content": "x" * prompt_bytes}]}).encode()
 
 
-def ext_proc_time(stack: Stack) -> str:
-    """ext_proc's time per request as Envoy's ext_proc filter measured it (from its filter
-    state in the access log, exported by the control plane: Envoy has no stat for it, and
-    the ext_proc gRPC cluster records no upstream_rq_time for these streams)."""
+def ext_proc_histogram(stack: Stack) -> dict[str, float]:
+    """gpu_router_ext_proc_duration_seconds from the control plane: ext_proc's time per request
+    as Envoy's ext_proc filter measured it (Envoy has no stat for it, and the ext_proc gRPC
+    cluster records no upstream_rq_time for these streams). Sample name -> value."""
     _, body = http_get(stack.control_url("/metrics"))
-    values = {}
-    for line in body.decode().splitlines():
-        name, _, value = line.partition(" ")
-        if name.startswith("gpu_router_ext_proc_duration_seconds"):
-            values[name] = float(value)
-    count = values.get("gpu_router_ext_proc_duration_seconds_count", 0.0)
+    samples = (line.partition(" ") for line in body.decode().splitlines())
+    return {name: float(value) for name, _, value in samples
+            if name.startswith("gpu_router_ext_proc_duration_seconds")}
+
+
+def ext_proc_time(before: dict[str, float], after: dict[str, float]) -> str:
+    """Mean and bucket-bounded p50/p99 of the requests between two histogram readings."""
+    delta = {name: after[name] - before.get(name, 0.0) for name in after}
+    count = delta.get("gpu_router_ext_proc_duration_seconds_count", 0.0)
     if not count:
         return "(no samples)"
-    buckets = sorted((float(name.split('le="')[1].rstrip('"}')), n) for name, n in values.items()
+    buckets = sorted((float(name.split('le="')[1].rstrip('"}')), n) for name, n in delta.items()
                      if 'le="' in name and "+Inf" not in name)
     p50 = next((le for le, n in buckets if n >= count / 2), float("inf"))
     p99 = next((le for le, n in buckets if n >= count * 0.99), float("inf"))
-    mean = values["gpu_router_ext_proc_duration_seconds_sum"] / count
-    return (f"mean {mean * 1000:.3f} ms, p50 <= {p50 * 1000:g} ms, p99 <= {p99 * 1000:g} ms "
-            f"over {count:.0f} requests")
+    mean = delta["gpu_router_ext_proc_duration_seconds_sum"] / count
+    return f"mean {mean * 1000:.3f} ms, p50 <= {p50 * 1000:g} ms, p99 <= {p99 * 1000:g} ms"
+
+
+def timed_wrk(stack: Stack, url: str, body: bytes, connections: int, seconds: int,
+              work: Path) -> tuple[Load, str]:
+    """A load and ext_proc's own time during it (the access log reaches the control plane
+    within its 100 ms flush interval: read after it)."""
+    before = ext_proc_histogram(stack)
+    load = wrk(url, body, connections, seconds, work)
+    time.sleep(0.5)
+    return load, ext_proc_time(before, ext_proc_histogram(stack))
 
 
 def main() -> int:
@@ -188,10 +201,11 @@ def main() -> int:
                           ext_proc_workers=workers, simulators=False).start()
             try:
                 routed_url = f"{stack.url}/v1/chat/completions"
-                rows += [(name, "1 conn", wrk(routed_url, small, 1, args.duration, work)),
-                         (name, "16 conn", wrk(routed_url, small, 16, args.duration, work)),
-                         (name, "1 conn 200KB", wrk(routed_url, large, 1, args.duration, work))]
-                timings[name] = ext_proc_time(stack)
+                for label, body, connections in (("1 conn", small, 1), ("16 conn", small, 16),
+                                                 ("1 conn 200KB", large, 1)):
+                    load, timing = timed_wrk(stack, routed_url, body, connections, args.duration, work)
+                    rows.append((name, label, load))
+                    timings[f"{name}, {label}"] = timing
             finally:
                 stack.stop()
     finally:
@@ -206,8 +220,9 @@ def main() -> int:
               f" {load.p50_ms - ref.p50_ms:8.3f} {load.rps / ref.rps:9.2f}")
     print("\next_proc's own time per request (Envoy's ext_proc filter, via /metrics):")
     for name, text in timings.items():
-        print(f"  {name}: {text}")
-    if "x1 acct off" in timings and "routed x1" in timings:
+        print(f"  {name:<28} {text}")
+    names = {name for name, _, _ in rows}
+    if {"x1 acct off", "routed x1"} <= names:
         loads = {(name, label): load for name, label, load in rows}
         print("\nusage accounting + audit log on vs off (one ext_proc process):")
         for label in ("1 conn", "16 conn", "1 conn 200KB"):
