@@ -206,6 +206,7 @@ class Stack:
         argv = [
             envoy_binary(), "-c", str(bootstrap), "--disable-hot-restart",
             "--log-level", "warning", "--drain-time-s", "2", "--parent-shutdown-time-s", "3",
+            "--file-flush-interval-msec", "500",  # the decision log on stdout, near real time
         ]  # fmt: skip
         process = ManagedProcess(node_id, argv, self.log_dir / f"{node_id}.log")
         handle = EdgeHandle(node_id, edge_port, EnvoyAdmin(admin_port), process)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import TypeVar
 
 from envoy.extensions.access_loggers.grpc.v3 import als_pb2
+from envoy.extensions.access_loggers.stream.v3 import stream_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import ext_proc_pb2, processing_mode_pb2
 from envoy.extensions.filters.http.lua.v3 import lua_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
@@ -107,7 +108,7 @@ def test_ext_proc_gets_request_headers_and_body_metadata_only() -> None:
 
 
 def test_access_log_goes_over_grpc_to_the_xds_cluster() -> None:
-    (access_log,) = connection_manager().access_log
+    access_log, _stdout = connection_manager().access_log
     assert access_log.name == "envoy.access_loggers.http_grpc"
     config = als_pb2.HttpGrpcAccessLogConfig()
     assert access_log.typed_config.Unpack(config)
@@ -141,3 +142,13 @@ def test_usage_capture_is_left_out_when_accounting_is_off() -> None:
 
     assert "envoy.filters.http.lua" not in names
     assert names[0] == "gpu-router.request_fields"
+
+
+def test_decisions_are_logged_on_envoys_stdout_as_json() -> None:
+    (stdout,) = [log for log in connection_manager().access_log
+                 if log.name == "envoy.access_loggers.stdout"]
+    config = stream_pb2.StdoutAccessLog()
+    assert stdout.typed_config.Unpack(config)
+    fields = dict(config.log_format.json_format)
+    assert fields["reason"] == "%DYNAMIC_METADATA(gpu_router:reason)%"
+    assert fields["served_by"] == "%UPSTREAM_CLUSTER%"

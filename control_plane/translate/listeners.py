@@ -7,10 +7,17 @@ from __future__ import annotations
 
 from envoy.config.accesslog.v3 import accesslog_pb2
 from envoy.config.common.mutation_rules.v3 import mutation_rules_pb2
-from envoy.config.core.v3 import address_pb2, base_pb2, extension_pb2, grpc_service_pb2
+from envoy.config.core.v3 import (
+    address_pb2,
+    base_pb2,
+    extension_pb2,
+    grpc_service_pb2,
+    substitution_format_string_pb2,
+)
 from envoy.config.core.v3.config_source_pb2 import ApiVersion
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.extensions.access_loggers.grpc.v3 import als_pb2
+from envoy.extensions.access_loggers.stream.v3 import stream_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import ext_proc_pb2, processing_mode_pb2
 from envoy.extensions.filters.http.lua.v3 import lua_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
@@ -60,7 +67,7 @@ def edge_listener(settings: EdgeSettings) -> listener_pb2.Listener:
             _ext_proc(settings),
             _router(settings),
         ],
-        access_log=[_access_log(settings)],
+        access_log=[_access_log(settings), _stdout_log()],
     )
     return listener_pb2.Listener(
         name=LISTENER,
@@ -173,6 +180,32 @@ def _access_log(settings: EdgeSettings) -> accesslog_pb2.AccessLog:
     )
     config.common_config.filter_state_objects_to_log.append(EXT_PROC_FILTER)
     return _grpc_log(settings, ACCESS_LOG_NAME, config)
+
+
+DECISION_LOG_FIELDS = {
+    "start_time": "%START_TIME%",
+    "request_id": "%REQ(X-REQUEST-ID)%",
+    "path": "%REQ(:PATH)%",
+    "status": "%RESPONSE_CODE%",
+    "duration_ms": "%DURATION%",
+    "served_by": "%UPSTREAM_CLUSTER%",
+    "attempts": "%UPSTREAM_REQUEST_ATTEMPT_COUNT%",
+    "flags": "%RESPONSE_FLAGS%",
+    **{key: f"%DYNAMIC_METADATA({METADATA_NAMESPACE}:{key})%"
+       for key in ("model", "policy", "strategy", "provider", "reason", "fallbacks", "candidates")},
+}
+"""What an operator reading Envoy's own log sees per request: ext_proc's decision (from its
+dynamic metadata) next to what happened."""
+
+
+def _stdout_log() -> accesslog_pb2.AccessLog:
+    """The same decisions, one JSON line per request on Envoy's stdout."""
+    log_format = substitution_format_string_pb2.SubstitutionFormatString(omit_empty_values=True)
+    log_format.json_format.update(DECISION_LOG_FIELDS)
+    config = stream_pb2.StdoutAccessLog(log_format=log_format)
+    return accesslog_pb2.AccessLog(
+        name="envoy.access_loggers.stdout", typed_config=packed(config)
+    )
 
 
 def _grpc_log(

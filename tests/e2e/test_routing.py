@@ -127,3 +127,19 @@ def test_gpu_router_health_shows_what_the_fleet_measured(stack: Stack, providers
     rows = eventually(lambda: [r for r in vast_rows() if r[1] == "llama-3.1-8b" and int(r[6]) >= 3],
                       "health to count vast's requests")
     assert rows[0][2] == "healthy"
+
+
+def test_envoys_own_log_shows_each_decision(stack: Stack, providers: Providers) -> None:
+    status, _, _ = chat(stack, "llama-3.1-8b", {"x-workload": "batch", "x-request-id": "seen-in-envoy-log"})
+    assert status == 200
+    log = stack.edges[0].process.log_path
+
+    def decision() -> dict | None:
+        for line in log.read_text(errors="replace").splitlines():
+            if '"seen-in-envoy-log"' in line:
+                return json.loads(line)
+        return None
+
+    entry = eventually(decision, "the decision line on Envoy's stdout")
+    assert (entry["served_by"], entry["provider"], entry["policy"]) == ("vast", "vast", "batch")
+    assert entry["reason"].startswith("cheapest") and "vast=" in entry["candidates"]
