@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -57,6 +58,8 @@ def up(args: argparse.Namespace) -> int:
         print(f"gpu-router: {error}", file=sys.stderr)
         return 1
     finally:
+        # A second Ctrl-C must not cut the shutdown short and leave children running.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         stack.stop()
 
 

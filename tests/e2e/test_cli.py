@@ -11,7 +11,7 @@ import urllib.parse
 from pathlib import Path
 
 import yaml
-from stack_harness import policy_on_free_ports
+from stack_harness import eventually, policy_on_free_ports
 
 from control_plane.policy.load import default_policy_path
 from gpu_router.processes import free_port, http_get, port_open
@@ -60,6 +60,8 @@ def test_up_runs_the_stack_and_ctrl_c_stops_everything(tmp_path: Path) -> None:
         assert status == 200 and json.loads(body)["data"]
 
         up.send_signal(signal.SIGINT)
+        eventually(lambda: not port_open(ports["edge"]), "the edge to stop first")
+        up.send_signal(signal.SIGINT)  # an impatient second Ctrl-C must not orphan children
         assert up.wait(timeout=30) == 0
     finally:
         if up.poll() is None:
