@@ -1,7 +1,7 @@
 """Books every client request: usage, cost, the ledger, the audit log and the metrics.
 
 Envoy's edge access log (one entry per client request, over gRPC ALS) carries the whole
-story: ext_proc's decision ("gpu_router" dynamic metadata), what json_to_metadata read
+story: ext_proc's decision ("gpu_router" dynamic metadata), what the edge's request-fields filter read
 from the body ("gpu_router.request"), the usage text the response Lua filter captured
 ("gpu_router.usage"), who finally served and after how many attempts, and ext_proc's own
 time (its filter state). Reading it here keeps all of this off the client's path.

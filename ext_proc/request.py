@@ -1,6 +1,6 @@
 """One ext_proc stream (= one HTTP request): one request_headers message, one answer.
 
-Envoy's json_to_metadata filter reads the JSON body before ext_proc runs and forwards
+Envoy's request-fields filter (an edge Lua filter) reads the JSON body before ext_proc runs and forwards
 what routing needs (model, max_tokens, ...) in the message's metadata_context under
 REQUEST_NAMESPACE, so the body never travels to ext_proc and one round trip decides.
 The answer names the ranked order (winner, then fallbacks) in ROUTE_HEADER; the control
@@ -44,15 +44,15 @@ REASON_HEADER = "x-gpu-router-reason"
 METADATA_NAMESPACE = "gpu_router"
 """Where the decision goes (dynamic metadata Envoy logs and its upstream filters read)."""
 REQUEST_NAMESPACE = "gpu_router.request"
-"""Where json_to_metadata puts the body's fields: model, max_tokens, max_completion_tokens,
+"""Where the edge's request-fields filter puts the body's fields: model, max_tokens, max_completion_tokens,
 stream, or body_error when the body could not be read as JSON."""
 
 ROUTED_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
 MODELS_PATH = "/v1/models"
 JSON_MEDIA_TYPES = frozenset({"application/json", ""})
-"""The media types json_to_metadata reads (its allow_content_types and regex, allow_empty_content_type,
-parameters such as charset allowed): it flags a body of any other type with body_error too, as if
-it were invalid JSON."""
+"""The media types the request-fields filter reads (application/json, or no content type;
+parameters such as charset allowed): it flags a body of any other type with body_error too, so
+the content type tells the two apart."""
 _NO_OUTPUT_PATHS = frozenset({"/v1/embeddings"})
 
 _NO_FIELDS: Mapping[str, struct_pb2.Value] = MappingProxyType({})
@@ -143,7 +143,7 @@ def is_json(content_type: str) -> bool:
 
 
 def _unreadable_body(problem: str, content_type: str) -> ext_proc_pb2.ProcessingResponse:
-    """The 400 for a body json_to_metadata flagged (body_error): bad JSON, or a type it skips."""
+    """The 400 for a body the request-fields filter flagged (body_error): bad JSON, or a type it skips."""
     if is_json(content_type):
         return _bad_request(
             f"the request body is not a JSON object ({problem}); "
@@ -247,7 +247,7 @@ class RequestPhases:
         model = headers.get(MODEL_HEADER)
         problem = fields.get("body_error")
         if problem is not None:
-            # A body json_to_metadata skipped for its content type still routes by the header.
+            # A body the request-fields filter skipped for its content type still routes by the header.
             content_type = headers.get("content-type", "")
             if not model or is_json(content_type):
                 return _unreadable_body(problem.string_value, content_type)

@@ -181,7 +181,7 @@ def headers_request(
 ) -> ext_proc_pb2.ProcessingRequest:
     """Request headers as Envoy sends them (raw_value bytes); kwargs are headers, '_' -> '-'.
 
-    `body_fields` is what Envoy's json_to_metadata filter read from the body, forwarded in
+    `body_fields` is what Envoy's request-fields filter read from the body, forwarded in
     metadata_context under gpu_router.request (None: the filter wrote nothing).
     """
     pairs = {

@@ -195,7 +195,7 @@ class Seen:
 
 class RoutingProcessor(ep_grpc.ExternalProcessorServicer):
     """Stand-in ext_proc keeping the contract: one answer to the request-headers message, model
-    from the x-gpu-router-model header or json_to_metadata's "gpu_router.request", the ranked
+    from the x-gpu-router-model header or the request-fields filter's "gpu_router.request", the ranked
     order of providers from PICK_HEADER."""
 
     def __init__(self) -> None:

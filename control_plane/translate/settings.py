@@ -20,7 +20,7 @@ class EdgeSettings:
     """The bootstrap's static xDS cluster; also the gRPC access-log target."""
     buffer_limit_bytes: int = 32 * MIB
     """Per-connection buffer on the listener and every cluster, and the routes' request-body
-    buffer (json_to_metadata and the upstream Lua read whole bodies): large prompts must not 413."""
+    buffer (the edge and upstream Lua filters read whole bodies): large prompts must not 413."""
     ext_proc_message_timeout_ms: int = 1000
     upstream_timeout_s: int = 300
     """Whole-response timeout of a routed request; LLM generations are long."""
