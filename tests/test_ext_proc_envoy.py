@@ -24,6 +24,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from envoy_fixtures import static_cluster
 from ext_proc_fixtures import (
     HEALTH_TYPE_URL,
     POLICY_TYPE_URL,
@@ -130,36 +131,7 @@ class _EchoHandler(BaseHTTPRequestHandler):
 
 
 def _static_cluster(name: str, port: int, *, http2: bool = False) -> dict:
-    cluster: dict = {
-        "name": name,
-        "type": "STATIC",
-        "connect_timeout": "1s",
-        "per_connection_buffer_limit_bytes": BUFFER_LIMIT,
-        "load_assignment": {
-            "cluster_name": name,
-            "endpoints": [
-                {
-                    "lb_endpoints": [
-                        {
-                            "endpoint": {
-                                "address": {
-                                    "socket_address": {"address": "127.0.0.1", "port_value": port}
-                                }
-                            }
-                        }
-                    ]
-                }
-            ],
-        },
-    }
-    if http2:
-        cluster["typed_extension_protocol_options"] = {
-            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                "@type": TYPE + "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                "explicit_http_config": {"http2_protocol_options": {}},
-            }
-        }
-    return cluster
+    return static_cluster(name, port, http2=http2, buffer_limit=BUFFER_LIMIT)
 
 
 def _request_field(key: str, kind: str) -> dict:

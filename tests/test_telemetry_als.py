@@ -22,6 +22,7 @@ from typing import Any
 import grpc
 import pytest
 from envoy.data.accesslog.v3 import accesslog_pb2
+from envoy_fixtures import static_cluster
 
 from control_plane.telemetry.als import ATTEMPT_LOG_NAME, EDGE_LOG_NAME, AccessLogReceiver
 from control_plane.telemetry.health import PROVIDER_WIDE, FleetHealth, HealthState
@@ -79,36 +80,8 @@ def second_upstream_port() -> Iterator[int]:
     yield from _serve(_Upstream)
 
 
-def _static_cluster(name: str, port: int, *, http2: bool = False) -> dict[str, Any]:
-    cluster: dict[str, Any] = {
-        "name": name,
-        "type": "STATIC",
-        "connect_timeout": "0.25s",
-        "load_assignment": {
-            "cluster_name": name,
-            "endpoints": [
-                {
-                    "lb_endpoints": [
-                        {
-                            "endpoint": {
-                                "address": {
-                                    "socket_address": {"address": "127.0.0.1", "port_value": port}
-                                }
-                            }
-                        }
-                    ]
-                }
-            ],
-        },
-    }
-    if http2:
-        cluster["typed_extension_protocol_options"] = {
-            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                "@type": TYPE_PREFIX + "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                "explicit_http_config": {"http2_protocol_options": {}},
-            }
-        }
-    return cluster
+def _static_cluster(name: str, port: int, *, http2: bool = False) -> dict:
+    return static_cluster(name, port, http2=http2, connect_timeout="0.25s")
 
 
 def _grpc_log(log_name: str, **extra: Any) -> dict[str, Any]:
