@@ -32,34 +32,22 @@ class SimProfile:
     ms_per_token: float = 0.0
     """Time per completion token (per chunk after the first when streaming)."""
     usage_format: UsageFormat = UsageFormat.OPENAI
-    gpu_note: str = ""
-    """Free text for humans: what hardware this profile imitates."""
 
 
-GENERIC_PROFILE = SimProfile(
-    ttfb_ms=20.0, ttfb_jitter_ms=5.0, ms_per_token=1.0, gpu_note="generic simulated GPU"
-)
+GENERIC_PROFILE = SimProfile(ttfb_ms=20.0, ttfb_jitter_ms=5.0, ms_per_token=1.0)
 
 BUILTIN_PROFILES: dict[str, SimProfile] = {
-    "lambda": SimProfile(
-        ttfb_ms=40.0, ttfb_jitter_ms=8.0, ms_per_token=2.0, gpu_note="H100 / A100-80GB on-demand"
-    ),
-    "coreweave": SimProfile(
-        ttfb_ms=25.0, ttfb_jitter_ms=4.0, ms_per_token=1.5, gpu_note="H100 reserved, warm"
-    ),
+    # H100 / A100-80GB on demand.
+    "lambda": SimProfile(ttfb_ms=40.0, ttfb_jitter_ms=8.0, ms_per_token=2.0),
+    # H100 reserved, warm.
+    "coreweave": SimProfile(ttfb_ms=25.0, ttfb_jitter_ms=4.0, ms_per_token=1.5),
+    # RTX-4090 / L40S marketplace: jittery, reports no usage.
     "vast": SimProfile(
-        ttfb_ms=120.0,
-        ttfb_jitter_ms=80.0,
-        ms_per_token=4.0,
-        usage_format=UsageFormat.NONE,
-        gpu_note="RTX-4090 / L40S marketplace, jittery, reports no usage",
+        ttfb_ms=120.0, ttfb_jitter_ms=80.0, ms_per_token=4.0, usage_format=UsageFormat.NONE
     ),
+    # L40S / A100-80GB: reports usage as input/output tokens.
     "runpod": SimProfile(
-        ttfb_ms=60.0,
-        ttfb_jitter_ms=15.0,
-        ms_per_token=3.0,
-        usage_format=UsageFormat.ANTHROPIC,
-        gpu_note="L40S / A100-80GB, reports usage as input/output tokens",
+        ttfb_ms=60.0, ttfb_jitter_ms=15.0, ms_per_token=3.0, usage_format=UsageFormat.ANTHROPIC
     ),
 }
 

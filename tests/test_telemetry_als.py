@@ -11,10 +11,11 @@ The upstreams keep connections alive, so attempts share upstream connections.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -23,12 +24,12 @@ import grpc
 import pytest
 from envoy.data.accesslog.v3 import accesslog_pb2
 from envoy_fixtures import static_cluster
+from telemetry_fixtures import eventually
 
 from control_plane.telemetry.als import ATTEMPT_LOG_NAME, EDGE_LOG_NAME, AccessLogReceiver
 from control_plane.telemetry.health import PROVIDER_WIDE, FleetHealth, HealthState
 from gpu_router.processes import EnvoyAdmin, ManagedProcess, envoy_binary, free_port, http_get
 
-POLL_DEADLINE_S = 15.0
 TYPE_PREFIX = "type.googleapis.com/"
 RETRY_AFTER_S = 30
 
@@ -207,16 +208,12 @@ def envoy_bootstrap(
     }
 
 
+eventually_soon = functools.partial(eventually, timeout_s=15.0, interval_s=0.05)
+"""Envoy batches access logs for up to 100 ms; a real process is slower than a fake clock."""
+
+
 def now_ms() -> int:
     return int(time.time() * 1000)
-
-
-async def _eventually(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + POLL_DEADLINE_S
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 async def _run(tmp_path: Path, upstreams: tuple[int, int]) -> None:
@@ -263,7 +260,7 @@ async def _run(tmp_path: Path, upstreams: tuple[int, int]) -> None:
 
         assert await get("/local") == 404
         assert [await get("/v1/chat") for _ in range(3)] == [200, 200, 200]
-        await _eventually(lambda: samples("prov-a", "m1") >= 3, "three prov-a/m1 samples")
+        await eventually_soon(lambda: samples("prov-a", "m1") >= 3, "three prov-a/m1 samples")
         healthy = fleet.get("prov-a", "m1", now_ms())
         assert healthy is not None and healthy.state is HealthState.HEALTHY
         assert healthy.ewma_latency_ms is not None and healthy.ewma_latency_ms > 0
@@ -273,7 +270,7 @@ async def _run(tmp_path: Path, upstreams: tuple[int, int]) -> None:
 
         before_ms = now_ms()
         assert await get("/ratelimit") == 200  # prov-a's 429 was answered by prov-b
-        await _eventually(lambda: samples("prov-b", "m1") >= 1, "the prov-b attempt after the 429")
+        await eventually_soon(lambda: samples("prov-b", "m1") >= 1, "the prov-b attempt after the 429")
         after_ms = now_ms()
         limited = fleet.get("prov-a", PROVIDER_WIDE, after_ms)
         assert limited is not None and limited.state is HealthState.EJECTED
@@ -290,20 +287,20 @@ async def _run(tmp_path: Path, upstreams: tuple[int, int]) -> None:
 
         # A dead provider fails every attempt though every client request succeeds.
         assert [await get("/dead") for _ in range(3)] == [200, 200, 200]
-        await _eventually(lambda: samples("prov-dead") >= 3, "the connection-failure attempts")
+        await eventually_soon(lambda: samples("prov-dead") >= 3, "the connection-failure attempts")
         dead = fleet.get("prov-dead", PROVIDER_WIDE, now_ms())
         assert dead is not None and dead.error_rate == 1.0 and dead.state is HealthState.EJECTED
         assert dead.reason == "error rate 100% over 30 s" and dead.ewma_latency_ms is None
 
         # Client requests reach the hooks (past the failing one) and never count as samples.
-        await _eventually(lambda: len(requests) == 8, "the eight client-request entries")
+        await eventually_soon(lambda: len(requests) == 8, "the eight client-request entries")
         assert {node for _, node in requests} == {"edge-test-1"}
         by_path = {entry.request.path: entry.common_properties for entry, _ in requests}
         assert by_path["/ratelimit"].upstream_cluster == "prov-b"
         assert by_path["/ratelimit"].upstream_request_attempt_count == 2
         assert by_path["/local"].upstream_cluster == ""
         # Every attempt counted once for its provider and once for its model; no more.
-        await _eventually(lambda: samples("prov-dead", "m1") == 3, "the dead attempts' model")
+        await eventually_soon(lambda: samples("prov-dead", "m1") == 3, "the dead attempts' model")
         for provider, attempts in {"prov-a": 4, "prov-b": 4, "prov-dead": 3}.items():
             assert (samples(provider), samples(provider, "m1")) == (attempts, attempts)
         per_model = fleet.get("prov-a", "m1", now_ms())

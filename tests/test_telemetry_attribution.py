@@ -3,27 +3,15 @@
 from __future__ import annotations
 
 import pytest
+from telemetry_fixtures import T0, sample
 
 from control_plane.telemetry.attribution import ModelAttribution
 from control_plane.telemetry.samples import RequestSample
 
-T0 = 1_700_000_000_000
-
 
 def attempt(request_id: str, provider: str = "prov-a", at_ms: int = T0) -> RequestSample:
-    return RequestSample(
-        provider=provider,
-        model="",
-        status=503,
-        ttfb_ms=0.0,
-        total_ms=5.0,
-        at_unix_ms=at_ms,
-        upstream_failure=False,
-        policy="",
-        reason="",
-        node="edge-1",
-        request_id=request_id,
-    )
+    return sample(at_ms, 503, provider=provider, model="", total_ms=5.0, ttfb_ms=0.0,
+                  policy="", reason="", request_id=request_id)
 
 
 def test_attempts_before_their_request_get_its_model() -> None:

@@ -3,38 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from telemetry_fixtures import T0, sample
 
 from control_plane.telemetry.health import PROVIDER_WIDE, FleetHealth, HealthState, ProviderHealth
-from control_plane.telemetry.samples import RequestSample
 from gpu_router.api.v1 import health_pb2
-
-T0 = 1_700_000_000_000
-
-
-def sample(
-    at_ms: int,
-    status: int = 200,
-    *,
-    provider: str = "prov-a",
-    model: str = "m1",
-    total_ms: float = 100.0,
-    ttfb_ms: float = 20.0,
-    upstream_failure: bool = False,
-    retry_after_s: float | None = None,
-) -> RequestSample:
-    return RequestSample(
-        provider=provider,
-        model=model,
-        status=status,
-        ttfb_ms=ttfb_ms,
-        total_ms=total_ms,
-        at_unix_ms=at_ms,
-        upstream_failure=upstream_failure,
-        policy="p",
-        reason="r",
-        node="edge-1",
-        retry_after_s=retry_after_s,
-    )
 
 
 def fleet(**overrides: float) -> FleetHealth:

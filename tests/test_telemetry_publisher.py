@@ -3,47 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Callable
+
+from telemetry_fixtures import T0, FakeClock, eventually, sample
 
 from control_plane.telemetry.health import FleetHealth
 from control_plane.telemetry.publisher import publish_health
-from control_plane.telemetry.samples import RequestSample
 from gpu_router.api.v1 import health_pb2
-
-T0 = 1_700_000_000_000
-DEADLINE_S = 5.0
-
-
-class FakeClock:
-    def __init__(self, unix_ms: int) -> None:
-        self.unix_ms = unix_ms
-
-    def __call__(self) -> float:
-        return self.unix_ms / 1000.0
-
-
-def failure(at_ms: int) -> RequestSample:
-    return RequestSample(
-        provider="prov-a",
-        model="m1",
-        status=503,
-        ttfb_ms=0.0,
-        total_ms=5.0,
-        at_unix_ms=at_ms,
-        upstream_failure=False,
-        policy="p",
-        reason="r",
-        node="edge-1",
-    )
-
-
-async def _eventually(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + DEADLINE_S
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.005)
 
 
 async def _run_publisher() -> None:
@@ -54,15 +19,15 @@ async def _run_publisher() -> None:
         publish_health(fleet, published.append, interval_s=0.001, clock=clock)
     )
     try:
-        await _eventually(lambda: len(published) == 1, "the first (empty) snapshot")
+        await eventually(lambda: len(published) == 1, "the first (empty) snapshot")
         assert list(published[0].entries) == [] and published[0].generated_at_unix_ms == T0
 
         await asyncio.sleep(0.02)  # many ticks with nothing new: nothing republished
         assert len(published) == 1
 
-        fleet.record(failure(T0))
+        fleet.record(sample(T0, 503))
         assert fleet.to_json(T0)["published_version"] < fleet.version  # not sent out yet
-        await _eventually(lambda: len(published) == 2, "the snapshot with the ejection")
+        await eventually(lambda: len(published) == 2, "the snapshot with the ejection")
         assert fleet.to_json(T0)["published_version"] == fleet.version
         assert {(e.model, e.state) for e in published[1].entries} == {
             ("", health_pb2.EJECTED),
@@ -70,7 +35,7 @@ async def _run_publisher() -> None:
         }
 
         clock.unix_ms = T0 + 5_000  # cooldown over, with no new traffic at all
-        await _eventually(lambda: len(published) == 3, "the snapshot after the cooldown")
+        await eventually(lambda: len(published) == 3, "the snapshot after the cooldown")
         assert {e.state for e in published[2].entries} == {health_pb2.HEALTHY}
         assert published[2].generated_at_unix_ms == T0 + 5_000
     finally:
@@ -94,7 +59,7 @@ async def _run_with_failing_consumer() -> None:
 
     task = asyncio.create_task(publish_health(fleet, flaky, interval_s=0.001, clock=FakeClock(T0)))
     try:
-        await _eventually(lambda: len(calls) >= 2, "a retry after the failed publish")
+        await eventually(lambda: len(calls) >= 2, "a retry after the failed publish")
         assert calls[0] == calls[1]
         await asyncio.sleep(0.02)
         assert len(calls) == 2  # once delivered, the same version is not sent again

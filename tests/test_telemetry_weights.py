@@ -3,39 +3,21 @@
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
+
+from telemetry_fixtures import T0, FakeClock, eventually, sample
 
 from control_plane.telemetry.health import FleetHealth
-from control_plane.telemetry.samples import RequestSample
 from control_plane.telemetry.weights import publish_weights, weights
-
-T0 = 1_700_000_000_000
-DEADLINE_S = 5.0
-
-
-def sample(at_ms: int, status: int, provider: str) -> RequestSample:
-    return RequestSample(
-        provider=provider,
-        model="m1",
-        status=status,
-        ttfb_ms=5.0,
-        total_ms=10.0,
-        at_unix_ms=at_ms,
-        upstream_failure=False,
-        policy="p",
-        reason="r",
-        node="edge-1",
-    )
 
 
 def test_weights_follow_provider_wide_state() -> None:
     fleet = FleetHealth(eject_error_rate=0.5, eject_min_samples=2)
     for i in range(2):
-        fleet.record(sample(T0 + i, 503, "down"))
+        fleet.record(sample(T0 + i, 503, provider="down"))
     for i, status in enumerate([200, 200, 200, 503]):
-        fleet.record(sample(T0 + i, status, "flaky"))
-    fleet.record(sample(T0, 200, "fine"))
+        fleet.record(sample(T0 + i, status, provider="flaky"))
+    fleet.record(sample(T0, 200, provider="fine"))
     assert weights(fleet.entries(T0 + 5), ["fine", "flaky", "down", "unseen"]) == {
         "fine": 100,
         "flaky": 50,
@@ -46,25 +28,9 @@ def test_weights_follow_provider_wide_state() -> None:
 
 def test_weights_only_for_the_providers_asked() -> None:
     fleet = FleetHealth()
-    fleet.record(sample(T0, 200, "retired"))
+    fleet.record(sample(T0, 200, provider="retired"))
     assert weights(fleet.entries(T0), []) == {}
     assert weights(fleet.entries(T0), ["new"]) == {"new": 100}
-
-
-class FakeClock:
-    def __init__(self, unix_ms: int) -> None:
-        self.unix_ms = unix_ms
-
-    def __call__(self) -> float:
-        return self.unix_ms / 1000.0
-
-
-async def _eventually(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + DEADLINE_S
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.005)
 
 
 async def _run_publisher() -> None:
@@ -78,17 +44,17 @@ async def _run_publisher() -> None:
         )
     )
     try:
-        await _eventually(lambda: len(pushed) == 1, "the first weights")
+        await eventually(lambda: len(pushed) == 1, "the first weights")
         assert pushed[0] == {"a": 100, "b": 100}
         assert fleet.to_json(T0)["weights"] == {"a": 100, "b": 100}
 
-        fleet.record(sample(T0 + 1, 503, "a"))
+        fleet.record(sample(T0 + 1, 503, provider="a"))
         clock.unix_ms = T0 + 999  # within the gap: held back
         await asyncio.sleep(0.03)
         assert len(pushed) == 1
         providers.append("c")  # a reload adds a provider while the change waits
         clock.unix_ms = T0 + 1_000
-        await _eventually(lambda: len(pushed) == 2, "the weights after the gap")
+        await eventually(lambda: len(pushed) == 2, "the weights after the gap")
         assert pushed[1] == {"a": 0, "b": 100, "c": 100}  # the latest, not the first change
         assert fleet.to_json(T0 + 1_000)["weights"] == pushed[1]
 
@@ -118,7 +84,7 @@ async def _run_with_failing_consumer() -> None:
         publish_weights(fleet, lambda: ["a"], flaky, interval_s=0.001, clock=FakeClock(T0))
     )
     try:
-        await _eventually(lambda: len(calls) >= 2, "a retry after the failed publish")
+        await eventually(lambda: len(calls) >= 2, "a retry after the failed publish")
         assert calls[0] == calls[1] == {"a": 100}
         await asyncio.sleep(0.02)
         assert len(calls) == 2
