@@ -61,7 +61,11 @@ class Fleet:
             s is not None and s["acked_version"] == s["current_version"] != "" for s in states)
 
     def recovered(self, provider: str) -> None:
+        """Healthy again at the control plane, and that news delivered to every ext_proc worker
+        (they pick on what they were sent, which trails the control plane by a publish)."""
         eventually(lambda: self.state(provider) == "healthy", f"{provider} to recover", timeout=40)
+        version = self.health()["version"]
+        eventually(lambda: self.health_delivered(version), f"{provider}'s recovery to reach ext_proc")
 
 
 @pytest.fixture(scope="module")
