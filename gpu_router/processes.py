@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -25,11 +26,40 @@ class ProcessError(RuntimeError):
     """A child process failed to start, died, or never became ready."""
 
 
+_EPHEMERAL_RANGE_FILE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+_LOWEST_PORT = 10000
+_handed_out: set[int] = set()
+
+
+def _ephemeral_range() -> range:
+    """The kernel's range for outgoing connections' source ports (Linux default if unreadable)."""
+    try:
+        low, high = (int(part) for part in _EPHEMERAL_RANGE_FILE.read_text().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999
+    return range(low, high + 1)
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free right now (the kernel picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A TCP port on 127.0.0.1 that is free now and stays free until its process binds it.
+
+    A port the kernel picks with bind(0) comes from the ephemeral range, where any outgoing
+    connection (Envoy to an upstream, a gRPC client) may take it as its source port before
+    our process binds it. So ports come from below that range, never twice from one process.
+    """
+    ephemeral = _ephemeral_range()
+    for _ in range(1000):
+        port = random.randrange(_LOWEST_PORT, 65536)
+        if port in ephemeral or port in _handed_out:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise ProcessError(f"no free TCP port on 127.0.0.1 outside the ephemeral range {ephemeral.start}-{ephemeral.stop - 1}")
 
 
 def envoy_binary() -> str:
