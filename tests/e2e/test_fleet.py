@@ -60,10 +60,17 @@ class Fleet:
         return bool(workers) and all(
             s is not None and s["acked_version"] == s["current_version"] != "" for s in states)
 
+    def healthy(self, provider: str) -> bool:
+        """The provider-wide entry and every per-model entry: ext_proc skips a candidate
+        that either of them ejects, and their cooldowns end at different times."""
+        entry = self.health()["providers"].get(provider, {})
+        states = [entry.get("state", "healthy")] + [m["state"] for m in entry.get("models", {}).values()]
+        return set(states) <= {"healthy"}
+
     def recovered(self, provider: str) -> None:
         """Healthy again at the control plane, and that news delivered to every ext_proc worker
         (they pick on what they were sent, which trails the control plane by a publish)."""
-        eventually(lambda: self.state(provider) == "healthy", f"{provider} to recover", timeout=40)
+        eventually(lambda: self.healthy(provider), f"{provider} to recover", timeout=40)
         version = self.health()["version"]
         eventually(lambda: self.health_delivered(version), f"{provider}'s recovery to reach ext_proc")
 
