@@ -34,6 +34,7 @@ from control_plane.policy.load import default_policy_path
 from control_plane.rollout import REJECTIONS, Release, Rollout, prepare_release
 from control_plane.telemetry.als import AccessLogReceiver
 from control_plane.telemetry.health import FleetHealth
+from control_plane.telemetry.load_reports import LoadReportReceiver
 from control_plane.telemetry.publisher import publish_health
 from control_plane.telemetry.weights import publish_weights
 from control_plane.translate import EdgeSettings
@@ -284,6 +285,7 @@ async def serve(options: Options, stop: asyncio.Event) -> None:
     receiver = AccessLogReceiver(fleet)
     receiver.on_request.append(accounting.book)
     receiver.register(server)
+    LoadReportReceiver(fleet).register(server)
     server.add_insecure_port(f"{options.xds_host}:{options.xds_port}")
     await apply(first)
     await server.start()

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-COLUMNS = ("provider", "model", "state", "until", "ewma ms", "ttfb ms", "samples", "errors", "429s", "weight")
+COLUMNS = ("provider", "model", "state", "until", "ewma ms", "ttfb ms", "samples", "errors", "429s", "in flight",
+           "weight")
 
 
 def _row(provider: str, model: str, view: dict[str, Any], weight: str) -> tuple[str, ...]:
@@ -19,12 +20,14 @@ def _row(provider: str, model: str, view: dict[str, Any], weight: str) -> tuple[
         str(view["samples"]),
         f"{view['error_rate']:.0%}",
         f"{view['rate_429']:.0%}",
+        str(view["in_flight"]) if "in_flight" in view else "-",
         weight or "-",
     )
 
 
 def render_health(health: dict[str, Any]) -> str:
-    """One row per provider (model "*") and per provider and model."""
+    """One row per provider (model "*") and per provider and model; requests in flight are
+    known per provider only."""
     weights = health.get("weights") or {}
     rows = [COLUMNS]
     for provider, view in sorted(health["providers"].items()):

@@ -192,6 +192,7 @@ def test_to_json() -> None:
         "first_failure_at": "2023-11-14T22:13:20.000+00:00",
         "last_ejected_at": "2023-11-14T22:13:20.000+00:00",
     }
+    assert provider["in_flight"] == 0
     assert doc["version"] == health.version
     assert (doc["weights"], doc["weights_pushed_at"]) == (None, None)
 
@@ -199,6 +200,30 @@ def test_to_json() -> None:
     doc = health.to_json(T0 + 2)
     assert doc["weights"] == {"prov-a": 0, "prov-b": 100}
     assert doc["weights_pushed_at"] == "2023-11-14T22:13:20.001+00:00"
+
+
+def test_in_flight_is_summed_over_report_sources_per_provider() -> None:
+    health = fleet()
+    health.record(sample(T0, provider="prov-a", model="m1"))
+    version = health.version
+    health.record_in_flight("edge-1/stream-1", {"prov-a": 2, "prov-b": 1})
+    health.record_in_flight("edge-2/stream-2", {"prov-a": 3})
+    assert view(health, T0, PROVIDER_WIDE).in_flight == 5
+    assert view(health, T0, "m1").in_flight is None  # Envoy counts per cluster, not per model
+    assert view(health, T0, PROVIDER_WIDE, provider="prov-b").in_flight == 1  # a provider seen in flight only
+    assert [(e.provider, e.model, e.in_flight) for e in health.snapshot_proto(T0).entries] == [
+        ("prov-a", "", 5), ("prov-a", "m1", 0), ("prov-b", "", 1)]
+    assert health.version == version + 2
+
+    health.record_in_flight("edge-1/stream-1", {"prov-a": 2, "prov-b": 1})
+    assert health.version == version + 2  # the same counts again: nothing to publish
+
+    health.record_in_flight("edge-1/stream-1", {})
+    assert view(health, T0, PROVIDER_WIDE).in_flight == 3
+    health.forget_in_flight("edge-2/stream-2")
+    health.forget_in_flight("edge-9/stream-9")
+    assert view(health, T0, PROVIDER_WIDE).in_flight == 0
+    assert health.version == version + 4
 
 
 def test_error_ejection_reason_names_the_rate_and_window() -> None:

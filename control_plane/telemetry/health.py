@@ -16,6 +16,10 @@ ejects the provider as a whole (model PROVIDER_WIDE, which ext_proc applies to e
 until its Retry-After has passed (capped at `max_retry_after_s`; `cooldown_s` without one).
 It never shortens a cooldown already running.
 
+Requests in flight come from Envoy's load reports (load_reports.py), per provider only: each
+edge reports per cluster, and a cluster is a provider. Each report source (one edge's stream)
+replaces its own counts; the provider's figure is the sum over sources.
+
 For timing an ejection (a benchmark reads these), every aggregate remembers when its current
 failure episode began (the first error or 429 seen while its window held none) and when it
 was last ejected.
@@ -80,6 +84,8 @@ class ProviderHealth:
     """When the current (or latest) failure episode began; 0 when none was ever seen."""
     last_ejected_unix_ms: int
     """When it was last ejected; 0 when never."""
+    in_flight: int | None
+    """Requests in progress fleet-wide (provider-wide entries); None for per-model entries."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,6 +176,8 @@ class FleetHealth:
         self._pushed_weights: dict[str, int] | None = None
         self._weights_pushed_at_ms = 0
         self._published_version: int | None = None
+        self._in_flight_by_source: dict[str, dict[str, int]] = {}
+        self._in_flight: dict[str, int] = {}
         self.version = 0
 
     def record(self, sample: RequestSample) -> None:
@@ -190,6 +198,28 @@ class FleetHealth:
         if sample.model:
             self._record_into((sample.provider, sample.model), sample)
             self.version += 1
+
+    def record_in_flight(self, source: str, in_flight: Mapping[str, int]) -> None:
+        """Replace what `source` (one edge's report stream) has in flight, per provider."""
+        self._in_flight_by_source[source] = {p: n for p, n in in_flight.items() if n > 0}
+        self._sum_in_flight()
+
+    def forget_in_flight(self, source: str) -> None:
+        """A source whose stream ended: nothing it reported is known to be in flight any more."""
+        if self._in_flight_by_source.pop(source, None) is not None:
+            self._sum_in_flight()
+
+    def _sum_in_flight(self) -> None:
+        totals: dict[str, int] = {}
+        for counts in self._in_flight_by_source.values():
+            for provider, count in counts.items():
+                totals[provider] = totals.get(provider, 0) + count
+        if totals == self._in_flight:
+            return
+        for provider in totals:
+            self._tallies.setdefault((provider, PROVIDER_WIDE), _Tally())
+        self._in_flight = totals
+        self.version += 1
 
     def record_pushed_weights(self, weights: Mapping[str, int], now_ms: int) -> None:
         """Remember the cluster weights last pushed to Envoy, for to_json only."""
@@ -239,6 +269,7 @@ class FleetHealth:
                 rate_429=view.rate_429,
                 state=_STATE_TO_PROTO[view.state],
                 cooldown_until_unix_ms=view.cooldown_until_unix_ms,
+                in_flight=view.in_flight or 0,
             )
         return snapshot
 
@@ -260,7 +291,7 @@ class FleetHealth:
                 "last_ejected_at": _iso_or_none(view.last_ejected_unix_ms),
             }
             if view.model == PROVIDER_WIDE:
-                providers[view.provider] = {**fields, "models": {}}
+                providers[view.provider] = {**fields, "in_flight": view.in_flight, "models": {}}
             else:
                 providers[view.provider]["models"][view.model] = fields
         return {
@@ -358,8 +389,7 @@ class FleetHealth:
     def _error_reason(self, error_rate: float) -> str:
         return f"error rate {error_rate:.0%} over {self._window_text} s"
 
-    @staticmethod
-    def _view(key: tuple[str, str], tally: _Tally) -> ProviderHealth:
+    def _view(self, key: tuple[str, str], tally: _Tally) -> ProviderHealth:
         in_window = len(tally.window)
         return ProviderHealth(
             provider=key[0],
@@ -375,4 +405,5 @@ class FleetHealth:
             reason=tally.reason,
             first_failure_unix_ms=tally.first_failure_ms,
             last_ejected_unix_ms=tally.last_ejected_ms,
+            in_flight=self._in_flight.get(key[0], 0) if key[1] == PROVIDER_WIDE else None,
         )

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 from stack_harness import Providers, chat, eventually, post
 
+from gpu_router.processes import http_get
 from gpu_router.stack import Stack
 
 
@@ -127,6 +129,9 @@ def test_gpu_router_health_shows_what_the_fleet_measured(stack: Stack, providers
     rows = eventually(lambda: [r for r in vast_rows() if r[1] == "llama-3.1-8b" and int(r[6]) >= 3],
                       "health to count vast's requests")
     assert rows[0][2] == "healthy"
+    assert rows[0][9] == "-"  # in flight: known per provider, not per model
+    # Per provider it is as of the edge's last load report (each second): 0 once all have ended.
+    eventually(lambda: [r[9] for r in vast_rows() if r[1] == "*"] == ["0"], "vast's provider row, none in flight")
 
 
 def test_envoys_own_log_shows_each_decision(stack: Stack, providers: Providers) -> None:
@@ -143,3 +148,20 @@ def test_envoys_own_log_shows_each_decision(stack: Stack, providers: Providers) 
     entry = eventually(decision, "the decision line on Envoy's stdout")
     assert (entry["served_by"], entry["provider"], entry["policy"]) == ("vast", "vast", "batch")
     assert entry["reason"].startswith("cheapest") and "vast=" in entry["candidates"]
+
+
+def test_requests_in_flight_show_in_fleet_health(stack: Stack, providers: Providers) -> None:
+    """Envoy's load reports reach the control plane: three slow requests show while they run."""
+    providers.latency("vast", 2500)
+
+    def in_flight() -> dict[str, int]:
+        health = json.loads(http_get(stack.control_url("/v1/health"))[1])
+        return {name: view["in_flight"] for name, view in health["providers"].items() if view["in_flight"]}
+
+    with ThreadPoolExecutor(3) as pool:
+        slow = [pool.submit(chat, stack, "llama-3.1-8b", {"x-workload": "batch"}) for _ in range(3)]
+        eventually(lambda: in_flight() == {"vast": 3}, "three requests in flight at vast")
+        served = [future.result()[1]["x-gpu-router-provider"] for future in slow]
+
+    assert served == ["vast"] * 3
+    eventually(lambda: in_flight() == {}, "the finished requests to leave the in-flight count")
