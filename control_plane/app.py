@@ -15,7 +15,7 @@ import logging
 import signal
 import sys
 import time
-from collections.abc import Coroutine, Mapping, Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -38,7 +38,6 @@ from control_plane.telemetry.load_reports import LoadReportReceiver
 from control_plane.telemetry.publisher import publish_health
 from control_plane.telemetry.weights import publish_weights
 from control_plane.translate import EdgeSettings
-from control_plane.translate.routes import route_configuration
 from control_plane.watch import PolicyWatcher
 from control_plane.xds import type_urls
 from control_plane.xds.cache import SnapshotCache
@@ -252,20 +251,9 @@ async def serve(options: Options, stop: asyncio.Event) -> None:
     metrics = Metrics()
     first = prepare_release(options.policy_path, settings)
     accounting = Accounting(metrics, options.ledger, options.audit_log)
-    weights: dict[str, int] = {}
-
-    def publish_routes(pushed: Mapping[str, int]) -> None:
-        """Health-driven weights order the fallback route (used while ext_proc is unavailable)."""
-        weights.clear()
-        weights.update(pushed)
-        routes = route_configuration(rollout.current.config, settings, weights)
-        cache.set_types({type_urls.ROUTE: {routes.name: routes}})
-
     async def apply(release: Release) -> None:
         await rollout.apply(release)
         accounting.use_policy(release.config)
-        if weights:
-            publish_routes(weights)
 
     watcher = (
         PolicyWatcher(options.policy, lambda path: prepare_release(path, settings), apply, REJECTIONS)
@@ -311,7 +299,7 @@ async def serve(options: Options, stop: asyncio.Event) -> None:
     jobs: list[Coroutine[Any, Any, None]] = [
         publish_health(fleet, publish),
         publish_weights(fleet, lambda: [p.name for p in rollout.current.config.providers],
-                        publish_routes),
+                        rollout.apply_weights),
     ]
     if watcher is not None:
         jobs.append(watcher.run())

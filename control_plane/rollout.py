@@ -14,6 +14,11 @@ cluster leaves Envoy. So a new policy goes out in four steps:
 
 A step whose ACKs do not arrive in time is logged and the rollout goes on: a node that
 is down or rejecting must not freeze the whole fleet on the old policy.
+
+Fleet health shapes two of the resources: its weights order the fallback route and pick
+the watched providers, whose clusters get watchful outlier detection. Weights that arrive
+during a rollout are applied by its last step, so a health push never publishes the old
+policy's routes or clusters over a rollout half done.
 """
 
 from __future__ import annotations
@@ -31,7 +36,10 @@ from control_plane.policy.credentials import CredentialError, resolve_credential
 from control_plane.policy.load import PolicyError, load_policy_file
 from control_plane.policy.model import RoutingConfig
 from control_plane.policy.wire import to_routing_policy
+from control_plane.telemetry.weights import fitted, watched
 from control_plane.translate import EdgeSettings, EnvoyResources, TranslationError, translate
+from control_plane.translate.clusters import all_clusters
+from control_plane.translate.routes import route_configuration
 from control_plane.xds import type_urls
 from control_plane.xds.cache import SnapshotCache
 from control_plane.xds.snapshot import Snapshot, SnapshotInconsistent
@@ -60,8 +68,9 @@ class Release:
     """A policy ready to roll out: validated, credentials resolved, translated and checked."""
 
     config: RoutingConfig
+    settings: EdgeSettings
     edge: Mapping[str, Mapping[str, Message]]
-    """Envoy resources by type URL, then by name."""
+    """Envoy resources by type URL, then by name, before fleet health shapes them."""
     routing_policy: routing_pb2.RoutingPolicy
 
 
@@ -74,7 +83,9 @@ def prepare_release(path: Path, settings: EdgeSettings) -> Release:
     resources = translate(config, settings, resolve_credentials(config))
     edge = _by_type(resources)
     Snapshot().with_types(edge).check_consistent()
-    return Release(config=config, edge=edge, routing_policy=to_routing_policy(config))
+    return Release(
+        config=config, settings=settings, edge=edge, routing_policy=to_routing_policy(config)
+    )
 
 
 def _by_type(resources: EnvoyResources) -> dict[str, Mapping[str, Message]]:
@@ -100,14 +111,34 @@ class Rollout:
         self._cache = cache
         self._timeouts = timeouts
         self._lock = asyncio.Lock()
+        self._weights: Mapping[str, int] | None = None
         self.current: Release | None = None
+
+    def apply_weights(self, weights: Mapping[str, int]) -> None:
+        """Publish fleet-health weights at once, or leave them to the rollout in progress."""
+        self._weights = dict(weights)
+        if self.current is not None and not self._lock.locked():
+            self._cache.set_types(self._health_shaped(self.current))
+
+    def _health_shaped(self, release: Release) -> dict[str, Mapping[str, Message]]:
+        """The release's routes and clusters as the latest fleet weights shape them."""
+        if self._weights is None:
+            return {t: release.edge[t] for t in (type_urls.ROUTE, type_urls.CLUSTER)}
+        config, settings = release.config, release.settings
+        weights = fitted(self._weights, [p.name for p in config.providers])
+        routes = route_configuration(config, settings, weights)
+        return {
+            type_urls.ROUTE: {routes.name: routes},
+            type_urls.CLUSTER: all_clusters(config, settings, watched(weights)),
+        }
 
     async def apply(self, release: Release) -> None:
         async with self._lock:
             started = time.monotonic()
             old = self._cache.snapshot
-            merged = {t: {**old.resources(t), **release.edge[t]} for t in _MERGED_TYPES}
-            staged = self._cache.set_types({**release.edge, **merged})
+            edge = {**release.edge, **self._health_shaped(release)}
+            merged = {t: {**old.resources(t), **edge[t]} for t in _MERGED_TYPES}
+            staged = self._cache.set_types({**edge, **merged})
             edge_acked = await self._wait(
                 staged,
                 {
@@ -127,7 +158,9 @@ class Rollout:
                 EXT_PROC_NODES,
                 self._timeouts.ext_proc_s,
             )
-            final = self._cache.set_types({t: release.edge[t] for t in _MERGED_TYPES})
+            # Weights that arrived meanwhile are applied here.
+            edge = {**release.edge, **self._health_shaped(release)}
+            final = self._cache.set_types({t: edge[t] for t in (*_MERGED_TYPES, type_urls.ROUTE)})
             self.current = release
             log.info(
                 "policy_applied",

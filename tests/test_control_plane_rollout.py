@@ -7,6 +7,9 @@ import logging
 from pathlib import Path
 
 import pytest
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.route.v3 import route_pb2
+from translate_fixtures import attempt_order
 from xds_fixtures import policy_file
 
 from control_plane.policy.load import PolicyError
@@ -177,3 +180,49 @@ def test_prepared_release_is_consistent_and_names_every_provider_cluster(tmp_pat
         "runpod",
         "vast",
     ]
+
+
+def outlier_5xx(cache: SnapshotCache) -> dict[str, int]:
+    """consecutive_5xx of each provider cluster published."""
+    clusters = cache.snapshot.resources(type_urls.CLUSTER)
+    return {
+        name: cluster_pb2.Cluster.FromString(packed.value).outlier_detection.consecutive_5xx.value
+        for name, packed in clusters.items()
+        if not name.startswith("gpu-router.")
+    }
+
+
+def fallback_order(cache: SnapshotCache) -> list[str]:
+    (packed,) = cache.snapshot.resources(type_urls.ROUTE).values()
+    routes = route_pb2.RouteConfiguration.FromString(packed.value)
+    return attempt_order(routes.virtual_hosts[0].routes[-1])
+
+
+def test_fleet_weights_order_the_fallback_and_watch_the_unhealthy_even_across_a_rollout(
+    tmp_path: Path,
+) -> None:
+    first = prepare_release(policy_file(tmp_path / "a.yaml", without=("runpod",)), SETTINGS)
+    second = prepare_release(policy_file(tmp_path / "b.yaml", without=("vast",)), SETTINGS)
+
+    async def scenario() -> None:
+        cache = SnapshotCache()
+        rollout = Rollout(cache, AckTimeouts(edge_s=1.0, ext_proc_s=1.0))
+        rollout.apply_weights({"lambda": 50})  # before any policy: kept for the first one
+        await rollout.apply(first)
+        assert outlier_5xx(cache) == {"lambda": 1, "coreweave": 5, "vast": 5}
+        assert fallback_order(cache)[-1] == "lambda"
+
+        rollout.apply_weights({"lambda": 100, "coreweave": 100, "vast": 0})
+        assert outlier_5xx(cache) == {"lambda": 5, "coreweave": 5, "vast": 1}
+        assert "vast" not in fallback_order(cache)
+
+        AutoAckingNode(cache, Node(id="e", cluster="gpu-router-edge"), (type_urls.CLUSTER,), ack=False)
+        applying = asyncio.create_task(rollout.apply(second))
+        await asyncio.sleep(0.01)  # the rollout waits for an ACK that never comes: weights wait
+        rollout.apply_weights({"lambda": 0, "coreweave": 100, "vast": 100})
+        assert "vast" in cache.snapshot.resources(type_urls.CLUSTER)  # not yet removed
+        await applying
+        assert outlier_5xx(cache) == {"lambda": 1, "coreweave": 5, "runpod": 5}
+        assert "lambda" not in fallback_order(cache)
+
+    asyncio.run(scenario())

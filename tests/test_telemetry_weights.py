@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from telemetry_fixtures import T0, FakeClock, eventually, sample
 
 from control_plane.telemetry.health import FleetHealth
-from control_plane.telemetry.weights import publish_weights, weights
+from control_plane.telemetry.weights import fitted, publish_weights, watched, weights
 
 
 def test_weights_follow_provider_wide_state() -> None:
@@ -31,6 +31,15 @@ def test_weights_only_for_the_providers_asked() -> None:
     fleet.record(sample(T0, 200, provider="retired"))
     assert weights(fleet.entries(T0), []) == {}
     assert weights(fleet.entries(T0), ["new"]) == {"new": 100}
+
+
+def test_degraded_and_ejected_providers_are_watched() -> None:
+    assert watched({"fine": 100, "flaky": 50, "down": 0}) == {"flaky", "down"}
+    assert watched({}) == frozenset()
+
+
+def test_weights_fitted_to_a_new_policy_drop_the_removed_and_presume_the_added_healthy() -> None:
+    assert fitted({"kept": 50, "removed": 0}, ["kept", "added"]) == {"kept": 50, "added": 100}
 
 
 async def _run_publisher() -> None:

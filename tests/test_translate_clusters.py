@@ -152,6 +152,24 @@ def test_fault_machinery_follows_the_provider_and_the_failover_budget() -> None:
     assert cluster.metadata.filter_metadata["gpu_router"]["provider"] == "p"
 
 
+def test_a_watched_provider_is_ejected_on_its_first_failure_and_the_rest_keep_the_policy() -> None:
+    a = replace(provider("a", "http://127.0.0.1:8101"), outlier_detection=OutlierDetection(
+        consecutive_5xx=6, consecutive_gateway_failure=4, consecutive_local_origin_failure=2,
+        base_ejection_time_ms=12000))
+    config = routing_config(a, provider("b", "http://127.0.0.1:8102"))
+
+    clusters = all_clusters(config, SETTINGS, watched=frozenset({"a"}))
+
+    def counts(name: str) -> tuple[int, int, int, int]:
+        outlier = clusters[name].outlier_detection
+        return (outlier.consecutive_5xx.value, outlier.consecutive_gateway_failure.value,
+                outlier.consecutive_local_origin_failure.value, outlier.base_ejection_time.ToMilliseconds())
+
+    assert counts("a") == (1, 1, 1, 12000)
+    assert counts("b") == (5, 3, 3, 10000)  # the policy's (here the defaults)
+    assert all_clusters(config, SETTINGS)["a"].outlier_detection.consecutive_5xx.value == 6
+
+
 def test_credentialed_provider_rewrites_then_injects_from_its_sds_secret_then_codec() -> None:
     credential = Credential(env="KEY", header="x-api-key", prefix="")
     cluster = cluster_of(provider("p", "http://127.0.0.1:8101", credential=credential))

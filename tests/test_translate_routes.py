@@ -5,11 +5,10 @@ from __future__ import annotations
 import math
 
 import pytest
-from translate_fixtures import provider, routing_config
+from translate_fixtures import attempt_order, provider, routing_config
 
 from control_plane.policy.model import Policy
 from control_plane.translate.errors import TranslationError
-from control_plane.translate.newer_api import PriorityGroupClusterSpecifier
 from control_plane.translate.routes import (
     FALLBACK_REASON,
     MAX_ROUTES,
@@ -46,20 +45,6 @@ def routes(config=CONFIG, weights=None):
 
 def by_name(config=CONFIG, weights=None):
     return {route.name: route for route in routes(config, weights)}
-
-
-def attempt_order(route) -> list[str]:
-    """The cluster of attempt 1, 2, ...: one cluster per priority group."""
-    extension = route.route.inline_cluster_specifier_plugin.extension
-    assert extension.name == "envoy.router.cluster_specifier_plugin.priority_group"
-    specifier = PriorityGroupClusterSpecifier()
-    assert extension.typed_config.Unpack(specifier)
-    order = []
-    for group in specifier.priority_groups:
-        (weighted,) = group.clusters
-        assert group.name == weighted.cluster_name and weighted.weight.value == 1
-        order.append(weighted.cluster_name)
-    return order
 
 
 def response_headers(route) -> dict[str, str]:

@@ -33,6 +33,7 @@ from control_plane.policy.model import (
 from control_plane.translate import EnvoyResources
 from control_plane.translate.clusters import HTTP_PROTOCOL_OPTIONS
 from control_plane.translate.endpoints import single_endpoint
+from control_plane.translate.newer_api import PriorityGroupClusterSpecifier
 
 M = TypeVar("M", bound=Message)
 
@@ -155,3 +156,17 @@ def _xds_cluster(port: int) -> cluster_pb2.Cluster:
     )
     cluster.typed_extension_protocol_options[HTTP_PROTOCOL_OPTIONS].Pack(options)
     return cluster
+
+
+def attempt_order(route) -> list[str]:
+    """The cluster of attempt 1, 2, ...: one cluster per priority group."""
+    extension = route.route.inline_cluster_specifier_plugin.extension
+    assert extension.name == "envoy.router.cluster_specifier_plugin.priority_group"
+    specifier = PriorityGroupClusterSpecifier()
+    assert extension.typed_config.Unpack(specifier)
+    order = []
+    for group in specifier.priority_groups:
+        (weighted,) = group.clusters
+        assert group.name == weighted.cluster_name and weighted.weight.value == 1
+        order.append(weighted.cluster_name)
+    return order

@@ -2,7 +2,9 @@
 
 When ext_proc is unavailable (failure_mode_allow), Envoy routes on the fallback route, whose
 priority groups the control plane orders by these weights (highest first, 0 left out). So a
-provider the fleet has ejected is not where Envoy sends traffic while ext_proc is down.
+provider the fleet has ejected is not where Envoy sends traffic while ext_proc is down. A
+provider weighed below a healthy one is `watched`: every Envoy's outlier detection for it
+ejects on the first failure (translate/clusters.py watchful).
 
 `weights` is pure; `publish_weights` is the loop that pushes them when they change. Every push
 re-translates and rolls out Envoy config, so pushes are spaced by at least `min_gap_s`, and the
@@ -33,6 +35,18 @@ def weights(fleet_view: Iterable[ProviderHealth], providers: Iterable[str]) -> d
         name: STATE_WEIGHTS[states[name]] if name in states else UNMEASURED_WEIGHT
         for name in providers
     }
+
+
+def fitted(weights: Mapping[str, int], providers: Iterable[str]) -> dict[str, int]:
+    """Weights computed before a policy change, fitted to the new policy's providers (one not
+    weighed yet is presumed healthy) until the next computation."""
+    return {name: weights.get(name, UNMEASURED_WEIGHT) for name in providers}
+
+
+def watched(weights: Mapping[str, int]) -> frozenset[str]:
+    """The providers the fleet found degraded or ejected."""
+    healthy = STATE_WEIGHTS[HealthState.HEALTHY]
+    return frozenset(name for name, weight in weights.items() if weight < healthy)
 
 
 async def publish_weights(

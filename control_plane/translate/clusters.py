@@ -14,6 +14,9 @@ the request instead of passing it to the next. ext_proc leaves ejected providers
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Set as AbstractSet
+
 from envoy.config.cluster.v3 import circuit_breaker_pb2, cluster_pb2, outlier_detection_pb2
 from envoy.config.core.v3 import (
     base_pb2,
@@ -64,10 +67,28 @@ ENFORCED = wrappers_pb2.UInt32Value(value=100)
 """Outlier-detection enforcement: every detected outlier is ejected."""
 
 
+def watchful(detection: OutlierDetection) -> OutlierDetection:
+    """The outlier detection of a provider the fleet found degraded or ejected: every Envoy ejects
+    an endpoint of it on its first failure of any kind, instead of waiting for a run of them."""
+    return dataclasses.replace(
+        detection,
+        consecutive_5xx=1,
+        consecutive_gateway_failure=1,
+        consecutive_local_origin_failure=1,
+    )
+
+
 def provider_cluster(
-    provider: Provider, settings: EdgeSettings, *, lua_source: str, failover: Failover
+    provider: Provider,
+    settings: EdgeSettings,
+    *,
+    lua_source: str,
+    failover: Failover,
+    watched: bool = False,
 ) -> cluster_pb2.Cluster:
-    """`lua_source` is the provider's per-attempt rewrite (upstream_lua.provider_lua)."""
+    """`lua_source` is the provider's per-attempt rewrite (upstream_lua.provider_lua); `watched`
+    tightens its outlier detection (see watchful)."""
+    detection = watchful(provider.outlier_detection) if watched else provider.outlier_detection
     cluster = cluster_pb2.Cluster(
         name=provider.name,
         connect_timeout=seconds(5),
@@ -79,7 +100,7 @@ def provider_cluster(
             _health_check(provider.upstream.host, provider.health_check_path, provider.health_check)
         ],
         circuit_breakers=_circuit_breakers(provider.max_concurrency, failover),
-        outlier_detection=_outlier_detection(provider.outlier_detection),
+        outlier_detection=_outlier_detection(detection),
     )
     if uses_eds(provider):
         cluster.type = cluster_pb2.Cluster.EDS
@@ -134,8 +155,12 @@ def ext_proc_cluster(settings: EdgeSettings) -> cluster_pb2.Cluster:
     return cluster
 
 
-def all_clusters(config: RoutingConfig, settings: EdgeSettings) -> dict[str, cluster_pb2.Cluster]:
-    """Every cluster Envoy needs over CDS, by name: providers in policy order, then ext_proc."""
+def all_clusters(
+    config: RoutingConfig, settings: EdgeSettings, watched: AbstractSet[str] = frozenset()
+) -> dict[str, cluster_pb2.Cluster]:
+    """Every cluster Envoy needs over CDS, by name: providers in policy order, then ext_proc.
+    Providers in `watched` (the fleet found them degraded or ejected) get watchful outlier
+    detection."""
     strip_headers = credential_headers(config)
     aliases = model_aliases(config)
     clusters = {
@@ -144,6 +169,7 @@ def all_clusters(config: RoutingConfig, settings: EdgeSettings) -> dict[str, clu
             settings,
             lua_source=provider_lua(p, aliases, strip_headers),
             failover=config.failover,
+            watched=p.name in watched,
         )
         for p in config.providers
     }

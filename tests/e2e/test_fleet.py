@@ -67,6 +67,16 @@ class Fleet:
         states = [entry.get("state", "healthy")] + [m["state"] for m in entry.get("models", {}).values()]
         return set(states) <= {"healthy"}
 
+    def outlier_5xx(self, provider: str) -> list[int | None]:
+        """consecutive_5xx of the provider's active cluster on each Envoy node."""
+        found = []
+        for edge in self.edges:
+            configs = edge.admin.config_dump("dynamic_active_clusters").get("configs", [])
+            clusters = {c["cluster"]["name"]: c["cluster"] for c in configs}
+            detection = clusters.get(provider, {}).get("outlier_detection", {})
+            found.append(detection.get("consecutive_5xx"))
+        return found
+
     def recovered(self, provider: str) -> None:
         """Healthy again at the control plane, and that news delivered to every ext_proc worker
         (they pick on what they were sent, which trails the control plane by a publish)."""
@@ -163,7 +173,11 @@ def test_a_provider_found_bad_behind_node_a_is_avoided_by_node_b(fleet: Fleet) -
     assert [status for status, _, _ in outcomes] == [200] * 10
     assert {headers["x-gpu-router-provider"] for _, headers, _ in outcomes} == {"lambda"}
     assert fleet.providers.stats("runpod")["requests"] == before  # node B never tried it
+    # Every node's Envoy now ejects runpod on its first failure, until the fleet finds it healthy.
+    eventually(lambda: fleet.outlier_5xx("runpod") == [1, 1], "every Envoy to watch runpod")
     fleet.providers.call("runpod", "/_sim/reset", {})
+    fleet.recovered("runpod")
+    eventually(lambda: fleet.outlier_5xx("runpod") == [5, 5], "the policy's outlier detection back")
 
 
 def test_a_stream_fails_over_when_the_provider_fails_before_the_first_byte(fleet: Fleet) -> None:
