@@ -3,8 +3,9 @@
 Starts a fast upstream (an Envoy answering every request itself), a baseline Envoy
 that routes straight to it (no ext_proc), and the gpu-router stack in front of the
 same upstream; then drives both with wrk and prints latency and throughput with the
-ratios against the baseline, plus the ext_proc gRPC cluster's own time from Envoy's
-admin stats (Envoy has no ext_proc timing stat of its own).
+ratios against the baseline, plus ext_proc's own time as Envoy's ext_proc filter measured
+it (Envoy has no ext_proc timing stat of its own), and at 16 connections the CPU time each
+process spent per request: on a 2-core machine, 2 s of CPU per second bounds the req/s.
 
     python bench/routed_path.py [--duration 10] [--workers 1 2]
 """
@@ -13,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -99,6 +102,7 @@ class Load:
     p99_ms: float
     rps: float
     errors: int
+    requests: int
 
 
 WRK_SCRIPT = """
@@ -124,7 +128,34 @@ def wrk(url: str, body: bytes, connections: int, seconds: int, work: Path) -> Lo
                           "-s", str(script), url], capture_output=True, text=True, check=True).stdout
     result = json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])
     return Load(result["p50"] / 1000, result["p99"] / 1000,
-                result["requests"] / (result["duration"] / 1e6), result["errors"])
+                result["requests"] / (result["duration"] / 1e6), result["errors"], result["requests"])
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time of a process and its live children (ext_proc's workers are its children)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(entry.name) == pid or int(fields[1]) == pid:
+            total += (int(fields[11]) + int(fields[12])) / ticks
+    return total
+
+
+def cpu_reading(pids: dict[str, int]) -> dict[str, float]:
+    """CPU seconds so far per process, and of every child this script waited for (wrk)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return {**{name: cpu_seconds(pid) for name, pid in pids.items()}, "wrk": usage.ru_utime + usage.ru_stime}
+
+
+def per_request(before: dict[str, float], after: dict[str, float], load: Load) -> dict[str, float]:
+    """Microseconds of CPU per request each process spent between two readings."""
+    return {name: (after[name] - before[name]) * 1e6 / max(load.requests, 1) for name in before}
 
 
 def chat_body(prompt_bytes: int) -> bytes:
@@ -178,14 +209,20 @@ def main() -> int:
         return 2
 
     work = Path(tempfile.mkdtemp(prefix="gpu-router-bench-"))
+    cpu: dict[str, dict[str, float]] = {}
+    """Per path at 16 connections: process -> CPU microseconds per request."""
     upstream_port, direct_port = free_port(), free_port()
     children = [fast_upstream(work, upstream_port)]
     try:
         children.append(direct_envoy(work, direct_port, upstream_port))
         small, large = chat_body(64), chat_body(200 * 1024)
         direct_url = f"http://127.0.0.1:{direct_port}/v1/chat/completions"
+        direct_pids = {"envoy": children[1].pid, "upstream": children[0].pid}
+        before = cpu_reading(direct_pids)
+        direct_16 = wrk(direct_url, small, 16, args.duration, work)
+        cpu["direct"] = per_request(before, cpu_reading(direct_pids), direct_16)
         rows = [("direct", "1 conn", wrk(direct_url, small, 1, args.duration, work)),
-                ("direct", "16 conn", wrk(direct_url, small, 16, args.duration, work)),
+                ("direct", "16 conn", direct_16),
                 ("direct", "1 conn 200KB", wrk(direct_url, large, 1, args.duration, work))]
         base = {label: load for _, label, load in rows}
         policy = bench_policy(work / "policy.yaml", upstream_port)
@@ -201,9 +238,14 @@ def main() -> int:
                           ext_proc_workers=workers, simulators=False).start()
             try:
                 routed_url = f"{stack.url}/v1/chat/completions"
+                pids = {"edge": stack.processes["edge-1"].pid, "ext_proc": stack.processes["ext-proc-1"].pid,
+                        "control plane": stack.processes["control-plane"].pid, "upstream": children[0].pid}
                 for label, body, connections in (("1 conn", small, 1), ("16 conn", small, 16),
                                                  ("1 conn 200KB", large, 1)):
+                    before = cpu_reading(pids)
                     load, timing = timed_wrk(stack, routed_url, body, connections, args.duration, work)
+                    if connections == 16:
+                        cpu[name] = per_request(before, cpu_reading(pids), load)
                     rows.append((name, label, load))
                     timings[f"{name}, {label}"] = timing
             finally:
@@ -221,6 +263,10 @@ def main() -> int:
     print("\next_proc's own time per request (Envoy's ext_proc filter, via /metrics):")
     for name, text in timings.items():
         print(f"  {name:<28} {text}")
+    print("\nCPU microseconds per request at 16 connections, per process (2 cores give 2e6 per second):")
+    for name, spent in cpu.items():
+        parts = ", ".join(f"{process} {us:.0f}" for process, us in spent.items())
+        print(f"  {name:<12} {parts}; total {sum(spent.values()):.0f} -> at most {2e6 / sum(spent.values()):.0f} req/s")
     names = {name for name, _, _ in rows}
     if {"x1 acct off", "routed x1"} <= names:
         loads = {(name, label): load for name, label, load in rows}
