@@ -5,7 +5,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from concurrent import futures
 from typing import Self
 
@@ -307,14 +307,3 @@ class FakeAds(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
     def requests_for(self, type_url: str) -> list[discovery_pb2.DiscoveryRequest]:
         with self._lock:
             return [r for r in self.requests if r.type_url == type_url]
-
-
-def eventually(check: Callable[[], object], what: str, timeout: float = 15.0) -> object:
-    """Poll until `check` returns something truthy; fail with `what` at the deadline."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = check()
-        if result:
-            return result
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")

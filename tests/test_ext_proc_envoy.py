@@ -30,11 +30,11 @@ from ext_proc_fixtures import (
     POLICY_TYPE_URL,
     REQUEST_NAMESPACE,
     FakeAds,
-    eventually,
     health_entry,
     offering,
     snapshot,
 )
+from polling import eventually
 
 from gpu_router.api.v1 import health_pb2, routing_pb2
 from gpu_router.processes import (

@@ -15,10 +15,10 @@ from ext_proc_fixtures import (
     FakeAds,
     body_request,
     default_policy,
-    eventually,
     headers_request,
 )
 from google.protobuf import json_format
+from polling import eventually
 
 from gpu_router.processes import ManagedProcess, free_port, port_open, python_module
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import json
 import re
-import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 import yaml
+from polling import eventually
 
 from control_plane.policy.load import default_policy_path
 from gpu_router.processes import free_port, port_open
@@ -72,15 +72,6 @@ def ext_proc_streams(edge: EdgeHandle) -> dict[int, int]:
     """ext_proc replica port -> streams this Envoy node opened to it (from /clusters)."""
     found = EXT_PROC_HOST_STREAMS.findall(edge.admin.clusters())
     return {int(port): int(total) for port, total in found}
-
-
-def eventually(check: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.05)
-    pytest.fail(f"timed out waiting for {what}")
 
 
 def every_replica_serves_every_node(stack: Stack, since: dict[str, dict[int, int]]) -> bool:

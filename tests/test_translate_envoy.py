@@ -11,6 +11,7 @@ response sent chunk by chunk in lockstep with the client's reads.
 
 from __future__ import annotations
 
+import dataclasses
 import http.client
 import itertools
 import json
@@ -24,6 +25,7 @@ from concurrent import futures
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from types import MappingProxyType
 
 import grpc
 import pytest
@@ -33,12 +35,13 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ep_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 from envoy.type.v3 import http_status_pb2
 from google.protobuf import empty_pb2, json_format, struct_pb2
+from polling import eventually
 from translate_fixtures import provider, routing_config, static_bootstrap, write_bootstrap
 from usage_fixtures import make_record
 
 from control_plane.policy.model import Credential, Model, Policy, RoutingConfig
 from control_plane.translate import EdgeSettings, translate
-from control_plane.translate.routes import FALLBACK_REASON
+from control_plane.translate.routes import FALLBACK_REASON, route_configuration
 from control_plane.usage.normalise import normalise
 from gpu_router.processes import EnvoyAdmin, ManagedProcess, envoy_binary, free_port
 
@@ -371,7 +374,7 @@ class Edge:
 
     def usage_logged(self, request_id: str) -> dict | None:
         """The edge log's "gpu_router.usage" metadata for the request (None: not there)."""
-        wait_for(lambda: self.logged("gpu-router.edge", request_id), "the edge log")
+        eventually(lambda: self.logged("gpu-router.edge", request_id), "the edge log")
         (entry,) = self.logged("gpu-router.edge", request_id)
         found = entry.common_properties.metadata.filter_metadata.get("gpu_router.usage")
         return None if found is None else json_format.MessageToDict(found)
@@ -392,15 +395,6 @@ def grpc_server(port: int) -> grpc.Server:
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
     server.add_insecure_port(f"127.0.0.1:{port}")
     return server
-
-
-def wait_for(condition, what: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def config_for(upstreams: dict[str, Upstream], refused_port: int) -> RoutingConfig:
@@ -442,11 +436,12 @@ def edge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Edge]:
     ep_grpc.add_ExternalProcessorServicer_to_server(processor, ext_proc_server)
     als_pb2_grpc.add_AccessLogServiceServicer_to_server(access_logs, als_server)
     settings = EdgeSettings(edge_port=edge_port, ext_proc_endpoints=(("127.0.0.1", ext_proc_port),))
-    resources = translate(
-        config_for(upstreams, refused_port),
-        settings,
-        {"alpha": ALPHA_KEY, "beta": BETA_KEY},
-        FALLBACK_WEIGHTS,
+    routing = config_for(upstreams, refused_port)
+    # The fallback route as fleet weights shape it (the control plane's rollout does this).
+    fallback_routes = route_configuration(routing, settings, FALLBACK_WEIGHTS)
+    resources = dataclasses.replace(
+        translate(routing, settings, {"alpha": ALPHA_KEY, "beta": BETA_KEY}),
+        routes=MappingProxyType({fallback_routes.name: fallback_routes}),
     )
     config = write_bootstrap(
         static_bootstrap(resources, admin_port=admin_port, xds_port=als_port),
@@ -617,7 +612,7 @@ def test_the_chain_walks_every_provider_in_order_and_logs_each_attempt(edge: Edg
         chat("llama3-8b"),
     )
     assert status == 200, body
-    wait_for(lambda: len(edge.logged("gpu-router.attempt", rid)) == 3, "three attempt logs")
+    eventually(lambda: len(edge.logged("gpu-router.attempt", rid)) == 3, "three attempt logs")
     attempts = sorted(
         edge.logged("gpu-router.attempt", rid),
         key=lambda e: e.common_properties.start_time.ToNanoseconds(),
@@ -629,7 +624,7 @@ def test_the_chain_walks_every_provider_in_order_and_logs_each_attempt(edge: Edg
     assert alpha.response.response_headers["retry-after"] == "7"
     assert beta.response.response_code.value == 200
     assert "retry-after" not in beta.response.response_headers
-    wait_for(lambda: edge.logged("gpu-router.edge", rid), "the edge log")
+    eventually(lambda: edge.logged("gpu-router.edge", rid), "the edge log")
     (outcome,) = edge.logged("gpu-router.edge", rid)
     assert outcome.common_properties.upstream_cluster == "beta"
     assert outcome.response.response_code.value == 200
@@ -817,7 +812,7 @@ def test_without_ext_proc_the_fallback_walks_the_weights_order_fitted_to_each(
     assert beta["path"] == f"{CHAT_PATH}?f=1"
     assert beta["headers"]["x-api-key"] == BETA_KEY
     assert json.loads(beta["body"]) == {**json.loads(sent), "model": "llama-3.1-8b"}
-    wait_for(lambda: len(edge.logged("gpu-router.attempt", rid)) == 3, "three attempt logs")
+    eventually(lambda: len(edge.logged("gpu-router.attempt", rid)) == 3, "three attempt logs")
     attempts = sorted(
         edge.logged("gpu-router.attempt", rid),
         key=lambda e: e.common_properties.start_time.ToNanoseconds(),
@@ -837,7 +832,7 @@ def test_access_log_carries_ext_proc_metadata(edge: Edge) -> None:
             and entry.request.request_headers.get("x-gpu-router-model") == "llama-3.1-8b"
         ]
 
-    wait_for(logged, "the access log entry")
+    eventually(logged, "the access log entry")
     entry = logged()[-1]
     metadata = entry.common_properties.metadata.filter_metadata["gpu_router"]
     assert metadata["reason"] == "test pick"
@@ -863,7 +858,7 @@ def ext_proc_call(edge: Edge, headers: dict[str, str]) -> dict:
     """The ext_proc filter's state for one request, as the edge access log carries it."""
     rid = request_id()
     edge.post({**headers, "x-request-id": rid}, chat("llama3-8b"))
-    wait_for(lambda: edge.logged("gpu-router.edge", rid), "the edge log")
+    eventually(lambda: edge.logged("gpu-router.edge", rid), "the edge log")
     (entry,) = edge.logged("gpu-router.edge", rid)
     state = struct_pb2.Struct()
     assert entry.common_properties.filter_state_objects["envoy.filters.http.ext_proc"].Unpack(state)

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 from envoy.config.cluster.v3 import cluster_pb2
 from google.protobuf.message import Message
+from polling import eventually
 from xds_fixtures import (
     AdsHarness,
     ListHandler,
@@ -50,15 +50,6 @@ def nack_log() -> Iterator[ListHandler]:
         yield handler
     finally:
         logger.removeHandler(handler)
-
-
-def eventually(predicate: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def edge_resources(

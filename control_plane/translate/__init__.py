@@ -50,17 +50,16 @@ def translate(
     config: RoutingConfig,
     settings: EdgeSettings,
     credentials: Mapping[str, str],
-    weights: Mapping[str, int] | None = None,
 ) -> EnvoyResources:
-    """Every resource the edge needs for `config`.
+    """Every resource the edge needs for `config`, before fleet health shapes the routes and
+    clusters (the rollout does that: rollout.py).
 
     `credentials` maps provider name -> resolved key for providers whose policy has a credential
-    (MissingCredentialError if one is absent). `weights` (provider -> weight) orders the fallback
-    route used when ext_proc is down, highest first; None (or all 0) means policy order.
+    (MissingCredentialError if one is absent).
     """
     return EnvoyResources(
         listeners=MappingProxyType(all_listeners(settings)),
-        routes=MappingProxyType({ROUTE_CONFIG: route_configuration(config, settings, weights)}),
+        routes=MappingProxyType({ROUTE_CONFIG: route_configuration(config, settings)}),
         clusters=MappingProxyType(all_clusters(config, settings)),
         endpoints=MappingProxyType(endpoint_assignments(config)),
         secrets=MappingProxyType(credential_secrets(config, credentials)),

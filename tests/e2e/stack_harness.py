@@ -13,7 +13,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-import pytest
 import yaml
 
 from gpu_router.processes import free_port
@@ -94,18 +93,6 @@ class Edge(Protocol):
 def chat(edge: Edge, model: str, headers: dict[str, str] | None = None, **extra: Any):
     payload = {"model": model, "messages": [{"role": "user", "content": "hello"}], "max_tokens": 16, **extra}
     return post(f"{edge.url}/v1/chat/completions", payload, headers)
-
-
-def eventually(check: Callable[[], Any], what: str, timeout: float = 20.0, interval: float = 0.05) -> Any:
-    """Poll until `check` returns something truthy; fail naming `what` and the last value otherwise."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(interval)
-    pytest.fail(f"timed out waiting for {what}; last value: {last!r}")
 
 class Traffic:
     """Requests sent back to back from a few threads until stopped; every outcome counted."""

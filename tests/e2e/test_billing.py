@@ -12,7 +12,8 @@ import openai
 import pytest
 import yaml
 from dashboard_fixtures import CHROMIUM, chromium
-from stack_harness import Providers, chat, eventually
+from polling import eventually
+from stack_harness import Providers, chat
 
 from control_plane.ledger.report import run_report
 from gpu_router.stack import Stack

@@ -11,7 +11,8 @@ import urllib.parse
 from pathlib import Path
 
 import yaml
-from stack_harness import eventually, policy_on_free_ports
+from polling import eventually
+from stack_harness import policy_on_free_ports
 
 from control_plane.policy.load import default_policy_path
 from gpu_router.processes import free_port, http_get, port_open

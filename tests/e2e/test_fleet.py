@@ -12,7 +12,8 @@ from pathlib import Path
 import openai
 import pytest
 import yaml
-from stack_harness import Providers, Traffic, chat, eventually, start_stack
+from polling import eventually
+from stack_harness import Providers, Traffic, chat, start_stack
 
 from control_plane.policy.load import default_policy_path
 from gpu_router.processes import ManagedProcess, free_port, http_get, port_open, python_module

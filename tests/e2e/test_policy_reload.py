@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from stack_harness import Providers, Traffic, chat, eventually
+from polling import eventually
+from stack_harness import Providers, Traffic, chat
 
 from control_plane.policy.load import load_policy_text
 from gpu_router.processes import http_get

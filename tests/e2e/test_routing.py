@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
-from stack_harness import Providers, chat, eventually, post
+from polling import eventually
+from stack_harness import Providers, chat, post
 
 from gpu_router.processes import http_get
 from gpu_router.stack import Stack
@@ -104,8 +107,6 @@ def test_bad_requests_get_openai_style_errors(stack: Stack, providers: Providers
 
 
 def test_models_are_listed_through_the_edge(stack: Stack) -> None:
-    from gpu_router.processes import http_get
-
     status, body = http_get(f"{stack.url}/v1/models")
     names = {model["id"] for model in json.loads(body)["data"]}
 
@@ -114,9 +115,6 @@ def test_models_are_listed_through_the_edge(stack: Stack) -> None:
 
 
 def test_gpu_router_health_shows_what_the_fleet_measured(stack: Stack, providers: Providers) -> None:
-    import subprocess
-    import sys
-
     for _ in range(3):
         assert chat(stack, "llama-3.1-8b", {"x-workload": "batch"})[0] == 200
     command = [sys.executable, "-c", "from gpu_router.cli import main; main()", "health",
