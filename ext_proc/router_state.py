@@ -6,6 +6,7 @@ that snapshot, so a policy or health update never shows a request half of each.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -34,10 +35,13 @@ class LiveState:
 
     def __init__(self) -> None:
         self.current = RouterState()
+        self.routable = asyncio.Event()
+        """Set once a routing policy is held (the health check reports SERVING from then on)."""
 
     def apply_policy(self, policy: routing_pb2.RoutingPolicy) -> None:
         """Build the routing table (RoutingTableError leaves the old one in place)."""
         self.current = RouterState.of(build_routing_table(policy), self.current.health)
+        self.routable.set()
 
     def apply_health(self, snapshot: health_pb2.HealthSnapshot) -> None:
         self.current = RouterState.of(self.current.table, build_health_view(snapshot))

@@ -18,6 +18,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_proc_gr
 from ext_proc.json_log import configure_logging
 from ext_proc.router_state import LiveState
 from ext_proc.service import ExternalProcessorService
+from ext_proc.serving_status import ServingStatus
 from ext_proc.xds_client import AdsClient, Subscriptions, live_subscriptions, node_identity
 
 SHUTDOWN_GRACE_S = 2.0
@@ -46,6 +47,8 @@ async def serve(config: WorkerConfig, stop: asyncio.Event) -> None:
     # message limits hold.
     server = grpc.aio.server(options=[("grpc.so_reuseport", 1)])
     ext_proc_grpc.add_ExternalProcessorServicer_to_server(ExternalProcessorService(live), server)
+    status = ServingStatus()
+    await status.add_to(server)
     try:
         server.add_insecure_port(config.listen)
     except RuntimeError as error:
@@ -56,13 +59,18 @@ async def serve(config: WorkerConfig, stop: asyncio.Event) -> None:
         "ext_proc worker serving",
         extra={"listen": config.listen, "xds": config.xds, "node": node.id},
     )
-    xds = asyncio.create_task(
-        AdsClient(config.xds, Subscriptions(node, live_subscriptions(live))).run()
+    tasks = (
+        asyncio.create_task(
+            AdsClient(config.xds, Subscriptions(node, live_subscriptions(live))).run()
+        ),
+        asyncio.create_task(status.serve_once_routable(live)),
     )
     try:
         await stop.wait()
     finally:
-        xds.cancel()
+        for task in tasks:
+            task.cancel()
+        await status.shutting_down()
         await server.stop(SHUTDOWN_GRACE_S)
 
 

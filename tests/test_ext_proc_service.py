@@ -18,6 +18,7 @@ from ext_proc_fixtures import (
     headers_request,
 )
 from google.protobuf import json_format
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from polling import eventually
 
 from gpu_router.processes import ManagedProcess, free_port, port_open, python_module
@@ -98,6 +99,42 @@ def test_not_ready_then_routes_once_the_policy_arrives(
         ]
         audit = json_format.MessageToDict(response.dynamic_metadata)["gpu_router"]
         assert (audit["model"], audit["request_id"]) == ("mixtral-8x7b", "r-1")
+
+
+def serving_status(target: str, service: str) -> int:
+    """One grpc.health.v1 Check on a fresh connection (SO_REUSEPORT picks the worker)."""
+    with grpc.insecure_channel(target) as channel:
+        answer = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=service), timeout=10
+        )
+    return answer.status
+
+
+EXT_PROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
+"""The service Envoy's health check of the ext_proc cluster asks about."""
+
+
+def test_health_is_not_serving_until_the_policy_then_serving_without_the_control_plane(
+    ads: FakeAds, ext_proc: tuple[ManagedProcess, str]
+) -> None:
+    _, target = ext_proc
+    for _ in range(8):  # both workers, whichever takes each connection
+        for service in ("", EXT_PROC_SERVICE):
+            assert serving_status(target, service) == health_pb2.HealthCheckResponse.NOT_SERVING
+    ads.publish(POLICY_TYPE_URL, "v1", default_policy("v1"))
+    eventually(lambda: both_workers_acked(ads, "v1"), "both workers to ACK v1")
+    ads.stop()  # a worker keeps serving on its last policy while the control plane is away
+    eventually(
+        lambda: all(
+            serving_status(target, service) == health_pb2.HealthCheckResponse.SERVING
+            for _ in range(8)
+            for service in ("", EXT_PROC_SERVICE)
+        ),
+        "every worker to report SERVING",
+    )
+    with pytest.raises(grpc.RpcError) as unknown:
+        serving_status(target, "some.other.Service")
+    assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
 
 
 def test_a_second_message_fails_the_stream_after_the_answer(
