@@ -101,7 +101,7 @@ def test_ext_proc_gets_request_headers_and_body_metadata_only() -> None:
     assert (mode.request_trailer_mode, mode.response_trailer_mode) == (Mode.SKIP, Mode.SKIP)
     assert not config.allow_mode_override
     assert config.failure_mode_allow
-    assert config.message_timeout.ToMilliseconds() == 1000
+    assert config.message_timeout.ToMilliseconds() == 200
     options = config.metadata_options
     assert list(options.forwarding_namespaces.untyped) == ["gpu_router.request"]
     assert list(options.receiving_namespaces.untyped) == ["gpu_router"]

@@ -34,6 +34,7 @@ from envoy.extensions.http.injected_credentials.generic.v3 import generic_pb2
 from envoy.extensions.transport_sockets.tls.v3 import common_pb2, secret_pb2, tls_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2 as upstream_http_pb2
 from envoy.type.matcher.v3 import string_pb2
+from envoy.type.v3 import percent_pb2
 from google.protobuf import wrappers_pb2
 
 from control_plane.policy.model import (
@@ -120,10 +121,26 @@ def provider_cluster(
     return cluster
 
 
+EXT_PROC_HEALTH_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
+"""The grpc.health.v1 service name each ext_proc worker reports on (ext_proc/serving_status.py)."""
+EXT_PROC_CHECK_INTERVAL_MS = 250
+EXT_PROC_CHECK_TIMEOUT_MS = 150
+"""A live worker answers a health check in about a millisecond; 150 ms leaves room for a loaded
+machine without letting a frozen one hold requests for long."""
+EXT_PROC_UNHEALTHY_CHECKS = 2
+"""Missed (timed-out) checks before a replica is marked unhealthy: one stall is forgiven, a
+freeze is caught within 2 x (interval + timeout) = 800 ms. A NOT_SERVING answer marks it at once."""
+
+
 def ext_proc_cluster(settings: EdgeSettings) -> cluster_pb2.Cluster:
-    """The gRPC (HTTP/2) cluster of the ext_proc replicas. A replica that refuses or drops one
-    connection is ejected at once, so a killed replica costs one request its ext_proc answer
-    (failure_mode_allow routes it on the fallback route), not one in every N."""
+    """The gRPC (HTTP/2) cluster of the ext_proc replicas.
+
+    A replica that refuses or drops one connection is ejected at once (outlier detection), and
+    one that is frozen, overloaded or has no policy yet is marked unhealthy by the gRPC health
+    check. The panic threshold is 0: with no healthy replica Envoy fails the ext_proc stream at
+    once ("no healthy upstream") and failure_mode_allow sends the request on the fallback route,
+    instead of each request waiting out the message timeout on a replica that cannot answer.
+    """
     options = upstream_http_pb2.HttpProtocolOptions(
         explicit_http_config=upstream_http_pb2.HttpProtocolOptions.ExplicitHttpConfig(
             http2_protocol_options=protocol_pb2.Http2ProtocolOptions()
@@ -150,9 +167,29 @@ def ext_proc_cluster(settings: EdgeSettings) -> cluster_pb2.Cluster:
             base_ejection_time=seconds(5),
             max_ejection_percent=wrappers_pb2.UInt32Value(value=100),
         ),
+        health_checks=[_ext_proc_health_check()],
+        common_lb_config=cluster_pb2.Cluster.CommonLbConfig(
+            healthy_panic_threshold=percent_pb2.Percent(value=0)
+        ),
     )
     cluster.typed_extension_protocol_options[HTTP_PROTOCOL_OPTIONS].CopyFrom(packed(options))
     return cluster
+
+
+def _ext_proc_health_check() -> health_check_pb2.HealthCheck:
+    """grpc.health.v1 Check of the ExternalProcessor service, as often with traffic as without
+    (no_traffic_interval defaults to 60 s); one good answer brings a replica back."""
+    interval = milliseconds(EXT_PROC_CHECK_INTERVAL_MS)
+    return health_check_pb2.HealthCheck(
+        timeout=milliseconds(EXT_PROC_CHECK_TIMEOUT_MS),
+        interval=interval,
+        no_traffic_interval=interval,
+        unhealthy_threshold=wrappers_pb2.UInt32Value(value=EXT_PROC_UNHEALTHY_CHECKS),
+        healthy_threshold=wrappers_pb2.UInt32Value(value=1),
+        grpc_health_check=health_check_pb2.HealthCheck.GrpcHealthCheck(
+            service_name=EXT_PROC_HEALTH_SERVICE
+        ),
+    )
 
 
 def all_clusters(

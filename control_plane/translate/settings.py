@@ -21,10 +21,20 @@ class EdgeSettings:
     buffer_limit_bytes: int = 32 * MIB
     """Per-connection buffer on the listener and every cluster, and the routes' request-body
     buffer (the edge and upstream Lua filters read whole bodies): large prompts must not 413."""
-    ext_proc_message_timeout_ms: int = 1000
+    ext_proc_message_timeout_ms: int = 200
+    """How long Envoy waits for ext_proc's answer before failure_mode_allow sends the request on
+    the fallback route. ext_proc answers in about a millisecond; 200 ms (Envoy's default) leaves
+    two orders of magnitude for a loaded machine (a 2-core CI runner, a GC pause) while bounding
+    what an overloaded-but-alive replica costs a request. A frozen or crashed replica costs less:
+    the ext_proc cluster's health check and outlier detection take it out of service, after which
+    Envoy fails the stream at once (see clusters.ext_proc_cluster)."""
     upstream_timeout_s: int = 300
     """Whole-response timeout of a routed request; LLM generations are long."""
     access_log_flush_ms: int = 100
     capture_usage: bool = True
     """Copy each response's usage into the access log for billing (an edge Lua filter)."""
     trusted_ca_file: str = "/etc/ssl/certs/ca-certificates.crt"
+    edge_log_dir: str | None = None
+    """Directory (on the edge's host, existing) where each edge also appends every client request
+    to <node id>.access.jsonl, which the control plane reconciles against the ledger
+    (translate/durable_log.py); None: no such file."""
