@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import threading
 import time
@@ -10,6 +11,7 @@ import urllib.parse
 import urllib.request
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -70,8 +72,10 @@ class Providers:
 
 
 def post(url: str, payload: Any, headers: dict[str, str] | None = None,
-         raw: bytes | None = None, timeout: float = 30) -> tuple[int, dict[str, str], dict]:
-    """POST JSON; (status, lower-cased headers, decoded JSON body) whatever the status."""
+         raw: bytes | None = None, timeout: float = 30) -> tuple[int, dict[str, str], Any]:
+    """POST JSON; (status, lower-cased headers, body) whatever the status. The body is decoded
+    JSON, or text when it is not JSON (Envoy's own 503 and 504 bodies are plain text).
+    Transport failures (reset, refused, timeout, short read) raise."""
     body = raw if raw is not None else json.dumps(payload).encode()
     request = urllib.request.Request(url, data=body, method="POST",
                                      headers={"content-type": "application/json", **(headers or {})})
@@ -79,8 +83,19 @@ def post(url: str, payload: Any, headers: dict[str, str] | None = None,
         with urllib.request.urlopen(request, timeout=timeout) as response:
             status, head, data = response.status, response.headers, response.read()
     except urllib.error.HTTPError as error:
-        status, head, data = error.code, error.headers, error.read()
-    return status, {k.lower(): v for k, v in head.items()}, json.loads(data) if data else {}
+        with error:
+            status, head, data = error.code, error.headers, error.read()
+    return status, {k.lower(): v for k, v in head.items()}, decode(data)
+
+
+def decode(data: bytes) -> Any:
+    """JSON if it parses, else the text: a failure's body must never hide the failure."""
+    if not data:
+        return {}
+    try:
+        return json.loads(data)
+    except ValueError:
+        return data.decode(errors="replace")
 
 
 class Edge(Protocol):
@@ -90,32 +105,100 @@ class Edge(Protocol):
     def url(self) -> str: ...
 
 
-def chat(edge: Edge, model: str, headers: dict[str, str] | None = None, **extra: Any):
+def chat(edge: Edge, model: str, headers: dict[str, str] | None = None, timeout: float = 30,
+         **extra: Any) -> tuple[int, dict[str, str], Any]:
     payload = {"model": model, "messages": [{"role": "user", "content": "hello"}], "max_tokens": 16, **extra}
-    return post(f"{edge.url}/v1/chat/completions", payload, headers)
+    return post(f"{edge.url}/v1/chat/completions", payload, headers, timeout=timeout)
+
+
+TRANSPORT_FAILURES = ("timeout", "refused", "reset", "incomplete")
+"""The keys Traffic counts a request under when no HTTP status came back."""
+
+
+def transport_failure(error: BaseException) -> str | None:
+    """Which transport failure `error` is, or None when it is something else (a bug)."""
+    if isinstance(error, urllib.error.URLError) and isinstance(error.reason, BaseException):
+        error = error.reason
+    if isinstance(error, TimeoutError):
+        return "timeout"
+    if isinstance(error, ConnectionRefusedError):
+        return "refused"
+    if isinstance(error, ConnectionError):  # reset, aborted, broken pipe, RemoteDisconnected
+        return "reset"
+    if isinstance(error, http.client.HTTPException):
+        return "incomplete"  # IncompleteRead, BadStatusLine: the answer was cut short
+    return None  # e.g. URLError("unknown url type"): the test's mistake, not the server's
+
+
+@dataclass(frozen=True)
+class Exchange:
+    """One request Traffic sent: its HTTP status, or a transport failure's name instead."""
+
+    when: str
+    edge: str
+    status: int | str
+    latency_s: float
+    provider: str = ""
+    reason: str = ""
+    headers: tuple[tuple[str, str], ...] = ()
+    body: Any = None
+
+    @property
+    def ok(self) -> bool:
+        return isinstance(self.status, int) and 200 <= self.status < 300
+
 
 class Traffic:
-    """Requests sent back to back from a few threads until stopped; every outcome counted."""
+    """Requests sent back to back from a few threads until stopped; every outcome counted.
+
+    Any non-2xx status and any transport failure (reset, refused, timeout, short read) is a
+    failure; a client thread dying of anything else fails the test on exit."""
+
+    KEPT = 10
+    """How many failed exchanges are kept in full, to say why."""
 
     def __init__(self, edges: Edge | list[Edge], model: str, headers: dict[str, str],
-                 threads: int = 4) -> None:
+                 threads: int = 4, timeout: float = 30) -> None:
         self.edges = edges if isinstance(edges, list) else [edges]
-        self.model, self.headers = model, headers
-        self.outcomes: Counter[tuple[int, str]] = Counter()
-        self.failed: list[tuple[str, str, int, dict[str, str], dict]] = []
-        """The first failed requests in full (when, edge, status, headers, body), to say why."""
+        self.model, self.headers, self.timeout = model, headers, timeout
+        self.outcomes: Counter[tuple[int | str, str]] = Counter()
+        """(status or transport failure, provider header) -> requests."""
+        self.exchanges: list[Exchange] = []
+        """Every request in the order it finished: latency, provider and reason headers."""
+        self.failed: list[Exchange] = []
+        """The first failed requests in full."""
+        self.crashes: list[BaseException] = []
         self.stopping = threading.Event()
         self.lock = threading.Lock()
         self.threads = [threading.Thread(target=self.run, args=(self.edges[i % len(self.edges)],),
-                                         daemon=True) for i in range(threads)]
+                                         name=f"traffic-{i}", daemon=True) for i in range(threads)]
+
+    def send(self, edge: Edge) -> Exchange:
+        start = time.monotonic()
+        when = time.strftime("%H:%M:%S")
+        try:
+            status, headers, body = chat(edge, self.model, self.headers, timeout=self.timeout)
+        except Exception as error:
+            failure = transport_failure(error)
+            if failure is None:
+                raise
+            return Exchange(when, edge.url, failure, time.monotonic() - start, body=repr(error))
+        return Exchange(when, edge.url, status, time.monotonic() - start,
+                        headers.get("x-gpu-router-provider", ""), headers.get("x-gpu-router-reason", ""),
+                        tuple(sorted(headers.items())), body)
 
     def run(self, edge: Edge) -> None:
-        while not self.stopping.is_set():
-            status, headers, body = chat(edge, self.model, self.headers)
+        try:
+            while not self.stopping.is_set():
+                exchange = self.send(edge)
+                with self.lock:
+                    self.exchanges.append(exchange)
+                    self.outcomes[(exchange.status, exchange.provider)] += 1
+                    if not exchange.ok and len(self.failed) < self.KEPT:
+                        self.failed.append(exchange)
+        except BaseException as error:  # a client that dies silently would hide failures
             with self.lock:
-                self.outcomes[(status, headers.get("x-gpu-router-provider", ""))] += 1
-                if status != 200 and len(self.failed) < 10:
-                    self.failed.append((time.strftime("%H:%M:%S"), edge.url, status, headers, body))
+                self.crashes.append(error)
 
     def __enter__(self) -> Traffic:
         for thread in self.threads:
@@ -125,11 +208,35 @@ class Traffic:
     def __exit__(self, *exc: object) -> None:
         self.stopping.set()
         for thread in self.threads:
-            thread.join(timeout=60)
+            thread.join(timeout=self.timeout + 30)
+        stuck = [thread.name for thread in self.threads if thread.is_alive()]
+        if stuck:
+            raise TrafficClientDied(f"traffic clients never finished: {stuck}")
+        self.check_clients()
 
-    def failures(self) -> dict[tuple[int, str], int]:
-        return {key: n for key, n in self.outcomes.items() if key[0] != 200}
+    def check_clients(self) -> None:
+        """Raise if a client thread died: its requests from then on would go uncounted."""
+        with self.lock:
+            crashes = list(self.crashes)
+        if crashes:
+            raise TrafficClientDied(f"{len(crashes)} traffic client(s) died: {crashes!r}") from crashes[0]
+
+    def failures(self) -> dict[tuple[int | str, str], int]:
+        """Failed requests by (status or transport failure, provider); raises if a client died."""
+        self.check_clients()
+        with self.lock:
+            return {key: n for key, n in self.outcomes.items()
+                    if not (isinstance(key[0], int) and 200 <= key[0] < 300)}
 
     def count(self, provider: str) -> int:
         with self.lock:
-            return sum(n for (status, name), n in self.outcomes.items() if name == provider and status == 200)
+            return sum(n for (status, name), n in self.outcomes.items()
+                       if name == provider and isinstance(status, int) and 200 <= status < 300)
+
+    def total(self) -> int:
+        with self.lock:
+            return len(self.exchanges)
+
+
+class TrafficClientDied(RuntimeError):
+    """A Traffic client thread ended on an error that is not a request's failure."""

@@ -15,6 +15,9 @@ from control_plane.policy.load import load_policy_text
 from gpu_router.processes import http_get
 from gpu_router.stack import Stack
 
+CLIENTS = 8
+"""Concurrent clients on the one Envoy while the policy changes under them."""
+
 
 def edit_policy(path: Path, change) -> None:
     document = yaml.safe_load(path.read_text())
@@ -42,12 +45,12 @@ def test_removing_a_provider_moves_traffic_without_failing_in_flight_requests(
 ) -> None:
     providers.latency("runpod", 300)  # keep requests in flight while the policy changes
     batch = {"x-workload": "batch"}
-    with Traffic(stack, "mixtral-8x7b", batch) as traffic:
+    with Traffic(stack, "mixtral-8x7b", batch, threads=CLIENTS) as traffic:
         eventually(lambda: traffic.count("runpod") >= 4, "traffic to runpod")
         edit_policy(stack.policy, lambda d: d["providers"].remove(provider(d, "runpod")))
         eventually(lambda: traffic.count("lambda") >= 8, "traffic to move to lambda")
 
-    assert traffic.failures() == {}
+    assert traffic.failures() == {}, traffic.failed
     status, headers, _ = chat(stack, "mixtral-8x7b", batch)
     assert (status, headers["x-gpu-router-provider"]) == (200, "lambda")
     assert "runpod" not in stack.edges[0].admin.clusters()
@@ -61,11 +64,11 @@ def test_a_price_change_reroutes_without_restart(
                == "coreweave", "the original policy to be back")
     envoy_pid = stack.edges[0].process.pid
 
-    with Traffic(stack, "llama-3.1-70b", {"x-workload": "batch"}) as traffic:
+    with Traffic(stack, "llama-3.1-70b", {"x-workload": "batch"}, threads=CLIENTS) as traffic:
         edit_policy(stack.policy, lambda d: provider(d, "coreweave")["models"][0]["price"].update(input=9.0))
         eventually(lambda: traffic.count("lambda") >= 8, "cost-first to move to lambda")
 
-    assert traffic.failures() == {}
+    assert traffic.failures() == {}, traffic.failed
     assert stack.edges[0].process.pid == envoy_pid and stack.edges[0].process.alive()
 
 
