@@ -356,7 +356,7 @@ def test_example_policy_shows_every_usage_format() -> None:
 
 FAILOVER_SETTINGS = (
     ("version: 1\n",
-     "version: 1\nfailover: {retry_budget_percent: 12.5, min_retry_concurrency: 0}\n"),
+     "version: 1\nfailover: {max_retries_in_flight: 500}\n"),
     ("    health_check_path: /ready\n",
      ("    health_check_path: /ready\n"
       "    health_check: {interval_ms: 1500, timeout_ms: 700}\n"
@@ -371,7 +371,7 @@ def test_failover_settings_are_read_and_the_rest_keep_their_defaults() -> None:
     for old, new in FAILOVER_SETTINGS:
         text = mutated(old, new, text)
     config = load_policy_text(text, "p.yaml")
-    assert config.failover == Failover(retry_budget_percent=12.5, min_retry_concurrency=0)
+    assert config.failover == Failover(max_retries_in_flight=500)
     alpha, beta = config.providers
     assert alpha.health_check == HealthCheck(interval_ms=1500, timeout_ms=700)
     assert alpha.outlier_detection == OutlierDetection(
@@ -387,19 +387,24 @@ def test_failover_settings_default_when_absent() -> None:
 
 
 FAILOVER_CASES = {
-    "budget above 100": Case(
-        "version: 1\n", "version: 1\nfailover:\n  retry_budget_percent: 101\n",
-        "failover.retry_budget_percent", "retry_budget_percent", "must be at most 100"),
-    "budget of 0": Case(
-        "version: 1\n", "version: 1\nfailover:\n  retry_budget_percent: 0\n",
-        "failover.retry_budget_percent", "retry_budget_percent", "must be > 0"),
-    "negative retry concurrency": Case(
-        "version: 1\n", "version: 1\nfailover:\n  min_retry_concurrency: -1\n",
-        "failover.min_retry_concurrency", "min_retry_concurrency", "must be >= 0"),
+    "no retries in flight": Case(
+        "version: 1\n", "version: 1\nfailover:\n  max_retries_in_flight: 0\n",
+        "failover.max_retries_in_flight", "max_retries_in_flight", "must be >= 1, got 0"),
+    "fractional retries in flight": Case(
+        "version: 1\n", "version: 1\nfailover:\n  max_retries_in_flight: 2.5\n",
+        "failover.max_retries_in_flight", "max_retries_in_flight",
+        "expected an integer, got number"),
+    "retry budget, replaced": Case(
+        "version: 1\n", "version: 1\nfailover:\n  retry_budget_percent: 25\n",
+        "failover.retry_budget_percent", "retry_budget_percent",
+        "no longer read, failover.max_retries_in_flight replaced it: Envoy's retry budget"),
+    "min retry concurrency, replaced": Case(
+        "version: 1\n", "version: 1\nfailover:\n  min_retry_concurrency: 3\n",
+        "failover.min_retry_concurrency", "min_retry_concurrency",
+        "no longer read, failover.max_retries_in_flight replaced it"),
     "unknown failover key": Case(
         "version: 1\n", "version: 1\nfailover:\n  retries: 3\n",
-        "failover.retries", "retries: 3",
-        "unknown key; allowed keys: retry_budget_percent, min_retry_concurrency"),
+        "failover.retries", "retries: 3", "unknown key; allowed keys: max_retries_in_flight"),
     "zero health-check interval": Case(
         "    health_check_path: /ready\n",
         "    health_check_path: /ready\n    health_check:\n      interval_ms: 0\n",
@@ -430,6 +435,17 @@ FAILOVER_CASES = {
 @pytest.mark.parametrize("case", FAILOVER_CASES.values(), ids=FAILOVER_CASES.keys())
 def test_failover_setting_errors_name_key_path_and_line(case: Case) -> None:
     test_error_names_key_path_and_line(case)
+
+
+def test_replaced_failover_keys_are_reported_once_each_not_as_unknown_keys() -> None:
+    text = mutated("version: 1\n", "version: 1\nfailover:\n  retry_budget_percent: 25\n"
+                                    "  min_retry_concurrency: 3\n  max_retries_in_flight: 9\n")
+    issues = issues_of(text)
+    assert [(issue.key_path, issue.line) for issue in issues] == [
+        ("failover.retry_budget_percent", line_of(text, "retry_budget_percent")),
+        ("failover.min_retry_concurrency", line_of(text, "min_retry_concurrency")),
+    ]
+    assert all("max_retries_in_flight replaced it" in issue.message for issue in issues)
 
 
 def test_example_policy_documents_the_failover_settings() -> None:

@@ -95,18 +95,30 @@ def _routing_config(check: Checker, raw: Any, source: str, version: str) -> Rout
                          policies=tuple(policies), source=source, version=version)
 
 
+_REPLACED_FAILOVER_KEYS = ("retry_budget_percent", "min_retry_concurrency")
+_REPLACED_BECAUSE = (
+    "no longer read, failover.max_retries_in_flight replaced it: Envoy's retry budget is a share "
+    "of the failing provider's own requests in flight, so a provider that fails fast refused most "
+    "retries (delete the key; max_retries_in_flight defaults to the sum of the providers' "
+    "max_concurrency)"
+)
+
+
 def _failover(check: Checker, raw: Any, path: KeyPath) -> Failover | None:
-    given = check.mapping(raw, path, optional=("retry_budget_percent", "min_retry_concurrency"))
+    """The edge-wide retry cap; the retry-budget keys it replaced are named as such, not as
+    unknown keys, so an operator upgrading knows what to edit."""
+    given: dict[str, Any] | None = check.typed(raw, path, dict, "a mapping")
     if given is None:
         return None
-    default = Failover()
-    budget = check.number(given.get("retry_budget_percent", default.retry_budget_percent),
-                          (*path, "retry_budget_percent"), positive=True)
-    if budget is not None and budget > 100:
-        check.fail((*path, "retry_budget_percent"), f"must be at most 100, got {budget:g}")
-        budget = None
-    concurrency = check.integer(given.get("min_retry_concurrency", default.min_retry_concurrency),
-                                (*path, "min_retry_concurrency"), minimum=0)
-    if budget is None or concurrency is None:
+    replaced = [key for key in _REPLACED_FAILOVER_KEYS if key in given]
+    for key in replaced:
+        check.fail((*path, key), _REPLACED_BECAUSE)
+    current = check.mapping({key: value for key, value in given.items() if key not in replaced},
+                            path, optional=("max_retries_in_flight",))
+    if current is None or replaced:
         return None
-    return Failover(retry_budget_percent=budget, min_retry_concurrency=concurrency)
+    if "max_retries_in_flight" not in current:
+        return Failover()
+    cap = check.integer(current["max_retries_in_flight"], (*path, "max_retries_in_flight"),
+                        minimum=1)
+    return None if cap is None else Failover(max_retries_in_flight=cap)

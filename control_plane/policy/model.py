@@ -117,11 +117,12 @@ class OutlierDetection:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Failover:
-    """How much retrying across providers the whole edge may do."""
+    """How much retrying across providers one edge may do at once."""
 
-    retry_budget_percent: float = 25.0
-    """Retries in flight, as a share of requests in flight, per provider cluster."""
-    min_retry_concurrency: int = 3
+    max_retries_in_flight: int | None = None
+    """Retries in flight on one edge for requests first sent to one provider (Envoy's max_retries
+    circuit breaker of that provider's cluster); None: the sum of every provider's
+    max_concurrency, the most the other providers would accept anyway."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -146,6 +147,12 @@ class Model:
     min_gpu_memory_gb: float = 0.0
     gpu_types: tuple[str, ...] = ()
     """When non-empty, only these GPU types fit (in addition to the memory floor)."""
+
+    def fits(self, gpu: Gpu) -> bool:
+        """Enough memory, and a listed type if any are listed."""
+        return gpu.memory_gb >= self.min_gpu_memory_gb and (
+            not self.gpu_types or gpu.type in self.gpu_types
+        )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
