@@ -16,6 +16,8 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc_pb2
 from google.protobuf import any_pb2
 from google.protobuf.message import Message
 
+from control_plane.policy.load import default_policy_path, load_policy_file
+from control_plane.policy.wire import to_routing_policy
 from gpu_router.api.v1 import health_pb2, routing_pb2
 from gpu_router.processes import free_port
 
@@ -37,115 +39,11 @@ def offering(
 
 
 def default_policy(version: str = "v1") -> routing_pb2.RoutingPolicy:
-    """The embedded default policy (control_plane/policy/default.yaml), as the wire carries it."""
-    h100, a100 = (
-        routing_pb2.Gpu(type="H100", memory_gb=80),
-        routing_pb2.Gpu(type="A100-80GB", memory_gb=80),
-    )
-    rtx, l40s = (
-        routing_pb2.Gpu(type="RTX-4090", memory_gb=24),
-        routing_pb2.Gpu(type="L40S", memory_gb=48),
-    )
-    return routing_pb2.RoutingPolicy(
-        version=version,
-        providers=[
-            routing_pb2.Provider(
-                name="lambda",
-                cluster="lambda",
-                gpus=[h100, a100],
-                max_concurrency=64,
-                offerings=[
-                    offering(
-                        "llama-3.1-70b", "meta-llama/Llama-3.1-70B-Instruct", "H100", 0.88, 0.88
-                    ),
-                    offering(
-                        "mixtral-8x7b",
-                        "mistralai/Mixtral-8x7B-Instruct-v0.1",
-                        "A100-80GB",
-                        0.60,
-                        0.60,
-                    ),
-                    offering(
-                        "llama-3.1-8b", "meta-llama/Llama-3.1-8B-Instruct", "H100", 0.25, 0.25
-                    ),
-                ],
-            ),
-            routing_pb2.Provider(
-                name="coreweave",
-                cluster="coreweave",
-                gpus=[h100],
-                offerings=[
-                    offering("llama-3.1-70b", "llama-3.1-70b-instruct", "H100", 0.95, 0.95),
-                    offering("llama-3.1-8b", "llama-3.1-8b-instruct", "H100", 0.30, 0.30),
-                    offering("bge-large", "BAAI/bge-large-en-v1.5", "H100", 0.02, 0.0),
-                ],
-            ),
-            routing_pb2.Provider(
-                name="vast",
-                cluster="vast",
-                gpus=[rtx, l40s],
-                offerings=[
-                    offering("llama-3.1-8b", "llama3.1:8b", "RTX-4090", 0.05, 0.08),
-                    offering("mixtral-8x7b", "mixtral:8x7b", "RTX-4090", 0.20, 0.20),
-                    offering("bge-large", "bge-large-en-v1.5", "L40S", 0.01, 0.0),
-                ],
-            ),
-            routing_pb2.Provider(
-                name="runpod",
-                cluster="runpod",
-                gpus=[l40s, a100],
-                offerings=[
-                    offering(
-                        "llama-3.1-8b", "meta-llama/Meta-Llama-3.1-8B-Instruct", "L40S", 0.10, 0.10
-                    ),
-                    offering(
-                        "mixtral-8x7b",
-                        "mistralai/Mixtral-8x7B-Instruct-v0.1",
-                        "A100-80GB",
-                        0.45,
-                        0.45,
-                    ),
-                ],
-            ),
-        ],
-        models=[
-            routing_pb2.Model(
-                name="llama-3.1-8b",
-                aliases=["llama3-8b", "meta-llama/Llama-3.1-8B-Instruct"],
-                min_gpu_memory_gb=16,
-            ),
-            routing_pb2.Model(name="mixtral-8x7b", aliases=["mixtral"], min_gpu_memory_gb=80),
-            routing_pb2.Model(
-                name="llama-3.1-70b",
-                aliases=["llama3-70b"],
-                min_gpu_memory_gb=80,
-                gpu_types=["H100", "A100-80GB"],
-            ),
-            routing_pb2.Model(name="bge-large", min_gpu_memory_gb=2),
-        ],
-        policies=[
-            routing_pb2.Policy(
-                name="embeddings",
-                match=routing_pb2.Match(path_prefix="/v1/embeddings"),
-                strategy=routing_pb2.COST,
-                latency_sla_ms=2000,
-                max_fallbacks=2,
-            ),
-            routing_pb2.Policy(
-                name="batch",
-                match=routing_pb2.Match(headers={"x-workload": "batch"}),
-                strategy=routing_pb2.COST,
-                latency_sla_ms=5000,
-                max_fallbacks=2,
-            ),
-            routing_pb2.Policy(
-                name="interactive",
-                strategy=routing_pb2.LATENCY,
-                cost_ceiling_usd_per_mtok=1.0,
-                max_fallbacks=2,
-            ),
-        ],
-    )
+    """The embedded default policy (control_plane/policy/default.yaml), as the wire carries it:
+    loaded and translated like the control plane does, so it cannot drift from the file."""
+    policy = to_routing_policy(load_policy_file(default_policy_path()))
+    policy.version = version
+    return policy
 
 
 def health_entry(
