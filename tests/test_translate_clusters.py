@@ -25,17 +25,17 @@ from control_plane.translate.clusters import (
     all_clusters,
     ext_proc_cluster,
     provider_cluster,
+    retries_in_flight,
 )
 from control_plane.translate.settings import EdgeSettings
 from control_plane.translate.upstream_lua import provider_lua
 
 SETTINGS = EdgeSettings()
 LUA = "-- the provider's rewrite"
-DEFAULT_FAILOVER = Failover()
 
 
-def cluster_of(provider: Provider, failover: Failover = DEFAULT_FAILOVER) -> cluster_pb2.Cluster:
-    return provider_cluster(provider, SETTINGS, lua_source=LUA, failover=failover)
+def cluster_of(provider: Provider, max_retries: int = 100) -> cluster_pb2.Cluster:
+    return provider_cluster(provider, SETTINGS, lua_source=LUA, max_retries=max_retries)
 
 
 def protocol_options(cluster: cluster_pb2.Cluster) -> upstream_http_pb2.HttpProtocolOptions:
@@ -96,7 +96,7 @@ def test_plain_http_is_explicit_http1_without_tls() -> None:
     assert options.explicit_http_config.HasField("http_protocol_options")
 
 
-def test_fault_machinery_follows_the_provider_and_the_failover_budget() -> None:
+def test_fault_machinery_follows_the_provider_and_the_retry_bound() -> None:
     p = replace(
         provider("p", "http://127.0.0.1:8101", max_concurrency=17, health_check_path="/healthz"),
         health_check=HealthCheck(
@@ -113,7 +113,7 @@ def test_fault_machinery_follows_the_provider_and_the_failover_budget() -> None:
             base_ejection_time_ms=12000,
         ),
     )
-    cluster = cluster_of(p, Failover(retry_budget_percent=12.5, min_retry_concurrency=4))
+    cluster = cluster_of(p, max_retries=250)
     assert cluster.connect_timeout.seconds == 5
     assert cluster.per_connection_buffer_limit_bytes.value == 32 * 1024 * 1024
     (check,) = cluster.health_checks
@@ -126,9 +126,9 @@ def test_fault_machinery_follows_the_provider_and_the_failover_budget() -> None:
     assert (check.unhealthy_threshold.value, check.healthy_threshold.value) == (4, 2)
     (thresholds,) = cluster.circuit_breakers.thresholds
     assert (thresholds.max_requests.value, thresholds.max_pending_requests.value) == (17, 17)
-    assert not thresholds.HasField("max_retries")
-    budget = thresholds.retry_budget
-    assert (budget.budget_percent.value, budget.min_retry_concurrency.value) == (12.5, 4)
+    assert thresholds.max_retries.value == 250
+    # No retry budget: Envoy would compute it on the failing cluster's shrinking active count.
+    assert not thresholds.HasField("retry_budget")
     outlier = cluster.outlier_detection
     assert [
         outlier.consecutive_5xx.value,
@@ -168,6 +168,19 @@ def test_a_watched_provider_is_ejected_on_its_first_failure_and_the_rest_keep_th
     assert counts("a") == (1, 1, 1, 12000)
     assert counts("b") == (5, 3, 3, 10000)  # the policy's (here the defaults)
     assert all_clusters(config, SETTINGS)["a"].outlier_detection.consecutive_5xx.value == 6
+
+
+def test_retries_in_flight_default_to_what_the_fleet_accepts_and_follow_the_policy() -> None:
+    a = replace(provider("a", "http://127.0.0.1:8101"), max_concurrency=40)
+    b = replace(provider("b", "http://127.0.0.1:8102"), max_concurrency=24)
+    config = routing_config(a, b)
+    assert retries_in_flight(config) == 64
+    clusters = all_clusters(config, SETTINGS)
+    assert [clusters[n].circuit_breakers.thresholds[0].max_retries.value for n in "ab"] == [64, 64]
+
+    capped = replace(config, failover=Failover(max_retries_in_flight=7))
+    assert retries_in_flight(capped) == 7
+    assert all_clusters(capped, SETTINGS)["b"].circuit_breakers.thresholds[0].max_retries.value == 7
 
 
 def test_credentialed_provider_rewrites_then_injects_from_its_sds_secret_then_codec() -> None:

@@ -28,6 +28,7 @@ from pathlib import Path
 from types import MappingProxyType
 
 import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 import pytest
 from envoy.config.core.v3 import base_pb2
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
@@ -41,7 +42,9 @@ from usage_fixtures import make_record
 
 from control_plane.policy.model import Credential, Model, Policy, RoutingConfig
 from control_plane.translate import EdgeSettings, translate
-from control_plane.translate.routes import FALLBACK_REASON, route_configuration
+from control_plane.translate.clusters import EXT_PROC_HEALTH_SERVICE
+from control_plane.translate.fallback_routes import FALLBACK_REASON
+from control_plane.translate.routes import route_configuration
 from control_plane.usage.normalise import normalise
 from gpu_router.processes import EnvoyAdmin, ManagedProcess, envoy_binary, free_port
 
@@ -434,6 +437,11 @@ def edge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Edge]:
     )
     ext_proc_server, als_server = grpc_server(ext_proc_port), grpc_server(als_port)
     ep_grpc.add_ExternalProcessorServicer_to_server(processor, ext_proc_server)
+    # Envoy health-checks the ext_proc cluster (gRPC health) and sends nothing to a replica
+    # that does not answer SERVING.
+    serving = health.HealthServicer()
+    serving.set(EXT_PROC_HEALTH_SERVICE, health_pb2.HealthCheckResponse.SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(serving, ext_proc_server)
     als_pb2_grpc.add_AccessLogServiceServicer_to_server(access_logs, als_server)
     settings = EdgeSettings(edge_port=edge_port, ext_proc_endpoints=(("127.0.0.1", ext_proc_port),))
     routing = config_for(upstreams, refused_port)
@@ -455,6 +463,7 @@ def edge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Edge]:
         envoy.start()
         envoy.wait_until(admin.ready, "admin /ready")
         healthy = [f"{n}::127.0.0.1:{u.port}::health_flags::healthy" for n, u in upstreams.items()]
+        healthy.append(f"gpu-router.ext_proc::127.0.0.1:{ext_proc_port}::health_flags::healthy")
         envoy.wait_until(lambda: all(h in admin.clusters() for h in healthy), "providers healthy")
         yield Edge(edge_port, admin, upstreams, processor, access_logs)
     finally:

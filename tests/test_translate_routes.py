@@ -1,4 +1,5 @@
-"""The route table: one failover route per ranked provider order, then the weighted fallback."""
+"""The route table: one failover route per ranked provider order, then the fallback routes
+(test_translate_fallback_routes.py)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,7 @@ from translate_fixtures import attempt_order, provider, routing_config
 from control_plane.policy.model import Policy
 from control_plane.translate.errors import TranslationError
 from control_plane.translate.routes import (
-    FALLBACK_REASON,
     MAX_ROUTES,
-    fallback_order,
     provider_orders,
     route_configuration,
     route_header_value,
@@ -41,6 +40,13 @@ def routes(config=CONFIG, weights=None):
     assert list(host.domains) == ["*"]
     assert list(host.request_headers_to_remove) == ["x-gpu-router-route"]
     return host.routes
+
+
+def forwarding_routes(config=CONFIG):
+    """The routes that go to providers (the rest answer from Envoy itself)."""
+    found = [route for route in routes(config) if route.HasField("route")]
+    assert found
+    return found
 
 
 def by_name(config=CONFIG, weights=None):
@@ -78,7 +84,8 @@ def test_route_count_is_the_documented_sum(count: int, fallbacks: int) -> None:
         policies=(Policy(name="only", max_fallbacks=fallbacks),),
     )
     expected = sum(math.perm(count, length) for length in range(1, min(fallbacks + 1, count) + 1))
-    assert len(routes(config)) == expected + 1
+    # The fallback routes of a config without models: /v1/models and the two 404s.
+    assert len(routes(config)) == expected + 3
 
 
 def test_a_route_per_order_matches_its_exact_header_value_and_fails_over_in_that_order() -> None:
@@ -104,8 +111,9 @@ def test_retries_move_down_the_order_on_the_policys_terms() -> None:
     assert list(policy.retriable_status_codes) == [429]
     assert policy.num_retries.value == 1
     assert policy.per_try_timeout.ToMilliseconds() == 1500
-    assert policy.retry_back_off.base_interval.ToMilliseconds() == 10
-    assert policy.retry_back_off.max_interval.ToMilliseconds() == 20
+    # No sleep worth the name: the next attempt goes to another provider (Envoy needs > 0).
+    assert policy.retry_back_off.base_interval.ToMilliseconds() == 1
+    assert policy.retry_back_off.max_interval.ToMilliseconds() == 1
     assert not policy.HasField("rate_limited_retry_back_off")
     assert table["chat/a"].route.retry_policy.num_retries.value == 0
     batch = table["batch/x/a,b-2,c"].route.retry_policy
@@ -116,51 +124,15 @@ def test_retries_refresh_the_cluster() -> None:
     """refresh_cluster_on_retry (RetryPolicy field 14, a bool) is missing from the xds-protos
     stubs: it travels as an unknown field, tag 14 << 3 | varint, value 1. (That Envoy reads it
     is shown by test_translate_envoy.py: without it every retry would hit the same provider.)"""
-    for route in routes():
+    for route in forwarding_routes():
         assert route.route.retry_policy.SerializeToString().endswith(b"\x70\x01")
 
 
 def test_every_route_has_the_timeout_host_rewrite_and_body_buffer() -> None:
-    for route in routes():
+    for route in forwarding_routes():
         assert route.route.timeout.seconds == 123
         assert route.route.auto_host_rewrite.value
         assert route.request_body_buffer_limit.value == 12345
-
-
-def test_fallback_is_last_and_follows_policy_order_by_default() -> None:
-    fallback = routes()[-1]
-    assert fallback.name == "fallback"
-    assert fallback.match.prefix == "/" and not fallback.match.headers
-    assert attempt_order(fallback) == ["a", "b-2", "c"]
-    assert response_headers(fallback) == {
-        "x-gpu-router-provider": "%UPSTREAM_CLUSTER%",
-        "x-gpu-router-reason": FALLBACK_REASON,
-    }
-
-
-def test_fallback_takes_the_catch_all_policys_retry_terms() -> None:
-    policy = routes()[-1].route.retry_policy
-    assert (policy.num_retries.value, policy.per_try_timeout.ToMilliseconds()) == (2, 4000)
-    narrow = routing_config(*PROVIDERS, policies=(Policy(name="d", max_fallbacks=1),))
-    fallback = routes(narrow, {"a": 1, "b-2": 3, "c": 2})[-1]
-    assert attempt_order(fallback) == ["b-2", "c"]
-    assert fallback.route.retry_policy.num_retries.value == 1
-
-
-@pytest.mark.parametrize(
-    ("weights", "order"),
-    [
-        ({"a": 50, "b-2": 100, "c": 100}, ("b-2", "c", "a")),
-        ({"a": 5, "b-2": 0, "c": 7}, ("c", "a")),
-        ({"c": 1}, ("c",)),
-        ({"a": 0, "b-2": 0, "c": 0}, ("a", "b-2", "c")),
-        (None, ("a", "b-2", "c")),
-    ],
-)
-def test_fallback_order_is_by_weight_zero_leaves_out_all_zero_keeps_all(
-    weights: dict[str, int] | None, order: tuple[str, ...]
-) -> None:
-    assert fallback_order(CONFIG, weights) == order
 
 
 @pytest.mark.parametrize(

@@ -22,6 +22,7 @@ from google.protobuf.message import Message
 
 from control_plane.policy.model import (
     Credential,
+    Gpu,
     Model,
     Offering,
     Policy,
@@ -64,7 +65,7 @@ def provider(
         upstream=Upstream(
             scheme=url.scheme, host=url.hostname, port=port, path_prefix=url.path.rstrip("/")
         ),
-        gpus=(),
+        gpus=(Gpu(type="H100", memory_gb=80),),
         offerings=offerings,
         max_concurrency=max_concurrency,
         health_check_path=health_check_path,

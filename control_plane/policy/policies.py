@@ -7,7 +7,7 @@ from typing import Any
 
 from control_plane.policy.checker import HEADER_NAME, MISSING, URL_PATH, Checker
 from control_plane.policy.issues import KeyPath
-from control_plane.policy.model import Gpu, Match, Model, Policy, Provider, Strategy
+from control_plane.policy.model import Match, Model, Policy, Provider, Strategy
 from control_plane.policy.names import Names, known_model
 
 _MAX_FALLBACKS = 5
@@ -158,12 +158,6 @@ def check_catch_all(check: Checker, policies: list[Policy]) -> None:
                    f"'{policies[catch_all].name}' before it matches every request")
 
 
-def _fits(model: Model, gpu: Gpu) -> bool:
-    """Hardware fit as model.Model says: enough memory, and a listed type if any are listed."""
-    return gpu.memory_gb >= model.min_gpu_memory_gb and (
-        not model.gpu_types or gpu.type in model.gpu_types)
-
-
 def check_hardware_fit(check: Checker, models: list[Model], providers: list[Provider],
                         names: Names) -> None:
     """Every gpu_types entry exists somewhere, and every model fits some offering's GPU."""
@@ -177,7 +171,7 @@ def check_hardware_fit(check: Checker, models: list[Model], providers: list[Prov
         offered_on = [gpu for provider in providers for offering in provider.offerings
                       if offering.model == model.name
                       for gpu in provider.gpus if gpu.type == offering.gpu]
-        if not any(_fits(model, gpu) for gpu in offered_on):
+        if not any(model.fits(gpu) for gpu in offered_on):
             needs = f">= {model.min_gpu_memory_gb:g} GB" + (
                 f" on one of {', '.join(model.gpu_types)}" if model.gpu_types else "")
             check.fail(names.models[model.name],

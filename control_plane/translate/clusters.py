@@ -1,7 +1,7 @@
 """Provider clusters (and the ext_proc cluster): Envoy's own fault machinery, configured per provider.
 
-Health checks, outlier detection, circuit breakers and the retry budget live here, in Envoy, not
-in Python, with the policy's settings. Upstream HTTP filters run once per attempt on the routed
+Health checks, outlier detection and circuit breakers live here, in Envoy, not in Python, with
+the policy's settings. Upstream HTTP filters run once per attempt on the routed
 cluster: that is where the request is fitted to the provider (path prefix, its own model id: see
 upstream_lua.py) and its API key is injected, from an SDS secret, so the key never passes through
 ext_proc, logs or /config_dump.
@@ -39,7 +39,6 @@ from google.protobuf import wrappers_pb2
 
 from control_plane.policy.model import (
     Credential,
-    Failover,
     HealthCheck,
     OutlierDetection,
     Provider,
@@ -84,11 +83,12 @@ def provider_cluster(
     settings: EdgeSettings,
     *,
     lua_source: str,
-    failover: Failover,
+    max_retries: int,
     watched: bool = False,
 ) -> cluster_pb2.Cluster:
-    """`lua_source` is the provider's per-attempt rewrite (upstream_lua.provider_lua); `watched`
-    tightens its outlier detection (see watchful)."""
+    """`lua_source` is the provider's per-attempt rewrite (upstream_lua.provider_lua);
+    `max_retries` caps the retries in flight of requests first sent here (retries_in_flight);
+    `watched` tightens its outlier detection (see watchful)."""
     detection = watchful(provider.outlier_detection) if watched else provider.outlier_detection
     cluster = cluster_pb2.Cluster(
         name=provider.name,
@@ -100,7 +100,7 @@ def provider_cluster(
         health_checks=[
             _health_check(provider.upstream.host, provider.health_check_path, provider.health_check)
         ],
-        circuit_breakers=_circuit_breakers(provider.max_concurrency, failover),
+        circuit_breakers=_circuit_breakers(provider.max_concurrency, max_retries),
         outlier_detection=_outlier_detection(detection),
     )
     if uses_eds(provider):
@@ -200,12 +200,13 @@ def all_clusters(
     detection."""
     strip_headers = credential_headers(config)
     aliases = model_aliases(config)
+    max_retries = retries_in_flight(config)
     clusters = {
         p.name: provider_cluster(
             p,
             settings,
             lua_source=provider_lua(p, aliases, strip_headers),
-            failover=config.failover,
+            max_retries=max_retries,
             watched=p.name in watched,
         )
         for p in config.providers
@@ -227,18 +228,29 @@ def _health_check(host: str, path: str, check: HealthCheck) -> health_check_pb2.
     )
 
 
-def _circuit_breakers(
-    max_concurrency: int, failover: Failover
-) -> circuit_breaker_pb2.CircuitBreakers:
-    """Requests capped by the provider's concurrency; retries onto it by the edge-wide budget
-    (which replaces max_retries, a fixed count that ignores load)."""
+def retries_in_flight(config: RoutingConfig) -> int:
+    """The edge-wide bound on retries in flight for the requests first sent to one provider.
+
+    Envoy charges a retry to the cluster of the request's FIRST attempt, whatever provider the
+    retry goes to. A retry budget (a share of that cluster's active requests) is the wrong guard
+    there: a provider that fails fast has few requests in flight, so its budget refuses nearly every
+    retry (91 client errors at 32 clients, each one a `retry_overflow`). The retry goes to another
+    provider, whose own max_requests circuit breaker protects it; so the bound is what the fleet
+    would accept anyway, the sum of every provider's max_concurrency, unless the policy sets one.
+    Per request, attempts stay bounded by the route's num_retries (max_fallbacks)."""
+    configured = config.failover.max_retries_in_flight
+    return configured if configured is not None else sum(p.max_concurrency for p in config.providers)
+
+
+def _circuit_breakers(max_concurrency: int, max_retries: int) -> circuit_breaker_pb2.CircuitBreakers:
+    """Requests capped by the provider's concurrency; retries of requests first sent here by
+    `max_retries` (see retries_in_flight)."""
     thresholds = circuit_breaker_pb2.CircuitBreakers.Thresholds(
         priority=base_pb2.RoutingPriority.DEFAULT,
         max_requests=wrappers_pb2.UInt32Value(value=max_concurrency),
         max_pending_requests=wrappers_pb2.UInt32Value(value=max_concurrency),
+        max_retries=wrappers_pb2.UInt32Value(value=max_retries),
     )
-    thresholds.retry_budget.budget_percent.value = failover.retry_budget_percent
-    thresholds.retry_budget.min_retry_concurrency.value = failover.min_retry_concurrency
     return circuit_breaker_pb2.CircuitBreakers(thresholds=[thresholds])
 
 

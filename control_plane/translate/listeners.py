@@ -61,6 +61,7 @@ def edge_listener(settings: EdgeSettings) -> listener_pb2.Listener:
         # Token streams may pause; only a stream silent this long is cut.
         stream_idle_timeout=seconds(settings.upstream_timeout_s),
         early_header_mutation_extensions=[_strip_route_header()],
+        local_reply_config=_openai_local_replies(),
         http_filters=[
             *([_usage_capture()] if settings.capture_usage else []),
             _request_fields(),
@@ -106,6 +107,45 @@ def _strip_route_header() -> extension_pb2.TypedExtensionConfig:
     )
     return extension_pb2.TypedExtensionConfig(
         name="envoy.http.early_header_mutation.header_mutation", typed_config=packed(mutation)
+    )
+
+
+LOCAL_REPLY_BODY = {
+    "error": {
+        "message": "%LOCAL_REPLY_BODY%",
+        "type": "upstream_error",
+        "param": None,
+        "code": "%RESPONSE_CODE_DETAILS%",
+    }
+}
+"""Envoy's own error replies (no healthy provider, every attempt reset or timed out, overflow,
+a body over the buffer limit), as the OpenAI-style JSON every SDK parses."""
+
+
+def _openai_local_replies() -> hcm_pb2.LocalReplyConfig:
+    """Envoy's own replies as OpenAI-style JSON instead of plain text. Only those Envoy makes up:
+    any reply with a response flag (upstream failures, overflow, timeouts) and a 413; ext_proc's
+    answers and the fallback routes' direct responses are JSON already and carry no flag."""
+    body = substitution_format_string_pb2.SubstitutionFormatString()
+    body.json_format.update(LOCAL_REPLY_BODY)
+    any_flag = accesslog_pb2.AccessLogFilter(
+        response_flag_filter=accesslog_pb2.ResponseFlagFilter()
+    )
+    too_large = accesslog_pb2.AccessLogFilter(
+        status_code_filter=accesslog_pb2.StatusCodeFilter(
+            comparison=accesslog_pb2.ComparisonFilter(
+                op=accesslog_pb2.ComparisonFilter.EQ,
+                value=base_pb2.RuntimeUInt32(
+                    default_value=413, runtime_key="gpu_router.local_reply.json_status"
+                ),
+            )
+        )
+    )
+    return hcm_pb2.LocalReplyConfig(
+        mappers=[
+            hcm_pb2.ResponseMapper(filter=f, body_format_override=body)
+            for f in (any_flag, too_large)
+        ]
     )
 
 

@@ -35,3 +35,10 @@ USAGE_METADATA_TEXT_KEY = "text"
 def credential_secret(provider: str) -> str:
     """The SDS secret holding a provider's API key."""
     return f"gpu-router.credential.{provider}"
+
+INFERENCE_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+"""The OpenAI paths the router sends to providers (ext_proc's ROUTED_PATHS)."""
+MODELS_PATH = "/v1/models"
+FALLBACK_ROUTE_PREFIX = "fallback/"
+"""Routes taken without ext_proc's answer are named "fallback/<policy>/<model>": the access log
+carries the route name, so the control plane books such a request under its model and policy."""

@@ -87,6 +87,10 @@ function envoy_on_request(handle)
   for key, value in pairs(found) do
     metadata:set(REQUEST, key, value)
   end
+  if found.model ~= nil then
+    -- The fallback routes (taken when ext_proc does not answer) match on the model.
+    handle:clearRouteCache()
+  end
 end
 """
 
