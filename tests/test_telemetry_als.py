@@ -5,7 +5,8 @@ Test scaffolding: a static Envoy bootstrap whose listener sets the "gpu_router" 
 with the set_metadata filter (standing in for ext_proc) and routes with the priority_group
 cluster specifier and a retry policy, as the generated config does: "/" tries prov-a then
 prov-b, "/dead" tries prov-dead (nothing listens) then prov-b; "/local" is a direct response.
-The upstreams keep connections alive, so attempts share upstream connections.
+The upstreams keep connections alive, so attempts share upstream connections. The listener
+also writes the durable edge file log, whose lines must give the records the ALS entries give.
 """
 
 from __future__ import annotations
@@ -23,11 +24,18 @@ from typing import Any
 import grpc
 import pytest
 from envoy.data.accesslog.v3 import accesslog_pb2
+from envoy.extensions.access_loggers.file.v3 import file_pb2
+from google.protobuf import json_format
 from envoy_fixtures import static_cluster
 from telemetry_fixtures import eventually
 
+from control_plane.accounting import record_from_edge_entry
 from control_plane.telemetry.als import ATTEMPT_LOG_NAME, EDGE_LOG_NAME, AccessLogReceiver
+from control_plane.telemetry.edge_file import entry_from_line
 from control_plane.telemetry.health import PROVIDER_WIDE, FleetHealth, HealthState
+from control_plane.translate.durable_log import durable_edge_log
+from control_plane.translate.settings import EdgeSettings
+from control_plane.usage.record import RequestRecord
 from gpu_router.processes import EnvoyAdmin, ManagedProcess, envoy_binary, free_port, http_get
 
 TYPE_PREFIX = "type.googleapis.com/"
@@ -131,8 +139,20 @@ def _failover_route(prefix: str, order: list[str]) -> dict[str, Any]:
     }
 
 
+def _durable_log(path: Path) -> dict[str, Any]:
+    """The edge's durable request log (translate/durable_log.py), written to `path`."""
+    (access_log,) = durable_edge_log(EdgeSettings(edge_log_dir=str(path.parent)))
+    config = file_pb2.FileAccessLog()
+    access_log.typed_config.Unpack(config)
+    config.path = str(path)
+    return {"name": access_log.name,
+            "typed_config": {"@type": TYPE_PREFIX + config.DESCRIPTOR.full_name,
+                             **json_format.MessageToDict(config, preserving_proto_field_name=True)}}
+
+
 def envoy_bootstrap(
-    *, admin_port: int, listen_port: int, upstream_ports: tuple[int, int], als_port: int
+    *, admin_port: int, listen_port: int, upstream_ports: tuple[int, int], als_port: int,
+    edge_file: Path,
 ) -> dict[str, Any]:
     set_metadata = {
         "name": "envoy.filters.http.set_metadata",
@@ -167,7 +187,7 @@ def envoy_bootstrap(
         "@type": TYPE_PREFIX + "envoy.extensions.filters.network.http_connection_manager.v3"
         ".HttpConnectionManager",
         "stat_prefix": "edge",
-        "access_log": [_grpc_log(EDGE_LOG_NAME)],
+        "access_log": [_grpc_log(EDGE_LOG_NAME), _durable_log(edge_file)],
         "route_config": {
             "name": "test",
             "virtual_hosts": [{"name": "all", "domains": ["*"], "routes": routes}],
@@ -212,6 +232,10 @@ eventually_soon = functools.partial(eventually, timeout_s=15.0, interval_s=0.05)
 """Envoy batches access logs for up to 100 ms; a real process is slower than a fake clock."""
 
 
+def usage_format(provider: str) -> str:
+    return "openai" if provider else "none"
+
+
 def now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -230,6 +254,7 @@ async def _run(tmp_path: Path, upstreams: tuple[int, int]) -> None:
     als_port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     admin_port, listen_port = free_port(), free_port()
+    edge_file = tmp_path / "edge-test-1.access.jsonl"
     config = tmp_path / "envoy.json"
     config.write_text(
         json.dumps(
@@ -238,12 +263,14 @@ async def _run(tmp_path: Path, upstreams: tuple[int, int]) -> None:
                 listen_port=listen_port,
                 upstream_ports=upstreams,
                 als_port=als_port,
+                edge_file=edge_file,
             )
         )
     )
     envoy = ManagedProcess(
         "envoy",
-        [envoy_binary(), "-c", str(config), "--disable-hot-restart", "-l", "warning"],
+        [envoy_binary(), "-c", str(config), "--disable-hot-restart", "-l", "warning",
+         "--file-flush-interval-msec", "50"],
         tmp_path / "envoy.log",
     )
     try:
@@ -306,6 +333,18 @@ async def _run(tmp_path: Path, upstreams: tuple[int, int]) -> None:
         per_model = fleet.get("prov-a", "m1", now_ms())
         assert per_model is not None and per_model.rate_429 == pytest.approx(1 / 4)
         assert per_model.state is HealthState.HEALTHY  # the 429 ejects the provider, not a model
+
+        # The durable file log gives the very record the ALS entry gives, request by request.
+        def file_records() -> dict[str, RequestRecord | None]:
+            lines = edge_file.read_bytes().splitlines() if edge_file.exists() else []
+            return {record.request_id: record for record in (
+                record_from_edge_entry(entry_from_line(line), usage_format) for line in lines)
+                if record is not None}
+
+        await eventually_soon(lambda: len(file_records()) == 8, "eight lines in the edge file")
+        als = {entry.request.request_id: record_from_edge_entry(entry, usage_format)
+               for entry, _ in requests}
+        assert file_records() == als
     finally:
         envoy.stop()
         await server.stop(grace=None)

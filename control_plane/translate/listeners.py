@@ -29,6 +29,7 @@ from envoy.extensions.http.early_header_mutation.header_mutation.v3 import (
 )
 from google.protobuf import wrappers_pb2
 
+from control_plane.translate.durable_log import durable_edge_log
 from control_plane.translate.envoy_api import ads_source, milliseconds, packed, seconds
 from control_plane.translate.names import (
     ACCESS_LOG_NAME,
@@ -68,7 +69,7 @@ def edge_listener(settings: EdgeSettings) -> listener_pb2.Listener:
             _ext_proc(settings),
             _router(settings),
         ],
-        access_log=[_access_log(settings), _stdout_log()],
+        access_log=[_access_log(settings), _stdout_log(), *durable_edge_log(settings)],
     )
     return listener_pb2.Listener(
         name=LISTENER,

@@ -16,6 +16,7 @@ from types import MappingProxyType
 from envoy.config.listener.v3 import listener_pb2
 from google.protobuf import any_pb2, json_format, struct_pb2
 
+from control_plane.translate import durable_log
 from control_plane.translate.names import LISTENER, METADATA_NAMESPACE
 from control_plane.xds import type_urls
 from control_plane.xds.snapshot import TypeResources
@@ -62,19 +63,27 @@ def edge_port_from_metadata(metadata: struct_pb2.Struct) -> int | None:
 
 
 def node_resources(node: Node | None, type_url: str, entry: TypeResources) -> TypeResources:
-    """What `node` is served of one snapshot type: `entry` itself unless the node patches it."""
-    if node is None or node.edge_port is None or type_url != type_urls.LISTENER:
+    """What `node` is served of one snapshot type: `entry` itself unless the node patches it
+    (its edge port; its own durable request-log file, see translate/durable_log.py)."""
+    if node is None or type_url != type_urls.LISTENER:
         return entry
     packed = entry.resources.get(LISTENER)
     if packed is None:
         return entry
     listener = listener_pb2.Listener()
     packed.Unpack(listener)
-    listener.address.socket_address.port_value = node.edge_port
+    qualifiers = []
+    if node.edge_port is not None:
+        listener.address.socket_address.port_value = node.edge_port
+        qualifiers.append(str(node.edge_port))
+    if durable_log.for_node(listener, node.id):
+        qualifiers.append(node.id)
+    if not qualifiers:
+        return entry
     moved = any_pb2.Any()
     moved.Pack(listener, deterministic=True)
     return TypeResources(
-        version=f"{entry.version}{_VERSION_SEPARATOR}{node.edge_port}",
+        version=f"{entry.version}{_VERSION_SEPARATOR}{'/'.join(qualifiers)}",
         resources=MappingProxyType({**entry.resources, LISTENER: moved}),
     )
 
