@@ -5,19 +5,24 @@ story: ext_proc's decision ("gpu_router" dynamic metadata), what the edge's requ
 from the body ("gpu_router.request"), the usage text the response Lua filter captured
 ("gpu_router.usage"), who finally served and after how many attempts, and ext_proc's own
 time (its filter state). Reading it here keeps all of this off the client's path.
+
+A request is booked once: the gRPC access log and the reconciler (which replays the edges'
+durable logs after an outage, ledger/reconcile.py) both call `book`, which refuses a request id
+it booked recently; the ledger's unique index refuses one booked by an earlier process.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
 from envoy.data.accesslog.v3 import accesslog_pb2
 from google.protobuf import struct_pb2
 
-from control_plane.audit import AuditLog
-from control_plane.ledger.store import LedgerWriter, ledger_row
+from control_plane.audit import KEEP_ROTATED, MAX_BYTES, AuditLog
+from control_plane.ledger.store import RETENTION_DAYS, LedgerWriter, LogOffset, ledger_row
 from control_plane.metrics import Metrics
 from control_plane.policy.model import RoutingConfig
 from control_plane.telemetry.samples import (
@@ -35,6 +40,7 @@ from control_plane.usage.record import RequestRecord
 REQUEST_NAMESPACE = "gpu_router.request"
 USAGE_NAMESPACE = "gpu_router.usage"
 EXT_PROC_FILTER_STATE = "envoy.filters.http.ext_proc"
+RECENT_IDS = 100_000
 
 log = logging.getLogger(__name__)
 
@@ -90,22 +96,53 @@ def record_from_edge_entry(
     )
 
 
+class RecentIds:
+    """The last `capacity` request ids booked, in booking order: what this process booked
+    and may not yet have committed to the ledger."""
+
+    def __init__(self, capacity: int = RECENT_IDS) -> None:
+        self._capacity = capacity
+        self._ids: set[str] = set()
+        self._order: deque[str] = deque()
+
+    def __contains__(self, request_id: object) -> bool:
+        return request_id in self._ids
+
+    def add(self, request_id: str) -> bool:
+        """Whether it is new (and now remembered)."""
+        if request_id in self._ids:
+            return False
+        self._ids.add(request_id)
+        self._order.append(request_id)
+        if len(self._order) > self._capacity:
+            self._ids.discard(self._order.popleft())
+        return True
+
+
 class Accounting:
     """Subscribed to the access-log receiver; one `book` per client request, O(1) writes."""
 
-    def __init__(self, metrics: Metrics, ledger_path: Path | None, audit_path: Path | None) -> None:
+    def __init__(self, metrics: Metrics, ledger_path: Path | None, audit_path: Path | None, *,
+                 retention_days: float = RETENTION_DAYS, audit_max_bytes: int = MAX_BYTES,
+                 audit_keep: int = KEEP_ROTATED) -> None:
         self.metrics = metrics
         self._prices = PriceBook(prices={}, usage_formats={})
-        self._ledger = None if ledger_path is None else LedgerWriter(ledger_path)
-        self._audit = None if audit_path is None else AuditLog(audit_path)
+        self._ledger = None if ledger_path is None else LedgerWriter(
+            ledger_path, retention_days=retention_days,
+            on_drop=lambda rows, _error: metrics.count_dropped_rows(rows))
+        self._audit = None if audit_path is None else AuditLog(
+            audit_path, max_bytes=audit_max_bytes, keep=audit_keep)
+        self.booked = RecentIds()
+        """Request ids this process booked lately (the reconciler skips them too)."""
 
     def use_policy(self, config: RoutingConfig) -> None:
         self._prices = PriceBook.from_config(config)
 
-    def book(self, entry: accesslog_pb2.HTTPAccessLogEntry, node: str) -> None:
+    def book(self, entry: accesslog_pb2.HTTPAccessLogEntry, node: str) -> bool:
+        """Book the client request `entry` closes; False when it closes none or was booked."""
         record = record_from_edge_entry(entry, self._prices.usage_format)
-        if record is None:
-            return
+        if record is None or not self.booked.add(record.request_id):
+            return False
         usage = normalise(record)
         price = self._prices.price(record.provider, record.model)
         try:
@@ -118,6 +155,12 @@ class Accounting:
             self._ledger.add(ledger_row(record, usage, cost))
         if self._audit is not None:
             self._audit.add(record, usage, cost)
+        return True
+
+    def mark_offset(self, offset: LogOffset) -> None:
+        """The reconciler's position, committed after every request booked before it."""
+        if self._ledger is not None:
+            self._ledger.add_offset(offset)
 
     def close(self) -> None:
         for writer in (self._ledger, self._audit):

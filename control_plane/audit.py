@@ -6,6 +6,10 @@ reason, then who served after any failover, attempts, latency, status, tokens an
 cost. Lines are built and written by a background thread in batches (like the
 ledger, see control_plane/ledger/batching.py), so `add` never waits for the disk;
 a crash loses at most the last 0.5 s / 200 lines.
+
+The file is rotated by size, as logrotate would: once it reaches `max_bytes` it becomes
+audit.jsonl.1 (the older ones shift to .2, ...; the one past `keep` is deleted) and a new
+file starts, so the log never holds more than about (keep + 1) x max_bytes.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from control_plane.usage.normalise import Usage
 from control_plane.usage.record import RequestRecord
 
 EXCLUDED_PREFIX = "x:"
+MAX_BYTES = 100 * 1024 * 1024
+KEEP_ROTATED = 5
 
 
 def parse_candidates(summary: str) -> list[dict[str, Any]]:
@@ -86,9 +92,14 @@ class AuditLog:
     """Appends audit lines to `path` (created with its directory) from a background thread."""
 
     def __init__(self, path: str | Path, *, flush_interval_s: float = 0.5,
-                 max_batch: int = 200) -> None:
+                 max_batch: int = 200, max_bytes: int = MAX_BYTES,
+                 keep: int = KEEP_ROTATED) -> None:
+        if max_bytes < 1 or keep < 0:
+            raise ValueError(f"need max_bytes >= 1 and keep >= 0, got {max_bytes}, {keep}")
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._max_bytes = max_bytes
+        self._keep = keep
         self._file: TextIO = self.path.open("a", encoding="utf-8", buffering=1)
         self._batcher: BackgroundBatcher[tuple[RequestRecord, Usage, float]] = (
             BackgroundBatcher(self._write, name=f"audit-log:{self.path}",
@@ -103,6 +114,24 @@ class AuditLog:
         self._batcher.close()
         self._file.close()
 
+    def rotated(self, index: int) -> Path:
+        """The index-th rotated file (1 = the newest)."""
+        return self.path.with_name(f"{self.path.name}.{index}")
+
     def _write(self, batch: list[tuple[RequestRecord, Usage, float]]) -> None:
         self._file.write("".join(
             json.dumps(audit_entry(*item), separators=(",", ":")) + "\n" for item in batch))
+        if self._file.tell() >= self._max_bytes:
+            self._rotate()
+
+    def _rotate(self) -> None:
+        self._file.close()
+        if self._keep == 0:
+            self.path.unlink()
+        else:
+            self.rotated(self._keep).unlink(missing_ok=True)
+            for index in range(self._keep - 1, 0, -1):
+                if self.rotated(index).exists():
+                    self.rotated(index).rename(self.rotated(index + 1))
+            self.path.rename(self.rotated(1))
+        self._file = self.path.open("a", encoding="utf-8", buffering=1)

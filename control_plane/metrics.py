@@ -18,6 +18,9 @@ Metric names (deploy/grafana/gpu-router.json reads them):
   gpu_router_estimated_usage_total{provider,model}         requests with estimated tokens
   gpu_router_cost_usd_total{provider,model}
   gpu_router_decisions_total{policy,strategy,reason}       reason: its first words only
+  gpu_router_ledger_rows_dropped_total                     ledger rows lost after every retry
+  gpu_router_reconciled_requests_total{node}               requests booked from an edge's
+                                                           durable log (the ALS entry was lost)
 A request nobody served has provider="none".
 """
 
@@ -211,9 +214,17 @@ class Metrics:
                                   "ext_proc's time per request, as Envoy's ext_proc filter "
                                   "measured it (Envoy has no ext_proc timing stat).",
                                   (), EXT_PROC_BUCKETS_S)
+        self.ledger_dropped = Counter("gpu_router_ledger_rows_dropped_total",
+                                      "Ledger rows lost because every retry of their batch "
+                                      "failed (each drop is also logged).", ())
+        self.ledger_dropped.inc((), 0)
+        self.reconciled = Counter("gpu_router_reconciled_requests_total",
+                                  "Requests booked from an edge's durable request log because "
+                                  "their gRPC access-log entry never arrived.", ("node",))
         self._registry: tuple[Counter | Histogram, ...] = (
             self.requests, self.errors, self.rate_limited, self.failovers, self.duration,
-            self.ttfb, self.tokens, self.estimated, self.cost, self.decisions, self.ext_proc)
+            self.ttfb, self.tokens, self.estimated, self.cost, self.decisions, self.ext_proc,
+            self.ledger_dropped, self.reconciled)
         self._lock = threading.Lock()
         self._buckets: dict[int, dict[str, _Bucket]] = {}
         self._decisions: deque[dict[str, Any]] = deque(maxlen=RECENT_DECISIONS)
@@ -244,6 +255,15 @@ class Metrics:
             if record.ext_proc_us:
                 self.ext_proc.observe((), record.ext_proc_us / 1e6)
             self._record_history(record, provider, error, cost_usd)
+
+    def count_dropped_rows(self, rows: int) -> None:
+        """Any thread (the ledger's writer calls it)."""
+        with self._lock:
+            self.ledger_dropped.inc((), rows)
+
+    def count_reconciled(self, node: str, requests: int) -> None:
+        with self._lock:
+            self.reconciled.inc((node,), requests)
 
     def _record_history(self, record: RequestRecord, provider: str, error: bool,
                         cost_usd: float) -> None:

@@ -69,3 +69,28 @@ def test_log_writes_one_json_line_per_request_and_appends(tmp_path: Path) -> Non
     assert [json.loads(line)["request_id"] for line in lines] == [
         f"run{run}-{index}" for run in range(2) for index in range(3)]
     assert all(json.loads(line)["outcome"]["cost_usd"] == 0.5 for line in lines)
+
+
+def test_log_rotates_by_size_and_keeps_the_newest_files(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(path, max_bytes=1, keep=2, max_batch=1)  # every line fills a file
+    for index in range(4):
+        record = make_record(request_id=f"r{index}")
+        log.add(record, normalise(record), 0.0)
+    log.close()
+
+    def ids(file: Path) -> list[str]:
+        return [json.loads(line)["request_id"] for line in file.read_text().splitlines()]
+
+    assert path.read_text() == ""
+    assert (ids(log.rotated(1)), ids(log.rotated(2))) == (["r3"], ["r2"])
+    assert not log.rotated(3).exists()
+
+
+def test_a_line_below_the_size_limit_does_not_rotate(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(path, max_bytes=1 << 20, keep=2)
+    record = make_record(request_id="r0")
+    log.add(record, normalise(record), 0.0)
+    log.close()
+    assert len(path.read_text().splitlines()) == 1 and not log.rotated(1).exists()

@@ -20,6 +20,7 @@ from control_plane.ledger.report import (
 )
 from control_plane.ledger.store import LedgerWriter, ledger_row
 from control_plane.usage.normalise import normalise
+from gpu_router import cli
 
 NOW = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 NOW_MS = int(NOW.timestamp() * 1000)
@@ -132,3 +133,23 @@ def test_missing_ledger_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ReportError, match="no usage ledger at"):
         run_report(tmp_path / "absent.db", "1h", "table")
     assert not (tmp_path / "absent.db").exists(), "reporting never creates a ledger"
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("99999999d", r"window of 99999999 days starts before 1970-01-01: at most 19844d"),
+    ("9999999999999d", r"window '9999999999999d' is too long"),
+    ("99999999999999999999s", r"window '99999999999999999999s' is too long"),
+])
+def test_a_window_reaching_before_1970_is_a_clear_error(ledger: Path, text: str,
+                                                        message: str) -> None:
+    with pytest.raises(ReportError, match=message):
+        run_report(ledger, text, "table", now=NOW)
+
+
+def test_the_cli_prints_the_error_for_an_absurd_window(
+        ledger: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["report", "--since", "99999999d", "--ledger", str(ledger)])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("gpu-router report: window of 99999999 days") and "Traceback" not in err

@@ -1,8 +1,11 @@
 """The SQLite usage ledger: rows round-trip; batches flush on size, on time and on close;
-a crash loses only rows added since the last committed batch."""
+a crash loses only rows added since the last committed batch; one row per request id; old
+rows pruned; a batch that keeps failing is dropped, counted and logged."""
 
 from __future__ import annotations
 
+import json
+import logging
 import sqlite3
 import subprocess
 import sys
@@ -14,13 +17,17 @@ from pathlib import Path
 import pytest
 from usage_fixtures import make_record
 
-from control_plane.ledger.batching import BatcherClosedError
+from control_plane.app import JsonLogFormatter
+from control_plane.ledger.batching import RETRIES, BatcherClosedError
 from control_plane.ledger.store import (
     LedgerRow,
     LedgerWriter,
+    LogOffset,
     default_ledger_path,
+    known_request_ids,
     ledger_row,
     open_ledger,
+    read_offsets,
     read_rows,
 )
 from control_plane.usage.normalise import normalise
@@ -126,3 +133,80 @@ def test_a_crash_loses_only_the_rows_not_yet_flushed(tmp_path: Path) -> None:
     with open_ledger(path) as connection:
         rows = read_rows(connection)
     assert [r.request_id for r in rows] == [f"req-{i}" for i in range(200)]
+
+
+def test_a_request_id_is_booked_once_whichever_path_or_process_writes_it(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.db"
+    for _ in range(2):  # two processes, one after the other
+        writer = LedgerWriter(path)
+        writer.add(row(1))
+        writer.add(row(1))
+        writer.add(row(2))
+        writer.close()
+    with open_ledger(path) as connection:
+        assert sorted(r.request_id for r in read_rows(connection)) == ["req-1", "req-2"]
+
+
+def test_a_version_1_ledger_keeps_the_first_row_of_a_repeated_request(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.db"
+    with sqlite3.connect(path) as old:
+        old.execute("CREATE TABLE requests (id INTEGER PRIMARY KEY, request_id TEXT NOT NULL, "
+                    "at_unix_ms INTEGER NOT NULL)")
+        old.executemany("INSERT INTO requests (request_id, at_unix_ms) VALUES (?, ?)",
+                        [("a", 1), ("a", 2), ("b", 3)])
+        old.execute("PRAGMA user_version=1")
+    with open_ledger(path) as connection:
+        assert connection.execute("SELECT request_id, at_unix_ms FROM requests ORDER BY id"
+                                  ).fetchall() == [("a", 1), ("b", 3)]
+        with pytest.raises(sqlite3.IntegrityError):
+            connection.execute("INSERT INTO requests (request_id, at_unix_ms) VALUES ('a', 4)")
+
+
+def test_rows_older_than_the_retention_are_pruned(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.db"
+    writer = LedgerWriter(path)
+    for index in range(3):
+        writer.add(row(index))  # at 1_700_000_000_000 + index ms
+    writer.close()
+    day_s = 86_400
+    # 10 days later, a 10-day retention keeps rows from 1_700_000_000_001 ms on.
+    LedgerWriter(path, retention_days=10, clock=lambda: 1_700_000_000.001 + 10 * day_s).close()
+    with open_ledger(path) as connection:
+        assert [r.request_id for r in read_rows(connection)] == ["req-1", "req-2"]
+    LedgerWriter(path, retention_days=10, clock=lambda: 1_700_000_000 + 11 * day_s).close()
+    assert count(path) == 0
+
+
+def test_a_batch_that_keeps_failing_is_dropped_counted_and_logged(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "ledger.db"
+    open_ledger(path).executescript(
+        "CREATE TRIGGER full BEFORE INSERT ON requests BEGIN SELECT RAISE(ABORT, 'disk full'); END")
+    drops: list[tuple[int, str]] = []
+    writer = LedgerWriter(path, on_drop=lambda rows, error: drops.append((rows, str(error))))
+    writer.add(row(1))
+    writer.add(row(2))
+    writer.add_offset(LogOffset(path="/x", inode=1, offset=10))
+    with caplog.at_level(logging.WARNING, logger="control_plane.ledger.batching"):
+        writer.close()
+    assert drops == [(2, "disk full")] and writer.dropped == 2
+    retried = [r for r in caplog.records if r.getMessage() == "batch write failed, retrying"]
+    (dropped,) = [r for r in caplog.records if r.getMessage() == "batch dropped"]
+    assert len(retried) == RETRIES
+    line = json.loads(JsonLogFormatter().format(dropped))
+    assert (line["level"], line["count"], line["attempts"]) == ("error", 3, RETRIES + 1)
+    assert "disk full" in line["error"]
+    assert count(path) == 0
+
+
+def test_reconciler_offsets_commit_with_the_rows(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.db"
+    writer = LedgerWriter(path)
+    writer.add(row(1))
+    writer.add_offset(LogOffset(path="/logs/edge-1.access.jsonl", inode=7, offset=100))
+    writer.add_offset(LogOffset(path="/logs/edge-1.access.jsonl", inode=7, offset=250))
+    writer.close()
+    with open_ledger(path) as connection:
+        assert read_offsets(connection) == {"/logs/edge-1.access.jsonl": LogOffset(
+            path="/logs/edge-1.access.jsonl", inode=7, offset=250)}
+        assert known_request_ids(connection, ["req-1", "req-9"]) == {"req-1"}

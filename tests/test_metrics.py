@@ -136,7 +136,18 @@ def test_label_values_and_help_are_escaped() -> None:
 
 def test_empty_registry_still_declares_every_metric() -> None:
     types, samples = parse_exposition(Metrics().render())
-    assert len(types) == 11 and samples == {}
+    assert len(types) == 13
+    assert samples == {("gpu_router_ledger_rows_dropped_total", frozenset()): 0.0}
+
+
+def test_dropped_ledger_rows_and_reconciled_requests_are_counted() -> None:
+    metrics = Metrics()
+    metrics.count_dropped_rows(3)
+    metrics.count_dropped_rows(2)
+    metrics.count_reconciled("edge-1", 4)
+    _, samples = parse_exposition(metrics.render())
+    assert samples[("gpu_router_ledger_rows_dropped_total", frozenset())] == 5
+    assert samples[("gpu_router_reconciled_requests_total", L(node="edge-1"))] == 4
 
 
 def test_ext_proc_time_from_envoys_filter_state_is_a_histogram() -> None:

@@ -10,18 +10,29 @@ What a crash loses: the items added since the last batch the sink finished,
 i.e. at most `interval_s` worth of items or `max_batch` items, whichever comes
 first (plus whatever piles up while a slow sink is still writing the previous
 batch). `close()` writes everything before it returns.
+
+A batch whose write raises is tried again, `retries` more times with doubling backoff
+(a locked or briefly full disk recovers); only then is it dropped: counted in `dropped`,
+handed to `on_drop` (for the metrics) and logged as one JSON line with the count and the error.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
 
 logger = logging.getLogger(__name__)
+
+RETRIES = 3
+FIRST_BACKOFF_S = 0.1
+
+DropHook = Callable[[list[T], BaseException], None]
+"""Called with the items of a finally failed batch and the last error."""
 
 
 class BatcherClosedError(RuntimeError):
@@ -30,20 +41,26 @@ class BatcherClosedError(RuntimeError):
 
 class BackgroundBatcher(Generic[T]):
     def __init__(self, sink: Callable[[list[T]], None], *, name: str, interval_s: float = 0.5,
-                 max_batch: int = 200) -> None:
-        if interval_s <= 0 or max_batch < 1:
-            raise ValueError(f"need interval_s > 0 and max_batch >= 1, got {interval_s}, "
-                             f"{max_batch}")
+                 max_batch: int = 200, retries: int = RETRIES,
+                 first_backoff_s: float = FIRST_BACKOFF_S,
+                 on_drop: DropHook[T] | None = None) -> None:
+        if interval_s <= 0 or max_batch < 1 or retries < 0 or first_backoff_s < 0:
+            raise ValueError(f"need interval_s > 0, max_batch >= 1, retries >= 0 and "
+                             f"first_backoff_s >= 0, got {interval_s}, {max_batch}, {retries}, "
+                             f"{first_backoff_s}")
         self._sink = sink
         self._name = name
         self._interval_s = interval_s
         self._max_batch = max_batch
+        self._retries = retries
+        self._first_backoff_s = first_backoff_s
+        self._on_drop = on_drop
         self._pending: list[T] = []
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._closed = False
         self.dropped = 0
-        """Items lost because the sink raised (each failure is logged)."""
+        """Items lost because the sink kept raising (each drop is logged)."""
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -89,8 +106,22 @@ class BackgroundBatcher(Generic[T]):
                 return
 
     def _write(self, batch: list[T]) -> None:
-        try:
-            self._sink(batch)
-        except Exception:
-            self.dropped += len(batch)
-            logger.exception("%s: dropped a batch of %d", self._name, len(batch))
+        backoff_s = self._first_backoff_s
+        for attempt in range(self._retries + 1):
+            try:
+                self._sink(batch)
+                return
+            except Exception as error:  # noqa: BLE001 - any sink failure is retried, then counted
+                last = error
+                if attempt < self._retries:
+                    logger.warning("batch write failed, retrying", extra={
+                        "batcher": self._name, "count": len(batch), "attempt": attempt + 1,
+                        "error": repr(error)})
+                    time.sleep(backoff_s)
+                    backoff_s *= 2
+        self.dropped += len(batch)
+        logger.error("batch dropped", extra={
+            "batcher": self._name, "count": len(batch), "attempts": self._retries + 1,
+            "error": repr(last)})
+        if self._on_drop is not None:
+            self._on_drop(batch, last)

@@ -25,6 +25,7 @@ TOTAL = "total"
 FORMATS = ("table", "json")
 _WINDOW = re.compile(r"^(\d+)([smhd])$")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 class ReportError(Exception):
@@ -63,12 +64,29 @@ def parse_window(text: str) -> timedelta:
     if match is None or int(match.group(1)) == 0:
         raise ReportError(f"invalid window {text!r}: use a positive whole number and a unit "
                           "s, m, h or d, e.g. 15m, 1h, 24h, 30d")
-    return timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
+    try:
+        return timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
+    except OverflowError:
+        raise ReportError(f"window {text!r} is too long: it must start after "
+                          f"{_EPOCH:%Y-%m-%d}") from None
+
+
+def window_start(now: datetime, since: timedelta) -> datetime:
+    """now - since; ReportError when that is before the Unix epoch (no ledger row can be)."""
+    try:
+        start = now - since
+    except OverflowError:
+        start = None
+    if start is None or start < _EPOCH:
+        days = (now - _EPOCH).days
+        raise ReportError(f"window of {since.days} days starts before {_EPOCH:%Y-%m-%d}: "
+                          f"at most {days}d reaches back to the first possible ledger row")
+    return start
 
 
 def build_report(db_path: str | Path, since: timedelta, now: datetime) -> Report:
     """The report over ledger rows with since <= age, i.e. at_unix_ms >= now - since."""
-    start = now - since
+    start = window_start(now, since)
     rows = _rows(Path(db_path), int(start.timestamp() * 1000))
     by_provider: dict[str, list[tuple[float, int, float, int]]] = {}
     for provider, total_ms, status, cost, estimated in rows:

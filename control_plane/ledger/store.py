@@ -4,14 +4,25 @@ Rows are written by LedgerWriter in batches from a background thread (see
 batching.py): every 0.5 s or every 200 rows, whichever comes first, each batch in
 one transaction. A crash (kill -9, power loss after WAL sync) therefore loses at
 most the rows added since the last committed batch: the last 0.5 s of requests or
-200 requests, whichever is fewer. A clean close() loses nothing.
+200 requests, whichever is fewer. A clean close() loses nothing. A batch that fails is
+retried a few times, then dropped and counted (batching.py).
+
+Each request id has at most one row (a UNIQUE index; inserts that repeat one are ignored), so
+the gRPC access log and the reconciler that replays the edges' durable logs
+(reconcile.py) never book a request twice. Rows older than the retention are deleted by the
+writer thread (at open, then hourly). The reconciler's read position in each edge file is
+kept in the same database and written through the same batches, after the rows booked
+before it: a committed position means every request before it is in the ledger.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sqlite3
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import get_type_hints
@@ -22,7 +33,12 @@ from control_plane.usage.record import RequestRecord
 
 FLUSH_INTERVAL_S = 0.5
 MAX_BATCH_ROWS = 200
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+RETENTION_DAYS = 90
+PRUNE_INTERVAL_S = 3600.0
+_DAY_MS = 86_400_000
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -54,6 +70,15 @@ class LedgerRow:
     cost_usd: float
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LogOffset:
+    """How far the reconciler has booked one edge log file (by path and inode)."""
+
+    path: str
+    inode: int
+    offset: int
+
+
 COLUMNS = tuple(f.name for f in fields(LedgerRow))
 _SQL_TYPES = {int: "INTEGER", bool: "INTEGER", float: "REAL", str: "TEXT"}
 _COLUMN_TYPES = {name: _SQL_TYPES[kind] for name, kind in get_type_hints(LedgerRow).items()}
@@ -62,8 +87,13 @@ _SCHEMA = (
     + ", ".join(f"{name} {_COLUMN_TYPES[name]} NOT NULL" for name in COLUMNS)
     + ")",
     "CREATE INDEX IF NOT EXISTS requests_at ON requests (at_unix_ms)",
+    # Version 1 had no unique index: keep the first row of any repeated request id.
+    "DELETE FROM requests WHERE id NOT IN (SELECT min(id) FROM requests GROUP BY request_id)",
+    "CREATE UNIQUE INDEX IF NOT EXISTS requests_request_id ON requests (request_id)",
+    "CREATE TABLE IF NOT EXISTS edge_log_offsets (path TEXT PRIMARY KEY, "
+    "inode INTEGER NOT NULL, offset INTEGER NOT NULL)",
 )
-_INSERT = (f"INSERT INTO requests ({', '.join(COLUMNS)}) "
+_INSERT = (f"INSERT OR IGNORE INTO requests ({', '.join(COLUMNS)}) "
            f"VALUES ({', '.join('?' for _ in COLUMNS)})")
 
 
@@ -99,10 +129,37 @@ def open_ledger(path: str | Path) -> sqlite3.Connection:
     connection.execute("PRAGMA journal_mode=WAL")
     connection.execute("PRAGMA synchronous=NORMAL")
     with connection:
-        for statement in _SCHEMA:
-            connection.execute(statement)
-        connection.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        if connection.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION:
+            for statement in _SCHEMA:
+                connection.execute(statement)
+            connection.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
     return connection
+
+
+def prune(connection: sqlite3.Connection, retention_days: float, now_ms: int) -> int:
+    """Delete rows that started more than `retention_days` before `now_ms`; how many."""
+    cutoff = now_ms - int(retention_days * _DAY_MS)
+    with connection:
+        return connection.execute("DELETE FROM requests WHERE at_unix_ms < ?", (cutoff,)).rowcount
+
+
+def known_request_ids(connection: sqlite3.Connection, request_ids: Iterable[str]) -> set[str]:
+    """Which of `request_ids` already have a row."""
+    wanted = list(dict.fromkeys(request_ids))
+    known: set[str] = set()
+    for start in range(0, len(wanted), 500):
+        chunk = wanted[start:start + 500]
+        known.update(value for (value,) in connection.execute(
+            f"SELECT request_id FROM requests WHERE request_id IN ({', '.join('?' * len(chunk))})",
+            chunk))
+    return known
+
+
+def read_offsets(connection: sqlite3.Connection) -> dict[str, LogOffset]:
+    """The reconciler's committed position in each edge log file, by path."""
+    return {path: LogOffset(path=path, inode=inode, offset=offset)
+            for path, inode, offset in connection.execute(
+                "SELECT path, inode, offset FROM edge_log_offsets")}
 
 
 def read_rows(connection: sqlite3.Connection, since_unix_ms: int = 0) -> list[LedgerRow]:
@@ -127,27 +184,60 @@ class LedgerWriter:
 
     def __init__(self, path: str | Path | None = None, *,
                  flush_interval_s: float = FLUSH_INTERVAL_S,
-                 max_batch: int = MAX_BATCH_ROWS) -> None:
+                 max_batch: int = MAX_BATCH_ROWS,
+                 retention_days: float = RETENTION_DAYS,
+                 on_drop: Callable[[int, BaseException], None] | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        if retention_days <= 0:
+            raise ValueError(f"retention_days must be > 0, got {retention_days}")
         self.path = Path(path) if path is not None else default_ledger_path()
         self._connection = open_ledger(self.path)
-        self._batcher: BackgroundBatcher[LedgerRow] = BackgroundBatcher(
+        self._retention_days = retention_days
+        self._clock = clock
+        self._pruned_at = float("-inf")
+        self._on_drop = on_drop
+        self.dropped = 0
+        """Rows lost after every retry failed (each drop is logged)."""
+        self._prune_if_due()
+        self._batcher: BackgroundBatcher[LedgerRow | LogOffset] = BackgroundBatcher(
             self._write, name=f"ledger-writer:{self.path}", interval_s=flush_interval_s,
-            max_batch=max_batch)
-
-    @property
-    def dropped(self) -> int:
-        """Rows lost to SQLite errors (each logged)."""
-        return self._batcher.dropped
+            max_batch=max_batch, on_drop=self._dropped)
 
     def add(self, row: LedgerRow) -> None:
         """O(1), never waits for the disk."""
         self._batcher.add(row)
+
+    def add_offset(self, offset: LogOffset) -> None:
+        """Record the reconciler's position; committed with or after every row added before."""
+        self._batcher.add(offset)
 
     def close(self) -> None:
         """Commits every row added so far, then closes the database."""
         self._batcher.close()
         self._connection.close()
 
-    def _write(self, rows: list[LedgerRow]) -> None:
+    def _write(self, batch: list[LedgerRow | LogOffset]) -> None:
+        rows = [tuple(getattr(item, name) for name in COLUMNS)
+                for item in batch if isinstance(item, LedgerRow)]
+        offsets = {item.path: item for item in batch if isinstance(item, LogOffset)}
         with self._connection:
-            self._connection.executemany(_INSERT, [tuple(getattr(row, name) for name in COLUMNS) for row in rows])
+            self._connection.executemany(_INSERT, rows)
+            self._connection.executemany(
+                "INSERT OR REPLACE INTO edge_log_offsets (path, inode, offset) VALUES (?, ?, ?)",
+                [(o.path, o.inode, o.offset) for o in offsets.values()])
+        self._prune_if_due()
+
+    def _prune_if_due(self) -> None:
+        now = self._clock()
+        if now - self._pruned_at < PRUNE_INTERVAL_S:
+            return
+        self._pruned_at = now
+        deleted = prune(self._connection, self._retention_days, int(now * 1000))
+        if deleted:
+            log.info("ledger pruned", extra={"rows": deleted, "retention_days": self._retention_days})
+
+    def _dropped(self, batch: list[LedgerRow | LogOffset], error: BaseException) -> None:
+        rows = sum(isinstance(item, LedgerRow) for item in batch)
+        self.dropped += rows
+        if self._on_drop is not None and rows:
+            self._on_drop(rows, error)
