@@ -15,7 +15,7 @@ import logging
 import signal
 import sys
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -26,9 +26,10 @@ from envoy.service.discovery.v3 import ads_pb2_grpc
 
 from control_plane.accounting import Accounting
 from control_plane.admin_http import AdminHttpServer
-from control_plane.audit import default_audit_path
+from control_plane.audit import KEEP_ROTATED, MAX_BYTES, default_audit_path
 from control_plane.dashboard.data import dashboard_data
-from control_plane.ledger.store import default_ledger_path
+from control_plane.ledger.reconcile import Reconciler
+from control_plane.ledger.store import RETENTION_DAYS, default_ledger_path
 from control_plane.metrics import Metrics
 from control_plane.policy.load import default_policy_path
 from control_plane.rollout import REJECTIONS, Release, Rollout, prepare_release
@@ -70,6 +71,15 @@ class Options:
     """SQLite usage ledger; None: no ledger."""
     audit_log: Path | None = field(default_factory=default_audit_path)
     """One JSON line per routing decision and its outcome; None: no audit log."""
+    edge_log_dir: Path | None = None
+    """Where every edge appends each client request (a JSON line per request, one file per
+    node) for the ledger to reconcile; None: no such file, ALS only. Needs a ledger."""
+    ledger_retention_days: float = RETENTION_DAYS
+    """Ledger rows older than this are deleted."""
+    audit_max_bytes: int = MAX_BYTES
+    """The audit log is rotated at this size..."""
+    audit_keep: int = KEEP_ROTATED
+    """...keeping this many rotated files."""
     log_level: str = "info"
 
     @property
@@ -82,6 +92,7 @@ class Options:
             edge_port=self.edge_port,
             ext_proc_endpoints=self.ext_proc_endpoints,
             capture_usage=self.ledger is not None or self.audit_log is not None,
+            edge_log_dir=None if self.edge_log_dir is None else str(self.edge_log_dir),
         )
 
 
@@ -92,6 +103,19 @@ def _host_port(text: str) -> tuple[str, int]:
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
     return host, int(port)
+
+
+def _positive(kind: type[int] | type[float]) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
+        return value
+
+    return parse
 
 
 def parse_args(argv: Sequence[str] | None = None) -> Options:
@@ -135,6 +159,25 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         "--audit-log", type=Path, default=default_audit_path(), help="routing audit log (JSON lines)"
     )
     parser.add_argument(
+        "--edge-log-dir",
+        type=Path,
+        help="directory, on the edges' host, where each edge also appends every request to "
+        "<node>.access.jsonl; the ledger is reconciled from it after a control-plane outage "
+        "(default: off)",
+    )
+    parser.add_argument(
+        "--ledger-retention-days", type=_positive(float), default=RETENTION_DAYS,
+        help=f"delete ledger rows older than this (default: {RETENTION_DAYS})",
+    )
+    parser.add_argument(
+        "--audit-max-bytes", type=_positive(int), default=MAX_BYTES,
+        help=f"rotate the audit log at this size (default: {MAX_BYTES} = 100 MiB)",
+    )
+    parser.add_argument(
+        "--audit-keep", type=int, default=KEEP_ROTATED,
+        help=f"rotated audit logs kept, audit.jsonl.1 the newest (default: {KEEP_ROTATED})",
+    )
+    parser.add_argument(
         "--no-accounting",
         action="store_true",
         help="keep no ledger and no audit log, and do not capture usage at the edge "
@@ -155,6 +198,11 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         ext_proc_endpoints=tuple(dict.fromkeys(args.ext_proc_address or [DEFAULT_EXT_PROC])),
         ledger=None if args.no_accounting else args.ledger,
         audit_log=None if args.no_accounting else args.audit_log,
+        edge_log_dir=None if args.no_accounting or args.edge_log_dir is None
+        else args.edge_log_dir.resolve(),
+        ledger_retention_days=args.ledger_retention_days,
+        audit_max_bytes=args.audit_max_bytes,
+        audit_keep=max(args.audit_keep, 0),
         log_level=args.log_level,
     )
 
@@ -250,7 +298,16 @@ async def serve(options: Options, stop: asyncio.Event) -> None:
     fleet = FleetHealth()
     metrics = Metrics()
     first = prepare_release(options.policy_path, settings)
-    accounting = Accounting(metrics, options.ledger, options.audit_log)
+    accounting = Accounting(
+        metrics, options.ledger, options.audit_log,
+        retention_days=options.ledger_retention_days, audit_max_bytes=options.audit_max_bytes,
+        audit_keep=options.audit_keep,
+    )
+    reconciler = None
+    if options.edge_log_dir is not None and options.ledger is not None:
+        options.edge_log_dir.mkdir(parents=True, exist_ok=True)
+        reconciler = Reconciler(options.edge_log_dir, options.ledger, accounting, metrics,
+                                retention_days=options.ledger_retention_days)
     async def apply(release: Release) -> None:
         await rollout.apply(release)
         accounting.use_policy(release.config)
@@ -303,6 +360,8 @@ async def serve(options: Options, stop: asyncio.Event) -> None:
     ]
     if watcher is not None:
         jobs.append(watcher.run())
+    if reconciler is not None:
+        jobs.append(reconciler.run())
     tasks = [asyncio.create_task(job) for job in jobs]
     stopping = asyncio.create_task(stop.wait())
     try:
@@ -320,6 +379,8 @@ async def serve(options: Options, stop: asyncio.Event) -> None:
         await admin.stop()
         await server.stop(_STOP_GRACE_S)
         accounting.close()
+        if reconciler is not None:
+            reconciler.close()
         log.info("control_plane_stopped")
 
 
