@@ -158,6 +158,7 @@ class Stack:
         for port in self.ext_proc_ports:
             args += ["--ext-proc-address", f"127.0.0.1:{port}"]
         args += self.accounting
+        args += ["--edge-log-dir", str(self.log_dir)]  # each edge's durable request log
         control = python_module("control-plane", "control_plane", args, self.log_dir)
         self._launch(
             control,
