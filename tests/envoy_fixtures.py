@@ -1,8 +1,18 @@
-"""Pieces of static Envoy bootstraps that component tests build for the real Envoy."""
+"""Pieces that component tests running the real Envoy share: static clusters for hand-built
+bootstraps, the Envoy command line, gRPC servers and an ALS collector for translated ones."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from concurrent import futures
+from pathlib import Path
 from typing import Any
+
+import grpc
+from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
+from google.protobuf import empty_pb2
+
+from gpu_router.processes import envoy_binary
 
 TYPE_PREFIX = "type.googleapis.com/"
 
@@ -29,3 +39,31 @@ def static_cluster(
                       "explicit_http_config": {"http2_protocol_options": {}}},
         }
     return cluster
+
+
+def envoy_argv(config: Path, *extra: str) -> list[str]:
+    return [envoy_binary(), "-c", str(config), "--disable-hot-restart", "-l", "info", *extra]
+
+
+def grpc_server(port: int) -> grpc.Server:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    return server
+
+
+class AccessLogCollector(als_pb2_grpc.AccessLogServiceServicer):
+    """The control plane's ALS endpoint, reduced to keeping (log name, entry) pairs."""
+
+    def __init__(self) -> None:
+        self.entries: list[tuple[str, als_pb2.StreamAccessLogsMessage]] = []
+
+    def StreamAccessLogs(
+        self,
+        request_iterator: Iterable[als_pb2.StreamAccessLogsMessage],
+        context: grpc.ServicerContext,
+    ) -> empty_pb2.Empty:
+        log_name = ""
+        for message in request_iterator:
+            log_name = message.identifier.log_name or log_name
+            self.entries.extend((log_name, entry) for entry in message.http_logs.log_entry)
+        return empty_pb2.Empty()

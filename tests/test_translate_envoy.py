@@ -21,21 +21,21 @@ import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator
-from concurrent import futures
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import MappingProxyType
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 import pytest
 from envoy.config.core.v3 import base_pb2
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 from envoy.type.v3 import http_status_pb2
-from google.protobuf import empty_pb2, json_format, struct_pb2
+from envoy_fixtures import AccessLogCollector, envoy_argv, grpc_server
+from google.protobuf import json_format, struct_pb2
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from polling import eventually
 from translate_fixtures import provider, routing_config, static_bootstrap, write_bootstrap
 from usage_fixtures import make_record
@@ -46,7 +46,7 @@ from control_plane.translate.clusters import EXT_PROC_HEALTH_SERVICE
 from control_plane.translate.fallback_routes import FALLBACK_REASON
 from control_plane.translate.routes import route_configuration
 from control_plane.usage.normalise import normalise
-from gpu_router.processes import EnvoyAdmin, ManagedProcess, envoy_binary, free_port
+from gpu_router.processes import EnvoyAdmin, ManagedProcess, free_port
 
 ALPHA_KEY = "sk-alpha-7f3a9c1e"
 BETA_KEY = "beta-key-2d8b41f0"
@@ -62,10 +62,6 @@ ALPHA_LLAMA = "meta-llama/Llama-3.1-8B-Instruct"
 ODD_ID = 'odd "quoted" \\ back\\slashed é 100% ]] %1'
 """A provider id that needs Lua-string and JSON escaping (and would break a Lua gsub replacement)."""
 ALIASES = {"llama3-8b": "llama-3.1-8b"}
-
-
-def envoy_argv(config: Path, *extra: str) -> list[str]:
-    return [envoy_binary(), "-c", str(config), "--disable-hot-restart", "-l", "info", *extra]
 
 
 @dataclass
@@ -269,22 +265,6 @@ def _error(status: int, message: str) -> ep_pb2.ProcessingResponse:
     )
 
 
-class AccessLogCollector(als_pb2_grpc.AccessLogServiceServicer):
-    def __init__(self) -> None:
-        self.entries: list[tuple[str, als_pb2.StreamAccessLogsMessage]] = []
-
-    def StreamAccessLogs(
-        self,
-        request_iterator: Iterable[als_pb2.StreamAccessLogsMessage],
-        context: grpc.ServicerContext,
-    ) -> empty_pb2.Empty:
-        log_name = ""
-        for message in request_iterator:
-            log_name = message.identifier.log_name or log_name
-            self.entries.extend((log_name, entry) for entry in message.http_logs.log_entry)
-        return empty_pb2.Empty()
-
-
 @dataclass
 class Edge:
     port: int
@@ -392,12 +372,6 @@ class Edge:
 
     def ext_proc_messages(self) -> int:
         return self.admin.stats("http.edge.ext_proc.")["http.edge.ext_proc.stream_msgs_sent"]
-
-
-def grpc_server(port: int) -> grpc.Server:
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
-    server.add_insecure_port(f"127.0.0.1:{port}")
-    return server
 
 
 def config_for(upstreams: dict[str, Upstream], refused_port: int) -> RoutingConfig:

@@ -13,7 +13,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, Self
 
 import yaml
 
@@ -196,11 +196,11 @@ class Traffic:
                     self.outcomes[(exchange.status, exchange.provider)] += 1
                     if not exchange.ok and len(self.failed) < self.KEPT:
                         self.failed.append(exchange)
-        except BaseException as error:  # a client that dies silently would hide failures
+        except Exception as error:  # noqa: BLE001 -- a client that dies silently hides failures
             with self.lock:
                 self.crashes.append(error)
 
-    def __enter__(self) -> Traffic:
+    def __enter__(self) -> Self:
         for thread in self.threads:
             thread.start()
         return self

@@ -110,8 +110,7 @@ def test_traffic_counts_plain_text_errors_resets_and_timeouts_without_losing_cli
 
 def test_a_client_that_dies_of_a_bug_fails_the_test() -> None:
     traffic = Traffic(Stub("nope://127.0.0.1"), "m", {}, threads=2)
-    with pytest.raises(TrafficClientDied, match="unknown url type"):
-        with traffic:
-            eventually(lambda: len(traffic.crashes) == 2, "both clients to die")
-            with pytest.raises(TrafficClientDied):
-                traffic.failures()
+    with pytest.raises(TrafficClientDied, match="unknown url type"), traffic:
+        eventually(lambda: len(traffic.crashes) == 2, "both clients to die")
+        with pytest.raises(TrafficClientDied):
+            traffic.failures()
