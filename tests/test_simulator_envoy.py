@@ -1,16 +1,21 @@
-"""Simulated providers behind the real Envoy 1.40: what Envoy makes of each fault.
+"""Simulated providers behind the real Envoy 1.40: what the edge the translator generates makes
+of each fault.
 
-One static cluster holds two simulators at priorities 0 and 1; the route retries on 5xx, resets
-and 429 with the previous_priorities plugin, so a failed attempt on "first" moves to "second".
-Envoy actively health-checks both on /healthz.
+Two simulators are the providers "first" (cheaper) and "second" of a policy; the bootstrap holds
+translate()'s listener, routes and clusters. No ext_proc runs, so every request takes the
+fallback route, which tries first, then second (the route's retry policy walks the order on 5xx,
+resets and 429). Envoy actively health-checks both on /healthz. Outlier detection is set out of
+reach: these tests count each fault's attempts.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+from envoy_fixtures import envoy_argv
 from simulator_fixtures import (
     MODELS,
     Reply,
@@ -21,102 +26,63 @@ from simulator_fixtures import (
     set_fault,
     stats,
 )
+from translate_fixtures import static_bootstrap, write_bootstrap
 
-from gpu_router.processes import EnvoyAdmin, ManagedProcess, envoy_binary, free_port
+from control_plane.policy.load import load_policy_text
+from control_plane.translate import EdgeSettings, translate
+from gpu_router.processes import EnvoyAdmin, ManagedProcess, free_port
 from simulator.server import ProviderSim
 
 CHAT = "/v1/chat/completions"
 BODY = {"model": MODELS[0], "messages": [{"role": "user", "content": "hello"}]}
+PROVIDER = """\
+  - name: {name}
+    base_url: http://127.0.0.1:{port}
+    usage_format: none
+    health_check_path: /healthz
+    health_check: {{interval_ms: 200, timeout_ms: 1000, unhealthy_threshold: 1, healthy_threshold: 1}}
+    outlier_detection: {{consecutive_5xx: 1000, consecutive_gateway_failure: 1000,
+                        consecutive_local_origin_failure: 1000, failure_percentage_threshold: 100}}
+    gpus: [{{type: H100, memory_gb: 80}}]
+    models:
+{models}"""
+POLICY = """\
+version: 1
+providers:
+{providers}
+models:
+{models}
+policies:
+  - {{name: default, strategy: cost, max_fallbacks: 1, per_try_timeout_ms: 1000}}
+"""
 
 
-def endpoint(port: int, priority: int) -> dict[str, object]:
-    address = {"socket_address": {"address": "127.0.0.1", "port_value": port}}
-    return {"priority": priority, "lb_endpoints": [{"endpoint": {"address": address}}]}
+def policy_text(ports: dict[str, int]) -> str:
+    """first and second serve every simulated model; first is the cheaper."""
+    providers = [
+        PROVIDER.format(name=name, port=port, models="\n".join(
+            f"      - {{name: {model}, gpu: H100, price: {{input: {price}, output: {price}}}}}"
+            for model in MODELS))
+        for (name, port), price in zip(ports.items(), (0.1, 0.2), strict=True)
+    ]
+    models = "\n".join(f"  - {{name: {model}}}" for model in MODELS)
+    return POLICY.format(providers="\n".join(providers), models=models)
 
 
-def bootstrap(edge_port: int, admin_port: int, first: int, second: int) -> dict[str, object]:
-    route = {
-        "match": {"prefix": "/"},
-        "route": {
-            "cluster": "providers",
-            "timeout": "20s",
-            "retry_policy": {
-                "retry_on": "5xx,reset,retriable-status-codes",
-                "retriable_status_codes": [429],
-                "num_retries": 1,
-                "per_try_timeout": "1s",
-                "retry_priority": {
-                    "name": "envoy.retry_priorities.previous_priorities",
-                    "typed_config": {
-                        "@type": "type.googleapis.com/envoy.extensions.retry.priority."
-                        "previous_priorities.v3.PreviousPrioritiesConfig",
-                        "update_frequency": 1,
-                    },
-                },
-            },
-        },
-    }
-    manager = {
-        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager."
-        "v3.HttpConnectionManager",
-        "stat_prefix": "edge",
-        "route_config": {"virtual_hosts": [{"name": "all", "domains": ["*"], "routes": [route]}]},
-        "http_filters": [
-            {
-                "name": "envoy.filters.http.router",
-                "typed_config": {
-                    "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
-                },
-            }
-        ],
-    }
-    listener = {
-        "name": "edge",
-        "per_connection_buffer_limit_bytes": 32 * 1024 * 1024,
-        "address": {"socket_address": {"address": "127.0.0.1", "port_value": edge_port}},
-        "filter_chains": [
-            {
-                "filters": [
-                    {
-                        "name": "envoy.filters.network.http_connection_manager",
-                        "typed_config": manager,
-                    }
-                ]
-            }
-        ],
-    }
-    cluster = {
-        "name": "providers",
-        "type": "STATIC",
-        "connect_timeout": "1s",
-        "per_connection_buffer_limit_bytes": 32 * 1024 * 1024,
-        "load_assignment": {
-            "cluster_name": "providers",
-            "endpoints": [endpoint(first, 0), endpoint(second, 1)],
-        },
-        "health_checks": [
-            {
-                "timeout": "1s",
-                "interval": "0.2s",
-                "no_traffic_interval": "0.2s",
-                "unhealthy_threshold": 1,
-                "healthy_threshold": 1,
-                "http_health_check": {"path": "/healthz"},
-            }
-        ],
-    }
-    return {
-        "admin": {
-            "address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}
-        },
-        "static_resources": {"listeners": [listener], "clusters": [cluster]},
-    }
+def bootstrap(path: Path, edge_port: int, admin_port: int, ports: dict[str, int]) -> Path:
+    config = load_policy_text(policy_text(ports), "simulator-envoy-test")
+    settings = EdgeSettings(edge_port=edge_port, ext_proc_endpoints=(("127.0.0.1", free_port()),))
+    resources = translate(config, settings, {})
+    return write_bootstrap(
+        static_bootstrap(resources, admin_port=admin_port, xds_port=free_port()), path
+    )
 
 
-def host_flags(admin: EnvoyAdmin, port: int) -> str:
-    """The health_flags line of one host in /clusters ("healthy" or the failure flags)."""
+def host_flags(admin: EnvoyAdmin, sim: ProviderSim) -> str:
+    """The health_flags line of a provider's host in /clusters ("healthy" or the failure flags)."""
+    prefix = f"{sim.spec.name}::127.0.0.1:{sim.port}::health_flags::"
     for line in admin.clusters().splitlines():
-        if line.startswith(f"providers::127.0.0.1:{port}::health_flags::"):
+        if line.startswith(prefix):
             return line.rsplit("::", 1)[1]
     return "absent"
 
@@ -132,20 +98,16 @@ def edge(
     with running_sims(*specs) as (first, second):
         tmp = tmp_path_factory.mktemp("envoy")
         edge_port, admin_port = free_port(), free_port()
-        config = tmp / "envoy.json"
-        config.write_text(json.dumps(bootstrap(edge_port, admin_port, first.port, second.port)))
-        envoy = ManagedProcess(
-            "envoy",
-            [envoy_binary(), "-c", str(config), "--disable-hot-restart", "-l", "warning"],
-            tmp / "envoy.log",
-        )
+        config = bootstrap(tmp / "envoy.pb", edge_port, admin_port,
+                           {sim.spec.name: sim.port for sim in (first, second)})
+        envoy = ManagedProcess("envoy", envoy_argv(config), tmp / "envoy.log")
         admin = EnvoyAdmin(admin_port)
         try:
             envoy.start()
             envoy.wait_until(admin.ready, "admin ready")
             envoy.wait_until(
                 lambda: (
-                    host_flags(admin, first.port) == host_flags(admin, second.port) == "healthy"
+                    host_flags(admin, first) == host_flags(admin, second) == "healthy"
                 ),
                 "both simulators healthy",
             )
@@ -221,8 +183,8 @@ def test_total_error_fails_envoy_health_checks_until_cleared(
 ) -> None:
     edge_port, admin, first, _ = envoy_edge
     set_fault(first.port, mode="error", status=503)
-    poll_until(lambda: host_flags(admin, first.port) == "/failed_active_hc", "first to fail HC")
+    poll_until(lambda: host_flags(admin, first) == "/failed_active_hc", "first to fail HC")
     reply = through(edge_port)
     assert (reply.status, reply.headers["x-sim-provider"]) == (200, "second")
     set_fault(first.port, mode="none")
-    poll_until(lambda: host_flags(admin, first.port) == "healthy", "first healthy again")
+    poll_until(lambda: host_flags(admin, first) == "healthy", "first healthy again")
