@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -13,8 +12,9 @@ from control_plane.ledger.report import ReportError, run_report
 from control_plane.ledger.store import default_ledger_path
 from control_plane.policy.load import PolicyError, default_policy_path, load_policy_file
 from gpu_router.health_view import render_health
-from gpu_router.processes import ProcessError, http_get
+from gpu_router.processes import Cancelled, ProcessError, http_get
 from gpu_router.stack import Stack, StackPorts
+from gpu_router.supervisor import StopSignals, Supervisor
 
 
 def validate(args: argparse.Namespace) -> int:
@@ -41,26 +41,39 @@ def up(args: argparse.Namespace) -> int:
     ports = StackPorts(edge=args.edge_port, admin=args.admin_port, xds=args.xds_port,
                        ext_proc=args.ext_proc_port, control_http=args.http_port)
     log_dir = Path(args.log_dir) if args.log_dir else Path(tempfile.mkdtemp(prefix="gpu-router-"))
+    signals = StopSignals.install()
     stack = Stack(policy=policy, log_dir=log_dir, ports=ports, ext_proc_workers=args.workers,
-                  simulators=not args.no_simulators)
+                  simulators=not args.no_simulators, accounting=accounting_flags(args),
+                  cancelled=signals.requested)
     print(f"starting gpu-router with {policy} (logs in {log_dir}) ...", flush=True)
     try:
-        stack.start()
-        print(f"gpu-router is up: OpenAI-compatible endpoint {stack.url}/v1\n"
-              f"  Envoy admin     http://127.0.0.1:{ports.admin}/stats\n"
-              f"  control plane   {stack.control_url('/v1/health')}\n"
-              f"Ctrl-C stops everything.", flush=True)
-        stack.wait_forever()
-    except KeyboardInterrupt:
-        print("\nstopping ...", file=sys.stderr)
+        stack.start()  # stops what it started if it fails or a signal cancels it
+    except Cancelled:
+        print(f"gpu-router: stopped by {signals.names()[0]} while starting", file=sys.stderr)
         return 0
     except ProcessError as error:
         print(f"gpu-router: {error}", file=sys.stderr)
         return 1
+    print(f"gpu-router is up: OpenAI-compatible endpoint {stack.url}/v1\n"
+          f"  Envoy admin     http://127.0.0.1:{ports.admin}/stats\n"
+          f"  control plane   {stack.control_url('/v1/health')}\n"
+          f"Ctrl-C (or SIGTERM, SIGHUP) stops everything; children that exit are restarted.",
+          flush=True)
+    supervisor = Supervisor(stack, signals)
+    try:
+        supervisor.run()
     finally:
-        # A second Ctrl-C must not cut the shutdown short and leave children running.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        stack.stop()
+        stack.shutdown()
+        supervisor.report_stopped()
+    return 0
+
+
+def accounting_flags(args: argparse.Namespace) -> list[str]:
+    """The control plane's ledger and audit-log flags `up` was given (none: its defaults)."""
+    if args.no_accounting:
+        return ["--no-accounting"]
+    paths = {"--ledger": args.ledger, "--audit-log": args.audit_log}
+    return [word for flag, path in paths.items() if path for word in (flag, path)]
 
 
 def health(args: argparse.Namespace) -> int:
@@ -96,6 +109,9 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--workers", type=int, default=1, help="ext_proc worker processes")
     run.add_argument("--no-simulators", action="store_true", help="do not start simulated providers")
     run.add_argument("--log-dir", help="where child process logs go (default: a new temp dir)")
+    run.add_argument("--ledger", help="the control plane's SQLite usage ledger (default: its own)")
+    run.add_argument("--audit-log", help="the control plane's routing audit log (default: its own)")
+    run.add_argument("--no-accounting", action="store_true", help="keep no ledger and no audit log")
     defaults = StackPorts()
     run.add_argument("--edge-port", type=int, default=defaults.edge)
     run.add_argument("--admin-port", type=int, default=defaults.admin)

@@ -26,6 +26,10 @@ class ProcessError(RuntimeError):
     """A child process failed to start, died, or never became ready."""
 
 
+class Cancelled(Exception):
+    """Waiting for a child was given up because the caller is shutting down (a signal)."""
+
+
 _EPHEMERAL_RANGE_FILE = Path("/proc/sys/net/ipv4/ip_local_port_range")
 _LOWEST_PORT = 10000
 _handed_out: set[int] = set()
@@ -82,6 +86,16 @@ def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
         return error.code, error.read()
 
 
+def http_post(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
+    """POST with an empty body to a loopback URL; (status, body), HTTP errors returned."""
+    request = urllib.request.Request(url, data=b"", method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
 def port_open(port: int, host: str = "127.0.0.1") -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.settimeout(0.2)
@@ -97,6 +111,8 @@ class ManagedProcess:
     log_path: Path
     env: dict[str, str] | None = None
     popen: subprocess.Popen[bytes] | None = field(default=None, init=False)
+    started_at: float = field(default=0.0, init=False)
+    """time.monotonic() of the latest start: how long a run lasted decides restart backoff."""
 
     def start(self) -> ManagedProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -106,6 +122,7 @@ class ManagedProcess:
             list(self.argv), stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
         )
         log.close()
+        self.started_at = time.monotonic()
         return self
 
     @property
@@ -116,16 +133,25 @@ class ManagedProcess:
     def alive(self) -> bool:
         return self.popen is not None and self.popen.poll() is None
 
+    @property
+    def returncode(self) -> int | None:
+        """Exit status once it exited (negative: killed by that signal), None while it runs."""
+        return None if self.popen is None else self.popen.poll()
+
     def log_tail(self, lines: int = 40) -> str:
         try:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except FileNotFoundError:
             return "(no log)"
 
-    def wait_until(self, ready: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
-        """Poll `ready` until true; raise with the log tail if the process dies or time runs out."""
+    def wait_until(self, ready: Callable[[], bool], what: str, timeout: float = 30.0,
+                   cancelled: Callable[[], bool] = lambda: False) -> None:
+        """Poll `ready` until true; raise with the log tail if the process dies or time runs out,
+        Cancelled once `cancelled()` is true (a shutdown signal came while it started)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
+            if cancelled():
+                raise Cancelled(f"{self.name}: stopped waiting for {what}")
             if not self.alive():
                 raise ProcessError(f"{self.name} exited before {what}:\n{self.log_tail()}")
             try:
@@ -137,23 +163,37 @@ class ManagedProcess:
         raise ProcessError(f"{self.name}: timed out after {timeout:.0f}s waiting for {what}:\n{self.log_tail()}")
 
     def stop(self, grace: float = 5.0) -> None:
-        """SIGTERM the whole process group, then SIGKILL what is left after `grace` seconds."""
-        if self.popen is None or self.popen.poll() is not None:
+        """SIGTERM the whole process group, then SIGKILL what is left after `grace` seconds.
+
+        Also when the leader already exited: workers it left behind (a crashed ext_proc's)
+        still hold its port, and the group is the only handle on them.
+        """
+        if self.popen is None:
             return
-        try:
-            os.killpg(self.popen.pid, signal.SIGTERM)
-            self.popen.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.popen.pid, signal.SIGKILL)
-            self.popen.wait(timeout=grace)
-        except ProcessLookupError:
-            pass
+        if self.popen.poll() is None:
+            try:
+                self._signal_group(signal.SIGTERM)
+                self.popen.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                self._signal_group(signal.SIGKILL)
+                self.popen.wait(timeout=grace)
+        self._signal_group(signal.SIGKILL)
 
     def kill(self) -> None:
-        """SIGKILL at once: a crash, as the degraded-mode tests need."""
+        """SIGKILL the whole group at once: a crash, as the degraded-mode tests need."""
         if self.popen is not None and self.popen.poll() is None:
-            os.killpg(self.popen.pid, signal.SIGKILL)
+            self._signal_group(signal.SIGKILL)
             self.popen.wait(timeout=5)
+
+    def _signal_group(self, signum: int) -> None:
+        """Signal the child's process group (its own session: the group id is its pid). The
+        pid cannot be reused while any member of the group lives, so this never hits a
+        stranger as long as it is called right after the leader was reaped."""
+        assert self.popen is not None
+        try:
+            os.killpg(self.popen.pid, signum)
+        except ProcessLookupError:
+            pass
 
 
 def python_module(name: str, module: str, args: Sequence[str], log_dir: Path,
@@ -174,6 +214,15 @@ class EnvoyAdmin:
     def ready(self) -> bool:
         status, body = http_get(self.url("/ready"))
         return status == 200 and body.strip() == b"LIVE"
+
+    def drain_listeners(self) -> None:
+        """Start Envoy's graceful drain: for --drain-time-s it discourages keep-alive (HTTP/1.1
+        `connection: close`, HTTP/2 GOAWAY) while it still accepts, then closes its listeners.
+        SIGTERM alone closes them at once."""
+        status, body = http_post(self.url("/drain_listeners?graceful"))
+        if status != 200:
+            raise ProcessError(f"Envoy admin :{self.port} refused to drain ({status}): "
+                               f"{body[:200]!r}")
 
     def stats(self, prefix: str = "") -> dict[str, int]:
         """Counters and gauges as name -> value (histograms and text readouts left out)."""

@@ -4,11 +4,13 @@
 `Stack`, in dependency order, and stop it in reverse. A fleet on one machine is the same
 stack with several Envoy nodes (each asks the control plane for its own edge port through
 its node metadata) and several ext_proc replicas (each on its own port, all given to the
-control plane); degraded-mode tests kill and restart its processes by name.
+control plane); degraded-mode tests kill and restart its processes by name, and
+`gpu-router up`'s supervisor respawns the ones that exit.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Callable
@@ -29,6 +31,11 @@ from gpu_router.processes import (
     python_module,
 )
 
+SIMULATOR = "simulator"
+CONTROL_PLANE = "control-plane"
+EDGE_DRAIN_S = 2
+"""Envoy's --drain-time-s: how long a stopping edge keeps accepting while it discourages
+keep-alive, before its listeners close."""
 EDGE_NODE_CLUSTER = "gpu-router-edge"
 EXT_PROC_NODE_CLUSTER = "gpu-router-ext-proc"
 _LISTENER_TYPE = "type.googleapis.com/envoy.config.listener.v3.Listener"
@@ -37,6 +44,10 @@ _ROUTING_POLICY_TYPE = "type.googleapis.com/gpu_router.api.v1.RoutingPolicy"
 
 Probe = Callable[[], Callable[[], bool]]
 """Called just before a process (re)starts; returns the check that it is ready."""
+
+
+def _never() -> bool:
+    return False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -105,6 +116,8 @@ class Stack:
     edges: list[EdgeHandle] = field(default_factory=list)
     ext_proc_ports: list[int] = field(default_factory=list)
     """Port of each ext_proc replica, ext-proc-1 first."""
+    cancelled: Callable[[], bool] = _never
+    """True once the caller shuts down: starts and restarts stop waiting (Cancelled)."""
     _lifecycles: dict[str, _Lifecycle] = field(default_factory=dict, repr=False)
 
     def start(self, timeout: float = 60.0) -> Self:
@@ -131,7 +144,7 @@ class Stack:
         return self
 
     def start_simulators(self, timeout: float) -> None:
-        sims = python_module("simulator", "simulator", ["--policy", str(self.policy)], self.log_dir)
+        sims = python_module(SIMULATOR, "simulator", ["--policy", str(self.policy)], self.log_dir)
         ports = tuple(self.simulator_ports())
         self._launch(
             sims,
@@ -159,7 +172,7 @@ class Stack:
             args += ["--ext-proc-address", f"127.0.0.1:{port}"]
         args += self.accounting
         args += ["--edge-log-dir", str(self.log_dir)]  # each edge's durable request log
-        control = python_module("control-plane", "control_plane", args, self.log_dir)
+        control = python_module(CONTROL_PLANE, "control_plane", args, self.log_dir)
         self._launch(
             control,
             _Lifecycle(
@@ -206,7 +219,8 @@ class Stack:
         )
         argv = [
             envoy_binary(), "-c", str(bootstrap), "--disable-hot-restart",
-            "--log-level", "warning", "--drain-time-s", "2", "--parent-shutdown-time-s", "3",
+            "--log-level", "warning", "--drain-time-s", str(EDGE_DRAIN_S),
+            "--parent-shutdown-time-s", str(EDGE_DRAIN_S + 1),
             "--file-flush-interval-msec", "500",  # the decision log on stdout, near real time
         ]  # fmt: skip
         process = ManagedProcess(node_id, argv, self.log_dir / f"{node_id}.log")
@@ -227,7 +241,7 @@ class Stack:
         self.processes[process.name] = process
         self._lifecycles[process.name] = lifecycle
         ready = lifecycle.probe()
-        process.start().wait_until(ready, lifecycle.what, timeout)
+        process.start().wait_until(ready, lifecycle.what, timeout, self.cancelled)
 
     def kill(self, name: str, timeout: float = 10.0) -> None:
         """SIGKILL one process and its workers, as a crash would; return once none of its
@@ -240,7 +254,15 @@ class Stack:
             time.sleep(0.05)
 
     def restart(self, name: str, timeout: float = 60.0) -> None:
-        """Stop `name` if it still runs, start the same argv again (same ports), wait until ready.
+        """Respawn `name` and wait until it is ready again."""
+        what = self._lifecycles[name].what
+        if name == CONTROL_PLANE:
+            what += " and every node to resync"
+        self.processes[name].wait_until(self.respawn(name), what, timeout, self.cancelled)
+
+    def respawn(self, name: str) -> Callable[[], bool]:
+        """Stop `name` and what is left of its process group, start the same argv again (same
+        ports); return the check that it is ready, without waiting for it.
 
         Ready means what it meant at start; for the control plane also that every edge node
         and every ext_proc worker is back in sync with it (they reconnect with backoff).
@@ -248,9 +270,10 @@ class Stack:
         process, lifecycle = self.processes[name], self._lifecycles[name]
         process.stop()
         ready = lifecycle.probe()
-        process.start().wait_until(ready, lifecycle.what, timeout)
-        if name == "control-plane":
-            process.wait_until(self.fleet_synced, "every node to resync", timeout)
+        process.start()
+        if name == CONTROL_PLANE:
+            return lambda: ready() and self.fleet_synced()
+        return ready
 
     def edge_serves_models(self, edge: EdgeHandle) -> bool:
         status, body = http_get(f"{edge.url}/v1/models")
@@ -301,22 +324,36 @@ class Stack:
         return self.edges[0].url
 
     def stop(self) -> None:
+        """Stop everything at once, in reverse start order (tests, a failed start)."""
         for name in reversed(list(self.processes)):
             self.processes[name].stop()
+
+    def shutdown(self, drain_s: float = EDGE_DRAIN_S) -> None:
+        """Stop for good, the edges last and drained: every edge starts its graceful drain,
+        ext_proc and the control plane stop meanwhile (Envoy fails open without ext_proc and
+        keeps its last config without the control plane), the edges stop once `drain_s` has
+        passed, and the simulated providers after them, as the last requests still need them.
+        """
+        draining_since = time.monotonic()
+        edges = {edge.node_id: edge for edge in self.edges}
+        for edge in self.edges:
+            if edge.process.alive():
+                with contextlib.suppress(OSError, ProcessError):  # it stops by SIGTERM anyway
+                    edge.admin.drain_listeners()
+        for name in reversed(list(self.processes)):
+            if name not in edges and name != SIMULATOR:
+                self.processes[name].stop()
+        time.sleep(max(0.0, draining_since + drain_s - time.monotonic()))
+        for edge in reversed(self.edges):
+            edge.process.stop()
+        if SIMULATOR in self.processes:
+            self.processes[SIMULATOR].stop()
 
     def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-    def wait_forever(self) -> None:
-        """Block until a child dies (then raise) or the caller is interrupted."""
-        while True:
-            for name, process in self.processes.items():
-                if not process.alive():
-                    raise ProcessError(f"{name} exited:\n{process.log_tail()}")
-            time.sleep(0.5)
 
 
 def _acked_current(node: dict[str, Any], type_url: str) -> bool:

@@ -1,0 +1,225 @@
+"""`gpu-router up` as a service: children that crash come back by themselves under load, and
+SIGTERM, SIGHUP or SIGINT stop every process it started (ext_proc's workers too), exit 0."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from polling import eventually
+from stack_harness import Traffic, chat, policy_on_free_ports
+
+from control_plane.policy.load import default_policy_path
+from gpu_router.processes import free_port, port_open
+
+CLI = [sys.executable, "-c", "from gpu_router.cli import main; main()"]
+MODEL = "llama-3.1-8b"
+BATCH = {"x-workload": "batch"}
+CLIENTS = 8
+FALLBACK_REASON = "fallback: ext_proc unavailable"
+
+
+class Up:
+    """One `gpu-router up` on free ports, its JSON lines (stderr) read from a file."""
+
+    def __init__(self, directory: Path, workers: int = 2) -> None:
+        self.directory = directory
+        self.policy = policy_on_free_ports(default_policy_path(), directory / "policy.yaml")
+        self.ports = {name: free_port() for name in ("edge", "admin", "xds", "ext-proc", "http")}
+        self.ledger = directory / "ledger.db"
+        self.argv = [
+            *CLI, "up", "--policy", str(self.policy), "--log-dir", str(directory / "logs"),
+            "--workers", str(workers), "--ledger", str(self.ledger),
+            "--audit-log", str(directory / "audit.jsonl"),
+            *(arg for name, port in self.ports.items() for arg in (f"--{name}-port", str(port))),
+        ]  # fmt: skip
+        self.stdout, self.stderr = directory / "up.out", directory / "up.err"
+        self.popen: subprocess.Popen[bytes] | None = None
+        self.chats = 0
+        """Requests this test sent through the edge besides its Traffic."""
+
+    def start(self) -> Up:
+        with open(self.stdout, "wb") as out, open(self.stderr, "wb") as err:
+            self.popen = subprocess.Popen(self.argv, stdout=out, stderr=err)
+        eventually(self.started, "gpu-router up to print its endpoint", timeout=120)
+        return self
+
+    def started(self) -> bool:
+        assert self.popen is not None and self.popen.poll() is None, self.stderr.read_text()
+        return "Ctrl-C" in self.stdout.read_text()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.ports['edge']}"
+
+    def events(self, event: str, **match: Any) -> list[dict[str, Any]]:
+        """Its JSON lines of kind `event` whose fields include `match`."""
+        lines = (json.loads(line) for line in self.stderr.read_text().splitlines()
+                 if line.startswith("{"))
+        return [e for e in lines if e["event"] == event and match.items() <= e.items()]
+
+    def pid_of(self, child: str) -> int:
+        """The pid `child` runs as now, as the JSON lines tell."""
+        restarted = self.events("child_restarted", child=child)
+        if restarted:
+            return restarted[-1]["pid"]
+        return self.events("supervising")[0]["children"][child]
+
+    def chat(self) -> tuple[int, dict[str, str]]:
+        self.chats += 1
+        status, headers, _ = chat(self, MODEL, BATCH)
+        return status, headers
+
+    def child_pids(self) -> set[int]:
+        """Every child's pid, as first started and as restarted: each leads its own group."""
+        [supervising] = eventually(lambda: self.events("supervising"), "the supervising line")
+        restarted = {e["pid"] for e in self.events("child_restarted")}
+        return set(supervising["children"].values()) | restarted
+
+    def signal(self, signum: int) -> None:
+        assert self.popen is not None
+        self.popen.send_signal(signum)
+
+    def stop(self) -> None:
+        """Kill it and every group it started, whatever state a failed test left them in."""
+        if self.popen is None:
+            return
+        if self.popen.poll() is None:
+            self.popen.kill()
+            self.popen.wait()
+        for pgid in self.child_pids():
+            try:
+                os.killpg(pgid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def in_groups(pgids: set[int]) -> dict[int, str]:
+    """Living processes (not zombies) whose process group or session is one of `pgids`."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # pid (comm) state ppid pgrp session ...: comm may hold spaces, so split after it
+        state, _ppid, pgrp, session = stat.rsplit(")", 1)[1].split()[:4]
+        if state != "Z" and (int(pgrp) in pgids or int(session) in pgids):
+            found[int(entry.name)] = stat.split(" (", 1)[1].split(")", 1)[0]
+    return found
+
+
+@pytest.fixture
+def up(tmp_path: Path) -> Iterator[Up]:
+    running = Up(tmp_path).start()
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT],
+                         ids=lambda s: signal.Signals(s).name)
+def test_a_stop_signal_stops_every_child_and_exits_0(up: Up, signum: int) -> None:
+    pgids = up.child_pids()
+    before = in_groups(pgids)
+    assert len(before) >= len(pgids) + 2, before  # the two ext_proc workers in its group
+
+    up.signal(signum)
+    eventually(lambda: up.events("stopping"), "the stopping line")
+    up.signal(signum)  # a second signal during the shutdown must not cut it short
+
+    assert up.popen is not None and up.popen.wait(timeout=60) == 0, up.stderr.read_text()
+    assert in_groups(pgids) == {}
+    assert not [port for port in up.ports.values() if port_open(port)]
+    [stopped] = up.events("stopped")
+    assert stopped["signals"] == [signal.Signals(signum).name] * 2
+    assert set(stopped["restarts"].values()) == {0}
+
+
+def served(traffic: Traffic) -> int:
+    with traffic.lock:
+        return sum(n for (status, _), n in traffic.outcomes.items() if status == 200)
+
+
+def ledger_rows(path: Path) -> int:
+    """Rows of requests a provider served (the stack's readiness probes list models: none).
+    Not by model: a request routed by the fallback route has none in the ledger."""
+    if not path.exists():
+        return 0
+    with sqlite3.connect(path) as connection:
+        query = "select count(*) from requests where provider != ''"
+        return connection.execute(query).fetchone()[0]
+
+
+def routed_by_ext_proc(up: Up) -> bool:
+    status, headers = up.chat()
+    return status == 200 and headers.get("x-gpu-router-reason", "") not in ("", FALLBACK_REASON)
+
+
+def sent(up: Up, traffic: Traffic) -> int:
+    """Requests served through the edge so far: the traffic's and the test's own."""
+    return served(traffic) + up.chats
+
+
+def crash_and_recover(up: Up, traffic: Traffic, child: str) -> int:
+    """SIGKILL `child`'s process group; wait until the supervisor brought it back and the
+    edge routes through ext_proc again, with requests served all along. Returns how many
+    ledger rows the crash may cost: requests served after the ledger last caught up and
+    until `child` was ready again, and those in flight then."""
+    pid = up.pid_of(child)
+    mark = sent(up, traffic)
+    eventually(lambda: ledger_rows(up.ledger) >= mark, "the ledger to catch up before the crash")
+    os.killpg(pid, signal.SIGKILL)
+    [exited] = eventually(lambda: up.events("child_exited", child=child, pid=pid),
+                          f"{child}'s exit line")
+    assert exited["returncode"] == -signal.SIGKILL and exited["restarts"] == 1
+    assert exited["backoff_s"] == 0.5
+    [restarted] = eventually(lambda: up.events("child_restarted", child=child),
+                             f"{child} restarted")
+    assert restarted["pid"] != pid
+    eventually(lambda: up.events("child_ready", child=child, pid=restarted["pid"]),
+               f"{child} ready again", timeout=60)
+    at_risk = sent(up, traffic) - mark + CLIENTS
+    before = served(traffic)
+    eventually(lambda: served(traffic) > before + CLIENTS, "more requests through the edge")
+    eventually(lambda: routed_by_ext_proc(up), "the edge to route through ext_proc again")
+    return at_risk
+
+
+def test_crashed_ext_proc_and_control_plane_come_back_under_load(up: Up) -> None:
+    assert routed_by_ext_proc(up)
+
+    with Traffic(up, MODEL, BATCH, threads=CLIENTS) as traffic:
+        eventually(lambda: served(traffic) > CLIENTS, "requests to flow")
+        crash_and_recover(up, traffic, "ext-proc-1")
+        at_risk = crash_and_recover(up, traffic, "control-plane")
+        after = sent(up, traffic)
+        eventually(lambda: sent(up, traffic) > after + CLIENTS, "requests after the recovery")
+
+    assert traffic.failures() == {}, traffic.failed
+    assert {e["child"] for e in up.events("child_exited")} == {"ext-proc-1", "control-plane"}
+    up.signal(signal.SIGTERM)  # a clean stop writes every row the control plane received
+    assert up.popen is not None and up.popen.wait(timeout=60) == 0
+    [stopped] = up.events("stopped")
+    assert stopped["restarts"] == {"simulator": 0, "control-plane": 1, "ext-proc-1": 1, "edge-1": 0}
+    total = sent(up, traffic)
+    missing = total - ledger_rows(up.ledger)
+    assert 0 <= missing <= at_risk
+    # KNOWN GAP, not this change's: Envoy's access logs of requests served while the control
+    # plane was down (and its last unwritten ledger batch) are lost. A durable Envoy file log
+    # the control plane reconciles from on restart is being added; once it lands, this
+    # xfail must go and `missing == 0` is the assertion.
+    if missing:
+        pytest.xfail(f"{missing} of {total} requests missing from the ledger after the "
+                     f"control-plane crash (at most {at_risk} could be)")
