@@ -14,7 +14,7 @@ import statistics
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from gpu_router.processes import EnvoyAdmin
@@ -83,14 +83,19 @@ def percentile_ms(values: Sequence[float], q: int) -> float:
     return statistics.quantiles(values, n=100)[q - 1] * 1000 if len(values) >= 2 else float("nan")
 
 
-def counters(admins: Sequence[EnvoyAdmin], providers: Sequence[str]) -> tuple[int, int]:
-    """(client requests, attempts on provider clusters) summed over every Envoy node."""
-    requests = attempts = 0
+def counters(
+    admins: Sequence[EnvoyAdmin], providers: Sequence[str], extra: Sequence[str] = ()
+) -> tuple[int, ...]:
+    """(client requests, attempts on provider clusters, *the `extra` stats) summed over every
+    Envoy node."""
+    totals = [0] * (2 + len(extra))
     for admin in admins:
         stats = admin.stats()
-        requests += stats.get("http.edge.downstream_rq_total", 0)
-        attempts += sum(stats.get(f"cluster.{p}.upstream_rq_total", 0) for p in providers)
-    return requests, attempts
+        totals[0] += stats.get("http.edge.downstream_rq_total", 0)
+        totals[1] += sum(stats.get(f"cluster.{p}.upstream_rq_total", 0) for p in providers)
+        for index, name in enumerate(extra, start=2):
+            totals[index] += stats.get(name, 0)
+    return tuple(totals)
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,22 +107,30 @@ class Phase:
     """Client requests Envoy received in the phase (http.edge.downstream_rq_total)."""
     attempts: int
     """Attempts Envoy sent to provider clusters in the phase (their upstream_rq_total)."""
+    extra: tuple[int, ...] = ()
+    """How much each of the Phases' extra stats grew in the phase."""
 
 
 class Phases:
     """Phases recorded back to back: each starts where the previous one ended."""
 
-    def __init__(self, load: Load, admins: Sequence[EnvoyAdmin], providers: Sequence[str]) -> None:
+    def __init__(self, load: Load, admins: Sequence[EnvoyAdmin], providers: Sequence[str],
+                 extra: Mapping[str, str] | None = None) -> None:
+        """`extra`: column label -> Envoy stat, reported as its growth per phase."""
         self.load, self.admins, self.providers = load, admins, providers
+        self.extra = dict(extra or {})
         self.done: list[Phase] = []
         self._start = time.monotonic()
-        self._counters = counters(admins, providers)
+        self._counters = self._read()
+
+    def _read(self) -> tuple[int, ...]:
+        return counters(self.admins, self.providers, list(self.extra.values()))
 
     def mark(self, name: str) -> None:
         """End the current phase here, naming it."""
-        now, now_counters = time.monotonic(), counters(self.admins, self.providers)
-        requests, attempts = (b - a for a, b in zip(self._counters, now_counters, strict=True))
-        self.done.append(Phase(name, self._start, now, requests, attempts))
+        now, now_counters = time.monotonic(), self._read()
+        requests, attempts, *extra = (b - a for a, b in zip(self._counters, now_counters, strict=True))
+        self.done.append(Phase(name, self._start, now, requests, attempts, tuple(extra)))
         self._start, self._counters = now, now_counters
 
     def run(self, name: str, seconds: float, during: Callable[[], None] | None = None) -> None:
@@ -130,8 +143,9 @@ class Phases:
         self.mark(name)
 
     def report(self) -> str:
+        extra = "".join(f" {label:>{len(label)}}" for label in self.extra)
         lines = [f"{'phase':<36} {'requests':>8} {'failed':>6} {'attempts/req':>12}"
-                 f" {'p50 ms':>8} {'p99 ms':>8}  served by (failed: status)"]
+                 f" {'p50 ms':>8} {'p99 ms':>8}{extra}  served by (failed: status)"]
         for phase in self.done:
             window = self.load.window(phase.start, phase.end)
             latencies = [s.latency_s for s in window]
@@ -143,6 +157,7 @@ class Phases:
             lines.append(
                 f"{phase.name:<36} {len(window):>8} {failed.total():>6} {per_request:>12.2f}"
                 f" {percentile_ms(latencies, 50):>8.1f} {percentile_ms(latencies, 99):>8.1f}"
-                f"  {', '.join(outcomes)}"
+                + "".join(f" {n:>{len(label)}}" for label, n in zip(self.extra, phase.extra))
+                + f"  {', '.join(outcomes)}"
             )
         return "\n".join(lines)
