@@ -67,8 +67,8 @@ def fleet_policy(path: Path) -> tuple[Path, dict[str, int]]:
 
 def one_node_stack(work: Path, workers: int) -> tuple[Stack, dict[str, int]]:
     policy, ports = fleet_policy(work / "policy.yaml")
-    stack = Stack(policy=policy, log_dir=work, ports=StackPorts.free(), accounting=["--no-accounting"],
-                  ext_proc_workers=workers)
+    stack = Stack(policy=policy, log_dir=work, ports=StackPorts.free(),
+                  accounting=["--no-accounting"], ext_proc_workers=workers)
     return stack.start(), ports
 
 
@@ -158,7 +158,8 @@ def freeze_case(args: argparse.Namespace, work: Path) -> int:
         stack.stop()
     print(f"freeze: {args.clients} clients, ext_proc frozen (SIGSTOP) {args.freeze:.0f} s")
     if detected_at is not None:
-        print(f"SIGSTOP -> Envoy marks ext_proc unhealthy: {(detected_at - frozen_at) * 1000:.0f} ms")
+        print(f"SIGSTOP -> Envoy marks ext_proc unhealthy: "
+              f"{(detected_at - frozen_at) * 1000:.0f} ms")
     if healthy_at is not None:
         print(f"SIGCONT -> healthy again: {(healthy_at - resumed_at) * 1000:.0f} ms")
     print(phases.report())
@@ -177,8 +178,9 @@ def attempts_to(stack: Stack, provider: str) -> list[int]:
 
 def kill_case(args: argparse.Namespace, work: Path) -> int:
     policy, ports = fleet_policy(work / "policy.yaml")
-    sims = {name: python_module(f"sim-{name}", "simulator", ["--policy", str(policy), "--only", name],
-                                work).start() for name in PROVIDERS}
+    sims = {name: python_module(f"sim-{name}", "simulator",
+                                ["--policy", str(policy), "--only", name], work).start()
+            for name in PROVIDERS}
     stack = None
     try:
         for name, sim in sims.items():
@@ -216,7 +218,8 @@ def kill_case(args: argparse.Namespace, work: Path) -> int:
               f"{at_end[index] - at_ejection[index]} after")
     if ejected_at is not None:
         print(f"kill -> control plane ejected {VICTIM}: {(ejected_at - killed_at) * 1000:.0f} ms")
-    print(f"kill -> last attempt any node sent to {VICTIM}: {(last_change - killed_at) * 1000:.0f} ms")
+    print(f"kill -> last attempt any node sent to {VICTIM}: "
+          f"{(last_change - killed_at) * 1000:.0f} ms")
     for name, start, end in (("quiet", killed_at - args.quiet, killed_at),
                              ("failover", killed_at, killed_at + args.failover)):
         latencies = [s.latency_s for s in load.window(start, end)]
@@ -232,13 +235,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--case", nargs="+", choices=list(CASES), default=list(CASES))
-    parser.add_argument("--quiet", type=float, default=8.0, help="kill: seconds of load before the kill")
-    parser.add_argument("--failover", type=float, default=8.0, help="kill: seconds of load after it")
-    parser.add_argument("--clients", type=int, default=64, help="faults, freeze: concurrent clients")
-    parser.add_argument("--phase", type=float, default=3.0, help="faults, freeze: seconds per phase")
-    parser.add_argument("--freeze", type=float, default=5.0, help="freeze: seconds ext_proc is stopped")
-    parser.add_argument("--ext-proc-workers", type=int, default=1, help="faults, freeze")
+    option = parser.add_argument
+    option("--case", nargs="+", choices=list(CASES), default=list(CASES))
+    option("--quiet", type=float, default=8.0, help="kill: seconds of load before the kill")
+    option("--failover", type=float, default=8.0, help="kill: seconds of load after it")
+    option("--clients", type=int, default=64, help="faults, freeze: concurrent clients")
+    option("--phase", type=float, default=3.0, help="faults, freeze: seconds per phase")
+    option("--freeze", type=float, default=5.0, help="freeze: seconds ext_proc is stopped")
+    option("--ext-proc-workers", type=int, default=1, help="faults, freeze")
     args = parser.parse_args()
     status = 0
     for case in args.case:

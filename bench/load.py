@@ -129,7 +129,8 @@ class Phases:
     def mark(self, name: str) -> None:
         """End the current phase here, naming it."""
         now, now_counters = time.monotonic(), self._read()
-        requests, attempts, *extra = (b - a for a, b in zip(self._counters, now_counters, strict=True))
+        grown = (b - a for a, b in zip(self._counters, now_counters, strict=True))
+        requests, attempts, *extra = grown
         self.done.append(Phase(name, self._start, now, requests, attempts, tuple(extra)))
         self._start, self._counters = now, now_counters
 

@@ -34,7 +34,7 @@ def filter_stats(edge: EdgeHandle) -> dict[str, int]:
 
 
 def health_flags(edge: EdgeHandle) -> list[str]:
-    """The health flags of each ext_proc replica in /clusters ("healthy", "/failed_active_hc...")."""
+    """Each ext_proc replica's health flags in /clusters ("healthy", "/failed_active_hc...")."""
     prefix = f"{EXT_PROC}::"
     return [line.rsplit("::", 1)[1] for line in edge.admin.clusters().splitlines()
             if line.startswith(prefix) and "::health_flags::" in line]
@@ -114,7 +114,8 @@ def test_a_frozen_control_plane_leaves_ext_proc_serving(stack: Stack) -> None:
         routed_by_ext_proc_again(edge)
         with frozen(stack, "control-plane"):
             passed = edge.admin.stats(checks)[checks]
-            grows(edge, "stream_msgs_received", 100, "ext_proc to answer with the control plane frozen")
+            grows(edge, "stream_msgs_received", 100,
+                  "ext_proc to answer with the control plane frozen")
             eventually(lambda: edge.admin.stats(checks)[checks] >= passed + 4,
                        "ext_proc to pass health checks with the control plane frozen")
     assert traffic.failures() == {}, traffic.failed
