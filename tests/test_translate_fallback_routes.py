@@ -79,6 +79,12 @@ def test_a_policy_path_prefix_narrows_the_paths() -> None:
     assert route.match.safe_regex.regex == "/v1/embeddings"
 
 
+def test_a_model_without_aliases_is_one_exact_match() -> None:
+    """Envoy refuses an or_match of fewer than two (seen: the whole route table NACKed)."""
+    (model,) = routes()["fallback/batch/bge-large"][0].match.dynamic_metadata
+    assert model.value.string_match.exact == "bge-large"
+
+
 def test_models_list_then_unknown_model_then_unknown_path_close_the_table() -> None:
     models, unknown_model, unknown_path = fallback_routes(CONFIG, SETTINGS, None)[-3:]
     assert models.match.path == "/v1/models"

@@ -132,8 +132,7 @@ def _model_routes(
     if not order:
         return
     names = (model.name, *model.aliases)
-    in_body = _request_field("model", value_pb2.ValueMatcher(or_match=value_pb2.OrMatcher(
-        value_matchers=[_exact_value(n) for n in names])))
+    in_body = _request_field("model", _any_of(names))
     no_body_model = _request_field(
         "model", value_pb2.ValueMatcher(present_match=True), invert=True
     )
@@ -181,8 +180,12 @@ def _request_field(
     )
 
 
-def _exact_value(text: str) -> value_pb2.ValueMatcher:
-    return value_pb2.ValueMatcher(string_match=string_pb2.StringMatcher(exact=text))
+def _any_of(texts: tuple[str, ...]) -> value_pb2.ValueMatcher:
+    """Equal to one of `texts` (an or_match needs at least two)."""
+    exact = [value_pb2.ValueMatcher(string_match=string_pb2.StringMatcher(exact=t)) for t in texts]
+    if len(exact) == 1:
+        return exact[0]
+    return value_pb2.ValueMatcher(or_match=value_pb2.OrMatcher(value_matchers=exact))
 
 
 _RE2_SPECIAL = frozenset("\\.+*?()|[]{}^$")
