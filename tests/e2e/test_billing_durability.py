@@ -1,0 +1,82 @@
+"""Nothing billed is lost across a control-plane crash: the control plane is SIGKILLed under
+load, requests keep being served while it is down, and after its restart the ledger holds
+exactly one row per request a client got a 200 for.
+
+What carries the requests over the gap is each edge's durable request log (its own file,
+translate/durable_log.py), which the restarted control plane reconciles against the ledger
+(ledger/reconcile.py): Envoy's gRPC access log keeps nothing while the control plane is down,
+and the SIGKILL takes the ledger's last unwritten batch with it.
+"""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+import time
+from collections.abc import Iterator
+
+import pytest
+from polling import eventually
+from stack_harness import Traffic, policy_on_free_ports, start_stack
+
+from control_plane.policy.load import default_policy_path
+from gpu_router.processes import http_get
+from gpu_router.stack import Stack
+
+MODEL = "llama-3.1-8b"
+STEADY = 30
+"""Successful requests to see in each phase: before the kill, while down, after the restart."""
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    directory = tmp_path_factory.mktemp("durability")
+    policy = policy_on_free_ports(default_policy_path(), directory / "policy.yaml")
+    running = start_stack(policy, directory / "logs")
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+def ledger_counts(stack: Stack, since_unix_ms: int) -> tuple[int, int, int]:
+    """(rows, distinct request ids, rows with status 200) of requests started since then."""
+    with sqlite3.connect(stack.log_dir / "ledger.db") as connection:
+        rows, distinct, ok = connection.execute(
+            "SELECT count(*), count(DISTINCT request_id), sum(status = 200) FROM requests "
+            "WHERE at_unix_ms >= ?", (since_unix_ms,)).fetchone()
+    return rows, distinct, ok or 0
+
+
+def successes(traffic: Traffic) -> int:
+    with traffic.lock:
+        return sum(n for (status, _), n in traffic.outcomes.items() if status == 200)
+
+
+def metric(stack: Stack, name: str) -> float:
+    status, body = http_get(stack.control_url("/metrics"))
+    assert status == 200
+    text = body.decode()
+    return sum(float(value) for value in re.findall(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.M))
+
+
+def test_a_control_plane_sigkill_under_load_loses_and_doubles_no_booking(stack: Stack) -> None:
+    # The stack's own readiness requests (GET /v1/models) are booked too: count from here.
+    start_ms = int(time.time() * 1000)
+    with Traffic(stack, MODEL, {}, threads=4) as traffic:
+        eventually(lambda: successes(traffic) >= STEADY, "requests before the kill")
+        stack.kill("control-plane")
+        down = successes(traffic)
+        eventually(lambda: successes(traffic) >= down + STEADY, "requests served while it is down")
+        stack.restart("control-plane")
+        back = successes(traffic)
+        eventually(lambda: successes(traffic) >= back + STEADY, "requests after the restart")
+    served = successes(traffic)
+    sent = sum(traffic.outcomes.values())
+
+    eventually(lambda: ledger_counts(stack, start_ms)[2] >= served,
+               f"{served} rows with status 200 in the ledger")
+    # One row per request sent (whatever its status), one row per 200, no request id twice.
+    assert ledger_counts(stack, start_ms) == (sent, sent, served), traffic.failures()
+    # The requests of the outage came from the edge's file, not from the gRPC access log.
+    assert metric(stack, "gpu_router_reconciled_requests_total") > 0
