@@ -105,7 +105,7 @@ def _host_port(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def _positive(kind: type[int] | type[float]) -> Callable[[str], float]:
+def _positive(kind: type[int | float]) -> Callable[[str], float]:
     def parse(text: str) -> float:
         try:
             value = kind(text)

@@ -25,8 +25,8 @@ import grpc
 import pytest
 from envoy.data.accesslog.v3 import accesslog_pb2
 from envoy.extensions.access_loggers.file.v3 import file_pb2
-from google.protobuf import json_format
 from envoy_fixtures import static_cluster
+from google.protobuf import json_format
 from telemetry_fixtures import eventually
 
 from control_plane.accounting import record_from_edge_entry

@@ -90,8 +90,8 @@ _SCHEMA = (
     # Version 1 had no unique index: keep the first row of any repeated request id.
     "DELETE FROM requests WHERE id NOT IN (SELECT min(id) FROM requests GROUP BY request_id)",
     "CREATE UNIQUE INDEX IF NOT EXISTS requests_request_id ON requests (request_id)",
-    "CREATE TABLE IF NOT EXISTS edge_log_offsets (path TEXT PRIMARY KEY, "
-    "inode INTEGER NOT NULL, offset INTEGER NOT NULL)",
+    ("CREATE TABLE IF NOT EXISTS edge_log_offsets (path TEXT PRIMARY KEY, "
+     "inode INTEGER NOT NULL, offset INTEGER NOT NULL)"),
 )
 _INSERT = (f"INSERT OR IGNORE INTO requests ({', '.join(COLUMNS)}) "
            f"VALUES ({', '.join('?' for _ in COLUMNS)})")

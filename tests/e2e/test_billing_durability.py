@@ -57,7 +57,7 @@ def metric(stack: Stack, name: str) -> float:
     status, body = http_get(stack.control_url("/metrics"))
     assert status == 200
     text = body.decode()
-    return sum(float(value) for value in re.findall(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.M))
+    return sum(float(value) for value in re.findall(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.MULTILINE))
 
 
 def test_a_control_plane_sigkill_under_load_loses_and_doubles_no_booking(stack: Stack) -> None:
