@@ -20,7 +20,8 @@ Metric names (deploy/grafana/gpu-router.json reads them):
   gpu_router_decisions_total{policy,strategy,reason}       reason: its first words only
   gpu_router_ledger_rows_dropped_total                     ledger rows lost after every retry
   gpu_router_reconciled_requests_total{node}               requests booked from an edge's
-                                                           durable log (the ALS entry was lost)
+                                                           durable log: the ledger lacked them
+                                                           (ALS entry or unwritten batch lost)
 A request nobody served has provider="none".
 """
 
@@ -220,7 +221,8 @@ class Metrics:
         self.ledger_dropped.inc((), 0)
         self.reconciled = Counter("gpu_router_reconciled_requests_total",
                                   "Requests booked from an edge's durable request log because "
-                                  "their gRPC access-log entry never arrived.", ("node",))
+                                  "the ledger lacked them (their gRPC access-log entry, or the "
+                                  "batch holding their row, was lost).", ("node",))
         self._registry: tuple[Counter | Histogram, ...] = (
             self.requests, self.errors, self.rate_limited, self.failovers, self.duration,
             self.ttfb, self.tokens, self.estimated, self.cost, self.decisions, self.ext_proc,
