@@ -172,14 +172,10 @@ def sent(up: Up, traffic: Traffic) -> int:
     return served(traffic) + up.chats
 
 
-def crash_and_recover(up: Up, traffic: Traffic, child: str) -> int:
+def crash_and_recover(up: Up, traffic: Traffic, child: str) -> None:
     """SIGKILL `child`'s process group; wait until the supervisor brought it back and the
-    edge routes through ext_proc again, with requests served all along. Returns how many
-    ledger rows the crash may cost: requests served after the ledger last caught up and
-    until `child` was ready again, and those in flight then."""
+    edge routes through ext_proc again, with requests served all along."""
     pid = up.pid_of(child)
-    mark = sent(up, traffic)
-    eventually(lambda: ledger_rows(up.ledger) >= mark, "the ledger to catch up before the crash")
     os.killpg(pid, signal.SIGKILL)
     [exited] = eventually(lambda: up.events("child_exited", child=child, pid=pid),
                           f"{child}'s exit line")
@@ -190,11 +186,9 @@ def crash_and_recover(up: Up, traffic: Traffic, child: str) -> int:
     assert restarted["pid"] != pid
     eventually(lambda: up.events("child_ready", child=child, pid=restarted["pid"]),
                f"{child} ready again", timeout=60)
-    at_risk = sent(up, traffic) - mark + CLIENTS
     before = served(traffic)
     eventually(lambda: served(traffic) > before + CLIENTS, "more requests through the edge")
     eventually(lambda: routed_by_ext_proc(up), "the edge to route through ext_proc again")
-    return at_risk
 
 
 def test_crashed_ext_proc_and_control_plane_come_back_under_load(up: Up) -> None:
@@ -203,23 +197,17 @@ def test_crashed_ext_proc_and_control_plane_come_back_under_load(up: Up) -> None
     with Traffic(up, MODEL, BATCH, threads=CLIENTS) as traffic:
         eventually(lambda: served(traffic) > CLIENTS, "requests to flow")
         crash_and_recover(up, traffic, "ext-proc-1")
-        at_risk = crash_and_recover(up, traffic, "control-plane")
-        after = sent(up, traffic)
-        eventually(lambda: sent(up, traffic) > after + CLIENTS, "requests after the recovery")
+        crash_and_recover(up, traffic, "control-plane")
 
     assert traffic.failures() == {}, traffic.failed
     assert {e["child"] for e in up.events("child_exited")} == {"ext-proc-1", "control-plane"}
-    up.signal(signal.SIGTERM)  # a clean stop writes every row the control plane received
+    total = sent(up, traffic)
+    # Rows of requests served while the control plane was down come from the edge's durable
+    # request log, which the restarted control plane reconciles every few seconds.
+    eventually(lambda: ledger_rows(up.ledger) >= total, f"all {total} requests in the ledger")
+    assert ledger_rows(up.ledger) == total
+
+    up.signal(signal.SIGTERM)
     assert up.popen is not None and up.popen.wait(timeout=60) == 0
     [stopped] = up.events("stopped")
     assert stopped["restarts"] == {"simulator": 0, "control-plane": 1, "ext-proc-1": 1, "edge-1": 0}
-    total = sent(up, traffic)
-    missing = total - ledger_rows(up.ledger)
-    assert 0 <= missing <= at_risk
-    # KNOWN GAP, not this change's: Envoy's access logs of requests served while the control
-    # plane was down (and its last unwritten ledger batch) are lost. A durable Envoy file log
-    # the control plane reconciles from on restart is being added; once it lands, this
-    # xfail must go and `missing == 0` is the assertion.
-    if missing:
-        pytest.xfail(f"{missing} of {total} requests missing from the ledger after the "
-                     f"control-plane crash (at most {at_risk} could be)")
