@@ -13,6 +13,7 @@ it booked recently; the ledger's unique index refuses one booked by an earlier p
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections import deque
 from collections.abc import Callable
@@ -33,6 +34,7 @@ from control_plane.telemetry.samples import (
     is_final_request_entry,
     offset_ms,
 )
+from control_plane.translate.fallback_routes import FALLBACK_REASON, fallback_route_names
 from control_plane.usage.normalise import normalise
 from control_plane.usage.pricing import MissingPriceError, PriceBook, cost_usd
 from control_plane.usage.record import RequestRecord
@@ -93,6 +95,15 @@ def record_from_edge_entry(
         usage_text=decision_field(usage, "text"),
         usage_format=usage_format(provider),
         ext_proc_us=_ext_proc_us(common),
+        route=common.route_name,
+    )
+
+
+def _as_fallback(record: RequestRecord, policy: str, model: str, strategy: str) -> RequestRecord:
+    """A request served on a fallback route (ext_proc did not answer): its route names the
+    model and policy, so it is priced like any other, not booked at $0 under no model."""
+    return dataclasses.replace(
+        record, model=model, policy=policy, strategy=strategy, reason=FALLBACK_REASON
     )
 
 
@@ -132,17 +143,26 @@ class Accounting:
             on_drop=lambda rows, _error: metrics.count_dropped_rows(rows))
         self._audit = None if audit_path is None else AuditLog(
             audit_path, max_bytes=audit_max_bytes, keep=audit_keep)
+        self._fallback_routes: dict[str, tuple[str, str, str]] = {}
+        """Fallback route name -> (policy, model, strategy)."""
         self.booked = RecentIds()
         """Request ids this process booked lately (the reconciler skips them too)."""
 
     def use_policy(self, config: RoutingConfig) -> None:
         self._prices = PriceBook.from_config(config)
+        strategies = {p.name: p.strategy.value for p in config.policies}
+        self._fallback_routes = {
+            route: (policy, model, strategies[policy])
+            for route, (policy, model) in fallback_route_names(config).items()
+        }
 
     def book(self, entry: accesslog_pb2.HTTPAccessLogEntry, node: str) -> bool:
         """Book the client request `entry` closes; False when it closes none or was booked."""
         record = record_from_edge_entry(entry, self._prices.usage_format)
         if record is None or not self.booked.add(record.request_id):
             return False
+        if not record.model and record.route in self._fallback_routes:
+            record = _as_fallback(record, *self._fallback_routes[record.route])
         usage = normalise(record)
         price = self._prices.price(record.provider, record.model)
         try:

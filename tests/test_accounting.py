@@ -80,3 +80,20 @@ def test_booking_prices_the_reported_tokens_into_ledger_audit_and_metrics(tmp_pa
     (line,) = (tmp_path / "audit.jsonl").read_text().splitlines()
     assert json.loads(line)["request_id"] == "req-7"
     assert 'gpu_router_cost_usd_total{provider="lambda",model="llama-3.1-8b"}' in accounting.metrics.render()
+
+
+def test_a_request_ext_proc_did_not_answer_is_booked_by_its_fallback_route(tmp_path: Path) -> None:
+    accounting = Accounting(Metrics(), tmp_path / "ledger.db", tmp_path / "audit.jsonl")
+    accounting.use_policy(load_policy_file(default_policy_path()))
+    entry = edge_entry()
+    del entry.common_properties.metadata.filter_metadata["gpu_router"]  # no ext_proc answer
+    entry.common_properties.route_name = "fallback/batch/llama-3.1-8b"
+
+    accounting.book(entry, "edge-1")
+    accounting.close()
+
+    (row,) = sqlite3.connect(tmp_path / "ledger.db").execute(
+        "select model, policy, cost_usd from requests").fetchall()
+    assert row == ("llama-3.1-8b", "batch", (12 * 0.25 + 5 * 0.25) / 1e6)
+    (line,) = (tmp_path / "audit.jsonl").read_text().splitlines()
+    assert json.loads(line)["reason"] == "fallback: ext_proc unavailable"

@@ -48,6 +48,7 @@ def _entry(fields: dict[str, Any]) -> accesslog_pb2.HTTPAccessLogEntry:
     common.start_time.FromMicroseconds(start_us)
     common.upstream_cluster = fields.get("cluster") or ""
     common.upstream_request_attempt_count = int(fields.get("attempts") or 0)
+    common.route_name = fields.get("route") or ""
     for name, key in (("time_to_first_downstream_tx_byte", "first_tx_ns"),
                       ("time_to_last_downstream_tx_byte", "last_tx_ns")):
         nanos = fields.get(key)

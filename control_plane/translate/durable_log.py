@@ -48,6 +48,7 @@ EDGE_FILE_FIELDS = {
     "status": "%RESPONSE_CODE%",
     "cluster": "%UPSTREAM_CLUSTER_RAW%",
     "attempts": "%UPSTREAM_REQUEST_ATTEMPT_COUNT%",
+    "route": "%ROUTE_NAME%",
     "first_tx_ns": "%COMMON_DURATION(DS_RX_BEG:DS_TX_BEG:ns)%",
     "last_tx_ns": "%COMMON_DURATION(DS_RX_BEG:DS_TX_END:ns)%",
     "request_bytes": "%BYTES_RECEIVED%",

@@ -44,6 +44,9 @@ class RequestRecord:
     """"openai" | "anthropic" | "none": the serving provider's policy usage_format."""
     ext_proc_us: int = 0
     """ext_proc's time on this request as Envoy's ext_proc filter measured it (0 = not called)."""
+    route: str = ""
+    """The Envoy route it took: a fallback route's name says the model and policy it served
+    when ext_proc did not answer."""
 
 
 def is_error_status(status: int) -> bool:

@@ -1,0 +1,76 @@
+"""While ext_proc is unavailable, the edge still keeps the policy's rules: only inference paths,
+only known models, only fitting providers in the strategy's order, and every request booked
+with its model and price."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterator
+
+import pytest
+from polling import eventually
+from stack_harness import chat, policy_on_free_ports, post, start_stack
+
+from control_plane.policy.load import default_policy_path
+from gpu_router.processes import http_get
+from gpu_router.stack import Stack
+
+FALLBACK_REASON = "fallback: ext_proc unavailable"
+BATCH = {"x-workload": "batch"}
+
+
+@pytest.fixture(scope="module")
+def without_ext_proc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    directory = tmp_path_factory.mktemp("fallback-rules")
+    policy = policy_on_free_ports(default_policy_path(), directory / "policy.yaml")
+    stack = start_stack(policy, directory / "logs")
+    try:
+        stack.kill("ext-proc-1")
+        yield stack
+    finally:
+        stack.stop()
+
+
+def test_a_known_model_goes_to_the_policys_cheapest_fitting_provider(without_ext_proc: Stack) -> None:
+    status, headers, body = chat(without_ext_proc, "llama3-8b", BATCH)  # an alias
+    assert status == 200, body
+    assert headers["x-gpu-router-reason"] == FALLBACK_REASON
+    assert headers["x-gpu-router-provider"] == "vast"  # batch is cost-first: vast is cheapest
+
+    status, headers, body = chat(without_ext_proc, "mixtral-8x7b", BATCH)
+    assert status == 200, body
+    assert headers["x-gpu-router-provider"] == "runpod"  # vast's 24 GB GPU cannot hold mixtral
+
+
+def test_an_unknown_model_or_path_gets_a_json_404_and_reaches_no_provider(
+    without_ext_proc: Stack,
+) -> None:
+    status, headers, body = chat(without_ext_proc, "gpt-expensive")
+    assert (status, body["error"]["code"]) == (404, "model_not_found"), body
+    assert "x-gpu-router-provider" not in headers
+    status, _, body = post(f"{without_ext_proc.url}/v1/fine_tuning/jobs", {"model": "llama-3.1-8b"})
+    assert (status, body["error"]["code"]) == (404, "unknown_url"), body
+
+
+def test_the_models_list_is_answered_from_the_policy(without_ext_proc: Stack) -> None:
+    status, body = http_get(f"{without_ext_proc.url}/v1/models")
+    assert status == 200
+    ids = [model["id"] for model in json.loads(body)["data"]]
+    assert ids == ["llama-3.1-8b", "mixtral-8x7b", "llama-3.1-70b", "bge-large"]
+
+
+def test_fallback_requests_are_booked_with_their_model_and_price(without_ext_proc: Stack) -> None:
+    status, headers, _ = chat(without_ext_proc, "llama-3.1-8b", {**BATCH, "x-request-id": "fb-1"})
+    assert status == 200 and headers["x-gpu-router-reason"] == FALLBACK_REASON
+    ledger = without_ext_proc.log_dir / "ledger.db"
+
+    def booked() -> tuple | None:
+        with sqlite3.connect(ledger) as db:
+            return db.execute(
+                "select model, policy, provider, cost_usd from requests where request_id = 'fb-1'"
+            ).fetchone()
+
+    model, policy, provider, cost = eventually(booked, "the fallback request in the ledger")
+    assert (model, policy, provider) == ("llama-3.1-8b", "batch", "vast")
+    assert cost > 0
