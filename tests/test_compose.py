@@ -10,7 +10,11 @@ the real Envoy.
 from __future__ import annotations
 
 import copy
+import http.client
+import os
+import re
 import shutil
+import signal
 import subprocess
 import urllib.parse
 from collections.abc import Iterator
@@ -32,6 +36,7 @@ from gpu_router.processes import (
     envoy_binary,
     free_port,
     http_get,
+    port_open,
     python_module,
 )
 from simulator.__main__ import parse_args as simulator_args
@@ -39,6 +44,7 @@ from simulator.__main__ import plan as simulator_plan
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
+DRAIN_SCRIPT = ROOT / "deploy/compose/envoy-drain.sh"
 EDGE_NODE_CLUSTER = "gpu-router-edge"
 
 
@@ -115,6 +121,10 @@ def test_docker_compose_renders_the_file() -> None:
     rendered = yaml.safe_load(result.stdout)["services"]
     assert set(rendered) == set(yaml.safe_load(COMPOSE_FILE.read_text())["services"])
     assert rendered["envoy-1"]["depends_on"]["control-plane"]["condition"] == "service_healthy"
+    for name, service in rendered.items():
+        assert (service["init"], service["stop_signal"]) == (True, "SIGTERM"), name
+        assert seconds(service["stop_grace_period"]) > 0, name
+    assert rendered["envoy-1"]["entrypoint"] == ["bash", "/etc/envoy/envoy-drain.sh"]
 
 
 def test_the_fleet_has_a_control_plane_two_envoys_two_ext_procs_and_the_simulator(
@@ -130,6 +140,13 @@ def test_the_fleet_has_a_control_plane_two_envoys_two_ext_procs_and_the_simulato
     assert kinds == {"control_plane", "simulator", "ext_proc", "envoy"}
 
 
+def seconds(duration: str) -> float:
+    """A Compose duration of seconds ("10s") as a number."""
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)s", duration)
+    assert match, f"{duration!r} is not a duration in seconds"
+    return float(match[1])
+
+
 def test_every_service_restarts_and_has_a_healthcheck(
     services: dict[str, dict[str, Any]],
 ) -> None:
@@ -138,6 +155,29 @@ def test_every_service_restarts_and_has_a_healthcheck(
         assert service["healthcheck"]["test"][0] == "CMD", name
         for dependency in service.get("depends_on", {}):
             assert dependency in services, f"{name} depends on unknown {dependency}"
+
+
+def test_every_service_stops_on_sigterm_under_an_init_that_passes_it_on(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    """Each process handles SIGTERM (the Python services within a 2 s gRPC grace); the init
+    makes the install step and Envoy's drain script stoppable, and reaps what they leave."""
+    for name, service in services.items():
+        assert service["init"] is True, name
+        assert service["stop_signal"] == "SIGTERM", name
+        assert seconds(service["stop_grace_period"]) >= 10, name
+
+
+def test_envoy_drains_before_it_stops_within_the_grace_period(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    for name, service in of_kind(services, "envoy").items():
+        [interpreter, script] = service["entrypoint"]
+        assert interpreter == "bash" and host_path(service, script) == DRAIN_SCRIPT, name
+        argv = flags(service["command"])
+        assert argv["--drain-strategy"] == ["immediate"], "every connection told to close at once"
+        [drain_s] = argv["--drain-time-s"]
+        assert seconds(service["stop_grace_period"]) >= int(drain_s) + 5, name
 
 
 def test_the_control_plane_listens_on_every_interface_and_publishes_its_http_port(
@@ -316,3 +356,69 @@ def test_the_envoy_healthcheck_passes_only_once_envoy_is_live(
         envoy.wait_until(healthy, "the healthcheck to pass")
     finally:
         envoy.stop()
+
+
+def direct_response_bootstrap(admin_port: int, edge_port: int) -> dict[str, Any]:
+    """An Envoy with one listener that answers 200 by itself: something to drain."""
+    hcm = {
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager"
+                 ".v3.HttpConnectionManager",
+        "stat_prefix": "edge",
+        "route_config": {"virtual_hosts": [{"name": "all", "domains": ["*"], "routes": [
+            {"match": {"prefix": "/"}, "direct_response": {"status": 200}}]}]},
+        "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}],
+    }
+    listener = {
+        "name": "edge",
+        "address": {"socket_address": {"address": "127.0.0.1", "port_value": edge_port}},
+        "filter_chains": [{"filters": [
+            {"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}],
+    }
+    return {
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}},
+        "static_resources": {"listeners": [listener]},
+    }
+
+
+def told_to_close(port: int) -> bool:
+    """One keep-alive GET (urllib would ask to close itself): did Envoy answer 200 with
+    `connection: close`, as it does to every request while it drains (strategy immediate)?"""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+    try:
+        connection.request("GET", "/")
+        answer = connection.getresponse()
+        answer.read()
+        assert answer.status == 200
+        return answer.getheader("connection") == "close"
+    finally:
+        connection.close()
+
+
+def test_the_envoy_entrypoint_drains_on_sigterm_then_stops_envoy(
+    services: dict[str, dict[str, Any]], tmp_path: Path
+) -> None:
+    """The Compose entrypoint run for real around the real Envoy: after SIGTERM, Envoy still
+    answers, each answer asking the client to close its connection, then exits cleanly."""
+    [service, *_] = of_kind(services, "envoy").values()
+    admin, edge_port = EnvoyAdmin(free_port()), free_port()
+    config = tmp_path / "envoy.yaml"
+    config.write_text(yaml.safe_dump(direct_response_bootstrap(admin.port, edge_port)))
+    drain = flags(service["command"])
+    argv = ["bash", str(DRAIN_SCRIPT), envoy_binary(), "-c", str(config), "--disable-hot-restart",
+            "--drain-time-s", *drain["--drain-time-s"],
+            "--drain-strategy", *drain["--drain-strategy"]]
+    entrypoint = ManagedProcess("envoy", argv, tmp_path / "envoy.log",
+                                env={"ENVOY_ADMIN_PORT": str(admin.port)}).start()
+    try:
+        entrypoint.wait_until(admin.ready, "Envoy to be live")
+        assert not told_to_close(edge_port)
+
+        os.kill(entrypoint.pid, signal.SIGTERM)  # docker stop, passed on by the init
+        entrypoint.wait_until(lambda: told_to_close(edge_port), "Envoy to drain, still serving")
+        os.kill(entrypoint.pid, signal.SIGTERM)  # a second docker stop changes nothing
+        assert told_to_close(edge_port)
+        assert entrypoint.popen is not None and entrypoint.popen.wait(timeout=30) == 0
+        assert not port_open(admin.port) and not port_open(edge_port)
+    finally:
+        entrypoint.stop()
