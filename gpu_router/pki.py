@@ -1,0 +1,298 @@
+"""The local certificate authority behind the control plane's mutual TLS.
+
+Every process that talks to the control plane's gRPC port (xDS, access logs, load reports)
+presents a certificate from one CA, and its role comes from that certificate's SPIFFE URI
+SAN: spiffe://gpu-router/edge/<node>, spiffe://gpu-router/ext-proc/<replica>, or
+spiffe://gpu-router/control-plane for the server (which also carries DNS and IP SANs so
+clients can check the address they dialled). `make_ca` and `make_leaf` are pure; `ensure`
+writes a certs directory, keeping every file that is still valid, so a user's own CA and
+certificates ("bring your own") are used as they are and nothing valid is ever overwritten.
+
+Layout of a certs directory: ca.pem (+ ca-key.pem when we made the CA), and per process
+<name>.pem / <name>-key.pem, e.g. control-plane.pem, edge-1.pem, ext-proc-1.pem.
+"""
+
+from __future__ import annotations
+
+import datetime
+import enum
+import ipaddress
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+TRUST_DOMAIN = "gpu-router"
+CA_FILE = "ca.pem"
+CA_KEY_FILE = "ca-key.pem"
+CA_VALIDITY = datetime.timedelta(days=3650)
+LEAF_VALIDITY = datetime.timedelta(days=365)
+RENEW_BEFORE = datetime.timedelta(days=30)
+"""A leaf expiring sooner than this is replaced by `ensure` (when it holds the CA key)."""
+SERVER_DNS = ("localhost", "control-plane")
+SERVER_IPS = ("127.0.0.1", "::1")
+
+
+class Role(enum.Enum):
+    """Who a certificate speaks for; the path segment of its SPIFFE id."""
+
+    EDGE = "edge"
+    EXT_PROC = "ext-proc"
+    CONTROL_PLANE = "control-plane"
+
+
+class PkiError(RuntimeError):
+    """A certs directory cannot be used as it is, and cannot be completed; says which file and why."""
+
+
+@dataclass(frozen=True, slots=True)
+class TlsFiles:
+    """What one process needs for mutual TLS: the CA that vouches for its peers, its own pair."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+    def read(self) -> tuple[bytes, bytes, bytes]:
+        """(CA, certificate chain, private key) as PEM bytes, for grpc's ssl credentials."""
+        return self.ca.read_bytes(), self.cert.read_bytes(), self.key.read_bytes()
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """A leaf to issue: its role and name (the file stem and the SPIFFE id's last segment)."""
+
+    role: Role
+    name: str
+
+    @property
+    def spiffe_id(self) -> str:
+        if self.role is Role.CONTROL_PLANE:
+            return f"spiffe://{TRUST_DOMAIN}/{Role.CONTROL_PLANE.value}"
+        return f"spiffe://{TRUST_DOMAIN}/{self.role.value}/{self.name}"
+
+
+def role_of(spiffe_id: str) -> tuple[Role, str] | None:
+    """(role, name) of one of our SPIFFE ids; None for anything else."""
+    prefix = f"spiffe://{TRUST_DOMAIN}/"
+    if not spiffe_id.startswith(prefix):
+        return None
+    kind, _, name = spiffe_id[len(prefix):].partition("/")
+    if kind == Role.CONTROL_PLANE.value and not name:
+        return Role.CONTROL_PLANE, Role.CONTROL_PLANE.value
+    if kind in (Role.EDGE.value, Role.EXT_PROC.value) and name and "/" not in name:
+        return Role(kind), name
+    return None
+
+
+def uri_sans(cert: x509.Certificate) -> list[str]:
+    try:
+        extension = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    except x509.ExtensionNotFound:
+        return []
+    return extension.value.get_values_for_type(x509.UniformResourceIdentifier)
+
+
+def make_ca(now: datetime.datetime, common_name: str = "gpu-router local CA") -> tuple[
+    x509.Certificate, ec.EllipticCurvePrivateKey
+]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    cert = (
+        _builder(name, name, key.public_key(), now, CA_VALIDITY)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                          content_commitment=False, key_encipherment=False,
+                          data_encipherment=False, key_agreement=False, encipher_only=False,
+                          decipher_only=False),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    return cert, key
+
+
+def make_leaf(
+    ca_cert: x509.Certificate,
+    ca_key: ec.EllipticCurvePrivateKey,
+    identity: Identity,
+    now: datetime.datetime,
+    dns: Sequence[str] = (),
+    ips: Sequence[str] = (),
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """A certificate for `identity` signed by the CA: client auth for every role, server auth
+    too for the control plane, with `dns`/`ips` as extra SANs (the server's addresses)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    sans: list[x509.GeneralName] = [x509.UniformResourceIdentifier(identity.spiffe_id)]
+    sans += [x509.DNSName(name) for name in dns]
+    sans += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips]
+    usages = [ExtendedKeyUsageOID.CLIENT_AUTH]
+    if identity.role is Role.CONTROL_PLANE:
+        usages.append(ExtendedKeyUsageOID.SERVER_AUTH)
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, identity.name)])
+    cert = (
+        _builder(subject, ca_cert.subject, key.public_key(), now, LEAF_VALIDITY)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    return cert, key
+
+
+def _builder(
+    subject: x509.Name,
+    issuer: x509.Name,
+    public_key: ec.EllipticCurvePublicKey,
+    now: datetime.datetime,
+    validity: datetime.timedelta,
+) -> x509.CertificateBuilder:
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))  # small clock skew between hosts
+        .not_valid_after(now + validity)
+    )
+
+
+def leaf_problem(
+    cert: x509.Certificate, ca_cert: x509.Certificate, identity: Identity, now: datetime.datetime
+) -> str | None:
+    """Why `cert` cannot serve as `identity` under this CA (None: it can)."""
+    if identity.spiffe_id not in uri_sans(cert):
+        return f"has no URI SAN {identity.spiffe_id}"
+    if cert.issuer != ca_cert.subject:
+        return "is not issued by the CA"
+    try:
+        cert.verify_directly_issued_by(ca_cert)
+    except (ValueError, TypeError, InvalidSignature):
+        return "is not signed by the CA"
+    if cert.not_valid_after_utc - RENEW_BEFORE < now:
+        return f"expires {cert.not_valid_after_utc:%Y-%m-%d}"
+    return None
+
+
+def fleet(edges: Iterable[str], ext_procs: Iterable[str]) -> list[Identity]:
+    """The control plane's identity and one per named edge node and ext_proc replica."""
+    return [
+        Identity(Role.CONTROL_PLANE, Role.CONTROL_PLANE.value),
+        *(Identity(Role.EDGE, name) for name in edges),
+        *(Identity(Role.EXT_PROC, name) for name in ext_procs),
+    ]
+
+
+def tls_files(directory: Path, name: str) -> TlsFiles:
+    return TlsFiles(directory / CA_FILE, directory / f"{name}.pem", directory / f"{name}-key.pem")
+
+
+def ensure(
+    directory: Path,
+    identities: Iterable[Identity],
+    *,
+    dns: Sequence[str] = SERVER_DNS,
+    ips: Sequence[str] = SERVER_IPS,
+    now: datetime.datetime | None = None,
+) -> dict[str, TlsFiles]:
+    """Make whatever is missing or unusable in `directory` for these identities; name -> files.
+
+    The CA is made only when ca.pem is absent. A leaf is (re)issued when absent, not for its
+    identity, not signed by this CA, or expiring within RENEW_BEFORE; that needs ca-key.pem,
+    so with a CA of one's own and no key here, every leaf must be supplied (PkiError otherwise).
+    `dns`/`ips` are the control plane certificate's extra SANs.
+    """
+    now = now or datetime.datetime.now(datetime.UTC)
+    directory.mkdir(parents=True, exist_ok=True)
+    os.chmod(directory, 0o700)
+    ca_path, ca_key_path = directory / CA_FILE, directory / CA_KEY_FILE
+    if not ca_path.exists():
+        ca_cert, ca_key = make_ca(now)
+        _write_key(ca_key_path, ca_key)
+        _write_cert(ca_path, ca_cert)
+    ca_cert = _load_cert(ca_path)
+    if ca_cert.not_valid_after_utc < now:
+        raise PkiError(f"{ca_path}: the CA expired {ca_cert.not_valid_after_utc:%Y-%m-%d}; "
+                       f"remove the directory's files to make a new CA")
+    out: dict[str, TlsFiles] = {}
+    for identity in identities:
+        files = tls_files(directory, identity.name)
+        problem = _existing_problem(files, ca_cert, identity, now)
+        if problem is not None:
+            if not ca_key_path.exists():
+                raise PkiError(f"{files.cert}: {problem}, and {ca_key_path} is absent to issue one")
+            server = identity.role is Role.CONTROL_PLANE
+            cert, key = make_leaf(ca_cert, _load_key(ca_key_path), identity, now,
+                                  dns=dns if server else (), ips=ips if server else ())
+            _write_key(files.key, key)
+            _write_cert(files.cert, cert)
+        out[identity.name] = files
+    return out
+
+
+def _existing_problem(
+    files: TlsFiles, ca_cert: x509.Certificate, identity: Identity, now: datetime.datetime
+) -> str | None:
+    if not files.cert.exists() or not files.key.exists():
+        return "is missing"
+    try:
+        cert = _load_cert(files.cert)
+        key = _load_key(files.key)
+    except PkiError as error:
+        return str(error)
+    if key.public_key().public_bytes(*_SPKI) != cert.public_key().public_bytes(*_SPKI):
+        return "does not match its key"
+    return leaf_problem(cert, ca_cert, identity, now)
+
+
+_SPKI = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def _load_cert(path: Path) -> x509.Certificate:
+    try:
+        return x509.load_pem_x509_certificate(path.read_bytes())
+    except (OSError, ValueError) as error:
+        raise PkiError(f"{path}: not a readable PEM certificate: {error}") from error
+
+
+def _load_key(path: Path) -> ec.EllipticCurvePrivateKey:
+    try:
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    except (OSError, ValueError, TypeError) as error:
+        raise PkiError(f"{path}: not a readable unencrypted PEM private key: {error}") from error
+    return key  # type: ignore[return-value]
+
+
+def _write_cert(path: Path, cert: x509.Certificate) -> None:
+    _write(path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+
+
+def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    _write(path, pem, 0o600)
+
+
+def _write(path: Path, data: bytes, mode: int) -> None:
+    """Atomically, so a process starting meanwhile reads the old file or the new, never half."""
+    partial = path.with_name(f".{path.name}.tmp")
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+    os.chmod(partial, mode)
+    os.replace(partial, path)
