@@ -63,8 +63,7 @@ def up(args: argparse.Namespace) -> int:
     try:
         supervisor.run()
     finally:
-        stack.shutdown()
-        supervisor.report_stopped()
+        supervisor.report_stopped(stack.shutdown())
     return 0
 
 

@@ -328,26 +328,31 @@ class Stack:
         for name in reversed(list(self.processes)):
             self.processes[name].stop()
 
-    def shutdown(self, drain_s: float = EDGE_DRAIN_S) -> None:
+    def shutdown(self, drain_s: float = EDGE_DRAIN_S) -> dict[str, int | None]:
         """Stop for good, the edges last and drained: every edge starts its graceful drain,
         ext_proc and the control plane stop meanwhile (Envoy fails open without ext_proc and
         keeps its last config without the control plane), the edges stop once `drain_s` has
         passed, and the simulated providers after them, as the last requests still need them.
+        Returns each process's exit status, in the order they were stopped.
         """
         draining_since = time.monotonic()
-        edges = {edge.node_id: edge for edge in self.edges}
+        edges = [edge.node_id for edge in self.edges]
         for edge in self.edges:
             if edge.process.alive():
                 with contextlib.suppress(OSError, ProcessError):  # it stops by SIGTERM anyway
                     edge.admin.drain_listeners()
-        for name in reversed(list(self.processes)):
-            if name not in edges and name != SIMULATOR:
-                self.processes[name].stop()
+        routers = [name for name in reversed(self.processes) if name not in edges + [SIMULATOR]]
+        exits = {name: self._stop(name) for name in routers}
         time.sleep(max(0.0, draining_since + drain_s - time.monotonic()))
-        for edge in reversed(self.edges):
-            edge.process.stop()
+        exits |= {name: self._stop(name) for name in reversed(edges)}
         if SIMULATOR in self.processes:
-            self.processes[SIMULATOR].stop()
+            exits[SIMULATOR] = self._stop(SIMULATOR)
+        return exits
+
+    def _stop(self, name: str) -> int | None:
+        process = self.processes[name]
+        process.stop()
+        return process.returncode
 
     def __enter__(self) -> Self:
         return self.start()

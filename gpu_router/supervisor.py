@@ -93,8 +93,10 @@ class Supervisor:
     def restarts(self) -> dict[str, int]:
         return {name: record.restarts for name, record in self.records.items()}
 
-    def report_stopped(self) -> None:
-        emit("stopped", restarts=self.restarts(), signals=self.signals.names())
+    def report_stopped(self, exits: dict[str, int | None]) -> None:
+        """The final line: restarts per child, each child's exit status in stop order, and
+        every stop signal received (those after the first changed nothing)."""
+        emit("stopped", restarts=self.restarts(), exits=exits, signals=self.signals.names())
 
     def _schedule(self, name: str, now: float, uptime_s: float, **fields: Any) -> None:
         plan = after_exit(self.records[name], uptime_s, self.backoff)

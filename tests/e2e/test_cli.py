@@ -61,7 +61,7 @@ def test_up_runs_the_stack_and_ctrl_c_stops_everything(tmp_path: Path) -> None:
         assert status == 200 and json.loads(body)["data"]
 
         up.send_signal(signal.SIGINT)
-        eventually(lambda: not port_open(ports["edge"]), "the edge to stop first")
+        eventually(lambda: not port_open(ports["edge"]), "the edge to stop")
         up.send_signal(signal.SIGINT)  # an impatient second Ctrl-C must not orphan children
         assert up.wait(timeout=30) == 0
     finally:

@@ -145,6 +145,10 @@ def test_a_stop_signal_stops_every_child_and_exits_0(up: Up, signum: int) -> Non
     [stopped] = up.events("stopped")
     assert stopped["signals"] == [signal.Signals(signum).name] * 2
     assert set(stopped["restarts"].values()) == {0}
+    # Envoy last (it serves while the others stop), then the providers its last requests need;
+    # every one stopped by its SIGTERM, none needed the SIGKILL.
+    assert list(stopped["exits"].items()) == [
+        ("ext-proc-1", 0), ("control-plane", 0), ("edge-1", 0), ("simulator", 0)]
 
 
 def served(traffic: Traffic) -> int:
