@@ -4,6 +4,7 @@ plane, and three simulated providers, one process each so that one can be hard d
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -114,6 +115,11 @@ def running_fleet(directory: Path, **stack: int) -> Iterator[Fleet]:
     finally:
         for sim in sims.values():
             sim.stop()
+
+
+def phase(name: str) -> None:
+    """Printed with its time: pytest shows it next to a failure's timestamps."""
+    print(time.strftime("%H:%M:%S"), name)
 
 
 def hold(traffic: Traffic, served: Callable[[], int], at_least: int) -> None:

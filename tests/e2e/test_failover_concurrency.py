@@ -3,12 +3,11 @@ in every way it can, then while every provider fails at once."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from fleet_harness import BATCH, MODEL, PROVIDERS, Fleet, hold, running_fleet
+from fleet_harness import BATCH, MODEL, PROVIDERS, Fleet, hold, phase, running_fleet
 from stack_harness import Traffic, chat
 
 CLIENTS = 64
@@ -20,10 +19,6 @@ PER_PHASE = 300
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     with running_fleet(tmp_path_factory.mktemp("concurrency")) as running:
         yield running
-
-
-def phase(name: str) -> None:
-    print(time.strftime("%H:%M:%S"), name)
 
 
 def attempts(fleet: Fleet) -> int:
