@@ -14,7 +14,9 @@ freeze  64 clients while the ext_proc replica is frozen (SIGSTOP) for --freeze s
 
 faults and freeze print, per phase: requests, failed requests, upstream attempts per request
 (Envoy's stats: provider clusters' upstream_rq_total over http.edge.downstream_rq_total),
-p50/p99 client latency and who served.
+p50/p99 client latency and who served; faults also the requests ext_proc answered itself
+(no provider left) and the control plane's provider states, freeze ext_proc's timeouts and
+the requests sent on the fallback route.
 
     python bench/failover.py [--case kill faults freeze] [--clients 64] [--phase 3] [--freeze 5]
 """
@@ -88,29 +90,45 @@ def winner(load: Load) -> str:
     return max(set(served), key=served.count) if served else VICTIM
 
 
+def fleet_states(stack: Stack) -> str:
+    """The control plane's state of each provider, e.g. "lambda healthy, runpod ejected"."""
+    providers = json.loads(http_get(stack.control_url("/v1/health"))[1])["providers"]
+    return ", ".join(f"{name} {providers.get(name, {}).get('state', '?')}" for name in PROVIDERS)
+
+
 def faults_case(args: argparse.Namespace, work: Path) -> int:
     stack, ports = one_node_stack(work, args.ext_proc_workers)
+    states: list[str] = []
     try:
         edge = stack.edges[0]
         with Load([edge.edge_port], args.clients) as load:
-            phases = Phases(load, [edge.admin], PROVIDERS)
-            phases.run("before any fault", args.phase)
+            phases = Phases(load, [edge.admin], PROVIDERS, extra={
+                "ext_proc refused": f"{EXT_PROC_FILTER}immediate_responses_sent",
+            })
+
+            def phase(name: str) -> None:
+                phases.run(name, args.phase)
+                states.append(f"{name.strip():<36} {fleet_states(stack)}")
+
+            phase("before any fault")
             for label, fault in FAULTS:
                 target = winner(load)
                 sim_control(ports[target], "fault", fault)
-                phases.run(f"{label} on {target}", args.phase)
+                phase(f"{label} on {target}")
                 sim_control(ports[target], "reset")
-                phases.run("  cleared", args.phase)
+                phase("  cleared")
             for name in PROVIDERS:
                 sim_control(ports[name], "fault", {"mode": "error", "status": 503})
-            phases.run("503 on every provider", args.phase)
+            phase("503 on every provider")
             for name in PROVIDERS:
                 sim_control(ports[name], "reset")
-            phases.run("  cleared", args.phase)
+            phase("  cleared")
     finally:
         stack.stop()
     print(f"faults: {args.clients} clients, one Envoy node, {args.phase:.0f} s per phase")
     print(phases.report())
+    print("control plane's provider states at the end of each phase:")
+    print("\n".join(states))
     return 0
 
 
