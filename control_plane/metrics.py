@@ -223,10 +223,22 @@ class Metrics:
                                   "Requests booked from an edge's durable request log because "
                                   "the ledger lacked them (their gRPC access-log entry, or the "
                                   "batch holding their row, was lost).", ("node",))
+        self.client_requests = Counter("gpu_router_client_requests_total",
+                                       "Requests by client (the policy's clients, by key) and "
+                                       "status class.", ("client", "status_class"))
+        self.client_errors = Counter("gpu_router_client_errors_total",
+                                     "Requests of a client that got no response, a 429 or a 5xx "
+                                     "(its own budget and rate-limit refusals included).",
+                                     ("client",))
+        self.client_tokens = Counter("gpu_router_client_tokens_total",
+                                     "Normalised tokens by client and kind.", ("client", "kind"))
+        self.client_cost = Counter("gpu_router_client_cost_usd_total",
+                                   "Spend in USD by client.", ("client",))
         self._registry: tuple[Counter | Histogram, ...] = (
             self.requests, self.errors, self.rate_limited, self.failovers, self.duration,
             self.ttfb, self.tokens, self.estimated, self.cost, self.decisions, self.ext_proc,
-            self.ledger_dropped, self.reconciled)
+            self.ledger_dropped, self.reconciled, self.client_requests, self.client_errors,
+            self.client_tokens, self.client_cost)
         self._lock = threading.Lock()
         self._buckets: dict[int, dict[str, _Bucket]] = {}
         self._decisions: deque[dict[str, Any]] = deque(maxlen=RECENT_DECISIONS)
@@ -256,6 +268,13 @@ class Metrics:
             self.decisions.inc((record.policy, record.strategy, reason_bucket(record.reason)))
             if record.ext_proc_us:
                 self.ext_proc.observe((), record.ext_proc_us / 1e6)
+            if record.client:
+                self.client_requests.inc((record.client, status_class(record.status)))
+                if error:
+                    self.client_errors.inc((record.client,))
+                self.client_tokens.inc((record.client, "input"), usage.input_tokens)
+                self.client_tokens.inc((record.client, "output"), usage.output_tokens)
+                self.client_cost.inc((record.client,), cost_usd)
             self._record_history(record, provider, error, cost_usd)
 
     def count_dropped_rows(self, rows: int) -> None:
