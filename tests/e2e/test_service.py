@@ -1,5 +1,8 @@
 """`gpu-router up` as a service: children that crash come back by themselves under load, and
-SIGTERM, SIGHUP or SIGINT stop every process it started (ext_proc's workers too), exit 0."""
+SIGTERM, SIGHUP or SIGINT stop every process it started (ext_proc's workers too), exit 0.
+
+Every process `up` starts, at any depth, inherits a tag in its environment: that is how the
+tests find what is left, whatever its session, group or parent by then."""
 
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +25,7 @@ from control_plane.policy.load import default_policy_path
 from gpu_router.processes import free_port, port_open
 
 CLI = [sys.executable, "-c", "from gpu_router.cli import main; main()"]
+TAG = "GPU_ROUTER_SERVICE_TEST"
 MODEL = "llama-3.1-8b"
 BATCH = {"x-workload": "batch"}
 CLIENTS = 8
@@ -42,13 +47,20 @@ class Up:
             *(arg for name, port in self.ports.items() for arg in (f"--{name}-port", str(port))),
         ]  # fmt: skip
         self.stdout, self.stderr = directory / "up.out", directory / "up.err"
+        self.tag = f"{TAG}={uuid.uuid4()}".encode()
         self.popen: subprocess.Popen[bytes] | None = None
         self.chats = 0
         """Requests this test sent through the edge besides its Traffic."""
 
-    def start(self) -> Up:
+    def launch(self) -> Up:
+        name, _, value = self.tag.decode().partition("=")
         with open(self.stdout, "wb") as out, open(self.stderr, "wb") as err:
-            self.popen = subprocess.Popen(self.argv, stdout=out, stderr=err)
+            self.popen = subprocess.Popen(self.argv, stdout=out, stderr=err,
+                                          env={**os.environ, name: value})
+        return self
+
+    def start(self) -> Up:
+        self.launch()
         eventually(self.started, "gpu-router up to print its endpoint", timeout=120)
         return self
 
@@ -78,45 +90,35 @@ class Up:
         status, headers, _ = chat(self, MODEL, BATCH)
         return status, headers
 
-    def child_pids(self) -> set[int]:
-        """Every child's pid, as first started and as restarted: each leads its own group."""
-        [supervising] = eventually(lambda: self.events("supervising"), "the supervising line")
-        restarted = {e["pid"] for e in self.events("child_restarted")}
-        return set(supervising["children"].values()) | restarted
+    def processes(self) -> dict[int, str]:
+        """Its living processes (zombies are dead), itself included: pid -> command name."""
+        found = {}
+        for entry in Path("/proc").iterdir():
+            try:
+                if self.tag not in (entry / "environ").read_bytes().split(b"\0"):
+                    continue
+                stat = (entry / "stat").read_text()
+            except (OSError, ValueError):  # not a process, gone, or not ours to read
+                continue
+            command, _, rest = stat.partition(" (")[2].rpartition(") ")
+            if not rest.startswith("Z"):
+                found[int(entry.name)] = command
+        return found
 
     def signal(self, signum: int) -> None:
         assert self.popen is not None
         self.popen.send_signal(signum)
 
     def stop(self) -> None:
-        """Kill it and every group it started, whatever state a failed test left them in."""
+        """Kill it and all it started, whatever state a failed test left them in."""
         if self.popen is None:
             return
-        if self.popen.poll() is None:
-            self.popen.kill()
-            self.popen.wait()
-        for pgid in self.child_pids():
+        for pid in self.processes():
             try:
-                os.killpg(pgid, signal.SIGKILL)
+                os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-
-
-def in_groups(pgids: set[int]) -> dict[int, str]:
-    """Living processes (not zombies) whose process group or session is one of `pgids`."""
-    found = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        # pid (comm) state ppid pgrp session ...: comm may hold spaces, so split after it
-        state, _ppid, pgrp, session = stat.rsplit(")", 1)[1].split()[:4]
-        if state != "Z" and (int(pgrp) in pgids or int(session) in pgids):
-            found[int(entry.name)] = stat.split(" (", 1)[1].split(")", 1)[0]
-    return found
+        self.popen.wait()
 
 
 @pytest.fixture
@@ -131,16 +133,18 @@ def up(tmp_path: Path) -> Iterator[Up]:
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT],
                          ids=lambda s: signal.Signals(s).name)
 def test_a_stop_signal_stops_every_child_and_exits_0(up: Up, signum: int) -> None:
-    pgids = up.child_pids()
-    before = in_groups(pgids)
-    assert len(before) >= len(pgids) + 2, before  # the two ext_proc workers in its group
+    [supervising] = up.events("supervising")
+    children = set(supervising["children"].values())
+    running = up.processes()
+    assert children < set(running), running
+    assert len(running) >= 1 + len(children) + 2, running  # itself, ext_proc's two workers
 
     up.signal(signum)
     eventually(lambda: up.events("stopping"), "the stopping line")
     up.signal(signum)  # a second signal during the shutdown must not cut it short
 
     assert up.popen is not None and up.popen.wait(timeout=60) == 0, up.stderr.read_text()
-    assert in_groups(pgids) == {}
+    assert up.processes() == {}
     assert not [port for port in up.ports.values() if port_open(port)]
     [stopped] = up.events("stopped")
     assert stopped["signals"] == [signal.Signals(signum).name] * 2
@@ -149,6 +153,21 @@ def test_a_stop_signal_stops_every_child_and_exits_0(up: Up, signum: int) -> Non
     # every one stopped by its SIGTERM, none needed the SIGKILL.
     assert list(stopped["exits"].items()) == [
         ("ext-proc-1", 0), ("control-plane", 0), ("edge-1", 0), ("simulator", 0)]
+
+
+def test_a_stop_signal_while_it_starts_stops_what_it_started(tmp_path: Path) -> None:
+    up = Up(tmp_path).launch()
+    try:
+        eventually(lambda: len(up.processes()) > 1, "its first child to start")
+
+        up.signal(signal.SIGTERM)
+
+        assert up.popen is not None and up.popen.wait(timeout=60) == 0, up.stderr.read_text()
+        assert "stopped by SIGTERM while starting" in up.stderr.read_text()
+        assert "Ctrl-C" not in up.stdout.read_text()
+        assert up.processes() == {}
+    finally:
+        up.stop()
 
 
 def served(traffic: Traffic) -> int:
