@@ -31,7 +31,6 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from simulator.faults import FaultMode, FaultState, LatencyOverride, parse_fault, parse_latency
-from simulator.http11 import HttpServer, Request, Responder
 from simulator.openai_api import (
     ApiError,
     Kind,
@@ -46,6 +45,7 @@ from simulator.openai_api import (
 )
 from simulator.profiles import GENERIC_PROFILE, SimProfile, sample_ttfb_ms
 from simulator.stats import ReceivedRequest, SimStats
+from simulator.transport import HttpServer, Request, Responder
 
 log = logging.getLogger(__name__)
 

@@ -333,7 +333,9 @@ def test_openai_sdk_embeddings_models_and_errors(sim: ProviderSim) -> None:
 
 def test_stop_ends_a_hanging_request() -> None:
     body = json.dumps(chat_body()).encode()
-    request = b"POST %b HTTP/1.1\r\ncontent-length: %d\r\n\r\n%b" % (CHAT.encode(), len(body), body)
+    request = b"POST %b HTTP/1.1\r\nhost: x\r\ncontent-length: %d\r\n\r\n%b" % (
+        CHAT.encode(), len(body), body
+    )
     with running_sims(fast_spec()) as (hung,):
         set_fault(hung.port, mode="hang")
         client = socket.create_connection(("127.0.0.1", hung.port), timeout=10)
