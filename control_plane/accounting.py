@@ -96,6 +96,7 @@ def record_from_edge_entry(
         usage_format=usage_format(provider),
         ext_proc_us=_ext_proc_us(common),
         route=common.route_name,
+        client=decision_field(decision, "client"),
     )
 
 

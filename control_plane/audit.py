@@ -54,6 +54,7 @@ def audit_entry(record: RequestRecord, usage: Usage, cost_usd: float) -> dict[st
     return {
         "at": at.isoformat(timespec="milliseconds"),
         "request_id": record.request_id,
+        "client": record.client,
         "model": record.model,
         "policy": record.policy,
         "strategy": record.strategy,

@@ -33,7 +33,7 @@ from control_plane.usage.record import RequestRecord
 
 FLUSH_INTERVAL_S = 0.5
 MAX_BATCH_ROWS = 200
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 RETENTION_DAYS = 90
 PRUNE_INTERVAL_S = 3600.0
 _DAY_MS = 86_400_000
@@ -68,6 +68,8 @@ class LedgerRow:
     estimated: bool
     estimate_reason: str
     cost_usd: float
+    client: str = ""
+    """The client whose key the request carried (the policy's clients); "" when none."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -90,6 +92,7 @@ _SCHEMA = (
     # Version 1 had no unique index: keep the first row of any repeated request id.
     "DELETE FROM requests WHERE id NOT IN (SELECT min(id) FROM requests GROUP BY request_id)",
     "CREATE UNIQUE INDEX IF NOT EXISTS requests_request_id ON requests (request_id)",
+    "CREATE INDEX IF NOT EXISTS requests_client_at ON requests (client, at_unix_ms)",
     ("CREATE TABLE IF NOT EXISTS edge_log_offsets (path TEXT PRIMARY KEY, "
      "inode INTEGER NOT NULL, offset INTEGER NOT NULL)"),
 )
@@ -108,6 +111,7 @@ def ledger_row(record: RequestRecord, usage: Usage, cost_usd: float) -> LedgerRo
         cached_input_tokens=usage.cached_input_tokens,
         cache_write_tokens=usage.cache_write_tokens, reasoning_tokens=usage.reasoning_tokens,
         estimated=usage.estimated, estimate_reason=usage.estimate_reason, cost_usd=cost_usd,
+        client=record.client,
     )
 
 
@@ -130,10 +134,23 @@ def open_ledger(path: str | Path) -> sqlite3.Connection:
     connection.execute("PRAGMA synchronous=NORMAL")
     with connection:
         if connection.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION:
-            for statement in _SCHEMA:
+            connection.execute(_SCHEMA[0])
+            _add_missing_columns(connection)
+            for statement in _SCHEMA[1:]:
                 connection.execute(statement)
             connection.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
     return connection
+
+
+def _add_missing_columns(connection: sqlite3.Connection) -> None:
+    """Columns added since a ledger was created (e.g. client, in version 3); the rows already
+    there get '' or 0."""
+    present = {row[1] for row in connection.execute("PRAGMA table_info(requests)")}
+    for name in COLUMNS:
+        if name not in present:
+            literal = "''" if _COLUMN_TYPES[name] == "TEXT" else "0"
+            connection.execute(f"ALTER TABLE requests ADD COLUMN {name} "
+                               f"{_COLUMN_TYPES[name]} NOT NULL DEFAULT {literal}")
 
 
 def prune(connection: sqlite3.Connection, retention_days: float, now_ms: int) -> int:

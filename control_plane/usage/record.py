@@ -47,6 +47,8 @@ class RequestRecord:
     route: str = ""
     """The Envoy route it took: a fallback route's name says the model and policy it served
     when ext_proc did not answer."""
+    client: str = ""
+    """The client whose key ext_proc admitted (its decision metadata); "" when none."""
 
 
 def is_error_status(status: int) -> bool:
