@@ -22,6 +22,11 @@ Metric names (deploy/grafana/gpu-router.json reads them):
   gpu_router_reconciled_requests_total{node}               requests booked from an edge's
                                                            durable log: the ledger lacked them
                                                            (ALS entry or unwritten batch lost)
+  gpu_router_telemetry_dropped_total{kind,reason}          access-log entries (kind attempt|edge)
+                                                           and load reports not believed
+                                                           (telemetry/validation.py)
+  gpu_router_telemetry_repaired_total{kind,reason}         kept after a repair: invalid UTF-8
+                                                           replaced, Retry-After capped
 A request nobody served has provider="none".
 """
 
@@ -234,11 +239,17 @@ class Metrics:
                                      "Normalised tokens by client and kind.", ("client", "kind"))
         self.client_cost = Counter("gpu_router_client_cost_usd_total",
                                    "Spend in USD by client.", ("client",))
+        self.telemetry_dropped = Counter("gpu_router_telemetry_dropped_total",
+                                         "Access-log entries and load reports dropped as not "
+                                         "believable, by kind and reason.", ("kind", "reason"))
+        self.telemetry_repaired = Counter("gpu_router_telemetry_repaired_total",
+                                          "Access-log entries and load reports kept after a "
+                                          "repair, by kind and reason.", ("kind", "reason"))
         self._registry: tuple[Counter | Histogram, ...] = (
             self.requests, self.errors, self.rate_limited, self.failovers, self.duration,
             self.ttfb, self.tokens, self.estimated, self.cost, self.decisions, self.ext_proc,
             self.ledger_dropped, self.reconciled, self.client_requests, self.client_errors,
-            self.client_tokens, self.client_cost)
+            self.client_tokens, self.client_cost, self.telemetry_dropped, self.telemetry_repaired)
         self._lock = threading.Lock()
         self._buckets: dict[int, dict[str, _Bucket]] = {}
         self._decisions: deque[dict[str, Any]] = deque(maxlen=RECENT_DECISIONS)
@@ -285,6 +296,11 @@ class Metrics:
     def count_reconciled(self, node: str, requests: int) -> None:
         with self._lock:
             self.reconciled.inc((node,), requests)
+
+    def count_telemetry(self, kind: str, reason: str, *, dropped: bool = True) -> None:
+        """One telemetry item dropped or repaired (telemetry/validation.py); any thread."""
+        with self._lock:
+            (self.telemetry_dropped if dropped else self.telemetry_repaired).inc((kind, reason))
 
     def _record_history(self, record: RequestRecord, provider: str, error: bool,
                         cost_usd: float) -> None:
