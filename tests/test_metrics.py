@@ -136,7 +136,7 @@ def test_label_values_and_help_are_escaped() -> None:
 
 def test_empty_registry_still_declares_every_metric() -> None:
     types, samples = parse_exposition(Metrics().render())
-    assert len(types) == 17
+    assert len(types) == 19  # the two telemetry counters included
     assert samples == {("gpu_router_ledger_rows_dropped_total", frozenset()): 0.0}
 
 
