@@ -213,9 +213,6 @@ class RoutingProcessor(ep_grpc.ExternalProcessorServicer):
             self.seen.append(Seen(request.WhichOneof("request"), headers, body))
             if FAIL_HEADER in headers:
                 context.abort(grpc.StatusCode.UNAVAILABLE, "stand-in ext_proc told to fail")
-            if "body_error" in body:
-                yield _error(400, body["body_error"])
-                continue
             model = headers.get("x-gpu-router-model", body.get("model"))
             if model is None:
                 yield _error(400, "missing model")
@@ -363,15 +360,28 @@ class Edge:
         return None if found is None else json_format.MessageToDict(found)
 
     def logged(self, log_name: str, request_id: str) -> list[als_pb2.HTTPAccessLogEntry]:
-        """Entries of `log_name` for the request the client sent with this x-request-id."""
+        """Entries of `log_name` for the request the client sent with this x-request-id. The
+        edge replaces that id with its own and logs the client's as "client_request_id"; the
+        edge's joins the request's attempts."""
+        entries = list(self.access_logs.entries)
+        edge_ids = {
+            entry.request.request_id
+            for name, entry in entries
+            if name == "gpu-router.edge" and client_request_id(entry) == request_id
+        }
         return [
-            entry
-            for name, entry in list(self.access_logs.entries)
-            if name == log_name and entry.request.request_id == request_id
+            entry for name, entry in entries
+            if name == log_name and entry.request.request_id in edge_ids
         ]
 
     def ext_proc_messages(self) -> int:
         return self.admin.stats("http.edge.ext_proc.")["http.edge.ext_proc.stream_msgs_sent"]
+
+
+def client_request_id(entry: als_pb2.HTTPAccessLogEntry) -> str | None:
+    fields = entry.common_properties.metadata.filter_metadata.get("gpu_router.request")
+    value = None if fields is None else fields.fields.get("client_request_id")
+    return None if value is None else value.string_value
 
 
 def config_for(upstreams: dict[str, Upstream], refused_port: int) -> RoutingConfig:
@@ -510,16 +520,167 @@ def test_canonical_name_becomes_an_id_that_needs_escaping(edge: Edge) -> None:
     assert int(received["headers"]["content-length"]) == len(received["body"])
 
 
-def test_every_top_level_model_member_gets_the_id_whatever_its_escaping(edge: Edge) -> None:
-    sent = b'{"model": "x", "model" : "llama\\u0033-8b", "tools": [{"model": "llama3-8b"}]}'
+def test_an_escaped_model_member_is_read_and_rewritten(edge: Edge) -> None:
+    sent = b'{"mod\\u0065l" : "llama\\u0033-8b", "tools": [{"model": "llama3-8b"}]}'
     status, _, body = edge.post({PICK_HEADER: "alpha"}, sent)
     assert status == 200, body
     assert edge.processor.seen[-1].request_metadata == {"model": "llama3-8b"}
     received = edge.upstreams["alpha"].received[-1]["body"]
     assert received == (
-        b'{"model": "meta-llama/Llama-3.1-8B-Instruct", '
-        b'"model" : "meta-llama/Llama-3.1-8B-Instruct", "tools": [{"model": "llama3-8b"}]}'
+        b'{"mod\\u0065l" : "meta-llama/Llama-3.1-8B-Instruct", "tools": [{"model": "llama3-8b"}]}'
     )
+
+
+UNREADABLE_BODIES = {
+    "duplicate model": b'{"model": "llama3-8b", "model": "gpt-expensive"}',
+    "escaped duplicate": b'{"model": "llama3-8b", "mod\\u0065l": "gpt-expensive"}',
+    "escaped slash duplicate": b'{"model": "llama3-8b", "mo\\u0064el": "x", "messages": []}',
+    "case variant": b'{"model": "llama3-8b", "Model": "gpt-expensive"}',
+    "case variant alone": b'{"MODEL": "gpt-expensive", "messages": []}',
+    "escaped case variant": b'{"model": "llama3-8b", "\\u004dodel": "gpt-expensive"}',
+    "duplicate other key": b'{"model": "llama3-8b", "stream": false, "stream": true}',
+    "model not a string": b'{"model": ["llama3-8b"]}',
+    "concatenated objects": b'{"model": "llama3-8b"}{"model": "gpt-expensive"}',
+    "trailing garbage": b'{"model": "llama3-8b"} x',
+    "extra closing brace": b'{"model": "x"}}',
+    "mismatched brackets": b'{"model": "llama3-8b", "messages": [{"a": 1]}, "x": "y"}',
+    "unclosed object": b'{"model": ',
+    "unclosed string": b'{"model": "llama3-8b',
+    "array": b'["model", "llama3-8b"]',
+    "bare string": b'"llama3-8b"',
+    "nul byte": b'{"model": "llama3-8b", "messages": "a\x00b"}',
+    "nul before a key": b'{"model": "llama3-8b",\x00 "model": "x"}',
+    "control byte": b'{"model": "llama3-8b\x01"}',
+    "bad escape": b'{"model": "llama3-8b", "p": "\\x41"}',
+    "short unicode escape": b'{"model": "llama3-8b", "p": "\\u41"}',
+    "escape at the end": b'{"model": "llama3-8b", "p": "\\',
+    "lone high surrogate": b'{"model": "llama3-8b\\ud800"}',
+    "lone low surrogate": b'{"model": "llama3-8b", "p": "\\udc00"}',
+    "non-UTF-8 in a string": b'{"model": "llama3-8b", "p": "\xff"}',
+    "lead byte eats a quote": b'{"model": "llama3-8b", "p": "\xe0", "model": "x"}',
+    "overlong quote": b'{"model": "llama3-8b", "p": "\xc0\xa2"}',
+    "CESU surrogate bytes": b'{"model": "llama3-8b", "p": "\xed\xa0\x80"}',
+    "non-UTF-8 in a key": b'{"model": "llama3-8b", "\xff": 1}',
+    "missing comma": b'{"model": "llama3-8b" "x": 1}',
+    "missing colon": b'{"model" "llama3-8b"}',
+    "bare word": b'{"model": "llama3-8b", "x": nope}',
+    "leading zero": b'{"model": "llama3-8b", "max_tokens": 016}',
+    "single quotes": b"{'model': 'llama3-8b'}",
+}
+
+
+@pytest.mark.parametrize("body", UNREADABLE_BODIES.values(), ids=UNREADABLE_BODIES.keys())
+def test_a_body_parsers_could_read_differently_is_refused_at_the_edge(
+    edge: Edge, body: bytes
+) -> None:
+    before_seen, before = len(edge.processor.seen), counts(edge)
+    status, headers, answer = edge.post({PICK_HEADER: "alpha"}, body)
+    assert status == 400, answer
+    assert headers["content-type"] == "application/json"
+    error = json.loads(answer)["error"]
+    assert error["code"] == "invalid_json"
+    assert error["message"].startswith("the request body cannot be read one way only: ")
+    assert edge.processor.seen[before_seen:] == []
+    assert since(edge, before) == {"alpha": [], "beta": []}
+
+
+READABLE_BODIES = {
+    "surrogate pair": (b'{"model": "llama3-8b", "p": "\\ud83d\\ude00"}', "llama3-8b"),
+    "UTF-8 text": ('{"model": "llama3-8b", "p": "模型 é 😀"}'.encode(), "llama3-8b"),
+    "escapes": (b'{"model": "llama3-8b", "p": "\\"\\\\\\/\\b\\f\\n\\r\\t"}', "llama3-8b"),
+    "escaped backslash then u": (b'{"model": "llama3-8b", "p": "\\\\u12"}', "llama3-8b"),
+    "numbers": (b'{"model": "llama3-8b", "max_tokens": 1.5e2, "t": -0.25, "n": null}',
+                "llama3-8b"),
+    "whitespace": (b' \r\n\t{ "model" : "llama3-8b" }\n ', "llama3-8b"),
+    "nested brackets in strings": (b'{"model": "llama3-8b", "m": [{"c": "]}{[\\""}]}',
+                                   "llama3-8b"),
+    "model-like keys": (b'{"model": "llama3-8b", "models": 1, "model_x": 2}', "llama3-8b"),
+}
+
+
+@pytest.mark.parametrize(("body", "model"), READABLE_BODIES.values(), ids=READABLE_BODIES.keys())
+def test_a_body_read_one_way_is_routed_by_its_model(edge: Edge, body: bytes, model: str) -> None:
+    status, _, answer = edge.post({PICK_HEADER: "alpha"}, body)
+    assert status == 200, answer
+    assert edge.processor.seen[-1].request_metadata["model"] == model
+    received = json.loads(edge.upstreams["alpha"].received[-1]["body"])
+    assert received == {**json.loads(body), "model": ALPHA_LLAMA}
+
+
+@pytest.mark.parametrize(
+    "content_type", ["text/plain", "application/vnd.foo+json", "application/x-www-form-urlencoded"]
+)
+def test_an_inference_body_of_another_type_is_refused_with_415(
+    edge: Edge, content_type: str
+) -> None:
+    before_seen, before = len(edge.processor.seen), counts(edge)
+    status, _, answer = edge.post(
+        {PICK_HEADER: "alpha", "x-gpu-router-model": "llama3-8b"},
+        b'{"model": "gpt-expensive"}',
+        content_type=content_type,
+    )
+    assert status == 415, answer
+    assert json.loads(answer)["error"]["code"] == "unsupported_media_type"
+    assert edge.processor.seen[before_seen:] == []
+    assert since(edge, before) == {"alpha": [], "beta": []}
+
+
+def test_a_header_model_is_added_to_a_body_without_one(edge: Edge) -> None:
+    for sent in (b'{"messages": []}', b" { } "):
+        status, _, body = edge.post({PICK_HEADER: "alpha", "x-gpu-router-model": "llama3-8b"}, sent)
+        assert status == 200, body
+        received = json.loads(edge.upstreams["alpha"].received[-1]["body"])
+        assert received == {**json.loads(sent), "model": ALPHA_LLAMA}
+
+
+def test_the_edge_makes_its_own_request_id_and_logs_the_clients(edge: Edge) -> None:
+    rid = request_id()
+    status, _, _ = edge.post({PICK_HEADER: "beta", "x-request-id": rid}, chat("llama3-8b"))
+    assert status == 200
+    sent = edge.upstreams["beta"].received[-1]["headers"]
+    assert sent["x-request-id"] != rid
+    assert "x-gpu-router-client-request-id" not in sent
+    eventually(lambda: edge.logged("gpu-router.edge", rid), "the edge log")
+    (entry,) = edge.logged("gpu-router.edge", rid)
+    assert entry.request.request_id == sent["x-request-id"]
+    assert edge.processor.seen[-1].headers["x-request-id"] == sent["x-request-id"]
+
+
+def test_a_client_copy_header_without_an_id_is_not_kept(edge: Edge) -> None:
+    status, _, _ = edge.post(
+        {PICK_HEADER: "beta", "x-gpu-router-client-request-id": "forged"}, chat("llama3-8b")
+    )
+    assert status == 200
+    assert "client_request_id" not in edge.processor.seen[-1].request_metadata
+
+
+def test_client_headers_that_choose_accounts_or_break_accounting_never_reach_a_provider(
+    edge: Edge,
+) -> None:
+    client = {
+        "openai-organization": "org-other",
+        "openai-project": "proj-other",
+        "openai-beta": "assistants=v2",
+        "anthropic-beta": "context-1m",
+        "cookie": "session=1",
+        "forwarded": "for=1.2.3.4",
+        "x-forwarded-for": "1.2.3.4",
+        "x-forwarded-host": "evil.example",
+        "x-real-ip": "1.2.3.4",
+        "accept-encoding": "gzip, br",
+        "x-envoy-upstream-rq-timeout-ms": "1",
+        "x-envoy-max-retries": "50",
+        "user-agent": "kept/1.0",
+    }
+    status, _, body = edge.post(
+        {PICK_HEADER: "alpha,beta", "x-test-mode-alpha": "503", **client}, chat("llama3-8b")
+    )
+    assert status == 200, body
+    for name in ("alpha", "beta"):
+        sent = edge.upstreams[name].received[-1]["headers"]
+        assert set(client) & set(sent) == {"accept-encoding", "user-agent"}, name
+        assert sent["accept-encoding"] == "identity"
+        assert sent["user-agent"] == "kept/1.0"
 
 
 def request_id() -> str:
@@ -700,15 +861,8 @@ def test_body_fields_reach_ext_proc_as_request_metadata(edge: Edge) -> None:
         ("application/json; charset=utf-8", b'{"model": "llama3-8b"}', None),
         ("Application/JSON", b'{"model": "llama3-8b"}', None),
         (None, b'{"model": "llama3-8b"}', None),
-        ("application/json", b'{"model": ', {"body_error": "invalid JSON"}),
-        ("application/json", b'{"model": "x"}}', {"body_error": "invalid JSON"}),
-        ("application/json", b'["model", "llama3-8b"]', {"body_error": "invalid JSON"}),
-        ("application/json", b'"llama3-8b"', {"body_error": "invalid JSON"}),
         ("application/json", b"", {}),
         ("application/json", b'{"messages": [], "tools": [{"model": "x"}]}', {}),
-        ("text/plain", b'{"model": "llama3-8b"}', {"body_error": "content type not read"}),
-        ("application/x-www-form-urlencoded", b"model=llama3-8b",
-         {"body_error": "content type not read"}),
     ],
 )
 def test_what_the_request_fields_filter_hands_ext_proc(
@@ -723,13 +877,12 @@ def test_what_the_request_fields_filter_hands_ext_proc(
     else:
         assert seen.request_metadata == metadata
         assert status == 400
-        assert json.loads(answer)["error"]["message"] in (
-            "invalid JSON", "missing model", "content type not read")
+        assert json.loads(answer)["error"]["message"] == "missing model"
 
 
 def test_ext_proc_gets_exactly_one_message_per_request(edge: Edge) -> None:
     before_seen, before_sent = len(edge.processor.seen), edge.ext_proc_messages()
-    for pick, body in (("alpha", chat("llama3-8b", prompt="y" * 200_000)), ("beta", b"[")):
+    for pick, body in (("alpha", chat("llama3-8b", prompt="y" * 200_000)), ("beta", b"{}")):
         edge.post({PICK_HEADER: pick}, body)
     assert edge.ext_proc_messages() - before_sent == 2
     assert [s.kind for s in edge.processor.seen[before_seen:]] == ["request_headers"] * 2

@@ -69,10 +69,28 @@ def test_connection_manager_takes_routes_from_ads() -> None:
 
 
 def test_client_route_header_is_removed_before_routing() -> None:
-    (extension,) = connection_manager().early_header_mutation_extensions
+    extension, _ = connection_manager().early_header_mutation_extensions
     mutation = early_mutation_pb2.HeaderMutation()
     assert extension.typed_config.Unpack(mutation)
     assert [m.remove for m in mutation.mutations] == ["x-gpu-router-route"]
+
+
+def test_the_clients_request_id_is_moved_aside_before_envoy_makes_the_edges() -> None:
+    """What Envoy does with it is in test_translate_envoy.py (a client's id never reaches a
+    provider or the log's request id)."""
+    manager = connection_manager()
+    _, extension = manager.early_header_mutation_extensions
+    mutation = early_mutation_pb2.HeaderMutation()
+    assert extension.typed_config.Unpack(mutation)
+    steps = [(m.WhichOneof("action"), m.remove or m.append.header.key) for m in mutation.mutations]
+    assert steps == [
+        ("remove", "x-gpu-router-client-request-id"),
+        ("append", "x-gpu-router-client-request-id"),
+        ("remove", "x-request-id"),
+    ]
+    assert mutation.mutations[1].append.header.value == "%REQ(x-request-id)%"
+    assert manager.generate_request_id.value
+    assert not manager.preserve_external_request_id
 
 
 def test_body_fields_are_read_by_the_request_fields_lua() -> None:

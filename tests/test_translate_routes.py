@@ -6,10 +6,12 @@ from __future__ import annotations
 import math
 
 import pytest
+from envoy.config.core.v3 import base_pb2
 from translate_fixtures import attempt_order, provider, routing_config
 
 from control_plane.policy.model import Policy
 from control_plane.translate.errors import TranslationError
+from control_plane.translate.names import CLIENT_HEADERS_DROPPED
 from control_plane.translate.routes import (
     MAX_ROUTES,
     provider_orders,
@@ -38,7 +40,13 @@ def routes(config=CONFIG, weights=None):
     assert table.name == "gpu-router.routes"
     (host,) = table.virtual_hosts
     assert list(host.domains) == ["*"]
-    assert list(host.request_headers_to_remove) == ["x-gpu-router-route"]
+    assert list(host.request_headers_to_remove) == [
+        "x-gpu-router-route", *CLIENT_HEADERS_DROPPED
+    ]
+    assert [(h.header.key, h.header.value, h.append_action)
+            for h in host.request_headers_to_add] == [
+        ("accept-encoding", "identity", base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD)
+    ]
     return host.routes
 
 

@@ -35,6 +35,7 @@ from control_plane.translate.names import (
     ACCESS_LOG_NAME,
     ATTEMPT_LOG_NAME,
     EXT_PROC_CLUSTER,
+    CLIENT_REQUEST_ID_HEADER,
     LISTENER,
     METADATA_NAMESPACE,
     MODEL_HEADER,
@@ -61,7 +62,10 @@ def edge_listener(settings: EdgeSettings) -> listener_pb2.Listener:
         rds=hcm_pb2.Rds(config_source=ads_source(), route_config_name=ROUTE_CONFIG),
         # Token streams may pause; only a stream silent this long is cut.
         stream_idle_timeout=seconds(settings.upstream_timeout_s),
-        early_header_mutation_extensions=[_strip_route_header()],
+        early_header_mutation_extensions=[_strip_route_header(), _edge_request_id()],
+        # Envoy makes every request's x-request-id (the client's was moved aside just before).
+        generate_request_id=wrappers_pb2.BoolValue(value=True),
+        preserve_external_request_id=False,
         local_reply_config=_openai_local_replies(),
         http_filters=[
             *([_usage_capture()] if settings.capture_usage else []),
@@ -112,6 +116,28 @@ def _strip_route_header() -> extension_pb2.TypedExtensionConfig:
 
 
 LOCAL_REPLY_BODY = {
+def _edge_request_id() -> extension_pb2.TypedExtensionConfig:
+    """The ledger and audit ids are the edge's own: the client's x-request-id is moved to
+    CLIENT_REQUEST_ID_HEADER (which the request-fields filter logs) and removed, so Envoy
+    generates a fresh one for every request, whatever internal_address_config deems internal.
+    Early mutations run before Envoy's request-id handling; a client-sent copy header goes first,
+    so an absent x-request-id leaves none."""
+    copy = base_pb2.HeaderValueOption(
+        header=base_pb2.HeaderValue(key=CLIENT_REQUEST_ID_HEADER, value="%REQ(x-request-id)%"),
+        append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
+    )
+    mutation = early_mutation_pb2.HeaderMutation(
+        mutations=[
+            mutation_rules_pb2.HeaderMutation(remove=CLIENT_REQUEST_ID_HEADER),
+            mutation_rules_pb2.HeaderMutation(append=copy),
+            mutation_rules_pb2.HeaderMutation(remove="x-request-id"),
+        ]
+    )
+    return extension_pb2.TypedExtensionConfig(
+        name="envoy.http.early_header_mutation.header_mutation", typed_config=packed(mutation)
+    )
+
+
     "error": {
         "message": "%LOCAL_REPLY_BODY%",
         "type": "upstream_error",
@@ -229,6 +255,7 @@ DECISION_LOG_FIELDS = {
     "path": "%REQ(:PATH)%",
     "status": "%RESPONSE_CODE%",
     "duration_ms": "%DURATION%",
+    "client_request_id": f"%DYNAMIC_METADATA({REQUEST_METADATA_NAMESPACE}:client_request_id)%",
     "served_by": "%UPSTREAM_CLUSTER%",
     "attempts": "%UPSTREAM_REQUEST_ATTEMPT_COUNT%",
     "flags": "%RESPONSE_FLAGS%",

@@ -5,6 +5,9 @@ ext_proc does not import this (it is a separate deployable); it spells the same 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from types import MappingProxyType
+
 LISTENER = "gpu-router.edge"
 ROUTE_CONFIG = "gpu-router.routes"
 EXT_PROC_CLUSTER = "gpu-router.ext_proc"
@@ -20,6 +23,36 @@ MODEL_HEADER = "x-gpu-router-model"
 STRATEGY_HEADER = "x-gpu-router-strategy"
 PROVIDER_RESPONSE_HEADER = "x-gpu-router-provider"
 REASON_RESPONSE_HEADER = "x-gpu-router-reason"
+
+CLIENT_REQUEST_ID_HEADER = "x-gpu-router-client-request-id"
+"""The client's own x-request-id, moved here before Envoy makes the edge's (listeners.py): the
+ledger and audit ids are the edge's, so no client can collide with another's records."""
+
+CLIENT_HEADERS_DROPPED: Mapping[str, str] = MappingProxyType({
+    "openai-organization": "chooses which of the operator's OpenAI organizations pays",
+    "openai-project": "chooses which of the operator's projects pays and whose limits apply",
+    "openai-beta": "opts into beta APIs whose pricing and usage reports the ledger does not know",
+    "anthropic-beta": "opts into costlier beta features (e.g. long context) on Anthropic-style APIs",
+    "cookie": "the client's cookies are the edge's; none is a session with a provider",
+    "forwarded": "the client's claim about its address: providers rate-limit and ban by it",
+    "x-forwarded-for": "the same claim; providers see the operator's account, not the client",
+    "x-forwarded-host": "the same kind of claim, about the host the client asked for",
+    "x-real-ip": "the same claim, as some proxies spell it",
+    CLIENT_REQUEST_ID_HEADER: "the client's id is logged by the edge; providers get the edge's",
+})
+"""Client request headers no provider sees, and why (removed on every route, routes.py). Also:
+authorization and every provider's credential header (replaced per attempt, upstream_lua.py);
+x-gpu-router-route (dropped before routing, listeners.py); x-request-id (replaced by the edge's
+own). Envoy itself ignores the x-envoy-* control headers (retries, timeouts) of an external
+request: the edge treats no client address as internal (Envoy 1.40's empty
+internal_address_config), which tests/test_edge_acceptance.py checks."""
+CLIENT_HEADERS_OVERWRITTEN: Mapping[str, tuple[str, str]] = MappingProxyType({
+    "accept-encoding": (
+        "identity",
+        "a compressed response would hide its usage report from the edge's usage capture",
+    ),
+})
+"""Client request headers every provider gets with the edge's value instead: name -> (value, why)."""
 
 METADATA_NAMESPACE = "gpu_router"
 """Dynamic-metadata namespace ext_proc writes, and filter_metadata key on clusters and endpoints."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterator, Mapping, Sequence
 
+from envoy.config.core.v3 import base_pb2
 from envoy.config.route.v3 import route_components_pb2 as rc_pb2
 from envoy.config.route.v3 import route_pb2
 from envoy.type.matcher.v3 import string_pb2
@@ -27,7 +28,13 @@ from control_plane.policy.model import Policy, RoutingConfig
 from control_plane.translate.errors import TranslationError
 from control_plane.translate.failover_route import failover_route
 from control_plane.translate.fallback_routes import fallback_routes
-from control_plane.translate.names import METADATA_NAMESPACE, ROUTE_CONFIG, ROUTE_HEADER
+from control_plane.translate.names import (
+    CLIENT_HEADERS_DROPPED,
+    CLIENT_HEADERS_OVERWRITTEN,
+    METADATA_NAMESPACE,
+    ROUTE_CONFIG,
+    ROUTE_HEADER,
+)
 from control_plane.translate.settings import EdgeSettings
 
 _EXT_PROC_REASON = f"%DYNAMIC_METADATA({METADATA_NAMESPACE}:reason)%"
@@ -81,8 +88,17 @@ def route_configuration(
                 name="gpu-router",
                 domains=["*"],
                 routes=routes,
-                # Applied once the route is chosen: no provider sees our routing header.
-                request_headers_to_remove=[ROUTE_HEADER],
+                # Applied once the route is chosen: no provider sees our routing header, nor
+                # the client headers that would choose the operator's accounts or break
+                # accounting (names.py says why each).
+                request_headers_to_remove=[ROUTE_HEADER, *CLIENT_HEADERS_DROPPED],
+                request_headers_to_add=[
+                    base_pb2.HeaderValueOption(
+                        header=base_pb2.HeaderValue(key=name, value=value),
+                        append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
+                    )
+                    for name, (value, _why) in CLIENT_HEADERS_OVERWRITTEN.items()
+                ],
             )
         ],
     )

@@ -8,8 +8,9 @@ Request-header edits made here carry into later attempts (the router shares one 
 every step starts from saved originals: ext_proc's "gpu_router" metadata (canonical model, original
 :path) and the edge's "gpu_router.request" (the model string the client sent). Body edits
 do not carry over: the router re-sends its buffered original. The body is only read (buffered)
-when the provider's id differs from the client's model string. Without ext_proc (the fallback
-route) there is no canonical model: the model string the client sent is looked up instead, so the
+when the provider's id differs from the client's model string; a body without "model" (the
+model came in the x-gpu-router-model header) gets one, so no provider falls back on a default
+model of its own. Without ext_proc (the fallback route) there is no canonical model: the model string the client sent is looked up instead, so the
 table holds every alias too.
 """
 
@@ -25,23 +26,25 @@ from control_plane.translate.names import METADATA_NAMESPACE, REQUEST_METADATA_N
 _REWRITE = r"""
 local NONE = {}
 
--- The JSON object s with the string value of every top-level "model" member replaced by
--- `json`; nil when it has none.
+-- The JSON object s with the string value of its "model" member (the edge let through one at
+-- most) replaced by `json`, or with one added first when it has none; nil when s is not an object.
 local function with_model(s, json)
-  local parts, copied = {}, 1
-  members(s, function(key, value)
-    if key == "model" and string.sub(s, value, value) == '"' then
-      parts[#parts + 1] = string.sub(s, copied, value - 1)
-      parts[#parts + 1] = json
-      copied = string_end(s, value) + 1
-      return copied
+  local copy
+  members(s, function(key, value, after)
+    if unescape(key) == "model" then
+      copy = string.sub(s, 1, value - 1) .. json .. string.sub(s, after)
     end
   end)
-  if #parts == 0 then
+  if copy ~= nil then
+    return copy
+  end
+  local open = string.match(s, "^[ \t\r\n]*{()")
+  if open == nil then
     return nil
   end
-  parts[#parts + 1] = string.sub(s, copied)
-  return table.concat(parts)
+  local empty = string.match(s, "^[ \t\r\n]*}", open) ~= nil
+  return string.sub(s, 1, open - 1) .. '"model":' .. json .. (empty and "" or ",") ..
+    string.sub(s, open)
 end
 
 function envoy_on_request(handle)
@@ -60,11 +63,11 @@ function envoy_on_request(handle)
   headers:replace(":path", PATH_PREFIX .. path)
   local sent = (metadata:get(REQUEST) or NONE).model
   local target = MODEL_IDS[routed.model or sent]
-  if sent == nil or target == nil or target.id == sent then
+  if target == nil or target.id == sent then
     return
   end
   local body = handle:body()
-  if body == nil then
+  if body == nil or body:length() == 0 then
     return
   end
   local rewritten = with_model(body:getBytes(0, body:length()), target.json)
