@@ -34,8 +34,8 @@ from control_plane.translate.envoy_api import ads_source, milliseconds, packed, 
 from control_plane.translate.names import (
     ACCESS_LOG_NAME,
     ATTEMPT_LOG_NAME,
-    EXT_PROC_CLUSTER,
     CLIENT_REQUEST_ID_HEADER,
+    EXT_PROC_CLUSTER,
     LISTENER,
     METADATA_NAMESPACE,
     MODEL_HEADER,
@@ -115,7 +115,6 @@ def _strip_route_header() -> extension_pb2.TypedExtensionConfig:
     )
 
 
-LOCAL_REPLY_BODY = {
 def _edge_request_id() -> extension_pb2.TypedExtensionConfig:
     """The ledger and audit ids are the edge's own: the client's x-request-id is moved to
     CLIENT_REQUEST_ID_HEADER (which the request-fields filter logs) and removed, so Envoy
@@ -138,6 +137,7 @@ def _edge_request_id() -> extension_pb2.TypedExtensionConfig:
     )
 
 
+LOCAL_REPLY_BODY = {
     "error": {
         "message": "%LOCAL_REPLY_BODY%",
         "type": "upstream_error",
@@ -252,10 +252,10 @@ def _access_log(settings: EdgeSettings) -> accesslog_pb2.AccessLog:
 DECISION_LOG_FIELDS = {
     "start_time": "%START_TIME%",
     "request_id": "%REQ(X-REQUEST-ID)%",
+    "client_request_id": f"%DYNAMIC_METADATA({REQUEST_METADATA_NAMESPACE}:client_request_id)%",
     "path": "%REQ(:PATH)%",
     "status": "%RESPONSE_CODE%",
     "duration_ms": "%DURATION%",
-    "client_request_id": f"%DYNAMIC_METADATA({REQUEST_METADATA_NAMESPACE}:client_request_id)%",
     "served_by": "%UPSTREAM_CLUSTER%",
     "attempts": "%UPSTREAM_REQUEST_ATTEMPT_COUNT%",
     "flags": "%RESPONSE_FLAGS%",
