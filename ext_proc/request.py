@@ -44,15 +44,12 @@ REASON_HEADER = "x-gpu-router-reason"
 METADATA_NAMESPACE = "gpu_router"
 """Where the decision goes (dynamic metadata Envoy logs and its upstream filters read)."""
 REQUEST_NAMESPACE = "gpu_router.request"
-"""Where the edge's request-fields filter puts the body's fields: model, max_tokens, max_completion_tokens,
-stream, or body_error when the body could not be read as JSON."""
+"""Where the edge's request-fields filter puts the body's fields: model, max_tokens,
+max_completion_tokens, stream. It answers a body it cannot read one way only (or of another
+content type than JSON) itself, so such a request never gets here."""
 
 ROUTED_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
 MODELS_PATH = "/v1/models"
-JSON_MEDIA_TYPES = frozenset({"application/json", ""})
-"""The media types the request-fields filter reads (application/json, or no content type;
-parameters such as charset allowed): it flags a body of any other type with body_error too, so
-the content type tells the two apart."""
 _NO_OUTPUT_PATHS = frozenset({"/v1/embeddings"})
 
 _NO_FIELDS: Mapping[str, struct_pb2.Value] = MappingProxyType({})
@@ -138,22 +135,15 @@ def _unknown_model(name: str) -> ext_proc_pb2.ProcessingResponse:
     )
 
 
-def is_json(content_type: str) -> bool:
-    return content_type.partition(";")[0].strip().lower() in JSON_MEDIA_TYPES
+def _not_utf8(name: str) -> ext_proc_pb2.ProcessingResponse:
+    return _bad_request(f"the {name} header is not valid UTF-8", "invalid_header", name)
 
 
-def _unreadable_body(problem: str, content_type: str) -> ext_proc_pb2.ProcessingResponse:
-    """The 400 for a body the request-fields filter flagged (body_error): bad JSON, or a type it skips."""
-    if is_json(content_type):
-        return _bad_request(
-            f"the request body is not a JSON object ({problem}); "
-            "send one with content-type: application/json",
-            "invalid_json",
-        )
+def _conflicting_models(header: str, body: str) -> ext_proc_pb2.ProcessingResponse:
     return _bad_request(
-        f"content-type {content_type!r} is not read: send the JSON body as application/json "
-        f"or give the model in {MODEL_HEADER}",
-        "missing_model",
+        f"{MODEL_HEADER} names {header!r} but the body's \"model\" is {body!r}: "
+        "send one model, or the same one in both",
+        "model_conflict",
         "model",
     )
 
@@ -224,7 +214,12 @@ class RequestPhases:
         table = self._state.table
         if table is None:
             raise NotReadyError("no routing policy from the control plane yet")
+        # Any byte may arrive in a header: every value is read leniently (nothing copied into a
+        # proto3 string may hold invalid UTF-8), and the ones routing reads must be exact.
         headers = {h.key: h.raw_value.decode("utf-8", "replace") for h in message.headers.headers}
+        for name in (MODEL_HEADER, STRATEGY_HEADER):
+            if "\ufffd" in headers.get(name, ""):
+                return _not_utf8(name)
         full_path = headers.get(":path", "")
         path = full_path.partition("?")[0]
         if path == MODELS_PATH and headers.get(":method") == "GET":
@@ -244,21 +239,19 @@ class RequestPhases:
                 )
         body = metadata.filter_metadata.get(REQUEST_NAMESPACE)
         fields = _NO_FIELDS if body is None else body.fields
-        model = headers.get(MODEL_HEADER)
-        problem = fields.get("body_error")
-        if problem is not None:
-            # A body the request-fields filter skipped for its content type still routes by the header.
-            content_type = headers.get("content-type", "")
-            if not model or is_json(content_type):
-                return _unreadable_body(problem.string_value, content_type)
+        found = fields.get("model")
+        body_model = None if found is None else found.string_value
+        model = headers.get(MODEL_HEADER) or body_model
         if not model:
-            found = fields.get("model")
-            if found is None:
-                return MISSING_MODEL
-            model = found.string_value
+            return MISSING_MODEL
         route = table.resolve(model)
         if route is None:
             return _unknown_model(model)
+        if body_model is not None and body_model != model:
+            # The provider reads the body: it must name the model the request is routed by.
+            other = table.resolve(body_model)
+            if other is None or other.name != route.name:
+                return _conflicting_models(model, body_model)
         try:
             length = int(headers.get("content-length") or 0)
         except ValueError:

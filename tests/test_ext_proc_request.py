@@ -110,10 +110,8 @@ def test_the_route_header_orders_winner_then_fallbacks_without_ejected_providers
     assert metadata["reason"] == reason
 
 
-def test_the_model_header_wins_over_the_body() -> None:
-    response = RequestPhases(STATE).handle(
-        headers_request(x_gpu_router_model="mixtral", body_fields={"model": "bge-large"})
-    )
+def test_the_model_header_alone_routes() -> None:
+    response = RequestPhases(STATE).handle(headers_request(x_gpu_router_model="mixtral"))
     assert routed(response)[1]["model"] == "mixtral-8x7b"
 
 
@@ -198,10 +196,6 @@ def test_models_list_answers_directly() -> None:
     assert len(json.loads(response.immediate_response.body)["data"]) == 4
 
 
-NOT_JSON = "the request body is not a JSON object (invalid JSON); "
-NOT_READ = "content-type 'text/plain' is not read: send the JSON body as application/json"
-
-
 @pytest.mark.parametrize(
     ("request_", "status", "code", "message"),
     [
@@ -237,34 +231,16 @@ NOT_READ = "content-type 'text/plain' is not read: send the JSON body as applica
             'missing "model": give it in the JSON body or in x-gpu-router-model',
         ),
         (
-            headers_request(
-                content_type="application/json", body_fields={"body_error": "invalid JSON"}
-            ),
+            headers_request(x_gpu_router_model="mixtral", body_fields={"model": "llama3-8b"}),
             400,
-            "invalid_json",
-            NOT_JSON,
+            "model_conflict",
+            "x-gpu-router-model names 'mixtral' but the body's \"model\" is 'llama3-8b'",
         ),
         (
-            headers_request(body_fields={"body_error": "invalid JSON"}),  # no content-type
+            headers_request(x_gpu_router_model="mixtral", body_fields={"model": "gpt-expensive"}),
             400,
-            "invalid_json",
-            NOT_JSON,
-        ),
-        (
-            headers_request(
-                content_type="application/json",
-                x_gpu_router_model="mixtral",
-                body_fields={"body_error": "invalid JSON"},
-            ),
-            400,
-            "invalid_json",
-            NOT_JSON,
-        ),
-        (
-            headers_request(content_type="text/plain", body_fields={"body_error": "invalid JSON"}),
-            400,
-            "missing_model",
-            NOT_READ,
+            "model_conflict",
+            "x-gpu-router-model names 'mixtral' but the body's \"model\" is 'gpt-expensive'",
         ),
     ],
 )
@@ -279,15 +255,38 @@ def test_errors(
     assert phases.phase is Phase.DONE
 
 
-def test_a_body_of_another_content_type_routes_by_the_model_header() -> None:
+def test_a_header_and_a_body_naming_one_model_by_two_names_route() -> None:
     response = RequestPhases(STATE).handle(
-        headers_request(
-            content_type="text/plain",
-            x_gpu_router_model="mixtral",
-            body_fields={"body_error": "invalid JSON"},
-        )
+        headers_request(x_gpu_router_model="llama3-8b", body_fields={"model": "llama-3.1-8b"})
     )
-    assert routed(response)[0].startswith("interactive/lambda,")
+    assert routed(response)[1]["model"] == "llama-3.1-8b"
+
+
+def with_raw(request: ext_proc_pb2.ProcessingRequest, name: str, raw: bytes):
+    """`request` with header `name` set to bytes that need not be UTF-8."""
+    headers = request.request_headers.headers.headers
+    found = [h for h in headers if h.key == name]
+    (header,) = found or [headers.add(key=name)]
+    header.raw_value = raw
+    return request
+
+
+@pytest.mark.parametrize("name", ["user-agent", "x-request-id", ":path", "x-workload", "accept"])
+def test_a_header_of_any_bytes_routes_and_the_answer_stays_valid_protobuf(name: str) -> None:
+    request = headers_request(body_fields={"model": "mixtral"})
+    raw = b"/v1/chat/completions?\xff\xfe\x00" if name == ":path" else b"\xff\xc0\xa2 x"
+    response = RequestPhases(STATE).handle(with_raw(request, name, raw))
+    wire = ext_proc_pb2.ProcessingResponse.FromString(response.SerializeToString())
+    route, _ = routed(wire)
+    assert route.startswith("interactive/")
+
+
+@pytest.mark.parametrize("name", ["x-gpu-router-model", "x-gpu-router-strategy"])
+def test_a_routing_header_that_is_not_utf8_is_a_400(name: str) -> None:
+    request = with_raw(headers_request(body_fields={"model": "mixtral"}), name, b"mixtral\xff")
+    status, body = error_of(RequestPhases(STATE).handle(request))
+    assert (status, body["error"]["code"], body["error"]["param"]) == (400, "invalid_header", name)
+    assert body["error"]["message"] == f"the {name} header is not valid UTF-8"
 
 
 def test_no_candidate_is_503_with_the_reason_in_body_and_header() -> None:
