@@ -97,6 +97,7 @@ def record_from_edge_entry(
         ext_proc_us=_ext_proc_us(common),
         route=common.route_name,
         client=decision_field(decision, "client"),
+        client_request_id=decision_field(body, "client_request_id"),
     )
 
 

@@ -55,6 +55,7 @@ def audit_entry(record: RequestRecord, usage: Usage, cost_usd: float) -> dict[st
         "at": at.isoformat(timespec="milliseconds"),
         "request_id": record.request_id,
         "client": record.client,
+        "client_request_id": record.client_request_id,
         "model": record.model,
         "policy": record.policy,
         "strategy": record.strategy,

@@ -57,6 +57,16 @@ def test_an_edge_entry_carries_the_decision_the_outcome_and_the_usage() -> None:
     assert record.stream and record.usage_text == USAGE and record.usage_format == "openai"
     assert (record.ttfb_ms, record.total_ms, record.ext_proc_us) == (40.0, 90.0, 350)
     assert (record.request_bytes, record.response_bytes, record.status) == (48, 400, 200)
+    assert record.client_request_id == ""
+
+
+def test_the_clients_own_request_id_is_kept_apart_from_the_edges() -> None:
+    entry = edge_entry()
+    entry.common_properties.metadata.filter_metadata["gpu_router.request"].update(
+        {"client_request_id": "mine-1"})
+    record = record_from_edge_entry(entry, lambda provider: "openai")
+    assert record is not None
+    assert (record.request_id, record.client_request_id) == ("req-7", "mine-1")
 
 
 def test_a_periodic_entry_is_not_a_request() -> None:

@@ -57,6 +57,12 @@ def test_no_decision_and_nobody_served() -> None:
     assert entry["outcome"]["estimated"] is True
 
 
+def test_the_clients_request_id_is_its_own_field() -> None:
+    record = make_record(client_request_id="client-7")
+    entry = audit_entry(record, normalise(record), 0.0)
+    assert (entry["request_id"], entry["client_request_id"]) == ("req-1", "client-7")
+
+
 def test_log_writes_one_json_line_per_request_and_appends(tmp_path: Path) -> None:
     path = tmp_path / "logs" / "audit.jsonl"
     for run in range(2):

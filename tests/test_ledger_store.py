@@ -162,6 +162,24 @@ def test_a_version_1_ledger_keeps_the_first_row_of_a_repeated_request(tmp_path: 
             connection.execute("INSERT INTO requests (request_id, at_unix_ms) VALUES ('a', 4)")
 
 
+def test_a_version_3_ledger_gets_the_client_request_id_column(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.db"
+    columns = [c for c in LedgerRow.__dataclass_fields__ if c != "client_request_id"]
+    with sqlite3.connect(path) as old:
+        old.execute(f"CREATE TABLE requests (id INTEGER PRIMARY KEY, {', '.join(columns)})")
+        old.execute(f"INSERT INTO requests ({', '.join(columns)}) VALUES "
+                    f"({', '.join('?' * len(columns))})",
+                    [getattr(row(1), c) for c in columns])
+        old.execute("PRAGMA user_version=3")
+    writer = LedgerWriter(path)
+    writer.add(ledger_row(make_record(request_id="req-2", client_request_id="theirs"),
+                          normalise(make_record()), 0.0))
+    writer.close()
+    with open_ledger(path) as connection:
+        assert [(r.request_id, r.client_request_id) for r in read_rows(connection)] == [
+            ("req-1", ""), ("req-2", "theirs")]
+
+
 def test_rows_older_than_the_retention_are_pruned(tmp_path: Path) -> None:
     path = tmp_path / "ledger.db"
     writer = LedgerWriter(path)

@@ -33,7 +33,7 @@ from control_plane.usage.record import RequestRecord
 
 FLUSH_INTERVAL_S = 0.5
 MAX_BATCH_ROWS = 200
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 RETENTION_DAYS = 90
 PRUNE_INTERVAL_S = 3600.0
 _DAY_MS = 86_400_000
@@ -70,6 +70,8 @@ class LedgerRow:
     cost_usd: float
     client: str = ""
     """The client whose key the request carried (the policy's clients); "" when none."""
+    client_request_id: str = ""
+    """The x-request-id the client sent ("" when none); request_id is the edge's own."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -111,7 +113,7 @@ def ledger_row(record: RequestRecord, usage: Usage, cost_usd: float) -> LedgerRo
         cached_input_tokens=usage.cached_input_tokens,
         cache_write_tokens=usage.cache_write_tokens, reasoning_tokens=usage.reasoning_tokens,
         estimated=usage.estimated, estimate_reason=usage.estimate_reason, cost_usd=cost_usd,
-        client=record.client,
+        client=record.client, client_request_id=record.client_request_id,
     )
 
 
@@ -143,8 +145,8 @@ def open_ledger(path: str | Path) -> sqlite3.Connection:
 
 
 def _add_missing_columns(connection: sqlite3.Connection) -> None:
-    """Columns added since a ledger was created (e.g. client, in version 3); the rows already
-    there get '' or 0."""
+    """Columns added since a ledger was created (client in version 3, client_request_id in 4);
+    the rows already there get '' or 0."""
     present = {row[1] for row in connection.execute("PRAGMA table_info(requests)")}
     for name in COLUMNS:
         if name not in present:

@@ -49,6 +49,9 @@ class RequestRecord:
     when ext_proc did not answer."""
     client: str = ""
     """The client whose key ext_proc admitted (its decision metadata); "" when none."""
+    client_request_id: str = ""
+    """The x-request-id the client sent, if any (printable ASCII, at most 200 characters).
+    request_id is the edge's own, so no client can collide with another's records."""
 
 
 def is_error_status(status: int) -> bool:
