@@ -181,6 +181,7 @@ class ProviderSim:
                 path=request.path,
                 headers=request.headers,
                 body_bytes=len(request.body),
+                body=request.body,
             )
         )
         mode = self.faults.next_request()

@@ -10,6 +10,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+LAST_BODY_CHARS = 65536
+"""How much of the last request's body /_sim/stats shows (as text, undecodable bytes replaced)."""
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ReceivedRequest:
@@ -19,6 +22,8 @@ class ReceivedRequest:
     headers: Mapping[str, str]
     """Lower-case names, as received (injected credentials included: that is what tests check)."""
     body_bytes: int
+    body: bytes = b""
+    """The body as received: tests check which model the provider read, and nothing else."""
 
 
 class SimStats:
@@ -50,5 +55,6 @@ class SimStats:
                 "path": last.path,
                 "headers": dict(last.headers),
                 "body_bytes": last.body_bytes,
+                "body": last.body[:LAST_BODY_CHARS].decode("utf-8", "replace"),
             },
         }

@@ -174,6 +174,7 @@ def test_stats_count_requests_by_model_and_path(sim: ProviderSim) -> None:
     assert last["model"] == MODELS[0]
     assert last["headers"]["authorization"] == "Bearer sk-test"
     assert last["body_bytes"] == len(json.dumps(chat_body()).encode())
+    assert json.loads(last["body"]) == chat_body()
     assert call(sim.port, "POST", "/_sim/reset").status == 200
     assert stats(sim.port)["requests"] == 0
 
