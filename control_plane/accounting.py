@@ -23,6 +23,7 @@ from envoy.data.accesslog.v3 import accesslog_pb2
 from google.protobuf import struct_pb2
 
 from control_plane.audit import KEEP_ROTATED, MAX_BYTES, AuditLog
+from control_plane.client_spend import ClientSpend
 from control_plane.ledger.store import RETENTION_DAYS, LedgerWriter, LogOffset, ledger_row
 from control_plane.metrics import Metrics
 from control_plane.policy.model import RoutingConfig
@@ -149,9 +150,12 @@ class Accounting:
         """Fallback route name -> (policy, model, strategy)."""
         self.booked = RecentIds()
         """Request ids this process booked lately (the reconciler skips them too)."""
+        self.spend = ClientSpend(ledger_path)
+        """Each budgeted client's spend in its window, from what is booked here and the ledger."""
 
     def use_policy(self, config: RoutingConfig) -> None:
         self._prices = PriceBook.from_config(config)
+        self.spend.use_policy(config)
         strategies = {p.name: p.strategy.value for p in config.policies}
         self._fallback_routes = {
             route: (policy, model, strategies[policy])
@@ -173,6 +177,8 @@ class Accounting:
             log.warning("unpriced usage", extra={"request_id": record.request_id, "error": str(error)})
             cost = 0.0
         self.metrics.observe(record, usage, cost)
+        if record.client:
+            self.spend.add(record.client, record.at_unix_ms, cost)
         if self._ledger is not None:
             self._ledger.add(ledger_row(record, usage, cost))
         if self._audit is not None:

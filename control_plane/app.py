@@ -27,6 +27,7 @@ from envoy.service.discovery.v3 import ads_pb2_grpc
 from control_plane.accounting import Accounting
 from control_plane.admin_http import AdminHttpServer
 from control_plane.audit import KEEP_ROTATED, MAX_BYTES, default_audit_path
+from control_plane.client_spend import publish_spend
 from control_plane.dashboard.data import dashboard_data
 from control_plane.ledger.reconcile import Reconciler
 from control_plane.ledger.store import RETENTION_DAYS, default_ledger_path
@@ -49,6 +50,7 @@ log = logging.getLogger("control_plane")
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 HEALTH_SNAPSHOT_NAME = "fleet"
+CLIENT_SPEND_NAME = "clients"
 EXIT_BAD_POLICY = 2
 EXIT_FAILED = 1
 DEFAULT_EXT_PROC = ("127.0.0.1", 50051)
@@ -357,6 +359,8 @@ async def serve(options: Options, stop: asyncio.Event) -> None:
         publish_health(fleet, publish),
         publish_weights(fleet, lambda: [p.name for p in rollout.current.config.providers],
                         rollout.apply_weights),
+        publish_spend(accounting.spend, lambda spent: cache.set_types(
+            {type_urls.CLIENT_SPEND: {CLIENT_SPEND_NAME: spent}})),
     ]
     if watcher is not None:
         jobs.append(watcher.run())

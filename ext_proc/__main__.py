@@ -44,11 +44,19 @@ def main(argv: list[str] | None = None) -> int:
         default=1,
         help="processes sharing the port with SO_REUSEPORT (default %(default)s)",
     )
+    parser.add_argument(
+        "--redis",
+        help="redis://HOST:PORT shared by every replica for fleet-wide client rate limits "
+        "(default: counters in each worker process)",
+    )
     parser.add_argument("--log-level", choices=LOG_LEVELS, default="warning")
     args = parser.parse_args(argv)
     configure_logging(args.log_level)
     return run_workers(
-        WorkerConfig(listen=args.listen, xds=args.xds, log_level=args.log_level), args.workers
+        WorkerConfig(
+            listen=args.listen, xds=args.xds, log_level=args.log_level, redis=args.redis
+        ),
+        args.workers,
     )
 
 

@@ -20,6 +20,7 @@ import math
 import time
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
+from typing import TYPE_CHECKING
 
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc_pb2
@@ -35,6 +36,9 @@ from ext_proc.scoring import (
     decide,
     estimate_prompt_tokens,
 )
+
+if TYPE_CHECKING:
+    from ext_proc.clients import ClientRule
 
 ROUTE_HEADER = "x-gpu-router-route"
 """Set to "<policy>/<winner>,<fallback>,...": the exact value a generated route matches."""
@@ -200,6 +204,8 @@ class RequestPhases:
         self.phase = Phase.HEADERS
         self.decision: Decision | None = None
         """The routing decision, once made (for whoever audits the stream)."""
+        self.client: ClientRule | None = None
+        """The client the admission gate let in (ext_proc/admission.py); None: no clients."""
 
     def handle(self, request: ext_proc_pb2.ProcessingRequest) -> ext_proc_pb2.ProcessingResponse:
         kind = request.WhichOneof("request")
@@ -256,7 +262,10 @@ class RequestPhases:
             length = int(headers.get("content-length") or 0)
         except ValueError:
             length = 0
-        policy = table.match(path, headers, route.name)
+        forced = None if self.client is None else self.client.for_model(route.name)
+        if isinstance(forced, ext_proc_pb2.ProcessingResponse):
+            return forced  # the client's model allow-list leaves this model out: 403
+        policy = forced or table.match(path, headers, route.name)
         try:
             decision = self.decision = decide(
                 route,

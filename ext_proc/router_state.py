@@ -7,13 +7,15 @@ that snapshot, so a policy or health update never shows a request half of each.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
+from ext_proc.clients import NO_CLIENTS, ClientTable, build_client_table, spent_by_client
 from ext_proc.health_view import EMPTY_HEALTH, CandidateHealth, HealthView, build_health_view
 from ext_proc.routing_table import RoutingTable, build_routing_table
-from gpu_router.api.v1 import health_pb2, routing_pb2
+from gpu_router.api.v1 import clients_pb2, health_pb2, routing_pb2
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -23,11 +25,17 @@ class RouterState:
     health: HealthView = EMPTY_HEALTH
     aligned: Mapping[str, CandidateHealth] = field(default_factory=lambda: MappingProxyType({}))
     """Canonical model -> health aligned with the table's candidates for it."""
+    clients: ClientTable = NO_CLIENTS
+    """Who may use the edge (the policy's clients, by key hash)."""
+    spent: Mapping[str, float] = field(default_factory=lambda: MappingProxyType({}))
+    """Client name -> USD spent in its budget window, as the control plane last pushed it."""
 
     @classmethod
-    def of(cls, table: RoutingTable | None, health: HealthView) -> RouterState:
+    def of(cls, table: RoutingTable | None, health: HealthView, clients: ClientTable = NO_CLIENTS,
+           spent: Mapping[str, float] | None = None) -> RouterState:
         aligned = health.align_table(table) if table is not None else MappingProxyType({})
-        return cls(table=table, health=health, aligned=aligned)
+        return cls(table=table, health=health, aligned=aligned, clients=clients,
+                   spent=spent if spent is not None else MappingProxyType({}))
 
 
 class LiveState:
@@ -40,8 +48,16 @@ class LiveState:
 
     def apply_policy(self, policy: routing_pb2.RoutingPolicy) -> None:
         """Build the routing table (RoutingTableError leaves the old one in place)."""
-        self.current = RouterState.of(build_routing_table(policy), self.current.health)
+        table = build_routing_table(policy)
+        clients = build_client_table(policy.clients, table)
+        current = self.current
+        self.current = RouterState.of(table, current.health, clients, current.spent)
         self.routable.set()
 
     def apply_health(self, snapshot: health_pb2.HealthSnapshot) -> None:
-        self.current = RouterState.of(self.current.table, build_health_view(snapshot))
+        current = self.current
+        self.current = RouterState.of(current.table, build_health_view(snapshot), current.clients,
+                                      current.spent)
+
+    def apply_spend(self, snapshot: clients_pb2.ClientSpendSnapshot) -> None:
+        self.current = dataclasses.replace(self.current, spent=spent_by_client(snapshot))

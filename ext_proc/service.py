@@ -9,6 +9,8 @@ import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_proc_grpc
 
+from ext_proc.admission import Admission, tag_client
+from ext_proc.rate_limit import LocalCounters, RateLimiter
 from ext_proc.request import NotReadyError, ProtocolError, RequestPhases
 from ext_proc.router_state import LiveState
 
@@ -18,16 +20,23 @@ _log = logging.getLogger(__name__)
 class ExternalProcessorService(ext_proc_grpc.ExternalProcessorServicer):
     """One stream per HTTP request; each stream decides on the state current when it opened."""
 
-    def __init__(self, live: LiveState) -> None:
+    def __init__(self, live: LiveState, admission: Admission | None = None) -> None:
         self._live = live
+        self._admission = admission or Admission(RateLimiter(LocalCounters()))
 
     async def Process(
         self,
         request_iterator: AsyncIterator[ext_proc_pb2.ProcessingRequest],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[ext_proc_pb2.ProcessingResponse]:
-        phases = RequestPhases(self._live.current)
+        state = self._live.current
+        phases = RequestPhases(state)
         async for request in request_iterator:
+            admitted = await self._admission.admit(state, request)
+            if isinstance(admitted, ext_proc_pb2.ProcessingResponse):
+                yield admitted  # refused by the client gate (key, budget, rate limit)
+                return
+            phases.client = admitted
             try:
                 response = phases.handle(request)
             except NotReadyError as error:
@@ -35,4 +44,6 @@ class ExternalProcessorService(ext_proc_grpc.ExternalProcessorServicer):
             except ProtocolError as error:
                 _log.warning("ext_proc protocol error", extra={"error": str(error)})
                 await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(error))
+            if admitted is not None:
+                tag_client(response, admitted)
             yield response

@@ -15,7 +15,9 @@ from types import FrameType
 import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_proc_grpc
 
+from ext_proc.admission import Admission
 from ext_proc.json_log import configure_logging
+from ext_proc.rate_limit import LocalCounters, RateLimiter, RedisCounters
 from ext_proc.router_state import LiveState
 from ext_proc.service import ExternalProcessorService
 from ext_proc.serving_status import ServingStatus
@@ -34,6 +36,8 @@ class WorkerConfig:
     xds: str
     """host:port of the control plane's ADS server."""
     log_level: str = "warning"
+    redis: str | None = None
+    """redis:// URL of the fleet's shared rate-limit counters; None: counters in each worker."""
 
 
 class BindError(RuntimeError):
@@ -46,7 +50,10 @@ async def serve(config: WorkerConfig, stop: asyncio.Event) -> None:
     # Messages stay small (headers and metadata: Envoy never sends bodies), so gRPC's default
     # message limits hold.
     server = grpc.aio.server(options=[("grpc.so_reuseport", 1)])
-    ext_proc_grpc.add_ExternalProcessorServicer_to_server(ExternalProcessorService(live), server)
+    counters = LocalCounters() if config.redis is None else RedisCounters(config.redis)
+    ext_proc_grpc.add_ExternalProcessorServicer_to_server(
+        ExternalProcessorService(live, Admission(RateLimiter(counters))), server
+    )
     status = ServingStatus()
     await status.add_to(server)
     try:

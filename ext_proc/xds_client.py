@@ -23,12 +23,14 @@ from google.protobuf.message import DecodeError, Message
 from google.rpc import status_pb2
 
 from ext_proc.router_state import LiveState
-from gpu_router.api.v1 import health_pb2, routing_pb2
+from gpu_router.api.v1 import clients_pb2, health_pb2, routing_pb2
 
 POLICY_TYPE_URL = "type.googleapis.com/gpu_router.api.v1.RoutingPolicy"
 HEALTH_TYPE_URL = "type.googleapis.com/gpu_router.api.v1.HealthSnapshot"
+CLIENT_SPEND_TYPE_URL = "type.googleapis.com/gpu_router.api.v1.ClientSpendSnapshot"
 POLICY_RESOURCE = "default"
 HEALTH_RESOURCE = "fleet"
+CLIENT_SPEND_RESOURCE = "clients"
 NODE_CLUSTER = "gpu-router-ext-proc"
 _RESOURCE_WRAPPER_URL = "type.googleapis.com/envoy.service.discovery.v3.Resource"
 _INVALID_ARGUMENT = 3  # google.rpc.Code
@@ -81,6 +83,12 @@ def live_subscriptions(live: LiveState) -> tuple[Subscription, ...]:
             resource_name=HEALTH_RESOURCE,
             message=health_pb2.HealthSnapshot,
             apply=live.apply_health,
+        ),  # type: ignore[arg-type]
+        Subscription(
+            type_url=CLIENT_SPEND_TYPE_URL,
+            resource_name=CLIENT_SPEND_RESOURCE,
+            message=clients_pb2.ClientSpendSnapshot,
+            apply=live.apply_spend,
         ),  # type: ignore[arg-type]
     )
 

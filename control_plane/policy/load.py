@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from control_plane.policy.checker import MISSING, Checker
+from control_plane.policy.clients import read_clients
 from control_plane.policy.issues import KeyPath, PolicyError, PolicyIssue
 from control_plane.policy.model import Failover, RoutingConfig
 from control_plane.policy.names import Names, read_model
@@ -62,7 +63,7 @@ def _content_version(text: str) -> str:
 
 def _routing_config(check: Checker, raw: Any, source: str, version: str) -> RoutingConfig | None:
     top = check.mapping(raw, (), required=("version", "providers", "models", "policies"),
-                        optional=("failover",))
+                        optional=("failover", "clients"))
     if top is None:
         return None
     schema = check.integer(top.get("version", MISSING), ("version",), minimum=0)
@@ -86,13 +87,15 @@ def _routing_config(check: Checker, raw: Any, source: str, version: str) -> Rout
     if policies is not None:
         check_catch_all(check, policies)
     failover = _failover(check, top.get("failover", {}), ("failover",))
+    clients = read_clients(check, top.get("clients", []), ("clients",), names)
     if models is None or providers is None:
         return None
     check_hardware_fit(check, models, providers, names)
-    if policies is None or failover is None:
+    if policies is None or failover is None or clients is None:
         return None
     return RoutingConfig(providers=tuple(providers), models=tuple(models), failover=failover,
-                         policies=tuple(policies), source=source, version=version)
+                         policies=tuple(policies), clients=tuple(clients), source=source,
+                         version=version)
 
 
 _REPLACED_FAILOVER_KEYS = ("retry_budget_percent", "min_retry_concurrency")

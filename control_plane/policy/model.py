@@ -190,6 +190,40 @@ class RoutingConfig:
     policies: tuple[Policy, ...]
     """In match order; the first whose match fits a request wins."""
     failover: Failover = field(default_factory=Failover)
+    clients: tuple[Client, ...] = ()
+    """Who may use the edge; empty = an open edge (no key asked for)."""
     source: str = "<embedded default>"
     version: str = ""
     """Content hash of the source text."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Budget:
+    """USD a client may spend in any rolling window of `window_s` seconds (the ledger's cost)."""
+
+    usd: float
+    window_s: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Limits:
+    """Per-minute limits of one client, fleet-wide; 0 = no limit."""
+
+    requests_per_minute: int = 0
+    tokens_per_minute: int = 0
+    """Estimated tokens (prompt bytes / 4 + max_tokens) admitted per minute."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Client:
+    """One holder of an edge key; the policy keeps only the key's SHA-256."""
+
+    name: str
+    key_sha256: str
+    """Lower-case hex."""
+    budget: Budget | None = None
+    limits: Limits = field(default_factory=Limits)
+    models: tuple[str, ...] = ()
+    """Canonical model names allowed; empty = every model."""
+    policy: str | None = None
+    """The routing policy all of this client's requests use; None = matched as usual."""

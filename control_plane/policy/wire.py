@@ -6,8 +6,16 @@ Each provider's Envoy cluster is named exactly the provider name.
 
 from __future__ import annotations
 
-from control_plane.policy.model import Model, Offering, Policy, Provider, RoutingConfig, Strategy
-from gpu_router.api.v1 import routing_pb2
+from control_plane.policy.model import (
+    Client,
+    Model,
+    Offering,
+    Policy,
+    Provider,
+    RoutingConfig,
+    Strategy,
+)
+from gpu_router.api.v1 import clients_pb2, routing_pb2
 
 _STRATEGIES = {
     Strategy.COST: routing_pb2.COST,
@@ -22,6 +30,7 @@ def to_routing_policy(config: RoutingConfig) -> routing_pb2.RoutingPolicy:
         providers=[_provider(provider) for provider in config.providers],
         models=[_model(model) for model in config.models],
         policies=[_policy(policy) for policy in config.policies],
+        clients=[_client(client) for client in config.clients],
     )
 
 
@@ -77,4 +86,19 @@ def _policy(policy: Policy) -> routing_pb2.Policy:
         cost_ceiling_usd_per_mtok=policy.cost_ceiling_usd_per_mtok,
         max_fallbacks=policy.max_fallbacks,
         providers=policy.providers,
+    )
+
+
+def _client(client: Client) -> clients_pb2.Client:
+    """Only the key's hash travels; an unset budget stays unset (HasField false), never 0."""
+    budget = {} if client.budget is None else {
+        "budget_usd": client.budget.usd, "budget_window_s": client.budget.window_s}
+    return clients_pb2.Client(
+        name=client.name,
+        key_sha256=client.key_sha256,
+        requests_per_minute=client.limits.requests_per_minute,
+        tokens_per_minute=client.limits.tokens_per_minute,
+        models=client.models,
+        policy=client.policy or "",
+        **budget,
     )

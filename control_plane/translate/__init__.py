@@ -7,7 +7,7 @@ deterministic=True), so xDS versions can be content hashes.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import MappingProxyType
 
 from envoy.config.cluster.v3 import cluster_pb2
@@ -58,7 +58,9 @@ def translate(
     (MissingCredentialError if one is absent).
     """
     return EnvoyResources(
-        listeners=MappingProxyType(all_listeners(settings)),
+        # Clients declared: only ext_proc checks keys, so the edge must not go on without it.
+        listeners=MappingProxyType(all_listeners(
+            replace(settings, ext_proc_fail_open=False) if config.clients else settings)),
         routes=MappingProxyType({ROUTE_CONFIG: route_configuration(config, settings)}),
         clusters=MappingProxyType(all_clusters(config, settings)),
         endpoints=MappingProxyType(endpoint_assignments(config)),

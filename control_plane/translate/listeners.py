@@ -27,6 +27,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 from envoy.extensions.http.early_header_mutation.header_mutation.v3 import (
     header_mutation_pb2 as early_mutation_pb2,
 )
+from envoy.type.v3 import http_status_pb2
 from google.protobuf import wrappers_pb2
 
 from control_plane.translate.durable_log import durable_edge_log
@@ -207,7 +208,9 @@ def _ext_proc(settings: EdgeSettings) -> hcm_pb2.HttpFilter:
             response_trailer_mode=Mode.SKIP,
         ),
         allow_mode_override=False,
-        failure_mode_allow=True,
+        failure_mode_allow=settings.ext_proc_fail_open,
+        status_on_error=None if settings.ext_proc_fail_open else http_status_pb2.HttpStatus(
+            code=http_status_pb2.ServiceUnavailable),
         message_timeout=milliseconds(settings.ext_proc_message_timeout_ms),
         metadata_options=ext_proc_pb2.MetadataOptions(
             forwarding_namespaces=ext_proc_pb2.MetadataOptions.MetadataNamespaces(

@@ -33,6 +33,10 @@ class EdgeSettings:
     access_log_flush_ms: int = 100
     capture_usage: bool = True
     """Copy each response's usage into the access log for billing (an edge Lua filter)."""
+    ext_proc_fail_open: bool = True
+    """Without ext_proc's answer a request goes on along the fallback routes. translate() turns
+    this off when the policy declares clients: only ext_proc checks keys, so without it the edge
+    answers 503 rather than serving unauthenticated requests."""
     trusted_ca_file: str = "/etc/ssl/certs/ca-certificates.crt"
     edge_log_dir: str | None = None
     """Directory (on the edge's host, existing) where each edge also appends every client request

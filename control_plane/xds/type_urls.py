@@ -16,6 +16,7 @@ ENDPOINT = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
 SECRET = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
 ROUTING_POLICY = "type.googleapis.com/gpu_router.api.v1.RoutingPolicy"
 HEALTH_SNAPSHOT = "type.googleapis.com/gpu_router.api.v1.HealthSnapshot"
+CLIENT_SPEND = "type.googleapis.com/gpu_router.api.v1.ClientSpendSnapshot"
 
 SEND_ORDER: tuple[str, ...] = (
     CLUSTER,
@@ -25,10 +26,13 @@ SEND_ORDER: tuple[str, ...] = (
     ROUTE,
     ROUTING_POLICY,
     HEALTH_SNAPSHOT,
+    CLIENT_SPEND,
 )
 """Order matters: when several types change at once, responses go out in this order."""
 
-WILDCARD_TYPES: frozenset[str] = frozenset({LISTENER, CLUSTER, ROUTING_POLICY, HEALTH_SNAPSHOT})
+WILDCARD_TYPES: frozenset[str] = frozenset(
+    {LISTENER, CLUSTER, ROUTING_POLICY, HEALTH_SNAPSHOT, CLIENT_SPEND}
+)
 """Types where an empty subscription means "everything" (state of the world: the full set)."""
 
 RESENT_AFTER: dict[str, str] = {ENDPOINT: CLUSTER}

@@ -1,0 +1,172 @@
+"""Per-client requests and tokens per minute: a sliding-window counter, fleet-wide through Redis.
+
+Each limit keeps one counter per client and minute. A request is admitted when
+    previous minute's count x (share of the previous minute still in the window) + this minute's
+stays within the limit, the usual sliding-window estimate: no burst of twice the limit at a
+minute boundary, and two integers per client and limit. A refused request gives its count
+back, so refusals do not eat into the next minute.
+
+Where the counters live decides how far a limit holds:
+- RedisCounters (`--redis URL`): every ext_proc worker of every replica behind every edge
+  shares them; one pipelined round trip per limited request (INCRBY, EXPIRE, GET). If Redis
+  cannot be reached the limit fails open (the request passes, a warning is logged once per
+  outage, Redis is tried again after RETRY_REDIS_S): budgets stay enforced, as they come from
+  the control plane, not from Redis.
+- LocalCounters (the default, no Redis): in this worker process only. Exact with one ext_proc
+  worker behind one edge; with N workers (or replicas) a client gets up to N times its limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+WINDOW_S = 60
+RETRY_REDIS_S = 1.0
+REDIS_TIMEOUT_S = 0.05
+"""Per round trip: well inside Envoy's 200 ms wait for ext_proc's answer."""
+_KEY_TTL_S = 2 * WINDOW_S + 5
+
+_log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Charge:
+    """`cost` units against `limit` per minute on counter `counter` (e.g. "search:req")."""
+
+    counter: str
+    cost: int
+    limit: int
+
+
+def retry_after_s(previous: int, current: int, limit: int, elapsed_s: float) -> float | None:
+    """None when admitted (`current` already includes this request), else the seconds until the
+    same request would be: the previous minute's weight decaying, or the next minute."""
+    weight = 1.0 - elapsed_s / WINDOW_S
+    if previous * weight + current <= limit:
+        return None
+    if current > limit or previous == 0:
+        return WINDOW_S - elapsed_s
+    # previous * (1 - t / WINDOW_S) + current <= limit  =>  t >= WINDOW_S * (1 - (limit - current) / previous)
+    return max(WINDOW_S * (1.0 - (limit - current) / previous) - elapsed_s, 0.001)
+
+
+class Counters(Protocol):
+    async def add(self, window: int, charges: Sequence[Charge]) -> list[tuple[int, int]] | None:
+        """Add each charge to its counter for minute `window`; (previous, current) per charge,
+        or None when the counters cannot be reached (the limit fails open)."""
+
+    async def give_back(self, window: int, charges: Sequence[Charge]) -> None:
+        """Undo `add` for a refused request."""
+
+
+class LocalCounters:
+    """Counters in this process (see the module docstring for what that means with workers)."""
+
+    def __init__(self) -> None:
+        self._counts: dict[tuple[str, int], int] = {}
+        self._window = 0
+
+    async def add(self, window: int, charges: Sequence[Charge]) -> list[tuple[int, int]] | None:
+        if window != self._window:
+            self._counts = {k: v for k, v in self._counts.items() if k[1] >= window - 1}
+            self._window = window
+        out = []
+        for charge in charges:
+            key = (charge.counter, window)
+            current = self._counts[key] = self._counts.get(key, 0) + charge.cost
+            out.append((self._counts.get((charge.counter, window - 1), 0), current))
+        return out
+
+    async def give_back(self, window: int, charges: Sequence[Charge]) -> None:
+        for charge in charges:
+            key = (charge.counter, window)
+            self._counts[key] = self._counts.get(key, 0) - charge.cost
+
+
+class RedisCounters:
+    """Counters shared by the fleet in Redis (keys gpu-router:rl:<counter>:<minute>)."""
+
+    def __init__(self, url: str, clock: Callable[[], float] = time.monotonic) -> None:
+        import redis.asyncio as redis  # only replicas given --redis need the client
+
+        self._errors = (redis.RedisError, OSError, asyncio.TimeoutError)
+        self._redis = redis.Redis.from_url(url, socket_timeout=REDIS_TIMEOUT_S,
+                                           socket_connect_timeout=REDIS_TIMEOUT_S)
+        self._clock = clock
+        self._down_until = 0.0
+        self.url = url
+
+    @staticmethod
+    def _key(counter: str, window: int) -> str:
+        return f"gpu-router:rl:{counter}:{window}"
+
+    async def add(self, window: int, charges: Sequence[Charge]) -> list[tuple[int, int]] | None:
+        if self._clock() < self._down_until:
+            return None
+        pipe = self._redis.pipeline(transaction=False)
+        for charge in charges:
+            current = self._key(charge.counter, window)
+            pipe.incrby(current, charge.cost)
+            pipe.expire(current, _KEY_TTL_S)
+            pipe.get(self._key(charge.counter, window - 1))
+        try:
+            replies = await asyncio.wait_for(pipe.execute(), REDIS_TIMEOUT_S * 2)
+        except self._errors as error:
+            self._failed(error)
+            return None
+        return [(int(replies[i + 2] or 0), int(replies[i])) for i in range(0, len(replies), 3)]
+
+    async def give_back(self, window: int, charges: Sequence[Charge]) -> None:
+        pipe = self._redis.pipeline(transaction=False)
+        for charge in charges:
+            pipe.decrby(self._key(charge.counter, window), charge.cost)
+        try:
+            await asyncio.wait_for(pipe.execute(), REDIS_TIMEOUT_S * 2)
+        except self._errors as error:
+            self._failed(error)
+
+    def _failed(self, error: BaseException) -> None:
+        if self._clock() >= self._down_until:
+            _log.warning("rate-limit store unreachable: limits fail open",
+                         extra={"redis": self.url, "error": repr(error),
+                                "retry_in_s": RETRY_REDIS_S})
+        self._down_until = self._clock() + RETRY_REDIS_S
+
+    async def close(self) -> None:
+        await self._redis.aclose()
+
+
+class RateLimiter:
+    """Admits or refuses one request's charges; pure arithmetic around the counters."""
+
+    def __init__(self, counters: Counters, clock: Callable[[], float] = time.time) -> None:
+        self.counters = counters
+        self._clock = clock
+
+    async def retry_after(self, charges: Sequence[Charge]) -> float | None:
+        """None when every charge fits its limit (and is counted); else seconds to wait
+        (nothing counted)."""
+        now = self._clock()
+        window = int(now // WINDOW_S)
+        counts = await self.counters.add(window, charges)
+        if counts is None:
+            return None
+        elapsed = now - window * WINDOW_S
+        waits = [retry_after_s(previous, current, charge.limit, elapsed)
+                 for charge, (previous, current) in zip(charges, counts, strict=True)]
+        refused = [wait for wait in waits if wait is not None]
+        if not refused:
+            return None
+        await self.counters.give_back(window, charges)
+        return max(refused)
+
+
+def whole_seconds(wait_s: float) -> int:
+    """Retry-After's value: whole seconds, at least 1."""
+    return max(1, math.ceil(wait_s))
