@@ -1,33 +1,39 @@
-"""The control plane's small HTTP admin surface (stdlib asyncio, one request per connection).
+"""The control plane's small HTTP admin surface, served by aiohttp (no HTTP parsing of our own).
 
 GET /healthz      -> 200 "ok"
 GET /v1/health    -> fleet health (state.health())
 GET /v1/policy    -> the policy being served (state.policy_summary())
 GET /v1/xds       -> connected xDS nodes and what they ACKed (state.xds_nodes())
 GET /v1/dashboard -> the dashboard's data (state.dashboard())
-GET /metrics      -> Prometheus text exposition (state.metrics_text())
+GET /metrics      -> Prometheus exposition: text 0.0.4, or OpenMetrics when the scraper's Accept
+                     asks for it (state.metrics_exposition(accept))
 GET /dashboard    -> the dashboard page and its assets (no CDN: works offline)
 
 Errors are JSON in the same shape the edge gives clients:
 {"error": {"message": ..., "type": ..., "param": null, "code": ...}}.
+Requests aiohttp cannot parse are answered 400 by aiohttp itself.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 from collections.abc import Callable
 from http import HTTPStatus
 from typing import Any, Protocol
 
+from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+
 from control_plane.dashboard.data import DATA_PATH, dashboard_files
-from control_plane.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 
 logger = logging.getLogger(__name__)
 
-_REQUEST_HEAD_LIMIT = 16 * 1024
-_READ_TIMEOUT_S = 5.0
+_IDLE_TIMEOUT_S = 5.0
+"""A connection without a complete request for this long is closed (a request head that never
+ends included): aiohttp's keep-alive timeout, which also runs from the connection's start."""
+_SHUTDOWN_GRACE_S = 1.0
+"""How long `stop` lets requests in flight finish (aiohttp reads 0 as no limit)."""
 
 
 class AdminState(Protocol):
@@ -41,149 +47,115 @@ class AdminState(Protocol):
 
     def dashboard(self) -> Any: ...
 
-    def metrics_text(self) -> str: ...
+    def metrics_exposition(self, accept: str) -> tuple[bytes, str]:
+        """(body, content type) for a scrape with this Accept header."""
+        ...
 
 
-class MalformedRequestError(ValueError):
-    """The bytes received are not an HTTP/1.x request head we can answer."""
+class _DropUnparsableRequests(logging.Filter):
+    """aiohttp logs each request it cannot parse at ERROR with a traceback; on a port anyone
+    can reach that is a way to flood the log. The client got its 400: drop the record."""
 
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], HttpProcessingError))
+
+
+_protocol_logger = logging.getLogger(f"{__name__}.protocol")
+_protocol_logger.addFilter(_DropUnparsableRequests())
 
 JSON = "application/json"
 
-Route = tuple[str, Callable[[], bytes]]
-"""(content type, producer of the body)."""
+Route = Callable[[str], tuple[bytes, str]]
+"""The request's Accept header -> (body, content type)."""
 
 
-def _as_json(producer: Callable[[], Any]) -> Callable[[], bytes]:
-    return lambda: json.dumps(producer(), indent=2, sort_keys=True).encode()
+def _as_json(producer: Callable[[], Any]) -> Route:
+    return lambda _accept: (json.dumps(producer(), indent=2, sort_keys=True).encode(), JSON)
+
+
+def _fixed(body: bytes, content_type: str) -> Route:
+    return lambda _accept: (body, content_type)
 
 
 def routes(state: AdminState) -> dict[str, Route]:
     """Every path the admin surface answers, built once per server."""
     table: dict[str, Route] = {
-        "/healthz": ("text/plain; charset=utf-8", lambda: b"ok"),
-        "/v1/health": (JSON, _as_json(state.health)),
-        "/v1/policy": (JSON, _as_json(state.policy_summary)),
-        "/v1/xds": (JSON, _as_json(state.xds_nodes)),
-        DATA_PATH: (JSON, _as_json(state.dashboard)),
-        "/metrics": (METRICS_CONTENT_TYPE, lambda: state.metrics_text().encode()),
+        "/healthz": _fixed(b"ok", "text/plain; charset=utf-8"),
+        "/v1/health": _as_json(state.health),
+        "/v1/policy": _as_json(state.policy_summary),
+        "/v1/xds": _as_json(state.xds_nodes),
+        DATA_PATH: _as_json(state.dashboard),
+        "/metrics": state.metrics_exposition,
     }
     for path, (content_type, content) in dashboard_files().items():
-        table[path] = (content_type, lambda content=content: content)
+        table[path] = _fixed(content, content_type)
     return table
 
 
-def _error_body(status: HTTPStatus, message: str) -> bytes:
+def _error(status: HTTPStatus, message: str, headers: dict[str, str] | None = None) -> web.Response:
     error = {
         "message": message,
         "type": "admin_error",
         "param": None,
         "code": status.phrase.lower().replace(" ", "_"),
     }
-    return json.dumps({"error": error}).encode()
+    return web.Response(
+        status=status.value,
+        body=json.dumps({"error": error}).encode(),
+        headers={"Content-Type": JSON, **(headers or {})},
+    )
 
 
-def _response(
-    status: HTTPStatus, body: bytes, content_type: str, extra: tuple[str, ...] = ()
-) -> bytes:
-    head = [
-        f"HTTP/1.1 {status.value} {status.phrase}",
-        f"Content-Type: {content_type}",
-        f"Content-Length: {len(body)}",
-        "Connection: close",
-        *extra,
-    ]
-    return ("\r\n".join(head) + "\r\n\r\n").encode() + body
-
-
-def parse_request_line(head: bytes) -> tuple[str, str]:
-    """(method, path without query) from a request head; raises MalformedRequestError."""
-    try:
-        line = head.split(b"\r\n", 1)[0].decode("ascii")
-        method, target, version = line.split(" ")
-    except (UnicodeDecodeError, ValueError) as error:
-        raise MalformedRequestError(f"malformed request line: {head[:80]!r}") from error
-    if not version.startswith("HTTP/1."):
-        raise MalformedRequestError(f"unsupported protocol {version!r}")
-    return method, target.split("?", 1)[0]
-
-
-def respond(table: dict[str, Route], method: str, path: str) -> bytes:
-    """The full HTTP response to one request; pure apart from calling the route's producer."""
+def respond(table: dict[str, Route], method: str, path: str, accept: str) -> web.Response:
+    """The response to one request; pure apart from calling the route's producer."""
     route = table.get(path)
     if route is None:
-        return _response(
-            HTTPStatus.NOT_FOUND,
-            _error_body(HTTPStatus.NOT_FOUND, f"no such path: {path}"),
-            "application/json",
-        )
+        return _error(HTTPStatus.NOT_FOUND, f"no such path: {path}")
     if method != "GET":
-        return _response(
-            HTTPStatus.METHOD_NOT_ALLOWED,
-            _error_body(HTTPStatus.METHOD_NOT_ALLOWED, f"{method} not allowed, use GET"),
-            "application/json",
-            ("Allow: GET",),
+        return _error(
+            HTTPStatus.METHOD_NOT_ALLOWED, f"{method} not allowed, use GET", {"Allow": "GET"}
         )
-    content_type, producer = route
     try:
-        body = producer()
+        body, content_type = route(accept)
     except Exception as error:
         # A bug behind one endpoint must not take the admin surface down; say what broke.
         logger.exception("admin endpoint failed", extra={"path": path})
-        return _response(
-            HTTPStatus.INTERNAL_SERVER_ERROR,
-            _error_body(
-                HTTPStatus.INTERNAL_SERVER_ERROR, f"{path}: {type(error).__name__}: {error}"
-            ),
-            "application/json",
+        return _error(
+            HTTPStatus.INTERNAL_SERVER_ERROR, f"{path}: {type(error).__name__}: {error}"
         )
-    return _response(HTTPStatus.OK, body, content_type)
+    return web.Response(body=body, headers={"Content-Type": content_type})
 
 
 class AdminHttpServer:
-    """Serves `respond` over HTTP/1.1; port 0 picks a free one (read `.port` after start)."""
+    """Serves `respond` with aiohttp; port 0 picks a free one (read `.port` after start)."""
 
     def __init__(self, host: str, port: int, state: AdminState) -> None:
         self.host = host
         self.port = port
         self._routes = routes(state)
-        self._server: asyncio.Server | None = None
+        self._runner: web.AppRunner | None = None
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(
-            self._serve, self.host, self.port, limit=_REQUEST_HEAD_LIMIT
+        app = web.Application()
+        app.router.add_route("*", "/{path:.*}", self._serve)
+        self._runner = web.AppRunner(
+            app,
+            handle_signals=False,
+            access_log=None,
+            logger=_protocol_logger,
+            keepalive_timeout=_IDLE_TIMEOUT_S,
+            shutdown_timeout=_SHUTDOWN_GRACE_S,
         )
-        self.port = self._server.sockets[0].getsockname()[1]
+        await self._runner.setup()
+        await web.TCPSite(self._runner, self.host, self.port).start()
+        self.port = int(self._runner.addresses[0][1])
         logger.info("admin http listening", extra={"host": self.host, "port": self.port})
 
     async def stop(self) -> None:
-        if self._server is None:
+        if self._runner is None:
             return
-        self._server.close()
-        await self._server.wait_closed()
-        self._server = None
+        await self._runner.cleanup()
+        self._runner = None
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            try:
-                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), _READ_TIMEOUT_S)
-                method, path = parse_request_line(head)
-                response = respond(self._routes, method, path)
-            except (
-                MalformedRequestError,
-                asyncio.LimitOverrunError,
-                asyncio.IncompleteReadError,
-            ) as error:
-                response = _response(
-                    HTTPStatus.BAD_REQUEST,
-                    _error_body(HTTPStatus.BAD_REQUEST, str(error)),
-                    "application/json",
-                )
-            except TimeoutError:
-                return
-            writer.write(response)
-            await writer.drain()
-        except ConnectionError:
-            pass
-        finally:
-            writer.close()
+    async def _serve(self, request: web.Request) -> web.Response:
+        return respond(self._routes, request.method, request.path, request.headers.get("Accept", ""))

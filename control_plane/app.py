@@ -251,8 +251,8 @@ class ControlPlaneState:
     def dashboard(self) -> dict[str, Any]:
         return dashboard_data(self._metrics, datetime.now(UTC))
 
-    def metrics_text(self) -> str:
-        return self._metrics.render()
+    def metrics_exposition(self, accept: str) -> tuple[bytes, str]:
+        return self._metrics.exposition(accept)
 
     def policy_summary(self) -> dict[str, Any]:
         release = self._rollout.current

@@ -1,8 +1,9 @@
 """Prometheus metrics for the control plane's /metrics, and the dashboard's recent history.
 
-A small registry that writes the text exposition format 0.0.4 (no client library):
-counters and histograms with labels. `Metrics.observe` takes one finished request and
-updates every series below; it also keeps, for the dashboard, a bounded time series
+prometheus_client's counters and histograms in a registry of each `Metrics` (not the global
+one, so tests can make several), exposed as text 0.0.4 or OpenMetrics by prometheus_client's
+own content negotiation. `Metrics.observe` takes one finished request and updates every series
+below; it also keeps, for the dashboard, a bounded time series
 (per provider, per 10 s bucket, the last 360 buckets = 1 hour) and the last 50
 decisions. Everything is guarded by one lock, so any thread may observe or render.
 
@@ -37,14 +38,16 @@ import math
 import re
 import threading
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+import prometheus_client
+from prometheus_client.exposition import choose_encoder
 
 from control_plane.usage.normalise import Usage
 from control_plane.usage.record import RequestRecord, is_error_status
 
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 EXT_PROC_BUCKETS_S = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 SERIES_BUCKET_S = 10
@@ -54,68 +57,68 @@ NO_PROVIDER = "none"
 _REASON_WORDS = 3
 _WORD_END = re.compile(r"[:;,.]$")
 
+prometheus_client.disable_created_metrics()
+"""No `_created` series: this exposition never had them, no dashboard reads them, and they
+would double the series per label set (process-wide; nothing else here uses prometheus_client)."""
 
-def _escape_label(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-def _escape_help(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("\n", "\\n")
-
-
-def _number(value: float) -> str:
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    return repr(float(value)) if not float(value).is_integer() else str(int(value))
+Labels = tuple[str, ...]
+TOKEN_KINDS = ("input", "output", "cached_input", "cache_write", "reasoning")
 
 
-def _labels(names: Sequence[str], values: Sequence[str], extra: str = "") -> str:
-    pairs = [f'{name}="{_escape_label(value)}"' for name, value in zip(names, values, strict=True)]
-    if extra:
-        pairs.append(extra)
-    return "{" + ",".join(pairs) + "}" if pairs else ""
+class _Family:
+    """A prometheus_client metric and its children by label values, resolved once each:
+    `.labels()` checks and hashes its arguments on every call, too slow for `observe`."""
+
+    def __init__(self, metric: prometheus_client.Counter | prometheus_client.Histogram) -> None:
+        self.metric = metric
+        self._children: dict[Labels, Any] = {}
+
+    def child(self, labels: Labels) -> Any:
+        child = self._children.get(labels)
+        if child is None:
+            child = self.metric.labels(*labels) if labels else self.metric
+            self._children[labels] = child
+        return child
 
 
-class Counter:
+class Counter(_Family):
     def __init__(self, name: str, help_text: str, labelnames: Sequence[str]) -> None:
-        self.name, self.help, self.labelnames = name, help_text, tuple(labelnames)
-        self._values: dict[tuple[str, ...], float] = {}
+        super().__init__(prometheus_client.Counter(name, help_text, labelnames, registry=None))
+        self._labelnames = tuple(labelnames)
 
-    def inc(self, labels: tuple[str, ...], amount: float = 1.0) -> None:
-        if amount < 0:
-            raise ValueError(f"{self.name}: a counter only goes up, got {amount}")
-        self._values[labels] = self._values.get(labels, 0.0) + amount
+    def inc(self, labels: Labels, amount: float = 1.0) -> None:
+        """Raises ValueError for a negative amount: a counter only goes up."""
+        self.child(labels).inc(amount)
 
-    def value(self, labels: tuple[str, ...]) -> float:
-        return self._values.get(labels, 0.0)
+    def value(self, labels: Labels) -> float:
+        """The count for `labels` (0 when never incremented), read as a scrape would."""
+        wanted = dict(zip(self._labelnames, labels, strict=True))
+        for family in self.metric.collect():
+            for sample in family.samples:
+                if sample.name.endswith("_total") and sample.labels == wanted:
+                    return sample.value
+        return 0.0
 
-    def samples(self) -> Iterable[str]:
-        for labels, value in sorted(self._values.items()):
-            yield f"{self.name}{_labels(self.labelnames, labels)} {_number(value)}"
+
+@dataclass(frozen=True, slots=True)
+class _ServedBy:
+    """The children every request served by one (provider, model) updates: one lookup."""
+
+    duration: Any
+    ttfb: Any
+    cost: Any
+    tokens: tuple[Any, ...]
+    """In TOKEN_KINDS order."""
 
 
-class Histogram:
+class Histogram(_Family):
     def __init__(self, name: str, help_text: str, labelnames: Sequence[str],
                  buckets: Sequence[float]) -> None:
-        self.name, self.help, self.labelnames = name, help_text, tuple(labelnames)
-        self.buckets = tuple(sorted(buckets))
-        self._series: dict[tuple[str, ...], list[float]] = {}
-        """labels -> per-bucket counts (not cumulative), the +Inf count, then the sum."""
+        super().__init__(prometheus_client.Histogram(name, help_text, labelnames,
+                                                     buckets=buckets, registry=None))
 
-    def observe(self, labels: tuple[str, ...], value: float) -> None:
-        series = self._series.setdefault(labels, [0.0] * (len(self.buckets) + 2))
-        series[bisect.bisect_left(self.buckets, value)] += 1
-        series[-1] += value
-
-    def samples(self) -> Iterable[str]:
-        for labels, series in sorted(self._series.items()):
-            cumulative = 0.0
-            for bound, count in zip((*self.buckets, math.inf), series[:-1], strict=True):
-                cumulative += count
-                le = f'le="{_number(bound)}"'
-                yield f"{self.name}_bucket{_labels(self.labelnames, labels, le)} {_number(cumulative)}"
-            yield f"{self.name}_sum{_labels(self.labelnames, labels)} {_number(series[-1])}"
-            yield f"{self.name}_count{_labels(self.labelnames, labels)} {_number(cumulative)}"
+    def observe(self, labels: Labels, value: float) -> None:
+        self.child(labels).observe(value)
 
 
 def status_class(status: int) -> str:
@@ -223,7 +226,6 @@ class Metrics:
         self.ledger_dropped = Counter("gpu_router_ledger_rows_dropped_total",
                                       "Ledger rows lost because every retry of their batch "
                                       "failed (each drop is also logged).", ())
-        self.ledger_dropped.inc((), 0)
         self.reconciled = Counter("gpu_router_reconciled_requests_total",
                                   "Requests booked from an edge's durable request log because "
                                   "the ledger lacked them (their gRPC access-log entry, or the "
@@ -250,6 +252,10 @@ class Metrics:
             self.ttfb, self.tokens, self.estimated, self.cost, self.decisions, self.ext_proc,
             self.ledger_dropped, self.reconciled, self.client_requests, self.client_errors,
             self.client_tokens, self.client_cost, self.telemetry_dropped, self.telemetry_repaired)
+        self._exposed = prometheus_client.CollectorRegistry()
+        for family in self._registry:
+            self._exposed.register(family.metric)
+        self._served: dict[tuple[str, str], _ServedBy] = {}
         self._lock = threading.Lock()
         self._buckets: dict[int, dict[str, _Bucket]] = {}
         self._decisions: deque[dict[str, Any]] = deque(maxlen=RECENT_DECISIONS)
@@ -259,6 +265,7 @@ class Metrics:
         pm = (provider, record.model)
         error = is_error_status(record.status)
         with self._lock:
+            served = self._served_by(pm)
             self.requests.inc((*pm, status_class(record.status)))
             if error:
                 self.errors.inc(pm)
@@ -266,16 +273,16 @@ class Metrics:
                 self.rate_limited.inc(pm)
             if record.attempts > 1:
                 self.failovers.inc(pm)
-            self.duration.observe(pm, record.total_ms / 1000)
-            self.ttfb.observe(pm, record.ttfb_ms / 1000)
-            for kind, count in (("input", usage.input_tokens), ("output", usage.output_tokens),
-                                ("cached_input", usage.cached_input_tokens),
-                                ("cache_write", usage.cache_write_tokens),
-                                ("reasoning", usage.reasoning_tokens)):
-                self.tokens.inc((*pm, kind), count)
+            served.duration.observe(record.total_ms / 1000)
+            served.ttfb.observe(record.ttfb_ms / 1000)
+            for child, count in zip(served.tokens, (
+                    usage.input_tokens, usage.output_tokens, usage.cached_input_tokens,
+                    usage.cache_write_tokens, usage.reasoning_tokens), strict=True):
+                if count:
+                    child.inc(count)
             if usage.estimated:
                 self.estimated.inc(pm)
-            self.cost.inc(pm, cost_usd)
+            served.cost.inc(cost_usd)
             self.decisions.inc((record.policy, record.strategy, reason_bucket(record.reason)))
             if record.ext_proc_us:
                 self.ext_proc.observe((), record.ext_proc_us / 1e6)
@@ -287,6 +294,15 @@ class Metrics:
                 self.client_tokens.inc((record.client, "output"), usage.output_tokens)
                 self.client_cost.inc((record.client,), cost_usd)
             self._record_history(record, provider, error, cost_usd)
+
+    def _served_by(self, pm: tuple[str, str]) -> _ServedBy:
+        """Every token kind's series exists (at 0) from a pair's first request, as before."""
+        served = self._served.get(pm)
+        if served is None:
+            served = _ServedBy(self.duration.child(pm), self.ttfb.child(pm), self.cost.child(pm),
+                               tuple(self.tokens.child((*pm, kind)) for kind in TOKEN_KINDS))
+            self._served[pm] = served
+        return served
 
     def count_dropped_rows(self, rows: int) -> None:
         """Any thread (the ledger's writer calls it)."""
@@ -326,15 +342,16 @@ class Metrics:
         bucket.total.add(record.total_ms)
 
     def render(self) -> str:
-        """The text exposition format 0.0.4, one HELP and TYPE line per metric."""
-        lines: list[str] = []
+        """The text exposition format 0.0.4 (what a scrape without an Accept header gets)."""
+        return self.exposition("")[0].decode()
+
+    def exposition(self, accept: str) -> tuple[bytes, str]:
+        """(body, content type) answering a scrape's Accept header: OpenMetrics when the
+        scraper asks for it, else text 0.0.4 (prometheus_client's negotiation). Under the lock,
+        so a scrape never sees half of one request's updates."""
+        encoder, content_type = choose_encoder(accept)
         with self._lock:
-            for metric in self._registry:
-                kind = "counter" if isinstance(metric, Counter) else "histogram"
-                lines.append(f"# HELP {metric.name} {_escape_help(metric.help)}")
-                lines.append(f"# TYPE {metric.name} {kind}")
-                lines.extend(metric.samples())
-        return "\n".join(lines) + "\n"
+            return encoder(self._exposed), content_type
 
     def series(self, since_unix_ms: int) -> dict[str, list[SeriesPoint]]:
         """Provider -> its 10 s buckets starting at or after `since_unix_ms`, oldest first."""

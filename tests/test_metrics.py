@@ -137,7 +137,34 @@ def test_label_values_and_help_are_escaped() -> None:
 def test_empty_registry_still_declares_every_metric() -> None:
     types, samples = parse_exposition(Metrics().render())
     assert len(types) == 19  # the two telemetry counters included
-    assert samples == {("gpu_router_ledger_rows_dropped_total", frozenset()): 0.0}
+    assert {name for name, _ in samples} == {  # only the metrics without labels, at 0
+        "gpu_router_ledger_rows_dropped_total",
+        *(f"gpu_router_ext_proc_duration_seconds_{part}" for part in ("bucket", "sum", "count"))}
+    assert set(samples.values()) == {0.0}
+
+
+def test_registries_are_per_instance() -> None:
+    one, two = Metrics(), Metrics()
+    one.count_reconciled("edge-1", 2)
+    assert one.reconciled.value(("edge-1",)) == 2
+    assert two.reconciled.value(("edge-1",)) == 0
+    assert "edge-1" not in two.render()
+
+
+def test_openmetrics_when_the_scraper_asks_for_it() -> None:
+    metrics = Metrics()
+    observe_mix(metrics)
+    body, content_type = metrics.exposition(
+        "application/openmetrics-text;version=1.0.0;q=0.6,text/plain;version=0.0.4;q=0.3")
+    assert content_type.startswith("application/openmetrics-text; version=1.0.0")
+    text = body.decode()
+    assert text.endswith("# EOF\n")
+    assert "# TYPE gpu_router_requests counter" in text
+    assert ('gpu_router_requests_total{model="llama-3.1-8b",provider="runpod",'
+            'status_class="4xx"} 1.0') in text
+    body, content_type = metrics.exposition("*/*")
+    assert content_type == "text/plain; version=0.0.4; charset=utf-8"
+    assert body.decode() == metrics.render()
 
 
 def test_dropped_ledger_rows_and_reconciled_requests_are_counted() -> None:
