@@ -13,8 +13,13 @@ latency (an EWMA over successful responses), windowed error and 429 rates, and a
 
 A 429 is not an error (the provider is up, only busy) but it is a request to back off: it
 ejects the provider as a whole (model PROVIDER_WIDE, which ext_proc applies to every model)
-until its Retry-After has passed (capped at `max_retry_after_s`; `cooldown_s` without one).
-It never shortens a cooldown already running.
+until its Retry-After has passed (capped at `max_retry_after_s`, MAX_RETRY_AFTER_S by default:
+an access-log entry can claim any Retry-After, and one claiming hours would eject a provider
+fleet-wide for hours; `cooldown_s` without one). It never shortens a cooldown already running.
+
+Once told the policy's offerings (`use_offerings`), the table holds those providers and their
+(provider, model) pairs only: samples and in-flight counts for others are ignored, and a
+provider the policy drops is forgotten at once.
 
 Requests in flight come from Envoy's load reports (load_reports.py), per provider only: each
 edge reports per cluster, and a cluster is a provider. Each report source (one edge's stream)
@@ -33,7 +38,7 @@ from __future__ import annotations
 
 import enum
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -43,6 +48,8 @@ from gpu_router.api.v1 import health_pb2
 
 PROVIDER_WIDE = ""
 """The model key of a provider's own aggregate over all its models."""
+MAX_RETRY_AFTER_S = 60.0
+"""The longest a provider's Retry-After ejects it for, unless configured otherwise."""
 
 
 class HealthState(enum.Enum):
@@ -149,7 +156,7 @@ class FleetHealth:
         eject_min_samples: int = 5,
         eject_consecutive: int = 5,
         cooldown_s: float = 10.0,
-        max_retry_after_s: float = 300.0,
+        max_retry_after_s: float = MAX_RETRY_AFTER_S,
     ) -> None:
         if not 0.0 < alpha <= 1.0:
             raise ValueError(f"alpha must be in (0, 1], got {alpha}")
@@ -170,7 +177,8 @@ class FleetHealth:
         self._degrade_error_rate = eject_error_rate / 2
         self._eject_min_samples = eject_min_samples
         self._cooldown_ms = int(cooldown_s * 1000)
-        self._max_retry_after_s = max_retry_after_s
+        self.max_retry_after_s = max_retry_after_s
+        self._offerings: dict[str, frozenset[str]] | None = None
         self._window_text = _seconds(window_s)
         self._tallies: dict[tuple[str, str], _Tally] = {}
         self._pushed_weights: dict[str, int] | None = None
@@ -180,10 +188,34 @@ class FleetHealth:
         self._in_flight: dict[str, int] = {}
         self.version = 0
 
+    def use_offerings(self, offerings: Mapping[str, Collection[str]]) -> None:
+        """Hold only these providers (name -> the public models it offers) from now on; what
+        was kept for any other provider or model is forgotten."""
+        self._offerings = {provider: frozenset(models) for provider, models in offerings.items()}
+        stale = [key for key in self._tallies if not self.knows(*key)]
+        for key in stale:
+            del self._tallies[key]
+        for source, counts in self._in_flight_by_source.items():
+            self._in_flight_by_source[source] = {
+                p: n for p, n in counts.items() if p in self._offerings}
+        self._sum_in_flight()
+        self.version += 1
+
+    def knows(self, provider: str, model: str = PROVIDER_WIDE) -> bool:
+        """Whether the policy has this provider (and it offers `model`); any before
+        use_offerings."""
+        if self._offerings is None:
+            return True
+        models = self._offerings.get(provider)
+        return models is not None and (model == PROVIDER_WIDE or model in models)
+
     def record(self, sample: RequestSample) -> None:
-        """Count one request (or attempt) for its (provider, model) and for the provider."""
+        """Count one request (or attempt) for its (provider, model) and for the provider; a
+        provider the policy does not have is ignored, and so is a model it does not offer."""
+        if not self.knows(sample.provider):
+            return
         provider_wide = self._record_into((sample.provider, PROVIDER_WIDE), sample)
-        if sample.model:
+        if sample.model and self.knows(sample.provider, sample.model):
             self._record_into((sample.provider, sample.model), sample)
         if sample.status == 429:
             self._back_off(provider_wide, sample)
@@ -195,13 +227,14 @@ class FleetHealth:
         Attempts learn their model after the fact (attribution.py), so they are recorded twice:
         at once for the provider, which is what ejects it, then for the model.
         """
-        if sample.model:
+        if sample.model and self.knows(sample.provider, sample.model):
             self._record_into((sample.provider, sample.model), sample)
             self.version += 1
 
     def record_in_flight(self, source: str, in_flight: Mapping[str, int]) -> None:
         """Replace what `source` (one edge's report stream) has in flight, per provider."""
-        self._in_flight_by_source[source] = {p: n for p, n in in_flight.items() if n > 0}
+        self._in_flight_by_source[source] = {
+            p: n for p, n in in_flight.items() if n > 0 and self.knows(p)}
         self._sum_in_flight()
 
     def forget_in_flight(self, source: str) -> None:
@@ -336,7 +369,7 @@ class FleetHealth:
             cooldown_ms = self._cooldown_ms
             reason = "rate limited (no Retry-After)"
         else:
-            wait_s = min(sample.retry_after_s, self._max_retry_after_s)
+            wait_s = min(sample.retry_after_s, self.max_retry_after_s)
             cooldown_ms = int(wait_s * 1000)
             reason = f"rate limited (Retry-After {_seconds(wait_s)} s)"
         until_ms = sample.at_unix_ms + cooldown_ms
