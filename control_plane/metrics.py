@@ -100,6 +100,16 @@ class Counter(_Family):
         return 0.0
 
 
+class Histogram(_Family):
+    def __init__(self, name: str, help_text: str, labelnames: Sequence[str],
+                 buckets: Sequence[float]) -> None:
+        super().__init__(prometheus_client.Histogram(name, help_text, labelnames,
+                                                     buckets=buckets, registry=None))
+
+    def observe(self, labels: Labels, value: float) -> None:
+        self.child(labels).observe(value)
+
+
 @dataclass(frozen=True, slots=True)
 class _ServedBy:
     """The children every request served by one (provider, model) updates: one lookup."""
@@ -109,16 +119,6 @@ class _ServedBy:
     cost: Any
     tokens: tuple[Any, ...]
     """In TOKEN_KINDS order."""
-
-
-class Histogram(_Family):
-    def __init__(self, name: str, help_text: str, labelnames: Sequence[str],
-                 buckets: Sequence[float]) -> None:
-        super().__init__(prometheus_client.Histogram(name, help_text, labelnames,
-                                                     buckets=buckets, registry=None))
-
-    def observe(self, labels: Labels, value: float) -> None:
-        self.child(labels).observe(value)
 
 
 def status_class(status: int) -> str:
