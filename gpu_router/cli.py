@@ -11,7 +11,9 @@ from pathlib import Path
 from control_plane.ledger.report import ReportError, run_report
 from control_plane.ledger.store import default_ledger_path
 from control_plane.policy.load import PolicyError, default_policy_path, load_policy_file
+from gpu_router.edge_guard import open_edge_refusal
 from gpu_router.health_view import render_health
+from gpu_router.keys_cli import add_keys_command, client_report
 from gpu_router.processes import Cancelled, ProcessError, http_get
 from gpu_router.stack import Stack, StackPorts
 from gpu_router.supervisor import StopSignals, Supervisor
@@ -34,9 +36,13 @@ def validate(args: argparse.Namespace) -> int:
 def up(args: argparse.Namespace) -> int:
     policy = Path(args.policy) if args.policy else default_policy_path()
     try:
-        load_policy_file(policy)
+        config = load_policy_file(policy)
     except PolicyError as error:
         print(error, file=sys.stderr)
+        return 2
+    refusal = open_edge_refusal(args.edge_host, config, args.allow_open_edge)
+    if refusal is not None:
+        print(f"gpu-router: {refusal}", file=sys.stderr)
         return 2
     ports = StackPorts(edge=args.edge_port, admin=args.admin_port, xds=args.xds_port,
                        ext_proc=args.ext_proc_port, control_http=args.http_port)
@@ -44,6 +50,7 @@ def up(args: argparse.Namespace) -> int:
     signals = StopSignals.install()
     stack = Stack(policy=policy, log_dir=log_dir, ports=ports, ext_proc_workers=args.workers,
                   simulators=not args.no_simulators, accounting=accounting_flags(args),
+                  edge_host=args.edge_host, redis=args.redis,
                   cancelled=signals.requested)
     print(f"starting gpu-router with {policy} (logs in {log_dir}) ...", flush=True)
     try:
@@ -92,7 +99,8 @@ def health(args: argparse.Namespace) -> int:
 
 def report(args: argparse.Namespace) -> int:
     try:
-        print(run_report(args.ledger, args.since, args.format))
+        print(client_report(args.ledger, args.since, args.format) if args.by == "client"
+              else run_report(args.ledger, args.since, args.format))
     except ReportError as error:
         print(f"gpu-router report: {error}", file=sys.stderr)
         return 2
@@ -112,6 +120,14 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--audit-log", help="the control plane's routing audit log (default: its own)")
     run.add_argument("--no-accounting", action="store_true", help="keep no ledger and no audit log")
     defaults = StackPorts()
+    run.add_argument("--edge-host", default="127.0.0.1",
+                     help="edge listener address; beyond loopback only with clients declared "
+                     "in the policy or --allow-open-edge")
+    run.add_argument("--allow-open-edge", action="store_true",
+                     help="bind the edge beyond loopback although the policy declares no clients")
+    run.add_argument("--redis", choices=("auto", "always", "never"), default="auto",
+                     help="start redis-server for fleet-wide client rate limits (auto: when "
+                     "the policy at start gives some client a limit)")
     run.add_argument("--edge-port", type=int, default=defaults.edge)
     run.add_argument("--admin-port", type=int, default=defaults.admin)
     run.add_argument("--xds-port", type=int, default=defaults.xds)
@@ -131,7 +147,10 @@ def parser() -> argparse.ArgumentParser:
     spend.add_argument("--since", default="24h", help="window ending now: 15m, 1h, 24h, 30d ...")
     spend.add_argument("--format", choices=("table", "json"), default="table")
     spend.add_argument("--ledger", default=str(default_ledger_path()), help="the SQLite usage ledger")
+    spend.add_argument("--by", choices=("provider", "client"), default="provider",
+                       help="one row per serving provider, or per client key")
     spend.set_defaults(handler=report)
+    add_keys_command(commands)
     return root
 
 

@@ -19,6 +19,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Self
 
+from control_plane.policy.load import load_policy_file
 from gpu_router.bootstrap import EdgeNode, write_bootstrap
 from gpu_router.processes import (
     EnvoyAdmin,
@@ -30,6 +31,7 @@ from gpu_router.processes import (
     port_open,
     python_module,
 )
+from gpu_router.redis_service import redis_answers, redis_process, wants_redis
 
 SIMULATOR = "simulator"
 CONTROL_PLANE = "control-plane"
@@ -118,6 +120,13 @@ class Stack:
     """Port of each ext_proc replica, ext-proc-1 first."""
     cancelled: Callable[[], bool] = _never
     """True once the caller shuts down: starts and restarts stop waiting (Cancelled)."""
+    edge_host: str = "127.0.0.1"
+    """Address every edge listens on (the control plane's --edge-host)."""
+    redis: str = "auto"
+    """Start redis-server for the ext_proc replicas' shared rate-limit counters: "auto" when the
+    policy gives a client a limit, "always" or "never" (gpu_router/redis_service.py)."""
+    redis_url: str | None = None
+    """Where the replicas' rate-limit counters are, once started; None: in each worker."""
     _lifecycles: dict[str, _Lifecycle] = field(default_factory=dict, repr=False)
 
     def start(self, timeout: float = 60.0) -> Self:
@@ -130,6 +139,7 @@ class Stack:
             if self.simulators:
                 self.start_simulators(timeout)
             self.start_control_plane(timeout)
+            self.start_redis(timeout)
             for index in range(self.ext_proc_replicas):
                 self.start_ext_proc(index, timeout)
             for index in range(self.edge_nodes):
@@ -167,6 +177,7 @@ class Stack:
             "--xds-port", str(self.ports.xds),
             "--http-port", str(self.ports.control_http),
             "--edge-port", str(self.ports.edge),
+            "--edge-host", self.edge_host,
         ]  # fmt: skip
         for port in self.ext_proc_ports:
             args += ["--ext-proc-address", f"127.0.0.1:{port}"]
@@ -183,6 +194,16 @@ class Stack:
             timeout,
         )
 
+    def start_redis(self, timeout: float) -> None:
+        """redis-server for the client rate limits, when the policy or `redis` asks for it."""
+        if not wants_redis(self.redis, load_policy_file(self.policy)):
+            return
+        port = free_port()
+        self._launch(redis_process(port, self.log_dir),
+                     _Lifecycle(what="redis to answer PING", probe=lambda: partial(
+                         redis_answers, port), ports=(port,)), timeout)
+        self.redis_url = f"redis://127.0.0.1:{port}"
+
     def start_ext_proc(self, index: int, timeout: float) -> None:
         """ext_proc replica `index` (named ext-proc-<index + 1>) on its port."""
         port = self.ext_proc_ports[index]
@@ -191,6 +212,8 @@ class Stack:
             "--xds", f"127.0.0.1:{self.ports.xds}",
             "--workers", str(self.ext_proc_workers),
         ]  # fmt: skip
+        if self.redis_url is not None:
+            args += ["--redis", self.redis_url]
         ext_proc = python_module(f"ext-proc-{index + 1}", "ext_proc", args, self.log_dir)
         self._launch(
             ext_proc,

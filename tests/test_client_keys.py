@@ -6,6 +6,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import shutil
+import time
+from collections.abc import Iterator
 from dataclasses import fields
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -15,6 +18,7 @@ import yaml
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc_pb2
 from ext_proc_fixtures import headers_request
 from google.protobuf import json_format
+from polling import eventually
 
 from control_plane.client_spend import ClientSpend, snapshot_proto
 from control_plane.ledger.store import LedgerRow, LedgerWriter
@@ -22,11 +26,14 @@ from control_plane.policy.load import PolicyError, default_policy_path, load_pol
 from control_plane.policy.model import Budget, Client, Limits
 from control_plane.policy.wire import to_routing_policy
 from ext_proc.admission import Admission
-from ext_proc.rate_limit import LocalCounters, RateLimiter, retry_after_s
+from ext_proc.rate_limit import Charge, LocalCounters, RateLimiter, RedisCounters, retry_after_s
 from ext_proc.request import RequestPhases
 from ext_proc.router_state import LiveState
+from gpu_router.cli import main
 from gpu_router.edge_guard import open_edge_refusal
 from gpu_router.keys_cli import key_sha256, new_key
+from gpu_router.processes import free_port
+from gpu_router.redis_service import redis_answers, redis_process
 
 KEYS = {name: f"gr-test-key-{name}" for name in ("search", "batchy", "capped", "slow")}
 
@@ -244,3 +251,92 @@ def test_an_open_edge_beyond_loopback_needs_clients_or_the_flag() -> None:
     assert refusal is not None and "--allow-open-edge" in refusal
     assert open_edge_refusal("0.0.0.0", open_config, True) is None
     assert open_edge_refusal("0.0.0.0", keyed, False) is None
+
+
+def test_with_clients_the_edge_does_not_fail_open_without_ext_proc() -> None:
+    from envoy.extensions.filters.http.ext_proc.v3 import ext_proc_pb2 as filter_pb2
+    from envoy.extensions.filters.network.http_connection_manager.v3 import (
+        http_connection_manager_pb2 as hcm_pb2,
+    )
+
+    from control_plane.translate import EdgeSettings, translate
+
+    def ext_proc_filter(config: Any) -> Any:
+        listener = next(iter(translate(config, EdgeSettings(), {}).listeners.values()))
+        manager = hcm_pb2.HttpConnectionManager()
+        listener.filter_chains[0].filters[0].typed_config.Unpack(manager)
+        packed = next(f for f in manager.http_filters if "ext_proc" in f.name).typed_config
+        processor = filter_pb2.ExternalProcessor()
+        packed.Unpack(processor)
+        return processor
+
+    assert ext_proc_filter(load([])).failure_mode_allow
+    closed = ext_proc_filter(load(clients_yaml()))
+    assert not closed.failure_mode_allow and closed.status_on_error.code == 503
+
+
+@pytest.fixture
+def redis_port(tmp_path: Path) -> Iterator[int]:
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (.ci/run installs it on Debian)")
+    port = free_port()
+    process = redis_process(port, tmp_path).start()
+    try:
+        eventually(lambda: redis_answers(port), "redis-server to answer PING")
+        yield port
+    finally:
+        process.stop()
+
+
+def test_redis_counters_are_shared_and_a_lost_redis_fails_open(redis_port: int) -> None:
+    async def scenario() -> tuple[list[float | None], float | None, float | None]:
+        url = f"redis://127.0.0.1:{redis_port}"
+        one, two = RedisCounters(url), RedisCounters(url)  # two workers, one store
+        limit = [Charge("shared:req", 1, 3)]
+        waits = []
+        for counters in (one, two, one, two, one):
+            waits.append(await RateLimiter(counters, clock=lambda: 600.0).retry_after(limit))
+        unreachable = RedisCounters("redis://127.0.0.1:1")
+        open_wait = await RateLimiter(unreachable, clock=lambda: 600.0).retry_after(limit)
+        later = await RateLimiter(two, clock=lambda: 690.0).retry_after(limit)
+        for counters in (one, two, unreachable):
+            await counters.close()
+        return waits, open_wait, later
+
+    waits, open_wait, later = asyncio.run(scenario())
+    assert waits[:3] == [None, None, None] and waits[3] == waits[4] == 60
+    assert open_wait is None  # limits fail open; budgets do not depend on Redis
+    assert later is None
+
+
+def test_up_refuses_an_open_edge_beyond_loopback(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["up", "--edge-host", "0.0.0.0", "--no-simulators"])  # the default policy: no clients
+    assert exited.value.code == 2
+    assert "--allow-open-edge" in capsys.readouterr().err
+
+
+def test_keys_list_shows_budgets_spend_and_limits_never_a_key(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    policy, ledger = tmp_path / "policy.yaml", tmp_path / "ledger.db"
+    policy.write_text(policy_text(clients_yaml()))
+    writer = LedgerWriter(ledger)
+    now_ms = int(time.time() * 1000)
+    for index, (client, cost) in enumerate((("capped", 0.2), ("capped", 0.1), ("slow", 1.0))):
+        writer.add(ledger_row_of(at_unix_ms=now_ms - 1000, request_id=f"r{index}",
+                                 cost_usd=cost, client=client, status=200))
+    writer.close()
+    with pytest.raises(SystemExit) as exited:
+        main(["keys", "list", "--policy", str(policy), "--ledger", str(ledger), "--format", "json"])
+    assert exited.value.code == 0
+    output = capsys.readouterr().out
+    rows = {row["usage"]["client"]: row for row in json.loads(output)}
+    assert list(rows) == ["search", "batchy", "capped", "slow"]
+    assert rows["capped"]["budget_usd"] == 0.5 and rows["capped"]["window_s"] == 3600
+    assert rows["capped"]["usage"]["spend_usd"] == pytest.approx(0.3)
+    assert rows["capped"]["remaining_usd"] == pytest.approx(0.2)
+    assert rows["slow"]["requests_per_minute"] == 3 and rows["slow"]["remaining_usd"] is None
+    assert not any(key in output for key in KEYS.values())
+    with pytest.raises(SystemExit):
+        main(["report", "--by", "client", "--ledger", str(ledger), "--since", "1h"])
+    assert "capped" in capsys.readouterr().out

@@ -87,5 +87,5 @@ def test_credential_headers_are_authorization_and_every_providers_sorted() -> No
         provider("c", "http://127.0.0.1:3", credential=Credential(env="K", header="api-key")),
         provider("d", "http://127.0.0.1:4"),
     )
-    assert credential_headers(config) == ("api-key", "authorization", "x-key")
-    assert credential_headers(routing_config()) == ("authorization",)
+    assert credential_headers(config) == ("api-key", "authorization", "x-api-key", "x-key")
+    assert credential_headers(routing_config()) == ("authorization", "x-api-key")

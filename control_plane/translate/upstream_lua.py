@@ -92,9 +92,10 @@ def lua_string(value: str) -> str:
 
 def credential_headers(config: RoutingConfig) -> tuple[str, ...]:
     """Headers no attempt may carry to a provider, whether a client sent them or an earlier
-    attempt's credential_injector set them: authorization and every provider's credential
-    header, sorted."""
-    headers = {"authorization"}
+    attempt's credential_injector set them: authorization and x-api-key (where clients send
+    their gpu-router key, which no provider may see, whatever headers providers use) and every
+    provider's credential header, sorted."""
+    headers = {"authorization", "x-api-key"}
     headers.update(p.credential.header for p in config.providers if p.credential is not None)
     return tuple(sorted(headers))
 

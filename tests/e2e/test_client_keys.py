@@ -1,0 +1,185 @@
+"""Client keys, budgets and rate limits on the real stack: Envoy, ext_proc, the control plane,
+Redis and the simulated providers, with a policy that declares clients."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sqlite3
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from polling import eventually
+from stack_harness import Providers, Traffic, chat, policy_on_free_ports, start_stack
+
+from control_plane.policy.load import default_policy_path
+from gpu_router.keys_cli import client_report, key_sha256, new_key
+from gpu_router.stack import Stack
+
+KEYS = {name: new_key() for name in ("team", "tiny", "rpm20", "steady", "late", "rotated")}
+REDIS = shutil.which("redis-server") is not None
+TINY_BUDGET_USD = 1e-7
+"""Less than one request costs: the first request is served, the ones after it are refused."""
+
+
+def client(name: str, **fields: Any) -> dict[str, Any]:
+    return {"name": name, "key_sha256": key_sha256(KEYS[name]), **fields}
+
+
+def with_clients(document: dict) -> None:
+    document["clients"] = [
+        client("team", models=["llama-3.1-8b", "bge-large"]),
+        client("tiny", budget={"usd": TINY_BUDGET_USD, "per": "1h"}),
+        client("rpm20", limits={"requests_per_minute": 20}),
+        client("steady"),
+    ]
+
+
+def bearer(name: str) -> dict[str, str]:
+    return {"authorization": f"Bearer {KEYS[name]}"}
+
+
+def error_code(body: Any) -> str:
+    return body["error"]["code"] if isinstance(body, dict) and "error" in body else repr(body)
+
+
+def edit_clients(path: Path, change: Callable[[list[dict]], None]) -> None:
+    document = yaml.safe_load(path.read_text())
+    change(document["clients"])
+    path.write_text(yaml.safe_dump(document, sort_keys=False))
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    directory = tmp_path_factory.mktemp("clients")
+    policy = policy_on_free_ports(default_policy_path(), directory / "policy.yaml", with_clients)
+    # One ext_proc worker: its own counters are exact, Redis or not.
+    running = start_stack(policy, directory / "logs", redis="auto" if REDIS else "never")
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+def test_no_key_and_a_wrong_key_are_401_a_good_key_200_another_model_403(stack: Stack) -> None:
+    for headers in ({}, {"authorization": "Bearer gr-not-a-key"}, {"x-api-key": "gr-nope"},
+                    {"authorization": KEYS["team"]}):  # no Bearer scheme: not a key
+        status, _, body = chat(stack, "llama-3.1-8b", headers)
+        assert (status, error_code(body)) == (401, "invalid_api_key")
+    status, headers, body = chat(stack, "llama-3.1-8b", bearer("team"))
+    assert status == 200, body
+    assert chat(stack, "llama3-8b", {"x-api-key": KEYS["team"]})[0] == 200  # alias, x-api-key
+    status, _, body = chat(stack, "mixtral-8x7b", bearer("team"))
+    assert (status, error_code(body)) == (403, "model_not_allowed")
+
+
+def test_the_provider_never_sees_a_client_key(stack: Stack) -> None:
+    sims = Providers(stack.policy)
+    for headers in (bearer("steady"), {"x-api-key": KEYS["steady"]}):
+        status, response_headers, body = chat(stack, "llama-3.1-8b", headers)
+        assert status == 200, body
+        served = response_headers["x-gpu-router-provider"]
+        seen = sims.stats(served)["last_request"]
+        assert KEYS["steady"] not in json.dumps(seen), seen["headers"]
+        assert "x-api-key" not in seen["headers"]
+
+
+def test_a_tiny_budget_is_refused_with_insufficient_quota_once_spent(stack: Stack) -> None:
+    status, _, body = chat(stack, "llama-3.1-8b", bearer("tiny"))
+    assert status == 200, body  # nothing spent yet
+    spent_at = time.monotonic()
+
+    def refused() -> tuple[int, str] | None:
+        status, _, body = chat(stack, "llama-3.1-8b", bearer("tiny"))
+        return (status, error_code(body)) if status == 429 else None
+
+    assert eventually(refused, "the spent budget to bite", timeout=15) == (429, "insufficient_quota")
+    print(f"budget refused {time.monotonic() - spent_at:.2f} s after the spending request")
+    assert chat(stack, "llama-3.1-8b", bearer("steady"))[0] == 200  # others go on
+
+
+def test_a_20_rpm_client_gets_20_of_40_quick_requests(stack: Stack) -> None:
+    outcomes: Counter[tuple[int, str]] = Counter()
+    retry_after: set[str] = set()
+    for _ in range(40):
+        status, headers, body = chat(stack, "llama-3.1-8b", bearer("rpm20"))
+        outcomes[(status, "" if status == 200 else error_code(body))] += 1
+        if status == 429:
+            retry_after.add(headers.get("retry-after", ""))
+    assert 20 <= outcomes[(200, "")] <= 21, outcomes
+    assert outcomes[(200, "")] + outcomes[(429, "rate_limit_exceeded")] == 40, outcomes
+    assert retry_after and all(value.isdigit() and 1 <= int(value) <= 60 for value in retry_after)
+
+
+def test_the_ledger_report_and_metrics_name_the_client(stack: Stack) -> None:
+    ledger = stack.log_dir / "ledger.db"
+
+    def booked() -> dict[str, int]:
+        with sqlite3.connect(ledger) as connection:
+            return dict(connection.execute(
+                "SELECT client, count(*) FROM requests GROUP BY client").fetchall())
+
+    counts = eventually(lambda: (c := booked()).get("team", 0) >= 2 and c, "team's rows")
+    assert "" in counts  # the 401s: no client
+    report = json.loads(client_report(str(ledger), "1h", "json"))
+    team = next(row for row in report if row["client"] == "team")
+    assert team["requests"] >= 2 and team["spend_usd"] > 0
+    from gpu_router.processes import http_get
+
+    metrics = http_get(stack.control_url("/metrics"))[1].decode()
+    assert 'gpu_router_client_requests_total{client="team",status_class="2xx"}' in metrics
+
+
+def test_keys_added_changed_and_removed_take_effect_without_failing_others(stack: Stack) -> None:
+    original = stack.policy.read_text()
+    KEYS["rotated"] = new_key()
+    try:
+        with Traffic(stack, "llama-3.1-8b", bearer("steady"), threads=4) as traffic:
+            eventually(lambda: traffic.total() >= 10, "traffic of another client")
+            assert chat(stack, "llama-3.1-8b", bearer("late"))[0] == 401
+            edit_clients(stack.policy, lambda clients: clients.append(client("late")))
+            eventually(lambda: chat(stack, "llama-3.1-8b", bearer("late"))[0] == 200,
+                       "the added key to work")
+
+            def rotate(clients: list[dict]) -> None:
+                team = next(c for c in clients if c["name"] == "team")
+                team["key_sha256"] = key_sha256(KEYS["rotated"])
+
+            edit_clients(stack.policy, rotate)
+            eventually(lambda: chat(stack, "llama-3.1-8b", bearer("rotated"))[0] == 200,
+                       "the changed key to work")
+            assert chat(stack, "llama-3.1-8b", bearer("team"))[0] == 401
+            edit_clients(stack.policy, lambda clients: clients.remove(
+                next(c for c in clients if c["name"] == "late")))
+            eventually(lambda: chat(stack, "llama-3.1-8b", bearer("late"))[0] == 401,
+                       "the removed key to be refused")
+            seen = traffic.total()
+            eventually(lambda: traffic.total() >= seen + 10, "more traffic after the edits")
+        assert traffic.failures() == {}, traffic.failed
+    finally:
+        stack.policy.write_text(original)
+
+
+@pytest.mark.skipif(not REDIS, reason="redis-server is not installed (.ci/run installs it)")
+def test_limits_hold_across_two_edges_and_two_replicas(tmp_path: Path) -> None:
+    policy = policy_on_free_ports(default_policy_path(), tmp_path / "policy.yaml", with_clients)
+    fleet = start_stack(policy, tmp_path / "logs", edge_nodes=2, ext_proc_replicas=2,
+                        ext_proc_workers=2)
+    try:
+        assert fleet.redis_url is not None  # a client has a limit: the stack started Redis
+        admitted = 0
+        for index in range(40):
+            edge = fleet.edges[index % 2]
+            status, _, body = chat(edge, "llama-3.1-8b", bearer("rpm20"))
+            assert status in (200, 429), body
+            admitted += status == 200
+        # Four ext_proc workers behind two edges, one shared counter: 20 of 40 (per-worker
+        # counters would let up to 40 through).
+        assert 20 <= admitted <= 21
+    finally:
+        fleet.stop()
