@@ -30,8 +30,9 @@ from control_plane.audit import KEEP_ROTATED, MAX_BYTES, default_audit_path
 from control_plane.client_spend import publish_spend
 from control_plane.dashboard.data import dashboard_data
 from control_plane.ledger.reconcile import Reconciler
-from control_plane.ledger.store import RETENTION_DAYS, default_ledger_path
+from control_plane.ledger.store import RETENTION_DAYS, data_dir, default_ledger_path
 from control_plane.metrics import Metrics
+from control_plane.policy.credentials import credential_files
 from control_plane.policy.load import default_policy_path
 from control_plane.rollout import REJECTIONS, Release, Rollout, prepare_release
 from control_plane.telemetry.als import AccessLogReceiver
@@ -44,6 +45,7 @@ from control_plane.watch import PolicyWatcher
 from control_plane.xds import type_urls
 from control_plane.xds.cache import SnapshotCache
 from control_plane.xds.server import AggregatedDiscoveryServer
+from gpu_router import pki
 from gpu_router.api.v1 import health_pb2
 
 log = logging.getLogger("control_plane")
@@ -83,6 +85,18 @@ class Options:
     audit_keep: int = KEEP_ROTATED
     """...keeping this many rotated files."""
     log_level: str = "info"
+    certs_dir: Path = field(default_factory=lambda: data_dir() / "certs")
+    """Where the CA and this process's certificate are found, or made when absent."""
+    tls: pki.TlsFiles | None = None
+    """Bring your own CA, certificate and key (overrides certs_dir)."""
+
+    def tls_files(self) -> pki.TlsFiles:
+        """The gRPC port's CA, certificate and key: the given ones, else certs_dir's (made
+        on first start; raises pki.PkiError when that directory cannot be completed)."""
+        if self.tls is not None:
+            return self.tls
+        identity = pki.Identity(pki.Role.CONTROL_PLANE, pki.Role.CONTROL_PLANE.value)
+        return pki.ensure(self.certs_dir, [identity])[identity.name]
 
     @property
     def policy_path(self) -> Path:
@@ -130,7 +144,17 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     parser.add_argument(
         "--xds-host", default="127.0.0.1", help="ADS bind address (0.0.0.0 in a container)"
     )
-    parser.add_argument("--xds-port", type=int, default=18000, help="ADS and access-log gRPC port")
+    parser.add_argument("--xds-port", type=int, default=18000,
+                        help="ADS, access-log and load-report gRPC port (mutual TLS)")
+    parser.add_argument(
+        "--certs-dir", type=Path, default=data_dir() / "certs",
+        help="the CA (ca.pem, ca-key.pem) and control-plane.pem/-key.pem, made when absent "
+        "(default: %(default)s)",
+    )
+    parser.add_argument("--tls-ca", type=Path, help="bring your own: CA certificate (PEM) that "
+                        "signed the clients' certificates (with --tls-cert, --tls-key)")
+    parser.add_argument("--tls-cert", type=Path, help="bring your own: this server's certificate")
+    parser.add_argument("--tls-key", type=Path, help="bring your own: this server's private key")
     parser.add_argument(
         "--http-host", default="127.0.0.1", help="admin HTTP bind address (0.0.0.0 in a container)"
     )
@@ -189,6 +213,9 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         "--log-level", default="info", choices=["debug", "info", "warning", "error"]
     )
     args = parser.parse_args(argv)
+    own = (args.tls_ca, args.tls_cert, args.tls_key)
+    if any(own) and not all(own):
+        parser.error("--tls-ca, --tls-cert and --tls-key go together")
     return Options(
         policy=args.policy,
         xds_host=args.xds_host,
@@ -206,6 +233,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         audit_max_bytes=args.audit_max_bytes,
         audit_keep=max(args.audit_keep, 0),
         log_level=args.log_level,
+        certs_dir=args.certs_dir,
+        tls=pki.TlsFiles(*own) if all(own) else None,
     )
 
 
@@ -289,8 +318,9 @@ class ControlPlaneState:
         return self._fleet.to_json(int(time.time() * 1000))
 
 
-async def serve(options: Options, stop: asyncio.Event) -> None:
-    """Run every part of the control plane until `stop` is set or a part fails.
+async def serve(options: Options, stop: asyncio.Event, hangup: asyncio.Event | None = None) -> None:
+    """Run every part of the control plane until `stop` is set or a part fails; each time
+    `hangup` is set, re-read the policy and every provider key (env keys only change so).
 
     Raises one of REJECTIONS, before any port is opened, when the startup policy is unusable.
     """
@@ -314,10 +344,11 @@ async def serve(options: Options, stop: asyncio.Event) -> None:
         await rollout.apply(release)
         accounting.use_policy(release.config)
 
-    watcher = (
-        PolicyWatcher(options.policy, lambda path: prepare_release(path, settings), apply, REJECTIONS)
-        if options.policy is not None
-        else None
+    # Watched: the policy file (unless embedded) and the key files it names, so a rotated key
+    # reaches the edges over SDS; SIGHUP re-reads everything, env keys included.
+    watcher = PolicyWatcher(
+        options.policy_path, lambda path: prepare_release(path, settings), apply, REJECTIONS,
+        also=lambda: credential_files((rollout.current or first).config),
     )
 
     server = grpc.aio.server(
@@ -333,7 +364,11 @@ async def serve(options: Options, stop: asyncio.Event) -> None:
     receiver.on_request.append(accounting.book)
     receiver.register(server)
     LoadReportReceiver(fleet).register(server)
-    server.add_insecure_port(f"{options.xds_host}:{options.xds_port}")
+    ca, cert, key = options.tls_files().read()
+    server.add_secure_port(
+        f"{options.xds_host}:{options.xds_port}",
+        grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=True),
+    )
     await apply(first)
     await server.start()
     admin = AdminHttpServer(
@@ -362,8 +397,10 @@ async def serve(options: Options, stop: asyncio.Event) -> None:
         publish_spend(accounting.spend, lambda spent: cache.set_types(
             {type_urls.CLIENT_SPEND: {CLIENT_SPEND_NAME: spent}})),
     ]
-    if watcher is not None:
+    if options.policy is not None:
         jobs.append(watcher.run())
+    if hangup is not None:
+        jobs.append(_reload_on(hangup, watcher))
     if reconciler is not None:
         jobs.append(reconciler.run())
     tasks = [asyncio.create_task(job) for job in jobs]
@@ -388,12 +425,21 @@ async def serve(options: Options, stop: asyncio.Event) -> None:
         log.info("control_plane_stopped")
 
 
+async def _reload_on(hangup: asyncio.Event, watcher: PolicyWatcher[Release]) -> None:
+    while True:
+        await hangup.wait()
+        hangup.clear()
+        log.info("reload_requested")
+        await watcher.reload()
+
+
 async def _run(options: Options) -> None:
-    stop = asyncio.Event()
+    stop, hangup = asyncio.Event(), asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    await serve(options, stop)
+    loop.add_signal_handler(signal.SIGHUP, hangup.set)
+    await serve(options, stop, hangup)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

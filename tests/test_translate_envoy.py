@@ -728,6 +728,25 @@ def test_a_503_goes_to_the_next_provider_each_attempt_fitted_to_its_provider(edg
         assert "x-gpu-router-route" not in attempt["headers"]
 
 
+def test_a_retry_onto_a_provider_that_needs_no_rewrite_carries_the_original_length(
+    edge: Edge,
+) -> None:
+    """alpha's rewrite lengthens the body; beta serves the client's model string as its own id,
+    so its attempt rewrites nothing and must go out with the original body's length (with
+    alpha's it hung until the per-try timeout)."""
+    sent = chat("llama-3.1-8b")
+    before = counts(edge)
+    status, headers, body = edge.post(
+        {PICK_HEADER: "alpha,beta", "x-test-mode-alpha": "503"}, sent
+    )
+    assert status == 200, body
+    assert headers["x-gpu-router-provider"] == "beta"
+    (alpha,), (beta,) = since(edge, before)["alpha"], since(edge, before)["beta"]
+    assert len(alpha["body"]) > len(sent)
+    assert beta["body"] == sent
+    assert int(beta["headers"]["content-length"]) == len(sent)
+
+
 @pytest.mark.parametrize(
     ("order", "failure"),
     [

@@ -25,6 +25,7 @@ from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 from control_plane.telemetry.attribution import ModelAttribution
 from control_plane.telemetry.health import FleetHealth
 from control_plane.telemetry.samples import decided_model, sample_from_attempt_entry
+from control_plane.xds.peer import Admit, require_edge
 
 logger = logging.getLogger(__name__)
 
@@ -49,8 +50,10 @@ class AccessLogReceiver(als_pb2_grpc.AccessLogServiceServicer):
         clock: Callable[[], float] = time.time,
         on_request: Iterable[RequestHook] = (),
         attribution: ModelAttribution | None = None,
+        admit: Admit = require_edge,
     ) -> None:
         self._fleet = fleet
+        self._admit = admit
         self._clock = clock
         self._attribution = ModelAttribution() if attribution is None else attribution
         self.on_request: list[RequestHook] = list(on_request)
@@ -64,6 +67,7 @@ class AccessLogReceiver(als_pb2_grpc.AccessLogServiceServicer):
         request_iterator: AsyncIterator[als_pb2.StreamAccessLogsMessage],
         context: grpc.aio.ServicerContext,
     ) -> als_pb2.StreamAccessLogsResponse:
+        await self._admit(context, "access logs")  # before a single entry is read
         # As the ALS API says, the identifier is sent in the first message of a stream only.
         node_id = log_name = ""
         entries = 0

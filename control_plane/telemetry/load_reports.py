@@ -19,6 +19,7 @@ from google.protobuf import duration_pb2
 
 from control_plane.telemetry.health import FleetHealth
 from control_plane.telemetry.samples import INTERNAL_CLUSTER_PREFIX
+from control_plane.xds.peer import Admit, require_edge
 
 logger = logging.getLogger(__name__)
 
@@ -35,8 +36,12 @@ def in_flight_by_provider(report: lrs_pb2.LoadStatsRequest) -> dict[str, int]:
 
 
 class LoadReportReceiver(lrs_pb2_grpc.LoadReportingServiceServicer):
-    def __init__(self, fleet: FleetHealth, interval_s: float = REPORT_INTERVAL_S) -> None:
+    def __init__(
+        self, fleet: FleetHealth, interval_s: float = REPORT_INTERVAL_S,
+        admit: Admit = require_edge,
+    ) -> None:
         self._fleet = fleet
+        self._admit = admit
         interval = duration_pb2.Duration()
         interval.FromMilliseconds(int(interval_s * 1000))
         self._ask = lrs_pb2.LoadStatsResponse(send_all_clusters=True, load_reporting_interval=interval)
@@ -50,6 +55,7 @@ class LoadReportReceiver(lrs_pb2_grpc.LoadReportingServiceServicer):
         request_iterator: AsyncIterator[lrs_pb2.LoadStatsRequest],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[lrs_pb2.LoadStatsResponse]:
+        await self._admit(context, "load reports")  # before a single report is read
         # An edge may reconnect before its old stream is seen to end: each stream is its own source.
         source = f"stream-{next(self._streams)}"
         node_id: str | None = None

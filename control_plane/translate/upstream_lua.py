@@ -6,7 +6,10 @@ removal of credential headers before credential_injector writes the provider's o
 
 Request-header edits made here carry into later attempts (the router shares one header map), so
 every step starts from saved originals: ext_proc's "gpu_router" metadata (canonical model, original
-:path) and the edge's "gpu_router.request" (the model string the client sent). Body edits
+:path, and the original content-length this filter saves there) and the edge's "gpu_router.request"
+(the model string the client sent). Without the saved length, a retry onto a provider that needs no
+rewrite went out with the previous rewrite's length and the original body, and hung to its per-try
+timeout. Body edits
 do not carry over: the router re-sends its buffered original. The body is only read (buffered)
 when the provider's id differs from the client's model string; a body without "model" (the
 model came in the x-gpu-router-model header) gets one, so no provider falls back on a default
@@ -61,6 +64,18 @@ function envoy_on_request(handle)
     metadata:set(ROUTED, "path", path)
   end
   headers:replace(":path", PATH_PREFIX .. path)
+  -- An earlier attempt's rewrite set its own content-length; the router re-sends the original
+  -- body, so every attempt starts from the original length (none: chunked).
+  local length = routed.length
+  if length == nil then
+    length = headers:get("content-length") or ""
+    metadata:set(ROUTED, "length", length)
+  end
+  if length == "" then
+    headers:remove("content-length")
+  else
+    headers:replace("content-length", length)
+  end
   local sent = (metadata:get(REQUEST) or NONE).model
   local target = MODEL_IDS[routed.model or sent]
   if target == nil or target.id == sent then
