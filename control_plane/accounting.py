@@ -38,7 +38,7 @@ from control_plane.telemetry.samples import (
 from control_plane.translate.fallback_routes import FALLBACK_REASON, fallback_route_names
 from control_plane.usage.normalise import normalise
 from control_plane.usage.pricing import MissingPriceError, PriceBook, cost_usd
-from control_plane.usage.record import RequestRecord
+from control_plane.usage.record import RequestRecord, is_error_status
 
 REQUEST_NAMESPACE = "gpu_router.request"
 USAGE_NAMESPACE = "gpu_router.usage"
@@ -178,7 +178,9 @@ class Accounting:
             cost = 0.0
         self.metrics.observe(record, usage, cost)
         if record.client:
-            self.spend.add(record.client, record.at_unix_ms, cost)
+            self.spend.add(record.client, record.at_unix_ms, cost,
+                           error=is_error_status(record.status),
+                           tokens=usage.input_tokens + usage.output_tokens)
         if self._ledger is not None:
             self._ledger.add(ledger_row(record, usage, cost))
         if self._audit is not None:

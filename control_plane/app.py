@@ -27,7 +27,7 @@ from envoy.service.discovery.v3 import ads_pb2_grpc
 from control_plane.accounting import Accounting
 from control_plane.admin_http import AdminHttpServer
 from control_plane.audit import KEEP_ROTATED, MAX_BYTES, default_audit_path
-from control_plane.client_spend import publish_spend
+from control_plane.client_spend import ClientSpend, publish_spend
 from control_plane.dashboard.data import dashboard_data
 from control_plane.ledger.reconcile import Reconciler
 from control_plane.ledger.store import RETENTION_DAYS, data_dir, default_ledger_path
@@ -270,15 +270,18 @@ class ControlPlaneState:
     """What the admin HTTP surface shows (control_plane.admin_http.AdminState)."""
 
     def __init__(
-        self, cache: SnapshotCache, rollout: Rollout, fleet: FleetHealth, metrics: Metrics
+        self, cache: SnapshotCache, rollout: Rollout, fleet: FleetHealth, metrics: Metrics,
+        clients: ClientSpend | None = None,
     ) -> None:
+        self._clients = clients
         self._cache = cache
         self._rollout = rollout
         self._fleet = fleet
         self._metrics = metrics
 
     def dashboard(self) -> dict[str, Any]:
-        return dashboard_data(self._metrics, datetime.now(UTC))
+        clients = self._clients.rows() if self._clients is not None else []
+        return dashboard_data(self._metrics, datetime.now(UTC), clients)
 
     def metrics_exposition(self, accept: str) -> tuple[bytes, str]:
         return self._metrics.exposition(accept)
@@ -372,7 +375,7 @@ async def serve(options: Options, stop: asyncio.Event, hangup: asyncio.Event | N
     await apply(first)
     await server.start()
     admin = AdminHttpServer(
-        options.http_host, options.http_port, ControlPlaneState(cache, rollout, fleet, metrics)
+        options.http_host, options.http_port, ControlPlaneState(cache, rollout, fleet, metrics, accounting.spend)
     )
     await admin.start()
     log.info(

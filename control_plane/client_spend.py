@@ -18,7 +18,7 @@ import logging
 import sqlite3
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from control_plane.policy.model import Budget, RoutingConfig
@@ -53,6 +53,18 @@ class _Window:
         return sum(self.buckets.values())
 
 
+@dataclass(slots=True)
+class ClientTotals:
+    """What one client did since this control plane started (the dashboard's table)."""
+
+    requests: int = 0
+    errors: int = 0
+    """No response, 429 (its budget and rate-limit refusals included) or 5xx."""
+    tokens: int = 0
+    """Input plus output tokens."""
+    cost_usd: float = 0.0
+
+
 def ledger_buckets(path: Path, client: str, window: _Window, now_ms: int) -> dict[int, float]:
     """The client's committed cost in the window, bucketed like `window`."""
     width = window.width_ms
@@ -74,11 +86,14 @@ class ClientSpend:
         self._ledger = ledger
         self._clock = clock
         self._windows: dict[str, _Window] = {}
+        self._declared: tuple[str, ...] = ()
+        self._totals: dict[str, ClientTotals] = {}
 
     def use_policy(self, config: RoutingConfig) -> None:
         """Follow the policy's budgets; a new client, or a changed window, is read back from
         the ledger."""
         now_ms = int(self._clock() * 1000)
+        self._declared = tuple(client.name for client in config.clients)
         windows: dict[str, _Window] = {}
         for client in config.clients:
             if client.budget is None:
@@ -102,8 +117,14 @@ class ClientSpend:
                         extra={"client": client, "ledger": str(self._ledger), "error": str(error)})
             return {}
 
-    def add(self, client: str, at_unix_ms: int, cost_usd: float) -> None:
-        """One booked request's cost (a client without a budget is not tracked)."""
+    def add(self, client: str, at_unix_ms: int, cost_usd: float, *, error: bool = False,
+            tokens: int = 0) -> None:
+        """One booked request of `client`: its cost counts against a budget, if it has one."""
+        totals = self._totals.setdefault(client, ClientTotals())
+        totals.requests += 1
+        totals.errors += error
+        totals.tokens += tokens
+        totals.cost_usd += cost_usd
         window = self._windows.get(client)
         if window is not None and cost_usd:
             window.add(at_unix_ms, cost_usd)
@@ -115,6 +136,23 @@ class ClientSpend:
 
     def budgets(self) -> Mapping[str, Budget]:
         return {name: window.budget for name, window in self._windows.items()}
+
+    def rows(self) -> list[dict[str, object]]:
+        """Per declared client (then any other seen since start): totals since start, budget,
+        spend in its window and what remains."""
+        spent = self.spent()
+        names = [*self._declared, *sorted(set(self._totals) - set(self._declared))]
+        rows: list[dict[str, object]] = []
+        for name in names:
+            budget = self._windows[name].budget if name in self._windows else None
+            rows.append({
+                "client": name, **asdict(self._totals.get(name, ClientTotals())),
+                "budget_usd": None if budget is None else budget.usd,
+                "window_s": None if budget is None else budget.window_s,
+                "spent_usd": spent.get(name),
+                "remaining_usd": None if budget is None else max(budget.usd - spent[name], 0.0),
+            })
+        return rows
 
 
 def snapshot_proto(spent: Mapping[str, float], now_ms: int) -> clients_pb2.ClientSpendSnapshot:

@@ -241,6 +241,11 @@ def test_client_spend_is_a_rolling_window_read_back_from_the_ledger(tmp_path: Pa
     spend.add("capped", int(now * 1000), 0.25)
     spend.add("search", int(now * 1000), 5.0)  # no budget: not tracked
     assert spend.spent() == {"capped": pytest.approx(0.45)}
+    rows = {row["client"]: row for row in spend.rows()}
+    assert list(rows) == ["search", "batchy", "capped", "slow"]  # declared, none seen but two
+    assert rows["capped"]["requests"] == 1 and rows["capped"]["spent_usd"] == pytest.approx(0.45)
+    assert rows["capped"]["remaining_usd"] == pytest.approx(0.05)
+    assert rows["search"]["cost_usd"] == 5.0 and rows["search"]["remaining_usd"] is None
 
 
 def test_an_open_edge_beyond_loopback_needs_clients_or_the_flag() -> None:

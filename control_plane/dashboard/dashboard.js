@@ -189,12 +189,35 @@ function drawDecisions(data) {
   }
 }
 
+function drawClients(data) {
+  const body = document.querySelector("#clients tbody");
+  clear(body);
+  for (const c of data.clients || []) {
+    const row = document.createElement("tr");
+    row.dataset.client = c.client;
+    if (c.remaining_usd === 0) row.className = "error";
+    const cells = [
+      [c.client], [String(c.requests), "num"], [String(c.errors), "num"],
+      [String(c.tokens), "num"], [fmtUsd(c.cost_usd), "num"], [fmtUsd(c.budget_usd), "num"],
+      [fmtUsd(c.spent_usd), "num"], [fmtUsd(c.remaining_usd), "num"],
+    ];
+    for (const [text, cls] of cells) {
+      const cell = document.createElement("td");
+      cell.textContent = text;
+      if (cls) cell.className = cls;
+      row.appendChild(cell);
+    }
+    body.appendChild(row);
+  }
+}
+
 function render(data) {
   drawTiles(data);
   drawLatency(data);
   drawCost(data);
   drawSuccess(data);
   drawDecisions(data);
+  drawClients(data);
   const status = document.getElementById("status");
   status.textContent = `updated ${fmtTime(data.now_unix_ms)} UTC`;
   status.className = "status";

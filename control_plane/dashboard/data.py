@@ -8,6 +8,7 @@ control plane.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from datetime import datetime, timedelta
 from importlib import resources
@@ -31,9 +32,11 @@ def dashboard_files() -> dict[str, tuple[str, bytes]]:
             for path, (name, content_type) in _FILES.items()}
 
 
-def dashboard_data(metrics: Metrics, now: datetime) -> dict[str, Any]:
+def dashboard_data(metrics: Metrics, now: datetime,
+                   clients: Sequence[Mapping[str, Any]] = ()) -> dict[str, Any]:
     """The last hour (360 x 10 s buckets) per provider, per-provider totals over it,
-    and the latest decisions (newest first)."""
+    the latest decisions (newest first), and per client (control_plane/client_spend.py) its
+    totals since start and its budget, spend in the budget window and what remains."""
     now_ms = int(now.timestamp() * 1000)
     since = now - timedelta(seconds=SERIES_BUCKET_S * SERIES_BUCKETS)
     series = metrics.series(int(since.timestamp() * 1000))
@@ -57,6 +60,7 @@ def dashboard_data(metrics: Metrics, now: datetime) -> dict[str, Any]:
                    for provider, points in series.items()},
         "totals": totals,
         "decisions": metrics.recent_decisions(),
+        "clients": [dict(row) for row in clients],
     }
 
 

@@ -19,6 +19,7 @@ from stack_harness import Providers, Traffic, chat, policy_on_free_ports, start_
 
 from control_plane.policy.load import default_policy_path
 from gpu_router.keys_cli import client_report, key_sha256, new_key
+from gpu_router.processes import http_get
 from gpu_router.stack import Stack
 
 KEYS = {name: new_key() for name in ("team", "tiny", "rpm20", "steady", "late", "rotated")}
@@ -129,10 +130,13 @@ def test_the_ledger_report_and_metrics_name_the_client(stack: Stack) -> None:
     report = json.loads(client_report(str(ledger), "1h", "json"))
     team = next(row for row in report if row["client"] == "team")
     assert team["requests"] >= 2 and team["spend_usd"] > 0
-    from gpu_router.processes import http_get
-
     metrics = http_get(stack.control_url("/metrics"))[1].decode()
     assert 'gpu_router_client_requests_total{client="team",status_class="2xx"}' in metrics
+    dashboard = json.loads(http_get(stack.control_url("/v1/dashboard"))[1])
+    rows = {row["client"]: row for row in dashboard["clients"]}
+    assert list(rows)[:4] == ["team", "tiny", "rpm20", "steady"]
+    assert rows["team"]["requests"] >= 2 and rows["team"]["budget_usd"] is None
+    assert rows["tiny"]["budget_usd"] == TINY_BUDGET_USD and rows["tiny"]["window_s"] == 3600
 
 
 def test_keys_added_changed_and_removed_take_effect_without_failing_others(stack: Stack) -> None:
