@@ -1,4 +1,5 @@
-"""Watches the policy file and rolls out each new good version of it.
+"""Watches the policy file, and the provider key files it names, and rolls out each new good
+version of them: a rotated key (a file: credential) reaches Envoy over SDS within a poll.
 
 Polling (stat every half second, then a content hash) instead of inotify: it works the
 same on every filesystem, in containers with bind-mounted ConfigMaps (which swap a
@@ -11,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Generic, TypeVar
 
@@ -21,7 +22,9 @@ R = TypeVar("R")
 
 
 class PolicyWatcher(Generic[R]):
-    """Calls `apply(prepare(path))` whenever the file's content changes.
+    """Calls `apply(prepare(path))` whenever the content of the file, or of one of the files
+    `also()` names (asked again at every poll: the key files of the policy now served),
+    changes.
 
     `prepare` raises one of `rejections` for a file that must not be rolled out.
     Construct it before the startup load, so a change in between is not missed.
@@ -34,8 +37,10 @@ class PolicyWatcher(Generic[R]):
         apply: Callable[[R], Awaitable[None]],
         rejections: tuple[type[Exception], ...],
         interval_s: float = 0.5,
+        also: Callable[[], Iterable[Path]] = tuple,
     ) -> None:
         self._path = path
+        self._also = also
         self._prepare = prepare
         self._apply = apply
         self._rejections = rejections
@@ -59,6 +64,10 @@ class PolicyWatcher(Generic[R]):
         if digest == self._digest:
             return
         self._digest = digest
+        await self.reload()
+
+    async def reload(self) -> None:
+        """Prepare and apply the files as they are now (SIGHUP: re-read env keys too)."""
         try:
             release = self._prepare(self._path)
         except self._rejections as error:
@@ -66,16 +75,27 @@ class PolicyWatcher(Generic[R]):
             return
         await self._apply(release)
 
-    def _stat(self) -> tuple[int, int] | None:
-        try:
-            stat = self._path.stat()
-        except OSError:
-            return None
-        return stat.st_mtime_ns, stat.st_size
+    def _paths(self) -> list[Path]:
+        return [self._path, *self._also()]
 
-    def _read_digest(self) -> str | None:
-        """Content hash, or None when unreadable (prepare then reports why)."""
-        try:
-            return hashlib.sha256(self._path.read_bytes()).hexdigest()
-        except OSError:
-            return None
+    def _stat(self) -> tuple[tuple[int, int] | None, ...]:
+        return tuple(_stat(path) for path in self._paths())
+
+    def _read_digest(self) -> str:
+        """Hash of every file's content (an unreadable one counts as such: prepare says why)."""
+        digest = hashlib.sha256()
+        for path in self._paths():
+            try:
+                content = hashlib.sha256(path.read_bytes()).hexdigest()
+            except OSError:
+                content = "unreadable"
+            digest.update(f"{path}\0{content}\0".encode())
+        return digest.hexdigest()
+
+
+def _stat(path: Path) -> tuple[int, int] | None:
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return stat.st_mtime_ns, stat.st_size

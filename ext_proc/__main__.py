@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from ext_proc.json_log import configure_logging
 from ext_proc.workers import WorkerConfig, run_workers
+from gpu_router.pki import TlsFiles
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -36,8 +38,13 @@ def main(argv: list[str] | None = None) -> int:
         "--xds",
         type=_address,
         default="127.0.0.1:18000",
-        help="control plane ADS address (default %(default)s)",
+        help="control plane ADS address, mutual TLS (default %(default)s)",
     )
+    parser.add_argument("--tls-ca", type=Path, required=True,
+                        help="CA certificate (PEM) the control plane's certificate chains to")
+    parser.add_argument("--tls-cert", type=Path, required=True,
+                        help="this replica's certificate (SAN spiffe://gpu-router/ext-proc/<name>)")
+    parser.add_argument("--tls-key", type=Path, required=True, help="its private key")
     parser.add_argument(
         "--workers",
         type=_positive,
@@ -54,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(args.log_level)
     return run_workers(
         WorkerConfig(
-            listen=args.listen, xds=args.xds, log_level=args.log_level, redis=args.redis
+            listen=args.listen, xds=args.xds, log_level=args.log_level,
+            tls=TlsFiles(args.tls_ca, args.tls_cert, args.tls_key), redis=args.redis,
         ),
         args.workers,
     )

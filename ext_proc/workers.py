@@ -21,7 +21,14 @@ from ext_proc.rate_limit import LocalCounters, RateLimiter, RedisCounters
 from ext_proc.router_state import LiveState
 from ext_proc.service import ExternalProcessorService
 from ext_proc.serving_status import ServingStatus
-from ext_proc.xds_client import AdsClient, Subscriptions, live_subscriptions, node_identity
+from ext_proc.xds_client import (
+    AdsClient,
+    Subscriptions,
+    live_subscriptions,
+    node_identity,
+    tls_credentials,
+)
+from gpu_router.pki import TlsFiles
 
 SHUTDOWN_GRACE_S = 2.0
 EXIT_BIND_FAILED = 2
@@ -35,6 +42,8 @@ class WorkerConfig:
     """host:port of the ExternalProcessor gRPC server."""
     xds: str
     """host:port of the control plane's ADS server."""
+    tls: TlsFiles
+    """CA, certificate and key for mutual TLS to the control plane."""
     log_level: str = "warning"
     redis: str | None = None
     """redis:// URL of the fleet's shared rate-limit counters; None: counters in each worker."""
@@ -68,7 +77,10 @@ async def serve(config: WorkerConfig, stop: asyncio.Event) -> None:
     )
     tasks = (
         asyncio.create_task(
-            AdsClient(config.xds, Subscriptions(node, live_subscriptions(live))).run()
+            AdsClient(
+                config.xds, Subscriptions(node, live_subscriptions(live)),
+                credentials=tls_credentials(config.tls),
+            ).run()
         ),
         asyncio.create_task(status.serve_once_routable(live)),
     )

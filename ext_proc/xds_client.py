@@ -24,6 +24,7 @@ from google.rpc import status_pb2
 
 from ext_proc.router_state import LiveState
 from gpu_router.api.v1 import clients_pb2, health_pb2, routing_pb2
+from gpu_router.pki import TlsFiles
 
 POLICY_TYPE_URL = "type.googleapis.com/gpu_router.api.v1.RoutingPolicy"
 HEALTH_TYPE_URL = "type.googleapis.com/gpu_router.api.v1.HealthSnapshot"
@@ -194,6 +195,13 @@ class Subscriptions:
         return request
 
 
+def tls_credentials(files: TlsFiles) -> grpc.ChannelCredentials:
+    """Mutual TLS to the control plane: this replica's ext-proc certificate (its role there),
+    and the CA the control plane's certificate must chain to."""
+    ca, cert, key = files.read()
+    return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
+
+
 class AdsClient:
     """Keeps one ADS stream to the control plane open; reconnects with capped backoff."""
 
@@ -202,10 +210,12 @@ class AdsClient:
         target: str,
         subscriptions: Subscriptions,
         *,
+        credentials: grpc.ChannelCredentials,
         min_backoff_s: float = 0.1,
         max_backoff_s: float = 5.0,
     ) -> None:
         self._target = target
+        self._credentials = credentials
         self._subscriptions = subscriptions
         self._min_backoff = min_backoff_s
         self._max_backoff = max_backoff_s
@@ -214,7 +224,7 @@ class AdsClient:
     async def run(self) -> None:
         """Until cancelled. A stream that carried a response resets the backoff."""
         backoff = self._min_backoff
-        async with grpc.aio.insecure_channel(self._target) as channel:
+        async with grpc.aio.secure_channel(self._target, self._credentials) as channel:
             stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
             while True:
                 self._responded = False

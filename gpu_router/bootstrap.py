@@ -1,5 +1,6 @@
 """Renders envoy/bootstrap.yaml for one edge node: its id, admin address, control plane address,
-and, when several nodes share a machine, the port its edge listener should take."""
+the certificate files of its mutual TLS to the control plane, and, when several nodes share a
+machine, the port its edge listener should take."""
 
 from __future__ import annotations
 
@@ -8,7 +9,11 @@ from pathlib import Path
 
 import yaml
 
+from gpu_router.pki import TlsFiles
+
 BOOTSTRAP_TEMPLATE = Path(__file__).resolve().parent.parent / "envoy" / "bootstrap.yaml"
+XDS_CLUSTER = "gpu-router.xds"
+DEFAULT_CERTS = Path("/etc/gpu-router/certs")
 NODE_METADATA_NAMESPACE = "gpu_router"
 """node.metadata key the control plane reads (control_plane/xds/node.py spells it too)."""
 
@@ -23,6 +28,11 @@ class EdgeNode:
     edge_port: int | None = None
     """Asks the control plane for the edge listener on this port (node metadata); None: the
     control plane's --edge-port, as for every node without the metadata."""
+    tls: TlsFiles | None = TlsFiles(
+        DEFAULT_CERTS / "ca.pem", DEFAULT_CERTS / "edge.pem", DEFAULT_CERTS / "edge-key.pem"
+    )
+    """The CA and this node's edge certificate and key. None: plaintext xDS, which the control
+    plane refuses; only for tests against a plaintext stand-in (tests/xds_fixtures.py)."""
 
 
 def render_bootstrap(node: EdgeNode) -> dict:
@@ -34,10 +44,29 @@ def render_bootstrap(node: EdgeNode) -> dict:
         "address": node.admin_host,
         "port_value": node.admin_port,
     }
-    (xds,) = [c for c in config["static_resources"]["clusters"] if c["name"] == "gpu-router.xds"]
+    (xds,) = [c for c in config["static_resources"]["clusters"] if c["name"] == XDS_CLUSTER]
     address = xds["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
     address["socket_address"] = {"address": node.xds_host, "port_value": node.xds_port}
+    if node.tls is None:
+        del xds["transport_socket"]
+    else:
+        xds["transport_socket"] = xds_transport_socket(node.tls, xds["transport_socket"])
     return config
+
+
+def xds_transport_socket(tls: TlsFiles, template: dict | None = None) -> dict:
+    """The xDS cluster's transport socket (the template's, by default) with these files."""
+    if template is None:
+        config = yaml.safe_load(BOOTSTRAP_TEMPLATE.read_text())
+        [xds] = [c for c in config["static_resources"]["clusters"] if c["name"] == XDS_CLUSTER]
+        template = xds["transport_socket"]
+    context = template["typed_config"]["common_tls_context"]
+    context["tls_certificates"] = [{
+        "certificate_chain": {"filename": str(tls.cert)},
+        "private_key": {"filename": str(tls.key)},
+    }]
+    context["validation_context"]["trusted_ca"] = {"filename": str(tls.ca)}
+    return template
 
 
 def write_bootstrap(node: EdgeNode, path: Path) -> Path:

@@ -9,8 +9,9 @@ import tempfile
 from pathlib import Path
 
 from control_plane.ledger.report import ReportError, run_report
-from control_plane.ledger.store import default_ledger_path
+from control_plane.ledger.store import data_dir, default_ledger_path
 from control_plane.policy.load import PolicyError, default_policy_path, load_policy_file
+from gpu_router import pki
 from gpu_router.edge_guard import open_edge_refusal
 from gpu_router.health_view import render_health
 from gpu_router.keys_cli import add_keys_command, client_report
@@ -51,14 +52,14 @@ def up(args: argparse.Namespace) -> int:
     stack = Stack(policy=policy, log_dir=log_dir, ports=ports, ext_proc_workers=args.workers,
                   simulators=not args.no_simulators, accounting=accounting_flags(args),
                   edge_host=args.edge_host, redis=args.redis,
-                  cancelled=signals.requested)
+                  cancelled=signals.requested, certs_dir=Path(args.certs_dir))
     print(f"starting gpu-router with {policy} (logs in {log_dir}) ...", flush=True)
     try:
         stack.start()  # stops what it started if it fails or a signal cancels it
     except Cancelled:
         print(f"gpu-router: stopped by {signals.names()[0]} while starting", file=sys.stderr)
         return 0
-    except ProcessError as error:
+    except (ProcessError, pki.PkiError) as error:
         print(f"gpu-router: {error}", file=sys.stderr)
         return 1
     print(f"gpu-router is up: OpenAI-compatible endpoint {stack.url}/v1\n"
@@ -71,6 +72,20 @@ def up(args: argparse.Namespace) -> int:
         supervisor.run()
     finally:
         supervisor.report_stopped(stack.shutdown())
+    return 0
+
+
+def certs_init(args: argparse.Namespace) -> int:
+    """Make (or complete) a certs directory for a fleet; valid files are kept as they are."""
+    try:
+        made = pki.ensure(Path(args.dir), pki.fleet(args.edge, args.ext_proc),
+                          dns=[*pki.SERVER_DNS, *args.dns], ips=[*pki.SERVER_IPS, *args.ip])
+    except pki.PkiError as error:
+        print(f"gpu-router certs: {error}", file=sys.stderr)
+        return 1
+    for name, files in made.items():
+        print(f"{name}: {files.cert} {files.key}")
+    print(f"CA: {Path(args.dir) / pki.CA_FILE}")
     return 0
 
 
@@ -119,6 +134,9 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--ledger", help="the control plane's SQLite usage ledger (default: its own)")
     run.add_argument("--audit-log", help="the control plane's routing audit log (default: its own)")
     run.add_argument("--no-accounting", action="store_true", help="keep no ledger and no audit log")
+    run.add_argument("--certs-dir", default=str(data_dir() / "certs"),
+                     help="CA and certificates for mutual TLS with the control plane, made when "
+                     "absent, kept when valid (default: %(default)s)")
     defaults = StackPorts()
     run.add_argument("--edge-host", default="127.0.0.1",
                      help="edge listener address; beyond loopback only with clients declared "
@@ -134,6 +152,20 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--ext-proc-port", type=int, default=defaults.ext_proc)
     run.add_argument("--http-port", type=int, default=defaults.control_http)
     run.set_defaults(handler=up)
+
+    certs = commands.add_parser("certs", help="the local CA and certificates of the control plane's mTLS")
+    certs_commands = certs.add_subparsers(dest="certs_command", required=True)
+    init = certs_commands.add_parser("init", help="make a CA and certificates; valid ones are kept")
+    init.add_argument("--dir", required=True, help="where: ca.pem, ca-key.pem, <name>.pem, <name>-key.pem")
+    init.add_argument("--edge", action="append", default=[], metavar="NAME",
+                      help="an edge Envoy's certificate (spiffe://gpu-router/edge/NAME); repeat")
+    init.add_argument("--ext-proc", action="append", default=[], metavar="NAME",
+                      help="an ext_proc replica's certificate (spiffe://gpu-router/ext-proc/NAME)")
+    init.add_argument("--dns", action="append", default=[],
+                      help=f"another DNS name of the control plane (always: {', '.join(pki.SERVER_DNS)})")
+    init.add_argument("--ip", action="append", default=[],
+                      help=f"another IP address of the control plane (always: {', '.join(pki.SERVER_IPS)})")
+    init.set_defaults(handler=certs_init)
 
     check = commands.add_parser("validate", help="check policy files; non-zero exit on errors")
     check.add_argument("files", nargs="+")

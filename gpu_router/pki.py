@@ -229,11 +229,12 @@ def ensure(
     out: dict[str, TlsFiles] = {}
     for identity in identities:
         files = tls_files(directory, identity.name)
-        problem = _existing_problem(files, ca_cert, identity, now)
+        server = identity.role is Role.CONTROL_PLANE
+        problem = _existing_problem(files, ca_cert, identity, now,
+                                    dns=dns if server else (), ips=ips if server else ())
         if problem is not None:
             if not ca_key_path.exists():
                 raise PkiError(f"{files.cert}: {problem}, and {ca_key_path} is absent to issue one")
-            server = identity.role is Role.CONTROL_PLANE
             cert, key = make_leaf(ca_cert, _load_key(ca_key_path), identity, now,
                                   dns=dns if server else (), ips=ips if server else ())
             _write_key(files.key, key)
@@ -243,7 +244,12 @@ def ensure(
 
 
 def _existing_problem(
-    files: TlsFiles, ca_cert: x509.Certificate, identity: Identity, now: datetime.datetime
+    files: TlsFiles,
+    ca_cert: x509.Certificate,
+    identity: Identity,
+    now: datetime.datetime,
+    dns: Sequence[str],
+    ips: Sequence[str],
 ) -> str | None:
     if not files.cert.exists() or not files.key.exists():
         return "is missing"
@@ -254,7 +260,22 @@ def _existing_problem(
         return str(error)
     if key.public_key().public_bytes(*_SPKI) != cert.public_key().public_bytes(*_SPKI):
         return "does not match its key"
+    missing = _missing_addresses(cert, dns, ips)
+    if missing:
+        return f"lacks the SANs {', '.join(missing)}"
     return leaf_problem(cert, ca_cert, identity, now)
+
+
+def _missing_addresses(cert: x509.Certificate, dns: Sequence[str], ips: Sequence[str]) -> list[str]:
+    try:
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return [*dns, *ips]
+    names = set(sans.get_values_for_type(x509.DNSName))
+    addresses = set(sans.get_values_for_type(x509.IPAddress))
+    return [name for name in dns if name not in names] + [
+        ip for ip in ips if ipaddress.ip_address(ip) not in addresses
+    ]
 
 
 _SPKI = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)

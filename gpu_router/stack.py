@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Self
 
 from control_plane.policy.load import load_policy_file
+from gpu_router import pki
 from gpu_router.bootstrap import EdgeNode, write_bootstrap
 from gpu_router.processes import (
     EnvoyAdmin,
@@ -120,6 +121,9 @@ class Stack:
     """Port of each ext_proc replica, ext-proc-1 first."""
     cancelled: Callable[[], bool] = _never
     """True once the caller shuts down: starts and restarts stop waiting (Cancelled)."""
+    certs_dir: Path | None = None
+    """The CA and every process's certificate for mutual TLS with the control plane, made
+    there when absent (gpu_router/pki.py); None: <log_dir>/certs."""
     edge_host: str = "127.0.0.1"
     """Address every edge listens on (the control plane's --edge-host)."""
     redis: str = "auto"
@@ -183,6 +187,8 @@ class Stack:
             args += ["--ext-proc-address", f"127.0.0.1:{port}"]
         args += self.accounting
         args += ["--edge-log-dir", str(self.log_dir)]  # each edge's durable request log
+        self.tls(pki.Role.CONTROL_PLANE, pki.Role.CONTROL_PLANE.value)
+        args += ["--certs-dir", str(self.certs)]
         control = python_module(CONTROL_PLANE, "control_plane", args, self.log_dir)
         self._launch(
             control,
@@ -214,6 +220,8 @@ class Stack:
         ]  # fmt: skip
         if self.redis_url is not None:
             args += ["--redis", self.redis_url]
+        tls = self.tls(pki.Role.EXT_PROC, f"ext-proc-{index + 1}")
+        args += ["--tls-ca", str(tls.ca), "--tls-cert", str(tls.cert), "--tls-key", str(tls.key)]
         ext_proc = python_module(f"ext-proc-{index + 1}", "ext_proc", args, self.log_dir)
         self._launch(
             ext_proc,
@@ -237,6 +245,7 @@ class Stack:
                 admin_port=admin_port,
                 xds_port=self.ports.xds,
                 edge_port=None if index == 0 else edge_port,
+                tls=self.tls(pki.Role.EDGE, node_id),
             ),
             self.log_dir / f"{node_id}.bootstrap.yaml",
         )
@@ -259,6 +268,14 @@ class Stack:
         )
         self.edges.append(handle)
         return handle
+
+    @property
+    def certs(self) -> Path:
+        return self.certs_dir if self.certs_dir is not None else self.log_dir / "certs"
+
+    def tls(self, role: pki.Role, name: str) -> pki.TlsFiles:
+        """The CA and `name`'s certificate and key, made now if absent (raises pki.PkiError)."""
+        return pki.ensure(self.certs, [pki.Identity(role, name)])[name]
 
     def _launch(self, process: ManagedProcess, lifecycle: _Lifecycle, timeout: float) -> None:
         self.processes[process.name] = process

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import queue
+import tempfile
 import threading
 import time
 from collections.abc import Iterator, Mapping
 from concurrent import futures
+from pathlib import Path
 from typing import Self
 
 import grpc
@@ -19,6 +22,8 @@ from google.protobuf.message import Message
 from control_plane.policy.load import default_policy_path, load_policy_file
 from control_plane.policy.wire import to_routing_policy
 from gpu_router.api.v1 import health_pb2, routing_pb2
+from ext_proc.xds_client import tls_credentials
+from gpu_router import pki
 from gpu_router.processes import free_port
 
 POLICY_TYPE_URL = "type.googleapis.com/gpu_router.api.v1.RoutingPolicy"
@@ -116,6 +121,13 @@ def packed(message: Message) -> any_pb2.Any:
     return out
 
 
+@functools.cache
+def test_certs() -> dict[str, pki.TlsFiles]:
+    """One CA for every FakeAds of the session (a restarted one must be trusted as before)."""
+    directory = Path(tempfile.mkdtemp(prefix="gpu-router-test-certs-"))
+    return pki.ensure(directory, pki.fleet([], ["ext-proc-test"]))
+
+
 class FakeAds(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
     """A tiny state-of-the-world ADS server for ext_proc tests (threads, not asyncio).
 
@@ -134,7 +146,12 @@ class FakeAds(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         self._nonce = 0
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
         ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(self, self._server)
-        self._server.add_insecure_port(f"127.0.0.1:{self.port}")
+        ca, cert, key = test_certs()[pki.Role.CONTROL_PLANE.value].read()
+        self._server.add_secure_port(
+            f"127.0.0.1:{self.port}",
+            grpc.ssl_server_credentials([(key, cert)], root_certificates=ca,
+                                        require_client_auth=True),
+        )
 
     def __enter__(self) -> Self:
         self._server.start()
@@ -148,6 +165,21 @@ class FakeAds(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
             for _, out in self._streams:
                 out.put(None)
         self._server.stop(grace=None).wait()
+
+    @staticmethod
+    def client_files() -> pki.TlsFiles:
+        return test_certs()["ext-proc-test"]
+
+    @classmethod
+    def client_flags(cls) -> list[str]:
+        """ext_proc's TLS flags for this server."""
+        files = cls.client_files()
+        return ["--tls-ca", str(files.ca), "--tls-cert", str(files.cert),
+                "--tls-key", str(files.key)]
+
+    @classmethod
+    def client_credentials(cls) -> grpc.ChannelCredentials:
+        return tls_credentials(cls.client_files())
 
     @property
     def target(self) -> str:

@@ -6,7 +6,11 @@ import asyncio
 import time
 from collections.abc import Callable
 
+import grpc
+
 from control_plane.telemetry.samples import RequestSample
+from control_plane.xds.peer import Peer
+from gpu_router.pki import Role
 
 T0 = 1_700_000_000_000
 """A fixed Unix-ms instant: health is judged on the times passed in, never on the wall clock."""
@@ -60,3 +64,9 @@ async def eventually(condition: Callable[[], bool], what: str, timeout_s: float 
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         await asyncio.sleep(interval_s)
+
+
+async def any_peer(context: grpc.aio.ServicerContext, _asked: str) -> Peer:
+    """Admits every peer: for plaintext test servers only (the control plane admits edge
+    certificates only, test_security.py)."""
+    return Peer(context.peer(), Role.EDGE, "test")

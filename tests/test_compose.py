@@ -331,7 +331,7 @@ def test_the_envoy_healthcheck_passes_only_once_envoy_is_live(
     """The image has no curl: the healthcheck speaks HTTP over bash's /dev/tcp. Run it."""
     [service, *_] = of_kind(services, "envoy").values()
     admin = EnvoyAdmin(free_port())
-    node = EdgeNode(admin_port=admin.port, xds_port=ads.port)
+    node = EdgeNode(admin_port=admin.port, xds_port=ads.port, tls=None)  # plaintext AdsHarness
     config = tmp_path / "envoy.yaml"
     config.write_text(yaml.safe_dump(render_bootstrap(node)))
     healthcheck = [

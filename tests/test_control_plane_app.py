@@ -20,6 +20,7 @@ from polling import eventually
 from xds_fixtures import dynamic_clusters, policy_file, running_envoy
 
 from control_plane.xds import type_urls
+from gpu_router import pki
 from gpu_router.api.v1 import health_pb2, routing_pb2
 from gpu_router.processes import (
     EnvoyAdmin,
@@ -38,6 +39,11 @@ class ControlPlane:
     process: ManagedProcess
     xds_port: int
     http_port: int
+    certs: Path
+
+    def tls(self, role: pki.Role, name: str) -> pki.TlsFiles:
+        """A client certificate from the control plane's own CA (it made it on start)."""
+        return pki.ensure(self.certs, [pki.Identity(role, name)])[name]
 
     def events(self, name: str) -> list[dict]:
         lines = self.process.log_path.read_text().splitlines()
@@ -49,8 +55,10 @@ class ControlPlane:
         return json.loads(body)
 
 
-def control_plane_args(policy: Path, xds_port: int, http_port: int) -> list[str]:
+def control_plane_args(policy: Path, xds_port: int, http_port: int, certs: Path) -> list[str]:
     return [
+        "--certs-dir",
+        str(certs),
         "--policy",
         str(policy),
         "--xds-port",
@@ -73,14 +81,14 @@ def start_control_plane(tmp_path: Path) -> Iterator[Callable[[Path], ControlPlan
         process = python_module(
             "control-plane",
             "control_plane",
-            control_plane_args(policy, xds_port, http_port),
+            control_plane_args(policy, xds_port, http_port, tmp_path / "certs"),
             tmp_path,
         ).start()
         started.append(process)
         process.wait_until(
             lambda: port_open(xds_port) and port_open(http_port), "xDS and HTTP ports"
         )
-        return ControlPlane(process, xds_port, http_port)
+        return ControlPlane(process, xds_port, http_port, tmp_path / "certs")
 
     try:
         yield start
@@ -92,13 +100,16 @@ def start_control_plane(tmp_path: Path) -> Iterator[Callable[[Path], ControlPlan
 class FakeExtProc:
     """Subscribes like an ext_proc replica; on each RoutingPolicy, notes what Envoy has then."""
 
-    def __init__(self, xds_port: int, envoy: EnvoyAdmin) -> None:
+    def __init__(self, xds_port: int, envoy: EnvoyAdmin, tls: pki.TlsFiles) -> None:
         self.envoy = envoy
         self.policies: list[tuple[str, set[str], set[str]]] = []
         """(policy version, its provider clusters, Envoy's active clusters on arrival), in order."""
         self.health: list[health_pb2.HealthSnapshot] = []
         self._requests: queue.Queue[discovery_pb2.DiscoveryRequest | None] = queue.Queue()
-        self._channel = grpc.insecure_channel(f"127.0.0.1:{xds_port}")
+        ca, cert, key = tls.read()
+        self._channel = grpc.secure_channel(
+            f"127.0.0.1:{xds_port}", grpc.ssl_channel_credentials(ca, key, cert)
+        )
         node = base_pb2.Node(id="ext-proc-test-1", cluster="gpu-router-ext-proc")
         for type_url in (type_urls.ROUTING_POLICY, type_urls.HEALTH_SNAPSHOT):
             self._requests.put(discovery_pb2.DiscoveryRequest(type_url=type_url, node=node))
@@ -145,7 +156,8 @@ def test_bad_policy_at_startup_exits_2_with_the_reason(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("providers:\n  - name: Not_Valid\n")
     result = subprocess.run(
-        [sys.executable, "-m", "control_plane", *control_plane_args(bad, free_port(), free_port())],
+        [sys.executable, "-m", "control_plane",
+         *control_plane_args(bad, free_port(), free_port(), tmp_path / "certs")],
         capture_output=True,
         text=True,
         timeout=60,
@@ -169,13 +181,16 @@ def test_policy_edits_roll_out_make_before_break_and_bad_edits_are_rejected(
 ) -> None:
     policy = policy_file(tmp_path / "policy.yaml", without=("runpod",))
     control_plane = start_control_plane(policy)
-    with running_envoy(tmp_path, "edge-1", control_plane.xds_port) as (_, envoy):
+    edge_tls = control_plane.tls(pki.Role.EDGE, "edge-1")
+    with running_envoy(tmp_path, "edge-1", control_plane.xds_port, edge_tls) as (_, envoy):
         first = {"lambda", "coreweave", "vast"}
         eventually(
             lambda: set(dynamic_clusters(envoy)) == first | {EXT_PROC},
             "the first policy's clusters",
         )
-        ext_proc = FakeExtProc(control_plane.xds_port, envoy)
+        ext_proc = FakeExtProc(
+            control_plane.xds_port, envoy, control_plane.tls(pki.Role.EXT_PROC, "ext-proc-test")
+        )
         try:
             eventually(
                 lambda: bool(ext_proc.policies) and bool(ext_proc.health),

@@ -237,7 +237,8 @@ def edge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Edge]:
             ext_proc = python_module(
                 "ext_proc",
                 "ext_proc",
-                ["--listen", f"127.0.0.1:{ext_proc_port}", "--xds", ads.target],
+                ["--listen", f"127.0.0.1:{ext_proc_port}", "--xds", ads.target,
+                 *ads.client_flags()],
                 tmp,
             ).start()
             processes.append(ext_proc)

@@ -45,6 +45,7 @@ def ext_proc(ads: FakeAds, tmp_path: Path) -> Iterator[tuple[ManagedProcess, str
             "2",
             "--log-level",
             "info",
+            *ads.client_flags(),
         ],
         tmp_path,
     )

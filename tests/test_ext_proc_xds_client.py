@@ -99,7 +99,8 @@ def test_wrong_or_wrapped_resources() -> None:
 async def _run_client_across_a_restart(live: LiveState, first: FakeAds, port: int) -> FakeAds:
     client = asyncio.create_task(
         AdsClient(
-            first.target, Subscriptions(NODE, live_subscriptions(live)), max_backoff_s=0.5
+            first.target, Subscriptions(NODE, live_subscriptions(live)), max_backoff_s=0.5,
+            credentials=FakeAds.client_credentials(),
         ).run()
     )
     try:

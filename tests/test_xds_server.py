@@ -225,9 +225,10 @@ def test_each_node_gets_the_edge_port_its_metadata_asks_for(
 ) -> None:
     base_port, moved_port = free_port(), free_port()
     first = publish(ads, edge_resources(base_port, cluster("a")))
-    plain = EdgeNode(node_id="edge-1", admin_port=free_port(), xds_port=ads.port)
+    plain = EdgeNode(node_id="edge-1", admin_port=free_port(), xds_port=ads.port, tls=None)
     moved = EdgeNode(
-        node_id="edge-2", admin_port=free_port(), xds_port=ads.port, edge_port=moved_port
+        node_id="edge-2", admin_port=free_port(), xds_port=ads.port, edge_port=moved_port,
+        tls=None,
     )
     with production_envoy(tmp_path, plain) as one, production_envoy(tmp_path, moved) as two:
         lds = first.version(type_urls.LISTENER)
@@ -256,7 +257,9 @@ def test_unusable_node_metadata_closes_the_stream_with_the_reason(
     ads: AdsHarness, tmp_path: Path, nack_log: ListHandler
 ) -> None:
     publish(ads, edge_resources(free_port(), cluster("a")))
-    broken = EdgeNode(node_id="edge-9", admin_port=free_port(), xds_port=ads.port, edge_port=0)
+    broken = EdgeNode(
+        node_id="edge-9", admin_port=free_port(), xds_port=ads.port, edge_port=0, tls=None
+    )
     with production_envoy(tmp_path, broken):
         eventually(lambda: nack_log.named("xds_node_rejected"), "the node to be rejected")
         [record, *_] = nack_log.named("xds_node_rejected")

@@ -30,7 +30,11 @@ from google.protobuf import any_pb2, duration_pb2
 
 from control_plane.policy.load import default_policy_path
 from control_plane.xds.cache import SnapshotCache
+from control_plane.xds.node import Node
+from control_plane.xds.peer import NODE_CLUSTERS, Peer
 from control_plane.xds.server import AggregatedDiscoveryServer
+from gpu_router.bootstrap import xds_transport_socket
+from gpu_router.pki import TlsFiles
 from gpu_router.processes import EnvoyAdmin, ManagedProcess, envoy_binary, free_port
 
 T = TypeVar("T")
@@ -156,6 +160,13 @@ class ListHandler(logging.Handler):
         return [r for r in self.records if r.getMessage() == message]
 
 
+def claimed_peer(context: grpc.aio.ServicerContext, node: Node) -> Peer:
+    """Takes the node's claimed cluster for its role: for this plaintext test server only (the
+    control plane reads the role from the client certificate, test_security.py)."""
+    roles = {cluster: role for role, cluster in NODE_CLUSTERS.items()}
+    return Peer(context.peer(), roles.get(node.cluster), node.id)
+
+
 class AdsHarness:
     """An ADS server on 127.0.0.1:<port> on its own event-loop thread, so sync tests drive it."""
 
@@ -175,7 +186,7 @@ class AdsHarness:
         self.cache = SnapshotCache()
         self._server = grpc.aio.server()
         ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(
-            AggregatedDiscoveryServer(self.cache), self._server
+            AggregatedDiscoveryServer(self.cache, claimed_peer), self._server
         )
         self._server.add_insecure_port(f"127.0.0.1:{self.port}")
         await self._server.start()
@@ -198,8 +209,19 @@ class AdsHarness:
 
 
 def bootstrap(
-    node_id: str, admin_port: int, xds_port: int, node_cluster: str = "gpu-router-edge"
+    node_id: str, admin_port: int, xds_port: int, node_cluster: str = "gpu-router-edge",
+    tls: TlsFiles | None = None,
 ) -> dict:
+    """A minimal ADS bootstrap; with `tls`, mutual TLS to the control plane (the real one
+    requires it), else plaintext (AdsHarness)."""
+    config = _bootstrap(node_id, admin_port, xds_port, node_cluster)
+    if tls is not None:
+        [xds] = config["static_resources"]["clusters"]
+        xds["transport_socket"] = xds_transport_socket(tls)
+    return config
+
+
+def _bootstrap(node_id: str, admin_port: int, xds_port: int, node_cluster: str) -> dict:
     return {
         "node": {"id": node_id, "cluster": node_cluster},
         "admin": {
@@ -254,12 +276,12 @@ def bootstrap(
 
 @contextmanager
 def running_envoy(
-    tmp_path: Path, node_id: str, xds_port: int
+    tmp_path: Path, node_id: str, xds_port: int, tls: TlsFiles | None = None
 ) -> Iterator[tuple[ManagedProcess, EnvoyAdmin]]:
     """A real Envoy with the minimal ADS bootstrap; stopped on exit."""
     admin = EnvoyAdmin(free_port())
     config = tmp_path / f"{node_id}.json"
-    config.write_text(json.dumps(bootstrap(node_id, admin.port, xds_port)))
+    config.write_text(json.dumps(bootstrap(node_id, admin.port, xds_port, tls=tls)))
     envoy = ManagedProcess(
         node_id,
         [envoy_binary(), "-c", str(config), "--disable-hot-restart", "-l", "info"],

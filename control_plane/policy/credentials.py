@@ -61,6 +61,16 @@ def resolve_credentials(
     return secrets
 
 
+def credential_files(config: RoutingConfig) -> list[Path]:
+    """The key files the policy names (watched: a changed file is rolled out like the policy)."""
+    base_dir = Path(config.source).parent
+    return [
+        _file_path(provider.credential, base_dir)
+        for provider in config.providers
+        if provider.credential is not None and provider.credential.env is None
+    ]
+
+
 class _Unusable(Exception):
     """Why a key cannot be used; its message never contains the key."""
 

@@ -2,6 +2,9 @@
 
 All protocol decisions are in stream.py; this module only converts protobufs, merges the
 two inputs of a stream (client requests and snapshot changes) into one queue, and logs.
+Who may have what is decided here, once per stream, on its first request: the peer's role
+from its certificate (peer.py) must match the node cluster it claims, and narrows the stream
+to that role's types, so an ext_proc replica or a stranger never receives a Secret.
 Delta xDS is not served (the base servicer answers UNIMPLEMENTED): Envoy's bootstrap here
 uses state-of-the-world ADS (api_type GRPC), as do our ext_proc replicas.
 """
@@ -11,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 from envoy.config.core.v3 import base_pb2
@@ -19,9 +22,11 @@ from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 
 from control_plane.xds.cache import SnapshotCache
 from control_plane.xds.node import NodeMetadataError, edge_port_from_metadata
+from control_plane.xds.peer import NODE_CLUSTERS, Peer, nothing, peer_from, refuse
 from control_plane.xds.stream import (
     Acked,
     Event,
+    Forbidden,
     Nacked,
     Node,
     Request,
@@ -36,6 +41,15 @@ log = logging.getLogger(__name__)
 CONTROL_PLANE = base_pb2.ControlPlane(identifier="gpu-router.control-plane")
 
 
+Authenticate = Callable[[grpc.aio.ServicerContext, Node], Peer]
+"""Who the peer of a stream is, given its first request's node."""
+
+
+def certified_peer(context: grpc.aio.ServicerContext, _node: Node) -> Peer:
+    """The peer as its TLS client certificate names it; the node's claim is not evidence."""
+    return peer_from(context)
+
+
 class _Signal(enum.Enum):
     SNAPSHOT_CHANGED = enum.auto()
     CLIENT_DONE = enum.auto()
@@ -44,19 +58,21 @@ class _Signal(enum.Enum):
 class AggregatedDiscoveryServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
     """State-of-the-world ADS over one SnapshotCache, for Envoy nodes and ext_proc replicas."""
 
-    def __init__(self, cache: SnapshotCache) -> None:
+    def __init__(self, cache: SnapshotCache, authenticate: Authenticate = certified_peer) -> None:
         self._cache = cache
+        self._authenticate = authenticate
 
     async def StreamAggregatedResources(
         self,
         request_iterator: AsyncIterator[discovery_pb2.DiscoveryRequest],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[discovery_pb2.DiscoveryResponse]:
-        stream = XdsStream()
+        stream = XdsStream(allowed=nothing)
         inbox: asyncio.Queue[discovery_pb2.DiscoveryRequest | _Signal] = asyncio.Queue()
         peer = context.peer()
         self._cache.open_stream(stream, peer, lambda: inbox.put_nowait(_Signal.SNAPSHOT_CHANGED))
         reader = asyncio.create_task(_pump(request_iterator, inbox))
+        admitted = Peer(peer, None)
         try:
             while (item := await inbox.get()) is not _Signal.CLIENT_DONE:
                 if isinstance(item, discovery_pb2.DiscoveryRequest):
@@ -66,8 +82,15 @@ class AggregatedDiscoveryServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer)
                         log.warning("xds_node_rejected", extra={"peer": peer, "error": str(error)})
                         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
                     first = stream.node is None
+                    if first:
+                        admitted = await self._admit(stream, request, context)
                     for event in stream.receive(request):
                         _log_event(stream, event)
+                        if isinstance(event, Forbidden):
+                            await refuse(
+                                context, admitted, event.type_url,
+                                grpc.StatusCode.PERMISSION_DENIED, "type not served to this role",
+                            )
                     if first and stream.node is not None:
                         log.info("xds_stream_open", extra={**_node_fields(stream), "peer": peer})
                     self._cache.note_acks()
@@ -77,6 +100,27 @@ class AggregatedDiscoveryServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer)
             reader.cancel()
             self._cache.close_stream(stream)
             log.info("xds_stream_closed", extra={**_node_fields(stream), "peer": peer})
+
+    async def _admit(
+        self, stream: XdsStream, request: Request, context: grpc.aio.ServicerContext
+    ) -> Peer:
+        """Narrow a new stream to its peer's types, or refuse it (raises)."""
+        asked = f"{request.type_url} {list(request.resource_names)}"
+        if request.node is None:
+            unnamed = Peer(context.peer(), None)
+            await refuse(context, unnamed, asked,
+                         grpc.StatusCode.INVALID_ARGUMENT, "the first request names no node")
+            return unnamed
+        peer = self._authenticate(context, request.node)
+        if peer.role is None:
+            await refuse(context, peer, asked, grpc.StatusCode.UNAUTHENTICATED,
+                         "no client certificate of a gpu-router role")
+        elif NODE_CLUSTERS.get(peer.role) != request.node.cluster:
+            await refuse(context, peer, f"node cluster {request.node.cluster!r}: {asked}",
+                         grpc.StatusCode.PERMISSION_DENIED,
+                         "the node cluster does not match the certificate's role")
+        stream.allowed = peer.may_have
+        return peer
 
 
 async def _pump(

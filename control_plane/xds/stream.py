@@ -23,7 +23,7 @@ ones on the wire, i.e. that view's.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from google.protobuf import any_pb2
@@ -93,7 +93,16 @@ class StaleNonce:
     nonce: str
 
 
-Event = Subscribed | Acked | Nacked | StaleNonce
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Forbidden:
+    """A request for a type this stream's peer may not have (control_plane/xds/peer.py):
+    nothing is subscribed, and nothing of that type is ever sent on the stream."""
+
+    type_url: str
+    names: tuple[str, ...]
+
+
+Event = Subscribed | Acked | Nacked | StaleNonce | Forbidden
 
 
 @dataclass(slots=True, kw_only=True)
@@ -127,7 +136,10 @@ class TypeState:
 class XdsStream:
     """Protocol state of one ADS stream: one TypeState per type URL the client asked for."""
 
-    def __init__(self) -> None:
+    def __init__(self, allowed: Callable[[str], bool] = lambda _type_url: True) -> None:
+        self.allowed = allowed
+        """Whether this stream may subscribe to and be sent a type; the server narrows it to
+        the peer's role."""
         self.node: Node | None = None
         self.types: dict[str, TypeState] = {}
         self._nonces: Iterator[int] = itertools.count(1)
@@ -147,6 +159,8 @@ class XdsStream:
         """Apply one DiscoveryRequest; what it meant, in order."""
         if self.node is None and request.node is not None:
             self.node = request.node
+        if not self.allowed(request.type_url):
+            return [Forbidden(type_url=request.type_url, names=request.resource_names)]
         wildcard, names = _subscription(request.type_url, request.resource_names)
         state = self.types.get(request.type_url)
         if state is None:
@@ -173,6 +187,8 @@ class XdsStream:
         """Responses the client needs to match `snapshot`, in send order; marks them sent."""
         out: list[Response] = []
         for type_url in sorted(self.types, key=type_urls.send_rank):
+            if not self.allowed(type_url):
+                continue
             state = self.types[type_url]
             response = self._response(type_url, state, snapshot)
             if response is None:

@@ -1,0 +1,106 @@
+"""Who is on the other end of a gRPC stream, from its TLS certificate, and what it may do.
+
+A peer's role comes from the SPIFFE URI SAN of the client certificate it presented in the
+mutual-TLS handshake (gpu_router/pki.py), never from the node id or cluster it claims:
+anyone can write those. Edge Envoys may fetch Envoy's resource types (secrets included) and
+send access logs and load reports; ext_proc replicas only fetch their RoutingPolicy and
+HealthSnapshot. Any other peer (no certificate, another role) is refused; each refusal is
+one JSON line, `peer_refused`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import grpc
+from cryptography import x509
+
+from control_plane.xds import type_urls
+from gpu_router.pki import Role, role_of, uri_sans
+
+log = logging.getLogger(__name__)
+
+EDGE_TYPES: frozenset[str] = frozenset(
+    {type_urls.LISTENER, type_urls.ROUTE, type_urls.CLUSTER, type_urls.ENDPOINT, type_urls.SECRET}
+)
+"""What an edge Envoy may subscribe to: Envoy's types, provider secrets included."""
+OWN_TYPE_PREFIX = "type.googleapis.com/gpu_router."
+"""What an ext_proc replica may subscribe to: our own types (RoutingPolicy, HealthSnapshot...),
+never Envoy's, so never a Secret."""
+NODE_CLUSTERS: Mapping[Role, str] = {Role.EDGE: "gpu-router-edge", Role.EXT_PROC: "gpu-router-ext-proc"}
+"""The node cluster each role must claim in its DiscoveryRequests."""
+
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    address: str
+    """context.peer(), e.g. ipv4:127.0.0.1:51234."""
+    role: Role | None
+    """None: no certificate, or one that names none of our roles."""
+    name: str = ""
+    """The certificate's node or replica name."""
+
+    def may_have(self, type_url: str) -> bool:
+        """Whether this peer may subscribe to (and be sent) resources of `type_url`."""
+        if self.role is Role.EDGE:
+            return type_url in EDGE_TYPES
+        if self.role is Role.EXT_PROC:
+            return type_url.startswith(OWN_TYPE_PREFIX)
+        return False
+
+    def fields(self) -> dict[str, str]:
+        return {
+            "peer": self.address,
+            "role": self.role.value if self.role else "none",
+            "peer_name": self.name,
+        }
+
+
+def nothing(_type_url: str) -> bool:
+    """A stream's permissions before its peer is known."""
+    return False
+
+
+def peer_of(address: str, auth_context: Mapping[str, Sequence[bytes]]) -> Peer:
+    """The peer as its certificate (auth_context()["x509_pem_cert"]) names it."""
+    pems = auth_context.get("x509_pem_cert") or ()
+    if not pems:
+        return Peer(address, None)
+    try:
+        cert = x509.load_pem_x509_certificate(pems[0])
+    except ValueError:
+        return Peer(address, None)
+    roles = {found for uri in uri_sans(cert) if (found := role_of(uri)) is not None}
+    if len(roles) != 1:
+        return Peer(address, None)
+    [(role, name)] = roles
+    return Peer(address, role, name)
+
+
+def peer_from(context: grpc.aio.ServicerContext) -> Peer:
+    return peer_of(context.peer(), context.auth_context())
+
+
+async def refuse(
+    context: grpc.aio.ServicerContext, peer: Peer, asked: str, code: grpc.StatusCode, why: str
+) -> None:
+    """Log the refusal and end the RPC (raises, as context.abort does)."""
+    log.warning("peer_refused", extra={**peer.fields(), "asked": asked, "reason": why})
+    await context.abort(code, f"{why} ({asked})")
+
+
+Admit = Callable[[grpc.aio.ServicerContext, str], Awaitable[Peer]]
+"""Checks a telemetry stream's peer before anything is read from it (refuses by raising)."""
+
+
+async def require_edge(context: grpc.aio.ServicerContext, asked: str) -> Peer:
+    """The peer, if it is an edge Envoy; otherwise refuse the RPC (for ALS and LRS streams)."""
+    peer = peer_from(context)
+    if peer.role is not Role.EDGE:
+        code = grpc.StatusCode.UNAUTHENTICATED if peer.role is None else (
+            grpc.StatusCode.PERMISSION_DENIED
+        )
+        await refuse(context, peer, asked, code, "only edge Envoys may send this")
+    return peer

@@ -1,0 +1,199 @@
+"""The control plane's gRPC port, attacked with real gRPC clients while a real stack runs on it.
+
+Provider keys are SDS secrets and the ledger is fed by access logs: only a client holding an
+edge certificate from the stack's CA may have either. Every other client, plaintext, TLS
+without a certificate, or an ext_proc replica's certificate, is refused, and the edge Envoys
+of the same stack keep routing (the stack would not start otherwise). A provider key rotated
+in its file reaches the provider's requests without any restart.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from envoy.config.core.v3 import base_pb2
+from envoy.data.accesslog.v3 import accesslog_pb2
+from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
+from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
+from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+from envoy.service.load_stats.v3 import lrs_pb2, lrs_pb2_grpc
+from polling import eventually
+from stack_harness import Providers, chat, policy_on_free_ports, start_stack
+
+from control_plane.policy.load import default_policy_path
+from control_plane.telemetry.als import EDGE_LOG_NAME
+from control_plane.translate.names import credential_secret
+from control_plane.xds import type_urls
+from gpu_router import pki
+from gpu_router.stack import Stack
+
+KEYED = "vast"
+"""The provider whose key comes from a file; batch llama-3.1-8b goes there (cheapest)."""
+SECRET = credential_secret(KEYED)
+EDGE_CLUSTER, EXT_PROC_CLUSTER = "gpu-router-edge", "gpu-router-ext-proc"
+
+
+@pytest.fixture(scope="module")
+def keyed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Stack, Path]]:
+    directory = tmp_path_factory.mktemp("security")
+    key_file = directory / "vast.key"
+    key_file.write_text("key-one\n")
+
+    def with_key(document: dict) -> None:
+        vast = next(p for p in document["providers"] if p["name"] == KEYED)
+        vast["credentials"] = {"file": str(key_file)}
+
+    policy = policy_on_free_ports(default_policy_path(), directory / "policy.yaml", with_key)
+    running = start_stack(policy, directory / "logs")
+    try:
+        yield running, key_file
+    finally:
+        running.stop()
+
+
+@pytest.fixture
+def stack(keyed: tuple[Stack, Path]) -> Stack:
+    return keyed[0]
+
+
+def target(stack: Stack) -> str:
+    return f"127.0.0.1:{stack.ports.xds}"
+
+
+def mtls(stack: Stack, role: pki.Role, name: str) -> grpc.Channel:
+    ca, cert, key = stack.tls(role, name).read()
+    credentials = grpc.ssl_channel_credentials(ca, key, cert)
+    return grpc.secure_channel(target(stack), credentials)
+
+
+def ask_for_the_key(channel: grpc.Channel, cluster: str) -> tuple[grpc.StatusCode, list[str]]:
+    """One ADS stream asking for the keyed provider's secret: how it ended, the secrets sent."""
+    request = discovery_pb2.DiscoveryRequest(
+        node=base_pb2.Node(id="probe", cluster=cluster),
+        type_url=type_urls.SECRET,
+        resource_names=[SECRET],
+    )
+    stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
+    received: list[str] = []
+    try:
+        for response in stub.StreamAggregatedResources(iter([request]), timeout=10):
+            for resource in response.resources:
+                secret = secret_pb2.Secret()
+                resource.Unpack(secret)
+                received.append(secret.generic_secret.secret.inline_string)
+    except grpc.RpcError as error:
+        return error.code(), received
+    return grpc.StatusCode.OK, received
+
+
+def refusals(stack: Stack) -> list[dict]:
+    lines = stack.processes["control-plane"].log_path.read_text().splitlines()
+    entries = [json.loads(line) for line in lines if line.startswith("{")]
+    return [entry for entry in entries if entry.get("event") == "peer_refused"]
+
+
+def test_an_edge_certificate_gets_the_key(stack: Stack) -> None:
+    """The control for the refusals below: the same request with an edge certificate works."""
+    with mtls(stack, pki.Role.EDGE, "probe") as channel:
+        assert ask_for_the_key(channel, EDGE_CLUSTER) == (grpc.StatusCode.OK, ["Bearer key-one"])
+
+
+def test_a_plaintext_client_gets_nothing(stack: Stack) -> None:
+    with grpc.insecure_channel(target(stack)) as channel:
+        code, secrets = ask_for_the_key(channel, EDGE_CLUSTER)
+    assert (code, secrets) == (grpc.StatusCode.UNAVAILABLE, [])
+
+
+def test_a_tls_client_without_a_certificate_fails_the_handshake(stack: Stack) -> None:
+    ca = stack.tls(pki.Role.CONTROL_PLANE, pki.Role.CONTROL_PLANE.value).ca.read_bytes()
+    with grpc.secure_channel(target(stack), grpc.ssl_channel_credentials(ca)) as channel:
+        code, secrets = ask_for_the_key(channel, EDGE_CLUSTER)
+    assert (code, secrets) == (grpc.StatusCode.UNAVAILABLE, [])
+
+
+@pytest.mark.parametrize("claimed", [EXT_PROC_CLUSTER, EDGE_CLUSTER])
+def test_an_ext_proc_certificate_never_gets_a_key_whatever_it_claims(
+    stack: Stack, claimed: str
+) -> None:
+    before = len(refusals(stack))
+    with mtls(stack, pki.Role.EXT_PROC, "intruder") as channel:
+        code, secrets = ask_for_the_key(channel, claimed)
+    assert (code, secrets) == (grpc.StatusCode.PERMISSION_DENIED, [])
+    [refused] = refusals(stack)[before:]
+    assert (refused["role"], refused["peer_name"]) == ("ext-proc", "intruder")
+    assert type_urls.SECRET in refused["asked"]
+
+
+def forged_request_log(request_id: str) -> list[als_pb2.StreamAccessLogsMessage]:
+    entry = accesslog_pb2.HTTPAccessLogEntry(
+        request=accesslog_pb2.HTTPRequestProperties(request_id=request_id, path="/v1/chat/completions"),
+        response=accesslog_pb2.HTTPResponseProperties(),
+    )
+    entry.response.response_code.value = 200
+    return [
+        als_pb2.StreamAccessLogsMessage(
+            identifier=als_pb2.StreamAccessLogsMessage.Identifier(
+                node=base_pb2.Node(id="edge-1", cluster=EDGE_CLUSTER), log_name=EDGE_LOG_NAME
+            ),
+            http_logs=als_pb2.StreamAccessLogsMessage.HTTPAccessLogEntries(log_entry=[entry]),
+        )
+    ]
+
+
+def send_access_log(channel: grpc.Channel, request_id: str) -> grpc.StatusCode:
+    stub = als_pb2_grpc.AccessLogServiceStub(channel)
+    try:
+        stub.StreamAccessLogs(iter(forged_request_log(request_id)), timeout=10)
+    except grpc.RpcError as error:
+        return error.code()
+    return grpc.StatusCode.OK
+
+
+def booked(stack: Stack, request_id: str) -> int:
+    with sqlite3.connect(stack.log_dir / "ledger.db") as ledger:
+        [(count,)] = ledger.execute(
+            "SELECT count(*) FROM requests WHERE request_id = ?", (request_id,)
+        ).fetchall()
+    return count
+
+
+def test_access_logs_and_load_reports_only_from_edge_certificates(stack: Stack) -> None:
+    before = len(refusals(stack))
+    with grpc.insecure_channel(target(stack)) as channel:
+        assert send_access_log(channel, "forged-plain") == grpc.StatusCode.UNAVAILABLE
+    with mtls(stack, pki.Role.EXT_PROC, "intruder") as channel:
+        assert send_access_log(channel, "forged-ext-proc") == grpc.StatusCode.PERMISSION_DENIED
+        reports = lrs_pb2_grpc.LoadReportingServiceStub(channel).StreamLoadStats(
+            iter([lrs_pb2.LoadStatsRequest(node=base_pb2.Node(id="edge-1"))]), timeout=10
+        )
+        with pytest.raises(grpc.RpcError) as refused:
+            list(reports)
+        assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    with mtls(stack, pki.Role.EDGE, "probe") as channel:
+        assert send_access_log(channel, "from-an-edge") == grpc.StatusCode.OK
+    asked = [entry["asked"] for entry in refusals(stack)[before:]]
+    assert asked == ["access logs", "load reports"]
+    assert booked(stack, "forged-ext-proc") == 0
+
+
+def test_a_key_rotated_in_its_file_reaches_the_provider(
+    keyed: tuple[Stack, Path], stack: Stack
+) -> None:
+    _, key_file = keyed
+    providers = Providers(stack.policy)
+
+    def key_sent() -> str:
+        status, headers, body = chat(stack, "llama-3.1-8b", {"x-workload": "batch"})
+        assert status == 200 and headers["x-gpu-router-provider"] == KEYED, body
+        return providers.stats(KEYED)["last_request"]["headers"]["authorization"]
+
+    assert key_sent() == "Bearer key-one"
+    key_file.write_text("key-two\n")
+    eventually(lambda: key_sent() == "Bearer key-two", "the new key at the provider", interval=0.2)
+    with mtls(stack, pki.Role.EDGE, "probe") as channel:
+        assert ask_for_the_key(channel, EDGE_CLUSTER) == (grpc.StatusCode.OK, ["Bearer key-two"])
