@@ -12,7 +12,9 @@ and are neither the winner nor a fallback. The strategy ranks the rest:
   is under the ceiling, the cheapest.
 - balanced: cost_weight * cost / min_cost + latency_weight * latency / min_latency.
 
-DEGRADED candidates score double. Candidates that break the constraint rank after
+DEGRADED candidates score double. When every candidate that fits and is allowed is ejected, they
+are all ranked as if none were (a panic mode, like Envoy's panic threshold): the request fails over
+through them instead of getting a certain 503. Candidates that break the constraint rank after
 those that keep it (they are still fallbacks); ties go to provider order. The
 reason names the winner's merit and, when the fleet ejected a candidate that would
 otherwise have competed, that it was skipped.
@@ -22,12 +24,12 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import numpy.typing as npt
 
-from ext_proc.health_view import UNTIL_NEXT_SNAPSHOT, CandidateHealth
+from ext_proc.health_view import NOT_EJECTED, UNTIL_NEXT_SNAPSHOT, CandidateHealth
 from ext_proc.routing_table import ModelRoute, PolicyRule
 
 DEFAULT_MAX_TOKENS = 256
@@ -127,8 +129,17 @@ def decide(
         raise NoCandidateError(route.name, f"no provider offers {route.name}")
     cost = (prompt_tokens * route.input_usd_per_mtok + max_tokens * route.output_usd_per_mtok) / 1e6
     latency = health.latency_ms
-    ejected = health.ejected(now_unix_ms)
     allowed = _allowed(route, policy)
+    panic = not (route.fits & allowed & ~health.ejected(now_unix_ms)).any()
+    if panic and (route.fits & allowed).any():
+        # Every provider that could serve is ejected. Like Envoy's panic threshold: rank them all
+        # and let the request fail over through them, rather than answer a certain 503 while one
+        # of them may already have recovered (ejection trails the provider by a cooldown).
+        health = replace(health, ejected_until_unix_ms=np.full_like(
+            health.ejected_until_unix_ms, NOT_EJECTED))
+    else:
+        panic = False
+    ejected = health.ejected(now_unix_ms)
     eligible = route.fits & ~ejected & allowed
     if not eligible.any():
         excluded = _excluded(route, policy, health, now_unix_ms, allowed)
@@ -147,6 +158,8 @@ def decide(
     order = np.lexsort((route.provider_index, np.where(eligible, score, np.inf), group)).tolist()
     best = order[0]
     reason = describe(best) + (" (degraded)" if degraded[best] else "")
+    if panic:
+        reason += "; every fitting provider ejected: tried anyway"
     skipped = ejected & route.fits & allowed
     if skipped.any():
         reason += "; " + ", ".join(route.providers[i] for i in np.flatnonzero(skipped)) + " ejected"

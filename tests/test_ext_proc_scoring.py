@@ -238,19 +238,29 @@ def test_gpu_that_does_not_fit_is_never_picked() -> None:
 
 
 def test_no_candidate_carries_every_reason() -> None:
+    only_vast = dataclasses.replace(COST, providers=frozenset({"vast"}))
     with pytest.raises(NoCandidateError) as caught:
-        run(
-            "cost",
-            health_entry("lambda", state=health_pb2.EJECTED),
-            health_entry("runpod", state=health_pb2.EJECTED),
-            model="mixtral-8x7b",
-        )
+        run("cost", model="mixtral-8x7b", policy=only_vast)
     assert caught.value.reason == (
-        "no provider can serve mixtral-8x7b (lambda: ejected (until fleet health lifts it); "
+        f"no provider can serve mixtral-8x7b (lambda: not in policy {COST.name}'s providers; "
         "vast: gpu RTX-4090 (24 GB) too small for mixtral-8x7b (needs 80 GB); "
-        "runpod: ejected (until fleet health lifts it))"
+        f"runpod: not in policy {COST.name}'s providers)"
     )
     assert len(caught.value.candidates) == 3
+
+
+def test_when_every_fitting_provider_is_ejected_they_are_all_tried_anyway() -> None:
+    """A certain 503 helps nobody while one of them may already have recovered (the ejection
+    trails the provider by its cooldown): like Envoy's panic threshold, rank them all."""
+    decision = run(
+        "cost",
+        health_entry("lambda", state=health_pb2.EJECTED),
+        health_entry("runpod", state=health_pb2.EJECTED),
+        model="mixtral-8x7b",
+    )
+    assert (decision.provider, decision.fallbacks) == ("runpod", ("lambda",))
+    assert decision.reason.endswith("; every fitting provider ejected: tried anyway")
+    assert "vast=x:gpu RTX-4090" in decision.candidate_summary
 
 
 def test_ties_go_to_provider_order() -> None:
