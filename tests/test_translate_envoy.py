@@ -569,6 +569,20 @@ UNREADABLE_BODIES = {
 }
 
 
+def test_the_refusal_says_why(edge: Edge) -> None:
+    status, _, answer = edge.post({PICK_HEADER: "alpha"}, UNREADABLE_BODIES["escaped duplicate"])
+    assert status == 400
+    assert json.loads(answer)["error"]["message"] == (
+        'the request body cannot be read one way only: it has more than one member named '
+        '"model"; send one JSON object (UTF-8) with a single "model"'
+    )
+    status, _, answer = edge.post({PICK_HEADER: "alpha"}, UNREADABLE_BODIES["case variant alone"])
+    assert status == 400
+    assert 'a member "MODEL" that a case-insensitive provider reads as "model"' in (
+        json.loads(answer)["error"]["message"]
+    )
+
+
 @pytest.mark.parametrize("body", UNREADABLE_BODIES.values(), ids=UNREADABLE_BODIES.keys())
 def test_a_body_parsers_could_read_differently_is_refused_at_the_edge(
     edge: Edge, body: bytes

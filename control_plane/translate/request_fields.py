@@ -36,9 +36,11 @@ MAX_CLIENT_REQUEST_ID = 200
 """Characters of the client's request id kept (printable ASCII; anything else becomes "?")."""
 
 _READ = r"""
+local ESCAPED = {['"'] = '\\"', ["\\"] = "\\\\"}
+
 local function json_quoted(text)
   return '"' .. string.gsub(text, '[%c"\\]', function(c)
-    return string.format("\\u%04x", string.byte(c))
+    return ESCAPED[c] or string.format("\\u%04x", string.byte(c))
   end) .. '"'
 end
 

@@ -27,12 +27,13 @@ def prices(stack: Stack) -> dict[tuple[str, str], dict[str, float]]:
 
 
 def ledger_rows(stack: Stack) -> dict[str, sqlite3.Row]:
+    """Rows by the x-request-id the test sent (the ledger's request_id is the edge's own)."""
     path = stack.log_dir / "ledger.db"
     if not path.exists():
         return {}
     connection = sqlite3.connect(path)
     connection.row_factory = sqlite3.Row
-    return {row["request_id"]: row for row in connection.execute("select * from requests")}
+    return {row["client_request_id"]: row for row in connection.execute("select * from requests")}
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +108,8 @@ def test_report_shows_each_providers_share_of_spend(stack: Stack, traffic: dict)
 def test_audit_log_has_one_complete_line_per_request(stack: Stack, traffic: dict) -> None:
     path = stack.log_dir / "audit.jsonl"
     eventually(lambda: path.exists() and len(path.read_text().splitlines()) >= len(traffic), "audit lines")
-    lines = {json.loads(line)["request_id"]: json.loads(line) for line in path.read_text().splitlines()}
+    lines = {json.loads(line)["client_request_id"]: json.loads(line)
+             for line in path.read_text().splitlines()}
 
     assert set(traffic) <= set(lines)
     failed_over = lines["failed-over"]

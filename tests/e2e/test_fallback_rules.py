@@ -68,7 +68,7 @@ def test_fallback_requests_are_booked_with_their_model_and_price(without_ext_pro
     def booked() -> tuple | None:
         with sqlite3.connect(ledger) as db:
             return db.execute(
-                "select model, policy, provider, cost_usd from requests where request_id = 'fb-1'"
+                "select model, policy, provider, cost_usd from requests where client_request_id = 'fb-1'"
             ).fetchone()
 
     model, policy, provider, cost = eventually(booked, "the fallback request in the ledger")
