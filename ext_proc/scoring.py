@@ -12,9 +12,10 @@ and are neither the winner nor a fallback. The strategy ranks the rest:
   is under the ceiling, the cheapest.
 - balanced: cost_weight * cost / min_cost + latency_weight * latency / min_latency.
 
-DEGRADED candidates score double. When every candidate that fits and is allowed is ejected, they
-are all ranked as if none were (a panic mode, like Envoy's panic threshold): the request fails over
-through them instead of getting a certain 503. Candidates that break the constraint rank after
+DEGRADED candidates score double. Ejected candidates that fit and are allowed are the last
+fallbacks, after every eligible one; when all of them are ejected they are ranked as if none were
+(a panic mode, like Envoy's panic threshold): the request fails over through them instead of
+getting a certain 503. Candidates that break the constraint rank after
 those that keep it (they are still fallbacks); ties go to provider order. The
 reason names the winner's merit and, when the fleet ejected a candidate that would
 otherwise have competed, that it was skipped.
@@ -164,7 +165,10 @@ def decide(
     if skipped.any():
         reason += "; " + ", ".join(route.providers[i] for i in np.flatnonzero(skipped)) + " ejected"
     ok = eligible.tolist()
-    ranked_eligible = [i for i in order if ok[i]]
+    # Ejected providers that could serve come last, after every eligible one: a fleet ejection
+    # trails the provider by its cooldown, and trying one beats failing the client request.
+    last_resort = (skipped & ~eligible).tolist()
+    ranked_eligible = [i for i in order if ok[i]] + [i for i in order if last_resort[i]]
     summary = candidate_summary(
         route.providers,
         order,

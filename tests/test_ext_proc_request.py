@@ -88,12 +88,13 @@ def test_the_body_model_from_metadata_is_decided_in_one_answer() -> None:
                 health_entry("vast", "llama-3.1-8b", state=health_pb2.EJECTED),
                 health_entry("runpod", state=health_pb2.EJECTED, cooldown_until_unix_ms=NOW_MS),
             ),
-            "interactive/coreweave,runpod",  # runpod's Retry-After has run out
+            # runpod's Retry-After has run out; lambda, ejected, is the last resort
+            "interactive/coreweave,runpod,lambda",
             "unmeasured: exploring; lambda, vast ejected",
         ),
     ],
 )
-def test_the_route_header_orders_winner_then_fallbacks_without_ejected_providers(
+def test_the_route_header_orders_winner_then_fallbacks_with_ejected_providers_last(
     entries: tuple[health_pb2.ProviderHealth, ...], route: str, reason: str
 ) -> None:
     state = RouterState.of(STATE.table, build_health_view(snapshot(*entries)))
