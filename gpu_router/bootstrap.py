@@ -14,6 +14,10 @@ from gpu_router.pki import TlsFiles
 BOOTSTRAP_TEMPLATE = Path(__file__).resolve().parent.parent / "envoy" / "bootstrap.yaml"
 XDS_CLUSTER = "gpu-router.xds"
 DEFAULT_CERTS = Path("/etc/gpu-router/certs")
+DEFAULT_EDGE_TLS = TlsFiles(
+    DEFAULT_CERTS / "ca.pem", DEFAULT_CERTS / "edge.pem", DEFAULT_CERTS / "edge-key.pem"
+)
+"""The template's certificate files (the Compose edges' volume is mounted there)."""
 NODE_METADATA_NAMESPACE = "gpu_router"
 """node.metadata key the control plane reads (control_plane/xds/node.py spells it too)."""
 
@@ -28,9 +32,7 @@ class EdgeNode:
     edge_port: int | None = None
     """Asks the control plane for the edge listener on this port (node metadata); None: the
     control plane's --edge-port, as for every node without the metadata."""
-    tls: TlsFiles | None = TlsFiles(
-        DEFAULT_CERTS / "ca.pem", DEFAULT_CERTS / "edge.pem", DEFAULT_CERTS / "edge-key.pem"
-    )
+    tls: TlsFiles | None = DEFAULT_EDGE_TLS
     """The CA and this node's edge certificate and key. None: plaintext xDS, which the control
     plane refuses; only for tests against a plaintext stand-in (tests/xds_fixtures.py)."""
 

@@ -21,9 +21,9 @@ from google.protobuf.message import Message
 
 from control_plane.policy.load import default_policy_path, load_policy_file
 from control_plane.policy.wire import to_routing_policy
-from gpu_router.api.v1 import health_pb2, routing_pb2
 from ext_proc.xds_client import tls_credentials
 from gpu_router import pki
+from gpu_router.api.v1 import health_pb2, routing_pb2
 from gpu_router.processes import free_port
 
 POLICY_TYPE_URL = "type.googleapis.com/gpu_router.api.v1.RoutingPolicy"

@@ -16,6 +16,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,13 +24,15 @@ from typing import Any
 
 import pytest
 import yaml
+from cryptography import x509
 from xds_fixtures import AdsHarness
 
 from control_plane.app import Options
 from control_plane.app import parse_args as control_plane_args
 from control_plane.policy.load import default_policy_path
 from control_plane.xds import type_urls
-from gpu_router.bootstrap import EdgeNode, render_bootstrap
+from gpu_router import pki
+from gpu_router.bootstrap import EdgeNode, render_bootstrap, xds_transport_socket
 from gpu_router.processes import (
     EnvoyAdmin,
     ManagedProcess,
@@ -201,31 +204,29 @@ def test_envoy_nodes_bootstrap_to_the_control_plane_service(
     for name, service in of_kind(services, "envoy").items():
         argv = flags(service["command"])
         bootstrap = host_path(service, argv["-c"][0])
-        expected = render_bootstrap(
-            EdgeNode(admin_host="0.0.0.0", xds_host=control_plane_name, xds_port=options.xds_port)
-        )
+        expected = render_bootstrap(EdgeNode(xds_host=control_plane_name, xds_port=options.xds_port))
         assert yaml.safe_load(bootstrap.read_text()) == expected, name
         assert argv["--service-cluster"] == [EDGE_NODE_CLUSTER]
         node_ids += argv["--service-node"]
     assert len(set(node_ids)) == len(node_ids) == len(of_kind(services, "envoy"))
 
 
-def test_edge_and_admin_ports_are_published_once_per_node(
+def test_edge_ports_are_published_once_per_node_and_admin_stays_in_the_container(
     services: dict[str, dict[str, Any]],
 ) -> None:
+    """Admin binds the container's loopback: not reachable from the compose network, and a
+    published port could not reach it either; the healthcheck runs inside the container."""
     options = control_plane_options(services)
     envoys = of_kind(services, "envoy")
-    admin_port = render_bootstrap(EdgeNode())["admin"]["address"]["socket_address"]["port_value"]
-    edge_hosts, admin_hosts = [], []
+    admin = render_bootstrap(EdgeNode())["admin"]["address"]["socket_address"]
+    assert admin["address"] == "127.0.0.1"
+    edge_hosts = []
     for name, service in envoys.items():
         ports = published(service)
-        assert set(ports) == {options.edge_port, admin_port}, name
-        assert ports[admin_port][0] == "127.0.0.1", "admin stays on the host's loopback"
-        assert f"/dev/tcp/127.0.0.1/{admin_port} " in service["healthcheck"]["test"][-1]
+        assert set(ports) == {options.edge_port}, name
+        assert f"/dev/tcp/127.0.0.1/{admin['port_value']} " in service["healthcheck"]["test"][-1]
         edge_hosts.append(ports[options.edge_port][1])
-        admin_hosts.append(ports[admin_port][1])
     assert sorted(edge_hosts) == [10000 + i for i in range(len(envoys))]
-    assert sorted(admin_hosts) == [9901 + i for i in range(len(envoys))]
 
 
 def test_the_control_plane_names_every_ext_proc_replica_where_it_listens(
@@ -295,14 +296,22 @@ def test_all_providers_are_served_on_the_given_host(tmp_path: Path) -> None:
         sims.stop()
 
 
-def test_the_compose_bootstrap_passes_envoy_validation() -> None:
+def test_the_compose_bootstrap_passes_envoy_validation(tmp_path: Path) -> None:
+    """Validated as it is, except that its certificate paths (the edge-certs volume) point at
+    files here: Envoy checks that they exist."""
+    bootstrap = yaml.safe_load((ROOT / "deploy/compose/envoy.yaml").read_text())
+    [xds] = [c for c in bootstrap["static_resources"]["clusters"] if c["name"] == "gpu-router.xds"]
+    edge = pki.ensure(tmp_path / "certs", [pki.Identity(pki.Role.EDGE, "edge")])["edge"]
+    xds["transport_socket"] = xds_transport_socket(edge, xds["transport_socket"])
+    config = tmp_path / "envoy.yaml"
+    config.write_text(yaml.safe_dump(bootstrap))
     result = subprocess.run(
         [
             envoy_binary(),
             "--mode",
             "validate",
             "-c",
-            str(ROOT / "deploy/compose/envoy.yaml"),
+            str(config),
             "--service-node",
             "envoy-1",
             "--service-cluster",
@@ -422,3 +431,70 @@ def test_the_envoy_entrypoint_drains_on_sigterm_then_stops_envoy(
         assert not port_open(admin.port) and not port_open(edge_port)
     finally:
         entrypoint.stop()
+
+
+def in_volume(service: dict[str, Any], container_path: str, volumes: dict[str, Path]) -> Path:
+    """Where `container_path` of a service lies, given each named volume's directory here."""
+    for volume in service["volumes"]:
+        source, target, *_ = volume.split(":")
+        inside = container_path == target or container_path.startswith(target.rstrip("/") + "/")
+        if source in volumes and inside:
+            return volumes[source] / container_path[len(target) :].lstrip("/")
+    raise AssertionError(f"{container_path} is in no named volume of the service")
+
+
+def role_of_file(path: Path) -> tuple[pki.Role, str] | None:
+    [uri] = pki.uri_sans(x509.load_pem_x509_certificate(path.read_bytes()))
+    return pki.role_of(uri)
+
+
+def test_each_node_presents_its_roles_certificate_which_the_control_plane_makes(
+    services: dict[str, dict[str, Any]], tmp_path: Path
+) -> None:
+    """The control plane's entrypoint script, run for real into three directories standing in
+    for the volumes: every path the services name is there, with the right role, and each
+    role's volume holds that role's key only (the CA key stays in the control plane's)."""
+    [control] = of_kind(services, "control_plane").values()
+    [*_, shell, script] = control["entrypoint"]
+    volumes = {name: tmp_path / name for name in ("pki", "edge-certs", "ext-proc-certs")}
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "PKI_DIR": str(in_volume(control, "/pki", volumes)),
+        "EDGE_DIR": str(in_volume(control, "/edge-certs", volumes)),
+        "EXT_PROC_DIR": str(in_volume(control, "/ext-proc-certs", volumes)),
+    }
+    made = subprocess.run([shell, str(host_path(control, script)), "true"], env=env,
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert made.returncode == 0, made.stderr
+    [certs_dir] = flags(control["command"])["--certs-dir"]
+    assert role_of_file(in_volume(control, certs_dir, volumes) / "control-plane.pem") == (
+        pki.Role.CONTROL_PLANE, "control-plane")
+
+    for name, service in of_kind(services, "ext_proc").items():
+        argv = flags(service["command"])
+        files = [in_volume(service, argv[flag][0], volumes)
+                 for flag in ("--tls-ca", "--tls-cert", "--tls-key")]
+        assert all(path.is_file() for path in files), name
+        assert role_of_file(files[1]) == (pki.Role.EXT_PROC, "ext-proc")
+    for name, service in of_kind(services, "envoy").items():
+        bootstrap = yaml.safe_load(host_path(service, flags(service["command"])["-c"][0]).read_text())
+        [xds] = [c for c in bootstrap["static_resources"]["clusters"] if c["name"] == "gpu-router.xds"]
+        context = xds["transport_socket"]["typed_config"]["common_tls_context"]
+        [pair] = context["tls_certificates"]
+        cert = in_volume(service, pair["certificate_chain"]["filename"], volumes)
+        key = in_volume(service, pair["private_key"]["filename"], volumes)
+        ca = in_volume(service, context["validation_context"]["trusted_ca"]["filename"], volumes)
+        assert cert.is_file() and key.is_file() and ca.is_file(), name
+        assert role_of_file(cert) == (pki.Role.EDGE, "edge")
+        assert key.stat().st_mode & 0o004, "readable by the Envoy image's unprivileged user"
+
+    assert sorted(p.name for p in volumes["edge-certs"].iterdir()) == [
+        "ca.pem", "edge-key.pem", "edge.pem"]
+    assert sorted(p.name for p in volumes["ext-proc-certs"].iterdir()) == [
+        "ca.pem", "ext-proc-key.pem", "ext-proc.pem"]
+    before = {p.name: p.read_bytes() for p in volumes["pki"].iterdir()}
+    again = subprocess.run([shell, str(host_path(control, script)), "true"], env=env,
+                           capture_output=True, text=True, timeout=60, check=False)
+    assert again.returncode == 0, again.stderr
+    assert {p.name: p.read_bytes() for p in volumes["pki"].iterdir()} == before, "kept on restart"
