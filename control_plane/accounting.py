@@ -9,12 +9,18 @@ time (its filter state). Reading it here keeps all of this off the client's path
 A request is booked once: the gRPC access log and the reconciler (which replays the edges'
 durable logs after an outage, ledger/reconcile.py) both call `book`, which refuses a request id
 it booked recently; the ledger's unique index refuses one booked by an earlier process.
+
+An entry is booked only when it is believable (telemetry/validation.py): its provider, model and
+policy are those of the current policy (or of one replaced less than `max_duration_s` ago, for
+requests in flight across an edit), its times and sizes are possible, it has a request id.
+Any other is dropped and counted (gpu_router_telemetry_dropped_total{kind="edge"}).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
@@ -34,6 +40,16 @@ from control_plane.telemetry.samples import (
     duration_ms,
     is_final_request_entry,
     offset_ms,
+)
+from control_plane.telemetry.validation import (
+    DEFAULT_LIMITS,
+    EDGE,
+    UNREADABLE,
+    Limits,
+    PolicyNames,
+    RecentNames,
+    decision_problem,
+    edge_problem,
 )
 from control_plane.translate.fallback_routes import FALLBACK_REASON, fallback_route_names
 from control_plane.usage.normalise import normalise
@@ -138,8 +154,13 @@ class Accounting:
 
     def __init__(self, metrics: Metrics, ledger_path: Path | None, audit_path: Path | None, *,
                  retention_days: float = RETENTION_DAYS, audit_max_bytes: int = MAX_BYTES,
-                 audit_keep: int = KEEP_ROTATED) -> None:
+                 audit_keep: int = KEEP_ROTATED, limits: Limits = DEFAULT_LIMITS,
+                 clock: Callable[[], float] = time.time) -> None:
         self.metrics = metrics
+        self._limits = limits
+        self._clock = clock
+        self._names: RecentNames | None = None
+        """None until a policy is given: any name is believed (tests, tools)."""
         self._prices = PriceBook(prices={}, usage_formats={})
         self._ledger = None if ledger_path is None else LedgerWriter(
             ledger_path, retention_days=retention_days,
@@ -154,6 +175,9 @@ class Accounting:
         """Each budgeted client's spend in its window, from what is booked here and the ledger."""
 
     def use_policy(self, config: RoutingConfig) -> None:
+        if self._names is None:
+            self._names = RecentNames(grace_s=self._limits.max_duration_s)
+        self._names.use(PolicyNames.of(config), int(self._clock() * 1000))
         self._prices = PriceBook.from_config(config)
         self.spend.use_policy(config)
         strategies = {p.name: p.strategy.value for p in config.policies}
@@ -163,12 +187,11 @@ class Accounting:
         }
 
     def book(self, entry: accesslog_pb2.HTTPAccessLogEntry, node: str) -> bool:
-        """Book the client request `entry` closes; False when it closes none or was booked."""
-        record = record_from_edge_entry(entry, self._prices.usage_format)
+        """Book the client request `entry` closes; False when it closes none, was booked, or
+        is not believed (then counted)."""
+        record = self._believed_record(entry)
         if record is None or not self.booked.add(record.request_id):
             return False
-        if not record.model and record.route in self._fallback_routes:
-            record = _as_fallback(record, *self._fallback_routes[record.route])
         usage = normalise(record)
         price = self._prices.price(record.provider, record.model)
         try:
@@ -186,6 +209,27 @@ class Accounting:
         if self._audit is not None:
             self._audit.add(record, usage, cost)
         return True
+
+    def _believed_record(self, entry: accesslog_pb2.HTTPAccessLogEntry) -> RequestRecord | None:
+        """The request `entry` closes, unless it closes none or is not believable (counted)."""
+        now_ms = int(self._clock() * 1000)
+        names = None if self._names is None else self._names.at(now_ms)
+        try:
+            record = record_from_edge_entry(entry, self._prices.usage_format)
+        except Exception:  # a field of the wrong type costs only its entry
+            log.debug("unreadable edge entry", exc_info=True)
+            self.metrics.count_telemetry(EDGE, UNREADABLE)
+            return None
+        if record is None:
+            return None
+        if not record.model and record.route in self._fallback_routes:
+            record = _as_fallback(record, *self._fallback_routes[record.route])
+        problem = edge_problem(entry, now_ms, self._limits, names) or decision_problem(
+            record.model, record.policy, names)
+        if problem is not None:
+            self.metrics.count_telemetry(EDGE, problem)
+            return None
+        return record
 
     def mark_offset(self, offset: LogOffset) -> None:
         """The reconciler's position, committed after every request booked before it."""

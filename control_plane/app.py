@@ -36,7 +36,7 @@ from control_plane.policy.credentials import credential_files
 from control_plane.policy.load import default_policy_path
 from control_plane.rollout import REJECTIONS, Release, Rollout, prepare_release
 from control_plane.telemetry.als import AccessLogReceiver
-from control_plane.telemetry.health import FleetHealth
+from control_plane.telemetry.health import MAX_RETRY_AFTER_S, FleetHealth
 from control_plane.telemetry.load_reports import LoadReportReceiver
 from control_plane.telemetry.publisher import publish_health
 from control_plane.telemetry.weights import publish_weights
@@ -84,6 +84,8 @@ class Options:
     """The audit log is rotated at this size..."""
     audit_keep: int = KEEP_ROTATED
     """...keeping this many rotated files."""
+    max_retry_after_s: float = MAX_RETRY_AFTER_S
+    """The longest a provider's Retry-After (as an access-log entry tells it) ejects it for."""
     log_level: str = "info"
     certs_dir: Path = field(default_factory=lambda: data_dir() / "certs")
     """Where the CA and this process's certificate are found, or made when absent."""
@@ -210,6 +212,11 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         "(metrics and the dashboard still count requests, with estimated tokens)",
     )
     parser.add_argument(
+        "--max-retry-after-s", type=_positive(float), default=MAX_RETRY_AFTER_S,
+        help="the longest a provider's 429 Retry-After ejects it fleet-wide for "
+        f"(default: {MAX_RETRY_AFTER_S:g})",
+    )
+    parser.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"]
     )
     args = parser.parse_args(argv)
@@ -232,6 +239,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         ledger_retention_days=args.ledger_retention_days,
         audit_max_bytes=args.audit_max_bytes,
         audit_keep=max(args.audit_keep, 0),
+        max_retry_after_s=args.max_retry_after_s,
         log_level=args.log_level,
         certs_dir=args.certs_dir,
         tls=pki.TlsFiles(*own) if all(own) else None,
@@ -330,7 +338,7 @@ async def serve(options: Options, stop: asyncio.Event, hangup: asyncio.Event | N
     settings = options.edge_settings()
     cache = SnapshotCache()
     rollout = Rollout(cache)
-    fleet = FleetHealth()
+    fleet = FleetHealth(max_retry_after_s=options.max_retry_after_s)
     metrics = Metrics()
     first = prepare_release(options.policy_path, settings)
     accounting = Accounting(
@@ -346,6 +354,7 @@ async def serve(options: Options, stop: asyncio.Event, hangup: asyncio.Event | N
     async def apply(release: Release) -> None:
         await rollout.apply(release)
         accounting.use_policy(release.config)
+        receiver.use_policy(release.config)  # the health table keeps its providers only
 
     # Watched: the policy file (unless embedded) and the key files it names, so a rotated key
     # reaches the edges over SDS; SIGHUP re-reads everything, env keys included.
@@ -363,10 +372,10 @@ async def serve(options: Options, stop: asyncio.Event, hangup: asyncio.Event | N
     ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(
         AggregatedDiscoveryServer(cache), server
     )
-    receiver = AccessLogReceiver(fleet)
+    receiver = AccessLogReceiver(fleet, count=metrics.count_telemetry)
     receiver.on_request.append(accounting.book)
     receiver.register(server)
-    LoadReportReceiver(fleet).register(server)
+    LoadReportReceiver(fleet, count=metrics.count_telemetry).register(server)
     ca, cert, key = options.tls_files().read()
     server.add_secure_port(
         f"{options.xds_host}:{options.xds_port}",

@@ -9,22 +9,50 @@ whose first message names it:
   entry has named the model (attribution.py);
 - EDGE_LOG_NAME, the listener's log, one entry per client request: the client's outcome, which
   is not a provider sample (its attempts were). It names the model of the request's attempts
-  and goes to the `on_request` hooks (ledger, audit).
+  and goes to the `on_request` hooks (ledger, audit), which check it themselves
+  (accounting.py).
+
+Entries are checked one by one (validation.py), and read one by one: a bad entry is dropped
+and counted, never costing its batch or its stream. Messages are parsed leniently
+(wire_utf8.py): invalid UTF-8 in a string field is replaced, not a reason to end the stream.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
 
 import grpc
 from envoy.data.accesslog.v3 import accesslog_pb2
-from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
+from envoy.service.accesslog.v3 import als_pb2
 
+from control_plane.policy.model import RoutingConfig
 from control_plane.telemetry.attribution import ModelAttribution
 from control_plane.telemetry.health import FleetHealth
-from control_plane.telemetry.samples import decided_model, sample_from_attempt_entry
+from control_plane.telemetry.samples import (
+    RequestSample,
+    decided_model,
+    sample_from_attempt_entry,
+)
+from control_plane.telemetry.validation import (
+    ATTEMPT,
+    DEFAULT_LIMITS,
+    EDGE,
+    INVALID_UTF8,
+    RETRY_AFTER_CAPPED,
+    UNKNOWN_LOG_NAME,
+    UNKNOWN_MODEL,
+    UNPARSEABLE_MESSAGE,
+    UNREADABLE,
+    CountTelemetry,
+    Limits,
+    PolicyNames,
+    attempt_problem,
+    count_nothing,
+)
+from control_plane.telemetry.wire_utf8 import Received, lenient_deserializer, repaired_parts
 from control_plane.xds.peer import Admit, require_edge
 
 logger = logging.getLogger(__name__)
@@ -32,11 +60,16 @@ logger = logging.getLogger(__name__)
 ATTEMPT_LOG_NAME = "gpu-router.attempt"
 EDGE_LOG_NAME = "gpu-router.edge"
 
+ACCESS_LOG = "access_log"
+"""The kind counted for a stream whose log name is not (yet) known."""
+_KINDS = {ATTEMPT_LOG_NAME: ATTEMPT, EDGE_LOG_NAME: EDGE}
+_SERVICE = als_pb2.DESCRIPTOR.services_by_name["AccessLogService"].full_name
+
 RequestHook = Callable[[accesslog_pb2.HTTPAccessLogEntry, str], None]
 """Called with each client-request entry (EDGE_LOG_NAME) and the Envoy node id that sent it."""
 
 
-class AccessLogReceiver(als_pb2_grpc.AccessLogServiceServicer):
+class AccessLogReceiver:
     """Turns streamed attempt entries into health samples and hands request entries to hooks.
 
     Samples are stamped with this process's clock on arrival, not with the Envoy host's,
@@ -51,27 +84,51 @@ class AccessLogReceiver(als_pb2_grpc.AccessLogServiceServicer):
         on_request: Iterable[RequestHook] = (),
         attribution: ModelAttribution | None = None,
         admit: Admit = require_edge,
+        *,
+        count: CountTelemetry = count_nothing,
+        limits: Limits = DEFAULT_LIMITS,
     ) -> None:
         self._fleet = fleet
         self._admit = admit
         self._clock = clock
+        self._count = count
+        self._limits = limits
+        self._names: PolicyNames | None = None
         self._attribution = ModelAttribution() if attribution is None else attribution
         self.on_request: list[RequestHook] = list(on_request)
         """Subscribers to client-request entries; append to subscribe."""
 
+    def use_policy(self, config: RoutingConfig) -> None:
+        """Believe attempts to this policy's providers only; the fleet forgets the others."""
+        self._names = PolicyNames.of(config)
+        self._fleet.use_offerings(self._names.offerings)
+
     def register(self, server: grpc.aio.Server) -> None:
-        als_pb2_grpc.add_AccessLogServiceServicer_to_server(self, server)
+        """As the generated add_AccessLogServiceServicer_to_server, but with a request
+        deserializer that does not end the stream on invalid UTF-8 (wire_utf8.py)."""
+        handler = grpc.stream_unary_rpc_method_handler(
+            self.StreamAccessLogs,
+            request_deserializer=lenient_deserializer(als_pb2.StreamAccessLogsMessage),
+            response_serializer=als_pb2.StreamAccessLogsResponse.SerializeToString,
+        )
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(_SERVICE, {"StreamAccessLogs": handler}),)
+        )
 
     async def StreamAccessLogs(
         self,
-        request_iterator: AsyncIterator[als_pb2.StreamAccessLogsMessage],
+        request_iterator: AsyncIterator[Received[als_pb2.StreamAccessLogsMessage]],
         context: grpc.aio.ServicerContext,
     ) -> als_pb2.StreamAccessLogsResponse:
         await self._admit(context, "access logs")  # before a single entry is read
         # As the ALS API says, the identifier is sent in the first message of a stream only.
         node_id = log_name = ""
         entries = 0
-        async for message in request_iterator:
+        async for received in request_iterator:
+            message = received.message
+            if message is None:
+                self._count(_KINDS.get(log_name, ACCESS_LOG), UNPARSEABLE_MESSAGE)
+                continue
             if message.HasField("identifier"):
                 node_id = message.identifier.node.id
                 log_name = message.identifier.log_name
@@ -84,6 +141,9 @@ class AccessLogReceiver(als_pb2_grpc.AccessLogServiceServicer):
                         "access log stream with an unknown log name is ignored",
                         extra={"node": node_id, "log_name": log_name},
                     )
+            kind = _KINDS.get(log_name, ACCESS_LOG)
+            for _ in range(repaired_parts(received.repaired)):
+                self._count(kind, INVALID_UTF8, dropped=False)
             if not message.HasField("http_logs"):
                 continue
             log_entries = message.http_logs.log_entry
@@ -92,6 +152,9 @@ class AccessLogReceiver(als_pb2_grpc.AccessLogServiceServicer):
                 self._record_attempts(log_entries, node_id)
             elif log_name == EDGE_LOG_NAME:
                 self._notify_requests(log_entries, node_id)
+            else:
+                for _ in log_entries:
+                    self._count(kind, UNKNOWN_LOG_NAME)
         logger.info(
             "access log stream closed",
             extra={"node": node_id, "log_name": log_name, "entries": entries},
@@ -103,23 +166,53 @@ class AccessLogReceiver(als_pb2_grpc.AccessLogServiceServicer):
     ) -> None:
         now_ms = int(self._clock() * 1000)
         for entry in log_entries:
-            sample = sample_from_attempt_entry(entry, node_id, at_unix_ms=now_ms)
-            if sample is None:
-                continue
-            self._fleet.record(sample)
-            attributed = self._attribution.attempt(sample, now_ms)
-            if attributed is not None:
-                self._fleet.record_model(attributed)
+            try:
+                self._record_attempt(entry, node_id, now_ms)
+            except Exception:  # one entry never costs its batch or its stream
+                logger.debug("unreadable attempt entry", exc_info=True, extra={"node": node_id})
+                self._count(ATTEMPT, UNREADABLE)
+
+    def _record_attempt(
+        self, entry: accesslog_pb2.HTTPAccessLogEntry, node_id: str, now_ms: int
+    ) -> None:
+        problem = attempt_problem(entry, now_ms, self._limits, self._names)
+        if problem is not None:
+            self._count(ATTEMPT, problem)
+            return
+        sample = sample_from_attempt_entry(entry, node_id, at_unix_ms=now_ms)
+        if sample is None:
+            return
+        cap = self._fleet.max_retry_after_s
+        if sample.retry_after_s is not None and sample.retry_after_s > cap:
+            self._count(ATTEMPT, RETRY_AFTER_CAPPED, dropped=False)
+            sample = dataclasses.replace(sample, retry_after_s=cap)
+        self._fleet.record(sample)
+        attributed = self._attribution.attempt(sample, now_ms)
+        if attributed is not None:
+            self._record_model(attributed, ATTEMPT)
+
+    def _record_model(self, sample: RequestSample, kind: str) -> None:
+        """An attempt with its request's model: counted unless the provider does not offer it."""
+        if self._fleet.knows(sample.provider, sample.model):
+            self._fleet.record_model(sample)
+        else:
+            self._count(kind, UNKNOWN_MODEL)
 
     def _notify_requests(
         self, log_entries: Iterable[accesslog_pb2.HTTPAccessLogEntry], node_id: str
     ) -> None:
         now_ms = int(self._clock() * 1000)
         for entry in log_entries:
-            for attributed in self._attribution.request(
-                entry.request.request_id, decided_model(entry), now_ms
-            ):
-                self._fleet.record_model(attributed)
+            try:
+                attributed = self._attribution.request(
+                    entry.request.request_id, decided_model(entry), now_ms
+                )
+            except Exception:  # one entry never costs its batch or its stream
+                logger.debug("unreadable request entry", exc_info=True, extra={"node": node_id})
+                self._count(EDGE, UNREADABLE)
+                continue
+            for sample in attributed:
+                self._record_model(sample, EDGE)
             for hook in self.on_request:
                 try:
                     hook(entry, node_id)

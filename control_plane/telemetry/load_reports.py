@@ -4,7 +4,9 @@ Every edge opens one LRS stream to the control plane (`cluster_manager.load_stat
 its bootstrap, cluster "gpu-router.xds"). The answer to its first message asks for every
 cluster every `interval_s`; each report then carries, per cluster (= provider), the requests in
 progress on that edge right now, which FleetHealth sums over edges. When a stream ends, what
-it reported is forgotten.
+it reported is forgotten. Counts for clusters that are not providers of the current policy, or
+beyond belief, are dropped and counted (validation.py); a report that cannot be read costs only
+itself, never the stream.
 """
 
 from __future__ import annotations
@@ -14,33 +16,52 @@ import logging
 from collections.abc import AsyncIterator
 
 import grpc
-from envoy.service.load_stats.v3 import lrs_pb2, lrs_pb2_grpc
+from envoy.service.load_stats.v3 import lrs_pb2
 from google.protobuf import duration_pb2
 
 from control_plane.telemetry.health import FleetHealth
-from control_plane.telemetry.samples import INTERNAL_CLUSTER_PREFIX
+from control_plane.telemetry.validation import (
+    DEFAULT_LIMITS,
+    INVALID_UTF8,
+    LOAD_REPORT,
+    UNPARSEABLE_MESSAGE,
+    UNREADABLE,
+    CountTelemetry,
+    Limits,
+    checked_in_flight,
+    count_nothing,
+)
+from control_plane.telemetry.wire_utf8 import Received, lenient_deserializer, repaired_parts
 from control_plane.xds.peer import Admit, require_edge
 
 logger = logging.getLogger(__name__)
 
 REPORT_INTERVAL_S = 1.0
+_SERVICE = lrs_pb2.DESCRIPTOR.services_by_name["LoadReportingService"].full_name
 
 
-def in_flight_by_provider(report: lrs_pb2.LoadStatsRequest) -> dict[str, int]:
-    """Requests in progress per provider cluster in one report (the control plane's own left out)."""
-    return {
-        stats.cluster_name: sum(l.total_requests_in_progress for l in stats.upstream_locality_stats)
+def in_flight_by_provider(
+    report: lrs_pb2.LoadStatsRequest, fleet: FleetHealth | None = None,
+    limits: Limits = DEFAULT_LIMITS, count: CountTelemetry = count_nothing,
+) -> dict[str, int]:
+    """Requests in progress per provider cluster in one report (the control plane's own left
+    out; with a fleet, only the providers it holds, counting the rest)."""
+    reported = (
+        (stats.cluster_name, sum(l.total_requests_in_progress for l in stats.upstream_locality_stats))
         for stats in report.cluster_stats
-        if not stats.cluster_name.startswith(INTERNAL_CLUSTER_PREFIX)
-    }
+    )
+    return checked_in_flight(reported, None if fleet is None else fleet.knows, limits, count)
 
 
-class LoadReportReceiver(lrs_pb2_grpc.LoadReportingServiceServicer):
+class LoadReportReceiver:
     def __init__(
         self, fleet: FleetHealth, interval_s: float = REPORT_INTERVAL_S,
         admit: Admit = require_edge,
+        *, count: CountTelemetry = count_nothing, limits: Limits = DEFAULT_LIMITS,
     ) -> None:
         self._fleet = fleet
+        self._count = count
+        self._limits = limits
         self._admit = admit
         interval = duration_pb2.Duration()
         interval.FromMilliseconds(int(interval_s * 1000))
@@ -48,11 +69,20 @@ class LoadReportReceiver(lrs_pb2_grpc.LoadReportingServiceServicer):
         self._streams = itertools.count(1)
 
     def register(self, server: grpc.aio.Server) -> None:
-        lrs_pb2_grpc.add_LoadReportingServiceServicer_to_server(self, server)
+        """As the generated add_LoadReportingServiceServicer_to_server, but with a request
+        deserializer that does not end the stream on invalid UTF-8 (wire_utf8.py)."""
+        handler = grpc.stream_stream_rpc_method_handler(
+            self.StreamLoadStats,
+            request_deserializer=lenient_deserializer(lrs_pb2.LoadStatsRequest),
+            response_serializer=lrs_pb2.LoadStatsResponse.SerializeToString,
+        )
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(_SERVICE, {"StreamLoadStats": handler}),)
+        )
 
     async def StreamLoadStats(
         self,
-        request_iterator: AsyncIterator[lrs_pb2.LoadStatsRequest],
+        request_iterator: AsyncIterator[Received[lrs_pb2.LoadStatsRequest]],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[lrs_pb2.LoadStatsResponse]:
         await self._admit(context, "load reports")  # before a single report is read
@@ -60,13 +90,28 @@ class LoadReportReceiver(lrs_pb2_grpc.LoadReportingServiceServicer):
         source = f"stream-{next(self._streams)}"
         node_id: str | None = None
         try:
-            async for report in request_iterator:
+            async for received in request_iterator:
+                report = received.message
+                if report is None:
+                    self._count(LOAD_REPORT, UNPARSEABLE_MESSAGE)
+                    continue
+                for _ in range(repaired_parts(received.repaired)):
+                    self._count(LOAD_REPORT, INVALID_UTF8, dropped=False)
                 if node_id is None:
                     node_id = report.node.id
                     logger.info("load report stream opened", extra={"node": node_id})
                     yield self._ask
                     continue
-                self._fleet.record_in_flight(source, in_flight_by_provider(report))
+                self._record(source, report)
         finally:
             self._fleet.forget_in_flight(source)
             logger.info("load report stream closed", extra={"node": node_id})
+
+    def _record(self, source: str, report: lrs_pb2.LoadStatsRequest) -> None:
+        try:
+            in_flight = in_flight_by_provider(report, self._fleet, self._limits, self._count)
+        except Exception:  # one report never costs the stream
+            logger.debug("unreadable load report", exc_info=True, extra={"source": source})
+            self._count(LOAD_REPORT, UNREADABLE)
+            return
+        self._fleet.record_in_flight(source, in_flight)

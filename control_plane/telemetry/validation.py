@@ -88,6 +88,9 @@ class Limits:
     """The most requests in progress one load report may claim for one cluster."""
 
 
+DEFAULT_LIMITS = Limits()
+
+
 @dataclass(frozen=True, slots=True)
 class PolicyNames:
     """The names telemetry may use: what one policy (or a short history of them) defines."""
