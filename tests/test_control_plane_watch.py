@@ -88,3 +88,31 @@ def test_run_polls_until_cancelled(policy: Path) -> None:
             await task
 
     asyncio.run(scenario())
+
+
+def test_a_changed_key_file_rolls_the_policy_out_again_and_reload_rereads_all(
+    policy: Path, tmp_path: Path
+) -> None:
+    """The files `also` names (the policy's key files) count as part of it: a rotated key is
+    prepared and applied like a policy edit; `reload` (SIGHUP) applies whatever changed."""
+    key = tmp_path / "vast.key"
+    write(key, "key-one", 1_000_000_000)
+    applied: list[tuple[str, str]] = []
+
+    def prepare_with_key(path: Path) -> tuple[str, str]:
+        return prepare(path), key.read_text()
+
+    async def apply(release: tuple[str, str]) -> None:
+        applied.append(release)
+
+    async def scenario() -> None:
+        watcher = PolicyWatcher(policy, prepare_with_key, apply, (Rejected,), also=lambda: [key])
+        await watcher.check()
+        write(key, "key-one", 2_000_000_000)  # touched, same content
+        await watcher.check()
+        write(key, "key-two", 3_000_000_000)
+        await watcher.check()
+        await watcher.reload()
+
+    asyncio.run(scenario())
+    assert applied == [("one", "key-two"), ("one", "key-two")]
