@@ -7,12 +7,17 @@ ratios against the baseline, plus ext_proc's own time as Envoy's ext_proc filter
 it (Envoy has no ext_proc timing stat of its own), and at 16 connections the CPU time each
 process spent per request: on a 2-core machine, 2 s of CPU per second bounds the req/s.
 
-    python bench/routed_path.py [--duration 10] [--workers 1 2]
+    python bench/routed_path.py [--duration 10] [--workers 1 2] [--client-keys 100]
+
+--client-keys N also compares two x1 stacks at 16 connections, one whose policy declares N
+client keys (the load sends one of them) and one without clients, loaded in turn (A B B A):
+what the key check costs, printed as the req/s ratio keys/no-keys.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import resource
@@ -82,8 +87,14 @@ def direct_envoy(work: Path, port: int, upstream_port: int) -> ManagedProcess:
     return static_envoy("direct", work, port, route, [cluster])
 
 
-def bench_policy(path: Path, upstream_port: int) -> Path:
+def bench_policy(path: Path, upstream_port: int, keys: int = 0) -> Path:
+    """The one-provider bench policy; with `keys`, that many clients, the first holding
+    BENCH_KEY."""
+    clients = [{"name": f"client-{i}",
+                "key_sha256": hashlib.sha256(BENCH_KEY.encode() if i == 0 else os.urandom(32)).hexdigest()}
+               for i in range(keys)]
     path.write_text(yaml.safe_dump({
+        **({"clients": clients} if clients else {}),
         "version": 1,
         "providers": [{
             "name": "fast", "base_url": f"http://127.0.0.1:{upstream_port}", "health_check_path": "/health",
@@ -94,6 +105,9 @@ def bench_policy(path: Path, upstream_port: int) -> Path:
         "policies": [{"name": "all", "strategy": "balanced"}],
     }))
     return path
+
+
+BENCH_KEY = "gr-bench-" + os.urandom(16).hex()
 
 
 @dataclass(frozen=True)
@@ -108,6 +122,7 @@ class Load:
 WRK_SCRIPT = """
 wrk.method = "POST"
 wrk.headers["content-type"] = "application/json"
+%s
 local f = io.open("%s", "rb"); wrk.body = f:read("*a"); f:close()
 done = function(summary, latency, requests)
   local e = summary.errors
@@ -118,11 +133,12 @@ end
 """
 
 
-def wrk(url: str, body: bytes, connections: int, seconds: int, work: Path) -> Load:
+def wrk(url: str, body: bytes, connections: int, seconds: int, work: Path, key: str = "") -> Load:
     body_path = work / f"body-{len(body)}.json"
     body_path.write_bytes(body)
-    script = work / f"wrk-{len(body)}.lua"
-    script.write_text(WRK_SCRIPT % body_path)
+    script = work / f"wrk-{len(body)}{'-key' if key else ''}.lua"
+    auth = f'wrk.headers["authorization"] = "Bearer {key}"' if key else ""
+    script.write_text(WRK_SCRIPT % (auth, body_path))
     threads = min(connections, 2)
     out = subprocess.run(["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{seconds}s",
                           "-s", str(script), url], capture_output=True, text=True, check=True).stdout
@@ -188,19 +204,49 @@ def ext_proc_time(before: dict[str, float], after: dict[str, float]) -> str:
 
 
 def timed_wrk(stack: Stack, url: str, body: bytes, connections: int, seconds: int,
-              work: Path) -> tuple[Load, str]:
+              work: Path, key: str = "") -> tuple[Load, str]:
     """A load and ext_proc's own time during it (the access log reaches the control plane
     within its 100 ms flush interval: read after it)."""
     before = ext_proc_histogram(stack)
-    load = wrk(url, body, connections, seconds, work)
+    load = wrk(url, body, connections, seconds, work, key)
     time.sleep(0.5)
     return load, ext_proc_time(before, ext_proc_histogram(stack))
+
+
+def key_check_ratios(work: Path, policy: Path, keyed: Path, seconds: int,
+                     rounds: int = 2) -> list[tuple[str, float]]:
+    """req/s with client keys over req/s without, one ext_proc worker each, at 16 connections:
+    both stacks run at once and are loaded in turn (A B B A ...), so a neighbour's load on a
+    shared machine weighs on both alike. Per round, then over all rounds."""
+    stacks = []
+    try:
+        for name, path in (("no-keys", policy), ("keys", keyed)):
+            stacks.append(Stack(policy=path, log_dir=work / f"ratio-{name}", ports=StackPorts.free(),
+                                accounting=["--no-accounting"], simulators=False).start())
+        body, totals, out = chat_body(64), [0.0, 0.0], []
+        for index in range(rounds):
+            rps = [0.0, 0.0]
+            for which in ((0, 1) if index % 2 == 0 else (1, 0)):
+                load = wrk(f"{stacks[which].url}/v1/chat/completions", body, 16, seconds, work,
+                           BENCH_KEY if which else "")
+                if load.errors:
+                    raise RuntimeError(f"{load.errors} failed requests in the key-check run")
+                rps[which] = load.rps
+            totals = [totals[0] + rps[0], totals[1] + rps[1]]
+            out.append((f"round {index + 1}", rps[1] / rps[0]))
+        out.append(("all", totals[1] / totals[0]))
+        return out
+    finally:
+        for stack in stacks:
+            stack.stop()
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--duration", type=int, default=10, help="seconds per measurement")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="ext_proc worker counts")
+    parser.add_argument("--client-keys", type=int, default=0,
+                        help="also compare x1 with this many client keys declared to x1 without (e.g. 100)")
     parser.add_argument("--no-accounting-run", action="store_true",
                         help="skip the run with usage accounting and audit logging off")
     args = parser.parse_args()
@@ -230,6 +276,9 @@ def main() -> int:
         runs = [(f"routed x{w}", w, True) for w in args.workers]
         if not args.no_accounting_run:
             runs.append(("x1 acct off", 1, False))
+        if args.client_keys:
+            key_ratios = key_check_ratios(work, policy, bench_policy(
+                work / "keyed.yaml", upstream_port, args.client_keys), args.duration)
         for name, workers, accounting in runs:
             log_dir = work / name.replace(" ", "-")
             flags = (["--ledger", str(log_dir / "ledger.db"), "--audit-log", str(log_dir / "audit.jsonl")]
@@ -274,6 +323,11 @@ def main() -> int:
         for label in ("1 conn", "16 conn", "1 conn 200KB"):
             on, off = loads[("routed x1", label)], loads[("x1 acct off", label)]
             print(f"  {label:<14} rps on/off {on.rps / off.rps:5.2f}   p50 added {on.p50_ms - off.p50_ms:+.3f} ms")
+    if args.client_keys:
+        print(f"\nclient key check, {args.client_keys} keys declared vs no clients (x1, 16 conn, "
+              "the two stacks loaded in turn, ABBA):")
+        for label, ratio in key_ratios:
+            print(f"  {label:<10} rps keys/no-keys {ratio:5.3f}")
     return 0
 
 
