@@ -331,7 +331,7 @@ class ControlPlaneState:
 
 async def serve(options: Options, stop: asyncio.Event, hangup: asyncio.Event | None = None) -> None:
     """Run every part of the control plane until `stop` is set or a part fails; each time
-    `hangup` is set, re-read the policy and every provider key (env keys only change so).
+    `hangup` is set (SIGHUP), re-read the policy and its key files at once.
 
     Raises one of REJECTIONS, before any port is opened, when the startup policy is unusable.
     """
@@ -357,7 +357,8 @@ async def serve(options: Options, stop: asyncio.Event, hangup: asyncio.Event | N
         receiver.use_policy(release.config)  # the health table keeps its providers only
 
     # Watched: the policy file (unless embedded) and the key files it names, so a rotated key
-    # reaches the edges over SDS; SIGHUP re-reads everything, env keys included.
+    # reaches the edges over SDS; SIGHUP re-reads them at once. An env: key is read from this
+    # process's environment, which cannot change: rotating one takes a restart.
     watcher = PolicyWatcher(
         options.policy_path, lambda path: prepare_release(path, settings), apply, REJECTIONS,
         also=lambda: credential_files((rollout.current or first).config),

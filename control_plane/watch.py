@@ -67,7 +67,7 @@ class PolicyWatcher(Generic[R]):
         await self.reload()
 
     async def reload(self) -> None:
-        """Prepare and apply the files as they are now (SIGHUP: re-read env keys too)."""
+        """Prepare and apply the files as they are now (on SIGHUP, changed or not)."""
         try:
             release = self._prepare(self._path)
         except self._rejections as error:
