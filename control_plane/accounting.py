@@ -10,8 +10,8 @@ A request is booked once: the gRPC access log and the reconciler (which replays 
 durable logs after an outage, ledger/reconcile.py) both call `book`, which refuses a request id
 it booked recently; the ledger's unique index refuses one booked by an earlier process.
 
-An entry is booked only when it is believable (telemetry/validation.py): its provider, model and
-policy are those of the current policy (or of one replaced less than `max_duration_s` ago, for
+An entry is booked only when it is believable (telemetry/validation.py): its provider, model,
+policy and client are those of the current policy (or of one replaced less than `max_duration_s` ago, for
 requests in flight across an edit), its times and sizes are possible, it has a request id.
 Any other is dropped and counted (gpu_router_telemetry_dropped_total{kind="edge"}).
 """
@@ -225,7 +225,7 @@ class Accounting:
         if not record.model and record.route in self._fallback_routes:
             record = _as_fallback(record, *self._fallback_routes[record.route])
         problem = edge_problem(entry, now_ms, self._limits, names) or decision_problem(
-            record.model, record.policy, names)
+            record.model, record.policy, record.client, names)
         if problem is not None:
             self.metrics.count_telemetry(EDGE, problem)
             return None

@@ -251,6 +251,8 @@ def test_a_future_dated_edge_entry_leaves_the_dashboard_as_it_was() -> None:
     (lambda e: setattr(e.common_properties, "upstream_cluster", "invented"), "unknown_cluster"),
     (lambda e: e.common_properties.metadata.filter_metadata["gpu_router"].update(
         {"policy": "invented"}), "unknown_policy"),
+    (lambda e: e.common_properties.metadata.filter_metadata["gpu_router"].update(
+        {"client": "invented"}), "unknown_client"),
     (lambda e: setattr(e.request, "request_id", ""), "no_request_id"),
 ])
 def test_an_edge_entry_that_is_not_believable_is_not_booked(change: object, reason: str) -> None:

@@ -5,8 +5,9 @@ ejects a provider everywhere, an edge entry writes the ledger and metric labels)
 is checked on its own before it is used:
 
 - its cluster must be a provider of the current policy (or empty, or internal "gpu-router.*"),
-  and an edge entry's model and policy names those of the current policy (or none): otherwise
-  invented names would grow the health table, the ledger and the metric labels without bound;
+  and an edge entry's model, policy and client names those of the current policy (or none):
+  otherwise invented names would grow the health table, the ledger and the metric labels
+  without bound;
 - its start time may not lie in the future beyond `clock_skew_s` (one such entry used to wipe
   the dashboard's hour of history), and an attempt may not be older than the longest request
   (`max_duration_s` plus the skew): health is about now;
@@ -38,6 +39,7 @@ ATTEMPT, EDGE, LOAD_REPORT = "attempt", "edge", "load_report"
 UNKNOWN_CLUSTER = "unknown_cluster"
 UNKNOWN_MODEL = "unknown_model"
 UNKNOWN_POLICY = "unknown_policy"
+UNKNOWN_CLIENT = "unknown_client"
 UNKNOWN_LOG_NAME = "unknown_log_name"
 FUTURE_START = "future_start"
 TOO_OLD = "too_old"
@@ -99,6 +101,7 @@ class PolicyNames:
     """Provider -> the public models it offers."""
     models: frozenset[str] = frozenset()
     policies: frozenset[str] = frozenset()
+    clients: frozenset[str] = frozenset()
 
     @classmethod
     def of(cls, config: RoutingConfig) -> PolicyNames:
@@ -106,13 +109,15 @@ class PolicyNames:
             offerings={p.name: frozenset(o.model for o in p.offerings) for p in config.providers},
             models=frozenset(m.name for m in config.models),
             policies=frozenset(p.name for p in config.policies),
+            clients=frozenset(c.name for c in config.clients),
         )
 
     def union(self, other: PolicyNames) -> PolicyNames:
         offerings = {name: models | other.offerings.get(name, frozenset())
                      for name, models in self.offerings.items()}
         offerings.update((n, m) for n, m in other.offerings.items() if n not in offerings)
-        return PolicyNames(offerings, self.models | other.models, self.policies | other.policies)
+        return PolicyNames(offerings, self.models | other.models, self.policies | other.policies,
+                           self.clients | other.clients)
 
     def knows_cluster(self, cluster: str) -> bool:
         """A provider's cluster, an internal one, or none (ext_proc answered itself)."""
@@ -180,14 +185,18 @@ def edge_problem(entry: accesslog_pb2.HTTPAccessLogEntry, now_ms: int, limits: L
     return problem
 
 
-def decision_problem(model: str, policy: str, names: PolicyNames | None) -> str | None:
-    """Why a booked request's model or policy names are not believed; empty names are."""
+def decision_problem(model: str, policy: str, client: str,
+                     names: PolicyNames | None) -> str | None:
+    """Why a booked request's model, policy or client names are not believed; empty ones
+    are."""
     if names is None:
         return None
     if model and model not in names.models:
         return UNKNOWN_MODEL
     if policy and policy not in names.policies:
         return UNKNOWN_POLICY
+    if client and client not in names.clients:
+        return UNKNOWN_CLIENT
     return None
 
 
