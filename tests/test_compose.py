@@ -140,7 +140,17 @@ def test_the_fleet_has_a_control_plane_two_envoys_two_ext_procs_and_the_simulato
     assert len(envoys) >= 2
     assert all(s["image"].startswith("envoyproxy/envoy:v1.40") for s in envoys.values())
     kinds = {_program(s["command"]) for s in services.values()}
-    assert kinds == {"control_plane", "simulator", "ext_proc", "envoy"}
+    assert kinds == {"control_plane", "simulator", "ext_proc", "envoy", "redis-server"}
+
+
+def test_every_ext_proc_replica_counts_rate_limits_in_the_fleets_redis(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    [redis] = [name for name, s in services.items() if _program(s["command"]) == "redis-server"]
+    for name, service in of_kind(services, "ext_proc").items():
+        assert flags(service["command"])["--redis"] == [f"redis://{redis}:6379"], name
+        assert service["depends_on"][redis] == {"condition": "service_healthy"}, name
+    assert "ports" not in services[redis]  # the fleet's own: not published
 
 
 def seconds(duration: str) -> float:
