@@ -116,6 +116,21 @@ def test_a_tls_client_without_a_certificate_fails_the_handshake(stack: Stack) ->
     assert (code, secrets) == (grpc.StatusCode.UNAVAILABLE, [])
 
 
+def test_an_edge_certificate_from_another_ca_fails_the_handshake(
+    stack: Stack, tmp_path: Path
+) -> None:
+    _, cert, key = pki.ensure(tmp_path, [pki.Identity(pki.Role.EDGE, "edge-1")])["edge-1"].read()
+    theirs = stack.tls(pki.Role.CONTROL_PLANE, pki.Role.CONTROL_PLANE.value).ca.read_bytes()
+    credentials = grpc.ssl_channel_credentials(theirs, key, cert)
+    with grpc.secure_channel(target(stack), credentials) as channel:
+        assert ask_for_the_key(channel, EDGE_CLUSTER) == (grpc.StatusCode.UNAVAILABLE, [])
+
+
+def test_an_edge_certificate_claiming_to_be_ext_proc_is_refused(stack: Stack) -> None:
+    with mtls(stack, pki.Role.EDGE, "probe") as channel:
+        assert ask_for_the_key(channel, EXT_PROC_CLUSTER) == (grpc.StatusCode.PERMISSION_DENIED, [])
+
+
 @pytest.mark.parametrize("claimed", [EXT_PROC_CLUSTER, EDGE_CLUSTER])
 def test_an_ext_proc_certificate_never_gets_a_key_whatever_it_claims(
     stack: Stack, claimed: str
