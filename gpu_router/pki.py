@@ -26,6 +26,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 TRUST_DOMAIN = "gpu-router"
@@ -122,7 +123,7 @@ def make_ca(now: datetime.datetime, common_name: str = "gpu-router local CA") ->
 
 def make_leaf(
     ca_cert: x509.Certificate,
-    ca_key: ec.EllipticCurvePrivateKey,
+    ca_key: CertificateIssuerPrivateKeyTypes,
     identity: Identity,
     now: datetime.datetime,
     dns: Sequence[str] = (),
@@ -138,8 +139,9 @@ def make_leaf(
     if identity.role is Role.CONTROL_PLANE:
         usages.append(ExtendedKeyUsageOID.SERVER_AUTH)
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, identity.name)])
+    validity = min(LEAF_VALIDITY, ca_cert.not_valid_after_utc - now)  # never outlives its CA
     cert = (
-        _builder(subject, ca_cert.subject, key.public_key(), now, LEAF_VALIDITY)
+        _builder(subject, ca_cert.subject, key.public_key(), now, validity)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.SubjectAlternativeName(sans), critical=False)
         .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
@@ -288,12 +290,15 @@ def _load_cert(path: Path) -> x509.Certificate:
         raise PkiError(f"{path}: not a readable PEM certificate: {error}") from error
 
 
-def _load_key(path: Path) -> ec.EllipticCurvePrivateKey:
+def _load_key(path: Path) -> CertificateIssuerPrivateKeyTypes:
+    """A CA's or a leaf's key: ours are EC P-256, one brought along may be RSA or Ed25519."""
     try:
         key = serialization.load_pem_private_key(path.read_bytes(), password=None)
     except (OSError, ValueError, TypeError) as error:
         raise PkiError(f"{path}: not a readable unencrypted PEM private key: {error}") from error
-    return key  # type: ignore[return-value]
+    if not isinstance(key, CertificateIssuerPrivateKeyTypes):
+        raise PkiError(f"{path}: a {type(key).__name__} cannot sign certificates")
+    return key
 
 
 def _write_cert(path: Path, cert: x509.Certificate) -> None:
