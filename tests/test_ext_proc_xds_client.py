@@ -17,7 +17,13 @@ from ext_proc_fixtures import (
 )
 
 from ext_proc.router_state import LiveState
-from ext_proc.xds_client import AdsClient, Subscriptions, live_subscriptions, node_identity
+from ext_proc.xds_client import (
+    CLIENT_SPEND_TYPE_URL,
+    AdsClient,
+    Subscriptions,
+    live_subscriptions,
+    node_identity,
+)
 from gpu_router.api.v1 import routing_pb2
 
 NODE = base_pb2.Node(id="ext-proc-test-1", cluster="gpu-router-ext-proc")
@@ -46,11 +52,12 @@ def test_node_identity_follows_the_contract() -> None:
     assert node.id.startswith("ext-proc-") and node.id.rsplit("-", 1)[1].isdigit()
 
 
-def test_initial_requests_subscribe_to_both_types_by_name() -> None:
+def test_initial_requests_subscribe_to_every_type_by_name() -> None:
     requests = Subscriptions(NODE, live_subscriptions(LiveState())).initial_requests()
     assert [(r.type_url, list(r.resource_names), r.version_info, r.node.id) for r in requests] == [
         (POLICY_TYPE_URL, ["default"], "", "ext-proc-test-1"),
         (HEALTH_TYPE_URL, ["fleet"], "", "ext-proc-test-1"),
+        (CLIENT_SPEND_TYPE_URL, ["clients"], "", "ext-proc-test-1"),
     ]
 
 
