@@ -25,7 +25,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
@@ -148,9 +148,16 @@ def make_leaf(
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
         )
-        .sign(ca_key, hashes.SHA256())
+        .sign(ca_key, _digest_for(ca_key))
     )
     return cert, key
+
+
+def _digest_for(key: CertificateIssuerPrivateKeyTypes) -> hashes.SHA256 | None:
+    """Ed25519 and Ed448 sign without a separate digest; every other key type with SHA-256."""
+    return None if isinstance(key, ed25519.Ed25519PrivateKey | ed448.Ed448PrivateKey) else (
+        hashes.SHA256()
+    )
 
 
 def _builder(
