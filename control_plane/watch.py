@@ -78,7 +78,7 @@ class PolicyWatcher(Generic[R]):
     def _paths(self) -> list[Path]:
         return [self._path, *self._also()]
 
-    def _stat(self) -> tuple[tuple[int, int] | None, ...]:
+    def _stat(self) -> tuple[tuple[int, int, int] | None, ...]:
         return tuple(_stat(path) for path in self._paths())
 
     def _read_digest(self) -> str:
@@ -93,9 +93,10 @@ class PolicyWatcher(Generic[R]):
         return digest.hexdigest()
 
 
-def _stat(path: Path) -> tuple[int, int] | None:
+def _stat(path: Path) -> tuple[int, int, int] | None:
+    """What changes when a file is written or renamed over (a key rotated by mv included)."""
     try:
         stat = path.stat()
     except OSError:
         return None
-    return stat.st_mtime_ns, stat.st_size
+    return stat.st_mtime_ns, stat.st_size, stat.st_ino
