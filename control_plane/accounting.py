@@ -30,6 +30,7 @@ from google.protobuf import struct_pb2
 
 from control_plane.audit import KEEP_ROTATED, MAX_BYTES, AuditLog
 from control_plane.client_spend import ClientSpend
+from control_plane.ledger.health_history import HealthRow
 from control_plane.ledger.store import RETENTION_DAYS, LedgerWriter, LogOffset, ledger_row
 from control_plane.metrics import Metrics
 from control_plane.policy.model import RoutingConfig
@@ -115,7 +116,19 @@ def record_from_edge_entry(
         route=common.route_name,
         client=decision_field(decision, "client"),
         client_request_id=decision_field(body, "client_request_id"),
+        path=decision_field(decision, "path").partition("?")[0],
+        max_tokens=_max_tokens(body),
     )
+
+
+def _max_tokens(body: struct_pb2.Struct | None) -> int:
+    """The body's max_completion_tokens, else max_tokens, as ext_proc reads them; -1: none."""
+    for key in ("max_completion_tokens", "max_tokens"):
+        value = None if body is None else body.fields.get(key)
+        if value is not None:
+            number = value.number_value if value.WhichOneof("kind") == "number_value" else -1.0
+            return int(number) if 0 <= number < float("inf") else -1
+    return -1
 
 
 def _as_fallback(record: RequestRecord, policy: str, model: str, strategy: str) -> RequestRecord:
@@ -235,6 +248,11 @@ class Accounting:
         """The reconciler's position, committed after every request booked before it."""
         if self._ledger is not None:
             self._ledger.add_offset(offset)
+
+    def add_health(self, row: HealthRow) -> None:
+        """A health-history row, into the ledger's database (health_history.py)."""
+        if self._ledger is not None:
+            self._ledger.add_health(row)
 
     def close(self) -> None:
         for writer in (self._ledger, self._audit):

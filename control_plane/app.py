@@ -29,6 +29,8 @@ from control_plane.admin_http import AdminHttpServer
 from control_plane.audit import KEEP_ROTATED, MAX_BYTES, default_audit_path
 from control_plane.client_spend import ClientSpend, publish_spend
 from control_plane.dashboard.data import dashboard_data
+from control_plane.ledger.health_history import INTERVAL_S as HISTORY_INTERVAL_S
+from control_plane.ledger.health_history import record_health
 from control_plane.ledger.reconcile import Reconciler
 from control_plane.ledger.store import RETENTION_DAYS, data_dir, default_ledger_path
 from control_plane.metrics import Metrics
@@ -86,6 +88,9 @@ class Options:
     """...keeping this many rotated files."""
     max_retry_after_s: float = MAX_RETRY_AFTER_S
     """The longest a provider's Retry-After (as an access-log entry tells it) ejects it for."""
+    health_history_interval_s: float = HISTORY_INTERVAL_S
+    """Each provider's and model's health is kept in the ledger's database this often (and at
+    every state change) for `gpu-router replay` and `why`."""
     log_level: str = "info"
     certs_dir: Path = field(default_factory=lambda: data_dir() / "certs")
     """Where the CA and this process's certificate are found, or made when absent."""
@@ -217,6 +222,11 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         f"(default: {MAX_RETRY_AFTER_S:g})",
     )
     parser.add_argument(
+        "--health-history-interval-s", type=_positive(float), default=HISTORY_INTERVAL_S,
+        help="keep each provider's and model's health in the ledger this often, and at every "
+        f"state change (default: {HISTORY_INTERVAL_S:g})",
+    )
+    parser.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"]
     )
     args = parser.parse_args(argv)
@@ -240,6 +250,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         audit_max_bytes=args.audit_max_bytes,
         audit_keep=max(args.audit_keep, 0),
         max_retry_after_s=args.max_retry_after_s,
+        health_history_interval_s=args.health_history_interval_s,
         log_level=args.log_level,
         certs_dir=args.certs_dir,
         tls=pki.TlsFiles(*own) if all(own) else None,
@@ -410,6 +421,9 @@ async def serve(options: Options, stop: asyncio.Event, hangup: asyncio.Event | N
         publish_spend(accounting.spend, lambda spent: cache.set_types(
             {type_urls.CLIENT_SPEND: {CLIENT_SPEND_NAME: spent}})),
     ]
+    if options.ledger is not None:
+        jobs.append(record_health(fleet, accounting.add_health,
+                                  interval_s=options.health_history_interval_s))
     if options.policy is not None:
         jobs.append(watcher.run())
     if hangup is not None:

@@ -10,7 +10,6 @@ import pytest
 from usage_fixtures import make_record
 
 from control_plane.ledger.report import (
-    NO_PROVIDER,
     ReportError,
     build_report,
     parse_window,
@@ -66,8 +65,8 @@ def ledger(tmp_path: Path) -> Path:
 def test_report_math_per_provider(ledger: Path) -> None:
     report = build_report(ledger, timedelta(hours=1), NOW)
     by_name = {stats.provider: stats for stats in report.providers}
-    assert [s.provider for s in report.providers] == ["coreweave", "vast", NO_PROVIDER]
-    coreweave, vast, none = by_name["coreweave"], by_name["vast"], by_name[NO_PROVIDER]
+    assert [s.provider for s in report.providers] == ["coreweave", "vast"], "no '(none)' provider"
+    coreweave, vast = by_name["coreweave"], by_name["vast"]
     assert coreweave.requests == 101
     assert coreweave.spend_usd == pytest.approx(0.3)
     assert coreweave.cost_per_request_usd == pytest.approx(0.3 / 101)
@@ -78,7 +77,7 @@ def test_report_math_per_provider(ledger: Path) -> None:
     assert vast.error_rate == pytest.approx(0.2) and vast.rate_429 == pytest.approx(0.1)
     assert vast.estimated == 10 and coreweave.estimated == 101
     assert (vast.p50_ms, vast.p99_ms) == (500.0, 500.0)
-    assert (none.requests, none.error_rate, none.spend_share) == (1, 1.0, 0.0)
+    assert (report.unrouted.requests, report.unrouted.by_status) == (1, {"503": 1})
     total = report.total
     assert total.requests == 112
     assert total.spend_usd == pytest.approx(0.308)
@@ -91,7 +90,7 @@ def test_the_window_selects_rows(ledger: Path) -> None:
     assert build_report(ledger, timedelta(seconds=90), NOW).total.requests == 102
     empty = build_report(ledger, timedelta(seconds=1), NOW)
     assert empty.providers == () and empty.total.requests == 0 and empty.total.p50_ms is None
-    assert "(no requests in this window)" in render_table(empty)
+    assert "(no routed requests in this window)" in render_table(empty)
 
 
 def test_table_is_aligned_and_readable(ledger: Path) -> None:
@@ -100,8 +99,9 @@ def test_table_is_aligned_and_readable(ledger: Path) -> None:
     assert lines[0] == "gpu-router usage 2024-05-01 11:00:00 .. 2024-05-01 12:00:00 UTC"
     header = lines[2]
     assert header.split()[:3] == ["provider", "requests", "spend"]
-    rows = [line for line in lines if line.startswith(("coreweave", "vast", "(none)", "total"))]
-    assert len(rows) == 4
+    rows = [line for line in lines if line.startswith(("coreweave", "vast", "total"))]
+    assert len(rows) == 3
+    assert "not routed (never reached a provider): 1 (1 x 503)" in lines
     ends = {len(line) for line in [header, *rows]}
     assert len(ends) == 1, "numbers are right-aligned to the same column end"
     coreweave = rows[0].split()
@@ -111,7 +111,8 @@ def test_table_is_aligned_and_readable(ledger: Path) -> None:
 def test_json_has_every_figure(ledger: Path) -> None:
     data = to_json(build_report(ledger, timedelta(hours=1), NOW))
     assert data["since"] == "2024-05-01T11:00:00+00:00"
-    assert [p["provider"] for p in data["providers"]] == ["coreweave", "vast", "(none)"]
+    assert [p["provider"] for p in data["providers"]] == ["coreweave", "vast"]
+    assert data["unrouted"] == {"requests": 1, "by_status": {"503": 1}}
     assert set(data["total"]) == {"provider", "requests", "spend_usd", "spend_share",
                                   "cost_per_request_usd", "p50_ms", "p99_ms", "error_rate",
                                   "rate_429", "estimated"}

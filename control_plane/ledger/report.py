@@ -4,7 +4,10 @@ Definitions (also in the table's footer):
 - latency: total request latency as Envoy measured it; p50/p99 by nearest rank.
 - error: the client got no success because of the upstream side: status 0 (no
   response), 429 or 5xx. Other 4xx are the client's own mistakes, not counted.
-- a request nobody served (e.g. no provider fits) is listed under "(none)".
+- a request that never reached a provider (refused at the edge: 400, 401, 403, 404, a client's
+  429, no provider fits; or /v1/models) is not a provider's: it is counted apart, by status.
+- aggregated in SQLite and percentiles from a histogram (percentiles.py): bounded memory over
+  any window.
 """
 
 from __future__ import annotations
@@ -15,12 +18,15 @@ import re
 import sqlite3
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from control_plane.ledger.percentiles import ALL, latency_percentiles
+
 from control_plane.usage.record import is_error_status
 
-NO_PROVIDER = "(none)"
 TOTAL = "total"
 FORMATS = ("table", "json")
 _WINDOW = re.compile(r"^(\d+)([smhd])$")
@@ -50,12 +56,23 @@ class ProviderStats:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class Unrouted:
+    """Requests that never reached a provider."""
+
+    requests: int
+    by_status: dict[str, int]
+    """HTTP status (as text, for JSON) -> requests."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Report:
     since: datetime
     until: datetime
     providers: tuple[ProviderStats, ...]
     """By spend, highest first."""
     total: ProviderStats
+    """Every request of the window, routed or not."""
+    unrouted: Unrouted
 
 
 def parse_window(text: str) -> timedelta:
@@ -85,56 +102,65 @@ def window_start(now: datetime, since: timedelta) -> datetime:
 
 
 def build_report(db_path: str | Path, since: timedelta, now: datetime) -> Report:
-    """The report over ledger rows with since <= age, i.e. at_unix_ms >= now - since."""
+    """The report over ledger rows with since <= age, i.e. at_unix_ms >= now - since.
+
+    Aggregated in SQLite (GROUP BY provider) with percentiles from percentiles.py: memory
+    stays bounded whatever the window."""
     start = window_start(now, since)
-    rows = _rows(Path(db_path), int(start.timestamp() * 1000))
-    by_provider: dict[str, list[tuple[float, int, float, int]]] = {}
-    for provider, total_ms, status, cost, estimated in rows:
-        by_provider.setdefault(provider or NO_PROVIDER, []).append(
-            (total_ms, status, cost, estimated))
-    spend_total = math.fsum(cost for _, _, cost, _ in (r for g in by_provider.values() for r in g))
-    providers = sorted((_stats(name, group, spend_total) for name, group in by_provider.items()),
+    since_ms = int(start.timestamp() * 1000)
+    with read_only(Path(db_path)) as connection:
+        try:
+            groups = connection.execute(_GROUPS, (since_ms,)).fetchall()
+            latency = latency_percentiles(connection, since_ms, (0.50, 0.99))
+        except sqlite3.Error as error:
+            raise ReportError(f"cannot read the usage ledger {db_path}: {error}") from error
+    spend_total = math.fsum(cost for _, _, _, cost, _ in groups)
+    by_provider: dict[str, list[tuple[int, int, float, int]]] = {}
+    for provider, status, count, cost, estimated in groups:
+        by_provider.setdefault(provider, []).append((status, count, cost, estimated))
+    providers = sorted((_stats(name, rows, latency[name], spend_total)
+                        for name, rows in by_provider.items() if name),
                        key=lambda stats: (-stats.spend_usd, stats.provider))
-    every = [row for group in by_provider.values() for row in group]
+    every = [(status, count, cost, estimated) for _, status, count, cost, estimated in groups]
+    unrouted = {str(status): count for status, count, _, _ in sorted(by_provider.get("", []))}
     return Report(since=start, until=now, providers=tuple(providers),
-                  total=_stats(TOTAL, every, spend_total))
+                  total=_stats(TOTAL, every, latency[ALL], spend_total),
+                  unrouted=Unrouted(requests=sum(unrouted.values()), by_status=unrouted))
 
 
-def _rows(path: Path, since_unix_ms: int) -> list[tuple[str, float, int, float, int]]:
+_GROUPS = ("SELECT provider, status, count(*), total(cost_usd), sum(estimated) FROM requests "
+           "WHERE at_unix_ms >= ? GROUP BY provider, status")
+
+
+@contextmanager
+def read_only(path: Path) -> Iterator[sqlite3.Connection]:
+    """The ledger opened read-only; ReportError when it is missing or unreadable."""
     if not path.is_file():
         raise ReportError(f"no usage ledger at {path}")
     try:
         connection = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
-        try:
-            return connection.execute(
-                "SELECT provider, total_ms, status, cost_usd, estimated FROM requests "
-                "WHERE at_unix_ms >= ?", (since_unix_ms,)).fetchall()
-        finally:
-            connection.close()
     except sqlite3.Error as error:
         raise ReportError(f"cannot read the usage ledger {path}: {error}") from error
+    try:
+        yield connection
+    finally:
+        connection.close()
 
 
-def _percentile(ordered: list[float], fraction: float) -> float | None:
-    """Nearest rank: the smallest value with at least `fraction` of values at or below it."""
-    if not ordered:
-        return None
-    return ordered[max(math.ceil(fraction * len(ordered)) - 1, 0)]
-
-
-def _stats(name: str, rows: list[tuple[float, int, float, int]],
-           spend_total: float) -> ProviderStats:
-    count = len(rows)
+def _stats(name: str, rows: list[tuple[int, int, float, int]],
+           latency: dict[float, float | None], spend_total: float) -> ProviderStats:
+    """One line from (status, requests, spend, estimated) groups."""
+    count = sum(requests for _, requests, _, _ in rows)
     spend = math.fsum(cost for _, _, cost, _ in rows)
-    latencies = sorted(total_ms for total_ms, _, _, _ in rows)
     return ProviderStats(
         provider=name, requests=count, spend_usd=spend,
         spend_share=spend / spend_total if spend_total else 0.0,
         cost_per_request_usd=spend / count if count else 0.0,
-        p50_ms=_percentile(latencies, 0.50), p99_ms=_percentile(latencies, 0.99),
-        error_rate=sum(is_error_status(status) for _, status, _, _ in rows) / count if count else 0.0,
-        rate_429=sum(status == 429 for _, status, _, _ in rows) / count if count else 0.0,
-        estimated=sum(bool(estimated) for _, _, _, estimated in rows),
+        p50_ms=latency[0.50], p99_ms=latency[0.99],
+        error_rate=sum(n for status, n, _, _ in rows if is_error_status(status)) / count
+        if count else 0.0,
+        rate_429=sum(n for status, n, _, _ in rows if status == 429) / count if count else 0.0,
+        estimated=sum(estimated for _, _, _, estimated in rows),
     )
 
 
@@ -166,7 +192,11 @@ def render_table(report: Report) -> str:
     rule = "  ".join("-" * width for width in widths)
     since, until = (moment.astimezone(UTC) for moment in (report.since, report.until))
     title = f"gpu-router usage {since:%Y-%m-%d %H:%M:%S} .. {until:%Y-%m-%d %H:%M:%S} UTC"
-    body = [line(row) for row in rows[1:-1]] or ["(no requests in this window)"]
+    body = [line(row) for row in rows[1:-1]] or ["(no routed requests in this window)"]
+    if report.unrouted.requests:
+        statuses = ", ".join(f"{n} x {status}" for status, n in report.unrouted.by_status.items())
+        body.append(f"not routed (never reached a provider): {report.unrouted.requests} "
+                    f"({statuses})")
     footer = ("errors = no response, 429 or 5xx; latency = total, nearest rank; "
               "estimated = tokens estimated from body sizes")
     return "\n".join([title, "", line(rows[0]), rule, *body, rule, line(rows[-1]), "", footer])
@@ -178,6 +208,7 @@ def to_json(report: Report) -> dict[str, Any]:
         "until": report.until.isoformat(),
         "providers": [asdict(stats) for stats in report.providers],
         "total": asdict(report.total),
+        "unrouted": asdict(report.unrouted),
     }
 
 

@@ -28,12 +28,13 @@ from pathlib import Path
 from typing import get_type_hints
 
 from control_plane.ledger.batching import BackgroundBatcher
+from control_plane.ledger.health_history import HISTORY_INSERT, HISTORY_SCHEMA, HealthRow
 from control_plane.usage.normalise import Usage
 from control_plane.usage.record import RequestRecord
 
 FLUSH_INTERVAL_S = 0.5
 MAX_BATCH_ROWS = 200
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 RETENTION_DAYS = 90
 PRUNE_INTERVAL_S = 3600.0
 _DAY_MS = 86_400_000
@@ -72,6 +73,17 @@ class LedgerRow:
     """The client whose key the request carried (the policy's clients); "" when none."""
     client_request_id: str = ""
     """The x-request-id the client sent ("" when none); request_id is the edge's own."""
+    candidates: str = ""
+    """ext_proc's candidate summary in rank order (audit.parse_candidates reads it): what
+    `gpu-router why` shows and `replay` compares with; "" when ext_proc did not decide."""
+    fallbacks: str = ""
+    """The providers Envoy could fail over to, in order, comma-separated."""
+    path: str = ""
+    """The request's path as ext_proc saw it (policies match on it)."""
+    request_bytes: int = 0
+    """Request body size: ext_proc's prompt estimate is a quarter of it."""
+    max_tokens: int = -1
+    """max_completion_tokens or max_tokens from the body; -1 when it gave none."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -97,6 +109,7 @@ _SCHEMA = (
     "CREATE INDEX IF NOT EXISTS requests_client_at ON requests (client, at_unix_ms)",
     ("CREATE TABLE IF NOT EXISTS edge_log_offsets (path TEXT PRIMARY KEY, "
      "inode INTEGER NOT NULL, offset INTEGER NOT NULL)"),
+    *HISTORY_SCHEMA,
 )
 _INSERT = (f"INSERT OR IGNORE INTO requests ({', '.join(COLUMNS)}) "
            f"VALUES ({', '.join('?' for _ in COLUMNS)})")
@@ -114,6 +127,8 @@ def ledger_row(record: RequestRecord, usage: Usage, cost_usd: float) -> LedgerRo
         cache_write_tokens=usage.cache_write_tokens, reasoning_tokens=usage.reasoning_tokens,
         estimated=usage.estimated, estimate_reason=usage.estimate_reason, cost_usd=cost_usd,
         client=record.client, client_request_id=record.client_request_id,
+        candidates=record.candidates, fallbacks=",".join(record.fallbacks), path=record.path,
+        request_bytes=record.request_bytes, max_tokens=record.max_tokens,
     )
 
 
@@ -145,8 +160,8 @@ def open_ledger(path: str | Path) -> sqlite3.Connection:
 
 
 def _add_missing_columns(connection: sqlite3.Connection) -> None:
-    """Columns added since a ledger was created (client in version 3, client_request_id in 4);
-    the rows already there get '' or 0."""
+    """Columns added since a ledger was created (client in version 3, client_request_id in 4,
+    candidates .. max_tokens in 5); the rows already there get '' or 0."""
     present = {row[1] for row in connection.execute("PRAGMA table_info(requests)")}
     for name in COLUMNS:
         if name not in present:
@@ -159,6 +174,7 @@ def prune(connection: sqlite3.Connection, retention_days: float, now_ms: int) ->
     """Delete rows that started more than `retention_days` before `now_ms`; how many."""
     cutoff = now_ms - int(retention_days * _DAY_MS)
     with connection:
+        connection.execute("DELETE FROM health_history WHERE at_unix_ms < ?", (cutoff,))
         return connection.execute("DELETE FROM requests WHERE at_unix_ms < ?", (cutoff,)).rowcount
 
 
@@ -218,7 +234,7 @@ class LedgerWriter:
         self.dropped = 0
         """Rows lost after every retry failed (each drop is logged)."""
         self._prune_if_due()
-        self._batcher: BackgroundBatcher[LedgerRow | LogOffset] = BackgroundBatcher(
+        self._batcher: BackgroundBatcher[LedgerRow | LogOffset | HealthRow] = BackgroundBatcher(
             self._write, name=f"ledger-writer:{self.path}", interval_s=flush_interval_s,
             max_batch=max_batch, on_drop=self._dropped)
 
@@ -230,17 +246,23 @@ class LedgerWriter:
         """Record the reconciler's position; committed with or after every row added before."""
         self._batcher.add(offset)
 
+    def add_health(self, row: HealthRow) -> None:
+        """One health-history row (health_history.py), written with the next batch."""
+        self._batcher.add(row)
+
     def close(self) -> None:
         """Commits every row added so far, then closes the database."""
         self._batcher.close()
         self._connection.close()
 
-    def _write(self, batch: list[LedgerRow | LogOffset]) -> None:
+    def _write(self, batch: list[LedgerRow | LogOffset | HealthRow]) -> None:
         rows = [tuple(getattr(item, name) for name in COLUMNS)
                 for item in batch if isinstance(item, LedgerRow)]
+        history = [item.values() for item in batch if isinstance(item, HealthRow)]
         offsets = {item.path: item for item in batch if isinstance(item, LogOffset)}
         with self._connection:
             self._connection.executemany(_INSERT, rows)
+            self._connection.executemany(HISTORY_INSERT, history)
             self._connection.executemany(
                 "INSERT OR REPLACE INTO edge_log_offsets (path, inode, offset) VALUES (?, ?, ?)",
                 [(o.path, o.inode, o.offset) for o in offsets.values()])
@@ -255,7 +277,8 @@ class LedgerWriter:
         if deleted:
             log.info("ledger pruned", extra={"rows": deleted, "retention_days": self._retention_days})
 
-    def _dropped(self, batch: list[LedgerRow | LogOffset], error: BaseException) -> None:
+    def _dropped(self, batch: list[LedgerRow | LogOffset | HealthRow],
+                 error: BaseException) -> None:
         rows = sum(isinstance(item, LedgerRow) for item in batch)
         self.dropped += rows
         if self._on_drop is not None and rows:

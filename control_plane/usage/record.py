@@ -52,6 +52,11 @@ class RequestRecord:
     client_request_id: str = ""
     """The x-request-id the client sent, if any (printable ASCII, at most 200 characters).
     request_id is the edge's own, so no client can collide with another's records."""
+    path: str = ""
+    """The request's path as ext_proc saw it ("" when ext_proc did not decide)."""
+    max_tokens: int = -1
+    """max_completion_tokens or max_tokens from the body; -1 when it gave none (ext_proc then
+    assumes its default): with request_bytes, what ext_proc's cost estimate was made from."""
 
 
 def is_error_status(status: int) -> bool:
