@@ -592,6 +592,7 @@ def test_a_body_parsers_could_read_differently_is_refused_at_the_edge(
     assert status == 400, answer
     assert headers["content-type"] == "application/json"
     error = json.loads(answer)["error"]
+    assert error["message"].startswith(headers["x-gpu-router-reason"][:-1])
     assert error["code"] == "invalid_json"
     assert error["message"].startswith("the request body cannot be read one way only: ")
     assert edge.processor.seen[before_seen:] == []

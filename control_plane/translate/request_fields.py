@@ -28,11 +28,13 @@ from control_plane.translate.lua_json import JSON_MEMBERS
 from control_plane.translate.names import (
     CLIENT_REQUEST_ID_HEADER,
     INFERENCE_PATHS,
+    REASON_RESPONSE_HEADER,
     REQUEST_METADATA_NAMESPACE,
 )
 from control_plane.translate.upstream_lua import lua_string
 
 MAX_CLIENT_REQUEST_ID = 200
+MAX_REASON_HEADER = 200
 """Characters of the client's request id kept (printable ASCII; anything else becomes "?")."""
 
 _READ = r"""
@@ -44,10 +46,13 @@ local function json_quoted(text)
   end) .. '"'
 end
 
--- The client's answer, OpenAI-style, without asking ext_proc or a provider.
+-- The client's answer, OpenAI-style, without asking ext_proc or a provider; the reason header
+-- as ext_proc's errors have it (printable ASCII, bounded).
 local function refuse(handle, status, code, message)
+  local reason = string.gsub(string.sub(message, 1, MAX_REASON), "[^ -~]", "?")
   handle:respond(
-    {[":status"] = tostring(status), ["content-type"] = "application/json"},
+    {[":status"] = tostring(status), ["content-type"] = "application/json",
+     [REASON_HEADER] = reason},
     '{"error":{"message":' .. json_quoted(message) ..
       ',"type":"invalid_request_error","param":null,"code":"' .. code .. '"}}')
 end
@@ -139,6 +144,8 @@ def request_fields_lua() -> str:
         f"local REQUEST = {lua_string(REQUEST_METADATA_NAMESPACE)}\n"
         f"local CLIENT_REQUEST_ID = {lua_string(CLIENT_REQUEST_ID_HEADER)}\n"
         f"local MAX_CLIENT_ID = {MAX_CLIENT_REQUEST_ID}\n"
+        f"local REASON_HEADER = {lua_string(REASON_RESPONSE_HEADER)}\n"
+        f"local MAX_REASON = {MAX_REASON_HEADER}\n"
         f"local INFERENCE_PATHS = {{{paths}}}\n"
         f"{JSON_MEMBERS}{_READ}"
     )
