@@ -45,7 +45,7 @@ authorization and every provider's credential header (replaced per attempt, upst
 x-gpu-router-route (dropped before routing, listeners.py); x-request-id (replaced by the edge's
 own). Envoy itself ignores the x-envoy-* control headers (retries, timeouts) of an external
 request: the edge treats no client address as internal (Envoy 1.40's empty
-internal_address_config), which tests/test_edge_acceptance.py checks."""
+internal_address_config), which tests/test_translate_envoy.py checks."""
 CLIENT_HEADERS_OVERWRITTEN: Mapping[str, tuple[str, str]] = MappingProxyType({
     "accept-encoding": (
         "identity",
