@@ -5,6 +5,7 @@ GET /v1/health    -> fleet health (state.health())
 GET /v1/policy    -> the policy being served (state.policy_summary())
 GET /v1/xds       -> connected xDS nodes and what they ACKed (state.xds_nodes())
 GET /v1/dashboard -> the dashboard's data (state.dashboard())
+GET /v1/why/<id>  -> one request's routing story from the ledger (state.why(id); 404 if unknown)
 GET /metrics      -> Prometheus exposition: text 0.0.4, or OpenMetrics when the scraper's Accept
                      asks for it (state.metrics_exposition(accept))
 GET /dashboard    -> the dashboard page and its assets (no CDN: works offline)
@@ -50,6 +51,13 @@ class AdminState(Protocol):
     def metrics_exposition(self, accept: str) -> tuple[bytes, str]:
         """(body, content type) for a scrape with this Accept header."""
         ...
+
+    def why(self, request_id: str) -> Any:
+        """One request's story; LookupError when the ledger has no such request."""
+        ...
+
+
+WHY_PREFIX = "/v1/why/"
 
 
 class _DropUnparsableRequests(logging.Filter):
@@ -106,9 +114,26 @@ def _error(status: HTTPStatus, message: str, headers: dict[str, str] | None = No
     )
 
 
-def respond(table: dict[str, Route], method: str, path: str, accept: str) -> web.Response:
+def _why_route(state: AdminState, request_id: str) -> Route:
+    def route(_accept: str) -> tuple[bytes, str]:
+        try:
+            story = state.why(request_id)
+        except LookupError as error:
+            raise _NotFoundError(str(error)) from error
+        return json.dumps(story, indent=2).encode(), JSON
+    return route
+
+
+class _NotFoundError(LookupError):
+    """A producer's way to answer 404 with a message."""
+
+
+def respond(table: dict[str, Route], method: str, path: str, accept: str,
+            state: AdminState | None = None) -> web.Response:
     """The response to one request; pure apart from calling the route's producer."""
     route = table.get(path)
+    if route is None and state is not None and path.startswith(WHY_PREFIX):
+        route = _why_route(state, path[len(WHY_PREFIX):])
     if route is None:
         return _error(HTTPStatus.NOT_FOUND, f"no such path: {path}")
     if method != "GET":
@@ -117,6 +142,8 @@ def respond(table: dict[str, Route], method: str, path: str, accept: str) -> web
         )
     try:
         body, content_type = route(accept)
+    except _NotFoundError as error:
+        return _error(HTTPStatus.NOT_FOUND, str(error))
     except Exception as error:
         # A bug behind one endpoint must not take the admin surface down; say what broke.
         logger.exception("admin endpoint failed", extra={"path": path})
@@ -133,6 +160,7 @@ class AdminHttpServer:
         self.host = host
         self.port = port
         self._routes = routes(state)
+        self._state = state
         self._runner: web.AppRunner | None = None
 
     async def start(self) -> None:
@@ -158,4 +186,5 @@ class AdminHttpServer:
         self._runner = None
 
     async def _serve(self, request: web.Request) -> web.Response:
-        return respond(self._routes, request.method, request.path, request.headers.get("Accept", ""))
+        return respond(self._routes, request.method, request.path,
+                       request.headers.get("Accept", ""), self._state)

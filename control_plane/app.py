@@ -32,6 +32,7 @@ from control_plane.dashboard.data import dashboard_data
 from control_plane.ledger.health_history import INTERVAL_S as HISTORY_INTERVAL_S
 from control_plane.ledger.health_history import record_health
 from control_plane.ledger.reconcile import Reconciler
+from control_plane.ledger.why import UnknownRequestError, explain
 from control_plane.ledger.store import RETENTION_DAYS, data_dir, default_ledger_path
 from control_plane.metrics import Metrics
 from control_plane.policy.credentials import credential_files
@@ -290,8 +291,9 @@ class ControlPlaneState:
 
     def __init__(
         self, cache: SnapshotCache, rollout: Rollout, fleet: FleetHealth, metrics: Metrics,
-        clients: ClientSpend | None = None,
+        clients: ClientSpend | None = None, ledger: Path | None = None,
     ) -> None:
+        self._ledger = ledger
         self._clients = clients
         self._cache = cache
         self._rollout = rollout
@@ -338,6 +340,13 @@ class ControlPlaneState:
 
     def health(self) -> dict[str, Any]:
         return self._fleet.to_json(int(time.time() * 1000))
+
+    def why(self, request_id: str) -> dict[str, Any]:
+        """One request's story (control_plane/ledger/why.py), priced with the policy served."""
+        release = self._rollout.current
+        if self._ledger is None or release is None or not self._ledger.is_file():
+            raise UnknownRequestError("this control plane keeps no ledger")
+        return explain(self._ledger, release.config, request_id)
 
 
 async def serve(options: Options, stop: asyncio.Event, hangup: asyncio.Event | None = None) -> None:
@@ -396,7 +405,8 @@ async def serve(options: Options, stop: asyncio.Event, hangup: asyncio.Event | N
     await apply(first)
     await server.start()
     admin = AdminHttpServer(
-        options.http_host, options.http_port, ControlPlaneState(cache, rollout, fleet, metrics, accounting.spend)
+        options.http_host, options.http_port, ControlPlaneState(cache, rollout, fleet, metrics, accounting.spend,
+                                                     options.ledger)
     )
     await admin.start()
     log.info(

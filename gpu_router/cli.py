@@ -14,6 +14,7 @@ from control_plane.policy.load import PolicyError, default_policy_path, load_pol
 from gpu_router import pki
 from gpu_router.edge_guard import open_edge_refusal
 from gpu_router.health_view import render_health
+from gpu_router.analysis_cli import add_analysis_commands
 from gpu_router.keys_cli import add_keys_command, client_report
 from gpu_router.processes import Cancelled, ProcessError, http_get
 from gpu_router.stack import Stack, StackPorts
@@ -183,6 +184,7 @@ def parser() -> argparse.ArgumentParser:
                        help="one row per serving provider, or per client key")
     spend.set_defaults(handler=report)
     add_keys_command(commands)
+    add_analysis_commands(commands)
     return root
 
 

@@ -1,0 +1,224 @@
+"""`gpu-router replay`: re-decide recorded requests under another policy; no traffic is sent.
+
+Each ledger row is decided again with ext_proc's own `decide()` over the other policy's routing
+table (built exactly as ext_proc builds it from the RoutingPolicy the control plane would
+send), with the health that was current at the request's start: the health history is
+streamed in time order alongside the requests and rebuilt into the HealthSnapshot ext_proc
+would have held. A decision's inputs are the ones ext_proc had: the request's model, its path,
+its body size (the prompt estimate) and max_tokens. Rows and history are read with cursors and
+only aggregates are kept, so memory stays bounded whatever the window; identical inputs under
+the same health are decided once.
+
+What replay cannot know: latency under the other policy is the recorded EWMA of the provider it
+would have picked (a provider given more traffic may have been slower), tokens are the ones
+the request used (the same model on another provider may answer at another length), request
+headers are not recorded (a request keeps the policy of its recorded name when the other file
+has one, else the first policy matching its path and model), and a strategy a client forced
+by header is not known apart from its policy's. Health is as recorded every 10 s and at each
+state change, so a decision taken between two rows may have seen a slightly different EWMA.
+"""
+
+from __future__ import annotations
+
+import math
+import sqlite3
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from control_plane.ledger.health_history import HealthRow, rows_at, snapshot_of, stream_rows
+from control_plane.ledger.report import ReportError, read_only
+from control_plane.ledger.savings import offerings, price_tokens
+from control_plane.policy.model import Price, RoutingConfig
+from control_plane.policy.wire import to_routing_policy
+from ext_proc.health_view import CandidateHealth, build_health_view
+from ext_proc.routing_table import RoutingTable, build_routing_table
+from ext_proc.scoring import DEFAULT_MAX_TOKENS, NoCandidateError, decide, estimate_prompt_tokens
+
+NO_OUTPUT_PATHS = ("/v1/embeddings",)
+"""Paths ext_proc assumes no output for when max_tokens is absent."""
+_ROWS = ("SELECT at_unix_ms, model, provider, policy, candidates, path, request_bytes, max_tokens, "
+         "input_tokens, output_tokens, cached_input_tokens, cache_write_tokens, reasoning_tokens, "
+         "cost_usd FROM requests WHERE at_unix_ms >= ? AND at_unix_ms < ? ORDER BY at_unix_ms")
+FETCH = 5000
+
+
+@dataclass(slots=True)
+class Side:
+    """What happened, or what the other policy would have done, summed."""
+
+    cost_usd: float = 0.0
+    shares: dict[str, int] = field(default_factory=dict)
+    latency_sum_ms: float = 0.0
+    latency_n: int = 0
+    """Requests whose provider's EWMA was recorded (the rest were unmeasured)."""
+
+    def add(self, provider: str, cost: float, latency_ms: float) -> None:
+        self.cost_usd += cost
+        self.shares[provider] = self.shares.get(provider, 0) + 1
+        if not math.isnan(latency_ms):
+            self.latency_sum_ms += latency_ms
+            self.latency_n += 1
+
+    def to_json(self) -> dict[str, Any]:
+        total = sum(self.shares.values())
+        return {"cost_usd": self.cost_usd,
+                "shares": {p: n / total for p, n in sorted(self.shares.items())},
+                "requests": dict(sorted(self.shares.items())),
+                "expected_latency_ms": self.latency_sum_ms / self.latency_n
+                if self.latency_n else None}
+
+
+@dataclass(slots=True)
+class Replay:
+    requests: int = 0
+    """Routed requests re-decided."""
+    changed: int = 0
+    recorded: Side = field(default_factory=Side)
+    replayed: Side = field(default_factory=Side)
+    could_not_serve: dict[str, int] = field(default_factory=dict)
+    """Why -> requests the other policy would have refused (not in either side's sums)."""
+    to_ejected: int = 0
+    """Replayed decisions whose provider was ejected then (every fitting one was)."""
+    unrouted: int = 0
+    """Rows that never reached a provider (not replayed)."""
+    decide_calls: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"requests": self.requests, "changed": self.changed,
+                "recorded": self.recorded.to_json(), "replayed": self.replayed.to_json(),
+                "could_not_serve": self.could_not_serve, "to_ejected_provider": self.to_ejected,
+                "not_routed": self.unrouted}
+
+
+class HealthTimeline:
+    """The fleet health current at any time, moving forward only, from the history table."""
+
+    def __init__(self, connection: sqlite3.Connection, since_ms: int, until_ms: int) -> None:
+        self._current = {(r.provider, r.model): r for r in rows_at(connection, since_ms)}
+        self._stream = stream_rows(connection, since_ms, until_ms)
+        self._next: HealthRow | None = next(self._stream, None)
+        self.version = 0
+        self._aligned: dict[str, CandidateHealth] = {}
+
+    def advance(self, at_ms: int) -> None:
+        while self._next is not None and self._next.at_unix_ms <= at_ms:
+            self._current[self._next.provider, self._next.model] = self._next
+            self._next = next(self._stream, None)
+            self.version += 1
+            self._aligned.clear()
+
+    def aligned(self, table: RoutingTable, model: str, at_ms: int) -> CandidateHealth:
+        found = self._aligned.get(model)
+        if found is None:
+            view = build_health_view(snapshot_of(self._current.values(), at_ms))
+            found = self._aligned[model] = view.align(table.models[model])
+        return found
+
+
+def _recorded_choice(candidates: str, provider: str) -> str:
+    """ext_proc's first scored candidate; the serving provider when nothing was recorded."""
+    for entry in candidates.split(";"):
+        name, _, value = entry.partition("=")
+        if value and not value.startswith("x:"):
+            return name
+    return provider
+
+
+def _rows(connection: sqlite3.Connection, since_ms: int, until_ms: int) -> Iterator[tuple]:
+    cursor = connection.execute(_ROWS, (since_ms, until_ms))
+    while chunk := cursor.fetchmany(FETCH):
+        yield from chunk
+
+
+def replay(db_path: str | Path, config: RoutingConfig, since_ms: int, until_ms: int) -> Replay:
+    """Re-decide every request with since <= at < until under `config`."""
+    table = build_routing_table(to_routing_policy(config))
+    prices: dict[str, dict[str, Price]] = offerings(config)
+    policies = {rule.name: rule for rule in table.policies}
+    result = Replay()
+    memo: dict[tuple[Any, ...], tuple[str, int] | str] = {}
+    memo_version = -1
+    with read_only(Path(db_path)) as connection:
+        try:
+            timeline = HealthTimeline(connection, since_ms, until_ms)
+            for row in _rows(connection, since_ms, until_ms):
+                (at, model, provider, policy, candidates, path, body_bytes, max_tokens,
+                 *tokens, cost) = row
+                if not provider:
+                    result.unrouted += 1
+                    continue
+                result.requests += 1
+                timeline.advance(at)
+                if timeline.version != memo_version:
+                    memo.clear()
+                    memo_version = timeline.version
+                route = table.resolve(model)
+                if route is None:
+                    result.could_not_serve["model not in the policy"] = (
+                        result.could_not_serve.get("model not in the policy", 0) + 1)
+                    continue
+                health = timeline.aligned(table, route.name, at)
+                rule = policies.get(policy) or table.match(path, {}, route.name)
+                wanted = max_tokens if max_tokens >= 0 else (
+                    0 if path in NO_OUTPUT_PATHS else DEFAULT_MAX_TOKENS)
+                ejected = health.ejected(at)
+                key = (route.name, rule.name, estimate_prompt_tokens(body_bytes), wanted,
+                       ejected.tobytes())
+                picked = memo.get(key)
+                if picked is None:
+                    result.decide_calls += 1
+                    try:
+                        decision = decide(route, health, rule, strategy=rule.strategy,
+                                          prompt_tokens=key[2], max_tokens=wanted,
+                                          now_unix_ms=at)
+                        picked = (decision.provider, route.providers.index(decision.provider))
+                    except NoCandidateError:
+                        picked = "no provider could serve"
+                    memo[key] = picked
+                if isinstance(picked, str):
+                    result.could_not_serve[picked] = result.could_not_serve.get(picked, 0) + 1
+                    continue
+                choice, index = picked
+                recorded = _recorded_choice(candidates, provider)
+                result.changed += recorded != choice
+                result.to_ejected += bool(ejected[index])
+                recorded_at = (route.providers.index(recorded)
+                               if recorded in route.providers else None)
+                result.recorded.add(provider, cost, np.nan if recorded_at is None
+                                    else float(health.latency_ms[recorded_at]))
+                result.replayed.add(choice, price_tokens(tuple(tokens), prices[route.name][choice]),
+                                    float(health.latency_ms[index]))
+        except sqlite3.Error as error:
+            raise ReportError(f"cannot read the usage ledger {db_path}: {error}") from error
+    return result
+
+
+def render_replay(result: Replay, policy_source: str, since: str, until: str) -> str:
+    recorded, replayed = result.recorded.to_json(), result.replayed.to_json()
+
+    def ms(value: float | None) -> str:
+        return "-" if value is None else f"{value:.0f}"
+
+    providers = sorted(set(recorded["requests"]) | set(replayed["requests"]))
+    rows = [("cost USD", f"{recorded['cost_usd']:.6f}", f"{replayed['cost_usd']:.6f}"),
+            ("expected latency ms (EWMA)", ms(recorded["expected_latency_ms"]),
+             ms(replayed["expected_latency_ms"]))]
+    rows += [(f"share {p}", f"{recorded['shares'].get(p, 0):.1%}",
+              f"{replayed['shares'].get(p, 0):.1%}") for p in providers]
+    width = max(len(r[0]) for r in rows)
+    lines = [f"gpu-router replay of {policy_source} over {since} .. {until} UTC (no traffic sent)",
+             "", f"{'':<{width}}  {'recorded':>12}  {'replayed':>12}"]
+    lines += [f"{name:<{width}}  {a:>12}  {b:>12}" for name, a, b in rows]
+    refused = sum(result.could_not_serve.values())
+    lines += ["", f"requests replayed: {result.requests}; decisions changed: {result.changed}",
+              f"could not serve under this policy: {refused}" + (
+                  f" ({', '.join(f'{n} {why}' for why, n in result.could_not_serve.items())})"
+                  if refused else "") + "; costs above leave them out on both sides",
+              f"sent to an ejected provider (every fitting one was): {result.to_ejected}",
+              f"not routed (never reached a provider, not replayed): {result.unrouted}",
+              "", "latency = the recorded EWMA of the provider picked, at the request's time"]
+    return "\n".join(lines)
