@@ -69,7 +69,7 @@ def ledger_buckets(path: Path, client: str, window: _Window, now_ms: int) -> dic
     """The client's committed cost in the window, bucketed like `window`."""
     width = window.width_ms
     since = now_ms - window.budget.window_s * 1000
-    connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    connection = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
     try:
         rows = connection.execute(
             "SELECT at_unix_ms / ?, SUM(cost_usd) FROM requests "

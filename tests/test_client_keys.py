@@ -207,6 +207,16 @@ def test_a_rate_limit_refuses_with_retry_after_and_refusals_do_not_count() -> No
     assert answer(live, chat(KEYS["slow"]), later)[0] == 0  # 3 x 0.5 + 1 <= 3
 
 
+def test_tokens_per_minute_counts_prompt_bytes_and_max_tokens_at_admission() -> None:
+    clients = [client_entry for client_entry in clients_yaml() if client_entry["name"] == "slow"]
+    clients[0]["limits"] = {"tokens_per_minute": 100}
+    live = live_with(clients)
+    gate = Admission(RateLimiter(LocalCounters(), clock=lambda: 600.0))
+    # content-length 80 -> 20 prompt tokens, max_tokens 16: 36 a request; the third is over 100
+    statuses = [answer(live, chat(KEYS["slow"]), gate)[0] for _ in range(3)]
+    assert statuses == [0, 0, 429]
+
+
 def test_the_sliding_window_weighs_the_previous_minute() -> None:
     assert retry_after_s(previous=0, current=3, limit=3, elapsed_s=10) is None
     assert retry_after_s(previous=0, current=4, limit=3, elapsed_s=10) == 50
