@@ -162,6 +162,13 @@ def test_keys_added_changed_and_removed_take_effect_without_failing_others(stack
                 next(c for c in clients if c["name"] == "late")))
             eventually(lambda: chat(stack, "llama-3.1-8b", bearer("late"))[0] == 401,
                        "the removed key to be refused")
+            version = json.loads(http_get(stack.control_url("/v1/policy"))[1])["version"]
+            edit_clients(stack.policy, lambda clients: clients.append(
+                {"name": "broken", "key_sha256": "not-a-hash"}))  # rejected: the last good stays
+            eventually(lambda: "policy_rejected" in (stack.log_dir / "control-plane.log").read_text(),
+                       "the bad edit to be rejected")
+            assert json.loads(http_get(stack.control_url("/v1/policy"))[1])["version"] == version
+            assert chat(stack, "llama-3.1-8b", bearer("rotated"))[0] == 200
             seen = traffic.total()
             eventually(lambda: traffic.total() >= seen + 10, "more traffic after the edits")
         assert traffic.failures() == {}, traffic.failed
