@@ -134,9 +134,6 @@ class ClientSpend:
         now_ms = int(self._clock() * 1000)
         return {name: window.spent(now_ms) for name, window in self._windows.items()}
 
-    def budgets(self) -> Mapping[str, Budget]:
-        return {name: window.budget for name, window in self._windows.items()}
-
     def rows(self) -> list[dict[str, object]]:
         """Per declared client (then any other seen since start): totals since start, budget,
         spend in its window and what remains."""
