@@ -31,7 +31,7 @@ INVALID_KEY = error_response(
 )
 
 
-def _metadata_only(headers: ext_proc_pb2.HttpHeaders) -> tuple[bytes | None, bool, int]:
+def _request_facts(headers: ext_proc_pb2.HttpHeaders) -> tuple[bytes | None, bool, int]:
     """(key, is the models list, content length) from the request headers."""
     pairs = [(h.key, h.raw_value) for h in headers.headers.headers]
     path = method = b""
@@ -107,7 +107,7 @@ class Admission:
         """The client (None: no clients declared, or a keyless models list), or the refusal."""
         if not state.clients.enabled or not request.HasField("request_headers"):
             return None
-        key, is_models, length = _metadata_only(request.request_headers)
+        key, is_models, length = _request_facts(request.request_headers)
         client = state.clients.lookup(key)
         if client is None:
             return None if is_models else INVALID_KEY
