@@ -193,9 +193,10 @@ def outlier_5xx(cache: SnapshotCache) -> dict[str, int]:
 
 
 def fallback_order(cache: SnapshotCache) -> list[str]:
+    """The providers the latency policy's fallback route for llama-3.1-8b tries, in order."""
     (packed,) = cache.snapshot.resources(type_urls.ROUTE).values()
-    routes = route_pb2.RouteConfiguration.FromString(packed.value)
-    return attempt_order(routes.virtual_hosts[0].routes[-1])
+    routes = route_pb2.RouteConfiguration.FromString(packed.value).virtual_hosts[0].routes
+    return attempt_order(next(r for r in routes if r.name == "fallback/interactive/llama-3.1-8b"))
 
 
 def test_fleet_weights_order_the_fallback_and_watch_the_unhealthy_even_across_a_rollout(

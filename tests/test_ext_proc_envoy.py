@@ -320,7 +320,9 @@ def test_a_503_from_the_winner_is_answered_by_the_fallback_in_the_same_request(
     assert (entry["gpu_router"]["provider"], entry["gpu_router"]["fallbacks"]) == ("alpha", "beta")
 
 
-def test_a_provider_cooling_down_is_left_out_of_the_order(edge: Edge) -> None:
+def test_a_provider_cooling_down_is_the_last_fallback(edge: Edge) -> None:
+    """Tried only after every eligible provider failed the same request: the fleet's ejection
+    trails the provider, and trying it beats failing the client."""
     cooldown_ms = int((time.time() + 300) * 1000)
     try:
         edge.publish_health(
@@ -329,13 +331,13 @@ def test_a_provider_cooling_down_is_left_out_of_the_order(edge: Edge) -> None:
         )
         status, _, answer = edge.post(b'{"model":"m1"}', x_request_id="cooling-1")
         assert (status, answer["upstream"]) == (200, "beta")
-        assert edge.route("cooling-1") == f"{POLICY}/beta"
+        assert edge.route("cooling-1") == f"{POLICY}/beta,alpha"
+        edge_id = edge.logged("cooling-1")["request_id"]
+        assert edge_id not in set(edge.upstreams["alpha"].request_ids)  # beta served it first
         status, _, answer = edge.post(
             b'{"model":"m1"}', x_test_fail="beta", x_request_id="cooling-2"
         )
-        assert (status, answer["upstream"]) == (503, "beta")  # no retry on alpha: not in the order
-        edge_ids = {edge.logged(rid)["request_id"] for rid in ("cooling-1", "cooling-2")}
-        assert not edge_ids & set(edge.upstreams["alpha"].request_ids)
+        assert (status, answer["upstream"]) == (200, "alpha")  # the last resort served
         assert edge.logged("cooling-1")["gpu_router"]["reason"].endswith("; alpha ejected")
     finally:
         edge.publish_health("all-healthy")
