@@ -566,6 +566,9 @@ UNREADABLE_BODIES = {
     "bare word": b'{"model": "llama3-8b", "x": nope}',
     "leading zero": b'{"model": "llama3-8b", "max_tokens": 016}',
     "single quotes": b"{'model': 'llama3-8b'}",
+    "escaped backslash then a bad escape": b'{"model": "llama3-8b", "p": "\\\\\\d"}',
+    "reversed surrogate pair": b'{"model": "llama3-8b", "p": "\\udc00\\ud800"}',
+    "high surrogate then a letter": b'{"model": "llama3-8b", "p": "\\ud83dx"}',
 }
 
 
@@ -610,6 +613,9 @@ READABLE_BODIES = {
     "nested brackets in strings": (b'{"model": "llama3-8b", "m": [{"c": "]}{[\\""}]}',
                                    "llama3-8b"),
     "model-like keys": (b'{"model": "llama3-8b", "models": 1, "model_x": 2}', "llama3-8b"),
+    "regex escapes": (b'{"model": "llama3-8b", "p": "\\\\d+\\\\s \\\\ud800"}', "llama3-8b"),
+    "emoji pairs": (b'{"model": "llama\\u0033-8b", "p": "\\ud83d\\ude00\\uD83D\\uDE01"}',
+                    "llama3-8b"),
 }
 
 
