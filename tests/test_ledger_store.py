@@ -171,7 +171,7 @@ def test_a_version_3_ledger_gets_the_client_request_id_column(tmp_path: Path) ->
                     f"({', '.join('?' * len(columns))})",
                     [getattr(row(1), c) for c in columns])
         old.execute("PRAGMA user_version=3")
-    writer = LedgerWriter(path)
+    writer = LedgerWriter(path, clock=lambda: 1_700_000_000.0)  # the old row is not pruned
     writer.add(ledger_row(make_record(request_id="req-2", client_request_id="theirs"),
                           normalise(make_record()), 0.0))
     writer.close()
