@@ -176,7 +176,7 @@ def test_a_version_3_ledger_gets_the_client_request_id_column(tmp_path: Path) ->
                           normalise(make_record()), 0.0))
     writer.close()
     with open_ledger(path) as connection:
-        assert [(r.request_id, r.client_request_id) for r in read_rows(connection)] == [
+        assert sorted((r.request_id, r.client_request_id) for r in read_rows(connection)) == [
             ("req-1", ""), ("req-2", "theirs")]
 
 
