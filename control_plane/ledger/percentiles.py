@@ -31,15 +31,25 @@ def _locate(counts: Mapping[int, int], rank: int) -> tuple[int, int]:
     raise ValueError(f"rank {rank} beyond the histogram")
 
 
-def latency_percentiles(connection: sqlite3.Connection, since_unix_ms: int,
-                        fractions: Sequence[float]) -> dict[Group, dict[float, float | None]]:
-    """{provider or ALL: {fraction: nearest-rank total_ms}} over rows at or after since."""
+BUCKET = _BUCKET
+"""The SQL expression of a row's histogram bucket: GROUP BY it to count."""
+
+
+def histogram_of(counts: Iterable[tuple[str, int, int]]) -> dict[Group, dict[int, int]]:
+    """(provider, bucket, requests) groups -> per provider and ALL, bucket -> requests."""
     histogram: dict[Group, dict[int, int]] = {ALL: {}}
-    for provider, bucket, count in connection.execute(
-            f"SELECT provider, {_BUCKET} AS b, count(*) FROM requests WHERE at_unix_ms >= ? "
-            "GROUP BY provider, b", (since_unix_ms,)):
-        histogram.setdefault(provider, {})[bucket] = count
+    for provider, bucket, count in counts:
+        mine = histogram.setdefault(provider, {})
+        mine[bucket] = mine.get(bucket, 0) + count
         histogram[ALL][bucket] = histogram[ALL].get(bucket, 0) + count
+    return histogram
+
+
+def latency_percentiles(connection: sqlite3.Connection, since_unix_ms: int,
+                        fractions: Sequence[float], histogram: dict[Group, dict[int, int]]
+                        ) -> dict[Group, dict[float, float | None]]:
+    """{provider or ALL: {fraction: nearest-rank total_ms}} over rows at or after since, given
+    their histogram (GROUP BY provider, BUCKET; histogram_of)."""
     wanted: dict[tuple[Group, float], tuple[int, int]] = {}
     for group, counts in histogram.items():
         total = sum(counts.values())

@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from control_plane.ledger.percentiles import ALL, latency_percentiles
+from control_plane.ledger.percentiles import ALL, BUCKET, histogram_of, latency_percentiles
 
 from control_plane.usage.record import is_error_status
 
@@ -110,10 +110,20 @@ def build_report(db_path: str | Path, since: timedelta, now: datetime) -> Report
     since_ms = int(start.timestamp() * 1000)
     with read_only(Path(db_path)) as connection:
         try:
-            groups = connection.execute(_GROUPS, (since_ms,)).fetchall()
-            latency = latency_percentiles(connection, since_ms, (0.50, 0.99))
+            counts = connection.execute(_GROUPS, (since_ms,)).fetchall()
+            histogram = histogram_of((provider, bucket, n) for provider, _, bucket, n, _, _
+                                     in counts)
+            latency = latency_percentiles(connection, since_ms, (0.50, 0.99), histogram)
         except sqlite3.Error as error:
             raise ReportError(f"cannot read the usage ledger {db_path}: {error}") from error
+    merged: dict[tuple[str, int], list[float]] = {}
+    for provider, status, _, n, cost, estimated in counts:
+        sums = merged.setdefault((provider, status), [0, 0.0, 0])
+        sums[0] += n
+        sums[1] += cost
+        sums[2] += estimated
+    groups = [(provider, status, int(n), cost, int(estimated))
+              for (provider, status), (n, cost, estimated) in merged.items()]
     spend_total = math.fsum(cost for _, _, _, cost, _ in groups)
     by_provider: dict[str, list[tuple[int, int, float, int]]] = {}
     for provider, status, count, cost, estimated in groups:
@@ -128,8 +138,9 @@ def build_report(db_path: str | Path, since: timedelta, now: datetime) -> Report
                   unrouted=Unrouted(requests=sum(unrouted.values()), by_status=unrouted))
 
 
-_GROUPS = ("SELECT provider, status, count(*), total(cost_usd), sum(estimated) FROM requests "
-           "WHERE at_unix_ms >= ? GROUP BY provider, status")
+_GROUPS = (f"SELECT provider, status, {BUCKET} AS b, count(*), total(cost_usd), sum(estimated) "
+           "FROM requests WHERE at_unix_ms >= ? GROUP BY provider, status, b")
+"""One scan: the sums and the latency histogram at once."""
 
 
 @contextmanager

@@ -35,8 +35,8 @@ KINDS = ("input", "output", "cached_input", "cache_write", "reasoning")
 _SUMS = ("SELECT model, provider, count(*), total(input_tokens), total(output_tokens), "
          "total(cached_input_tokens), total(cache_write_tokens), total(reasoning_tokens), "
          "total(cost_usd), sum(attempts > 1), total(max(attempts - 1, 0)) FROM requests "
-         "WHERE at_unix_ms >= ? AND provider != '' GROUP BY model, provider")
-_UNROUTED = "SELECT count(*) FROM requests WHERE at_unix_ms >= ? AND provider = ''"
+         "WHERE at_unix_ms >= ? GROUP BY model, provider")
+"""One scan; provider '' is the requests that never reached one."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -210,10 +210,11 @@ def build_savings(db_path: str | Path, config: RoutingConfig, since: timedelta,
     start = window_start(now, since)
     since_ms = int(start.timestamp() * 1000)
     with read_only(Path(db_path)) as connection:
-        groups = [Served(model=row[0], provider=row[1], requests=row[2], tokens=tuple(row[3:8]),
-                         cost_usd=row[8], failed_over=row[9], extra_attempts=int(row[10]))
-                  for row in connection.execute(_SUMS, (since_ms,))]
-        unrouted = connection.execute(_UNROUTED, (since_ms,)).fetchone()[0]
+        sums = connection.execute(_SUMS, (since_ms,)).fetchall()
+    groups = [Served(model=row[0], provider=row[1], requests=row[2], tokens=tuple(row[3:8]),
+                     cost_usd=row[8], failed_over=row[9], extra_attempts=int(row[10]))
+              for row in sums if row[1]]
+    unrouted = sum(row[2] for row in sums if not row[1])
     return compute_savings(groups, config, unrouted, start, now)
 
 
