@@ -36,6 +36,7 @@ def test_dashboard_draws_charts_and_decisions(tmp_path: Path) -> None:
     rows = re.findall(r'<tr data-request-id="req-\d+"', table)
     assert len(rows) == 50
     assert re.search(r'<tr data-request-id="req-\d+" class="error">', table), "429s highlighted"
+    assert len(re.findall(r'<a href="/v1/why/req-\d+">req-\d+</a>', table)) == 50, "why links"
 
     data = screenshot.read_bytes()
     assert data.startswith(PNG_SIGNATURE)

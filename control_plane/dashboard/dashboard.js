@@ -174,14 +174,21 @@ function drawDecisions(data) {
     row.dataset.requestId = d.request_id;
     if (d.status === 0 || d.status === 429 || d.status >= 500) row.className = "error";
     const cells = [
-      [fmtTime(d.at_unix_ms)], [d.request_id], [d.model], [`${d.policy} / ${d.strategy}`],
-      [d.reason, "reason"], [d.fallbacks.join(", ") || "-"], [d.provider || "none"],
+      [fmtTime(d.at_unix_ms)], [d.request_id, "", `/v1/why/${encodeURIComponent(d.request_id)}`],
+      [d.model], [`${d.policy} / ${d.strategy}`],
+      [d.reason, "reason"], [d.fallbacks.join(", ") || "-"], [d.provider || "not routed"],
       [String(d.attempts), "num"], [String(d.status), "num"], [fmtMs(d.ttfb_ms), "num"],
       [fmtMs(d.total_ms), "num"], [fmtUsd(d.cost_usd), "num"],
     ];
-    for (const [text, cls] of cells) {
+    for (const [text, cls, href] of cells) {
       const cell = document.createElement("td");
-      cell.textContent = text;
+      if (href) {  // the request's story (gpu-router why) from the control plane's ledger
+        const link = cell.appendChild(document.createElement("a"));
+        link.href = href;
+        link.textContent = text;
+      } else {
+        cell.textContent = text;
+      }
       if (cls) cell.className = cls;
       row.appendChild(cell);
     }
@@ -201,9 +208,15 @@ function drawClients(data) {
       [String(c.tokens), "num"], [fmtUsd(c.cost_usd), "num"], [fmtUsd(c.budget_usd), "num"],
       [fmtUsd(c.spent_usd), "num"], [fmtUsd(c.remaining_usd), "num"],
     ];
-    for (const [text, cls] of cells) {
+    for (const [text, cls, href] of cells) {
       const cell = document.createElement("td");
-      cell.textContent = text;
+      if (href) {  // the request's story (gpu-router why) from the control plane's ledger
+        const link = cell.appendChild(document.createElement("a"));
+        link.href = href;
+        link.textContent = text;
+      } else {
+        cell.textContent = text;
+      }
       if (cls) cell.className = cls;
       row.appendChild(cell);
     }
