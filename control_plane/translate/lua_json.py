@@ -4,13 +4,14 @@ providers' per-attempt rewrite.
 The edge routes and bills by the "model" it reads here while a provider reads the same bytes with
 its own parser, so the body must mean one thing to every parser: exactly one JSON object (nothing
 after it), strings that are UTF-8 with valid escapes and no lone surrogates, no control
-characters but whitespace, brackets that pair up. What is not, the edge refuses (READ_PROBLEMS)
-rather than guesses. The top level is parsed to the grammar; nested values are walked by their
-brackets and strings only (their inner grammar cannot move a top-level member, and a provider
-refuses it anyway).
+characters but whitespace, brackets that pair up. What is not, the edge refuses
+rather than guesses. The top level is parsed to the grammar (JSON_MEMBERS); nested values are
+walked by their brackets and strings only (their inner grammar cannot move a top-level member,
+and a provider refuses it anyway). The byte checks (JSON_CHECKS, after JSON_MEMBERS) are only
+the edge's: the per-attempt rewrite reads bodies the edge let through.
 
-The byte checks are one loop LuaJIT compiles (see `unreadable`); the structure is then walked
-with plain searches: a long prompt string is jumped over with one search per quote (Envoy's
+The checks are one loop LuaJIT compiles (see `unreadable`); the structure is then walked with
+plain searches: a long prompt string is jumped over with one search per quote (Envoy's
 json_to_metadata filter, measured on Envoy 1.40, spent ~2 ms parsing a 200 KB body into a
 Struct).
 """
@@ -21,105 +22,6 @@ local WS = "^[ \t\r\n]*()"
 local CLOSE = {["{"] = "}", ["["] = "]"}
 local SIMPLE_ESCAPES = {['"'] = '"', ["\\"] = "\\", ["/"] = "/", b = "\b", f = "\f",
                         n = "\n", r = "\r", t = "\t"}
--- The code unit of the \uXXXX escape whose backslash is at i; nil when it has no 4 hex digits.
-local function unicode_escape(s, i)
-  local code = 0
-  for k = i + 2, i + 5 do
-    local d = byte(s, k)
-    if d == nil then
-      return nil
-    elseif d >= 48 and d <= 57 then
-      d = d - 48
-    elseif d >= 65 and d <= 70 then
-      d = d - 55
-    elseif d >= 97 and d <= 102 then
-      d = d - 87
-    else
-      return nil
-    end
-    code = code * 16 + d
-  end
-  return code
-end
-
--- Why the bytes of s could be read differently by two JSON parsers (nil when they cannot):
--- a control character, bytes that are not UTF-8 (overlongs, surrogates and code points above
--- U+10FFFF included), an invalid escape, a lone surrogate escape. One loop over the bytes, in
--- the order a JSON lexer reads them (so "\\u" is an escaped backslash and a letter). LuaJIT
--- compiles it to machine code: on Envoy 1.40 a 1 MiB body (ASCII, escape-dense or UTF-8) was
--- answered in 4-7 ms with it, as with the unchecked scanner before it, where each pattern pass
--- over a body (gsub, or find with a character class) cost 15-20 ms per MiB.
-local function unreadable(s)
-  local i, n = 1, #s
-  while i <= n do
-    local b = byte(s, i)
-    if b == 92 then
-      local c = byte(s, i + 1)
-      if c == 117 then
-        local code = unicode_escape(s, i)
-        if code == nil then
-          return "an invalid \\u escape"
-        elseif code >= 0xD800 and code <= 0xDBFF then
-          local low = byte(s, i + 6) == 92 and byte(s, i + 7) == 117 and unicode_escape(s, i + 6)
-          if not low or low < 0xDC00 or low > 0xDFFF then
-            return "a lone surrogate escape (\\uD800-\\uDFFF)"
-          end
-          i = i + 12
-        elseif code >= 0xDC00 and code <= 0xDFFF then
-          return "a lone surrogate escape (\\uD800-\\uDFFF)"
-        else
-          i = i + 6
-        end
-      elseif c == 34 or c == 92 or c == 47 or c == 98 or c == 102 or c == 110 or c == 114
-          or c == 116 then
-        i = i + 2
-      else
-        return "an invalid escape"
-      end
-    elseif b >= 32 and b < 127 then
-      i = i + 1
-    elseif b < 128 then
-      if b ~= 9 and b ~= 10 and b ~= 13 then
-        return "a control character (byte " .. b .. ") at offset " .. (i - 1)
-      end
-      i = i + 1
-    else
-      -- A UTF-8 sequence: its length and the range of its second byte follow from its first.
-      local length, low, high = 0, 0x80, 0xBF
-      if b >= 0xC2 and b <= 0xDF then
-        length = 2
-      elseif b >= 0xE0 and b <= 0xEF then
-        length = 3
-        if b == 0xE0 then
-          low = 0xA0
-        elseif b == 0xED then
-          high = 0x9F
-        end
-      elseif b >= 0xF0 and b <= 0xF4 then
-        length = 4
-        if b == 0xF0 then
-          low = 0x90
-        elseif b == 0xF4 then
-          high = 0x8F
-        end
-      else
-        return "bytes that are not UTF-8"
-      end
-      local c = byte(s, i + 1)
-      if c == nil or c < low or c > high then
-        return "bytes that are not UTF-8"
-      end
-      for k = i + 2, i + length - 1 do
-        c = byte(s, k)
-        if c == nil or c < 0x80 or c > 0xBF then
-          return "bytes that are not UTF-8"
-        end
-      end
-      i = i + length
-    end
-  end
-  return nil
-end
 
 -- Index of the closing quote of the JSON string opening at `open`; nil when it is unclosed.
 -- A plain find (memchr-fast) per quote, then the backslashes before it are counted: a
@@ -271,5 +173,107 @@ local function unescape(raw)
     return (SIMPLE_ESCAPES[c] or c) .. rest
   end)
   return (gsub(text, "\237([\160-\175])([\128-\191])\237([\176-\191])([\128-\191])", paired))
+end
+"""
+
+JSON_CHECKS = r"""
+-- The code unit of the \uXXXX escape whose backslash is at i; nil when it has no 4 hex digits.
+local function unicode_escape(s, i)
+  local code = 0
+  for k = i + 2, i + 5 do
+    local d = byte(s, k)
+    if d == nil then
+      return nil
+    elseif d >= 48 and d <= 57 then
+      d = d - 48
+    elseif d >= 65 and d <= 70 then
+      d = d - 55
+    elseif d >= 97 and d <= 102 then
+      d = d - 87
+    else
+      return nil
+    end
+    code = code * 16 + d
+  end
+  return code
+end
+
+-- Why the bytes of s could be read differently by two JSON parsers (nil when they cannot):
+-- a control character, bytes that are not UTF-8 (overlongs, surrogates and code points above
+-- U+10FFFF included), an invalid escape, a lone surrogate escape. One loop over the bytes, in
+-- the order a JSON lexer reads them (so "\\u" is an escaped backslash and a letter). LuaJIT
+-- compiles it to machine code: on Envoy 1.40 a 1 MiB body (ASCII, escape-dense or UTF-8) was
+-- answered in 4-7 ms with it, as with the unchecked scanner before it, where each pattern pass
+-- over a body (gsub, or find with a character class) cost 15-20 ms per MiB.
+local function unreadable(s)
+  local i, n = 1, #s
+  while i <= n do
+    local b = byte(s, i)
+    if b == 92 then
+      local c = byte(s, i + 1)
+      if c == 117 then
+        local code = unicode_escape(s, i)
+        if code == nil then
+          return "an invalid \\u escape"
+        elseif code >= 0xD800 and code <= 0xDBFF then
+          local low = byte(s, i + 6) == 92 and byte(s, i + 7) == 117 and unicode_escape(s, i + 6)
+          if not low or low < 0xDC00 or low > 0xDFFF then
+            return "a lone surrogate escape (\\uD800-\\uDFFF)"
+          end
+          i = i + 12
+        elseif code >= 0xDC00 and code <= 0xDFFF then
+          return "a lone surrogate escape (\\uD800-\\uDFFF)"
+        else
+          i = i + 6
+        end
+      elseif c == 34 or c == 92 or c == 47 or c == 98 or c == 102 or c == 110 or c == 114
+          or c == 116 then
+        i = i + 2
+      else
+        return "an invalid escape"
+      end
+    elseif b >= 32 and b < 127 then
+      i = i + 1
+    elseif b < 128 then
+      if b ~= 9 and b ~= 10 and b ~= 13 then
+        return "a control character (byte " .. b .. ") at offset " .. (i - 1)
+      end
+      i = i + 1
+    else
+      -- A UTF-8 sequence: its length and the range of its second byte follow from its first.
+      local length, low, high = 0, 0x80, 0xBF
+      if b >= 0xC2 and b <= 0xDF then
+        length = 2
+      elseif b >= 0xE0 and b <= 0xEF then
+        length = 3
+        if b == 0xE0 then
+          low = 0xA0
+        elseif b == 0xED then
+          high = 0x9F
+        end
+      elseif b >= 0xF0 and b <= 0xF4 then
+        length = 4
+        if b == 0xF0 then
+          low = 0x90
+        elseif b == 0xF4 then
+          high = 0x8F
+        end
+      else
+        return "bytes that are not UTF-8"
+      end
+      local c = byte(s, i + 1)
+      if c == nil or c < low or c > high then
+        return "bytes that are not UTF-8"
+      end
+      for k = i + 2, i + length - 1 do
+        c = byte(s, k)
+        if c == nil or c < 0x80 or c > 0xBF then
+          return "bytes that are not UTF-8"
+        end
+      end
+      i = i + length
+    end
+  end
+  return nil
 end
 """

@@ -24,7 +24,7 @@ log, ledger and audit keep it next to the edge's own x-request-id.
 
 from __future__ import annotations
 
-from control_plane.translate.lua_json import JSON_MEMBERS
+from control_plane.translate.lua_json import JSON_CHECKS, JSON_MEMBERS
 from control_plane.translate.names import (
     CLIENT_REQUEST_ID_HEADER,
     INFERENCE_PATHS,
@@ -147,5 +147,5 @@ def request_fields_lua() -> str:
         f"local REASON_HEADER = {lua_string(REASON_RESPONSE_HEADER)}\n"
         f"local MAX_REASON = {MAX_REASON_HEADER}\n"
         f"local INFERENCE_PATHS = {{{paths}}}\n"
-        f"{JSON_MEMBERS}{_READ}"
+        f"{JSON_MEMBERS}{JSON_CHECKS}{_READ}"
     )
