@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from control_plane.ledger.health_history import HealthRow, rows_at, snapshot_of, stream_rows
 from control_plane.ledger.report import ReportError, read_only
@@ -35,8 +36,14 @@ from control_plane.ledger.savings import offerings, price_tokens
 from control_plane.policy.model import Price, RoutingConfig
 from control_plane.policy.wire import to_routing_policy
 from ext_proc.health_view import CandidateHealth, build_health_view
-from ext_proc.routing_table import RoutingTable, build_routing_table
-from ext_proc.scoring import DEFAULT_MAX_TOKENS, NoCandidateError, decide, estimate_prompt_tokens
+from ext_proc.routing_table import ModelRoute, PolicyRule, RoutingTable, build_routing_table
+from ext_proc.scoring import (
+    DEFAULT_MAX_TOKENS,
+    DEGRADED_PENALTY,
+    NoCandidateError,
+    decide,
+    estimate_prompt_tokens,
+)
 
 NO_OUTPUT_PATHS = ("/v1/embeddings",)
 """Paths ext_proc assumes no output for when max_tokens is absent."""
@@ -87,6 +94,9 @@ class Replay:
     """Rows that never reached a provider (not replayed)."""
     decide_calls: int = 0
 
+    def refused(self, why: str) -> None:
+        self.could_not_serve[why] = self.could_not_serve.get(why, 0) + 1
+
     def to_json(self) -> dict[str, Any]:
         return {"requests": self.requests, "changed": self.changed,
                 "recorded": self.recorded.to_json(), "replayed": self.replayed.to_json(),
@@ -95,28 +105,62 @@ class Replay:
 
 
 class HealthTimeline:
-    """The fleet health current at any time, moving forward only, from the history table."""
+    """The fleet health current at any time, moving forward only, from the history table.
 
-    def __init__(self, connection: sqlite3.Connection, since_ms: int, until_ms: int) -> None:
+    A model's aligned health is rebuilt only when a row of one of its candidates (the model's
+    own on a provider, or the provider-wide one) has arrived since: `version(model)` says so."""
+
+    def __init__(self, connection: sqlite3.Connection, table: RoutingTable, since_ms: int,
+                 until_ms: int) -> None:
+        self._table = table
         self._current = {(r.provider, r.model): r for r in rows_at(connection, since_ms)}
         self._stream = stream_rows(connection, since_ms, until_ms)
         self._next: HealthRow | None = next(self._stream, None)
-        self.version = 0
+        self._models_of = {provider: [name for name, route in table.models.items()
+                                      if provider in route.providers]
+                           for provider in table.providers}
+        self._versions = dict.fromkeys(table.models, 0)
         self._aligned: dict[str, CandidateHealth] = {}
 
     def advance(self, at_ms: int) -> None:
         while self._next is not None and self._next.at_unix_ms <= at_ms:
-            self._current[self._next.provider, self._next.model] = self._next
+            row = self._next
+            self._current[row.provider, row.model] = row
+            for model in (self._models_of.get(row.provider, ()) if not row.model else
+                          (row.model,) if row.model in self._versions else ()):
+                self._versions[model] += 1
+                self._aligned.pop(model, None)
             self._next = next(self._stream, None)
-            self.version += 1
-            self._aligned.clear()
 
-    def aligned(self, table: RoutingTable, model: str, at_ms: int) -> CandidateHealth:
+    def version(self, model: str) -> int:
+        return self._versions[model]
+
+    def aligned(self, model: str, at_ms: int) -> CandidateHealth:
         found = self._aligned.get(model)
         if found is None:
-            view = build_health_view(snapshot_of(self._current.values(), at_ms))
-            found = self._aligned[model] = view.align(table.models[model])
+            route = self._table.models[model]
+            rows = [self._current[key] for provider in route.providers
+                    for key in ((provider, model), (provider, "")) if key in self._current]
+            found = self._aligned[model] = build_health_view(snapshot_of(rows, at_ms)).align(route)
         return found
+
+
+def ranking_key(route: ModelRoute, health: CandidateHealth, rule: PolicyRule, strategy: str,
+                prompt_tokens: int, max_tokens: int) -> tuple[Any, ...]:
+    """What decide()'s choice depends on besides the route, the policy and the health: for
+    cost and latency, the order of cost x degraded penalty (ties in provider order, as decide
+    breaks them) and which candidates are under the cost ceiling, computed as decide computes
+    them; for balanced, whose score weighs the costs themselves, the tokens. Requests with equal
+    keys under the same health get the same decision, so each key is decided once."""
+    if strategy == "balanced":
+        return (prompt_tokens, max_tokens)
+    cost = (prompt_tokens * route.input_usd_per_mtok + max_tokens * route.output_usd_per_mtok) / 1e6
+    tokens = prompt_tokens + max_tokens
+    price = cost * 1e6 / tokens if tokens else route.input_usd_per_mtok
+    ceiling = rule.cost_ceiling_usd_per_mtok
+    under = price <= ceiling if ceiling > 0 else np.ones(len(route.providers), dtype=np.bool_)
+    penalty = np.where(health.degraded, DEGRADED_PENALTY, 1.0)
+    return (np.argsort(cost * penalty, kind="stable").tobytes(), under.tobytes())
 
 
 def _recorded_choice(candidates: str, provider: str) -> str:
@@ -134,17 +178,47 @@ def _rows(connection: sqlite3.Connection, since_ms: int, until_ms: int) -> Itera
         yield from chunk
 
 
+class Decider:
+    """decide() once per (model, policy, strategy, health version, ejections, ranking key);
+    at most MEMO entries are kept (then it starts over), so memory stays bounded."""
+
+    MEMO = 100_000
+
+    def __init__(self) -> None:
+        self._memo: dict[tuple[Any, ...], int | None] = {}
+        self.calls = 0
+
+    def choice(self, route: ModelRoute, health: CandidateHealth, version: int, rule: PolicyRule,
+               prompt_tokens: int, max_tokens: int, ejected: npt.NDArray[np.bool_],
+               at: int) -> int | None:
+        """Index of the provider decide() picks; None when no provider can serve."""
+        key = (route.name, rule.name, version, ejected.tobytes(),
+               ranking_key(route, health, rule, rule.strategy, prompt_tokens, max_tokens))
+        if key in self._memo:
+            return self._memo[key]
+        self.calls += 1
+        try:
+            decision = decide(route, health, rule, strategy=rule.strategy,
+                              prompt_tokens=prompt_tokens, max_tokens=max_tokens, now_unix_ms=at)
+            picked: int | None = route.providers.index(decision.provider)
+        except NoCandidateError:
+            picked = None
+        if len(self._memo) >= self.MEMO:
+            self._memo.clear()
+        self._memo[key] = picked
+        return picked
+
+
 def replay(db_path: str | Path, config: RoutingConfig, since_ms: int, until_ms: int) -> Replay:
     """Re-decide every request with since <= at < until under `config`."""
     table = build_routing_table(to_routing_policy(config))
     prices: dict[str, dict[str, Price]] = offerings(config)
     policies = {rule.name: rule for rule in table.policies}
     result = Replay()
-    memo: dict[tuple[Any, ...], tuple[str, int] | str] = {}
-    memo_version = -1
+    decider = Decider()
     with read_only(Path(db_path)) as connection:
         try:
-            timeline = HealthTimeline(connection, since_ms, until_ms)
+            timeline = HealthTimeline(connection, table, since_ms, until_ms)
             for row in _rows(connection, since_ms, until_ms):
                 (at, model, provider, policy, candidates, path, body_bytes, max_tokens,
                  *tokens, cost) = row
@@ -152,37 +226,22 @@ def replay(db_path: str | Path, config: RoutingConfig, since_ms: int, until_ms: 
                     result.unrouted += 1
                     continue
                 result.requests += 1
-                timeline.advance(at)
-                if timeline.version != memo_version:
-                    memo.clear()
-                    memo_version = timeline.version
                 route = table.resolve(model)
                 if route is None:
-                    result.could_not_serve["model not in the policy"] = (
-                        result.could_not_serve.get("model not in the policy", 0) + 1)
+                    result.refused("model not in the policy")
                     continue
-                health = timeline.aligned(table, route.name, at)
+                timeline.advance(at)
+                health = timeline.aligned(route.name, at)
                 rule = policies.get(policy) or table.match(path, {}, route.name)
                 wanted = max_tokens if max_tokens >= 0 else (
                     0 if path in NO_OUTPUT_PATHS else DEFAULT_MAX_TOKENS)
                 ejected = health.ejected(at)
-                key = (route.name, rule.name, estimate_prompt_tokens(body_bytes), wanted,
-                       ejected.tobytes())
-                picked = memo.get(key)
-                if picked is None:
-                    result.decide_calls += 1
-                    try:
-                        decision = decide(route, health, rule, strategy=rule.strategy,
-                                          prompt_tokens=key[2], max_tokens=wanted,
-                                          now_unix_ms=at)
-                        picked = (decision.provider, route.providers.index(decision.provider))
-                    except NoCandidateError:
-                        picked = "no provider could serve"
-                    memo[key] = picked
-                if isinstance(picked, str):
-                    result.could_not_serve[picked] = result.could_not_serve.get(picked, 0) + 1
+                index = decider.choice(route, health, timeline.version(route.name), rule,
+                                       estimate_prompt_tokens(body_bytes), wanted, ejected, at)
+                if index is None:
+                    result.refused("no provider could serve")
                     continue
-                choice, index = picked
+                choice = route.providers[index]
                 recorded = _recorded_choice(candidates, provider)
                 result.changed += recorded != choice
                 result.to_ejected += bool(ejected[index])
@@ -194,6 +253,7 @@ def replay(db_path: str | Path, config: RoutingConfig, since_ms: int, until_ms: 
                                     float(health.latency_ms[index]))
         except sqlite3.Error as error:
             raise ReportError(f"cannot read the usage ledger {db_path}: {error}") from error
+    result.decide_calls = decider.calls
     return result
 
 
