@@ -31,7 +31,7 @@ from pathlib import Path
 
 import yaml
 
-from gpu_router.processes import EnvoyAdmin, ManagedProcess, envoy_binary, free_port, http_get
+from gpu_router.processes import EnvoyAdmin, ManagedProcess, envoy_binary, free_port, http_get, port_open
 from gpu_router.stack import Stack, StackPorts
 
 MODEL = "bench-model"
@@ -43,7 +43,7 @@ COMPLETION = json.dumps({
 
 
 def static_envoy(name: str, work: Path, listen_port: int, route: dict, clusters: list[dict],
-                 concurrency: list[str] = ()) -> ManagedProcess:
+                 concurrency: list[str] = (), filters: list[dict] = ()) -> ManagedProcess:
     admin = free_port()
     config = {
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin}}},
@@ -57,7 +57,7 @@ def static_envoy(name: str, work: Path, listen_port: int, route: dict, clusters:
                         "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
                         "stat_prefix": name,
                         "route_config": {"virtual_hosts": [{"name": "all", "domains": ["*"], "routes": [route]}]},
-                        "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {
+                        "http_filters": [*filters, {"name": "envoy.filters.http.router", "typed_config": {
                             "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}],
                     }}]}],
             }],
@@ -80,11 +80,41 @@ def fast_upstream(work: Path, port: int) -> ManagedProcess:
 
 
 def direct_envoy(work: Path, port: int, upstream_port: int) -> ManagedProcess:
-    cluster = {"name": "upstream", "type": "STATIC", "connect_timeout": "1s",
-               "load_assignment": {"cluster_name": "upstream", "endpoints": [{"lb_endpoints": [{"endpoint": {
-                   "address": {"socket_address": {"address": "127.0.0.1", "port_value": upstream_port}}}}]}]}}
     route = {"match": {"prefix": "/"}, "route": {"cluster": "upstream"}}
-    return static_envoy("direct", work, port, route, [cluster])
+    return static_envoy("direct", work, port, route, [_cluster("upstream", upstream_port)])
+
+
+def _cluster(name: str, port: int, **extra: object) -> dict:
+    return {"name": name, "type": "STATIC", "connect_timeout": "1s", **extra,
+            "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [{"endpoint": {
+                "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}}}}]}]}}
+
+
+def floor_stack(work: Path, port: int, upstream_port: int) -> list[ManagedProcess]:
+    """The floor of the chosen stack: an Envoy with the edge's ext_proc filter settings (request
+    headers only, one message per request, same timeout) in front of a grpc.aio ext_proc that
+    answers every request with one fixed header mutation (bench/floor_ext_proc.py)."""
+    grpc_port = free_port()
+    server = ManagedProcess("floor-ext-proc", [sys.executable, str(Path(__file__).with_name(
+        "floor_ext_proc.py")), f"127.0.0.1:{grpc_port}"], work / "floor-ext-proc.log").start()
+    ext_proc = {"name": "envoy.filters.http.ext_proc", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
+        "grpc_service": {"envoy_grpc": {"cluster_name": "floor-ext-proc"}},
+        "processing_mode": {"request_header_mode": "SEND", "response_header_mode": "SKIP",
+                            "request_trailer_mode": "SKIP", "response_trailer_mode": "SKIP"},
+        "message_timeout": "0.2s", "failure_mode_allow": False}}
+    h2 = {"typed_extension_protocol_options": {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+        "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+        "explicit_http_config": {"http2_protocol_options": {}}}}}
+    try:
+        server.wait_until(lambda: port_open(grpc_port), "the floor ext_proc to listen")
+        envoy = static_envoy("floor", work, port, {"match": {"prefix": "/"}, "route": {"cluster": "upstream"}},
+                             [_cluster("upstream", upstream_port), _cluster("floor-ext-proc", grpc_port, **h2)],
+                             filters=[ext_proc])
+    except BaseException:
+        server.stop()
+        raise
+    return [server, envoy]
 
 
 def bench_policy(path: Path, upstream_port: int, keys: int = 0) -> Path:
@@ -271,6 +301,18 @@ def main() -> int:
                 ("direct", "16 conn", direct_16),
                 ("direct", "1 conn 200KB", wrk(direct_url, large, 1, args.duration, work))]
         base = {label: load for _, label, load in rows}
+        floor_port = free_port()
+        floor = floor_stack(work, floor_port, upstream_port)
+        children += floor
+        floor_url = f"http://127.0.0.1:{floor_port}/v1/chat/completions"
+        floor_pids = {"envoy": floor[1].pid, "ext_proc": floor[0].pid, "upstream": children[0].pid}
+        before = cpu_reading(floor_pids)
+        floor_16 = wrk(floor_url, small, 16, args.duration, work)
+        cpu["floor"] = per_request(before, cpu_reading(floor_pids), floor_16)
+        rows += [("floor", "1 conn", wrk(floor_url, small, 1, args.duration, work)), ("floor", "16 conn", floor_16)]
+        for process in floor:
+            process.stop()
+        floors = {label: load for name, label, load in rows if name == "floor"}
         policy = bench_policy(work / "policy.yaml", upstream_port)
         timings = {}
         runs = [(f"routed x{w}", w, True) for w in args.workers]
@@ -304,11 +346,15 @@ def main() -> int:
             child.stop()
 
     print(f"{'path':<12} {'load':<14} {'p50 ms':>8} {'p99 ms':>8} {'req/s':>9} {'errors':>6}"
-          f" {'p50 +ms':>8} {'rps ratio':>9}")
+          f" {'p50 +ms':>8} {'rps ratio':>9} {'/floor':>7}")
     for name, label, load in rows:
         ref = base[label]
+        over_floor = (f"{load.rps / floors[label].rps:7.2f}" if name not in ("direct", "floor")
+                      and label in floors else "")
         print(f"{name:<12} {label:<14} {load.p50_ms:8.3f} {load.p99_ms:8.3f} {load.rps:9.0f} {load.errors:6d}"
-              f" {load.p50_ms - ref.p50_ms:8.3f} {load.rps / ref.rps:9.2f}")
+              f" {load.p50_ms - ref.p50_ms:8.3f} {load.rps / ref.rps:9.2f} {over_floor}")
+    print("(p50 +ms and rps ratio against Envoy direct; /floor: req/s over the floor's, Envoy with a"
+          " fixed-answer grpc.aio ext_proc)")
     print("\next_proc's own time per request (Envoy's ext_proc filter, via /metrics):")
     for name, text in timings.items():
         print(f"  {name:<28} {text}")

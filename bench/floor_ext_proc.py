@@ -1,0 +1,46 @@
+"""The floor of the routed path: a grpc.aio ExternalProcessor that answers every request's
+headers with one fixed header mutation, deciding nothing.
+
+bench/routed_path.py puts it behind an Envoy with the same ext_proc filter settings as the edge:
+what that pair costs per request is what any Python ext_proc on this stack costs before it does
+any work, so routed/floor says how much of the routed path is ours.
+
+    python bench/floor_ext_proc.py 127.0.0.1:PORT
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import AsyncIterator
+
+import grpc
+from envoy.config.core.v3 import base_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_proc_grpc
+
+ANSWER = ext_proc_pb2.ProcessingResponse(
+    request_headers=ext_proc_pb2.HeadersResponse(
+        response=ext_proc_pb2.CommonResponse(
+            header_mutation=ext_proc_pb2.HeaderMutation(set_headers=[base_pb2.HeaderValueOption(
+                header=base_pb2.HeaderValue(key="x-floor", raw_value=b"1"),
+                append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD)]))))
+
+
+class Floor(ext_proc_grpc.ExternalProcessorServicer):
+    async def Process(self, request_iterator: AsyncIterator[ext_proc_pb2.ProcessingRequest],
+                      context: grpc.aio.ServicerContext) -> AsyncIterator[ext_proc_pb2.ProcessingResponse]:
+        async for _ in request_iterator:
+            yield ANSWER
+
+
+async def serve(address: str) -> None:
+    server = grpc.aio.server()
+    ext_proc_grpc.add_ExternalProcessorServicer_to_server(Floor(), server)
+    server.add_insecure_port(address)
+    await server.start()
+    await server.wait_for_termination()
+
+
+if __name__ == "__main__":
+    asyncio.run(serve(sys.argv[1]))
