@@ -10,7 +10,7 @@ later of the two cooldowns.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 
 import numpy as np
@@ -38,6 +38,20 @@ class CandidateHealth:
     """The model's or the provider-wide entry is DEGRADED (it still is once an ejection ends)."""
     ejected_until_unix_ms: npt.NDArray[np.int64]
     """NOT_EJECTED, UNTIL_NEXT_SNAPSHOT, or when the candidate may be tried again."""
+    latencies: tuple[float, ...] = field(init=False)
+    """latency_ms as Python floats (NaN unmeasured): decide() reads these, prepared once per
+    snapshot, rather than paying numpy's per-call overhead on a few candidates per request."""
+    degraded_flags: tuple[bool, ...] = field(init=False)
+    ejected_until: tuple[int, ...] = field(init=False)
+    any_ejected: bool = field(init=False)
+    """Some entry ejects a candidate (else decide() need not compare cooldowns with the time)."""
+
+    def __post_init__(self) -> None:
+        set_field = object.__setattr__  # frozen: derived once here, per health snapshot
+        set_field(self, "latencies", tuple(self.latency_ms.tolist()))
+        set_field(self, "degraded_flags", tuple(self.degraded.tolist()))
+        set_field(self, "ejected_until", tuple(self.ejected_until_unix_ms.tolist()))
+        set_field(self, "any_ejected", any(u != NOT_EJECTED for u in self.ejected_until))
 
     def ejected(self, now_unix_ms: int) -> npt.NDArray[np.bool_]:
         until = self.ejected_until_unix_ms

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 
 import numpy as np
@@ -48,6 +48,19 @@ class ModelRoute:
     unfit: tuple[str | None, ...]
     """Why the candidate's GPU cannot hold the model, or None when it fits."""
     fits: npt.NDArray[np.bool_]
+    prices: tuple[tuple[float, float], ...] = field(init=False)
+    """(input, output) USD per 1M tokens per candidate as Python floats: decide() ranks a few
+    candidates in plain Python, where numpy's per-call overhead would dominate."""
+    fit_flags: tuple[bool, ...] = field(init=False)
+    tie_break: tuple[int, ...] = field(init=False)
+    """provider_index as Python ints."""
+
+    def __post_init__(self) -> None:
+        set_field = object.__setattr__  # frozen: derived once here, at table build time
+        set_field(self, "prices", tuple(zip(self.input_usd_per_mtok.tolist(),
+                                            self.output_usd_per_mtok.tolist(), strict=True)))
+        set_field(self, "fit_flags", tuple(self.fits.tolist()))
+        set_field(self, "tie_break", tuple(self.provider_index.tolist()))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -1,4 +1,6 @@
-"""Picks a provider for one request: pure and vectorised over a model's candidates.
+"""Picks a provider for one request: pure, in plain Python over lists prepared once per
+routing table and health snapshot (ModelRoute.prices, CandidateHealth.latencies, ...): a model
+has a few candidates, where numpy's per-call overhead would cost more than the ranking.
 
 Every candidate gets an expected cost for this request and, where measured, an
 expected latency. Ineligible candidates (GPU does not fit, ejected and cooling
@@ -24,11 +26,9 @@ otherwise have competed, that it was skipped.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
-from dataclasses import dataclass, field, replace
-
-import numpy as np
-import numpy.typing as npt
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 from ext_proc.health_view import NOT_EJECTED, UNTIL_NEXT_SNAPSHOT, CandidateHealth
 from ext_proc.routing_table import ModelRoute, PolicyRule
@@ -97,22 +97,13 @@ class NoCandidateError(Exception):
         self.candidates = candidates
 
 
-def _positive_min(values: npt.NDArray[np.float64], mask: npt.NDArray[np.bool_]) -> float:
+def _positive_min(values: Sequence[float], mask: Sequence[bool]) -> float:
     """Smallest positive value under mask (the normaliser of a balanced term), 1.0 if none."""
-    chosen = values[mask & (values > 0)]
-    return float(chosen.min()) if chosen.size else 1.0
-
-
-def _allowed(route: ModelRoute, policy: PolicyRule) -> npt.NDArray[np.bool_]:
-    if not policy.providers:
-        return np.ones(len(route.providers), dtype=np.bool_)
-    return np.fromiter(
-        (p in policy.providers for p in route.providers), np.bool_, len(route.providers)
-    )
+    return min([v for v, m in zip(values, mask) if m and v > 0], default=1.0)
 
 
 def _fmt_latency(latency: float) -> str:
-    return "unmeasured" if np.isnan(latency) else f"{latency:.0f} ms EWMA"
+    return "unmeasured" if math.isnan(latency) else f"{latency:.0f} ms EWMA"
 
 
 def decide(
@@ -126,68 +117,81 @@ def decide(
     now_unix_ms: int,
 ) -> Decision:
     """Rank the route's candidates for one request; NoCandidateError when none is eligible."""
-    if not route.providers:
+    providers = route.providers
+    if not providers:
         raise NoCandidateError(route.name, f"no provider offers {route.name}")
-    cost = (prompt_tokens * route.input_usd_per_mtok + max_tokens * route.output_usd_per_mtok) / 1e6
-    latency = health.latency_ms
-    allowed = _allowed(route, policy)
-    panic = not (route.fits & allowed & ~health.ejected(now_unix_ms)).any()
-    if panic and (route.fits & allowed).any():
+    cost = [(prompt_tokens * i + max_tokens * o) / 1e6 for i, o in route.prices]
+    latency = health.latencies
+    fits = route.fit_flags
+    count = len(providers)
+    if policy.providers:
+        allowed: Sequence[bool] = [p in policy.providers for p in providers]
+        usable: Sequence[bool] = [f and a for f, a in zip(fits, allowed)]
+    else:
+        allowed, usable = [True] * count, fits
+    until = health.ejected_until
+    if health.any_ejected:
+        ejected = [u == UNTIL_NEXT_SNAPSHOT or u > now_unix_ms for u in until]
+    else:
+        ejected = [False] * count
+    panic = not any(u and not e for u, e in zip(usable, ejected)) and any(usable)
+    if panic:
         # Every provider that could serve is ejected. Like Envoy's panic threshold: rank them all
         # and let the request fail over through them, rather than answer a certain 503 while one
         # of them may already have recovered (ejection trails the provider by a cooldown).
-        health = replace(health, ejected_until_unix_ms=np.full_like(
-            health.ejected_until_unix_ms, NOT_EJECTED))
-    else:
-        panic = False
-    ejected = health.ejected(now_unix_ms)
-    eligible = route.fits & ~ejected & allowed
-    if not eligible.any():
-        excluded = _excluded(route, policy, health, now_unix_ms, allowed)
-        detail = "; ".join(f"{p}: {why}" for p, why in zip(route.providers, excluded, strict=True))
+        until = (NOT_EJECTED,) * count
+        ejected = [False] * count
+    eligible = [u and not e for u, e in zip(usable, ejected)]
+    if not any(eligible):
+        excluded = _excluded(route, policy, until, now_unix_ms, allowed)
+        detail = "; ".join(f"{p}: {why}" for p, why in zip(providers, excluded, strict=True))
         raise NoCandidateError(
             route.name,
             f"no provider can serve {route.name} ({detail})",
             _candidates(route, cost, latency, None, excluded, range(len(excluded))),
         )
-    degraded = health.degraded
-    penalty = np.where(degraded, DEGRADED_PENALTY, 1.0)
+    degraded = health.degraded_flags
+    penalty = [DEGRADED_PENALTY if d else 1.0 for d in degraded]
     keeps, score, describe = _RANKERS[strategy](
         route, policy, cost, latency, eligible, penalty, prompt_tokens + max_tokens
     )
-    group = np.where(keeps, 0, np.where(eligible, 1, 2))
-    order = np.lexsort((route.provider_index, np.where(eligible, score, np.inf), group)).tolist()
+    inf = math.inf
+    ranked = sorted(zip(
+        [0 if k else 1 if e else 2 for k, e in zip(keeps, eligible)],
+        [s if e else inf for s, e in zip(score, eligible)],
+        route.tie_break,
+        range(count),
+    ))
+    order = [entry[3] for entry in ranked]
     best = order[0]
     reason = describe(best) + (" (degraded)" if degraded[best] else "")
     if panic:
         reason += "; every fitting provider ejected: tried anyway"
-    skipped = ejected & route.fits & allowed
-    if skipped.any():
-        reason += "; " + ", ".join(route.providers[i] for i in np.flatnonzero(skipped)) + " ejected"
-    ok = eligible.tolist()
+    skipped = [u and e for u, e in zip(usable, ejected)]
+    if any(skipped):
+        reason += "; " + ", ".join(p for p, s in zip(providers, skipped) if s) + " ejected"
     # Ejected providers that could serve come last, after every eligible one: a fleet ejection
     # trails the provider by its cooldown, and trying one beats failing the client request.
-    last_resort = (skipped & ~eligible).tolist()
-    ranked_eligible = [i for i in order if ok[i]] + [i for i in order if last_resort[i]]
+    ranked_eligible = [i for i in order if eligible[i]] + [i for i in order if skipped[i]]
     summary = candidate_summary(
-        route.providers,
+        providers,
         order,
-        score.tolist(),
-        ok,
-        functools.partial(_exclusion, route, policy, health, now_unix_ms, allowed),
+        score,
+        eligible,
+        functools.partial(_exclusion, route, policy, until, now_unix_ms, allowed),
     )
     return Decision(
-        provider=route.providers[best],
+        provider=providers[best],
         cluster=route.clusters[best],
         provider_model_id=route.provider_model_ids[best],
         model=route.name,
         policy=policy.name,
         strategy=strategy,
         reason=reason,
-        fallbacks=tuple(route.providers[i] for i in ranked_eligible[1 : 1 + policy.max_fallbacks]),
+        fallbacks=tuple(providers[i] for i in ranked_eligible[1 : 1 + policy.max_fallbacks]),
         candidate_summary=summary,
         audit=functools.partial(
-            _audited, route, policy, cost, latency, score, health, now_unix_ms, allowed, order
+            _audited, route, policy, cost, latency, score, until, now_unix_ms, allowed, order
         ),
     )
 
@@ -201,31 +205,31 @@ def _ejection(until_unix_ms: int, now_unix_ms: int) -> str:
 def _exclusion(
     route: ModelRoute,
     policy: PolicyRule,
-    health: CandidateHealth,
+    until: Sequence[int],
     now_unix_ms: int,
-    allowed: npt.NDArray[np.bool_],
+    allowed: Sequence[bool],
     i: int,
 ) -> str | None:
-    """Why candidate `i` cannot be used (None when it can)."""
+    """Why candidate `i` cannot be used (None when it can); `until` is each candidate's
+    ejected_until (all NOT_EJECTED in panic mode)."""
     unfit = route.unfit[i]
     if unfit is not None:
         return unfit
-    until = int(health.ejected_until_unix_ms[i])
-    if until == UNTIL_NEXT_SNAPSHOT or until > now_unix_ms:
-        return _ejection(until, now_unix_ms)
+    if until[i] == UNTIL_NEXT_SNAPSHOT or until[i] > now_unix_ms:
+        return _ejection(until[i], now_unix_ms)
     return None if allowed[i] else f"not in policy {policy.name}'s providers"
 
 
 def _excluded(
     route: ModelRoute,
     policy: PolicyRule,
-    health: CandidateHealth,
+    until: Sequence[int],
     now_unix_ms: int,
-    allowed: npt.NDArray[np.bool_],
+    allowed: Sequence[bool],
 ) -> list[str | None]:
     """Why each candidate cannot be used (None when it can)."""
     return [
-        _exclusion(route, policy, health, now_unix_ms, allowed, i)
+        _exclusion(route, policy, until, now_unix_ms, allowed, i)
         for i in range(len(route.providers))
     ]
 
@@ -233,8 +237,8 @@ def _excluded(
 def candidate_summary(
     providers: tuple[str, ...],
     order: list[int],
-    score: list[float],
-    eligible: list[bool],
+    score: Sequence[float],
+    eligible: Sequence[bool],
     exclusion: Callable[[int], str | None],
 ) -> str:
     """The compact audit line of a decision, every candidate in rank order:
@@ -254,40 +258,41 @@ def candidate_summary(
 def _audited(
     route: ModelRoute,
     policy: PolicyRule,
-    cost: npt.NDArray[np.float64],
-    latency: npt.NDArray[np.float64],
-    score: npt.NDArray[np.float64],
-    health: CandidateHealth,
+    cost: list[float],
+    latency: Sequence[float],
+    score: list[float],
+    until: Sequence[int],
     now_unix_ms: int,
-    allowed: npt.NDArray[np.bool_],
+    allowed: Sequence[bool],
     order: list[int],
 ) -> tuple[Candidate, ...]:
-    excluded = _excluded(route, policy, health, now_unix_ms, allowed)
+    excluded = _excluded(route, policy, until, now_unix_ms, allowed)
     return _candidates(route, cost, latency, score, excluded, order)
 
 
-Ranking = tuple[npt.NDArray[np.bool_], npt.NDArray[np.float64], Callable[[int], str]]
+Ranking = tuple[Sequence[bool], list[float], Callable[[int], str]]
 """(candidates that keep the strategy's constraint, score, reason for the winner at an index)."""
 
 
 def _rank_cost(
     route: ModelRoute,
     policy: PolicyRule,
-    cost: npt.NDArray[np.float64],
-    latency: npt.NDArray[np.float64],
-    eligible: npt.NDArray[np.bool_],
-    penalty: npt.NDArray[np.float64],
+    cost: list[float],
+    latency: Sequence[float],
+    eligible: list[bool],
+    penalty: list[float],
     tokens: int,
 ) -> Ranking:
     sla = policy.latency_sla_ms
+    by_cost = [c * p for c, p in zip(cost, penalty)]
     if sla <= 0:
-        return eligible, cost * penalty, lambda i: f"cheapest: ${cost[i]:.6f}"
-    keeps = eligible & (np.isnan(latency) | (latency <= sla))
-    if keeps.any():
-        return keeps, cost * penalty, lambda i: f"cheapest within {sla:g} ms SLA: ${cost[i]:.6f}"
+        return eligible, by_cost, lambda i: f"cheapest: ${cost[i]:.6f}"
+    keeps = [e and (math.isnan(lat) or lat <= sla) for e, lat in zip(eligible, latency)]
+    if any(keeps):
+        return keeps, by_cost, lambda i: f"cheapest within {sla:g} ms SLA: ${cost[i]:.6f}"
     return (
         eligible,
-        latency * penalty,
+        [lat * p for lat, p in zip(latency, penalty)],
         lambda i: f"no provider within {sla:g} ms SLA; fastest: {latency[i]:.0f} ms EWMA",
     )
 
@@ -295,49 +300,59 @@ def _rank_cost(
 def _rank_latency(
     route: ModelRoute,
     policy: PolicyRule,
-    cost: npt.NDArray[np.float64],
-    latency: npt.NDArray[np.float64],
-    eligible: npt.NDArray[np.bool_],
-    penalty: npt.NDArray[np.float64],
+    cost: list[float],
+    latency: Sequence[float],
+    eligible: list[bool],
+    penalty: list[float],
     tokens: int,
 ) -> Ranking:
     ceiling = policy.cost_ceiling_usd_per_mtok
-    price = cost * 1e6 / tokens if tokens else route.input_usd_per_mtok
-    keeps = eligible & (price <= ceiling) if ceiling > 0 else eligible
-    if not keeps.any():
+    if ceiling > 0:
+        price = [c * 1e6 / tokens for c in cost] if tokens else [i for i, _ in route.prices]
+        keeps = [e and p <= ceiling for e, p in zip(eligible, price)]
+    else:
+        keeps = eligible
+    if not any(keeps):
         return (
             eligible,
-            cost * penalty,
+            [c * p for c, p in zip(cost, penalty)],
             lambda i: f"no provider under ${ceiling:g}/1M ceiling; cheapest: ${cost[i]:.6f}",
         )
-    measured = ~np.isnan(latency)
 
     def describe(i: int) -> str:
-        return f"fastest: {latency[i]:.0f} ms EWMA" if measured[i] else "unmeasured: exploring"
+        lat = latency[i]
+        return "unmeasured: exploring" if math.isnan(lat) else f"fastest: {lat:.0f} ms EWMA"
 
-    return keeps, np.where(measured, latency, 0.0) * penalty, describe
+    return keeps, [0.0 if math.isnan(lat) else lat * p
+                   for lat, p in zip(latency, penalty)], describe
+
+
+def _median(values: list[float]) -> float:
+    values.sort()
+    middle = len(values) // 2
+    return values[middle] if len(values) % 2 else (values[middle - 1] + values[middle]) / 2
 
 
 def _rank_balanced(
     route: ModelRoute,
     policy: PolicyRule,
-    cost: npt.NDArray[np.float64],
-    latency: npt.NDArray[np.float64],
-    eligible: npt.NDArray[np.bool_],
-    penalty: npt.NDArray[np.float64],
+    cost: list[float],
+    latency: Sequence[float],
+    eligible: list[bool],
+    penalty: list[float],
     tokens: int,
 ) -> Ranking:
     cost_weight, latency_weight = policy.cost_weight, policy.latency_weight
     if cost_weight <= 0 and latency_weight <= 0:
         cost_weight = latency_weight = 0.5
-    measured = ~np.isnan(latency)
-    seen = eligible & measured
-    unmeasured_as = float(np.median(latency[seen])) if seen.any() else 1.0
-    filled = np.where(measured, latency, unmeasured_as)
-    score = (
-        cost_weight * cost / _positive_min(cost, eligible)
-        + latency_weight * filled / _positive_min(filled, eligible)
-    ) * penalty
+    seen = [lat for e, lat in zip(eligible, latency) if e and not math.isnan(lat)]
+    unmeasured_as = _median(seen) if seen else 1.0
+    filled = [unmeasured_as if math.isnan(lat) else lat for lat in latency]
+    min_cost, min_latency = _positive_min(cost, eligible), _positive_min(filled, eligible)
+    score = [
+        (cost_weight * c / min_cost + latency_weight * f / min_latency) * p
+        for c, f, p in zip(cost, filled, penalty)
+    ]
 
     def describe(i: int) -> str:
         return f"balanced: score {score[i]:.2f} (${cost[i]:.6f}, {_fmt_latency(latency[i])})"
@@ -355,9 +370,9 @@ _RANKERS: dict[str, Callable[..., Ranking]] = {
 
 def _candidates(
     route: ModelRoute,
-    cost: npt.NDArray[np.float64],
-    latency: npt.NDArray[np.float64],
-    score: npt.NDArray[np.float64] | None,
+    cost: list[float],
+    latency: Sequence[float],
+    score: list[float] | None,
     excluded: list[str | None],
     order: range | list[int],
 ) -> tuple[Candidate, ...]:
@@ -366,9 +381,9 @@ def _candidates(
             provider=route.providers[i],
             cluster=route.clusters[i],
             provider_model_id=route.provider_model_ids[i],
-            expected_cost_usd=float(cost[i]),
-            expected_latency_ms=None if np.isnan(latency[i]) else float(latency[i]),
-            score=None if score is None or excluded[i] is not None else float(score[i]),
+            expected_cost_usd=cost[i],
+            expected_latency_ms=None if math.isnan(latency[i]) else latency[i],
+            score=None if score is None or excluded[i] is not None else score[i],
             excluded=excluded[i],
         )
         for i in order
