@@ -27,8 +27,8 @@ import yaml
 from cryptography import x509
 from xds_fixtures import AdsHarness
 
-from control_plane.app import Options
-from control_plane.app import parse_args as control_plane_args
+from control_plane.options import Options
+from control_plane.options import parse_args as control_plane_args
 from control_plane.policy.load import default_policy_path
 from control_plane.xds import type_urls
 from gpu_router import pki

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from control_plane.app import parse_args
+from control_plane.options import parse_args
 
 
 def test_defaults_keep_90_days_and_5_audit_files_of_100_mib_and_no_edge_log() -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from usage_fixtures import make_record
 
-from control_plane.app import JsonLogFormatter
+from control_plane.json_log import JsonLogFormatter
 from control_plane.ledger.batching import RETRIES, BatcherClosedError
 from control_plane.ledger.store import (
     LedgerRow,
