@@ -46,13 +46,13 @@ def _case(values: list[str], selector: str) -> str:
     return f"(CASE {selector} {arms} END)"
 
 
-def fill(path: Path, rows: int, now_ms: int) -> None:
-    """A ledger of `rows` requests over the last WINDOW_DAYS and its health history."""
+def fill(path: Path, rows: int, now_ms: int, days: int = WINDOW_DAYS) -> None:
+    """A ledger of `rows` requests over the last `days` and its health history."""
     open_ledger(path).close()
     connection = open_ledger(path)
     connection.execute("PRAGMA journal_mode=OFF")
     connection.execute("PRAGMA synchronous=OFF")
-    start = now_ms - WINDOW_DAYS * DAY_MS
+    start = now_ms - days * DAY_MS
     pairs = [(m, p) for m, offers in OFFERINGS.items() for p, _ in offers]
     pick = f"(x * 7919 % {len(pairs)})"
     models = _case([f"'{m}'" for m, _ in pairs], pick)
@@ -60,7 +60,7 @@ def fill(path: Path, rows: int, now_ms: int) -> None:
     summaries = _case([f"'{';'.join(f'{q}={ms:g}' for q, ms in OFFERINGS[m])}'" for m, _ in pairs],
                       pick)
     values = {
-        "at_unix_ms": f"{start} + x * {WINDOW_DAYS * DAY_MS} / {rows}",
+        "at_unix_ms": f"{start} + x * {days * DAY_MS} / {rows}",
         "request_id": "'req-' || x",
         "model": models,
         "provider": f"(CASE WHEN x % 200 = 7 THEN '' ELSE {providers} END)",
@@ -88,7 +88,7 @@ def fill(path: Path, rows: int, now_ms: int) -> None:
         keys = [(p, m, ms) for m, offers in OFFERINGS.items() for p, ms in offers]
         keys += [(p, "", ms) for p, ms in {p: ms for offers in OFFERINGS.values()
                                              for p, ms in offers}.items()]
-        ticks = WINDOW_DAYS * DAY_MS // HISTORY_STEP_MS
+        ticks = days * DAY_MS // HISTORY_STEP_MS
         for provider, model, base in keys:
             history = {
                 "at_unix_ms": f"{start} + x * {HISTORY_STEP_MS}", "provider": f"'{provider}'",

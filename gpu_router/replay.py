@@ -27,15 +27,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import numpy.typing as npt
 
 from control_plane.ledger.health_history import HealthRow, rows_at, snapshot_of, stream_rows
 from control_plane.ledger.report import ReportError, read_only
 from control_plane.ledger.savings import offerings, price_tokens
 from control_plane.policy.model import Price, RoutingConfig
 from control_plane.policy.wire import to_routing_policy
-from ext_proc.health_view import CandidateHealth, build_health_view
+from ext_proc.health_view import UNTIL_NEXT_SNAPSHOT, CandidateHealth, build_health_view
 from ext_proc.routing_table import ModelRoute, PolicyRule, RoutingTable, build_routing_table
 from ext_proc.scoring import (
     DEFAULT_MAX_TOKENS,
@@ -154,13 +152,15 @@ def ranking_key(route: ModelRoute, health: CandidateHealth, rule: PolicyRule, st
     keys under the same health get the same decision, so each key is decided once."""
     if strategy == "balanced":
         return (prompt_tokens, max_tokens)
-    cost = (prompt_tokens * route.input_usd_per_mtok + max_tokens * route.output_usd_per_mtok) / 1e6
-    tokens = prompt_tokens + max_tokens
-    price = cost * 1e6 / tokens if tokens else route.input_usd_per_mtok
+    cost = [(prompt_tokens * i + max_tokens * o) / 1e6 for i, o in route.prices]
+    by_cost = [c * DEGRADED_PENALTY if d else c for c, d in zip(cost, health.degraded_flags)]
+    order = tuple(sorted(range(len(cost)), key=by_cost.__getitem__))  # stable: provider order
     ceiling = rule.cost_ceiling_usd_per_mtok
-    under = price <= ceiling if ceiling > 0 else np.ones(len(route.providers), dtype=np.bool_)
-    penalty = np.where(health.degraded, DEGRADED_PENALTY, 1.0)
-    return (np.argsort(cost * penalty, kind="stable").tobytes(), under.tobytes())
+    tokens = prompt_tokens + max_tokens
+    if ceiling <= 0:
+        return (order,)
+    price = [c * 1e6 / tokens for c in cost] if tokens else [i for i, _ in route.prices]
+    return (order, tuple(p <= ceiling for p in price))
 
 
 def _recorded_choice(candidates: str, provider: str) -> str:
@@ -178,21 +178,28 @@ def _rows(connection: sqlite3.Connection, since_ms: int, until_ms: int) -> Itera
         yield from chunk
 
 
+def ejected_at(health: CandidateHealth, at: int) -> tuple[bool, ...]:
+    """Which candidates an ejection holds at `at` (as decide() tells them)."""
+    if not health.any_ejected:
+        return (False,) * len(health.ejected_until)
+    return tuple(u == UNTIL_NEXT_SNAPSHOT or u > at for u in health.ejected_until)
+
+
 class Decider:
     """decide() once per (model, policy, strategy, health version, ejections, ranking key);
     at most MEMO entries are kept (then it starts over), so memory stays bounded."""
 
-    MEMO = 100_000
+    MEMO = 20_000
 
     def __init__(self) -> None:
         self._memo: dict[tuple[Any, ...], int | None] = {}
         self.calls = 0
 
     def choice(self, route: ModelRoute, health: CandidateHealth, version: int, rule: PolicyRule,
-               prompt_tokens: int, max_tokens: int, ejected: npt.NDArray[np.bool_],
+               prompt_tokens: int, max_tokens: int, ejected: tuple[bool, ...],
                at: int) -> int | None:
         """Index of the provider decide() picks; None when no provider can serve."""
-        key = (route.name, rule.name, version, ejected.tobytes(),
+        key = (route.name, rule.name, version, ejected,
                ranking_key(route, health, rule, rule.strategy, prompt_tokens, max_tokens))
         if key in self._memo:
             return self._memo[key]
@@ -235,7 +242,7 @@ def replay(db_path: str | Path, config: RoutingConfig, since_ms: int, until_ms: 
                 rule = policies.get(policy) or table.match(path, {}, route.name)
                 wanted = max_tokens if max_tokens >= 0 else (
                     0 if path in NO_OUTPUT_PATHS else DEFAULT_MAX_TOKENS)
-                ejected = health.ejected(at)
+                ejected = ejected_at(health, at)
                 index = decider.choice(route, health, timeline.version(route.name), rule,
                                        estimate_prompt_tokens(body_bytes), wanted, ejected, at)
                 if index is None:
@@ -247,10 +254,10 @@ def replay(db_path: str | Path, config: RoutingConfig, since_ms: int, until_ms: 
                 result.to_ejected += bool(ejected[index])
                 recorded_at = (route.providers.index(recorded)
                                if recorded in route.providers else None)
-                result.recorded.add(provider, cost, np.nan if recorded_at is None
-                                    else float(health.latency_ms[recorded_at]))
+                result.recorded.add(provider, cost, math.nan if recorded_at is None
+                                    else health.latencies[recorded_at])
                 result.replayed.add(choice, price_tokens(tuple(tokens), prices[route.name][choice]),
-                                    float(health.latency_ms[index]))
+                                    health.latencies[index])
         except sqlite3.Error as error:
             raise ReportError(f"cannot read the usage ledger {db_path}: {error}") from error
     result.decide_calls = decider.calls
