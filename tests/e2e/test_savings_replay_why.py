@@ -62,9 +62,12 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     policy = policy_on_free_ports(default_policy_path(), root / "policy.yaml")
     accounting = ["--ledger", str(root / "ledger.db"), "--audit-log", str(root / "audit.jsonl"),
                   "--health-history-interval-s", "1"]
-    with Stack(policy=policy, log_dir=root, ports=StackPorts.free(),
-               accounting=accounting).start() as running:
+    running = Stack(policy=policy, log_dir=root, ports=StackPorts.free(),
+                    accounting=accounting).start()
+    try:
         yield running
+    finally:
+        running.stop()
 
 
 @pytest.fixture(scope="module")
