@@ -114,7 +114,7 @@ class ControlPlaneState:
         release = self._rollout.current
         if self._ledger is None or release is None or not self._ledger.is_file():
             raise UnknownRequestError("this control plane keeps no ledger")
-        return explain(self._ledger, release.config, request_id)
+        return explain(self._ledger, release.config, request_id, client_ids=False)
 
 
 async def serve(options: Options, stop: asyncio.Event, hangup: asyncio.Event | None = None) -> None:

@@ -20,6 +20,8 @@ from control_plane.telemetry.health import FleetHealth, ProviderHealth
 from gpu_router.api.v1 import health_pb2
 
 INTERVAL_S = 10.0
+LOOKBACK_MS = 3_600_000
+"""How far back a reader looks for the aggregates current at a time: intervals up to an hour."""
 STATES = {"healthy": health_pb2.HEALTHY, "degraded": health_pb2.DEGRADED,
           "ejected": health_pb2.EJECTED}
 
@@ -110,9 +112,12 @@ def _row(values: tuple[object, ...]) -> HealthRow:
 
 
 def rows_at(connection: sqlite3.Connection, at_unix_ms: int) -> list[HealthRow]:
-    """The latest row of every (provider, model) at or before `at_unix_ms` (the index on
+    """The latest row of every (provider, model) written in the LOOKBACK_MS up to
+    `at_unix_ms` (each is written every interval, so the current ones are there; the index on
     (provider, model, at) makes this one seek per aggregate)."""
-    keys = connection.execute("SELECT DISTINCT provider, model FROM health_history").fetchall()
+    keys = connection.execute(
+        "SELECT DISTINCT provider, model FROM health_history WHERE at_unix_ms > ? "
+        "AND at_unix_ms <= ?", (at_unix_ms - LOOKBACK_MS, at_unix_ms)).fetchall()
     found = []
     for provider, model in keys:
         values = connection.execute(

@@ -12,7 +12,8 @@ the gRPC access log and the reconciler that replays the edges' durable logs
 (reconcile.py) never book a request twice. Rows older than the retention are deleted by the
 writer thread (at open, then hourly). The reconciler's read position in each edge file is
 kept in the same database and written through the same batches, after the rows booked
-before it: a committed position means every request before it is in the ledger.
+before it: a committed position means every request before it is in the ledger. So is the
+fleet's health history (health_history.py), pruned with the same retention.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ of every candidate current at the request's start (its EWMA latency, error and 4
 state). Prices and the tokens' cost on each candidate come from the policy given (the one
 being served). Attempts are told from the route's order: Envoy walks the winner, then the
 fallbacks, so with n attempts the first n - 1 failed and the n-th answered the client.
-The id is the edge's request id or, failing that, the id the client sent.
+The id is the edge's request id or, failing that (CLI only), the id the client sent.
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ class UnknownRequestError(LookupError):
     """No ledger row has this request id (or client request id)."""
 
 
-def _find(connection: sqlite3.Connection, request_id: str) -> LedgerRow:
-    for column in ("request_id", "client_request_id"):
+def _find(connection: sqlite3.Connection, request_id: str, client_ids: bool) -> LedgerRow:
+    for column in ("request_id", "client_request_id")[:2 if client_ids else 1]:
         values = connection.execute(
             f"SELECT {', '.join(COLUMNS)} FROM requests WHERE {column} = ? "
             "ORDER BY at_unix_ms DESC LIMIT 1", (request_id,)).fetchone()
@@ -65,10 +65,13 @@ def _health(rows: list[HealthRow], provider: str, model: str) -> dict[str, Any] 
     }
 
 
-def explain(db_path: str | Path, config: RoutingConfig, request_id: str) -> dict[str, Any]:
-    """The story of one request as a JSON-ready dict; UnknownRequestError when absent."""
+def explain(db_path: str | Path, config: RoutingConfig, request_id: str, *,
+            client_ids: bool = True) -> dict[str, Any]:
+    """The story of one request as a JSON-ready dict; UnknownRequestError when absent.
+    `client_ids`: also look the id up among the ids clients sent (not indexed: a scan, which
+    the control plane's event loop does not afford)."""
     with read_only(Path(db_path)) as connection:
-        row = _find(connection, request_id)
+        row = _find(connection, request_id, client_ids)
         history = rows_at(connection, row.at_unix_ms)
     tokens = (row.input_tokens, row.output_tokens, row.cached_input_tokens,
               row.cache_write_tokens, row.reasoning_tokens)
