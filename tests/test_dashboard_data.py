@@ -72,3 +72,15 @@ def test_served_over_http() -> None:
             page = response.read().decode()
     assert data["providers"] == sorted(PROVIDERS)
     assert "<title>gpu-router dashboard</title>" in page
+
+
+def test_requests_that_reached_no_provider_are_counted_apart() -> None:
+    metrics = Metrics()
+    now_ms = int(NOW.timestamp() * 1000)
+    for index, (provider, status) in enumerate([("coreweave", 200), ("", 404), ("", 401)]):
+        record = make_record(request_id=f"r{index}", at_unix_ms=now_ms - 1000, provider=provider,
+                             status=status)
+        metrics.observe(record, normalise(record), 0.0)
+    data = dashboard_data(metrics, NOW)
+    assert data["providers"] == ["coreweave"], "no provider named none"
+    assert data["unrouted"] == {"requests": 2, "errors": 0}

@@ -159,6 +159,13 @@ function drawTiles(data) {
       `$${fmtUsd(total.cost_usd)} spent &middot; $${fmtUsd(total.cost_per_request_usd)}/req</div>`;
     root.appendChild(tile);
   }
+  if (data.unrouted && data.unrouted.requests > 0) {  // refused at the edge, /v1/models: no provider's
+    const tile = document.createElement("div");
+    tile.className = "tile unrouted";
+    tile.innerHTML = `<div class="name">not routed</div><div class="figures">` +
+      `${data.unrouted.requests} requests never reached a provider</div>`;
+    root.appendChild(tile);
+  }
 }
 
 function escapeHtml(text) {

@@ -14,7 +14,13 @@ from datetime import datetime, timedelta
 from importlib import resources
 from typing import Any
 
-from control_plane.metrics import SERIES_BUCKET_S, SERIES_BUCKETS, Metrics, SeriesPoint
+from control_plane.metrics import (
+    NO_PROVIDER,
+    SERIES_BUCKET_S,
+    SERIES_BUCKETS,
+    Metrics,
+    SeriesPoint,
+)
 
 DATA_PATH = "/v1/dashboard"
 _FILES = {
@@ -34,12 +40,15 @@ def dashboard_files() -> dict[str, tuple[str, bytes]]:
 
 def dashboard_data(metrics: Metrics, now: datetime,
                    clients: Sequence[Mapping[str, Any]] = ()) -> dict[str, Any]:
-    """The last hour (360 x 10 s buckets) per provider, per-provider totals over it,
+    """The last hour (360 x 10 s buckets) per provider, per-provider totals over it, the
+    requests over it that never reached a provider,
     the latest decisions (newest first), and per client (control_plane/client_spend.py) its
     totals since start and its budget, spend in the budget window and what remains."""
     now_ms = int(now.timestamp() * 1000)
     since = now - timedelta(seconds=SERIES_BUCKET_S * SERIES_BUCKETS)
     series = metrics.series(int(since.timestamp() * 1000))
+    # Requests that never reached a provider (refused at the edge, /v1/models) are no provider's.
+    unrouted = series.pop(NO_PROVIDER, [])
     totals: dict[str, dict[str, Any]] = {}
     for provider, points in series.items():
         requests = sum(point.requests for point in points)
@@ -59,6 +68,8 @@ def dashboard_data(metrics: Metrics, now: datetime,
         "series": {provider: [_point(point) for point in points]
                    for provider, points in series.items()},
         "totals": totals,
+        "unrouted": {"requests": sum(point.requests for point in unrouted),
+                     "errors": sum(point.errors for point in unrouted)},
         "decisions": metrics.recent_decisions(),
         "clients": [dict(row) for row in clients],
     }
