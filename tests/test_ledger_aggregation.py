@@ -11,6 +11,7 @@ import sys
 import time
 import tracemalloc
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,7 @@ from control_plane.ledger.savings import Served, build_savings, compute_savings,
 from control_plane.ledger.store import LedgerWriter, ledger_row, open_ledger
 from control_plane.policy.load import default_policy_path, load_policy_file
 from control_plane.policy.model import Price
+from control_plane.policy.wire import to_routing_policy
 from control_plane.telemetry.health import FleetHealth
 from control_plane.telemetry.samples import RequestSample
 from control_plane.usage.normalise import normalise
@@ -36,10 +38,9 @@ from ext_proc.health_view import build_health_view
 from ext_proc.routing_table import build_routing_table
 from ext_proc.scoring import decide
 from gpu_router.replay import Decider, ejected_at, replay
-from control_plane.policy.wire import to_routing_policy
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from ledger_scale import fill  # noqa: E402  the benchmark's synthetic ledger
+from ledger_scale import fill
 
 CONFIG = load_policy_file(default_policy_path())
 NOW = datetime.now(UTC)
@@ -235,9 +236,9 @@ def test_report_savings_and_replay_memory_does_not_grow_with_the_window(tmp_path
         path = tmp_path / f"ledger-{rows}.db"
         fill(path, rows, now_ms, days=1)
         peaks[rows] = {
-            "report": peak_bytes(lambda: build_report(path, timedelta(days=30), NOW)),
-            "savings": peak_bytes(lambda: build_savings(path, CONFIG, timedelta(days=30), NOW)),
-            "replay": peak_bytes(lambda: replay(path, CONFIG, now_ms - 30 * 86_400_000, now_ms)),
+            "report": peak_bytes(partial(build_report, path, timedelta(days=30), NOW)),
+            "savings": peak_bytes(partial(build_savings, path, CONFIG, timedelta(days=30), NOW)),
+            "replay": peak_bytes(partial(replay, path, CONFIG, now_ms - 30 * 86_400_000, now_ms)),
         }
     for command in ("report", "savings"):
         small, large = peaks[20_000][command], peaks[200_000][command]

@@ -16,15 +16,14 @@ import json
 import math
 import re
 import sqlite3
-from dataclasses import asdict, dataclass
-from datetime import UTC, datetime, timedelta
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from control_plane.ledger.percentiles import ALL, BUCKET, histogram_of, latency_percentiles
-
 from control_plane.usage.record import is_error_status
 
 TOTAL = "total"

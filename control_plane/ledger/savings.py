@@ -254,9 +254,9 @@ def render_savings(savings: Savings) -> str:
     if singles:
         lines += ["", table(("everything on", "requests", "actual USD", "would cost USD",
                              "saved USD", "saved", "could not serve (actual cost)"), singles)]
-    lines += ["", f"failover: {savings.failed_over} requests failed over "
-                  f"({savings.extra_attempts} extra attempts, ${savings.failover_paid_usd:.6f} "
-                  "paid: failed attempts return no usage)",
+    lines += ["", (f"failover: {savings.failed_over} requests failed over "
+                   f"({savings.extra_attempts} extra attempts, ${savings.failover_paid_usd:.6f} "
+                   "paid: failed attempts return no usage)"),
               f"not routed (never reached a provider): {savings.unrouted} requests"]
     if savings.unpriced:
         lines.append("no price in this policy: " + ", ".join(

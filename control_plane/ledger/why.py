@@ -112,10 +112,10 @@ def render_why(story: dict[str, Any]) -> str:
     lines = [f"request {story['request_id']} at {story['at']}"
              + (f" (client id {story['client_request_id']})" if story["client_request_id"]
                 else ""),
-             f"  {story['path'] or '-'} model {story['model'] or '-'}, client "
-             f"{story['client'] or '-'}",
-             f"  policy {story['policy'] or '-'}, strategy {story['strategy'] or '-'}: "
-             f"{story['reason'] or 'ext_proc did not decide'}"]
+             (f"  {story['path'] or '-'} model {story['model'] or '-'}, client "
+              f"{story['client'] or '-'}"),
+             (f"  policy {story['policy'] or '-'}, strategy {story['strategy'] or '-'}: "
+              f"{story['reason'] or 'ext_proc did not decide'}")]
     if not story["routed"]:
         lines.append(f"  never reached a provider: answered {story['status']} at the edge")
     if story["candidates"]:
@@ -142,8 +142,8 @@ def render_why(story: dict[str, Any]) -> str:
         lines += ["", "  attempts:"]
         lines += [f"   {a['attempt']}. {a['provider']:<12} {a['outcome']}"
                   for a in story["attempts_detail"]]
-    lines += ["", f"  served by {story['provider'] or 'nobody'}: status {story['status']}, "
-                  f"ttfb {story['ttfb_ms']:.0f} ms, total {story['total_ms']:.0f} ms",
+    lines += ["", (f"  served by {story['provider'] or 'nobody'}: status {story['status']}, "
+                   f"ttfb {story['ttfb_ms']:.0f} ms, total {story['total_ms']:.0f} ms"),
               f"  tokens in {story['input_tokens']} (cached {story['cached_input_tokens']}), "
               f"out {story['output_tokens']}"
               + (f", estimated: {story['estimate_reason']}" if story["estimated"] else "")

@@ -91,7 +91,7 @@ def traffic(stack: Stack) -> dict[str, int]:
     end_ms = int(time.time() * 1000) + 1
     eventually(lambda: history_after(stack, end_ms), "health history after the window", timeout=30)
     sims.fault("coreweave", mode="error", status=503, rate=1.0)
-    status, headers, body = chat(stack, "llama-3.1-8b", {"x-request-id": "failed-over"})
+    status, _, body = chat(stack, "llama-3.1-8b", {"x-request-id": "failed-over"})
     sims.reset_all()
     assert status == 200, body
     assert chat(stack, "no-such-model", {"x-request-id": "unrouted"})[0] == 404
