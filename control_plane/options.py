@@ -41,6 +41,8 @@ class Options:
     edge_log_dir: Path | None = None
     """Where every edge appends each client request (a JSON line per request, one file per
     node) for the ledger to reconcile; None: no such file, ALS only. Needs a ledger."""
+    edge_decision_log: bool = False
+    """Each edge also writes one JSON line per request on its stdout (EdgeSettings)."""
     ledger_retention_days: float = RETENTION_DAYS
     """Ledger rows older than this are deleted."""
     audit_max_bytes: int = MAX_BYTES
@@ -77,6 +79,7 @@ class Options:
             ext_proc_endpoints=self.ext_proc_endpoints,
             capture_usage=self.ledger is not None or self.audit_log is not None,
             edge_log_dir=None if self.edge_log_dir is None else str(self.edge_log_dir),
+            decision_log_stdout=self.edge_decision_log,
         )
 
 
@@ -160,6 +163,12 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         "(default: off)",
     )
     parser.add_argument(
+        "--edge-decision-log", action="store_true",
+        help="each edge also writes one JSON line per request (the decision and who served) on "
+        "Envoy's stdout (default: off; the ledger, the audit log and `gpu-router why` hold the "
+        "same)",
+    )
+    parser.add_argument(
         "--ledger-retention-days", type=_positive(float), default=RETENTION_DAYS,
         help=f"delete ledger rows older than this (default: {RETENTION_DAYS})",
     )
@@ -207,6 +216,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         audit_log=None if args.no_accounting else args.audit_log,
         edge_log_dir=None if args.no_accounting or args.edge_log_dir is None
         else args.edge_log_dir.resolve(),
+        edge_decision_log=args.edge_decision_log,
         ledger_retention_days=args.ledger_retention_days,
         audit_max_bytes=args.audit_max_bytes,
         audit_keep=max(args.audit_keep, 0),

@@ -34,6 +34,7 @@ from control_plane.telemetry.als import ATTEMPT_LOG_NAME, EDGE_LOG_NAME, AccessL
 from control_plane.telemetry.edge_file import entry_from_line
 from control_plane.telemetry.health import PROVIDER_WIDE, FleetHealth, HealthState
 from control_plane.translate.durable_log import durable_edge_log
+from control_plane.translate.listeners import failed_attempts_only
 from control_plane.translate.settings import EdgeSettings
 from control_plane.usage.record import RequestRecord
 from gpu_router.processes import EnvoyAdmin, ManagedProcess, envoy_binary, free_port, http_get
@@ -170,9 +171,11 @@ def envoy_bootstrap(
         "name": "envoy.filters.http.router",
         "typed_config": {
             "@type": TYPE_PREFIX + "envoy.extensions.filters.http.router.v3.Router",
-            "upstream_log": [
-                _grpc_log(ATTEMPT_LOG_NAME, additional_response_headers_to_log=["retry-after"])
-            ],
+            "upstream_log": [{
+                **_grpc_log(ATTEMPT_LOG_NAME, additional_response_headers_to_log=["retry-after"]),
+                # As the edge logs attempts: failed ones only (the served one is on the edge's).
+                "filter": json_format.MessageToDict(failed_attempts_only()),
+            }],
         },
     }
     routes = [

@@ -126,7 +126,7 @@ def test_ext_proc_gets_request_headers_and_body_metadata_only() -> None:
 
 
 def test_access_log_goes_over_grpc_to_the_xds_cluster() -> None:
-    access_log, _stdout = connection_manager().access_log
+    (access_log,) = connection_manager().access_log
     assert access_log.name == "envoy.access_loggers.http_grpc"
     config = als_pb2.HttpGrpcAccessLogConfig()
     assert access_log.typed_config.Unpack(config)
@@ -134,6 +134,7 @@ def test_access_log_goes_over_grpc_to_the_xds_cluster() -> None:
     assert common.log_name == "gpu-router.edge"
     assert common.grpc_service.envoy_grpc.cluster_name == "custom.xds"
     assert common.buffer_flush_interval.ToMilliseconds() == 100
+    assert common.buffer_size_bytes.value == 256 * 1024
     assert list(config.additional_request_headers_to_log) == [
         "x-gpu-router-model",
         "x-gpu-router-strategy",
@@ -142,7 +143,7 @@ def test_access_log_goes_over_grpc_to_the_xds_cluster() -> None:
     assert list(common.filter_state_objects_to_log) == ["envoy.filters.http.ext_proc"]
 
 
-def test_every_attempt_is_logged_over_grpc_with_its_retry_after() -> None:
+def test_failed_attempts_are_logged_over_grpc_with_their_retry_after() -> None:
     router = http_filter_config("envoy.filters.http.router", router_pb2.Router())
     (upstream_log,) = router.upstream_log
     assert upstream_log.name == "envoy.access_loggers.http_grpc"
@@ -153,6 +154,9 @@ def test_every_attempt_is_logged_over_grpc_with_its_retry_after() -> None:
     assert common.grpc_service.envoy_grpc.cluster_name == "custom.xds"
     assert common.buffer_flush_interval.ToMilliseconds() == 100
     assert list(config.additional_response_headers_to_log) == ["retry-after"]
+    status, flags = upstream_log.filter.or_filter.filters
+    assert status.status_code_filter.comparison.value.default_value == 400
+    assert "UF" in flags.response_flag_filter.flags and "UT" in flags.response_flag_filter.flags
 
 
 def test_usage_capture_is_left_out_when_accounting_is_off() -> None:
@@ -162,8 +166,10 @@ def test_usage_capture_is_left_out_when_accounting_is_off() -> None:
     assert names[0] == "gpu-router.request_fields"
 
 
-def test_decisions_are_logged_on_envoys_stdout_as_json() -> None:
-    (stdout,) = [log for log in connection_manager().access_log
+def test_decisions_are_logged_on_envoys_stdout_as_json_when_asked() -> None:
+    assert not [log for log in connection_manager().access_log
+                if log.name == "envoy.access_loggers.stdout"]
+    (stdout,) = [log for log in connection_manager(EdgeSettings(decision_log_stdout=True)).access_log
                  if log.name == "envoy.access_loggers.stdout"]
     config = stream_pb2.StdoutAccessLog()
     assert stdout.typed_config.Unpack(config)

@@ -3,14 +3,15 @@
 Every Envoy edge streams two logs here (cluster "gpu-router.xds"), each on its own stream
 whose first message names it:
 
-- ATTEMPT_LOG_NAME, the router's upstream_log, one entry per upstream attempt: each becomes a
-  health sample for the provider it went to at once, so a provider that failed and was failed
-  over from is still counted as failing; and for its (provider, model) once the request's
-  entry has named the model (attribution.py);
-- EDGE_LOG_NAME, the listener's log, one entry per client request: the client's outcome, which
-  is not a provider sample (its attempts were). It names the model of the request's attempts
-  and goes to the `on_request` hooks (ledger, audit), which check it themselves
-  (accounting.py).
+- ATTEMPT_LOG_NAME, the router's upstream_log, one entry per failed upstream attempt: each
+  becomes a health sample for the provider it went to at once, so a provider that failed and
+  was failed over from is still counted as failing; and for its (provider, model) once the
+  request's entry has named the model (attribution.py);
+- EDGE_LOG_NAME, the listener's log, one entry per client request: the client's outcome. It
+  names the model of the request's failed attempts; when the last attempt served, the entry is
+  that attempt's sample (its cluster, status and upstream timings: every served request counts
+  in the EWMA); and it goes to the `on_request` hooks (ledger, audit), which check it
+  themselves (accounting.py).
 
 Entries are checked one by one (validation.py), and read one by one: a bad entry is dropped
 and counted, never costing its batch or its stream. Messages are parsed leniently
@@ -35,6 +36,7 @@ from control_plane.telemetry.samples import (
     RequestSample,
     decided_model,
     sample_from_attempt_entry,
+    served_sample,
 )
 from control_plane.telemetry.validation import (
     ATTEMPT,
@@ -191,6 +193,17 @@ class AccessLogReceiver:
         if attributed is not None:
             self._record_model(attributed, ATTEMPT)
 
+    def _served(
+        self, entry: accesslog_pb2.HTTPAccessLogEntry, node_id: str, now_ms: int
+    ) -> RequestSample | None:
+        """The sample of the attempt that served the request (not on the attempt log, which
+        has only failed attempts), if the entry is believable as an attempt would be. A problem
+        is not counted here: the request hooks (accounting) count the same entry's."""
+        sample = served_sample(entry, node_id, at_unix_ms=now_ms)
+        if sample is None or attempt_problem(entry, now_ms, self._limits, self._names):
+            return None
+        return sample
+
     def _record_model(self, sample: RequestSample, kind: str) -> None:
         """An attempt with its request's model: counted unless the provider does not offer it."""
         if self._fleet.knows(sample.provider, sample.model):
@@ -207,12 +220,15 @@ class AccessLogReceiver:
                 attributed = self._attribution.request(
                     entry.request.request_id, decided_model(entry), now_ms
                 )
+                served = self._served(entry, node_id, now_ms)
             except Exception:  # one entry never costs its batch or its stream
                 logger.debug("unreadable request entry", exc_info=True, extra={"node": node_id})
                 self._count(EDGE, UNREADABLE)
                 continue
             for sample in attributed:
                 self._record_model(sample, EDGE)
+            if served is not None:
+                self._fleet.record(served)  # for the provider and, known, for its model
             for hook in self.on_request:
                 try:
                     hook(entry, node_id)

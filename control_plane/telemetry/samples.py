@@ -2,8 +2,8 @@
 
 Two logs reach the control plane (envoy.data.accesslog.v3.HTTPAccessLogEntry over gRPC ALS):
 
-- "gpu-router.attempt", the router's upstream_log: one entry per upstream attempt, so a request
-  that failed over from a provider still tells about that provider. These feed health
+- "gpu-router.attempt", the router's upstream_log: one entry per failed upstream attempt, so a
+  request that failed over from a provider still tells about that provider. These feed health
   (`sample_from_attempt_entry`), with the provider's Retry-After from the logged response
   header. An attempt entry has no dynamic metadata (it is the upstream request's own stream
   info, measured on Envoy 1.40), so it does not know the model: attribution.py joins it with its
@@ -12,7 +12,7 @@ Two logs reach the control plane (envoy.data.accesslog.v3.HTTPAccessLogEntry ove
   opened it, measured.)
 - "gpu-router.edge", the listener's log: one entry per client request, the client's outcome
   (`sample_from_log_entry`), with the decision ext_proc put under "gpu_router"
-  (`decided_model`).
+  (`decided_model`); when its last attempt served, that attempt's sample (`served_sample`).
 
 Only entries that reached (or tried to reach) a provider cluster become samples: ext_proc's
 immediate responses have no upstream cluster, and internal clusters (names starting
@@ -159,6 +159,19 @@ def sample_from_log_entry(
         node=node_id,
         request_id=entry.request.request_id,
     )
+
+
+def served_sample(
+    entry: accesslog_pb2.HTTPAccessLogEntry, node_id: str, *, at_unix_ms: int
+) -> RequestSample | None:
+    """The health sample of the attempt that served a request, from the request's edge entry;
+    None when its last attempt failed. The edge logs only failed attempts on the attempt log
+    (translate/listeners.failed_attempts_only: a status of 400 or more, or an upstream failure
+    flag), so a last attempt is a sample either from there or from here, never both."""
+    sample = sample_from_log_entry(entry, node_id, at_unix_ms=at_unix_ms)
+    if sample is None or sample.status >= 400 or sample.upstream_failure:
+        return None
+    return sample
 
 
 def parse_retry_after(value: str, now_unix_ms: int) -> float | None:

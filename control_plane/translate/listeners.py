@@ -74,7 +74,11 @@ def edge_listener(settings: EdgeSettings) -> listener_pb2.Listener:
             _ext_proc(settings),
             _router(settings),
         ],
-        access_log=[_access_log(settings), _stdout_log(), *durable_edge_log(settings)],
+        access_log=[
+            _access_log(settings),
+            *([_stdout_log()] if settings.decision_log_stdout else []),
+            *durable_edge_log(settings),
+        ],
     )
     return listener_pb2.Listener(
         name=LISTENER,
@@ -225,14 +229,40 @@ def _ext_proc(settings: EdgeSettings) -> hcm_pb2.HttpFilter:
     return hcm_pb2.HttpFilter(name=EXT_PROC_FILTER, typed_config=packed(processor))
 
 
+FAILED_ATTEMPT_FLAGS = ("UF", "UR", "UC", "UO", "UT", "URX", "UPE", "UMSDR", "UH")
+"""The response flags that blame a provider (control_plane/telemetry/samples.py
+_UPSTREAM_FAILURE_FLAGS, by their short names): an attempt with one of them, or with a status
+of 400 or more, is a failed attempt."""
+
+
+def failed_attempts_only() -> accesslog_pb2.AccessLogFilter:
+    """Only failed attempts go to the attempt log: the attempt that served a request is
+    described by the request's own edge entry (its cluster, status and upstream timings), from
+    which the control plane takes that health sample (samples.served_sample)."""
+    return accesslog_pb2.AccessLogFilter(
+        or_filter=accesslog_pb2.OrFilter(filters=[
+            accesslog_pb2.AccessLogFilter(status_code_filter=accesslog_pb2.StatusCodeFilter(
+                comparison=accesslog_pb2.ComparisonFilter(
+                    op=accesslog_pb2.ComparisonFilter.GE,
+                    value=base_pb2.RuntimeUInt32(
+                        default_value=400, runtime_key="gpu_router.attempt_log.min_status"),
+                ))),
+            accesslog_pb2.AccessLogFilter(response_flag_filter=accesslog_pb2.ResponseFlagFilter(
+                flags=list(FAILED_ATTEMPT_FLAGS))),
+        ])
+    )
+
+
 def _router(settings: EdgeSettings) -> hcm_pb2.HttpFilter:
-    """The upstream log has one entry per attempt (upstream_cluster, status, flags, timings and
-    a 429's Retry-After): the provider-health samples."""
+    """The upstream log has one entry per failed attempt (upstream_cluster, status, flags,
+    timings and a 429's Retry-After): the health samples of providers a request failed over
+    from, or that failed it."""
     attempt_log = _grpc_log(
         settings,
         ATTEMPT_LOG_NAME,
         als_pb2.HttpGrpcAccessLogConfig(additional_response_headers_to_log=["retry-after"]),
     )
+    attempt_log.filter.CopyFrom(failed_attempts_only())
     return hcm_pb2.HttpFilter(
         name="envoy.filters.http.router",
         typed_config=packed(router_pb2.Router(upstream_log=[attempt_log])),
@@ -289,6 +319,7 @@ def _grpc_log(
     common.grpc_service.envoy_grpc.cluster_name = settings.xds_cluster
     common.transport_api_version = ApiVersion.V3
     common.buffer_flush_interval.CopyFrom(milliseconds(settings.access_log_flush_ms))
+    common.buffer_size_bytes.value = settings.access_log_buffer_bytes
     return accesslog_pb2.AccessLog(
         name="envoy.access_loggers.http_grpc", typed_config=packed(config)
     )

@@ -36,7 +36,8 @@ def policy_on_free_ports(source: Path, destination: Path, edit: Callable[[dict],
 
 def start_stack(policy: Path, log_dir: Path, **kwargs: Any) -> Stack:
     """A stack on free ports whose ledger and audit log live in `log_dir`."""
-    accounting = ["--ledger", str(log_dir / "ledger.db"), "--audit-log", str(log_dir / "audit.jsonl")]
+    accounting = ["--ledger", str(log_dir / "ledger.db"), "--audit-log", str(log_dir / "audit.jsonl"),
+                  "--edge-decision-log"]
     return Stack(policy=policy, log_dir=log_dir, ports=StackPorts.free(), accounting=accounting,
                  **kwargs).start()
 
