@@ -11,6 +11,7 @@ from pathlib import Path
 from control_plane.ledger.report import ReportError, run_report
 from control_plane.ledger.store import data_dir, default_ledger_path
 from control_plane.policy.load import PolicyError, default_policy_path, load_policy_file
+from control_plane.translate import TranslationError, check_translatable
 from gpu_router import pki
 from gpu_router.edge_guard import open_edge_refusal
 from gpu_router.health_view import render_health
@@ -26,8 +27,10 @@ def validate(args: argparse.Namespace) -> int:
     for path in args.files:
         try:
             config = load_policy_file(path)
-        except (PolicyError, OSError) as error:
-            print(error, file=sys.stderr)
+            check_translatable(config)  # what the control plane would refuse to serve
+        except (PolicyError, OSError, TranslationError) as error:
+            print(f"{path}: {error}" if isinstance(error, TranslationError) else error,
+                  file=sys.stderr)
             failed += 1
             continue
         print(f"{path}: ok ({len(config.providers)} providers, {len(config.models)} models, "

@@ -31,6 +31,7 @@ __all__ = [
     "EnvoyResources",
     "MissingCredentialError",
     "TranslationError",
+    "check_translatable",
     "translate",
 ]
 
@@ -66,3 +67,13 @@ def translate(
         endpoints=MappingProxyType(endpoint_assignments(config)),
         secrets=MappingProxyType(credential_secrets(config, credentials)),
     )
+
+
+def check_translatable(config: RoutingConfig, settings: EdgeSettings | None = None) -> None:
+    """Raise the TranslationError translate() would raise for `config` itself (the route limit,
+    fallback weights, clusters), without needing its credentials: what `gpu-router validate`
+    checks, so it refuses what `gpu-router up` would."""
+    settings = settings or EdgeSettings()
+    route_configuration(config, settings)
+    all_clusters(config, settings)
+    endpoint_assignments(config)
