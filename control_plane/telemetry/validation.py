@@ -133,13 +133,21 @@ class RecentNames:
         self._current = PolicyNames()
         self._retired: list[tuple[int, PolicyNames]] = []
         """(until when, names) of replaced policies."""
+        self._known = self._current
+        """The union of current and retired names, kept until either changes (asked per entry)."""
 
     def use(self, names: PolicyNames, now_ms: int) -> None:
         self._retired.append((now_ms + self._grace_ms, self._current))
         self._current = names
+        self._known = self._union()
 
     def at(self, now_ms: int) -> PolicyNames:
-        self._retired = [(until, names) for until, names in self._retired if until > now_ms]
+        if any(until <= now_ms for until, _ in self._retired):
+            self._retired = [(until, names) for until, names in self._retired if until > now_ms]
+            self._known = self._union()
+        return self._known
+
+    def _union(self) -> PolicyNames:
         known = self._current
         for _, names in self._retired:
             known = known.union(names)
