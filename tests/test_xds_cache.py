@@ -217,3 +217,20 @@ def test_nodes_show_the_edge_port_and_the_version_that_node_is_served() -> None:
     lds = node["types"][type_urls.LISTENER]
     assert node["edge_port"] == 10001
     assert lds["acked_version"] == lds["current_version"] == f"{version}:10001"
+
+
+def test_a_health_push_checks_its_own_names_not_every_listener_and_cluster(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from control_plane.xds import snapshot as snapshot_module
+    from gpu_router.api.v1 import health_pb2
+
+    cache = SnapshotCache()
+    publish(cache, "a", "b")
+    walked: list[object] = []
+    monkeypatch.setattr(snapshot_module, "_walk", lambda message: walked.append(message) or [])
+
+    cache.set_types({type_urls.HEALTH_SNAPSHOT: {"health": health_pb2.HealthSnapshot()}})
+    assert walked == []  # the clusters were not unpacked and walked again
+    publish(cache, "a")
+    assert len(walked) == 1  # a cluster update is checked whole

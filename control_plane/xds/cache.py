@@ -53,7 +53,7 @@ class SnapshotCache:
         references resources it does not contain.
         """
         candidate = self._snapshot.with_types(updates)
-        candidate.check_consistent()
+        candidate.check_consistent(changed=updates.keys())
         changed = [t for t in updates if candidate.version(t) != self._snapshot.version(t)]
         self._snapshot = candidate
         for type_url in changed:
