@@ -7,7 +7,7 @@ ratios against the baseline, plus ext_proc's own time as Envoy's ext_proc filter
 it (Envoy has no ext_proc timing stat of its own), and at 16 connections the CPU time each
 process spent per request: on a 2-core machine, 2 s of CPU per second bounds the req/s.
 
-    python bench/routed_path.py [--duration 10] [--workers 1 2] [--client-keys 100]
+    python bench/routed_path.py [--duration 10] [--workers 1 2] [--client-keys 100] [--providers 4]
 
 --client-keys N also compares two x1 stacks at 16 connections, one whose policy declares N
 client keys (the load sends one of them) and one without clients, loaded in turn (A B B A):
@@ -31,7 +31,14 @@ from pathlib import Path
 
 import yaml
 
-from gpu_router.processes import EnvoyAdmin, ManagedProcess, envoy_binary, free_port, http_get, port_open
+from gpu_router.processes import (
+    EnvoyAdmin,
+    ManagedProcess,
+    envoy_binary,
+    free_port,
+    http_get,
+    port_open,
+)
 from gpu_router.stack import Stack, StackPorts
 
 MODEL = "bench-model"
@@ -117,20 +124,21 @@ def floor_stack(work: Path, port: int, upstream_port: int) -> list[ManagedProces
     return [server, envoy]
 
 
-def bench_policy(path: Path, upstream_port: int, keys: int = 0) -> Path:
-    """The one-provider bench policy; with `keys`, that many clients, the first holding
-    BENCH_KEY."""
+def bench_policy(path: Path, upstream_port: int, keys: int = 0, providers: int = 1) -> Path:
+    """The bench policy: `providers` identical providers on the fast upstream (one: "fast");
+    with `keys`, that many clients, the first holding BENCH_KEY."""
     clients = [{"name": f"client-{i}",
                 "key_sha256": hashlib.sha256(BENCH_KEY.encode() if i == 0 else os.urandom(32)).hexdigest()}
                for i in range(keys)]
+    names = ["fast"] if providers == 1 else [f"fast-{i}" for i in range(providers)]
     path.write_text(yaml.safe_dump({
         **({"clients": clients} if clients else {}),
         "version": 1,
         "providers": [{
-            "name": "fast", "base_url": f"http://127.0.0.1:{upstream_port}", "health_check_path": "/health",
+            "name": name, "base_url": f"http://127.0.0.1:{upstream_port}", "health_check_path": "/health",
             "gpus": [{"type": "H100", "memory_gb": 80}],
             "models": [{"name": MODEL, "id": MODEL, "gpu": "H100", "price": {"input": 0.1, "output": 0.1, "cached_input": 0.05, "reasoning": 0.1}}],
-        }],
+        } for name in names],
         "models": [{"name": MODEL, "min_gpu_memory_gb": 1}],
         "policies": [{"name": "all", "strategy": "balanced"}],
     }))
@@ -277,6 +285,8 @@ def main() -> int:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="ext_proc worker counts")
     parser.add_argument("--client-keys", type=int, default=0,
                         help="also compare x1 with this many client keys declared to x1 without (e.g. 100)")
+    parser.add_argument("--providers", type=int, default=1,
+                        help="identical providers in the routed stacks' policy, all on the fast upstream")
     parser.add_argument("--no-accounting-run", action="store_true",
                         help="skip the run with usage accounting and audit logging off")
     args = parser.parse_args()
@@ -313,7 +323,7 @@ def main() -> int:
         for process in floor:
             process.stop()
         floors = {label: load for name, label, load in rows if name == "floor"}
-        policy = bench_policy(work / "policy.yaml", upstream_port)
+        policy = bench_policy(work / "policy.yaml", upstream_port, providers=args.providers)
         timings = {}
         runs = [(f"routed x{w}", w, True) for w in args.workers]
         if not args.no_accounting_run:
