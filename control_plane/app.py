@@ -25,6 +25,7 @@ from control_plane.accounting import Accounting
 from control_plane.admin_http import AdminHttpServer
 from control_plane.client_spend import ClientSpend, publish_spend
 from control_plane.dashboard.data import dashboard_data
+from control_plane.dashboard.savings_card import SavingsCard
 from control_plane.json_log import configure_logging
 from control_plane.ledger.health_history import record_health
 from control_plane.ledger.reconcile import Reconciler
@@ -62,6 +63,8 @@ class ControlPlaneState:
         clients: ClientSpend | None = None, ledger: Path | None = None,
     ) -> None:
         self._ledger = ledger
+        self.savings = None if ledger is None else SavingsCard(
+            ledger, lambda: None if rollout.current is None else rollout.current.config)
         self._clients = clients
         self._cache = cache
         self._rollout = rollout
@@ -70,7 +73,8 @@ class ControlPlaneState:
 
     def dashboard(self) -> dict[str, Any]:
         clients = self._clients.rows() if self._clients is not None else []
-        return dashboard_data(self._metrics, datetime.now(UTC), clients)
+        return dashboard_data(self._metrics, datetime.now(UTC), clients,
+                              savings=None if self.savings is None else self.savings.summary)
 
     def metrics_exposition(self, accept: str) -> tuple[bytes, str]:
         return self._metrics.exposition(accept)
@@ -172,10 +176,8 @@ async def serve(options: Options, stop: asyncio.Event, hangup: asyncio.Event | N
     )
     await apply(first)
     await server.start()
-    admin = AdminHttpServer(
-        options.http_host, options.http_port, ControlPlaneState(cache, rollout, fleet, metrics, accounting.spend,
-                                                     options.ledger)
-    )
+    state = ControlPlaneState(cache, rollout, fleet, metrics, accounting.spend, options.ledger)
+    admin = AdminHttpServer(options.http_host, options.http_port, state)
     await admin.start()
     log.info(
         "control_plane_started",
@@ -202,6 +204,8 @@ async def serve(options: Options, stop: asyncio.Event, hangup: asyncio.Event | N
     if options.ledger is not None:
         jobs.append(record_health(fleet, accounting.add_health,
                                   interval_s=options.health_history_interval_s))
+    if state.savings is not None:
+        jobs.append(state.savings.run())
     if options.policy is not None:
         jobs.append(watcher.run())
     if hangup is not None:

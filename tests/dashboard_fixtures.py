@@ -43,8 +43,9 @@ def synthetic_metrics(now: datetime, minutes: int = 5) -> Metrics:
 
 
 @contextmanager
-def dashboard_server(metrics: Metrics) -> Iterator[str]:
-    """Serves the dashboard files and /v1/dashboard on 127.0.0.1; yields the base URL."""
+def dashboard_server(metrics: Metrics, savings: dict | None = None) -> Iterator[str]:
+    """Serves the dashboard files and /v1/dashboard (with `savings` as the savings card's
+    figure) on 127.0.0.1; yields the base URL."""
     files = dashboard_files()
 
     class Handler(BaseHTTPRequestHandler):
@@ -52,7 +53,8 @@ def dashboard_server(metrics: Metrics) -> Iterator[str]:
             path = self.path.split("?", 1)[0]
             if path == DATA_PATH:
                 content_type = "application/json"
-                body = json.dumps(dashboard_data(metrics, datetime.now(UTC))).encode()
+                body = json.dumps(dashboard_data(metrics, datetime.now(UTC),
+                                                 savings=savings)).encode()
             elif path in files:
                 content_type, body = files[path]
             else:

@@ -84,3 +84,27 @@ def test_requests_that_reached_no_provider_are_counted_apart() -> None:
     data = dashboard_data(metrics, NOW)
     assert data["providers"] == ["coreweave"], "no provider named none"
     assert data["unrouted"] == {"requests": 2, "errors": 0}
+
+
+def test_the_savings_card_reads_the_ledger_off_the_dashboard_poll(tmp_path) -> None:
+    from control_plane.dashboard.savings_card import SavingsCard
+    from control_plane.ledger.store import LedgerWriter, ledger_row
+    from control_plane.policy.load import default_policy_path, load_policy_file
+
+    path = tmp_path / "ledger.db"
+    config = load_policy_file(default_policy_path())
+    savings = SavingsCard(path, lambda: config)
+    savings.refresh()
+    assert savings.summary is None, "no ledger yet: no figure"
+    writer = LedgerWriter(path)
+    now_ms = int(datetime.now(UTC).timestamp() * 1000)
+    for index, provider in enumerate(("coreweave", "vast", "")):
+        record = make_record(request_id=f"r{index}", at_unix_ms=now_ms - 1000,
+                             provider=provider, model="llama-3.1-8b")
+        writer.add(ledger_row(record, normalise(record), 0.001))
+    writer.close()
+    savings.refresh()
+    assert savings.summary is not None
+    assert (savings.summary["requests"], savings.summary["unrouted"]) == (2, 1)
+    assert savings.summary["models"][0]["cheapest"] == "vast"
+    json.dumps(savings.summary)

@@ -203,6 +203,31 @@ function drawDecisions(data) {
   }
 }
 
+function drawSavings(data) {  // gpu-router savings over the last day, refreshed every minute
+  const savings = data.savings;
+  if (!savings) return;
+  const pct = (b) => (b && b.savings_pct !== null) ? `${(b.savings_pct * 100).toFixed(1)}%` : "-";
+  const vs = (name, b) => b ? `${name}: $${fmtUsd(b.cost_usd)}, saved $${fmtUsd(b.savings_usd)} ` +
+    `(${pct(b)})` : `${name}: -`;
+  document.getElementById("savings-summary").textContent =
+    `served ${savings.requests} requests for $${fmtUsd(savings.actual_usd)}; ` +
+    `${vs("vs cheapest single provider per model", savings.vs_cheapest)}; ` +
+    `${vs("vs most used", savings.vs_most_used)}; ${savings.failed_over} failed over; ` +
+    `${savings.unrouted} never reached a provider`;
+  const body = document.querySelector("#savings tbody");
+  clear(body);
+  for (const m of savings.models) {
+    const row = body.appendChild(document.createElement("tr"));
+    for (const [text, cls] of [[m.model], [String(m.requests), "num"],
+        [fmtUsd(m.actual_usd), "num"], [m.cheapest || "-"],
+        [m.cheapest_usd === null ? "-" : fmtUsd(m.cheapest_usd), "num"]]) {
+      const cell = row.appendChild(document.createElement("td"));
+      cell.textContent = text;
+      if (cls) cell.className = cls;
+    }
+  }
+}
+
 function drawClients(data) {
   const body = document.querySelector("#clients tbody");
   clear(body);
@@ -215,15 +240,9 @@ function drawClients(data) {
       [String(c.tokens), "num"], [fmtUsd(c.cost_usd), "num"], [fmtUsd(c.budget_usd), "num"],
       [fmtUsd(c.spent_usd), "num"], [fmtUsd(c.remaining_usd), "num"],
     ];
-    for (const [text, cls, href] of cells) {
+    for (const [text, cls] of cells) {
       const cell = document.createElement("td");
-      if (href) {  // the request's story (gpu-router why) from the control plane's ledger
-        const link = cell.appendChild(document.createElement("a"));
-        link.href = href;
-        link.textContent = text;
-      } else {
-        cell.textContent = text;
-      }
+      cell.textContent = text;
       if (cls) cell.className = cls;
       row.appendChild(cell);
     }
@@ -237,6 +256,7 @@ function render(data) {
   drawCost(data);
   drawSuccess(data);
   drawDecisions(data);
+  drawSavings(data);
   drawClients(data);
   const status = document.getElementById("status");
   status.textContent = `updated ${fmtTime(data.now_unix_ms)} UTC`;

@@ -39,11 +39,13 @@ def dashboard_files() -> dict[str, tuple[str, bytes]]:
 
 
 def dashboard_data(metrics: Metrics, now: datetime,
-                   clients: Sequence[Mapping[str, Any]] = ()) -> dict[str, Any]:
+                   clients: Sequence[Mapping[str, Any]] = (), *,
+                   savings: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The last hour (360 x 10 s buckets) per provider, per-provider totals over it, the
     requests over it that never reached a provider,
     the latest decisions (newest first), and per client (control_plane/client_spend.py) its
-    totals since start and its budget, spend in the budget window and what remains."""
+    totals since start and its budget, spend in the budget window and what remains; and the
+    savings card's last figure (savings_card.py), None until there is one."""
     now_ms = int(now.timestamp() * 1000)
     since = now - timedelta(seconds=SERIES_BUCKET_S * SERIES_BUCKETS)
     series = metrics.series(int(since.timestamp() * 1000))
@@ -72,6 +74,7 @@ def dashboard_data(metrics: Metrics, now: datetime,
                      "errors": sum(point.errors for point in unrouted)},
         "decisions": metrics.recent_decisions(),
         "clients": [dict(row) for row in clients],
+        "savings": None if savings is None else dict(savings),
     }
 
 

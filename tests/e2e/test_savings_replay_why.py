@@ -192,6 +192,10 @@ def test_why_tells_every_candidate_and_attempt_of_a_failed_over_request(
 
     with urllib.request.urlopen(stack.control_url(f"/v1/why/{story['request_id']}")) as answer:
         assert json.loads(answer.read())["attempts_detail"] == story["attempts_detail"]
+    with urllib.request.urlopen(stack.control_url("/v1/dashboard")) as answer:
+        card = json.loads(answer.read())["savings"]
+    assert card is not None and set(card) >= {"actual_usd", "vs_cheapest", "models"}, (
+        "the savings card's figure, made at start and every minute")
 
     with pytest.raises(SystemExit) as exit_code:
         cli.main(["why", "failed-over", "--ledger", str(stack.log_dir / "ledger.db"),
