@@ -170,7 +170,16 @@ def test_history_sampler_writes_every_interval_and_at_each_state_change() -> Non
     ejected = sampler.due(fleet.entries(5006), 5006)
     assert {r.state for r in ejected} == {"ejected"} and ejected[0].ejected_until > 5006
     assert sampler.due(fleet.entries(11_000), 11_000) == [], "still ejected: nothing new"
-    assert len(sampler.due(fleet.entries(15_006), 15_006)) == 2, "10 s on"
+    assert {r.state for r in sampler.due(fleet.entries(15_006), 15_006)} == {
+        "degraded"}, "the cooldown ended: a state change"
+    assert sampler.due(fleet.entries(26_000), 26_000) == [], "figures unchanged: no row"
+    fleet.record(sample(200, 80.0, 26_001))
+    assert {(r.model, r.ewma_ms) for r in sampler.due(fleet.entries(26_002), 26_002)} == {
+        ("", 52.0), ("m", 52.0)}, "10 s on and the EWMA moved"
+    assert sampler.due(fleet.entries(27_000), 27_000) == [], "moved, but within the interval"
+    assert {r.state for r in sampler.due(fleet.entries(100_000), 100_000)} == {"healthy"}
+    assert sampler.due(fleet.entries(690_000), 690_000) == [], "an idle fleet writes nothing..."
+    assert len(sampler.due(fleet.entries(700_000), 700_000)) == 2, "...but every 10 minutes"
 
 
 def test_history_is_written_pruned_and_read_back_as_the_snapshot_of_its_time(

@@ -1,7 +1,8 @@
 """The fleet health the router decided on, kept over time in the ledger's database.
 
 One row per (provider, model) aggregate (model "" for the provider as a whole, as in the
-HealthSnapshot ext_proc receives) every `interval_s` (10 s by default), and at once whenever its
+HealthSnapshot ext_proc receives) every `interval_s` (10 s by default) while its figures move,
+every 10 minutes while they do not (an idle fleet writes little), and at once whenever its
 state or ejection changes: an ejection can last less than an interval, and it is what a replay
 or an explanation most needs to know. Rows go through the ledger's batched writer and are
 pruned with its retention. `gpu-router replay` and `why` read them back (`rows_at`,
@@ -20,8 +21,10 @@ from control_plane.telemetry.health import FleetHealth, ProviderHealth
 from gpu_router.api.v1 import health_pb2
 
 INTERVAL_S = 10.0
+HEARTBEAT_MS = 600_000
+"""An aggregate whose figures did not move is written again this often..."""
 LOOKBACK_MS = 3_600_000
-"""How far back a reader looks for the aggregates current at a time: intervals up to an hour."""
+"""...so a reader looking this far back finds every aggregate current at a time."""
 STATES = {"healthy": health_pb2.HEALTHY, "degraded": health_pb2.DEGRADED,
           "ejected": health_pb2.EJECTED}
 
@@ -73,26 +76,36 @@ _SELECT = f"SELECT {', '.join(HISTORY_COLUMNS)} FROM health_history"
 
 
 class HistorySampler:
-    """Which aggregates are due a row: each every `interval_ms`, and any whose state or
-    ejection changed since its last row. Pure: time is passed in."""
+    """Which aggregates are due a row: any whose state or ejection changed since its last row;
+    every `interval_ms` one whose figures moved; and every HEARTBEAT_MS one that sat still (an
+    idle fleet writes little, and a reader's LOOKBACK_MS always finds every aggregate).
+    Pure: time is passed in."""
 
     def __init__(self, interval_s: float = INTERVAL_S) -> None:
+        """An interval longer than the heartbeat is the heartbeat."""
         if interval_s <= 0:
             raise ValueError(f"interval_s must be > 0, got {interval_s}")
-        self._interval_ms = int(interval_s * 1000)
-        self._last: dict[tuple[str, str], tuple[int, str, int]] = {}
+        self._interval_ms = min(int(interval_s * 1000), HEARTBEAT_MS)
+        self._last: dict[tuple[str, str], HealthRow] = {}
 
     def due(self, entries: Iterable[ProviderHealth], now_ms: int) -> list[HealthRow]:
         rows = []
         for health in entries:
-            key = (health.provider, health.model)
-            last = self._last.get(key)
-            changed = last is None or (last[1], last[2]) != (
-                health.state.value, health.cooldown_until_unix_ms)
-            if changed or now_ms - last[0] >= self._interval_ms:
-                rows.append(HealthRow.of(health, now_ms))
-                self._last[key] = (now_ms, health.state.value, health.cooldown_until_unix_ms)
+            row = HealthRow.of(health, now_ms)
+            last = self._last.get((row.provider, row.model))
+            if last is None or _changed(last, row, self._interval_ms):
+                rows.append(row)
+                self._last[row.provider, row.model] = row
         return rows
+
+
+def _changed(last: HealthRow, row: HealthRow, interval_ms: int) -> bool:
+    if (last.state, last.ejected_until) != (row.state, row.ejected_until):
+        return True
+    age = row.at_unix_ms - last.at_unix_ms
+    moved = (last.ewma_ms, last.ttfb_ms, last.error_rate, last.rate_429, last.reason) != (
+        row.ewma_ms, row.ttfb_ms, row.error_rate, row.rate_429, row.reason)
+    return age >= HEARTBEAT_MS or (moved and age >= interval_ms)
 
 
 async def record_health(fleet: FleetHealth, add: Callable[[HealthRow], None], *,

@@ -20,6 +20,7 @@ import yaml
 from polling import eventually
 from stack_harness import Providers, chat, policy_on_free_ports
 
+from control_plane.ledger.health_history import rows_at
 from control_plane.ledger.report import run_report
 from control_plane.ledger.savings import build_savings
 from control_plane.ledger.why import explain
@@ -44,16 +45,22 @@ def rows(stack: Stack, where: str = "1", *args: object) -> list[sqlite3.Row]:
         connection.close()
 
 
-def history_after(stack: Stack, at_ms: int) -> bool:
-    """The health history has a row, newer than at_ms, measuring every offering routed here."""
+def history_caught_up(stack: Stack) -> bool:
+    """The health history's latest rows hold the fleet's current EWMAs (what ext_proc routes
+    on), every offering of the warm-up measured."""
+    with urllib.request.urlopen(stack.control_url("/v1/health")) as answer:
+        fleet = json.loads(answer.read())["providers"]
+    current = {(provider, model): figures["ewma_latency_ms"]
+               for provider, entry in fleet.items()
+               for model, figures in [("", entry), *entry["models"].items()]}
     connection = sqlite3.connect(stack.log_dir / "ledger.db")
     try:
-        measured = connection.execute(
-            "SELECT count(DISTINCT provider || '/' || model) FROM health_history "
-            "WHERE at_unix_ms > ? AND ewma_ms IS NOT NULL AND model != ''", (at_ms,)).fetchone()[0]
+        recorded = {(row.provider, row.model): row.ewma_ms
+                    for row in rows_at(connection, int(time.time() * 1000) + 1)}
     finally:
         connection.close()
-    return measured >= 6  # llama-8b on 4 providers; mixtral's and 70b's latency-first picks
+    measured = sum(model != "" and ewma is not None for (_, model), ewma in current.items())
+    return measured >= 6 and recorded == current  # llama-8b x 4; mixtral's, 70b's first picks
 
 
 @pytest.fixture(scope="module")
@@ -79,9 +86,7 @@ def traffic(stack: Stack) -> dict[str, int]:
     for _ in range(6):
         for model in MODELS:
             assert chat(stack, model)[0] == 200
-    warmed_ms = int(time.time() * 1000)
-    eventually(lambda: history_after(stack, warmed_ms), "health history after the warm-up",
-               timeout=30)
+    eventually(lambda: history_caught_up(stack), "health history after the warm-up", timeout=30)
     start_ms = int(time.time() * 1000)
     for index in range(WINDOW):
         for model in MODELS:
@@ -89,7 +94,7 @@ def traffic(stack: Stack) -> dict[str, int]:
                                    max_tokens=16 + index)
             assert status == 200, body
     end_ms = int(time.time() * 1000) + 1
-    eventually(lambda: history_after(stack, end_ms), "health history after the window", timeout=30)
+    eventually(lambda: history_caught_up(stack), "health history after the window", timeout=30)
     sims.fault("coreweave", mode="error", status=503, rate=1.0)
     status, _, body = chat(stack, "llama-3.1-8b", {"x-request-id": "failed-over"})
     sims.reset_all()
