@@ -347,3 +347,19 @@ def test_a_success_breaks_the_run_of_failures() -> None:
         health.record(sample(T0 + i, status))
 
     assert view(health, T0 + 10).state is HealthState.DEGRADED  # 40%: not by rate, not in a row
+
+
+def test_a_window_holds_no_object_the_garbage_collector_tracks_per_sample() -> None:
+    """Full collections walk every tracked object: a busy fleet's windows must not add any."""
+    import gc
+
+    health = FleetHealth()
+    samples = [sample(T0 + i, 503 if i % 7 == 0 else 200) for i in range(2000)]
+    gc.collect()
+    before = len(gc.get_objects())
+    for s in samples:
+        health.record(s)
+    gc.collect()
+    assert len(gc.get_objects()) - before < 100
+    view = health.get("prov-a", "m1", T0 + 2000)
+    assert view is not None and view.samples == 2000

@@ -30,19 +30,17 @@ failure episode began (the first error or 429 seen while its window held none) a
 was last ejected.
 
 Time is always passed in (a sample's at_unix_ms, or now_ms), so the whole module is pure and
-tests without sleeping. Windows are deques pruned from the left by time, so a record is O(1)
-amortised.
+tests without sleeping. The aggregates and their windows are health_tally.py's.
 """
 
 from __future__ import annotations
 
-import enum
-from collections import deque
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from control_plane.telemetry.health_tally import HealthState, Tally, ewma
 from control_plane.telemetry.samples import RequestSample
 from gpu_router.api.v1 import health_pb2
 
@@ -50,12 +48,6 @@ PROVIDER_WIDE = ""
 """The model key of a provider's own aggregate over all its models."""
 MAX_RETRY_AFTER_S = 60.0
 """The longest a provider's Retry-After ejects it for, unless configured otherwise."""
-
-
-class HealthState(enum.Enum):
-    HEALTHY = "healthy"
-    DEGRADED = "degraded"
-    EJECTED = "ejected"
 
 
 _STATE_TO_PROTO = {
@@ -93,44 +85,6 @@ class ProviderHealth:
     """When it was last ejected; 0 when never."""
     in_flight: int | None
     """Requests in progress fleet-wide (provider-wide entries); None for per-model entries."""
-
-
-@dataclass(frozen=True, slots=True)
-class _Outcome:
-    at_ms: int
-    error: bool
-    rate_limited: bool
-
-
-@dataclass(slots=True)
-class _Tally:
-    """The mutable aggregate behind one ProviderHealth."""
-
-    ewma_latency_ms: float | None = None
-    ewma_ttfb_ms: float | None = None
-    samples: int = 0
-    latency_samples: int = 0
-    window: deque[_Outcome] = field(default_factory=deque)
-    window_errors: int = 0
-    window_429: int = 0
-    judged_since_ms: int = 0
-    """Samples at or after this time (the last ejection) are the ones state is judged on."""
-    judged: int = 0
-    judged_errors: int = 0
-    consecutive_errors: int = 0
-    """Errors in a row since the last success (or ejection): a dead provider is ejected at
-    once, not only when its error rate over the window catches up with its good past."""
-    state: HealthState = HealthState.HEALTHY
-    cooldown_until_ms: int = 0
-    reason: str = ""
-    failing: bool = False
-    """A failure episode is open: a failure was seen and the window has not been clean since."""
-    first_failure_ms: int = 0
-    last_ejected_ms: int = 0
-
-
-def _ewma(previous: float | None, value: float, alpha: float) -> float:
-    return value if previous is None else alpha * value + (1.0 - alpha) * previous
 
 
 def _iso(unix_ms: int) -> str:
@@ -180,7 +134,7 @@ class FleetHealth:
         self.max_retry_after_s = max_retry_after_s
         self._offerings: dict[str, frozenset[str]] | None = None
         self._window_text = _seconds(window_s)
-        self._tallies: dict[tuple[str, str], _Tally] = {}
+        self._tallies: dict[tuple[str, str], Tally] = {}
         self._pushed_weights: dict[str, int] | None = None
         self._weights_pushed_at_ms = 0
         self._published_version: int | None = None
@@ -250,7 +204,7 @@ class FleetHealth:
         if totals == self._in_flight:
             return
         for provider in totals:
-            self._tallies.setdefault((provider, PROVIDER_WIDE), _Tally())
+            self._tallies.setdefault((provider, PROVIDER_WIDE), Tally())
         self._in_flight = totals
         self.version += 1
 
@@ -336,10 +290,10 @@ class FleetHealth:
             "weights_pushed_at": _iso_or_none(self._weights_pushed_at_ms),
         }
 
-    def _record_into(self, key: tuple[str, str], sample: RequestSample) -> _Tally:
+    def _record_into(self, key: tuple[str, str], sample: RequestSample) -> Tally:
         tally = self._tallies.get(key)
         if tally is None:
-            tally = self._tallies[key] = _Tally()
+            tally = self._tallies[key] = Tally()
         now_ms = sample.at_unix_ms
         self._prune(tally, now_ms)
         error = sample.upstream_failure or sample.status >= 500
@@ -347,15 +301,13 @@ class FleetHealth:
         tally.samples += 1
         if not error and 200 <= sample.status < 400:
             tally.latency_samples += 1
-            tally.ewma_latency_ms = _ewma(tally.ewma_latency_ms, sample.total_ms, self._alpha)
+            tally.ewma_latency_ms = ewma(tally.ewma_latency_ms, sample.total_ms, self._alpha)
             if sample.ttfb_ms > 0:
-                tally.ewma_ttfb_ms = _ewma(tally.ewma_ttfb_ms, sample.ttfb_ms, self._alpha)
+                tally.ewma_ttfb_ms = ewma(tally.ewma_ttfb_ms, sample.ttfb_ms, self._alpha)
         if (error or rate_limited) and not tally.failing:
             tally.failing = True
             tally.first_failure_ms = now_ms
-        tally.window.append(_Outcome(now_ms, error, rate_limited))
-        tally.window_errors += error
-        tally.window_429 += rate_limited
+        tally.add_outcome(now_ms, error, rate_limited)
         if now_ms >= tally.judged_since_ms:
             tally.judged += 1
             tally.judged_errors += error
@@ -363,7 +315,7 @@ class FleetHealth:
         self._judge(tally, now_ms)
         return tally
 
-    def _back_off(self, tally: _Tally, sample: RequestSample) -> None:
+    def _back_off(self, tally: Tally, sample: RequestSample) -> None:
         """Eject the provider until its Retry-After has passed; never shortens a cooldown."""
         if sample.retry_after_s is None:
             cooldown_ms = self._cooldown_ms
@@ -380,18 +332,10 @@ class FleetHealth:
         tally.reason = reason
         tally.last_ejected_ms = sample.at_unix_ms
 
-    def _prune(self, tally: _Tally, now_ms: int) -> None:
-        horizon = now_ms - self._window_ms
-        window = tally.window
-        while window and window[0].at_ms <= horizon:
-            old = window.popleft()
-            tally.window_errors -= old.error
-            tally.window_429 -= old.rate_limited
-            if old.at_ms >= tally.judged_since_ms:
-                tally.judged -= 1
-                tally.judged_errors -= old.error
+    def _prune(self, tally: Tally, now_ms: int) -> None:
+        tally.prune(now_ms - self._window_ms)
 
-    def _judge(self, tally: _Tally, now_ms: int) -> None:
+    def _judge(self, tally: Tally, now_ms: int) -> None:
         if tally.state is HealthState.EJECTED and now_ms < tally.cooldown_until_ms:
             return
         error_rate = tally.judged_errors / tally.judged if tally.judged else 0.0
@@ -422,7 +366,7 @@ class FleetHealth:
     def _error_reason(self, error_rate: float) -> str:
         return f"error rate {error_rate:.0%} over {self._window_text} s"
 
-    def _view(self, key: tuple[str, str], tally: _Tally) -> ProviderHealth:
+    def _view(self, key: tuple[str, str], tally: Tally) -> ProviderHealth:
         in_window = len(tally.window)
         return ProviderHealth(
             provider=key[0],
