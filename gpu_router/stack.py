@@ -395,7 +395,9 @@ class Stack:
         return process.returncode
 
     def __enter__(self) -> Self:
-        return self.start()
+        """Starts the stack, unless `with Stack(...).start()` already did (starting twice would
+        leave the first set of processes running)."""
+        return self if self.processes else self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
