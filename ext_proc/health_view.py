@@ -45,6 +45,8 @@ class CandidateHealth:
     ejected_until: tuple[int, ...] = field(init=False)
     any_ejected: bool = field(init=False)
     """Some entry ejects a candidate (else decide() need not compare cooldowns with the time)."""
+    any_degraded: bool = field(init=False)
+    """Some candidate is degraded (else decide() leaves every score unpenalised)."""
 
     def __post_init__(self) -> None:
         set_field = object.__setattr__  # frozen: derived once here, per health snapshot
@@ -52,6 +54,7 @@ class CandidateHealth:
         set_field(self, "degraded_flags", tuple(self.degraded.tolist()))
         set_field(self, "ejected_until", tuple(self.ejected_until_unix_ms.tolist()))
         set_field(self, "any_ejected", any(u != NOT_EJECTED for u in self.ejected_until))
+        set_field(self, "any_degraded", any(self.degraded_flags))
 
     def ejected(self, now_unix_ms: int) -> npt.NDArray[np.bool_]:
         until = self.ejected_until_unix_ms

@@ -151,7 +151,7 @@ def decide(
             _candidates(route, cost, latency, None, excluded, range(len(excluded))),
         )
     degraded = health.degraded_flags
-    penalty = [DEGRADED_PENALTY if d else 1.0 for d in degraded]
+    penalty = [DEGRADED_PENALTY if d else 1.0 for d in degraded] if health.any_degraded else None
     keeps, score, describe = _RANKERS[strategy](
         route, policy, cost, latency, eligible, penalty, prompt_tokens + max_tokens
     )
@@ -270,7 +270,7 @@ def _audited(
     return _candidates(route, cost, latency, score, excluded, order)
 
 
-Ranking = tuple[Sequence[bool], list[float], Callable[[int], str]]
+Ranking = tuple[Sequence[bool], Sequence[float], Callable[[int], str]]
 """(candidates that keep the strategy's constraint, score, reason for the winner at an index)."""
 
 
@@ -280,11 +280,11 @@ def _rank_cost(
     cost: list[float],
     latency: Sequence[float],
     eligible: list[bool],
-    penalty: list[float],
+    penalty: list[float] | None,
     tokens: int,
 ) -> Ranking:
     sla = policy.latency_sla_ms
-    by_cost = [c * p for c, p in zip(cost, penalty)]
+    by_cost = _penalised(cost, penalty)
     if sla <= 0:
         return eligible, by_cost, lambda i: f"cheapest: ${cost[i]:.6f}"
     keeps = [e and (math.isnan(lat) or lat <= sla) for e, lat in zip(eligible, latency)]
@@ -292,7 +292,7 @@ def _rank_cost(
         return keeps, by_cost, lambda i: f"cheapest within {sla:g} ms SLA: ${cost[i]:.6f}"
     return (
         eligible,
-        [lat * p for lat, p in zip(latency, penalty)],
+        _penalised(latency, penalty),
         lambda i: f"no provider within {sla:g} ms SLA; fastest: {latency[i]:.0f} ms EWMA",
     )
 
@@ -303,7 +303,7 @@ def _rank_latency(
     cost: list[float],
     latency: Sequence[float],
     eligible: list[bool],
-    penalty: list[float],
+    penalty: list[float] | None,
     tokens: int,
 ) -> Ranking:
     ceiling = policy.cost_ceiling_usd_per_mtok
@@ -315,7 +315,7 @@ def _rank_latency(
     if not any(keeps):
         return (
             eligible,
-            [c * p for c, p in zip(cost, penalty)],
+            _penalised(cost, penalty),
             lambda i: f"no provider under ${ceiling:g}/1M ceiling; cheapest: ${cost[i]:.6f}",
         )
 
@@ -323,8 +323,12 @@ def _rank_latency(
         lat = latency[i]
         return "unmeasured: exploring" if math.isnan(lat) else f"fastest: {lat:.0f} ms EWMA"
 
-    return keeps, [0.0 if math.isnan(lat) else lat * p
-                   for lat, p in zip(latency, penalty)], describe
+    return keeps, _penalised([0.0 if math.isnan(lat) else lat for lat in latency], penalty), describe
+
+
+def _penalised(values: Sequence[float], penalty: list[float] | None) -> Sequence[float]:
+    """Scores of degraded candidates multiplied by their penalty; None: nobody is degraded."""
+    return values if penalty is None else [v * p for v, p in zip(values, penalty)]
 
 
 def _median(values: list[float]) -> float:
@@ -339,7 +343,7 @@ def _rank_balanced(
     cost: list[float],
     latency: Sequence[float],
     eligible: list[bool],
-    penalty: list[float],
+    penalty: list[float] | None,
     tokens: int,
 ) -> Ranking:
     cost_weight, latency_weight = policy.cost_weight, policy.latency_weight
@@ -349,10 +353,10 @@ def _rank_balanced(
     unmeasured_as = _median(seen) if seen else 1.0
     filled = [unmeasured_as if math.isnan(lat) else lat for lat in latency]
     min_cost, min_latency = _positive_min(cost, eligible), _positive_min(filled, eligible)
-    score = [
-        (cost_weight * c / min_cost + latency_weight * f / min_latency) * p
-        for c, f, p in zip(cost, filled, penalty)
-    ]
+    score = _penalised(
+        [cost_weight * c / min_cost + latency_weight * f / min_latency for c, f in zip(cost, filled)],
+        penalty,
+    )
 
     def describe(i: int) -> str:
         return f"balanced: score {score[i]:.2f} (${cost[i]:.6f}, {_fmt_latency(latency[i])})"
