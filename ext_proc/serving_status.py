@@ -11,13 +11,11 @@ control plane: a worker keeps serving on its last policy while the control plane
 from __future__ import annotations
 
 import grpc
-from envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from ext_proc.healthcheck import EXT_PROC_SERVICE
 from ext_proc.router_state import LiveState
 
-EXT_PROC_SERVICE = ext_proc_pb2.DESCRIPTOR.services_by_name["ExternalProcessor"].full_name
-"""The service name Envoy's gRPC health check asks about."""
 SERVICES = ("", EXT_PROC_SERVICE)
 """The server as a whole ("") and the ExternalProcessor service: both report the same."""
 

@@ -250,7 +250,7 @@ def test_the_control_plane_names_every_ext_proc_replica_where_it_listens(
         host, _, port = argv["--listen"][0].rpartition(":")
         assert host == "0.0.0.0", name
         assert argv["--xds"] == [f"{control_plane_name}:{options.xds_port}"]
-        assert f"('127.0.0.1', {port})" in service["healthcheck"]["test"][-1]
+        assert service["healthcheck"]["test"][-2:] == ["ext_proc.healthcheck", f"127.0.0.1:{port}"]
         replicas[name] = int(port)
     assert sorted(options.ext_proc_endpoints) == sorted(replicas.items())
 

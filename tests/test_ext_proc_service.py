@@ -21,6 +21,7 @@ from google.protobuf import json_format
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from polling import eventually
 
+from ext_proc import healthcheck
 from gpu_router.processes import ManagedProcess, free_port, port_open, python_module
 
 
@@ -122,6 +123,7 @@ def test_health_is_not_serving_until_the_policy_then_serving_without_the_control
     for _ in range(8):  # both workers, whichever takes each connection
         for service in ("", EXT_PROC_SERVICE):
             assert serving_status(target, service) == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert healthcheck.main([target]) == 1  # the container health check: not yet
     ads.publish(POLICY_TYPE_URL, "v1", default_policy("v1"))
     eventually(lambda: both_workers_acked(ads, "v1"), "both workers to ACK v1")
     ads.stop()  # a worker keeps serving on its last policy while the control plane is away
@@ -136,6 +138,8 @@ def test_health_is_not_serving_until_the_policy_then_serving_without_the_control
     with pytest.raises(grpc.RpcError) as unknown:
         serving_status(target, "some.other.Service")
     assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+    assert healthcheck.main([target]) == 0
+    assert healthcheck.serving(f"127.0.0.1:{free_port()}", timeout_s=1)[0] is False
 
 
 def test_a_second_message_fails_the_stream_after_the_answer(
