@@ -38,8 +38,8 @@ class EdgeSettings:
     and the control plane. An entry still waits at most access_log_flush_ms."""
     decision_log_stdout: bool = False
     """Also write one JSON line per request (the decision next to its outcome) on Envoy's stdout
-    (`--edge-decision-log`). Off by default: formatting and writing it cost the edge ~10% of its
-    CPU per request, and the same facts are in the ledger, the audit log and `gpu-router why`."""
+    (`--edge-decision-log`). Off by default: formatting and writing it is edge CPU on every
+    request, and the same facts are in the ledger, the audit log and `gpu-router why`."""
     capture_usage: bool = True
     """Copy each response's usage into the access log for billing (an edge Lua filter)."""
     ext_proc_fail_open: bool = True
