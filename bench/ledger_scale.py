@@ -23,6 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from control_plane.ledger import rollup
 from control_plane.ledger.health_history import HISTORY_COLUMNS
 from control_plane.ledger.store import COLUMNS, open_ledger
 
@@ -103,6 +104,7 @@ def fill(path: Path, rows: int, now_ms: int, days: int = WINDOW_DAYS) -> None:
                 f"INSERT INTO health_history ({', '.join(HISTORY_COLUMNS)}) WITH RECURSIVE "
                 f"c(x) AS (SELECT 0 UNION ALL SELECT x + 1 FROM c WHERE x + 1 < {ticks}) "
                 f"SELECT {', '.join(history[name] for name in HISTORY_COLUMNS)} FROM c")
+        rollup.rebuild(connection)  # the writer rolls up what it inserts; this fill bypasses it
     connection.close()
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import sqlite3
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 ALL = None
 """The group key of every row, whatever its provider."""
@@ -45,17 +45,36 @@ def histogram_of(counts: Iterable[tuple[str, int, int]]) -> dict[Group, dict[int
     return histogram
 
 
-def latency_percentiles(connection: sqlite3.Connection, since_unix_ms: int,
-                        fractions: Sequence[float], histogram: dict[Group, dict[int, int]]
-                        ) -> dict[Group, dict[float, float | None]]:
-    """{provider or ALL: {fraction: nearest-rank total_ms}} over rows at or after since, given
-    their histogram (GROUP BY provider, BUCKET; histogram_of)."""
+def _ranks(histogram: dict[Group, dict[int, int]], fractions: Sequence[float]
+           ) -> dict[tuple[Group, float], tuple[int, int]]:
+    """(group, fraction) -> (bucket, rank inside it) of each nearest rank (empty groups left out)."""
     wanted: dict[tuple[Group, float], tuple[int, int]] = {}
     for group, counts in histogram.items():
         total = sum(counts.values())
         for fraction in fractions:
             if total:
                 wanted[group, fraction] = _locate(counts, max(math.ceil(fraction * total) - 1, 0))
+    return wanted
+
+
+def bucketed_percentiles(histogram: dict[Group, dict[int, int]], fractions: Sequence[float],
+                         middle: Callable[[int], float]
+                         ) -> dict[Group, dict[float, float | None]]:
+    """{group: {fraction: middle(bucket of the nearest rank)}}: no second pass over the rows,
+    so as exact as the buckets are narrow."""
+    result: dict[Group, dict[float, float | None]] = {
+        group: dict.fromkeys(fractions) for group in histogram}
+    for (group, fraction), (bucket, _) in _ranks(histogram, fractions).items():
+        result[group][fraction] = middle(bucket)
+    return result
+
+
+def latency_percentiles(connection: sqlite3.Connection, since_unix_ms: int,
+                        fractions: Sequence[float], histogram: dict[Group, dict[int, int]]
+                        ) -> dict[Group, dict[float, float | None]]:
+    """{provider or ALL: {fraction: nearest-rank total_ms}} over rows at or after since, given
+    their histogram (GROUP BY provider, BUCKET; histogram_of)."""
+    wanted = _ranks(histogram, fractions)
     values = _bucket_values(connection, since_unix_ms,
                             {(group, bucket) for (group, _), (bucket, _) in wanted.items()})
     result: dict[Group, dict[float, float | None]] = {

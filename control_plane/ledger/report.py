@@ -6,7 +6,9 @@ Definitions (also in the table's footer):
   response), 429 or 5xx. Other 4xx are the client's own mistakes, not counted.
 - a request that never reached a provider (refused at the edge: 400, 401, 403, 404, a client's
   429, no provider fits; or /v1/models) is not a provider's: it is counted apart, by status.
-- aggregated in SQLite and percentiles from a histogram (percentiles.py): bounded memory over
+- sums from the ledger's hourly rollups (rollup.py); percentiles exact (percentiles.py) for
+  windows of up to EXACT_ROWS requests, beyond that the middle of their bucket in the hourly
+  latency histograms (within rollup.BUCKET_ERROR, about 1 %): bounded time and memory over
   any window.
 """
 
@@ -23,7 +25,14 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from control_plane.ledger.percentiles import ALL, BUCKET, histogram_of, latency_percentiles
+from control_plane.ledger.percentiles import (
+    ALL,
+    BUCKET,
+    bucketed_percentiles,
+    histogram_of,
+    latency_percentiles,
+)
+from control_plane.ledger.rollup import bucket_middle, window_histogram, window_sums
 from control_plane.usage.record import is_error_status
 
 TOTAL = "total"
@@ -100,29 +109,34 @@ def window_start(now: datetime, since: timedelta) -> datetime:
     return start
 
 
-def build_report(db_path: str | Path, since: timedelta, now: datetime) -> Report:
+EXACT_ROWS = 200_000
+"""A window of at most this many requests gets exact percentiles (a scan of its rows); a
+longer one gets them from the hourly histograms, within rollup.BUCKET_ERROR."""
+FRACTIONS = (0.50, 0.99)
+
+
+def build_report(db_path: str | Path, since: timedelta, now: datetime, *,
+                 exact_rows: int = EXACT_ROWS) -> Report:
     """The report over ledger rows with since <= age, i.e. at_unix_ms >= now - since.
 
-    Aggregated in SQLite (GROUP BY provider) with percentiles from percentiles.py: memory
-    stays bounded whatever the window."""
+    Sums from the hourly rollups (rollup.py) and the rows of the window's first partial hour;
+    percentiles exact for windows of at most `exact_rows` requests, else bucketed: memory and
+    time stay bounded whatever the window."""
     start = window_start(now, since)
     since_ms = int(start.timestamp() * 1000)
     with read_only(Path(db_path)) as connection:
         try:
-            counts = connection.execute(_GROUPS, (since_ms,)).fetchall()
-            histogram = histogram_of((provider, bucket, n) for provider, _, bucket, n, _, _
-                                     in counts)
-            latency = latency_percentiles(connection, since_ms, (0.50, 0.99), histogram)
+            sums = window_sums(connection, since_ms, ("provider", "status"))
+            if sum(row[2] for row in sums) <= exact_rows:
+                latency = latency_percentiles(connection, since_ms, FRACTIONS, histogram_of(
+                    connection.execute(_FINE_HISTOGRAM, (since_ms,))))
+            else:
+                latency = bucketed_percentiles(histogram_of(window_histogram(
+                    connection, since_ms)), FRACTIONS, bucket_middle)
         except sqlite3.Error as error:
             raise ReportError(f"cannot read the usage ledger {db_path}: {error}") from error
-    merged: dict[tuple[str, int], list[float]] = {}
-    for provider, status, _, n, cost, estimated in counts:
-        sums = merged.setdefault((provider, status), [0, 0.0, 0])
-        sums[0] += n
-        sums[1] += cost
-        sums[2] += estimated
-    groups = [(provider, status, int(n), cost, int(estimated))
-              for (provider, status), (n, cost, estimated) in merged.items()]
+    groups = [(provider, status, n, cost, estimated)
+              for provider, status, n, cost, estimated, *_ in sums]
     spend_total = math.fsum(cost for _, _, _, cost, _ in groups)
     by_provider: dict[str, list[tuple[int, int, float, int]]] = {}
     for provider, status, count, cost, estimated in groups:
@@ -137,9 +151,8 @@ def build_report(db_path: str | Path, since: timedelta, now: datetime) -> Report
                   unrouted=Unrouted(requests=sum(unrouted.values()), by_status=unrouted))
 
 
-_GROUPS = (f"SELECT provider, status, {BUCKET} AS b, count(*), total(cost_usd), sum(estimated) "
-           "FROM requests WHERE at_unix_ms >= ? GROUP BY provider, status, b")
-"""One scan: the sums and the latency histogram at once."""
+_FINE_HISTOGRAM = (f"SELECT provider, {BUCKET} AS b, count(*) FROM requests "
+                   "WHERE at_unix_ms >= ? GROUP BY provider, b")
 
 
 @contextmanager

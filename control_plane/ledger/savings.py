@@ -1,6 +1,7 @@
 """`gpu-router savings`: what the routed traffic cost against single-provider baselines.
 
-The ledger's rows are summed in SQLite per (model, provider) with their tokens by kind, so
+The ledger's rows are summed per (model, provider) with their tokens by kind (from its hourly
+rollups, rollup.py, and the rows of the window's first partial hour), so
 "the same tokens on provider X" is sum(tokens of a kind) x X's price for that kind: a handful
 of rows reach Python whatever the window. A provider "could have served" a model when the
 policy lists an offering of it on a GPU that holds it. Tokens of a kind X's sheet has no price
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import sqlite3
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
@@ -28,15 +30,11 @@ from typing import Any
 
 from control_plane.ledger.client_report import table
 from control_plane.ledger.report import ReportError, parse_window, read_only, window_start
+from control_plane.ledger.rollup import window_sums
 from control_plane.policy.model import Price, RoutingConfig
 from control_plane.usage.pricing import TOKENS_PER_PRICE_UNIT
 
 KINDS = ("input", "output", "cached_input", "cache_write", "reasoning")
-_SUMS = ("SELECT model, provider, count(*), total(input_tokens), total(output_tokens), "
-         "total(cached_input_tokens), total(cache_write_tokens), total(reasoning_tokens), "
-         "total(cost_usd), sum(attempts > 1), total(max(attempts - 1, 0)) FROM requests "
-         "WHERE at_unix_ms >= ? GROUP BY model, provider")
-"""One scan; provider '' is the requests that never reached one."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -210,10 +208,13 @@ def build_savings(db_path: str | Path, config: RoutingConfig, since: timedelta,
     start = window_start(now, since)
     since_ms = int(start.timestamp() * 1000)
     with read_only(Path(db_path)) as connection:
-        sums = connection.execute(_SUMS, (since_ms,)).fetchall()
-    groups = [Served(model=row[0], provider=row[1], requests=row[2], tokens=tuple(row[3:8]),
-                     cost_usd=row[8], failed_over=row[9], extra_attempts=int(row[10]))
-              for row in sums if row[1]]
+        try:
+            sums = window_sums(connection, since_ms, ("model", "provider"))
+        except sqlite3.Error as error:
+            raise ReportError(f"cannot read the usage ledger {db_path}: {error}") from error
+    groups = [Served(model=model, provider=provider, requests=n, tokens=tuple(tokens),
+                     cost_usd=cost, failed_over=failed_over, extra_attempts=extra)
+              for model, provider, n, cost, _, *tokens, failed_over, extra in sums if provider]
     unrouted = sum(row[2] for row in sums if not row[1])
     return compute_savings(groups, config, unrouted, start, now)
 

@@ -13,7 +13,8 @@ the gRPC access log and the reconciler that replays the edges' durable logs
 writer thread (at open, then hourly). The reconciler's read position in each edge file is
 kept in the same database and written through the same batches, after the rows booked
 before it: a committed position means every request before it is in the ledger. So is the
-fleet's health history (health_history.py), pruned with the same retention.
+fleet's health history (health_history.py), pruned with the same retention. Each batch also
+adds the rows it inserted to the hourly rollups that reports read (rollup.py).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import get_type_hints
 
+from control_plane.ledger import rollup
 from control_plane.ledger.batching import BackgroundBatcher
 from control_plane.ledger.health_history import HISTORY_INSERT, HISTORY_SCHEMA, HealthRow
 from control_plane.usage.normalise import Usage
@@ -35,7 +37,7 @@ from control_plane.usage.record import RequestRecord
 
 FLUSH_INTERVAL_S = 0.5
 MAX_BATCH_ROWS = 200
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 RETENTION_DAYS = 90
 PRUNE_INTERVAL_S = 3600.0
 _DAY_MS = 86_400_000
@@ -111,6 +113,7 @@ _SCHEMA = (
     ("CREATE TABLE IF NOT EXISTS edge_log_offsets (path TEXT PRIMARY KEY, "
      "inode INTEGER NOT NULL, offset INTEGER NOT NULL)"),
     *HISTORY_SCHEMA,
+    *rollup.SCHEMA,
 )
 _INSERT = (f"INSERT OR IGNORE INTO requests ({', '.join(COLUMNS)}) "
            f"VALUES ({', '.join('?' for _ in COLUMNS)})")
@@ -151,11 +154,14 @@ def open_ledger(path: str | Path) -> sqlite3.Connection:
     connection.execute("PRAGMA journal_mode=WAL")
     connection.execute("PRAGMA synchronous=NORMAL")
     with connection:
-        if connection.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION:
+        version = connection.execute("PRAGMA user_version").fetchone()[0]
+        if version < SCHEMA_VERSION:
             connection.execute(_SCHEMA[0])
             _add_missing_columns(connection)
             for statement in _SCHEMA[1:]:
                 connection.execute(statement)
+            if version < 6:  # the hourly rollups came in version 6: backfill them once
+                rollup.rebuild(connection)
             connection.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
     return connection
 
@@ -176,7 +182,10 @@ def prune(connection: sqlite3.Connection, retention_days: float, now_ms: int) ->
     cutoff = now_ms - int(retention_days * _DAY_MS)
     with connection:
         connection.execute("DELETE FROM health_history WHERE at_unix_ms < ?", (cutoff,))
-        return connection.execute("DELETE FROM requests WHERE at_unix_ms < ?", (cutoff,)).rowcount
+        deleted = connection.execute("DELETE FROM requests WHERE at_unix_ms < ?",
+                                     (cutoff,)).rowcount
+        rollup.prune_before(connection, cutoff)
+        return deleted
 
 
 def known_request_ids(connection: sqlite3.Connection, request_ids: Iterable[str]) -> set[str]:
@@ -262,7 +271,9 @@ class LedgerWriter:
         history = [item.values() for item in batch if isinstance(item, HealthRow)]
         offsets = {item.path: item for item in batch if isinstance(item, LogOffset)}
         with self._connection:
+            before = rollup.last_id(self._connection)
             self._connection.executemany(_INSERT, rows)
+            rollup.roll_up_after(self._connection, before)
             self._connection.executemany(HISTORY_INSERT, history)
             self._connection.executemany(
                 "INSERT OR REPLACE INTO edge_log_offsets (path, inode, offset) VALUES (?, ?, ?)",
