@@ -142,3 +142,20 @@ def test_the_reconciled_prefix_is_freed_while_offsets_stay(setup: Setup) -> None
     with setup.edge.open("rb") as file:
         file.seek(size)
         assert json.loads(file.readline())["request_id"] == "late"
+
+
+def test_lines_this_process_booked_are_skipped_unparsed(tmp_path: Path) -> None:
+    """As Envoy writes them (compact JSON, the decision's request_id the same id)."""
+    def compact(request_id: str, decision_id: str) -> bytes:
+        fields = json.loads(line(request_id))
+        fields["decision"]["request_id"] = decision_id
+        return json.dumps(fields, separators=(",", ":"), sort_keys=True).encode() + b"\n"
+
+    path = tmp_path / "edge-1.access.jsonl"
+    path.write_bytes(compact("a", "a") + compact("b", "b") + compact("c", "other") + b"{broken\n")
+
+    chunk = read_chunk(path, None, booked={"b", "c"})
+
+    # b is skipped; c names two ids, so it is read (and booking finds it booked).
+    assert [e.request.request_id for e in chunk.entries] == ["a", "c"]
+    assert chunk.end == path.stat().st_size
