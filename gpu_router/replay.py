@@ -22,17 +22,18 @@ from __future__ import annotations
 
 import math
 import sqlite3
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from control_plane.ledger.health_history import HealthRow, rows_at, snapshot_of, stream_rows
+import numpy as np
+
+from control_plane.ledger.health_history import rows_at
 from control_plane.ledger.report import ReportError, read_only
 from control_plane.ledger.savings import offerings, price_tokens
 from control_plane.policy.model import Price, RoutingConfig
 from control_plane.policy.wire import to_routing_policy
-from ext_proc.health_view import UNTIL_NEXT_SNAPSHOT, CandidateHealth, build_health_view
+from ext_proc.health_view import NOT_EJECTED, UNTIL_NEXT_SNAPSHOT, CandidateHealth
 from ext_proc.routing_table import ModelRoute, PolicyRule, RoutingTable, build_routing_table
 from ext_proc.scoring import (
     DEFAULT_MAX_TOKENS,
@@ -47,6 +48,8 @@ NO_OUTPUT_PATHS = ("/v1/embeddings",)
 _ROWS = ("SELECT at_unix_ms, model, provider, policy, candidates, path, request_bytes, max_tokens, "
          "input_tokens, output_tokens, cached_input_tokens, cache_write_tokens, reasoning_tokens, "
          "cost_usd FROM requests WHERE at_unix_ms >= ? AND at_unix_ms < ? ORDER BY at_unix_ms")
+_HISTORY = ("SELECT at_unix_ms, provider, model, ewma_ms, state, ejected_until FROM health_history "
+            "WHERE at_unix_ms > ? AND at_unix_ms <= ? ORDER BY at_unix_ms")
 FETCH = 5000
 
 
@@ -60,12 +63,13 @@ class Side:
     latency_n: int = 0
     """Requests whose provider's EWMA was recorded (the rest were unmeasured)."""
 
-    def add(self, provider: str, cost: float, latency_ms: float) -> None:
+    def add_group(self, provider: str, requests: int, cost: float, latency_sum_ms: float,
+                  latency_n: int) -> None:
+        """`requests` requests at once, with their summed cost and EWMAs."""
         self.cost_usd += cost
-        self.shares[provider] = self.shares.get(provider, 0) + 1
-        if not math.isnan(latency_ms):
-            self.latency_sum_ms += latency_ms
-            self.latency_n += 1
+        self.shares[provider] = self.shares.get(provider, 0) + requests
+        self.latency_sum_ms += latency_sum_ms
+        self.latency_n += latency_n
 
     def to_json(self) -> dict[str, Any]:
         total = sum(self.shares.values())
@@ -105,41 +109,74 @@ class HealthTimeline:
     """The fleet health current at any time, moving forward only, from the history table.
 
     A model's aligned health is rebuilt only when a row of one of its candidates (the model's
-    own on a provider, or the provider-wide one) has arrived since: `version(model)` says so."""
+    own on a provider, or the provider-wide one) has arrived since: `version(model)` says so.
+    Rows are kept as (ewma_ms, state, ejected_until) and aligned as ext_proc's HealthView aligns
+    the snapshot they make (`aligned_health`), without building the snapshot."""
 
     def __init__(self, connection: sqlite3.Connection, table: RoutingTable, since_ms: int,
                  until_ms: int) -> None:
         self._table = table
-        self._current = {(r.provider, r.model): r for r in rows_at(connection, since_ms)}
-        self._stream = stream_rows(connection, since_ms, until_ms)
-        self._next: HealthRow | None = next(self._stream, None)
+        self._current: dict[tuple[str, str], Entry] = {
+            (r.provider, r.model): (r.ewma_ms, r.state, r.ejected_until)
+            for r in rows_at(connection, since_ms)}
+        self._cursor = connection.execute(_HISTORY, (since_ms, until_ms))
+        self._chunk: list[tuple] = []
+        self._at = 0
+        self.next_at = self._pull()
+        """When the next history row takes effect (math.inf: none left)."""
         self._models_of = {provider: [name for name, route in table.models.items()
                                       if provider in route.providers]
                            for provider in table.providers}
         self._versions = dict.fromkeys(table.models, 0)
         self._aligned: dict[str, CandidateHealth] = {}
 
+    def _pull(self) -> float:
+        if self._at >= len(self._chunk):
+            self._chunk, self._at = self._cursor.fetchmany(FETCH), 0
+        return self._chunk[self._at][0] if self._chunk else math.inf
+
     def advance(self, at_ms: int) -> None:
-        while self._next is not None and self._next.at_unix_ms <= at_ms:
-            row = self._next
-            self._current[row.provider, row.model] = row
-            for model in (self._models_of.get(row.provider, ()) if not row.model else
-                          (row.model,) if row.model in self._versions else ()):
-                self._versions[model] += 1
-                self._aligned.pop(model, None)
-            self._next = next(self._stream, None)
+        while self.next_at <= at_ms:
+            _, provider, model, ewma, state, until = self._chunk[self._at]
+            self._at += 1
+            self._current[provider, model] = (ewma, state, until)
+            for name in (self._models_of.get(provider, ()) if not model else
+                         (model,) if model in self._versions else ()):
+                self._versions[name] += 1
+                self._aligned.pop(name, None)
+            self.next_at = self._pull()
 
     def version(self, model: str) -> int:
         return self._versions[model]
 
-    def aligned(self, model: str, at_ms: int) -> CandidateHealth:
+    def aligned(self, model: str) -> CandidateHealth:
         found = self._aligned.get(model)
         if found is None:
-            route = self._table.models[model]
-            rows = [self._current[key] for provider in route.providers
-                    for key in ((provider, model), (provider, "")) if key in self._current]
-            found = self._aligned[model] = build_health_view(snapshot_of(rows, at_ms)).align(route)
+            found = self._aligned[model] = aligned_health(self._table.models[model],
+                                                          self._current)
         return found
+
+
+Entry = tuple[float | None, str, int]
+"""A health history row's (ewma_ms, state, ejected_until)."""
+
+
+def aligned_health(route: ModelRoute, current: dict[tuple[str, str], Entry]) -> CandidateHealth:
+    """What build_health_view(snapshot_of(rows)).align(route) gives, from the rows' entries: the
+    model's measured EWMA else the provider-wide one; degraded or ejected when either entry is
+    (an ejection without a cooldown lasts until the next snapshot, else the later cooldown)."""
+    latency, degraded, ejected = [], [], []
+    for provider in route.providers:
+        entries = [entry for entry in (current.get((provider, route.name)),
+                                       current.get((provider, ""))) if entry is not None]
+        latency.append(next((e[0] for e in entries if e[0] is not None), math.nan))
+        degraded.append(any(e[1] == "degraded" for e in entries))
+        cooldowns = [e[2] for e in entries if e[1] == "ejected"]
+        ejected.append(NOT_EJECTED if not cooldowns else UNTIL_NEXT_SNAPSHOT
+                       if min(cooldowns) <= 0 else max(cooldowns))
+    return CandidateHealth(latency_ms=np.array(latency, dtype=np.float64),
+                           degraded=np.array(degraded, dtype=np.bool_),
+                           ejected_until_unix_ms=np.array(ejected, dtype=np.int64))
 
 
 def ranking_key(route: ModelRoute, health: CandidateHealth, rule: PolicyRule, strategy: str,
@@ -151,6 +188,8 @@ def ranking_key(route: ModelRoute, health: CandidateHealth, rule: PolicyRule, st
     keys under the same health get the same decision, so each key is decided once."""
     if strategy == "balanced":
         return (prompt_tokens, max_tokens)
+    if not uses_tokens(rule, strategy):
+        return ()
     cost = [(prompt_tokens * i + max_tokens * o) / 1e6 for i, o in route.prices]
     by_cost = [c * DEGRADED_PENALTY if d else c for c, d in zip(cost, health.degraded_flags)]
     order = tuple(sorted(range(len(cost)), key=by_cost.__getitem__))  # stable: provider order
@@ -162,6 +201,12 @@ def ranking_key(route: ModelRoute, health: CandidateHealth, rule: PolicyRule, st
     return (order, tuple(p <= ceiling for p in price))
 
 
+def uses_tokens(rule: PolicyRule, strategy: str) -> bool:
+    """Whether decide()'s choice can depend on the tokens: not for latency without a cost
+    ceiling, which ranks every eligible candidate (there is one, else it raises) by latency."""
+    return strategy != "latency" or rule.cost_ceiling_usd_per_mtok > 0
+
+
 def _recorded_choice(candidates: str, provider: str) -> str:
     """ext_proc's first scored candidate; the serving provider when nothing was recorded."""
     for entry in candidates.split(";"):
@@ -169,12 +214,6 @@ def _recorded_choice(candidates: str, provider: str) -> str:
         if value and not value.startswith("x:"):
             return name
     return provider
-
-
-def _rows(connection: sqlite3.Connection, since_ms: int, until_ms: int) -> Iterator[tuple]:
-    cursor = connection.execute(_ROWS, (since_ms, until_ms))
-    while chunk := cursor.fetchmany(FETCH):
-        yield from chunk
 
 
 def ejected_at(health: CandidateHealth, at: int) -> tuple[bool, ...]:
@@ -215,52 +254,145 @@ class Decider:
         return picked
 
 
+Outcome = tuple[int, str, bool, bool, float, float] | str
+"""(picked index, picked provider, changed, sent to an ejected one, recorded EWMA, replayed
+EWMA), or why no provider could serve."""
+
+
+class _Replayer:
+    """Folds rows into sums per (model, served by, picked): each row costs a few dict lookups;
+    an outcome is worked out once per (model, policy, health version, ejections, recorded choice,
+    ranking key) and each group's token sums are priced once, at the end."""
+
+    def __init__(self, config: RoutingConfig) -> None:
+        self.table = build_routing_table(to_routing_policy(config))
+        self._prices: dict[str, dict[str, Price]] = offerings(config)
+        self._policies = {rule.name: rule for rule in self.table.policies}
+        self._routes: dict[str, ModelRoute | None] = {}
+        self._rules: dict[tuple[str, str, str], tuple[PolicyRule, bool]] = {}
+        self._outcomes: dict[tuple[Any, ...], Outcome] = {}
+        self._rankings: dict[tuple[Any, ...], tuple[Any, ...]] = {}
+        self.decider = Decider()
+        self.sums: dict[tuple[str, str, str], list[float]] = {}
+        """(model, served by, picked) -> requests, cost, tokens by KINDS, changed, to ejected,
+        recorded EWMA sum and count, replayed EWMA sum and count."""
+        self.result = Replay()
+
+    def route(self, model: str) -> ModelRoute | None:
+        if model not in self._routes:
+            self._routes[model] = self.table.resolve(model)
+        return self._routes[model]
+
+    def rule(self, policy: str, path: str, model: str) -> tuple[PolicyRule, bool]:
+        """The rule a row is decided under, and whether its tokens matter to the decision."""
+        found = self._rules.get((policy, path, model))
+        if found is None:
+            rule = self._policies.get(policy) or self.table.match(path, {}, model)
+            found = self._rules[policy, path, model] = (rule, uses_tokens(rule, rule.strategy))
+        return found
+
+    def outcome(self, route: ModelRoute, health: CandidateHealth, version: int, rule: PolicyRule,
+                tokens: tuple[int, int] | None, recorded: str, at: int) -> Outcome:
+        ejected = ejected_at(health, at)
+        key = (route.name, rule.name, version, ejected, recorded,
+               () if tokens is None else self._ranking(route, health, rule, tokens))
+        found = self._outcomes.get(key)
+        if found is not None:
+            return found
+        prompt, wanted = tokens or (0, 0)
+        index = self.decider.choice(route, health, version, rule, prompt, wanted, ejected, at)
+        if index is None:
+            found = "no provider could serve"
+        else:
+            at_recorded = (route.providers.index(recorded) if recorded in route.providers
+                           else None)
+            found = (index, route.providers[index], recorded != route.providers[index],
+                     ejected[index], math.nan if at_recorded is None
+                     else health.latencies[at_recorded], health.latencies[index])
+        if len(self._outcomes) >= Decider.MEMO:
+            self._outcomes.clear()
+        self._outcomes[key] = found
+        return found
+
+    def _ranking(self, route: ModelRoute, health: CandidateHealth, rule: PolicyRule,
+                 tokens: tuple[int, int]) -> tuple[Any, ...]:
+        """ranking_key, remembered per (tokens, degraded flags): few distinct ones recur."""
+        key = (route.name, rule.name, tokens, health.degraded_flags)
+        found = self._rankings.get(key)
+        if found is None:
+            if len(self._rankings) >= Decider.MEMO:
+                self._rankings.clear()
+            found = self._rankings[key] = ranking_key(route, health, rule, rule.strategy, *tokens)
+        return found
+
+    def add(self, model: str, provider: str, outcome: tuple[int, str, bool, bool, float, float],
+            cost: float, tokens: tuple[int, ...]) -> None:
+        _, picked, changed, to_ejected, recorded_ms, replayed_ms = outcome
+        sums = self.sums.get((model, provider, picked))
+        if sums is None:
+            sums = self.sums[model, provider, picked] = [0.0] * 13
+        sums[0] += 1
+        sums[1] += cost
+        for at, count in enumerate(tokens, 2):
+            sums[at] += count
+        sums[7] += changed
+        sums[8] += to_ejected
+        if not math.isnan(recorded_ms):  # unmeasured EWMAs are left out
+            sums[9] += recorded_ms
+            sums[10] += 1
+        if not math.isnan(replayed_ms):
+            sums[11] += replayed_ms
+            sums[12] += 1
+
+    def finish(self) -> Replay:
+        result = self.result
+        for (model, provider, picked), sums in sorted(self.sums.items()):
+            requests = int(sums[0])
+            result.changed += int(sums[7])
+            result.to_ejected += int(sums[8])
+            result.recorded.add_group(provider, requests, sums[1], sums[9], int(sums[10]))
+            result.replayed.add_group(
+                picked, requests, price_tokens(tuple(sums[2:7]), self._prices[model][picked]),
+                sums[11], int(sums[12]))
+        result.decide_calls = self.decider.calls
+        return result
+
+
 def replay(db_path: str | Path, config: RoutingConfig, since_ms: int, until_ms: int) -> Replay:
     """Re-decide every request with since <= at < until under `config`."""
-    table = build_routing_table(to_routing_policy(config))
-    prices: dict[str, dict[str, Price]] = offerings(config)
-    policies = {rule.name: rule for rule in table.policies}
-    result = Replay()
-    decider = Decider()
+    replayer = _Replayer(config)
+    result = replayer.result
     with read_only(Path(db_path)) as connection:
         try:
-            timeline = HealthTimeline(connection, table, since_ms, until_ms)
-            for row in _rows(connection, since_ms, until_ms):
-                (at, model, provider, policy, candidates, path, body_bytes, max_tokens,
-                 *tokens, cost) = row
-                if not provider:
-                    result.unrouted += 1
-                    continue
-                result.requests += 1
-                route = table.resolve(model)
-                if route is None:
-                    result.refused("model not in the policy")
-                    continue
-                timeline.advance(at)
-                health = timeline.aligned(route.name, at)
-                rule = policies.get(policy) or table.match(path, {}, route.name)
-                wanted = max_tokens if max_tokens >= 0 else (
-                    0 if path in NO_OUTPUT_PATHS else DEFAULT_MAX_TOKENS)
-                ejected = ejected_at(health, at)
-                index = decider.choice(route, health, timeline.version(route.name), rule,
-                                       estimate_prompt_tokens(body_bytes), wanted, ejected, at)
-                if index is None:
-                    result.refused("no provider could serve")
-                    continue
-                choice = route.providers[index]
-                recorded = _recorded_choice(candidates, provider)
-                result.changed += recorded != choice
-                result.to_ejected += bool(ejected[index])
-                recorded_at = (route.providers.index(recorded)
-                               if recorded in route.providers else None)
-                result.recorded.add(provider, cost, math.nan if recorded_at is None
-                                    else health.latencies[recorded_at])
-                result.replayed.add(choice, price_tokens(tuple(tokens), prices[route.name][choice]),
-                                    health.latencies[index])
+            timeline = HealthTimeline(connection, replayer.table, since_ms, until_ms)
+            cursor = connection.execute(_ROWS, (since_ms, until_ms))
+            while chunk := cursor.fetchmany(FETCH):
+                for (at, model, provider, policy, candidates, path, body_bytes, max_tokens,
+                     *tokens, cost) in chunk:
+                    if not provider:
+                        result.unrouted += 1
+                        continue
+                    result.requests += 1
+                    route = replayer.route(model)
+                    if route is None:
+                        result.refused("model not in the policy")
+                        continue
+                    if at >= timeline.next_at:
+                        timeline.advance(at)
+                    rule, by_tokens = replayer.rule(policy, path, route.name)
+                    wanted = max_tokens if max_tokens >= 0 else (
+                        0 if path in NO_OUTPUT_PATHS else DEFAULT_MAX_TOKENS)
+                    outcome = replayer.outcome(
+                        route, timeline.aligned(route.name), timeline.version(route.name), rule,
+                        (estimate_prompt_tokens(body_bytes), wanted) if by_tokens else None,
+                        _recorded_choice(candidates, provider), at)
+                    if isinstance(outcome, str):
+                        result.refused(outcome)
+                    else:
+                        replayer.add(route.name, provider, outcome, cost, tokens)
         except sqlite3.Error as error:
             raise ReportError(f"cannot read the usage ledger {db_path}: {error}") from error
-    result.decide_calls = decider.calls
-    return result
+    return replayer.finish()
 
 
 def render_replay(result: Replay, policy_source: str, since: str, until: str) -> str:
