@@ -26,15 +26,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from control_plane.ledger.health_history import rows_at
 from control_plane.ledger.report import ReportError, read_only
 from control_plane.ledger.savings import offerings, price_tokens
 from control_plane.policy.model import Price, RoutingConfig
 from control_plane.policy.wire import to_routing_policy
-from ext_proc.health_view import NOT_EJECTED, UNTIL_NEXT_SNAPSHOT, CandidateHealth
-from ext_proc.routing_table import ModelRoute, PolicyRule, RoutingTable, build_routing_table
+from ext_proc.health_view import UNTIL_NEXT_SNAPSHOT
+from ext_proc.routing_table import ModelRoute, PolicyRule, build_routing_table
 from ext_proc.scoring import (
     DEFAULT_MAX_TOKENS,
     DEGRADED_PENALTY,
@@ -42,15 +39,13 @@ from ext_proc.scoring import (
     decide,
     estimate_prompt_tokens,
 )
+from gpu_router.replay_health import FETCH, Aligned, HealthTimeline, health_key
 
 NO_OUTPUT_PATHS = ("/v1/embeddings",)
 """Paths ext_proc assumes no output for when max_tokens is absent."""
 _ROWS = ("SELECT at_unix_ms, model, provider, policy, candidates, path, request_bytes, max_tokens, "
          "input_tokens, output_tokens, cached_input_tokens, cache_write_tokens, reasoning_tokens, "
          "cost_usd FROM requests WHERE at_unix_ms >= ? AND at_unix_ms < ? ORDER BY at_unix_ms")
-_HISTORY = ("SELECT at_unix_ms, provider, model, ewma_ms, state, ejected_until FROM health_history "
-            "WHERE at_unix_ms > ? AND at_unix_ms <= ? ORDER BY at_unix_ms")
-FETCH = 5000
 
 
 @dataclass(slots=True)
@@ -105,81 +100,7 @@ class Replay:
                 "not_routed": self.unrouted}
 
 
-class HealthTimeline:
-    """The fleet health current at any time, moving forward only, from the history table.
-
-    A model's aligned health is rebuilt only when a row of one of its candidates (the model's
-    own on a provider, or the provider-wide one) has arrived since: `version(model)` says so.
-    Rows are kept as (ewma_ms, state, ejected_until) and aligned as ext_proc's HealthView aligns
-    the snapshot they make (`aligned_health`), without building the snapshot."""
-
-    def __init__(self, connection: sqlite3.Connection, table: RoutingTable, since_ms: int,
-                 until_ms: int) -> None:
-        self._table = table
-        self._current: dict[tuple[str, str], Entry] = {
-            (r.provider, r.model): (r.ewma_ms, r.state, r.ejected_until)
-            for r in rows_at(connection, since_ms)}
-        self._cursor = connection.execute(_HISTORY, (since_ms, until_ms))
-        self._chunk: list[tuple] = []
-        self._at = 0
-        self.next_at = self._pull()
-        """When the next history row takes effect (math.inf: none left)."""
-        self._models_of = {provider: [name for name, route in table.models.items()
-                                      if provider in route.providers]
-                           for provider in table.providers}
-        self._versions = dict.fromkeys(table.models, 0)
-        self._aligned: dict[str, CandidateHealth] = {}
-
-    def _pull(self) -> float:
-        if self._at >= len(self._chunk):
-            self._chunk, self._at = self._cursor.fetchmany(FETCH), 0
-        return self._chunk[self._at][0] if self._chunk else math.inf
-
-    def advance(self, at_ms: int) -> None:
-        while self.next_at <= at_ms:
-            _, provider, model, ewma, state, until = self._chunk[self._at]
-            self._at += 1
-            self._current[provider, model] = (ewma, state, until)
-            for name in (self._models_of.get(provider, ()) if not model else
-                         (model,) if model in self._versions else ()):
-                self._versions[name] += 1
-                self._aligned.pop(name, None)
-            self.next_at = self._pull()
-
-    def version(self, model: str) -> int:
-        return self._versions[model]
-
-    def aligned(self, model: str) -> CandidateHealth:
-        found = self._aligned.get(model)
-        if found is None:
-            found = self._aligned[model] = aligned_health(self._table.models[model],
-                                                          self._current)
-        return found
-
-
-Entry = tuple[float | None, str, int]
-"""A health history row's (ewma_ms, state, ejected_until)."""
-
-
-def aligned_health(route: ModelRoute, current: dict[tuple[str, str], Entry]) -> CandidateHealth:
-    """What build_health_view(snapshot_of(rows)).align(route) gives, from the rows' entries: the
-    model's measured EWMA else the provider-wide one; degraded or ejected when either entry is
-    (an ejection without a cooldown lasts until the next snapshot, else the later cooldown)."""
-    latency, degraded, ejected = [], [], []
-    for provider in route.providers:
-        entries = [entry for entry in (current.get((provider, route.name)),
-                                       current.get((provider, ""))) if entry is not None]
-        latency.append(next((e[0] for e in entries if e[0] is not None), math.nan))
-        degraded.append(any(e[1] == "degraded" for e in entries))
-        cooldowns = [e[2] for e in entries if e[1] == "ejected"]
-        ejected.append(NOT_EJECTED if not cooldowns else UNTIL_NEXT_SNAPSHOT
-                       if min(cooldowns) <= 0 else max(cooldowns))
-    return CandidateHealth(latency_ms=np.array(latency, dtype=np.float64),
-                           degraded=np.array(degraded, dtype=np.bool_),
-                           ejected_until_unix_ms=np.array(ejected, dtype=np.int64))
-
-
-def ranking_key(route: ModelRoute, health: CandidateHealth, rule: PolicyRule, strategy: str,
+def ranking_key(route: ModelRoute, health: Aligned, rule: PolicyRule, strategy: str,
                 prompt_tokens: int, max_tokens: int) -> tuple[Any, ...]:
     """What decide()'s choice depends on besides the route, the policy and the health: for
     cost and latency, the order of cost x degraded penalty (ties in provider order, as decide
@@ -216,7 +137,7 @@ def _recorded_choice(candidates: str, provider: str) -> str:
     return provider
 
 
-def ejected_at(health: CandidateHealth, at: int) -> tuple[bool, ...]:
+def ejected_at(health: Aligned, at: int) -> tuple[bool, ...]:
     """Which candidates an ejection holds at `at` (as decide() tells them)."""
     if not health.any_ejected:
         return (False,) * len(health.ejected_until)
@@ -224,8 +145,9 @@ def ejected_at(health: CandidateHealth, at: int) -> tuple[bool, ...]:
 
 
 class Decider:
-    """decide() once per (model, policy, strategy, health version, ejections, ranking key);
-    at most MEMO entries are kept (then it starts over), so memory stays bounded."""
+    """decide() once per (model, policy, ejections, health_key, ranking key): what its choice
+    reads, so the history rows that only nudge an EWMA decide nothing anew; at most MEMO
+    entries are kept (then it starts over), so memory stays bounded."""
 
     MEMO = 20_000
 
@@ -233,17 +155,16 @@ class Decider:
         self._memo: dict[tuple[Any, ...], int | None] = {}
         self.calls = 0
 
-    def choice(self, route: ModelRoute, health: CandidateHealth, version: int, rule: PolicyRule,
-               prompt_tokens: int, max_tokens: int, ejected: tuple[bool, ...],
-               at: int) -> int | None:
+    def choice(self, route: ModelRoute, health: Aligned, rule: PolicyRule, prompt_tokens: int,
+               max_tokens: int, ejected: tuple[bool, ...], at: int) -> int | None:
         """Index of the provider decide() picks; None when no provider can serve."""
-        key = (route.name, rule.name, version, ejected,
+        key = (route.name, rule.name, ejected, health_key(health, rule),
                ranking_key(route, health, rule, rule.strategy, prompt_tokens, max_tokens))
         if key in self._memo:
             return self._memo[key]
         self.calls += 1
         try:
-            decision = decide(route, health, rule, strategy=rule.strategy,
+            decision = decide(route, health.candidate_health(), rule, strategy=rule.strategy,
                               prompt_tokens=prompt_tokens, max_tokens=max_tokens, now_unix_ms=at)
             picked: int | None = route.providers.index(decision.provider)
         except NoCandidateError:
@@ -291,7 +212,7 @@ class _Replayer:
             found = self._rules[policy, path, model] = (rule, uses_tokens(rule, rule.strategy))
         return found
 
-    def outcome(self, route: ModelRoute, health: CandidateHealth, version: int, rule: PolicyRule,
+    def outcome(self, route: ModelRoute, health: Aligned, version: int, rule: PolicyRule,
                 tokens: tuple[int, int] | None, recorded: str, at: int) -> Outcome:
         ejected = ejected_at(health, at)
         key = (route.name, rule.name, version, ejected, recorded,
@@ -300,7 +221,7 @@ class _Replayer:
         if found is not None:
             return found
         prompt, wanted = tokens or (0, 0)
-        index = self.decider.choice(route, health, version, rule, prompt, wanted, ejected, at)
+        index = self.decider.choice(route, health, rule, prompt, wanted, ejected, at)
         if index is None:
             found = "no provider could serve"
         else:
@@ -314,7 +235,7 @@ class _Replayer:
         self._outcomes[key] = found
         return found
 
-    def _ranking(self, route: ModelRoute, health: CandidateHealth, rule: PolicyRule,
+    def _ranking(self, route: ModelRoute, health: Aligned, rule: PolicyRule,
                  tokens: tuple[int, int]) -> tuple[Any, ...]:
         """ranking_key, remembered per (tokens, degraded flags): few distinct ones recur."""
         key = (route.name, rule.name, tokens, health.degraded_flags)

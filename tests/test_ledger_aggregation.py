@@ -38,6 +38,7 @@ from ext_proc.health_view import build_health_view
 from ext_proc.routing_table import build_routing_table
 from ext_proc.scoring import decide
 from gpu_router.replay import Decider, ejected_at, replay
+from gpu_router.replay_health import Aligned
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from ledger_scale import fill
@@ -223,10 +224,10 @@ def test_the_decider_picks_what_decide_picks() -> None:
         prompt, wanted = rng.randrange(0, 3000), rng.choice((0, 16, 256, rng.randrange(4000)))
         expected = decide(route, aligned, rule, strategy=rule.strategy, prompt_tokens=prompt,
                           max_tokens=wanted, now_unix_ms=0).provider
-        index = decider.choice(route, aligned, trial // 50, rule, prompt, wanted,
-                               ejected_at(aligned, 0), 0)
+        plain = Aligned.of(aligned)
+        index = decider.choice(route, plain, rule, prompt, wanted, ejected_at(plain, 0), 0)
         assert route.providers[index] == expected, (trial, route.name, rule.name)
-    assert decider.calls < 3000, "equal keys under the same health are decided once"
+    assert decider.calls < 3000, "equal keys under equivalent health are decided once"
 
 
 def peak_bytes(call: object) -> int:

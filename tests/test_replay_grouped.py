@@ -21,7 +21,8 @@ from control_plane.policy.load import default_policy_path, load_policy_file
 from control_plane.policy.wire import to_routing_policy
 from ext_proc.health_view import build_health_view
 from ext_proc.routing_table import build_routing_table
-from gpu_router.replay import aligned_health, replay
+from gpu_router.replay import replay
+from gpu_router.replay_health import aligned_health
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from ledger_scale import fill
