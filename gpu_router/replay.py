@@ -128,6 +128,22 @@ def uses_tokens(rule: PolicyRule, strategy: str) -> bool:
     return strategy != "latency" or rule.cost_ceiling_usd_per_mtok > 0
 
 
+def token_class(route: ModelRoute, rule: PolicyRule, prompt_tokens: int,
+                max_tokens: int) -> tuple[bool, ...] | None:
+    """For latency under a cost ceiling, while no ejection holds: which candidates are under the
+    ceiling, when one that may serve is (then latency alone ranks them, as decide() does, so
+    requests with equal flags get equal decisions); None when the tokens matter further."""
+    if rule.strategy != "latency":
+        return None
+    cost = [(prompt_tokens * i + max_tokens * o) / 1e6 for i, o in route.prices]
+    tokens = prompt_tokens + max_tokens
+    price = [c * 1e6 / tokens for c in cost] if tokens else [i for i, _ in route.prices]
+    under = tuple(p <= rule.cost_ceiling_usd_per_mtok for p in price)
+    usable = [fits and (not rule.providers or provider in rule.providers)
+              for fits, provider in zip(route.fit_flags, route.providers, strict=True)]
+    return under if any(u and ok for u, ok in zip(under, usable, strict=True)) else None
+
+
 def _recorded_choice(candidates: str, provider: str) -> str:
     """ext_proc's first scored candidate; the serving provider when nothing was recorded."""
     for entry in candidates.split(";"):
@@ -246,24 +262,16 @@ class _Replayer:
             found = self._rankings[key] = ranking_key(route, health, rule, rule.strategy, *tokens)
         return found
 
-    def add(self, model: str, provider: str, outcome: tuple[int, str, bool, bool, float, float],
-            cost: float, tokens: tuple[int, ...]) -> None:
+    def folded(self, model: str, provider: str,
+               outcome: tuple[int, str, bool, bool, float, float]) -> Folded:
+        """Where a row with this outcome adds up, and what it adds besides its cost and tokens."""
         _, picked, changed, to_ejected, recorded_ms, replayed_ms = outcome
         sums = self.sums.get((model, provider, picked))
         if sums is None:
             sums = self.sums[model, provider, picked] = [0.0] * 13
-        sums[0] += 1
-        sums[1] += cost
-        for at, count in enumerate(tokens, 2):
-            sums[at] += count
-        sums[7] += changed
-        sums[8] += to_ejected
-        if not math.isnan(recorded_ms):  # unmeasured EWMAs are left out
-            sums[9] += recorded_ms
-            sums[10] += 1
-        if not math.isnan(replayed_ms):
-            sums[11] += replayed_ms
-            sums[12] += 1
+        recorded_n, replayed_n = int(not math.isnan(recorded_ms)), int(not math.isnan(replayed_ms))
+        return (sums, int(changed), int(to_ejected), recorded_ms if recorded_n else 0.0,
+                recorded_n, replayed_ms if replayed_n else 0.0, replayed_n)
 
     def finish(self) -> Replay:
         result = self.result
@@ -279,10 +287,37 @@ class _Replayer:
         return result
 
 
+Folded = tuple[list[float], int, int, float, int, float, int]
+"""A group's sums (_Replayer.sums), and a row's changed, to ejected, recorded EWMA and whether
+measured, replayed EWMA and whether measured (unmeasured EWMAs are left out)."""
+
+
+def _fold(folded: Folded, cost: float, tokens: list[int]) -> None:
+    sums, changed, to_ejected, recorded_ms, recorded_n, replayed_ms, replayed_n = folded
+    sums[0] += 1
+    sums[1] += cost
+    sums[2] += tokens[0]
+    sums[3] += tokens[1]
+    sums[4] += tokens[2]
+    sums[5] += tokens[3]
+    sums[6] += tokens[4]
+    sums[7] += changed
+    sums[8] += to_ejected
+    sums[9] += recorded_ms
+    sums[10] += recorded_n
+    sums[11] += replayed_ms
+    sums[12] += replayed_n
+
+
 def replay(db_path: str | Path, config: RoutingConfig, since_ms: int, until_ms: int) -> Replay:
-    """Re-decide every request with since <= at < until under `config`."""
+    """Re-decide every request with since <= at < until under `config`.
+
+    A row whose (model, served by, policy, path, recorded choice, health version, tokens when
+    they matter) was seen while no ejection held its model's candidates adds up where that one
+    did, without deciding anything."""
     replayer = _Replayer(config)
     result = replayer.result
+    seen: dict[tuple[Any, ...], Folded | str] = {}
     with read_only(Path(db_path)) as connection:
         try:
             timeline = HealthTimeline(connection, replayer.table, since_ms, until_ms)
@@ -301,16 +336,28 @@ def replay(db_path: str | Path, config: RoutingConfig, since_ms: int, until_ms: 
                     if at >= timeline.next_at:
                         timeline.advance(at)
                     rule, by_tokens = replayer.rule(policy, path, route.name)
-                    wanted = max_tokens if max_tokens >= 0 else (
-                        0 if path in NO_OUTPUT_PATHS else DEFAULT_MAX_TOKENS)
-                    outcome = replayer.outcome(
-                        route, timeline.aligned(route.name), timeline.version(route.name), rule,
-                        (estimate_prompt_tokens(body_bytes), wanted) if by_tokens else None,
-                        _recorded_choice(candidates, provider), at)
-                    if isinstance(outcome, str):
-                        result.refused(outcome)
+                    recorded = _recorded_choice(candidates, provider)
+                    asked = None
+                    if by_tokens:
+                        asked = (estimate_prompt_tokens(body_bytes), max_tokens if max_tokens >= 0
+                                 else 0 if path in NO_OUTPUT_PATHS else DEFAULT_MAX_TOKENS)
+                    key = (route.name, provider, rule.name, recorded, timeline.version(route.name),
+                           asked and (token_class(route, rule, *asked) or asked))
+                    folded = seen.get(key)
+                    if folded is None:
+                        health = timeline.aligned(route.name)
+                        outcome = replayer.outcome(route, health, timeline.version(route.name),
+                                                   rule, asked, recorded, at)
+                        folded = outcome if isinstance(outcome, str) else replayer.folded(
+                            route.name, provider, outcome)
+                        if not health.any_ejected:  # else the outcome depends on the time
+                            if len(seen) >= Decider.MEMO:
+                                seen.clear()
+                            seen[key] = folded
+                    if isinstance(folded, str):
+                        result.refused(folded)
                     else:
-                        replayer.add(route.name, provider, outcome, cost, tokens)
+                        _fold(folded, cost, tokens)
         except sqlite3.Error as error:
             raise ReportError(f"cannot read the usage ledger {db_path}: {error}") from error
     return replayer.finish()
