@@ -3,11 +3,13 @@
 Each ledger row is decided again with ext_proc's own `decide()` over the other policy's routing
 table (built exactly as ext_proc builds it from the RoutingPolicy the control plane would
 send), with the health that was current at the request's start: the health history is
-streamed in time order alongside the requests and rebuilt into the HealthSnapshot ext_proc
-would have held. A decision's inputs are the ones ext_proc had: the request's model, its path,
-its body size (the prompt estimate) and max_tokens. Rows and history are read with cursors and
-only aggregates are kept, so memory stays bounded whatever the window; identical inputs under
-the same health are decided once.
+streamed in time order alongside the requests and aligned as ext_proc aligns the
+HealthSnapshot it would have held (replay_health.py). A decision's inputs are the ones ext_proc
+had: the request's model, its path, its body size (the prompt estimate) and max_tokens. Rows
+and history are read with cursors and only sums per (model, served by, picked) are kept, so
+memory stays bounded whatever the window; decide() runs once per distinct thing its choice
+reads (replay_health.health_key, the ranking key, ejections), and each group's tokens are
+priced once.
 
 What replay cannot know: latency under the other policy is the recorded EWMA of the provider it
 would have picked (a provider given more traffic may have been slower), tokens are the ones
