@@ -18,6 +18,7 @@ from ext_proc.scoring import (
     Candidate,
     Decision,
     NoCandidateError,
+    _ejection,  # the wording of an exclusion is not what the properties compare
     candidate_summary,
 )
 
@@ -115,12 +116,6 @@ def reference_decide(
             _audited, route, policy, cost, latency, score, health, now_unix_ms, allowed, order
         ),
     )
-
-
-def _ejection(until_unix_ms: int, now_unix_ms: int) -> str:
-    if until_unix_ms == UNTIL_NEXT_SNAPSHOT:
-        return "ejected (until fleet health lifts it)"
-    return f"ejected (cooling down for {(until_unix_ms - now_unix_ms) / 1000:.1f} s)"
 
 
 def _exclusion(
