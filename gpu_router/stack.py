@@ -33,17 +33,13 @@ from gpu_router.processes import (
     python_module,
 )
 from gpu_router.redis_service import redis_answers, redis_process, wants_redis
+from gpu_router.xds_status import fleet_synced, policy_holders
 
 SIMULATOR = "simulator"
 CONTROL_PLANE = "control-plane"
 EDGE_DRAIN_S = 2
 """Envoy's --drain-time-s: how long a stopping edge keeps accepting while it discourages
 keep-alive, before its listeners close."""
-EDGE_NODE_CLUSTER = "gpu-router-edge"
-EXT_PROC_NODE_CLUSTER = "gpu-router-ext-proc"
-_LISTENER_TYPE = "type.googleapis.com/envoy.config.listener.v3.Listener"
-_CLUSTER_TYPE = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
-_ROUTING_POLICY_TYPE = "type.googleapis.com/gpu_router.api.v1.RoutingPolicy"
 
 Probe = Callable[[], Callable[[], bool]]
 """Called just before a process (re)starts; returns the check that it is ready."""
@@ -227,7 +223,7 @@ class Stack:
             ext_proc,
             _Lifecycle(
                 what="its gRPC port and the routing policy in every worker",
-                probe=lambda: self._new_policy_holders(port),
+                probe=lambda: self._newpolicy_holders(port),
                 ports=(port,),
             ),
             timeout,
@@ -333,30 +329,22 @@ class Stack:
     def fleet_synced(self) -> bool:
         """Whether every edge node runs the control plane's listener and clusters, and every
         ext_proc worker its routing policy."""
-        nodes = self.xds_nodes()
-        synced_edges = {
-            node["id"]
-            for node in nodes
-            if node["cluster"] == EDGE_NODE_CLUSTER
-            and all(_acked_current(node, t) for t in (_LISTENER_TYPE, _CLUSTER_TYPE))
-        }
         workers = self.ext_proc_replicas * self.ext_proc_workers
-        every_edge = {edge.node_id for edge in self.edges} <= synced_edges
-        return every_edge and len(_policy_holders(nodes)) >= workers
+        return fleet_synced(self.xds_nodes(), (edge.node_id for edge in self.edges), workers)
 
     def _control_plane_healthy(self) -> bool:
         return http_get(self.control_url("/healthz"))[0] == 200
 
-    def _new_policy_holders(self, port: int) -> Callable[[], bool]:
+    def _newpolicy_holders(self, port: int) -> Callable[[], bool]:
         """Ready check of an ext_proc replica about to (re)start on `port`: it listens, and as
         many ext_proc nodes as it has workers, none connected before, hold the current policy."""
         try:
-            known = _policy_holders(self.xds_nodes())
+            known = policy_holders(self.xds_nodes())
         except (OSError, ProcessError):
             known = set()
         return lambda: (
             port_open(port)
-            and len(_policy_holders(self.xds_nodes()) - known) >= self.ext_proc_workers
+            and len(policy_holders(self.xds_nodes()) - known) >= self.ext_proc_workers
         )
 
     @property
@@ -401,17 +389,3 @@ class Stack:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-def _acked_current(node: dict[str, Any], type_url: str) -> bool:
-    state = node["types"].get(type_url)
-    return state is not None and state["acked_version"] == state["current_version"] != ""
-
-
-def _policy_holders(nodes: list[dict[str, Any]]) -> set[str]:
-    """Ids of the ext_proc nodes that ACKed the routing policy the control plane serves now."""
-    return {
-        node["id"]
-        for node in nodes
-        if node["cluster"] == EXT_PROC_NODE_CLUSTER and _acked_current(node, _ROUTING_POLICY_TYPE)
-    }
