@@ -44,12 +44,8 @@ from ext_proc.scoring import (
     decide,
     estimate_prompt_tokens,
 )
+from gpu_router.replay import _ROWS, NO_OUTPUT_PATHS, _recorded_choice
 
-NO_OUTPUT_PATHS = ("/v1/embeddings",)
-"""Paths ext_proc assumes no output for when max_tokens is absent."""
-_ROWS = ("SELECT at_unix_ms, model, provider, policy, candidates, path, request_bytes, max_tokens, "
-         "input_tokens, output_tokens, cached_input_tokens, cache_write_tokens, reasoning_tokens, "
-         "cost_usd FROM requests WHERE at_unix_ms >= ? AND at_unix_ms < ? ORDER BY at_unix_ms")
 FETCH = 5000
 
 
@@ -165,13 +161,6 @@ def ranking_key(route: ModelRoute, health: CandidateHealth, rule: PolicyRule, st
     return (order, tuple(p <= ceiling for p in price))
 
 
-def _recorded_choice(candidates: str, provider: str) -> str:
-    """ext_proc's first scored candidate; the serving provider when nothing was recorded."""
-    for entry in candidates.split(";"):
-        name, _, value = entry.partition("=")
-        if value and not value.startswith("x:"):
-            return name
-    return provider
 
 
 def _rows(connection: sqlite3.Connection, since_ms: int, until_ms: int) -> Iterator[tuple]:
