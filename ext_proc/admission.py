@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc_pb2
-from google.protobuf import struct_pb2
 
 from ext_proc.clients import ClientRule, presented_key
 from ext_proc.rate_limit import Charge, RateLimiter, whole_seconds
@@ -22,6 +21,8 @@ from ext_proc.scoring import DEFAULT_MAX_TOKENS, estimate_prompt_tokens
 
 CLIENT_FIELD = "client"
 """The client's name in the decision's dynamic metadata: the ledger books it."""
+
+_MODELS_PATH = MODELS_PATH.encode()
 
 INVALID_KEY = error_response(
     401,
@@ -43,7 +44,7 @@ def _request_facts(headers: ext_proc_pb2.HttpHeaders) -> tuple[bytes | None, boo
             method = value
         elif name == "content-length" and value.isdigit():
             length = int(value)
-    is_models = path == MODELS_PATH.encode() and method == b"GET"
+    is_models = path == _MODELS_PATH and method == b"GET"
     return presented_key(pairs), is_models, length
 
 
@@ -89,10 +90,8 @@ def _over_budget(client: ClientRule, spent: float) -> ext_proc_pb2.ProcessingRes
 
 def tag_client(response: ext_proc_pb2.ProcessingResponse, client: ClientRule) -> None:
     """Name the client in the decision metadata, routed or refused, so the ledger books it."""
-    namespace = response.dynamic_metadata.fields[METADATA_NAMESPACE]
-    if not namespace.HasField("struct_value"):
-        namespace.struct_value.CopyFrom(struct_pb2.Struct())
-    namespace.struct_value.fields[CLIENT_FIELD].string_value = client.name
+    namespace = response.dynamic_metadata.fields[METADATA_NAMESPACE].struct_value
+    namespace.fields[CLIENT_FIELD].string_value = client.name
 
 
 class Admission:
