@@ -193,6 +193,9 @@ def test_access_logs_and_load_reports_only_from_edge_certificates(stack: Stack) 
         assert send_access_log(channel, "from-an-edge") == grpc.StatusCode.OK
     asked = [entry["asked"] for entry in refusals(stack)[before:]]
     assert asked == ["access logs", "load reports"]
+    # The same entry from an edge is booked: without this, a forged one the ledger had not
+    # written yet would pass the check below.
+    eventually(lambda: booked(stack, "from-an-edge") == 1, "the edge's entry in the ledger")
     assert booked(stack, "forged-ext-proc") == 0
 
 
