@@ -36,7 +36,6 @@ from control_plane.metrics import Metrics
 from control_plane.policy.model import RoutingConfig
 from control_plane.telemetry.samples import (
     INTERNAL_CLUSTER_PREFIX,
-    METADATA_NAMESPACE,
     decision_field,
     duration_ms,
     is_final_request_entry,
@@ -52,14 +51,17 @@ from control_plane.telemetry.validation import (
     decision_problem,
     edge_problem,
 )
+from control_plane.translate.durable_log import EXT_PROC_FILTER_STATE
 from control_plane.translate.fallback_routes import FALLBACK_REASON, fallback_route_names
+from control_plane.translate.names import (
+    METADATA_NAMESPACE,
+    REQUEST_METADATA_NAMESPACE,
+    USAGE_METADATA_NAMESPACE,
+)
 from control_plane.usage.normalise import normalise
 from control_plane.usage.pricing import MissingPriceError, PriceBook, cost_usd
 from control_plane.usage.record import RequestRecord, is_error_status
 
-REQUEST_NAMESPACE = "gpu_router.request"
-USAGE_NAMESPACE = "gpu_router.usage"
-EXT_PROC_FILTER_STATE = "envoy.filters.http.ext_proc"
 RECENT_IDS = 100_000
 
 log = logging.getLogger(__name__)
@@ -87,8 +89,8 @@ def record_from_edge_entry(
         return None
     common = entry.common_properties
     decision = _struct(common, METADATA_NAMESPACE)
-    body = _struct(common, REQUEST_NAMESPACE)
-    usage = _struct(common, USAGE_NAMESPACE)
+    body = _struct(common, REQUEST_METADATA_NAMESPACE)
+    usage = _struct(common, USAGE_METADATA_NAMESPACE)
     cluster = common.upstream_cluster
     provider = "" if not cluster or cluster.startswith(INTERNAL_CLUSTER_PREFIX) else cluster
     fallbacks = decision_field(decision, "fallbacks")

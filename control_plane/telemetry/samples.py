@@ -27,7 +27,8 @@ from email.utils import parsedate_to_datetime
 from envoy.data.accesslog.v3 import accesslog_pb2
 from google.protobuf import duration_pb2, struct_pb2
 
-METADATA_NAMESPACE = "gpu_router"
+from control_plane.translate.names import METADATA_NAMESPACE
+
 INTERNAL_CLUSTER_PREFIX = "gpu-router."
 RETRY_AFTER_HEADER = "retry-after"
 
