@@ -112,9 +112,11 @@ def _bad_request(
     return error_response(400, message, kind="invalid_request_error", code=code, param=param)
 
 
-MISSING_MODEL = _bad_request(
-    f'missing "model": give it in the JSON body or in {MODEL_HEADER}', "missing_model", "model"
-)
+def _missing_model() -> ext_proc_pb2.ProcessingResponse:
+    """Built per refusal, not shared: the service tags each answer with its client in place."""
+    return _bad_request(
+        f'missing "model": give it in the JSON body or in {MODEL_HEADER}', "missing_model", "model"
+    )
 
 
 def models_response(table: RoutingTable) -> ext_proc_pb2.ProcessingResponse:
@@ -249,7 +251,7 @@ class RequestPhases:
         body_model = None if found is None else found.string_value
         model = headers.get(MODEL_HEADER) or body_model
         if not model:
-            return MISSING_MODEL
+            return _missing_model()
         route = table.resolve(model)
         if route is None:
             return _unknown_model(model)
