@@ -55,12 +55,11 @@ from control_plane.telemetry.validation import (
     count_nothing,
 )
 from control_plane.telemetry.wire_utf8 import Received, lenient_deserializer, repaired_parts
+from control_plane.translate.names import ACCESS_LOG_NAME as EDGE_LOG_NAME
+from control_plane.translate.names import ATTEMPT_LOG_NAME
 from control_plane.xds.peer import Admit, require_edge
 
 logger = logging.getLogger(__name__)
-
-ATTEMPT_LOG_NAME = "gpu-router.attempt"
-EDGE_LOG_NAME = "gpu-router.edge"
 
 ACCESS_LOG = "access_log"
 """The kind counted for a stream whose log name is not (yet) known."""
