@@ -256,6 +256,15 @@ def test_errors(
     assert phases.phase is Phase.DONE
 
 
+def test_tagging_one_refusal_with_its_client_leaves_the_next_untouched() -> None:
+    """The service tags answers in place (admission.tag_client): no answer may be shared."""
+    first = RequestPhases(STATE).handle(headers_request(end_of_stream=True))
+    first.dynamic_metadata.fields["gpu_router"].struct_value.fields["client"].string_value = "a"
+    second = RequestPhases(STATE).handle(headers_request(end_of_stream=True))
+    assert error_of(second)[0] == 400
+    assert not second.HasField("dynamic_metadata")
+
+
 def test_a_header_and_a_body_naming_one_model_by_two_names_route() -> None:
     response = RequestPhases(STATE).handle(
         headers_request(x_gpu_router_model="llama3-8b", body_fields={"model": "llama-3.1-8b"})
