@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from control_plane.ledger.report import ReportError
+from control_plane.ledger.report import ReportError, read_only
 from control_plane.policy.model import Client
 from control_plane.usage.record import is_error_status
 
@@ -54,18 +54,13 @@ Row = tuple[str, int, float, int, int, int]
 
 
 def ledger_rows(path: Path, since_unix_ms: int) -> list[Row]:
-    if not path.is_file():
-        raise ReportError(f"no usage ledger at {path}")
-    try:
-        connection = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+    with read_only(path) as connection:
         try:
             return connection.execute(
                 "SELECT client, at_unix_ms, cost_usd, status, input_tokens, output_tokens "
                 "FROM requests WHERE at_unix_ms >= ?", (since_unix_ms,)).fetchall()
-        finally:
-            connection.close()
-    except sqlite3.Error as error:
-        raise ReportError(f"cannot read the usage ledger {path}: {error}") from error
+        except sqlite3.Error as error:
+            raise ReportError(f"cannot read the usage ledger {path}: {error}") from error
 
 
 def usage_of(client: str, rows: Iterable[Row]) -> ClientUsage:
