@@ -54,7 +54,7 @@ from control_plane.telemetry.validation import (
     attempt_problem,
     count_nothing,
 )
-from control_plane.telemetry.wire_utf8 import Received, lenient_deserializer, repaired_parts
+from control_plane.telemetry.wire_utf8 import Received, register_lenient, repaired_parts
 from control_plane.translate.names import ACCESS_LOG_NAME as EDGE_LOG_NAME
 from control_plane.translate.names import ATTEMPT_LOG_NAME
 from control_plane.xds.peer import Admit, require_edge
@@ -107,14 +107,9 @@ class AccessLogReceiver:
     def register(self, server: grpc.aio.Server) -> None:
         """As the generated add_AccessLogServiceServicer_to_server, but with a request
         deserializer that does not end the stream on invalid UTF-8 (wire_utf8.py)."""
-        handler = grpc.stream_unary_rpc_method_handler(
-            self.StreamAccessLogs,
-            request_deserializer=lenient_deserializer(als_pb2.StreamAccessLogsMessage),
-            response_serializer=als_pb2.StreamAccessLogsResponse.SerializeToString,
-        )
-        server.add_generic_rpc_handlers(
-            (grpc.method_handlers_generic_handler(_SERVICE, {"StreamAccessLogs": handler}),)
-        )
+        register_lenient(server, _SERVICE, "StreamAccessLogs", self.StreamAccessLogs,
+                         als_pb2.StreamAccessLogsMessage, als_pb2.StreamAccessLogsResponse,
+                         stream_response=False)
 
     async def StreamAccessLogs(
         self,

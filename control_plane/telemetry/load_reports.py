@@ -31,7 +31,7 @@ from control_plane.telemetry.validation import (
     checked_in_flight,
     count_nothing,
 )
-from control_plane.telemetry.wire_utf8 import Received, lenient_deserializer, repaired_parts
+from control_plane.telemetry.wire_utf8 import Received, register_lenient, repaired_parts
 from control_plane.xds.peer import Admit, require_edge
 
 logger = logging.getLogger(__name__)
@@ -71,14 +71,9 @@ class LoadReportReceiver:
     def register(self, server: grpc.aio.Server) -> None:
         """As the generated add_LoadReportingServiceServicer_to_server, but with a request
         deserializer that does not end the stream on invalid UTF-8 (wire_utf8.py)."""
-        handler = grpc.stream_stream_rpc_method_handler(
-            self.StreamLoadStats,
-            request_deserializer=lenient_deserializer(lrs_pb2.LoadStatsRequest),
-            response_serializer=lrs_pb2.LoadStatsResponse.SerializeToString,
-        )
-        server.add_generic_rpc_handlers(
-            (grpc.method_handlers_generic_handler(_SERVICE, {"StreamLoadStats": handler}),)
-        )
+        register_lenient(server, _SERVICE, "StreamLoadStats", self.StreamLoadStats,
+                         lrs_pb2.LoadStatsRequest, lrs_pb2.LoadStatsResponse,
+                         stream_response=True)
 
     async def StreamLoadStats(
         self,

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
+import grpc
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import DecodeError, Message
 
@@ -138,6 +139,18 @@ def lenient_deserializer(message_class: type[M]) -> Callable[[bytes], Received[M
             return Received(None)
 
     return deserialize
+
+
+def register_lenient(server: grpc.aio.Server, service: str, method: str, behaviour: Any,
+                     request_class: type[Message], response_class: type[Message], *,
+                     stream_response: bool) -> None:
+    """Serve one client-streaming method as the generated add_*Servicer_to_server would, but
+    with `lenient_deserializer`, so invalid UTF-8 does not end the stream."""
+    make = (grpc.stream_stream_rpc_method_handler if stream_response
+            else grpc.stream_unary_rpc_method_handler)
+    handler = make(behaviour, request_deserializer=lenient_deserializer(request_class),
+                   response_serializer=response_class.SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, {method: handler}),))
 
 
 def repaired_parts(repaired: tuple[FieldPath, ...]) -> int:
