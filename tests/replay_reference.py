@@ -26,7 +26,6 @@ from __future__ import annotations
 import math
 import sqlite3
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +34,7 @@ from control_plane.ledger.report import ReportError, read_only
 from control_plane.ledger.savings import offerings, price_tokens
 from control_plane.policy.model import Price, RoutingConfig
 from control_plane.policy.wire import to_routing_policy
-from ext_proc.health_view import UNTIL_NEXT_SNAPSHOT, CandidateHealth, build_health_view
+from ext_proc.health_view import CandidateHealth, build_health_view
 from ext_proc.routing_table import ModelRoute, PolicyRule, RoutingTable, build_routing_table
 from ext_proc.scoring import (
     DEFAULT_MAX_TOKENS,
@@ -44,60 +43,15 @@ from ext_proc.scoring import (
     decide,
     estimate_prompt_tokens,
 )
-from gpu_router.replay import _ROWS, NO_OUTPUT_PATHS, _recorded_choice
+from gpu_router.replay import _ROWS, NO_OUTPUT_PATHS, Replay, Side, _recorded_choice, ejected_at
 
 FETCH = 5000
 
 
-@dataclass(slots=True)
-class Side:
-    """What happened, or what the other policy would have done, summed."""
-
-    cost_usd: float = 0.0
-    shares: dict[str, int] = field(default_factory=dict)
-    latency_sum_ms: float = 0.0
-    latency_n: int = 0
-    """Requests whose provider's EWMA was recorded (the rest were unmeasured)."""
-
-    def add(self, provider: str, cost: float, latency_ms: float) -> None:
-        self.cost_usd += cost
-        self.shares[provider] = self.shares.get(provider, 0) + 1
-        if not math.isnan(latency_ms):
-            self.latency_sum_ms += latency_ms
-            self.latency_n += 1
-
-    def to_json(self) -> dict[str, Any]:
-        total = sum(self.shares.values())
-        return {"cost_usd": self.cost_usd,
-                "shares": {p: n / total for p, n in sorted(self.shares.items())},
-                "requests": dict(sorted(self.shares.items())),
-                "expected_latency_ms": self.latency_sum_ms / self.latency_n
-                if self.latency_n else None}
-
-
-@dataclass(slots=True)
-class Replay:
-    requests: int = 0
-    """Routed requests re-decided."""
-    changed: int = 0
-    recorded: Side = field(default_factory=Side)
-    replayed: Side = field(default_factory=Side)
-    could_not_serve: dict[str, int] = field(default_factory=dict)
-    """Why -> requests the other policy would have refused (not in either side's sums)."""
-    to_ejected: int = 0
-    """Replayed decisions whose provider was ejected then (every fitting one was)."""
-    unrouted: int = 0
-    """Rows that never reached a provider (not replayed)."""
-    decide_calls: int = 0
-
-    def refused(self, why: str) -> None:
-        self.could_not_serve[why] = self.could_not_serve.get(why, 0) + 1
-
-    def to_json(self) -> dict[str, Any]:
-        return {"requests": self.requests, "changed": self.changed,
-                "recorded": self.recorded.to_json(), "replayed": self.replayed.to_json(),
-                "could_not_serve": self.could_not_serve, "to_ejected_provider": self.to_ejected,
-                "not_routed": self.unrouted}
+def _add_one(side: Side, provider: str, cost: float, latency_ms: float) -> None:
+    """One request on its own (NaN latency: its provider's EWMA was not recorded)."""
+    measured = not math.isnan(latency_ms)
+    side.add_group(provider, 1, cost, latency_ms if measured else 0.0, int(measured))
 
 
 class HealthTimeline:
@@ -169,13 +123,6 @@ def _rows(connection: sqlite3.Connection, since_ms: int, until_ms: int) -> Itera
         yield from chunk
 
 
-def ejected_at(health: CandidateHealth, at: int) -> tuple[bool, ...]:
-    """Which candidates an ejection holds at `at` (as decide() tells them)."""
-    if not health.any_ejected:
-        return (False,) * len(health.ejected_until)
-    return tuple(u == UNTIL_NEXT_SNAPSHOT or u > at for u in health.ejected_until)
-
-
 class Decider:
     """decide() once per (model, policy, strategy, health version, ejections, ranking key);
     at most MEMO entries are kept (then it starts over), so memory stays bounded."""
@@ -245,10 +192,11 @@ def replay(db_path: str | Path, config: RoutingConfig, since_ms: int, until_ms: 
                 result.to_ejected += bool(ejected[index])
                 recorded_at = (route.providers.index(recorded)
                                if recorded in route.providers else None)
-                result.recorded.add(provider, cost, math.nan if recorded_at is None
-                                    else health.latencies[recorded_at])
-                result.replayed.add(choice, price_tokens(tuple(tokens), prices[route.name][choice]),
-                                    health.latencies[index])
+                _add_one(result.recorded, provider, cost, math.nan if recorded_at is None
+                         else health.latencies[recorded_at])
+                _add_one(result.replayed, choice,
+                         price_tokens(tuple(tokens), prices[route.name][choice]),
+                         health.latencies[index])
         except sqlite3.Error as error:
             raise ReportError(f"cannot read the usage ledger {db_path}: {error}") from error
     result.decide_calls = decider.calls
