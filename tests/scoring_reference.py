@@ -19,6 +19,7 @@ from ext_proc.scoring import (
     Decision,
     NoCandidateError,
     _ejection,  # the wording of an exclusion is not what the properties compare
+    _fmt_latency,
     candidate_summary,
 )
 
@@ -35,10 +36,6 @@ def _allowed(route: ModelRoute, policy: PolicyRule) -> npt.NDArray[np.bool_]:
     return np.fromiter(
         (p in policy.providers for p in route.providers), np.bool_, len(route.providers)
     )
-
-
-def _fmt_latency(latency: float) -> str:
-    return "unmeasured" if np.isnan(latency) else f"{latency:.0f} ms EWMA"
 
 
 def reference_decide(
