@@ -223,7 +223,7 @@ class Stack:
             ext_proc,
             _Lifecycle(
                 what="its gRPC port and the routing policy in every worker",
-                probe=lambda: self._newpolicy_holders(port),
+                probe=lambda: self._new_policy_holders(port),
                 ports=(port,),
             ),
             timeout,
@@ -335,7 +335,7 @@ class Stack:
     def _control_plane_healthy(self) -> bool:
         return http_get(self.control_url("/healthz"))[0] == 200
 
-    def _newpolicy_holders(self, port: int) -> Callable[[], bool]:
+    def _new_policy_holders(self, port: int) -> Callable[[], bool]:
         """Ready check of an ext_proc replica about to (re)start on `port`: it listens, and as
         many ext_proc nodes as it has workers, none connected before, hold the current policy."""
         try:
