@@ -1,8 +1,9 @@
 """ext_proc behind the real Envoy 1.40, on the edge configuration the translator generates.
 
 A static bootstrap holds what the control plane would deliver over ADS for a two-provider policy
-(translate(): the edge listener with its request-fields Lua, ext_proc and router filters, one
-route per ranked order of providers plus the fallback routes, the provider clusters); the
+(translate(): the edge listener with its request-fields Lua, ext_proc and router filters, the
+policy's routes that walk the order ext_proc names plus the fallback routes, the provider
+clusters); the
 control plane itself is not under test. The real ext_proc gets that policy and its health from
 a fake ADS server; the access logs go to a collector. The two providers are tiny HTTP servers
 echoing what reached them.
@@ -43,7 +44,6 @@ from control_plane.translate.names import (
     REQUEST_METADATA_NAMESPACE,
     ROUTE_HEADER,
 )
-from control_plane.translate.routes import route_header_value
 from gpu_router.api.v1 import health_pb2
 from gpu_router.processes import EnvoyAdmin, ManagedProcess, free_port, port_open, python_module
 
@@ -172,10 +172,11 @@ class Edge:
         }
 
     def route(self, request_id: str) -> str:
-        """The route ext_proc picked for the request: its policy and ranked providers."""
+        """What ext_proc picked for the request: "<policy>/<ranked providers>", from the order
+        the route walked (the metadata its priority_group specifier read)."""
         decision = self.logged(request_id)["gpu_router"]
-        fallbacks = [p for p in decision.get("fallbacks", "").split(",") if p]
-        return route_header_value(decision["policy"], [decision["provider"], *fallbacks])
+        order = [group["name"] for group in decision["priority_groups"]]
+        return f"{decision['policy']}/{','.join(order)}"
 
     def post(
         self,
@@ -421,6 +422,7 @@ def test_decision_metadata_reaches_the_access_log(edge: Edge) -> None:
         "request_id": entry["request_id"],
         "path": "/v1/chat/completions?a=b",
         "length": "44",  # saved by the upstream rewrite: every attempt starts from it
+        "priority_groups": [{"name": "alpha"}, {"name": "beta"}],  # the order walked
     }
     assert entry["request"] == {
         "model": "m1", "max_tokens": 3, "stream": False, "client_request_id": "audit-1"

@@ -32,7 +32,9 @@ def error_of(response: ext_proc_pb2.ProcessingResponse) -> tuple[int, dict]:
 
 
 def routed(response: ext_proc_pb2.ProcessingResponse) -> tuple[str, dict[str, str]]:
-    """(the route header: policy/winner,fallbacks, the gpu_router metadata) of an answer that routes."""
+    """("policy/winner,fallbacks,...", the gpu_router metadata but the order) of an answer that
+    routes: the route header names the policy and the order's length, the metadata the order
+    (what the route's priority_group specifier walks), and the two must agree."""
     assert response.WhichOneof("response") == "request_headers"
     common = response.request_headers.response
     assert common.clear_route_cache
@@ -41,7 +43,12 @@ def routed(response: ext_proc_pb2.ProcessingResponse) -> tuple[str, dict[str, st
     assert not common.HasField("body_mutation") and not response.HasField("mode_override")
     metadata = json_format.MessageToDict(response.dynamic_metadata)
     assert list(metadata) == ["gpu_router"]
-    return headers["x-gpu-router-route"], metadata["gpu_router"]
+    decision = metadata["gpu_router"]
+    order = [group["name"] for group in decision.pop("priority_groups")]
+    assert order == [decision["provider"], *filter(None, decision["fallbacks"].split(","))]
+    policy, _, attempts = headers["x-gpu-router-route"].rpartition("/")
+    assert (policy, int(attempts)) == (decision["policy"], len(order))
+    return f"{policy}/{','.join(order)}", decision
 
 
 def test_the_body_model_from_metadata_is_decided_in_one_answer() -> None:

@@ -97,10 +97,11 @@ def test_not_ready_then_routes_once_the_policy_arrives(
         )
         mutation = response.request_headers.response.header_mutation
         assert [(h.header.key, h.header.raw_value) for h in mutation.set_headers] == [
-            ("x-gpu-router-route", b"interactive/lambda,runpod")
+            ("x-gpu-router-route", b"interactive/2")
         ]
         audit = json_format.MessageToDict(response.dynamic_metadata)["gpu_router"]
         assert (audit["model"], audit["request_id"]) == ("mixtral-8x7b", "r-1")
+        assert audit["priority_groups"] == [{"name": "lambda"}, {"name": "runpod"}]
 
 
 def serving_status(target: str, service: str) -> int:

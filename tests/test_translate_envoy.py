@@ -44,7 +44,8 @@ from control_plane.policy.model import Credential, Model, Policy, RoutingConfig
 from control_plane.translate import EdgeSettings, translate
 from control_plane.translate.clusters import EXT_PROC_HEALTH_SERVICE
 from control_plane.translate.fallback_routes import FALLBACK_REASON
-from control_plane.translate.routes import route_configuration
+from control_plane.translate.names import ORDER_METADATA_KEY
+from control_plane.translate.routes import route_configuration, route_header_value
 from control_plane.usage.normalise import normalise
 from gpu_router.processes import EnvoyAdmin, ManagedProcess, free_port
 
@@ -221,7 +222,8 @@ class RoutingProcessor(ep_grpc.ExternalProcessorServicer):
 
 
 def _routed(order: str, model: str, path: str) -> ep_pb2.ProcessingResponse:
-    route = f"default/{order}"
+    providers = order.split(",")
+    route = route_header_value("default", len(providers))
     response = ep_pb2.ProcessingResponse(
         request_headers=ep_pb2.HeadersResponse(
             response=ep_pb2.CommonResponse(
@@ -247,6 +249,7 @@ def _routed(order: str, model: str, path: str) -> ep_pb2.ProcessingResponse:
                 "model": model,
                 "reason": "test pick",
                 "path": path,
+                ORDER_METADATA_KEY: [{"name": name} for name in providers],
             }
         }
     )

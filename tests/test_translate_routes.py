@@ -1,23 +1,20 @@
-"""The route table: one failover route per ranked provider order, then the fallback routes
+"""The route table: per policy, one route per length of the order ext_proc picks (the order
+itself rides in the request's metadata), then the fallback routes
 (test_translate_fallback_routes.py)."""
 
 from __future__ import annotations
-
-import math
 
 import pytest
 from envoy.config.core.v3 import base_pb2
 from translate_fixtures import attempt_order, provider, routing_config
 
+from control_plane.policy.model import Model
+
 from control_plane.policy.model import Policy
 from control_plane.translate.errors import TranslationError
 from control_plane.translate.names import CLIENT_HEADERS_DROPPED
-from control_plane.translate.routes import (
-    MAX_ROUTES,
-    provider_orders,
-    route_configuration,
-    route_header_value,
-)
+from control_plane.translate.newer_api import PriorityGroupClusterSpecifier
+from control_plane.translate.routes import MAX_ROUTES, route_configuration, route_header_value
 from control_plane.translate.settings import EdgeSettings
 
 PROVIDERS = (
@@ -65,47 +62,40 @@ def response_headers(route) -> dict[str, str]:
     return {h.header.key: h.header.value for h in route.response_headers_to_add}
 
 
-def test_header_value_is_policy_slash_ranked_providers() -> None:
-    assert route_header_value("batch/x", ("c", "a")) == "batch/x/c,a"
+def override_namespace(route) -> str:
+    specifier = PriorityGroupClusterSpecifier()
+    assert route.route.inline_cluster_specifier_plugin.extension.typed_config.Unpack(specifier)
+    return specifier.override_metadata_namespace
 
 
-def test_orders_are_every_ranked_selection_up_to_max_fallbacks_plus_one() -> None:
-    orders = list(provider_orders(("a", "b", "c"), 1))
-    assert orders == [
-        ("a",),
-        ("b",),
-        ("c",),
-        ("a", "b"),
-        ("a", "c"),
-        ("b", "a"),
-        ("b", "c"),
-        ("c", "a"),
-        ("c", "b"),
-    ]
-    assert len(list(provider_orders(("a", "b"), 5))) == 2 + 2
+def test_header_value_is_policy_slash_attempts() -> None:
+    assert route_header_value("batch/x", 2) == "batch/x/2"
 
 
-@pytest.mark.parametrize(("count", "fallbacks"), [(3, 2), (4, 2), (5, 4), (5, 0)])
-def test_route_count_is_the_documented_sum(count: int, fallbacks: int) -> None:
+@pytest.mark.parametrize(("count", "fallbacks"), [(3, 2), (4, 2), (5, 4), (5, 0), (50, 2)])
+def test_route_count_grows_with_fallbacks_not_providers(count: int, fallbacks: int) -> None:
     config = routing_config(
         *(provider(f"p{i}", f"http://127.0.0.1:{i + 1}") for i in range(count)),
         policies=(Policy(name="only", max_fallbacks=fallbacks),),
     )
-    expected = sum(math.perm(count, length) for length in range(1, min(fallbacks + 1, count) + 1))
     # The fallback routes of a config without models: /v1/models and the two 404s.
-    assert len(routes(config)) == expected + 3
+    assert len(routes(config)) == min(fallbacks + 1, count) + 3
+    for route in forwarding_routes(config):
+        assert len(attempt_order(route)) == count  # a group per provider: linear in providers
 
 
-def test_a_route_per_order_matches_its_exact_header_value_and_fails_over_in_that_order() -> None:
+def test_a_route_per_order_length_walks_the_order_the_request_names() -> None:
     table = by_name()
     chat = [name for name in table if name.startswith("chat/")]
-    assert chat == ["chat/c", "chat/a", "chat/c,a", "chat/a,c"]
-    route = table["chat/c,a"]
+    assert chat == ["chat/1", "chat/2"]
+    route = table["chat/2"]
     assert route.match.prefix == "/"
     (matcher,) = route.match.headers
-    assert (matcher.name, matcher.string_match.exact) == ("x-gpu-router-route", "chat/c,a")
+    assert (matcher.name, matcher.string_match.exact) == ("x-gpu-router-route", "chat/2")
+    # One group per provider of the policy; the request's order comes from ext_proc's metadata.
     assert attempt_order(route) == ["c", "a"]
-    assert attempt_order(table["batch/x/b-2,c,a"]) == ["b-2", "c", "a"]
+    assert override_namespace(route) == "gpu_router"
+    assert attempt_order(table["batch/x/3"]) == ["a", "b-2", "c"]
     assert response_headers(route) == {
         "x-gpu-router-provider": "%UPSTREAM_CLUSTER%",
         "x-gpu-router-reason": "%DYNAMIC_METADATA(gpu_router:reason)%",
@@ -114,7 +104,7 @@ def test_a_route_per_order_matches_its_exact_header_value_and_fails_over_in_that
 
 def test_retries_move_down_the_order_on_the_policys_terms() -> None:
     table = by_name()
-    policy = table["chat/c,a"].route.retry_policy
+    policy = table["chat/2"].route.retry_policy
     assert policy.retry_on == "5xx,reset,connect-failure,refused-stream,retriable-status-codes"
     assert list(policy.retriable_status_codes) == [429]
     assert policy.num_retries.value == 1
@@ -123,8 +113,8 @@ def test_retries_move_down_the_order_on_the_policys_terms() -> None:
     assert policy.retry_back_off.base_interval.ToMilliseconds() == 1
     assert policy.retry_back_off.max_interval.ToMilliseconds() == 1
     assert not policy.HasField("rate_limited_retry_back_off")
-    assert table["chat/a"].route.retry_policy.num_retries.value == 0
-    batch = table["batch/x/a,b-2,c"].route.retry_policy
+    assert table["chat/1"].route.retry_policy.num_retries.value == 0
+    batch = table["batch/x/3"].route.retry_policy
     assert (batch.num_retries.value, batch.per_try_timeout.ToMilliseconds()) == (2, 4000)
 
 
@@ -152,12 +142,14 @@ def test_bad_fallback_weights_are_rejected(weights: dict[str, int], message: str
         routes(weights=weights)
 
 
-def test_too_many_orders_are_refused_with_the_way_out() -> None:
+def test_too_many_routes_are_refused_with_the_way_out() -> None:
+    models = tuple(Model(name=f"m{i}", min_gpu_memory_gb=1) for i in range(60))
     config = routing_config(
-        *(provider(f"p{i}", f"http://127.0.0.1:{i + 1}") for i in range(9)),
-        policies=(Policy(name="wide", max_fallbacks=5),),
+        provider("a", "http://127.0.0.1:1", model_ids={m.name: m.name for m in models}),
+        models=models,
+        policies=tuple(Policy(name=f"p{i}") for i in range(45)),
     )
-    with pytest.raises(TranslationError, match=f"more than {MAX_ROUTES}: narrow"):
+    with pytest.raises(TranslationError, match=f"more than {MAX_ROUTES}: use fewer"):
         routes(config)
 
 

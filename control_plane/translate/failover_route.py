@@ -1,9 +1,12 @@
 """One routed request's walk over a ranked order of providers, inside the client's request.
 
 Attempt n goes to order[n] (a priority_group cluster specifier, refreshed on every retry), so a
-retry always lands on a different provider. What bounds the retrying:
+retry always lands on a different provider. The order is either the route's own (fallback routes)
+or, on a policy's routes, the request's: ext_proc names it in the dynamic metadata the specifier
+reads (override_metadata_namespace), among the groups the route configures, one per provider.
+What bounds the retrying:
 
-- per request: at most len(order) attempts (num_retries = len(order) - 1, i.e. max_fallbacks);
+- per request: at most `attempts` attempts (num_retries = attempts - 1, at most max_fallbacks);
 - per provider: its max_concurrency circuit breaker (clusters.py), which guards the provider a
   retry goes to;
 - per edge: the max_retries circuit breaker (clusters.retries_in_flight).
@@ -22,7 +25,11 @@ from google.protobuf import wrappers_pb2
 
 from control_plane.policy.model import Policy
 from control_plane.translate.envoy_api import milliseconds, packed, seconds
-from control_plane.translate.names import PROVIDER_RESPONSE_HEADER, REASON_RESPONSE_HEADER
+from control_plane.translate.names import (
+    METADATA_NAMESPACE,
+    PROVIDER_RESPONSE_HEADER,
+    REASON_RESPONSE_HEADER,
+)
 from control_plane.translate.newer_api import (
     PRIORITY_GROUP_PLUGIN,
     priority_groups,
@@ -44,11 +51,16 @@ def failover_route(
     policy: Policy,
     settings: EdgeSettings,
     reason: str,
+    *,
+    attempts: int = 0,
+    per_request: bool = False,
 ) -> rc_pb2.Route:
-    """Attempt n of a request to order[n], on the retry terms of `policy`; `reason` is the
-    x-gpu-router-reason response header."""
+    """Attempt n of a request to order[n], on the retry terms of `policy`, for `attempts`
+    attempts (default len(order)); `per_request`: to the n-th provider ext_proc's metadata
+    names instead. `reason` is the x-gpu-router-reason response header."""
+    groups = priority_groups(order, METADATA_NAMESPACE if per_request else "")
     specifier = extension_pb2.TypedExtensionConfig(
-        name=PRIORITY_GROUP_PLUGIN, typed_config=packed(priority_groups(order))
+        name=PRIORITY_GROUP_PLUGIN, typed_config=packed(groups)
     )
     return rc_pb2.Route(
         name=name,
@@ -57,7 +69,7 @@ def failover_route(
             inline_cluster_specifier_plugin=rc_pb2.ClusterSpecifierPlugin(extension=specifier),
             timeout=seconds(settings.upstream_timeout_s),
             auto_host_rewrite=wrappers_pb2.BoolValue(value=True),
-            retry_policy=_retry_policy(len(order), policy.per_try_timeout_ms),
+            retry_policy=_retry_policy(attempts or len(order), policy.per_try_timeout_ms),
         ),
         response_headers_to_add=[
             response_header(PROVIDER_RESPONSE_HEADER, "%UPSTREAM_CLUSTER%"),

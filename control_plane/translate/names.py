@@ -56,6 +56,9 @@ CLIENT_HEADERS_OVERWRITTEN: Mapping[str, tuple[str, str]] = MappingProxyType({
 
 METADATA_NAMESPACE = "gpu_router"
 """Dynamic-metadata namespace ext_proc writes, and filter_metadata key on clusters and endpoints."""
+ORDER_METADATA_KEY = "priority_groups"
+"""Its key for the request's ranked order, [{"name": provider}, ...]: what the policy routes'
+priority_group cluster specifier reads (routes.py; ext_proc's ORDER_KEY)."""
 REQUEST_METADATA_NAMESPACE = "gpu_router.request"
 """Dynamic-metadata namespace the edge's request-fields filter fills from the request body,
 forwarded to ext_proc."""

@@ -1,7 +1,9 @@
 """The Envoy 1.40 API this edge uses that the xds-protos 1.85 stubs do not have yet.
 
 Two pieces: the priority_group cluster specifier (extensions/router/cluster_specifiers/
-priority_group/v3/priority_group.proto) and RetryPolicy.refresh_cluster_on_retry (field 14 of
+priority_group/v3/priority_group.proto), with its per-request override read from dynamic metadata
+(override_metadata_namespace, field 2: found in the 1.40 binary's own descriptors, not yet in the
+published docs), and RetryPolicy.refresh_cluster_on_retry (field 14 of
 config/route/v3/route_components.proto). The specifier's messages are declared here from that
 proto's field numbers, in a private descriptor pool so a later xds-protos that ships them cannot
 clash; the retry field is carried as an unknown field, which protobuf keeps and serializes as is.
@@ -62,7 +64,8 @@ def _priority_group_pool() -> descriptor_pool.DescriptorPool:
             descriptor_pb2.DescriptorProto(
                 name="PriorityGroupClusterSpecifier",
                 field=[
-                    field("priority_groups", 1, message, repeated, f".{_PACKAGE}.PriorityGroup")
+                    field("priority_groups", 1, message, repeated, f".{_PACKAGE}.PriorityGroup"),
+                    field("override_metadata_namespace", 2, string),
                 ],
             ),
         ],
@@ -79,13 +82,17 @@ _POOL = _priority_group_pool()
 PriorityGroupClusterSpecifier: Any = message_factory.GetMessageClass(
     _POOL.FindMessageTypeByName(f"{_PACKAGE}.PriorityGroupClusterSpecifier")
 )
-"""Envoy's PriorityGroupClusterSpecifier: attempt n goes to priority_groups[n] (wrapping around)."""
+"""Envoy's PriorityGroupClusterSpecifier: attempt n goes to priority_groups[n] (the last one once
+they run out). With override_metadata_namespace set, a request whose dynamic metadata holds
+{"priority_groups": [{"name": g1}, {"name": g2}, ...]} in that namespace walks those groups (named
+among the configured ones) instead; without it, or naming an unknown group, the configured order."""
 
 
-def priority_groups(clusters: Sequence[str]) -> Any:
-    """A PriorityGroupClusterSpecifier with one group per cluster, in order: attempt n of a
-    request goes to clusters[n]."""
-    specifier = PriorityGroupClusterSpecifier()
+def priority_groups(clusters: Sequence[str], override_namespace: str = "") -> Any:
+    """A PriorityGroupClusterSpecifier with one group per cluster, named after it, in order:
+    attempt n of a request goes to clusters[n], unless `override_namespace` is given and the
+    request's metadata there orders the groups itself."""
+    specifier = PriorityGroupClusterSpecifier(override_metadata_namespace=override_namespace)
     for cluster in clusters:
         group = specifier.priority_groups.add(name=cluster)
         group.clusters.add(cluster_name=cluster, weight={"value": 1})

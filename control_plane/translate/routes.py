@@ -1,23 +1,26 @@
-"""The edge route table: one route per ranked order of providers ext_proc may pick, then the
-fallback routes (fallback_routes.py) for requests ext_proc did not answer.
+"""The edge route table: a few routes per policy that walk the order ext_proc picks for each
+request, then the fallback routes (fallback_routes.py) for requests ext_proc did not answer.
 
 ext_proc ranks the providers able to serve a request (the winner, then at most the policy's
-max_fallbacks fallbacks) and names that order in a request header, "<policy>/<p1>,<p2>,...". Each
-value it can set has its own route, matched on the exact value, whose priority_group cluster
-specifier sends attempt n to provider n (failover_route.py). Exact matches never overlap, so their
-order does not matter; the fallback routes (no header) come after them.
+max_fallbacks fallbacks). It names the policy and the order's length in a request header,
+"<policy>/<attempts>", and the order itself in its dynamic metadata (namespace gpu_router, key
+priority_groups). Each header value has its own route, matched on the exact value: its
+priority_group cluster specifier holds one group per provider of the policy and reads the
+request's order from that metadata, so attempt n goes to the n-th provider ext_proc named
+(failover_route.py), and its retry policy allows attempts - 1 retries (the specifier would stay on
+the last provider after that). Exact matches never overlap, so their order does not matter; the
+fallback routes (no header) come after them.
 
-Route count, per policy with P providers to choose from (its allow-list, else every provider) and
-F = max_fallbacks: sum over k = 1..min(F + 1, P) of P!/(P - k)! (the ordered selections of k
-distinct providers). P = 3, F = 2: 3 + 6 + 6 = 15; P = 5, F = 2: 85; P = 5, F = 4: 325. Two
+Route count: min(max_fallbacks + 1, P) routes per policy with P providers to choose from (its
+allow-list, else every provider), each with P priority groups: the config grows linearly with
+providers, and a request matches one of a few routes per policy whatever their number. Two
 fallback routes per policy and model more. More than MAX_ROUTES is refused: Envoy matches routes
 in order.
 """
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 
 from envoy.config.core.v3 import base_pb2
 from envoy.config.route.v3 import route_components_pb2 as rc_pb2
@@ -41,16 +44,9 @@ _EXT_PROC_REASON = f"%DYNAMIC_METADATA({METADATA_NAMESPACE}:reason)%"
 MAX_ROUTES = 5000
 
 
-def route_header_value(policy: str, order: Sequence[str]) -> str:
-    """The route header naming `policy`'s route for this ranked provider order."""
-    return f"{policy}/{','.join(order)}"
-
-
-def provider_orders(providers: Sequence[str], max_fallbacks: int) -> Iterator[tuple[str, ...]]:
-    """Every ranked order ext_proc may pick: a winner and up to `max_fallbacks` fallbacks, all
-    distinct, shortest first."""
-    for length in range(1, min(max_fallbacks + 1, len(providers)) + 1):
-        yield from itertools.permutations(providers, length)
+def route_header_value(policy: str, attempts: int) -> str:
+    """The route header naming `policy`'s route for an order of `attempts` providers."""
+    return f"{policy}/{attempts}"
 
 
 def check_weights(config: RoutingConfig, weights: Mapping[str, int] | None) -> None:
@@ -78,8 +74,8 @@ def route_configuration(
     routes += fallback_routes(config, settings, weights)
     if len(routes) > MAX_ROUTES:
         raise TranslationError(
-            f"the policies need {len(routes)} routes (one per ranked order of providers), more "
-            f"than {MAX_ROUTES}: narrow the policies' providers or lower their max_fallbacks"
+            f"the policies need {len(routes)} routes (fallback routes: two per policy and model), "
+            f"more than {MAX_ROUTES}: use fewer policies or models"
         )
     return route_pb2.RouteConfiguration(
         name=ROUTE_CONFIG,
@@ -108,8 +104,8 @@ def _policy_routes(
     config: RoutingConfig, policy: Policy, settings: EdgeSettings
 ) -> Iterator[rc_pb2.Route]:
     providers = policy.providers or tuple(p.name for p in config.providers)
-    for order in provider_orders(providers, policy.max_fallbacks):
-        value = route_header_value(policy.name, order)
+    for attempts in range(1, min(policy.max_fallbacks + 1, len(providers)) + 1):
+        value = route_header_value(policy.name, attempts)
         match = rc_pb2.RouteMatch(
             prefix="/",
             headers=[
@@ -118,4 +114,5 @@ def _policy_routes(
                 )
             ],
         )
-        yield failover_route(value, match, order, policy, settings, _EXT_PROC_REASON)
+        yield failover_route(value, match, providers, policy, settings, _EXT_PROC_REASON,
+                             attempts=attempts, per_request=True)
