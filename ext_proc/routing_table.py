@@ -54,6 +54,11 @@ class ModelRoute:
     fit_flags: tuple[bool, ...] = field(init=False)
     tie_break: tuple[int, ...] = field(init=False)
     """provider_index as Python ints."""
+    summary_keys: tuple[str, ...] = field(init=False)
+    """"<provider>=" per candidate: how the candidate summary names each."""
+    ties_in_index_order: bool = field(init=False)
+    """tie_break rises with the index (as build_routing_table makes it): a stable sort on the
+    score alone then breaks ties as decide() must."""
 
     def __post_init__(self) -> None:
         set_field = object.__setattr__  # frozen: derived once here, at table build time
@@ -61,6 +66,9 @@ class ModelRoute:
                                             self.output_usd_per_mtok.tolist(), strict=True)))
         set_field(self, "fit_flags", tuple(self.fits.tolist()))
         set_field(self, "tie_break", tuple(self.provider_index.tolist()))
+        set_field(self, "summary_keys", tuple(f"{p}=" for p in self.providers))
+        set_field(self, "ties_in_index_order", all(
+            a < b for a, b in zip(self.tie_break, self.tie_break[1:])))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

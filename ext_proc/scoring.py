@@ -97,8 +97,14 @@ class NoCandidateError(Exception):
         self.candidates = candidates
 
 
-def _positive_min(values: Sequence[float], mask: Sequence[bool]) -> float:
-    """Smallest positive value under mask (the normaliser of a balanced term), 1.0 if none."""
+_POSITIVE = (0.0).__lt__
+
+
+def _positive_min(values: Sequence[float], mask: Sequence[bool], every: bool) -> float:
+    """Smallest positive value under mask (the normaliser of a balanced term), 1.0 if none;
+    `every`: the mask is all true."""
+    if every:
+        return min(filter(_POSITIVE, values), default=1.0)
     return min([v for v, m in zip(values, mask) if m and v > 0], default=1.0)
 
 
@@ -130,18 +136,23 @@ def decide(
     else:
         allowed, usable = [True] * count, fits
     until = health.ejected_until
+    panic = False
+    skipped: Sequence[bool] = ()
     if health.any_ejected:
         ejected = [u == UNTIL_NEXT_SNAPSHOT or u > now_unix_ms for u in until]
+        panic = not any(u and not e for u, e in zip(usable, ejected)) and any(usable)
+        if panic:
+            # Every provider that could serve is ejected. Like Envoy's panic threshold: rank them
+            # all and let the request fail over through them, rather than answer a certain 503
+            # while one of them may already have recovered (ejection trails the provider by a
+            # cooldown).
+            until = (NOT_EJECTED,) * count
+        else:
+            skipped = [u and e for u, e in zip(usable, ejected)]
+        eligible: Sequence[bool] = usable if panic else [
+            u and not e for u, e in zip(usable, ejected)]
     else:
-        ejected = [False] * count
-    panic = not any(u and not e for u, e in zip(usable, ejected)) and any(usable)
-    if panic:
-        # Every provider that could serve is ejected. Like Envoy's panic threshold: rank them all
-        # and let the request fail over through them, rather than answer a certain 503 while one
-        # of them may already have recovered (ejection trails the provider by a cooldown).
-        until = (NOT_EJECTED,) * count
-        ejected = [False] * count
-    eligible = [u and not e for u, e in zip(usable, ejected)]
+        eligible = usable
     if not any(eligible):
         excluded = _excluded(route, policy, until, now_unix_ms, allowed)
         detail = "; ".join(f"{p}: {why}" for p, why in zip(providers, excluded, strict=True))
@@ -155,26 +166,20 @@ def decide(
     keeps, score, describe = _RANKERS[strategy](
         route, policy, cost, latency, eligible, penalty, prompt_tokens + max_tokens
     )
-    inf = math.inf
-    ranked = sorted(zip(
-        [0 if k else 1 if e else 2 for k, e in zip(keeps, eligible)],
-        [s if e else inf for s, e in zip(score, eligible)],
-        route.tie_break,
-        range(count),
-    ))
-    order = [entry[3] for entry in ranked]
+    order = _rank(route, keeps, eligible, score)
     best = order[0]
     reason = describe(best) + (" (degraded)" if degraded[best] else "")
     if panic:
         reason += "; every fitting provider ejected: tried anyway"
-    skipped = [u and e for u, e in zip(usable, ejected)]
     if any(skipped):
         reason += "; " + ", ".join(p for p, s in zip(providers, skipped) if s) + " ejected"
     # Ejected providers that could serve come last, after every eligible one: a fleet ejection
     # trails the provider by its cooldown, and trying one beats failing the client request.
-    ranked_eligible = [i for i in order if eligible[i]] + [i for i in order if skipped[i]]
+    walk = [i for i in order if eligible[i]]
+    if len(walk) <= policy.max_fallbacks and any(skipped):
+        walk += [i for i in order if skipped[i]]
     summary = candidate_summary(
-        providers,
+        route.summary_keys,
         order,
         score,
         eligible,
@@ -188,12 +193,31 @@ def decide(
         policy=policy.name,
         strategy=strategy,
         reason=reason,
-        fallbacks=tuple(providers[i] for i in ranked_eligible[1 : 1 + policy.max_fallbacks]),
+        fallbacks=tuple(providers[i] for i in walk[1 : 1 + policy.max_fallbacks]),
         candidate_summary=summary,
         audit=functools.partial(
             _audited, route, policy, cost, latency, score, until, now_unix_ms, allowed, order
         ),
     )
+
+
+def _rank(
+    route: ModelRoute, keeps: Sequence[bool], eligible: Sequence[bool], score: Sequence[float]
+) -> list[int]:
+    """Candidate indices best first: those that keep the strategy's constraint, then the other
+    eligible ones, then the rest; by score within each, ties in provider order."""
+    count = len(score)
+    if route.ties_in_index_order and all(keeps):
+        # Every candidate keeps the constraint (so is eligible): one stable sort on the score.
+        return sorted(range(count), key=score.__getitem__)
+    inf = math.inf
+    ranked = sorted(zip(
+        [0 if k else 1 if e else 2 for k, e in zip(keeps, eligible)],
+        [s if e else inf for s, e in zip(score, eligible)],
+        route.tie_break,
+        range(count),
+    ))
+    return [entry[3] for entry in ranked]
 
 
 def _ejection(until_unix_ms: int, now_unix_ms: int) -> str:
@@ -235,7 +259,7 @@ def _excluded(
 
 
 def candidate_summary(
-    providers: tuple[str, ...],
+    keys: Sequence[str],
     order: list[int],
     score: Sequence[float],
     eligible: Sequence[bool],
@@ -244,12 +268,15 @@ def candidate_summary(
     """The compact audit line of a decision, every candidate in rank order:
     "vast=7.048e-05;runpod=0.000126;lambda=x:gpu ... too small" (provider=score, or
     provider=x:why it was excluded; ";" in a reason becomes ","). The control plane's audit log
-    parses it (control_plane/audit.py parse_candidates); Envoy's access log carries it."""
+    parses it (control_plane/audit.py parse_candidates); Envoy's access log carries it.
+    `keys` are "<provider>=" per candidate (ModelRoute.summary_keys)."""
+    if all(eligible):
+        return ";".join([f"{keys[i]}{score[i]:.6g}" for i in order])
     return ";".join(
         [
-            f"{providers[i]}={score[i]:.6g}"
+            f"{keys[i]}{score[i]:.6g}"
             if eligible[i]
-            else f"{providers[i]}={EXCLUDED_PREFIX}{(exclusion(i) or '').replace(';', ',')}"
+            else f"{keys[i]}{EXCLUDED_PREFIX}{(exclusion(i) or '').replace(';', ',')}"
             for i in order
         ]
     )
@@ -349,14 +376,23 @@ def _rank_balanced(
     cost_weight, latency_weight = policy.cost_weight, policy.latency_weight
     if cost_weight <= 0 and latency_weight <= 0:
         cost_weight = latency_weight = 0.5
-    seen = [lat for e, lat in zip(eligible, latency) if e and not math.isnan(lat)]
-    unmeasured_as = _median(seen) if seen else 1.0
-    filled = [unmeasured_as if math.isnan(lat) else lat for lat in latency]
-    min_cost, min_latency = _positive_min(cost, eligible), _positive_min(filled, eligible)
-    score = _penalised(
-        [cost_weight * c / min_cost + latency_weight * f / min_latency for c, f in zip(cost, filled)],
-        penalty,
-    )
+    every = all(eligible)
+    # lat == lat: not NaN (unmeasured), without a call per candidate.
+    seen = ([lat for lat in latency if lat == lat] if every
+            else [lat for e, lat in zip(eligible, latency) if e and lat == lat])
+    if every and len(seen) == len(latency):
+        filled: Sequence[float] = latency
+    else:
+        unmeasured_as = _median(seen) if seen else 1.0
+        filled = [lat if lat == lat else unmeasured_as for lat in latency]
+    min_cost = _positive_min(cost, eligible, every)
+    min_latency = _positive_min(filled, eligible, every)
+    if penalty is None:
+        score = [cost_weight * c / min_cost + latency_weight * f / min_latency
+                 for c, f in zip(cost, filled)]
+    else:  # _penalised's product, in the same pass
+        score = [(cost_weight * c / min_cost + latency_weight * f / min_latency) * p
+                 for c, f, p in zip(cost, filled, penalty)]
 
     def describe(i: int) -> str:
         return f"balanced: score {score[i]:.2f} (${cost[i]:.6f}, {_fmt_latency(latency[i])})"

@@ -93,7 +93,7 @@ def reference_decide(
     last_resort = (skipped & ~eligible).tolist()
     ranked_eligible = [i for i in order if ok[i]] + [i for i in order if last_resort[i]]
     summary = candidate_summary(
-        route.providers,
+        route.summary_keys,
         order,
         score.tolist(),
         ok,

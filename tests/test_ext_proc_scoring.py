@@ -307,7 +307,7 @@ def test_the_summary_scores_are_the_strategys_and_unfit_gpus_say_why() -> None:
 
 def test_the_summary_keeps_its_separator_out_of_reasons() -> None:
     summary = candidate_summary(
-        ("a", "b", "c"),
+        ("a=", "b=", "c="),
         [2, 0, 1],
         [0.5, 1e-9, 0.0],
         [True, False, True],
