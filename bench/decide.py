@@ -18,13 +18,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+from routed_path import MODEL, bench_policy
 
 from control_plane.policy.load import load_policy_file
 from control_plane.policy.wire import to_routing_policy
 from ext_proc.health_view import NOT_EJECTED, CandidateHealth
 from ext_proc.routing_table import build_routing_table
 from ext_proc.scoring import decide
-from routed_path import MODEL, bench_policy
 
 STRATEGIES = ("cost", "latency", "balanced")
 

@@ -377,14 +377,14 @@ def _rank_balanced(
     if cost_weight <= 0 and latency_weight <= 0:
         cost_weight = latency_weight = 0.5
     every = all(eligible)
-    # lat == lat: not NaN (unmeasured), without a call per candidate.
-    seen = ([lat for lat in latency if lat == lat] if every
-            else [lat for e, lat in zip(eligible, latency) if e and lat == lat])
+    isnan = math.isnan
+    seen = ([lat for lat in latency if not isnan(lat)] if every
+            else [lat for e, lat in zip(eligible, latency) if e and not isnan(lat)])
     if every and len(seen) == len(latency):
         filled: Sequence[float] = latency
     else:
         unmeasured_as = _median(seen) if seen else 1.0
-        filled = [lat if lat == lat else unmeasured_as for lat in latency]
+        filled = [unmeasured_as if isnan(lat) else lat for lat in latency]
     min_cost = _positive_min(cost, eligible, every)
     min_latency = _positive_min(filled, eligible, every)
     if penalty is None:
