@@ -8,10 +8,13 @@ it (Envoy has no ext_proc timing stat of its own), and at 16 connections the CPU
 process spent per request: on a 2-core machine, 2 s of CPU per second bounds the req/s.
 
     python bench/routed_path.py [--duration 10] [--workers 1 2] [--client-keys 100] [--providers 4]
+                                [--provider-scaling 4 50]
 
 --client-keys N also compares two x1 stacks at 16 connections, one whose policy declares N
 client keys (the load sends one of them) and one without clients, loaded in turn (A B B A):
-what the key check costs, printed as the req/s ratio keys/no-keys.
+what the key check costs, printed as the req/s ratio keys/no-keys. --provider-scaling A B
+compares the same way a policy of B identical providers with one of A: whether a request's
+cost grows with the providers (config, route matching, decide()).
 """
 
 from __future__ import annotations
@@ -251,29 +254,46 @@ def timed_wrk(stack: Stack, url: str, body: bytes, connections: int, seconds: in
     return load, ext_proc_time(before, ext_proc_histogram(stack))
 
 
-def key_check_ratios(work: Path, policy: Path, keyed: Path, seconds: int,
-                     rounds: int = 2) -> list[tuple[str, float]]:
-    """req/s with client keys over req/s without, one ext_proc worker each, at 16 connections:
-    both stacks run at once and are loaded in turn (A B B A ...), so a neighbour's load on a
-    shared machine weighs on both alike. Per round, then over all rounds."""
+def stack_pids(stack: Stack) -> dict[str, int]:
+    return {"edge": stack.processes["edge-1"].pid, "ext_proc": stack.processes["ext-proc-1"].pid,
+            "control plane": stack.processes["control-plane"].pid}
+
+
+def ab_ratios(work: Path, policy: Path, other: Path, seconds: int, key: str = "",
+              rounds: int = 2) -> tuple[list[tuple[str, float]], list[dict[str, float]]]:
+    """req/s of the stack on `other` over req/s of the one on `policy` (the load sends `key` to
+    `other` only), one ext_proc worker each, at 16 connections: both stacks run at once and are
+    loaded in turn (A B B A ...), so a neighbour's load on a shared machine weighs on both alike.
+    Per round, then over all rounds; and each stack's CPU microseconds per request per process
+    over all its rounds."""
     stacks = []
+    spent: list[dict[str, float]] = [{}, {}]
+    served = [0, 0]
     try:
-        for name, path in (("no-keys", policy), ("keys", keyed)):
-            stacks.append(Stack(policy=path, log_dir=work / f"ratio-{name}", ports=StackPorts.free(),
-                                accounting=["--no-accounting"], simulators=False).start())
+        for name, path in (("a", policy), ("b", other)):
+            stacks.append(Stack(policy=path, log_dir=work / f"ratio-{name}-{other.stem}",
+                                ports=StackPorts.free(), accounting=["--no-accounting"],
+                                simulators=False).start())
         body, totals, out = chat_body(64), [0.0, 0.0], []
         for index in range(rounds):
             rps = [0.0, 0.0]
             for which in ((0, 1) if index % 2 == 0 else (1, 0)):
+                pids = stack_pids(stacks[which])
+                before = cpu_reading(pids)
                 load = wrk(f"{stacks[which].url}/v1/chat/completions", body, 16, seconds, work,
-                           BENCH_KEY if which else "")
+                           key if which else "")
+                after = cpu_reading(pids)
                 if load.errors:
-                    raise RuntimeError(f"{load.errors} failed requests in the key-check run")
+                    raise RuntimeError(f"{load.errors} failed requests in the {other.stem} run")
                 rps[which] = load.rps
+                served[which] += load.requests
+                for name in before:
+                    spent[which][name] = spent[which].get(name, 0.0) + after[name] - before[name]
             totals = [totals[0] + rps[0], totals[1] + rps[1]]
             out.append((f"round {index + 1}", rps[1] / rps[0]))
         out.append(("all", totals[1] / totals[0]))
-        return out
+        return out, [{name: cpu * 1e6 / max(served[which], 1) for name, cpu in spent[which].items()}
+                     for which in (0, 1)]
     finally:
         for stack in stacks:
             stack.stop()
@@ -287,6 +307,8 @@ def main() -> int:
                         help="also compare x1 with this many client keys declared to x1 without (e.g. 100)")
     parser.add_argument("--providers", type=int, default=1,
                         help="identical providers in the routed stacks' policy, all on the fast upstream")
+    parser.add_argument("--provider-scaling", type=int, nargs=2, metavar=("A", "B"),
+                        help="also compare x1 with B providers to x1 with A (e.g. 4 50)")
     parser.add_argument("--no-accounting-run", action="store_true",
                         help="skip the run with usage accounting and audit logging off")
     args = parser.parse_args()
@@ -329,8 +351,14 @@ def main() -> int:
         if not args.no_accounting_run:
             runs.append(("x1 acct off", 1, False))
         if args.client_keys:
-            key_ratios = key_check_ratios(work, policy, bench_policy(
-                work / "keyed.yaml", upstream_port, args.client_keys), args.duration)
+            key_ratios, _ = ab_ratios(work, policy, bench_policy(
+                work / "keyed.yaml", upstream_port, args.client_keys), args.duration, BENCH_KEY)
+        if args.provider_scaling:
+            fewer, more = args.provider_scaling
+            scaling, scaling_cpu = ab_ratios(
+                work, bench_policy(work / f"providers-{fewer}.yaml", upstream_port, providers=fewer),
+                bench_policy(work / f"providers-{more}.yaml", upstream_port, providers=more),
+                args.duration)
         for name, workers, accounting in runs:
             log_dir = work / name.replace(" ", "-")
             flags = (["--ledger", str(log_dir / "ledger.db"), "--audit-log", str(log_dir / "audit.jsonl")]
@@ -339,8 +367,7 @@ def main() -> int:
                           ext_proc_workers=workers, simulators=False).start()
             try:
                 routed_url = f"{stack.url}/v1/chat/completions"
-                pids = {"edge": stack.processes["edge-1"].pid, "ext_proc": stack.processes["ext-proc-1"].pid,
-                        "control plane": stack.processes["control-plane"].pid, "upstream": children[0].pid}
+                pids = {**stack_pids(stack), "upstream": children[0].pid}
                 for label, body, connections in (("1 conn", small, 1), ("16 conn", small, 16),
                                                  ("1 conn 200KB", large, 1)):
                     before = cpu_reading(pids)
@@ -384,6 +411,13 @@ def main() -> int:
               "the two stacks loaded in turn, ABBA):")
         for label, ratio in key_ratios:
             print(f"  {label:<10} rps keys/no-keys {ratio:5.3f}")
+    if args.provider_scaling:
+        print(f"\n{more} providers vs {fewer} (x1, 16 conn, accounting off, loaded in turn, ABBA):")
+        for label, ratio in scaling:
+            print(f"  {label:<10} rps {more}/{fewer} {ratio:5.3f}")
+        for count, spent in zip((fewer, more), scaling_cpu):
+            parts = ", ".join(f"{process} {us:.0f}" for process, us in spent.items())
+            print(f"  CPU us per request, {count} providers: {parts}")
     return 0
 
 
