@@ -53,7 +53,8 @@ COMPLETION = json.dumps({
 
 
 def static_envoy(name: str, work: Path, listen_port: int, route: dict, clusters: list[dict],
-                 concurrency: list[str] = (), filters: list[dict] = ()) -> ManagedProcess:
+                 concurrency: list[str] = (), filters: list[dict] = (),
+                 access_log: list[dict] = ()) -> ManagedProcess:
     admin = free_port()
     config = {
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin}}},
@@ -69,6 +70,7 @@ def static_envoy(name: str, work: Path, listen_port: int, route: dict, clusters:
                         "route_config": {"virtual_hosts": [{"name": "all", "domains": ["*"], "routes": [route]}]},
                         "http_filters": [*filters, {"name": "envoy.filters.http.router", "typed_config": {
                             "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}],
+                        "access_log": list(access_log),
                     }}]}],
             }],
             "clusters": clusters,
