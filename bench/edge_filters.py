@@ -19,7 +19,15 @@ import tempfile
 from pathlib import Path
 
 from google.protobuf import json_format
-from routed_path import _cluster, chat_body, cpu_reading, fast_upstream, per_request, static_envoy, wrk
+from routed_path import (
+    _cluster,
+    chat_body,
+    cpu_reading,
+    fast_upstream,
+    per_request,
+    static_envoy,
+    wrk,
+)
 
 from control_plane.translate.durable_log import durable_edge_log
 from control_plane.translate.listeners import _request_fields, _usage_capture
