@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
 from collections.abc import Callable
 from http import HTTPStatus
 from typing import Any, Protocol
@@ -145,10 +146,15 @@ def respond(table: dict[str, Route], method: str, path: str, accept: str,
     except _NotFoundError as error:
         return _error(HTTPStatus.NOT_FOUND, str(error))
     except Exception as error:
-        # A bug behind one endpoint must not take the admin surface down; say what broke.
-        logger.exception("admin endpoint failed", extra={"path": path})
+        # A bug behind one endpoint must not take the admin surface down. The exception's text
+        # may hold paths or data the caller should not see: it goes to the log under an id the
+        # answer names.
+        error_id = secrets.token_hex(6)
+        logger.exception("admin endpoint failed", extra={"path": path, "error_id": error_id})
         return _error(
-            HTTPStatus.INTERNAL_SERVER_ERROR, f"{path}: {type(error).__name__}: {error}"
+            HTTPStatus.INTERNAL_SERVER_ERROR,
+            f"{path} failed ({type(error).__name__}); the control plane's log has it as "
+            f"error_id {error_id}",
         )
     return web.Response(body=body, headers={"Content-Type": content_type})
 

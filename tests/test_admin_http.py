@@ -83,8 +83,10 @@ async def _exercise() -> None:
         ) == {"version": "abc", "providers": ["prov-a"]}
 
         status, _, body = await asyncio.to_thread(_request, port, "GET", "/v1/xds")
-        assert status == 500
-        assert "xds state unavailable" in json.loads(body)["error"]["message"]
+        message = json.loads(body)["error"]["message"]
+        assert status == 500 and message.startswith("/v1/xds failed (RuntimeError)")
+        assert "xds state unavailable" not in message  # the text stays in the log
+        assert "error_id" in message
 
         status, _, body = await asyncio.to_thread(_request, port, "GET", "/nope")
         error = json.loads(body)["error"]
