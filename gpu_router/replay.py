@@ -2,14 +2,14 @@
 
 Each ledger row is decided again with ext_proc's own `decide()` over the other policy's routing
 table (built exactly as ext_proc builds it from the RoutingPolicy the control plane would
-send), with the health that was current at the request's start: the health history is
-streamed in time order alongside the requests and aligned as ext_proc aligns the
+send), with the health that was current at the request's start, aligned as ext_proc aligns the
 HealthSnapshot it would have held (replay_health.py). A decision's inputs are the ones ext_proc
-had: the request's model, its path, its body size (the prompt estimate) and max_tokens. Rows
-and history are read with cursors and only sums per (model, served by, picked) are kept, so
-memory stays bounded whatever the window; decide() runs once per distinct thing its choice
-reads (replay_health.health_key, the ranking key, ejections), and each group's tokens are
-priced once.
+had: the request's model, its path, its body size (the prompt estimate) and max_tokens. No
+request row goes through Python: SQLite sums the rows per group of requests whose decision
+reads the same things (replay_groups.py: model, rule, health interval, token class), decide()
+runs once per distinct group, and each (model, served by, picked)'s tokens are priced once.
+Memory holds the window's health periods as numpy arrays and the sums; the groups live in a
+SQLite temp table.
 
 What replay cannot know: latency under the other policy is the recorded EWMA of the provider it
 would have picked (a provider given more traffic may have been slower), tokens are the ones
@@ -22,7 +22,6 @@ state change, so a decision taken between two rows may have seen a slightly diff
 
 from __future__ import annotations
 
-import math
 import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,20 +33,9 @@ from control_plane.policy.model import Price, RoutingConfig
 from control_plane.policy.wire import to_routing_policy
 from ext_proc.health_view import UNTIL_NEXT_SNAPSHOT
 from ext_proc.routing_table import ModelRoute, PolicyRule, build_routing_table
-from ext_proc.scoring import (
-    DEFAULT_MAX_TOKENS,
-    DEGRADED_PENALTY,
-    NoCandidateError,
-    decide,
-    estimate_prompt_tokens,
-)
-from gpu_router.replay_health import FETCH, Aligned, HealthTimeline, health_key
-
-NO_OUTPUT_PATHS = ("/v1/embeddings",)
-"""Paths ext_proc assumes no output for when max_tokens is absent."""
-_ROWS = ("SELECT at_unix_ms, model, provider, policy, candidates, path, request_bytes, max_tokens, "
-         "input_tokens, output_tokens, cached_input_tokens, cache_write_tokens, reasoning_tokens, "
-         "cost_usd FROM requests WHERE at_unix_ms >= ? AND at_unix_ms < ? ORDER BY at_unix_ms")
+from ext_proc.scoring import DEGRADED_PENALTY, NoCandidateError, decide
+from gpu_router.replay_groups import Group, GroupQuery
+from gpu_router.replay_health import Aligned, Periods, health_key, read_periods
 
 
 @dataclass(slots=True)
@@ -92,8 +80,8 @@ class Replay:
     """Rows that never reached a provider (not replayed)."""
     decide_calls: int = 0
 
-    def refused(self, why: str) -> None:
-        self.could_not_serve[why] = self.could_not_serve.get(why, 0) + 1
+    def refused(self, why: str, requests: int = 1) -> None:
+        self.could_not_serve[why] = self.could_not_serve.get(why, 0) + requests
 
     def to_json(self) -> dict[str, Any]:
         return {"requests": self.requests, "changed": self.changed,
@@ -111,8 +99,8 @@ def ranking_key(route: ModelRoute, health: Aligned, rule: PolicyRule, strategy: 
     keys under the same health get the same decision, so each key is decided once."""
     if strategy == "balanced":
         return (prompt_tokens, max_tokens)
-    if not uses_tokens(rule, strategy):
-        return ()
+    if strategy == "latency" and rule.cost_ceiling_usd_per_mtok <= 0:
+        return ()  # every eligible candidate ranks by latency alone
     cost = [(prompt_tokens * i + max_tokens * o) / 1e6 for i, o in route.prices]
     by_cost = [c * DEGRADED_PENALTY if d else c for c, d in zip(cost, health.degraded_flags)]
     order = tuple(sorted(range(len(cost)), key=by_cost.__getitem__))  # stable: provider order
@@ -122,37 +110,6 @@ def ranking_key(route: ModelRoute, health: Aligned, rule: PolicyRule, strategy: 
         return (order,)
     price = [c * 1e6 / tokens for c in cost] if tokens else [i for i, _ in route.prices]
     return (order, tuple(p <= ceiling for p in price))
-
-
-def uses_tokens(rule: PolicyRule, strategy: str) -> bool:
-    """Whether decide()'s choice can depend on the tokens: not for latency without a cost
-    ceiling, which ranks every eligible candidate (there is one, else it raises) by latency."""
-    return strategy != "latency" or rule.cost_ceiling_usd_per_mtok > 0
-
-
-def token_class(route: ModelRoute, rule: PolicyRule, prompt_tokens: int,
-                max_tokens: int) -> tuple[bool, ...] | None:
-    """For latency under a cost ceiling, while no ejection holds: which candidates are under the
-    ceiling, when one that may serve is (then latency alone ranks them, as decide() does, so
-    requests with equal flags get equal decisions); None when the tokens matter further."""
-    if rule.strategy != "latency":
-        return None
-    cost = [(prompt_tokens * i + max_tokens * o) / 1e6 for i, o in route.prices]
-    tokens = prompt_tokens + max_tokens
-    price = [c * 1e6 / tokens for c in cost] if tokens else [i for i, _ in route.prices]
-    under = tuple(p <= rule.cost_ceiling_usd_per_mtok for p in price)
-    usable = [fits and (not rule.providers or provider in rule.providers)
-              for fits, provider in zip(route.fit_flags, route.providers, strict=True)]
-    return under if any(u and ok for u, ok in zip(under, usable, strict=True)) else None
-
-
-def _recorded_choice(candidates: str, provider: str) -> str:
-    """ext_proc's first scored candidate; the serving provider when nothing was recorded."""
-    for entry in candidates.split(";"):
-        name, _, value = entry.partition("=")
-        if value and not value.startswith("x:"):
-            return name
-    return provider
 
 
 def ejected_at(health: Aligned, at: int) -> tuple[bool, ...]:
@@ -193,87 +150,66 @@ class Decider:
         return picked
 
 
-Outcome = tuple[int, str, bool, bool, float, float] | str
-"""(picked index, picked provider, changed, sent to an ejected one, recorded EWMA, replayed
-EWMA), or why no provider could serve."""
-
-
 class _Replayer:
-    """Folds rows into sums per (model, served by, picked): each row costs a few dict lookups;
-    an outcome is worked out once per (model, policy, health version, ejections, recorded choice,
-    ranking key) and each group's token sums are priced once, at the end."""
+    """Adds up groups (replay_groups.Group) per (model, served by, picked); decides once per
+    distinct group.decides, and each (model, served by, picked)'s tokens are priced once, at the
+    end."""
 
     def __init__(self, config: RoutingConfig) -> None:
         self.table = build_routing_table(to_routing_policy(config))
         self._prices: dict[str, dict[str, Price]] = offerings(config)
-        self._policies = {rule.name: rule for rule in self.table.policies}
-        self._routes: dict[str, ModelRoute | None] = {}
-        self._rules: dict[tuple[str, str, str], tuple[PolicyRule, bool]] = {}
-        self._outcomes: dict[tuple[Any, ...], Outcome] = {}
-        self._rankings: dict[tuple[Any, ...], tuple[Any, ...]] = {}
         self.decider = Decider()
+        self._picks: dict[tuple[Any, ...], tuple[int, bool] | None] = {}
         self.sums: dict[tuple[str, str, str], list[float]] = {}
         """(model, served by, picked) -> requests, cost, tokens by KINDS, changed, to ejected,
         recorded EWMA sum and count, replayed EWMA sum and count."""
         self.result = Replay()
 
-    def route(self, model: str) -> ModelRoute | None:
-        if model not in self._routes:
-            self._routes[model] = self.table.resolve(model)
-        return self._routes[model]
-
-    def rule(self, policy: str, path: str, model: str) -> tuple[PolicyRule, bool]:
-        """The rule a row is decided under, and whether its tokens matter to the decision."""
-        found = self._rules.get((policy, path, model))
-        if found is None:
-            rule = self._policies.get(policy) or self.table.match(path, {}, model)
-            found = self._rules[policy, path, model] = (rule, uses_tokens(rule, rule.strategy))
-        return found
-
-    def outcome(self, route: ModelRoute, health: Aligned, version: int, rule: PolicyRule,
-                tokens: tuple[int, int] | None, recorded: str, at: int) -> Outcome:
+    def _pick(self, group: Group, periods: Periods) -> tuple[int, bool] | None:
+        """The candidate decide() picks for the group, and whether an ejection held it."""
+        if group.decides in self._picks:
+            return self._picks[group.decides]
+        route = self.table.models[group.model]  # type: ignore[index]
+        health, at = periods.aligned(group.period), int(periods.starts[group.period])
         ejected = ejected_at(health, at)
-        key = (route.name, rule.name, version, ejected, recorded,
-               () if tokens is None else self._ranking(route, health, rule, tokens))
-        found = self._outcomes.get(key)
-        if found is not None:
-            return found
-        prompt, wanted = tokens or (0, 0)
-        index = self.decider.choice(route, health, rule, prompt, wanted, ejected, at)
-        if index is None:
-            found = "no provider could serve"
-        else:
-            at_recorded = (route.providers.index(recorded) if recorded in route.providers
-                           else None)
-            found = (index, route.providers[index], recorded != route.providers[index],
-                     ejected[index], math.nan if at_recorded is None
-                     else health.latencies[at_recorded], health.latencies[index])
-        if len(self._outcomes) >= Decider.MEMO:
-            self._outcomes.clear()
-        self._outcomes[key] = found
+        index = self.decider.choice(route, health, group.rule, group.prompt, group.wanted,
+                                    ejected, at)
+        if len(self._picks) >= Decider.MEMO:
+            self._picks.clear()
+        found = self._picks[group.decides] = None if index is None else (index, ejected[index])
         return found
 
-    def _ranking(self, route: ModelRoute, health: Aligned, rule: PolicyRule,
-                 tokens: tuple[int, int]) -> tuple[Any, ...]:
-        """ranking_key, remembered per (tokens, degraded flags): few distinct ones recur."""
-        key = (route.name, rule.name, tokens, health.degraded_flags)
-        found = self._rankings.get(key)
-        if found is None:
-            if len(self._rankings) >= Decider.MEMO:
-                self._rankings.clear()
-            found = self._rankings[key] = ranking_key(route, health, rule, rule.strategy, *tokens)
-        return found
-
-    def folded(self, model: str, provider: str,
-               outcome: tuple[int, str, bool, bool, float, float]) -> Folded:
-        """Where a row with this outcome adds up, and what it adds besides its cost and tokens."""
-        _, picked, changed, to_ejected, recorded_ms, replayed_ms = outcome
-        sums = self.sums.get((model, provider, picked))
+    def add(self, group: Group, periods: dict[str, Periods]) -> None:
+        result = self.result
+        if not group.served:
+            result.unrouted += group.requests
+            return
+        result.requests += group.requests
+        if group.model is None:
+            result.refused("model not in the policy", group.requests)
+            return
+        picked = self._pick(group, periods[group.model])
+        if picked is None:
+            result.refused("no provider could serve", group.requests)
+            return
+        index, to_ejected = picked
+        providers = self.table.models[group.model].providers
+        choice = providers[index]
+        sums = self.sums.get((group.model, group.served, choice))
         if sums is None:
-            sums = self.sums[model, provider, picked] = [0.0] * 13
-        recorded_n, replayed_n = int(not math.isnan(recorded_ms)), int(not math.isnan(replayed_ms))
-        return (sums, int(changed), int(to_ejected), recorded_ms if recorded_n else 0.0,
-                recorded_n, replayed_ms if replayed_n else 0.0, replayed_n)
+            sums = self.sums[group.model, group.served, choice] = [0.0] * 13
+        sums[0] += group.requests
+        sums[1] += group.cost
+        for kind, tokens in enumerate(group.tokens, start=2):
+            sums[kind] += tokens
+        sums[7] += group.requests if group.recorded != choice else 0
+        sums[8] += group.requests if to_ejected else 0
+        if group.recorded in providers:
+            recorded = providers.index(group.recorded)
+            sums[9] += group.latency_sums[recorded]
+            sums[10] += group.latency_counts[recorded]
+        sums[11] += group.latency_sums[index]
+        sums[12] += group.latency_counts[index]
 
     def finish(self) -> Replay:
         result = self.result
@@ -289,77 +225,16 @@ class _Replayer:
         return result
 
 
-Folded = tuple[list[float], int, int, float, int, float, int]
-"""A group's sums (_Replayer.sums), and a row's changed, to ejected, recorded EWMA and whether
-measured, replayed EWMA and whether measured (unmeasured EWMAs are left out)."""
-
-
-def _fold(folded: Folded, cost: float, tokens: list[int]) -> None:
-    sums, changed, to_ejected, recorded_ms, recorded_n, replayed_ms, replayed_n = folded
-    sums[0] += 1
-    sums[1] += cost
-    sums[2] += tokens[0]
-    sums[3] += tokens[1]
-    sums[4] += tokens[2]
-    sums[5] += tokens[3]
-    sums[6] += tokens[4]
-    sums[7] += changed
-    sums[8] += to_ejected
-    sums[9] += recorded_ms
-    sums[10] += recorded_n
-    sums[11] += replayed_ms
-    sums[12] += replayed_n
-
-
 def replay(db_path: str | Path, config: RoutingConfig, since_ms: int, until_ms: int) -> Replay:
-    """Re-decide every request with since <= at < until under `config`.
-
-    A row whose (model, served by, policy, path, recorded choice, health version, tokens when
-    they matter) was seen while no ejection held its model's candidates adds up where that one
-    did, without deciding anything."""
+    """Re-decide every request with since <= at < until under `config`: SQLite sums the
+    requests per group (replay_groups), Python decides once per group."""
     replayer = _Replayer(config)
-    result = replayer.result
-    seen: dict[tuple[Any, ...], Folded | str] = {}
     with read_only(Path(db_path)) as connection:
         try:
-            timeline = HealthTimeline(connection, replayer.table, since_ms, until_ms)
-            cursor = connection.execute(_ROWS, (since_ms, until_ms))
-            while chunk := cursor.fetchmany(FETCH):
-                for (at, model, provider, policy, candidates, path, body_bytes, max_tokens,
-                     *tokens, cost) in chunk:
-                    if not provider:
-                        result.unrouted += 1
-                        continue
-                    result.requests += 1
-                    route = replayer.route(model)
-                    if route is None:
-                        result.refused("model not in the policy")
-                        continue
-                    if at >= timeline.next_at:
-                        timeline.advance(at)
-                    rule, by_tokens = replayer.rule(policy, path, route.name)
-                    recorded = _recorded_choice(candidates, provider)
-                    asked = None
-                    if by_tokens:
-                        asked = (estimate_prompt_tokens(body_bytes), max_tokens if max_tokens >= 0
-                                 else 0 if path in NO_OUTPUT_PATHS else DEFAULT_MAX_TOKENS)
-                    key = (route.name, provider, rule.name, recorded, timeline.version(route.name),
-                           asked and (token_class(route, rule, *asked) or asked))
-                    folded = seen.get(key)
-                    if folded is None:
-                        health = timeline.aligned(route.name)
-                        outcome = replayer.outcome(route, health, timeline.version(route.name),
-                                                   rule, asked, recorded, at)
-                        folded = outcome if isinstance(outcome, str) else replayer.folded(
-                            route.name, provider, outcome)
-                        if not health.any_ejected:  # else the outcome depends on the time
-                            if len(seen) >= Decider.MEMO:
-                                seen.clear()
-                            seen[key] = folded
-                    if isinstance(folded, str):
-                        result.refused(folded)
-                    else:
-                        _fold(folded, cost, tokens)
+            periods = read_periods(connection, replayer.table, since_ms, until_ms)
+            query = GroupQuery(replayer.table, periods, until_ms)
+            for group in query.groups(connection):
+                replayer.add(group, periods)
         except sqlite3.Error as error:
             raise ReportError(f"cannot read the usage ledger {db_path}: {error}") from error
     return replayer.finish()

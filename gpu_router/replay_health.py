@@ -1,9 +1,12 @@
 """The fleet health that was current at each recorded request, for `gpu-router replay`.
 
-Replay walks the requests in time order; HealthTimeline walks the health history alongside and
-aligns a model's candidates (Aligned: the fields decide() reads) only when one of their rows
-arrived. `health_key` is what decide()'s choice reads of an alignment, so decisions can be
-remembered across the many history rows that only nudge an EWMA.
+A model's health changes only when a history row of one of its candidates arrives (the model's
+own on a provider, or the provider-wide one) or an ejection's cooldown ends: `Periods` cuts the
+window there and aligns every period at once with numpy, as ext_proc's HealthView would align
+the HealthSnapshot those rows make (`aligned_health`, kept as the reference for one period).
+`health_key` is what decide()'s choice reads of an alignment besides the ejections, so
+consecutive periods with equal keys and ejections (an interval) decide alike: a 30-day window
+has far fewer intervals than periods, and the requests are summed per interval in SQL.
 """
 
 from __future__ import annotations
@@ -11,19 +14,23 @@ from __future__ import annotations
 import math
 import sqlite3
 from dataclasses import dataclass
+from itertools import chain
 
 import numpy as np
+import numpy.typing as npt
 
-from control_plane.ledger.health_history import rows_at
+from control_plane.ledger.health_history import LOOKBACK_MS
 from ext_proc.health_view import NOT_EJECTED, UNTIL_NEXT_SNAPSHOT, CandidateHealth
 from ext_proc.routing_table import ModelRoute, PolicyRule, RoutingTable
 from ext_proc.scoring import DEGRADED_PENALTY
 
-_HISTORY = ("SELECT at_unix_ms, provider, model, ewma_ms, state, ejected_until FROM health_history "
-            "WHERE at_unix_ms > ? AND at_unix_ms <= ? ORDER BY at_unix_ms")
-FETCH = 5000
+_COLUMNS = ("SELECT at_unix_ms, ifnull(ewma_ms, -1.0), (state = 'degraded') + 2 * (state = 'ejected'), "
+            "ejected_until FROM health_history WHERE provider = ? AND model = ? ")
+"""Four numbers a row (an EWMA is never negative: -1 is unmeasured), read straight into numpy."""
+_LATEST = _COLUMNS + "AND at_unix_ms <= ? ORDER BY at_unix_ms DESC LIMIT 1"
+_WINDOW = _COLUMNS + "AND at_unix_ms > ? AND at_unix_ms <= ? ORDER BY at_unix_ms"
 Entry = tuple[float | None, str, int]
-"""A health history row's (ewma_ms, state, ejected_until)."""
+"""A health history row's (ewma_ms, state, ejected_until), as `aligned_health` takes them."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,56 +91,164 @@ def health_key(health: Aligned, rule: PolicyRule) -> tuple[object, ...]:
             tuple(levels.index(v) for v in penalised), within)
 
 
-class HealthTimeline:
-    """The fleet health current at any time, moving forward only, from the history table.
-
-    A model's aligned health is rebuilt only when a row of one of its candidates (the model's
-    own on a provider, or the provider-wide one) has arrived since: `version(model)` says so.
-    Rows are kept as (ewma_ms, state, ejected_until) and aligned as ext_proc's HealthView aligns
-    the snapshot they make (`aligned_health`), without building the snapshot or numpy arrays:
-    there is one alignment per model per history row, and few of them reach decide()."""
-
-    def __init__(self, connection: sqlite3.Connection, table: RoutingTable, since_ms: int,
-                 until_ms: int) -> None:
-        self._table = table
-        self._current: dict[tuple[str, str], Entry] = {
-            (r.provider, r.model): (r.ewma_ms, r.state, r.ejected_until)
-            for r in rows_at(connection, since_ms)}
-        self._cursor = connection.execute(_HISTORY, (since_ms, until_ms))
-        self._chunk: list[tuple] = []
-        self._at = 0
-        self.next_at = self._pull()
-        """When the next history row takes effect (math.inf: none left)."""
-        self._models_of = {provider: [name for name, route in table.models.items()
-                                      if provider in route.providers]
-                           for provider in table.providers}
-        self._versions = dict.fromkeys(table.models, 0)
-        self._aligned: dict[str, Aligned] = {}
-
-    def _pull(self) -> float:
-        if self._at >= len(self._chunk):
-            self._chunk, self._at = self._cursor.fetchmany(FETCH), 0
-        return self._chunk[self._at][0] if self._chunk else math.inf
-
-    def advance(self, at_ms: int) -> None:
-        while self.next_at <= at_ms:
-            _, provider, model, ewma, state, until = self._chunk[self._at]
-            self._at += 1
-            self._current[provider, model] = (ewma, state, until)
-            for name in (self._models_of.get(provider, ()) if not model else
-                         (model,) if model in self._versions else ()):
-                self._versions[name] += 1
-                self._aligned.pop(name, None)
-            self.next_at = self._pull()
-
-    def version(self, model: str) -> int:
-        return self._versions[model]
-
-    def aligned(self, model: str) -> Aligned:
-        found = self._aligned.get(model)
-        if found is None:
-            found = self._aligned[model] = aligned_health(self._table.models[model],
-                                                          self._current)
-        return found
+def kind_of(rule: PolicyRule) -> tuple[object, ...]:
+    """Rules whose health_key reads the same things share intervals: balanced reads every
+    latency, the others the order of the latencies (and cost, which is within its SLA)."""
+    if rule.strategy == "balanced":
+        return ("balanced",)
+    return ("order", rule.latency_sla_ms if rule.strategy == "cost" else 0.0)
 
 
+@dataclass(frozen=True, slots=True)
+class History:
+    """One (provider, model) aggregate's rows that matter to a window, oldest first: the one
+    current at its start (as rows_at finds it) and those inside it."""
+
+    at: npt.NDArray[np.int64]
+    latency: npt.NDArray[np.float64]
+    """NaN while unmeasured."""
+    degraded: npt.NDArray[np.bool_]
+    ejected: npt.NDArray[np.bool_]
+    until: npt.NDArray[np.int64]
+
+    @classmethod
+    def read(cls, connection: sqlite3.Connection, provider: str, model: str, since_ms: int,
+             until_ms: int) -> History:
+        rows = connection.execute(_WINDOW, (provider, model, since_ms, until_ms)).fetchall()
+        current = connection.execute(_LATEST, (provider, model, since_ms)).fetchone()
+        if current is not None and current[0] > since_ms - LOOKBACK_MS:
+            rows.insert(0, current)
+        values = np.fromiter(chain.from_iterable(rows), dtype=np.float64,
+                             count=4 * len(rows)).reshape(-1, 4)
+        return cls(values[:, 0].astype(np.int64), np.where(values[:, 1] < 0, math.nan,
+                                                          values[:, 1]),
+                   values[:, 2] == 1, values[:, 2] == 2, values[:, 3].astype(np.int64))
+
+    def at_times(self, times: npt.NDArray[np.int64]) -> tuple[npt.NDArray[np.bool_],
+                                                            npt.NDArray[np.intp]]:
+        """Whether a row is current at each time, and which (0 where none is)."""
+        index = np.searchsorted(self.at, times, side="right") - 1
+        return index >= 0, np.maximum(index, 0)
+
+
+_NEVER = np.iinfo(np.int64).max
+
+
+def union(times: list[npt.NDArray[np.int64]]) -> npt.NDArray[np.int64]:
+    """The distinct times of sorted arrays, sorted (a stable sort merges their runs)."""
+    merged = np.sort(np.concatenate(times), kind="stable")
+    return merged[np.concatenate(([True], merged[1:] != merged[:-1]))]
+
+
+def _align(pairs: list[tuple[History, History]], starts: npt.NDArray[np.int64]
+           ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.bool_], npt.NDArray[np.int64]]:
+    """aligned_health at every start: latencies, degraded flags, ejected_until (period x
+    candidate), from each candidate's (model's own, provider-wide) histories."""
+    shape = (len(starts), len(pairs))
+    latency, degraded = np.full(shape, math.nan), np.zeros(shape, dtype=np.bool_)
+    low, high = np.full(shape, _NEVER), np.full(shape, -_NEVER)
+    for column, entries in enumerate(pairs):
+        for history in reversed(entries):  # the model's own EWMA wins over the provider's
+            if not len(history.at):
+                continue
+            has, index = history.at_times(starts)
+            measured = has & ~np.isnan(history.latency[index])
+            latency[measured, column] = history.latency[index][measured]
+            degraded[:, column] |= has & history.degraded[index]
+            ejected, until = has & history.ejected[index], history.until[index]
+            low[:, column] = np.where(ejected, np.minimum(low[:, column], until), low[:, column])
+            high[:, column] = np.where(ejected, np.maximum(high[:, column], until),
+                                       high[:, column])
+    until = np.where(low == _NEVER, NOT_EJECTED, np.where(low <= 0, UNTIL_NEXT_SNAPSHOT, high))
+    return latency, degraded, until
+
+
+def _differs(values: npt.NDArray[np.bool_] | npt.NDArray[np.float64]) -> npt.NDArray[np.bool_]:
+    """Per period, whether any candidate's value differs from the period before (NaN = NaN)."""
+    same = values[1:] == values[:-1]
+    if values.dtype.kind == "f":
+        same |= np.isnan(values[1:]) & np.isnan(values[:-1])
+    return np.concatenate(([True], ~same.all(axis=1)))
+
+
+@dataclass(frozen=True, slots=True)
+class Periods:
+    """One model's candidates' health over a window, one row per period in which it does not
+    change: a period starts at the window's start, at each history row of a candidate and where
+    an ejection's cooldown ends (so the ejections hold all period long)."""
+
+    starts: npt.NDArray[np.int64]
+    latencies: npt.NDArray[np.float64]
+    degraded: npt.NDArray[np.bool_]
+    ejected_until: npt.NDArray[np.int64]
+    ejected: npt.NDArray[np.bool_]
+    """Which candidates an ejection holds during the period (ejected_at at any time in it)."""
+    order_changes: npt.NDArray[np.bool_]
+    """Periods where health_key changes for every strategy but balanced (its SLA aside)..."""
+    balanced_changes: npt.NDArray[np.bool_]
+    """...and for balanced; both with the ejections."""
+    degraded_flags: frozenset[tuple[bool, ...]]
+    """The distinct degraded flags the window has."""
+
+    @classmethod
+    def of(cls, pairs: list[tuple[History, History]], since_ms: int) -> Periods:
+        """`pairs`: each candidate's (model's own, provider-wide) history, in route order."""
+        starts = union([np.array([since_ms], dtype=np.int64)]
+                       + [history.at[history.at > since_ms] for entries in pairs
+                          for history in entries])
+        latency, degraded, until = _align(pairs, starts)
+        ends = np.append(starts[1:], _NEVER)[:, None]
+        ending = (until > starts[:, None]) & (until < ends)
+        if ending.any():
+            starts = union([starts, until[ending]])
+            latency, degraded, until = _align(pairs, starts)
+        ejected = (until == UNTIL_NEXT_SNAPSHOT) | (until > starts[:, None])
+        common = _differs(degraded) | _differs(ejected)
+        unmeasured = np.isnan(latency)
+        penalised = np.where(unmeasured, 0.0, latency)
+        penalised = np.where(degraded, penalised * DEGRADED_PENALTY, penalised)
+        count = latency.shape[1]
+        pairs = [(i, j) for i in range(count) for j in range(i + 1, count)]
+        order = common | _differs(unmeasured)
+        if pairs:
+            order |= _differs(np.stack([penalised[:, i] < penalised[:, j] for i, j in pairs], 1))
+            order |= _differs(np.stack([penalised[:, i] == penalised[:, j] for i, j in pairs], 1))
+        packed = np.unique(degraded @ (1 << np.arange(count)))
+        flags = frozenset(tuple(bool(code >> i & 1) for i in range(count))
+                          for code in packed.tolist())
+        return cls(starts, latency, degraded, until, ejected, order,
+                   common | _differs(latency), flags)
+
+    def aligned(self, period: int) -> Aligned:
+        until = tuple(self.ejected_until[period].tolist())
+        degraded = tuple(self.degraded[period].tolist())
+        return Aligned(tuple(self.latencies[period].tolist()), degraded, until,
+                       any(u != NOT_EJECTED for u in until), any(degraded))
+
+    def intervals(self, rule: PolicyRule) -> npt.NDArray[np.intp]:
+        """The first period of each interval: periods where health_key(rule) or the ejections
+        change (computed as health_key computes them, for all periods at once)."""
+        if rule.strategy == "balanced":
+            return np.flatnonzero(self.balanced_changes)
+        changed = self.order_changes
+        if rule.strategy == "cost" and rule.latency_sla_ms > 0:
+            latency = self.latencies
+            changed = changed | _differs(np.isnan(latency) | (latency <= rule.latency_sla_ms))
+        return np.flatnonzero(changed)
+
+
+def read_periods(connection: sqlite3.Connection, table: RoutingTable, since_ms: int,
+                 until_ms: int) -> dict[str, Periods]:
+    """Every model's Periods over since < at <= until, from the history table (one indexed
+    range per aggregate, read into numpy once, provider-wide ones shared)."""
+    histories: dict[tuple[str, str], History] = {}
+
+    def history(provider: str, model: str) -> History:
+        if (provider, model) not in histories:
+            histories[provider, model] = History.read(connection, provider, model, since_ms,
+                                                      until_ms)
+        return histories[provider, model]
+
+    return {name: Periods.of([(history(provider, name), history(provider, ""))
+                              for provider in route.providers], since_ms)
+            for name, route in table.models.items()}

@@ -43,9 +43,13 @@ from ext_proc.scoring import (
     decide,
     estimate_prompt_tokens,
 )
-from gpu_router.replay import _ROWS, NO_OUTPUT_PATHS, Replay, Side, _recorded_choice, ejected_at
+from gpu_router.replay import Replay, Side, ejected_at
+from gpu_router.replay_groups import NO_OUTPUT_PATHS, recorded_choice
 
 FETCH = 5000
+_ROWS = ("SELECT at_unix_ms, model, provider, policy, candidates, path, request_bytes, max_tokens, "
+         "input_tokens, output_tokens, cached_input_tokens, cache_write_tokens, reasoning_tokens, "
+         "cost_usd FROM requests WHERE at_unix_ms >= ? AND at_unix_ms < ? ORDER BY at_unix_ms")
 
 
 def _add_one(side: Side, provider: str, cost: float, latency_ms: float) -> None:
@@ -187,7 +191,7 @@ def replay(db_path: str | Path, config: RoutingConfig, since_ms: int, until_ms: 
                     result.refused("no provider could serve")
                     continue
                 choice = route.providers[index]
-                recorded = _recorded_choice(candidates, provider)
+                recorded = recorded_choice(candidates, provider)
                 result.changed += recorded != choice
                 result.to_ejected += bool(ejected[index])
                 recorded_at = (route.providers.index(recorded)

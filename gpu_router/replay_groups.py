@@ -1,0 +1,348 @@
+"""The requests of a replay window summed in SQL, per group that decide() treats alike.
+
+What decide()'s choice reads of a request is its model, its rule (the policy it was recorded
+under, else the first matching the path), the health of the interval it falls in (Periods,
+replay_health.py), and for cost and capped latency the order of the candidates' costs and which
+are under the ceiling, which depend on its tokens (for balanced, the exact prompt estimate and
+max_tokens). SQLite works all of that out per row and sums the rows into one temp-table row per
+group (an integer key, or a text one for what the integer cannot name: an unknown provider, a
+first recorded candidate that was excluded, balanced's exact tokens), so no request row goes
+through Python. Requests are matched to the health periods by a range join over the periods
+temp table in time order (a merge along the ledger's time index), which also sums each
+candidate's recorded EWMA at each request's time.
+"""
+
+from __future__ import annotations
+
+import math
+import sqlite3
+from bisect import bisect_right
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from itertools import combinations, product
+from typing import Any
+
+import numpy as np
+
+from ext_proc.routing_table import DEFAULT_POLICY, ModelRoute, PolicyRule, RoutingTable
+from ext_proc.scoring import (
+    BYTES_PER_TOKEN,
+    DEFAULT_MAX_TOKENS,
+    DEGRADED_PENALTY,
+    estimate_prompt_tokens,
+)
+from gpu_router.replay_health import Periods, kind_of, union
+
+NO_OUTPUT_PATHS = ("/v1/embeddings",)
+"""Paths ext_proc assumes no output for when max_tokens is absent."""
+KINDS = ("input", "output", "cached_input", "cache_write", "reasoning")
+_SEP = "\x1f"
+NOT_ROUTED = -1
+"""The group key of the requests that never reached a provider (not re-decided)."""
+ROUTED = "routed"
+_MARGIN = 1e-9
+"""Far above the relative rounding of a cost (a few ulps): prices this far apart order the same
+whatever the tokens (see _pair_bit)."""
+_PRIME = "(r.request_bytes / :bytes_per_token)"
+_WANTED = ("(CASE WHEN r.max_tokens >= 0 THEN r.max_tokens WHEN r.path IN "
+           f"({', '.join(f':no_output_{i}' for i in range(len(NO_OUTPUT_PATHS)))}) THEN 0 "
+           "ELSE :default_max END)")
+
+
+@dataclass(frozen=True, slots=True)
+class Group:
+    """Requests that get one decision and add up in one place."""
+
+    model: str | None
+    """Canonical name; None when the policy has no such model."""
+    served: str
+    """"" when the requests never reached a provider (ROUTED when they did but the model is not
+    in the policy: who served them does not matter then)."""
+    recorded: str
+    """ext_proc's first scored candidate ("" when it was none of the table's providers)."""
+    rule: PolicyRule
+    period: int
+    """The first period of the interval (Periods of `model`)."""
+    decides: tuple[Any, ...]
+    """What the decision depends on: equal for groups that get the same one."""
+    prompt: int
+    """A request's prompt estimate and max_tokens: any of the group decides as all do."""
+    wanted: int
+    requests: int
+    cost: float
+    tokens: tuple[float, ...]
+    """Sums by KINDS."""
+    latency_sums: tuple[float, ...]
+    """Per candidate, the sum of its recorded EWMA at each request's time..."""
+    latency_counts: tuple[int, ...]
+    """...and how many requests that sum has (unmeasured EWMAs are left out)."""
+
+
+def recorded_choice(candidates: str, provider: str) -> str:
+    """ext_proc's first scored candidate; the serving provider when nothing was recorded (the
+    SQL of GroupQuery works this out where the first entry is it)."""
+    for entry in candidates.split(";"):
+        name, _, value = entry.partition("=")
+        if value and not value.startswith("x:"):
+            return name
+    return provider
+
+
+def _cost(route: int, i: int) -> str:
+    return f"(({_PRIME} * :in_{route}_{i} + {_WANTED} * :out_{route}_{i}) / 1e6)"
+
+
+def _pair_bit(a: tuple[float, float], b: tuple[float, float]) -> bool | None:
+    """Whether cost(a) <= cost(b) for any tokens, as decide() computes them: True when a's
+    prices are both at most b's (rounding is monotonic); False when both are well above b's,
+    except with no tokens at all (both costs 0, which the group key's first bit tells apart);
+    None: it depends on the tokens, so SQL computes it."""
+    if a[0] <= b[0] and a[1] <= b[1]:
+        return True
+    if a[0] > b[0] * (1 + _MARGIN) and a[1] > b[1] * (1 + _MARGIN):
+        return False
+    return None
+
+
+def _token_bits(index: int, route: ModelRoute, code: int, rule: PolicyRule, periods: Periods,
+                params: dict[str, Any]) -> list[str]:
+    """SQL for what of a request's tokens can change rule's decision besides "no tokens at all":
+    each candidate pair's cost order under the degraded flags the window has (both scaled by
+    the penalty, a power of two, order as unscaled), and for capped latency which candidates
+    are under the ceiling, where the prices alone do not settle it."""
+    bits = []
+    scale = {False: 1.0, True: DEGRADED_PENALTY}
+    exact_scaling = math.frexp(DEGRADED_PENALTY)[0] == 0.5
+    flags = periods.degraded_flags
+    for i, j in combinations(range(len(route.prices)), 2):
+        for di, dj in sorted({(f[i], f[j]) for f in flags}):
+            a = tuple(p * scale[di] for p in route.prices[i])
+            b = tuple(p * scale[dj] for p in route.prices[j])
+            if not exact_scaling or _pair_bit(a, b) is None:  # type: ignore[arg-type]
+                bits.append(f"({_cost(index, i)}{' * :penalty' if di else ''} <= "
+                            f"{_cost(index, j)}{' * :penalty' if dj else ''})")
+    ceiling = rule.cost_ceiling_usd_per_mtok
+    if rule.strategy == "latency" and ceiling > 0:
+        params[f"ceiling_{code}"] = ceiling
+        for i, (low, high) in enumerate(sorted(p) for p in route.prices):
+            if high * (1 + _MARGIN) <= ceiling or low > ceiling * (1 + _MARGIN):
+                continue  # the same for any tokens but none (the first bit)
+            bits.append(f"(CASE WHEN {_PRIME} + {_WANTED} != 0 THEN {_cost(index, i)} * 1e6 / "
+                        f"({_PRIME} + {_WANTED}) <= :ceiling_{code} "
+                        f"ELSE :in_{index}_{i} <= :ceiling_{code} END)")
+    return bits
+
+
+def _case(selector: str, arms: Sequence[tuple[object, str]], default: str = "NULL") -> str:
+    whens = " ".join(f"WHEN {when} THEN {then}" for when, then in arms)
+    return f"(CASE {selector} {whens} ELSE {default} END)" if arms else default
+
+
+class GroupQuery:
+    """The temp tables and the statement that sum a window's requests into groups.
+
+    replay_periods: the window cut wherever any model's health period starts, with per rule
+    kind (kind_of) an interval id, cut wherever any model's health_key of that kind or its
+    ejections change, and each model's candidates' EWMAs. replay_combos: every (model name,
+    policy name, provider) the table knows -> (model, rule, served) codes, kind and the token
+    class SQL to use, so one index lookup per request names them; a request it does not know
+    (a policy or provider the table does not name, a balanced rule, an excluded first recorded
+    candidate) gets a text key of its raw fields, worked out in Python like the reference."""
+
+    def __init__(self, table: RoutingTable, periods: dict[str, Periods], until_ms: int) -> None:
+        self.table, self.periods, self._until = table, periods, until_ms
+        self.models = list(table.models)
+        self.rules = list(dict.fromkeys((*table.policies, DEFAULT_POLICY)))
+        self._by_name = {rule.name: rule for rule in table.policies}  # the last one wins
+        self.kinds = list(dict.fromkeys(kind_of(rule) for rule in self.rules))
+        self.params: dict[str, Any] = {
+            "bytes_per_token": BYTES_PER_TOKEN, "default_max": DEFAULT_MAX_TOKENS,
+            "penalty": DEGRADED_PENALTY, **{f"no_output_{i}": p for i, p in
+                                           enumerate(NO_OUTPUT_PATHS)}}
+        self.starts = union([p.starts for p in periods.values()])
+        self._firsts: list[np.ndarray] = []
+        """Per kind, when each of its intervals starts (ids are offset kind after kind)."""
+        self._offsets = [0]
+        for kind in self.kinds:
+            rule = next(r for r in self.rules if kind_of(r) == kind)
+            self._firsts.append(union([p.starts[p.intervals(rule)] for p in periods.values()]))
+            self._offsets.append(self._offsets[-1] + len(self._firsts[-1]))
+        self._width = max((len(r.providers) for r in table.models.values()), default=0)
+        self._combos, self._tokens = self._combo_rows()
+        self._periods_at: dict[tuple[str, int], int] = {}
+        self.statement = self._statement()
+
+    def _combo_rows(self) -> tuple[list[tuple[Any, ...]], dict[str, int]]:
+        """replay_combos' rows, and the distinct token class SQL they point to (-> its bits)."""
+        providers, rows = self.table.providers, []
+        tokens: dict[str, int] = {}
+        index = {name: m for m, name in enumerate(self.models)}
+        for m, name in enumerate(self.models):
+            route = self.table.models[name]
+            for i, (price_in, price_out) in enumerate(route.prices):
+                self.params[f"in_{m}_{i}"], self.params[f"out_{m}_{i}"] = price_in, price_out
+        aliases: dict[str, list[str]] = {}
+        for alias, name in self.table.names.items():
+            aliases.setdefault(name, []).append(alias)
+        for name, rule in product(self.models, self._by_name.values()):
+            m, code = index[name], self.rules.index(rule)
+            if rule.strategy == "balanced":
+                continue  # exact tokens: the text key
+            sql = "0"
+            if rule.strategy == "cost" or rule.cost_ceiling_usd_per_mtok > 0:
+                bits = [(f"(CASE WHEN r.request_bytes < :bytes_per_token AND {_WANTED} = 0 "
+                         "THEN 1 ELSE 0 END)"),
+                        *_token_bits(m, self.table.models[name], code, rule,
+                                     self.periods[name], self.params)]
+                sql = " + ".join(f"{b} * {1 << n}" for n, b in enumerate(bits))
+                tokens[sql] = len(bits)
+            tokens.setdefault(sql, 0)
+            rows += [(alias, rule.name, provider, m, self.kinds.index(kind_of(rule)),
+                      list(tokens).index(sql), (m * len(self.rules) + code) * len(providers) + s)
+                     for alias in aliases.get(name, ()) for s, provider in enumerate(providers)]
+        return rows, tokens
+
+    def _statement(self) -> str:
+        providers, width = self.table.providers, self._width
+        bits = max(self._tokens.values(), default=0)
+        self._shape = (len(self.models) * len(self.rules) * len(providers), len(providers) + 1,
+                       1 << bits)
+        for i, provider in enumerate(providers):
+            self.params[f"provider_{i}"] = provider
+            self.params[f"named_{i}"] = f"{provider}="
+        first = [(f"substr(r.candidates, 1, {len(p) + 1}) = :named_{i}",
+                  (f"(CASE WHEN substr(r.candidates, {len(p) + 2}, 1) NOT IN ('', ';') AND "
+                   f"substr(r.candidates, {len(p) + 2}, 2) != 'x:' THEN {i} END)"))
+                 for i, p in enumerate(providers)]
+        recorded = _case("", [("r.candidates = ''", "c.code % " + str(len(providers))), *first])
+        interval = _case("c.kind", [(k, f"gp.v_{k}") for k in range(len(self.kinds))])
+        token = _case("c.tokmode", list(enumerate(self._tokens)))  # a CASE picks one lazily
+        integer = (f"(({interval} * {self._shape[0]} + c.code) * {self._shape[1]} + {recorded})"
+                   f" * {self._shape[2]} + {token}")
+        if math.prod(self._shape) * self._offsets[-1] >= 1 << 62:
+            integer = "NULL"  # too many groups to number: text keys only
+        text = f" || '{_SEP}' || ".join(("gp.start_ms", "r.model", "r.policy", "r.path",
+                                         "r.provider", "r.request_bytes", "r.max_tokens",
+                                         "r.candidates"))
+        key = f"(CASE WHEN r.provider = '' THEN {NOT_ROUTED} ELSE coalesce({integer}, {text}) END)"
+        model = "coalesce(c.m, (SELECT m FROM replay_names WHERE name = r.model))"
+        latency = [_case(model, [(m, f"gp.l_{m}_{c}") for m, name in enumerate(self.models)
+                                 if c < len(self.table.models[name].providers)])
+                   for c in range(width)]
+        sums = ["n", "cost", *KINDS, *(f"s{c}" for c in range(width))]
+        self._create = (f"CREATE TEMP TABLE replay_groups (k PRIMARY KEY, {', '.join(sums)}, "
+                        f"{', '.join(f'c{c}' for c in range(width))}, prompt, wanted) "
+                        "WITHOUT ROWID")
+        values = [key, "1", "r.cost_usd", "r.input_tokens", "r.output_tokens",
+                  "r.cached_input_tokens", "r.cache_write_tokens", "r.reasoning_tokens",
+                  *latency, *("NULL" for _ in range(width)), _PRIME, _WANTED]
+        # c is NULL until a second request joins the group: then the first one's EWMA (still s
+        # as inserted, NULL when unmeasured) is counted too (SET reads the row as it was).
+        updates = [f"{s} = {s} + excluded.{s}" for s in sums[:7]] + [
+            f"c{c} = ifnull(c{c}, s{c} IS NOT NULL) + (excluded.s{c} IS NOT NULL), "
+            f"s{c} = ifnull(s{c}, 0.0) + ifnull(excluded.s{c}, 0.0)" for c in range(width)]
+        return (f"INSERT INTO replay_groups SELECT {', '.join(values)} FROM replay_periods gp "
+                "CROSS JOIN requests r ON r.at_unix_ms >= gp.start_ms AND r.at_unix_ms < "
+                "gp.end_ms LEFT JOIN replay_combos c ON c.model = r.model AND c.policy = "
+                f"r.policy AND c.provider = r.provider WHERE true ON CONFLICT (k) DO UPDATE SET "
+                f"{', '.join(updates)}")
+
+    def _period_rows(self) -> Iterator[tuple[object, ...]]:
+        starts = self.starts
+        columns: list[list[Any]] = [starts.tolist(), np.append(starts[1:], self._until).tolist()]
+        for offset, firsts in zip(self._offsets, self._firsts, strict=False):
+            columns.append((np.searchsorted(firsts, starts, side="right") - 1 + offset).tolist())
+        for name in self.models:
+            periods = self.periods[name]
+            at = np.searchsorted(periods.starts, starts, side="right") - 1
+            columns += [periods.latencies[at, c].tolist()
+                        for c in range(periods.latencies.shape[1])]
+        return zip(*columns, strict=True)
+
+    _TABLES = ("replay_groups", "replay_periods", "replay_names", "replay_combos")
+
+    def _create_tables(self, connection: sqlite3.Connection) -> None:
+        latency = [f"l_{m}_{c}" for m, name in enumerate(self.models)
+                   for c in range(len(self.table.models[name].providers))]
+        columns = ["start_ms INTEGER PRIMARY KEY", "end_ms",
+                   *(f"v_{k}" for k in range(len(self.kinds))), *latency]
+        tables = {
+            "replay_periods": (f"({', '.join(columns)})", len(columns), self._period_rows()),
+            "replay_names": ("(name TEXT PRIMARY KEY, m INTEGER)", 2,
+                             [(alias, self.models.index(name))
+                              for alias, name in self.table.names.items()]),
+            "replay_combos": (("(model, policy, provider, m, kind, tokmode, code, "
+                               "PRIMARY KEY (model, policy, provider)) WITHOUT ROWID"), 7,
+                              self._combos)}
+        for name, (shape, width, rows) in tables.items():
+            connection.execute(f"CREATE TEMP TABLE {name} {shape}")
+            connection.executemany(f"INSERT INTO {name} VALUES ({', '.join('?' * width)})", rows)
+        connection.execute(self._create)
+
+    def groups(self, connection: sqlite3.Connection) -> Iterator[Group]:
+        """Run the sums; the groups, integer keys (by interval) first."""
+        try:
+            self._create_tables(connection)
+            connection.execute(self.statement, self.params)
+            cursor = connection.execute("SELECT * FROM replay_groups")
+            try:
+                while chunk := cursor.fetchmany(5000):
+                    yield from map(self._group, chunk)
+            finally:
+                cursor.close()
+        finally:
+            for name in self._TABLES:
+                connection.execute(f"DROP TABLE IF EXISTS temp.{name}")
+
+    def _period(self, model: str, interval: int) -> int:
+        """The model's period at the interval's start (remembered: groups come by interval)."""
+        found = self._periods_at.get((model, interval))
+        if found is None:
+            if len(self._periods_at) >= 1000:
+                self._periods_at.clear()
+            kind = bisect_right(self._offsets, interval) - 1
+            at = self._firsts[kind][interval - self._offsets[kind]]
+            found = self._periods_at[model, interval] = int(np.searchsorted(
+                self.periods[model].starts, at, "right")) - 1
+        return found
+
+    def _group(self, row: tuple[Any, ...]) -> Group:
+        key, requests, cost, *rest = row
+        tokens, sums = tuple(rest[:5]), rest[5:5 + self._width]
+        counts = rest[5 + self._width:5 + 2 * self._width]
+        prompt, wanted = rest[-2:]
+        if key == NOT_ROUTED:
+            return Group(None, "", "", DEFAULT_POLICY, 0, (), 0, 0, requests, cost, tokens, (), ())
+        if isinstance(key, int):
+            key, token_class = divmod(key, self._shape[2])
+            key, recorded_code = divmod(key, self._shape[1])
+            interval, code = divmod(key, self._shape[0])
+            code, served_code = divmod(code, len(self.table.providers))
+            m, rule_code = divmod(code, len(self.rules))
+            model, rule = self.models[m], self.rules[rule_code]
+            served = self.table.providers[served_code]
+            recorded = (self.table.providers[recorded_code]
+                        if recorded_code < len(self.table.providers) else "")
+            decides: tuple[Any, ...] = (m, interval, rule_code, token_class)
+        else:
+            start, name, policy, path, served, body, asked, candidates = key.split(_SEP, 7)
+            route = self.table.resolve(name)
+            if route is None:
+                return Group(None, ROUTED, "", DEFAULT_POLICY, 0, (), 0, 0, requests, cost,
+                             tokens, (), ())
+            model = route.name
+            rule = self._by_name.get(policy) or self.table.match(path, {}, model)
+            prompt, wanted = estimate_prompt_tokens(int(body)), int(asked)
+            if wanted < 0:
+                wanted = 0 if path in NO_OUTPUT_PATHS else DEFAULT_MAX_TOKENS
+            kind = self.kinds.index(kind_of(rule))
+            interval = self._offsets[kind] + int(np.searchsorted(
+                self._firsts[kind], int(start), "right")) - 1
+            recorded = recorded_choice(candidates, served)
+            decides = (model, interval, self.rules.index(rule), prompt, wanted)
+        count = len(self.table.models[model].providers)
+        return Group(model, served, recorded, rule, self._period(model, interval), decides, prompt,
+                     wanted, requests, cost, tokens,
+                     tuple(s or 0.0 for s in sums[:count]),
+                     tuple(int(s is not None) if n is None else n
+                           for s, n in zip(sums[:count], counts[:count], strict=True)))
