@@ -191,13 +191,14 @@ class Periods:
     """The distinct degraded flags the window has."""
 
     @classmethod
-    def of(cls, pairs: list[tuple[History, History]], since_ms: int) -> Periods:
-        """`pairs`: each candidate's (model's own, provider-wide) history, in route order."""
+    def of(cls, pairs: list[tuple[History, History]], since_ms: int, until_ms: int) -> Periods:
+        """`pairs`: each candidate's (model's own, provider-wide) history, in route order;
+        periods for since <= at < until."""
         starts = union([np.array([since_ms], dtype=np.int64)]
-                       + [history.at[history.at > since_ms] for entries in pairs
-                          for history in entries])
+                       + [history.at[(history.at > since_ms) & (history.at < until_ms)]
+                          for entries in pairs for history in entries])
         latency, degraded, until = _align(pairs, starts)
-        ends = np.append(starts[1:], _NEVER)[:, None]
+        ends = np.append(starts[1:], until_ms)[:, None]
         ending = (until > starts[:, None]) & (until < ends)
         if ending.any():
             starts = union([starts, until[ending]])
@@ -250,5 +251,5 @@ def read_periods(connection: sqlite3.Connection, table: RoutingTable, since_ms: 
         return histories[provider, model]
 
     return {name: Periods.of([(history(provider, name), history(provider, ""))
-                              for provider in route.providers], since_ms)
+                              for provider in route.providers], since_ms, until_ms)
             for name, route in table.models.items()}
