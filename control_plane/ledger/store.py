@@ -13,7 +13,8 @@ the gRPC access log and the reconciler that replays the edges' durable logs
 writer thread (at open, then hourly). The reconciler's read position in each edge file is
 kept in the same database and written through the same batches, after the rows booked
 before it: a committed position means every request before it is in the ledger. So is the
-fleet's health history (health_history.py), pruned with the same retention. Each batch also
+fleet's health history (health_history.py) and each request's failed upstream attempts
+(attempts.py), pruned with the same retention. Each batch also
 adds the rows it inserted to the hourly rollups that reports read (rollup.py).
 """
 
@@ -30,6 +31,12 @@ from pathlib import Path
 from typing import get_type_hints
 
 from control_plane.ledger import rollup
+from control_plane.ledger.attempts import (
+    ATTEMPTS_INSERT,
+    ATTEMPTS_PRUNE,
+    ATTEMPTS_SCHEMA,
+    AttemptRow,
+)
 from control_plane.ledger.batching import BackgroundBatcher
 from control_plane.ledger.health_history import HISTORY_INSERT, HISTORY_SCHEMA, HealthRow
 from control_plane.usage.normalise import Usage
@@ -37,7 +44,7 @@ from control_plane.usage.record import RequestRecord
 
 FLUSH_INTERVAL_S = 0.5
 MAX_BATCH_ROWS = 200
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 RETENTION_DAYS = 90
 PRUNE_INTERVAL_S = 3600.0
 _DAY_MS = 86_400_000
@@ -114,6 +121,7 @@ _SCHEMA = (
      "inode INTEGER NOT NULL, offset INTEGER NOT NULL)"),
     *HISTORY_SCHEMA,
     *rollup.SCHEMA,
+    *ATTEMPTS_SCHEMA,  # version 7
 )
 _INSERT = (f"INSERT OR IGNORE INTO requests ({', '.join(COLUMNS)}) "
            f"VALUES ({', '.join('?' for _ in COLUMNS)})")
@@ -182,6 +190,7 @@ def prune(connection: sqlite3.Connection, retention_days: float, now_ms: int) ->
     cutoff = now_ms - int(retention_days * _DAY_MS)
     with connection:
         connection.execute("DELETE FROM health_history WHERE at_unix_ms < ?", (cutoff,))
+        connection.execute(ATTEMPTS_PRUNE, (cutoff,))
         deleted = connection.execute("DELETE FROM requests WHERE at_unix_ms < ?",
                                      (cutoff,)).rowcount
         rollup.prune_before(connection, cutoff)
@@ -221,6 +230,10 @@ def _row(values: tuple[object, ...]) -> LedgerRow:
     return LedgerRow(**typed)  # type: ignore[arg-type]
 
 
+_Item = LedgerRow | LogOffset | HealthRow | AttemptRow
+"""What goes through the writer's batches."""
+
+
 class LedgerWriter:
     """Batched, non-blocking appends to the ledger (see the module docstring for the loss bound).
 
@@ -244,7 +257,7 @@ class LedgerWriter:
         self.dropped = 0
         """Rows lost after every retry failed (each drop is logged)."""
         self._prune_if_due()
-        self._batcher: BackgroundBatcher[LedgerRow | LogOffset | HealthRow] = BackgroundBatcher(
+        self._batcher: BackgroundBatcher[_Item] = BackgroundBatcher(
             self._write, name=f"ledger-writer:{self.path}", interval_s=flush_interval_s,
             max_batch=max_batch, on_drop=self._dropped)
 
@@ -260,21 +273,27 @@ class LedgerWriter:
         """One health-history row (health_history.py), written with the next batch."""
         self._batcher.add(row)
 
+    def add_attempt(self, row: AttemptRow) -> None:
+        """One failed upstream attempt (attempts.py), written with the next batch."""
+        self._batcher.add(row)
+
     def close(self) -> None:
         """Commits every row added so far, then closes the database."""
         self._batcher.close()
         self._connection.close()
 
-    def _write(self, batch: list[LedgerRow | LogOffset | HealthRow]) -> None:
+    def _write(self, batch: list[_Item]) -> None:
         rows = [tuple(getattr(item, name) for name in COLUMNS)
                 for item in batch if isinstance(item, LedgerRow)]
         history = [item.values() for item in batch if isinstance(item, HealthRow)]
+        attempts = [item.values() for item in batch if isinstance(item, AttemptRow)]
         offsets = {item.path: item for item in batch if isinstance(item, LogOffset)}
         with self._connection:
             before = rollup.last_id(self._connection)
             self._connection.executemany(_INSERT, rows)
             rollup.roll_up_after(self._connection, before)
             self._connection.executemany(HISTORY_INSERT, history)
+            self._connection.executemany(ATTEMPTS_INSERT, attempts)
             self._connection.executemany(
                 "INSERT OR REPLACE INTO edge_log_offsets (path, inode, offset) VALUES (?, ?, ?)",
                 [(o.path, o.inode, o.offset) for o in offsets.values()])
@@ -289,8 +308,7 @@ class LedgerWriter:
         if deleted:
             log.info("ledger pruned", extra={"rows": deleted, "retention_days": self._retention_days})
 
-    def _dropped(self, batch: list[LedgerRow | LogOffset | HealthRow],
-                 error: BaseException) -> None:
+    def _dropped(self, batch: list[_Item], error: BaseException) -> None:
         rows = sum(isinstance(item, LedgerRow) for item in batch)
         self.dropped += rows
         if self._on_drop is not None and rows:

@@ -5,8 +5,11 @@ request's row (policy, strategy, reason, ext_proc's candidates in rank order wit
 exclusion, the fallback order, attempts, status, tokens and cost) and the health history row
 of every candidate current at the request's start (its EWMA latency, error and 429 rates,
 state). Prices and the tokens' cost on each candidate come from the policy given (the one
-being served). Attempts are told from the route's order: Envoy walks the winner, then the
-fallbacks, so with n attempts the first n - 1 failed and the n-th answered the client.
+being served). Each attempt is told with its real outcome: the failed ones from the attempts
+table (the edges' attempt log, attempts.py), in the order they started, the last from the
+request's row. A request with no attempt rows (booked by an older ledger, or its attempts lost
+with the control plane) has them inferred from the route's order instead, and says so: Envoy
+walks the winner, then the fallbacks, so with n attempts the first n - 1 failed.
 The id is the edge's request id or, failing that (CLI only), the id the client sent.
 """
 
@@ -20,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from control_plane.audit import parse_candidates
+from control_plane.ledger.attempts import AttemptRow, attempts_of
 from control_plane.ledger.health_history import HealthRow, rows_at
 from control_plane.ledger.report import read_only
 from control_plane.ledger.savings import offerings, price_tokens
@@ -65,6 +69,39 @@ def _health(rows: list[HealthRow], provider: str, model: str) -> dict[str, Any] 
     }
 
 
+def _attempt(number: int, provider: str, outcome: str, status: int | None = None,
+             flags: str = "", duration_ms: float | None = None) -> dict[str, Any]:
+    return {"attempt": number, "provider": provider, "outcome": outcome, "status": status,
+            "flags": [flag for flag in flags.split(",") if flag], "duration_ms": duration_ms}
+
+
+def _told(row: LedgerRow, failed: list[AttemptRow]) -> list[dict[str, Any]]:
+    """The logged failed attempts, then the last one. The log has every attempt with a status
+    of 400 or more, so the last attempt is logged exactly when the client got one from its
+    provider; otherwise it is the one that answered, told from the request's row. Attempts the
+    log lost (an ALS batch in flight when the control plane stopped) are listed as such."""
+    final = failed[-1] if row.status >= 400 and failed[-1].provider == row.provider else None
+    retried = failed[:-1] if final is not None else failed
+    last = max(row.attempts, len(retried) + 1)
+    told = [_attempt(number, a.provider, f"{a.outcome()}: retried on the next", a.status,
+                     a.flags, a.duration_ms)
+            for number, a in enumerate(retried, start=1)]
+    told += [_attempt(number, "", "failed: not in the attempt log")
+             for number in range(len(retried) + 1, last)]
+    told.append(_attempt(last, row.provider, f"answered {row.status}", row.status)
+                if final is None else
+                _attempt(last, final.provider, f"{final.outcome()}: the client got {row.status}",
+                         final.status, final.flags, final.duration_ms))
+    return told
+
+
+def _inferred(row: LedgerRow, order: list[str]) -> list[dict[str, Any]]:
+    """From the route's order: the first n - 1 of n attempts failed, the n-th answered."""
+    return [_attempt(i + 1, provider, "failed: retried on the next") if i + 1 < row.attempts
+            else _attempt(i + 1, provider, f"answered {row.status}", row.status)
+            for i, provider in enumerate(order[:row.attempts])]
+
+
 def explain(db_path: str | Path, config: RoutingConfig, request_id: str, *,
             client_ids: bool = True) -> dict[str, Any]:
     """The story of one request as a JSON-ready dict; UnknownRequestError when absent.
@@ -73,6 +110,7 @@ def explain(db_path: str | Path, config: RoutingConfig, request_id: str, *,
     with read_only(Path(db_path)) as connection:
         row = _find(connection, request_id, client_ids)
         history = rows_at(connection, row.at_unix_ms)
+        failed = attempts_of(connection, row.request_id)
     tokens = (row.input_tokens, row.output_tokens, row.cached_input_tokens,
               row.cache_write_tokens, row.reasoning_tokens)
     prices = offerings(config).get(row.model, {})
@@ -88,10 +126,7 @@ def explain(db_path: str | Path, config: RoutingConfig, request_id: str, *,
         })
     choice = next((c["provider"] for c in candidates if "score" in c), "")
     order = [p for p in (choice, *row.fallbacks.split(",")) if p]
-    attempts = [{"attempt": i + 1, "provider": provider,
-                 "outcome": "failed: retried on the next" if i + 1 < row.attempts
-                 else f"answered {row.status}"}
-                for i, provider in enumerate(order[:row.attempts])]
+    attempts = _told(row, failed) if failed else _inferred(row, order)
     story = {k: v for k, v in asdict(row).items() if k not in ("candidates", "fallbacks")}
     story.update({
         "at": datetime.fromtimestamp(row.at_unix_ms / 1000, UTC).isoformat(
@@ -101,6 +136,7 @@ def explain(db_path: str | Path, config: RoutingConfig, request_id: str, *,
         "fallbacks": [p for p in row.fallbacks.split(",") if p],
         "candidates": candidates,
         "attempts_detail": attempts,
+        "attempts_inferred": bool(attempts) and not failed,
         "failed_over": bool(row.provider) and row.provider != choice,
         "reported_tokens": json.loads(row.reported_tokens or "{}"),
     })
@@ -139,7 +175,8 @@ def render_why(story: dict[str, Any]) -> str:
                            + (f" ({health['reason']})" if health["reason"] else ""))
         lines += [f"      {detail}" for detail in details]
     if story["attempts_detail"]:
-        lines += ["", "  attempts:"]
+        lines += ["", "  attempts" + (" (inferred from the route order: no attempt logged):"
+                                      if story["attempts_inferred"] else ":")]
         lines += [f"   {a['attempt']}. {a['provider']:<12} {a['outcome']}"
                   for a in story["attempts_detail"]]
     lines += ["", (f"  served by {story['provider'] or 'nobody'}: status {story['status']}, "
