@@ -30,12 +30,14 @@ from google.protobuf import struct_pb2
 
 from control_plane.audit import KEEP_ROTATED, MAX_BYTES, AuditLog
 from control_plane.client_spend import ClientSpend
+from control_plane.ledger.attempts import AttemptRow
 from control_plane.ledger.health_history import HealthRow
 from control_plane.ledger.store import RETENTION_DAYS, LedgerWriter, LogOffset, ledger_row
 from control_plane.metrics import Metrics
 from control_plane.policy.model import RoutingConfig
 from control_plane.telemetry.samples import (
     INTERNAL_CLUSTER_PREFIX,
+    RequestSample,
     decision_field,
     duration_ms,
     is_final_request_entry,
@@ -255,6 +257,15 @@ class Accounting:
         """A health-history row, into the ledger's database (health_history.py)."""
         if self._ledger is not None:
             self._ledger.add_health(row)
+
+    def add_attempt(self, entry: accesslog_pb2.HTTPAccessLogEntry, sample: RequestSample) -> None:
+        """A believed failed upstream attempt (the access-log receiver checked it), into the
+        ledger's database for `why` (attempts.py); nothing without a ledger."""
+        if self._ledger is None:
+            return
+        row = AttemptRow.of(entry, sample)
+        if row is not None:
+            self._ledger.add_attempt(row)
 
     def close(self) -> None:
         for writer in (self._ledger, self._audit):

@@ -6,7 +6,8 @@ whose first message names it:
 - ATTEMPT_LOG_NAME, the router's upstream_log, one entry per failed upstream attempt: each
   becomes a health sample for the provider it went to at once, so a provider that failed and
   was failed over from is still counted as failing; and for its (provider, model) once the
-  request's entry has named the model (attribution.py);
+  request's entry has named the model (attribution.py); and it goes to the `on_attempt` hooks
+  (the ledger keeps it for `why`);
 - EDGE_LOG_NAME, the listener's log, one entry per client request: the client's outcome. It
   names the model of the request's failed attempts; when the last attempt served, the entry is
   that attempt's sample (its cluster, status and upstream timings: every served request counts
@@ -68,6 +69,8 @@ _SERVICE = als_pb2.DESCRIPTOR.services_by_name["AccessLogService"].full_name
 
 RequestHook = Callable[[accesslog_pb2.HTTPAccessLogEntry, str], None]
 """Called with each client-request entry (EDGE_LOG_NAME) and the Envoy node id that sent it."""
+AttemptHook = Callable[[accesslog_pb2.HTTPAccessLogEntry, RequestSample], None]
+"""Called with each believed failed-attempt entry (ATTEMPT_LOG_NAME) and its health sample."""
 
 
 class AccessLogReceiver:
@@ -98,6 +101,8 @@ class AccessLogReceiver:
         self._attribution = ModelAttribution() if attribution is None else attribution
         self.on_request: list[RequestHook] = list(on_request)
         """Subscribers to client-request entries; append to subscribe."""
+        self.on_attempt: list[AttemptHook] = []
+        """Subscribers to believed failed attempts; append to subscribe."""
 
     def use_policy(self, config: RoutingConfig) -> None:
         """Believe attempts to this policy's providers only; the fleet forgets the others."""
@@ -186,6 +191,7 @@ class AccessLogReceiver:
         attributed = self._attribution.attempt(sample, now_ms)
         if attributed is not None:
             self._record_model(attributed, ATTEMPT)
+        _notify(self.on_attempt, node_id, entry, sample)
 
     def _served(
         self, entry: accesslog_pb2.HTTPAccessLogEntry, node_id: str, now_ms: int
@@ -223,12 +229,17 @@ class AccessLogReceiver:
                 self._record_model(sample, EDGE)
             if served is not None:
                 self._fleet.record(served)  # for the provider and, known, for its model
-            for hook in self.on_request:
-                try:
-                    hook(entry, node_id)
-                except Exception:
-                    # One failing subscriber must not stop the stream nor the others.
-                    logger.exception(
-                        "access log request hook failed",
-                        extra={"node": node_id, "hook": getattr(hook, "__qualname__", repr(hook))},
-                    )
+            _notify(self.on_request, node_id, entry, node_id)
+
+
+def _notify(hooks: Iterable[Callable[..., None]], node_id: str, *args: object) -> None:
+    """Call each hook with `args`; one failing subscriber must stop neither the stream nor the
+    others (nor count its entry as unreadable)."""
+    for hook in hooks:
+        try:
+            hook(*args)
+        except Exception:
+            logger.exception(
+                "access log hook failed",
+                extra={"node": node_id, "hook": getattr(hook, "__qualname__", repr(hook))},
+            )

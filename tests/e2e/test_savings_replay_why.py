@@ -1,7 +1,8 @@
 """Savings, replay and why over a ledger written by the real stack (default policy, simulated
 providers with different prices): savings against totals computed here row by row from the
 ledger's tokens and the price sheets; replay of the same policy changes no decision and a
-cost-first policy lowers the cost; why tells a failed-over request's every candidate and attempt.
+cost-first policy lowers the cost; why tells a failed-over request's every candidate and attempt,
+the failed one with the status the simulator answered.
 """
 
 from __future__ import annotations
@@ -186,13 +187,21 @@ def test_cost_first_replay_of_latency_first_traffic_costs_less(stack: Stack, tra
 
 def test_why_tells_every_candidate_and_attempt_of_a_failed_over_request(
         stack: Stack, traffic: dict, capsys: pytest.CaptureFixture[str]) -> None:
-    story = explain(stack.log_dir / "ledger.db", load_policy_file(stack.policy), "failed-over")
+    def told() -> dict:
+        return explain(stack.log_dir / "ledger.db", load_policy_file(stack.policy), "failed-over")
+
+    eventually(lambda: not told()["attempts_inferred"], "the failed attempt in the ledger")
+    story = told()
     assert [c["provider"] for c in story["candidates"]] and {
         c["provider"] for c in story["candidates"]} == {"lambda", "coreweave", "vast", "runpod"}
     assert all(c["health"] is not None and c["price_usd_per_mtok"] for c in story["candidates"])
     assert story["choice"] == "coreweave" and story["failed_over"]
     assert [a["provider"] for a in story["attempts_detail"]] == ["coreweave", story["provider"]]
-    assert story["attempts_detail"][-1]["outcome"] == "answered 200"
+    first, last = story["attempts_detail"]
+    assert (first["status"], first["flags"]) == (503, []), "the simulator's fault, as it answered"
+    assert first["outcome"].startswith("503 after ") and first["duration_ms"] >= 0
+    assert first["outcome"].endswith(" ms: retried on the next")
+    assert (last["outcome"], last["status"]) == ("answered 200", 200)
     assert story["cost_usd"] > 0 and story["input_tokens"] > 0
 
     with urllib.request.urlopen(stack.control_url(f"/v1/why/{story['request_id']}")) as answer:
@@ -207,6 +216,6 @@ def test_why_tells_every_candidate_and_attempt_of_a_failed_over_request(
                   "--policy", str(stack.policy)])
     assert exit_code.value.code == 0
     text = capsys.readouterr().out
-    assert "1. coreweave" in text and "failed: retried on the next" in text
+    assert f"1. coreweave    {first['outcome']}" in text and "(inferred" not in text
     assert all(name in text for name in ("lambda", "vast", "runpod"))
     assert not math.isnan(story["total_ms"])
