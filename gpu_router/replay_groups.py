@@ -247,17 +247,22 @@ class GroupQuery:
                 f"r.policy AND c.provider = r.provider WHERE true ON CONFLICT (k) DO UPDATE SET "
                 f"{', '.join(updates)}")
 
-    def _period_rows(self) -> Iterator[tuple[object, ...]]:
+    def _period_rows(self, chunk: int = 20_000) -> Iterator[tuple[object, ...]]:
+        """replay_periods' rows, a chunk at a time (as Python objects they would be large)."""
         starts = self.starts
-        columns: list[list[Any]] = [starts.tolist(), np.append(starts[1:], self._until).tolist()]
-        for offset, firsts in zip(self._offsets, self._firsts, strict=False):
-            columns.append((np.searchsorted(firsts, starts, side="right") - 1 + offset).tolist())
+        ends = np.append(starts[1:], self._until)
+        intervals = [np.searchsorted(firsts, starts, side="right") - 1 + offset
+                     for offset, firsts in zip(self._offsets, self._firsts, strict=False)]
+        latencies = []
         for name in self.models:
             periods = self.periods[name]
             at = np.searchsorted(periods.starts, starts, side="right") - 1
-            columns += [periods.latencies[at, c].tolist()
-                        for c in range(periods.latencies.shape[1])]
-        return zip(*columns, strict=True)
+            latencies += [periods.latencies[:, c][at]
+                          for c in range(periods.latencies.shape[1])]
+        for begin in range(0, len(starts), chunk):
+            part = slice(begin, begin + chunk)
+            yield from zip(*(column[part].tolist()
+                             for column in (starts, ends, *intervals, *latencies)), strict=True)
 
     _TABLES = ("replay_groups", "replay_periods", "replay_names", "replay_combos")
 

@@ -27,6 +27,7 @@ from ext_proc.scoring import DEGRADED_PENALTY
 _COLUMNS = ("SELECT at_unix_ms, ifnull(ewma_ms, -1.0), (state = 'degraded') + 2 * (state = 'ejected'), "
             "ejected_until FROM health_history WHERE provider = ? AND model = ? ")
 """Four numbers a row (an EWMA is never negative: -1 is unmeasured), read straight into numpy."""
+FETCH = 20_000
 _LATEST = _COLUMNS + "AND at_unix_ms <= ? ORDER BY at_unix_ms DESC LIMIT 1"
 _WINDOW = _COLUMNS + "AND at_unix_ms > ? AND at_unix_ms <= ? ORDER BY at_unix_ms"
 Entry = tuple[float | None, str, int]
@@ -114,12 +115,14 @@ class History:
     @classmethod
     def read(cls, connection: sqlite3.Connection, provider: str, model: str, since_ms: int,
              until_ms: int) -> History:
-        rows = connection.execute(_WINDOW, (provider, model, since_ms, until_ms)).fetchall()
         current = connection.execute(_LATEST, (provider, model, since_ms)).fetchone()
-        if current is not None and current[0] > since_ms - LOOKBACK_MS:
-            rows.insert(0, current)
-        values = np.fromiter(chain.from_iterable(rows), dtype=np.float64,
-                             count=4 * len(rows)).reshape(-1, 4)
+        parts = ([np.array(current, dtype=np.float64)]
+                 if current is not None and current[0] > since_ms - LOOKBACK_MS else [])
+        cursor = connection.execute(_WINDOW, (provider, model, since_ms, until_ms))
+        while rows := cursor.fetchmany(FETCH):  # a chunk at a time: as tuples they are large
+            parts.append(np.fromiter(chain.from_iterable(rows), dtype=np.float64,
+                                     count=4 * len(rows)))
+        values = np.concatenate(parts or [np.empty(0)]).reshape(-1, 4)
         return cls(values[:, 0].astype(np.int64), np.where(values[:, 1] < 0, math.nan,
                                                           values[:, 1]),
                    values[:, 2] == 1, values[:, 2] == 2, values[:, 3].astype(np.int64))
@@ -240,16 +243,16 @@ class Periods:
 
 def read_periods(connection: sqlite3.Connection, table: RoutingTable, since_ms: int,
                  until_ms: int) -> dict[str, Periods]:
-    """Every model's Periods over since < at <= until, from the history table (one indexed
-    range per aggregate, read into numpy once, provider-wide ones shared)."""
-    histories: dict[tuple[str, str], History] = {}
-
-    def history(provider: str, model: str) -> History:
-        if (provider, model) not in histories:
-            histories[provider, model] = History.read(connection, provider, model, since_ms,
-                                                      until_ms)
-        return histories[provider, model]
-
-    return {name: Periods.of([(history(provider, name), history(provider, ""))
-                              for provider in route.providers], since_ms, until_ms)
-            for name, route in table.models.items()}
+    """Every model's Periods over since <= at < until, from the history table (one indexed
+    range per aggregate, read into numpy; provider-wide ones once, a model's own only while
+    its periods are built, so few histories are held at a time)."""
+    wide: dict[str, History] = {}
+    found = {}
+    for name, route in table.models.items():
+        for provider in route.providers:
+            if provider not in wide:
+                wide[provider] = History.read(connection, provider, "", since_ms, until_ms)
+        found[name] = Periods.of(
+            [(History.read(connection, provider, name, since_ms, until_ms), wide[provider])
+             for provider in route.providers], since_ms, until_ms)
+    return found
