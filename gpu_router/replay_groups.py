@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 import sqlite3
-from bisect import bisect_right
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from itertools import combinations, product
@@ -161,15 +160,18 @@ class GroupQuery:
                                            enumerate(NO_OUTPUT_PATHS)}}
         self.starts = union([p.starts for p in periods.values()])
         self._firsts: list[np.ndarray] = []
-        """Per kind, when each of its intervals starts (ids are offset kind after kind)."""
+        """Per model, the first period of each of its intervals for every kind but balanced
+        (cut where any of those kinds' keys changes); ids are offset model after model."""
         self._offsets = [0]
-        for kind in self.kinds:
-            rule = next(r for r in self.rules if kind_of(r) == kind)
-            self._firsts.append(union([p.starts[p.intervals(rule)] for p in periods.values()]))
+        for name in self.models:
+            cuts = [periods[name].intervals(next(r for r in self.rules if kind_of(r) == kind))
+                    for kind in self.kinds if kind != kind_of(DEFAULT_POLICY)]
+            self._firsts.append(union(cuts) if cuts else np.zeros(1, dtype=np.intp))
             self._offsets.append(self._offsets[-1] + len(self._firsts[-1]))
+        self._balanced: dict[str, np.ndarray] = {}
+        """Per model, balanced's interval firsts, for the text keys that need them."""
         self._width = max((len(r.providers) for r in table.models.values()), default=0)
         self._combos, self._tokens = self._combo_rows()
-        self._periods_at: dict[tuple[str, int], int] = {}
         self.statement = self._statement()
 
     def _combo_rows(self) -> tuple[list[tuple[Any, ...]], dict[str, int]]:
@@ -197,25 +199,31 @@ class GroupQuery:
                 sql = " + ".join(f"{b} * {1 << n}" for n, b in enumerate(bits))
                 tokens[sql] = len(bits)
             tokens.setdefault(sql, 0)
-            rows += [(alias, rule.name, provider, m, self.kinds.index(kind_of(rule)),
-                      list(tokens).index(sql), (m * len(self.rules) + code) * len(providers) + s)
+            rows += [(alias, rule.name, provider, m, list(tokens).index(sql), (m * len(self.rules) + code) * len(providers) + s)
                      for alias in aliases.get(name, ()) for s, provider in enumerate(providers)]
         return rows, tokens
+
+    def _starts_with(self, prefix: str, name: str) -> str:
+        """SQL for r.candidates.startswith(prefix), as two comparisons (no substring made)."""
+        self.params[f"{name}_low"] = prefix
+        self.params[f"{name}_high"] = prefix[:-1] + chr(ord(prefix[-1]) + 1)
+        return f"(r.candidates >= :{name}_low AND r.candidates < :{name}_high)"
 
     def _statement(self) -> str:
         providers, width = self.table.providers, self._width
         bits = max(self._tokens.values(), default=0)
         self._shape = (len(self.models) * len(self.rules) * len(providers), len(providers) + 1,
                        1 << bits)
-        for i, provider in enumerate(providers):
-            self.params[f"provider_{i}"] = provider
+        first = []
+        for i, provider in enumerate(providers):  # "provider=value", value scored (not "x:")
             self.params[f"named_{i}"] = f"{provider}="
-        first = [(f"substr(r.candidates, 1, {len(p) + 1}) = :named_{i}",
-                  (f"(CASE WHEN substr(r.candidates, {len(p) + 2}, 1) NOT IN ('', ';') AND "
-                   f"substr(r.candidates, {len(p) + 2}, 2) != 'x:' THEN {i} END)"))
-                 for i, p in enumerate(providers)]
+            unscored = " OR ".join(self._starts_with(f"{provider}={after}", f"p{i}_{n}")
+                                   for n, after in enumerate((";", "x:")))
+            first.append((self._starts_with(f"{provider}=", f"p{i}"),
+                          (f"(CASE WHEN r.candidates = :named_{i} OR {unscored} THEN NULL "
+                          f"ELSE {i} END)")))
         recorded = _case("", [("r.candidates = ''", "c.code % " + str(len(providers))), *first])
-        interval = _case("c.kind", [(k, f"gp.v_{k}") for k in range(len(self.kinds))])
+        interval = _case("c.m", [(m, f"gp.v_{m}") for m in range(len(self.models))])
         token = _case("c.tokmode", list(enumerate(self._tokens)))  # a CASE picks one lazily
         integer = (f"(({interval} * {self._shape[0]} + c.code) * {self._shape[1]} + {recorded})"
                    f" * {self._shape[2]} + {token}")
@@ -251,12 +259,11 @@ class GroupQuery:
         """replay_periods' rows, a chunk at a time (as Python objects they would be large)."""
         starts = self.starts
         ends = np.append(starts[1:], self._until)
-        intervals = [np.searchsorted(firsts, starts, side="right") - 1 + offset
-                     for offset, firsts in zip(self._offsets, self._firsts, strict=False)]
-        latencies = []
-        for name in self.models:
+        intervals, latencies = [], []
+        for name, offset, firsts in zip(self.models, self._offsets, self._firsts, strict=False):
             periods = self.periods[name]
             at = np.searchsorted(periods.starts, starts, side="right") - 1
+            intervals.append(np.searchsorted(firsts, at, side="right") - 1 + offset)
             latencies += [periods.latencies[:, c][at]
                           for c in range(periods.latencies.shape[1])]
         for begin in range(0, len(starts), chunk):
@@ -270,14 +277,14 @@ class GroupQuery:
         latency = [f"l_{m}_{c}" for m, name in enumerate(self.models)
                    for c in range(len(self.table.models[name].providers))]
         columns = ["start_ms INTEGER PRIMARY KEY", "end_ms",
-                   *(f"v_{k}" for k in range(len(self.kinds))), *latency]
+                   *(f"v_{m}" for m in range(len(self.models))), *latency]
         tables = {
             "replay_periods": (f"({', '.join(columns)})", len(columns), self._period_rows()),
             "replay_names": ("(name TEXT PRIMARY KEY, m INTEGER)", 2,
                              [(alias, self.models.index(name))
                               for alias, name in self.table.names.items()]),
-            "replay_combos": (("(model, policy, provider, m, kind, tokmode, code, "
-                               "PRIMARY KEY (model, policy, provider)) WITHOUT ROWID"), 7,
+            "replay_combos": (("(model, policy, provider, m, tokmode, code, "
+                               "PRIMARY KEY (model, policy, provider)) WITHOUT ROWID"), 6,
                               self._combos)}
         for name, (shape, width, rows) in tables.items():
             connection.execute(f"CREATE TEMP TABLE {name} {shape}")
@@ -299,17 +306,12 @@ class GroupQuery:
             for name in self._TABLES:
                 connection.execute(f"DROP TABLE IF EXISTS temp.{name}")
 
-    def _period(self, model: str, interval: int) -> int:
-        """The model's period at the interval's start (remembered: groups come by interval)."""
-        found = self._periods_at.get((model, interval))
-        if found is None:
-            if len(self._periods_at) >= 1000:
-                self._periods_at.clear()
-            kind = bisect_right(self._offsets, interval) - 1
-            at = self._firsts[kind][interval - self._offsets[kind]]
-            found = self._periods_at[model, interval] = int(np.searchsorted(
-                self.periods[model].starts, at, "right")) - 1
-        return found
+    def _balanced_interval(self, model: str, period: int) -> int:
+        """The first period of balanced's interval around `period`."""
+        if model not in self._balanced:
+            self._balanced[model] = self.periods[model].intervals(DEFAULT_POLICY)
+        firsts = self._balanced[model]
+        return int(firsts[np.searchsorted(firsts, period, "right") - 1])
 
     def _group(self, row: tuple[Any, ...]) -> Group:
         key, requests, cost, *rest = row
@@ -325,10 +327,11 @@ class GroupQuery:
             code, served_code = divmod(code, len(self.table.providers))
             m, rule_code = divmod(code, len(self.rules))
             model, rule = self.models[m], self.rules[rule_code]
+            period = int(self._firsts[m][interval - self._offsets[m]])
             served = self.table.providers[served_code]
             recorded = (self.table.providers[recorded_code]
                         if recorded_code < len(self.table.providers) else "")
-            decides: tuple[Any, ...] = (m, interval, rule_code, token_class)
+            decides: tuple[Any, ...] = (interval, rule_code, token_class)
         else:
             start, name, policy, path, served, body, asked, candidates = key.split(_SEP, 7)
             route = self.table.resolve(name)
@@ -340,13 +343,17 @@ class GroupQuery:
             prompt, wanted = estimate_prompt_tokens(int(body)), int(asked)
             if wanted < 0:
                 wanted = 0 if path in NO_OUTPUT_PATHS else DEFAULT_MAX_TOKENS
-            kind = self.kinds.index(kind_of(rule))
-            interval = self._offsets[kind] + int(np.searchsorted(
-                self._firsts[kind], int(start), "right")) - 1
+            m = self.models.index(model)
+            at = int(np.searchsorted(self.periods[model].starts, int(start), "right")) - 1
+            if rule.strategy == "balanced":
+                period = self._balanced_interval(model, at)
+            else:
+                firsts = self._firsts[m]
+                period = int(firsts[np.searchsorted(firsts, at, "right") - 1])
             recorded = recorded_choice(candidates, served)
-            decides = (model, interval, self.rules.index(rule), prompt, wanted)
+            decides = (model, period, self.rules.index(rule), prompt, wanted)
         count = len(self.table.models[model].providers)
-        return Group(model, served, recorded, rule, self._period(model, interval), decides, prompt,
+        return Group(model, served, recorded, rule, period, decides, prompt,
                      wanted, requests, cost, tokens,
                      tuple(s or 0.0 for s in sums[:count]),
                      tuple(int(s is not None) if n is None else n
