@@ -15,9 +15,16 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc_pb2
 
 from ext_proc.clients import ClientRule, presented_key
 from ext_proc.rate_limit import Charge, RateLimiter, whole_seconds
-from ext_proc.request import METADATA_NAMESPACE, MODELS_PATH, REQUEST_NAMESPACE, error_response
+from ext_proc.request import (
+    METADATA_NAMESPACE,
+    MODELS_PATH,
+    REQUEST_NAMESPACE,
+    default_max_tokens,
+    error_response,
+    requested_max_tokens,
+)
 from ext_proc.router_state import RouterState
-from ext_proc.scoring import DEFAULT_MAX_TOKENS, estimate_prompt_tokens
+from ext_proc.scoring import estimate_prompt_tokens
 
 CLIENT_FIELD = "client"
 """The client's name in the decision's dynamic metadata: the ledger books it."""
@@ -32,8 +39,9 @@ INVALID_KEY = error_response(
 )
 
 
-def _request_facts(headers: ext_proc_pb2.HttpHeaders) -> tuple[bytes | None, bool, int]:
-    """(key, is the models list, content length) from the request headers."""
+def _request_facts(headers: ext_proc_pb2.HttpHeaders) -> tuple[bytes | None, bytes, bool, int]:
+    """(key, path without its query, is the models list, content length) from the request
+    headers."""
     pairs = [(h.key, h.raw_value) for h in headers.headers.headers]
     path = method = b""
     length = 0
@@ -45,20 +53,16 @@ def _request_facts(headers: ext_proc_pb2.HttpHeaders) -> tuple[bytes | None, boo
         elif name == "content-length" and value.isdigit():
             length = int(value)
     is_models = path == _MODELS_PATH and method == b"GET"
-    return presented_key(pairs), is_models, length
+    return presented_key(pairs), path, is_models, length
 
 
-def estimated_tokens(length: int, metadata: base_pb2.Metadata) -> int:
+def estimated_tokens(length: int, metadata: base_pb2.Metadata, path: bytes) -> int:
     """What tokens_per_minute counts: prompt bytes / 4 plus the requested output tokens (the
-    edge's request-fields metadata), or the router's default when none is asked for."""
+    edge's request-fields metadata), else what routing assumes for the path: the estimate
+    ext_proc's decision prices."""
     fields = metadata.filter_metadata.get(REQUEST_NAMESPACE)
-    output = DEFAULT_MAX_TOKENS
-    if fields is not None:
-        for name in ("max_completion_tokens", "max_tokens"):
-            value = fields.fields.get(name)
-            if value is not None and value.WhichOneof("kind") == "number_value":
-                output = max(0, int(min(value.number_value, 1e12)))
-                break
+    default = default_max_tokens(path.decode("latin-1"))
+    output = default if fields is None else requested_max_tokens(fields.fields, default)
     return estimate_prompt_tokens(length) + output
 
 
@@ -106,7 +110,7 @@ class Admission:
         """The client (None: no clients declared, or a keyless models list), or the refusal."""
         if not state.clients.enabled or not request.HasField("request_headers"):
             return None
-        key, is_models, length = _request_facts(request.request_headers)
+        key, path, is_models, length = _request_facts(request.request_headers)
         client = state.clients.lookup(key)
         if client is None:
             return None if is_models else INVALID_KEY
@@ -121,7 +125,7 @@ class Admission:
             if client.requests_per_minute:
                 charges.append(Charge(f"{client.name}:req", 1, client.requests_per_minute))
             if client.tokens_per_minute:
-                tokens = estimated_tokens(length, request.metadata_context)
+                tokens = estimated_tokens(length, request.metadata_context, path)
                 charges.append(Charge(f"{client.name}:tok", tokens, client.tokens_per_minute))
             wait = await self.limiter.retry_after(charges)
             if wait is not None:

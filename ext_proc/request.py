@@ -158,17 +158,28 @@ def _conflicting_models(header: str, body: str) -> ext_proc_pb2.ProcessingRespon
     )
 
 
-def _max_tokens(fields: Mapping[str, struct_pb2.Value], default: int) -> int:
-    """max_completion_tokens (newer OpenAI name) or max_tokens from the metadata; else default."""
-    value = fields.get("max_completion_tokens")
-    if value is None:
-        value = fields.get("max_tokens")
-        if value is None:
-            return default
-    if value.WhichOneof("kind") != "number_value":
-        return default
-    number = value.number_value
-    return int(number) if 0 <= number < math.inf else default
+def default_max_tokens(path: str) -> int:
+    """Output tokens assumed when a request does not say: none on a path that answers no
+    text (embeddings), else the router's default."""
+    return 0 if path in _NO_OUTPUT_PATHS else DEFAULT_MAX_TOKENS
+
+
+MAX_OUTPUT_TOKENS = 10**12
+"""Larger asks are read as this: an estimate, not a number any provider serves."""
+
+
+def requested_max_tokens(fields: Mapping[str, struct_pb2.Value], default: int) -> int:
+    """The output tokens a request asks for, from the edge's request-fields metadata:
+    max_completion_tokens (newer OpenAI name) when it is a number >= 0, else max_tokens when
+    it is, else `default`. Routing's cost estimate and the client's token rate limit both read
+    it here, so they cannot disagree."""
+    for name in ("max_completion_tokens", "max_tokens"):
+        value = fields.get(name)
+        if value is not None and value.WhichOneof("kind") == "number_value":
+            number = value.number_value
+            if 0 <= number < math.inf:
+                return int(min(number, MAX_OUTPUT_TOKENS))
+    return default
 
 
 @functools.lru_cache(maxsize=4096)
@@ -278,9 +289,7 @@ class RequestPhases:
                 policy,
                 strategy=strategy or policy.strategy,
                 prompt_tokens=estimate_prompt_tokens(length),
-                max_tokens=_max_tokens(
-                    fields, 0 if path in _NO_OUTPUT_PATHS else DEFAULT_MAX_TOKENS
-                ),
+                max_tokens=requested_max_tokens(fields, default_max_tokens(path)),
                 now_unix_ms=int(self._clock() * 1000),
             )
         except NoCandidateError as error:

@@ -25,7 +25,7 @@ from control_plane.ledger.store import LedgerRow, LedgerWriter
 from control_plane.policy.load import PolicyError, default_policy_path, load_policy_text
 from control_plane.policy.model import Budget, Client, Limits
 from control_plane.policy.wire import to_routing_policy
-from ext_proc.admission import Admission
+from ext_proc.admission import Admission, estimated_tokens
 from ext_proc.rate_limit import Charge, LocalCounters, RateLimiter, RedisCounters, retry_after_s
 from ext_proc.request import RequestPhases
 from ext_proc.router_state import LiveState
@@ -215,6 +215,26 @@ def test_tokens_per_minute_counts_prompt_bytes_and_max_tokens_at_admission() -> 
     # content-length 80 -> 20 prompt tokens, max_tokens 16: 36 a request; the third is over 100
     statuses = [answer(live, chat(KEYS["slow"]), gate)[0] for _ in range(3)]
     assert statuses == [0, 0, 429]
+
+
+@pytest.mark.parametrize(
+    ("path", "fields", "output"),
+    [
+        (b"/v1/chat/completions", {"max_tokens": 16}, 16),
+        (b"/v1/chat/completions", {"max_tokens": -5}, 256),
+        (b"/v1/chat/completions", {"max_completion_tokens": "x", "max_tokens": 7}, 7),
+        (b"/v1/chat/completions", {"max_tokens": 1e300}, 10**12),
+        (b"/v1/embeddings", {}, 0),
+    ],
+)
+def test_the_token_limit_counts_the_output_tokens_routing_prices(
+    path: bytes, fields: dict, output: int
+) -> None:
+    """One reading of the asked output (ext_proc.request.requested_max_tokens): a negative
+    max_tokens once counted 0 here and 256 in routing, and embeddings 256 here and 0 there."""
+    metadata = ext_proc_pb2.ProcessingRequest().metadata_context
+    metadata.filter_metadata["gpu_router.request"].update(fields)
+    assert estimated_tokens(80, metadata, path) == 80 // 4 + output
 
 
 def test_the_sliding_window_weighs_the_previous_minute() -> None:

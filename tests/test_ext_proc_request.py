@@ -169,6 +169,7 @@ def test_content_length_and_max_completion_tokens_drive_the_expected_cost() -> N
         ("/v1/chat/completions", {"max_tokens": 7}, 7),
         ("/v1/chat/completions", {"max_tokens": -1}, 256),
         ("/v1/chat/completions", {"max_completion_tokens": "x"}, 256),
+        ("/v1/chat/completions", {"max_completion_tokens": -2, "max_tokens": 9}, 9),
         ("/v1/chat/completions", {}, 256),
         ("/v1/embeddings", {}, 0),
     ],
