@@ -140,20 +140,19 @@ def _case(selector: str, arms: Sequence[tuple[object, str]], default: str = "NUL
 class GroupQuery:
     """The temp tables and the statement that sum a window's requests into groups.
 
-    replay_periods: the window cut wherever any model's health period starts, with per rule
-    kind (kind_of) an interval id, cut wherever any model's health_key of that kind or its
-    ejections change, and each model's candidates' EWMAs. replay_combos: every (model name,
-    policy name, provider) the table knows -> (model, rule, served) codes, kind and the token
-    class SQL to use, so one index lookup per request names them; a request it does not know
-    (a policy or provider the table does not name, a balanced rule, an excluded first recorded
-    candidate) gets a text key of its raw fields, worked out in Python like the reference."""
+    replay_periods: the window cut wherever any model's health period starts, with per model
+    an interval id (cut wherever its health_key for any rule but balanced, or its ejections,
+    change) and its candidates' EWMAs. replay_combos: every (model name, policy name, provider)
+    the table knows -> (model, rule, served) codes and the token class SQL to use, so one index
+    lookup per request names them; a request it does not know (a policy or provider the table
+    does not name, a balanced rule, an excluded first recorded candidate) gets a text key of its
+    raw fields and its period, worked out in Python as the reference does."""
 
     def __init__(self, table: RoutingTable, periods: dict[str, Periods], until_ms: int) -> None:
         self.table, self.periods, self._until = table, periods, until_ms
         self.models = list(table.models)
         self.rules = list(dict.fromkeys((*table.policies, DEFAULT_POLICY)))
         self._by_name = {rule.name: rule for rule in table.policies}  # the last one wins
-        self.kinds = list(dict.fromkeys(kind_of(rule) for rule in self.rules))
         self.params: dict[str, Any] = {
             "bytes_per_token": BYTES_PER_TOKEN, "default_max": DEFAULT_MAX_TOKENS,
             "penalty": DEGRADED_PENALTY, **{f"no_output_{i}": p for i, p in
@@ -163,9 +162,9 @@ class GroupQuery:
         """Per model, the first period of each of its intervals for every kind but balanced
         (cut where any of those kinds' keys changes); ids are offset model after model."""
         self._offsets = [0]
+        ordered = {kind_of(rule): rule for rule in self.rules if rule.strategy != "balanced"}
         for name in self.models:
-            cuts = [periods[name].intervals(next(r for r in self.rules if kind_of(r) == kind))
-                    for kind in self.kinds if kind != kind_of(DEFAULT_POLICY)]
+            cuts = [periods[name].intervals(rule) for rule in ordered.values()]
             self._firsts.append(union(cuts) if cuts else np.zeros(1, dtype=np.intp))
             self._offsets.append(self._offsets[-1] + len(self._firsts[-1]))
         self._balanced: dict[str, np.ndarray] = {}
@@ -199,7 +198,8 @@ class GroupQuery:
                 sql = " + ".join(f"{b} * {1 << n}" for n, b in enumerate(bits))
                 tokens[sql] = len(bits)
             tokens.setdefault(sql, 0)
-            rows += [(alias, rule.name, provider, m, list(tokens).index(sql), (m * len(self.rules) + code) * len(providers) + s)
+            served_codes = (m * len(self.rules) + code) * len(providers)
+            rows += [(alias, rule.name, provider, m, list(tokens).index(sql), served_codes + s)
                      for alias in aliases.get(name, ()) for s, provider in enumerate(providers)]
         return rows, tokens
 
