@@ -229,14 +229,14 @@ def replay(db_path: str | Path, config: RoutingConfig, since_ms: int, until_ms: 
     """Re-decide every request with since <= at < until under `config`: SQLite sums the
     requests per group (replay_groups), Python decides once per group."""
     replayer = _Replayer(config)
-    with read_only(Path(db_path)) as connection:
-        try:
+    try:
+        with read_only(Path(db_path)) as connection:
             periods = read_periods(connection, replayer.table, since_ms, until_ms)
-            query = GroupQuery(replayer.table, periods, until_ms)
-            for group in query.groups(connection):
-                replayer.add(group, periods)
-        except sqlite3.Error as error:
-            raise ReportError(f"cannot read the usage ledger {db_path}: {error}") from error
+        query = GroupQuery(replayer.table, periods, until_ms)
+        for group in query.groups(Path(db_path)):
+            replayer.add(group, periods)
+    except sqlite3.Error as error:
+        raise ReportError(f"cannot read the usage ledger {db_path}: {error}") from error
     return replayer.finish()
 
 

@@ -15,14 +15,18 @@ candidate's recorded EWMA at each request's time.
 from __future__ import annotations
 
 import math
+import queue
 import sqlite3
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from itertools import combinations, product
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from control_plane.ledger.report import read_only
 from ext_proc.routing_table import DEFAULT_POLICY, ModelRoute, PolicyRule, RoutingTable
 from ext_proc.scoring import (
     BYTES_PER_TOKEN,
@@ -36,6 +40,9 @@ NO_OUTPUT_PATHS = ("/v1/embeddings",)
 """Paths ext_proc assumes no output for when max_tokens is absent."""
 KINDS = ("input", "output", "cached_input", "cache_write", "reasoning")
 _SEP = "\x1f"
+PARTS = 2
+"""Consecutive parts of the window summed at once, each on its own connection and thread."""
+_DONE = object()
 NOT_ROUTED = -1
 """The group key of the requests that never reached a provider (not re-decided)."""
 ROUTED = "routed"
@@ -255,31 +262,37 @@ class GroupQuery:
                 f"r.policy AND c.provider = r.provider WHERE true ON CONFLICT (k) DO UPDATE SET "
                 f"{', '.join(updates)}")
 
-    def _period_rows(self, chunk: int = 20_000) -> Iterator[tuple[object, ...]]:
-        """replay_periods' rows, a chunk at a time (as Python objects they would be large)."""
-        starts = self.starts
-        ends = np.append(starts[1:], self._until)
-        intervals, latencies = [], []
+    def _period_index(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per model, its period and interval id at each of replay_periods' starts."""
+        found = []
         for name, offset, firsts in zip(self.models, self._offsets, self._firsts, strict=False):
-            periods = self.periods[name]
-            at = np.searchsorted(periods.starts, starts, side="right") - 1
-            intervals.append(np.searchsorted(firsts, at, side="right") - 1 + offset)
-            latencies += [periods.latencies[:, c][at]
-                          for c in range(periods.latencies.shape[1])]
-        for begin in range(0, len(starts), chunk):
-            part = slice(begin, begin + chunk)
-            yield from zip(*(column[part].tolist()
-                             for column in (starts, ends, *intervals, *latencies)), strict=True)
+            at = np.searchsorted(self.periods[name].starts, self.starts, side="right") - 1
+            found.append((at, np.searchsorted(firsts, at, side="right") - 1 + offset))
+        return found
 
-    _TABLES = ("replay_groups", "replay_periods", "replay_names", "replay_combos")
+    def _rows(self, index: list[tuple[np.ndarray, np.ndarray]], part: slice,
+              chunk: int = 5000) -> Iterator[tuple[object, ...]]:
+        """replay_periods' rows in `part`, a chunk at a time (as Python objects, or as columns
+        of every model's EWMAs, they would be large): start, end, each model's interval id and
+        its candidates' EWMAs."""
+        ends = np.append(self.starts[1:], self._until)
+        for begin in range(part.start, part.stop, chunk):
+            rows = slice(begin, min(begin + chunk, part.stop))
+            columns = [self.starts[rows], ends[rows], *(ids[rows] for _, ids in index)]
+            for name, (at, _) in zip(self.models, index, strict=True):
+                latencies = self.periods[name].latencies[at[rows]]
+                columns += [latencies[:, c] for c in range(latencies.shape[1])]
+            yield from zip(*(column.tolist() for column in columns), strict=True)
 
-    def _create_tables(self, connection: sqlite3.Connection) -> None:
+    def _create_tables(self, connection: sqlite3.Connection,
+                       index: list[tuple[np.ndarray, np.ndarray]], part: slice) -> None:
         latency = [f"l_{m}_{c}" for m, name in enumerate(self.models)
                    for c in range(len(self.table.models[name].providers))]
-        columns = ["start_ms INTEGER PRIMARY KEY", "end_ms",
-                   *(f"v_{m}" for m in range(len(self.models))), *latency]
+        names = ["start_ms INTEGER PRIMARY KEY", "end_ms",
+                 *(f"v_{m}" for m in range(len(self.models))), *latency]
         tables = {
-            "replay_periods": (f"({', '.join(columns)})", len(columns), self._period_rows()),
+            "replay_periods": (f"({', '.join(names)})", len(names),
+                               self._rows(index, part)),
             "replay_names": ("(name TEXT PRIMARY KEY, m INTEGER)", 2,
                              [(alias, self.models.index(name))
                               for alias, name in self.table.names.items()]),
@@ -291,20 +304,55 @@ class GroupQuery:
             connection.executemany(f"INSERT INTO {name} VALUES ({', '.join('?' * width)})", rows)
         connection.execute(self._create)
 
-    def groups(self, connection: sqlite3.Connection) -> Iterator[Group]:
-        """Run the sums; the groups, integer keys (by interval) first."""
+    def _sum_part(self, ledger: Path, index: list[tuple[np.ndarray, np.ndarray]], part: slice,
+                  out: queue.Queue[object], stop: threading.Event) -> None:
+        """In a thread, on its own connection (its temp tables go with it): sum the requests of
+        `part` of the periods and hand the groups' rows over a chunk at a time."""
+
+        def put(item: object) -> None:
+            while not stop.is_set():
+                try:
+                    out.put(item, timeout=0.1)
+                    return
+                except queue.Full:
+                    continue
+
         try:
-            self._create_tables(connection)
-            connection.execute(self.statement, self.params)
-            cursor = connection.execute("SELECT * FROM replay_groups")
-            try:
-                while chunk := cursor.fetchmany(5000):
-                    yield from map(self._group, chunk)
-            finally:
+            with read_only(ledger) as connection:
+                self._create_tables(connection, index, part)
+                connection.execute(self.statement, self.params)
+                cursor = connection.execute("SELECT * FROM replay_groups")
+                while not stop.is_set() and (rows := cursor.fetchmany(2000)):
+                    put(rows)
                 cursor.close()
+        except BaseException as error:  # noqa: BLE001 (groups() raises it again)
+            put(error)
         finally:
-            for name in self._TABLES:
-                connection.execute(f"DROP TABLE IF EXISTS temp.{name}")
+            put(_DONE)
+
+    def groups(self, ledger: Path, parts: int = PARTS) -> Iterator[Group]:
+        """The window's groups, summed in `parts` consecutive parts of it at once (SQLite runs
+        without the GIL, so each takes a core while Python decides the parts already summed): a
+        group of one part decides as its twin in another and their sums add up alike."""
+        index = self._period_index()
+        bounds = np.linspace(0, len(self.starts), parts + 1).astype(int).tolist()
+        queues: list[queue.Queue[object]] = [queue.Queue(maxsize=2) for _ in range(parts)]
+        stop = threading.Event()
+        threads = [threading.Thread(target=self._sum_part, daemon=True,
+                                    args=(ledger, index, slice(low, high), out, stop))
+                   for low, high, out in zip(bounds, bounds[1:], queues, strict=False)]
+        for thread in threads:
+            thread.start()
+        try:
+            for out in queues:
+                while (item := out.get()) is not _DONE:
+                    if isinstance(item, BaseException):
+                        raise item
+                    yield from map(self._group, item)  # type: ignore[call-overload]
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join()
 
     def _balanced_interval(self, model: str, period: int) -> int:
         """The first period of balanced's interval around `period`."""
