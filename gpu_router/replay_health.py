@@ -149,8 +149,9 @@ def _align(pairs: list[tuple[History, History]], starts: npt.NDArray[np.int64]
     candidate), from each candidate's (model's own, provider-wide) histories."""
     shape = (len(starts), len(pairs))
     latency, degraded = np.full(shape, math.nan), np.zeros(shape, dtype=np.bool_)
-    low, high = np.full(shape, _NEVER), np.full(shape, -_NEVER)
-    for column, entries in enumerate(pairs):
+    until = np.full(shape, NOT_EJECTED, dtype=np.int64)
+    for column, entries in enumerate(pairs):  # a column at a time: few temporaries at once
+        low, high = np.full(len(starts), _NEVER), np.full(len(starts), -_NEVER)
         for history in reversed(entries):  # the model's own EWMA wins over the provider's
             if not len(history.at):
                 continue
@@ -158,11 +159,11 @@ def _align(pairs: list[tuple[History, History]], starts: npt.NDArray[np.int64]
             measured = has & ~np.isnan(history.latency[index])
             latency[measured, column] = history.latency[index][measured]
             degraded[:, column] |= has & history.degraded[index]
-            ejected, until = has & history.ejected[index], history.until[index]
-            low[:, column] = np.where(ejected, np.minimum(low[:, column], until), low[:, column])
-            high[:, column] = np.where(ejected, np.maximum(high[:, column], until),
-                                       high[:, column])
-    until = np.where(low == _NEVER, NOT_EJECTED, np.where(low <= 0, UNTIL_NEXT_SNAPSHOT, high))
+            ejected, cooldown = has & history.ejected[index], history.until[index]
+            low = np.where(ejected, np.minimum(low, cooldown), low)
+            high = np.where(ejected, np.maximum(high, cooldown), high)
+        until[:, column] = np.where(low == _NEVER, NOT_EJECTED,
+                                    np.where(low <= 0, UNTIL_NEXT_SNAPSHOT, high))
     return latency, degraded, until
 
 
@@ -205,6 +206,7 @@ class Periods:
         ending = (until > starts[:, None]) & (until < ends)
         if ending.any():
             starts = union([starts, until[ending]])
+            del latency, degraded  # before aligning anew: one set of arrays at a time
             latency, degraded, until = _align(pairs, starts)
         ejected = (until == UNTIL_NEXT_SNAPSHOT) | (until > starts[:, None])
         common = _differs(degraded) | _differs(ejected)
