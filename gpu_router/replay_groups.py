@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from control_plane.ledger.report import read_only
+from control_plane.ledger.savings import KINDS
 from ext_proc.routing_table import DEFAULT_POLICY, ModelRoute, PolicyRule, RoutingTable
 from ext_proc.scoring import (
     BYTES_PER_TOKEN,
@@ -38,7 +39,6 @@ from gpu_router.replay_health import Periods, kind_of, union
 
 NO_OUTPUT_PATHS = ("/v1/embeddings",)
 """Paths ext_proc assumes no output for when max_tokens is absent."""
-KINDS = ("input", "output", "cached_input", "cache_write", "reasoning")
 _SEP = "\x1f"
 PARTS = 2
 """Consecutive parts of the window summed at once, each on its own connection and thread."""
