@@ -8,8 +8,9 @@ had: the request's model, its path, its body size (the prompt estimate) and max_
 request row goes through Python: SQLite sums the rows per group of requests whose decision
 reads the same things (replay_groups.py: model, rule, health interval, token class), decide()
 runs once per distinct group, and each (model, served by, picked)'s tokens are priced once.
-Memory holds the window's health periods as numpy arrays and the sums; the groups live in a
-SQLite temp table.
+Memory holds the health periods of at most SLICE_MS of the window at a time as numpy arrays
+(the window is replayed a slice after another, so memory stays bounded whatever its length) and
+the sums; the groups live in a SQLite temp table.
 
 What replay cannot know: latency under the other policy is the recorded EWMA of the provider it
 would have picked (a provider given more traffic may have been slower), tokens are the ones
@@ -150,6 +151,12 @@ class Decider:
         return picked
 
 
+SLICE_MS = 7 * 86_400_000
+"""Replay holds the health periods of this much of the window at a time (a week of 10 s
+periods for the default policy's models: ~15 MB); a group split at a slice's edge decides as
+its other half and their sums add up alike."""
+
+
 class _Replayer:
     """Adds up groups (replay_groups.Group) per (model, served by, picked); decides once per
     distinct group.decides, and each (model, served by, picked)'s tokens are priced once, at the
@@ -164,6 +171,10 @@ class _Replayer:
         """(model, served by, picked) -> requests, cost, tokens by KINDS, changed, to ejected,
         recorded EWMA sum and count, replayed EWMA sum and count."""
         self.result = Replay()
+
+    def next_slice(self) -> None:
+        """Forget the picks remembered by group: a slice numbers its periods anew."""
+        self._picks.clear()
 
     def _pick(self, group: Group, periods: Periods) -> tuple[int, bool] | None:
         """The candidate decide() picks for the group, and whether an ejection held it."""
@@ -226,15 +237,19 @@ class _Replayer:
 
 
 def replay(db_path: str | Path, config: RoutingConfig, since_ms: int, until_ms: int) -> Replay:
-    """Re-decide every request with since <= at < until under `config`: SQLite sums the
-    requests per group (replay_groups), Python decides once per group."""
+    """Re-decide every request with since <= at < until under `config`, a SLICE_MS of the window
+    after another: SQLite sums the requests per group (replay_groups), Python decides once per
+    group."""
     replayer = _Replayer(config)
     try:
-        with read_only(Path(db_path)) as connection:
-            periods = read_periods(connection, replayer.table, since_ms, until_ms)
-        query = GroupQuery(replayer.table, periods, until_ms)
-        for group in query.groups(Path(db_path)):
-            replayer.add(group, periods)
+        for start in range(since_ms, until_ms, SLICE_MS):
+            end = min(start + SLICE_MS, until_ms)
+            with read_only(Path(db_path)) as connection:
+                periods = read_periods(connection, replayer.table, start, end)
+            replayer.next_slice()
+            for group in GroupQuery(replayer.table, periods, end).groups(Path(db_path)):
+                replayer.add(group, periods)
+            del periods  # before the next slice's are read
     except sqlite3.Error as error:
         raise ReportError(f"cannot read the usage ledger {db_path}: {error}") from error
     return replayer.finish()

@@ -21,6 +21,7 @@ from control_plane.policy.load import default_policy_path, load_policy_file
 from control_plane.policy.wire import to_routing_policy
 from ext_proc.health_view import build_health_view
 from ext_proc.routing_table import build_routing_table
+from gpu_router import replay as replay_module
 from gpu_router.replay import replay
 from gpu_router.replay_health import aligned_health
 
@@ -81,6 +82,20 @@ def test_grouped_replay_equals_the_row_by_row_one(ledger: tuple[Path, int], tmp_
     same(mine.to_json(), theirs.to_json())
     assert theirs.requests > 19_000 and theirs.changed > 0 and theirs.to_ejected > 0
     assert mine.decide_calls <= theirs.decide_calls
+
+
+def test_a_window_replayed_in_slices_equals_the_row_by_row_one(
+        ledger: tuple[Path, int], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Memory is bounded by replaying a slice of the window at a time: groups cut at a slice's
+    edge, ejections and cooldowns across it, and the picks remembered per slice must not
+    change the answer (a day in 7 h slices, the last one short)."""
+    path, now_ms = ledger
+    monkeypatch.setattr(replay_module, "SLICE_MS", 7 * 3_600_000)
+    config = load_policy_file(default_policy_path())
+    since, until = now_ms - DAY_MS - 1000, now_ms + 1
+    mine, theirs = replay(path, config, since, until), reference_replay(path, config, since, until)
+    same(mine.to_json(), theirs.to_json())
+    assert theirs.changed > 0 and theirs.to_ejected > 0
 
 
 def test_aligned_health_is_what_the_snapshot_aligns_to() -> None:
