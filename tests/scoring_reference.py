@@ -12,6 +12,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ext_proc.health_view import NOT_EJECTED, UNTIL_NEXT_SNAPSHOT, CandidateHealth
+from ext_proc.ranking import fmt_latency
 from ext_proc.routing_table import ModelRoute, PolicyRule
 from ext_proc.scoring import (
     DEGRADED_PENALTY,
@@ -19,7 +20,6 @@ from ext_proc.scoring import (
     Decision,
     NoCandidateError,
     _ejection,  # the wording of an exclusion is not what the properties compare
-    _fmt_latency,
     candidate_summary,
 )
 
@@ -236,7 +236,7 @@ def _rank_balanced(
     ) * penalty
 
     def describe(i: int) -> str:
-        return f"balanced: score {score[i]:.2f} (${cost[i]:.6f}, {_fmt_latency(latency[i])})"
+        return f"balanced: score {score[i]:.2f} (${cost[i]:.6f}, {fmt_latency(latency[i])})"
 
     return eligible, score, describe
 

@@ -1,0 +1,136 @@
+"""The strategies' rankings of a request's candidates, for decide() (scoring.py): per strategy,
+which candidates keep its constraint, each one's score (lower ranks first) and the reason for a
+winner. Plain Python over the lists decide() prepared: a model has a few candidates.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+from ext_proc.routing_table import ModelRoute, PolicyRule
+
+_POSITIVE = (0.0).__lt__
+
+
+def _positive_min(values: Sequence[float], mask: Sequence[bool], every: bool) -> float:
+    """Smallest positive value under mask (the normaliser of a balanced term), 1.0 if none;
+    `every`: the mask is all true."""
+    if every:
+        return min(filter(_POSITIVE, values), default=1.0)
+    return min([v for v, m in zip(values, mask) if m and v > 0], default=1.0)
+
+
+def fmt_latency(latency: float) -> str:
+    return "unmeasured" if math.isnan(latency) else f"{latency:.0f} ms EWMA"
+
+
+Ranking = tuple[Sequence[bool], Sequence[float], Callable[[int], str]]
+"""(candidates that keep the strategy's constraint, score, reason for the winner at an index)."""
+
+
+def _rank_cost(
+    route: ModelRoute,
+    policy: PolicyRule,
+    cost: list[float],
+    latency: Sequence[float],
+    eligible: list[bool],
+    penalty: list[float] | None,
+    tokens: int,
+) -> Ranking:
+    sla = policy.latency_sla_ms
+    by_cost = _penalised(cost, penalty)
+    if sla <= 0:
+        return eligible, by_cost, lambda i: f"cheapest: ${cost[i]:.6f}"
+    keeps = [e and (math.isnan(lat) or lat <= sla) for e, lat in zip(eligible, latency)]
+    if any(keeps):
+        return keeps, by_cost, lambda i: f"cheapest within {sla:g} ms SLA: ${cost[i]:.6f}"
+    return (
+        eligible,
+        _penalised(latency, penalty),
+        lambda i: f"no provider within {sla:g} ms SLA; fastest: {latency[i]:.0f} ms EWMA",
+    )
+
+
+def _rank_latency(
+    route: ModelRoute,
+    policy: PolicyRule,
+    cost: list[float],
+    latency: Sequence[float],
+    eligible: list[bool],
+    penalty: list[float] | None,
+    tokens: int,
+) -> Ranking:
+    ceiling = policy.cost_ceiling_usd_per_mtok
+    if ceiling > 0:
+        price = [c * 1e6 / tokens for c in cost] if tokens else [i for i, _ in route.prices]
+        keeps = [e and p <= ceiling for e, p in zip(eligible, price)]
+    else:
+        keeps = eligible
+    if not any(keeps):
+        return (
+            eligible,
+            _penalised(cost, penalty),
+            lambda i: f"no provider under ${ceiling:g}/1M ceiling; cheapest: ${cost[i]:.6f}",
+        )
+
+    def describe(i: int) -> str:
+        lat = latency[i]
+        return "unmeasured: exploring" if math.isnan(lat) else f"fastest: {lat:.0f} ms EWMA"
+
+    return keeps, _penalised([0.0 if math.isnan(lat) else lat for lat in latency], penalty), describe
+
+
+def _penalised(values: Sequence[float], penalty: list[float] | None) -> Sequence[float]:
+    """Scores of degraded candidates multiplied by their penalty; None: nobody is degraded."""
+    return values if penalty is None else [v * p for v, p in zip(values, penalty)]
+
+
+def _median(values: list[float]) -> float:
+    values.sort()
+    middle = len(values) // 2
+    return values[middle] if len(values) % 2 else (values[middle - 1] + values[middle]) / 2
+
+
+def _rank_balanced(
+    route: ModelRoute,
+    policy: PolicyRule,
+    cost: list[float],
+    latency: Sequence[float],
+    eligible: list[bool],
+    penalty: list[float] | None,
+    tokens: int,
+) -> Ranking:
+    cost_weight, latency_weight = policy.cost_weight, policy.latency_weight
+    if cost_weight <= 0 and latency_weight <= 0:
+        cost_weight = latency_weight = 0.5
+    every = all(eligible)
+    isnan = math.isnan
+    seen = ([lat for lat in latency if not isnan(lat)] if every
+            else [lat for e, lat in zip(eligible, latency) if e and not isnan(lat)])
+    if every and len(seen) == len(latency):
+        filled: Sequence[float] = latency
+    else:
+        unmeasured_as = _median(seen) if seen else 1.0
+        filled = [unmeasured_as if isnan(lat) else lat for lat in latency]
+    min_cost = _positive_min(cost, eligible, every)
+    min_latency = _positive_min(filled, eligible, every)
+    if penalty is None:
+        score = [cost_weight * c / min_cost + latency_weight * f / min_latency
+                 for c, f in zip(cost, filled)]
+    else:  # _penalised's product, in the same pass
+        score = [(cost_weight * c / min_cost + latency_weight * f / min_latency) * p
+                 for c, f, p in zip(cost, filled, penalty)]
+
+    def describe(i: int) -> str:
+        return f"balanced: score {score[i]:.2f} (${cost[i]:.6f}, {fmt_latency(latency[i])})"
+
+    return eligible, score, describe
+
+
+RANKERS: dict[str, Callable[..., Ranking]] = {
+    "cost": _rank_cost,
+    "latency": _rank_latency,
+    "balanced": _rank_balanced,
+}
+"""Strategy name -> ranking; its keys are the strategies a client may ask for."""
