@@ -3,8 +3,8 @@
 Envoy's request-fields filter (an edge Lua filter) reads the JSON body before ext_proc runs and forwards
 what routing needs (model, max_tokens, ...) in the message's metadata_context under
 REQUEST_NAMESPACE, so the body never travels to ext_proc and one round trip decides.
-The answer names the policy and the length of the ranked order (winner, then fallbacks) in
-ROUTE_HEADER, and the order itself in the decision's dynamic metadata (ORDER_KEY); the control
+The answer names the policy, the model and the length of the ranked order (winner, then
+fallbacks) in ROUTE_HEADER, and the order itself in the decision's dynamic metadata (ORDER_KEY); the control
 plane's route for that header value reads the order from there, and its retry policy walks
 the providers in that order within the same client request. Envoy's upstream filters, not ext_proc, rewrite the path
 and the body's model per attempt.
@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import TYPE_CHECKING
+from urllib.parse import quote
 
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc_pb2
@@ -42,7 +43,8 @@ if TYPE_CHECKING:
     from ext_proc.clients import ClientRule
 
 ROUTE_HEADER = "x-gpu-router-route"
-"""Set to "<policy>/<attempts>": the exact value a generated route matches."""
+"""Set to "<policy>/<model>/<attempts>" (names percent-encoded): the exact value a generated
+route matches."""
 ORDER_KEY = "priority_groups"
 """The decision metadata's key Envoy's priority_group cluster specifier reads the order from:
 [{"name": winner}, {"name": fallback}, ...], its groups being named after the providers."""
@@ -183,9 +185,9 @@ def requested_max_tokens(fields: Mapping[str, struct_pb2.Value], default: int) -
 
 
 @functools.lru_cache(maxsize=4096)
-def _route_to(policy: str, attempts: int) -> ext_proc_pb2.CommonResponse:
+def _route_to(policy: str, model: str, attempts: int) -> ext_proc_pb2.CommonResponse:
     """Set the route header and re-pick the route (built once per value, then copied)."""
-    value = f"{policy}/{attempts}"
+    value = f"{quote(policy, safe='')}/{quote(model, safe='')}/{attempts}"
     return ext_proc_pb2.CommonResponse(
         clear_route_cache=True,
         header_mutation=ext_proc_pb2.HeaderMutation(set_headers=[_header(ROUTE_HEADER, value)]),
@@ -301,7 +303,7 @@ def _routed(decision: Decision, request_id: str, path: str) -> ext_proc_pb2.Proc
     """Route along the decision's order and record the decision as dynamic metadata."""
     response = ext_proc_pb2.ProcessingResponse()
     response.request_headers.response.CopyFrom(
-        _route_to(decision.policy, 1 + len(decision.fallbacks))
+        _route_to(decision.policy, decision.model, 1 + len(decision.fallbacks))
     )
     audit = response.dynamic_metadata.fields[METADATA_NAMESPACE].struct_value
     audit.CopyFrom(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from urllib.parse import unquote
 
 import pytest
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc_pb2
@@ -33,7 +34,8 @@ def error_of(response: ext_proc_pb2.ProcessingResponse) -> tuple[int, dict]:
 
 def routed(response: ext_proc_pb2.ProcessingResponse) -> tuple[str, dict[str, str]]:
     """("policy/winner,fallbacks,...", the gpu_router metadata but the order) of an answer that
-    routes: the route header names the policy and the order's length, the metadata the order
+    routes: the route header names the policy, the model and the order's length (each
+    percent-encoded), the metadata the order
     (what the route's priority_group specifier walks), and the two must agree."""
     assert response.WhichOneof("response") == "request_headers"
     common = response.request_headers.response
@@ -46,8 +48,8 @@ def routed(response: ext_proc_pb2.ProcessingResponse) -> tuple[str, dict[str, st
     decision = metadata["gpu_router"]
     order = [group["name"] for group in decision.pop("priority_groups")]
     assert order == [decision["provider"], *filter(None, decision["fallbacks"].split(","))]
-    policy, _, attempts = headers["x-gpu-router-route"].rpartition("/")
-    assert (policy, int(attempts)) == (decision["policy"], len(order))
+    policy, model, attempts = map(unquote, headers["x-gpu-router-route"].split("/"))
+    assert (policy, model, int(attempts)) == (decision["policy"], decision["model"], len(order))
     return f"{policy}/{','.join(order)}", decision
 
 

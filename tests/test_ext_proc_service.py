@@ -97,7 +97,7 @@ def test_not_ready_then_routes_once_the_policy_arrives(
         )
         mutation = response.request_headers.response.header_mutation
         assert [(h.header.key, h.header.raw_value) for h in mutation.set_headers] == [
-            ("x-gpu-router-route", b"interactive/2")
+            ("x-gpu-router-route", b"interactive/mixtral-8x7b/2")
         ]
         audit = json_format.MessageToDict(response.dynamic_metadata)["gpu_router"]
         assert (audit["model"], audit["request_id"]) == ("mixtral-8x7b", "r-1")

@@ -223,7 +223,7 @@ class RoutingProcessor(ep_grpc.ExternalProcessorServicer):
 
 def _routed(order: str, model: str, path: str) -> ep_pb2.ProcessingResponse:
     providers = order.split(",")
-    route = route_header_value("default", len(providers))
+    route = route_header_value("default", model, len(providers))
     response = ep_pb2.ProcessingResponse(
         request_headers=ep_pb2.HeadersResponse(
             response=ep_pb2.CommonResponse(
@@ -406,7 +406,8 @@ def config_for(upstreams: dict[str, Upstream], refused_port: int) -> RoutingConf
             "gamma", f"http://127.0.0.1:{refused_port}", model_ids={"llama-3.1-8b": "gamma-8b"}
         ),
         policies=(Policy(name="default", max_fallbacks=2, per_try_timeout_ms=PER_TRY_TIMEOUT_MS),),
-        models=tuple(Model(name=name, aliases=(alias,)) for alias, name in ALIASES.items()),
+        models=(*(Model(name=name, aliases=(alias,)) for alias, name in ALIASES.items()),
+                Model(name="odd-model")),
     )
 
 
@@ -930,6 +931,23 @@ def test_ext_proc_gets_exactly_one_message_per_request(edge: Edge) -> None:
         edge.post({PICK_HEADER: pick}, body)
     assert edge.ext_proc_messages() - before_sent == 2
     assert [s.kind for s in edge.processor.seen[before_seen:]] == ["request_headers"] * 2
+
+
+def test_providers_the_route_lacks_are_skipped_and_with_none_left_its_own_order_walked(
+    edge: Edge,
+) -> None:
+    """As when ext_proc is still on the previous policy during a rollout: Envoy skips the names
+    of an order that its route does not hold; when none is left it walks the route's own
+    order, the fallback route's (here the weights': gamma, where nothing listens, then alpha),
+    never a provider unfit for the model."""
+    served = []
+    for pick in ("zeta,beta", "zeta,eta,theta"):
+        before = counts(edge)
+        status, headers, body = edge.post({PICK_HEADER: pick}, chat("llama-3.1-8b"))
+        assert status == 200, body
+        served.append((json.loads(body)["served_by"], headers["x-gpu-router-provider"]))
+        assert sum(counts(edge).values()) - sum(before.values()) == 1  # gamma refuses
+    assert served == [("beta", "beta"), ("alpha", "alpha")]
 
 
 def test_ext_proc_pick_routes_to_that_provider_with_its_credential_only(edge: Edge) -> None:

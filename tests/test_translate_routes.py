@@ -1,5 +1,5 @@
-"""The route table: per policy, one route per length of the order ext_proc picks (the order
-itself rides in the request's metadata), then the fallback routes
+"""The route table: per policy and model, one route per length of the order ext_proc picks (the
+order itself rides in the request's metadata), then the fallback routes
 (test_translate_fallback_routes.py)."""
 
 from __future__ import annotations
@@ -17,13 +17,15 @@ from control_plane.translate.newer_api import PriorityGroupClusterSpecifier
 from control_plane.translate.routes import MAX_ROUTES, route_configuration, route_header_value
 from control_plane.translate.settings import EdgeSettings
 
+MODEL = Model(name="m/1", min_gpu_memory_gb=1)
 PROVIDERS = (
-    provider("a", "http://127.0.0.1:1"),
-    provider("b-2", "http://127.0.0.1:2"),
-    provider("c", "http://127.0.0.1:3"),
+    provider("a", "http://127.0.0.1:1", model_ids={"m/1": "m"}),
+    provider("b-2", "http://127.0.0.1:2", model_ids={"m/1": "m"}),
+    provider("c", "http://127.0.0.1:3", model_ids={"m/1": "m"}),
 )
 CONFIG = routing_config(
     *PROVIDERS,
+    models=(MODEL,),
     policies=(
         Policy(name="chat", providers=("c", "a"), max_fallbacks=1, per_try_timeout_ms=1500),
         Policy(name="batch/x", max_fallbacks=2, per_try_timeout_ms=4000),
@@ -68,34 +70,39 @@ def override_namespace(route) -> str:
     return specifier.override_metadata_namespace
 
 
-def test_header_value_is_policy_slash_attempts() -> None:
-    assert route_header_value("batch/x", 2) == "batch/x/2"
+def test_header_value_is_policy_model_attempts_each_name_encoded() -> None:
+    assert route_header_value("batch/x", "m/1", 2) == "batch%2Fx/m%2F1/2"
+    # Names holding the separator cannot make two routes match one value.
+    assert route_header_value("a/b", "c", 1) != route_header_value("a", "b/c", 1)
 
 
 @pytest.mark.parametrize(("count", "fallbacks"), [(3, 2), (4, 2), (5, 4), (5, 0), (50, 2)])
 def test_route_count_grows_with_fallbacks_not_providers(count: int, fallbacks: int) -> None:
     config = routing_config(
-        *(provider(f"p{i}", f"http://127.0.0.1:{i + 1}") for i in range(count)),
+        *(provider(f"p{i}", f"http://127.0.0.1:{i + 1}", model_ids={"m/1": "m"})
+          for i in range(count)),
+        models=(MODEL,),
         policies=(Policy(name="only", max_fallbacks=fallbacks),),
     )
-    # The fallback routes of a config without models: /v1/models and the two 404s.
-    assert len(routes(config)) == min(fallbacks + 1, count) + 3
-    for route in forwarding_routes(config):
+    # Two fallback routes for the one model, /v1/models and the two 404s.
+    assert len(routes(config)) == min(fallbacks + 1, count) + 2 + 3
+    for route in forwarding_routes(config)[: min(fallbacks + 1, count)]:
         assert len(attempt_order(route)) == count  # a group per provider: linear in providers
 
 
-def test_a_route_per_order_length_walks_the_order_the_request_names() -> None:
+def test_a_route_per_model_and_order_length_walks_the_order_the_request_names() -> None:
     table = by_name()
     chat = [name for name in table if name.startswith("chat/")]
-    assert chat == ["chat/1", "chat/2"]
-    route = table["chat/2"]
+    assert chat == ["chat/m%2F1/1", "chat/m%2F1/2"]
+    route = table["chat/m%2F1/2"]
     assert route.match.prefix == "/"
     (matcher,) = route.match.headers
-    assert (matcher.name, matcher.string_match.exact) == ("x-gpu-router-route", "chat/2")
-    # One group per provider of the policy; the request's order comes from ext_proc's metadata.
-    assert attempt_order(route) == ["c", "a"]
+    assert (matcher.name, matcher.string_match.exact) == ("x-gpu-router-route", "chat/m%2F1/2")
+    # One group per provider that may serve the model under the policy; the request's order
+    # comes from ext_proc's metadata.
+    assert set(attempt_order(route)) == {"c", "a"}
     assert override_namespace(route) == "gpu_router"
-    assert attempt_order(table["batch/x/3"]) == ["a", "b-2", "c"]
+    assert set(attempt_order(table["batch%2Fx/m%2F1/3"])) == {"a", "b-2", "c"}
     assert response_headers(route) == {
         "x-gpu-router-provider": "%UPSTREAM_CLUSTER%",
         "x-gpu-router-reason": "%DYNAMIC_METADATA(gpu_router:reason)%",
@@ -104,7 +111,7 @@ def test_a_route_per_order_length_walks_the_order_the_request_names() -> None:
 
 def test_retries_move_down_the_order_on_the_policys_terms() -> None:
     table = by_name()
-    policy = table["chat/2"].route.retry_policy
+    policy = table["chat/m%2F1/2"].route.retry_policy
     assert policy.retry_on == "5xx,reset,connect-failure,refused-stream,retriable-status-codes"
     assert list(policy.retriable_status_codes) == [429]
     assert policy.num_retries.value == 1
@@ -113,9 +120,19 @@ def test_retries_move_down_the_order_on_the_policys_terms() -> None:
     assert policy.retry_back_off.base_interval.ToMilliseconds() == 1
     assert policy.retry_back_off.max_interval.ToMilliseconds() == 1
     assert not policy.HasField("rate_limited_retry_back_off")
-    assert table["chat/1"].route.retry_policy.num_retries.value == 0
-    batch = table["batch/x/3"].route.retry_policy
+    assert table["chat/m%2F1/1"].route.retry_policy.num_retries.value == 0
+    batch = table["batch%2Fx/m%2F1/3"].route.retry_policy
     assert (batch.num_retries.value, batch.per_try_timeout.ToMilliseconds()) == (2, 4000)
+
+
+def test_without_a_usable_order_in_the_metadata_envoy_walks_the_fallback_order() -> None:
+    """A route's own order (taken when ext_proc's metadata names a provider the route does
+    not hold, as during a rollout) is the fallback route's, then the other fitting providers:
+    with fleet weights, the heaviest first and those weighted 0 last."""
+    weighted = by_name(weights={"a": 1, "b-2": 0, "c": 5})
+    assert attempt_order(weighted["batch%2Fx/m%2F1/3"]) == ["c", "a", "b-2"]
+    assert attempt_order(weighted["fallback/batch/x/m/1"])[:2] == ["c", "a"]
+    assert attempt_order(by_name()["batch%2Fx/m%2F1/3"]) == ["a", "b-2", "c"]  # policy order
 
 
 def test_retries_refresh_the_cluster() -> None:

@@ -85,16 +85,22 @@ def fallback_routes(
     return routes
 
 
-def provider_order(
-    config: RoutingConfig, policy: Policy, model: Model, weights: Mapping[str, int] | None
-) -> tuple[str, ...]:
-    """The providers a fallback request for `model` under `policy` tries, in order."""
-    prices = {
+def usable_providers(config: RoutingConfig, policy: Policy, model: Model) -> dict[str, float]:
+    """The providers `policy` allows that offer `model` on a GPU that fits it, in config order
+    (the candidates ext_proc may rank), with their list price (input + output per 1M)."""
+    return {
         provider.name: price
         for provider in config.providers
         if (not policy.providers or provider.name in policy.providers)
         and (price := _fitting_price(provider, model)) is not None
     }
+
+
+def provider_order(
+    config: RoutingConfig, policy: Policy, model: Model, weights: Mapping[str, int] | None
+) -> tuple[str, ...]:
+    """The providers a fallback request for `model` under `policy` tries, in order."""
+    prices = usable_providers(config, policy, model)
     names = list(prices)
     if weights is not None and any(weights.get(n, 0) > 0 for n in names):
         names = [n for n in names if weights.get(n, 0) > 0]

@@ -84,8 +84,9 @@ PriorityGroupClusterSpecifier: Any = message_factory.GetMessageClass(
 )
 """Envoy's PriorityGroupClusterSpecifier: attempt n goes to priority_groups[n] (the last one once
 they run out). With override_metadata_namespace set, a request whose dynamic metadata holds
-{"priority_groups": [{"name": g1}, {"name": g2}, ...]} in that namespace walks those groups (named
-among the configured ones) instead; without it, or naming an unknown group, the configured order."""
+{"priority_groups": [{"name": g1}, {"name": g2}, ...]} in that namespace walks those groups
+instead, skipping names that are not configured groups; without it, or with no configured name
+left, the configured order (tests/test_translate_envoy.py shows both on the real Envoy)."""
 
 
 def priority_groups(clusters: Sequence[str], override_namespace: str = "") -> Any:
