@@ -8,12 +8,15 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
+from envoy.data.accesslog.v3 import accesslog_pb2
+from google.protobuf.descriptor import FieldDescriptor
 from usage_fixtures import make_record
 
-from control_plane.ledger.attempts import AttemptRow, attempts_of
+from control_plane.ledger.attempts import FLAG_MEANINGS, FLAG_NAMES, AttemptRow, attempts_of
 from control_plane.ledger.store import SCHEMA_VERSION, LedgerWriter, ledger_row, open_ledger
 from control_plane.ledger.why import explain, render_why
 from control_plane.policy.load import default_policy_path, load_policy_file
+from control_plane.translate.listeners import FAILED_ATTEMPT_FLAGS
 from control_plane.usage.normalise import normalise
 
 T0 = 1_700_000_000_000
@@ -37,6 +40,15 @@ def write(path: Path, *items: object, clock_s: float = T0 / 1000) -> None:
             record = make_record(**item)  # type: ignore[arg-type]
             writer.add(ledger_row(record, normalise(record), 0.0))
     writer.close()
+
+
+def test_the_flag_tables_follow_envoy_and_the_attempt_log_filter() -> None:
+    """FLAG_NAMES is typed from Envoy's docs: a ResponseFlags field it lacks would be dropped
+    from every row; FLAG_MEANINGS explains exactly the flags the edges log an attempt for."""
+    booleans = {f.name for f in accesslog_pb2.ResponseFlags.DESCRIPTOR.fields
+                if f.type == FieldDescriptor.TYPE_BOOL}
+    assert set(FLAG_NAMES) == booleans
+    assert set(FLAG_MEANINGS) == set(FAILED_ATTEMPT_FLAGS) <= set(FLAG_NAMES.values())
 
 
 def test_attempts_are_written_in_batches_and_read_back_in_start_order(tmp_path: Path) -> None:
