@@ -115,12 +115,11 @@ def _rank_balanced(
         filled = [unmeasured_as if isnan(lat) else lat for lat in latency]
     min_cost = _positive_min(cost, eligible, every)
     min_latency = _positive_min(filled, eligible, every)
-    if penalty is None:
-        score = [cost_weight * c / min_cost + latency_weight * f / min_latency
-                 for c, f in zip(cost, filled)]
-    else:  # _penalised's product, in the same pass
-        score = [(cost_weight * c / min_cost + latency_weight * f / min_latency) * p
-                 for c, f, p in zip(cost, filled, penalty)]
+    score = _penalised(
+        [cost_weight * c / min_cost + latency_weight * f / min_latency
+         for c, f in zip(cost, filled)],
+        penalty,
+    )
 
     def describe(i: int) -> str:
         return f"balanced: score {score[i]:.2f} (${cost[i]:.6f}, {fmt_latency(latency[i])})"

@@ -52,7 +52,7 @@ def failover_route(
     settings: EdgeSettings,
     reason: str,
     *,
-    attempts: int = 0,
+    attempts: int | None = None,
     per_request: bool = False,
 ) -> rc_pb2.Route:
     """Attempt n of a request to order[n], on the retry terms of `policy`, for `attempts`
@@ -69,7 +69,9 @@ def failover_route(
             inline_cluster_specifier_plugin=rc_pb2.ClusterSpecifierPlugin(extension=specifier),
             timeout=seconds(settings.upstream_timeout_s),
             auto_host_rewrite=wrappers_pb2.BoolValue(value=True),
-            retry_policy=_retry_policy(attempts or len(order), policy.per_try_timeout_ms),
+            retry_policy=_retry_policy(
+                len(order) if attempts is None else attempts, policy.per_try_timeout_ms
+            ),
         ),
         response_headers_to_add=[
             response_header(PROVIDER_RESPONSE_HEADER, "%UPSTREAM_CLUSTER%"),

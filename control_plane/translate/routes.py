@@ -84,8 +84,9 @@ def route_configuration(
     routes += fallback_routes(config, settings, weights)
     if len(routes) > MAX_ROUTES:
         raise TranslationError(
-            f"the policies need {len(routes)} routes (fallback routes: two per policy and model), "
-            f"more than {MAX_ROUTES}: use fewer policies or models"
+            f"the policies need {len(routes)} routes (per policy and model, max_fallbacks + 1 "
+            f"and two fallback routes), more than {MAX_ROUTES}: use fewer policies or models, or "
+            f"lower max_fallbacks"
         )
     return route_pb2.RouteConfiguration(
         name=ROUTE_CONFIG,
