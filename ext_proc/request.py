@@ -4,10 +4,10 @@ Envoy's request-fields filter (an edge Lua filter) reads the JSON body before ex
 what routing needs (model, max_tokens, ...) in the message's metadata_context under
 REQUEST_NAMESPACE, so the body never travels to ext_proc and one round trip decides.
 The answer names the policy, the model and the length of the ranked order (winner, then
-fallbacks) in ROUTE_HEADER, and the order itself in the decision's dynamic metadata (ORDER_KEY); the control
-plane's route for that header value reads the order from there, and its retry policy walks
-the providers in that order within the same client request. Envoy's upstream filters, not ext_proc, rewrite the path
-and the body's model per attempt.
+fallbacks) in ROUTE_HEADER, and the order itself in the decision's dynamic metadata
+(ORDER_KEY); the control plane's route for that header value reads the order from there, and
+its retry policy walks the providers in that order within the same client request. Envoy's
+upstream filters, not ext_proc, rewrite the path and the body's model per attempt.
 Any message after the request headers is a ProtocolError. Pure: no I/O, so it tests
 with hand-built ProcessingRequest protos.
 """

@@ -10,9 +10,10 @@ one group per provider that may serve the model under the policy and reads the r
 from that metadata, so attempt n goes to the n-th provider ext_proc named (failover_route.py),
 and its retry policy allows attempts - 1 retries (the specifier would stay on the last provider
 after that). Should the metadata name a provider the route does not hold (ext_proc still on the
-previous policy during a rollout), Envoy skips it; with none left it walks the route's own order:
-the fallback route's (fitting providers in the strategy's order), then the other fitting ones. Exact matches never
-overlap, so their order does not matter; the fallback routes (no header) come after them.
+previous policy during a rollout), Envoy skips it; with none left it walks the route's own
+order: the fallback route's (fitting providers in the strategy's order), then the other fitting
+ones. Exact matches never overlap, so their order does not matter; the fallback routes (no
+header) come after them.
 
 Route count: per policy and model, min(max_fallbacks + 1, P) routes with P providers able to
 serve it, each with P priority groups: the config grows linearly with providers, and a request
