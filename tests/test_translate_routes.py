@@ -6,14 +6,11 @@ from __future__ import annotations
 
 import pytest
 from envoy.config.core.v3 import base_pb2
-from translate_fixtures import attempt_order, provider, routing_config
+from translate_fixtures import attempt_order, priority_group_specifier, provider, routing_config
 
-from control_plane.policy.model import Model
-
-from control_plane.policy.model import Policy
+from control_plane.policy.model import Model, Policy
 from control_plane.translate.errors import TranslationError
 from control_plane.translate.names import CLIENT_HEADERS_DROPPED
-from control_plane.translate.newer_api import PriorityGroupClusterSpecifier
 from control_plane.translate.routes import MAX_ROUTES, route_configuration, route_header_value
 from control_plane.translate.settings import EdgeSettings
 
@@ -64,12 +61,6 @@ def response_headers(route) -> dict[str, str]:
     return {h.header.key: h.header.value for h in route.response_headers_to_add}
 
 
-def override_namespace(route) -> str:
-    specifier = PriorityGroupClusterSpecifier()
-    assert route.route.inline_cluster_specifier_plugin.extension.typed_config.Unpack(specifier)
-    return specifier.override_metadata_namespace
-
-
 def test_header_value_is_policy_model_attempts_each_name_encoded() -> None:
     assert route_header_value("batch/x", "m/1", 2) == "batch%2Fx/m%2F1/2"
     # Names holding the separator cannot make two routes match one value.
@@ -101,7 +92,7 @@ def test_a_route_per_model_and_order_length_walks_the_order_the_request_names() 
     # One group per provider that may serve the model under the policy; the request's order
     # comes from ext_proc's metadata.
     assert set(attempt_order(route)) == {"c", "a"}
-    assert override_namespace(route) == "gpu_router"
+    assert priority_group_specifier(route).override_metadata_namespace == "gpu_router"
     assert set(attempt_order(table["batch%2Fx/m%2F1/3"])) == {"a", "b-2", "c"}
     assert response_headers(route) == {
         "x-gpu-router-provider": "%UPSTREAM_CLUSTER%",

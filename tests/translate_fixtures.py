@@ -159,14 +159,19 @@ def _xds_cluster(port: int) -> cluster_pb2.Cluster:
     return cluster
 
 
-def attempt_order(route) -> list[str]:
-    """The cluster of attempt 1, 2, ...: one cluster per priority group."""
+def priority_group_specifier(route):
+    """The route's priority_group cluster specifier, unpacked."""
     extension = route.route.inline_cluster_specifier_plugin.extension
     assert extension.name == "envoy.router.cluster_specifier_plugin.priority_group"
     specifier = PriorityGroupClusterSpecifier()
     assert extension.typed_config.Unpack(specifier)
+    return specifier
+
+
+def attempt_order(route) -> list[str]:
+    """The cluster of attempt 1, 2, ...: one cluster per priority group."""
     order = []
-    for group in specifier.priority_groups:
+    for group in priority_group_specifier(route).priority_groups:
         (weighted,) = group.clusters
         assert group.name == weighted.cluster_name and weighted.weight.value == 1
         order.append(weighted.cluster_name)
