@@ -91,16 +91,16 @@ class Replay:
                 "not_routed": self.unrouted}
 
 
-def ranking_key(route: ModelRoute, health: Aligned, rule: PolicyRule, strategy: str,
-                prompt_tokens: int, max_tokens: int) -> tuple[Any, ...]:
+def ranking_key(route: ModelRoute, health: Aligned, rule: PolicyRule, prompt_tokens: int,
+                max_tokens: int) -> tuple[Any, ...]:
     """What decide()'s choice depends on besides the route, the policy and the health: for
     cost and latency, the order of cost x degraded penalty (ties in provider order, as decide
     breaks them) and which candidates are under the cost ceiling, computed as decide computes
     them; for balanced, whose score weighs the costs themselves, the tokens. Requests with equal
     keys under the same health get the same decision, so each key is decided once."""
-    if strategy == "balanced":
+    if rule.strategy == "balanced":
         return (prompt_tokens, max_tokens)
-    if strategy == "latency" and rule.cost_ceiling_usd_per_mtok <= 0:
+    if rule.strategy == "latency" and rule.cost_ceiling_usd_per_mtok <= 0:
         return ()  # every eligible candidate ranks by latency alone
     cost = [(prompt_tokens * i + max_tokens * o) / 1e6 for i, o in route.prices]
     by_cost = [c * DEGRADED_PENALTY if d else c for c, d in zip(cost, health.degraded_flags)]
@@ -135,7 +135,7 @@ class Decider:
                max_tokens: int, ejected: tuple[bool, ...], at: int) -> int | None:
         """Index of the provider decide() picks; None when no provider can serve."""
         key = (route.name, rule.name, ejected, health_key(health, rule),
-               ranking_key(route, health, rule, rule.strategy, prompt_tokens, max_tokens))
+               ranking_key(route, health, rule, prompt_tokens, max_tokens))
         if key in self._memo:
             return self._memo[key]
         self.calls += 1

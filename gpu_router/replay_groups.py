@@ -354,12 +354,11 @@ class GroupQuery:
             for thread in threads:
                 thread.join()
 
-    def _balanced_interval(self, model: str, period: int) -> int:
-        """The first period of balanced's interval around `period`."""
+    def _balanced_firsts(self, model: str) -> np.ndarray:
+        """The first period of each of balanced's intervals of `model` (worked out once)."""
         if model not in self._balanced:
             self._balanced[model] = self.periods[model].intervals(DEFAULT_POLICY)
-        firsts = self._balanced[model]
-        return int(firsts[np.searchsorted(firsts, period, "right") - 1])
+        return self._balanced[model]
 
     def _group(self, row: tuple[Any, ...]) -> Group:
         key, requests, cost, *rest = row
@@ -393,11 +392,9 @@ class GroupQuery:
                 wanted = 0 if path in NO_OUTPUT_PATHS else DEFAULT_MAX_TOKENS
             m = self.models.index(model)
             at = int(np.searchsorted(self.periods[model].starts, int(start), "right")) - 1
-            if rule.strategy == "balanced":
-                period = self._balanced_interval(model, at)
-            else:
-                firsts = self._firsts[m]
-                period = int(firsts[np.searchsorted(firsts, at, "right") - 1])
+            firsts = (self._balanced_firsts(model) if rule.strategy == "balanced"
+                      else self._firsts[m])
+            period = int(firsts[np.searchsorted(firsts, at, "right") - 1])
             recorded = recorded_choice(candidates, served)
             decides = (model, period, self.rules.index(rule), prompt, wanted)
         count = len(self.table.models[model].providers)

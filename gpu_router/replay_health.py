@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import sqlite3
 from dataclasses import dataclass
-from itertools import chain
+from itertools import chain, combinations
 
 import numpy as np
 import numpy.typing as npt
@@ -43,12 +43,11 @@ class Aligned:
     degraded_flags: tuple[bool, ...]
     ejected_until: tuple[int, ...]
     any_ejected: bool
-    any_degraded: bool
 
     @classmethod
     def of(cls, health: CandidateHealth) -> Aligned:
         return cls(health.latencies, health.degraded_flags, health.ejected_until,
-                   health.any_ejected, health.any_degraded)
+                   health.any_ejected)
 
     def candidate_health(self) -> CandidateHealth:
         """The CandidateHealth decide() takes."""
@@ -71,7 +70,7 @@ def aligned_health(route: ModelRoute, current: dict[tuple[str, str], Entry]) -> 
         ejected.append(NOT_EJECTED if not cooldowns else UNTIL_NEXT_SNAPSHOT
                        if min(cooldowns) <= 0 else max(cooldowns))
     return Aligned(tuple(latency), tuple(degraded), tuple(ejected),
-                   any(u != NOT_EJECTED for u in ejected), any(degraded))
+                   any(u != NOT_EJECTED for u in ejected))
 
 
 def health_key(health: Aligned, rule: PolicyRule) -> tuple[object, ...]:
@@ -214,11 +213,11 @@ class Periods:
         penalised = np.where(unmeasured, 0.0, latency)
         penalised = np.where(degraded, penalised * DEGRADED_PENALTY, penalised)
         count = latency.shape[1]
-        pairs = [(i, j) for i in range(count) for j in range(i + 1, count)]
+        ij = list(combinations(range(count), 2))  # every pair of candidates
         order = common | _differs(unmeasured)
-        if pairs:
-            order |= _differs(np.stack([penalised[:, i] < penalised[:, j] for i, j in pairs], 1))
-            order |= _differs(np.stack([penalised[:, i] == penalised[:, j] for i, j in pairs], 1))
+        if ij:
+            order |= _differs(np.stack([penalised[:, i] < penalised[:, j] for i, j in ij], 1))
+            order |= _differs(np.stack([penalised[:, i] == penalised[:, j] for i, j in ij], 1))
         packed = np.unique(degraded @ (1 << np.arange(count)))
         flags = frozenset(tuple(bool(code >> i & 1) for i in range(count))
                           for code in packed.tolist())
@@ -227,9 +226,9 @@ class Periods:
 
     def aligned(self, period: int) -> Aligned:
         until = tuple(self.ejected_until[period].tolist())
-        degraded = tuple(self.degraded[period].tolist())
-        return Aligned(tuple(self.latencies[period].tolist()), degraded, until,
-                       any(u != NOT_EJECTED for u in until), any(degraded))
+        return Aligned(tuple(self.latencies[period].tolist()),
+                       tuple(self.degraded[period].tolist()), until,
+                       any(u != NOT_EJECTED for u in until))
 
     def intervals(self, rule: PolicyRule) -> npt.NDArray[np.intp]:
         """The first period of each interval: periods where health_key(rule) or the ejections
