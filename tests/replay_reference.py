@@ -43,7 +43,7 @@ from ext_proc.scoring import (
     decide,
     estimate_prompt_tokens,
 )
-from gpu_router.replay import Replay, Side, ejected_at
+from gpu_router.replay import Replay, Side
 from gpu_router.replay_groups import NO_OUTPUT_PATHS, recorded_choice
 
 FETCH = 5000
@@ -119,8 +119,6 @@ def ranking_key(route: ModelRoute, health: CandidateHealth, rule: PolicyRule, st
     return (order, tuple(p <= ceiling for p in price))
 
 
-
-
 def _rows(connection: sqlite3.Connection, since_ms: int, until_ms: int) -> Iterator[tuple]:
     cursor = connection.execute(_ROWS, (since_ms, until_ms))
     while chunk := cursor.fetchmany(FETCH):
@@ -184,7 +182,7 @@ def replay(db_path: str | Path, config: RoutingConfig, since_ms: int, until_ms: 
                 rule = policies.get(policy) or table.match(path, {}, route.name)
                 wanted = max_tokens if max_tokens >= 0 else (
                     0 if path in NO_OUTPUT_PATHS else DEFAULT_MAX_TOKENS)
-                ejected = ejected_at(health, at)
+                ejected = tuple(health.ejected(at).tolist())  # ext_proc's own test
                 index = decider.choice(route, health, timeline.version(route.name), rule,
                                        estimate_prompt_tokens(body_bytes), wanted, ejected, at)
                 if index is None:
