@@ -363,7 +363,7 @@ def main() -> int:
                 args.duration)
         for name, workers, accounting in runs:
             log_dir = work / name.replace(" ", "-")
-            flags = (["--ledger", str(log_dir / "ledger.db"), "--audit-log", str(log_dir / "audit.jsonl")]
+            flags = (["--ledger", str(log_dir / "ledger.db")]  # the audit trail is read from it
                      if accounting else ["--no-accounting"])
             stack = Stack(policy=policy, log_dir=log_dir, ports=StackPorts.free(), accounting=flags,
                           ext_proc_workers=workers, simulators=False).start()
@@ -404,7 +404,7 @@ def main() -> int:
     names = {name for name, _, _ in rows}
     if {"x1 acct off", "routed x1"} <= names:
         loads = {(name, label): load for name, label, load in rows}
-        print("\nusage accounting + audit log on vs off (one ext_proc process):")
+        print("\nusage accounting (ledger, audit trail) on vs off (one ext_proc process):")
         for label in ("1 conn", "16 conn", "1 conn 200KB"):
             on, off = loads[("routed x1", label)], loads[("x1 acct off", label)]
             print(f"  {label:<14} rps on/off {on.rps / off.rps:5.2f}   p50 added {on.p50_ms - off.p50_ms:+.3f} ms")

@@ -1,4 +1,5 @@
-"""Books every client request: usage, cost, the ledger, the audit log and the metrics.
+"""Books every client request: usage, cost, the ledger (whose rows are the audit trail, see
+audit.py), the opt-in audit file and the metrics.
 
 Envoy's edge access log (one entry per client request, over gRPC ALS) carries the whole
 story: ext_proc's decision ("gpu_router" dynamic metadata), what the edge's request-fields filter read
@@ -221,10 +222,12 @@ class Accounting:
             self.spend.add(record.client, record.at_unix_ms, cost,
                            error=is_error_status(record.status),
                            tokens=usage.input_tokens + usage.output_tokens)
-        if self._ledger is not None:
-            self._ledger.add(ledger_row(record, usage, cost))
-        if self._audit is not None:
-            self._audit.add(record, usage, cost)
+        if self._ledger is not None or self._audit is not None:
+            row = ledger_row(record, usage, cost)
+            if self._ledger is not None:
+                self._ledger.add(row)
+            if self._audit is not None:
+                self._audit.add(row)
         return True
 
     def _believed_record(self, entry: accesslog_pb2.HTTPAccessLogEntry) -> RequestRecord | None:

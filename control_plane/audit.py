@@ -1,15 +1,20 @@
-"""The routing audit log: one JSON line per request, the decision and then its outcome.
+"""The routing audit trail: one JSON object per request, the decision and then its outcome.
 
-A line answers "why did this request go there, and what happened": every candidate
-with its score or the reason it was excluded, the choice, the fallback order and the
-reason, then who served after any failover, attempts, latency, status, tokens and
-cost. Lines are built and written by a background thread in batches (like the
-ledger, see control_plane/ledger/batching.py), so `add` never waits for the disk;
-a crash loses at most the last 0.5 s / 200 lines.
+An entry answers "why did this request go there, and what happened": every candidate with its
+score or the reason it was excluded, the choice, the fallback order and the reason, then who
+served after any failover, attempts, latency, status, tokens and cost. Every one of those is a
+column of the request's ledger row, so the trail is rendered on read from the ledger
+(`gpu-router audit`, ledger/audit_trail.py): booking a request writes no JSON, and the trail
+holds each request exactly once, as the ledger does.
 
-The file is rotated by size, as logrotate would: once it reaches `max_bytes` it becomes
-audit.jsonl.1 (the older ones shift to .2, ...; the one past `keep` is deleted) and a new
-file starts, so the log never holds more than about (keep + 1) x max_bytes.
+An operator who ships a file (a SIEM, logrotate) may also ask for one (`--audit-log`): the same
+entries, rendered from the ledger rows as they are booked and written by a background thread in
+batches (like the ledger, see control_plane/ledger/batching.py), so `add` never waits for the
+disk; a crash loses at most the last 0.5 s / 200 lines, and a request booked just before a
+SIGKILL can appear twice there. The file is rotated by size, as logrotate would: once it
+reaches `max_bytes` it becomes audit.jsonl.1 (the older ones shift to .2, ...; the one past
+`keep` is deleted) and a new file starts, so it never holds more than about
+(keep + 1) x max_bytes.
 """
 
 from __future__ import annotations
@@ -20,9 +25,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from control_plane.ledger.batching import BackgroundBatcher
-from control_plane.ledger.store import data_dir
-from control_plane.usage.normalise import Usage
-from control_plane.usage.record import RequestRecord
+from control_plane.ledger.store import LedgerRow
 
 EXCLUDED_PREFIX = "x:"
 MAX_BYTES = 100 * 1024 * 1024
@@ -45,53 +48,55 @@ def parse_candidates(summary: str) -> list[dict[str, Any]]:
     return candidates
 
 
-def audit_entry(record: RequestRecord, usage: Usage, cost_usd: float) -> dict[str, Any]:
-    """The audit line's content. The choice is ext_proc's first scored candidate (it lists
-    them in rank order); "" when ext_proc did not decide (its fallback route)."""
-    candidates = parse_candidates(record.candidates)
+def audit_entry(row: LedgerRow) -> dict[str, Any]:
+    """The audit entry of a booked request. The choice is ext_proc's first scored candidate (it
+    lists them in rank order); "" when ext_proc did not decide (its fallback route)."""
+    candidates = parse_candidates(row.candidates)
     choice = next((c["provider"] for c in candidates if "score" in c), "")
-    at = datetime.fromtimestamp(record.at_unix_ms / 1000, tz=UTC)
+    at = datetime.fromtimestamp(row.at_unix_ms / 1000, tz=UTC)
     return {
         "at": at.isoformat(timespec="milliseconds"),
-        "request_id": record.request_id,
-        "client": record.client,
-        "client_request_id": record.client_request_id,
-        "model": record.model,
-        "policy": record.policy,
-        "strategy": record.strategy,
+        "request_id": row.request_id,
+        "client": row.client,
+        "client_request_id": row.client_request_id,
+        "model": row.model,
+        "policy": row.policy,
+        "strategy": row.strategy,
         "candidates": candidates,
         "choice": choice,
-        "fallbacks": list(record.fallbacks),
-        "reason": record.reason,
+        "fallbacks": row.fallbacks.split(",") if row.fallbacks else [],
+        "reason": row.reason,
         "outcome": {
-            "provider": record.provider,
-            "failed_over": bool(record.provider) and record.provider != choice,
-            "attempts": record.attempts,
-            "status": record.status,
-            "ttfb_ms": record.ttfb_ms,
-            "total_ms": record.total_ms,
-            "stream": record.stream,
+            "provider": row.provider,
+            "failed_over": bool(row.provider) and row.provider != choice,
+            "attempts": row.attempts,
+            "status": row.status,
+            "ttfb_ms": row.ttfb_ms,
+            "total_ms": row.total_ms,
+            "stream": row.stream,
             "tokens": {
-                "input": usage.input_tokens,
-                "output": usage.output_tokens,
-                "cached_input": usage.cached_input_tokens,
-                "cache_write": usage.cache_write_tokens,
-                "reasoning": usage.reasoning_tokens,
+                "input": row.input_tokens,
+                "output": row.output_tokens,
+                "cached_input": row.cached_input_tokens,
+                "cache_write": row.cache_write_tokens,
+                "reasoning": row.reasoning_tokens,
             },
-            "reported": dict(usage.reported),
-            "estimated": usage.estimated,
-            "estimate_reason": usage.estimate_reason,
-            "cost_usd": cost_usd,
+            "reported": json.loads(row.reported_tokens),
+            "estimated": row.estimated,
+            "estimate_reason": row.estimate_reason,
+            "cost_usd": row.cost_usd,
         },
     }
 
 
-def default_audit_path() -> Path:
-    return data_dir() / "audit.jsonl"
+def audit_line(row: LedgerRow) -> str:
+    """The entry as one compact JSON line (no newline)."""
+    return json.dumps(audit_entry(row), separators=(",", ":"))
 
 
 class AuditLog:
-    """Appends audit lines to `path` (created with its directory) from a background thread."""
+    """The opt-in audit file: appends the entries of booked rows to `path` (created with its
+    directory) from a background thread."""
 
     def __init__(self, path: str | Path, *, flush_interval_s: float = 0.5,
                  max_batch: int = 200, max_bytes: int = MAX_BYTES,
@@ -103,13 +108,13 @@ class AuditLog:
         self._max_bytes = max_bytes
         self._keep = keep
         self._file: TextIO = self.path.open("a", encoding="utf-8", buffering=1)
-        self._batcher: BackgroundBatcher[tuple[RequestRecord, Usage, float]] = (
+        self._batcher: BackgroundBatcher[LedgerRow] = (
             BackgroundBatcher(self._write, name=f"audit-log:{self.path}",
                               interval_s=flush_interval_s, max_batch=max_batch))
 
-    def add(self, record: RequestRecord, usage: Usage, cost_usd: float) -> None:
-        """O(1): the line is built and written later, off the caller's thread."""
-        self._batcher.add((record, usage, cost_usd))
+    def add(self, row: LedgerRow) -> None:
+        """O(1): the line is rendered and written later, off the caller's thread."""
+        self._batcher.add(row)
 
     def close(self) -> None:
         """Writes every line added so far, then closes the file."""
@@ -120,9 +125,8 @@ class AuditLog:
         """The index-th rotated file (1 = the newest)."""
         return self.path.with_name(f"{self.path.name}.{index}")
 
-    def _write(self, batch: list[tuple[RequestRecord, Usage, float]]) -> None:
-        self._file.write("".join(
-            json.dumps(audit_entry(*item), separators=(",", ":")) + "\n" for item in batch))
+    def _write(self, batch: list[LedgerRow]) -> None:
+        self._file.write("".join(audit_line(row) + "\n" for row in batch))
         if self._file.tell() >= self._max_bytes:
             self._rotate()
 

@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from control_plane.audit import KEEP_ROTATED, MAX_BYTES, default_audit_path
+from control_plane.audit import KEEP_ROTATED, MAX_BYTES
 from control_plane.ledger.health_history import INTERVAL_S as HISTORY_INTERVAL_S
 from control_plane.ledger.store import RETENTION_DAYS, data_dir, default_ledger_path
 from control_plane.policy.load import default_policy_path
@@ -36,8 +36,9 @@ class Options:
     """(host, port) of every ext_proc replica; Envoy balances over them."""
     ledger: Path | None = field(default_factory=default_ledger_path)
     """SQLite usage ledger; None: no ledger."""
-    audit_log: Path | None = field(default_factory=default_audit_path)
-    """One JSON line per routing decision and its outcome; None: no audit log."""
+    audit_log: Path | None = None
+    """Also write the audit trail to this file as requests are booked (for shippers); None:
+    the trail is only rendered on read from the ledger (`gpu-router audit`)."""
     edge_log_dir: Path | None = None
     """Where every edge appends each client request (a JSON line per request, one file per
     node) for the ledger to reconcile; None: no such file, ALS only. Needs a ledger."""
@@ -153,7 +154,9 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         "--ledger", type=Path, default=default_ledger_path(), help="SQLite usage ledger path"
     )
     parser.add_argument(
-        "--audit-log", type=Path, default=default_audit_path(), help="routing audit log (JSON lines)"
+        "--audit-log", type=Path, default=None,
+        help="also write the audit trail to this file (JSON lines, rotated) as requests are "
+        "booked; without it the trail is rendered from the ledger on read (gpu-router audit)"
     )
     parser.add_argument(
         "--edge-log-dir",

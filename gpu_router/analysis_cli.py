@@ -1,20 +1,25 @@
-"""`gpu-router savings`, `gpu-router replay` and `gpu-router why`: read the ledger, never route.
+"""`gpu-router savings`, `replay`, `why` and `audit`: read the ledger, never route.
 
 savings and why price with the policy given (default: the embedded one; pass the policy
-being served); replay re-decides under the policy given. See control_plane/ledger/savings.py,
-gpu_router/replay.py and control_plane/ledger/why.py for what each can and cannot know.
+being served); replay re-decides under the policy given; audit renders the booked rows as the
+audit trail. See control_plane/ledger/savings.py, gpu_router/replay.py,
+control_plane/ledger/why.py and control_plane/audit.py for what each can and cannot know.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
-from control_plane.ledger.report import ReportError, parse_window, window_start
+from control_plane.audit import audit_line
+from control_plane.ledger.audit_trail import TrailQuery, rows_after
+from control_plane.ledger.report import ReportError, parse_window, read_only, window_start
 from control_plane.ledger.savings import run_savings
 from control_plane.ledger.store import default_ledger_path
 from control_plane.ledger.why import UnknownRequestError, explain, render_why
@@ -61,6 +66,35 @@ def _why(args: argparse.Namespace, config: RoutingConfig) -> str:
     return json.dumps(story, indent=2) if args.format == "json" else render_why(story)
 
 
+FOLLOW_POLL_S = 0.5
+"""How often --follow looks for newly booked rows (the ledger commits every 0.5 s)."""
+
+
+def _audit(args: argparse.Namespace) -> int:
+    """Print the audit trail as JSON lines; with --follow, go on printing what is booked until
+    interrupted. Exit 2 with one line when the window or the ledger is unusable."""
+    try:
+        start = window_start(datetime.now(UTC), parse_window(args.since))
+        query = TrailQuery(int(start.timestamp() * 1000), args.client)
+        with read_only(Path(args.ledger)) as connection:
+            after = 0
+            while True:
+                for row_id, row in rows_after(connection, query, after):
+                    print(audit_line(row), flush=args.follow)
+                    after = row_id
+                if not args.follow:
+                    return 0
+                time.sleep(FOLLOW_POLL_S)
+    except ReportError as error:
+        print(f"gpu-router audit: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 0
+    except BrokenPipeError:  # the reader (head, a pager) stopped reading: not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
 def _common(parser: argparse.ArgumentParser, policy_help: str) -> None:
     parser.add_argument("--policy", help=policy_help)
     parser.add_argument("--ledger", default=str(default_ledger_path()), help="the SQLite usage ledger")
@@ -81,3 +115,11 @@ def add_analysis_commands(commands: argparse._SubParsersAction) -> None:  # type
     why.add_argument("request_id", help="the edge's request id (x-request-id) or the client's")
     _common(why, "the policy whose prices are shown (default: the embedded default)")
     why.set_defaults(handler=_guarded("why", _why))
+    audit = commands.add_parser("audit", help="the routing audit trail from the ledger, one JSON "
+                                              "line per request in booking order")
+    audit.add_argument("--since", default="1h", help="requests that started within: 15m, 1h, 24h ...")
+    audit.add_argument("--client", help="only this client's requests (its key name in the policy)")
+    audit.add_argument("--follow", action="store_true",
+                       help="go on printing requests as they are booked, like tail -f")
+    audit.add_argument("--ledger", default=str(default_ledger_path()), help="the SQLite usage ledger")
+    audit.set_defaults(handler=_audit)

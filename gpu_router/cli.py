@@ -136,8 +136,9 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--no-simulators", action="store_true", help="do not start simulated providers")
     run.add_argument("--log-dir", help="where child process logs go (default: a new temp dir)")
     run.add_argument("--ledger", help="the control plane's SQLite usage ledger (default: its own)")
-    run.add_argument("--audit-log", help="the control plane's routing audit log (default: its own)")
-    run.add_argument("--no-accounting", action="store_true", help="keep no ledger and no audit log")
+    run.add_argument("--audit-log", help="also write the audit trail to this file (default: none; "
+                     "`gpu-router audit` renders it from the ledger)")
+    run.add_argument("--no-accounting", action="store_true", help="keep no ledger and no audit trail")
     run.add_argument("--certs-dir", default=str(data_dir() / "certs"),
                      help="CA and certificates for mutual TLS with the control plane, made when "
                      "absent, kept when valid (default: %(default)s)")

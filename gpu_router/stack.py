@@ -108,7 +108,7 @@ class Stack:
     """Start a simulated provider for every loopback provider in the policy."""
     edge_nodes: int = 1
     accounting: list[str] = field(default_factory=list)
-    """Control-plane flags for the ledger and audit log (--ledger, --audit-log or
+    """Control-plane flags for the ledger and the audit file (--ledger, --audit-log or
     --no-accounting); empty: the control plane's defaults (the user's data directory)."""
     processes: dict[str, ManagedProcess] = field(default_factory=dict)
     """By name, in start order: simulator, control-plane, ext-proc-1.., edge-1.."""

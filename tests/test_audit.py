@@ -1,14 +1,29 @@
-"""The routing audit log: one complete JSON line per request, decision then outcome."""
+"""The routing audit trail: one complete JSON entry per request, decision then outcome, rendered
+from the ledger on read (`gpu-router audit`) or written to the opt-in audit file."""
 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
+from typing import Any
 
+import pytest
 from usage_fixtures import make_record
 
-from control_plane.audit import AuditLog, audit_entry, parse_candidates
+from control_plane.audit import AuditLog, audit_entry, audit_line, parse_candidates
+from control_plane.ledger import audit_trail
+from control_plane.ledger.audit_trail import TrailQuery, rows_after
+from control_plane.ledger.report import read_only
+from control_plane.ledger.store import LedgerRow, LedgerWriter, ledger_row
 from control_plane.usage.normalise import normalise
+from gpu_router.cli import main
+
+
+def booked(cost: float = 0.0, **changes: Any) -> LedgerRow:
+    """The ledger row of a record made with `changes`, as Accounting books it."""
+    record = make_record(**changes)
+    return ledger_row(record, normalise(record), cost)
 
 
 def test_candidates_summary_is_parsed_in_rank_order() -> None:
@@ -25,10 +40,10 @@ def test_odd_candidate_summaries_never_raise() -> None:
 
 
 def test_a_failed_over_request_names_choice_and_who_served() -> None:
-    record = make_record(provider="runpod", attempts=2, status=200, usage_format="anthropic",
-                         usage_text='"usage":{"input_tokens":11,"output_tokens":5,'
-                                    '"cache_read_input_tokens":3}')
-    entry = audit_entry(record, normalise(record), 0.0000123)
+    entry = audit_entry(booked(0.0000123, provider="runpod", attempts=2, status=200,
+                               usage_format="anthropic",
+                               usage_text='"usage":{"input_tokens":11,"output_tokens":5,'
+                                          '"cache_read_input_tokens":3}'))
     assert entry["at"] == "2023-11-14T22:13:20.000+00:00"
     assert (entry["request_id"], entry["model"], entry["policy"], entry["strategy"]) == (
         "req-1", "llama-3.1-8b", "interactive", "latency")
@@ -50,16 +65,15 @@ def test_a_failed_over_request_names_choice_and_who_served() -> None:
 
 
 def test_no_decision_and_nobody_served() -> None:
-    record = make_record(candidates="", reason="", fallbacks=(), provider="", status=503)
-    entry = audit_entry(record, normalise(record), 0.0)
+    entry = audit_entry(booked(candidates="", reason="", fallbacks=(), provider="", status=503))
     assert (entry["choice"], entry["outcome"]["provider"], entry["outcome"]["failed_over"]) == (
         "", "", False)
     assert entry["outcome"]["estimated"] is True
+    assert entry["fallbacks"] == []
 
 
 def test_the_clients_request_id_is_its_own_field() -> None:
-    record = make_record(client_request_id="client-7")
-    entry = audit_entry(record, normalise(record), 0.0)
+    entry = audit_entry(booked(client_request_id="client-7"))
     assert (entry["request_id"], entry["client_request_id"]) == ("req-1", "client-7")
 
 
@@ -68,8 +82,7 @@ def test_log_writes_one_json_line_per_request_and_appends(tmp_path: Path) -> Non
     for run in range(2):
         log = AuditLog(path)
         for index in range(3):
-            record = make_record(request_id=f"run{run}-{index}")
-            log.add(record, normalise(record), 0.5)
+            log.add(booked(0.5, request_id=f"run{run}-{index}"))
         log.close()
     lines = path.read_text(encoding="utf-8").splitlines()
     assert [json.loads(line)["request_id"] for line in lines] == [
@@ -81,8 +94,7 @@ def test_log_rotates_by_size_and_keeps_the_newest_files(tmp_path: Path) -> None:
     path = tmp_path / "audit.jsonl"
     log = AuditLog(path, max_bytes=1, keep=2, max_batch=1)  # every line fills a file
     for index in range(4):
-        record = make_record(request_id=f"r{index}")
-        log.add(record, normalise(record), 0.0)
+        log.add(booked(request_id=f"r{index}"))
     log.close()
 
     def ids(file: Path) -> list[str]:
@@ -96,7 +108,64 @@ def test_log_rotates_by_size_and_keeps_the_newest_files(tmp_path: Path) -> None:
 def test_a_line_below_the_size_limit_does_not_rotate(tmp_path: Path) -> None:
     path = tmp_path / "audit.jsonl"
     log = AuditLog(path, max_bytes=1 << 20, keep=2)
-    record = make_record(request_id="r0")
-    log.add(record, normalise(record), 0.0)
+    log.add(booked(request_id="r0"))
     log.close()
     assert len(path.read_text().splitlines()) == 1 and not log.rotated(1).exists()
+
+
+NOW_MS = int(time.time() * 1000)
+
+
+def ledger_of(path: Path, rows: list[LedgerRow]) -> Path:
+    writer = LedgerWriter(path)
+    for row in rows:
+        writer.add(row)
+    writer.close()
+    return path
+
+
+def test_the_trail_read_from_the_ledger_is_the_files_entries_in_booking_order(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(audit_trail, "PAGE_ROWS", 2)  # three pages
+    rows = [booked(0.25, request_id=f"r{index}", at_unix_ms=NOW_MS - index * 1000,
+                   client="team-a" if index % 2 else "") for index in range(5)]
+    path = ledger_of(tmp_path / "ledger.db", rows)
+    file = AuditLog(tmp_path / "audit.jsonl")
+    for row in rows:
+        file.add(row)
+    file.close()
+    with read_only(path) as connection:
+        trail = list(rows_after(connection, TrailQuery(NOW_MS - 60_000)))
+        assert [audit_line(row) for _, row in trail] == file.path.read_text().splitlines()
+        assert [row.request_id for _, row in rows_after(
+            connection, TrailQuery(NOW_MS - 2_500))] == ["r0", "r1", "r2"]
+        assert [row.request_id for _, row in rows_after(
+            connection, TrailQuery(0, client="team-a"))] == ["r1", "r3"]
+        assert [row.request_id for _, row in rows_after(
+            connection, TrailQuery(0), after_id=trail[2][0])] == ["r3", "r4"]
+
+
+def test_gpu_router_audit_prints_the_window_as_json_lines(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = ledger_of(tmp_path / "ledger.db", [
+        booked(request_id="old", at_unix_ms=NOW_MS - 7_200_000),
+        booked(request_id="new", at_unix_ms=NOW_MS, provider="runpod", attempts=2)])
+    with pytest.raises(SystemExit) as done:
+        main(["audit", "--ledger", str(path), "--since", "1h"])
+    assert done.value.code == 0
+    (line,) = capsys.readouterr().out.splitlines()
+    entry = json.loads(line)
+    assert (entry["request_id"], entry["choice"], entry["outcome"]["provider"],
+            entry["outcome"]["failed_over"]) == ("new", "coreweave", "runpod", True)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--since", "1h"], "no usage ledger at"),
+    (["--since", "soon"], "invalid window 'soon'"),
+])
+def test_gpu_router_audit_names_what_is_wrong(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], message: str) -> None:
+    with pytest.raises(SystemExit) as done:
+        main(["audit", "--ledger", str(tmp_path / "missing.db"), *args])
+    assert done.value.code == 2
+    assert message in capsys.readouterr().err

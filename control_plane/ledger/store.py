@@ -25,7 +25,7 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import get_type_hints
@@ -125,6 +125,17 @@ _SCHEMA = (
 )
 _INSERT = (f"INSERT OR IGNORE INTO requests ({', '.join(COLUMNS)}) "
            f"VALUES ({', '.join('?' for _ in COLUMNS)})")
+
+
+SELECT_ROW = f"SELECT {', '.join(COLUMNS)} FROM requests"
+"""Every column of a row, in LedgerRow's order (row_from_columns reads the result)."""
+
+
+def row_from_columns(values: Sequence[object]) -> LedgerRow:
+    """The LedgerRow of a SELECT_ROW result (SQLite keeps the bools as 0/1)."""
+    row = dict(zip(COLUMNS, values, strict=True))
+    row["stream"], row["estimated"] = bool(row["stream"]), bool(row["estimated"])
+    return LedgerRow(**row)  # type: ignore[arg-type]
 
 
 def ledger_row(record: RequestRecord, usage: Usage, cost_usd: float) -> LedgerRow:

@@ -27,7 +27,7 @@ from control_plane.ledger.attempts import AttemptRow, attempts_of
 from control_plane.ledger.health_history import HealthRow, rows_at
 from control_plane.ledger.report import read_only
 from control_plane.ledger.savings import offerings, price_tokens
-from control_plane.ledger.store import COLUMNS, LedgerRow
+from control_plane.ledger.store import SELECT_ROW, LedgerRow, row_from_columns
 from control_plane.policy.model import RoutingConfig
 
 
@@ -38,12 +38,10 @@ class UnknownRequestError(LookupError):
 def _find(connection: sqlite3.Connection, request_id: str, client_ids: bool) -> LedgerRow:
     for column in ("request_id", "client_request_id")[:2 if client_ids else 1]:
         values = connection.execute(
-            f"SELECT {', '.join(COLUMNS)} FROM requests WHERE {column} = ? "
-            "ORDER BY at_unix_ms DESC LIMIT 1", (request_id,)).fetchone()
+            f"{SELECT_ROW} WHERE {column} = ? ORDER BY at_unix_ms DESC LIMIT 1",
+            (request_id,)).fetchone()
         if values is not None:
-            row = dict(zip(COLUMNS, values, strict=True))
-            row["stream"], row["estimated"] = bool(row["stream"]), bool(row["estimated"])
-            return LedgerRow(**row)
+            return row_from_columns(values)
     raise UnknownRequestError(f"no request {request_id!r} in the ledger")
 
 

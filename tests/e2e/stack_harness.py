@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import http.client
 import json
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -35,12 +37,21 @@ def policy_on_free_ports(source: Path, destination: Path, edit: Callable[[dict],
 
 
 def start_stack(policy: Path, log_dir: Path, **kwargs: Any) -> Stack:
-    """A stack on free ports whose ledger and audit log live in `log_dir`."""
-    accounting = ["--ledger", str(log_dir / "ledger.db"), "--audit-log", str(log_dir / "audit.jsonl"),
-                  "--edge-decision-log"]
+    """A stack on free ports whose ledger lives in `log_dir` (the audit trail is read from it:
+    audit_trail)."""
+    accounting = ["--ledger", str(log_dir / "ledger.db"), "--edge-decision-log"]
     return Stack(policy=policy, log_dir=log_dir, ports=StackPorts.free(), accounting=accounting,
                  **kwargs).start()
 
+
+
+def audit_trail(stack: Stack) -> list[dict[str, Any]]:
+    """The stack's audit trail of the last hour, as `gpu-router audit` prints it."""
+    printed = subprocess.run(
+        [sys.executable, "-c", "from gpu_router.cli import main; main()", "audit",
+         "--ledger", str(stack.log_dir / "ledger.db"), "--since", "1h"],
+        capture_output=True, text=True, check=True, timeout=60).stdout
+    return [json.loads(line) for line in printed.splitlines()]
 
 
 class Providers:

@@ -13,7 +13,7 @@ import pytest
 import yaml
 from dashboard_fixtures import CHROMIUM, chromium
 from polling import eventually
-from stack_harness import Providers, chat
+from stack_harness import Providers, audit_trail, chat
 
 from control_plane.ledger.report import run_report
 from gpu_router.stack import Stack
@@ -111,11 +111,14 @@ def test_report_shows_each_providers_share_of_spend(stack: Stack, traffic: dict)
     assert sum(requests.values()) + report["unrouted"]["requests"] == count_rows(stack)
 
 
-def test_audit_log_has_one_complete_line_per_request(stack: Stack, traffic: dict) -> None:
-    path = stack.log_dir / "audit.jsonl"
-    eventually(lambda: path.exists() and len(path.read_text().splitlines()) >= len(traffic), "audit lines")
-    lines = {json.loads(line)["client_request_id"]: json.loads(line)
-             for line in path.read_text().splitlines()}
+def test_audit_trail_has_one_complete_line_per_request(stack: Stack, traffic: dict) -> None:
+    def entries() -> list[dict] | None:
+        trail = audit_trail(stack)
+        return trail if len(trail) >= len(traffic) else None
+
+    trail = eventually(entries, "audit entries")
+    assert len({entry["request_id"] for entry in trail}) == len(trail)  # each request once
+    lines = {entry["client_request_id"]: entry for entry in trail}
 
     assert set(traffic) <= set(lines)
     failed_over = lines["failed-over"]

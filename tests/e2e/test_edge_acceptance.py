@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import pytest
 import yaml
 from polling import eventually
-from stack_harness import Providers
+from stack_harness import Providers, audit_trail
 
 from gpu_router.stack import Stack
 
@@ -258,10 +258,9 @@ def test_ledger_and_audit_ids_are_the_edges_and_the_clients_is_kept(
     rows = eventually(booked, "both requests in the ledger")
     assert {request_id for request_id, _ in rows} == edge_ids
     assert {model for _, model in rows} == {MODEL}
-    audit = stack.log_dir / "audit.jsonl"
 
     def audited() -> list[dict] | None:
-        found = [json.loads(line) for line in audit.read_text().splitlines() if rid in line]
+        found = [entry for entry in audit_trail(stack) if entry["client_request_id"] == rid]
         return found if len(found) == 2 else None
 
     lines = eventually(audited, "both audit lines")
