@@ -1,8 +1,8 @@
 """Prometheus metrics for the control plane's /metrics, and the dashboard's recent history.
 
-prometheus_client's counters and histograms in a registry of each `Metrics` (not the global
+Counters and histograms in a prometheus_client registry of each `Metrics` (not the global
 one, so tests can make several), exposed as text 0.0.4 or OpenMetrics by prometheus_client's
-own content negotiation. `Metrics.observe` takes one finished request and updates every series
+own content negotiation; their values are plain Python numbers until a scrape (_Family). `Metrics.observe` takes one finished request and updates every series
 below; it also keeps, for the dashboard, a bounded time series
 (per provider, per 10 s bucket, the last 360 buckets = 1 hour) and the last 50
 decisions. Everything is guarded by one lock, so any thread may observe or render.
@@ -34,16 +34,19 @@ A request nobody served has provider="none".
 from __future__ import annotations
 
 import bisect
+import itertools
 import math
 import re
 import threading
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import prometheus_client
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import choose_encoder
+from prometheus_client.utils import floatToGoString
 
 from control_plane.usage.normalise import Usage
 from control_plane.usage.record import RequestRecord, is_error_status
@@ -57,57 +60,100 @@ NO_PROVIDER = "none"
 _REASON_WORDS = 3
 _WORD_END = re.compile(r"[:;,.]$")
 
-prometheus_client.disable_created_metrics()
-"""No `_created` series: this exposition never had them, no dashboard reads them, and they
-would double the series per label set (process-wide; nothing else here uses prometheus_client)."""
-
 Labels = tuple[str, ...]
 TOKEN_KINDS = ("input", "output", "cached_input", "cache_write", "reasoning")
 
 
 class _Family:
-    """A prometheus_client metric and its children by label values, resolved once each:
-    `.labels()` checks and hashes its arguments on every call, too slow for `observe`."""
+    """One metric's values by label values, kept in plain Python objects and rendered by
+    prometheus_client only when scraped (this is its collector). prometheus_client's own
+    children take a lock per increment and walk the buckets per observation: ~12 of them per
+    request were a fifth of booking's time. Metrics' lock guards both updates and scrapes."""
 
-    def __init__(self, metric: prometheus_client.Counter | prometheus_client.Histogram) -> None:
-        self.metric = metric
+    def __init__(self, name: str, help_text: str, labelnames: Sequence[str]) -> None:
+        self.name = name
+        self.help = help_text
+        self.labelnames = tuple(labelnames)
         self._children: dict[Labels, Any] = {}
+        if not self.labelnames:
+            self.child(())  # exposed at 0 from the start, as prometheus_client does
 
     def child(self, labels: Labels) -> Any:
         child = self._children.get(labels)
         if child is None:
-            child = self.metric.labels(*labels) if labels else self.metric
-            self._children[labels] = child
+            child = self._children[labels] = self._new_child()
         return child
+
+    def _new_child(self) -> Any:
+        raise NotImplementedError
+
+
+class _CounterValue:
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0.0
+
+    def inc(self, amount: float = 1.0) -> None:
+        """Raises ValueError for a negative amount: a counter only goes up."""
+        if amount < 0:
+            raise ValueError(f"a counter only goes up: cannot add {amount}")
+        self.value += amount
 
 
 class Counter(_Family):
-    def __init__(self, name: str, help_text: str, labelnames: Sequence[str]) -> None:
-        super().__init__(prometheus_client.Counter(name, help_text, labelnames, registry=None))
-        self._labelnames = tuple(labelnames)
+    def _new_child(self) -> _CounterValue:
+        return _CounterValue()
 
     def inc(self, labels: Labels, amount: float = 1.0) -> None:
         """Raises ValueError for a negative amount: a counter only goes up."""
         self.child(labels).inc(amount)
 
     def value(self, labels: Labels) -> float:
-        """The count for `labels` (0 when never incremented), read as a scrape would."""
-        wanted = dict(zip(self._labelnames, labels, strict=True))
-        for family in self.metric.collect():
-            for sample in family.samples:
-                if sample.name.endswith("_total") and sample.labels == wanted:
-                    return sample.value
-        return 0.0
+        """The count for `labels` (0 when never incremented)."""
+        child = self._children.get(labels)
+        return 0.0 if child is None else child.value
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily(self.name, self.help, labels=self.labelnames)
+        for labels, child in self._children.items():
+            family.add_metric(labels, child.value)
+        yield family
+
+
+class _HistogramValues:
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        """Per bucket, not cumulative; the last is +Inf."""
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.sum += value
 
 
 class Histogram(_Family):
     def __init__(self, name: str, help_text: str, labelnames: Sequence[str],
                  buckets: Sequence[float]) -> None:
-        super().__init__(prometheus_client.Histogram(name, help_text, labelnames,
-                                                     buckets=buckets, registry=None))
+        self._bounds = tuple(buckets)
+        self._les = (*(floatToGoString(bound) for bound in self._bounds), "+Inf")
+        super().__init__(name, help_text, labelnames)
+
+    def _new_child(self) -> _HistogramValues:
+        return _HistogramValues(self._bounds)
 
     def observe(self, labels: Labels, value: float) -> None:
         self.child(labels).observe(value)
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        family = HistogramMetricFamily(self.name, self.help, labels=self.labelnames)
+        for labels, child in self._children.items():
+            family.add_metric(labels, list(zip(self._les, map(float, itertools.accumulate(
+                child.counts)), strict=True)), child.sum)
+        yield family
 
 
 @dataclass(frozen=True, slots=True)
@@ -254,7 +300,7 @@ class Metrics:
             self.client_tokens, self.client_cost, self.telemetry_dropped, self.telemetry_repaired)
         self._exposed = prometheus_client.CollectorRegistry()
         for family in self._registry:
-            self._exposed.register(family.metric)
+            self._exposed.register(family)
         self._served: dict[tuple[str, str], _ServedBy] = {}
         self._lock = threading.Lock()
         self._buckets: dict[int, dict[str, _Bucket]] = {}
