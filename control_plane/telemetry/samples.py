@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
+from operator import attrgetter
 
 from envoy.data.accesslog.v3 import accesslog_pb2
 from google.protobuf import duration_pb2, struct_pb2
@@ -41,8 +42,9 @@ _FINAL_ATTEMPT_LOG_TYPES = frozenset(
     {accesslog_pb2.AccessLogType.NotSet, accesslog_pb2.AccessLogType.UpstreamEnd}
 )
 
-# Response flags that blame the provider (or the path to it), not the client or the router.
-_UPSTREAM_FAILURE_FLAGS = (
+# Response flags that blame the provider (or the path to it), not the client or the router,
+# read in one call.
+_UPSTREAM_FAILURE_FLAGS = attrgetter(
     "upstream_connection_failure",
     "upstream_remote_reset",
     "upstream_connection_termination",
@@ -88,7 +90,7 @@ def duration_ms(duration: duration_pb2.Duration) -> float:
 
 
 def _upstream_failed(flags: accesslog_pb2.ResponseFlags) -> bool:
-    return any(getattr(flags, name) for name in _UPSTREAM_FAILURE_FLAGS)
+    return any(_UPSTREAM_FAILURE_FLAGS(flags))
 
 
 def offset_ms(common: accesslog_pb2.AccessLogCommon, name: str) -> float | None:
@@ -113,9 +115,8 @@ def upstream_latencies(common: accesslog_pb2.AccessLogCommon) -> tuple[float, fl
 
 def decision_field(decision: struct_pb2.Struct | None, key: str) -> str:
     """A string ext_proc put in its dynamic metadata; empty when ext_proc did not decide."""
-    if decision is None or key not in decision.fields:
-        return ""
-    return decision.fields[key].string_value
+    value = None if decision is None else decision.fields.get(key)
+    return "" if value is None else value.string_value
 
 
 def _end_unix_ms(common: accesslog_pb2.AccessLogCommon) -> int:
