@@ -4,9 +4,13 @@ from the ledger on read (`gpu-router audit`) or written to the opt-in audit file
 from __future__ import annotations
 
 import json
+import select
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import pytest
 from usage_fixtures import make_record
@@ -169,3 +173,27 @@ def test_gpu_router_audit_names_what_is_wrong(
         main(["audit", "--ledger", str(tmp_path / "missing.db"), *args])
     assert done.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def line_within(stream: IO[str], seconds: float) -> str:
+    """The next line of a child's output; fails (rather than hangs) when none comes in time."""
+    assert select.select([stream], [], [], seconds)[0], f"no line within {seconds} s"
+    return stream.readline()
+
+
+def test_gpu_router_audit_follow_prints_each_request_once_as_it_is_booked(tmp_path: Path) -> None:
+    path = ledger_of(tmp_path / "ledger.db", [booked(request_id="before", at_unix_ms=NOW_MS)])
+    follow = subprocess.Popen(
+        [sys.executable, "-c", "from gpu_router.cli import main; main()", "audit", "--follow",
+         "--ledger", str(path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert follow.stdout is not None
+        assert json.loads(line_within(follow.stdout, 30))["request_id"] == "before"
+        ledger_of(path, [booked(request_id="after", at_unix_ms=NOW_MS)])
+        assert json.loads(line_within(follow.stdout, 30))["request_id"] == "after"
+        follow.send_signal(signal.SIGINT)
+        assert follow.wait(timeout=30) == 0
+        assert follow.stdout.read() == ""  # nothing printed twice
+    finally:
+        follow.kill()
+        follow.wait()
