@@ -9,6 +9,7 @@ later of the two cooldowns.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -16,6 +17,7 @@ from types import MappingProxyType
 import numpy as np
 import numpy.typing as npt
 
+from ext_proc.ranking import balanced_latency
 from ext_proc.routing_table import ModelRoute, RoutingTable
 from gpu_router.api.v1 import health_pb2
 
@@ -47,6 +49,12 @@ class CandidateHealth:
     """Some entry ejects a candidate (else decide() need not compare cooldowns with the time)."""
     any_degraded: bool = field(init=False)
     """Some candidate is degraded (else decide() leaves every score unpenalised)."""
+    exploring_latencies: tuple[float, ...] = field(init=False)
+    """latencies with unmeasured ones at 0 ms: the latency strategy's score, which explores each
+    unmeasured candidate once."""
+    balanced_latency: tuple[tuple[float, ...], float] = field(init=False)
+    """ranking.balanced_latency() with every candidate eligible, the usual case: a median and a
+    minimum per snapshot rather than per request."""
 
     def __post_init__(self) -> None:
         set_field = object.__setattr__  # frozen: derived once here, per health snapshot
@@ -55,6 +63,10 @@ class CandidateHealth:
         set_field(self, "ejected_until", tuple(self.ejected_until_unix_ms.tolist()))
         set_field(self, "any_ejected", any(u != NOT_EJECTED for u in self.ejected_until))
         set_field(self, "any_degraded", any(self.degraded_flags))
+        set_field(self, "exploring_latencies", tuple(
+            0.0 if math.isnan(lat) else lat for lat in self.latencies))
+        filled, normaliser = balanced_latency(self.latencies)
+        set_field(self, "balanced_latency", (tuple(filled), normaliser))
 
     def ejected(self, now_unix_ms: int) -> npt.NDArray[np.bool_]:
         until = self.ejected_until_unix_ms

@@ -1,22 +1,27 @@
 """The strategies' rankings of a request's candidates, for decide() (scoring.py): per strategy,
 which candidates keep its constraint, each one's score (lower ranks first) and the reason for a
-winner. Plain Python over the lists decide() prepared: a model has a few candidates.
+winner. Plain Python over the lists decide() prepared and what CandidateHealth prepared once per
+snapshot: a model has a few candidates.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from ext_proc.routing_table import ModelRoute, PolicyRule
+
+if TYPE_CHECKING:  # not at run time: health_view imports this module (balanced_latency)
+    from ext_proc.health_view import CandidateHealth
 
 _POSITIVE = (0.0).__lt__
 
 
-def _positive_min(values: Sequence[float], mask: Sequence[bool], every: bool) -> float:
+def _positive_min(values: Sequence[float], mask: Sequence[bool] | None) -> float:
     """Smallest positive value under mask (the normaliser of a balanced term), 1.0 if none;
-    `every`: the mask is all true."""
-    if every:
+    mask None: every value counts."""
+    if mask is None:
         return min(filter(_POSITIVE, values), default=1.0)
     return min([v for v, m in zip(values, mask) if m and v > 0], default=1.0)
 
@@ -33,12 +38,13 @@ def _rank_cost(
     route: ModelRoute,
     policy: PolicyRule,
     cost: list[float],
-    latency: Sequence[float],
+    health: CandidateHealth,
     eligible: list[bool],
     penalty: list[float] | None,
     tokens: int,
 ) -> Ranking:
     sla = policy.latency_sla_ms
+    latency = health.latencies
     by_cost = _penalised(cost, penalty)
     if sla <= 0:
         return eligible, by_cost, lambda i: f"cheapest: ${cost[i]:.6f}"
@@ -56,7 +62,7 @@ def _rank_latency(
     route: ModelRoute,
     policy: PolicyRule,
     cost: list[float],
-    latency: Sequence[float],
+    health: CandidateHealth,
     eligible: list[bool],
     penalty: list[float] | None,
     tokens: int,
@@ -75,10 +81,10 @@ def _rank_latency(
         )
 
     def describe(i: int) -> str:
-        lat = latency[i]
+        lat = health.latencies[i]
         return "unmeasured: exploring" if math.isnan(lat) else f"fastest: {lat:.0f} ms EWMA"
 
-    return keeps, _penalised([0.0 if math.isnan(lat) else lat for lat in latency], penalty), describe
+    return keeps, _penalised(health.exploring_latencies, penalty), describe
 
 
 def _penalised(values: Sequence[float], penalty: list[float] | None) -> Sequence[float]:
@@ -92,11 +98,28 @@ def _median(values: list[float]) -> float:
     return values[middle] if len(values) % 2 else (values[middle - 1] + values[middle]) / 2
 
 
+def balanced_latency(
+    latency: Sequence[float], eligible: Sequence[bool] | None = None
+) -> tuple[Sequence[float], float]:
+    """Latencies as balanced scores them, unmeasured ones at the median of the eligible measured
+    ones (1.0 if none), and their normaliser; `eligible` None: every candidate is (as
+    CandidateHealth prepares them, once per snapshot)."""
+    isnan = math.isnan
+    seen = ([lat for lat in latency if not isnan(lat)] if eligible is None
+            else [lat for e, lat in zip(eligible, latency) if e and not isnan(lat)])
+    if eligible is None and len(seen) == len(latency):
+        filled: Sequence[float] = latency
+    else:
+        unmeasured_as = _median(seen) if seen else 1.0
+        filled = [unmeasured_as if isnan(lat) else lat for lat in latency]
+    return filled, _positive_min(filled, eligible)
+
+
 def _rank_balanced(
     route: ModelRoute,
     policy: PolicyRule,
     cost: list[float],
-    latency: Sequence[float],
+    health: CandidateHealth,
     eligible: list[bool],
     penalty: list[float] | None,
     tokens: int,
@@ -104,17 +127,11 @@ def _rank_balanced(
     cost_weight, latency_weight = policy.cost_weight, policy.latency_weight
     if cost_weight <= 0 and latency_weight <= 0:
         cost_weight = latency_weight = 0.5
-    every = all(eligible)
-    isnan = math.isnan
-    seen = ([lat for lat in latency if not isnan(lat)] if every
-            else [lat for e, lat in zip(eligible, latency) if e and not isnan(lat)])
-    if every and len(seen) == len(latency):
-        filled: Sequence[float] = latency
-    else:
-        unmeasured_as = _median(seen) if seen else 1.0
-        filled = [unmeasured_as if isnan(lat) else lat for lat in latency]
-    min_cost = _positive_min(cost, eligible, every)
-    min_latency = _positive_min(filled, eligible, every)
+    latency = health.latencies
+    mask = None if all(eligible) else eligible
+    filled, min_latency = (
+        health.balanced_latency if mask is None else balanced_latency(latency, mask))
+    min_cost = _positive_min(cost, mask)
     score = _penalised(
         [cost_weight * c / min_cost + latency_weight * f / min_latency
          for c, f in zip(cost, filled)],

@@ -150,7 +150,7 @@ def decide(
     degraded = health.degraded_flags
     penalty = [DEGRADED_PENALTY if d else 1.0 for d in degraded] if health.any_degraded else None
     keeps, score, describe = RANKERS[strategy](
-        route, policy, cost, latency, eligible, penalty, prompt_tokens + max_tokens
+        route, policy, cost, health, eligible, penalty, prompt_tokens + max_tokens
     )
     order = _rank(route, keeps, eligible, score)
     best = order[0]
