@@ -7,6 +7,7 @@ snapshot: a model has a few candidates.
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
@@ -89,7 +90,7 @@ def _rank_latency(
 
 def _penalised(values: Sequence[float], penalty: list[float] | None) -> Sequence[float]:
     """Scores of degraded candidates multiplied by their penalty; None: nobody is degraded."""
-    return values if penalty is None else [v * p for v, p in zip(values, penalty)]
+    return values if penalty is None else list(map(operator.mul, values, penalty))
 
 
 def _median(values: list[float]) -> float:

@@ -112,7 +112,9 @@ def decide(
     providers = route.providers
     if not providers:
         raise NoCandidateError(route.name, f"no provider offers {route.name}")
-    cost = [(prompt_tokens * i + max_tokens * o) / 1e6 for i, o in route.prices]
+    # As floats once: an int operand would be converted again for every candidate (same result).
+    prompt, output = float(prompt_tokens), float(max_tokens)
+    cost = [(prompt * i + output * o) / 1e6 for i, o in route.prices]
     latency = health.latencies
     fits = route.fit_flags
     count = len(providers)
