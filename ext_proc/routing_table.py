@@ -54,8 +54,9 @@ class ModelRoute:
     fit_flags: tuple[bool, ...] = field(init=False)
     tie_break: tuple[int, ...] = field(init=False)
     """provider_index as Python ints."""
-    summary_keys: tuple[str, ...] = field(init=False)
-    """"<provider>=" per candidate: how the candidate summary names each."""
+    summary_formats: tuple[str, ...] = field(init=False)
+    """"<provider>=%.6g" per candidate (a "%" of the name doubled): the candidate summary's entry
+    of each scored candidate, joined in rank order into one format for every score at once."""
     ties_in_index_order: bool = field(init=False)
     """tie_break rises with the index (as build_routing_table makes it): a stable sort on the
     score alone then breaks ties as decide() must."""
@@ -66,7 +67,8 @@ class ModelRoute:
                                             self.output_usd_per_mtok.tolist(), strict=True)))
         set_field(self, "fit_flags", tuple(self.fits.tolist()))
         set_field(self, "tie_break", tuple(self.provider_index.tolist()))
-        set_field(self, "summary_keys", tuple(f"{p}=" for p in self.providers))
+        set_field(self, "summary_formats", tuple(
+            p.replace("%", "%%") + "=%.6g" for p in self.providers))
         set_field(self, "ties_in_index_order", all(
             a < b for a, b in zip(self.tie_break, self.tie_break[1:])))
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 from ext_proc_fixtures import default_policy, health_entry, snapshot
 
 from ext_proc.health_view import build_health_view
-from ext_proc.routing_table import RoutingTable, build_routing_table
+from ext_proc.routing_table import ModelRoute, RoutingTable, build_routing_table
 from ext_proc.scoring import (
     Decision,
     NoCandidateError,
@@ -305,15 +306,39 @@ def test_the_summary_scores_are_the_strategys_and_unfit_gpus_say_why() -> None:
     )
 
 
+def summary_route(*providers: str) -> ModelRoute:
+    """A route of those providers: their names are all the candidate summary reads of it."""
+    count = len(providers)
+    return ModelRoute(
+        name="m",
+        providers=providers,
+        clusters=providers,
+        provider_model_ids=providers,
+        provider_index=np.arange(count, dtype=np.int64),
+        input_usd_per_mtok=np.zeros(count),
+        output_usd_per_mtok=np.zeros(count),
+        unfit=(None,) * count,
+        fits=np.ones(count, dtype=np.bool_),
+    )
+
+
 def test_the_summary_keeps_its_separator_out_of_reasons() -> None:
     summary = candidate_summary(
-        ("a=", "b=", "c="),
+        summary_route("a", "b", "c"),
         [2, 0, 1],
         [0.5, 1e-9, 0.0],
         [True, False, True],
         lambda i: "one; two" if i == 1 else None,
     )
     assert summary == "c=0;a=0.5;b=x:one, two"
+
+
+def test_a_percent_sign_in_a_provider_name_is_not_a_format() -> None:
+    route = summary_route("50%", "x%s")
+    summary = candidate_summary(route, [1, 0], [2.5, 1.0], [True, True], lambda i: None)
+    assert summary == "x%s=1;50%=2.5"
+    summary = candidate_summary(route, [0, 1], [1.0, 2.0], [True, False], lambda i: "gone")
+    assert summary == "50%=1;x%s=x:gone"
 
 
 def test_the_control_planes_audit_reads_the_summary_back() -> None:
