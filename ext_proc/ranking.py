@@ -23,7 +23,9 @@ def _positive_min(values: Sequence[float], mask: Sequence[bool] | None) -> float
     """Smallest positive value under mask (the normaliser of a balanced term), 1.0 if none;
     mask None: every value counts."""
     if mask is None:
-        return min(filter(_POSITIVE, values), default=1.0)
+        # Usually every value is positive: then their plain minimum (in C) is the one.
+        least = min(values, default=1.0)
+        return least if least > 0 else min(filter(_POSITIVE, values), default=1.0)
     return min([v for v, m in zip(values, mask) if m and v > 0], default=1.0)
 
 
