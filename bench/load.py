@@ -16,6 +16,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Self
 
 from gpu_router.processes import EnvoyAdmin
 
@@ -47,7 +48,7 @@ class Load:
         self.threads = [threading.Thread(target=self.run, args=(ports[i % len(ports)],),
                                          daemon=True) for i in range(clients)]
 
-    def __enter__(self) -> Load:
+    def __enter__(self) -> Self:
         for thread in self.threads:
             thread.start()
         return self
@@ -145,8 +146,8 @@ class Phases:
 
     def report(self) -> str:
         extra = "".join(f" {label:>{len(label)}}" for label in self.extra)
-        lines = [f"{'phase':<36} {'requests':>8} {'failed':>6} {'attempts/req':>12}"
-                 f" {'p50 ms':>8} {'p99 ms':>8}{extra}  served by (failed: status)"]
+        lines = [(f"{'phase':<36} {'requests':>8} {'failed':>6} {'attempts/req':>12}"
+                  f" {'p50 ms':>8} {'p99 ms':>8}{extra}  served by (failed: status)")]
         for phase in self.done:
             window = self.load.window(phase.start, phase.end)
             latencies = [s.latency_s for s in window]

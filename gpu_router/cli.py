@@ -13,9 +13,9 @@ from control_plane.ledger.store import data_dir, default_ledger_path
 from control_plane.policy.load import PolicyError, default_policy_path, load_policy_file
 from control_plane.translate import TranslationError, check_translatable
 from gpu_router import pki
+from gpu_router.analysis_cli import add_analysis_commands
 from gpu_router.edge_guard import open_edge_refusal
 from gpu_router.health_view import render_health
-from gpu_router.analysis_cli import add_analysis_commands
 from gpu_router.keys_cli import add_keys_command, client_report
 from gpu_router.processes import Cancelled, ProcessError, http_get
 from gpu_router.stack import Stack, StackPorts

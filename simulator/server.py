@@ -28,7 +28,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Self
 
 from simulator.faults import FaultMode, FaultState, LatencyOverride, parse_fault, parse_latency
 from simulator.openai_api import (
@@ -136,7 +136,7 @@ class ProviderSim:
         await self._http.stop()
         log.info("stopped", extra={"fields": {"provider": self.spec.name}})
 
-    async def __aenter__(self) -> ProviderSim:
+    async def __aenter__(self) -> Self:
         await self.start()
         return self
 

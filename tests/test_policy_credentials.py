@@ -49,8 +49,8 @@ def test_every_problem_names_provider_and_origin(tmp_path: Path) -> None:
     }
     assert str(caught.value).splitlines() == [
         "provider 'alpha': credential from env ALPHA_KEY: environment variable not set",
-        f"provider 'beta': credential from file {key_file}: cannot read: "
-        "No such file or directory",
+        (f"provider 'beta': credential from file {key_file}: cannot read: "
+         "No such file or directory"),
     ]
 
 
