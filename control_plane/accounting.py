@@ -43,6 +43,7 @@ from control_plane.telemetry.samples import (
     duration_ms,
     is_final_request_entry,
     offset_ms,
+    unix_ms,
 )
 from control_plane.telemetry.validation import (
     DEFAULT_LIMITS,
@@ -66,6 +67,7 @@ from control_plane.usage.pricing import MissingPriceError, PriceBook, cost_usd
 from control_plane.usage.record import RequestRecord, is_error_status
 
 RECENT_IDS = 100_000
+_STRUCT = struct_pb2.Struct.DESCRIPTOR.full_name
 
 log = logging.getLogger(__name__)
 
@@ -76,12 +78,10 @@ def _struct(common: accesslog_pb2.AccessLogCommon, namespace: str) -> struct_pb2
 
 def _ext_proc_us(common: accesslog_pb2.AccessLogCommon) -> int:
     state = common.filter_state_objects.get(EXT_PROC_FILTER_STATE)
-    if state is None:
-        return 0
-    fields = struct_pb2.Struct()
-    if not state.Unpack(fields) or "request_header_latency_us" not in fields.fields:
-        return 0
-    return int(fields.fields["request_header_latency_us"].number_value)
+    if state is None or state.type_url.rpartition("/")[2] != _STRUCT:
+        return 0  # (Any.Unpack's own check, without its pure-Python helpers)
+    latency = struct_pb2.Struct.FromString(state.value).fields.get("request_header_latency_us")
+    return 0 if latency is None else int(latency.number_value)
 
 
 def record_from_edge_entry(
@@ -100,7 +100,7 @@ def record_from_edge_entry(
     first_byte = offset_ms(common, "time_to_first_downstream_tx_byte")
     return RequestRecord(
         request_id=entry.request.request_id,
-        at_unix_ms=common.start_time.ToMilliseconds(),
+        at_unix_ms=unix_ms(common.start_time),
         model=decision_field(decision, "model"),
         policy=decision_field(decision, "policy"),
         strategy=decision_field(decision, "strategy"),

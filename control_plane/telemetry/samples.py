@@ -26,7 +26,7 @@ from email.utils import parsedate_to_datetime
 from operator import attrgetter
 
 from envoy.data.accesslog.v3 import accesslog_pb2
-from google.protobuf import duration_pb2, struct_pb2
+from google.protobuf import duration_pb2, struct_pb2, timestamp_pb2
 
 from control_plane.translate.names import METADATA_NAMESPACE
 
@@ -85,6 +85,19 @@ class RequestSample:
     """The request's x-request-id: what joins an attempt to its request's entry."""
 
 
+_TIMESTAMP_SECONDS = range(-62_135_596_800, 253_402_300_800)
+"""0001-01-01 to 9999-12-31, the range protobuf's Timestamp allows."""
+
+
+def unix_ms(timestamp: timestamp_pb2.Timestamp) -> int:
+    """Timestamp.ToMilliseconds() with the same range check, without its pure-Python helpers
+    (read several times per entry). ValueError when out of range, as there."""
+    seconds, nanos = timestamp.seconds, timestamp.nanos
+    if seconds not in _TIMESTAMP_SECONDS or not 0 <= nanos < 1_000_000_000:
+        raise ValueError(f"timestamp out of range: {seconds} s {nanos} ns")
+    return seconds * 1000 + nanos // 1_000_000
+
+
 def duration_ms(duration: duration_pb2.Duration) -> float:
     return duration.seconds * 1000.0 + duration.nanos / 1_000_000.0
 
@@ -123,7 +136,7 @@ def _end_unix_ms(common: accesslog_pb2.AccessLogCommon) -> int:
     elapsed = offset_ms(common, "duration")
     if elapsed is None:
         elapsed = duration_ms(common.time_to_last_downstream_tx_byte)
-    return int(common.start_time.ToMilliseconds() + elapsed)
+    return int(unix_ms(common.start_time) + elapsed)
 
 
 def is_final_request_entry(entry: accesslog_pb2.HTTPAccessLogEntry) -> bool:

@@ -32,7 +32,7 @@ from typing import Protocol
 from envoy.data.accesslog.v3 import accesslog_pb2
 
 from control_plane.policy.model import RoutingConfig
-from control_plane.telemetry.samples import INTERNAL_CLUSTER_PREFIX
+from control_plane.telemetry.samples import INTERNAL_CLUSTER_PREFIX, unix_ms
 
 ATTEMPT, EDGE, LOAD_REPORT = "attempt", "edge", "load_report"
 """Kinds of telemetry: an upstream attempt entry, a client-request entry, a load report."""
@@ -165,7 +165,7 @@ def _common_problem(entry: accesslog_pb2.HTTPAccessLogEntry, now_ms: int, limits
     common = entry.common_properties
     if names is not None and not names.knows_cluster(common.upstream_cluster):
         return UNKNOWN_CLUSTER
-    if common.start_time.ToMilliseconds() > now_ms + limits.clock_skew_s * 1000:
+    if unix_ms(common.start_time) > now_ms + limits.clock_skew_s * 1000:
         return FUTURE_START
     for value in _DURATIONS(common):
         if value.seconds < 0 or value.nanos < 0 or value.seconds > limits.max_duration_s:
@@ -181,7 +181,7 @@ def attempt_problem(entry: accesslog_pb2.HTTPAccessLogEntry, now_ms: int, limits
     """Why an upstream attempt entry must not become a health sample; None when it may."""
     problem = _common_problem(entry, now_ms, limits, names)
     horizon_ms = now_ms - (limits.max_duration_s + limits.clock_skew_s) * 1000
-    if problem is None and entry.common_properties.start_time.ToMilliseconds() < horizon_ms:
+    if problem is None and unix_ms(entry.common_properties.start_time) < horizon_ms:
         return TOO_OLD
     return problem
 
