@@ -34,6 +34,7 @@ A request nobody served has provider="none".
 from __future__ import annotations
 
 import bisect
+import functools
 import itertools
 import math
 import re
@@ -171,6 +172,7 @@ def status_class(status: int) -> str:
     return f"{status // 100}xx" if 100 <= status <= 599 else "none"
 
 
+@functools.lru_cache(maxsize=1024)
 def reason_bucket(reason: str) -> str:
     """The reason's first words ("cheapest within 2000 ms SLA: $0.00003" -> "cheapest within"),
     so the decisions label has few values: numbers, symbols and what follows are dropped."""
@@ -304,7 +306,8 @@ class Metrics:
         self._served: dict[tuple[str, str], _ServedBy] = {}
         self._lock = threading.Lock()
         self._buckets: dict[int, dict[str, _Bucket]] = {}
-        self._decisions: deque[dict[str, Any]] = deque(maxlen=RECENT_DECISIONS)
+        self._decisions: deque[tuple[RequestRecord, float]] = deque(maxlen=RECENT_DECISIONS)
+        """(record, cost) of the last requests: the dashboard's dicts are built when it reads."""
 
     def observe(self, record: RequestRecord, usage: Usage, cost_usd: float) -> None:
         provider = record.provider or NO_PROVIDER
@@ -366,13 +369,7 @@ class Metrics:
 
     def _record_history(self, record: RequestRecord, provider: str, error: bool,
                         cost_usd: float) -> None:
-        self._decisions.append({
-            "at_unix_ms": record.at_unix_ms, "request_id": record.request_id,
-            "model": record.model, "policy": record.policy, "strategy": record.strategy,
-            "reason": record.reason, "fallbacks": list(record.fallbacks),
-            "provider": record.provider, "attempts": record.attempts, "status": record.status,
-            "ttfb_ms": record.ttfb_ms, "total_ms": record.total_ms, "cost_usd": cost_usd,
-        })
+        self._decisions.append((record, cost_usd))
         index = record.at_unix_ms // (SERIES_BUCKET_S * 1000)
         if index not in self._buckets:
             if self._buckets and index <= max(self._buckets) - SERIES_BUCKETS:
@@ -420,4 +417,11 @@ class Metrics:
     def recent_decisions(self) -> list[dict[str, Any]]:
         """The last 50 requests' decisions and outcomes, newest first."""
         with self._lock:
-            return list(reversed(self._decisions))
+            recent = list(reversed(self._decisions))
+        return [{
+            "at_unix_ms": record.at_unix_ms, "request_id": record.request_id,
+            "model": record.model, "policy": record.policy, "strategy": record.strategy,
+            "reason": record.reason, "fallbacks": list(record.fallbacks),
+            "provider": record.provider, "attempts": record.attempts, "status": record.status,
+            "ttfb_ms": record.ttfb_ms, "total_ms": record.total_ms, "cost_usd": cost_usd,
+        } for record, cost_usd in recent]
