@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from routed_path import MODEL, bench_policy
+from rig import MODEL, bench_policy
 
 from control_plane.policy.load import load_policy_file
 from control_plane.policy.wire import to_routing_policy

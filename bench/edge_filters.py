@@ -19,15 +19,8 @@ import tempfile
 from pathlib import Path
 
 from google.protobuf import json_format
-from routed_path import (
-    _cluster,
-    chat_body,
-    cpu_reading,
-    fast_upstream,
-    per_request,
-    static_envoy,
-    wrk,
-)
+from rig import chat_body, cluster, fast_upstream, static_envoy
+from wrk_load import cpu_reading, per_request, wrk
 
 from control_plane.translate.durable_log import durable_edge_log
 from control_plane.translate.listeners import _request_fields, _usage_capture
@@ -65,7 +58,7 @@ def main() -> None:
             port = free_port()
             envoy = static_envoy(f"edge-{index}", work, port,
                                  {"match": {"prefix": "/"}, "route": {"cluster": "upstream"}},
-                                 [_cluster("upstream", upstream_port)], filters=filters,
+                                 [cluster("upstream", upstream_port)], filters=filters,
                                  access_log=logs)
             try:
                 url = f"http://127.0.0.1:{port}/v1/chat/completions"
