@@ -2,10 +2,10 @@
 
 Counters and histograms in a prometheus_client registry of each `Metrics` (not the global
 one, so tests can make several), exposed as text 0.0.4 or OpenMetrics by prometheus_client's
-own content negotiation; their values are plain Python numbers until a scrape (_Family). `Metrics.observe` takes one finished request and updates every series
-below; it also keeps, for the dashboard, a bounded time series
-(per provider, per 10 s bucket, the last 360 buckets = 1 hour) and the last 50
-decisions. Everything is guarded by one lock, so any thread may observe or render.
+own content negotiation; their values are plain Python numbers until a scrape (_Family).
+`Metrics.observe` takes one finished request and updates every series below; it also keeps,
+for the dashboard, a bounded time series (per provider, per 10 s bucket, the last 360 buckets
+= 1 hour) and the last 50 decisions. Everything is guarded by one lock, so any thread may observe or render.
 
 Metric names (deploy/grafana/gpu-router.json reads them):
   gpu_router_requests_total{provider,model,status_class}   status_class 2xx..5xx, "none"

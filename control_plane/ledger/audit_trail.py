@@ -32,14 +32,12 @@ def rows_after(
 ) -> Iterator[tuple[int, LedgerRow]]:
     """(row id, row) of every request `query` selects booked after row `after_id`, in booking
     order, read a page at a time."""
-    where = "id > ? AND at_unix_ms >= ?" + ("" if query.client is None else " AND client = ?")
+    by_client = query.client is not None
+    params: tuple[object, ...] = (query.since_ms, query.client) if by_client else (query.since_ms,)
+    statement = (f"SELECT id, {', '.join(COLUMNS)} FROM requests WHERE id > ? AND at_unix_ms >= ?"
+                 f"{' AND client = ?' if by_client else ''} ORDER BY id LIMIT ?")
     while True:
-        params: tuple[object, ...] = (after_id, query.since_ms)
-        if query.client is not None:
-            params += (query.client,)
-        page = connection.execute(
-            f"SELECT id, {', '.join(COLUMNS)} FROM requests WHERE {where} ORDER BY id LIMIT ?",
-            (*params, PAGE_ROWS)).fetchall()
+        page = connection.execute(statement, (after_id, *params, PAGE_ROWS)).fetchall()
         for values in page:
             after_id = values[0]
             yield after_id, row_from_columns(values[1:])

@@ -233,15 +233,8 @@ def read_offsets(connection: sqlite3.Connection) -> dict[str, LogOffset]:
 def read_rows(connection: sqlite3.Connection, since_unix_ms: int = 0) -> list[LedgerRow]:
     """Rows at or after `since_unix_ms`, oldest first."""
     cursor = connection.execute(
-        f"SELECT {', '.join(COLUMNS)} FROM requests WHERE at_unix_ms >= ? ORDER BY at_unix_ms, id",
-        (since_unix_ms,))
-    return [_row(values) for values in cursor]
-
-
-def _row(values: tuple[object, ...]) -> LedgerRow:
-    typed = {name: bool(value) if name in ("stream", "estimated") else value
-             for name, value in zip(COLUMNS, values, strict=True)}
-    return LedgerRow(**typed)  # type: ignore[arg-type]
+        f"{SELECT_ROW} WHERE at_unix_ms >= ? ORDER BY at_unix_ms, id", (since_unix_ms,))
+    return [row_from_columns(values) for values in cursor]
 
 
 _Item = LedgerRow | LogOffset | HealthRow | AttemptRow
