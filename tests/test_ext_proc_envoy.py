@@ -44,6 +44,7 @@ from control_plane.translate.names import (
     REQUEST_METADATA_NAMESPACE,
     ROUTE_HEADER,
 )
+from control_plane.translate.routes import route_header_value
 from gpu_router.api.v1 import health_pb2
 from gpu_router.processes import EnvoyAdmin, ManagedProcess, free_port, port_open, python_module
 
@@ -295,9 +296,10 @@ def test_an_alias_in_the_body_resolves(edge: Edge) -> None:
 
 
 def test_a_client_cannot_pick_the_route_itself(edge: Edge) -> None:
-    status, _, answer = edge.post(
-        b'{"model":"m2"}', x_gpu_router_route=f"{POLICY}/alpha", x_request_id="picky-1"
-    )
+    # A value a real route matches: m1's single-attempt route, whose order starts at alpha.
+    forged = route_header_value(POLICY, "m1", 1)
+    status, _, answer = edge.post(b'{"model":"m2"}', x_gpu_router_route=forged,
+                                  x_request_id="picky-1")
     assert (status, answer["upstream"], answer["route"]) == (200, "beta", None)
     assert edge.route("picky-1") == f"{POLICY}/beta,alpha"
 

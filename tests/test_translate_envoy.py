@@ -712,6 +712,11 @@ def request_id() -> str:
     return f"req-{uuid.uuid4()}"
 
 
+FORGED_ROUTE = route_header_value("default", "llama-3.1-8b", 1)
+"""A route header a client might send: a real route's value, whose own order starts at gamma
+(nothing listens) with no retry, so a request that kept it would fail rather than be served."""
+
+
 def since(edge: Edge, before: dict[str, int]) -> dict[str, list[dict]]:
     """What each upstream received after `before` (counts per upstream)."""
     return {name: u.received[before[name] :] for name, u in edge.upstreams.items()}
@@ -729,7 +734,7 @@ def test_a_503_goes_to_the_next_provider_each_attempt_fitted_to_its_provider(edg
             PICK_HEADER: "alpha,beta",
             "x-test-mode-alpha": "503",
             "authorization": "Bearer client",
-            "x-gpu-router-route": "default/alpha",
+            "x-gpu-router-route": FORGED_ROUTE,
         },
         sent,
         path=f"{CHAT_PATH}?q=1",
@@ -954,7 +959,7 @@ def test_ext_proc_pick_routes_to_that_provider_with_its_credential_only(edge: Ed
     status, headers, body = edge.post(
         {
             PICK_HEADER: "beta",
-            "x-gpu-router-route": "default/alpha",
+            "x-gpu-router-route": FORGED_ROUTE,
             "authorization": "Bearer client-key",
         },
         chat("llama-3.1-8b"),
@@ -993,7 +998,7 @@ def test_without_ext_proc_the_fallback_walks_the_weights_order_fitted_to_each(
         {
             FAIL_HEADER: "1",
             "x-test-mode-alpha": "503",
-            "x-gpu-router-route": "default/alpha",
+            "x-gpu-router-route": FORGED_ROUTE,
             "x-request-id": rid,
         },
         sent,
