@@ -19,12 +19,11 @@ from ext_proc.request import (
     METADATA_NAMESPACE,
     MODELS_PATH,
     REQUEST_NAMESPACE,
-    default_max_tokens,
     error_response,
     requested_max_tokens,
 )
 from ext_proc.router_state import RouterState
-from ext_proc.scoring import estimate_prompt_tokens
+from ext_proc.scoring import content_length, default_max_tokens, estimate_prompt_tokens
 
 CLIENT_FIELD = "client"
 """The client's name in the decision's dynamic metadata: the ledger books it."""
@@ -50,8 +49,8 @@ def _request_facts(headers: ext_proc_pb2.HttpHeaders) -> tuple[bytes | None, byt
             path = value.partition(b"?")[0]
         elif name == ":method":
             method = value
-        elif name == "content-length" and value.isdigit():
-            length = int(value)
+        elif name == "content-length":
+            length = content_length(value)
     is_models = path == _MODELS_PATH and method == b"GET"
     return presented_key(pairs), path, is_models, length
 

@@ -32,10 +32,11 @@ from google.protobuf import struct_pb2
 from ext_proc.router_state import RouterState
 from ext_proc.routing_table import STRATEGIES, RoutingTable
 from ext_proc.scoring import (
-    DEFAULT_MAX_TOKENS,
     Decision,
     NoCandidateError,
+    content_length,
     decide,
+    default_max_tokens,
     estimate_prompt_tokens,
 )
 
@@ -60,7 +61,6 @@ content type than JSON) itself, so such a request never gets here."""
 
 ROUTED_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
 MODELS_PATH = "/v1/models"
-_NO_OUTPUT_PATHS = frozenset({"/v1/embeddings"})
 
 _NO_FIELDS: Mapping[str, struct_pb2.Value] = MappingProxyType({})
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
@@ -158,12 +158,6 @@ def _conflicting_models(header: str, body: str) -> ext_proc_pb2.ProcessingRespon
         "model_conflict",
         "model",
     )
-
-
-def default_max_tokens(path: str) -> int:
-    """Output tokens assumed when a request does not say: none on a path that answers no
-    text (embeddings), else the router's default."""
-    return 0 if path in _NO_OUTPUT_PATHS else DEFAULT_MAX_TOKENS
 
 
 MAX_OUTPUT_TOKENS = 10**12
@@ -276,10 +270,7 @@ class RequestPhases:
             other = table.resolve(body_model)
             if other is None or other.name != route.name:
                 return _conflicting_models(model, body_model)
-        try:
-            length = int(headers.get("content-length") or 0)
-        except ValueError:
-            length = 0
+        length = content_length(headers.get("content-length", ""))
         forced = None if self.client is None else self.client.for_model(route.name)
         if isinstance(forced, ext_proc_pb2.ProcessingResponse):
             return forced  # the client's model allow-list leaves this model out: 403

@@ -46,9 +46,26 @@ EXCLUDED_PREFIX = "x:"
 """Marks an excluded candidate's reason in the candidate summary (a score otherwise)."""
 
 
+NO_OUTPUT_PATHS = frozenset({"/v1/embeddings"})
+"""Paths that answer no text: no output tokens are assumed when a request there says none."""
+
+
 def estimate_prompt_tokens(body_bytes: int) -> int:
     """Prompt tokens from the request body's size (or its content-length)."""
     return body_bytes // BYTES_PER_TOKEN
+
+
+def content_length(value: str | bytes) -> int:
+    """A content-length header's bytes; 0 unless it is plain ASCII digits (a sign, spaces or
+    underscores, which int() accepts, must not make a negative or odd estimate). Routing and
+    the clients' token limits both read it here, so they cannot disagree."""
+    return int(value) if value.isascii() and value.isdigit() else 0
+
+
+def default_max_tokens(path: str) -> int:
+    """Output tokens assumed when a request does not say: none on a path that answers no
+    text (embeddings), else the router's default."""
+    return 0 if path in NO_OUTPUT_PATHS else DEFAULT_MAX_TOKENS
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -14,6 +14,7 @@ from ext_proc.health_view import build_health_view
 from ext_proc.request import NotReadyError, Phase, ProtocolError, RequestPhases
 from ext_proc.router_state import RouterState
 from ext_proc.routing_table import build_routing_table
+from ext_proc.scoring import content_length
 from gpu_router.api.v1 import health_pb2
 
 NOW_MS = 1_700_000_000_000
@@ -163,6 +164,25 @@ def test_content_length_and_max_completion_tokens_drive_the_expected_cost() -> N
     assert phases.decision is not None
     vast = next(c for c in phases.decision.candidates if c.provider == "vast")
     assert vast.expected_cost_usd == pytest.approx((13 * 0.05 + 1_000_000 * 0.08) / 1e6)
+
+
+@pytest.mark.parametrize(("value", "length"), [
+    ("52", 52), (b"52", 52), ("-52", 0), ("+52", 0), (" 52", 0), ("5_2", 0), ("\u00b2", 0),
+    (b"-52", 0), ("", 0),
+])
+def test_content_length_is_plain_ascii_digits_or_nothing(value: str | bytes, length: int) -> None:
+    """One reading for routing (str headers) and the token limit (raw bytes): int() alone took
+    "-52" as a negative prompt and so a negative expected cost."""
+    assert content_length(value) == length
+
+
+def test_a_signed_content_length_prices_no_prompt() -> None:
+    phases = RequestPhases(STATE)
+    phases.handle(headers_request(x_gpu_router_strategy="cost", content_length="-4000",
+                                  body_fields={"model": "llama-3.1-8b", "max_tokens": 1}))
+    assert phases.decision is not None
+    vast = next(c for c in phases.decision.candidates if c.provider == "vast")
+    assert vast.expected_cost_usd == pytest.approx(1 * 0.08 / 1e6)
 
 
 @pytest.mark.parametrize(
