@@ -48,11 +48,16 @@ def parse_candidates(summary: str) -> list[dict[str, Any]]:
     return candidates
 
 
+def chosen(candidates: list[dict[str, Any]]) -> str:
+    """ext_proc's choice among parse_candidates' entries: the first scored one (it lists them in
+    rank order); "" when it scored none (it did not decide: its fallback route)."""
+    return next((c["provider"] for c in candidates if "score" in c), "")
+
+
 def audit_entry(row: LedgerRow) -> dict[str, Any]:
-    """The audit entry of a booked request. The choice is ext_proc's first scored candidate (it
-    lists them in rank order); "" when ext_proc did not decide (its fallback route)."""
+    """The audit entry of a booked request."""
     candidates = parse_candidates(row.candidates)
-    choice = next((c["provider"] for c in candidates if "score" in c), "")
+    choice = chosen(candidates)
     at = datetime.fromtimestamp(row.at_unix_ms / 1000, tz=UTC)
     return {
         "at": at.isoformat(timespec="milliseconds"),

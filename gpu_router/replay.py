@@ -32,7 +32,6 @@ from control_plane.ledger.report import ReportError, read_only
 from control_plane.ledger.savings import offerings, price_tokens
 from control_plane.policy.model import Price, RoutingConfig
 from control_plane.policy.wire import to_routing_policy
-from ext_proc.health_view import UNTIL_NEXT_SNAPSHOT
 from ext_proc.routing_table import ModelRoute, PolicyRule, build_routing_table
 from ext_proc.scoring import DEGRADED_PENALTY, NoCandidateError, decide
 from gpu_router.replay_groups import Group, GroupQuery
@@ -113,13 +112,6 @@ def ranking_key(route: ModelRoute, health: Aligned, rule: PolicyRule, prompt_tok
     return (order, tuple(p <= ceiling for p in price))
 
 
-def ejected_at(health: Aligned, at: int) -> tuple[bool, ...]:
-    """Which candidates an ejection holds at `at` (as decide() tells them)."""
-    if not health.any_ejected:
-        return (False,) * len(health.ejected_until)
-    return tuple(u == UNTIL_NEXT_SNAPSHOT or u > at for u in health.ejected_until)
-
-
 class Decider:
     """decide() once per (model, policy, ejections, health_key, ranking key): what its choice
     reads, so the history rows that only nudge an EWMA decide nothing anew; at most MEMO
@@ -182,7 +174,7 @@ class _Replayer:
             return self._picks[group.decides]
         route = self.table.models[group.model]  # type: ignore[index]
         health, at = periods.aligned(group.period), int(periods.starts[group.period])
-        ejected = ejected_at(health, at)
+        ejected = tuple(periods.ejected[group.period].tolist())
         index = self.decider.choice(route, health, group.rule, group.prompt, group.wanted,
                                     ejected, at)
         if len(self._picks) >= Decider.MEMO:

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from control_plane.audit import chosen, parse_candidates
 from control_plane.ledger.report import read_only
 from control_plane.ledger.savings import KINDS
 from ext_proc.routing_table import DEFAULT_POLICY, ModelRoute, PolicyRule, RoutingTable
@@ -33,12 +34,13 @@ from ext_proc.scoring import (
     BYTES_PER_TOKEN,
     DEFAULT_MAX_TOKENS,
     DEGRADED_PENALTY,
+    EXCLUDED_PREFIX,
+    NO_OUTPUT_PATHS,
+    default_max_tokens,
     estimate_prompt_tokens,
 )
 from gpu_router.replay_health import Periods, kind_of, union
 
-NO_OUTPUT_PATHS = ("/v1/embeddings",)
-"""Paths ext_proc assumes no output for when max_tokens is absent."""
 _SEP = "\x1f"
 PARTS = 2
 """Consecutive parts of the window summed at once, each on its own connection and thread."""
@@ -65,7 +67,8 @@ class Group:
     """"" when the requests never reached a provider (ROUTED when they did but the model is not
     in the policy: who served them does not matter then)."""
     recorded: str
-    """ext_proc's first scored candidate ("" when it was none of the table's providers)."""
+    """ext_proc's recorded choice (audit.chosen), else who served; a name the table may not
+    hold."""
     rule: PolicyRule
     period: int
     """The first period of the interval (Periods of `model`)."""
@@ -85,13 +88,9 @@ class Group:
 
 
 def recorded_choice(candidates: str, provider: str) -> str:
-    """ext_proc's first scored candidate; the serving provider when nothing was recorded (the
-    SQL of GroupQuery works this out where the first entry is it)."""
-    for entry in candidates.split(";"):
-        name, _, value = entry.partition("=")
-        if value and not value.startswith("x:"):
-            return name
-    return provider
+    """ext_proc's recorded choice (audit.chosen); the serving provider when nothing was recorded
+    (the SQL of GroupQuery works this out where the first entry is it)."""
+    return chosen(parse_candidates(candidates)) or provider
 
 
 def _cost(route: int, i: int) -> str:
@@ -163,7 +162,7 @@ class GroupQuery:
         self.params: dict[str, Any] = {
             "bytes_per_token": BYTES_PER_TOKEN, "default_max": DEFAULT_MAX_TOKENS,
             "penalty": DEGRADED_PENALTY, **{f"no_output_{i}": p for i, p in
-                                           enumerate(NO_OUTPUT_PATHS)}}
+                                           enumerate(sorted(NO_OUTPUT_PATHS))}}
         self.starts = union([p.starts for p in periods.values()])
         self._firsts: list[np.ndarray] = []
         """Per model, the first period of each of its intervals for every kind but balanced
@@ -219,13 +218,13 @@ class GroupQuery:
     def _statement(self) -> str:
         providers, width = self.table.providers, self._width
         bits = max(self._tokens.values(), default=0)
-        self._shape = (len(self.models) * len(self.rules) * len(providers), len(providers) + 1,
+        self._shape = (len(self.models) * len(self.rules) * len(providers), len(providers),
                        1 << bits)
         first = []
-        for i, provider in enumerate(providers):  # "provider=value", value scored (not "x:")
+        for i, provider in enumerate(providers):  # "provider=value", value scored (not excluded)
             self.params[f"named_{i}"] = f"{provider}="
             unscored = " OR ".join(self._starts_with(f"{provider}={after}", f"p{i}_{n}")
-                                   for n, after in enumerate((";", "x:")))
+                                   for n, after in enumerate((";", EXCLUDED_PREFIX)))
             first.append((self._starts_with(f"{provider}=", f"p{i}"),
                           (f"(CASE WHEN r.candidates = :named_{i} OR {unscored} THEN NULL "
                           f"ELSE {i} END)")))
@@ -376,8 +375,7 @@ class GroupQuery:
             model, rule = self.models[m], self.rules[rule_code]
             period = int(self._firsts[m][interval - self._offsets[m]])
             served = self.table.providers[served_code]
-            recorded = (self.table.providers[recorded_code]
-                        if recorded_code < len(self.table.providers) else "")
+            recorded = self.table.providers[recorded_code]
             decides: tuple[Any, ...] = (interval, rule_code, token_class)
         else:
             start, name, policy, path, served, body, asked, candidates = key.split(_SEP, 7)
@@ -389,7 +387,7 @@ class GroupQuery:
             rule = self._by_name.get(policy) or self.table.match(path, {}, model)
             prompt, wanted = estimate_prompt_tokens(int(body)), int(asked)
             if wanted < 0:
-                wanted = 0 if path in NO_OUTPUT_PATHS else DEFAULT_MAX_TOKENS
+                wanted = default_max_tokens(path)
             m = self.models.index(model)
             at = int(np.searchsorted(self.periods[model].starts, int(start), "right")) - 1
             firsts = (self._balanced_firsts(model) if rule.strategy == "balanced"

@@ -29,22 +29,32 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from control_plane.audit import chosen, parse_candidates
 from control_plane.ledger.health_history import HealthRow, rows_at, snapshot_of, stream_rows
 from control_plane.ledger.report import ReportError, read_only
 from control_plane.ledger.savings import offerings, price_tokens
 from control_plane.policy.model import Price, RoutingConfig
 from control_plane.policy.wire import to_routing_policy
-from ext_proc.health_view import CandidateHealth, build_health_view
+from ext_proc.health_view import UNTIL_NEXT_SNAPSHOT, CandidateHealth, build_health_view
 from ext_proc.routing_table import ModelRoute, PolicyRule, RoutingTable, build_routing_table
 from ext_proc.scoring import (
-    DEFAULT_MAX_TOKENS,
     DEGRADED_PENALTY,
     NoCandidateError,
     decide,
+    default_max_tokens,
     estimate_prompt_tokens,
 )
 from gpu_router.replay import Replay, Side
-from gpu_router.replay_groups import NO_OUTPUT_PATHS, recorded_choice
+from gpu_router.replay_health import Aligned
+
+
+def ejected_at(health: Aligned, at: int) -> tuple[bool, ...]:
+    """Which candidates an ejection holds at `at` (as decide() tells them): the scalar rule
+    the replay's Periods.ejected must agree with."""
+    if not health.any_ejected:
+        return (False,) * len(health.ejected_until)
+    return tuple(u == UNTIL_NEXT_SNAPSHOT or u > at for u in health.ejected_until)
+
 
 FETCH = 5000
 _ROWS = ("SELECT at_unix_ms, model, provider, policy, candidates, path, request_bytes, max_tokens, "
@@ -180,8 +190,7 @@ def replay(db_path: str | Path, config: RoutingConfig, since_ms: int, until_ms: 
                 timeline.advance(at)
                 health = timeline.aligned(route.name, at)
                 rule = policies.get(policy) or table.match(path, {}, route.name)
-                wanted = max_tokens if max_tokens >= 0 else (
-                    0 if path in NO_OUTPUT_PATHS else DEFAULT_MAX_TOKENS)
+                wanted = max_tokens if max_tokens >= 0 else default_max_tokens(path)
                 ejected = tuple(health.ejected(at).tolist())  # ext_proc's own test
                 index = decider.choice(route, health, timeline.version(route.name), rule,
                                        estimate_prompt_tokens(body_bytes), wanted, ejected, at)
@@ -189,7 +198,7 @@ def replay(db_path: str | Path, config: RoutingConfig, since_ms: int, until_ms: 
                     result.refused("no provider could serve")
                     continue
                 choice = route.providers[index]
-                recorded = recorded_choice(candidates, provider)
+                recorded = chosen(parse_candidates(candidates)) or provider
                 result.changed += recorded != choice
                 result.to_ejected += bool(ejected[index])
                 recorded_at = (route.providers.index(recorded)

@@ -15,6 +15,7 @@ from functools import partial
 from pathlib import Path
 
 import pytest
+from replay_reference import ejected_at
 from usage_fixtures import make_record
 
 from control_plane.ledger.health_history import (
@@ -37,7 +38,7 @@ from control_plane.usage.normalise import normalise
 from ext_proc.health_view import build_health_view
 from ext_proc.routing_table import build_routing_table
 from ext_proc.scoring import decide
-from gpu_router.replay import Decider, ejected_at, replay
+from gpu_router.replay import Decider, replay
 from gpu_router.replay_health import Aligned
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))

@@ -11,6 +11,7 @@ import sqlite3
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from replay_reference import ejected_at
 
 from control_plane.ledger.health_history import (
     HISTORY_INSERT,
@@ -23,7 +24,6 @@ from control_plane.ledger.health_history import (
 from control_plane.policy.load import default_policy_path, load_policy_file
 from control_plane.policy.wire import to_routing_policy
 from ext_proc.routing_table import DEFAULT_POLICY, build_routing_table
-from gpu_router.replay import ejected_at
 from gpu_router.replay_health import aligned_health, health_key, read_periods
 
 TABLE = build_routing_table(to_routing_policy(load_policy_file(default_policy_path())))

@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from control_plane.audit import parse_candidates
+from control_plane.audit import chosen, parse_candidates
 from control_plane.ledger.attempts import AttemptRow, attempts_of
 from control_plane.ledger.health_history import HealthRow, rows_at
 from control_plane.ledger.report import read_only
@@ -122,7 +122,7 @@ def explain(db_path: str | Path, config: RoutingConfig, request_id: str, *,
             "cost_of_its_tokens_usd": None if price is None else price_tokens(tokens, price),
             "health": _health(history, candidate["provider"], row.model),
         })
-    choice = next((c["provider"] for c in candidates if "score" in c), "")
+    choice = chosen(candidates)
     order = [p for p in (choice, *row.fallbacks.split(",")) if p]
     attempts = _told(row, failed) if failed else _inferred(row, order)
     story = {k: v for k, v in asdict(row).items() if k not in ("candidates", "fallbacks")}
