@@ -17,8 +17,9 @@ ATTEMPT_LOG_NAME = "gpu-router.attempt"
 """The router's upstream log: one entry per attempt on a provider."""
 
 ROUTE_HEADER = "x-gpu-router-route"
-"""Set by ext_proc to "<policy>/<provider>,<provider>,...": the ranked order, which names the
-route; stripped from client requests."""
+"""Set by ext_proc to "<policy>/<model>/<attempts>" (routes.route_header_value): which route
+of the policy and model, the order itself riding in the decision metadata (ORDER_METADATA_KEY);
+stripped from client requests."""
 MODEL_HEADER = "x-gpu-router-model"
 STRATEGY_HEADER = "x-gpu-router-strategy"
 PROVIDER_RESPONSE_HEADER = "x-gpu-router-provider"

@@ -118,10 +118,13 @@ def _policy_routes(
     settings: EdgeSettings,
     weights: Mapping[str, int] | None,
 ) -> Iterator[rc_pb2.Route]:
+    """The routes ext_proc's answers name, for every model whatever the policy's match.models: a
+    client's forced policy (clients.py) decides any model the client may use. Their own order
+    (when ext_proc names none the route holds) is the fallback route's, then the other fitting
+    providers."""
     for model in config.models:
-        usable = usable_providers(config, policy, model)
         first = provider_order(config, policy, model, weights)
-        groups = (*first, *(name for name in usable if name not in first))
+        groups = tuple(dict.fromkeys((*first, *usable_providers(config, policy, model))))
         for attempts in range(1, min(policy.max_fallbacks + 1, len(groups)) + 1):
             value = route_header_value(policy.name, model.name, attempts)
             match = rc_pb2.RouteMatch(
