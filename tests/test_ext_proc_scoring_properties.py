@@ -25,15 +25,21 @@ EJECTIONS = st.sampled_from([NOT_EJECTED, NOT_EJECTED, NOT_EJECTED, UNTIL_NEXT_S
 
 @st.composite
 def cases(draw: st.DrawFn, max_candidates: int = 8):
+    """Half of the cases are shaped as production runs them: providers in table order (as
+    build_routing_table makes them), all fitting, no allow-list, nobody ejected, so every
+    candidate is eligible and decide() takes its fast paths (one-key sort, the health
+    snapshot's prepared latencies, the one-format summary); the others are anything."""
     n = draw(st.integers(min_value=1, max_value=max_candidates))
+    production = draw(st.booleans())
     providers = tuple(f"p{i}" for i in range(n))
-    fits = [draw(st.booleans()) or draw(st.booleans()) for _ in range(n)]
+    fits = [production or draw(st.booleans()) or draw(st.booleans()) for _ in range(n)]
     route = ModelRoute(
         name="m",
         providers=providers,
         clusters=tuple(f"provider-{p}" for p in providers),
         provider_model_ids=tuple(f"id-{p}" for p in providers),
-        provider_index=np.array(draw(st.permutations(range(n))), dtype=np.int64),
+        provider_index=np.array(range(n) if production else draw(st.permutations(range(n))),
+                                dtype=np.int64),
         input_usd_per_mtok=np.array([draw(PRICES) for _ in range(n)], dtype=np.float64),
         output_usd_per_mtok=np.array([draw(PRICES) for _ in range(n)], dtype=np.float64),
         unfit=tuple(None if f else "gpu too small" for f in fits),
@@ -43,7 +49,8 @@ def cases(draw: st.DrawFn, max_candidates: int = 8):
     health = CandidateHealth(
         latency_ms=np.array([np.nan if v is None else v for v in latency], dtype=np.float64),
         degraded=np.array([draw(st.booleans()) for _ in range(n)], dtype=np.bool_),
-        ejected_until_unix_ms=np.array([draw(EJECTIONS) for _ in range(n)], dtype=np.int64),
+        ejected_until_unix_ms=np.array(
+            [NOT_EJECTED if production else draw(EJECTIONS) for _ in range(n)], dtype=np.int64),
     )
     policy = PolicyRule(
         name="p",
@@ -53,7 +60,7 @@ def cases(draw: st.DrawFn, max_candidates: int = 8):
         latency_sla_ms=draw(st.sampled_from([0.0, 50.0, 100.0, 1000.0])),
         cost_ceiling_usd_per_mtok=draw(st.sampled_from([0.0, 0.1, 0.5, 2.0])),
         max_fallbacks=draw(st.integers(min_value=0, max_value=4)),
-        providers=frozenset(draw(st.sets(st.sampled_from(providers)))),
+        providers=frozenset() if production else frozenset(draw(st.sets(st.sampled_from(providers)))),
     )
     request = {
         "strategy": draw(st.sampled_from(["cost", "latency", "balanced"])),
