@@ -24,6 +24,8 @@ from gpu_router.api.v1 import health_pb2
 DEGRADED = health_pb2.DEGRADED
 EJECTED = health_pb2.EJECTED
 
+DEGRADED_PENALTY = 2.0
+"""A degraded candidate's score (cost, latency or both) counts this many times over."""
 NOT_EJECTED = -1
 """ejected_until value of a candidate no entry ejects."""
 UNTIL_NEXT_SNAPSHOT = 0
@@ -49,6 +51,8 @@ class CandidateHealth:
     """Some entry ejects a candidate (else decide() need not compare cooldowns with the time)."""
     any_degraded: bool = field(init=False)
     """Some candidate is degraded (else decide() leaves every score unpenalised)."""
+    penalties: tuple[float, ...] | None = field(init=False)
+    """Each candidate's score factor, DEGRADED_PENALTY when degraded; None when none is."""
     exploring_latencies: tuple[float, ...] = field(init=False)
     """latencies with unmeasured ones at 0 ms: the latency strategy's score, which explores each
     unmeasured candidate once."""
@@ -63,6 +67,8 @@ class CandidateHealth:
         set_field(self, "ejected_until", tuple(self.ejected_until_unix_ms.tolist()))
         set_field(self, "any_ejected", any(u != NOT_EJECTED for u in self.ejected_until))
         set_field(self, "any_degraded", any(self.degraded_flags))
+        set_field(self, "penalties", tuple(DEGRADED_PENALTY if d else 1.0 for d in
+                                           self.degraded_flags) if self.any_degraded else None)
         set_field(self, "exploring_latencies", tuple(
             0.0 if math.isnan(lat) else lat for lat in self.latencies))
         filled, normaliser = balanced_latency(self.latencies)

@@ -42,8 +42,8 @@ def _rank_cost(
     policy: PolicyRule,
     cost: list[float],
     health: CandidateHealth,
-    eligible: list[bool],
-    penalty: list[float] | None,
+    eligible: Sequence[bool],
+    penalty: Sequence[float] | None,
     tokens: int,
 ) -> Ranking:
     sla = policy.latency_sla_ms
@@ -66,8 +66,8 @@ def _rank_latency(
     policy: PolicyRule,
     cost: list[float],
     health: CandidateHealth,
-    eligible: list[bool],
-    penalty: list[float] | None,
+    eligible: Sequence[bool],
+    penalty: Sequence[float] | None,
     tokens: int,
 ) -> Ranking:
     ceiling = policy.cost_ceiling_usd_per_mtok
@@ -90,7 +90,7 @@ def _rank_latency(
     return keeps, _penalised(health.exploring_latencies, penalty), describe
 
 
-def _penalised(values: Sequence[float], penalty: list[float] | None) -> Sequence[float]:
+def _penalised(values: Sequence[float], penalty: Sequence[float] | None) -> Sequence[float]:
     """Scores of degraded candidates multiplied by their penalty; None: nobody is degraded."""
     return values if penalty is None else list(map(operator.mul, values, penalty))
 
@@ -123,8 +123,8 @@ def _rank_balanced(
     policy: PolicyRule,
     cost: list[float],
     health: CandidateHealth,
-    eligible: list[bool],
-    penalty: list[float] | None,
+    eligible: Sequence[bool],
+    penalty: Sequence[float] | None,
     tokens: int,
 ) -> Ranking:
     cost_weight, latency_weight = policy.cost_weight, policy.latency_weight
@@ -147,7 +147,14 @@ def _rank_balanced(
     return eligible, score, describe
 
 
-RANKERS: dict[str, Callable[..., Ranking]] = {
+Ranker = Callable[
+    [ModelRoute, PolicyRule, list[float], "CandidateHealth", Sequence[bool],
+     Sequence[float] | None, int],
+    Ranking,
+]
+"""Every strategy's ranker takes the same arguments, whether or not it reads each (cost and
+balanced ignore the route and the token count latency's ceiling needs): decide() calls any."""
+RANKERS: dict[str, Ranker] = {
     "cost": _rank_cost,
     "latency": _rank_latency,
     "balanced": _rank_balanced,

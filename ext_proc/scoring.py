@@ -40,7 +40,6 @@ DEFAULT_MAX_TOKENS = 256
 BYTES_PER_TOKEN = 4
 """Prompt estimate without a tokenizer: ~4 bytes of English text (or JSON) per token."""
 
-DEGRADED_PENALTY = 2.0
 
 EXCLUDED_PREFIX = "x:"
 """Marks an excluded candidate's reason in the candidate summary (a score otherwise)."""
@@ -152,10 +151,10 @@ def decide(
             # while one of them may already have recovered (ejection trails the provider by a
             # cooldown).
             until = (NOT_EJECTED,) * count
+            eligible: Sequence[bool] = usable
         else:
             skipped = [u and e for u, e in zip(usable, ejected)]
-        eligible: Sequence[bool] = usable if panic else [
-            u and not e for u, e in zip(usable, ejected)]
+            eligible = [u and not e for u, e in zip(usable, ejected)]
     else:
         eligible = usable
     if not any(eligible):
@@ -166,22 +165,21 @@ def decide(
             f"no provider can serve {route.name} ({detail})",
             _candidates(route, cost, latency, None, excluded, range(len(excluded))),
         )
-    degraded = health.degraded_flags
-    penalty = [DEGRADED_PENALTY if d else 1.0 for d in degraded] if health.any_degraded else None
     keeps, score, describe = RANKERS[strategy](
-        route, policy, cost, health, eligible, penalty, prompt_tokens + max_tokens
+        route, policy, cost, health, eligible, health.penalties, prompt_tokens + max_tokens
     )
     order = _rank(route, keeps, eligible, score)
     best = order[0]
-    reason = describe(best) + (" (degraded)" if degraded[best] else "")
+    reason = describe(best) + (" (degraded)" if health.degraded_flags[best] else "")
     if panic:
         reason += "; every fitting provider ejected: tried anyway"
-    if any(skipped):
+    any_skipped = any(skipped)
+    if any_skipped:
         reason += "; " + ", ".join(p for p, s in zip(providers, skipped) if s) + " ejected"
     # Ejected providers that could serve come last, after every eligible one: a fleet ejection
     # trails the provider by its cooldown, and trying one beats failing the client request.
     walk = [i for i in order if eligible[i]]
-    if len(walk) <= policy.max_fallbacks and any(skipped):
+    if len(walk) <= policy.max_fallbacks and any_skipped:
         walk += [i for i in order if skipped[i]]
     summary = candidate_summary(
         route,

@@ -32,8 +32,9 @@ from control_plane.ledger.report import ReportError, read_only
 from control_plane.ledger.savings import offerings, price_tokens
 from control_plane.policy.model import Price, RoutingConfig
 from control_plane.policy.wire import to_routing_policy
+from ext_proc.health_view import DEGRADED_PENALTY
 from ext_proc.routing_table import ModelRoute, PolicyRule, build_routing_table
-from ext_proc.scoring import DEGRADED_PENALTY, NoCandidateError, decide
+from ext_proc.scoring import NoCandidateError, decide
 from gpu_router.replay_groups import Group, GroupQuery
 from gpu_router.replay_health import Aligned, Periods, health_key, read_periods
 

@@ -29,11 +29,11 @@ import numpy as np
 from control_plane.audit import chosen, parse_candidates
 from control_plane.ledger.report import read_only
 from control_plane.ledger.savings import KINDS
+from ext_proc.health_view import DEGRADED_PENALTY
 from ext_proc.routing_table import DEFAULT_POLICY, ModelRoute, PolicyRule, RoutingTable
 from ext_proc.scoring import (
     BYTES_PER_TOKEN,
     DEFAULT_MAX_TOKENS,
-    DEGRADED_PENALTY,
     EXCLUDED_PREFIX,
     NO_OUTPUT_PATHS,
     default_max_tokens,

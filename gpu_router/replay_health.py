@@ -20,9 +20,8 @@ import numpy as np
 import numpy.typing as npt
 
 from control_plane.ledger.health_history import LOOKBACK_MS
-from ext_proc.health_view import NOT_EJECTED, UNTIL_NEXT_SNAPSHOT, CandidateHealth
+from ext_proc.health_view import DEGRADED_PENALTY, NOT_EJECTED, UNTIL_NEXT_SNAPSHOT, CandidateHealth
 from ext_proc.routing_table import ModelRoute, PolicyRule, RoutingTable
-from ext_proc.scoring import DEGRADED_PENALTY
 
 _COLUMNS = ("SELECT at_unix_ms, ifnull(ewma_ms, -1.0), (state = 'degraded') + 2 * (state = 'ejected'), "
             "ejected_until FROM health_history WHERE provider = ? AND model = ? ")

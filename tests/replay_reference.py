@@ -35,10 +35,14 @@ from control_plane.ledger.report import ReportError, read_only
 from control_plane.ledger.savings import offerings, price_tokens
 from control_plane.policy.model import Price, RoutingConfig
 from control_plane.policy.wire import to_routing_policy
-from ext_proc.health_view import UNTIL_NEXT_SNAPSHOT, CandidateHealth, build_health_view
+from ext_proc.health_view import (
+    DEGRADED_PENALTY,
+    UNTIL_NEXT_SNAPSHOT,
+    CandidateHealth,
+    build_health_view,
+)
 from ext_proc.routing_table import ModelRoute, PolicyRule, RoutingTable, build_routing_table
 from ext_proc.scoring import (
-    DEGRADED_PENALTY,
     NoCandidateError,
     decide,
     default_max_tokens,

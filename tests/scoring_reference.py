@@ -11,11 +11,10 @@ from dataclasses import replace
 import numpy as np
 import numpy.typing as npt
 
-from ext_proc.health_view import NOT_EJECTED, UNTIL_NEXT_SNAPSHOT, CandidateHealth
+from ext_proc.health_view import DEGRADED_PENALTY, NOT_EJECTED, UNTIL_NEXT_SNAPSHOT, CandidateHealth
 from ext_proc.ranking import fmt_latency
 from ext_proc.routing_table import ModelRoute, PolicyRule
 from ext_proc.scoring import (
-    DEGRADED_PENALTY,
     EXCLUDED_PREFIX,
     Candidate,
     Decision,
