@@ -23,10 +23,8 @@ from rig import MODEL, bench_policy
 from control_plane.policy.load import load_policy_file
 from control_plane.policy.wire import to_routing_policy
 from ext_proc.health_view import NOT_EJECTED, CandidateHealth
-from ext_proc.routing_table import build_routing_table
+from ext_proc.routing_table import STRATEGIES, build_routing_table
 from ext_proc.scoring import decide
-
-STRATEGIES = ("cost", "latency", "balanced")
 
 
 def per_call_us(providers: int, strategy: str, calls: int, repeats: int = 1) -> float:

@@ -4,11 +4,12 @@ The routed bench (routed_path.py) shows the edge spending more CPU per request w
 accounting on than off. This prices the pieces accounting adds to the edge, in isolation and in
 the same run: the same static Envoy in front of the same fast upstream, once plain, once with
 the usage-capture Lua filter, once with the request-fields Lua filter (always on, for
-comparison), once with the durable request log, each as the translator generates it. Prints
-Envoy's CPU microseconds per request at 16 connections (least of --repeats loads) and the
-difference from plain.
+comparison), once with the durable request log, each as the translator generates it. The four
+Envoys run at once and are loaded in turn (wrk_load.interleaved), so the machine's drift weighs
+on each alike. Prints Envoy's CPU microseconds per request at 16 connections over all rounds and
+the difference from plain.
 
-    python bench/edge_filters.py [--duration 5] [--repeats 2]
+    python bench/edge_filters.py [--duration 5] [--rounds 2]
 """
 
 from __future__ import annotations
@@ -20,12 +21,12 @@ from pathlib import Path
 
 from google.protobuf import json_format
 from rig import chat_body, cluster, fast_upstream, static_envoy
-from wrk_load import cpu_reading, per_request, wrk
+from wrk_load import Target, interleaved, wrk
 
 from control_plane.translate.durable_log import durable_edge_log
 from control_plane.translate.listeners import _request_fields, _usage_capture
 from control_plane.translate.settings import EdgeSettings
-from gpu_router.processes import free_port
+from gpu_router.processes import ManagedProcess, free_port
 
 
 def as_json(message: object) -> dict:
@@ -47,36 +48,33 @@ def variants(work: Path) -> dict[str, tuple[list[dict], list[dict]]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--duration", type=int, default=5)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="rounds of loading every variant in turn (forward, then reverse)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="gpu-router-edge-filters-"))
     upstream_port = free_port()
     upstream = fast_upstream(work, upstream_port)
-    body, plain = chat_body(64), None
+    envoys: list[ManagedProcess] = []
     try:
+        targets = []
         for index, (name, (filters, logs)) in enumerate(variants(work).items()):
             port = free_port()
-            envoy = static_envoy(f"edge-{index}", work, port,
-                                 {"match": {"prefix": "/"}, "route": {"cluster": "upstream"}},
-                                 [cluster("upstream", upstream_port)], filters=filters,
-                                 access_log=logs)
-            try:
-                url = f"http://127.0.0.1:{port}/v1/chat/completions"
-                wrk(url, body, 16, 1, work)  # warm up
-                spent, rps = [], []
-                for _ in range(args.repeats):
-                    before = cpu_reading({"envoy": envoy.pid})
-                    load = wrk(url, body, 16, args.duration, work)
-                    spent.append(per_request(before, cpu_reading({"envoy": envoy.pid}), load)["envoy"])
-                    rps.append(load.rps)
-                least = min(spent)
-                plain = least if plain is None else plain
-                print(f"{name:<22} {least:6.0f} us/request  {least - plain:+5.0f} us  "
-                      f"({max(rps):,.0f} req/s)", flush=True)
-            finally:
-                envoy.stop()
+            envoys.append(static_envoy(f"edge-{index}", work, port,
+                                       {"match": {"prefix": "/"}, "route": {"cluster": "upstream"}},
+                                       [cluster("upstream", upstream_port)], filters=filters,
+                                       access_log=logs))
+            targets.append(Target(name, f"http://127.0.0.1:{port}/v1/chat/completions",
+                                  {"envoy": envoys[-1].pid}))
+            wrk(targets[-1].url, chat_body(64), 16, 1, work)  # warm up
+        result = interleaved(targets, chat_body(64), 16, args.duration, work, args.rounds)
     finally:
-        upstream.stop()
+        for process in (*envoys, upstream):
+            process.stop()
+    plain = result.cpu_us["plain"]["envoy"]
+    for name, spent in result.cpu_us.items():
+        rps = result.rps[name]
+        print(f"{name:<22} {spent['envoy']:6.0f} us/request  {spent['envoy'] - plain:+5.0f} us  "
+              f"({sum(rps) / len(rps):,.0f} req/s)")
 
 
 if __name__ == "__main__":

@@ -50,7 +50,11 @@ def static_envoy(name: str, work: Path, listen_port: int, route: dict, clusters:
     argv = [envoy_binary(), "-c", str(path), "--base-id", str(free_port()), "--log-level", "error",
             *concurrency]
     process = ManagedProcess(name, argv, work / f"{name}.log").start()
-    process.wait_until(EnvoyAdmin(admin).ready, f"{name} to start")
+    try:
+        process.wait_until(EnvoyAdmin(admin).ready, f"{name} to start")
+    except BaseException:
+        process.stop()  # the caller never gets a handle to stop it
+        raise
     return process
 
 

@@ -168,8 +168,7 @@ async def serve(options: Options, stop: asyncio.Event, hangup: asyncio.Event | N
     )
     receiver = AccessLogReceiver(fleet, count=metrics.count_telemetry)
     receiver.on_request.append(accounting.book)
-    if options.ledger is not None:
-        receiver.on_attempt.append(accounting.add_attempt)
+    receiver.on_attempt.append(accounting.add_attempt)  # kept only with a ledger
     receiver.register(server)
     LoadReportReceiver(fleet, count=metrics.count_telemetry).register(server)
     ca, cert, key = options.tls_files().read()

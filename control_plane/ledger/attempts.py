@@ -2,8 +2,8 @@
 
 The edges log only failed attempts (the router's upstream_log, translate/listeners.py
 failed_attempts_only); each believed one (telemetry/validation.py attempt_problem) with a request
-id becomes one row: when it started (the edge's clock, the same for every attempt of a request,
-so it orders them), the provider, the provider's status (0 when it gave none), Envoy's response
+id becomes one row: when it started (each attempt's own start, on the edge's clock, which is the
+same clock for every attempt of a request, so it orders them), the provider, the provider's status (0 when it gave none), Envoy's response
 flags by their short names and how long it took. A served request adds no row: its last attempt
 is the request's own ledger row. Rows go through the ledger's batched writer and are pruned with
 its retention (store.py); `why` reads them back by request id (`attempts_of`).
