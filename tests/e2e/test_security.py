@@ -26,7 +26,7 @@ from polling import eventually
 from stack_harness import Providers, chat, policy_on_free_ports, start_stack
 
 from control_plane.policy.load import default_policy_path
-from control_plane.telemetry.als import EDGE_LOG_NAME
+from control_plane.telemetry.als import ATTEMPT_LOG_NAME, EDGE_LOG_NAME
 from control_plane.translate.names import credential_secret
 from control_plane.xds import type_urls
 from gpu_router import pki
@@ -144,26 +144,34 @@ def test_an_ext_proc_certificate_never_gets_a_key_whatever_it_claims(
     assert type_urls.SECRET in refused["asked"]
 
 
-def forged_request_log(request_id: str) -> list[als_pb2.StreamAccessLogsMessage]:
+def forged_log(request_id: str, log_name: str = EDGE_LOG_NAME) -> list[als_pb2.StreamAccessLogsMessage]:
+    """One believable entry on `log_name`: a served client request (the edge log), or a 503
+    attempt to runpod just now (the attempt log, which `why` keeps per request; not KEYED, whose
+    health the key rotation test below needs intact)."""
     entry = accesslog_pb2.HTTPAccessLogEntry(
         request=accesslog_pb2.HTTPRequestProperties(request_id=request_id, path="/v1/chat/completions"),
         response=accesslog_pb2.HTTPResponseProperties(),
     )
     entry.response.response_code.value = 200
+    if log_name == ATTEMPT_LOG_NAME:
+        entry.common_properties.upstream_cluster = "runpod"
+        entry.common_properties.start_time.GetCurrentTime()
+        entry.response.response_code.value = 503
     return [
         als_pb2.StreamAccessLogsMessage(
             identifier=als_pb2.StreamAccessLogsMessage.Identifier(
-                node=base_pb2.Node(id="edge-1", cluster=EDGE_CLUSTER), log_name=EDGE_LOG_NAME
+                node=base_pb2.Node(id="edge-1", cluster=EDGE_CLUSTER), log_name=log_name
             ),
             http_logs=als_pb2.StreamAccessLogsMessage.HTTPAccessLogEntries(log_entry=[entry]),
         )
     ]
 
 
-def send_access_log(channel: grpc.Channel, request_id: str) -> grpc.StatusCode:
+def send_access_log(channel: grpc.Channel, request_id: str,
+                    log_name: str = EDGE_LOG_NAME) -> grpc.StatusCode:
     stub = als_pb2_grpc.AccessLogServiceStub(channel)
     try:
-        stub.StreamAccessLogs(iter(forged_request_log(request_id)), timeout=10)
+        stub.StreamAccessLogs(iter(forged_log(request_id, log_name)), timeout=10)
     except grpc.RpcError as error:
         return error.code()
     return grpc.StatusCode.OK
@@ -197,6 +205,26 @@ def test_access_logs_and_load_reports_only_from_edge_certificates(stack: Stack) 
     # written yet would pass the check below.
     eventually(lambda: booked(stack, "from-an-edge") == 1, "the edge's entry in the ledger")
     assert booked(stack, "forged-ext-proc") == 0
+
+
+def attempts_kept(stack: Stack, request_id: str) -> int:
+    with sqlite3.connect(stack.log_dir / "ledger.db") as ledger:
+        [(count,)] = ledger.execute(
+            "SELECT count(*) FROM attempts WHERE request_id = ?", (request_id,)
+        ).fetchall()
+    return count
+
+
+def test_failed_attempts_for_why_only_from_edge_certificates(stack: Stack) -> None:
+    """The attempt log feeds fleet health and each request's story in `why`: another role's
+    certificate is refused before an entry is read, an edge's is kept."""
+    with mtls(stack, pki.Role.EXT_PROC, "intruder") as channel:
+        assert send_access_log(channel, "forged-attempt", ATTEMPT_LOG_NAME) == (
+            grpc.StatusCode.PERMISSION_DENIED)
+    with mtls(stack, pki.Role.EDGE, "probe") as channel:
+        assert send_access_log(channel, "edge-attempt", ATTEMPT_LOG_NAME) == grpc.StatusCode.OK
+    eventually(lambda: attempts_kept(stack, "edge-attempt") == 1, "the edge's attempt kept")
+    assert attempts_kept(stack, "forged-attempt") == 0
 
 
 def test_a_key_rotated_in_its_file_reaches_the_provider(
