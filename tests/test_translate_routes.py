@@ -164,3 +164,20 @@ def test_too_many_routes_are_refused_with_the_way_out() -> None:
 def test_a_config_without_policies_is_refused() -> None:
     with pytest.raises(TranslationError, match="at least one policy"):
         routes(routing_config(*PROVIDERS, policies=()))
+
+
+@pytest.mark.parametrize(("policy", "model", "attempts"), [
+    ("default", "llama-3.1-8b", 3), ("a/b", "m%1 x", 1), ("ünï", "m/2", 2),
+])
+def test_ext_proc_names_routes_and_the_order_as_the_translator_does(
+        policy: str, model: str, attempts: int) -> None:
+    """The wire contract between the deployables (a test may import both): the route header's
+    value and the order's metadata key, written by ext_proc, read by the generated routes."""
+    from control_plane.translate.names import ORDER_METADATA_KEY
+    from control_plane.translate.names import ROUTE_HEADER as TRANSLATED_ROUTE_HEADER
+    from ext_proc.request import ORDER_KEY, ROUTE_HEADER, _route_to
+
+    (header,) = _route_to(policy, model, attempts).header_mutation.set_headers
+    assert (header.header.key, header.header.raw_value.decode()) == (
+        TRANSLATED_ROUTE_HEADER, route_header_value(policy, model, attempts))
+    assert (ROUTE_HEADER, ORDER_KEY) == (TRANSLATED_ROUTE_HEADER, ORDER_METADATA_KEY)

@@ -51,13 +51,13 @@ def failover_route(
     policy: Policy,
     settings: EdgeSettings,
     reason: str,
+    attempts: int,
     *,
-    attempts: int | None = None,
     per_request: bool = False,
 ) -> rc_pb2.Route:
     """Attempt n of a request to order[n], on the retry terms of `policy`, for `attempts`
-    attempts (default len(order)); `per_request`: to the n-th provider ext_proc's metadata
-    names instead. `reason` is the x-gpu-router-reason response header."""
+    attempts; `per_request`: to the n-th provider ext_proc's metadata names instead (its
+    namespace, METADATA_NAMESPACE). `reason` is the x-gpu-router-reason response header."""
     groups = priority_groups(order, METADATA_NAMESPACE if per_request else "")
     specifier = extension_pb2.TypedExtensionConfig(
         name=PRIORITY_GROUP_PLUGIN, typed_config=packed(groups)
@@ -69,9 +69,7 @@ def failover_route(
             inline_cluster_specifier_plugin=rc_pb2.ClusterSpecifierPlugin(extension=specifier),
             timeout=seconds(settings.upstream_timeout_s),
             auto_host_rewrite=wrappers_pb2.BoolValue(value=True),
-            retry_policy=_retry_policy(
-                len(order) if attempts is None else attempts, policy.per_try_timeout_ms
-            ),
+            retry_policy=_retry_policy(attempts, policy.per_try_timeout_ms),
         ),
         response_headers_to_add=[
             response_header(PROVIDER_RESPONSE_HEADER, "%UPSTREAM_CLUSTER%"),

@@ -156,7 +156,7 @@ def _model_routes(
             return
         match.headers.extend([*_policy_headers(policy), *headers])
         match.dynamic_metadata.extend(metadata)
-        yield failover_route(name, match, order, policy, settings, FALLBACK_REASON)
+        yield failover_route(name, match, order, policy, settings, FALLBACK_REASON, len(order))
 
 
 def _inference_paths(prefix: str) -> rc_pb2.RouteMatch | None:

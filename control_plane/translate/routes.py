@@ -136,4 +136,4 @@ def _policy_routes(
                 ],
             )
             yield failover_route(value, match, groups, policy, settings, _EXT_PROC_REASON,
-                                 attempts=attempts, per_request=True)
+                                 attempts, per_request=True)
