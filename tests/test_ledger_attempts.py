@@ -16,6 +16,7 @@ from control_plane.ledger.attempts import FLAG_MEANINGS, FLAG_NAMES, AttemptRow,
 from control_plane.ledger.store import SCHEMA_VERSION, LedgerWriter, ledger_row, open_ledger
 from control_plane.ledger.why import explain, render_why
 from control_plane.policy.load import default_policy_path, load_policy_file
+from control_plane.telemetry.samples import UPSTREAM_FAILURE_FLAGS
 from control_plane.translate.listeners import FAILED_ATTEMPT_FLAGS
 from control_plane.usage.normalise import normalise
 
@@ -44,11 +45,13 @@ def write(path: Path, *items: object, clock_s: float = T0 / 1000) -> None:
 
 def test_the_flag_tables_follow_envoy_and_the_attempt_log_filter() -> None:
     """FLAG_NAMES is typed from Envoy's docs: a ResponseFlags field it lacks would be dropped
-    from every row; FLAG_MEANINGS explains exactly the flags the edges log an attempt for."""
+    from every row; FLAG_MEANINGS explains exactly the flags the edges log an attempt for, which
+    are the ones health counts as the provider's failure."""
     booleans = {f.name for f in accesslog_pb2.ResponseFlags.DESCRIPTOR.fields
                 if f.type == FieldDescriptor.TYPE_BOOL}
     assert set(FLAG_NAMES) == booleans
     assert set(FLAG_MEANINGS) == set(FAILED_ATTEMPT_FLAGS) <= set(FLAG_NAMES.values())
+    assert {FLAG_NAMES[name] for name in UPSTREAM_FAILURE_FLAGS} == set(FAILED_ATTEMPT_FLAGS)
 
 
 def test_attempts_are_written_in_batches_and_read_back_in_start_order(tmp_path: Path) -> None:

@@ -42,9 +42,7 @@ _FINAL_ATTEMPT_LOG_TYPES = frozenset(
     {accesslog_pb2.AccessLogType.NotSet, accesslog_pb2.AccessLogType.UpstreamEnd}
 )
 
-# Response flags that blame the provider (or the path to it), not the client or the router,
-# read in one call.
-_UPSTREAM_FAILURE_FLAGS = attrgetter(
+UPSTREAM_FAILURE_FLAGS = (
     "upstream_connection_failure",
     "upstream_remote_reset",
     "upstream_connection_termination",
@@ -55,6 +53,10 @@ _UPSTREAM_FAILURE_FLAGS = attrgetter(
     "upstream_max_stream_duration_reached",
     "no_healthy_upstream",
 )
+"""Response flags that blame the provider (or the path to it), not the client or the router
+(translate/listeners.py FAILED_ATTEMPT_FLAGS are their short names)."""
+_UPSTREAM_FAILED = attrgetter(*UPSTREAM_FAILURE_FLAGS)
+"""All of them read in one call."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -103,7 +105,7 @@ def duration_ms(duration: duration_pb2.Duration) -> float:
 
 
 def _upstream_failed(flags: accesslog_pb2.ResponseFlags) -> bool:
-    return any(_UPSTREAM_FAILURE_FLAGS(flags))
+    return any(_UPSTREAM_FAILED(flags))
 
 
 def offset_ms(common: accesslog_pb2.AccessLogCommon, name: str) -> float | None:
