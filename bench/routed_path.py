@@ -242,7 +242,8 @@ def print_cpu(title: str, cpu: dict[str, dict[str, float]]) -> None:
     print(f"\n{title}:")
     for name, spent in cpu.items():
         parts = ", ".join(f"{process} {us:.0f}" for process, us in spent.items())
-        print(f"  {name:<12} {parts}; total {sum(spent.values()):.0f} -> at most {2e6 / sum(spent.values()):.0f} req/s")
+        print(f"  {name:<12} {parts}; total with wrk {sum(spent.values()):.0f} -> at most "
+              f"{2e6 / sum(spent.values()):.0f} req/s on this machine")
 
 
 def print_interleaved(result: Interleaved, rounds: int) -> None:
