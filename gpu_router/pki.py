@@ -38,6 +38,10 @@ RENEW_BEFORE = datetime.timedelta(days=30)
 """A leaf expiring sooner than this is replaced by `ensure` (when it holds the CA key)."""
 SERVER_DNS = ("localhost", "control-plane")
 SERVER_IPS = ("127.0.0.1", "::1")
+EXT_PROC_SERVER_NAME = "ext-proc.gpu-router"
+"""The DNS SAN of every ext_proc certificate, which also serves the ext_proc port: what a gRPC
+client that checks host names (ext_proc's own healthcheck) asks for. Envoy checks the SPIFFE id
+instead. No other role's certificate carries it, and it is none of the control plane's names."""
 
 
 class Role(enum.Enum):
@@ -46,6 +50,15 @@ class Role(enum.Enum):
     EDGE = "edge"
     EXT_PROC = "ext-proc"
     CONTROL_PLANE = "control-plane"
+
+
+SERVING_ROLES = frozenset({Role.CONTROL_PLANE, Role.EXT_PROC})
+"""The roles whose certificates also serve a port (server auth)."""
+
+
+def role_prefix(role: Role) -> str:
+    """The start of every SPIFFE id of an edge or ext_proc certificate (each ends in a name)."""
+    return f"spiffe://{TRUST_DOMAIN}/{role.value}/"
 
 
 class PkiError(RuntimeError):
@@ -76,7 +89,7 @@ class Identity:
     def spiffe_id(self) -> str:
         if self.role is Role.CONTROL_PLANE:
             return f"spiffe://{TRUST_DOMAIN}/{Role.CONTROL_PLANE.value}"
-        return f"spiffe://{TRUST_DOMAIN}/{self.role.value}/{self.name}"
+        return role_prefix(self.role) + self.name
 
 
 def role_of(spiffe_id: str) -> tuple[Role, str] | None:
@@ -130,13 +143,16 @@ def make_leaf(
     ips: Sequence[str] = (),
 ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     """A certificate for `identity` signed by the CA: client auth for every role, server auth
-    too for the control plane, with `dns`/`ips` as extra SANs (the server's addresses)."""
+    too for the roles that serve (the control plane, ext_proc), with `dns`/`ips` as extra SANs
+    (the control plane's addresses; ext_proc's get EXT_PROC_SERVER_NAME)."""
     key = ec.generate_private_key(ec.SECP256R1())
+    if identity.role is Role.EXT_PROC:
+        dns = (*dns, EXT_PROC_SERVER_NAME)
     sans: list[x509.GeneralName] = [x509.UniformResourceIdentifier(identity.spiffe_id)]
     sans += [x509.DNSName(name) for name in dns]
     sans += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips]
     usages = [ExtendedKeyUsageOID.CLIENT_AUTH]
-    if identity.role is Role.CONTROL_PLANE:
+    if identity.role in SERVING_ROLES:
         usages.append(ExtendedKeyUsageOID.SERVER_AUTH)
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, identity.name)])
     validity = min(LEAF_VALIDITY, ca_cert.not_valid_after_utc - now)  # never outlives its CA
@@ -192,7 +208,17 @@ def leaf_problem(
         return "is not signed by the CA"
     if cert.not_valid_after_utc - RENEW_BEFORE < now:
         return f"expires {cert.not_valid_after_utc:%Y-%m-%d}"
+    if identity.role in SERVING_ROLES and not _serves(cert):
+        return "lacks server auth (extended key usage), which this role's port needs"
     return None
+
+
+def _serves(cert: x509.Certificate) -> bool:
+    try:
+        usages = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        return True  # no extended key usage: any use
+    return ExtendedKeyUsageOID.SERVER_AUTH in usages
 
 
 def fleet(edges: Iterable[str], ext_procs: Iterable[str]) -> list[Identity]:
@@ -269,6 +295,8 @@ def _existing_problem(
         return str(error)
     if key.public_key().public_bytes(*_SPKI) != cert.public_key().public_bytes(*_SPKI):
         return "does not match its key"
+    if identity.role is Role.EXT_PROC:
+        dns = (*dns, EXT_PROC_SERVER_NAME)
     missing = _missing_addresses(cert, dns, ips)
     if missing:
         return f"lacks the SANs {', '.join(missing)}"

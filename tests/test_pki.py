@@ -104,3 +104,49 @@ def test_a_ca_of_ones_own_without_its_key_needs_every_leaf_supplied(tmp_path: Pa
     assert contents(own) == before
     with pytest.raises(pki.PkiError, match=r"ext-proc-1\.pem: is missing, and .*ca-key\.pem is absent"):
         pki.ensure(own, [EXT_PROC], now=NOW)
+
+
+def usages(cert: x509.Certificate) -> list[x509.ObjectIdentifier]:
+    return list(cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
+
+
+def test_ext_proc_certificates_also_serve_its_port_and_older_ones_are_reissued(
+    tmp_path: Path,
+) -> None:
+    """An ext_proc replica serves Envoy over mutual TLS: server auth, and a DNS name its own
+    healthcheck asks for, which is none of the control plane's (no replica can pass for it).
+    Edges only ever connect: client auth only."""
+    ca, ca_key = pki.make_ca(NOW)
+    replica, _ = pki.make_leaf(ca, ca_key, EXT_PROC, NOW)
+    edge, _ = pki.make_leaf(ca, ca_key, EDGE, NOW)
+    server_auth = x509.oid.ExtendedKeyUsageOID.SERVER_AUTH
+    assert server_auth in usages(replica) and server_auth not in usages(edge)
+    sans = replica.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert sans.get_values_for_type(x509.DNSName) == [pki.EXT_PROC_SERVER_NAME]
+    assert pki.EXT_PROC_SERVER_NAME not in pki.SERVER_DNS
+    assert not sans.get_values_for_type(x509.IPAddress)
+    assert pki.leaf_problem(replica, ca, EXT_PROC, NOW) is None
+
+    # A replica certificate made before ext_proc served TLS: client auth only.
+    directory = tmp_path / "certs"
+    files = pki.ensure(directory, [EXT_PROC], now=NOW)["ext-proc-1"]
+    old, old_key = pki.make_leaf(load(files.ca), pki._load_key(directory / pki.CA_KEY_FILE),
+                                 EDGE, NOW)
+    client_only = (
+        x509.CertificateBuilder(
+            subject_name=old.subject, issuer_name=old.issuer, public_key=old_key.public_key(),
+            serial_number=old.serial_number, not_valid_before=old.not_valid_before_utc,
+            not_valid_after=old.not_valid_after_utc)
+        .add_extension(x509.SubjectAlternativeName(
+            [x509.UniformResourceIdentifier(EXT_PROC.spiffe_id),
+             x509.DNSName(pki.EXT_PROC_SERVER_NAME)]), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH]),
+                       critical=False)
+        .sign(pki._load_key(directory / pki.CA_KEY_FILE), pki.hashes.SHA256())
+    )
+    assert pki.leaf_problem(client_only, load(files.ca), EXT_PROC, NOW) == (
+        "lacks server auth (extended key usage), which this role's port needs")
+    pki._write_cert(files.cert, client_only)
+    pki._write_key(files.key, old_key)
+    pki.ensure(directory, [EXT_PROC], now=NOW)
+    assert server_auth in usages(load(files.cert))
