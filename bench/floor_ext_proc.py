@@ -1,11 +1,11 @@
 """The floor of the routed path: a grpc.aio ExternalProcessor that answers every request's
 headers with one fixed header mutation, deciding nothing.
 
-bench/routed_path.py puts it behind an Envoy with the same ext_proc filter settings as the edge:
-what that pair costs per request is what any Python ext_proc on this stack costs before it does
-any work, so routed/floor says how much of the routed path is ours.
+bench/routed_path.py puts it behind an Envoy with the same ext_proc filter settings as the edge,
+over the same mutual TLS: what that pair costs per request is what any Python ext_proc on this
+stack costs before it does any work, so routed/floor says how much of the routed path is ours.
 
-    python bench/floor_ext_proc.py 127.0.0.1:PORT
+    python bench/floor_ext_proc.py 127.0.0.1:PORT CA CERT KEY
 """
 
 from __future__ import annotations
@@ -13,11 +13,15 @@ from __future__ import annotations
 import asyncio
 import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import grpc
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_proc_grpc
+
+from ext_proc.workers import server_credentials
+from gpu_router.pki import TlsFiles
 
 ANSWER = ext_proc_pb2.ProcessingResponse(
     request_headers=ext_proc_pb2.HeadersResponse(
@@ -34,13 +38,13 @@ class Floor(ext_proc_grpc.ExternalProcessorServicer):
             yield ANSWER
 
 
-async def serve(address: str) -> None:
+async def serve(address: str, tls: TlsFiles) -> None:
     server = grpc.aio.server()
     ext_proc_grpc.add_ExternalProcessorServicer_to_server(Floor(), server)
-    server.add_insecure_port(address)
+    server.add_secure_port(address, server_credentials(tls))
     await server.start()
     await server.wait_for_termination()
 
 
 if __name__ == "__main__":
-    asyncio.run(serve(sys.argv[1]))
+    asyncio.run(serve(sys.argv[1], TlsFiles(*map(Path, sys.argv[2:5]))))

@@ -10,7 +10,12 @@ import sys
 from pathlib import Path
 
 import yaml
+from google.protobuf import json_format
 
+from control_plane.translate.clusters import ext_proc_cluster
+from control_plane.translate.settings import EdgeSettings
+from gpu_router import pki
+from gpu_router.bootstrap import edge_secrets
 from gpu_router.processes import EnvoyAdmin, ManagedProcess, envoy_binary, free_port, port_open
 
 MODEL = "bench-model"
@@ -23,7 +28,7 @@ COMPLETION = json.dumps({
 
 def static_envoy(name: str, work: Path, listen_port: int, route: dict, clusters: list[dict],
                  concurrency: list[str] = (), filters: list[dict] = (),
-                 access_log: list[dict] = ()) -> ManagedProcess:
+                 access_log: list[dict] = (), secrets: list[dict] = ()) -> ManagedProcess:
     admin = free_port()
     config = {
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin}}},
@@ -43,6 +48,7 @@ def static_envoy(name: str, work: Path, listen_port: int, route: dict, clusters:
                     }}]}],
             }],
             "clusters": clusters,
+            "secrets": list(secrets),
         },
     }
     path = work / f"{name}.yaml"
@@ -77,11 +83,17 @@ def cluster(name: str, port: int, **extra: object) -> dict:
 
 def floor_stack(work: Path, port: int, upstream_port: int) -> list[ManagedProcess]:
     """The floor of the chosen stack: an Envoy with the edge's ext_proc filter settings (request
-    headers only, one message per request, same timeout) in front of a grpc.aio ext_proc that
-    answers every request with one fixed header mutation (bench/floor_ext_proc.py)."""
+    headers only, one message per request, same timeout) and the edge's mutual TLS to ext_proc,
+    in front of a grpc.aio ext_proc that answers every request with one fixed header mutation
+    (bench/floor_ext_proc.py)."""
     grpc_port = free_port()
-    server = ManagedProcess("floor-ext-proc", [sys.executable, str(Path(__file__).with_name(
-        "floor_ext_proc.py")), f"127.0.0.1:{grpc_port}"], work / "floor-ext-proc.log").start()
+    certs = pki.ensure(work / "floor-certs", [pki.Identity(pki.Role.EDGE, "floor-edge"),
+                                              pki.Identity(pki.Role.EXT_PROC, "floor-ext-proc")])
+    served = certs["floor-ext-proc"]
+    server = ManagedProcess("floor-ext-proc", [
+        sys.executable, str(Path(__file__).with_name("floor_ext_proc.py")), f"127.0.0.1:{grpc_port}",
+        str(served.ca), str(served.cert), str(served.key)], work / "floor-ext-proc.log").start()
+    tls = json.loads(json_format.MessageToJson(ext_proc_cluster(EdgeSettings()).transport_socket))
     ext_proc = {"name": "envoy.filters.http.ext_proc", "typed_config": {
         "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
         "grpc_service": {"envoy_grpc": {"cluster_name": "floor-ext-proc"}},
@@ -94,8 +106,9 @@ def floor_stack(work: Path, port: int, upstream_port: int) -> list[ManagedProces
     try:
         server.wait_until(lambda: port_open(grpc_port), "the floor ext_proc to listen")
         envoy = static_envoy("floor", work, port, {"match": {"prefix": "/"}, "route": {"cluster": "upstream"}},
-                             [cluster("upstream", upstream_port), cluster("floor-ext-proc", grpc_port, **h2)],
-                             filters=[ext_proc])
+                             [cluster("upstream", upstream_port),
+                              cluster("floor-ext-proc", grpc_port, **h2, transport_socket=tls)],
+                             filters=[ext_proc], secrets=edge_secrets(certs["floor-edge"]))
     except BaseException:
         server.stop()
         raise

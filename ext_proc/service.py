@@ -13,8 +13,19 @@ from ext_proc.admission import Admission, tag_client
 from ext_proc.rate_limit import LocalCounters, RateLimiter
 from ext_proc.request import NotReadyError, ProtocolError, RequestPhases
 from ext_proc.router_state import LiveState
+from gpu_router.pki import Role, role_prefix
 
 _log = logging.getLogger(__name__)
+
+_EDGE_ID_PREFIX = role_prefix(Role.EDGE).encode()
+
+
+def from_edge(context: grpc.aio.ServicerContext) -> bool:
+    """Whether the stream's peer presented an edge certificate. The port takes only certificates
+    of the fleet's CA (workers.py); of those, only an edge Envoy may ask for decisions. gRPC's
+    peer identities are the certificate's SANs (~4 us a stream; the whole auth context ~10)."""
+    identities = context.peer_identities()
+    return identities is not None and any(i.startswith(_EDGE_ID_PREFIX) for i in identities)
 
 
 class ExternalProcessorService(ext_proc_grpc.ExternalProcessorServicer):
@@ -29,6 +40,11 @@ class ExternalProcessorService(ext_proc_grpc.ExternalProcessorServicer):
         request_iterator: AsyncIterator[ext_proc_pb2.ProcessingRequest],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[ext_proc_pb2.ProcessingResponse]:
+        if not from_edge(context):
+            _log.warning("peer_refused", extra={"peer": context.peer(),
+                                                "identities": _names(context.peer_identities())})
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                "only an edge Envoy's certificate may ask ext_proc for decisions")
         state = self._live.current
         phases = RequestPhases(state)
         async for request in request_iterator:
@@ -47,3 +63,7 @@ class ExternalProcessorService(ext_proc_grpc.ExternalProcessorServicer):
             if admitted is not None:
                 tag_client(response, admitted)
             yield response
+
+
+def _names(identities: list[bytes] | None) -> list[str]:
+    return [i.decode("utf-8", "replace") for i in identities or ()]

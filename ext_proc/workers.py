@@ -44,7 +44,8 @@ class WorkerConfig:
     xds: str
     """host:port of the control plane's ADS server."""
     tls: TlsFiles
-    """CA, certificate and key for mutual TLS to the control plane."""
+    """CA, certificate and key for mutual TLS: to the control plane, and on the ext_proc port
+    (which takes only clients with a certificate of that CA; service.py admits only edges)."""
     log_level: str = "warning"
     redis: str | None = None
     """redis:// URL of the fleet's shared rate-limit counters; None: counters in each worker."""
@@ -67,7 +68,7 @@ async def serve(config: WorkerConfig, stop: asyncio.Event) -> None:
     status = ServingStatus()
     await status.add_to(server)
     try:
-        server.add_insecure_port(config.listen)
+        server.add_secure_port(config.listen, server_credentials(config.tls))
     except RuntimeError as error:
         raise BindError(f"cannot listen on {config.listen}: {error}") from error
     await server.start()
@@ -95,6 +96,14 @@ async def serve(config: WorkerConfig, stop: asyncio.Event) -> None:
             task.cancel()
         await status.shutting_down()
         await server.stop(SHUTDOWN_GRACE_S)
+
+
+def server_credentials(files: TlsFiles) -> grpc.ServerCredentials:
+    """The ext_proc port's mutual TLS: this replica's certificate (server auth, pki.py), and a
+    client certificate of the fleet's CA required before any stream is read."""
+    ca, cert, key = files.read()
+    return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca,
+                                       require_client_auth=True)
 
 
 async def _serve_until_signalled(config: WorkerConfig) -> None:

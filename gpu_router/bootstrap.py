@@ -9,6 +9,7 @@ from pathlib import Path
 
 import yaml
 
+from control_plane.translate.names import EDGE_CERTIFICATE_SECRET, FLEET_CA_SECRET
 from gpu_router.pki import TlsFiles
 
 BOOTSTRAP_TEMPLATE = Path(__file__).resolve().parent.parent / "envoy" / "bootstrap.yaml"
@@ -51,9 +52,23 @@ def render_bootstrap(node: EdgeNode) -> dict:
     address["socket_address"] = {"address": node.xds_host, "port_value": node.xds_port}
     if node.tls is None:
         del xds["transport_socket"]
+        del config["static_resources"]["secrets"]
     else:
         xds["transport_socket"] = xds_transport_socket(node.tls, xds["transport_socket"])
+        config["static_resources"]["secrets"] = edge_secrets(node.tls)
     return config
+
+
+def edge_secrets(tls: TlsFiles) -> list[dict]:
+    """The static secrets the control plane's ext_proc cluster names (its mutual TLS to the
+    replicas): this node's certificate and key, and the fleet's CA."""
+    return [
+        {"name": EDGE_CERTIFICATE_SECRET, "tls_certificate": {
+            "certificate_chain": {"filename": str(tls.cert)},
+            "private_key": {"filename": str(tls.key)},
+        }},
+        {"name": FLEET_CA_SECRET, "validation_context": {"trusted_ca": {"filename": str(tls.ca)}}},
+    ]
 
 
 def xds_transport_socket(tls: TlsFiles, template: dict | None = None) -> dict:

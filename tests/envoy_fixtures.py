@@ -10,8 +10,10 @@ from typing import Any
 
 import grpc
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
+from ext_proc_fixtures import test_certs
 from google.protobuf import empty_pb2
 
+from ext_proc.workers import server_credentials
 from gpu_router.processes import envoy_binary
 
 TYPE_PREFIX = "type.googleapis.com/"
@@ -48,6 +50,15 @@ def envoy_argv(config: Path, *extra: str) -> list[str]:
 def grpc_server(port: int) -> grpc.Server:
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
     server.add_insecure_port(f"127.0.0.1:{port}")
+    return server
+
+
+def ext_proc_grpc_server(port: int) -> grpc.Server:
+    """A stand-in ext_proc's server: mutual TLS with the test fleet's ext_proc certificate, as
+    the translated ext_proc cluster requires (ext_proc/workers.py serves the same way)."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+    server.add_secure_port(f"127.0.0.1:{port}",
+                           server_credentials(test_certs()["ext-proc-test"]))
     return server
 
 

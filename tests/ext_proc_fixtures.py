@@ -21,6 +21,7 @@ from google.protobuf.message import Message
 
 from control_plane.policy.load import default_policy_path, load_policy_file
 from control_plane.policy.wire import to_routing_policy
+from ext_proc import healthcheck
 from ext_proc.xds_client import tls_credentials
 from gpu_router import pki
 from gpu_router.api.v1 import health_pb2, routing_pb2
@@ -125,7 +126,13 @@ def packed(message: Message) -> any_pb2.Any:
 def test_certs() -> dict[str, pki.TlsFiles]:
     """One CA for every FakeAds of the session (a restarted one must be trusted as before)."""
     directory = Path(tempfile.mkdtemp(prefix="gpu-router-test-certs-"))
-    return pki.ensure(directory, pki.fleet([], ["ext-proc-test"]))
+    return pki.ensure(directory, pki.fleet(["edge-test"], ["ext-proc-test"]))
+
+
+def edge_channel(target: str) -> grpc.Channel:
+    """A channel to an ext_proc replica started with FakeAds.client_flags(), as an edge Envoy
+    (the only role ext_proc decides for) presents itself: mutual TLS, the edge certificate."""
+    return healthcheck.channel(target, test_certs()["edge-test"])
 
 
 class FakeAds(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):

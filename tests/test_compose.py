@@ -30,9 +30,10 @@ from xds_fixtures import AdsHarness
 from control_plane.options import Options
 from control_plane.options import parse_args as control_plane_args
 from control_plane.policy.load import default_policy_path
+from control_plane.translate.names import EDGE_CERTIFICATE_SECRET, FLEET_CA_SECRET
 from control_plane.xds import type_urls
 from gpu_router import pki
-from gpu_router.bootstrap import EdgeNode, render_bootstrap, xds_transport_socket
+from gpu_router.bootstrap import EdgeNode, edge_secrets, render_bootstrap, xds_transport_socket
 from gpu_router.processes import (
     EnvoyAdmin,
     ManagedProcess,
@@ -250,7 +251,10 @@ def test_the_control_plane_names_every_ext_proc_replica_where_it_listens(
         host, _, port = argv["--listen"][0].rpartition(":")
         assert host == "0.0.0.0", name
         assert argv["--xds"] == [f"{control_plane_name}:{options.xds_port}"]
-        assert service["healthcheck"]["test"][-2:] == ["ext_proc.healthcheck", f"127.0.0.1:{port}"]
+        check = service["healthcheck"]["test"]
+        assert check[3:5] == ["ext_proc.healthcheck", f"127.0.0.1:{port}"], name
+        # The port takes mutual TLS only: the check presents the replica's own certificate.
+        assert flags(check[5:]) == {f: argv[f] for f in ("--tls-ca", "--tls-cert", "--tls-key")}
         replicas[name] = int(port)
     assert sorted(options.ext_proc_endpoints) == sorted(replicas.items())
 
@@ -313,6 +317,9 @@ def test_the_compose_bootstrap_passes_envoy_validation(tmp_path: Path) -> None:
     [xds] = [c for c in bootstrap["static_resources"]["clusters"] if c["name"] == "gpu-router.xds"]
     edge = pki.ensure(tmp_path / "certs", [pki.Identity(pki.Role.EDGE, "edge")])["edge"]
     xds["transport_socket"] = xds_transport_socket(edge, xds["transport_socket"])
+    assert [secret["name"] for secret in bootstrap["static_resources"]["secrets"]] == [
+        secret["name"] for secret in edge_secrets(edge)]
+    bootstrap["static_resources"]["secrets"] = edge_secrets(edge)
     config = tmp_path / "envoy.yaml"
     config.write_text(yaml.safe_dump(bootstrap))
     result = subprocess.run(
@@ -498,6 +505,13 @@ def test_each_node_presents_its_roles_certificate_which_the_control_plane_makes(
         assert cert.is_file() and key.is_file() and ca.is_file(), name
         assert role_of_file(cert) == (pki.Role.EDGE, "edge")
         assert key.stat().st_mode & 0o004, "readable by the Envoy image's unprivileged user"
+        # The same files as the static secrets the ext_proc cluster's mutual TLS names.
+        named = {secret["name"]: secret for secret in bootstrap["static_resources"]["secrets"]}
+        pair = named[EDGE_CERTIFICATE_SECRET]["tls_certificate"]
+        assert (in_volume(service, pair["certificate_chain"]["filename"], volumes),
+                in_volume(service, pair["private_key"]["filename"], volumes)) == (cert, key)
+        trusted = named[FLEET_CA_SECRET]["validation_context"]["trusted_ca"]["filename"]
+        assert in_volume(service, trusted, volumes) == ca, name
 
     assert sorted(p.name for p in volumes["edge-certs"].iterdir()) == [
         "ca.pem", "edge-key.pem", "edge.pem"]

@@ -15,6 +15,7 @@ from ext_proc_fixtures import (
     FakeAds,
     body_request,
     default_policy,
+    edge_channel,
     headers_request,
 )
 from google.protobuf import json_format
@@ -22,6 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from polling import eventually
 
 from ext_proc import healthcheck
+from gpu_router import pki
 from gpu_router.processes import ManagedProcess, free_port, port_open, python_module
 
 
@@ -62,7 +64,7 @@ def process(
     target: str, *requests: ext_proc_pb2.ProcessingRequest
 ) -> list[ext_proc_pb2.ProcessingResponse]:
     """One ext_proc stream, as Envoy drives it: a message, its answer, the next message."""
-    with grpc.insecure_channel(target) as channel:
+    with edge_channel(target) as channel:
         return list(
             ext_proc_grpc.ExternalProcessorStub(channel).Process(iter(requests), timeout=10)
         )
@@ -106,7 +108,7 @@ def test_not_ready_then_routes_once_the_policy_arrives(
 
 def serving_status(target: str, service: str) -> int:
     """One grpc.health.v1 Check on a fresh connection (SO_REUSEPORT picks the worker)."""
-    with grpc.insecure_channel(target) as channel:
+    with edge_channel(target) as channel:
         answer = health_pb2_grpc.HealthStub(channel).Check(
             health_pb2.HealthCheckRequest(service=service), timeout=10
         )
@@ -124,7 +126,8 @@ def test_health_is_not_serving_until_the_policy_then_serving_without_the_control
     for _ in range(8):  # both workers, whichever takes each connection
         for service in ("", EXT_PROC_SERVICE):
             assert serving_status(target, service) == health_pb2.HealthCheckResponse.NOT_SERVING
-    assert healthcheck.main([target]) == 1  # the container health check: not yet
+    # The container health check presents the replica's own certificate: health answers any role.
+    assert healthcheck.main([target, *FakeAds.client_flags()]) == 1  # not yet
     ads.publish(POLICY_TYPE_URL, "v1", default_policy("v1"))
     eventually(lambda: both_workers_acked(ads, "v1"), "both workers to ACK v1")
     ads.stop()  # a worker keeps serving on its last policy while the control plane is away
@@ -139,8 +142,9 @@ def test_health_is_not_serving_until_the_policy_then_serving_without_the_control
     with pytest.raises(grpc.RpcError) as unknown:
         serving_status(target, "some.other.Service")
     assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
-    assert healthcheck.main([target]) == 0
-    assert healthcheck.serving(f"127.0.0.1:{free_port()}", timeout_s=1)[0] is False
+    assert healthcheck.main([target, *FakeAds.client_flags()]) == 0
+    assert healthcheck.serving(f"127.0.0.1:{free_port()}", FakeAds.client_files(),
+                               timeout_s=1)[0] is False
 
 
 def test_a_second_message_fails_the_stream_after_the_answer(
@@ -151,7 +155,7 @@ def test_a_second_message_fails_the_stream_after_the_answer(
     request = headers_request(body_fields={"model": "mixtral"})
     eventually(lambda: both_workers_acked(ads, "v1"), "the policy in every worker")
     answers: list[ext_proc_pb2.ProcessingResponse] = []
-    with grpc.insecure_channel(target) as channel:
+    with edge_channel(target) as channel:
         stream = ext_proc_grpc.ExternalProcessorStub(channel).Process(
             iter([request, body_request(b"{}")]), timeout=10
         )
@@ -183,3 +187,28 @@ def test_sigterm_stops_every_worker(ext_proc: tuple[ManagedProcess, str]) -> Non
         if line.startswith("{")
     ]
     assert lines, "expected JSON-line logs"
+
+
+def test_the_port_takes_mutual_tls_from_edges_only(
+    ads: FakeAds, ext_proc: tuple[ManagedProcess, str], tmp_path: Path
+) -> None:
+    """No certificate, another CA's, or the fleet's of another role: no decision. An edge's:
+    one."""
+    _, target = ext_proc
+    ads.publish(POLICY_TYPE_URL, "v1", default_policy("v1"))
+    eventually(lambda: both_workers_acked(ads, "v1"), "the policy in every worker")
+    request = headers_request(body_fields={"model": "mixtral"})
+    with grpc.insecure_channel(target) as channel, pytest.raises(grpc.RpcError) as plain:
+        list(ext_proc_grpc.ExternalProcessorStub(channel).Process(iter([request]), timeout=10))
+    assert plain.value.code() == grpc.StatusCode.UNAVAILABLE
+    stranger = pki.ensure(tmp_path / "other-ca", [pki.Identity(pki.Role.EDGE, "edge-test")])
+    for files, code in ((stranger["edge-test"], grpc.StatusCode.UNAVAILABLE),
+                        (FakeAds.client_files(), grpc.StatusCode.PERMISSION_DENIED)):
+        for _ in range(4):  # whichever worker takes the connection
+            with healthcheck.channel(target, files) as channel, \
+                    pytest.raises(grpc.RpcError) as refused:
+                list(ext_proc_grpc.ExternalProcessorStub(channel).Process(iter([request]),
+                                                                          timeout=10))
+            assert refused.value.code() == code, files
+    [answer] = process(target, request)
+    assert answer.request_headers.response.header_mutation.set_headers

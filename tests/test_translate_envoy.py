@@ -33,7 +33,7 @@ from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 from envoy.type.v3 import http_status_pb2
-from envoy_fixtures import AccessLogCollector, envoy_argv, grpc_server
+from envoy_fixtures import AccessLogCollector, envoy_argv, ext_proc_grpc_server, grpc_server
 from google.protobuf import json_format, struct_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from polling import eventually
@@ -423,7 +423,7 @@ def edge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Edge]:
         free_port(),
         free_port(),
     )
-    ext_proc_server, als_server = grpc_server(ext_proc_port), grpc_server(als_port)
+    ext_proc_server, als_server = ext_proc_grpc_server(ext_proc_port), grpc_server(als_port)
     ep_grpc.add_ExternalProcessorServicer_to_server(processor, ext_proc_server)
     # Envoy health-checks the ext_proc cluster (gRPC health) and sends nothing to a replica
     # that does not answer SERVING.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from envoy.extensions.transport_sockets.tls.v3 import common_pb2, tls_pb2
+
 from control_plane.translate.clusters import ext_proc_cluster
 from control_plane.translate.settings import EdgeSettings
 
@@ -19,3 +21,22 @@ def test_with_no_healthy_replica_envoy_fails_the_stream_instead_of_panicking() -
     lb = ext_proc_cluster(EdgeSettings()).common_lb_config
     assert lb.HasField("healthy_panic_threshold")
     assert lb.healthy_panic_threshold.value == 0
+
+
+def test_replicas_are_reached_over_mutual_tls_and_must_be_ext_proc_certificates() -> None:
+    """The node's own certificate and the fleet's CA come from its bootstrap's static secrets
+    (named, with no SDS source); a replica must present an ext_proc SPIFFE id: another role's
+    certificate of the same CA (an edge's, say) cannot stand in for ext_proc."""
+    socket = ext_proc_cluster(EdgeSettings()).transport_socket
+    context = tls_pb2.UpstreamTlsContext()
+    assert socket.typed_config.Unpack(context)
+    common = context.common_tls_context
+    [own] = common.tls_certificate_sds_secret_configs
+    assert (own.name, own.HasField("sds_config")) == ("gpu-router.edge-certificate", False)
+    validation = common.combined_validation_context
+    assert validation.validation_context_sds_secret_config.name == "gpu-router.fleet-ca"
+    assert not validation.validation_context_sds_secret_config.HasField("sds_config")
+    [san] = validation.default_validation_context.match_typed_subject_alt_names
+    assert (san.san_type, san.matcher.prefix) == (
+        common_pb2.SubjectAltNameMatcher.URI, "spiffe://gpu-router/ext-proc/")
+    assert list(common.alpn_protocols) == ["h2"]

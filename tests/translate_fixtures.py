@@ -17,7 +17,8 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 )
 from envoy.extensions.http.injected_credentials.generic.v3 import generic_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2 as upstream_http_pb2
-from google.protobuf import any_pb2
+from ext_proc_fixtures import test_certs
+from google.protobuf import any_pb2, json_format
 from google.protobuf.message import Message
 
 from control_plane.policy.model import (
@@ -35,6 +36,7 @@ from control_plane.translate import EnvoyResources
 from control_plane.translate.clusters import HTTP_PROTOCOL_OPTIONS
 from control_plane.translate.endpoints import single_endpoint
 from control_plane.translate.newer_api import PriorityGroupClusterSpecifier
+from gpu_router.bootstrap import edge_secrets
 
 M = TypeVar("M", bound=Message)
 
@@ -86,7 +88,8 @@ def static_bootstrap(
     resources: EnvoyResources, *, admin_port: int, xds_port: int
 ) -> bootstrap_pb2.Bootstrap:
     """Everything ADS would deliver, inlined: RDS -> route_config, EDS -> load_assignment,
-    SDS -> static secrets; plus the bootstrap's own xDS/ALS cluster on `xds_port`."""
+    SDS -> static secrets; plus the bootstrap's own xDS/ALS cluster on `xds_port` and the node's
+    certificate for ext_proc (the edge-test one of ext_proc_fixtures.test_certs)."""
     (route_config,) = resources.routes.values()
     bootstrap = bootstrap_pb2.Bootstrap()
     bootstrap.node.id = "translate-test"
@@ -111,6 +114,8 @@ def static_bootstrap(
         _inline_secret_references(static_cluster)
     bootstrap.static_resources.clusters.append(_xds_cluster(xds_port))
     bootstrap.static_resources.secrets.extend(resources.secrets.values())
+    for secret in edge_secrets(test_certs()["edge-test"]):  # the node's own, as in production
+        json_format.ParseDict(secret, bootstrap.static_resources.secrets.add())
     return bootstrap
 
 

@@ -58,9 +58,15 @@ from control_plane.translate.envoy_api import (
     provider_metadata,
     seconds,
 )
-from control_plane.translate.names import EXT_PROC_CLUSTER, credential_secret
+from control_plane.translate.names import (
+    EDGE_CERTIFICATE_SECRET,
+    EXT_PROC_CLUSTER,
+    FLEET_CA_SECRET,
+    credential_secret,
+)
 from control_plane.translate.settings import EdgeSettings
 from control_plane.translate.upstream_lua import credential_headers, model_aliases, provider_lua
+from gpu_router.pki import Role, role_prefix
 
 HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 ENFORCED = wrappers_pb2.UInt32Value(value=100)
@@ -171,9 +177,37 @@ def ext_proc_cluster(settings: EdgeSettings) -> cluster_pb2.Cluster:
         common_lb_config=cluster_pb2.Cluster.CommonLbConfig(
             healthy_panic_threshold=percent_pb2.Percent(value=0)
         ),
+        transport_socket=_ext_proc_tls(),
     )
     cluster.typed_extension_protocol_options[HTTP_PROTOCOL_OPTIONS].CopyFrom(packed(options))
     return cluster
+
+
+def _ext_proc_tls() -> base_pb2.TransportSocket:
+    """Mutual TLS to the ext_proc replicas, which take nothing else: the node's own edge
+    certificate, and a replica's checked against the fleet's CA and for an ext_proc SPIFFE id.
+    Both come from static secrets in the node's bootstrap (no SDS source: Envoy looks them up
+    there), so the control plane names them without ever holding an edge's key."""
+    context = tls_pb2.UpstreamTlsContext(
+        common_tls_context=tls_pb2.CommonTlsContext(
+            alpn_protocols=["h2"],
+            tls_certificate_sds_secret_configs=[
+                secret_pb2.SdsSecretConfig(name=EDGE_CERTIFICATE_SECRET)
+            ],
+            combined_validation_context=tls_pb2.CommonTlsContext.CombinedCertificateValidationContext(
+                default_validation_context=common_pb2.CertificateValidationContext(
+                    match_typed_subject_alt_names=[common_pb2.SubjectAltNameMatcher(
+                        san_type=common_pb2.SubjectAltNameMatcher.URI,
+                        matcher=string_pb2.StringMatcher(prefix=role_prefix(Role.EXT_PROC)),
+                    )],
+                ),
+                validation_context_sds_secret_config=secret_pb2.SdsSecretConfig(
+                    name=FLEET_CA_SECRET
+                ),
+            ),
+        ),
+    )
+    return base_pb2.TransportSocket(name="envoy.transport_sockets.tls", typed_config=packed(context))
 
 
 def _ext_proc_health_check() -> health_check_pb2.HealthCheck:

@@ -11,6 +11,11 @@ from types import MappingProxyType
 LISTENER = "gpu-router.edge"
 ROUTE_CONFIG = "gpu-router.routes"
 EXT_PROC_CLUSTER = "gpu-router.ext_proc"
+EDGE_CERTIFICATE_SECRET = "gpu-router.edge-certificate"
+"""The static secret (each edge's bootstrap, gpu_router/bootstrap.py) holding the node's own
+certificate and key: what it presents to ext_proc. The key never leaves the edge's machine."""
+FLEET_CA_SECRET = "gpu-router.fleet-ca"
+"""The static secret holding the fleet's CA, which an ext_proc replica's certificate must chain to."""
 ACCESS_LOG_NAME = "gpu-router.edge"
 """The listener's access log: one entry per client request, its outcome."""
 ATTEMPT_LOG_NAME = "gpu-router.attempt"

@@ -21,6 +21,8 @@ from envoy.data.accesslog.v3 import accesslog_pb2
 from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_proc_grpc
 from envoy.service.load_stats.v3 import lrs_pb2, lrs_pb2_grpc
 from polling import eventually
 from stack_harness import Providers, chat, policy_on_free_ports, start_stack
@@ -29,6 +31,7 @@ from control_plane.policy.load import default_policy_path
 from control_plane.telemetry.als import ATTEMPT_LOG_NAME, EDGE_LOG_NAME
 from control_plane.translate.names import credential_secret
 from control_plane.xds import type_urls
+from ext_proc import healthcheck
 from gpu_router import pki
 from gpu_router.stack import Stack
 
@@ -243,3 +246,35 @@ def test_a_key_rotated_in_its_file_reaches_the_provider(
     eventually(lambda: key_sent() == "Bearer key-two", "the new key at the provider", interval=0.2)
     with mtls(stack, pki.Role.EDGE, "probe") as channel:
         assert ask_for_the_key(channel, EDGE_CLUSTER) == (grpc.StatusCode.OK, ["Bearer key-two"])
+
+
+def ask_ext_proc(stack: Stack, files: pki.TlsFiles | None) -> grpc.StatusCode:
+    """One decision asked of the stack's ext_proc port, over mutual TLS as `files`' holder
+    (None: plaintext): how the stream ended."""
+    request = ext_proc_pb2.ProcessingRequest(request_headers=ext_proc_pb2.HttpHeaders(
+        headers=base_pb2.HeaderMap(headers=[
+            base_pb2.HeaderValue(key=":path", raw_value=b"/v1/chat/completions"),
+            base_pb2.HeaderValue(key="x-gpu-router-model", raw_value=b"llama-3.1-8b")])))
+    address = f"127.0.0.1:{stack.ports.ext_proc}"
+    with (grpc.insecure_channel(address) if files is None
+          else healthcheck.channel(address, files)) as channel:
+        try:
+            [answer] = ext_proc_grpc.ExternalProcessorStub(channel).Process(iter([request]),
+                                                                             timeout=10)
+        except grpc.RpcError as error:
+            return error.code()
+    assert answer.request_headers.response.header_mutation.set_headers
+    return grpc.StatusCode.OK
+
+
+def test_ext_proc_decides_for_edge_certificates_only(stack: Stack) -> None:
+    """The port every edge asks for decisions takes mutual TLS only, and of the fleet's
+    certificates only an edge's; the stack's own Envoy is one (it routes, above)."""
+    assert ask_ext_proc(stack, None) == grpc.StatusCode.UNAVAILABLE
+    replica = stack.tls(pki.Role.EXT_PROC, "ext-proc-probe")
+    assert ask_ext_proc(stack, replica) == grpc.StatusCode.PERMISSION_DENIED
+    assert ask_ext_proc(stack, stack.tls(pki.Role.EDGE, "probe")) == grpc.StatusCode.OK
+    lines = stack.processes["ext-proc-1"].log_path.read_text().splitlines()
+    refused = [json.loads(line) for line in lines if '"peer_refused"' in line]
+    assert refused and refused[-1]["identities"] == ["spiffe://gpu-router/ext-proc/ext-proc-probe",
+                                                     "ext-proc.gpu-router"]
