@@ -9,6 +9,7 @@ from pathlib import Path
 from ext_proc.json_log import configure_logging
 from ext_proc.workers import WorkerConfig, run_workers
 from gpu_router.pki import TlsFiles
+from gpu_router.redis_service import RedisPasswordError, read_password
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -56,13 +57,26 @@ def main(argv: list[str] | None = None) -> int:
         help="redis://HOST:PORT shared by every replica for fleet-wide client rate limits "
         "(default: counters in each worker process)",
     )
+    parser.add_argument(
+        "--redis-password-file", type=Path,
+        help="file holding the password Redis asks before any command (never on the command "
+        "line, which every local user can read)",
+    )
     parser.add_argument("--log-level", choices=LOG_LEVELS, default="warning")
     args = parser.parse_args(argv)
+    if args.redis_password_file is not None and args.redis is None:
+        parser.error("--redis-password-file needs --redis")
+    try:
+        password = (None if args.redis_password_file is None
+                    else read_password(args.redis_password_file))
+    except RedisPasswordError as error:
+        parser.error(str(error))
     configure_logging(args.log_level)
     return run_workers(
         WorkerConfig(
             listen=args.listen, xds=args.xds, log_level=args.log_level,
             tls=TlsFiles(args.tls_ca, args.tls_cert, args.tls_key), redis=args.redis,
+            redis_password=password,
         ),
         args.workers,
     )

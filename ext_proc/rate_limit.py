@@ -92,11 +92,13 @@ class LocalCounters:
 class RedisCounters:
     """Counters shared by the fleet in Redis (keys gpu-router:rl:<counter>:<minute>)."""
 
-    def __init__(self, url: str, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, url: str, clock: Callable[[], float] = time.monotonic, *,
+                 password: str | None = None) -> None:
         import redis.asyncio as redis  # only replicas given --redis need the client
 
         self._errors = (redis.RedisError, OSError, asyncio.TimeoutError)
-        self._redis = redis.Redis.from_url(url, socket_timeout=REDIS_TIMEOUT_S,
+        self._redis = redis.Redis.from_url(url, password=password,
+                                           socket_timeout=REDIS_TIMEOUT_S,
                                            socket_connect_timeout=REDIS_TIMEOUT_S)
         self._clock = clock
         self._down_until = 0.0

@@ -9,7 +9,7 @@ import logging
 import multiprocessing
 import os
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing.connection import wait
 from types import FrameType
 
@@ -49,6 +49,8 @@ class WorkerConfig:
     log_level: str = "warning"
     redis: str | None = None
     """redis:// URL of the fleet's shared rate-limit counters; None: counters in each worker."""
+    redis_password: str | None = field(default=None, repr=False)
+    """What Redis asks before any command (read from --redis-password-file)."""
 
 
 class BindError(RuntimeError):
@@ -61,7 +63,8 @@ async def serve(config: WorkerConfig, stop: asyncio.Event) -> None:
     # Messages stay small (headers and metadata: Envoy never sends bodies), so gRPC's default
     # message limits hold.
     server = grpc.aio.server(options=[("grpc.so_reuseport", 1)])
-    counters = LocalCounters() if config.redis is None else RedisCounters(config.redis)
+    counters = (LocalCounters() if config.redis is None
+                else RedisCounters(config.redis, password=config.redis_password))
     ext_proc_grpc.add_ExternalProcessorServicer_to_server(
         ExternalProcessorService(live, Admission(RateLimiter(counters))), server
     )

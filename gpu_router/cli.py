@@ -18,6 +18,7 @@ from gpu_router.edge_guard import open_edge_refusal
 from gpu_router.health_view import render_health
 from gpu_router.keys_cli import add_keys_command, client_report
 from gpu_router.processes import Cancelled, ProcessError, http_get
+from gpu_router.redis_service import RedisPasswordError, ensure_password
 from gpu_router.stack import Stack, StackPorts
 from gpu_router.supervisor import StopSignals, Supervisor
 
@@ -80,16 +81,19 @@ def up(args: argparse.Namespace) -> int:
 
 
 def certs_init(args: argparse.Namespace) -> int:
-    """Make (or complete) a certs directory for a fleet; valid files are kept as they are."""
+    """Make (or complete) a certs directory for a fleet, the Redis password included; valid
+    files are kept as they are."""
     try:
         made = pki.ensure(Path(args.dir), pki.fleet(args.edge, args.ext_proc),
                           dns=[*pki.SERVER_DNS, *args.dns], ips=[*pki.SERVER_IPS, *args.ip])
-    except pki.PkiError as error:
+        password_file = ensure_password(Path(args.dir))
+    except (pki.PkiError, RedisPasswordError) as error:
         print(f"gpu-router certs: {error}", file=sys.stderr)
         return 1
     for name, files in made.items():
         print(f"{name}: {files.cert} {files.key}")
     print(f"CA: {Path(args.dir) / pki.CA_FILE}")
+    print(f"Redis password: {password_file}")
     return 0
 
 

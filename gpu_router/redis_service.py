@@ -4,10 +4,19 @@ Only rate limits need it: in-process counters are exact for one ext_proc worker,
 worker and replica counts alone, so a fleet (several workers, replicas or edges) needs one
 shared store. `gpu-router up` and the Stack start it on loopback (no persistence: counters live
 two minutes) when the policy gives some client a limit, or when asked.
+
+It takes no command before AUTH with the fleet's password: anyone else who reached it could
+reset the counters (escape a limit) or raise them (get a client refused). The password is made
+once into the certs directory (PASSWORD_FILE, mode 0600) and travels only in files: redis-server
+reads it from a config file of mode 0600, ext_proc from --redis-password-file; never in argv,
+which every local user can read.
 """
 
 from __future__ import annotations
 
+import os
+import re
+import secrets
 import shutil
 import socket
 from pathlib import Path
@@ -18,6 +27,38 @@ from gpu_router.processes import ManagedProcess, ProcessError
 REDIS = "redis"
 """The process's name in the stack."""
 MODES = ("auto", "always", "never")
+PASSWORD_FILE = "redis-password"
+_PASSWORD = re.compile(r"[A-Za-z0-9._~+/=-]{16,256}")
+"""What a password may be: written into redis.conf and a RESP command unquoted, it must hold no
+space, quote or control character."""
+
+
+class RedisPasswordError(ValueError):
+    """A password file that is missing, unreadable, or holds no usable password; names the file."""
+
+
+def ensure_password(directory: Path) -> Path:
+    """The fleet's Redis password file in `directory`, made (mode 0600) when absent; an existing
+    one is kept, so every replica and restart agrees on it."""
+    path = directory / PASSWORD_FILE
+    if not path.exists():
+        directory.mkdir(parents=True, exist_ok=True)
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "w") as out:
+            out.write(secrets.token_urlsafe(32) + "\n")
+    read_password(path)
+    return path
+
+
+def read_password(path: Path) -> str:
+    try:
+        password = path.read_text().strip()
+    except (OSError, UnicodeDecodeError) as error:
+        raise RedisPasswordError(f"{path}: cannot read the Redis password: {error}") from error
+    if not _PASSWORD.fullmatch(password):
+        raise RedisPasswordError(f"{path}: the Redis password must be 16 to 256 characters of "
+                                 "A-Z a-z 0-9 . _ ~ + / = -")
+    return password
 
 
 def wants_redis(mode: str, config: RoutingConfig) -> bool:
@@ -29,24 +70,38 @@ def wants_redis(mode: str, config: RoutingConfig) -> bool:
     return any(c.limits.requests_per_minute or c.limits.tokens_per_minute for c in config.clients)
 
 
-def redis_process(port: int, log_dir: Path) -> ManagedProcess:
-    """redis-server on 127.0.0.1:`port`, nothing written to disk; ProcessError when the
-    redis-server binary (Debian: apt-get install redis-server) is missing."""
+def redis_process(port: int, log_dir: Path, password_file: Path) -> ManagedProcess:
+    """redis-server on 127.0.0.1:`port` behind the password in `password_file`, nothing
+    persisted; its config (password included) is a file of mode 0600 in `log_dir`.
+    ProcessError when the redis-server binary (Debian: apt-get install redis-server) is
+    missing."""
     binary = shutil.which("redis-server")
     if binary is None:
         raise ProcessError("client rate limits across ext_proc workers need redis-server "
                            "(Debian: apt-get install redis-server); or run gpu-router up "
                            "--redis never for per-worker counters")
-    argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-            "--appendonly", "no", "--protected-mode", "yes", "--dir", str(log_dir)]
-    return ManagedProcess(REDIS, argv, log_dir / f"{REDIS}.log")
+    config = log_dir / "redis.conf"
+    descriptor = os.open(config, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w") as out:
+        out.write(f"port {port}\nbind 127.0.0.1\nprotected-mode yes\nsave \"\"\n"
+                  f"appendonly no\ndir {_quoted(str(log_dir))}\nrequirepass {read_password(password_file)}\n")
+    return ManagedProcess(REDIS, [binary, str(config)], log_dir / f"{REDIS}.log")
 
 
-def redis_answers(port: int) -> bool:
-    """PING answered with PONG."""
+def _quoted(text: str) -> str:
+    """A redis.conf string argument."""
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def redis_answers(port: int, password: str) -> bool:
+    """AUTH accepted and PING answered with PONG."""
+    auth = f"*2\r\n$4\r\nAUTH\r\n${len(password)}\r\n{password}\r\n".encode()
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=0.5) as connection:
-            connection.sendall(b"PING\r\n")
-            return connection.recv(16).startswith(b"+PONG")
+            connection.sendall(auth + b"PING\r\n")
+            answer = b""
+            while len(answer) < 12 and (chunk := connection.recv(64)):
+                answer += chunk
+            return answer.startswith(b"+OK\r\n+PONG")
     except OSError:
         return False

@@ -32,7 +32,13 @@ from gpu_router.processes import (
     port_open,
     python_module,
 )
-from gpu_router.redis_service import redis_answers, redis_process, wants_redis
+from gpu_router.redis_service import (
+    ensure_password,
+    read_password,
+    redis_answers,
+    redis_process,
+    wants_redis,
+)
 from gpu_router.xds_status import fleet_synced, policy_holders
 
 SIMULATOR = "simulator"
@@ -127,6 +133,8 @@ class Stack:
     policy gives a client a limit, "always" or "never" (gpu_router/redis_service.py)."""
     redis_url: str | None = None
     """Where the replicas' rate-limit counters are, once started; None: in each worker."""
+    redis_password_file: Path | None = None
+    """The password Redis asks before any command (in the certs directory), once started."""
     _lifecycles: dict[str, _Lifecycle] = field(default_factory=dict, repr=False)
 
     def start(self, timeout: float = 60.0) -> Self:
@@ -201,9 +209,12 @@ class Stack:
         if not wants_redis(self.redis, load_policy_file(self.policy)):
             return
         port = free_port()
-        self._launch(redis_process(port, self.log_dir),
-                     _Lifecycle(what="redis to answer PING", probe=lambda: partial(
-                         redis_answers, port), ports=(port,)), timeout)
+        self.redis_password_file = ensure_password(self.certs)
+        password = read_password(self.redis_password_file)
+        self._launch(redis_process(port, self.log_dir, self.redis_password_file),
+                     _Lifecycle(what="redis to take the password and answer PING",
+                                probe=lambda: partial(redis_answers, port, password),
+                                ports=(port,)), timeout)
         self.redis_url = f"redis://127.0.0.1:{port}"
 
     def start_ext_proc(self, index: int, timeout: float) -> None:
@@ -215,7 +226,8 @@ class Stack:
             "--workers", str(self.ext_proc_workers),
         ]  # fmt: skip
         if self.redis_url is not None:
-            args += ["--redis", self.redis_url]
+            args += ["--redis", self.redis_url,
+                     "--redis-password-file", str(self.redis_password_file)]
         tls = self.tls(pki.Role.EXT_PROC, f"ext-proc-{index + 1}")
         args += ["--tls-ca", str(tls.ca), "--tls-cert", str(tls.cert), "--tls-key", str(tls.key)]
         ext_proc = python_module(f"ext-proc-{index + 1}", "ext_proc", args, self.log_dir)

@@ -43,6 +43,7 @@ from gpu_router.processes import (
     port_open,
     python_module,
 )
+from gpu_router.redis_service import PASSWORD_FILE, read_password
 from simulator.__main__ import parse_args as simulator_args
 from simulator.__main__ import plan as simulator_plan
 
@@ -460,6 +461,36 @@ def in_volume(service: dict[str, Any], container_path: str, volumes: dict[str, P
     raise AssertionError(f"{container_path} is in no named volume of the service")
 
 
+def redis_healthcheck_passes_only_with_the_password(
+    redis: dict[str, Any], volumes: dict[str, Path], tmp_path: Path
+) -> None:
+    """The Redis service's healthcheck, run against a redis-server on its config as the control
+    plane's entrypoint made it (moved to a free port): it passes, and fails once the password
+    file it reads holds another password."""
+    if shutil.which("redis-server") is None:
+        return  # the volume check above still ran; .ci/run installs redis-server on Debian
+    port = free_port()
+    config = in_volume(redis, redis["command"][1], volumes)
+    password_file = in_volume(redis, "/redis/redis-password", volumes)
+    server = ManagedProcess("redis", ["redis-server", str(config), "--port", str(port),
+                                      "--bind", "127.0.0.1", "--dir", str(tmp_path)],
+                            tmp_path / "redis.log").start()
+    try:
+        server.wait_until(lambda: port_open(port), "redis-server to listen")
+        [shell, flag, script] = redis["healthcheck"]["test"][1:]
+        script = script.replace("$$", "$").replace("/redis/redis-password", str(password_file))
+        script = script.replace("redis-cli ping", f"redis-cli -p {port} ping")
+
+        def healthy() -> bool:
+            return subprocess.run([shell, flag, script], check=False, timeout=10).returncode == 0
+
+        assert healthy()
+        password_file.write_text("another-password-of-the-right-form\n")
+        assert not healthy()
+    finally:
+        server.stop()
+
+
 def role_of_file(path: Path) -> tuple[pki.Role, str] | None:
     [uri] = pki.uri_sans(x509.load_pem_x509_certificate(path.read_bytes()))
     return pki.role_of(uri)
@@ -473,13 +504,15 @@ def test_each_node_presents_its_roles_certificate_which_the_control_plane_makes(
     role's volume holds that role's key only (the CA key stays in the control plane's)."""
     [control] = of_kind(services, "control_plane").values()
     [*_, shell, script] = control["entrypoint"]
-    volumes = {name: tmp_path / name for name in ("pki", "edge-certs", "ext-proc-certs")}
+    volumes = {name: tmp_path / name
+               for name in ("pki", "edge-certs", "ext-proc-certs", "redis-secret")}
     env = {
         **os.environ,
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
         "PKI_DIR": str(in_volume(control, "/pki", volumes)),
         "EDGE_DIR": str(in_volume(control, "/edge-certs", volumes)),
         "EXT_PROC_DIR": str(in_volume(control, "/ext-proc-certs", volumes)),
+        "REDIS_DIR": str(in_volume(control, "/redis-secret", volumes)),
     }
     made = subprocess.run([shell, str(host_path(control, script)), "true"], env=env,
                           capture_output=True, text=True, timeout=60, check=False)
@@ -488,12 +521,21 @@ def test_each_node_presents_its_roles_certificate_which_the_control_plane_makes(
     assert role_of_file(in_volume(control, certs_dir, volumes) / "control-plane.pem") == (
         pki.Role.CONTROL_PLANE, "control-plane")
 
+    passwords = set()
     for name, service in of_kind(services, "ext_proc").items():
         argv = flags(service["command"])
         files = [in_volume(service, argv[flag][0], volumes)
                  for flag in ("--tls-ca", "--tls-cert", "--tls-key")]
         assert all(path.is_file() for path in files), name
         assert role_of_file(files[1]) == (pki.Role.EXT_PROC, "ext-proc")
+        [password_file] = argv["--redis-password-file"]
+        passwords.add(read_password(in_volume(service, password_file, volumes)))
+    # Redis asks every client for the password the replicas read, and the pki volume keeps.
+    [redis] = [s for s in services.values() if _program(s["command"]) == "redis-server"]
+    config = in_volume(redis, redis["command"][1], volumes).read_text().splitlines()
+    assert passwords == {read_password(volumes["pki"] / PASSWORD_FILE)}
+    assert f"requirepass {passwords.pop()}" in config and 'save ""' in config
+    redis_healthcheck_passes_only_with_the_password(redis, volumes, tmp_path)
     for name, service in of_kind(services, "envoy").items():
         bootstrap = yaml.safe_load(host_path(service, flags(service["command"])["-c"][0]).read_text())
         [xds] = [c for c in bootstrap["static_resources"]["clusters"] if c["name"] == "gpu-router.xds"]
@@ -517,6 +559,8 @@ def test_each_node_presents_its_roles_certificate_which_the_control_plane_makes(
         "ca.pem", "edge-key.pem", "edge.pem"]
     assert sorted(p.name for p in volumes["ext-proc-certs"].iterdir()) == [
         "ca.pem", "ext-proc-key.pem", "ext-proc.pem"]
+    assert sorted(p.name for p in volumes["redis-secret"].iterdir()) == [
+        "redis-password", "redis.conf"]
     before = {p.name: p.read_bytes() for p in volumes["pki"].iterdir()}
     again = subprocess.run([shell, str(host_path(control, script)), "true"], env=env,
                            capture_output=True, text=True, timeout=60, check=False)

@@ -9,17 +9,25 @@
 #   pki volume (control plane only): ca.pem, ca-key.pem, control-plane.pem/-key.pem, the others
 #   edge volume     -> every Envoy at /etc/gpu-router/certs: ca.pem, edge.pem, edge-key.pem
 #   ext-proc volume -> every ext_proc at /certs: ca.pem, ext-proc.pem, ext-proc-key.pem
-# The directories can be moved for tests: PKI_DIR, EDGE_DIR, EXT_PROC_DIR.
+#   redis volume    -> Redis and every ext_proc at /redis: redis-password, and redis.conf (for
+#                      redis-server: requirepass, nothing persisted)
+# The directories can be moved for tests: PKI_DIR, EDGE_DIR, EXT_PROC_DIR, REDIS_DIR.
 set -eu
 pki=${PKI_DIR:-/pki}
 edge=${EDGE_DIR:-/edge-certs}
 ext_proc=${EXT_PROC_DIR:-/ext-proc-certs}
+redis=${REDIS_DIR:-/redis-secret}
 
 gpu-router certs init --dir "$pki" --edge edge --ext-proc ext-proc > /dev/null
 
-mkdir -p "$edge" "$ext_proc"
+mkdir -p "$edge" "$ext_proc" "$redis"
 cp "$pki/ca.pem" "$pki/edge.pem" "$edge/"
 cp "$pki/ca.pem" "$pki/ext-proc.pem" "$pki/ext-proc-key.pem" "$ext_proc/"
+# The Redis image runs redis-server as its own user, which must read both files: readable by
+# all, in a volume that only Redis and the ext_proc replicas mount.
+install -m 0644 "$pki/redis-password" "$redis/redis-password"
+printf 'requirepass %s\nsave ""\nappendonly no\n' "$(cat "$pki/redis-password")" > "$redis/redis.conf"
+chmod 0644 "$redis/redis.conf"
 # The Envoy image runs Envoy as its own unprivileged user, which must read the key: the file is
 # readable by all, in a volume that only the Envoy containers mount.
 install -m 0644 "$pki/edge-key.pem" "$edge/edge-key.pem"
