@@ -33,7 +33,7 @@ from control_plane.xds.cache import SnapshotCache
 from control_plane.xds.node import Node
 from control_plane.xds.peer import NODE_CLUSTERS, Peer
 from control_plane.xds.server import AggregatedDiscoveryServer
-from gpu_router.bootstrap import xds_transport_socket
+from gpu_router.bootstrap import edge_secrets, xds_transport_socket
 from gpu_router.pki import TlsFiles
 from gpu_router.processes import EnvoyAdmin, ManagedProcess, envoy_binary, free_port
 
@@ -213,11 +213,13 @@ def bootstrap(
     tls: TlsFiles | None = None,
 ) -> dict:
     """A minimal ADS bootstrap; with `tls`, mutual TLS to the control plane (the real one
-    requires it), else plaintext (AdsHarness)."""
+    requires it) and the static secrets its ext_proc cluster names, else plaintext
+    (AdsHarness)."""
     config = _bootstrap(node_id, admin_port, xds_port, node_cluster)
     if tls is not None:
         [xds] = config["static_resources"]["clusters"]
         xds["transport_socket"] = xds_transport_socket(tls)
+        config["static_resources"]["secrets"] = edge_secrets(tls)
     return config
 
 
