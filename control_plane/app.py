@@ -133,7 +133,7 @@ async def serve(options: Options, stop: asyncio.Event, hangup: asyncio.Event | N
     rollout = Rollout(cache)
     fleet = FleetHealth(max_retry_after_s=options.max_retry_after_s)
     metrics = Metrics()
-    first = prepare_release(options.policy_path, settings)
+    first = prepare_release(options.policy_path, settings, options.edge_tls_files)
     accounting = Accounting(
         metrics, options.ledger, options.audit_log,
         retention_days=options.ledger_retention_days, audit_max_bytes=options.audit_max_bytes,
@@ -149,12 +149,15 @@ async def serve(options: Options, stop: asyncio.Event, hangup: asyncio.Event | N
         accounting.use_policy(release.config)
         receiver.use_policy(release.config)  # the health table keeps its providers only
 
-    # Watched: the policy file (unless embedded) and the key files it names, so a rotated key
-    # reaches the edges over SDS; SIGHUP re-reads them at once. An env: key is read from this
-    # process's environment, which cannot change: rotating one takes a restart.
+    # Watched: the policy file (unless embedded), the key files it names and the edge listener's
+    # certificate and key, so a rotated key or certificate reaches the edges over SDS; SIGHUP
+    # re-reads them at once. An env: key is read from this process's environment, which cannot
+    # change: rotating one takes a restart.
     watcher = PolicyWatcher(
-        options.policy_path, lambda path: prepare_release(path, settings), apply, REJECTIONS,
-        also=lambda: credential_files((rollout.current or first).config),
+        options.policy_path,
+        lambda path: prepare_release(path, settings, options.edge_tls_files), apply, REJECTIONS,
+        also=lambda: (*credential_files((rollout.current or first).config),
+                      *(options.edge_tls_files or ())),
     )
 
     server = grpc.aio.server(

@@ -60,6 +60,9 @@ class Options:
     """Where the CA and this process's certificate are found, or made when absent."""
     tls: pki.TlsFiles | None = None
     """Bring your own CA, certificate and key (overrides certs_dir)."""
+    edge_tls_files: tuple[Path, Path] | None = None
+    """(certificate chain, key) the edge listener serves to clients over TLS; None: plain
+    HTTP."""
 
     def tls_files(self) -> pki.TlsFiles:
         """The gRPC port's CA, certificate and key: the given ones, else certs_dir's (made
@@ -81,6 +84,7 @@ class Options:
             capture_usage=self.ledger is not None or self.audit_log is not None,
             edge_log_dir=None if self.edge_log_dir is None else str(self.edge_log_dir),
             decision_log_stdout=self.edge_decision_log,
+            edge_tls=self.edge_tls_files is not None,
         )
 
 
@@ -166,6 +170,13 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         "(default: off)",
     )
     parser.add_argument(
+        "--edge-tls-cert", type=Path,
+        help="PEM certificate chain the edge listener serves to clients (with --edge-tls-key: "
+        "TLS only, HTTP/1.1 and h2; pushed to the edges over SDS, re-read when the file "
+        "changes; default: plain HTTP)",
+    )
+    parser.add_argument("--edge-tls-key", type=Path, help="its PEM private key")
+    parser.add_argument(
         "--edge-decision-log", action="store_true",
         help="each edge also writes one JSON line per request (the decision and who served) on "
         "Envoy's stdout (default: off; the ledger, the audit log and `gpu-router why` hold the "
@@ -206,6 +217,9 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     own = (args.tls_ca, args.tls_cert, args.tls_key)
     if any(own) and not all(own):
         parser.error("--tls-ca, --tls-cert and --tls-key go together")
+    edge_tls = (args.edge_tls_cert, args.edge_tls_key)
+    if any(edge_tls) and not all(edge_tls):
+        parser.error("--edge-tls-cert and --edge-tls-key go together")
     return Options(
         policy=args.policy,
         xds_host=args.xds_host,
@@ -228,4 +242,6 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         log_level=args.log_level,
         certs_dir=args.certs_dir,
         tls=pki.TlsFiles(*own) if all(own) else None,
+        edge_tls_files=(args.edge_tls_cert.resolve(), args.edge_tls_key.resolve())
+        if all(edge_tls) else None,
     )

@@ -32,6 +32,7 @@ from pathlib import Path
 
 from google.protobuf.message import Message
 
+from control_plane.edge_certificate import EdgeCertificateError, read_listener_certificate
 from control_plane.policy.credentials import CredentialError, resolve_credentials
 from control_plane.policy.load import PolicyError, load_policy_file
 from control_plane.policy.model import RoutingConfig
@@ -54,6 +55,7 @@ ROUTING_POLICY_NAME = "default"
 REJECTIONS: tuple[type[Exception], ...] = (
     PolicyError,
     CredentialError,
+    EdgeCertificateError,
     TranslationError,
     SnapshotInconsistent,
 )
@@ -74,13 +76,17 @@ class Release:
     routing_policy: routing_pb2.RoutingPolicy
 
 
-def prepare_release(path: Path, settings: EdgeSettings) -> Release:
-    """Everything that can fail about a policy file, before anything is published.
+def prepare_release(
+    path: Path, settings: EdgeSettings, edge_tls_files: tuple[Path, Path] | None = None
+) -> Release:
+    """Everything that can fail about a policy file, before anything is published; with
+    `edge_tls_files` (certificate, key), the certificate the edge listener serves, re-read.
 
     Raises one of REJECTIONS, whose str is the readable reason.
     """
     config = load_policy_file(path)
-    resources = translate(config, settings, resolve_credentials(config))
+    certificate = None if edge_tls_files is None else read_listener_certificate(*edge_tls_files)
+    resources = translate(config, settings, resolve_credentials(config), certificate)
     edge = _by_type(resources)
     Snapshot().with_types(edge).check_consistent()
     return Release(

@@ -8,6 +8,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from control_plane.edge_certificate import EdgeCertificateError, read_listener_certificate
 from control_plane.ledger.report import ReportError, run_report
 from control_plane.ledger.store import data_dir, default_ledger_path
 from control_plane.policy.load import PolicyError, default_policy_path, load_policy_file
@@ -50,13 +51,24 @@ def up(args: argparse.Namespace) -> int:
     if refusal is not None:
         print(f"gpu-router: {refusal}", file=sys.stderr)
         return 2
+    edge_tls = None
+    if args.edge_tls_cert or args.edge_tls_key:
+        if not (args.edge_tls_cert and args.edge_tls_key):
+            print("gpu-router: --edge-tls-cert and --edge-tls-key go together", file=sys.stderr)
+            return 2
+        edge_tls = (Path(args.edge_tls_cert).resolve(), Path(args.edge_tls_key).resolve())
+        try:
+            read_listener_certificate(*edge_tls)  # the control plane would refuse to start
+        except EdgeCertificateError as error:
+            print(f"gpu-router: {error}", file=sys.stderr)
+            return 2
     ports = StackPorts(edge=args.edge_port, admin=args.admin_port, xds=args.xds_port,
                        ext_proc=args.ext_proc_port, control_http=args.http_port)
     log_dir = Path(args.log_dir) if args.log_dir else Path(tempfile.mkdtemp(prefix="gpu-router-"))
     signals = StopSignals.install()
     stack = Stack(policy=policy, log_dir=log_dir, ports=ports, ext_proc_workers=args.workers,
                   simulators=not args.no_simulators, accounting=accounting_flags(args),
-                  edge_host=args.edge_host, redis=args.redis,
+                  edge_host=args.edge_host, redis=args.redis, edge_tls=edge_tls,
                   cancelled=signals.requested, certs_dir=Path(args.certs_dir))
     print(f"starting gpu-router with {policy} (logs in {log_dir}) ...", flush=True)
     try:
@@ -152,6 +164,10 @@ def parser() -> argparse.ArgumentParser:
                      "in the policy or --allow-open-edge")
     run.add_argument("--allow-open-edge", action="store_true",
                      help="bind the edge beyond loopback although the policy declares no clients")
+    run.add_argument("--edge-tls-cert",
+                     help="PEM certificate chain every edge serves to clients: TLS only, "
+                     "HTTP/1.1 and h2 (with --edge-tls-key; rotated by rewriting the files)")
+    run.add_argument("--edge-tls-key", help="its PEM private key")
     run.add_argument("--redis", choices=("auto", "always", "never"), default="auto",
                      help="start redis-server for fleet-wide client rate limits (auto: when "
                      "the policy at start gives some client a limit)")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -88,6 +89,12 @@ class StackPorts:
         )
 
 
+_OWN_EDGE_TLS = ssl.create_default_context()
+"""How the stack asks its own edge on loopback whether it routes: its readiness, not its
+identity (the operator's certificate may name a public host and chain to any CA)."""
+_OWN_EDGE_TLS.check_hostname, _OWN_EDGE_TLS.verify_mode = False, ssl.CERT_NONE
+
+
 @dataclass(frozen=True, slots=True)
 class EdgeHandle:
     """One running Envoy edge node."""
@@ -96,10 +103,12 @@ class EdgeHandle:
     edge_port: int
     admin: EnvoyAdmin
     process: ManagedProcess
+    scheme: str = "http"
+    """https when the edge serves TLS (Stack.edge_tls)."""
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.edge_port}"
+        return f"{self.scheme}://127.0.0.1:{self.edge_port}"
 
 
 @dataclass
@@ -131,6 +140,9 @@ class Stack:
     redis: str = "auto"
     """Start redis-server for the ext_proc replicas' shared rate-limit counters: "auto" when the
     policy gives a client a limit, "always" or "never" (gpu_router/redis_service.py)."""
+    edge_tls: tuple[Path, Path] | None = None
+    """(certificate chain, key) every edge serves to clients over TLS (the control plane's
+    --edge-tls-cert, --edge-tls-key); None: plain HTTP."""
     redis_url: str | None = None
     """Where the replicas' rate-limit counters are, once started; None: in each worker."""
     redis_password_file: Path | None = None
@@ -191,6 +203,8 @@ class Stack:
             args += ["--ext-proc-address", f"127.0.0.1:{port}"]
         args += self.accounting
         args += ["--edge-log-dir", str(self.log_dir)]  # each edge's durable request log
+        if self.edge_tls is not None:
+            args += ["--edge-tls-cert", str(self.edge_tls[0]), "--edge-tls-key", str(self.edge_tls[1])]
         self.tls(pki.Role.CONTROL_PLANE, pki.Role.CONTROL_PLANE.value)
         args += ["--certs-dir", str(self.certs)]
         control = python_module(CONTROL_PLANE, "control_plane", args, self.log_dir)
@@ -264,7 +278,8 @@ class Stack:
             "--file-flush-interval-msec", "500",  # the decision log on stdout, near real time
         ]  # fmt: skip
         process = ManagedProcess(node_id, argv, self.log_dir / f"{node_id}.log")
-        handle = EdgeHandle(node_id, edge_port, EnvoyAdmin(admin_port), process)
+        handle = EdgeHandle(node_id, edge_port, EnvoyAdmin(admin_port), process,
+                            "http" if self.edge_tls is None else "https")
         self._launch(
             process,
             _Lifecycle(
@@ -324,7 +339,8 @@ class Stack:
         return ready
 
     def edge_serves_models(self, edge: EdgeHandle) -> bool:
-        status, body = http_get(f"{edge.url}/v1/models")
+        status, body = http_get(f"{edge.url}/v1/models",
+                                context=None if edge.scheme == "http" else _OWN_EDGE_TLS)
         return status == 200 and bool(json.loads(body).get("data"))
 
     def control_url(self, path: str) -> str:

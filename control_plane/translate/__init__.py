@@ -16,14 +16,15 @@ from envoy.config.listener.v3 import listener_pb2
 from envoy.config.route.v3 import route_pb2
 from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
 
+from control_plane.edge_certificate import ListenerCertificate
 from control_plane.policy.model import RoutingConfig
 from control_plane.translate.clusters import all_clusters
 from control_plane.translate.endpoints import endpoint_assignments
 from control_plane.translate.errors import MissingCredentialError, TranslationError
 from control_plane.translate.listeners import all_listeners
-from control_plane.translate.names import ROUTE_CONFIG
+from control_plane.translate.names import EDGE_LISTENER_SECRET, ROUTE_CONFIG
 from control_plane.translate.routes import route_configuration
-from control_plane.translate.secrets import credential_secrets
+from control_plane.translate.secrets import credential_secrets, listener_secret
 from control_plane.translate.settings import EdgeSettings
 
 __all__ = [
@@ -51,13 +52,20 @@ def translate(
     config: RoutingConfig,
     settings: EdgeSettings,
     credentials: Mapping[str, str],
+    listener_certificate: ListenerCertificate | None = None,
 ) -> EnvoyResources:
     """Every resource the edge needs for `config`, before fleet health shapes the routes and
     clusters (the rollout does that: rollout.py).
 
     `credentials` maps provider name -> resolved key for providers whose policy has a credential
-    (MissingCredentialError if one is absent).
+    (MissingCredentialError if one is absent); `listener_certificate` is what the edge listener
+    serves when settings.edge_tls (TranslationError without it).
     """
+    secrets = credential_secrets(config, credentials)
+    if settings.edge_tls:
+        if listener_certificate is None:
+            raise TranslationError("the edge serves TLS but no listener certificate was given")
+        secrets[EDGE_LISTENER_SECRET] = listener_secret(listener_certificate)
     return EnvoyResources(
         # Clients declared: only ext_proc checks keys, so the edge must not go on without it.
         listeners=MappingProxyType(all_listeners(
@@ -65,7 +73,7 @@ def translate(
         routes=MappingProxyType({ROUTE_CONFIG: route_configuration(config, settings)}),
         clusters=MappingProxyType(all_clusters(config, settings)),
         endpoints=MappingProxyType(endpoint_assignments(config)),
-        secrets=MappingProxyType(credential_secrets(config, credentials)),
+        secrets=MappingProxyType(secrets),
     )
 
 

@@ -27,6 +27,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 from envoy.extensions.http.early_header_mutation.header_mutation.v3 import (
     header_mutation_pb2 as early_mutation_pb2,
 )
+from envoy.extensions.transport_sockets.tls.v3 import secret_pb2, tls_pb2
 from envoy.type.v3 import http_status_pb2
 from google.protobuf import wrappers_pb2
 
@@ -36,6 +37,7 @@ from control_plane.translate.names import (
     ACCESS_LOG_NAME,
     ATTEMPT_LOG_NAME,
     CLIENT_REQUEST_ID_HEADER,
+    EDGE_LISTENER_SECRET,
     EXT_PROC_CLUSTER,
     LISTENER,
     METADATA_NAMESPACE,
@@ -97,10 +99,26 @@ def edge_listener(settings: EdgeSettings) -> listener_pb2.Listener:
                         name="envoy.filters.network.http_connection_manager",
                         typed_config=packed(manager),
                     )
-                ]
+                ],
+                transport_socket=_client_tls() if settings.edge_tls else None,
             )
         ],
     )
+
+
+def _client_tls() -> base_pb2.TransportSocket:
+    """TLS only, HTTP/1.1 or h2 by ALPN, with the certificate the control plane pushes over SDS
+    (EDGE_LISTENER_SECRET): a rotated certificate is served without a restart, and a client
+    that speaks plain HTTP gets its connection closed."""
+    context = tls_pb2.DownstreamTlsContext(
+        common_tls_context=tls_pb2.CommonTlsContext(
+            alpn_protocols=["h2", "http/1.1"],
+            tls_certificate_sds_secret_configs=[
+                secret_pb2.SdsSecretConfig(name=EDGE_LISTENER_SECRET, sds_config=ads_source())
+            ],
+        ),
+    )
+    return base_pb2.TransportSocket(name="envoy.transport_sockets.tls", typed_config=packed(context))
 
 
 def all_listeners(settings: EdgeSettings) -> dict[str, listener_pb2.Listener]:

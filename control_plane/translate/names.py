@@ -84,3 +84,5 @@ MODELS_PATH = "/v1/models"
 FALLBACK_ROUTE_PREFIX = "fallback/"
 """Routes taken without ext_proc's answer are named "fallback/<policy>/<model>": the access log
 carries the route name, so the control plane books such a request under its model and policy."""
+EDGE_LISTENER_SECRET = "gpu-router.edge-listener-certificate"
+"""The SDS secret holding the certificate and key the edge listener serves to clients."""

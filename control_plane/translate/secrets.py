@@ -1,4 +1,5 @@
-"""SDS secrets holding provider API keys, one generic_secret per credentialed provider.
+"""SDS secrets: provider API keys, one generic_secret per credentialed provider; and the
+certificate the edge listener serves, when it serves TLS.
 
 The secret carries the full header value (prefix + key): the generic credential's
 header_value_prefix field exists in Envoy 1.40 but not in the xds-protos stubs we build with,
@@ -10,11 +11,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from envoy.config.core.v3 import base_pb2
-from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
+from envoy.extensions.transport_sockets.tls.v3 import common_pb2, secret_pb2
 
+from control_plane.edge_certificate import ListenerCertificate
 from control_plane.policy.model import RoutingConfig
 from control_plane.translate.errors import MissingCredentialError
-from control_plane.translate.names import credential_secret
+from control_plane.translate.names import EDGE_LISTENER_SECRET, credential_secret
 
 
 def credential_secrets(
@@ -37,3 +39,14 @@ def credential_secrets(
             ),
         )
     return secrets
+
+
+def listener_secret(certificate: ListenerCertificate) -> secret_pb2.Secret:
+    """The edge listener's certificate chain and key (Envoy redacts the key in /config_dump)."""
+    return secret_pb2.Secret(
+        name=EDGE_LISTENER_SECRET,
+        tls_certificate=common_pb2.TlsCertificate(
+            certificate_chain=base_pb2.DataSource(inline_bytes=certificate.chain),
+            private_key=base_pb2.DataSource(inline_bytes=certificate.key),
+        ),
+    )

@@ -46,6 +46,9 @@ class EdgeSettings:
     """Without ext_proc's answer a request goes on along the fallback routes. translate() turns
     this off when the policy declares clients: only ext_proc checks keys, so without it the edge
     answers 503 rather than serving unauthenticated requests."""
+    edge_tls: bool = False
+    """The edge listener serves TLS only (HTTP/1.1 and h2 by ALPN), with the certificate the
+    control plane pushes over SDS (control_plane/edge_certificate.py); False: plain HTTP."""
     trusted_ca_file: str = "/etc/ssl/certs/ca-certificates.crt"
     edge_log_dir: str | None = None
     """Directory (on the edge's host, existing) where each edge also appends every client request

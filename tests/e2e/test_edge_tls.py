@@ -1,0 +1,111 @@
+"""The edge listener over TLS (`gpu-router up --edge-tls-cert --edge-tls-key`), on a real stack.
+
+Clients' keys and prompts cross the network to the edge: with a certificate given, the edge
+speaks TLS only. The certificate reaches every edge over SDS from the control plane, which
+re-reads the files when they change: a rotated certificate is served without a restart, and an
+unusable one is refused while the last good one keeps serving.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import socket
+import ssl
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from edge_tls_fixtures import client_context, server_pair
+from polling import eventually
+from stack_harness import policy_on_free_ports, start_stack
+
+from control_plane.policy.load import default_policy_path
+from gpu_router.stack import Stack
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Stack, Path, Path, Path]]:
+    """(stack, ca, cert, key): the stack's edge serves cert/key, which chain to ca."""
+    directory = tmp_path_factory.mktemp("edge-tls")
+    ca, cert, key = server_pair(directory / "tls")
+    policy = policy_on_free_ports(default_policy_path(), directory / "policy.yaml")
+    stack = start_stack(policy, directory / "logs", edge_tls=(cert, key))
+    try:
+        yield stack, ca, cert, key
+    finally:
+        stack.stop()
+
+
+def chat(stack: Stack, context: ssl.SSLContext) -> tuple[int, dict[str, str], dict]:
+    connection = http.client.HTTPSConnection("127.0.0.1", stack.edges[0].edge_port,
+                                             context=context, timeout=30)
+    body = {"model": "llama-3.1-8b", "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 8}
+    try:
+        connection.request("POST", "/v1/chat/completions", json.dumps(body),
+                           {"content-type": "application/json"})
+        response = connection.getresponse()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, json.loads(
+            response.read())
+    finally:
+        connection.close()
+
+
+def served_certificate(stack: Stack) -> bytes:
+    """The DER certificate the edge presents now (not verified: only looked at)."""
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    with socket.create_connection(("127.0.0.1", stack.edges[0].edge_port), timeout=10) as raw, \
+            context.wrap_socket(raw) as tls:
+        return tls.getpeercert(binary_form=True) or b""
+
+
+def der(pem: Path) -> bytes:
+    return ssl.PEM_cert_to_DER_cert(pem.read_text())
+
+
+def test_a_client_that_trusts_the_certificate_is_routed(
+    served: tuple[Stack, Path, Path, Path],
+) -> None:
+    stack, ca, cert, _ = served
+    assert stack.url.startswith("https://")
+    status, headers, body = chat(stack, client_context(ca))
+    assert status == 200, body
+    assert headers["x-gpu-router-provider"] and body["choices"]
+    assert served_certificate(stack) == der(cert)
+
+
+def test_plain_http_gets_no_answer(served: tuple[Stack, Path, Path, Path]) -> None:
+    stack, *_ = served
+    connection = http.client.HTTPConnection("127.0.0.1", stack.edges[0].edge_port, timeout=10)
+    with pytest.raises((ConnectionError, http.client.HTTPException)):
+        connection.request("GET", "/v1/models")
+        connection.getresponse().read()
+    connection.close()
+
+
+def test_a_rotated_certificate_is_served_without_a_restart_and_a_bad_one_never(
+    served: tuple[Stack, Path, Path, Path], tmp_path: Path,
+) -> None:
+    stack, _, cert, key = served
+    envoy_pid = stack.edges[0].process.pid
+    new_ca, new_cert, new_key = server_pair(tmp_path / "next")
+    for source, target in ((new_key, key), (new_cert, cert)):  # key first: one poll may see both
+        os.replace(source, target)
+    eventually(lambda: served_certificate(stack) == der(cert), "the new certificate served")
+    status, _, _ = chat(stack, client_context(new_ca))
+    assert status == 200
+    assert stack.edges[0].process.pid == envoy_pid
+
+    _, _, other_key = server_pair(tmp_path / "other")
+    os.replace(other_key, key)  # not the certificate's key: refused, the last good one stays
+    log = stack.processes["control-plane"].log_path
+    rejected = eventually(
+        lambda: [json.loads(line) for line in log.read_text().splitlines()
+                 if '"policy_rejected"' in line and "not the key of the certificate" in line],
+        "the control plane to refuse the mismatched key")
+    assert str(key) in rejected[-1]["error"]
+    assert served_certificate(stack) == der(cert)
+    assert chat(stack, client_context(new_ca))[0] == 200
