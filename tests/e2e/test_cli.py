@@ -82,3 +82,19 @@ def test_up_rejects_a_bad_policy_before_starting_anything(tmp_path: Path) -> Non
 
     assert result.returncode == 2
     assert str(bad) in result.stderr
+
+
+def test_up_rejects_an_unusable_edge_certificate_before_starting_anything(tmp_path: Path) -> None:
+    """A missing file, or one flag without the other: a clear error and exit 2, and no log
+    directory is ever made (nothing started)."""
+    missing = tmp_path / "missing.pem"
+    log_dir = tmp_path / "logs"
+    for flags, says in (
+        (["--edge-tls-cert", str(missing), "--edge-tls-key", str(missing)],
+         f"{missing}: cannot read"),
+        (["--edge-tls-cert", str(missing)], "--edge-tls-cert and --edge-tls-key go together"),
+    ):
+        result = subprocess.run([*CLI, "up", "--log-dir", str(log_dir), *flags],
+                                capture_output=True, text=True, timeout=60, check=False)
+        assert result.returncode == 2 and says in result.stderr, result.stderr
+        assert not log_dir.exists()
