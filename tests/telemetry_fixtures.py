@@ -9,7 +9,7 @@ from collections.abc import Callable
 import grpc
 
 from control_plane.telemetry.samples import RequestSample
-from control_plane.xds.peer import Peer
+from control_plane.xds.peer import Admit, Peer
 from gpu_router.pki import Role
 
 T0 = 1_700_000_000_000
@@ -66,7 +66,11 @@ async def eventually(condition: Callable[[], bool], what: str, timeout_s: float 
         await asyncio.sleep(interval_s)
 
 
-async def any_peer(context: grpc.aio.ServicerContext, _asked: str) -> Peer:
-    """Admits every peer: for plaintext test servers only (the control plane admits edge
-    certificates only, test_security.py)."""
-    return Peer(context.peer(), Role.EDGE, "test")
+def edge_named(node_id: str) -> Admit:
+    """Admits every peer as the edge whose certificate names `node_id`: for plaintext test
+    servers only (the control plane admits edge certificates only, test_security.py)."""
+
+    async def admit(context: grpc.aio.ServicerContext, _asked: str) -> Peer:
+        return Peer(context.peer(), Role.EDGE, node_id)
+
+    return admit

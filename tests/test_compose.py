@@ -312,7 +312,7 @@ def test_all_providers_are_served_on_the_given_host(tmp_path: Path) -> None:
 
 
 def test_the_compose_bootstrap_passes_envoy_validation(tmp_path: Path) -> None:
-    """Validated as it is, except that its certificate paths (the edge-certs volume) point at
+    """Validated as it is, except that its certificate paths (the node's certs volume) point at
     files here: Envoy checks that they exist."""
     bootstrap = yaml.safe_load((ROOT / "deploy/compose/envoy.yaml").read_text())
     [xds] = [c for c in bootstrap["static_resources"]["clusters"] if c["name"] == "gpu-router.xds"]
@@ -504,13 +504,15 @@ def test_each_node_presents_its_roles_certificate_which_the_control_plane_makes(
     role's volume holds that role's key only (the CA key stays in the control plane's)."""
     [control] = of_kind(services, "control_plane").values()
     [*_, shell, script] = control["entrypoint"]
-    volumes = {name: tmp_path / name
-               for name in ("pki", "edge-certs", "ext-proc-certs", "redis-secret")}
+    nodes = {name: flags(service["command"])["--service-node"][0]
+             for name, service in of_kind(services, "envoy").items()}
+    volumes = {name: tmp_path / name for name in (
+        "pki", "ext-proc-certs", "redis-secret", *(f"{node}-certs" for node in nodes.values()))}
     env = {
         **os.environ,
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
         "PKI_DIR": str(in_volume(control, "/pki", volumes)),
-        "EDGE_DIR": str(in_volume(control, "/edge-certs", volumes)),
+        "EDGE_ROOT": str(tmp_path),  # holding <node>-certs, as the control plane mounts them
         "EXT_PROC_DIR": str(in_volume(control, "/ext-proc-certs", volumes)),
         "REDIS_DIR": str(in_volume(control, "/redis-secret", volumes)),
     }
@@ -545,7 +547,7 @@ def test_each_node_presents_its_roles_certificate_which_the_control_plane_makes(
         key = in_volume(service, pair["private_key"]["filename"], volumes)
         ca = in_volume(service, context["validation_context"]["trusted_ca"]["filename"], volumes)
         assert cert.is_file() and key.is_file() and ca.is_file(), name
-        assert role_of_file(cert) == (pki.Role.EDGE, "edge")
+        assert role_of_file(cert) == (pki.Role.EDGE, nodes[name]), "its own, naming its node"
         assert key.stat().st_mode & 0o004, "readable by the Envoy image's unprivileged user"
         # The same files as the static secrets the ext_proc cluster's mutual TLS names.
         named = {secret["name"]: secret for secret in bootstrap["static_resources"]["secrets"]}
@@ -555,8 +557,10 @@ def test_each_node_presents_its_roles_certificate_which_the_control_plane_makes(
         trusted = named[FLEET_CA_SECRET]["validation_context"]["trusted_ca"]["filename"]
         assert in_volume(service, trusted, volumes) == ca, name
 
-    assert sorted(p.name for p in volumes["edge-certs"].iterdir()) == [
-        "ca.pem", "edge-key.pem", "edge.pem"]
+    for node in nodes.values():
+        assert sorted(p.name for p in volumes[f"{node}-certs"].iterdir()) == [
+            "ca.pem", "edge-key.pem", "edge.pem"]
+        assert in_volume(control, f"/{node}-certs", volumes) == volumes[f"{node}-certs"]
     assert sorted(p.name for p in volumes["ext-proc-certs"].iterdir()) == [
         "ca.pem", "ext-proc-key.pem", "ext-proc.pem"]
     assert sorted(p.name for p in volumes["redis-secret"].iterdir()) == [

@@ -27,7 +27,7 @@ from envoy.data.accesslog.v3 import accesslog_pb2
 from envoy.extensions.access_loggers.file.v3 import file_pb2
 from envoy_fixtures import static_cluster
 from google.protobuf import json_format
-from telemetry_fixtures import any_peer, eventually
+from telemetry_fixtures import edge_named, eventually
 
 from control_plane.accounting import record_from_edge_entry
 from control_plane.telemetry.als import ATTEMPT_LOG_NAME, EDGE_LOG_NAME, AccessLogReceiver
@@ -250,7 +250,7 @@ async def _run(tmp_path: Path, upstreams: tuple[int, int]) -> None:
     def broken_hook(entry: accesslog_pb2.HTTPAccessLogEntry, node: str) -> None:
         raise RuntimeError("a failing subscriber")
 
-    receiver = AccessLogReceiver(fleet, on_request=[broken_hook], admit=any_peer)
+    receiver = AccessLogReceiver(fleet, on_request=[broken_hook], admit=edge_named("edge-test-1"))
     receiver.on_request.append(lambda entry, node: requests.append((entry, node)))
     server = grpc.aio.server()
     receiver.register(server)

@@ -17,7 +17,7 @@ from typing import Any
 import grpc
 from envoy.data.accesslog.v3 import accesslog_pb2
 from envoy_fixtures import static_cluster
-from telemetry_fixtures import any_peer, eventually
+from telemetry_fixtures import edge_named, eventually
 
 from control_plane.telemetry.als import EDGE_LOG_NAME, AccessLogReceiver
 from control_plane.telemetry.health import FleetHealth
@@ -93,7 +93,7 @@ async def _run(tmp_path: Path) -> None:
     def count(kind: str, reason: str, *, dropped: bool = True) -> None:
         repairs.append((kind, reason))
 
-    receiver = AccessLogReceiver(FleetHealth(), admit=any_peer, count=count,
+    receiver = AccessLogReceiver(FleetHealth(), admit=edge_named("edge-utf8"), count=count,
                                  on_request=[lambda e, _: seen.setdefault(e.request.request_id, e)])
     server = grpc.aio.server()
     receiver.register(server)

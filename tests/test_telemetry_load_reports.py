@@ -6,7 +6,7 @@ import asyncio
 
 import grpc
 from envoy.service.load_stats.v3 import lrs_pb2, lrs_pb2_grpc
-from telemetry_fixtures import T0, any_peer, eventually
+from telemetry_fixtures import T0, edge_named, eventually
 
 from control_plane.telemetry.health import PROVIDER_WIDE, FleetHealth
 from control_plane.telemetry.load_reports import LoadReportReceiver, in_flight_by_provider
@@ -36,7 +36,7 @@ def in_flight(fleet: FleetHealth, provider: str) -> int | None:
 async def _stream_reports() -> None:
     fleet = FleetHealth()
     server = grpc.aio.server()
-    LoadReportReceiver(fleet, interval_s=1.5, admit=any_peer).register(server)
+    LoadReportReceiver(fleet, interval_s=1.5, admit=edge_named("edge-1")).register(server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")

@@ -19,7 +19,7 @@ from envoy.data.accesslog.v3 import accesslog_pb2
 from envoy.service.accesslog.v3 import als_pb2
 from envoy.service.load_stats.v3 import lrs_pb2
 from google.protobuf import any_pb2, duration_pb2
-from telemetry_fixtures import any_peer
+from telemetry_fixtures import edge_named
 
 from control_plane.accounting import Accounting
 from control_plane.dashboard.data import dashboard_data
@@ -112,7 +112,7 @@ def stream(receiver: AccessLogReceiver, *messages: bytes) -> None:
 
 def receiver_for(fleet: FleetHealth, counts: Counts, at_ms: int = NOW_MS,
                  **kwargs: object) -> AccessLogReceiver:
-    receiver = AccessLogReceiver(fleet, lambda: clock(at_ms), admit=any_peer, count=counts,
+    receiver = AccessLogReceiver(fleet, lambda: clock(at_ms), admit=edge_named("edge-1"), count=counts,
                                  **kwargs)
     receiver.use_policy(POLICY)
     return receiver

@@ -57,3 +57,9 @@ def test_a_stream_never_sends_a_type_its_peer_may_not_have() -> None:
         Subscribed(type_url=type_urls.ROUTING_POLICY, names=(), wildcard=True)]
     assert [r.type_url for r in stream.responses(snapshot)] == [type_urls.ROUTING_POLICY]
     assert type_urls.SECRET not in stream.types
+
+
+def test_an_edge_speaks_only_for_the_node_its_certificate_names() -> None:
+    edge = Peer("p", pki.Role.EDGE, "edge-1")
+    assert edge.may_be("edge-1") and not edge.may_be("edge-2") and not edge.may_be("")
+    assert Peer("p", pki.Role.EXT_PROC, "ext-proc-1").may_be("ext-proc-1-worker-9")

@@ -58,7 +58,7 @@ from control_plane.telemetry.validation import (
 from control_plane.telemetry.wire_utf8 import Received, register_lenient, repaired_parts
 from control_plane.translate.names import ACCESS_LOG_NAME as EDGE_LOG_NAME
 from control_plane.translate.names import ATTEMPT_LOG_NAME
-from control_plane.xds.peer import Admit, require_edge
+from control_plane.xds.peer import Admit, refuse_other_node, require_edge
 
 logger = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ class AccessLogReceiver:
         request_iterator: AsyncIterator[Received[als_pb2.StreamAccessLogsMessage]],
         context: grpc.aio.ServicerContext,
     ) -> als_pb2.StreamAccessLogsResponse:
-        await self._admit(context, "access logs")  # before a single entry is read
+        peer = await self._admit(context, "access logs")  # before a single entry is read
         # As the ALS API says, the identifier is sent in the first message of a stream only.
         node_id = log_name = ""
         entries = 0
@@ -133,6 +133,7 @@ class AccessLogReceiver:
             if message.HasField("identifier"):
                 node_id = message.identifier.node.id
                 log_name = message.identifier.log_name
+                await refuse_other_node(context, peer, node_id, f"access log {log_name!r}")
                 if log_name in (ATTEMPT_LOG_NAME, EDGE_LOG_NAME):
                     logger.info(
                         "access log stream opened", extra={"node": node_id, "log_name": log_name}

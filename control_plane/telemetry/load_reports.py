@@ -32,7 +32,7 @@ from control_plane.telemetry.validation import (
     count_nothing,
 )
 from control_plane.telemetry.wire_utf8 import Received, register_lenient, repaired_parts
-from control_plane.xds.peer import Admit, require_edge
+from control_plane.xds.peer import Admit, refuse_other_node, require_edge
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ class LoadReportReceiver:
         request_iterator: AsyncIterator[Received[lrs_pb2.LoadStatsRequest]],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[lrs_pb2.LoadStatsResponse]:
-        await self._admit(context, "load reports")  # before a single report is read
+        peer = await self._admit(context, "load reports")  # before a single report is read
         # An edge may reconnect before its old stream is seen to end: each stream is its own source.
         source = f"stream-{next(self._streams)}"
         node_id: str | None = None
@@ -94,6 +94,7 @@ class LoadReportReceiver:
                     self._count(LOAD_REPORT, INVALID_UTF8, dropped=False)
                 if node_id is None:
                     node_id = report.node.id
+                    await refuse_other_node(context, peer, node_id, "load reports")
                     logger.info("load report stream opened", extra={"node": node_id})
                     yield self._ask
                     continue

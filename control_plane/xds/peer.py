@@ -2,7 +2,7 @@
 
 A peer's role comes from the SPIFFE URI SAN of the client certificate it presented in the
 mutual-TLS handshake (gpu_router/pki.py), never from the node id or cluster it claims:
-anyone can write those. Edge Envoys may fetch Envoy's resource types (secrets included) and
+anyone can write those. An edge's node id must be its certificate's name (Peer.may_be). Edge Envoys may fetch Envoy's resource types (secrets included) and
 send access logs and load reports; ext_proc replicas only fetch their RoutingPolicy and
 HealthSnapshot. Any other peer (no certificate, another role) is refused; each refusal is
 one JSON line, `peer_refused`.
@@ -49,6 +49,12 @@ class Peer:
         if self.role is Role.EXT_PROC:
             return type_url.startswith(OWN_TYPE_PREFIX)
         return False
+
+    def may_be(self, node_id: str) -> bool:
+        """Whether this peer may call itself `node_id`: an edge only by its certificate's name,
+        since its listener port, health samples and ledger rows go by node id; an ext_proc
+        replica's workers each name a node of their own, which nothing else reads."""
+        return self.role is not Role.EDGE or node_id == self.name
 
     def fields(self) -> dict[str, str]:
         return {
@@ -104,3 +110,14 @@ async def require_edge(context: grpc.aio.ServicerContext, asked: str) -> Peer:
         )
         await refuse(context, peer, asked, code, "only edge Envoys may send this")
     return peer
+
+
+NODE_NOT_CERTIFIED = "the node id is not the name in the certificate"
+
+
+async def refuse_other_node(context: grpc.aio.ServicerContext, peer: Peer, node_id: str,
+                            asked: str) -> None:
+    """Refuse the RPC (raises) when `peer` may not call itself `node_id`."""
+    if not peer.may_be(node_id):
+        await refuse(context, peer, f"node {node_id!r}: {asked}",
+                     grpc.StatusCode.PERMISSION_DENIED, NODE_NOT_CERTIFIED)

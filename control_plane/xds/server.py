@@ -22,7 +22,14 @@ from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 
 from control_plane.xds.cache import SnapshotCache
 from control_plane.xds.node import NodeMetadataError, edge_port_from_metadata
-from control_plane.xds.peer import NODE_CLUSTERS, Peer, nothing, peer_from, refuse
+from control_plane.xds.peer import (
+    NODE_CLUSTERS,
+    Peer,
+    nothing,
+    peer_from,
+    refuse,
+    refuse_other_node,
+)
 from control_plane.xds.stream import (
     Acked,
     Event,
@@ -119,6 +126,8 @@ class AggregatedDiscoveryServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer)
             await refuse(context, peer, f"node cluster {request.node.cluster!r}: {asked}",
                          grpc.StatusCode.PERMISSION_DENIED,
                          "the node cluster does not match the certificate's role")
+        else:
+            await refuse_other_node(context, peer, request.node.id, asked)
         stream.allowed = peer.may_have
         return peer
 

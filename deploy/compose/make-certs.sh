@@ -7,28 +7,40 @@
 # containers: an ext_proc container cannot read an edge key (the only role given provider keys),
 # and no container but the control plane holds the CA key.
 #   pki volume (control plane only): ca.pem, ca-key.pem, control-plane.pem/-key.pem, the others
-#   edge volume     -> every Envoy at /etc/gpu-router/certs: ca.pem, edge.pem, edge-key.pem
+#   <node>-certs    -> that Envoy only, at /etc/gpu-router/certs: ca.pem, edge.pem, edge-key.pem,
+#                      its own certificate (the control plane takes an edge's node id only from
+#                      the certificate naming it), for each node in EDGE_NODES
 #   ext-proc volume -> every ext_proc at /certs: ca.pem, ext-proc.pem, ext-proc-key.pem
 #   redis volume    -> Redis and every ext_proc at /redis: redis-password, and redis.conf (for
 #                      redis-server: requirepass, nothing persisted)
-# The directories can be moved for tests: PKI_DIR, EDGE_DIR, EXT_PROC_DIR, REDIS_DIR.
+# The directories can be moved for tests: PKI_DIR, EDGE_ROOT (holding the <node>-certs
+# directories), EXT_PROC_DIR, REDIS_DIR.
 set -eu
 pki=${PKI_DIR:-/pki}
-edge=${EDGE_DIR:-/edge-certs}
+edge_root=${EDGE_ROOT:-}
+edge_nodes=${EDGE_NODES:-envoy-1 envoy-2}  # the --service-node of each Envoy service
 ext_proc=${EXT_PROC_DIR:-/ext-proc-certs}
 redis=${REDIS_DIR:-/redis-secret}
 
-gpu-router certs init --dir "$pki" --edge edge --ext-proc ext-proc > /dev/null
+edges=""
+for node in $edge_nodes; do edges="$edges --edge $node"; done
+# shellcheck disable=SC2086  # one --edge NAME pair per node
+gpu-router certs init --dir "$pki" $edges --ext-proc ext-proc > /dev/null
 
-mkdir -p "$edge" "$ext_proc" "$redis"
-cp "$pki/ca.pem" "$pki/edge.pem" "$edge/"
+mkdir -p "$ext_proc" "$redis"
+for node in $edge_nodes; do
+  dir="$edge_root/$node-certs"
+  mkdir -p "$dir"
+  cp "$pki/ca.pem" "$dir/"
+  cp "$pki/$node.pem" "$dir/edge.pem"
+  # The Envoy image runs Envoy as its own unprivileged user, which must read the key: the file
+  # is readable by all, in a volume that only this node's container mounts.
+  install -m 0644 "$pki/$node-key.pem" "$dir/edge-key.pem"
+done
 cp "$pki/ca.pem" "$pki/ext-proc.pem" "$pki/ext-proc-key.pem" "$ext_proc/"
 # The Redis image runs redis-server as its own user, which must read both files: readable by
 # all, in a volume that only Redis and the ext_proc replicas mount.
 install -m 0644 "$pki/redis-password" "$redis/redis-password"
 printf 'requirepass %s\nsave ""\nappendonly no\n' "$(cat "$pki/redis-password")" > "$redis/redis.conf"
 chmod 0644 "$redis/redis.conf"
-# The Envoy image runs Envoy as its own unprivileged user, which must read the key: the file is
-# readable by all, in a volume that only the Envoy containers mount.
-install -m 0644 "$pki/edge-key.pem" "$edge/edge-key.pem"
 exec "$@"

@@ -147,10 +147,11 @@ def test_an_ext_proc_certificate_never_gets_a_key_whatever_it_claims(
     assert type_urls.SECRET in refused["asked"]
 
 
-def forged_log(request_id: str, log_name: str = EDGE_LOG_NAME) -> list[als_pb2.StreamAccessLogsMessage]:
-    """One believable entry on `log_name`: a served client request (the edge log), or a 503
-    attempt to runpod just now (the attempt log, which `why` keeps per request; not KEYED, whose
-    health the key rotation test below needs intact)."""
+def forged_log(request_id: str, log_name: str = EDGE_LOG_NAME,
+               node_id: str = "probe") -> list[als_pb2.StreamAccessLogsMessage]:
+    """One believable entry on `log_name` from node `node_id`: a served client request (the
+    edge log), or a 503 attempt to runpod just now (the attempt log, which `why` keeps per
+    request; not KEYED, whose health the key rotation test below needs intact)."""
     entry = accesslog_pb2.HTTPAccessLogEntry(
         request=accesslog_pb2.HTTPRequestProperties(request_id=request_id, path="/v1/chat/completions"),
         response=accesslog_pb2.HTTPResponseProperties(),
@@ -163,18 +164,18 @@ def forged_log(request_id: str, log_name: str = EDGE_LOG_NAME) -> list[als_pb2.S
     return [
         als_pb2.StreamAccessLogsMessage(
             identifier=als_pb2.StreamAccessLogsMessage.Identifier(
-                node=base_pb2.Node(id="edge-1", cluster=EDGE_CLUSTER), log_name=log_name
+                node=base_pb2.Node(id=node_id, cluster=EDGE_CLUSTER), log_name=log_name
             ),
             http_logs=als_pb2.StreamAccessLogsMessage.HTTPAccessLogEntries(log_entry=[entry]),
         )
     ]
 
 
-def send_access_log(channel: grpc.Channel, request_id: str,
-                    log_name: str = EDGE_LOG_NAME) -> grpc.StatusCode:
+def send_access_log(channel: grpc.Channel, request_id: str, log_name: str = EDGE_LOG_NAME,
+                    node_id: str = "probe") -> grpc.StatusCode:
     stub = als_pb2_grpc.AccessLogServiceStub(channel)
     try:
-        stub.StreamAccessLogs(iter(forged_log(request_id, log_name)), timeout=10)
+        stub.StreamAccessLogs(iter(forged_log(request_id, log_name, node_id)), timeout=10)
     except grpc.RpcError as error:
         return error.code()
     return grpc.StatusCode.OK
@@ -208,6 +209,33 @@ def test_access_logs_and_load_reports_only_from_edge_certificates(stack: Stack) 
     # written yet would pass the check below.
     eventually(lambda: booked(stack, "from-an-edge") == 1, "the edge's entry in the ledger")
     assert booked(stack, "forged-ext-proc") == 0
+
+
+def test_an_edge_certificate_speaks_only_for_the_node_it_names(stack: Stack) -> None:
+    """Listener ports, health samples and ledger rows go by node id: the edge certificate
+    "probe" cannot pose as edge-1 on any of the three streams (edge-1 itself routes on)."""
+    before = len(refusals(stack))
+    with mtls(stack, pki.Role.EDGE, "probe") as channel:
+        request = discovery_pb2.DiscoveryRequest(
+            node=base_pb2.Node(id="edge-1", cluster=EDGE_CLUSTER), type_url=type_urls.SECRET,
+            resource_names=[SECRET])
+        with pytest.raises(grpc.RpcError) as xds:
+            list(ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel).StreamAggregatedResources(
+                iter([request]), timeout=10))
+        assert xds.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert send_access_log(channel, "posing-as-edge-1", node_id="edge-1") == (
+            grpc.StatusCode.PERMISSION_DENIED)
+        reports = lrs_pb2_grpc.LoadReportingServiceStub(channel).StreamLoadStats(
+            iter([lrs_pb2.LoadStatsRequest(node=base_pb2.Node(id="edge-1"))]), timeout=10)
+        with pytest.raises(grpc.RpcError) as lrs:
+            list(reports)
+        assert lrs.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    refused = refusals(stack)[before:]
+    assert {entry["reason"] for entry in refused} == {
+        "the node id is not the name in the certificate"}
+    assert [entry["peer_name"] for entry in refused] == ["probe"] * 3
+    assert booked(stack, "posing-as-edge-1") == 0
+    assert chat(stack, "llama-3.1-8b")[0] == 200
 
 
 def attempts_kept(stack: Stack, request_id: str) -> int:
