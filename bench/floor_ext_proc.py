@@ -10,12 +10,12 @@ stack costs before it does any work, so routed/floor says how much of the routed
 
 from __future__ import annotations
 
-import asyncio
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
+import uvloop
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_proc_grpc
@@ -47,4 +47,4 @@ async def serve(address: str, tls: TlsFiles) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(serve(sys.argv[1], TlsFiles(*map(Path, sys.argv[2:5]))))
+    uvloop.run(serve(sys.argv[1], TlsFiles(*map(Path, sys.argv[2:5]))))  # as ext_proc runs

@@ -81,7 +81,14 @@ def both_workers_acked(ads: FakeAds, version: str) -> bool:
 def test_not_ready_then_routes_once_the_policy_arrives(
     ads: FakeAds, ext_proc: tuple[ManagedProcess, str]
 ) -> None:
-    _, target = ext_proc
+    running, target = ext_proc
+
+    def serving() -> list[dict]:
+        lines = running.log_path.read_text().splitlines()
+        return [json.loads(line) for line in lines if '"ext_proc worker serving"' in line]
+
+    eventually(lambda: len(serving()) == 2, "both workers serving")
+    assert [line["event_loop"] for line in serving()] == ["uvloop"] * 2  # the cheaper loop
     with pytest.raises(grpc.RpcError) as not_ready:  # Envoy fails open onto its fallback route
         process(target, headers_request())
     assert not_ready.value.code() == grpc.StatusCode.UNAVAILABLE
