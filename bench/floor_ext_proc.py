@@ -33,9 +33,11 @@ ANSWER = ext_proc_pb2.ProcessingResponse(
 
 class Floor(ext_proc_grpc.ExternalProcessorServicer):
     async def Process(self, request_iterator: AsyncIterator[ext_proc_pb2.ProcessingRequest],
-                      context: grpc.aio.ServicerContext) -> AsyncIterator[ext_proc_pb2.ProcessingResponse]:
-        async for _ in request_iterator:
-            yield ANSWER
+                      context: grpc.aio.ServicerContext) -> None:
+        """As ext_proc/service.py does it: read, write, read the end of the stream."""
+        await context.read()
+        await context.write(ANSWER)
+        await context.read()
 
 
 async def serve(address: str, tls: TlsFiles) -> None:
