@@ -1,10 +1,12 @@
-"""The control plane's gRPC port, attacked with real gRPC clients while a real stack runs on it.
+"""The control plane's gRPC port and ext_proc's, attacked with real gRPC clients while a real
+stack runs on them.
 
 Provider keys are SDS secrets and the ledger is fed by access logs: only a client holding an
-edge certificate from the stack's CA may have either. Every other client, plaintext, TLS
-without a certificate, or an ext_proc replica's certificate, is refused, and the edge Envoys
-of the same stack keep routing (the stack would not start otherwise). A provider key rotated
-in its file reaches the provider's requests without any restart.
+edge certificate from the stack's CA may have either, and only for the node its certificate
+names. Every other client, plaintext, TLS without a certificate, or an ext_proc replica's
+certificate, is refused, and the edge Envoys of the same stack keep routing (the stack would
+not start otherwise). ext_proc decides for edge certificates only. A provider key rotated in
+its file reaches the provider's requests without any restart.
 """
 
 from __future__ import annotations
