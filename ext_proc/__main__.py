@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from ext_proc.json_log import configure_logging
 from ext_proc.workers import WorkerConfig, run_workers
-from gpu_router.pki import TlsFiles
+from gpu_router.pki import TlsFiles, pair_problem
 from gpu_router.redis_service import RedisPasswordError, read_password
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -66,6 +67,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.redis_password_file is not None and args.redis is None:
         parser.error("--redis-password-file needs --redis")
+    if args.redis is not None and urlsplit(args.redis).password:
+        parser.error("--redis holds a password, which every local user can read on the command "
+                     "line (and which logs would repeat): put it in --redis-password-file")
+    tls = TlsFiles(args.tls_ca, args.tls_cert, args.tls_key)
+    problem = pair_problem(tls)
+    if problem is not None:  # else gRPC only says it cannot bind the port
+        parser.error(f"unusable TLS files: {problem}")
     try:
         password = (None if args.redis_password_file is None
                     else read_password(args.redis_password_file))
@@ -75,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     return run_workers(
         WorkerConfig(
             listen=args.listen, xds=args.xds, log_level=args.log_level,
-            tls=TlsFiles(args.tls_ca, args.tls_cert, args.tls_key), redis=args.redis,
+            tls=tls, redis=args.redis,
             redis_password=password,
         ),
         args.workers,

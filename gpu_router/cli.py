@@ -76,7 +76,7 @@ def up(args: argparse.Namespace) -> int:
     except Cancelled:
         print(f"gpu-router: stopped by {signals.names()[0]} while starting", file=sys.stderr)
         return 0
-    except (ProcessError, pki.PkiError) as error:
+    except (ProcessError, pki.PkiError, RedisPasswordError) as error:
         print(f"gpu-router: {error}", file=sys.stderr)
         return 1
     print(f"gpu-router is up: OpenAI-compatible endpoint {stack.url}/v1\n"

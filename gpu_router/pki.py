@@ -293,7 +293,7 @@ def _existing_problem(
         key = _load_key(files.key)
     except PkiError as error:
         return str(error)
-    if key.public_key().public_bytes(*_SPKI) != cert.public_key().public_bytes(*_SPKI):
+    if not same_key(cert, key):
         return "does not match its key"
     if identity.role is Role.EXT_PROC:
         dns = (*dns, EXT_PROC_SERVER_NAME)
@@ -301,6 +301,22 @@ def _existing_problem(
     if missing:
         return f"lacks the SANs {', '.join(missing)}"
     return leaf_problem(cert, ca_cert, identity, now)
+
+
+def same_key(cert: x509.Certificate, key: CertificateIssuerPrivateKeyTypes) -> bool:
+    """Whether `key` is the private key of `cert`."""
+    return key.public_key().public_bytes(*_SPKI) == cert.public_key().public_bytes(*_SPKI)
+
+
+def pair_problem(files: TlsFiles) -> str | None:
+    """Why a process cannot present `files` (unreadable, not PEM, or a key that is not the
+    certificate's), naming the file; None when it can."""
+    try:
+        cert, key = _load_cert(files.cert), _load_key(files.key)
+        _load_cert(files.ca)
+    except PkiError as error:
+        return str(error)
+    return None if same_key(cert, key) else f"{files.key}: not the key of {files.cert}"
 
 
 def _missing_addresses(cert: x509.Certificate, dns: Sequence[str], ips: Sequence[str]) -> list[str]:

@@ -8,8 +8,8 @@ two minutes) when the policy gives some client a limit, or when asked.
 It takes no command before AUTH with the fleet's password: anyone else who reached it could
 reset the counters (escape a limit) or raise them (get a client refused). The password is made
 once into the certs directory (PASSWORD_FILE, mode 0600) and travels only in files: redis-server
-reads it from a config file of mode 0600, ext_proc from --redis-password-file; never in argv,
-which every local user can read.
+reads it from a config file of mode 0600 beside it, ext_proc from --redis-password-file; never
+in argv, which every local user can read.
 """
 
 from __future__ import annotations
@@ -72,16 +72,17 @@ def wants_redis(mode: str, config: RoutingConfig) -> bool:
 
 def redis_process(port: int, log_dir: Path, password_file: Path) -> ManagedProcess:
     """redis-server on 127.0.0.1:`port` behind the password in `password_file`, nothing
-    persisted; its config (password included) is a file of mode 0600 in `log_dir`.
-    ProcessError when the redis-server binary (Debian: apt-get install redis-server) is
-    missing."""
+    persisted; its config (password included) is redis.conf, mode 0600, beside the password
+    (the certs directory, not the log directory users share). ProcessError when the
+    redis-server binary (Debian: apt-get install redis-server) is missing."""
     binary = shutil.which("redis-server")
     if binary is None:
         raise ProcessError("client rate limits across ext_proc workers need redis-server "
                            "(Debian: apt-get install redis-server); or run gpu-router up "
                            "--redis never for per-worker counters")
-    config = log_dir / "redis.conf"
+    config = password_file.with_name("redis.conf")
     descriptor = os.open(config, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(descriptor, 0o600)  # an existing file keeps its mode through O_CREAT
     with os.fdopen(descriptor, "w") as out:
         out.write(f"port {port}\nbind 127.0.0.1\nprotected-mode yes\nsave \"\"\n"
                   f"appendonly no\ndir {_quoted(str(log_dir))}\nrequirepass {read_password(password_file)}\n")

@@ -6,10 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import shutil
-import socket
 import time
-from collections.abc import Iterator
 from dataclasses import fields
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -17,32 +14,21 @@ from typing import Any, get_type_hints
 import pytest
 import yaml
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc_pb2
-from ext_proc_fixtures import FakeAds, headers_request
+from ext_proc_fixtures import headers_request
 from google.protobuf import json_format
-from polling import eventually
 
 from control_plane.client_spend import ClientSpend, snapshot_proto
 from control_plane.ledger.store import LedgerRow, LedgerWriter
 from control_plane.policy.load import PolicyError, default_policy_path, load_policy_text
 from control_plane.policy.model import Budget, Client, Limits
 from control_plane.policy.wire import to_routing_policy
-from ext_proc.__main__ import main as ext_proc_main
 from ext_proc.admission import Admission, estimated_tokens
-from ext_proc.rate_limit import Charge, LocalCounters, RateLimiter, RedisCounters, retry_after_s
+from ext_proc.rate_limit import LocalCounters, RateLimiter, retry_after_s
 from ext_proc.request import RequestPhases
 from ext_proc.router_state import LiveState
 from gpu_router.cli import main
 from gpu_router.edge_guard import open_edge_refusal
 from gpu_router.keys_cli import key_sha256, new_key
-from gpu_router.processes import free_port
-from gpu_router.redis_service import (
-    PASSWORD_FILE,
-    RedisPasswordError,
-    ensure_password,
-    read_password,
-    redis_answers,
-    redis_process,
-)
 
 KEYS = {name: f"gr-test-key-{name}" for name in ("search", "batchy", "capped", "slow")}
 
@@ -319,82 +305,6 @@ def test_with_clients_the_edge_does_not_fail_open_without_ext_proc() -> None:
     assert not closed.failure_mode_allow and closed.status_on_error.code == 503
 
 
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[tuple[int, str, int]]:
-    """A launcher-made redis-server: (port, password, pid)."""
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed (.ci/run installs it on Debian)")
-    port = free_port()
-    password_file = ensure_password(tmp_path / "certs")
-    password = read_password(password_file)
-    process = redis_process(port, tmp_path, password_file).start()
-    try:
-        eventually(lambda: redis_answers(port, password), "redis-server to answer PING")
-        yield port, password, process.pid
-    finally:
-        process.stop()
-
-
-def test_redis_takes_no_command_before_the_fleets_password(
-    redis_server: tuple[int, str, int], tmp_path: Path
-) -> None:
-    """Anyone else who reached it could reset the counters (escape a limit) or raise them."""
-    port, password, pid = redis_server
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as connection:
-        connection.sendall(b"SET gpu-router:rl:x 1\r\n")
-        assert connection.recv(64).startswith(b"-NOAUTH")
-    assert not redis_answers(port, "not-the-fleets-password")
-    assert redis_answers(port, password)
-    argv = Path(f"/proc/{pid}/cmdline").read_bytes()
-    assert b"redis-server" in argv and password.encode() not in argv, "never on a command line"
-    assert (tmp_path / "redis.conf").stat().st_mode & 0o777 == 0o600
-    assert (tmp_path / "certs" / PASSWORD_FILE).stat().st_mode & 0o777 == 0o600
-    assert ensure_password(tmp_path / "certs").read_text().strip() == password, "kept"
-
-    async def without_password() -> list[tuple[int, int]] | None:
-        counters = RedisCounters(f"redis://127.0.0.1:{port}")
-        try:
-            return await counters.add(600, [Charge("shared:req", 1, 3)])
-        finally:
-            await counters.close()
-
-    assert asyncio.run(without_password()) is None  # refused: counted nowhere (fails open)
-
-
-@pytest.mark.parametrize("text", ["", "short", "has space in it, long enough", "quo\"te-long-enough"])
-def test_an_unusable_redis_password_file_is_an_error_naming_it(tmp_path: Path, text: str) -> None:
-    path = tmp_path / PASSWORD_FILE
-    path.write_text(text)
-    with pytest.raises(RedisPasswordError, match=str(path)):
-        read_password(path)
-
-
-def test_redis_counters_are_shared_and_a_lost_redis_fails_open(
-    redis_server: tuple[int, str, int]
-) -> None:
-    redis_port, password, _ = redis_server
-
-    async def scenario() -> tuple[list[float | None], float | None, float | None]:
-        url = f"redis://127.0.0.1:{redis_port}"
-        # two workers, one store
-        one, two = RedisCounters(url, password=password), RedisCounters(url, password=password)
-        limit = [Charge("shared:req", 1, 3)]
-        waits = []
-        for counters in (one, two, one, two, one):
-            waits.append(await RateLimiter(counters, clock=lambda: 600.0).retry_after(limit))
-        unreachable = RedisCounters("redis://127.0.0.1:1")
-        open_wait = await RateLimiter(unreachable, clock=lambda: 600.0).retry_after(limit)
-        later = await RateLimiter(two, clock=lambda: 690.0).retry_after(limit)
-        for counters in (one, two, unreachable):
-            await counters.close()
-        return waits, open_wait, later
-
-    waits, open_wait, later = asyncio.run(scenario())
-    assert waits[:3] == [None, None, None] and waits[3] == waits[4] == 60
-    assert open_wait is None  # limits fail open; budgets do not depend on Redis
-    assert later is None
-
-
 def test_up_refuses_an_open_edge_beyond_loopback(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exited:
         main(["up", "--edge-host", "0.0.0.0", "--no-simulators"])  # the default policy: no clients
@@ -426,16 +336,3 @@ def test_keys_list_shows_budgets_spend_and_limits_never_a_key(
     with pytest.raises(SystemExit):
         main(["report", "--by", "client", "--ledger", str(ledger), "--since", "1h"])
     assert "capped" in capsys.readouterr().out
-
-
-def test_ext_proc_refuses_to_start_on_an_unusable_redis_password_file(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    files = FakeAds.client_flags()
-    missing = tmp_path / "nowhere" / PASSWORD_FILE
-    for extra, says in (([], "--redis-password-file needs --redis"),
-                        (["--redis", "redis://127.0.0.1:1"], str(missing))):
-        with pytest.raises(SystemExit) as stopped:
-            ext_proc_main([*files, *extra, "--redis-password-file", str(missing)])
-        assert stopped.value.code == 2
-        assert says in capsys.readouterr().err

@@ -1,0 +1,127 @@
+"""The fleet's Redis (gpu_router/redis_service.py): no command before AUTH with the fleet's
+password, which travels only in files; and ext_proc's flags for it."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from ext_proc_fixtures import FakeAds
+from polling import eventually
+
+from ext_proc.__main__ import main as ext_proc_main
+from ext_proc.rate_limit import Charge, RateLimiter, RedisCounters
+from gpu_router import pki
+from gpu_router.processes import free_port
+from gpu_router.redis_service import (
+    PASSWORD_FILE,
+    RedisPasswordError,
+    ensure_password,
+    read_password,
+    redis_answers,
+    redis_process,
+)
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[tuple[int, str, int]]:
+    """A launcher-made redis-server: (port, password, pid)."""
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (.ci/run installs it on Debian)")
+    port = free_port()
+    password_file = ensure_password(tmp_path / "certs")
+    password = read_password(password_file)
+    process = redis_process(port, tmp_path, password_file).start()
+    try:
+        eventually(lambda: redis_answers(port, password), "redis-server to answer PING")
+        yield port, password, process.pid
+    finally:
+        process.stop()
+
+
+def test_redis_takes_no_command_before_the_fleets_password(
+    redis_server: tuple[int, str, int], tmp_path: Path
+) -> None:
+    """Anyone else who reached it could reset the counters (escape a limit) or raise them."""
+    port, password, pid = redis_server
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as connection:
+        connection.sendall(b"SET gpu-router:rl:x 1\r\n")
+        assert connection.recv(64).startswith(b"-NOAUTH")
+    assert not redis_answers(port, "not-the-fleets-password")
+    assert redis_answers(port, password)
+    argv = Path(f"/proc/{pid}/cmdline").read_bytes()
+    assert b"redis-server" in argv and password.encode() not in argv, "never on a command line"
+    assert (tmp_path / "certs" / "redis.conf").stat().st_mode & 0o777 == 0o600
+    assert not (tmp_path / "redis.conf").exists(), "not in the log directory"
+    assert (tmp_path / "certs" / PASSWORD_FILE).stat().st_mode & 0o777 == 0o600
+    assert ensure_password(tmp_path / "certs").read_text().strip() == password, "kept"
+
+    async def without_password() -> list[tuple[int, int]] | None:
+        counters = RedisCounters(f"redis://127.0.0.1:{port}")
+        try:
+            return await counters.add(600, [Charge("shared:req", 1, 3)])
+        finally:
+            await counters.close()
+
+    assert asyncio.run(without_password()) is None  # refused: counted nowhere (fails open)
+
+
+@pytest.mark.parametrize("text", ["", "short", "has space in it, long enough", "quo\"te-long-enough"])
+def test_an_unusable_redis_password_file_is_an_error_naming_it(tmp_path: Path, text: str) -> None:
+    path = tmp_path / PASSWORD_FILE
+    path.write_text(text)
+    with pytest.raises(RedisPasswordError, match=str(path)):
+        read_password(path)
+
+
+def test_redis_counters_are_shared_and_a_lost_redis_fails_open(
+    redis_server: tuple[int, str, int]
+) -> None:
+    redis_port, password, _ = redis_server
+
+    async def scenario() -> tuple[list[float | None], float | None, float | None]:
+        url = f"redis://127.0.0.1:{redis_port}"
+        # two workers, one store
+        one, two = RedisCounters(url, password=password), RedisCounters(url, password=password)
+        limit = [Charge("shared:req", 1, 3)]
+        waits = []
+        for counters in (one, two, one, two, one):
+            waits.append(await RateLimiter(counters, clock=lambda: 600.0).retry_after(limit))
+        unreachable = RedisCounters("redis://127.0.0.1:1")
+        open_wait = await RateLimiter(unreachable, clock=lambda: 600.0).retry_after(limit)
+        later = await RateLimiter(two, clock=lambda: 690.0).retry_after(limit)
+        for counters in (one, two, unreachable):
+            await counters.close()
+        return waits, open_wait, later
+
+    waits, open_wait, later = asyncio.run(scenario())
+    assert waits[:3] == [None, None, None] and waits[3] == waits[4] == 60
+    assert open_wait is None  # limits fail open; budgets do not depend on Redis
+    assert later is None
+
+
+def test_ext_proc_refuses_to_start_on_unusable_flags(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Each a clear error and exit 2 before any worker starts: a password file that cannot be
+    read or without --redis, a password on the command line, TLS files that do not match."""
+    files = FakeAds.client_flags()
+    missing = tmp_path / "nowhere" / PASSWORD_FILE
+    other = pki.ensure(tmp_path / "other", [pki.Identity(pki.Role.EXT_PROC, "x")])["x"]
+    mismatched = ["--tls-ca", files[1], "--tls-cert", files[3], "--tls-key", str(other.key)]
+    cases = [
+        ([*files, "--redis-password-file", str(missing)], "--redis-password-file needs --redis"),
+        ([*files, "--redis", "redis://127.0.0.1:1", "--redis-password-file", str(missing)],
+         str(missing)),
+        ([*files, "--redis", "redis://:secret-password@127.0.0.1:1"], "--redis-password-file"),
+        (mismatched, f"unusable TLS files: {other.key}: not the key of {files[3]}"),
+    ]
+    for argv, says in cases:
+        with pytest.raises(SystemExit) as stopped:
+            ext_proc_main(argv)
+        assert stopped.value.code == 2
+        assert says in capsys.readouterr().err
