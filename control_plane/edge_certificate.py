@@ -16,6 +16,8 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from gpu_router.pki import same_key
+
 
 class EdgeCertificateError(Exception):
     """The edge listener's certificate or key cannot be served; says which file and why."""
@@ -44,12 +46,15 @@ def read_listener_certificate(
         raise EdgeCertificateError(
             f"{key_path}: not an unencrypted PEM private key") from None
     leaf = certificates[0]
-    if _public(private_key.public_key()) != _public(leaf.public_key()):
+    if not same_key(leaf, private_key):  # type: ignore[arg-type]
         raise EdgeCertificateError(f"{key_path}: not the key of the certificate in {cert_path}")
     if leaf.not_valid_after_utc <= now:
         raise EdgeCertificateError(
             f"{cert_path}: expired {leaf.not_valid_after_utc:%Y-%m-%d %H:%M} UTC")
-    return ListenerCertificate(chain, key)
+    # The certificates alone, re-encoded: a file that also holds the key would otherwise put it
+    # in the chain, which Envoy does not redact in /config_dump.
+    served = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certificates)
+    return ListenerCertificate(served, key)
 
 
 def _read(path: Path) -> bytes:
@@ -57,8 +62,3 @@ def _read(path: Path) -> bytes:
         return path.read_bytes()
     except OSError as error:
         raise EdgeCertificateError(f"{path}: cannot read: {error.strerror}") from None
-
-
-def _public(key: object) -> bytes:
-    return key.public_bytes(  # type: ignore[attr-defined]
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)

@@ -25,6 +25,16 @@ def test_a_good_pair_is_read_whole(tmp_path: Path) -> None:
     assert "PRIVATE" not in repr(pair)
 
 
+def test_a_key_kept_in_the_certificate_file_never_goes_into_the_chain(tmp_path: Path) -> None:
+    """Envoy redacts a secret's private key in /config_dump, not its certificate chain."""
+    _, cert, key = server_pair(tmp_path)
+    for combined in (cert.read_bytes() + key.read_bytes(), key.read_bytes() + cert.read_bytes()):
+        both = tmp_path / "both.pem"
+        both.write_bytes(combined)
+        pair = read_listener_certificate(both, key)
+        assert pair.chain == cert.read_bytes() and b"PRIVATE" not in pair.chain
+
+
 def test_an_unusable_pair_is_refused_naming_the_file(tmp_path: Path) -> None:
     ca, cert, key = server_pair(tmp_path / "one")
     _, _, other_key = server_pair(tmp_path / "two")
