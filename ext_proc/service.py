@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import AsyncIterator
 
@@ -13,19 +14,25 @@ from ext_proc.admission import Admission, tag_client
 from ext_proc.rate_limit import LocalCounters, RateLimiter
 from ext_proc.request import NotReadyError, ProtocolError, RequestPhases
 from ext_proc.router_state import LiveState
-from gpu_router.pki import Role, role_prefix
+from gpu_router.pki import Role, role_of
 
 _log = logging.getLogger(__name__)
-
-_EDGE_ID_PREFIX = role_prefix(Role.EDGE).encode()
-
 
 def from_edge(context: grpc.aio.ServicerContext) -> bool:
     """Whether the stream's peer presented an edge certificate. The port takes only certificates
     of the fleet's CA (workers.py); of those, only an edge Envoy may ask for decisions. gRPC's
     peer identities are the certificate's SANs (~4 us a stream; the whole auth context ~10)."""
     identities = context.peer_identities()
-    return identities is not None and any(i.startswith(_EDGE_ID_PREFIX) for i in identities)
+    return identities is not None and _only_edge(tuple(identities))
+
+
+@functools.lru_cache(maxsize=256)
+def _only_edge(identities: tuple[bytes, ...]) -> bool:
+    """The control plane's rule (control_plane/xds/peer.py): exactly one of our roles among the
+    SPIFFE ids, and it is edge. Cached: the fleet has few certificates."""
+    roles = {found[0] for identity in identities
+             if (found := role_of(identity.decode("utf-8", "replace"))) is not None}
+    return roles == {Role.EDGE}
 
 
 class ExternalProcessorService(ext_proc_grpc.ExternalProcessorServicer):

@@ -199,23 +199,32 @@ def test_sigterm_stops_every_worker(ext_proc: tuple[ManagedProcess, str]) -> Non
 def test_the_port_takes_mutual_tls_from_edges_only(
     ads: FakeAds, ext_proc: tuple[ManagedProcess, str], tmp_path: Path
 ) -> None:
-    """No certificate, another CA's, or the fleet's of another role: no decision. An edge's:
-    one."""
+    """Plaintext, TLS without a client certificate, an edge certificate of another CA (the
+    client trusting the fleet's CA, so the refusal is the server's), or the fleet's certificate
+    of another role: no decision. An edge's: one."""
     _, target = ext_proc
     ads.publish(POLICY_TYPE_URL, "v1", default_policy("v1"))
     eventually(lambda: both_workers_acked(ads, "v1"), "the policy in every worker")
     request = headers_request(body_fields={"model": "mixtral"})
-    with grpc.insecure_channel(target) as channel, pytest.raises(grpc.RpcError) as plain:
-        list(ext_proc_grpc.ExternalProcessorStub(channel).Process(iter([request]), timeout=10))
-    assert plain.value.code() == grpc.StatusCode.UNAVAILABLE
+    fleet_ca = FakeAds.client_files().ca
     stranger = pki.ensure(tmp_path / "other-ca", [pki.Identity(pki.Role.EDGE, "edge-test")])
-    for files, code in ((stranger["edge-test"], grpc.StatusCode.UNAVAILABLE),
-                        (FakeAds.client_files(), grpc.StatusCode.PERMISSION_DENIED)):
+    foreign = pki.TlsFiles(fleet_ca, stranger["edge-test"].cert, stranger["edge-test"].key)
+
+    def no_certificate() -> grpc.Channel:
+        return grpc.secure_channel(
+            target, grpc.ssl_channel_credentials(fleet_ca.read_bytes()),
+            options=[("grpc.ssl_target_name_override", pki.EXT_PROC_SERVER_NAME)])
+
+    channels = [(lambda: grpc.insecure_channel(target), grpc.StatusCode.UNAVAILABLE),
+                (no_certificate, grpc.StatusCode.UNAVAILABLE),
+                (lambda: healthcheck.channel(target, foreign), grpc.StatusCode.UNAVAILABLE),
+                (lambda: healthcheck.channel(target, FakeAds.client_files()),
+                 grpc.StatusCode.PERMISSION_DENIED)]
+    for channel_for, code in channels:
         for _ in range(4):  # whichever worker takes the connection
-            with healthcheck.channel(target, files) as channel, \
-                    pytest.raises(grpc.RpcError) as refused:
+            with channel_for() as channel, pytest.raises(grpc.RpcError) as refused:
                 list(ext_proc_grpc.ExternalProcessorStub(channel).Process(iter([request]),
                                                                           timeout=10))
-            assert refused.value.code() == code, files
+            assert refused.value.code() == code, channel_for
     [answer] = process(target, request)
     assert answer.request_headers.response.header_mutation.set_headers
