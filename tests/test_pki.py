@@ -127,7 +127,7 @@ def test_ext_proc_certificates_also_serve_its_port_and_older_ones_are_reissued(
     assert not sans.get_values_for_type(x509.IPAddress)
     assert pki.leaf_problem(replica, ca, EXT_PROC, NOW) is None
 
-    # A replica certificate made before ext_proc served TLS: client auth only.
+    # A replica certificate made before ext_proc served TLS: client auth, no DNS name.
     directory = tmp_path / "certs"
     files = pki.ensure(directory, [EXT_PROC], now=NOW)["ext-proc-1"]
     old, old_key = pki.make_leaf(load(files.ca), pki._load_key(directory / pki.CA_KEY_FILE),
@@ -138,8 +138,7 @@ def test_ext_proc_certificates_also_serve_its_port_and_older_ones_are_reissued(
             serial_number=old.serial_number, not_valid_before=old.not_valid_before_utc,
             not_valid_after=old.not_valid_after_utc)
         .add_extension(x509.SubjectAlternativeName(
-            [x509.UniformResourceIdentifier(EXT_PROC.spiffe_id),
-             x509.DNSName(pki.EXT_PROC_SERVER_NAME)]), critical=False)
+            [x509.UniformResourceIdentifier(EXT_PROC.spiffe_id)]), critical=False)
         .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH]),
                        critical=False)
         .sign(pki._load_key(directory / pki.CA_KEY_FILE), pki.hashes.SHA256())
@@ -149,4 +148,7 @@ def test_ext_proc_certificates_also_serve_its_port_and_older_ones_are_reissued(
     pki._write_cert(files.cert, client_only)
     pki._write_key(files.key, old_key)
     pki.ensure(directory, [EXT_PROC], now=NOW)
-    assert server_auth in usages(load(files.cert))
+    renewed = load(files.cert)
+    assert server_auth in usages(renewed)
+    assert renewed.extensions.get_extension_for_class(x509.SubjectAlternativeName).value \
+        .get_values_for_type(x509.DNSName) == [pki.EXT_PROC_SERVER_NAME]
