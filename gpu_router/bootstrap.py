@@ -1,6 +1,7 @@
 """Renders envoy/bootstrap.yaml for one edge node: its id, admin address, control plane address,
-the certificate files of its mutual TLS to the control plane, and, when several nodes share a
-machine, the port its edge listener should take."""
+the certificate files of its mutual TLS to the control plane and (as static secrets the control
+plane's ext_proc cluster names) to ext_proc, and, when several nodes share a machine, the port
+its edge listener should take."""
 
 from __future__ import annotations
 
@@ -34,8 +35,9 @@ class EdgeNode:
     """Asks the control plane for the edge listener on this port (node metadata); None: the
     control plane's --edge-port, as for every node without the metadata."""
     tls: TlsFiles | None = DEFAULT_EDGE_TLS
-    """The CA and this node's edge certificate and key. None: plaintext xDS, which the control
-    plane refuses; only for tests against a plaintext stand-in (tests/xds_fixtures.py)."""
+    """The CA and this node's edge certificate and key (named by node_id). None: plaintext xDS
+    and no static secrets, which the control plane refuses and without which Envoy refuses its
+    ext_proc cluster; only for tests against a plaintext stand-in (tests/xds_fixtures.py)."""
 
 
 def render_bootstrap(node: EdgeNode) -> dict:

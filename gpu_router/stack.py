@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -40,6 +39,7 @@ from gpu_router.redis_service import (
     redis_process,
     wants_redis,
 )
+from gpu_router.stack_endpoints import EdgeHandle, StackPorts
 from gpu_router.xds_status import fleet_synced, policy_holders
 
 SIMULATOR = "simulator"
@@ -65,50 +65,6 @@ class _Lifecycle:
     probe: Probe
     ports: tuple[int, ...]
     """Where it listens: it is down once none of them accepts a connection."""
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class StackPorts:
-    edge: int = 10000
-    """Edge listener of the first Envoy node (the others get free ports)."""
-    admin: int = 9901
-    """Admin port of the first Envoy node (the others get free ports)."""
-    xds: int = 18000
-    ext_proc: int = 50051
-    """Port of the first ext_proc replica (the others get free ports)."""
-    control_http: int = 8080
-
-    @classmethod
-    def free(cls) -> StackPorts:
-        return cls(
-            edge=free_port(),
-            admin=free_port(),
-            xds=free_port(),
-            ext_proc=free_port(),
-            control_http=free_port(),
-        )
-
-
-_OWN_EDGE_TLS = ssl.create_default_context()
-"""How the stack asks its own edge on loopback whether it routes: its readiness, not its
-identity (the operator's certificate may name a public host and chain to any CA)."""
-_OWN_EDGE_TLS.check_hostname, _OWN_EDGE_TLS.verify_mode = False, ssl.CERT_NONE
-
-
-@dataclass(frozen=True, slots=True)
-class EdgeHandle:
-    """One running Envoy edge node."""
-
-    node_id: str
-    edge_port: int
-    admin: EnvoyAdmin
-    process: ManagedProcess
-    scheme: str = "http"
-    """https when the edge serves TLS (Stack.edge_tls)."""
-
-    @property
-    def url(self) -> str:
-        return f"{self.scheme}://127.0.0.1:{self.edge_port}"
 
 
 @dataclass
@@ -166,7 +122,7 @@ class Stack:
                 self.start_edge(index, timeout)
             for edge in self.edges:
                 edge.process.wait_until(
-                    partial(self.edge_serves_models, edge), "the edge to route", timeout
+                    edge.serves_models, "the edge to route", timeout
                 )
         except BaseException:
             self.stop()
@@ -337,11 +293,6 @@ class Stack:
         if name == CONTROL_PLANE:
             return lambda: ready() and self.fleet_synced()
         return ready
-
-    def edge_serves_models(self, edge: EdgeHandle) -> bool:
-        status, body = http_get(f"{edge.url}/v1/models",
-                                context=None if edge.scheme == "http" else _OWN_EDGE_TLS)
-        return status == 200 and bool(json.loads(body).get("data"))
 
     def control_url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.ports.control_http}{path}"

@@ -1,0 +1,59 @@
+"""Where a stack's processes listen: its ports, and a handle on each running edge node."""
+
+from __future__ import annotations
+
+import json
+import ssl
+from dataclasses import dataclass
+
+from gpu_router.processes import EnvoyAdmin, ManagedProcess, free_port, http_get
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StackPorts:
+    edge: int = 10000
+    """Edge listener of the first Envoy node (the others get free ports)."""
+    admin: int = 9901
+    """Admin port of the first Envoy node (the others get free ports)."""
+    xds: int = 18000
+    ext_proc: int = 50051
+    """Port of the first ext_proc replica (the others get free ports)."""
+    control_http: int = 8080
+
+    @classmethod
+    def free(cls) -> StackPorts:
+        return cls(
+            edge=free_port(),
+            admin=free_port(),
+            xds=free_port(),
+            ext_proc=free_port(),
+            control_http=free_port(),
+        )
+
+
+_OWN_EDGE_TLS = ssl.create_default_context()
+"""How the stack asks its own edge on loopback whether it routes: its readiness, not its
+identity (the operator's certificate may name a public host and chain to any CA)."""
+_OWN_EDGE_TLS.check_hostname, _OWN_EDGE_TLS.verify_mode = False, ssl.CERT_NONE
+
+
+@dataclass(frozen=True, slots=True)
+class EdgeHandle:
+    """One running Envoy edge node."""
+
+    node_id: str
+    edge_port: int
+    admin: EnvoyAdmin
+    process: ManagedProcess
+    scheme: str = "http"
+    """https when the edge serves TLS (Stack.edge_tls)."""
+
+    @property
+    def url(self) -> str:
+        return f"{self.scheme}://127.0.0.1:{self.edge_port}"
+
+    def serves_models(self) -> bool:
+        """Whether the node routes: it answers /v1/models with models (from ext_proc)."""
+        status, body = http_get(f"{self.url}/v1/models",
+                                context=None if self.scheme == "http" else _OWN_EDGE_TLS)
+        return status == 200 and bool(json.loads(body).get("data"))
