@@ -14,7 +14,7 @@ from ext_proc.admission import Admission, tag_client
 from ext_proc.rate_limit import LocalCounters, RateLimiter
 from ext_proc.request import NotReadyError, ProtocolError, RequestPhases
 from ext_proc.router_state import LiveState
-from gpu_router.pki import Role, role_of
+from gpu_router.pki import Role, sole_identity
 
 _log = logging.getLogger(__name__)
 
@@ -28,11 +28,10 @@ def from_edge(context: grpc.aio.ServicerContext) -> bool:
 
 @functools.lru_cache(maxsize=256)
 def _only_edge(identities: tuple[bytes, ...]) -> bool:
-    """The control plane's rule (control_plane/xds/peer.py): exactly one of our roles among the
-    SPIFFE ids, and it is edge. Cached: the fleet has few certificates."""
-    roles = {found[0] for identity in identities
-             if (found := role_of(identity.decode("utf-8", "replace"))) is not None}
-    return roles == {Role.EDGE}
+    """The control plane's rule (pki.sole_identity), and the one identity is an edge's. Cached:
+    the fleet has few certificates."""
+    identity = sole_identity(i.decode("utf-8", "replace") for i in identities)
+    return identity is not None and identity[0] is Role.EDGE
 
 
 class ExternalProcessorService(ext_proc_grpc.ExternalProcessorServicer):

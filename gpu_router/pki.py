@@ -105,6 +105,14 @@ def role_of(spiffe_id: str) -> tuple[Role, str] | None:
     return None
 
 
+def sole_identity(names: Iterable[str]) -> tuple[Role, str] | None:
+    """(role, name) when exactly one of our SPIFFE ids is among a certificate's `names`; None
+    for none or several (a certificate may not speak for two roles or two nodes). The control
+    plane's port and ext_proc's both admit peers by this rule."""
+    found = {identity for name in names if (identity := role_of(name)) is not None}
+    return found.pop() if len(found) == 1 else None
+
+
 def uri_sans(cert: x509.Certificate) -> list[str]:
     try:
         extension = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)

@@ -152,3 +152,14 @@ def test_ext_proc_certificates_also_serve_its_port_and_older_ones_are_reissued(
     assert server_auth in usages(renewed)
     assert renewed.extensions.get_extension_for_class(x509.SubjectAlternativeName).value \
         .get_values_for_type(x509.DNSName) == [pki.EXT_PROC_SERVER_NAME]
+
+
+def test_a_certificate_speaks_for_one_identity_or_none() -> None:
+    """The rule both the control plane's port and ext_proc's admit by."""
+    edge, other_edge = "spiffe://gpu-router/edge/a", "spiffe://gpu-router/edge/b"
+    replica = "spiffe://gpu-router/ext-proc/x"
+    assert pki.sole_identity([edge, pki.EXT_PROC_SERVER_NAME]) == (pki.Role.EDGE, "a")
+    assert pki.sole_identity([edge, edge]) == (pki.Role.EDGE, "a")
+    for names in ([edge, other_edge], [edge, replica], [], ["spiffe://gpu-router/edgeX/a"],
+                  ["spiffe://gpu-router/edge/a/b"], ["edge-1"]):
+        assert pki.sole_identity(names) is None, names

@@ -18,7 +18,7 @@ import grpc
 from cryptography import x509
 
 from control_plane.xds import type_urls
-from gpu_router.pki import Role, role_of, uri_sans
+from gpu_router.pki import Role, sole_identity, uri_sans
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ class Peer:
 
     def may_be(self, node_id: str) -> bool:
         """Whether this peer may call itself `node_id`: an edge only by its certificate's name,
-        since its listener port, health samples and ledger rows go by node id; an ext_proc
+        since its listener port and health samples go by node id; an ext_proc
         replica's workers each name a node of their own, which nothing else reads."""
         return self.role is not Role.EDGE or node_id == self.name
 
@@ -78,11 +78,8 @@ def peer_of(address: str, auth_context: Mapping[str, Sequence[bytes]]) -> Peer:
         cert = x509.load_pem_x509_certificate(pems[0])
     except ValueError:
         return Peer(address, None)
-    roles = {found for uri in uri_sans(cert) if (found := role_of(uri)) is not None}
-    if len(roles) != 1:
-        return Peer(address, None)
-    [(role, name)] = roles
-    return Peer(address, role, name)
+    identity = sole_identity(uri_sans(cert))
+    return Peer(address, None) if identity is None else Peer(address, *identity)
 
 
 def peer_from(context: grpc.aio.ServicerContext) -> Peer:
