@@ -172,10 +172,20 @@ def status_class(status: int) -> str:
     return f"{status // 100}xx" if 100 <= status <= 599 else "none"
 
 
-@functools.lru_cache(maxsize=1024)
+_WORDS_BEFORE_A_DIGIT = re.compile(r"\s*(?:[^\s\d]+(?:\s+|$))*")
+"""The reason's leading words that hold no digit: all its bucket can depend on (a word with a
+digit ends it), and the same across requests, whose reasons carry their own prices."""
+
+
 def reason_bucket(reason: str) -> str:
     """The reason's first words ("cheapest within 2000 ms SLA: $0.00003" -> "cheapest within"),
     so the decisions label has few values: numbers, symbols and what follows are dropped."""
+    return _bucket(_WORDS_BEFORE_A_DIGIT.match(reason).group())  # type: ignore[union-attr]
+
+
+@functools.lru_cache(maxsize=1024)
+def _bucket(reason: str) -> str:
+    """reason_bucket's rule, cached on the part of a reason it reads."""
     words: list[str] = []
     for word in reason.lower().split():
         if len(words) == _REASON_WORDS or not word[0].isalpha() or any(c.isdigit() for c in word):

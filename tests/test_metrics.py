@@ -8,6 +8,8 @@ import re
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from usage_fixtures import make_record
 
 from control_plane.metrics import (
@@ -16,6 +18,7 @@ from control_plane.metrics import (
     SERIES_BUCKET_S,
     SERIES_BUCKETS,
     Metrics,
+    _bucket,
     reason_bucket,
     status_class,
 )
@@ -259,3 +262,17 @@ def test_grafana_dashboard_reads_only_metrics_we_export() -> None:
     assert used and used <= exported, used - exported
     assert {"gpu_router_cost_usd_total", "gpu_router_request_errors_total",
             "gpu_router_request_duration_seconds_bucket"} <= used
+
+
+@given(st.text(alphabet="ab $:.,1 -()xyZ\t\n", max_size=40))
+def test_a_reason_is_bucketed_by_the_words_before_its_first_digit(reason: str) -> None:
+    """The cache keys on that part (a reason carries its request's price, so whole reasons
+    never repeat); the bucket is the same as the rule's over the whole reason."""
+    assert reason_bucket(reason) == _bucket.__wrapped__(reason)
+
+
+def test_reasons_differing_only_in_their_price_share_one_cached_bucket() -> None:
+    _bucket.cache_clear()
+    for price in ("0.000034", "0.000035", "0.000123"):
+        assert reason_bucket(f"cheapest within 2000 ms SLA: ${price}") == "cheapest within"
+    assert _bucket.cache_info().misses == 1
