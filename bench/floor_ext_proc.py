@@ -20,7 +20,7 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_proc_grpc
 
-from ext_proc.workers import server_credentials
+from gpu_router.grpc_tls import server_credentials
 from gpu_router.pki import TlsFiles
 
 ANSWER = ext_proc_pb2.ProcessingResponse(

@@ -45,6 +45,7 @@ from control_plane.xds import type_urls
 from control_plane.xds.cache import SnapshotCache
 from control_plane.xds.server import AggregatedDiscoveryServer
 from gpu_router.api.v1 import health_pb2
+from gpu_router.grpc_tls import server_credentials
 
 log = logging.getLogger("control_plane")
 
@@ -174,10 +175,9 @@ async def serve(options: Options, stop: asyncio.Event, hangup: asyncio.Event | N
     receiver.on_attempt.append(accounting.add_attempt)  # kept only with a ledger
     receiver.register(server)
     LoadReportReceiver(fleet, count=metrics.count_telemetry).register(server)
-    ca, cert, key = options.tls_files().read()
     server.add_secure_port(
         f"{options.xds_host}:{options.xds_port}",
-        grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=True),
+        server_credentials(options.tls_files()),
     )
     await apply(first)
     await server.start()

@@ -20,6 +20,7 @@ import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from gpu_router.grpc_tls import channel_credentials
 from gpu_router.pki import EXT_PROC_SERVER_NAME, TlsFiles
 
 EXT_PROC_SERVICE = ext_proc_pb2.DESCRIPTOR.services_by_name["ExternalProcessor"].full_name
@@ -32,10 +33,8 @@ TIMEOUT_S = 2.0
 
 def channel(target: str, files: TlsFiles) -> grpc.Channel:
     """A mutual-TLS channel to the ext_proc replica at `target`, as the holder of `files`."""
-    ca, cert, key = files.read()
-    credentials = grpc.ssl_channel_credentials(ca, private_key=key, certificate_chain=cert)
     return grpc.secure_channel(
-        target, credentials, options=[("grpc.ssl_target_name_override", EXT_PROC_SERVER_NAME)]
+        target, channel_credentials(files), options=[("grpc.ssl_target_name_override", EXT_PROC_SERVER_NAME)]
     )
 
 

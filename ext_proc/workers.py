@@ -28,8 +28,8 @@ from ext_proc.xds_client import (
     Subscriptions,
     live_subscriptions,
     node_identity,
-    tls_credentials,
 )
+from gpu_router.grpc_tls import channel_credentials, server_credentials
 from gpu_router.pki import TlsFiles
 
 SHUTDOWN_GRACE_S = 2.0
@@ -89,7 +89,7 @@ async def serve(config: WorkerConfig, stop: asyncio.Event) -> None:
         asyncio.create_task(
             AdsClient(
                 config.xds, Subscriptions(node, live_subscriptions(live)),
-                credentials=tls_credentials(config.tls),
+                credentials=channel_credentials(config.tls),
             ).run()
         ),
         asyncio.create_task(status.serve_once_routable(live)),
@@ -101,14 +101,6 @@ async def serve(config: WorkerConfig, stop: asyncio.Event) -> None:
             task.cancel()
         await status.shutting_down()
         await server.stop(SHUTDOWN_GRACE_S)
-
-
-def server_credentials(files: TlsFiles) -> grpc.ServerCredentials:
-    """The ext_proc port's mutual TLS: this replica's certificate (server auth, pki.py), and a
-    client certificate of the fleet's CA required before any stream is read."""
-    ca, cert, key = files.read()
-    return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca,
-                                       require_client_auth=True)
 
 
 async def _serve_until_signalled(config: WorkerConfig) -> None:

@@ -24,7 +24,6 @@ from google.rpc import status_pb2
 
 from ext_proc.router_state import LiveState
 from gpu_router.api.v1 import clients_pb2, health_pb2, routing_pb2
-from gpu_router.pki import TlsFiles
 
 POLICY_TYPE_URL = "type.googleapis.com/gpu_router.api.v1.RoutingPolicy"
 HEALTH_TYPE_URL = "type.googleapis.com/gpu_router.api.v1.HealthSnapshot"
@@ -193,13 +192,6 @@ class Subscriptions:
             return request
         state.version = request.version_info = response.version_info
         return request
-
-
-def tls_credentials(files: TlsFiles) -> grpc.ChannelCredentials:
-    """Mutual TLS to the control plane: this replica's ext-proc certificate (its role there),
-    and the CA the control plane's certificate must chain to."""
-    ca, cert, key = files.read()
-    return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
 
 
 class AdsClient:

@@ -13,7 +13,7 @@ from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 from ext_proc_fixtures import test_certs
 from google.protobuf import empty_pb2
 
-from ext_proc.workers import server_credentials
+from gpu_router.grpc_tls import server_credentials
 from gpu_router.processes import envoy_binary
 
 TYPE_PREFIX = "type.googleapis.com/"

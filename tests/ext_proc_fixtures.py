@@ -22,9 +22,9 @@ from google.protobuf.message import Message
 from control_plane.policy.load import default_policy_path, load_policy_file
 from control_plane.policy.wire import to_routing_policy
 from ext_proc import healthcheck
-from ext_proc.xds_client import tls_credentials
 from gpu_router import pki
 from gpu_router.api.v1 import health_pb2, routing_pb2
+from gpu_router.grpc_tls import channel_credentials, server_credentials
 from gpu_router.processes import free_port
 
 POLICY_TYPE_URL = "type.googleapis.com/gpu_router.api.v1.RoutingPolicy"
@@ -153,11 +153,9 @@ class FakeAds(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         self._nonce = 0
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
         ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(self, self._server)
-        ca, cert, key = test_certs()[pki.Role.CONTROL_PLANE.value].read()
         self._server.add_secure_port(
             f"127.0.0.1:{self.port}",
-            grpc.ssl_server_credentials([(key, cert)], root_certificates=ca,
-                                        require_client_auth=True),
+            server_credentials(test_certs()[pki.Role.CONTROL_PLANE.value]),
         )
 
     def __enter__(self) -> Self:
@@ -186,7 +184,7 @@ class FakeAds(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
 
     @classmethod
     def client_credentials(cls) -> grpc.ChannelCredentials:
-        return tls_credentials(cls.client_files())
+        return channel_credentials(cls.client_files())
 
     @property
     def target(self) -> str:

@@ -22,6 +22,7 @@ from xds_fixtures import dynamic_clusters, policy_file, running_envoy
 from control_plane.xds import type_urls
 from gpu_router import pki
 from gpu_router.api.v1 import health_pb2, routing_pb2
+from gpu_router.grpc_tls import channel_credentials
 from gpu_router.processes import (
     EnvoyAdmin,
     ManagedProcess,
@@ -106,10 +107,7 @@ class FakeExtProc:
         """(policy version, its provider clusters, Envoy's active clusters on arrival), in order."""
         self.health: list[health_pb2.HealthSnapshot] = []
         self._requests: queue.Queue[discovery_pb2.DiscoveryRequest | None] = queue.Queue()
-        ca, cert, key = tls.read()
-        self._channel = grpc.secure_channel(
-            f"127.0.0.1:{xds_port}", grpc.ssl_channel_credentials(ca, key, cert)
-        )
+        self._channel = grpc.secure_channel(f"127.0.0.1:{xds_port}", channel_credentials(tls))
         node = base_pb2.Node(id="ext-proc-test-1", cluster="gpu-router-ext-proc")
         for type_url in (type_urls.ROUTING_POLICY, type_urls.HEALTH_SNAPSHOT):
             self._requests.put(discovery_pb2.DiscoveryRequest(type_url=type_url, node=node))

@@ -35,6 +35,7 @@ from control_plane.translate.names import credential_secret
 from control_plane.xds import type_urls
 from ext_proc import healthcheck
 from gpu_router import pki
+from gpu_router.grpc_tls import channel_credentials
 from gpu_router.stack import Stack
 
 KEYED = "vast"
@@ -71,8 +72,7 @@ def target(stack: Stack) -> str:
 
 
 def mtls(stack: Stack, role: pki.Role, name: str) -> grpc.Channel:
-    ca, cert, key = stack.tls(role, name).read()
-    credentials = grpc.ssl_channel_credentials(ca, key, cert)
+    credentials = channel_credentials(stack.tls(role, name))
     return grpc.secure_channel(target(stack), credentials)
 
 
