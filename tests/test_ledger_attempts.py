@@ -16,7 +16,7 @@ from control_plane.ledger.attempts import FLAG_MEANINGS, FLAG_NAMES, AttemptRow,
 from control_plane.ledger.store import SCHEMA_VERSION, LedgerWriter, ledger_row, open_ledger
 from control_plane.ledger.why import explain, render_why
 from control_plane.policy.load import default_policy_path, load_policy_file
-from control_plane.telemetry.samples import UPSTREAM_FAILURE_FLAGS
+from control_plane.telemetry.response_flags import UPSTREAM_FAILURE_FLAGS
 from control_plane.translate.listeners import FAILED_ATTEMPT_FLAGS
 from control_plane.usage.normalise import normalise
 

@@ -16,23 +16,9 @@ from dataclasses import astuple, dataclass, fields
 
 from envoy.data.accesslog.v3 import accesslog_pb2
 
+from control_plane.telemetry.response_flags import FLAG_NAMES
 from control_plane.telemetry.samples import RequestSample
 
-FLAG_NAMES = {
-    "failed_local_healthcheck": "LH", "no_healthy_upstream": "UH",
-    "upstream_request_timeout": "UT", "local_reset": "LR", "upstream_remote_reset": "UR",
-    "upstream_connection_failure": "UF", "upstream_connection_termination": "UC",
-    "upstream_overflow": "UO", "no_route_found": "NR", "delay_injected": "DI",
-    "fault_injected": "FI", "rate_limited": "RL", "rate_limit_service_error": "RLSE",
-    "downstream_connection_termination": "DC", "upstream_retry_limit_exceeded": "URX",
-    "stream_idle_timeout": "SI", "invalid_envoy_request_headers": "IH",
-    "downstream_protocol_error": "DPE", "upstream_max_stream_duration_reached": "UMSDR",
-    "response_from_cache_filter": "RFCF", "no_filter_config_found": "NFCF",
-    "duration_timeout": "DT", "upstream_protocol_error": "UPE", "no_cluster_found": "NC",
-    "overload_manager": "OM", "dns_resolution_failure": "DF", "downstream_remote_reset": "DR",
-}
-"""ResponseFlags' boolean fields by Envoy's short names (%RESPONSE_FLAGS%), the names its docs
-and logs use; `unauthorized_details` (a message, UAEX) never applies to an upstream attempt."""
 FLAG_MEANINGS = {
     "UF": "connection failed", "UR": "reset by the provider", "UC": "connection closed",
     "UO": "circuit breaker open", "UT": "timed out", "URX": "retries exhausted",

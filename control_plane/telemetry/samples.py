@@ -28,6 +28,7 @@ from operator import attrgetter
 from envoy.data.accesslog.v3 import accesslog_pb2
 from google.protobuf import duration_pb2, struct_pb2, timestamp_pb2
 
+from control_plane.telemetry.response_flags import UPSTREAM_FAILURE_FLAGS
 from control_plane.translate.names import METADATA_NAMESPACE
 
 INTERNAL_CLUSTER_PREFIX = "gpu-router."
@@ -42,19 +43,6 @@ _FINAL_ATTEMPT_LOG_TYPES = frozenset(
     {accesslog_pb2.AccessLogType.NotSet, accesslog_pb2.AccessLogType.UpstreamEnd}
 )
 
-UPSTREAM_FAILURE_FLAGS = (
-    "upstream_connection_failure",
-    "upstream_remote_reset",
-    "upstream_connection_termination",
-    "upstream_overflow",
-    "upstream_request_timeout",
-    "upstream_retry_limit_exceeded",
-    "upstream_protocol_error",
-    "upstream_max_stream_duration_reached",
-    "no_healthy_upstream",
-)
-"""Response flags that blame the provider (or the path to it), not the client or the router
-(translate/listeners.py FAILED_ATTEMPT_FLAGS are their short names)."""
 _UPSTREAM_FAILED = attrgetter(*UPSTREAM_FAILURE_FLAGS)
 """All of them read in one call."""
 

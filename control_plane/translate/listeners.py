@@ -31,6 +31,7 @@ from envoy.extensions.transport_sockets.tls.v3 import secret_pb2, tls_pb2
 from envoy.type.v3 import http_status_pb2
 from google.protobuf import wrappers_pb2
 
+from control_plane.telemetry.response_flags import FLAG_NAMES, UPSTREAM_FAILURE_FLAGS
 from control_plane.translate.durable_log import durable_edge_log
 from control_plane.translate.envoy_api import ads_source, milliseconds, packed, seconds
 from control_plane.translate.names import (
@@ -247,10 +248,10 @@ def _ext_proc(settings: EdgeSettings) -> hcm_pb2.HttpFilter:
     return hcm_pb2.HttpFilter(name=EXT_PROC_FILTER, typed_config=packed(processor))
 
 
-FAILED_ATTEMPT_FLAGS = ("UF", "UR", "UC", "UO", "UT", "URX", "UPE", "UMSDR", "UH")
-"""The response flags that blame a provider (control_plane/telemetry/samples.py
-_UPSTREAM_FAILURE_FLAGS, by their short names): an attempt with one of them, or with a status
-of 400 or more, is a failed attempt."""
+FAILED_ATTEMPT_FLAGS = tuple(FLAG_NAMES[name] for name in UPSTREAM_FAILURE_FLAGS)
+"""The response flags that blame a provider (telemetry/samples.py UPSTREAM_FAILURE_FLAGS, by
+their short names): an attempt with one of them, or with a status of 400 or more, is a failed
+attempt."""
 
 
 def failed_attempts_only() -> accesslog_pb2.AccessLogFilter:
