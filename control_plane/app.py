@@ -214,8 +214,7 @@ async def serve(options: Options, stop: asyncio.Event, hangup: asyncio.Event | N
                                   interval_s=options.health_history_interval_s))
     if state.savings is not None:
         jobs.append(state.savings.run())
-    if options.policy is not None or options.edge_tls_files is not None:
-        jobs.append(watcher.run())  # the embedded policy does not change; a certificate may
+    jobs.append(watcher.run())  # also on the embedded policy: its key files and certificate
     if hangup is not None:
         jobs.append(_reload_on(hangup, watcher))
     if reconciler is not None:

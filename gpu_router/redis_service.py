@@ -72,7 +72,7 @@ def wants_redis(mode: str, config: RoutingConfig) -> bool:
 
 def redis_process(port: int, log_dir: Path, password_file: Path) -> ManagedProcess:
     """redis-server on 127.0.0.1:`port` behind the password in `password_file`, nothing
-    persisted; its config (password included) is redis.conf, mode 0600, beside the password
+    persisted; its config (password included) is redis-<port>.conf, mode 0600, beside the password
     (the certs directory, not the log directory users share). ProcessError when the
     redis-server binary (Debian: apt-get install redis-server) is missing."""
     binary = shutil.which("redis-server")
@@ -80,7 +80,7 @@ def redis_process(port: int, log_dir: Path, password_file: Path) -> ManagedProce
         raise ProcessError("client rate limits across ext_proc workers need redis-server "
                            "(Debian: apt-get install redis-server); or run gpu-router up "
                            "--redis never for per-worker counters")
-    config = password_file.with_name("redis.conf")
+    config = password_file.with_name(f"redis-{port}.conf")  # one per stack sharing the dir
     descriptor = os.open(config, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     os.fchmod(descriptor, 0o600)  # an existing file keeps its mode through O_CREAT
     with os.fdopen(descriptor, "w") as out:

@@ -55,8 +55,8 @@ def test_redis_takes_no_command_before_the_fleets_password(
     assert redis_answers(port, password)
     argv = Path(f"/proc/{pid}/cmdline").read_bytes()
     assert b"redis-server" in argv and password.encode() not in argv, "never on a command line"
-    assert (tmp_path / "certs" / "redis.conf").stat().st_mode & 0o777 == 0o600
-    assert not (tmp_path / "redis.conf").exists(), "not in the log directory"
+    assert (tmp_path / "certs" / f"redis-{port}.conf").stat().st_mode & 0o777 == 0o600
+    assert not list(tmp_path.glob("redis*.conf")), "not in the log directory"
     assert (tmp_path / "certs" / PASSWORD_FILE).stat().st_mode & 0o777 == 0o600
     assert ensure_password(tmp_path / "certs").read_text().strip() == password, "kept"
 
