@@ -44,7 +44,7 @@ def redis_server(tmp_path: Path) -> Iterator[tuple[int, str, int]]:
 
 
 def test_redis_takes_no_command_before_the_fleets_password(
-    redis_server: tuple[int, str, int], tmp_path: Path
+    redis_server: tuple[int, str, int], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Anyone else who reached it could reset the counters (escape a limit) or raise them."""
     port, password, pid = redis_server
@@ -68,6 +68,8 @@ def test_redis_takes_no_command_before_the_fleets_password(
             await counters.close()
 
     assert asyncio.run(without_password()) is None  # refused: counted nowhere (fails open)
+    [warning] = [r for r in caplog.records if r.getMessage().startswith("rate-limit store")]
+    assert "Authentication" in warning.error  # type: ignore[attr-defined]  # names the error
 
 
 @pytest.mark.parametrize("text", ["", "short", "has space in it, long enough", "quo\"te-long-enough"])
