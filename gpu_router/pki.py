@@ -154,8 +154,7 @@ def make_leaf(
     too for the roles that serve (the control plane, ext_proc), with `dns`/`ips` as extra SANs
     (the control plane's addresses; ext_proc's get EXT_PROC_SERVER_NAME)."""
     key = ec.generate_private_key(ec.SECP256R1())
-    if identity.role is Role.EXT_PROC:
-        dns = (*dns, EXT_PROC_SERVER_NAME)
+    dns = _dns_names(identity, dns)
     sans: list[x509.GeneralName] = [x509.UniformResourceIdentifier(identity.spiffe_id)]
     sans += [x509.DNSName(name) for name in dns]
     sans += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips]
@@ -303,9 +302,7 @@ def _existing_problem(
         return str(error)
     if not same_key(cert, key):
         return "does not match its key"
-    if identity.role is Role.EXT_PROC:
-        dns = (*dns, EXT_PROC_SERVER_NAME)
-    missing = _missing_addresses(cert, dns, ips)
+    missing = _missing_addresses(cert, _dns_names(identity, dns), ips)
     if missing:
         return f"lacks the SANs {', '.join(missing)}"
     return leaf_problem(cert, ca_cert, identity, now)
@@ -325,6 +322,11 @@ def pair_problem(files: TlsFiles) -> str | None:
     except PkiError as error:
         return str(error)
     return None if same_key(cert, key) else f"{files.key}: not the key of {files.cert}"
+
+
+def _dns_names(identity: Identity, dns: Sequence[str]) -> tuple[str, ...]:
+    """`dns` and, for an ext_proc replica, the name its own healthcheck asks for."""
+    return (*dns, EXT_PROC_SERVER_NAME) if identity.role is Role.EXT_PROC else tuple(dns)
 
 
 def _missing_addresses(cert: x509.Certificate, dns: Sequence[str], ips: Sequence[str]) -> list[str]:

@@ -184,7 +184,7 @@ class Periods:
     degraded: npt.NDArray[np.bool_]
     ejected_until: npt.NDArray[np.int64]
     ejected: npt.NDArray[np.bool_]
-    """Which candidates an ejection holds during the period (ejected_at at any time in it)."""
+    """Which candidates an ejection holds during the period (ejected at any time in it)."""
     order_changes: npt.NDArray[np.bool_]
     """Periods where health_key changes for every strategy but balanced (its SLA aside)..."""
     balanced_changes: npt.NDArray[np.bool_]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 from envoy.data.accesslog.v3 import accesslog_pb2
-from google.protobuf import duration_pb2, struct_pb2
+from google.protobuf import duration_pb2, struct_pb2, timestamp_pb2
 
 from control_plane.telemetry.samples import (
     RequestSample,
@@ -12,6 +12,7 @@ from control_plane.telemetry.samples import (
     parse_retry_after,
     sample_from_attempt_entry,
     sample_from_log_entry,
+    unix_ms,
 )
 
 START_MS = 1_700_000_000_123
@@ -249,3 +250,21 @@ NOW_MS = 1_700_000_000_000  # 2023-11-14T22:13:20Z
 )
 def test_parse_retry_after(value: str, seconds: float | None) -> None:
     assert parse_retry_after(value, NOW_MS) == seconds
+
+
+@pytest.mark.parametrize(("seconds", "nanos"), [
+    (0, 0), (-1, 999_999_999), (-62135596800, 0), (253402300799, 999_999_999),
+    (1764590000, 123_456_789), (-62135596801, 0), (253402300800, 0), (0, -1), (0, 1_000_000_000),
+])
+def test_unix_ms_is_protobufs_to_milliseconds(seconds: int, nanos: int) -> None:
+    """The same value, and the same ValueError out of Timestamp's range, at its ends."""
+    timestamp = timestamp_pb2.Timestamp(seconds=seconds, nanos=nanos)
+    try:
+        expected: int | type[ValueError] = timestamp.ToMilliseconds()
+    except ValueError:
+        expected = ValueError
+    if expected is ValueError:
+        with pytest.raises(ValueError, match="out of range"):
+            unix_ms(timestamp)
+    else:
+        assert unix_ms(timestamp) == expected

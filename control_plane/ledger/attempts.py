@@ -17,7 +17,7 @@ from dataclasses import astuple, dataclass, fields
 from envoy.data.accesslog.v3 import accesslog_pb2
 
 from control_plane.telemetry.response_flags import FLAG_NAMES
-from control_plane.telemetry.samples import RequestSample
+from control_plane.telemetry.samples import RequestSample, unix_ms
 
 FLAG_MEANINGS = {
     "UF": "connection failed", "UR": "reset by the provider", "UC": "connection closed",
@@ -52,7 +52,7 @@ class AttemptRow:
             return None
         flags = entry.common_properties.response_flags
         return cls(request_id=sample.request_id,
-                   at_unix_ms=entry.common_properties.start_time.ToMilliseconds(),
+                   at_unix_ms=unix_ms(entry.common_properties.start_time),
                    provider=sample.provider, status=sample.status,
                    flags=",".join(short for name, short in FLAG_NAMES.items()
                                   if getattr(flags, name)),

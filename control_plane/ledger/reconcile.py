@@ -42,6 +42,7 @@ from control_plane.ledger.store import (
 )
 from control_plane.metrics import Metrics
 from control_plane.telemetry.edge_file import EdgeLineError, entry_from_line
+from control_plane.telemetry.samples import unix_ms
 from control_plane.translate.durable_log import FILE_SUFFIX
 
 INTERVAL_S = 5.0
@@ -178,7 +179,7 @@ class Reconciler:
             booked = sum(
                 self._accounting.book(entry, chunk.node) for entry in chunk.entries
                 if entry.request.request_id not in known
-                and entry.common_properties.start_time.ToMilliseconds() >= horizon_ms)
+                and unix_ms(entry.common_properties.start_time) >= horizon_ms)
             if booked:
                 self._metrics.count_reconciled(chunk.node, booked)
                 log.info("requests booked from an edge log", extra={
