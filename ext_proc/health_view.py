@@ -9,7 +9,6 @@ later of the two cooldowns.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -17,7 +16,7 @@ from types import MappingProxyType
 import numpy as np
 import numpy.typing as npt
 
-from ext_proc.ranking import balanced_latency
+from ext_proc.ranking import balanced_latency, exploring_latencies
 from ext_proc.routing_table import ModelRoute, RoutingTable
 from gpu_router.api.v1 import health_pb2
 
@@ -49,13 +48,10 @@ class CandidateHealth:
     ejected_until: tuple[int, ...] = field(init=False)
     any_ejected: bool = field(init=False)
     """Some entry ejects a candidate (else decide() need not compare cooldowns with the time)."""
-    any_degraded: bool = field(init=False)
-    """Some candidate is degraded (else decide() leaves every score unpenalised)."""
     penalties: tuple[float, ...] | None = field(init=False)
     """Each candidate's score factor, DEGRADED_PENALTY when degraded; None when none is."""
     exploring_latencies: tuple[float, ...] = field(init=False)
-    """latencies with unmeasured ones at 0 ms: the latency strategy's score, which explores each
-    unmeasured candidate once."""
+    """ranking.exploring_latencies(), once per snapshot: the latency strategy's score."""
     balanced_latency: tuple[tuple[float, ...], float] = field(init=False)
     """ranking.balanced_latency() with every candidate eligible, the usual case: a median and a
     minimum per snapshot rather than per request."""
@@ -66,11 +62,10 @@ class CandidateHealth:
         set_field(self, "degraded_flags", tuple(self.degraded.tolist()))
         set_field(self, "ejected_until", tuple(self.ejected_until_unix_ms.tolist()))
         set_field(self, "any_ejected", any(u != NOT_EJECTED for u in self.ejected_until))
-        set_field(self, "any_degraded", any(self.degraded_flags))
-        set_field(self, "penalties", tuple(DEGRADED_PENALTY if d else 1.0 for d in
-                                           self.degraded_flags) if self.any_degraded else None)
-        set_field(self, "exploring_latencies", tuple(
-            0.0 if math.isnan(lat) else lat for lat in self.latencies))
+        degraded = self.degraded_flags
+        set_field(self, "penalties", tuple(DEGRADED_PENALTY if d else 1.0 for d in degraded)
+                  if any(degraded) else None)
+        set_field(self, "exploring_latencies", exploring_latencies(self.latencies))
         filled, normaliser = balanced_latency(self.latencies)
         set_field(self, "balanced_latency", (tuple(filled), normaliser))
 

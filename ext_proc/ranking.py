@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from ext_proc.routing_table import ModelRoute, PolicyRule
 
-if TYPE_CHECKING:  # not at run time: health_view imports this module (balanced_latency)
+if TYPE_CHECKING:  # not at run time: health_view imports this module (its latency rules)
     from ext_proc.health_view import CandidateHealth
 
 _POSITIVE = (0.0).__lt__
@@ -43,12 +43,11 @@ def _rank_cost(
     cost: list[float],
     health: CandidateHealth,
     eligible: Sequence[bool],
-    penalty: Sequence[float] | None,
     tokens: int,
 ) -> Ranking:
     sla = policy.latency_sla_ms
     latency = health.latencies
-    by_cost = _penalised(cost, penalty)
+    by_cost = _penalised(cost, health)
     if sla <= 0:
         return eligible, by_cost, lambda i: f"cheapest: ${cost[i]:.6f}"
     keeps = [e and (math.isnan(lat) or lat <= sla) for e, lat in zip(eligible, latency)]
@@ -56,7 +55,7 @@ def _rank_cost(
         return keeps, by_cost, lambda i: f"cheapest within {sla:g} ms SLA: ${cost[i]:.6f}"
     return (
         eligible,
-        _penalised(latency, penalty),
+        _penalised(latency, health),
         lambda i: f"no provider within {sla:g} ms SLA; fastest: {latency[i]:.0f} ms EWMA",
     )
 
@@ -67,7 +66,6 @@ def _rank_latency(
     cost: list[float],
     health: CandidateHealth,
     eligible: Sequence[bool],
-    penalty: Sequence[float] | None,
     tokens: int,
 ) -> Ranking:
     ceiling = policy.cost_ceiling_usd_per_mtok
@@ -79,7 +77,7 @@ def _rank_latency(
     if not any(keeps):
         return (
             eligible,
-            _penalised(cost, penalty),
+            _penalised(cost, health),
             lambda i: f"no provider under ${ceiling:g}/1M ceiling; cheapest: ${cost[i]:.6f}",
         )
 
@@ -87,12 +85,19 @@ def _rank_latency(
         lat = health.latencies[i]
         return "unmeasured: exploring" if math.isnan(lat) else f"fastest: {lat:.0f} ms EWMA"
 
-    return keeps, _penalised(health.exploring_latencies, penalty), describe
+    return keeps, _penalised(health.exploring_latencies, health), describe
 
 
-def _penalised(values: Sequence[float], penalty: Sequence[float] | None) -> Sequence[float]:
-    """Scores of degraded candidates multiplied by their penalty; None: nobody is degraded."""
-    return values if penalty is None else list(map(operator.mul, values, penalty))
+def _penalised(values: Sequence[float], health: CandidateHealth) -> Sequence[float]:
+    """Scores of degraded candidates multiplied by their penalty (as they are when none is)."""
+    penalties = health.penalties
+    return values if penalties is None else list(map(operator.mul, values, penalties))
+
+
+def exploring_latencies(latencies: Sequence[float]) -> tuple[float, ...]:
+    """Latencies as the latency strategy scores them: unmeasured at 0 ms, so each unmeasured
+    candidate is explored once (its reason says so: "unmeasured: exploring")."""
+    return tuple(0.0 if math.isnan(lat) else lat for lat in latencies)
 
 
 def _median(values: list[float]) -> float:
@@ -124,7 +129,6 @@ def _rank_balanced(
     cost: list[float],
     health: CandidateHealth,
     eligible: Sequence[bool],
-    penalty: Sequence[float] | None,
     tokens: int,
 ) -> Ranking:
     cost_weight, latency_weight = policy.cost_weight, policy.latency_weight
@@ -138,7 +142,7 @@ def _rank_balanced(
     score = _penalised(
         [cost_weight * c / min_cost + latency_weight * f / min_latency
          for c, f in zip(cost, filled)],
-        penalty,
+        health,
     )
 
     def describe(i: int) -> str:
@@ -148,8 +152,7 @@ def _rank_balanced(
 
 
 Ranker = Callable[
-    [ModelRoute, PolicyRule, list[float], "CandidateHealth", Sequence[bool],
-     Sequence[float] | None, int],
+    [ModelRoute, PolicyRule, list[float], "CandidateHealth", Sequence[bool], int],
     Ranking,
 ]
 """Every strategy's ranker takes the same arguments, whether or not it reads each (cost and

@@ -166,7 +166,7 @@ def decide(
             _candidates(route, cost, latency, None, excluded, range(len(excluded))),
         )
     keeps, score, describe = RANKERS[strategy](
-        route, policy, cost, health, eligible, health.penalties, prompt_tokens + max_tokens
+        route, policy, cost, health, eligible, prompt_tokens + max_tokens
     )
     order = _rank(route, keeps, eligible, score)
     best = order[0]
