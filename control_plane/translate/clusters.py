@@ -57,6 +57,7 @@ from control_plane.translate.envoy_api import (
     packed,
     provider_metadata,
     seconds,
+    tls_socket,
 )
 from control_plane.translate.names import (
     EDGE_CERTIFICATE_SECRET,
@@ -207,7 +208,7 @@ def _ext_proc_tls() -> base_pb2.TransportSocket:
             ),
         ),
     )
-    return base_pb2.TransportSocket(name="envoy.transport_sockets.tls", typed_config=packed(context))
+    return tls_socket(context)
 
 
 def _ext_proc_health_check() -> health_check_pb2.HealthCheck:
@@ -345,9 +346,7 @@ def _tls_socket(host: str, trusted_ca_file: str) -> base_pb2.TransportSocket:
             ),
         ),
     )
-    return base_pb2.TransportSocket(
-        name="envoy.transport_sockets.tls", typed_config=packed(context)
-    )
+    return tls_socket(context)
 
 
 def _protocol_options(

@@ -9,6 +9,11 @@ from google.protobuf.message import Message
 from control_plane.translate.names import METADATA_NAMESPACE
 
 
+def tls_socket(context: Message) -> base_pb2.TransportSocket:
+    """Envoy's TLS transport socket around an Upstream- or DownstreamTlsContext."""
+    return base_pb2.TransportSocket(name="envoy.transport_sockets.tls", typed_config=packed(context))
+
+
 def packed(message: Message) -> any_pb2.Any:
     """`message` as a typed_config Any (type URL prefix type.googleapis.com/)."""
     wrapped = any_pb2.Any()

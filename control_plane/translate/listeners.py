@@ -33,7 +33,7 @@ from google.protobuf import wrappers_pb2
 
 from control_plane.telemetry.response_flags import FLAG_NAMES, UPSTREAM_FAILURE_FLAGS
 from control_plane.translate.durable_log import durable_edge_log
-from control_plane.translate.envoy_api import ads_source, milliseconds, packed, seconds
+from control_plane.translate.envoy_api import ads_source, milliseconds, packed, seconds, tls_socket
 from control_plane.translate.names import (
     ACCESS_LOG_NAME,
     ATTEMPT_LOG_NAME,
@@ -119,7 +119,7 @@ def _client_tls() -> base_pb2.TransportSocket:
             ],
         ),
     )
-    return base_pb2.TransportSocket(name="envoy.transport_sockets.tls", typed_config=packed(context))
+    return tls_socket(context)
 
 
 def all_listeners(settings: EdgeSettings) -> dict[str, listener_pb2.Listener]:
