@@ -149,6 +149,23 @@ def test_the_trail_read_from_the_ledger_is_the_files_entries_in_booking_order(
             connection, TrailQuery(0), after_id=trail[2][0])] == ["r3", "r4"]
 
 
+def test_the_trail_starts_at_the_window_and_follows_rows_booked_later(tmp_path: Path) -> None:
+    """The first page starts from the start-time index (older rows are not scanned), and a
+    window nothing has started in yet still yields the rows booked into it afterwards, whatever
+    their start time's place among the older rows' ids."""
+    old = [booked(request_id=f"old{i}", at_unix_ms=NOW_MS - 7_200_000) for i in range(3)]
+    path = ledger_of(tmp_path / "ledger.db", old)
+    query = TrailQuery(NOW_MS - 60_000)
+    with read_only(path) as connection:
+        assert list(rows_after(connection, query)) == []
+    ledger_of(path, [booked(request_id="new", at_unix_ms=NOW_MS),
+                     booked(request_id="late-old", at_unix_ms=NOW_MS - 7_200_000)])
+    with read_only(path) as connection:
+        assert [row.request_id for _, row in rows_after(connection, query)] == ["new"]
+        assert [row.request_id for _, row in rows_after(
+            connection, TrailQuery(0))] == ["old0", "old1", "old2", "new", "late-old"]
+
+
 def test_gpu_router_audit_prints_the_window_as_json_lines(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = ledger_of(tmp_path / "ledger.db", [
