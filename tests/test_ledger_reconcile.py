@@ -24,7 +24,7 @@ def line(request_id: str, *, start_us: int | None = None, status: int = 200) -> 
         "status": status, "cluster": "lambda", "attempts": 1, "first_tx_ns": 1_500_000,
         "last_tx_ns": 9_250_000, "request_bytes": 95, "response_bytes": 300,
         "decision": {"model": "llama-3.1-8b", "policy": "interactive", "strategy": "latency"},
-        "request": {"stream": False}, "usage": None, "ext_proc": {"request_header_latency_us": 800},
+        "request": {"stream": False}, "usage": None, "ext_proc_us": "800",
     }
     return json.dumps(fields).encode() + b"\n"
 

@@ -13,7 +13,7 @@ from typing import Any
 from envoy.data.accesslog.v3 import accesslog_pb2
 from google.protobuf import any_pb2, struct_pb2
 
-from control_plane.translate.durable_log import EXT_PROC_FILTER_STATE
+from control_plane.translate.durable_log import EXT_PROC_FILTER_STATE, EXT_PROC_LATENCY_FIELD
 from control_plane.translate.names import (
     METADATA_NAMESPACE,
     REQUEST_METADATA_NAMESPACE,
@@ -57,9 +57,8 @@ def _entry(fields: dict[str, Any]) -> accesslog_pb2.HTTPAccessLogEntry:
     for key, namespace in _NAMESPACES.items():
         if fields.get(key):
             common.metadata.filter_metadata[namespace].update(fields[key])
-    if fields.get("ext_proc"):
-        state = struct_pb2.Struct()
-        state.update(fields["ext_proc"])
+    state = _ext_proc_state(fields)
+    if state is not None:
         packed = any_pb2.Any()
         packed.Pack(state)
         common.filter_state_objects[EXT_PROC_FILTER_STATE].CopyFrom(packed)
@@ -70,6 +69,26 @@ def _entry(fields: dict[str, Any]) -> accesslog_pb2.HTTPAccessLogEntry:
         entry.response.response_code.value = status
     entry.response.response_body_bytes = int(fields.get("response_bytes") or 0)
     return entry
+
+
+def _ext_proc_state(fields: dict[str, Any]) -> struct_pb2.Struct | None:
+    """ext_proc's filter state as the ALS entry carries it: from the latency field Envoy
+    renders as text ("ext_proc_us"), or from the whole state of lines an edge wrote before
+    (":TYPED", "ext_proc"); None when ext_proc did not answer. A latency that is not a number
+    costs only the latency metric, never the line's booking."""
+    latency = fields.get("ext_proc_us")
+    if latency is not None:
+        state = struct_pb2.Struct()
+        try:
+            state[EXT_PROC_LATENCY_FIELD] = float(latency)
+        except ValueError:
+            return None
+        return state
+    if fields.get("ext_proc"):
+        state = struct_pb2.Struct()
+        state.update(fields["ext_proc"])
+        return state
+    return None
 
 
 def _preview(line: bytes | str, limit: int = 80) -> str:

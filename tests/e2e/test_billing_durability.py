@@ -19,7 +19,11 @@ import pytest
 from polling import eventually
 from stack_harness import Traffic, policy_on_free_ports, start_stack
 
+from control_plane.accounting import record_from_edge_entry
 from control_plane.policy.load import default_policy_path
+from control_plane.telemetry.edge_file import entry_from_line
+from control_plane.translate.durable_log import FILE_SUFFIX
+from control_plane.usage.record import RequestRecord
 from gpu_router.processes import http_get
 from gpu_router.stack import Stack
 
@@ -80,3 +84,23 @@ def test_a_control_plane_sigkill_under_load_loses_and_doubles_no_booking(stack: 
     assert ledger_counts(stack, start_ms) == (sent, sent, served), traffic.failures()
     # The requests of the outage came from the edge's file, not from the gRPC access log.
     assert metric(stack, "gpu_router_reconciled_requests_total") > 0
+
+
+def test_each_line_of_the_edge_file_carries_ext_procs_latency(stack: Stack) -> None:
+    """Real Envoy renders the ext_proc latency field (durable_log.EDGE_FILE_FIELDS) as the
+    reconciler reads it: every decided request's line gives its ext_proc time."""
+    since_us = int(time.time() * 1_000_000)
+    with Traffic(stack, MODEL, {}, threads=2) as traffic:
+        eventually(lambda: successes(traffic) >= 5, "requests")
+
+    def decided() -> list[RequestRecord]:
+        """The decided requests' records on the edge files since (Envoy flushes each second;
+        what the reconciler has booked reads as zeros, reconcile.py punches it out)."""
+        records = (record_from_edge_entry(entry_from_line(line), lambda _: "openai")
+                   for path in stack.log_dir.glob(f"*{FILE_SUFFIX}")
+                   for line in path.read_bytes().splitlines() if b"\0" not in line)
+        return [record for record in records if record is not None and record.model == MODEL
+                and record.at_unix_ms * 1000 >= since_us - 1000]
+
+    eventually(lambda: len(decided()) >= 5, "the requests' lines in the edge file")
+    assert all(record.ext_proc_us > 0 for record in decided())
