@@ -33,7 +33,16 @@ import time
 from pathlib import Path
 
 from rig import BENCH_KEY, bench_policy, chat_body, direct_envoy, fast_upstream, floor_stack
-from wrk_load import Interleaved, Load, Target, cpu_reading, interleaved, per_request, wrk
+from wrk_load import (
+    Interleaved,
+    Load,
+    Target,
+    cpu_reading,
+    interleaved,
+    per_request,
+    wrk,
+    wrk_with_cpu,
+)
 
 from gpu_router.processes import free_port, http_get
 from gpu_router.stack import Stack, StackPorts
@@ -134,9 +143,8 @@ def main() -> int:
         small, large = chat_body(64), chat_body(200 * 1024)
         direct_url = f"http://127.0.0.1:{direct_port}/v1/chat/completions"
         direct_pids = {"envoy": children[1].pid, "upstream": children[0].pid}
-        before = cpu_reading(direct_pids)
-        direct_16 = wrk(direct_url, small, 16, args.duration, work)
-        cpu["direct"] = per_request(before, cpu_reading(direct_pids), direct_16)
+        direct_16, cpu["direct"] = wrk_with_cpu(direct_url, small, 16, args.duration, work,
+                                                direct_pids)
         rows = [("direct", "1 conn", wrk(direct_url, small, 1, args.duration, work)),
                 ("direct", "16 conn", direct_16),
                 ("direct", "1 conn 200KB", wrk(direct_url, large, 1, args.duration, work))]
@@ -147,9 +155,8 @@ def main() -> int:
         floor_target = Target("floor", f"http://127.0.0.1:{floor_port}/v1/chat/completions",
                               {"envoy": floor[1].pid, "ext_proc": floor[0].pid,
                                "upstream": children[0].pid})
-        before = cpu_reading(floor_target.pids)
-        floor_16 = wrk(floor_target.url, small, 16, args.duration, work)
-        cpu["floor"] = per_request(before, cpu_reading(floor_target.pids), floor_16)
+        floor_16, cpu["floor"] = wrk_with_cpu(floor_target.url, small, 16, args.duration, work,
+                                              floor_target.pids)
         rows += [("floor", "1 conn", wrk(floor_target.url, small, 1, args.duration, work)),
                  ("floor", "16 conn", floor_16)]
         floors = {label: load for name, label, load in rows if name == "floor"}

@@ -78,6 +78,14 @@ def per_request(before: dict[str, float], after: dict[str, float], load: Load) -
     return {name: (after[name] - before[name]) * 1e6 / max(load.requests, 1) for name in before}
 
 
+def wrk_with_cpu(url: str, body: bytes, connections: int, seconds: int, work: Path,
+                 pids: dict[str, int]) -> tuple[Load, dict[str, float]]:
+    """wrk's load, and the CPU microseconds per request each of `pids` (and wrk) spent on it."""
+    before = cpu_reading(pids)
+    load = wrk(url, body, connections, seconds, work)
+    return load, per_request(before, cpu_reading(pids), load)
+
+
 @dataclass(frozen=True)
 class Target:
     """What one comparison loads: a URL, the processes whose CPU counts, the key sent (if any)."""
