@@ -82,7 +82,8 @@ def test_the_listener_serves_tls_only_with_the_certificate_from_sds(tmp_path: Pa
     served = secrets["gpu-router.edge-listener-certificate"].tls_certificate
     assert (served.certificate_chain.inline_bytes, served.private_key.inline_bytes) == (
         pair.chain, pair.key)
-    assert "gpu-router.edge-listener-certificate" not in translate(
-        config, EdgeSettings(), {}, pair).secrets
+    assert "gpu-router.edge-listener-certificate" not in translate(config, EdgeSettings(), {}).secrets
     with pytest.raises(TranslationError, match="no listener certificate"):
         translate(config, EdgeSettings(edge_tls=True), {})
+    with pytest.raises(TranslationError, match="the edge serves plain HTTP"):
+        translate(config, EdgeSettings(), {}, pair)

@@ -59,12 +59,15 @@ def translate(
 
     `credentials` maps provider name -> resolved key for providers whose policy has a credential
     (MissingCredentialError if one is absent); `listener_certificate` is what the edge listener
-    serves when settings.edge_tls (TranslationError without it).
+    serves, given exactly when settings.edge_tls (TranslationError otherwise: a certificate
+    the listener would not serve is a mistake to name, not to drop).
     """
     secrets = credential_secrets(config, credentials)
-    if settings.edge_tls:
-        if listener_certificate is None:
-            raise TranslationError("the edge serves TLS but no listener certificate was given")
+    if settings.edge_tls != (listener_certificate is not None):
+        raise TranslationError(
+            "the edge serves TLS but no listener certificate was given" if settings.edge_tls
+            else "a listener certificate was given but the edge serves plain HTTP")
+    if listener_certificate is not None:
         secrets[EDGE_LISTENER_SECRET] = listener_secret(listener_certificate)
     return EnvoyResources(
         # Clients declared: only ext_proc checks keys, so the edge must not go on without it.
