@@ -14,23 +14,23 @@ from ext_proc.admission import Admission, tag_client
 from ext_proc.rate_limit import LocalCounters, RateLimiter
 from ext_proc.request import NotReadyError, ProtocolError, RequestPhases
 from ext_proc.router_state import LiveState
-from gpu_router.pki import Role, sole_identity
+from gpu_router.pki import Role, certified_identity
 
 _log = logging.getLogger(__name__)
 
+
 def from_edge(context: grpc.aio.ServicerContext) -> bool:
     """Whether the stream's peer presented an edge certificate. The port takes only certificates
-    of the fleet's CA (workers.py); of those, only an edge Envoy may ask for decisions. gRPC's
-    peer identities are the certificate's SANs (~4 us a stream; the whole auth context ~10)."""
-    identities = context.peer_identities()
-    return identities is not None and _only_edge(tuple(identities))
+    of the fleet's CA (workers.py); of those, only an edge Envoy may ask for decisions, named by
+    the control plane's rule (pki.certified_identity: URI SANs only)."""
+    pems = context.auth_context().get("x509_pem_cert")
+    return bool(pems) and _edge_certificate(pems[0])
 
 
 @functools.lru_cache(maxsize=256)
-def _only_edge(identities: tuple[bytes, ...]) -> bool:
-    """The control plane's rule (pki.sole_identity), and the one identity is an edge's. Cached:
-    the fleet has few certificates."""
-    identity = sole_identity(i.decode("utf-8", "replace") for i in identities)
+def _edge_certificate(pem: bytes) -> bool:
+    """Cached per certificate: the fleet has few, and parsing one costs more than a request."""
+    identity = certified_identity((pem,))
     return identity is not None and identity[0] is Role.EDGE
 
 

@@ -113,6 +113,19 @@ def sole_identity(names: Iterable[str]) -> tuple[Role, str] | None:
     return found.pop() if len(found) == 1 else None
 
 
+def certified_identity(pems: Sequence[bytes]) -> tuple[Role, str] | None:
+    """(role, name) of a gRPC peer from its certificate (auth_context()["x509_pem_cert"]): the
+    sole SPIFFE id among its URI SANs. Never gRPC's peer_identities(), which also lists DNS
+    names and, without SANs, the subject's CN: text a certificate may carry for any role."""
+    if not pems:
+        return None
+    try:
+        cert = x509.load_pem_x509_certificate(pems[0])
+    except ValueError:
+        return None
+    return sole_identity(uri_sans(cert))
+
+
 def uri_sans(cert: x509.Certificate) -> list[str]:
     try:
         extension = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_proc_grpc
 from ext_proc_fixtures import (
@@ -196,12 +201,40 @@ def test_sigterm_stops_every_worker(ext_proc: tuple[ManagedProcess, str]) -> Non
     assert lines, "expected JSON-line logs"
 
 
+def impostor(directory: Path, fleet_ca: Path) -> pki.TlsFiles:
+    """A client certificate of the fleet's CA that names an edge only as text gRPC also calls a
+    peer identity (its CN and a DNS SAN), with no SPIFFE URI SAN: no role at all."""
+    ca_cert = x509.load_pem_x509_certificate(fleet_ca.read_bytes())
+    ca_key = serialization.load_pem_private_key(
+        (fleet_ca.parent / pki.CA_KEY_FILE).read_bytes(), None)
+    edge = pki.Identity(pki.Role.EDGE, "edge-test").spiffe_id
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, edge)]))
+            .issuer_name(ca_cert.subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=1))
+            .not_valid_after(now + datetime.timedelta(hours=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(edge)]), critical=False)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]),
+                           critical=False)
+            .sign(ca_key, hashes.SHA256()))  # type: ignore[arg-type]
+    directory.mkdir()
+    (directory / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (directory / "key.pem").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    return pki.TlsFiles(fleet_ca, directory / "cert.pem", directory / "key.pem")
+
+
 def test_the_port_takes_mutual_tls_from_edges_only(
     ads: FakeAds, ext_proc: tuple[ManagedProcess, str], tmp_path: Path
 ) -> None:
     """Plaintext, TLS without a client certificate, an edge certificate of another CA (the
-    client trusting the fleet's CA, so the refusal is the server's), or the fleet's certificate
-    of another role: no decision. An edge's: one."""
+    client trusting the fleet's CA, so the refusal is the server's), the fleet's certificate
+    of another role, or one naming an edge in its CN and a DNS SAN only: no decision. An
+    edge's: one."""
     _, target = ext_proc
     ads.publish(POLICY_TYPE_URL, "v1", default_policy("v1"))
     eventually(lambda: both_workers_acked(ads, "v1"), "the policy in every worker")
@@ -209,6 +242,7 @@ def test_the_port_takes_mutual_tls_from_edges_only(
     fleet_ca = FakeAds.client_files().ca
     stranger = pki.ensure(tmp_path / "other-ca", [pki.Identity(pki.Role.EDGE, "edge-test")])
     foreign = pki.TlsFiles(fleet_ca, stranger["edge-test"].cert, stranger["edge-test"].key)
+    named_in_text_only = impostor(tmp_path / "impostor", fleet_ca)
 
     def no_certificate() -> grpc.Channel:
         return grpc.secure_channel(
@@ -219,6 +253,8 @@ def test_the_port_takes_mutual_tls_from_edges_only(
                 (no_certificate, grpc.StatusCode.UNAVAILABLE),
                 (lambda: healthcheck.channel(target, foreign), grpc.StatusCode.UNAVAILABLE),
                 (lambda: healthcheck.channel(target, FakeAds.client_files()),
+                 grpc.StatusCode.PERMISSION_DENIED),
+                (lambda: healthcheck.channel(target, named_in_text_only),
                  grpc.StatusCode.PERMISSION_DENIED)]
     for channel_for, code in channels:
         for _ in range(4):  # whichever worker takes the connection

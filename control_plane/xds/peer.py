@@ -15,10 +15,9 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import grpc
-from cryptography import x509
 
 from control_plane.xds import type_urls
-from gpu_router.pki import Role, sole_identity, uri_sans
+from gpu_router.pki import Role, certified_identity
 
 log = logging.getLogger(__name__)
 
@@ -71,14 +70,7 @@ def nothing(_type_url: str) -> bool:
 
 def peer_of(address: str, auth_context: Mapping[str, Sequence[bytes]]) -> Peer:
     """The peer as its certificate (auth_context()["x509_pem_cert"]) names it."""
-    pems = auth_context.get("x509_pem_cert") or ()
-    if not pems:
-        return Peer(address, None)
-    try:
-        cert = x509.load_pem_x509_certificate(pems[0])
-    except ValueError:
-        return Peer(address, None)
-    identity = sole_identity(uri_sans(cert))
+    identity = certified_identity(auth_context.get("x509_pem_cert") or ())
     return Peer(address, None) if identity is None else Peer(address, *identity)
 
 
