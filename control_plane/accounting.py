@@ -55,7 +55,7 @@ from control_plane.telemetry.validation import (
     decision_problem,
     edge_problem,
 )
-from control_plane.translate.durable_log import EXT_PROC_FILTER_STATE
+from control_plane.translate.durable_log import EXT_PROC_FILTER_STATE, EXT_PROC_LATENCY_FIELD
 from control_plane.translate.fallback_routes import FALLBACK_REASON, fallback_route_names
 from control_plane.translate.names import (
     METADATA_NAMESPACE,
@@ -68,6 +68,8 @@ from control_plane.usage.record import RequestRecord, is_error_status
 
 RECENT_IDS = 100_000
 _STRUCT = struct_pb2.Struct.DESCRIPTOR.full_name
+_MAX_EXT_PROC_US = 3_600_000_000
+"""An hour: a latency beyond it (or not a number) is a broken value, not a time to observe."""
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +82,9 @@ def _ext_proc_us(common: accesslog_pb2.AccessLogCommon) -> int:
     state = common.filter_state_objects.get(EXT_PROC_FILTER_STATE)
     if state is None or state.type_url.rpartition("/")[2] != _STRUCT:
         return 0  # (Any.Unpack's own check, without its pure-Python helpers)
-    latency = struct_pb2.Struct.FromString(state.value).fields.get("request_header_latency_us")
-    return 0 if latency is None else int(latency.number_value)
+    latency = struct_pb2.Struct.FromString(state.value).fields.get(EXT_PROC_LATENCY_FIELD)
+    us = 0.0 if latency is None else latency.number_value
+    return int(us) if 0 <= us < _MAX_EXT_PROC_US else 0  # NaN, inf, negative: no latency
 
 
 def record_from_edge_entry(

@@ -32,6 +32,11 @@ def test_the_line_reads_ext_procs_latency_by_field_not_its_whole_state() -> None
     ({"ext_proc_us": None}, 0),  # ext_proc did not answer
     ({}, 0),
     ({"ext_proc_us": "-"}, 0),  # costs the latency, not the line
+    ({"ext_proc_us": "nan"}, 0),
+    ({"ext_proc_us": "inf"}, 0),
+    ({"ext_proc_us": "1e400"}, 0),
+    ({"ext_proc_us": "-5"}, 0),
+    ({"ext_proc_us": [1]}, 0),
 ])
 def test_ext_procs_latency_from_either_form_and_none(latency: dict[str, object],
                                                      expected: int) -> None:

@@ -75,13 +75,14 @@ def _ext_proc_state(fields: dict[str, Any]) -> struct_pb2.Struct | None:
     """ext_proc's filter state as the ALS entry carries it: from the latency field Envoy
     renders as text ("ext_proc_us"), or from the whole state of lines an edge wrote before
     (":TYPED", "ext_proc"); None when ext_proc did not answer. A latency that is not a number
-    costs only the latency metric, never the line's booking."""
+    costs only the latency metric, never the line's booking (accounting._ext_proc_us drops
+    one out of range, NaN and infinities included, from either log)."""
     latency = fields.get("ext_proc_us")
     if latency is not None:
         state = struct_pb2.Struct()
         try:
             state[EXT_PROC_LATENCY_FIELD] = float(latency)
-        except ValueError:
+        except (ValueError, TypeError):
             return None
         return state
     if fields.get("ext_proc"):
