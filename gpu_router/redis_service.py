@@ -18,8 +18,9 @@ import os
 import re
 import secrets
 import shutil
-import socket
 from pathlib import Path
+
+import redis
 
 from control_plane.policy.model import RoutingConfig
 from gpu_router.processes import ManagedProcess, ProcessError
@@ -80,7 +81,7 @@ def redis_process(port: int, log_dir: Path, password_file: Path) -> ManagedProce
         raise ProcessError("client rate limits across ext_proc workers need redis-server "
                            "(Debian: apt-get install redis-server); or run gpu-router up "
                            "--redis never for per-worker counters")
-    config = password_file.with_name(f"redis-{port}.conf")  # one per stack sharing the dir
+    config = redis_config(password_file, port)
     descriptor = os.open(config, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     os.fchmod(descriptor, 0o600)  # an existing file keeps its mode through O_CREAT
     with os.fdopen(descriptor, "w") as out:
@@ -89,20 +90,22 @@ def redis_process(port: int, log_dir: Path, password_file: Path) -> ManagedProce
     return ManagedProcess(REDIS, [binary, str(config)], log_dir / f"{REDIS}.log")
 
 
+def redis_config(password_file: Path, port: int) -> Path:
+    """The config redis_process writes (the password in it): one per stack sharing the directory,
+    kept while the stack may respawn Redis, removed when the stack stops (stack.py)."""
+    return password_file.with_name(f"redis-{port}.conf")
+
+
 def _quoted(text: str) -> str:
     """A redis.conf string argument."""
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def redis_answers(port: int, password: str) -> bool:
-    """AUTH accepted and PING answered with PONG."""
-    auth = f"*2\r\n$4\r\nAUTH\r\n${len(password)}\r\n{password}\r\n".encode()
+    """AUTH accepted and PING answered (redis-py, as ext_proc's counters speak to it)."""
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as connection:
-            connection.sendall(auth + b"PING\r\n")
-            answer = b""
-            while len(answer) < 12 and (chunk := connection.recv(64)):
-                answer += chunk
-            return answer.startswith(b"+OK\r\n+PONG")
-    except OSError:
+        with redis.Redis(host="127.0.0.1", port=port, password=password, socket_timeout=0.5,
+                         socket_connect_timeout=0.5) as client:
+            return bool(client.ping())
+    except (redis.RedisError, OSError):
         return False

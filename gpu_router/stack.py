@@ -36,6 +36,7 @@ from gpu_router.redis_service import (
     ensure_password,
     read_password,
     redis_answers,
+    redis_config,
     redis_process,
     wants_redis,
 )
@@ -104,6 +105,8 @@ class Stack:
     redis_password_file: Path | None = None
     """The password Redis asks before any command (in the certs directory), once started."""
     _lifecycles: dict[str, _Lifecycle] = field(default_factory=dict, repr=False)
+    _redis_config: Path | None = field(default=None, init=False, repr=False)
+    """Redis's config, the password in it: kept while Redis may be respawned, removed on stop."""
 
     def start(self, timeout: float = 60.0) -> Self:
         """Start everything and wait until every edge node routes with every replica's policy."""
@@ -181,6 +184,7 @@ class Stack:
         port = free_port()
         self.redis_password_file = ensure_password(self.certs)
         password = read_password(self.redis_password_file)
+        self._redis_config = redis_config(self.redis_password_file, port)
         self._launch(redis_process(port, self.log_dir, self.redis_password_file),
                      _Lifecycle(what="redis to take the password and answer PING",
                                 probe=lambda: partial(redis_answers, port, password),
@@ -334,6 +338,7 @@ class Stack:
         """Stop everything at once, in reverse start order (tests, a failed start)."""
         for name in reversed(list(self.processes)):
             self.processes[name].stop()
+        self._remove_redis_config()
 
     def shutdown(self, drain_s: float = EDGE_DRAIN_S) -> dict[str, int | None]:
         """Stop for good, the edges last and drained: every edge starts its graceful drain,
@@ -354,7 +359,13 @@ class Stack:
         exits |= {name: self._stop(name) for name in reversed(edges)}
         if SIMULATOR in self.processes:
             exits[SIMULATOR] = self._stop(SIMULATOR)
+        self._remove_redis_config()
         return exits
+
+    def _remove_redis_config(self) -> None:
+        """No copy of the password outlives the Redis that read it."""
+        if self._redis_config is not None:
+            self._redis_config.unlink(missing_ok=True)
 
     def _stop(self, name: str) -> int | None:
         process = self.processes[name]

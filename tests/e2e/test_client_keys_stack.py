@@ -20,6 +20,7 @@ from stack_harness import Providers, Traffic, chat, policy_on_free_ports, start_
 from control_plane.policy.load import default_policy_path
 from gpu_router.keys_cli import client_report, key_sha256, new_key
 from gpu_router.processes import http_get
+from gpu_router.redis_service import redis_config
 from gpu_router.stack import Stack
 
 KEYS = {name: new_key() for name in ("team", "tiny", "rpm20", "steady", "late", "rotated")}
@@ -183,6 +184,9 @@ def test_limits_hold_across_two_edges_and_two_replicas(tmp_path: Path) -> None:
                         ext_proc_workers=2)
     try:
         assert fleet.redis_url is not None  # a client has a limit: the stack started Redis
+        assert fleet.redis_password_file is not None
+        config = redis_config(fleet.redis_password_file, int(fleet.redis_url.rpartition(":")[2]))
+        assert config.exists()  # while Redis may be respawned
         admitted = 0
         for index in range(40):
             edge = fleet.edges[index % 2]
@@ -194,3 +198,4 @@ def test_limits_hold_across_two_edges_and_two_replicas(tmp_path: Path) -> None:
         assert 20 <= admitted <= 21
     finally:
         fleet.stop()
+    assert not config.exists(), "the password's copy in Redis's config outlived the stack"
