@@ -51,7 +51,8 @@ def rows_after(
     # and a sort per page (quadratic in the client's rows).
     statement = (f"SELECT id, {', '.join(COLUMNS)} FROM requests WHERE id > ? AND at_unix_ms >= ?"
                  f"{' AND +client = ?' if by_client else ''} ORDER BY id LIMIT ?")
-    after_id = max(after_id, _before_window(connection, query.since_ms))
+    if after_id == 0:  # a follow-up call (audit --follow) is already past the window's start
+        after_id = _before_window(connection, query.since_ms)
     while True:
         page = connection.execute(statement, (after_id, *params, PAGE_ROWS)).fetchall()
         for values in page:
