@@ -110,10 +110,11 @@ def stream(receiver: AccessLogReceiver, *messages: bytes) -> None:
     asyncio.run(_stream(receiver, list(messages)))
 
 
-def receiver_for(fleet: FleetHealth, counts: Counts, at_ms: int = NOW_MS,
+def receiver_for(fleet: FleetHealth, counts: Counts, at_ms: int = NOW_MS, certified: str = "edge-1",
                  **kwargs: object) -> AccessLogReceiver:
-    receiver = AccessLogReceiver(fleet, lambda: clock(at_ms), admit=edge_named("edge-1"), count=counts,
-                                 **kwargs)
+    """`certified`: the node the peer's certificate names (message() says it is edge-1)."""
+    receiver = AccessLogReceiver(fleet, lambda: clock(at_ms), admit=edge_named(certified),
+                                 count=counts, **kwargs)
     receiver.use_policy(POLICY)
     return receiver
 
@@ -227,6 +228,20 @@ def test_one_bad_entry_or_message_costs_neither_the_batch_nor_the_stream() -> No
     assert metrics.counts.seen == {  # the repaired model names no model either
         ("edge", "future_start", True): 1, ("edge", "unreadable", True): 1,
         ("edge", "unknown_model", True): 2}
+
+
+def test_an_edge_that_calls_itself_another_node_is_refused_and_books_nothing() -> None:
+    accounting = Accounting(CountingMetrics(), None, None, clock=clock)
+    accounting.use_policy(POLICY)
+    fleet = FleetHealth()
+    receiver = receiver_for(fleet, Counts(), certified="edge-2", on_request=[accounting.book])
+
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        stream(receiver, message(EDGE_LOG_NAME, [entry("claimed")]))
+
+    assert refused.value.code() is grpc.StatusCode.PERMISSION_DENIED
+    assert "claimed" not in accounting.booked
+    assert not list(fleet.entries(NOW_MS))  # nor a health sample from it
 
 
 def test_a_future_dated_edge_entry_leaves_the_dashboard_as_it_was() -> None:

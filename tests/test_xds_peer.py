@@ -63,3 +63,4 @@ def test_an_edge_speaks_only_for_the_node_its_certificate_names() -> None:
     edge = Peer("p", pki.Role.EDGE, "edge-1")
     assert edge.may_be("edge-1") and not edge.may_be("edge-2") and not edge.may_be("")
     assert Peer("p", pki.Role.EXT_PROC, "ext-proc-1").may_be("ext-proc-1-worker-9")
+    assert not Peer("p", None).may_be("edge-1")  # no certificate of ours: no node at all

@@ -52,8 +52,9 @@ class Peer:
     def may_be(self, node_id: str) -> bool:
         """Whether this peer may call itself `node_id`: an edge only by its certificate's name,
         since its listener port and health samples go by node id; an ext_proc
-        replica's workers each name a node of their own, which nothing else reads."""
-        return self.role is not Role.EDGE or node_id == self.name
+        replica's workers each name a node of their own, which nothing else reads; a peer of
+        no role, none."""
+        return self.role is Role.EXT_PROC or (self.role is Role.EDGE and node_id == self.name)
 
     def fields(self) -> dict[str, str]:
         return {
