@@ -65,10 +65,7 @@ def edge_secrets(tls: TlsFiles) -> list[dict]:
     """The static secrets the control plane's ext_proc cluster names (its mutual TLS to the
     replicas): this node's certificate and key, and the fleet's CA."""
     return [
-        {"name": EDGE_CERTIFICATE_SECRET, "tls_certificate": {
-            "certificate_chain": {"filename": str(tls.cert)},
-            "private_key": {"filename": str(tls.key)},
-        }},
+        {"name": EDGE_CERTIFICATE_SECRET, "tls_certificate": _certificate(tls)},
         {"name": FLEET_CA_SECRET, "validation_context": {"trusted_ca": {"filename": str(tls.ca)}}},
     ]
 
@@ -80,12 +77,15 @@ def xds_transport_socket(tls: TlsFiles, template: dict | None = None) -> dict:
         [xds] = [c for c in config["static_resources"]["clusters"] if c["name"] == XDS_CLUSTER]
         template = xds["transport_socket"]
     context = template["typed_config"]["common_tls_context"]
-    context["tls_certificates"] = [{
-        "certificate_chain": {"filename": str(tls.cert)},
-        "private_key": {"filename": str(tls.key)},
-    }]
+    context["tls_certificates"] = [_certificate(tls)]
     context["validation_context"]["trusted_ca"] = {"filename": str(tls.ca)}
     return template
+
+
+def _certificate(tls: TlsFiles) -> dict:
+    """This node's certificate and key as Envoy's TlsCertificate reads them from files."""
+    return {"certificate_chain": {"filename": str(tls.cert)},
+            "private_key": {"filename": str(tls.key)}}
 
 
 def write_bootstrap(node: EdgeNode, path: Path) -> Path:

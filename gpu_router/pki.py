@@ -284,14 +284,14 @@ def ensure(
     out: dict[str, TlsFiles] = {}
     for identity in identities:
         files = tls_files(directory, identity.name)
-        server = identity.role is Role.CONTROL_PLANE
-        problem = _existing_problem(files, ca_cert, identity, now,
-                                    dns=dns if server else (), ips=ips if server else ())
+        # The control plane's addresses are its own extra SANs (ext_proc's name: _dns_names).
+        extra_dns, extra_ips = (dns, ips) if identity.role is Role.CONTROL_PLANE else ((), ())
+        problem = _existing_problem(files, ca_cert, identity, now, dns=extra_dns, ips=extra_ips)
         if problem is not None:
             if not ca_key_path.exists():
                 raise PkiError(f"{files.cert}: {problem}, and {ca_key_path} is absent to issue one")
             cert, key = make_leaf(ca_cert, _load_key(ca_key_path), identity, now,
-                                  dns=dns if server else (), ips=ips if server else ())
+                                  dns=extra_dns, ips=extra_ips)
             _write_key(files.key, key)
             _write_cert(files.cert, cert)
         out[identity.name] = files
