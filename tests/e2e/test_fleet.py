@@ -12,9 +12,10 @@ from fleet_harness import BATCH, MODEL, Fleet, hold, phase, running_fleet
 from polling import eventually
 from stack_harness import Traffic, chat
 
-CLIENTS_PER_EDGE = 8
-"""Enough concurrent clients per Envoy that failovers run side by side: a retry guard that
-refuses retries under load (the old retry budget did, as retry_overflow) fails this test."""
+CLIENTS_PER_EDGE = 32
+"""64 concurrent clients over the two Envoys, as production has them, so that failovers run side
+by side: a retry guard that refuses retries under load (the old retry budget did, as
+retry_overflow) fails this test."""
 
 
 @pytest.fixture(scope="module")
