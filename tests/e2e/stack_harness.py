@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import ssl
 import subprocess
 import sys
 import threading
@@ -84,15 +85,17 @@ class Providers:
 
 
 def post(url: str, payload: Any, headers: dict[str, str] | None = None,
-         raw: bytes | None = None, timeout: float = 30) -> tuple[int, dict[str, str], Any]:
+         raw: bytes | None = None, timeout: float = 30,
+         context: ssl.SSLContext | None = None) -> tuple[int, dict[str, str], Any]:
     """POST JSON; (status, lower-cased headers, body) whatever the status. The body is decoded
     JSON, or text when it is not JSON (Envoy's own 503 and 504 bodies are plain text).
-    Transport failures (reset, refused, timeout, short read) raise."""
+    Transport failures (reset, refused, timeout, short read) raise. `context`: the TLS client
+    context for an https edge (tests/edge_tls_fixtures.py client_context)."""
     body = raw if raw is not None else json.dumps(payload).encode()
     request = urllib.request.Request(url, data=body, method="POST",
                                      headers={"content-type": "application/json", **(headers or {})})
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
+        with urllib.request.urlopen(request, timeout=timeout, context=context) as response:
             status, head, data = response.status, response.headers, response.read()
     except urllib.error.HTTPError as error:
         with error:
@@ -118,9 +121,10 @@ class Edge(Protocol):
 
 
 def chat(edge: Edge, model: str, headers: dict[str, str] | None = None, timeout: float = 30,
-         **extra: Any) -> tuple[int, dict[str, str], Any]:
+         context: ssl.SSLContext | None = None, **extra: Any) -> tuple[int, dict[str, str], Any]:
     payload = {"model": model, "messages": [{"role": "user", "content": "hello"}], "max_tokens": 16, **extra}
-    return post(f"{edge.url}/v1/chat/completions", payload, headers, timeout=timeout)
+    return post(f"{edge.url}/v1/chat/completions", payload, headers, timeout=timeout,
+                context=context)
 
 
 TRANSPORT_FAILURES = ("timeout", "refused", "reset", "incomplete")

@@ -19,10 +19,12 @@ from pathlib import Path
 import pytest
 from edge_tls_fixtures import client_context, server_pair
 from polling import eventually
-from stack_harness import policy_on_free_ports, start_stack
+from stack_harness import chat, policy_on_free_ports, start_stack
 
 from control_plane.policy.load import default_policy_path
 from gpu_router.stack import Stack
+
+MODEL = "llama-3.1-8b"
 
 
 @pytest.fixture(scope="module")
@@ -36,21 +38,6 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Stack, Pa
         yield stack, ca, cert, key
     finally:
         stack.stop()
-
-
-def chat(stack: Stack, context: ssl.SSLContext) -> tuple[int, dict[str, str], dict]:
-    connection = http.client.HTTPSConnection("127.0.0.1", stack.edges[0].edge_port,
-                                             context=context, timeout=30)
-    body = {"model": "llama-3.1-8b", "messages": [{"role": "user", "content": "hi"}],
-            "max_tokens": 8}
-    try:
-        connection.request("POST", "/v1/chat/completions", json.dumps(body),
-                           {"content-type": "application/json"})
-        response = connection.getresponse()
-        return response.status, {k.lower(): v for k, v in response.getheaders()}, json.loads(
-            response.read())
-    finally:
-        connection.close()
 
 
 def served_certificate(stack: Stack) -> bytes:
@@ -71,7 +58,7 @@ def test_a_client_that_trusts_the_certificate_is_routed(
 ) -> None:
     stack, ca, cert, _ = served
     assert stack.url.startswith("https://")
-    status, headers, body = chat(stack, client_context(ca))
+    status, headers, body = chat(stack, MODEL, context=client_context(ca))
     assert status == 200, body
     assert headers["x-gpu-router-provider"] and body["choices"]
     assert served_certificate(stack) == der(cert)
@@ -95,7 +82,7 @@ def test_a_rotated_certificate_is_served_without_a_restart_and_a_bad_one_never(
     for source, target in ((new_key, key), (new_cert, cert)):  # key first: one poll may see both
         os.replace(source, target)
     eventually(lambda: served_certificate(stack) == der(cert), "the new certificate served")
-    status, _, _ = chat(stack, client_context(new_ca))
+    status, _, _ = chat(stack, MODEL, context=client_context(new_ca))
     assert status == 200
     assert stack.edges[0].process.pid == envoy_pid
 
@@ -114,4 +101,4 @@ def test_a_rotated_certificate_is_served_without_a_restart_and_a_bad_one_never(
                           "the control plane to refuse the mismatched key")
     assert str(key) in rejected[-1]["error"]
     assert served_certificate(stack) == der(cert)
-    assert chat(stack, client_context(new_ca))[0] == 200
+    assert chat(stack, MODEL, context=client_context(new_ca))[0] == 200
