@@ -7,9 +7,10 @@ from the body ("gpu_router.request"), the usage text the response Lua filter cap
 ("gpu_router.usage"), who finally served and after how many attempts, and ext_proc's own
 time (its filter state). Reading it here keeps all of this off the client's path.
 
-A request is booked once: the gRPC access log and the reconciler (which replays the edges'
-durable logs after an outage, ledger/reconcile.py) both call `book`, which refuses a request id
-it booked recently; the ledger's unique index refuses one booked by an earlier process.
+A request is booked once: the gRPC access log (`book_request`, with the entry the receiver read
+once: telemetry/client_request.py) and the reconciler (which replays the edges' durable logs after
+an outage, ledger/reconcile.py: `book`) both refuse a request id booked recently; the ledger's
+unique index refuses one booked by an earlier process.
 
 An entry is booked only when it is believable (telemetry/validation.py): its provider, model,
 policy and client are those of the current policy (or of one replaced less than `max_duration_s` ago, for
@@ -27,7 +28,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 from envoy.data.accesslog.v3 import accesslog_pb2
-from google.protobuf import struct_pb2
 
 from control_plane.audit import KEEP_ROTATED, MAX_BYTES, AuditLog
 from control_plane.client_spend import ClientSpend
@@ -36,15 +36,8 @@ from control_plane.ledger.health_history import HealthRow
 from control_plane.ledger.store import RETENTION_DAYS, LedgerWriter, LogOffset, ledger_row
 from control_plane.metrics import Metrics
 from control_plane.policy.model import RoutingConfig
-from control_plane.telemetry.samples import (
-    INTERNAL_CLUSTER_PREFIX,
-    RequestSample,
-    decision_field,
-    duration_ms,
-    is_final_request_entry,
-    offset_ms,
-    unix_ms,
-)
+from control_plane.telemetry.client_request import ClientRequest, read_client_request
+from control_plane.telemetry.samples import RequestSample
 from control_plane.telemetry.validation import (
     DEFAULT_LIMITS,
     EDGE,
@@ -55,88 +48,14 @@ from control_plane.telemetry.validation import (
     decision_problem,
     edge_problem,
 )
-from control_plane.translate.durable_log import EXT_PROC_FILTER_STATE, EXT_PROC_LATENCY_FIELD
 from control_plane.translate.fallback_routes import FALLBACK_REASON, fallback_route_names
-from control_plane.translate.names import (
-    METADATA_NAMESPACE,
-    REQUEST_METADATA_NAMESPACE,
-    USAGE_METADATA_NAMESPACE,
-)
 from control_plane.usage.normalise import normalise
 from control_plane.usage.pricing import MissingPriceError, PriceBook, cost_usd
 from control_plane.usage.record import RequestRecord, is_error_status
 
 RECENT_IDS = 100_000
-_STRUCT = struct_pb2.Struct.DESCRIPTOR.full_name
-_MAX_EXT_PROC_US = 3_600_000_000
-"""An hour: a latency beyond it (or not a number) is a broken value, not a time to observe."""
 
 log = logging.getLogger(__name__)
-
-
-def _struct(common: accesslog_pb2.AccessLogCommon, namespace: str) -> struct_pb2.Struct | None:
-    return common.metadata.filter_metadata.get(namespace)
-
-
-def _ext_proc_us(common: accesslog_pb2.AccessLogCommon) -> int:
-    state = common.filter_state_objects.get(EXT_PROC_FILTER_STATE)
-    if state is None or state.type_url.rpartition("/")[2] != _STRUCT:
-        return 0  # (Any.Unpack's own check, without its pure-Python helpers)
-    latency = struct_pb2.Struct.FromString(state.value).fields.get(EXT_PROC_LATENCY_FIELD)
-    us = 0.0 if latency is None else latency.number_value
-    return int(us) if 0 <= us < _MAX_EXT_PROC_US else 0  # NaN, inf, negative: no latency
-
-
-def record_from_edge_entry(
-    entry: accesslog_pb2.HTTPAccessLogEntry, usage_format: Callable[[str], str]
-) -> RequestRecord | None:
-    """The client request an edge log entry closes; None for a periodic or start entry."""
-    if not is_final_request_entry(entry):
-        return None
-    common = entry.common_properties
-    decision = _struct(common, METADATA_NAMESPACE)
-    body = _struct(common, REQUEST_METADATA_NAMESPACE)
-    usage = _struct(common, USAGE_METADATA_NAMESPACE)
-    cluster = common.upstream_cluster
-    provider = "" if not cluster or cluster.startswith(INTERNAL_CLUSTER_PREFIX) else cluster
-    fallbacks = decision_field(decision, "fallbacks")
-    first_byte = offset_ms(common, "time_to_first_downstream_tx_byte")
-    return RequestRecord(
-        request_id=entry.request.request_id,
-        at_unix_ms=unix_ms(common.start_time),
-        model=decision_field(decision, "model"),
-        policy=decision_field(decision, "policy"),
-        strategy=decision_field(decision, "strategy"),
-        reason=decision_field(decision, "reason"),
-        fallbacks=tuple(fallbacks.split(",")) if fallbacks else (),
-        candidates=decision_field(decision, "candidates"),
-        provider=provider,
-        attempts=common.upstream_request_attempt_count,
-        status=entry.response.response_code.value,
-        ttfb_ms=first_byte or 0.0,
-        total_ms=duration_ms(common.time_to_last_downstream_tx_byte),
-        stream=body is not None and "stream" in body.fields and body.fields["stream"].bool_value,
-        request_bytes=entry.request.request_body_bytes,
-        response_bytes=entry.response.response_body_bytes,
-        usage_text=decision_field(usage, "text"),
-        usage_format=usage_format(provider),
-        ext_proc_us=_ext_proc_us(common),
-        route=common.route_name,
-        client=decision_field(decision, "client"),
-        client_request_id=decision_field(body, "client_request_id"),
-        path=decision_field(decision, "path").partition("?")[0],
-        max_tokens=_max_tokens(body),
-    )
-
-
-def _max_tokens(body: struct_pb2.Struct | None) -> int:
-    """The body's max_completion_tokens, else max_tokens, as ext_proc reads them; -1: none."""
-    for key in ("max_completion_tokens", "max_tokens"):
-        value = None if body is None else body.fields.get(key)
-        if value is not None:
-            number = value.number_value if value.WhichOneof("kind") == "number_value" else -1.0
-            return int(number) if 0 <= number < float("inf") else -1
-    return -1
 
 
 def _as_fallback(record: RequestRecord, policy: str, model: str, strategy: str) -> RequestRecord:
@@ -208,9 +127,21 @@ class Accounting:
         }
 
     def book(self, entry: accesslog_pb2.HTTPAccessLogEntry, node: str) -> bool:
-        """Book the client request `entry` closes; False when it closes none, was booked, or
-        is not believed (then counted)."""
-        record = self._believed_record(entry)
+        """Book the client request `entry` closes, read here (the reconciler's lines); False
+        as book_request."""
+        try:
+            request = read_client_request(entry, node, int(self._clock() * 1000), self._limits,
+                                          self._prices.usage_format)
+        except Exception:  # a field of the wrong type costs only its entry
+            log.debug("unreadable edge entry", exc_info=True)
+            self.metrics.count_telemetry(EDGE, UNREADABLE)
+            return False
+        return self.book_request(request)
+
+    def book_request(self, request: ClientRequest) -> bool:
+        """Book the client request an entry the receiver read closes; False when it closes
+        none, was booked, or is not believed (then counted)."""
+        record = self._believed_record(request)
         if record is None or not self.booked.add(record.request_id):
             return False
         usage = normalise(record)
@@ -233,21 +164,15 @@ class Accounting:
                 self._audit.add(row)
         return True
 
-    def _believed_record(self, entry: accesslog_pb2.HTTPAccessLogEntry) -> RequestRecord | None:
-        """The request `entry` closes, unless it closes none or is not believable (counted)."""
-        now_ms = int(self._clock() * 1000)
-        names = None if self._names is None else self._names.at(now_ms)
-        try:
-            record = record_from_edge_entry(entry, self._prices.usage_format)
-        except Exception:  # a field of the wrong type costs only its entry
-            log.debug("unreadable edge entry", exc_info=True)
-            self.metrics.count_telemetry(EDGE, UNREADABLE)
-            return None
+    def _believed_record(self, request: ClientRequest) -> RequestRecord | None:
+        """The request's record, unless it closes none or is not believable (counted)."""
+        record = request.record
         if record is None:
             return None
+        names = None if self._names is None else self._names.at(request.now_ms)
         if not record.model and record.route in self._fallback_routes:
             record = _as_fallback(record, *self._fallback_routes[record.route])
-        problem = edge_problem(entry, now_ms, self._limits, names) or decision_problem(
+        problem = edge_problem(request.entry, request.shape, names) or decision_problem(
             record.model, record.policy, record.client, names)
         if problem is not None:
             self.metrics.count_telemetry(EDGE, problem)

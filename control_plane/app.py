@@ -171,7 +171,7 @@ async def serve(options: Options, stop: asyncio.Event, hangup: asyncio.Event | N
         AggregatedDiscoveryServer(cache), server
     )
     receiver = AccessLogReceiver(fleet, count=metrics.count_telemetry)
-    receiver.on_request.append(accounting.book)
+    receiver.on_request.append(accounting.book_request)
     receiver.on_attempt.append(accounting.add_attempt)  # kept only with a ledger
     receiver.register(server)
     LoadReportReceiver(fleet, count=metrics.count_telemetry).register(server)

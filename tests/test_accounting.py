@@ -9,9 +9,10 @@ from pathlib import Path
 from envoy.data.accesslog.v3 import accesslog_pb2
 from google.protobuf import any_pb2, duration_pb2, struct_pb2, timestamp_pb2, wrappers_pb2
 
-from control_plane.accounting import Accounting, record_from_edge_entry
+from control_plane.accounting import Accounting
 from control_plane.metrics import Metrics
 from control_plane.policy.load import default_policy_path, load_policy_file
+from control_plane.telemetry.client_request import record_from_edge_entry
 
 USAGE = '"usage":{"prompt_tokens":12,"completion_tokens":5,"total_tokens":17}}'
 

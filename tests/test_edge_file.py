@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from control_plane.accounting import record_from_edge_entry
+from control_plane.telemetry.client_request import record_from_edge_entry
 from control_plane.telemetry.edge_file import entry_from_line
 from control_plane.translate.durable_log import EDGE_FILE_FIELDS
 

@@ -29,8 +29,8 @@ from envoy_fixtures import static_cluster
 from google.protobuf import json_format
 from telemetry_fixtures import edge_named, eventually
 
-from control_plane.accounting import record_from_edge_entry
 from control_plane.telemetry.als import ATTEMPT_LOG_NAME, EDGE_LOG_NAME, AccessLogReceiver
+from control_plane.telemetry.client_request import ClientRequest, record_from_edge_entry
 from control_plane.telemetry.edge_file import entry_from_line
 from control_plane.telemetry.health import PROVIDER_WIDE, FleetHealth, HealthState
 from control_plane.translate.durable_log import durable_edge_log
@@ -247,11 +247,11 @@ async def _run(tmp_path: Path, upstreams: tuple[int, int]) -> None:
     fleet = FleetHealth(eject_min_samples=3, cooldown_s=10.0)
     requests: list[tuple[accesslog_pb2.HTTPAccessLogEntry, str]] = []
 
-    def broken_hook(entry: accesslog_pb2.HTTPAccessLogEntry, node: str) -> None:
+    def broken_hook(request: ClientRequest) -> None:
         raise RuntimeError("a failing subscriber")
 
     receiver = AccessLogReceiver(fleet, on_request=[broken_hook], admit=edge_named("edge-test-1"))
-    receiver.on_request.append(lambda entry, node: requests.append((entry, node)))
+    receiver.on_request.append(lambda request: requests.append((request.entry, request.node)))
     server = grpc.aio.server()
     receiver.register(server)
     als_port = server.add_insecure_port("127.0.0.1:0")

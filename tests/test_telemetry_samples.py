@@ -1,4 +1,4 @@
-"""sample_from_log_entry and sample_from_attempt_entry on hand-built access-log entries."""
+"""served_sample and sample_from_attempt_entry on hand-built access-log entries."""
 
 from __future__ import annotations
 
@@ -6,12 +6,13 @@ import pytest
 from envoy.data.accesslog.v3 import accesslog_pb2
 from google.protobuf import duration_pb2, struct_pb2, timestamp_pb2
 
+from control_plane.telemetry.client_request import record_from_edge_entry
 from control_plane.telemetry.samples import (
     RequestSample,
     decided_model,
     parse_retry_after,
     sample_from_attempt_entry,
-    sample_from_log_entry,
+    served_sample,
     unix_ms,
 )
 
@@ -59,6 +60,13 @@ def log_entry(
     return entry
 
 
+def served(entry: accesslog_pb2.HTTPAccessLogEntry,
+           at_unix_ms: int = START_MS + 53) -> RequestSample | None:
+    """The served sample the receiver takes from a client-request entry it read."""
+    record = record_from_edge_entry(entry, lambda provider: "openai")
+    return served_sample(entry, record, "edge-1", at_unix_ms=at_unix_ms)
+
+
 def test_successful_entry_gives_provider_latency_and_decision() -> None:
     entry = log_entry(
         metadata={
@@ -70,7 +78,7 @@ def test_successful_entry_gives_provider_latency_and_decision() -> None:
             "fallbacks": "b,c",
         }
     )
-    assert sample_from_log_entry(entry, "edge-1") == RequestSample(
+    assert served(entry) == RequestSample(
         provider="prov-a",
         model="m1",
         status=200,
@@ -84,13 +92,13 @@ def test_successful_entry_gives_provider_latency_and_decision() -> None:
     )
 
 
-def test_receiver_clock_overrides_entry_time() -> None:
-    sample = sample_from_log_entry(log_entry(), "edge-1", at_unix_ms=42)
+def test_the_receivers_clock_stamps_the_sample() -> None:
+    sample = served(log_entry(), at_unix_ms=42)
     assert sample is not None and sample.at_unix_ms == 42
 
 
 def test_entry_without_decision_metadata_still_counts_for_the_provider() -> None:
-    sample = sample_from_log_entry(log_entry(metadata=None), "edge-1")
+    sample = served(log_entry(metadata=None))
     assert sample is not None
     assert (sample.provider, sample.model, sample.policy, sample.reason) == ("prov-a", "", "", "")
 
@@ -105,34 +113,34 @@ def test_entry_without_decision_metadata_still_counts_for_the_provider() -> None
         "no_healthy_upstream",
     ],
 )
-def test_upstream_failure_flags(flag: str) -> None:
-    entry = log_entry(status=503, first_rx_ms=None, last_rx_ms=None, duration_ms=7.5, flags=(flag,))
-    sample = sample_from_log_entry(entry, "edge-1")
-    assert sample is not None
-    assert sample.upstream_failure and sample.status == 503
-    assert sample.ttfb_ms == 0.0 and sample.total_ms == 7.5
+def test_a_last_attempt_with_an_upstream_failure_flag_is_no_served_sample(flag: str) -> None:
+    # (it is on the attempt log, failed_attempts_only: a sample from there, not twice)
+    assert served(log_entry(flags=(flag,))) is None
+
+
+@pytest.mark.parametrize("status", [400, 429, 503])
+def test_a_last_attempt_that_failed_is_no_served_sample(status: int) -> None:
+    assert served(log_entry(status=status)) is None
 
 
 def test_client_side_flags_are_not_upstream_failures() -> None:
-    sample = sample_from_log_entry(
-        log_entry(flags=("downstream_connection_termination",)), "edge-1"
-    )
+    sample = served(log_entry(flags=("downstream_connection_termination",)))
     assert sample is not None and not sample.upstream_failure
 
 
 def test_headers_only_response_uses_first_byte_as_last() -> None:
-    sample = sample_from_log_entry(log_entry(last_rx_ms=None), "edge-1")
+    sample = served(log_entry(last_rx_ms=None))
     assert sample is not None and sample.total_ms == sample.ttfb_ms == 10.0
 
 
 def test_missing_response_code_is_zero() -> None:
-    sample = sample_from_log_entry(log_entry(status=None), "edge-1")
+    sample = served(log_entry(status=None))
     assert sample is not None and sample.status == 0
 
 
 @pytest.mark.parametrize("cluster", ["", "gpu-router.ext_proc", "gpu-router.xds"])
 def test_entries_not_about_a_provider_are_skipped(cluster: str) -> None:
-    assert sample_from_log_entry(log_entry(cluster=cluster), "edge-1") is None
+    assert served(log_entry(cluster=cluster)) is None
 
 
 @pytest.mark.parametrize(
@@ -144,20 +152,17 @@ def test_entries_not_about_a_provider_are_skipped(cluster: str) -> None:
     ],
 )
 def test_non_final_entries_are_skipped(log_type: int) -> None:
-    assert sample_from_log_entry(log_entry(log_type=log_type), "edge-1") is None
+    assert served(log_entry(log_type=log_type)) is None
 
 
 def test_intermediate_entries_are_skipped() -> None:
     entry = log_entry()
     entry.common_properties.intermediate_log_entry = True
-    assert sample_from_log_entry(entry, "edge-1") is None
+    assert served(entry) is None
 
 
 def test_unset_log_type_counts() -> None:
-    assert (
-        sample_from_log_entry(log_entry(log_type=accesslog_pb2.AccessLogType.NotSet), "edge-1")
-        is not None
-    )
+    assert served(log_entry(log_type=accesslog_pb2.AccessLogType.NotSet)) is not None
 
 
 def attempt_entry(

@@ -32,6 +32,7 @@ from envoy.service.accesslog.v3 import als_pb2
 
 from control_plane.policy.model import RoutingConfig
 from control_plane.telemetry.attribution import ModelAttribution
+from control_plane.telemetry.client_request import ClientRequest, read_client_request
 from control_plane.telemetry.health import FleetHealth
 from control_plane.telemetry.samples import (
     RequestSample,
@@ -54,10 +55,12 @@ from control_plane.telemetry.validation import (
     PolicyNames,
     attempt_problem,
     count_nothing,
+    shaped_attempt_problem,
 )
 from control_plane.telemetry.wire_utf8 import Received, register_lenient, repaired_parts
 from control_plane.translate.names import ACCESS_LOG_NAME as EDGE_LOG_NAME
 from control_plane.translate.names import ATTEMPT_LOG_NAME
+from control_plane.usage.pricing import PriceBook
 from control_plane.xds.peer import Admit, refuse_other_node, require_edge
 
 logger = logging.getLogger(__name__)
@@ -67,8 +70,8 @@ ACCESS_LOG = "access_log"
 _KINDS = {ATTEMPT_LOG_NAME: ATTEMPT, EDGE_LOG_NAME: EDGE}
 _SERVICE = als_pb2.DESCRIPTOR.services_by_name["AccessLogService"].full_name
 
-RequestHook = Callable[[accesslog_pb2.HTTPAccessLogEntry, str], None]
-"""Called with each client-request entry (EDGE_LOG_NAME) and the Envoy node id that sent it."""
+RequestHook = Callable[[ClientRequest], None]
+"""Called with each client-request entry (EDGE_LOG_NAME) as the receiver read it once."""
 AttemptHook = Callable[[accesslog_pb2.HTTPAccessLogEntry, RequestSample], None]
 """Called with each believed failed-attempt entry (ATTEMPT_LOG_NAME) and its health sample."""
 
@@ -98,6 +101,7 @@ class AccessLogReceiver:
         self._count = count
         self._limits = limits
         self._names: PolicyNames | None = None
+        self._usage_format = PriceBook(prices={}, usage_formats={}).usage_format
         self._attribution = ModelAttribution() if attribution is None else attribution
         self.on_request: list[RequestHook] = list(on_request)
         """Subscribers to client-request entries; append to subscribe."""
@@ -107,6 +111,7 @@ class AccessLogReceiver:
     def use_policy(self, config: RoutingConfig) -> None:
         """Believe attempts to this policy's providers only; the fleet forgets the others."""
         self._names = PolicyNames.of(config)
+        self._usage_format = PriceBook.from_config(config).usage_format
         self._fleet.use_offerings(self._names.offerings)
 
     def register(self, server: grpc.aio.Server) -> None:
@@ -194,14 +199,14 @@ class AccessLogReceiver:
             self._record_model(attributed, ATTEMPT)
         _notify(self.on_attempt, node_id, entry, sample)
 
-    def _served(
-        self, entry: accesslog_pb2.HTTPAccessLogEntry, node_id: str, now_ms: int
-    ) -> RequestSample | None:
+    def _served(self, request: ClientRequest) -> RequestSample | None:
         """The sample of the attempt that served the request (not on the attempt log, which
         has only failed attempts), if the entry is believable as an attempt would be. A problem
         is not counted here: the request hooks (accounting) count the same entry's."""
-        sample = served_sample(entry, node_id, at_unix_ms=now_ms)
-        if sample is None or attempt_problem(entry, now_ms, self._limits, self._names):
+        sample = served_sample(request.entry, request.record, request.node,
+                               at_unix_ms=request.now_ms)
+        if sample is None or shaped_attempt_problem(request.entry, request.shape, request.now_ms,
+                                                    self._limits, self._names):
             return None
         return sample
 
@@ -218,10 +223,11 @@ class AccessLogReceiver:
         now_ms = int(self._clock() * 1000)
         for entry in log_entries:
             try:
-                attributed = self._attribution.request(
-                    entry.request.request_id, decided_model(entry), now_ms
-                )
-                served = self._served(entry, node_id, now_ms)
+                request = read_client_request(entry, node_id, now_ms, self._limits,
+                                              self._usage_format)
+                model = decided_model(entry) if request.record is None else request.record.model
+                attributed = self._attribution.request(entry.request.request_id, model, now_ms)
+                served = self._served(request)
             except Exception:  # one entry never costs its batch or its stream
                 logger.debug("unreadable request entry", exc_info=True, extra={"node": node_id})
                 self._count(EDGE, UNREADABLE)
@@ -230,7 +236,7 @@ class AccessLogReceiver:
                 self._record_model(sample, EDGE)
             if served is not None:
                 self._fleet.record(served)  # for the provider and, known, for its model
-            _notify(self.on_request, node_id, entry, node_id)
+            _notify(self.on_request, node_id, request)
 
 
 def _notify(hooks: Iterable[Callable[..., None]], node_id: str, *args: object) -> None:

@@ -10,9 +10,10 @@ Two logs reach the control plane (envoy.data.accesslog.v3.HTTPAccessLogEntry ove
   request's entry by request id. (Filter state shared with upstream is no way round: it is
   shared per upstream connection, so a reused connection logs the model of the request that
   opened it, measured.)
-- "gpu-router.edge", the listener's log: one entry per client request, the client's outcome
-  (`sample_from_log_entry`), with the decision ext_proc put under "gpu_router"
-  (`decided_model`); when its last attempt served, that attempt's sample (`served_sample`).
+- "gpu-router.edge", the listener's log: one entry per client request, the client's outcome,
+  with the decision ext_proc put under "gpu_router" (`decided_model`); when its last attempt
+  served, that attempt's sample (`served_sample`, from the record read once from the entry:
+  client_request.py).
 
 Only entries that reached (or tried to reach) a provider cluster become samples: ext_proc's
 immediate responses have no upstream cluster, and internal clusters (names starting
@@ -30,6 +31,7 @@ from google.protobuf import duration_pb2, struct_pb2, timestamp_pb2
 
 from control_plane.telemetry.response_flags import UPSTREAM_FAILURE_FLAGS
 from control_plane.translate.names import METADATA_NAMESPACE
+from control_plane.usage.record import RequestRecord
 
 INTERNAL_CLUSTER_PREFIX = "gpu-router."
 RETRY_AFTER_HEADER = "retry-after"
@@ -135,48 +137,32 @@ def is_final_request_entry(entry: accesslog_pb2.HTTPAccessLogEntry) -> bool:
     return not common.intermediate_log_entry and common.access_log_type in _FINAL_LOG_TYPES
 
 
-def sample_from_log_entry(
-    entry: accesslog_pb2.HTTPAccessLogEntry, node_id: str, *, at_unix_ms: int | None = None
-) -> RequestSample | None:
-    """The sample an access-log entry gives, or None when it says nothing about a provider.
-
-    `at_unix_ms` overrides the entry's own end time: a receiver stamps samples with its own
-    clock so that windows are not skewed by the clocks of many Envoy hosts.
-    """
-    common = entry.common_properties
-    cluster = common.upstream_cluster
-    if not cluster or cluster.startswith(INTERNAL_CLUSTER_PREFIX):
-        return None
-    if not is_final_request_entry(entry):
-        return None
-    decision = common.metadata.filter_metadata.get(METADATA_NAMESPACE)
-    ttfb_ms, total_ms = upstream_latencies(common)
-    return RequestSample(
-        provider=cluster,
-        model=decision_field(decision, "model"),
-        status=entry.response.response_code.value,
-        ttfb_ms=ttfb_ms,
-        total_ms=total_ms,
-        at_unix_ms=_end_unix_ms(common) if at_unix_ms is None else at_unix_ms,
-        upstream_failure=_upstream_failed(common.response_flags),
-        policy=decision_field(decision, "policy"),
-        reason=decision_field(decision, "reason"),
-        node=node_id,
-        request_id=entry.request.request_id,
-    )
-
-
-def served_sample(
-    entry: accesslog_pb2.HTTPAccessLogEntry, node_id: str, *, at_unix_ms: int
-) -> RequestSample | None:
-    """The health sample of the attempt that served a request, from the request's edge entry;
-    None when its last attempt failed. The edge logs only failed attempts on the attempt log
+def served_sample(entry: accesslog_pb2.HTTPAccessLogEntry, record: RequestRecord | None,
+                  node_id: str, *, at_unix_ms: int) -> RequestSample | None:
+    """The health sample of the attempt that served a request, from the request's edge entry
+    and the record read from it (None: the entry closes no request); None when its last attempt
+    failed. The edge logs only failed attempts on the attempt log
     (translate/listeners.failed_attempts_only: a status of 400 or more, or an upstream failure
     flag), so a last attempt is a sample either from there or from here, never both."""
-    sample = sample_from_log_entry(entry, node_id, at_unix_ms=at_unix_ms)
-    if sample is None or sample.status >= 400 or sample.upstream_failure:
+    if record is None or not record.provider or record.status >= 400:
         return None
-    return sample
+    common = entry.common_properties
+    if _upstream_failed(common.response_flags):
+        return None
+    ttfb_ms, total_ms = upstream_latencies(common)
+    return RequestSample(
+        provider=record.provider,
+        model=record.model,
+        status=record.status,
+        ttfb_ms=ttfb_ms,
+        total_ms=total_ms,
+        at_unix_ms=at_unix_ms,
+        upstream_failure=False,
+        policy=record.policy,
+        reason=record.reason,
+        node=node_id,
+        request_id=record.request_id,
+    )
 
 
 def parse_retry_after(value: str, now_unix_ms: int) -> float | None:

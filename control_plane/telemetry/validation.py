@@ -160,11 +160,11 @@ class RecentNames:
         return known
 
 
-def _common_problem(entry: accesslog_pb2.HTTPAccessLogEntry, now_ms: int, limits: Limits,
-                    names: PolicyNames | None) -> str | None:
+def shape_problem(entry: accesslog_pb2.HTTPAccessLogEntry, now_ms: int,
+                  limits: Limits) -> str | None:
+    """The half of an entry's check that names nothing (its start, durations and sizes): the
+    same for every reader, so the receiver does it once for a client-request entry."""
     common = entry.common_properties
-    if names is not None and not names.knows_cluster(common.upstream_cluster):
-        return UNKNOWN_CLUSTER
     if unix_ms(common.start_time) > now_ms + limits.clock_skew_s * 1000:
         return FUTURE_START
     for value in _DURATIONS(common):
@@ -176,21 +176,34 @@ def _common_problem(entry: accesslog_pb2.HTTPAccessLogEntry, now_ms: int, limits
     return None
 
 
+def _cluster_problem(cluster: str, names: PolicyNames | None) -> str | None:
+    return None if names is None or names.knows_cluster(cluster) else UNKNOWN_CLUSTER
+
+
 def attempt_problem(entry: accesslog_pb2.HTTPAccessLogEntry, now_ms: int, limits: Limits,
                     names: PolicyNames | None) -> str | None:
     """Why an upstream attempt entry must not become a health sample; None when it may."""
-    problem = _common_problem(entry, now_ms, limits, names)
+    return shaped_attempt_problem(entry, shape_problem(entry, now_ms, limits), now_ms, limits,
+                                  names)
+
+
+def shaped_attempt_problem(entry: accesslog_pb2.HTTPAccessLogEntry, shape: str | None,
+                           now_ms: int, limits: Limits, names: PolicyNames | None) -> str | None:
+    """attempt_problem of an entry whose shape_problem is `shape`."""
+    common = entry.common_properties
+    problem = _cluster_problem(common.upstream_cluster, names) or shape
     horizon_ms = now_ms - (limits.max_duration_s + limits.clock_skew_s) * 1000
-    if problem is None and unix_ms(entry.common_properties.start_time) < horizon_ms:
+    if problem is None and unix_ms(common.start_time) < horizon_ms:
         return TOO_OLD
     return problem
 
 
-def edge_problem(entry: accesslog_pb2.HTTPAccessLogEntry, now_ms: int, limits: Limits,
+def edge_problem(entry: accesslog_pb2.HTTPAccessLogEntry, shape: str | None,
                  names: PolicyNames | None) -> str | None:
-    """Why a client-request entry must not be booked; None when it may. (How old it may be is
-    the ledger's retention, store.py: the reconciler books entries from an outage.)"""
-    problem = _common_problem(entry, now_ms, limits, names)
+    """Why a client-request entry whose shape_problem is `shape` must not be booked; None when
+    it may. (How old it may be is the ledger's retention, store.py: the reconciler books
+    entries from an outage.)"""
+    problem = _cluster_problem(entry.common_properties.upstream_cluster, names) or shape
     if problem is None and not entry.request.request_id:
         return NO_REQUEST_ID
     return problem

@@ -19,8 +19,8 @@ import pytest
 from polling import eventually
 from stack_harness import Traffic, policy_on_free_ports, start_stack
 
-from control_plane.accounting import record_from_edge_entry
 from control_plane.policy.load import default_policy_path
+from control_plane.telemetry.client_request import record_from_edge_entry
 from control_plane.telemetry.edge_file import entry_from_line
 from control_plane.translate.durable_log import FILE_SUFFIX
 from control_plane.usage.record import RequestRecord
