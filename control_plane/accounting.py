@@ -5,7 +5,8 @@ Envoy's edge access log (one entry per client request, over gRPC ALS) carries th
 story: ext_proc's decision ("gpu_router" dynamic metadata), what the edge's request-fields filter read
 from the body ("gpu_router.request"), the usage text the response Lua filter captured
 ("gpu_router.usage"), who finally served and after how many attempts, and ext_proc's own
-time (its filter state). Reading it here keeps all of this off the client's path.
+time (the latency field of its filter state, as a custom tag). Reading it here keeps all of this
+off the client's path.
 
 A request is booked once: the gRPC access log (`book_request`, with the entry the receiver read
 once: telemetry/client_request.py) and the reconciler (which replays the edges' durable logs after

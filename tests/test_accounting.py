@@ -7,7 +7,7 @@ import sqlite3
 from pathlib import Path
 
 from envoy.data.accesslog.v3 import accesslog_pb2
-from google.protobuf import any_pb2, duration_pb2, struct_pb2, timestamp_pb2, wrappers_pb2
+from google.protobuf import duration_pb2, struct_pb2, timestamp_pb2, wrappers_pb2
 
 from control_plane.accounting import Accounting
 from control_plane.metrics import Metrics
@@ -38,9 +38,7 @@ def edge_entry(**decision: object) -> accesslog_pb2.HTTPAccessLogEntry:
         candidates="lambda=40;coreweave=55;vast=x:ejected", **decision))
     metadata["gpu_router.request"].CopyFrom(struct(model="llama3-8b", stream=True))
     metadata["gpu_router.usage"].CopyFrom(struct(text=USAGE))
-    state = any_pb2.Any()
-    state.Pack(struct(request_header_latency_us=350))
-    common.filter_state_objects["envoy.filters.http.ext_proc"].CopyFrom(state)
+    common.custom_tags["ext_proc_us"] = "350"
     entry.request.request_id = "req-7"
     entry.request.request_body_bytes = 48
     entry.response.response_code.CopyFrom(wrappers_pb2.UInt32Value(value=200))

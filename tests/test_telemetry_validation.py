@@ -18,7 +18,7 @@ import pytest
 from envoy.data.accesslog.v3 import accesslog_pb2
 from envoy.service.accesslog.v3 import als_pb2
 from envoy.service.load_stats.v3 import lrs_pb2
-from google.protobuf import any_pb2, duration_pb2
+from google.protobuf import duration_pb2
 from telemetry_fixtures import edge_named
 
 from control_plane.accounting import Accounting
@@ -208,8 +208,7 @@ def test_one_bad_entry_or_message_costs_neither_the_batch_nor_the_stream() -> No
     accounting.use_policy(POLICY)
     receiver = receiver_for(FleetHealth(), counts, on_request=[accounting.book_request])
     unreadable = entry("unreadable")
-    unreadable.common_properties.filter_state_objects["envoy.filters.http.ext_proc"].CopyFrom(
-        any_pb2.Any(type_url="type.googleapis.com/google.protobuf.Struct", value=b"\xff\xff"))
+    unreadable.common_properties.start_time.seconds = 10**15  # past year 9999: raises
     odd_agent = entry("odd-agent")
     odd_agent.request.user_agent = "\x00MARK"
     sent = [entry("good-1"), entry("future", start_ms=NOW_MS + 86_400_000), entry("good-2"),

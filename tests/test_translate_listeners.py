@@ -140,7 +140,10 @@ def test_access_log_goes_over_grpc_to_the_xds_cluster() -> None:
         "x-gpu-router-strategy",
         "x-request-id",
     ]
-    assert list(common.filter_state_objects_to_log) == ["envoy.filters.http.ext_proc"]
+    assert not common.filter_state_objects_to_log  # ext_proc's latency field alone, as a tag:
+    assert [(tag.tag, tag.value) for tag in common.custom_tags] == [(
+        "ext_proc_us",
+        "%FILTER_STATE(envoy.filters.http.ext_proc:FIELD:request_header_latency_us)%")]
 
 
 def test_failed_attempts_are_logged_over_grpc_with_their_retry_after() -> None:

@@ -26,7 +26,7 @@ from control_plane.telemetry.samples import (
     unix_ms,
 )
 from control_plane.telemetry.validation import Limits, shape_problem
-from control_plane.translate.durable_log import EXT_PROC_FILTER_STATE, EXT_PROC_LATENCY_FIELD
+from control_plane.translate.durable_log import EXT_PROC_LATENCY_TAG
 from control_plane.translate.names import (
     METADATA_NAMESPACE,
     REQUEST_METADATA_NAMESPACE,
@@ -34,7 +34,6 @@ from control_plane.translate.names import (
 )
 from control_plane.usage.record import RequestRecord
 
-_STRUCT = struct_pb2.Struct.DESCRIPTOR.full_name
 _MAX_EXT_PROC_US = 3_600_000_000
 """An hour: a latency beyond it (or not a number) is a broken value, not a time to observe."""
 
@@ -67,12 +66,12 @@ def _struct(common: accesslog_pb2.AccessLogCommon, namespace: str) -> struct_pb2
     return common.metadata.filter_metadata.get(namespace)
 
 
-def _ext_proc_us(common: accesslog_pb2.AccessLogCommon) -> int:
-    state = common.filter_state_objects.get(EXT_PROC_FILTER_STATE)
-    if state is None or state.type_url.rpartition("/")[2] != _STRUCT:
-        return 0  # (Any.Unpack's own check, without its pure-Python helpers)
-    latency = struct_pb2.Struct.FromString(state.value).fields.get(EXT_PROC_LATENCY_FIELD)
-    us = 0.0 if latency is None else latency.number_value
+def ext_proc_latency_us(common: accesslog_pb2.AccessLogCommon) -> int:
+    """The latency tag as Envoy rendered it ("-" when ext_proc was not called); 0 for none."""
+    try:
+        us = float(common.custom_tags.get(EXT_PROC_LATENCY_TAG, ""))
+    except ValueError:
+        return 0
     return int(us) if 0 <= us < _MAX_EXT_PROC_US else 0  # NaN, inf, negative: no latency
 
 
@@ -109,7 +108,7 @@ def record_from_edge_entry(
         response_bytes=entry.response.response_body_bytes,
         usage_text=decision_field(usage, "text"),
         usage_format=usage_format(provider),
-        ext_proc_us=_ext_proc_us(common),
+        ext_proc_us=ext_proc_latency_us(common),
         route=common.route_name,
         client=decision_field(decision, "client"),
         client_request_id=decision_field(body, "client_request_id"),

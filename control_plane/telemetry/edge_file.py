@@ -11,9 +11,8 @@ import json
 from typing import Any
 
 from envoy.data.accesslog.v3 import accesslog_pb2
-from google.protobuf import any_pb2, struct_pb2
 
-from control_plane.translate.durable_log import EXT_PROC_FILTER_STATE, EXT_PROC_LATENCY_FIELD
+from control_plane.translate.durable_log import EXT_PROC_LATENCY_FIELD, EXT_PROC_LATENCY_TAG
 from control_plane.translate.names import (
     METADATA_NAMESPACE,
     REQUEST_METADATA_NAMESPACE,
@@ -57,11 +56,9 @@ def _entry(fields: dict[str, Any]) -> accesslog_pb2.HTTPAccessLogEntry:
     for key, namespace in _NAMESPACES.items():
         if fields.get(key):
             common.metadata.filter_metadata[namespace].update(fields[key])
-    state = _ext_proc_state(fields)
-    if state is not None:
-        packed = any_pb2.Any()
-        packed.Pack(state)
-        common.filter_state_objects[EXT_PROC_FILTER_STATE].CopyFrom(packed)
+    latency = _ext_proc_latency(fields)
+    if latency is not None:
+        common.custom_tags[EXT_PROC_LATENCY_TAG] = latency
     entry.request.request_id = fields["request_id"]
     entry.request.request_body_bytes = int(fields.get("request_bytes") or 0)
     status = int(fields.get("status") or 0)
@@ -71,25 +68,16 @@ def _entry(fields: dict[str, Any]) -> accesslog_pb2.HTTPAccessLogEntry:
     return entry
 
 
-def _ext_proc_state(fields: dict[str, Any]) -> struct_pb2.Struct | None:
-    """ext_proc's filter state as the ALS entry carries it: from the latency field Envoy
-    renders as text ("ext_proc_us"), or from the whole state of lines an edge wrote before
-    (":TYPED", "ext_proc"); None when ext_proc did not answer. A latency that is not a number
-    costs only the latency metric, never the line's booking (accounting._ext_proc_us drops
+def _ext_proc_latency(fields: dict[str, Any]) -> str | None:
+    """ext_proc's latency as the gRPC access log's tag carries it: the text Envoy rendered
+    (EXT_PROC_LATENCY_TAG), or the field of the whole state lines an edge wrote before carry
+    (":TYPED", "ext_proc"); None when there is none. A latency that is not a number costs only
+    the latency metric, never the line's booking (client_request._ext_proc_us drops it, and
     one out of range, NaN and infinities included, from either log)."""
-    latency = fields.get("ext_proc_us")
-    if latency is not None:
-        state = struct_pb2.Struct()
-        try:
-            state[EXT_PROC_LATENCY_FIELD] = float(latency)
-        except (ValueError, TypeError):
-            return None
-        return state
-    if fields.get("ext_proc"):
-        state = struct_pb2.Struct()
-        state.update(fields["ext_proc"])
-        return state
-    return None
+    latency = fields.get(EXT_PROC_LATENCY_TAG)
+    if latency is None and isinstance(fields.get("ext_proc"), dict):
+        latency = fields["ext_proc"].get(EXT_PROC_LATENCY_FIELD)
+    return None if latency is None else str(latency)
 
 
 def _preview(line: bytes | str, limit: int = 80) -> str:

@@ -41,6 +41,12 @@ FILE_SUFFIX = ".access.jsonl"
 EXT_PROC_FILTER_STATE = "envoy.filters.http.ext_proc"
 EXT_PROC_LATENCY_FIELD = "request_header_latency_us"
 """ext_proc's filter-state field booking reads: the request headers' round trip, in us."""
+EXT_PROC_LATENCY = f"%FILTER_STATE({EXT_PROC_FILTER_STATE}:FIELD:{EXT_PROC_LATENCY_FIELD})%"
+"""That field alone, as text: rendering ext_proc's whole filter state (as JSON here, or as the
+Struct the gRPC access log's filter_state_objects_to_log packs) costs Envoy more than the rest
+of an entry."""
+EXT_PROC_LATENCY_TAG = "ext_proc_us"
+"""Its name in both logs: this file's key, the gRPC access log's custom tag (listeners.py)."""
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 
 EDGE_FILE_FIELDS = {
@@ -58,7 +64,7 @@ EDGE_FILE_FIELDS = {
     "decision": f"%DYNAMIC_METADATA({METADATA_NAMESPACE})%",
     "request": f"%DYNAMIC_METADATA({REQUEST_METADATA_NAMESPACE})%",
     "usage": f"%DYNAMIC_METADATA({USAGE_METADATA_NAMESPACE})%",
-    "ext_proc_us": f"%FILTER_STATE({EXT_PROC_FILTER_STATE}:FIELD:{EXT_PROC_LATENCY_FIELD})%",
+    EXT_PROC_LATENCY_TAG: EXT_PROC_LATENCY,
 }
 """One line per client request: what booking reads from the ALS entry (accounting.py).
 
