@@ -1028,19 +1028,14 @@ def test_without_ext_proc_the_fallback_walks_the_weights_order_fitted_to_each(
 
 
 def test_access_log_carries_ext_proc_metadata(edge: Edge) -> None:
-    status, _, _ = edge.post({PICK_HEADER: "beta", "x-gpu-router-model": "llama-3.1-8b"})
+    rid = request_id()
+    status, _, _ = edge.post({PICK_HEADER: "beta", "x-gpu-router-model": "llama-3.1-8b",
+                              "x-request-id": rid})
     assert status == 200
 
-    def logged() -> list[als_pb2.StreamAccessLogsMessage]:
-        return [
-            entry
-            for name, entry in list(edge.access_logs.entries)
-            if name == "gpu-router.edge"
-            and entry.request.request_headers.get("x-gpu-router-model") == "llama-3.1-8b"
-        ]
-
-    eventually(logged, "the access log entry")
-    entry = logged()[-1]
+    eventually(lambda: edge.logged("gpu-router.edge", rid), "the access log entry")
+    (entry,) = edge.logged("gpu-router.edge", rid)
+    assert not entry.request.request_headers  # nobody reads them from the log
     metadata = entry.common_properties.metadata.filter_metadata["gpu_router"]
     assert metadata["reason"] == "test pick"
     assert metadata["provider"] == "beta"
