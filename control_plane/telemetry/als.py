@@ -11,8 +11,9 @@ whose first message names it:
 - EDGE_LOG_NAME, the listener's log, one entry per client request: the client's outcome. It
   names the model of the request's failed attempts; when the last attempt served, the entry is
   that attempt's sample (its cluster, status and upstream timings: every served request counts
-  in the EWMA); and it goes to the `on_request` hooks (ledger, audit), which check it
-  themselves (accounting.py).
+  in the EWMA); and it goes to the `on_request` hooks (ledger, audit) as read here once
+  (client_request.py: its record, and the check of its times and sizes); they check its names
+  against their own view of the policy (accounting.py).
 
 Entries are checked one by one (validation.py), and read one by one: a bad entry is dropped
 and counted, never costing its batch or its stream. Messages are parsed leniently
