@@ -91,7 +91,8 @@ class RecentIds:
 
 
 class Accounting:
-    """Subscribed to the access-log receiver; one `book` per client request, O(1) writes."""
+    """Subscribed to the access-log receiver; one `book_request` per client request (`book`
+    for the reconciler's lines), O(1) writes."""
 
     def __init__(self, metrics: Metrics, ledger_path: Path | None, audit_path: Path | None, *,
                  retention_days: float = RETENTION_DAYS, audit_max_bytes: int = MAX_BYTES,
@@ -166,11 +167,16 @@ class Accounting:
         return True
 
     def _believed_record(self, request: ClientRequest) -> RequestRecord | None:
-        """The request's record, unless it closes none or is not believable (counted)."""
+        """The request's record, unless it closes none or is not believable (counted). Its
+        times and sizes are as the reader checked them; its names, usage format and prices are
+        this ledger's policy's, on this ledger's clock."""
         record = request.record
         if record is None:
             return None
-        names = None if self._names is None else self._names.at(request.now_ms)
+        names = None if self._names is None else self._names.at(int(self._clock() * 1000))
+        usage_format = self._prices.usage_format(record.provider)
+        if record.usage_format != usage_format:  # a reader told another policy (tests, tools)
+            record = dataclasses.replace(record, usage_format=usage_format)
         if not record.model and record.route in self._fallback_routes:
             record = _as_fallback(record, *self._fallback_routes[record.route])
         problem = edge_problem(request.entry, request.shape, names) or decision_problem(

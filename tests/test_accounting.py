@@ -12,7 +12,8 @@ from google.protobuf import duration_pb2, struct_pb2, timestamp_pb2, wrappers_pb
 from control_plane.accounting import Accounting
 from control_plane.metrics import Metrics
 from control_plane.policy.load import default_policy_path, load_policy_file
-from control_plane.telemetry.client_request import record_from_edge_entry
+from control_plane.telemetry.client_request import read_client_request, record_from_edge_entry
+from control_plane.telemetry.validation import DEFAULT_LIMITS
 
 USAGE = '"usage":{"prompt_tokens":12,"completion_tokens":5,"total_tokens":17}}'
 
@@ -89,6 +90,30 @@ def test_booking_prices_the_reported_tokens_into_ledger_audit_and_metrics(tmp_pa
     (line,) = (tmp_path / "audit.jsonl").read_text().splitlines()
     assert json.loads(line)["request_id"] == "req-7"
     assert accounting.metrics.cost.value(("lambda", "llama-3.1-8b")) == row[2]
+
+
+def test_a_request_read_under_another_policy_is_priced_as_the_ledgers_policy_says() -> None:
+    accounting = Accounting(Metrics(), None, None)
+    accounting.use_policy(load_policy_file(default_policy_path()))
+    # A reader that knew no policy read lambda's usage format as "none" (estimate it).
+    read = read_client_request(edge_entry(), "edge-1", 1_700_000_001_000, DEFAULT_LIMITS,
+                               lambda provider: "none")
+
+    assert accounting.book_request(read)
+    tokens = accounting.metrics.tokens
+    assert tokens.value(("lambda", "llama-3.1-8b", "input")) == 12  # reported, not estimated
+    assert accounting.metrics.estimated.value(("lambda", "llama-3.1-8b")) == 0
+
+
+def test_an_entry_the_ledger_cannot_read_is_counted_not_booked() -> None:
+    metrics = Metrics()
+    accounting = Accounting(metrics, None, None)
+    entry = edge_entry()
+    entry.common_properties.start_time.seconds = 10**15  # past year 9999: raises
+
+    assert not accounting.book(entry, "edge-1")
+    assert metrics.telemetry_dropped.value(("edge", "unreadable")) == 1
+    assert "req-7" not in accounting.booked
 
 
 def test_a_request_ext_proc_did_not_answer_is_booked_by_its_fallback_route(tmp_path: Path) -> None:

@@ -138,6 +138,7 @@ def test_a_forged_retry_after_of_300_s_ejects_for_the_60_s_cap_only() -> None:
 def test_entries_for_unknown_clusters_are_counted_and_never_grow_the_health_table() -> None:
     fleet, counts = FleetHealth(), Counts()
     invented = [entry(f"r{i}", cluster=f"invented-{i}", status=503) for i in range(50)]
+    invented[0].common_properties.start_time.seconds = 10**15  # the cluster is checked first
 
     stream(receiver_for(fleet, counts), message(ATTEMPT_LOG_NAME, [*invented, entry("ok")]))
 

@@ -2,7 +2,8 @@
 
 Each line (translate/durable_log.py EDGE_FILE_FIELDS) carries what booking reads from an
 HTTPAccessLogEntry; rebuilding that entry lets the reconciler book through the very code the
-gRPC access log goes through (accounting.Accounting.book), so both paths give the same record.
+gRPC access log goes through (telemetry/client_request.py reads it, accounting.py books it),
+so both paths give the same record.
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ def _ext_proc_latency(fields: dict[str, Any]) -> str | None:
     """ext_proc's latency as the gRPC access log's tag carries it: the text Envoy rendered
     (EXT_PROC_LATENCY_TAG), or the field of the whole state lines an edge wrote before carry
     (":TYPED", "ext_proc"); None when there is none. A latency that is not a number costs only
-    the latency metric, never the line's booking (client_request._ext_proc_us drops it, and
+    the latency metric, never the line's booking (client_request.ext_proc_latency_us drops it, and
     one out of range, NaN and infinities included, from either log)."""
     latency = fields.get(EXT_PROC_LATENCY_TAG)
     if latency is None and isinstance(fields.get("ext_proc"), dict):

@@ -183,8 +183,9 @@ def _cluster_problem(cluster: str, names: PolicyNames | None) -> str | None:
 def attempt_problem(entry: accesslog_pb2.HTTPAccessLogEntry, now_ms: int, limits: Limits,
                     names: PolicyNames | None) -> str | None:
     """Why an upstream attempt entry must not become a health sample; None when it may."""
-    return shaped_attempt_problem(entry, shape_problem(entry, now_ms, limits), now_ms, limits,
-                                  names)
+    return _cluster_problem(entry.common_properties.upstream_cluster, names) or (
+        shaped_attempt_problem(entry, shape_problem(entry, now_ms, limits), now_ms, limits,
+                               names))
 
 
 def shaped_attempt_problem(entry: accesslog_pb2.HTTPAccessLogEntry, shape: str | None,

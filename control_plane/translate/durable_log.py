@@ -66,7 +66,7 @@ EDGE_FILE_FIELDS = {
     "usage": f"%DYNAMIC_METADATA({USAGE_METADATA_NAMESPACE})%",
     EXT_PROC_LATENCY_TAG: EXT_PROC_LATENCY,
 }
-"""One line per client request: what booking reads from the ALS entry (accounting.py).
+"""One line per client request: what booking reads from the ALS entry (client_request.py).
 
 ext_proc's latency is read by FIELD, not as the whole filter state (:TYPED): rendering the
 whole state as JSON cost Envoy 1.40 120-170 us of CPU per request on the 2-core bench machine,

@@ -296,7 +296,7 @@ def _access_log(settings: EdgeSettings) -> accesslog_pb2.AccessLog:
     its filter measured it (Envoy has no stat that times ext_proc) goes along as the custom tag
     EXT_PROC_LATENCY_TAG: the one field, rendered as text. The whole filter state
     (filter_state_objects_to_log, a Struct of every ext_proc stat) cost the control plane
-    15-18 us of CPU per request to unpack, and the edge 29 us on average over three A/Bs of two
+    15-18 us of CPU per request to unpack, and the edge 31 us on average over three A/Bs of two
     stacks loaded in turn (-86, +21, -29 us: within the edge's noise)."""
     config = als_pb2.HttpGrpcAccessLogConfig()
     config.common_config.custom_tags.add(tag=EXT_PROC_LATENCY_TAG, value=EXT_PROC_LATENCY)
