@@ -1,0 +1,145 @@
+"""The control plane's work per client request, in-process: µs per access-log entry.
+
+What the control plane does with each entry of the edge's gRPC access log, without gRPC's
+transport: each message is parsed as the server's deserializer parses it
+(wire_utf8.lenient_deserializer), then read by AccessLogReceiver.StreamAccessLogs (the record
+read once, the served attempt's health sample, model attribution) and booked by Accounting
+(usage, price, metrics, the ledger row, handed to its writer thread). Entries look like the
+routed bench's traffic: the default policy's providers, a decision, usage text, an ext_proc
+latency, 100 entries per message as Envoy batches them. Each round is timed in process CPU time
+(so the ledger's writer thread counts) and in this thread's; the best and median rounds are
+printed.
+
+    python bench/booking.py [--entries 20000] [--rounds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sqlite3
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from envoy.data.accesslog.v3 import accesslog_pb2
+from envoy.service.accesslog.v3 import als_pb2
+
+from control_plane.accounting import Accounting
+from control_plane.metrics import Metrics
+from control_plane.policy.load import default_policy_path, load_policy_file
+from control_plane.telemetry.als import AccessLogReceiver
+from control_plane.telemetry.health import FleetHealth
+from control_plane.telemetry.wire_utf8 import Received, lenient_deserializer
+from control_plane.translate.names import ACCESS_LOG_NAME
+from control_plane.xds.peer import Peer
+from gpu_router.pki import Role
+
+PER_MESSAGE = 100
+USAGE = '"usage":{"prompt_tokens":120,"completion_tokens":64,"total_tokens":184}}'
+PROVIDERS = ("coreweave", "runpod", "lambda", "vast")
+
+
+def entry(index: int, now_ms: int) -> accesslog_pb2.HTTPAccessLogEntry:
+    """A served client request as the edge logs it."""
+    log = accesslog_pb2.HTTPAccessLogEntry()
+    common = log.common_properties
+    provider = PROVIDERS[index % len(PROVIDERS)]
+    common.start_time.FromMilliseconds(now_ms - 100)
+    common.upstream_cluster = provider
+    common.upstream_request_attempt_count = 1
+    common.route_name = "interactive/llama-3.1-8b/1"
+    for name, ms in (("time_to_last_rx_byte", 1), ("time_to_first_upstream_tx_byte", 2),
+                     ("time_to_last_upstream_tx_byte", 2), ("time_to_first_upstream_rx_byte", 30),
+                     ("time_to_last_upstream_rx_byte", 60), ("time_to_first_downstream_tx_byte", 31),
+                     ("time_to_last_downstream_tx_byte", 61), ("duration", 61)):
+        getattr(common, name).FromMilliseconds(ms)
+    metadata = common.metadata.filter_metadata
+    metadata["gpu_router"].update({
+        "provider": provider, "model": "llama-3.1-8b", "policy": "interactive",
+        "strategy": "latency", "reason": "fastest: 40 ms EWMA", "fallbacks": "runpod,vast",
+        "candidates": "coreweave=40;runpod=55;vast=61;lambda=x:ejected",
+        "path": "/v1/chat/completions", "request_id": f"req-{index}"})
+    metadata["gpu_router.request"].update({"model": "llama-3.1-8b", "stream": False})
+    metadata["gpu_router.usage"].update({"text": USAGE})
+    common.custom_tags["ext_proc_us"] = "850"
+    log.request.request_id = f"req-{index}"
+    log.request.request_body_bytes = 480
+    log.response.response_code.value = 200
+    log.response.response_body_bytes = 700
+    return log
+
+
+def messages(start: int, count: int, now_ms: int) -> list[bytes]:
+    """`count` entries as serialized StreamAccessLogsMessages; the first names the log."""
+    out = []
+    for first in range(start, start + count, PER_MESSAGE):
+        message = als_pb2.StreamAccessLogsMessage()
+        if first == start:
+            message.identifier.node.id = "edge-1"
+            message.identifier.log_name = ACCESS_LOG_NAME
+        message.http_logs.log_entry.extend(
+            entry(i, now_ms) for i in range(first, min(first + PER_MESSAGE, start + count)))
+        out.append(message.SerializeToString())
+    return out
+
+
+async def accept_edge(_context: object, _asked: str) -> Peer:
+    """Admits the stream as edge-1 (in-process: no peer to check)."""
+    return Peer("bench", Role.EDGE, "edge-1")
+
+
+class _Context:
+    """The one thing StreamAccessLogs asks of its context once the peer is admitted."""
+
+    async def abort(self, code: object, details: str) -> None:
+        raise RuntimeError(f"stream refused: {code} {details}")
+
+
+async def one_round(receiver: AccessLogReceiver, wire: list[bytes]) -> None:
+    parse = lenient_deserializer(als_pb2.StreamAccessLogsMessage)
+
+    async def stream() -> AsyncIterator[Received[als_pb2.StreamAccessLogsMessage]]:
+        for data in wire:
+            yield parse(data)
+
+    await receiver.StreamAccessLogs(stream(), _Context())  # type: ignore[arg-type]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--entries", type=int, default=20_000)
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+    config = load_policy_file(default_policy_path())
+    with tempfile.TemporaryDirectory(prefix="booking-") as work:
+        metrics = Metrics()
+        accounting = Accounting(metrics, Path(work) / "ledger.db", None)
+        receiver = AccessLogReceiver(FleetHealth(), admit=accept_edge,
+                                     count=metrics.count_telemetry)
+        receiver.on_request.append(accounting.book_request)
+        accounting.use_policy(config)
+        receiver.use_policy(config)
+        now_ms = int(time.time() * 1000)
+        asyncio.run(one_round(receiver, messages(0, 1000, now_ms)))  # warm-up
+        process, thread = [], []
+        for number in range(args.rounds):
+            wire = messages((number + 1) * args.entries, args.entries, now_ms)
+            process_start, thread_start = time.process_time(), time.thread_time()
+            asyncio.run(one_round(receiver, wire))
+            process.append((time.process_time() - process_start) / args.entries * 1e6)
+            thread.append((time.thread_time() - thread_start) / args.entries * 1e6)
+        accounting.close()
+        with sqlite3.connect(Path(work) / "ledger.db") as ledger:
+            (booked,) = ledger.execute("SELECT count(*) FROM requests").fetchone()
+    expected = 1000 + args.rounds * args.entries
+    if booked != expected:
+        raise SystemExit(f"booked {booked} of {expected} entries: the bench's entries are wrong")
+    for name, values in (("process CPU", process), ("event-loop thread", thread)):
+        ordered = sorted(values)
+        print(f"{name:18s} best {ordered[0]:6.1f} us/entry, median {ordered[len(ordered) // 2]:6.1f}")
+
+
+if __name__ == "__main__":
+    main()
