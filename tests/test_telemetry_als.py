@@ -300,7 +300,10 @@ async def _run(tmp_path: Path, upstreams: tuple[int, int]) -> None:
 
         before_ms = now_ms()
         assert await get("/ratelimit") == 200  # prov-a's 429 was answered by prov-b
-        await eventually_soon(lambda: samples("prov-b", "m1") >= 1, "the prov-b attempt after the 429")
+        # The 429 comes on the attempt log, the prov-b answer on the edge log: two streams,
+        # flushed each on its own, in either order.
+        await eventually_soon(lambda: samples("prov-a") >= 4 and samples("prov-b", "m1") >= 1,
+                              "the 429 attempt and the prov-b attempt after it")
         after_ms = now_ms()
         limited = fleet.get("prov-a", PROVIDER_WIDE, after_ms)
         assert limited is not None and limited.state is HealthState.EJECTED
