@@ -24,7 +24,7 @@ BASE = RequestRecord(
     request_id="req-1", at_unix_ms=1_700_000_000_000, model="llama-3.1-8b", policy="interactive",
     strategy="latency", reason="fastest: 42 ms EWMA", fallbacks=("runpod", "lambda"),
     candidates="", provider="coreweave", attempts=1, status=200, ttfb_ms=30.0, total_ms=55.0,
-    stream=False, request_bytes=466, response_bytes=316, usage_text="", usage_format="openai",
+    stream=False, request_bytes=466, response_bytes=316, usage_text="",
 )
 USAGE = Usage(input_tokens=100, output_tokens=20, cached_input_tokens=40, cache_write_tokens=0,
               reasoning_tokens=0, estimated=False)

@@ -132,8 +132,7 @@ class Accounting:
         """Book the client request `entry` closes, read here (the reconciler's lines); False
         as book_request."""
         try:
-            request = read_client_request(entry, node, int(self._clock() * 1000), self._limits,
-                                          self._prices.usage_format)
+            request = read_client_request(entry, node, int(self._clock() * 1000), self._limits)
         except Exception:  # a field of the wrong type costs only its entry
             log.debug("unreadable edge entry", exc_info=True)
             self.metrics.count_telemetry(EDGE, UNREADABLE)
@@ -146,7 +145,7 @@ class Accounting:
         record = self._believed_record(request)
         if record is None or not self.booked.add(record.request_id):
             return False
-        usage = normalise(record)
+        usage = normalise(record, self._prices.usage_format(record.provider))
         price = self._prices.price(record.provider, record.model)
         try:
             cost = 0.0 if price is None else cost_usd(usage, price)
@@ -168,15 +167,12 @@ class Accounting:
 
     def _believed_record(self, request: ClientRequest) -> RequestRecord | None:
         """The request's record, unless it closes none or is not believable (counted). Its
-        times and sizes are as the reader checked them; its names, usage format and prices are
-        this ledger's policy's, on this ledger's clock."""
+        times and sizes are as the reader checked them; its names are checked against this
+        ledger's policies, on this ledger's clock."""
         record = request.record
         if record is None:
             return None
         names = None if self._names is None else self._names.at(int(self._clock() * 1000))
-        usage_format = self._prices.usage_format(record.provider)
-        if record.usage_format != usage_format:  # a reader told another policy (tests, tools)
-            record = dataclasses.replace(record, usage_format=usage_format)
         if not record.model and record.route in self._fallback_routes:
             record = _as_fallback(record, *self._fallback_routes[record.route])
         problem = edge_problem(request.entry, request.shape, names) or decision_problem(

@@ -38,7 +38,7 @@ def synthetic_metrics(now: datetime, minutes: int = 5) -> Metrics:
                                  provider=provider, status=status, ttfb_ms=ttfb_ms,
                                  total_ms=ttfb_ms + rng.uniform(20, 80),
                                  attempts=2 if status == 429 else 1)
-            metrics.observe(record, normalise(record), cost if status == 200 else 0.0)
+            metrics.observe(record, normalise(record, "openai"), cost if status == 200 else 0.0)
     return metrics
 
 

@@ -48,13 +48,13 @@ def edge_entry(**decision: object) -> accesslog_pb2.HTTPAccessLogEntry:
 
 
 def test_an_edge_entry_carries_the_decision_the_outcome_and_the_usage() -> None:
-    record = record_from_edge_entry(edge_entry(), {"lambda": "openai"}.__getitem__)
+    record = record_from_edge_entry(edge_entry())
 
     assert record is not None
     assert (record.request_id, record.provider, record.model, record.attempts) == (
         "req-7", "lambda", "llama-3.1-8b", 2)
     assert record.fallbacks == ("coreweave", "vast")
-    assert record.stream and record.usage_text == USAGE and record.usage_format == "openai"
+    assert record.stream and record.usage_text == USAGE
     assert (record.ttfb_ms, record.total_ms, record.ext_proc_us) == (40.0, 90.0, 350)
     assert (record.request_bytes, record.response_bytes, record.status) == (48, 400, 200)
     assert record.client_request_id == ""
@@ -64,7 +64,7 @@ def test_the_clients_own_request_id_is_kept_apart_from_the_edges() -> None:
     entry = edge_entry()
     entry.common_properties.metadata.filter_metadata["gpu_router.request"].update(
         {"client_request_id": "mine-1"})
-    record = record_from_edge_entry(entry, lambda provider: "openai")
+    record = record_from_edge_entry(entry)
     assert record is not None
     assert (record.request_id, record.client_request_id) == ("req-7", "mine-1")
 
@@ -73,7 +73,7 @@ def test_a_periodic_entry_is_not_a_request() -> None:
     entry = edge_entry()
     entry.common_properties.intermediate_log_entry = True
 
-    assert record_from_edge_entry(entry, lambda provider: "openai") is None
+    assert record_from_edge_entry(entry) is None
 
 
 def test_booking_prices_the_reported_tokens_into_ledger_audit_and_metrics(tmp_path: Path) -> None:
@@ -92,12 +92,11 @@ def test_booking_prices_the_reported_tokens_into_ledger_audit_and_metrics(tmp_pa
     assert accounting.metrics.cost.value(("lambda", "llama-3.1-8b")) == row[2]
 
 
-def test_a_request_read_under_another_policy_is_priced_as_the_ledgers_policy_says() -> None:
+def test_a_request_the_receiver_read_is_priced_as_the_ledgers_policy_says() -> None:
     accounting = Accounting(Metrics(), None, None)
     accounting.use_policy(load_policy_file(default_policy_path()))
-    # A reader that knew no policy read lambda's usage format as "none" (estimate it).
-    read = read_client_request(edge_entry(), "edge-1", 1_700_000_001_000, DEFAULT_LIMITS,
-                               lambda provider: "none")
+    # The receiver reads no policy fact: lambda's usage format (openai) is the ledger's.
+    read = read_client_request(edge_entry(), "edge-1", 1_700_000_001_000, DEFAULT_LIMITS)
 
     assert accounting.book_request(read)
     tokens = accounting.metrics.tokens

@@ -24,10 +24,10 @@ from control_plane.usage.normalise import normalise
 from gpu_router.cli import main
 
 
-def booked(cost: float = 0.0, **changes: Any) -> LedgerRow:
+def booked(cost: float = 0.0, usage_format: str = "openai", **changes: Any) -> LedgerRow:
     """The ledger row of a record made with `changes`, as Accounting books it."""
     record = make_record(**changes)
-    return ledger_row(record, normalise(record), cost)
+    return ledger_row(record, normalise(record, usage_format), cost)
 
 
 def test_candidates_summary_is_parsed_in_rank_order() -> None:

@@ -38,7 +38,7 @@ def test_only_the_last_hour_is_shown() -> None:
     metrics = Metrics()
     for age_s in (4000, 30):
         record = make_record(at_unix_ms=int(NOW.timestamp() * 1000) - age_s * 1000)
-        metrics.observe(record, normalise(record), 0.0)
+        metrics.observe(record, normalise(record, "openai"), 0.0)
     data = dashboard_data(metrics, NOW)
     assert len(data["series"]["coreweave"]) == 1
     assert data["totals"]["coreweave"]["requests"] == 1
@@ -80,7 +80,7 @@ def test_requests_that_reached_no_provider_are_counted_apart() -> None:
     for index, (provider, status) in enumerate([("coreweave", 200), ("", 404), ("", 401)]):
         record = make_record(request_id=f"r{index}", at_unix_ms=now_ms - 1000, provider=provider,
                              status=status)
-        metrics.observe(record, normalise(record), 0.0)
+        metrics.observe(record, normalise(record, "openai"), 0.0)
     data = dashboard_data(metrics, NOW)
     assert data["providers"] == ["coreweave"], "no provider named none"
     assert data["unrouted"] == {"requests": 2, "errors": 0}
@@ -101,7 +101,7 @@ def test_the_savings_card_reads_the_ledger_off_the_dashboard_poll(tmp_path) -> N
     for index, provider in enumerate(("coreweave", "vast", "")):
         record = make_record(request_id=f"r{index}", at_unix_ms=now_ms - 1000,
                              provider=provider, model="llama-3.1-8b")
-        writer.add(ledger_row(record, normalise(record), 0.001))
+        writer.add(ledger_row(record, normalise(record, "openai"), 0.001))
     writer.close()
     savings.refresh()
     assert savings.summary is not None

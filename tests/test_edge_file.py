@@ -14,7 +14,7 @@ from control_plane.translate.durable_log import EDGE_FILE_FIELDS
 def ext_proc_us(**latency: object) -> int:
     fields = {"request_id": "r-1", "log_type": "DownstreamEnd", "start_us": "1796137749087170",
               "status": 200, "cluster": "lambda", **latency}
-    record = record_from_edge_entry(entry_from_line(json.dumps(fields)), lambda _: "openai")
+    record = record_from_edge_entry(entry_from_line(json.dumps(fields)))
     assert record is not None and record.request_id == "r-1"
     return record.ext_proc_us
 

@@ -64,7 +64,7 @@ def test_percentiles_are_exact_nearest_ranks(tmp_path: Path) -> None:
         for index, ms in enumerate(values):
             record = make_record(request_id=f"{provider}{index}", at_unix_ms=NOW_MS - index,
                                  provider=provider, total_ms=ms)
-            writer.add(ledger_row(record, normalise(record), 0.0))
+            writer.add(ledger_row(record, normalise(record, "openai"), 0.0))
     writer.close()
     connection = open_ledger(path)
     fractions = (0.01, 0.5, 0.9, 0.99, 1.0)
@@ -130,7 +130,7 @@ def test_build_savings_sums_in_sql_what_python_sums_row_by_row(tmp_path: Path) -
         record = make_record(request_id=f"r{index}", at_unix_ms=NOW_MS - index * 1000,
                              provider=provider, model="llama-3.1-8b",
                              attempts=rng.choice((1, 1, 2)))
-        writer.add(ledger_row(record, normalise(record), rng.random() / 1000))
+        writer.add(ledger_row(record, normalise(record, "openai"), rng.random() / 1000))
     writer.close()
     savings = build_savings(path, CONFIG, timedelta(hours=1), NOW)
     connection = sqlite3.connect(path)

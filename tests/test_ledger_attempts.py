@@ -39,7 +39,7 @@ def write(path: Path, *items: object, clock_s: float = T0 / 1000) -> None:
             writer.add_attempt(item)
         else:
             record = make_record(**item)  # type: ignore[arg-type]
-            writer.add(ledger_row(record, normalise(record), 0.0))
+            writer.add(ledger_row(record, normalise(record, "openai"), 0.0))
     writer.close()
 
 

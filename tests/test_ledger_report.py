@@ -43,9 +43,9 @@ def write_ledger(path: Path, rows: list[tuple[int, str, int, float, float]]) -> 
     writer = LedgerWriter(path)
     for index, (age_s, provider, status, total_ms, cost) in enumerate(rows):
         record = make_record(request_id=f"r{index}", at_unix_ms=NOW_MS - age_s * 1000,
-                             provider=provider, status=status, total_ms=total_ms,
-                             usage_format="none" if provider == "vast" else "openai")
-        writer.add(ledger_row(record, normalise(record), cost))
+                             provider=provider, status=status, total_ms=total_ms)
+        usage_format = "none" if provider == "vast" else "openai"
+        writer.add(ledger_row(record, normalise(record, usage_format), cost))
     writer.close()
 
 

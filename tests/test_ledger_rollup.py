@@ -36,7 +36,7 @@ def rows_of(count: int, seed: int) -> list:
             provider=provider, model=rng.choice(MODELS), total_ms=rng.uniform(5, 3000),
             status=404 if not provider else rng.choice((200, 200, 200, 429, 503)),
             attempts=rng.choice((1, 1, 2)))
-        rows.append(ledger_row(record, normalise(record), rng.uniform(0, 0.01)))
+        rows.append(ledger_row(record, normalise(record, "openai"), rng.uniform(0, 0.01)))
     return rows
 
 

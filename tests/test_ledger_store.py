@@ -39,7 +39,7 @@ def row(index: int = 0) -> LedgerRow:
     record = make_record(request_id=f"req-{index}", at_unix_ms=1_700_000_000_000 + index,
                          usage_text='"usage":{"prompt_tokens":10,"completion_tokens":4,'
                                     '"prompt_tokens_details":{"cached_tokens":6}}')
-    return ledger_row(record, normalise(record), cost_usd=0.001 * index)
+    return ledger_row(record, normalise(record, "openai"), cost_usd=0.001 * index)
 
 
 def count(path: Path) -> int:
@@ -173,7 +173,7 @@ def test_a_version_3_ledger_gets_the_client_request_id_column(tmp_path: Path) ->
         old.execute("PRAGMA user_version=3")
     writer = LedgerWriter(path, clock=lambda: 1_700_000_000.0)  # the old row is not pruned
     writer.add(ledger_row(make_record(request_id="req-2", client_request_id="theirs"),
-                          normalise(make_record()), 0.0))
+                          normalise(make_record(), "openai"), 0.0))
     writer.close()
     with open_ledger(path) as connection:
         assert sorted((r.request_id, r.client_request_id) for r in read_rows(connection)) == [

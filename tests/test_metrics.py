@@ -72,15 +72,15 @@ def L(**labels: str) -> frozenset[tuple[str, str]]:
 def observe_mix(metrics: Metrics) -> None:
     ok = make_record(usage_text='"usage":{"prompt_tokens":100,"completion_tokens":20,'
                                 '"prompt_tokens_details":{"cached_tokens":40}}')
-    metrics.observe(ok, normalise(ok), 0.25)
-    metrics.observe(ok, normalise(ok), 0.25)
+    metrics.observe(ok, normalise(ok, "openai"), 0.25)
+    metrics.observe(ok, normalise(ok, "openai"), 0.25)
     limited = make_record(provider="runpod", status=429, total_ms=4.0, ttfb_ms=4.0,
                           reason="cheapest within 2000 ms SLA: $0.0001")
-    metrics.observe(limited, normalise(limited), 0.0)
+    metrics.observe(limited, normalise(limited, "openai"), 0.0)
     failed_over = make_record(provider="lambda", attempts=2, status=200, total_ms=2500.0)
-    metrics.observe(failed_over, normalise(failed_over), 0.125)
+    metrics.observe(failed_over, normalise(failed_over, "openai"), 0.125)
     nobody = make_record(provider="", status=503, reason="no provider serves it", total_ms=1.0)
-    metrics.observe(nobody, normalise(nobody), 0.0)
+    metrics.observe(nobody, normalise(nobody, "openai"), 0.0)
 
 
 def test_exposition_parses_back_with_the_right_values() -> None:
@@ -129,7 +129,7 @@ def test_histograms_are_cumulative_with_sum_and_count() -> None:
 def test_label_values_and_help_are_escaped() -> None:
     metrics = Metrics()
     odd = make_record(model='we"ird\\model\nx', policy="p")
-    metrics.observe(odd, normalise(odd), 0.0)
+    metrics.observe(odd, normalise(odd, "openai"), 0.0)
     text = metrics.render()
     assert 'model="we\\"ird\\\\model\\nx"' in text
     _, samples = parse_exposition(text)
@@ -183,7 +183,7 @@ def test_dropped_ledger_rows_and_reconciled_requests_are_counted() -> None:
 def test_ext_proc_time_from_envoys_filter_state_is_a_histogram() -> None:
     metrics = Metrics()
     timed = make_record(ext_proc_us=400)
-    metrics.observe(timed, normalise(timed), 0.0)
+    metrics.observe(timed, normalise(timed, "openai"), 0.0)
     _, samples = parse_exposition(metrics.render())
     assert samples[("gpu_router_ext_proc_duration_seconds_count", L())] == 1
     assert samples[("gpu_router_ext_proc_duration_seconds_bucket", L(le="0.0005"))] == 1

@@ -29,9 +29,9 @@ from envoy_fixtures import static_cluster
 from google.protobuf import json_format
 from telemetry_fixtures import edge_named, eventually
 
+from control_plane.ledger.reconcile import read_chunk
 from control_plane.telemetry.als import ATTEMPT_LOG_NAME, EDGE_LOG_NAME, AccessLogReceiver
 from control_plane.telemetry.client_request import ClientRequest, record_from_edge_entry
-from control_plane.telemetry.edge_file import entry_from_line
 from control_plane.telemetry.health import PROVIDER_WIDE, FleetHealth, HealthState
 from control_plane.translate.durable_log import durable_edge_log
 from control_plane.translate.listeners import failed_attempts_only
@@ -235,10 +235,6 @@ eventually_soon = functools.partial(eventually, timeout_s=15.0, interval_s=0.05)
 """Envoy batches access logs for up to 100 ms; a real process is slower than a fake clock."""
 
 
-def usage_format(provider: str) -> str:
-    return "openai" if provider else "none"
-
-
 def now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -342,13 +338,13 @@ async def _run(tmp_path: Path, upstreams: tuple[int, int]) -> None:
 
         # The durable file log gives the very record the ALS entry gives, request by request.
         def file_records() -> dict[str, RequestRecord | None]:
-            lines = edge_file.read_bytes().splitlines() if edge_file.exists() else []
-            return {record.request_id: record for record in (
-                record_from_edge_entry(entry_from_line(line), usage_format) for line in lines)
-                if record is not None}
+            """As the reconciler reads the file: complete lines only."""
+            entries = read_chunk(edge_file, None).entries if edge_file.exists() else ()
+            return {record.request_id: record for record in map(record_from_edge_entry, entries)
+                    if record is not None}
 
         await eventually_soon(lambda: len(file_records()) == 8, "eight lines in the edge file")
-        als = {entry.request.request_id: record_from_edge_entry(entry, usage_format)
+        als = {entry.request.request_id: record_from_edge_entry(entry)
                for entry, _ in requests}
         assert file_records() == als
     finally:

@@ -63,7 +63,7 @@ def log_entry(
 def served(entry: accesslog_pb2.HTTPAccessLogEntry,
            at_unix_ms: int = START_MS + 53) -> RequestSample | None:
     """The served sample the receiver takes from a client-request entry it read."""
-    record = record_from_edge_entry(entry, lambda provider: "openai")
+    record = record_from_edge_entry(entry)
     return served_sample(entry, record, "edge-1", at_unix_ms=at_unix_ms)
 
 

@@ -1093,7 +1093,7 @@ def test_a_json_bodys_usage_is_captured_from_its_key_on(edge: Edge) -> None:
     )
     text = captured(edge, Script("application/json; charset=utf-8", [body[:40], body[40:]]))
     assert text == '"usage":{"prompt_tokens":12,"completion_tokens":5},"system_fingerprint":"fp"}'
-    usage = normalise(make_record(usage_text=text, usage_format="openai"))
+    usage = normalise(make_record(usage_text=text), "openai")
     assert (usage.estimated, usage.input_tokens, usage.output_tokens) == (False, 12, 5)
 
 
@@ -1108,7 +1108,7 @@ def test_a_usage_key_split_across_chunks_is_found(edge: Edge, cuts: tuple[int, .
     chunks = [body[start:end] for start, end in itertools.pairwise(bounds)]
     text = captured(edge, Script("application/json", chunks))
     assert text == '"usage":{"input_tokens":3,"output_tokens":4}}'
-    usage = normalise(make_record(usage_text=text, usage_format="anthropic"))
+    usage = normalise(make_record(usage_text=text), "anthropic")
     assert (usage.estimated, usage.input_tokens, usage.output_tokens) == (False, 3, 4)
 
 
@@ -1127,7 +1127,7 @@ def test_an_openai_streams_usage_event_is_captured_as_the_stream_flows(edge: Edg
     last = b'data: {"choices":[],"usage":{"prompt_tokens":9,"completion_tokens":2}}\n\n'
     text = captured(edge, Script("text/event-stream", [delta, delta, last + b"data: [DONE]\n\n"]))
     assert text == last.decode()[:-1]
-    usage = normalise(make_record(usage_text=text, usage_format="openai", stream=True))
+    usage = normalise(make_record(usage_text=text, stream=True), "openai")
     assert (usage.estimated, usage.input_tokens, usage.output_tokens) == (False, 9, 2)
 
 
@@ -1147,7 +1147,7 @@ def test_an_anthropic_streams_usage_lines_are_kept_whole_when_split(edge: Edge) 
     ]
     text = captured(edge, Script("text/event-stream", chunks))
     assert text == (start + delta).decode()
-    usage = normalise(make_record(usage_text=text, usage_format="anthropic", stream=True))
+    usage = normalise(make_record(usage_text=text, stream=True), "anthropic")
     assert (usage.estimated, usage.input_tokens, usage.output_tokens) == (False, 25, 15)
 
 

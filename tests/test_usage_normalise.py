@@ -28,7 +28,7 @@ OPENAI_BODY = {
 
 
 def test_openai_json_with_cached_and_reasoning_tokens() -> None:
-    usage = normalise(make_record(usage_text=captured_json_usage(OPENAI_BODY)))
+    usage = normalise(make_record(usage_text=captured_json_usage(OPENAI_BODY)), "openai")
     assert usage == Usage(
         input_tokens=1200 - 1024, output_tokens=300 - 120, cached_input_tokens=1024,
         cache_write_tokens=0, reasoning_tokens=120, estimated=False,
@@ -45,13 +45,13 @@ def test_openai_json_with_cached_and_reasoning_tokens() -> None:
 def test_openai_null_details_count_as_zero() -> None:
     text = '"usage": {"prompt_tokens": 9, "completion_tokens": 3, "total_tokens": 12, ' \
            '"prompt_tokens_details": null, "completion_tokens_details": null}}'
-    usage = normalise(make_record(usage_text=text))
+    usage = normalise(make_record(usage_text=text), "openai")
     assert (usage.input_tokens, usage.output_tokens, usage.cached_input_tokens,
             usage.reasoning_tokens, usage.estimated) == (9, 3, 0, 0, False)
 
 
 def test_whole_body_is_read_too() -> None:
-    usage = normalise(make_record(usage_text=compact(OPENAI_BODY)))
+    usage = normalise(make_record(usage_text=compact(OPENAI_BODY)), "openai")
     assert (usage.cached_input_tokens, usage.estimated) == (1024, False)
 
 
@@ -59,8 +59,7 @@ def test_anthropic_json_with_cache_read_and_write() -> None:
     body = {"id": "msg_1", "type": "message", "content": [{"type": "text", "text": "hi"}],
             "usage": {"input_tokens": 50, "cache_creation_input_tokens": 2000,
                       "cache_read_input_tokens": 8000, "output_tokens": 400}}
-    usage = normalise(make_record(usage_format="anthropic",
-                                  usage_text=captured_json_usage(body)))
+    usage = normalise(make_record(usage_text=captured_json_usage(body)), "anthropic")
     assert (usage.input_tokens, usage.cached_input_tokens, usage.cache_write_tokens,
             usage.output_tokens, usage.reasoning_tokens) == (50, 8000, 2000, 400, 0)
     assert not usage.estimated
@@ -76,7 +75,7 @@ def test_anthropic_stream_merges_message_start_and_message_delta() -> None:
          "usage": {"output_tokens": 15}},
     ]
     text = "".join(f"event: {e['type']}\ndata: {compact(e)}\n\n" for e in events)
-    usage = normalise(make_record(usage_format="anthropic", stream=True, usage_text=text))
+    usage = normalise(make_record(stream=True, usage_text=text), "anthropic")
     assert (usage.input_tokens, usage.cached_input_tokens, usage.output_tokens,
             usage.estimated) == (25, 100, 15, False)
 
@@ -85,7 +84,7 @@ def test_openai_stream_reads_the_include_usage_chunk() -> None:
     events: list[dict[str, Any]] = [{"choices": [{"delta": {"content": "a"}}]},
               {"choices": [], "usage": {"prompt_tokens": 20, "completion_tokens": 7,
                                         "total_tokens": 27}}]
-    usage = normalise(make_record(stream=True, usage_text=sse(events)))
+    usage = normalise(make_record(stream=True, usage_text=sse(events)), "openai")
     assert (usage.input_tokens, usage.output_tokens, usage.estimated) == (20, 7, False)
 
 
@@ -101,7 +100,7 @@ def test_what_the_simulator_reports_is_what_we_read(usage_format: UsageFormat,
     else:
         text = captured_json_usage(completion_body(gen, response_id="c", created=1,
                                                    usage_format=usage_format))
-    usage = normalise(make_record(usage_format=usage_format.value, stream=stream, usage_text=text))
+    usage = normalise(make_record(stream=stream, usage_text=text), usage_format.value)
     assert (usage.input_tokens, usage.output_tokens, usage.estimated) == (
         gen.prompt_tokens, len(gen.tokens), False)
 
@@ -117,9 +116,9 @@ def test_provider_that_reports_nothing_is_estimated_from_body_sizes(stream: bool
     else:
         body = compact(completion_body(gen, response_id="chatcmpl-vast-1", created=1700000000,
                                        usage_format=UsageFormat.NONE))
-    record = make_record(usage_format="none", stream=stream, usage_text="",
+    record = make_record(stream=stream, usage_text="",
                          request_bytes=len(compact(request)), response_bytes=len(body))
-    usage = normalise(record)
+    usage = normalise(record, "none")
     assert usage.estimated and usage.estimate_reason == "provider reports no usage"
     assert usage.reported == {}
     assert usage.input_tokens == math.ceil(record.request_bytes / 4)
@@ -153,7 +152,7 @@ MALFORMED = {
 @pytest.mark.parametrize(("text", "why"), MALFORMED.values(), ids=MALFORMED.keys())
 def test_malformed_usage_never_raises_and_is_estimated_with_the_reason(text: str,
                                                                        why: str) -> None:
-    usage = normalise(make_record(usage_text=text, request_bytes=400, response_bytes=620))
+    usage = normalise(make_record(usage_text=text, request_bytes=400, response_bytes=620), "openai")
     assert usage.estimated
     assert why in usage.estimate_reason
     assert (usage.input_tokens, usage.output_tokens) == (100, 100)
@@ -161,11 +160,11 @@ def test_malformed_usage_never_raises_and_is_estimated_with_the_reason(text: str
 
 
 def test_missing_usage_is_estimated() -> None:
-    usage = normalise(make_record(usage_text="", request_bytes=4, response_bytes=0))
+    usage = normalise(make_record(usage_text="", request_bytes=4, response_bytes=0), "openai")
     assert (usage.estimated, usage.estimate_reason) == (True, "no usage in the response")
     assert (usage.input_tokens, usage.output_tokens) == (1, 0)
 
 
 def test_unknown_usage_format_is_estimated() -> None:
-    usage = normalise(make_record(usage_format="gemini", usage_text='"usage":{}'))
+    usage = normalise(make_record(usage_text='"usage":{}'), "gemini")
     assert usage.estimated and "gemini" in usage.estimate_reason

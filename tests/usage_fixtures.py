@@ -13,7 +13,7 @@ BASE_RECORD = RequestRecord(
     strategy="latency", reason="fastest: 42 ms EWMA", fallbacks=("runpod", "lambda"),
     candidates="coreweave=42.0;runpod=61.5;lambda=80.2;vast=x:gpu RTX-4090 (24 GB) too small",
     provider="coreweave", attempts=1, status=200, ttfb_ms=30.0, total_ms=55.0, stream=False,
-    request_bytes=466, response_bytes=316, usage_text="", usage_format="openai",
+    request_bytes=466, response_bytes=316, usage_text="",
 )
 
 

@@ -61,7 +61,6 @@ from control_plane.telemetry.validation import (
 from control_plane.telemetry.wire_utf8 import Received, register_lenient, repaired_parts
 from control_plane.translate.names import ACCESS_LOG_NAME as EDGE_LOG_NAME
 from control_plane.translate.names import ATTEMPT_LOG_NAME
-from control_plane.usage.pricing import PriceBook
 from control_plane.xds.peer import Admit, refuse_other_node, require_edge
 
 logger = logging.getLogger(__name__)
@@ -102,7 +101,6 @@ class AccessLogReceiver:
         self._count = count
         self._limits = limits
         self._names: PolicyNames | None = None
-        self._usage_format = PriceBook(prices={}, usage_formats={}).usage_format
         self._attribution = ModelAttribution() if attribution is None else attribution
         self.on_request: list[RequestHook] = list(on_request)
         """Subscribers to client-request entries; append to subscribe."""
@@ -112,7 +110,6 @@ class AccessLogReceiver:
     def use_policy(self, config: RoutingConfig) -> None:
         """Believe attempts to this policy's providers only; the fleet forgets the others."""
         self._names = PolicyNames.of(config)
-        self._usage_format = PriceBook.from_config(config).usage_format
         self._fleet.use_offerings(self._names.offerings)
 
     def register(self, server: grpc.aio.Server) -> None:
@@ -200,13 +197,12 @@ class AccessLogReceiver:
             self._record_model(attributed, ATTEMPT)
         _notify(self.on_attempt, node_id, entry, sample)
 
-    def _served(self, request: ClientRequest) -> RequestSample | None:
+    def _served(self, request: ClientRequest, node_id: str, now_ms: int) -> RequestSample | None:
         """The sample of the attempt that served the request (not on the attempt log, which
         has only failed attempts), if the entry is believable as an attempt would be. A problem
         is not counted here: the request hooks (accounting) count the same entry's."""
-        sample = served_sample(request.entry, request.record, request.node,
-                               at_unix_ms=request.now_ms)
-        if sample is None or shaped_attempt_problem(request.entry, request.shape, request.now_ms,
+        sample = served_sample(request.entry, request.record, node_id, at_unix_ms=now_ms)
+        if sample is None or shaped_attempt_problem(request.entry, request.shape, now_ms,
                                                     self._limits, self._names):
             return None
         return sample
@@ -224,11 +220,10 @@ class AccessLogReceiver:
         now_ms = int(self._clock() * 1000)
         for entry in log_entries:
             try:
-                request = read_client_request(entry, node_id, now_ms, self._limits,
-                                              self._usage_format)
+                request = read_client_request(entry, node_id, now_ms, self._limits)
                 model = decided_model(entry) if request.record is None else request.record.model
                 attributed = self._attribution.request(entry.request.request_id, model, now_ms)
-                served = self._served(request)
+                served = self._served(request, node_id, now_ms)
             except Exception:  # one entry never costs its batch or its stream
                 logger.debug("unreadable request entry", exc_info=True, extra={"node": node_id})
                 self._count(EDGE, UNREADABLE)

@@ -11,7 +11,6 @@ reads the edges' durable logs, builds the same ClientRequest from a line's entry
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from envoy.data.accesslog.v3 import accesslog_pb2
@@ -45,8 +44,6 @@ class ClientRequest:
     entry: accesslog_pb2.HTTPAccessLogEntry
     node: str
     """The Envoy node that sent (or wrote) it."""
-    now_ms: int
-    """When it was read, by this process's clock: what its times are checked against."""
     record: RequestRecord | None
     """None when the entry closes no request (a periodic or start entry)."""
     shape: str | None
@@ -54,11 +51,10 @@ class ClientRequest:
 
 
 def read_client_request(entry: accesslog_pb2.HTTPAccessLogEntry, node: str, now_ms: int,
-                        limits: Limits, usage_format: Callable[[str], str]) -> ClientRequest:
-    """Raises (ValueError, TypeError, ...) on a field it cannot read: the caller counts the
-    entry as unreadable."""
-    return ClientRequest(entry=entry, node=node, now_ms=now_ms,
-                         record=record_from_edge_entry(entry, usage_format),
+                        limits: Limits) -> ClientRequest:
+    """The entry read, its times and sizes checked against `now_ms`. Raises (ValueError,
+    TypeError, ...) on a field it cannot read: the caller counts the entry as unreadable."""
+    return ClientRequest(entry=entry, node=node, record=record_from_edge_entry(entry),
                          shape=shape_problem(entry, now_ms, limits))
 
 
@@ -75,9 +71,7 @@ def ext_proc_latency_us(common: accesslog_pb2.AccessLogCommon) -> int:
     return int(us) if 0 <= us < _MAX_EXT_PROC_US else 0  # NaN, inf, negative: no latency
 
 
-def record_from_edge_entry(
-    entry: accesslog_pb2.HTTPAccessLogEntry, usage_format: Callable[[str], str]
-) -> RequestRecord | None:
+def record_from_edge_entry(entry: accesslog_pb2.HTTPAccessLogEntry) -> RequestRecord | None:
     """The client request an edge log entry closes; None for a periodic or start entry."""
     if not is_final_request_entry(entry):
         return None
@@ -107,7 +101,6 @@ def record_from_edge_entry(
         request_bytes=entry.request.request_body_bytes,
         response_bytes=entry.response.response_body_bytes,
         usage_text=decision_field(usage, "text"),
-        usage_format=usage_format(provider),
         ext_proc_us=ext_proc_latency_us(common),
         route=common.route_name,
         client=decision_field(decision, "client"),

@@ -182,21 +182,25 @@ def _cluster_problem(cluster: str, names: PolicyNames | None) -> str | None:
 
 def attempt_problem(entry: accesslog_pb2.HTTPAccessLogEntry, now_ms: int, limits: Limits,
                     names: PolicyNames | None) -> str | None:
-    """Why an upstream attempt entry must not become a health sample; None when it may."""
-    return _cluster_problem(entry.common_properties.upstream_cluster, names) or (
-        shaped_attempt_problem(entry, shape_problem(entry, now_ms, limits), now_ms, limits,
-                               names))
+    """Why an upstream attempt entry must not become a health sample; None when it may. The
+    cluster first: an unknown one is that, whatever its times."""
+    return (_cluster_problem(entry.common_properties.upstream_cluster, names)
+            or shape_problem(entry, now_ms, limits) or _age_problem(entry, now_ms, limits))
 
 
 def shaped_attempt_problem(entry: accesslog_pb2.HTTPAccessLogEntry, shape: str | None,
                            now_ms: int, limits: Limits, names: PolicyNames | None) -> str | None:
-    """attempt_problem of an entry whose shape_problem is `shape`."""
-    common = entry.common_properties
-    problem = _cluster_problem(common.upstream_cluster, names) or shape
+    """attempt_problem of an entry whose shape_problem is `shape` (read once:
+    client_request.py)."""
+    return (_cluster_problem(entry.common_properties.upstream_cluster, names)
+            or shape or _age_problem(entry, now_ms, limits))
+
+
+def _age_problem(entry: accesslog_pb2.HTTPAccessLogEntry, now_ms: int,
+                 limits: Limits) -> str | None:
+    """Health is about now: an attempt older than the longest request (and the skew) is not."""
     horizon_ms = now_ms - (limits.max_duration_s + limits.clock_skew_s) * 1000
-    if problem is None and unix_ms(common.start_time) < horizon_ms:
-        return TOO_OLD
-    return problem
+    return TOO_OLD if unix_ms(entry.common_properties.start_time) < horizon_ms else None
 
 
 def edge_problem(entry: accesslog_pb2.HTTPAccessLogEntry, shape: str | None,

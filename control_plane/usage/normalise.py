@@ -70,17 +70,19 @@ class _Unusable(ValueError):
     """Usage text that cannot be read as the provider's format; the message says why."""
 
 
-def normalise(record: RequestRecord) -> Usage:
-    """The request's token usage, reported when readable, estimated otherwise."""
-    if record.usage_format == "none":
+def normalise(record: RequestRecord, usage_format: str) -> Usage:
+    """The request's token usage, reported when readable, estimated otherwise. `usage_format`
+    ("openai" | "anthropic" | "none") is the serving provider's in the ledger's policy
+    (PriceBook.usage_format): the policy's fact, not the entry's."""
+    if usage_format == "none":
         return estimate(record, "provider reports no usage")
-    if record.usage_format not in _READERS:
-        return estimate(record, f"unknown usage_format {record.usage_format!r}")
+    if usage_format not in _READERS:
+        return estimate(record, f"unknown usage_format {usage_format!r}")
     if not record.usage_text.strip():
         return estimate(record, "no usage in the response")
     try:
         raw = _usage_object(record.usage_text)
-        return _READERS[record.usage_format](raw)
+        return _READERS[usage_format](raw)
     except _Unusable as problem:
         return estimate(record, str(problem))
 

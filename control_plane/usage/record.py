@@ -40,8 +40,6 @@ class RequestRecord:
     usage_text: str
     """Raw response text where usage was found: a JSON body from `"usage"` on, or the SSE
     `data: {...}` line(s) carrying usage; "" when nothing was captured."""
-    usage_format: str
-    """"openai" | "anthropic" | "none": the serving provider's policy usage_format."""
     ext_proc_us: int = 0
     """ext_proc's time on this request as Envoy's ext_proc filter measured it (0 = not called)."""
     route: str = ""

@@ -19,9 +19,9 @@ import pytest
 from polling import eventually
 from stack_harness import Traffic, policy_on_free_ports, start_stack
 
+from control_plane.ledger.reconcile import read_chunk
 from control_plane.policy.load import default_policy_path
 from control_plane.telemetry.client_request import record_from_edge_entry
-from control_plane.telemetry.edge_file import entry_from_line
 from control_plane.translate.durable_log import FILE_SUFFIX
 from control_plane.usage.record import RequestRecord
 from gpu_router.processes import http_get
@@ -94,11 +94,11 @@ def test_each_line_of_the_edge_file_carries_ext_procs_latency(stack: Stack) -> N
         eventually(lambda: successes(traffic) >= 5, "requests")
 
     def decided() -> list[RequestRecord]:
-        """The decided requests' records on the edge files since (Envoy flushes each second;
-        what the reconciler has booked reads as zeros, reconcile.py punches it out)."""
-        records = (record_from_edge_entry(entry_from_line(line), lambda _: "openai")
+        """The decided requests' records on the edge files since, read as the reconciler reads
+        them (complete lines only; what it booked is punched out, Envoy flushes each second)."""
+        records = (record_from_edge_entry(entry)
                    for path in stack.log_dir.glob(f"*{FILE_SUFFIX}")
-                   for line in path.read_bytes().splitlines() if b"\0" not in line)
+                   for entry in read_chunk(path, None).entries)
         return [record for record in records if record is not None and record.model == MODEL
                 and record.at_unix_ms * 1000 >= since_us - 1000]
 
