@@ -29,6 +29,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 
 from control_plane.translate.envoy_api import packed
 from control_plane.translate.names import (
+    EXT_PROC_FILTER,
     METADATA_NAMESPACE,
     REQUEST_METADATA_NAMESPACE,
     USAGE_METADATA_NAMESPACE,
@@ -38,10 +39,9 @@ from control_plane.translate.settings import EdgeSettings
 FILE_LOGGER = "envoy.access_loggers.file"
 NODE_PLACEHOLDER = "{node}"
 FILE_SUFFIX = ".access.jsonl"
-EXT_PROC_FILTER_STATE = "envoy.filters.http.ext_proc"
 EXT_PROC_LATENCY_FIELD = "request_header_latency_us"
 """ext_proc's filter-state field booking reads: the request headers' round trip, in us."""
-EXT_PROC_LATENCY = f"%FILTER_STATE({EXT_PROC_FILTER_STATE}:FIELD:{EXT_PROC_LATENCY_FIELD})%"
+EXT_PROC_LATENCY = f"%FILTER_STATE({EXT_PROC_FILTER}:FIELD:{EXT_PROC_LATENCY_FIELD})%"
 """That field alone, as text: rendering ext_proc's whole filter state (as JSON here, or as the
 Struct the gRPC access log's filter_state_objects_to_log packs) costs Envoy more than the rest
 of an entry."""

@@ -44,6 +44,7 @@ from control_plane.translate.names import (
     CLIENT_REQUEST_ID_HEADER,
     EDGE_LISTENER_SECRET,
     EXT_PROC_CLUSTER,
+    EXT_PROC_FILTER,
     LISTENER,
     METADATA_NAMESPACE,
     REQUEST_METADATA_NAMESPACE,
@@ -56,7 +57,6 @@ from control_plane.translate.usage_capture import usage_capture_lua
 
 Mode = processing_mode_pb2.ProcessingMode
 
-EXT_PROC_FILTER = "envoy.filters.http.ext_proc"
 USAGE_CAPTURE_FILTER = "envoy.filters.http.lua"
 REQUEST_FIELDS_FILTER = "gpu-router.request_fields"
 

@@ -11,6 +11,8 @@ from types import MappingProxyType
 LISTENER = "gpu-router.edge"
 ROUTE_CONFIG = "gpu-router.routes"
 EXT_PROC_CLUSTER = "gpu-router.ext_proc"
+EXT_PROC_FILTER = "envoy.filters.http.ext_proc"
+"""The ext_proc filter's name, which is also the name of its filter state."""
 EDGE_CERTIFICATE_SECRET = "gpu-router.edge-certificate"
 """The static secret (each edge's bootstrap, gpu_router/bootstrap.py) holding the node's own
 certificate and key: what it presents to ext_proc. The key never leaves the edge's machine."""
