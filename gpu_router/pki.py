@@ -113,14 +113,14 @@ def sole_identity(names: Iterable[str]) -> tuple[Role, str] | None:
     return found.pop() if len(found) == 1 else None
 
 
-def certified_identity(pems: Sequence[bytes]) -> tuple[Role, str] | None:
-    """(role, name) of a gRPC peer from its certificate (auth_context()["x509_pem_cert"]): the
-    sole SPIFFE id among its URI SANs. Never gRPC's peer_identities(), which also lists DNS
+def certified_identity(pem: bytes | None) -> tuple[Role, str] | None:
+    """(role, name) of a gRPC peer from its certificate (auth_context()["x509_pem_cert"][0]):
+    the sole SPIFFE id among its URI SANs. Never gRPC's peer_identities(), which also lists DNS
     names and, without SANs, the subject's CN: text a certificate may carry for any role."""
-    if not pems:
+    if not pem:
         return None
     try:
-        cert = x509.load_pem_x509_certificate(pems[0])
+        cert = x509.load_pem_x509_certificate(pem)
     except ValueError:
         return None
     return sole_identity(uri_sans(cert))

@@ -71,7 +71,8 @@ def nothing(_type_url: str) -> bool:
 
 def peer_of(address: str, auth_context: Mapping[str, Sequence[bytes]]) -> Peer:
     """The peer as its certificate (auth_context()["x509_pem_cert"]) names it."""
-    identity = certified_identity(auth_context.get("x509_pem_cert") or ())
+    pems = auth_context.get("x509_pem_cert")
+    identity = certified_identity(pems[0] if pems else None)
     return Peer(address, None) if identity is None else Peer(address, *identity)
 
 

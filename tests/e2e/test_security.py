@@ -307,3 +307,4 @@ def test_ext_proc_decides_for_edge_certificates_only(stack: Stack) -> None:
     refused = [json.loads(line) for line in lines if '"peer_refused"' in line]
     assert refused and refused[-1]["identities"] == ["spiffe://gpu-router/ext-proc/ext-proc-probe",
                                                      "ext-proc.gpu-router"]
+    assert refused[-1]["certified"] == "ext-proc/ext-proc-probe"
