@@ -20,8 +20,6 @@ import secrets
 import shutil
 from pathlib import Path
 
-import redis
-
 from control_plane.policy.model import RoutingConfig
 from gpu_router.processes import ManagedProcess, ProcessError
 
@@ -102,7 +100,10 @@ def _quoted(text: str) -> str:
 
 
 def redis_answers(port: int, password: str) -> bool:
-    """AUTH accepted and PING answered (redis-py, as ext_proc's counters speak to it)."""
+    """AUTH accepted and PING answered (redis-py, as ext_proc's counters speak to it; imported
+    here, as there, so that a stack without Redis never loads it)."""
+    import redis
+
     try:
         with redis.Redis(host="127.0.0.1", port=port, password=password, socket_timeout=0.5,
                          socket_connect_timeout=0.5) as client:

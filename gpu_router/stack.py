@@ -363,7 +363,8 @@ class Stack:
         return exits
 
     def _remove_redis_config(self) -> None:
-        """No copy of the password outlives the Redis that read it."""
+        """The certs directory keeps no config for each port a stack ever ran Redis on (the
+        password itself stays in redis-password, which the next stack reads)."""
         if self._redis_config is not None:
             self._redis_config.unlink(missing_ok=True)
 
