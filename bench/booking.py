@@ -38,18 +38,17 @@ from gpu_router.pki import Role
 
 PER_MESSAGE = 100
 USAGE = '"usage":{"prompt_tokens":120,"completion_tokens":64,"total_tokens":184}}'
-PROVIDERS = ("coreweave", "runpod", "lambda", "vast")
+MODEL = "llama-3.1-8b"
 
 
-def entry(index: int, now_ms: int) -> accesslog_pb2.HTTPAccessLogEntry:
+def entry(index: int, provider: str, now_ms: int) -> accesslog_pb2.HTTPAccessLogEntry:
     """A served client request as the edge logs it."""
     log = accesslog_pb2.HTTPAccessLogEntry()
     common = log.common_properties
-    provider = PROVIDERS[index % len(PROVIDERS)]
     common.start_time.FromMilliseconds(now_ms - 100)
     common.upstream_cluster = provider
     common.upstream_request_attempt_count = 1
-    common.route_name = "interactive/llama-3.1-8b/1"
+    common.route_name = f"interactive/{MODEL}/1"
     for name, ms in (("time_to_last_rx_byte", 1), ("time_to_first_upstream_tx_byte", 2),
                      ("time_to_last_upstream_tx_byte", 2), ("time_to_first_upstream_rx_byte", 30),
                      ("time_to_last_upstream_rx_byte", 60), ("time_to_first_downstream_tx_byte", 31),
@@ -57,11 +56,11 @@ def entry(index: int, now_ms: int) -> accesslog_pb2.HTTPAccessLogEntry:
         getattr(common, name).FromMilliseconds(ms)
     metadata = common.metadata.filter_metadata
     metadata["gpu_router"].update({
-        "provider": provider, "model": "llama-3.1-8b", "policy": "interactive",
+        "provider": provider, "model": MODEL, "policy": "interactive",
         "strategy": "latency", "reason": "fastest: 40 ms EWMA", "fallbacks": "runpod,vast",
         "candidates": "coreweave=40;runpod=55;vast=61;lambda=x:ejected",
         "path": "/v1/chat/completions", "request_id": f"req-{index}"})
-    metadata["gpu_router.request"].update({"model": "llama-3.1-8b", "stream": False})
+    metadata["gpu_router.request"].update({"model": MODEL, "stream": False})
     metadata["gpu_router.usage"].update({"text": USAGE})
     common.custom_tags["ext_proc_us"] = "850"
     log.request.request_id = f"req-{index}"
@@ -71,8 +70,9 @@ def entry(index: int, now_ms: int) -> accesslog_pb2.HTTPAccessLogEntry:
     return log
 
 
-def messages(start: int, count: int, now_ms: int) -> list[bytes]:
-    """`count` entries as serialized StreamAccessLogsMessages; the first names the log."""
+def messages(start: int, count: int, now_ms: int, providers: tuple[str, ...]) -> list[bytes]:
+    """`count` entries as serialized StreamAccessLogsMessages, served by `providers` in turn;
+    the first names the log."""
     out = []
     for first in range(start, start + count, PER_MESSAGE):
         message = als_pb2.StreamAccessLogsMessage()
@@ -80,7 +80,8 @@ def messages(start: int, count: int, now_ms: int) -> list[bytes]:
             message.identifier.node.id = "edge-1"
             message.identifier.log_name = ACCESS_LOG_NAME
         message.http_logs.log_entry.extend(
-            entry(i, now_ms) for i in range(first, min(first + PER_MESSAGE, start + count)))
+            entry(i, providers[i % len(providers)], now_ms)
+            for i in range(first, min(first + PER_MESSAGE, start + count)))
         out.append(message.SerializeToString())
     return out
 
@@ -122,10 +123,12 @@ def main() -> None:
         accounting.use_policy(config)
         receiver.use_policy(config)
         now_ms = int(time.time() * 1000)
-        asyncio.run(one_round(receiver, messages(0, 1000, now_ms)))  # warm-up
+        providers = tuple(provider.name for provider in config.providers
+                          if any(offering.model == MODEL for offering in provider.offerings))
+        asyncio.run(one_round(receiver, messages(0, 1000, now_ms, providers)))  # warm-up
         process, thread = [], []
         for number in range(args.rounds):
-            wire = messages((number + 1) * args.entries, args.entries, now_ms)
+            wire = messages((number + 1) * args.entries, args.entries, now_ms, providers)
             process_start, thread_start = time.process_time(), time.thread_time()
             asyncio.run(one_round(receiver, wire))
             process.append((time.process_time() - process_start) / args.entries * 1e6)
