@@ -51,7 +51,8 @@ def entry(index: int, provider: str, now_ms: int) -> accesslog_pb2.HTTPAccessLog
     common.route_name = f"interactive/{MODEL}/1"
     for name, ms in (("time_to_last_rx_byte", 1), ("time_to_first_upstream_tx_byte", 2),
                      ("time_to_last_upstream_tx_byte", 2), ("time_to_first_upstream_rx_byte", 30),
-                     ("time_to_last_upstream_rx_byte", 60), ("time_to_first_downstream_tx_byte", 31),
+                     ("time_to_last_upstream_rx_byte", 60),
+                     ("time_to_first_downstream_tx_byte", 31),
                      ("time_to_last_downstream_tx_byte", 61), ("duration", 61)):
         getattr(common, name).FromMilliseconds(ms)
     metadata = common.metadata.filter_metadata
@@ -141,7 +142,8 @@ def main() -> None:
         raise SystemExit(f"booked {booked} of {expected} entries: the bench's entries are wrong")
     for name, values in (("process CPU", process), ("event-loop thread", thread)):
         ordered = sorted(values)
-        print(f"{name:18s} best {ordered[0]:6.1f} us/entry, median {ordered[len(ordered) // 2]:6.1f}")
+        median = ordered[len(ordered) // 2]
+        print(f"{name:18s} best {ordered[0]:6.1f} us/entry, median {median:6.1f}")
 
 
 if __name__ == "__main__":

@@ -94,7 +94,8 @@ async def _run(tmp_path: Path) -> None:
         repairs.append((kind, reason))
 
     receiver = AccessLogReceiver(FleetHealth(), admit=edge_named("edge-utf8"), count=count,
-                                 on_request=[lambda r: seen.setdefault(r.entry.request.request_id, r.entry)])
+                                 on_request=[lambda r: seen.setdefault(r.entry.request.request_id,
+                                                                       r.entry)])
     server = grpc.aio.server()
     receiver.register(server)
     als_port = server.add_insecure_port("127.0.0.1:0")

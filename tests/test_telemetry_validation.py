@@ -226,7 +226,8 @@ def test_one_bad_entry_or_message_costs_neither_the_batch_nor_the_stream() -> No
     # The receiver reads each entry once (and counts one it cannot read); the ledger checks
     # the names of what it was handed.
     assert counts.seen == {("edge", "invalid_utf8", False): 2,
-                           ("edge", "unparseable_message", True): 1, ("edge", "unreadable", True): 1}
+                           ("edge", "unparseable_message", True): 1,
+                           ("edge", "unreadable", True): 1}
     assert metrics.counts.seen == {  # the repaired model names no model either
         ("edge", "future_start", True): 1, ("edge", "unknown_model", True): 2}
 
@@ -235,7 +236,8 @@ def test_an_edge_that_calls_itself_another_node_is_refused_and_books_nothing() -
     accounting = Accounting(CountingMetrics(), None, None, clock=clock)
     accounting.use_policy(POLICY)
     fleet = FleetHealth()
-    receiver = receiver_for(fleet, Counts(), certified="edge-2", on_request=[accounting.book_request])
+    receiver = receiver_for(fleet, Counts(), certified="edge-2",
+                            on_request=[accounting.book_request])
 
     with pytest.raises(grpc.aio.AioRpcError) as refused:
         stream(receiver, message(EDGE_LOG_NAME, [entry("claimed")]))
