@@ -236,6 +236,10 @@ class EnvoyAdmin:
             if isinstance(stat.get("value"), int) and stat["name"].startswith(prefix)
         }
 
+    def server_info(self) -> dict:
+        """/server_info: state, version, command-line options (concurrency, ...)."""
+        return json.loads(http_get(self.url("/server_info"))[1])
+
     def config_dump(self, resource: str = "") -> dict:
         query = f"?resource={resource}" if resource else ""
         _, body = http_get(self.url(f"/config_dump{query}"))

@@ -174,6 +174,14 @@ class ProviderSim:
             await self._send_json(responder, 200, {"status": "ok"})
 
     async def _api(self, request: Request, responder: Responder) -> None:
+        stats = self.stats  # a reset meanwhile starts new stats: end this one where it began
+        stats.started()
+        try:
+            await self._answer_api(request, responder)
+        finally:
+            stats.ended()
+
+    async def _answer_api(self, request: Request, responder: Responder) -> None:
         body = _decode_object(request.body) if request.method == "POST" else None
         self.stats.record(
             ReceivedRequest(

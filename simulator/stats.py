@@ -32,6 +32,17 @@ class SimStats:
         self.by_model: Counter[str] = Counter()
         self.by_path: Counter[str] = Counter()
         self.last_request: ReceivedRequest | None = None
+        self.in_flight = 0
+        self.peak_in_flight = 0
+        """The most API requests it was answering at once: what proves a concurrency cap held."""
+
+    def started(self) -> None:
+        """An API request begins (ended() when its answer is written, however)."""
+        self.in_flight += 1
+        self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+
+    def ended(self) -> None:
+        self.in_flight -= 1
 
     def record(self, request: ReceivedRequest) -> int:
         """Count one API request; returns its sequence number (from 1)."""
@@ -48,6 +59,8 @@ class SimStats:
             "requests": self.requests,
             "by_model": dict(self.by_model),
             "by_path": dict(self.by_path),
+            "in_flight": self.in_flight,
+            "peak_in_flight": self.peak_in_flight,
             "last_request": None
             if last is None
             else {

@@ -34,8 +34,10 @@ SETTINGS = EdgeSettings()
 LUA = "-- the provider's rewrite"
 
 
-def cluster_of(provider: Provider, max_retries: int = 100) -> cluster_pb2.Cluster:
-    return provider_cluster(provider, SETTINGS, lua_source=LUA, max_retries=max_retries)
+def cluster_of(provider: Provider, max_retries: int = 100, max_waiting: int = 300
+               ) -> cluster_pb2.Cluster:
+    return provider_cluster(provider, SETTINGS, lua_source=LUA, max_retries=max_retries,
+                            max_waiting=max_waiting)
 
 
 def protocol_options(cluster: cluster_pb2.Cluster) -> upstream_http_pb2.HttpProtocolOptions:
@@ -78,7 +80,7 @@ def test_https_gets_tls_with_sni_name_check_ca_and_alpn_auto_config() -> None:
     assert san.matcher.exact == "api.example.com"
     options = protocol_options(cluster)
     assert options.HasField("auto_config")
-    assert options.auto_config.HasField("http2_protocol_options")
+    assert options.auto_config.http2_protocol_options.max_concurrent_streams.value == 1
 
 
 def test_https_to_an_ip_checks_the_ip_san_and_sends_no_sni() -> None:
@@ -113,7 +115,7 @@ def test_fault_machinery_follows_the_provider_and_the_retry_bound() -> None:
             base_ejection_time_ms=12000,
         ),
     )
-    cluster = cluster_of(p, max_retries=250)
+    cluster = cluster_of(p, max_retries=250, max_waiting=400)
     assert cluster.connect_timeout.seconds == 5
     assert cluster.per_connection_buffer_limit_bytes.value == 32 * 1024 * 1024
     (check,) = cluster.health_checks
@@ -125,7 +127,10 @@ def test_fault_machinery_follows_the_provider_and_the_retry_bound() -> None:
     ] == [1500, 700, 1500]
     assert (check.unhealthy_threshold.value, check.healthy_threshold.value) == (4, 2)
     (thresholds,) = cluster.circuit_breakers.thresholds
-    assert (thresholds.max_requests.value, thresholds.max_pending_requests.value) == (17, 17)
+    # Connections of one request each cap the provider, and what is over them waits: Envoy
+    # never retries a request max_requests refused, so that limit must not bind first.
+    assert (thresholds.max_connections.value, thresholds.max_requests.value,
+            thresholds.max_pending_requests.value) == (17, 34, 400)
     assert thresholds.max_retries.value == 250
     # No retry budget: Envoy would compute it on the failing cluster's shrinking active count.
     assert not thresholds.HasField("retry_budget")

@@ -91,10 +91,12 @@ def provider_cluster(
     *,
     lua_source: str,
     max_retries: int,
+    max_waiting: int,
     watched: bool = False,
 ) -> cluster_pb2.Cluster:
     """`lua_source` is the provider's per-attempt rewrite (upstream_lua.provider_lua);
     `max_retries` caps the retries in flight of requests first sent here (retries_in_flight);
+    `max_waiting` the requests waiting for one of its connections (_circuit_breakers);
     `watched` tightens its outlier detection (see watchful)."""
     detection = watchful(provider.outlier_detection) if watched else provider.outlier_detection
     cluster = cluster_pb2.Cluster(
@@ -107,7 +109,7 @@ def provider_cluster(
         health_checks=[
             _health_check(provider.upstream.host, provider.health_check_path, provider.health_check)
         ],
-        circuit_breakers=_circuit_breakers(provider.max_concurrency, max_retries),
+        circuit_breakers=_circuit_breakers(provider.max_concurrency, max_retries, max_waiting),
         outlier_detection=_outlier_detection(detection),
     )
     if uses_eds(provider):
@@ -235,13 +237,14 @@ def all_clusters(
     detection."""
     strip_headers = credential_headers(config)
     aliases = model_aliases(config)
-    max_retries = retries_in_flight(config)
+    max_retries, max_waiting = retries_in_flight(config), fleet_concurrency(config)
     clusters = {
         p.name: provider_cluster(
             p,
             settings,
             lua_source=provider_lua(p, aliases, strip_headers),
             max_retries=max_retries,
+            max_waiting=max_waiting,
             watched=p.name in watched,
         )
         for p in config.providers
@@ -263,6 +266,11 @@ def _health_check(host: str, path: str, check: HealthCheck) -> health_check_pb2.
     )
 
 
+def fleet_concurrency(config: RoutingConfig) -> int:
+    """What the fleet serves at once: the sum of every provider's max_concurrency."""
+    return sum(p.max_concurrency for p in config.providers)
+
+
 def retries_in_flight(config: RoutingConfig) -> int:
     """The edge-wide bound on retries in flight for the requests first sent to one provider.
 
@@ -270,20 +278,31 @@ def retries_in_flight(config: RoutingConfig) -> int:
     retry goes to. A retry budget (a share of that cluster's active requests) is the wrong guard
     there: a provider that fails fast has few requests in flight, so its budget refuses nearly every
     retry (91 client errors at 32 clients, each one a `retry_overflow`). The retry goes to another
-    provider, whose own max_requests circuit breaker protects it; so the bound is what the fleet
-    would accept anyway, the sum of every provider's max_concurrency, unless the policy sets one.
+    provider, whose own circuit breakers protect it; so the bound is what the fleet would accept
+    anyway (fleet_concurrency), unless the policy sets one.
     Per request, attempts stay bounded by the route's num_retries (max_fallbacks)."""
     configured = config.failover.max_retries_in_flight
-    return configured if configured is not None else sum(p.max_concurrency for p in config.providers)
+    return configured if configured is not None else fleet_concurrency(config)
 
 
-def _circuit_breakers(max_concurrency: int, max_retries: int) -> circuit_breaker_pb2.CircuitBreakers:
-    """Requests capped by the provider's concurrency; retries of requests first sent here by
-    `max_retries` (see retries_in_flight)."""
+def _circuit_breakers(max_concurrency: int, max_retries: int,
+                      max_waiting: int) -> circuit_breaker_pb2.CircuitBreakers:
+    """At most `max_concurrency` requests at the provider, the rest wait for one to end.
+
+    Envoy never retries a request a circuit breaker refused (an overflow): the client gets a 503
+    while other providers idle (at 64 clients, 32 of them on the default policy's cheapest
+    provider). So the cap is on connections, each carrying one request at a time (HTTP/1.1,
+    and h2 held to one stream: _protocol_options), and a request over it waits in the queue of
+    pending requests (`max_waiting` of them per edge; past that, an overflow) instead of being
+    refused. `max_requests` must then not bind: Envoy lets each worker thread's pool open one
+    connection over max_connections rather than strand its queue, so up to max_concurrency +
+    threads - 1 requests are on connections; twice the cap holds them. Retries of requests
+    first sent here are capped by `max_retries` (see retries_in_flight)."""
     thresholds = circuit_breaker_pb2.CircuitBreakers.Thresholds(
         priority=base_pb2.RoutingPriority.DEFAULT,
-        max_requests=wrappers_pb2.UInt32Value(value=max_concurrency),
-        max_pending_requests=wrappers_pb2.UInt32Value(value=max_concurrency),
+        max_connections=wrappers_pb2.UInt32Value(value=max_concurrency),
+        max_requests=wrappers_pb2.UInt32Value(value=2 * max_concurrency),
+        max_pending_requests=wrappers_pb2.UInt32Value(value=max_waiting),
         max_retries=wrappers_pb2.UInt32Value(value=max_retries),
     )
     return circuit_breaker_pb2.CircuitBreakers(thresholds=[thresholds])
@@ -357,7 +376,9 @@ def _protocol_options(
     options = upstream_http_pb2.HttpProtocolOptions()
     if tls:
         options.auto_config.http_protocol_options.CopyFrom(protocol_pb2.Http1ProtocolOptions())
-        options.auto_config.http2_protocol_options.CopyFrom(protocol_pb2.Http2ProtocolOptions())
+        # One stream a connection, so that max_connections caps h2 requests too (_circuit_breakers).
+        options.auto_config.http2_protocol_options.CopyFrom(protocol_pb2.Http2ProtocolOptions(
+            max_concurrent_streams=wrappers_pb2.UInt32Value(value=1)))
     else:
         options.explicit_http_config.http_protocol_options.CopyFrom(
             protocol_pb2.Http1ProtocolOptions()

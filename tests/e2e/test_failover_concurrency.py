@@ -8,9 +8,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from fleet_harness import BATCH, MODEL, PROVIDERS, Fleet, hold, phase, running_fleet
-from stack_harness import Traffic, chat
+from stack_harness import CLIENTS, Traffic, chat
 
-CLIENTS = 64
 PER_PHASE = 300
 """Requests served during each fault, across the 64 clients."""
 

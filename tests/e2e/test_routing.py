@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 from polling import eventually
-from stack_harness import Providers, chat, post
+from stack_harness import CLIENTS, Providers, chat, post
 
 from gpu_router.processes import http_get
 from gpu_router.stack import Stack
@@ -163,3 +164,28 @@ def test_requests_in_flight_show_in_fleet_health(stack: Stack, providers: Provid
 
     assert served == ["vast"] * 3
     eventually(lambda: in_flight() == {}, "the finished requests to leave the in-flight count")
+
+
+def test_64_clients_on_a_provider_capped_at_32_wait_for_it_and_none_gets_an_error(
+    stack: Stack, providers: Providers
+) -> None:
+    """Envoy never retries a request a circuit breaker refused: a cap that refused the 33rd
+    concurrent request to vast (cost-first's pick) answered it 503. The cap now makes it wait."""
+    providers.reset_all()
+    providers.latency("vast", 300)  # every client's request overlaps the others'
+    try:
+        with ThreadPoolExecutor(CLIENTS) as pool:
+            answers = list(pool.map(
+                lambda _: chat(stack, "llama-3.1-8b", {"x-workload": "batch"}), range(2 * CLIENTS)))
+        vast = providers.stats("vast")
+    finally:
+        providers.reset_all()
+    statuses = Counter((status, headers.get("x-gpu-router-provider")) for status, headers, _ in answers)
+    assert statuses == {(200, "vast"): 2 * CLIENTS}
+    # Each of Envoy's worker threads may open one connection over the cap rather than strand
+    # its queue (clusters._circuit_breakers).
+    threads = stack.edges[0].admin.server_info()["command_line_options"]["concurrency"]
+    assert 32 <= vast["peak_in_flight"] <= 32 + threads - 1, vast
+    stats = stack.edges[0].admin.stats("cluster.vast.")
+    assert stats["cluster.vast.upstream_rq_pending_overflow"] == 0, stats
+    assert stats["cluster.vast.upstream_cx_overflow"] > 0, stats  # the cap was reached: waited
