@@ -17,7 +17,7 @@ from collections.abc import Iterator
 
 import pytest
 from polling import eventually
-from stack_harness import Traffic, policy_on_free_ports, start_stack
+from stack_harness import CLIENTS, Traffic, policy_on_free_ports, start_stack
 
 from control_plane.ledger.reconcile import read_chunk
 from control_plane.policy.load import default_policy_path
@@ -67,7 +67,7 @@ def metric(stack: Stack, name: str) -> float:
 def test_a_control_plane_sigkill_under_load_loses_and_doubles_no_booking(stack: Stack) -> None:
     # The stack's own readiness requests (GET /v1/models) are booked too: count from here.
     start_ms = int(time.time() * 1000)
-    with Traffic(stack, MODEL, {}, threads=4) as traffic:
+    with Traffic(stack, MODEL, {}, threads=CLIENTS) as traffic:
         eventually(lambda: successes(traffic) >= STEADY, "requests before the kill")
         stack.kill("control-plane")
         down = successes(traffic)

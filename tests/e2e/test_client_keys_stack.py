@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import yaml
 from polling import eventually
-from stack_harness import Providers, Traffic, chat, policy_on_free_ports, start_stack
+from stack_harness import CLIENTS, Providers, Traffic, chat, policy_on_free_ports, start_stack
 
 from control_plane.policy.load import default_policy_path
 from gpu_router.keys_cli import client_report, key_sha256, new_key
@@ -144,7 +144,7 @@ def test_keys_added_changed_and_removed_take_effect_without_failing_others(stack
     original = stack.policy.read_text()
     KEYS["rotated"] = new_key()
     try:
-        with Traffic(stack, "llama-3.1-8b", bearer("steady"), threads=4) as traffic:
+        with Traffic(stack, "llama-3.1-8b", bearer("steady"), threads=CLIENTS) as traffic:
             eventually(lambda: traffic.total() >= 10, "traffic of another client")
             assert chat(stack, "llama-3.1-8b", bearer("late"))[0] == 401
             edit_clients(stack.policy, lambda clients: clients.append(client("late")))

@@ -16,14 +16,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from polling import eventually
-from stack_harness import Traffic
+from stack_harness import CLIENTS, Traffic
 
 from gpu_router.stack import EdgeHandle, Stack
 
 MODEL = "llama-3.1-8b"
 BATCH = {"x-workload": "batch"}
-THREADS = 8
-"""Client threads: also the most requests that can be waiting on ext_proc at any moment."""
 EXT_PROC = "gpu-router.ext_proc"
 FILTER = "http.edge.ext_proc."
 
@@ -73,15 +71,15 @@ def routed_by_ext_proc_again(edge: EdgeHandle) -> None:
 
 def test_a_frozen_ext_proc_is_found_unhealthy_then_costs_no_message_timeout(stack: Stack) -> None:
     edge = stack.edges[0]
-    with Traffic(stack, MODEL, BATCH, threads=THREADS) as traffic:
+    with Traffic(stack, MODEL, BATCH, threads=CLIENTS) as traffic:
         routed_by_ext_proc_again(edge)
         with frozen(stack, "ext-proc-1"):
             eventually(lambda: unhealthy(edge), "Envoy to mark the frozen ext_proc unhealthy")
             detected = filter_stats(edge)
             # Only requests already waiting on ext_proc when it was found out (one per client
             # thread at most) may still time out; every later one fails over at once.
-            after = grows(edge, "failure_mode_allowed", 100, "fallback-served requests")
-            assert after["message_timeouts"] - detected["message_timeouts"] <= THREADS, after
+            after = grows(edge, "failure_mode_allowed", 4 * CLIENTS, "fallback-served requests")
+            assert after["message_timeouts"] - detected["message_timeouts"] <= CLIENTS, after
         eventually(lambda: healthy(edge), "the ext_proc replica to be healthy again")
         routed_by_ext_proc_again(edge)
     assert traffic.failures() == {}, traffic.failed
@@ -93,12 +91,12 @@ def test_a_crashed_ext_proc_costs_no_message_timeout_and_is_used_again_once_back
     stack: Stack,
 ) -> None:
     edge = stack.edges[0]
-    with Traffic(stack, MODEL, BATCH, threads=THREADS) as traffic:
+    with Traffic(stack, MODEL, BATCH, threads=CLIENTS) as traffic:
         routed_by_ext_proc_again(edge)
         before = filter_stats(edge)
         stack.kill("ext-proc-1")  # refused connections from now on
-        after = grows(edge, "failure_mode_allowed", 100, "fallback-served requests")
-        assert after["message_timeouts"] - before["message_timeouts"] <= THREADS, after
+        after = grows(edge, "failure_mode_allowed", 4 * CLIENTS, "fallback-served requests")
+        assert after["message_timeouts"] - before["message_timeouts"] <= CLIENTS, after
         eventually(lambda: unhealthy(edge), "Envoy to mark the crashed ext_proc unhealthy")
         stack.restart("ext-proc-1")
         eventually(lambda: healthy(edge), "the restarted ext_proc to be healthy")
@@ -110,7 +108,7 @@ def test_a_frozen_control_plane_leaves_ext_proc_serving(stack: Stack) -> None:
     """ext_proc's health does not hang on the control plane: it keeps its last policy."""
     edge = stack.edges[0]
     checks = f"cluster.{EXT_PROC}.health_check.success"
-    with Traffic(stack, MODEL, BATCH, threads=THREADS) as traffic:
+    with Traffic(stack, MODEL, BATCH, threads=CLIENTS) as traffic:
         routed_by_ext_proc_again(edge)
         with frozen(stack, "control-plane"):
             passed = edge.admin.stats(checks)[checks]

@@ -9,14 +9,11 @@ from pathlib import Path
 import pytest
 import yaml
 from polling import eventually
-from stack_harness import Providers, Traffic, chat
+from stack_harness import CLIENTS, Providers, Traffic, chat
 
 from control_plane.policy.load import load_policy_text
 from gpu_router.processes import http_get
 from gpu_router.stack import Stack
-
-CLIENTS = 8
-"""Concurrent clients on the one Envoy while the policy changes under them."""
 
 
 def edit_policy(path: Path, change) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 from polling import eventually
-from stack_harness import Traffic, chat, policy_on_free_ports
+from stack_harness import CLIENTS, Traffic, chat, policy_on_free_ports
 
 from control_plane.policy.load import default_policy_path
 from gpu_router.processes import free_port, port_open
@@ -28,7 +28,6 @@ CLI = [sys.executable, "-c", "from gpu_router.cli import main; main()"]
 TAG = "GPU_ROUTER_SERVICE_TEST"
 MODEL = "llama-3.1-8b"
 BATCH = {"x-workload": "batch"}
-CLIENTS = 8
 FALLBACK_REASON = "fallback: ext_proc unavailable"
 
 
