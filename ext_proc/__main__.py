@@ -55,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--redis",
-        help="redis://HOST:PORT shared by every replica for fleet-wide client rate limits "
+        help="redis://HOST:PORT (or unix:///PATH/redis.sock) shared by every replica for "
+        "fleet-wide client rate limits "
         "(default: counters in each worker process)",
     )
     parser.add_argument(

@@ -136,7 +136,7 @@ class RedisCounters:
     def _failed(self, error: BaseException) -> None:
         if self._clock() >= self._down_until:
             _log.warning("rate-limit store unreachable: limits fail open",
-                         extra={"redis": self.url, "error": repr(error),
+                         extra={"redis": self.url, "error": f"{type(error).__name__}: {error}",
                                 "retry_in_s": RETRY_REDIS_S})
         self._down_until = self._clock() + RETRY_REDIS_S
 

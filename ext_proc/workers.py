@@ -49,7 +49,8 @@ class WorkerConfig:
     (which takes only clients with a certificate of that CA; service.py admits only edges)."""
     log_level: str = "warning"
     redis: str | None = None
-    """redis:// URL of the fleet's shared rate-limit counters; None: counters in each worker."""
+    """redis:// or unix:// URL of the fleet's shared rate-limit counters; None: counters in each
+    worker."""
     redis_password: str | None = field(default=None, repr=False)
     """What Redis asks before any command (read from --redis-password-file)."""
 

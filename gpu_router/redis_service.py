@@ -2,14 +2,19 @@
 
 Only rate limits need it: in-process counters are exact for one ext_proc worker, but every
 worker and replica counts alone, so a fleet (several workers, replicas or edges) needs one
-shared store. `gpu-router up` and the Stack start it on loopback (no persistence: counters live
-two minutes) when the policy gives some client a limit, or when asked.
+shared store. `gpu-router up` and the Stack start it (no persistence: counters live two
+minutes) when the policy gives some client a limit, or when asked.
 
 It takes no command before AUTH with the fleet's password: anyone else who reached it could
 reset the counters (escape a limit) or raise them (get a client refused). The password is made
 once into the certs directory (PASSWORD_FILE, mode 0600) and travels only in files: redis-server
-reads it from a config file of mode 0600 beside it, ext_proc from --redis-password-file; never
-in argv, which every local user can read.
+reads it from a config file of mode 0600, ext_proc from --redis-password-file; never in argv,
+which every local user can read.
+
+The stack's Redis listens on a unix socket in a directory of its own (mode 0700), and on no TCP
+port. A port picked free can be taken by any local user between the pick and Redis's bind, and
+whoever holds it would be sent the password (by the stack's readiness probe, then by every
+ext_proc worker). A socket in a directory only this user may enter can only be this user's.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import os
 import re
 import secrets
 import shutil
+import tempfile
 from pathlib import Path
 
 from control_plane.policy.model import RoutingConfig
@@ -69,29 +75,48 @@ def wants_redis(mode: str, config: RoutingConfig) -> bool:
     return any(c.limits.requests_per_minute or c.limits.tokens_per_minute for c in config.clients)
 
 
-def redis_process(port: int, log_dir: Path, password_file: Path) -> ManagedProcess:
-    """redis-server on 127.0.0.1:`port` behind the password in `password_file`, nothing
-    persisted; its config (password included) is redis-<port>.conf, mode 0600, beside the password
-    (the certs directory, not the log directory users share). ProcessError when the
-    redis-server binary (Debian: apt-get install redis-server) is missing."""
+_MAX_SOCKET_PATH = 100
+"""A unix socket's path must fit sockaddr_un (108 bytes on Linux, with its NUL)."""
+
+
+def redis_home() -> Path:
+    """A new directory (mode 0700, in the system's temporary directory, whose paths are short
+    enough for a socket) for one Redis: its config and its socket. The stack removes it."""
+    home = Path(tempfile.mkdtemp(prefix="gpu-router-redis-"))
+    if len(bytes(redis_socket(home))) > _MAX_SOCKET_PATH:
+        home.rmdir()
+        raise ProcessError(f"{redis_socket(home)}: too long for a unix socket's path; set TMPDIR "
+                           "to a shorter directory")
+    return home
+
+
+def redis_socket(home: Path) -> Path:
+    return home / "redis.sock"
+
+
+def redis_url(home: Path) -> str:
+    """What ext_proc's --redis takes for the Redis in `home`."""
+    return f"unix://{redis_socket(home)}"
+
+
+def redis_process(home: Path, log_dir: Path, password_file: Path) -> ManagedProcess:
+    """redis-server on the socket in `home` (redis_home) behind the password in
+    `password_file`, nothing persisted, no TCP port; its config (password included) is
+    `home`/redis.conf, mode 0600. ProcessError when the redis-server binary (Debian: apt-get
+    install redis-server) is missing."""
     binary = shutil.which("redis-server")
     if binary is None:
         raise ProcessError("client rate limits across ext_proc workers need redis-server "
                            "(Debian: apt-get install redis-server); or run gpu-router up "
                            "--redis never for per-worker counters")
-    config = redis_config(password_file, port)
+    config = home / "redis.conf"
     descriptor = os.open(config, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     os.fchmod(descriptor, 0o600)  # an existing file keeps its mode through O_CREAT
     with os.fdopen(descriptor, "w") as out:
-        out.write(f"port {port}\nbind 127.0.0.1\nprotected-mode yes\nsave \"\"\n"
-                  f"appendonly no\ndir {_quoted(str(log_dir))}\nrequirepass {read_password(password_file)}\n")
+        out.write(f"port 0\nunixsocket {_quoted(str(redis_socket(home)))}\nunixsocketperm 700\n"
+                  f"protected-mode yes\nsave \"\"\nappendonly no\ndir {_quoted(str(log_dir))}\n"
+                  f"requirepass {read_password(password_file)}\n")
     return ManagedProcess(REDIS, [binary, str(config)], log_dir / f"{REDIS}.log")
-
-
-def redis_config(password_file: Path, port: int) -> Path:
-    """The config redis_process writes (the password in it): one per stack sharing the directory,
-    kept while the stack may respawn Redis, removed when the stack stops (stack.py)."""
-    return password_file.with_name(f"redis-{port}.conf")
 
 
 def _quoted(text: str) -> str:
@@ -99,13 +124,13 @@ def _quoted(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def redis_answers(port: int, password: str) -> bool:
-    """AUTH accepted and PING answered (redis-py, as ext_proc's counters speak to it; imported
-    here, as there, so that a stack without Redis never loads it)."""
+def redis_answers(socket: Path, password: str) -> bool:
+    """AUTH accepted and PING answered on `socket` (redis-py, as ext_proc's counters speak to
+    it; imported here, as there, so that a stack without Redis never loads it)."""
     import redis
 
     try:
-        with redis.Redis(host="127.0.0.1", port=port, password=password, socket_timeout=0.5,
+        with redis.Redis(unix_socket_path=str(socket), password=password, socket_timeout=0.5,
                          socket_connect_timeout=0.5) as client:
             return bool(client.ping())
     except (redis.RedisError, OSError):

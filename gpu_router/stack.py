@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,8 +37,10 @@ from gpu_router.redis_service import (
     ensure_password,
     read_password,
     redis_answers,
-    redis_config,
+    redis_home,
     redis_process,
+    redis_socket,
+    redis_url,
     wants_redis,
 )
 from gpu_router.stack_endpoints import EdgeHandle, StackPorts
@@ -105,7 +108,8 @@ class Stack:
     redis_password_file: Path | None = None
     """The password Redis asks before any command (in the certs directory), once started."""
     _lifecycles: dict[str, _Lifecycle] = field(default_factory=dict, repr=False)
-    _redis_config: Path | None = field(default=None, init=False, repr=False)
+    redis_dir: Path | None = None
+    """Redis's own directory (mode 0700: its config and socket), once started; removed at stop."""
     """Redis's config, the password in it: kept while Redis may be respawned, removed on stop."""
 
     def start(self, timeout: float = 60.0) -> Self:
@@ -181,15 +185,14 @@ class Stack:
         """redis-server for the client rate limits, when the policy or `redis` asks for it."""
         if not wants_redis(self.redis, load_policy_file(self.policy)):
             return
-        port = free_port()
         self.redis_password_file = ensure_password(self.certs)
         password = read_password(self.redis_password_file)
-        self._redis_config = redis_config(self.redis_password_file, port)
-        self._launch(redis_process(port, self.log_dir, self.redis_password_file),
+        home = self.redis_dir = redis_home()
+        self._launch(redis_process(home, self.log_dir, self.redis_password_file),
                      _Lifecycle(what="redis to take the password and answer PING",
-                                probe=lambda: partial(redis_answers, port, password),
-                                ports=(port,)), timeout)
-        self.redis_url = f"redis://127.0.0.1:{port}"
+                                probe=lambda: partial(redis_answers, redis_socket(home), password),
+                                ports=()), timeout)
+        self.redis_url = redis_url(home)
 
     def start_ext_proc(self, index: int, timeout: float) -> None:
         """ext_proc replica `index` (named ext-proc-<index + 1>) on its port."""
@@ -338,7 +341,7 @@ class Stack:
         """Stop everything at once, in reverse start order (tests, a failed start)."""
         for name in reversed(list(self.processes)):
             self.processes[name].stop()
-        self._remove_redis_config()
+        self._remove_redis_home()
 
     def shutdown(self, drain_s: float = EDGE_DRAIN_S) -> dict[str, int | None]:
         """Stop for good, the edges last and drained: every edge starts its graceful drain,
@@ -359,14 +362,14 @@ class Stack:
         exits |= {name: self._stop(name) for name in reversed(edges)}
         if SIMULATOR in self.processes:
             exits[SIMULATOR] = self._stop(SIMULATOR)
-        self._remove_redis_config()
+        self._remove_redis_home()
         return exits
 
-    def _remove_redis_config(self) -> None:
-        """The certs directory keeps no config for each port a stack ever ran Redis on (the
-        password itself stays in redis-password, which the next stack reads)."""
-        if self._redis_config is not None:
-            self._redis_config.unlink(missing_ok=True)
+    def _remove_redis_home(self) -> None:
+        """Redis's config (a copy of the password) and socket go with the stack; the password
+        itself stays in redis-password, which the next stack reads."""
+        if self.redis_dir is not None:
+            shutil.rmtree(self.redis_dir, ignore_errors=True)
 
     def _stop(self, name: str) -> int | None:
         process = self.processes[name]

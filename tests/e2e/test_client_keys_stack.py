@@ -20,7 +20,6 @@ from stack_harness import CLIENTS, Providers, Traffic, chat, policy_on_free_port
 from control_plane.policy.load import default_policy_path
 from gpu_router.keys_cli import client_report, key_sha256, new_key
 from gpu_router.processes import http_get
-from gpu_router.redis_service import redis_config
 from gpu_router.stack import Stack
 
 KEYS = {name: new_key() for name in ("team", "tiny", "rpm20", "steady", "late", "rotated")}
@@ -184,8 +183,11 @@ def test_limits_hold_across_two_edges_and_two_replicas(tmp_path: Path) -> None:
                         ext_proc_workers=2)
     try:
         assert fleet.redis_url is not None  # a client has a limit: the stack started Redis
-        assert fleet.redis_password_file is not None
-        config = redis_config(fleet.redis_password_file, int(fleet.redis_url.rpartition(":")[2]))
+        assert fleet.redis_dir is not None and fleet.redis_password_file is not None
+        # On a socket only this user can reach, never on a TCP port (redis_service.py).
+        assert fleet.redis_url == f"unix://{fleet.redis_dir}/redis.sock"
+        assert fleet.redis_dir.stat().st_mode & 0o777 == 0o700
+        config = fleet.redis_dir / "redis.conf"
         assert config.exists()  # while Redis may be respawned
         admitted = 0
         for index in range(40):
