@@ -128,9 +128,11 @@ def test_fault_machinery_follows_the_provider_and_the_retry_bound() -> None:
     assert (check.unhealthy_threshold.value, check.healthy_threshold.value) == (4, 2)
     (thresholds,) = cluster.circuit_breakers.thresholds
     # Connections of one request each cap the provider, and what is over them waits: Envoy
-    # never retries a request max_requests refused, so that limit must not bind first.
-    assert (thresholds.max_connections.value, thresholds.max_requests.value,
-            thresholds.max_pending_requests.value) == (17, 34, 400)
+    # never retries a request max_requests refused, so that limit must not bind.
+    assert (thresholds.max_connections.value, thresholds.max_pending_requests.value) == (17, 400)
+    assert thresholds.max_requests.value == 2**32 - 1
+    # An idle connection holds a slot of the cap for its worker thread only: it gives it back.
+    assert protocol_options(cluster).common_http_protocol_options.idle_timeout.seconds == 2
     assert thresholds.max_retries.value == 250
     # No retry budget: Envoy would compute it on the failing cluster's shrinking active count.
     assert not thresholds.HasField("retry_budget")

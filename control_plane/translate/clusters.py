@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Set as AbstractSet
 
-from envoy.config.cluster.v3 import circuit_breaker_pb2, cluster_pb2, outlier_detection_pb2
+from envoy.config.cluster.v3 import cluster_pb2, outlier_detection_pb2
 from envoy.config.core.v3 import (
     base_pb2,
     extension_pb2,
@@ -65,6 +65,13 @@ from control_plane.translate.names import (
     FLEET_CA_SECRET,
     credential_secret,
 )
+from control_plane.translate.provider_cap import (
+    ONE_STREAM_H2,
+    circuit_breakers,
+    connection_options,
+    fleet_concurrency,
+    retries_in_flight,
+)
 from control_plane.translate.settings import EdgeSettings
 from control_plane.translate.upstream_lua import credential_headers, model_aliases, provider_lua
 from gpu_router.pki import Role, role_prefix
@@ -95,8 +102,8 @@ def provider_cluster(
     watched: bool = False,
 ) -> cluster_pb2.Cluster:
     """`lua_source` is the provider's per-attempt rewrite (upstream_lua.provider_lua);
-    `max_retries` caps the retries in flight of requests first sent here (retries_in_flight);
-    `max_waiting` the requests waiting for one of its connections (_circuit_breakers);
+    `max_retries` caps the retries in flight of requests first sent here, `max_waiting` the
+    requests waiting for one of its connections (provider_cap.py);
     `watched` tightens its outlier detection (see watchful)."""
     detection = watchful(provider.outlier_detection) if watched else provider.outlier_detection
     cluster = cluster_pb2.Cluster(
@@ -109,7 +116,7 @@ def provider_cluster(
         health_checks=[
             _health_check(provider.upstream.host, provider.health_check_path, provider.health_check)
         ],
-        circuit_breakers=_circuit_breakers(provider.max_concurrency, max_retries, max_waiting),
+        circuit_breakers=circuit_breakers(provider.max_concurrency, max_retries, max_waiting),
         outlier_detection=_outlier_detection(detection),
     )
     if uses_eds(provider):
@@ -266,48 +273,6 @@ def _health_check(host: str, path: str, check: HealthCheck) -> health_check_pb2.
     )
 
 
-def fleet_concurrency(config: RoutingConfig) -> int:
-    """What the fleet serves at once: the sum of every provider's max_concurrency."""
-    return sum(p.max_concurrency for p in config.providers)
-
-
-def retries_in_flight(config: RoutingConfig) -> int:
-    """The edge-wide bound on retries in flight for the requests first sent to one provider.
-
-    Envoy charges a retry to the cluster of the request's FIRST attempt, whatever provider the
-    retry goes to. A retry budget (a share of that cluster's active requests) is the wrong guard
-    there: a provider that fails fast has few requests in flight, so its budget refuses nearly every
-    retry (91 client errors at 32 clients, each one a `retry_overflow`). The retry goes to another
-    provider, whose own circuit breakers protect it; so the bound is what the fleet would accept
-    anyway (fleet_concurrency), unless the policy sets one.
-    Per request, attempts stay bounded by the route's num_retries (max_fallbacks)."""
-    configured = config.failover.max_retries_in_flight
-    return configured if configured is not None else fleet_concurrency(config)
-
-
-def _circuit_breakers(max_concurrency: int, max_retries: int,
-                      max_waiting: int) -> circuit_breaker_pb2.CircuitBreakers:
-    """At most `max_concurrency` requests at the provider, the rest wait for one to end.
-
-    Envoy never retries a request a circuit breaker refused (an overflow): the client gets a 503
-    while other providers idle (at 64 clients, 32 of them on the default policy's cheapest
-    provider). So the cap is on connections, each carrying one request at a time (HTTP/1.1,
-    and h2 held to one stream: _protocol_options), and a request over it waits in the queue of
-    pending requests (`max_waiting` of them per edge; past that, an overflow) instead of being
-    refused. `max_requests` must then not bind: Envoy lets each worker thread's pool open one
-    connection over max_connections rather than strand its queue, so up to max_concurrency +
-    threads - 1 requests are on connections; twice the cap holds them. Retries of requests
-    first sent here are capped by `max_retries` (see retries_in_flight)."""
-    thresholds = circuit_breaker_pb2.CircuitBreakers.Thresholds(
-        priority=base_pb2.RoutingPriority.DEFAULT,
-        max_connections=wrappers_pb2.UInt32Value(value=max_concurrency),
-        max_requests=wrappers_pb2.UInt32Value(value=2 * max_concurrency),
-        max_pending_requests=wrappers_pb2.UInt32Value(value=max_waiting),
-        max_retries=wrappers_pb2.UInt32Value(value=max_retries),
-    )
-    return circuit_breaker_pb2.CircuitBreakers(thresholds=[thresholds])
-
-
 def _outlier_detection(detection: OutlierDetection) -> outlier_detection_pb2.OutlierDetection:
     """Every kind enforced (gateway, local-origin and failure-percentage enforcement default to
     0%), and a provider's only endpoint may be ejected (max_ejection_percent defaults to 10%).
@@ -371,14 +336,15 @@ def _tls_socket(host: str, trusted_ca_file: str) -> base_pb2.TransportSocket:
 def _protocol_options(
     provider: Provider, lua_source: str, *, tls: bool
 ) -> upstream_http_pb2.HttpProtocolOptions:
-    """HTTP/1.1 in clear; ALPN-negotiated h2 or HTTP/1.1 over TLS; then the per-attempt filters:
-    the rewrite, the credential, the codec."""
-    options = upstream_http_pb2.HttpProtocolOptions()
+    """HTTP/1.1 in clear; ALPN-negotiated h2 or HTTP/1.1 over TLS, one request a connection
+    either way (provider_cap.py); then the per-attempt filters: the rewrite, the credential,
+    the codec."""
+    options = upstream_http_pb2.HttpProtocolOptions(
+        common_http_protocol_options=connection_options()
+    )
     if tls:
         options.auto_config.http_protocol_options.CopyFrom(protocol_pb2.Http1ProtocolOptions())
-        # One stream a connection, so that max_connections caps h2 requests too (_circuit_breakers).
-        options.auto_config.http2_protocol_options.CopyFrom(protocol_pb2.Http2ProtocolOptions(
-            max_concurrent_streams=wrappers_pb2.UInt32Value(value=1)))
+        options.auto_config.http2_protocol_options.CopyFrom(ONE_STREAM_H2)
     else:
         options.explicit_http_config.http_protocol_options.CopyFrom(
             protocol_pb2.Http1ProtocolOptions()

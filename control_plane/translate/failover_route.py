@@ -9,7 +9,7 @@ What bounds the retrying:
 - per request: at most `attempts` attempts (num_retries = attempts - 1, at most max_fallbacks);
 - per provider: its max_concurrency circuit breaker (clusters.py), which guards the provider a
   retry goes to;
-- per edge: the max_retries circuit breaker (clusters.retries_in_flight).
+- per edge: the max_retries circuit breaker (provider_cap.retries_in_flight).
 
 Envoy requires a positive retry back-off, so it is 1 ms: the next attempt goes to another
 provider, and sleeping before it would only add the first provider's failure to the client's wait.

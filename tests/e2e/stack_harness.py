@@ -24,7 +24,7 @@ from gpu_router.processes import free_port
 from gpu_router.stack import Stack, StackPorts
 
 CLIENTS = 64
-"""Concurrent clients in a test of a fault or a change under load: what production has, not a few."""
+"""Concurrent clients in a test of a fault or a change under load: as production has, not a few."""
 
 
 def policy_on_free_ports(source: Path, destination: Path, edit: Callable[[dict], None] | None = None) -> Path:
