@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 from ext_proc.json_log import configure_logging
 from ext_proc.workers import WorkerConfig, run_workers
@@ -26,6 +26,12 @@ def _positive(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return int(text)
+
+
+def _holds_password(url: str) -> bool:
+    """A password in the URL's user part or in its query (redis-py reads ?password= too)."""
+    parts = urlsplit(url)
+    return bool(parts.password) or "password" in parse_qs(parts.query)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.redis_password_file is not None and args.redis is None:
         parser.error("--redis-password-file needs --redis")
-    if args.redis is not None and urlsplit(args.redis).password:
+    if args.redis is not None and _holds_password(args.redis):
         parser.error("--redis holds a password, which every local user can read on the command "
                      "line (and which logs would repeat): put it in --redis-password-file")
     tls = TlsFiles(args.tls_ca, args.tls_cert, args.tls_key)

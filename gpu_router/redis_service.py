@@ -11,8 +11,8 @@ once into the certs directory (PASSWORD_FILE, mode 0600) and travels only in fil
 reads it from a config file of mode 0600, ext_proc from --redis-password-file; never in argv,
 which every local user can read.
 
-The stack's Redis listens on a unix socket in a directory of its own (mode 0700), and on no TCP
-port. A port picked free can be taken by any local user between the pick and Redis's bind, and
+The stack's Redis listens on a unix socket in a directory of its own (mode 0700, redis_home),
+and on no TCP port. A port picked free can be taken by any local user between the pick and Redis's bind, and
 whoever holds it would be sent the password (by the stack's readiness probe, then by every
 ext_proc worker). A socket in a directory only this user may enter can only be this user's.
 """
@@ -79,15 +79,19 @@ _MAX_SOCKET_PATH = 100
 """A unix socket's path must fit sockaddr_un (108 bytes on Linux, with its NUL)."""
 
 
-def redis_home() -> Path:
-    """A new directory (mode 0700, in the system's temporary directory, whose paths are short
-    enough for a socket) for one Redis: its config and its socket. The stack removes it."""
-    home = Path(tempfile.mkdtemp(prefix="gpu-router-redis-"))
-    if len(bytes(redis_socket(home))) > _MAX_SOCKET_PATH:
+def redis_home(certs: Path) -> Path:
+    """A new directory (mode 0700) for one Redis: its config and its socket; the stack removes
+    it. In the certs directory (private, and not cleaned by age as /tmp is on many systems,
+    which would take the socket from under a long-running service), or in the system's
+    temporary directory when a socket's path there would be too long."""
+    for parent in (certs, None):
+        home = Path(tempfile.mkdtemp(prefix="redis-" if parent else "gpu-router-redis-",
+                                     dir=parent))
+        if len(bytes(redis_socket(home))) <= _MAX_SOCKET_PATH:
+            return home
         home.rmdir()
-        raise ProcessError(f"{redis_socket(home)}: too long for a unix socket's path; set TMPDIR "
-                           "to a shorter directory")
-    return home
+    raise ProcessError(f"{redis_socket(home)}: too long for a unix socket's path; set TMPDIR "
+                       "to a shorter directory")
 
 
 def redis_socket(home: Path) -> Path:

@@ -108,9 +108,9 @@ class Stack:
     redis_password_file: Path | None = None
     """The password Redis asks before any command (in the certs directory), once started."""
     _lifecycles: dict[str, _Lifecycle] = field(default_factory=dict, repr=False)
-    redis_dir: Path | None = None
-    """Redis's own directory (mode 0700: its config and socket), once started; removed at stop."""
-    """Redis's config, the password in it: kept while Redis may be respawned, removed on stop."""
+    redis_dir: Path | None = field(default=None, init=False)
+    """Redis's own directory (mode 0700: its config, the password in it, and its socket), once
+    started: kept while Redis may be respawned, removed at stop."""
 
     def start(self, timeout: float = 60.0) -> Self:
         """Start everything and wait until every edge node routes with every replica's policy."""
@@ -187,7 +187,7 @@ class Stack:
             return
         self.redis_password_file = ensure_password(self.certs)
         password = read_password(self.redis_password_file)
-        home = self.redis_dir = redis_home()
+        home = self.redis_dir = redis_home(self.certs)
         self._launch(redis_process(home, self.log_dir, self.redis_password_file),
                      _Lifecycle(what="redis to take the password and answer PING",
                                 probe=lambda: partial(redis_answers, redis_socket(home), password),
@@ -339,9 +339,11 @@ class Stack:
 
     def stop(self) -> None:
         """Stop everything at once, in reverse start order (tests, a failed start)."""
-        for name in reversed(list(self.processes)):
-            self.processes[name].stop()
-        self._remove_redis_home()
+        try:
+            for name in reversed(list(self.processes)):
+                self.processes[name].stop()
+        finally:
+            self._remove_redis_home()
 
     def shutdown(self, drain_s: float = EDGE_DRAIN_S) -> dict[str, int | None]:
         """Stop for good, the edges last and drained: every edge starts its graceful drain,
@@ -350,6 +352,12 @@ class Stack:
         passed, and the simulated providers after them, as the last requests still need them.
         Returns each process's exit status, in the order they were stopped.
         """
+        try:
+            return self._shut_down(drain_s)
+        finally:
+            self._remove_redis_home()
+
+    def _shut_down(self, drain_s: float) -> dict[str, int | None]:
         draining_since = time.monotonic()
         edges = [edge.node_id for edge in self.edges]
         for edge in self.edges:
@@ -362,7 +370,6 @@ class Stack:
         exits |= {name: self._stop(name) for name in reversed(edges)}
         if SIMULATOR in self.processes:
             exits[SIMULATOR] = self._stop(SIMULATOR)
-        self._remove_redis_home()
         return exits
 
     def _remove_redis_home(self) -> None:
