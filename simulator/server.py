@@ -174,16 +174,16 @@ class ProviderSim:
             await self._send_json(responder, 200, {"status": "ok"})
 
     async def _api(self, request: Request, responder: Responder) -> None:
-        stats = self.stats  # a reset meanwhile starts new stats: end this one where it began
+        stats = self.stats  # a reset meanwhile starts new stats: the request stays in these
         stats.started()
         try:
-            await self._answer_api(request, responder)
+            await self._answer_api(request, responder, stats)
         finally:
             stats.ended()
 
-    async def _answer_api(self, request: Request, responder: Responder) -> None:
+    async def _answer_api(self, request: Request, responder: Responder, stats: SimStats) -> None:
         body = _decode_object(request.body) if request.method == "POST" else None
-        self.stats.record(
+        stats.record(
             ReceivedRequest(
                 model=request_model(body),
                 path=request.path,
