@@ -60,7 +60,7 @@ def entry(index: int, provider: str, now_ms: int) -> accesslog_pb2.HTTPAccessLog
         "provider": provider, "model": MODEL, "policy": "interactive",
         "strategy": "latency", "reason": "fastest: 40 ms EWMA", "fallbacks": "runpod,vast",
         "candidates": "coreweave=40;runpod=55;vast=61;lambda=x:ejected",
-        "path": "/v1/chat/completions", "request_id": f"req-{index}"})
+        "path": "/v1/chat/completions"})
     metadata["gpu_router.request"].update({"model": MODEL, "stream": False})
     metadata["gpu_router.usage"].update({"text": USAGE})
     common.custom_tags["ext_proc_us"] = "850"

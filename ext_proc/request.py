@@ -287,10 +287,10 @@ class RequestPhases:
             )
         except NoCandidateError as error:
             return error_response(503, error.reason, kind="server_error", code="no_provider")
-        return _routed(decision, headers.get("x-request-id", ""), full_path)
+        return _routed(decision, full_path)
 
 
-def _routed(decision: Decision, request_id: str, path: str) -> ext_proc_pb2.ProcessingResponse:
+def _routed(decision: Decision, path: str) -> ext_proc_pb2.ProcessingResponse:
     """Route along the decision's order and record the decision as dynamic metadata."""
     response = ext_proc_pb2.ProcessingResponse()
     response.request_headers.response.CopyFrom(
@@ -309,6 +309,5 @@ def _routed(decision: Decision, request_id: str, path: str) -> ext_proc_pb2.Proc
     fields = audit.fields
     fields["reason"].string_value = decision.reason
     fields["candidates"].string_value = decision.candidate_summary
-    fields["request_id"].string_value = request_id
     fields["path"].string_value = path
     return response

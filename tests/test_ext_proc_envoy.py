@@ -421,7 +421,6 @@ def test_decision_metadata_reaches_the_access_log(edge: Edge) -> None:
         "reason": "cheapest: $0.000001",  # 44 bytes / 4 + max_tokens 3 (not the default 256)
         "fallbacks": "beta",
         "candidates": "alpha=1.4e-06;beta=2.8e-06",
-        "request_id": entry["request_id"],
         "path": "/v1/chat/completions?a=b",
         "length": "44",  # saved by the upstream rewrite: every attempt starts from it
         "priority_groups": [{"name": "alpha"}, {"name": "beta"}],  # the order walked

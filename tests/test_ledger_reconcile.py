@@ -145,7 +145,7 @@ def test_the_reconciled_prefix_is_freed_while_offsets_stay(setup: Setup) -> None
 
 
 def test_lines_this_process_booked_are_skipped_unparsed(tmp_path: Path) -> None:
-    """As Envoy writes them (compact JSON, the decision's request_id the same id)."""
+    """As Envoy writes them (compact JSON; an older ext_proc repeated the id in its decision)."""
     def compact(request_id: str, decision_id: str) -> bytes:
         fields = json.loads(line(request_id))
         fields["decision"]["request_id"] = decision_id

@@ -98,7 +98,7 @@ def read_chunk(path: Path, committed: LogOffset | None, max_bytes: int = MAX_REA
     for line in complete.splitlines():
         if not line.strip():
             continue
-        found = set(_REQUEST_ID.findall(line))  # the decision's request_id is the same id
+        found = set(_REQUEST_ID.findall(line))  # older lines' decisions repeat the same id
         if len(found) == 1 and found.pop().decode("utf-8", "replace") in booked:
             continue
         try:
