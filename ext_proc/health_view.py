@@ -79,6 +79,9 @@ class HealthView:
     entries: Mapping[tuple[str, str], health_pb2.ProviderHealth]
     """(provider, public model or "" for the provider as a whole) -> entry."""
     generated_at_unix_ms: int = 0
+    at_cap: Mapping[str, frozenset[str]] = field(default_factory=lambda: MappingProxyType({}))
+    """Edge -> the providers it has at their max_concurrency: its requests to them would wait
+    (tried last for that edge's requests: scoring.decide's `full`)."""
 
     def latency_ms(self, provider: str, model: str) -> float | None:
         """The model's EWMA on that provider, else the provider-wide one, else None (unmeasured)."""
@@ -130,4 +133,5 @@ def build_health_view(snapshot: health_pb2.HealthSnapshot) -> HealthView:
     return HealthView(
         entries=MappingProxyType({(e.provider, e.model): e for e in snapshot.entries}),
         generated_at_unix_ms=snapshot.generated_at_unix_ms,
+        at_cap=MappingProxyType({a.edge: frozenset(a.providers) for a in snapshot.at_cap}),
     )

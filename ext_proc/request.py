@@ -20,6 +20,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Mapping
+from collections.abc import Set as AbstractSet
 from types import MappingProxyType
 from typing import TYPE_CHECKING
 from urllib.parse import quote
@@ -218,6 +219,8 @@ class RequestPhases:
         """The routing decision, once made (for whoever audits the stream)."""
         self.client: ClientRule | None = None
         """The client the admission gate let in (ext_proc/admission.py); None: no clients."""
+        self.full: AbstractSet[str] = frozenset()
+        """Providers the request's edge has at their max_concurrency: tried last."""
 
     def handle(self, request: ext_proc_pb2.ProcessingRequest) -> ext_proc_pb2.ProcessingResponse:
         kind = request.WhichOneof("request")
@@ -284,6 +287,7 @@ class RequestPhases:
                 prompt_tokens=estimate_prompt_tokens(length),
                 max_tokens=requested_max_tokens(fields, default_max_tokens(path)),
                 now_unix_ms=int(self._clock() * 1000),
+                full=self.full,
             )
         except NoCandidateError as error:
             return error_response(503, error.reason, kind="server_error", code="no_provider")

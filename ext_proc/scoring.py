@@ -28,6 +28,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 
 from ext_proc.health_view import NOT_EJECTED, UNTIL_NEXT_SNAPSHOT, CandidateHealth
@@ -123,8 +124,11 @@ def decide(
     prompt_tokens: int,
     max_tokens: int,
     now_unix_ms: int,
+    full: AbstractSet[str] = frozenset(),
 ) -> Decision:
-    """Rank the route's candidates for one request; NoCandidateError when none is eligible."""
+    """Rank the route's candidates for one request; NoCandidateError when none is eligible.
+    `full`: providers the request's edge has at their max_concurrency (its requests to them
+    would wait), tried after the others."""
     providers = route.providers
     if not providers:
         raise NoCandidateError(route.name, f"no provider offers {route.name}")
@@ -169,18 +173,22 @@ def decide(
         route, policy, cost, health, eligible, prompt_tokens + max_tokens
     )
     order = _rank(route, keeps, eligible, score)
-    best = order[0]
-    reason = describe(best) + (" (degraded)" if health.degraded_flags[best] else "")
-    if panic:
-        reason += "; every fitting provider ejected: tried anyway"
     any_skipped = any(skipped)
-    if any_skipped:
-        reason += "; " + ", ".join(p for p, s in zip(providers, skipped) if s) + " ejected"
     # Ejected providers that could serve come last, after every eligible one: a fleet ejection
     # trails the provider by its cooldown, and trying one beats failing the client request.
     walk = [i for i in order if eligible[i]]
     if len(walk) <= policy.max_fallbacks and any_skipped:
         walk += [i for i in order if skipped[i]]
+    at_cap = ""
+    if full and providers[walk[0]] in full:
+        walk, at_cap = _spill(providers, walk, full)
+    best = walk[0]
+    reason = describe(best) + (" (degraded)" if health.degraded_flags[best] else "")
+    if panic:
+        reason += "; every fitting provider ejected: tried anyway"
+    if any_skipped:
+        reason += "; " + ", ".join(p for p, s in zip(providers, skipped) if s) + " ejected"
+    reason += at_cap
     summary = candidate_summary(
         route,
         order,
@@ -221,6 +229,20 @@ def _rank(
         range(count),
     ))
     return [entry[3] for entry in ranked]
+
+
+def _spill(
+    providers: tuple[str, ...], walk: list[int], full: AbstractSet[str]
+) -> tuple[list[int], str]:
+    """The walk with the providers at their cap after the others, and the reason's note of
+    them. At its cap a provider makes the edge queue the request (provider_cap.py), which the
+    fleet's latency does not show; when every provider of the walk is at its cap, it stays."""
+    spilled = [i for i in walk if providers[i] not in full]
+    if not spilled:
+        return walk, ""
+    capped = [i for i in walk if providers[i] in full]
+    names = ", ".join(providers[i] for i in capped)
+    return spilled + capped, f"; {names} at max_concurrency: tried after the others"
 
 
 def _ejection(until_unix_ms: int, now_unix_ms: int) -> str:

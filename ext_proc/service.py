@@ -17,6 +17,7 @@ from ext_proc.router_state import LiveState
 from gpu_router.pki import Role, certified_identity
 
 _log = logging.getLogger(__name__)
+_NONE: frozenset[str] = frozenset()
 
 
 def _peer_identity(context: grpc.aio.ServicerContext) -> tuple[Role, str] | None:
@@ -61,6 +62,7 @@ class ExternalProcessorService(ext_proc_grpc.ExternalProcessorServicer):
                                 "only an edge Envoy's certificate may ask ext_proc for decisions")
         state = self._live.current
         phases = RequestPhases(state)
+        phases.full = state.health.at_cap.get(identity[1], _NONE)
         request = await context.read()
         if request is grpc.aio.EOF:
             return

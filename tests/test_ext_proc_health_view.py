@@ -88,3 +88,11 @@ def test_aligned_arrays_follow_the_route() -> None:
     assert aligned.ejected(now_unix_ms=99).tolist() == [True, False, False]
     assert aligned.ejected(now_unix_ms=100).tolist() == [False, False, False]
     assert EMPTY_HEALTH.align(table.models["bge-large"]).degraded.tolist() == [False, False]
+
+
+def test_the_view_keeps_each_edge_s_providers_at_their_cap() -> None:
+    message = snapshot()
+    message.at_cap.add(edge="edge-1", providers=["vast", "runpod"])
+    view = build_health_view(message)
+    assert view.at_cap == {"edge-1": frozenset({"vast", "runpod"})}
+    assert build_health_view(snapshot()).at_cap == {}

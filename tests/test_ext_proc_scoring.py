@@ -34,6 +34,7 @@ def run(
     policy=None,
     prompt_tokens: int = 1000,
     max_tokens: int = 256,
+    full: frozenset[str] = frozenset(),
 ) -> Decision:
     policy = policy or (LATENCY if strategy == "latency" else COST)
     route = TABLE.models[model]
@@ -46,6 +47,7 @@ def run(
         prompt_tokens=prompt_tokens,
         max_tokens=max_tokens,
         now_unix_ms=NOW_MS,
+        full=full,
     )
 
 
@@ -64,6 +66,27 @@ def test_cost_picks_the_cheapest_within_the_sla() -> None:
     assert decision.fallbacks == ("runpod", "lambda")
     assert decision.candidates[0].expected_cost_usd == pytest.approx(70.48e-6)
     assert [c.provider for c in decision.candidates] == ["vast", "runpod", "lambda", "coreweave"]
+
+
+def test_a_provider_the_edge_has_at_its_cap_is_tried_after_the_others() -> None:
+    """Its requests would wait at the edge (provider_cap.py), which no latency shows."""
+    decision = run("cost", full=frozenset({"vast"}),
+                   policy=dataclasses.replace(COST, max_fallbacks=3))
+    assert decision.provider == "runpod"
+    assert decision.fallbacks == ("lambda", "coreweave", "vast")
+    assert decision.reason == ("cheapest within 2000 ms SLA: $0.000126; vast at max_concurrency: "
+                               "tried after the others")
+    # The ranking itself is the same: the audit still shows vast cheapest.
+    assert [c.provider for c in decision.candidates] == ["vast", "runpod", "lambda", "coreweave"]
+    # A provider at its cap that would not go first changes nothing.
+    assert run("cost", full=frozenset({"lambda"})) == run("cost")
+
+
+def test_when_every_provider_is_at_its_cap_the_order_stays() -> None:
+    everyone = frozenset({"vast", "runpod", "lambda", "coreweave"})
+    decision = run("cost", full=everyone)
+    assert (decision.provider, decision.fallbacks) == ("vast", ("runpod", "lambda"))
+    assert decision.reason == "cheapest within 2000 ms SLA: $0.000070"
 
 
 def test_cost_skips_a_provider_measured_over_the_sla_but_keeps_it_as_a_late_fallback() -> None:

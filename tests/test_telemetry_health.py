@@ -226,6 +226,25 @@ def test_in_flight_is_summed_over_report_sources_per_provider() -> None:
     assert health.version == version + 4
 
 
+def test_the_snapshot_names_each_edge_s_providers_at_their_cap() -> None:
+    """Per edge, not summed: the cap is each edge's (provider_cap.py)."""
+    health = fleet()
+    health.use_caps({"prov-a": 4, "prov-b": 2})
+    health.record_in_flight("stream-1", {"prov-a": 3, "prov-b": 2}, edge="edge-1")
+    health.record_in_flight("stream-2", {"prov-a": 1}, edge="edge-1")  # a reconnect's new stream
+    health.record_in_flight("stream-3", {"prov-a": 3}, edge="edge-2")
+    at_cap = {a.edge: list(a.providers) for a in health.snapshot_proto(T0).at_cap}
+    assert at_cap == {"edge-1": ["prov-a", "prov-b"]}  # edge-2's 3 of prov-a's 4 is not
+    version = health.version
+    health.record_in_flight("stream-3", {"prov-a": 3}, edge="edge-2")
+    assert health.version == version  # nothing changed: nothing to publish
+    health.record_in_flight("stream-3", {"prov-a": 4}, edge="edge-2")
+    assert health.version == version + 1  # an edge reached a cap: publish, the fleet's sum aside
+    health.forget_in_flight("stream-2")
+    at_cap = {a.edge: list(a.providers) for a in health.snapshot_proto(T0).at_cap}
+    assert at_cap == {"edge-1": ["prov-b"], "edge-2": ["prov-a"]}
+
+
 def test_error_ejection_reason_names_the_rate_and_window() -> None:
     health = fleet(window_s=30.0, eject_error_rate=0.6, eject_min_samples=5)
     for i, status in enumerate([200, 200, 503, 503, 503]):

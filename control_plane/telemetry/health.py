@@ -41,6 +41,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from control_plane.telemetry.health_tally import HealthState, Tally, ewma
+from control_plane.telemetry.in_flight import InFlight
 from control_plane.telemetry.samples import RequestSample
 from gpu_router.api.v1 import health_pb2
 
@@ -138,8 +139,8 @@ class FleetHealth:
         self._pushed_weights: dict[str, int] | None = None
         self._weights_pushed_at_ms = 0
         self._published_version: int | None = None
-        self._in_flight_by_source: dict[str, dict[str, int]] = {}
-        self._in_flight: dict[str, int] = {}
+        self._in_flight = InFlight()
+        self._caps: Mapping[str, int] = {}
         self.version = 0
 
     def use_offerings(self, offerings: Mapping[str, Collection[str]]) -> None:
@@ -149,10 +150,8 @@ class FleetHealth:
         stale = [key for key in self._tallies if not self.knows(*key)]
         for key in stale:
             del self._tallies[key]
-        for source, counts in self._in_flight_by_source.items():
-            self._in_flight_by_source[source] = {
-                p: n for p, n in counts.items() if p in self._offerings}
-        self._sum_in_flight()
+        self._in_flight.keep(self.knows)
+        self._hold_in_flight()
         self.version += 1
 
     def knows(self, provider: str, model: str = PROVIDER_WIDE) -> bool:
@@ -185,28 +184,28 @@ class FleetHealth:
             self._record_into((sample.provider, sample.model), sample)
             self.version += 1
 
-    def record_in_flight(self, source: str, in_flight: Mapping[str, int]) -> None:
-        """Replace what `source` (one edge's report stream) has in flight, per provider."""
-        self._in_flight_by_source[source] = {
-            p: n for p, n in in_flight.items() if n > 0 and self.knows(p)}
-        self._sum_in_flight()
+    def use_caps(self, caps: Mapping[str, int]) -> None:
+        """Each provider's max_concurrency, the cap each edge puts on it (provider_cap.py)."""
+        self._caps = dict(caps)
+        self.version += 1
+
+    def record_in_flight(self, source: str, in_flight: Mapping[str, int], edge: str = "") -> None:
+        """Replace what `source` (one report stream of the node `edge`) has in flight, per
+        provider."""
+        counts = {p: n for p, n in in_flight.items() if n > 0 and self.knows(p)}
+        if self._in_flight.record(source, edge, counts):
+            self._hold_in_flight()
+            self.version += 1
 
     def forget_in_flight(self, source: str) -> None:
         """A source whose stream ended: nothing it reported is known to be in flight any more."""
-        if self._in_flight_by_source.pop(source, None) is not None:
-            self._sum_in_flight()
+        if self._in_flight.forget(source):
+            self.version += 1
 
-    def _sum_in_flight(self) -> None:
-        totals: dict[str, int] = {}
-        for counts in self._in_flight_by_source.values():
-            for provider, count in counts.items():
-                totals[provider] = totals.get(provider, 0) + count
-        if totals == self._in_flight:
-            return
-        for provider in totals:
+    def _hold_in_flight(self) -> None:
+        """A provider seen in flight has an entry, measured or not."""
+        for provider in self._in_flight.totals:
             self._tallies.setdefault((provider, PROVIDER_WIDE), Tally())
-        self._in_flight = totals
-        self.version += 1
 
     def record_pushed_weights(self, weights: Mapping[str, int], now_ms: int) -> None:
         """Remember the cluster weights last pushed to Envoy, for to_json only."""
@@ -258,6 +257,8 @@ class FleetHealth:
                 cooldown_until_unix_ms=view.cooldown_until_unix_ms,
                 in_flight=view.in_flight or 0,
             )
+        for edge, providers in sorted(self._in_flight.at_cap(self._caps).items()):
+            snapshot.at_cap.add(edge=edge, providers=providers)
         return snapshot
 
     def to_json(self, now_ms: int) -> dict[str, Any]:
@@ -382,5 +383,5 @@ class FleetHealth:
             reason=tally.reason,
             first_failure_unix_ms=tally.first_failure_ms,
             last_ejected_unix_ms=tally.last_ejected_ms,
-            in_flight=self._in_flight.get(key[0], 0) if key[1] == PROVIDER_WIDE else None,
+            in_flight=self._in_flight.totals.get(key[0], 0) if key[1] == PROVIDER_WIDE else None,
         )

@@ -98,16 +98,16 @@ class LoadReportReceiver:
                     logger.info("load report stream opened", extra={"node": node_id})
                     yield self._ask
                     continue
-                self._record(source, report)
+                self._record(source, node_id, report)
         finally:
             self._fleet.forget_in_flight(source)
             logger.info("load report stream closed", extra={"node": node_id})
 
-    def _record(self, source: str, report: lrs_pb2.LoadStatsRequest) -> None:
+    def _record(self, source: str, node: str, report: lrs_pb2.LoadStatsRequest) -> None:
         try:
             in_flight = in_flight_by_provider(report, self._fleet, self._limits, self._count)
         except Exception:  # one report never costs the stream
             logger.debug("unreadable load report", exc_info=True, extra={"source": source})
             self._count(LOAD_REPORT, UNREADABLE)
             return
-        self._fleet.record_in_flight(source, in_flight)
+        self._fleet.record_in_flight(source, in_flight, edge=node)

@@ -18,7 +18,9 @@ over it waits in the cluster's queue of pending requests instead of being refuse
 - max_retries: retries_in_flight.
 
 The wait is the edge's, not the provider's: the fleet's latency of a provider is measured from
-the first byte sent to it, so ranking does not see a queue.
+the first byte sent to it, so no latency shows a queue. The control plane names, per edge, the
+providers at their cap from the edges' load reports (telemetry/in_flight.py), and ext_proc tries
+them after the others for that edge's requests.
 """
 
 from __future__ import annotations
