@@ -33,6 +33,7 @@ from google.protobuf import struct_pb2
 from ext_proc.router_state import RouterState
 from ext_proc.routing_table import STRATEGIES, RoutingTable
 from ext_proc.scoring import (
+    NOBODY_AT_CAP,
     Decision,
     NoCandidateError,
     content_length,
@@ -219,7 +220,7 @@ class RequestPhases:
         """The routing decision, once made (for whoever audits the stream)."""
         self.client: ClientRule | None = None
         """The client the admission gate let in (ext_proc/admission.py); None: no clients."""
-        self.full: AbstractSet[str] = frozenset()
+        self.full: AbstractSet[str] = NOBODY_AT_CAP
         """Providers the request's edge has at their max_concurrency: tried last."""
 
     def handle(self, request: ext_proc_pb2.ProcessingRequest) -> ext_proc_pb2.ProcessingResponse:

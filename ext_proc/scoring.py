@@ -20,7 +20,9 @@ fallbacks, after every eligible one; when all of them are ejected they are ranke
 getting a certain 503. Candidates that break the constraint rank after
 those that keep it (they are still fallbacks); ties go to provider order. The
 reason names the winner's merit and, when the fleet ejected a candidate that would
-otherwise have competed, that it was skipped.
+otherwise have competed, that it was skipped. When the request's edge has the winner at its
+max_concurrency (`full`), the eligible ones not at their cap go first (_spill), and the reason
+says so.
 """
 
 from __future__ import annotations
@@ -34,6 +36,9 @@ from dataclasses import dataclass, field
 from ext_proc.health_view import NOT_EJECTED, UNTIL_NEXT_SNAPSHOT, CandidateHealth
 from ext_proc.ranking import RANKERS
 from ext_proc.routing_table import ModelRoute, PolicyRule
+
+NOBODY_AT_CAP: frozenset[str] = frozenset()
+"""No provider at its max_concurrency: what `full` is for nearly every request."""
 
 DEFAULT_MAX_TOKENS = 256
 """Output tokens assumed when the request does not say (OpenAI's max_tokens is optional)."""
@@ -124,7 +129,7 @@ def decide(
     prompt_tokens: int,
     max_tokens: int,
     now_unix_ms: int,
-    full: AbstractSet[str] = frozenset(),
+    full: AbstractSet[str] = NOBODY_AT_CAP,
 ) -> Decision:
     """Rank the route's candidates for one request; NoCandidateError when none is eligible.
     `full`: providers the request's edge has at their max_concurrency (its requests to them
@@ -173,22 +178,22 @@ def decide(
         route, policy, cost, health, eligible, prompt_tokens + max_tokens
     )
     order = _rank(route, keeps, eligible, score)
-    any_skipped = any(skipped)
-    # Ejected providers that could serve come last, after every eligible one: a fleet ejection
-    # trails the provider by its cooldown, and trying one beats failing the client request.
-    walk = [i for i in order if eligible[i]]
-    if len(walk) <= policy.max_fallbacks and any_skipped:
-        walk += [i for i in order if skipped[i]]
-    at_cap = ""
-    if full and providers[walk[0]] in full:
-        walk, at_cap = _spill(providers, walk, full)
-    best = walk[0]
-    reason = describe(best) + (" (degraded)" if health.degraded_flags[best] else "")
+    winner = order[0]
+    reason = describe(winner) + (" (degraded)" if health.degraded_flags[winner] else "")
     if panic:
         reason += "; every fitting provider ejected: tried anyway"
+    any_skipped = any(skipped)
     if any_skipped:
         reason += "; " + ", ".join(p for p, s in zip(providers, skipped) if s) + " ejected"
-    reason += at_cap
+    walk = [i for i in order if eligible[i]]
+    if full and providers[winner] in full:
+        walk, order, note = _spill(providers, walk, order, full, policy.max_fallbacks)
+        reason += note
+    # Ejected providers that could serve come last, after every eligible one: a fleet ejection
+    # trails the provider by its cooldown, and trying one beats failing the client request.
+    if len(walk) <= policy.max_fallbacks and any_skipped:
+        walk += [i for i in order if skipped[i]]
+    best = walk[0]
     summary = candidate_summary(
         route,
         order,
@@ -232,17 +237,24 @@ def _rank(
 
 
 def _spill(
-    providers: tuple[str, ...], walk: list[int], full: AbstractSet[str]
-) -> tuple[list[int], str]:
-    """The walk with the providers at their cap after the others, and the reason's note of
-    them. At its cap a provider makes the edge queue the request (provider_cap.py), which the
-    fleet's latency does not show; when every provider of the walk is at its cap, it stays."""
-    spilled = [i for i in walk if providers[i] not in full]
-    if not spilled:
-        return walk, ""
+    providers: tuple[str, ...], walk: list[int], order: list[int], full: AbstractSet[str],
+    max_fallbacks: int,
+) -> tuple[list[int], list[int], str]:
+    """(walk, order, the reason's note) with the providers at their cap behind the others:
+    at its cap a provider makes the edge queue the request (provider_cap.py), which the
+    fleet's latency does not show. They stay among the request's attempts (1 + max_fallbacks),
+    since waiting for one beats a 503 when the others fail; the order (the audit line's, whose
+    first scored entry is the choice) is the walk's, then the rest. When every provider of the
+    walk is at its cap, nothing moves."""
+    ready = [i for i in walk if providers[i] not in full]
+    if not ready:
+        return walk, order, ""
     capped = [i for i in walk if providers[i] in full]
+    keep = max(max_fallbacks, 1)
+    walk = ready[:keep] + capped + ready[keep:]
+    rest = [i for i in order if i not in walk]
     names = ", ".join(providers[i] for i in capped)
-    return spilled + capped, f"; {names} at max_concurrency: tried after the others"
+    return walk, walk + rest, f"; {names} at max_concurrency: {providers[walk[0]]} first"
 
 
 def _ejection(until_unix_ms: int, now_unix_ms: int) -> str:

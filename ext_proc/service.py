@@ -14,10 +14,10 @@ from ext_proc.admission import Admission, tag_client
 from ext_proc.rate_limit import LocalCounters, RateLimiter
 from ext_proc.request import NotReadyError, ProtocolError, RequestPhases
 from ext_proc.router_state import LiveState
+from ext_proc.scoring import NOBODY_AT_CAP
 from gpu_router.pki import Role, certified_identity
 
 _log = logging.getLogger(__name__)
-_NONE: frozenset[str] = frozenset()
 
 
 def _peer_identity(context: grpc.aio.ServicerContext) -> tuple[Role, str] | None:
@@ -62,7 +62,7 @@ class ExternalProcessorService(ext_proc_grpc.ExternalProcessorServicer):
                                 "only an edge Envoy's certificate may ask ext_proc for decisions")
         state = self._live.current
         phases = RequestPhases(state)
-        phases.full = state.health.at_cap.get(identity[1], _NONE)
+        phases.full = state.health.at_cap.get(identity[1], NOBODY_AT_CAP)
         request = await context.read()
         if request is grpc.aio.EOF:
             return

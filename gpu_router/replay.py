@@ -19,6 +19,8 @@ headers are not recorded (a request keeps the policy of its recorded name when t
 has one, else the first policy matching its path and model), and a strategy a client forced
 by header is not known apart from its policy's. Health is as recorded every 10 s and at each
 state change, so a decision taken between two rows may have seen a slightly different EWMA.
+Nor which providers an edge had at their max_concurrency (not recorded): a request that went to
+the next provider because the first was at its cap replays as the first's.
 """
 
 from __future__ import annotations

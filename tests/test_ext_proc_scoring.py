@@ -68,18 +68,32 @@ def test_cost_picks_the_cheapest_within_the_sla() -> None:
     assert [c.provider for c in decision.candidates] == ["vast", "runpod", "lambda", "coreweave"]
 
 
-def test_a_provider_the_edge_has_at_its_cap_is_tried_after_the_others() -> None:
-    """Its requests would wait at the edge (provider_cap.py), which no latency shows."""
-    decision = run("cost", full=frozenset({"vast"}),
-                   policy=dataclasses.replace(COST, max_fallbacks=3))
-    assert decision.provider == "runpod"
-    assert decision.fallbacks == ("lambda", "coreweave", "vast")
-    assert decision.reason == ("cheapest within 2000 ms SLA: $0.000126; vast at max_concurrency: "
-                               "tried after the others")
-    # The ranking itself is the same: the audit still shows vast cheapest.
-    assert [c.provider for c in decision.candidates] == ["vast", "runpod", "lambda", "coreweave"]
+def test_a_provider_the_edge_has_at_its_cap_goes_behind_the_others_but_stays_a_fallback() -> None:
+    """Its requests would wait at the edge (provider_cap.py), which no latency shows; waiting
+    for it still beats a 503 when the others fail, so it stays among the attempts."""
+    decision = run("cost", full=frozenset({"vast"}))  # max_fallbacks 2: three attempts
+    assert (decision.provider, decision.fallbacks) == ("runpod", ("lambda", "vast"))
+    assert decision.reason == ("cheapest within 2000 ms SLA: $0.000070; vast at max_concurrency: "
+                               "runpod first")
+    # The audit line's first scored entry is the choice (audit.py reads it so, and why, replay).
+    assert decision.candidate_summary.startswith("runpod=")
+    assert [c.provider for c in decision.candidates] == ["runpod", "lambda", "vast", "coreweave"]
+    # One attempt only: the one not at its cap.
+    single = run("cost", full=frozenset({"vast"}), policy=dataclasses.replace(COST, max_fallbacks=0))
+    assert (single.provider, single.fallbacks) == ("runpod", ())
     # A provider at its cap that would not go first changes nothing.
     assert run("cost", full=frozenset({"lambda"})) == run("cost")
+
+
+def test_a_provider_at_its_cap_still_goes_before_an_ejected_one() -> None:
+    """At its cap a provider queues the request; ejected, it is failing."""
+    others_ejected = [health_entry(p, state=health_pb2.EJECTED, cooldown_until_unix_ms=NOW_MS + 5000)
+                      for p in ("runpod", "lambda", "coreweave")]
+    decision = run("cost", *others_ejected, full=frozenset({"vast"}),
+                   policy=dataclasses.replace(COST, max_fallbacks=3))
+    assert decision.provider == "vast"
+    assert set(decision.fallbacks) == {"runpod", "lambda", "coreweave"}  # the ejected, last
+    assert "max_concurrency" not in decision.reason
 
 
 def test_when_every_provider_is_at_its_cap_the_order_stays() -> None:

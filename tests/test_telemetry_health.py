@@ -206,8 +206,8 @@ def test_in_flight_is_summed_over_report_sources_per_provider() -> None:
     health = fleet()
     health.record(sample(T0, provider="prov-a", model="m1"))
     version = health.version
-    health.record_in_flight("edge-1/stream-1", {"prov-a": 2, "prov-b": 1})
-    health.record_in_flight("edge-2/stream-2", {"prov-a": 3})
+    health.record_in_flight("edge-1/stream-1", {"prov-a": 2, "prov-b": 1}, edge="edge-1")
+    health.record_in_flight("edge-2/stream-2", {"prov-a": 3}, edge="edge-2")
     assert view(health, T0, PROVIDER_WIDE).in_flight == 5
     assert view(health, T0, "m1").in_flight is None  # Envoy counts per cluster, not per model
     assert view(health, T0, PROVIDER_WIDE, provider="prov-b").in_flight == 1  # a provider seen in flight only
@@ -215,10 +215,10 @@ def test_in_flight_is_summed_over_report_sources_per_provider() -> None:
         ("prov-a", "", 5), ("prov-a", "m1", 0), ("prov-b", "", 1)]
     assert health.version == version + 2
 
-    health.record_in_flight("edge-1/stream-1", {"prov-a": 2, "prov-b": 1})
+    health.record_in_flight("edge-1/stream-1", {"prov-a": 2, "prov-b": 1}, edge="edge-1")
     assert health.version == version + 2  # the same counts again: nothing to publish
 
-    health.record_in_flight("edge-1/stream-1", {})
+    health.record_in_flight("edge-1/stream-1", {}, edge="edge-1")
     assert view(health, T0, PROVIDER_WIDE).in_flight == 3
     health.forget_in_flight("edge-2/stream-2")
     health.forget_in_flight("edge-9/stream-9")
@@ -226,23 +226,33 @@ def test_in_flight_is_summed_over_report_sources_per_provider() -> None:
     assert health.version == version + 4
 
 
+def at_cap(health: FleetHealth) -> dict[str, list[str]]:
+    return {a.edge: list(a.providers) for a in health.snapshot_proto(T0).at_cap}
+
+
 def test_the_snapshot_names_each_edge_s_providers_at_their_cap() -> None:
-    """Per edge, not summed: the cap is each edge's (provider_cap.py)."""
+    """Per edge, not summed (the cap is each edge's: provider_cap.py), by its latest report."""
     health = fleet()
     health.use_caps({"prov-a": 4, "prov-b": 2})
-    health.record_in_flight("stream-1", {"prov-a": 3, "prov-b": 2}, edge="edge-1")
-    health.record_in_flight("stream-2", {"prov-a": 1}, edge="edge-1")  # a reconnect's new stream
-    health.record_in_flight("stream-3", {"prov-a": 3}, edge="edge-2")
-    at_cap = {a.edge: list(a.providers) for a in health.snapshot_proto(T0).at_cap}
-    assert at_cap == {"edge-1": ["prov-a", "prov-b"]}  # edge-2's 3 of prov-a's 4 is not
+    health.record_in_flight("stream-1", {"prov-a": 4, "prov-b": 1}, edge="edge-1")
+    health.record_in_flight("stream-2", {"prov-a": 3}, edge="edge-2")
+    assert at_cap(health) == {"edge-1": ["prov-a"]}  # edge-2's 3 of prov-a's 4 is not
+    assert health.to_json(T0)["at_cap"] == {"edge-1": ["prov-a"]}  # /v1/health shows it
     version = health.version
-    health.record_in_flight("stream-3", {"prov-a": 3}, edge="edge-2")
+    health.record_in_flight("stream-2", {"prov-a": 3}, edge="edge-2")
+    health.use_caps({"prov-a": 4, "prov-b": 2})
     assert health.version == version  # nothing changed: nothing to publish
-    health.record_in_flight("stream-3", {"prov-a": 4}, edge="edge-2")
-    assert health.version == version + 1  # an edge reached a cap: publish, the fleet's sum aside
+    health.record_in_flight("stream-2", {"prov-a": 4}, edge="edge-2")
+    assert at_cap(health) == {"edge-1": ["prov-a"], "edge-2": ["prov-a"]}
+    assert health.version == version + 1  # an edge reached a cap: published
+
+    # edge-1 reconnects: its new stream's report counts, the old one's lingering counts not.
+    health.record_in_flight("stream-3", {"prov-b": 2}, edge="edge-1")
+    assert at_cap(health) == {"edge-1": ["prov-b"], "edge-2": ["prov-a"]}
+    health.forget_in_flight("stream-1")  # the old stream seen to end
+    assert at_cap(health) == {"edge-1": ["prov-b"], "edge-2": ["prov-a"]}
     health.forget_in_flight("stream-2")
-    at_cap = {a.edge: list(a.providers) for a in health.snapshot_proto(T0).at_cap}
-    assert at_cap == {"edge-1": ["prov-b"], "edge-2": ["prov-a"]}
+    assert at_cap(health) == {"edge-1": ["prov-b"]}
 
 
 def test_error_ejection_reason_names_the_rate_and_window() -> None:

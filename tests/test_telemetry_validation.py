@@ -190,7 +190,7 @@ def test_a_policy_edit_that_removes_a_provider_removes_its_health() -> None:
     fleet, counts = FleetHealth(), Counts()
     receiver = receiver_for(fleet, counts)
     stream(receiver, message(ATTEMPT_LOG_NAME, [entry("a"), entry("b", cluster="vast")]))
-    fleet.record_in_flight("edge-1", {"runpod": 2, "vast": 1})
+    fleet.record_in_flight("edge-1", {"runpod": 2, "vast": 1}, edge="edge-1")
     assert {v.provider for v in fleet.entries(NOW_MS)} == {"runpod", "vast"}
 
     without_runpod = dataclasses.replace(

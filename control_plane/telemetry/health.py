@@ -186,10 +186,11 @@ class FleetHealth:
 
     def use_caps(self, caps: Mapping[str, int]) -> None:
         """Each provider's max_concurrency, the cap each edge puts on it (provider_cap.py)."""
-        self._caps = dict(caps)
-        self.version += 1
+        if caps != self._caps:
+            self._caps = dict(caps)
+            self.version += 1
 
-    def record_in_flight(self, source: str, in_flight: Mapping[str, int], edge: str = "") -> None:
+    def record_in_flight(self, source: str, in_flight: Mapping[str, int], *, edge: str) -> None:
         """Replace what `source` (one report stream of the node `edge`) has in flight, per
         provider."""
         counts = {p: n for p, n in in_flight.items() if n > 0 and self.knows(p)}
@@ -289,6 +290,7 @@ class FleetHealth:
             "providers": providers,
             "weights": self._pushed_weights,
             "weights_pushed_at": _iso_or_none(self._weights_pushed_at_ms),
+            "at_cap": self._in_flight.at_cap(self._caps),
         }
 
     def _record_into(self, key: tuple[str, str], sample: RequestSample) -> Tally:

@@ -17,6 +17,9 @@ class InFlight:
     def __init__(self) -> None:
         self._by_source: dict[str, dict[str, int]] = {}
         self._edge_of: dict[str, str] = {}
+        self._latest: dict[str, str] = {}
+        """Edge -> its stream that reported last: an edge that reconnected reports on the new
+        one, while the old one's counts linger until that stream is seen to end."""
         self.totals: dict[str, int] = {}
         """Provider -> requests in progress over every edge."""
 
@@ -26,7 +29,9 @@ class InFlight:
         previous = self._by_source.get(source, {})
         self._by_source[source] = dict(counts)
         self._edge_of[source] = edge
-        if counts == previous:
+        latest = self._latest.get(edge)
+        self._latest[edge] = source
+        if counts == previous and latest == source:
             return False
         self._sum()
         return True
@@ -34,7 +39,9 @@ class InFlight:
     def forget(self, source: str) -> bool:
         """A stream that ended: nothing it reported is in progress any more. Whether that
         changed anything."""
-        self._edge_of.pop(source, None)
+        edge = self._edge_of.pop(source, None)
+        if edge is not None and self._latest.get(edge) == source:
+            del self._latest[edge]
         if not self._by_source.pop(source, None):
             return False
         self._sum()
@@ -48,14 +55,10 @@ class InFlight:
 
     def at_cap(self, caps: Mapping[str, int]) -> dict[str, list[str]]:
         """Edge -> the providers (sorted) it has as many requests in progress to as their cap
-        in `caps`; edges with none are left out."""
-        by_edge: dict[str, dict[str, int]] = {}
-        for source, counts in self._by_source.items():
-            edge = by_edge.setdefault(self._edge_of.get(source, ""), {})
-            for provider, count in counts.items():
-                edge[provider] = edge.get(provider, 0) + count
-        full = {edge: sorted(p for p, n in counts.items() if 0 < caps.get(p, 0) <= n)
-                for edge, counts in by_edge.items()}
+        in `caps`, by its latest report; edges with none are left out."""
+        full = {edge: sorted(p for p, n in self._by_source[source].items()
+                             if 0 < caps.get(p, 0) <= n)
+                for edge, source in self._latest.items()}
         return {edge: providers for edge, providers in full.items() if providers}
 
     def _sum(self) -> None:

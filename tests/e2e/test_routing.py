@@ -200,3 +200,6 @@ def test_clients_over_a_providers_cap_wait_then_go_to_the_next_and_none_gets_an_
     assert stats["cluster.vast.upstream_rq_pending_overflow"] == 0, stats
     # The first requests, before any load report, met the cap and waited.
     assert stats[overflows] > before, stats
+    # Once the load is gone, so is the cap (the next reports), for whatever runs next.
+    eventually(lambda: json.loads(http_get(stack.control_url("/v1/health"))[1])["at_cap"] == {},
+               "the control plane to see vast below its cap again")
