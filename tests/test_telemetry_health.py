@@ -246,9 +246,11 @@ def test_the_snapshot_names_each_edge_s_providers_at_their_cap() -> None:
     assert at_cap(health) == {"edge-1": ["prov-a"], "edge-2": ["prov-a"]}
     assert health.version == version + 1  # an edge reached a cap: published
 
-    # edge-1 reconnects: its new stream's report counts, the old one's lingering counts not.
+    # edge-1 reconnects: its new stream's report counts, the old one's lingering counts not,
+    # in at_cap and in the fleet's sums alike.
     health.record_in_flight("stream-3", {"prov-b": 2}, edge="edge-1")
     assert at_cap(health) == {"edge-1": ["prov-b"], "edge-2": ["prov-a"]}
+    assert health.to_json(T0)["providers"]["prov-a"]["in_flight"] == 4  # edge-2's only
     health.forget_in_flight("stream-1")  # the old stream seen to end
     assert at_cap(health) == {"edge-1": ["prov-b"], "edge-2": ["prov-a"]}
     health.forget_in_flight("stream-2")

@@ -98,16 +98,18 @@ class LoadReportReceiver:
                     logger.info("load report stream opened", extra={"node": node_id})
                     yield self._ask
                     continue
-                self._record(source, node_id, report)
+                self._record(source, peer.name, report)
         finally:
             self._fleet.forget_in_flight(source)
             logger.info("load report stream closed", extra={"node": node_id})
 
-    def _record(self, source: str, node: str, report: lrs_pb2.LoadStatsRequest) -> None:
+    def _record(self, source: str, edge: str, report: lrs_pb2.LoadStatsRequest) -> None:
+        """`edge`: the certified name of the stream's peer (which its node id must match), the
+        key ext_proc looks a request's edge up by."""
         try:
             in_flight = in_flight_by_provider(report, self._fleet, self._limits, self._count)
         except Exception:  # one report never costs the stream
             logger.debug("unreadable load report", exc_info=True, extra={"source": source})
             self._count(LOAD_REPORT, UNREADABLE)
             return
-        self._fleet.record_in_flight(source, in_flight, edge=node)
+        self._fleet.record_in_flight(source, in_flight, edge=edge)
