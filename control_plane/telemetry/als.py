@@ -197,11 +197,11 @@ class AccessLogReceiver:
             self._record_model(attributed, ATTEMPT)
         _notify(self.on_attempt, node_id, entry, sample)
 
-    def _served(self, request: ClientRequest, node_id: str, now_ms: int) -> RequestSample | None:
+    def _served(self, request: ClientRequest, now_ms: int) -> RequestSample | None:
         """The sample of the attempt that served the request (not on the attempt log, which
         has only failed attempts), if the entry is believable as an attempt would be. A problem
         is not counted here: the request hooks (accounting) count the same entry's."""
-        sample = served_sample(request.entry, request.record, node_id, at_unix_ms=now_ms)
+        sample = served_sample(request.entry, request.record, request.node, at_unix_ms=now_ms)
         if sample is None or shaped_attempt_problem(request.entry, request.shape, now_ms,
                                                     self._limits, self._names):
             return None
@@ -223,7 +223,7 @@ class AccessLogReceiver:
                 request = read_client_request(entry, node_id, now_ms, self._limits)
                 model = decided_model(entry) if request.record is None else request.record.model
                 attributed = self._attribution.request(entry.request.request_id, model, now_ms)
-                served = self._served(request, node_id, now_ms)
+                served = self._served(request, now_ms)
             except Exception:  # one entry never costs its batch or its stream
                 logger.debug("unreadable request entry", exc_info=True, extra={"node": node_id})
                 self._count(EDGE, UNREADABLE)

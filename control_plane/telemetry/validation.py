@@ -191,7 +191,9 @@ def attempt_problem(entry: accesslog_pb2.HTTPAccessLogEntry, now_ms: int, limits
 def shaped_attempt_problem(entry: accesslog_pb2.HTTPAccessLogEntry, shape: str | None,
                            now_ms: int, limits: Limits, names: PolicyNames | None) -> str | None:
     """attempt_problem of an entry whose shape_problem is `shape` (read once:
-    client_request.py)."""
+    client_request.py). attempt_problem does not call this: it reads the shape only for a known
+    cluster, so an entry of an unknown one is counted as that even when its times are
+    unreadable."""
     return (_cluster_problem(entry.common_properties.upstream_cluster, names)
             or shape or _age_problem(entry, now_ms, limits))
 

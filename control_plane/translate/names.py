@@ -28,7 +28,6 @@ ROUTE_HEADER = "x-gpu-router-route"
 of the policy and model, the order itself riding in the decision metadata (ORDER_METADATA_KEY);
 stripped from client requests."""
 MODEL_HEADER = "x-gpu-router-model"
-STRATEGY_HEADER = "x-gpu-router-strategy"
 PROVIDER_RESPONSE_HEADER = "x-gpu-router-provider"
 REASON_RESPONSE_HEADER = "x-gpu-router-reason"
 
