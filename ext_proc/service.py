@@ -15,7 +15,7 @@ from ext_proc.rate_limit import LocalCounters, RateLimiter
 from ext_proc.request import NotReadyError, ProtocolError, RequestPhases
 from ext_proc.router_state import LiveState
 from ext_proc.scoring import NOBODY_AT_CAP
-from gpu_router.pki import Role, certified_identity
+from gpu_router.pki import Role, certified_identity, peer_certificate
 
 _log = logging.getLogger(__name__)
 
@@ -25,14 +25,12 @@ def _peer_identity(context: grpc.aio.ServicerContext) -> tuple[Role, str] | None
     (pki.certified_identity: URI SANs only). The port takes only certificates of the fleet's CA
     (workers.py); of those, only an edge Envoy may ask for decisions. ~10 us a stream (gRPC's
     auth context; peer_identities() took ~4 but also lists DNS SANs and the CN)."""
-    pems = context.auth_context().get("x509_pem_cert")
-    return _certified(pems[0]) if pems else None
+    return _certified(peer_certificate(context.auth_context()))
 
 
-@functools.lru_cache(maxsize=256)
-def _certified(pem: bytes) -> tuple[Role, str] | None:
-    """Cached per certificate: the fleet has few, and parsing one costs more than a request."""
-    return certified_identity(pem)
+_certified = functools.lru_cache(maxsize=256)(certified_identity)
+"""certified_identity cached per certificate: the fleet has few, and parsing one costs more
+than a request."""
 
 
 class ExternalProcessorService(ext_proc_grpc.ExternalProcessorServicer):

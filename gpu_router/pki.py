@@ -18,7 +18,7 @@ import datetime
 import enum
 import ipaddress
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -111,6 +111,12 @@ def sole_identity(names: Iterable[str]) -> tuple[Role, str] | None:
     plane's port and ext_proc's both admit peers by this rule."""
     found = {identity for name in names if (identity := role_of(name)) is not None}
     return found.pop() if len(found) == 1 else None
+
+
+def peer_certificate(auth_context: Mapping[str, Sequence[bytes]]) -> bytes | None:
+    """The gRPC peer's certificate (PEM) from its auth_context(); None without one."""
+    pems = auth_context.get("x509_pem_cert")
+    return pems[0] if pems else None
 
 
 def certified_identity(pem: bytes | None) -> tuple[Role, str] | None:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import grpc
 
 from control_plane.xds import type_urls
-from gpu_router.pki import Role, certified_identity
+from gpu_router.pki import Role, certified_identity, peer_certificate
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +71,7 @@ def nothing(_type_url: str) -> bool:
 
 def peer_of(address: str, auth_context: Mapping[str, Sequence[bytes]]) -> Peer:
     """The peer as its certificate (auth_context()["x509_pem_cert"]) names it."""
-    pems = auth_context.get("x509_pem_cert")
-    identity = certified_identity(pems[0] if pems else None)
+    identity = certified_identity(peer_certificate(auth_context))
     return Peer(address, None) if identity is None else Peer(address, *identity)
 
 
