@@ -149,7 +149,6 @@ async def serve(options: Options, stop: asyncio.Event, hangup: asyncio.Event | N
         await rollout.apply(release)
         accounting.use_policy(release.config)
         receiver.use_policy(release.config)  # the health table keeps its providers only
-        fleet.use_caps({p.name: p.max_concurrency for p in release.config.providers})
 
     # Watched: the policy file (unless embedded), the key files it names and the edge listener's
     # certificate and key, so a rotated key or certificate reaches the edges over SDS; SIGHUP

@@ -108,9 +108,11 @@ class AccessLogReceiver:
         """Subscribers to believed failed attempts; append to subscribe."""
 
     def use_policy(self, config: RoutingConfig) -> None:
-        """Believe attempts to this policy's providers only; the fleet forgets the others."""
+        """Believe attempts to this policy's providers only; the fleet forgets the others and
+        learns their caps."""
         self._names = PolicyNames.of(config)
         self._fleet.use_offerings(self._names.offerings)
+        self._fleet.use_caps({p.name: p.max_concurrency for p in config.providers})
 
     def register(self, server: grpc.aio.Server) -> None:
         """As the generated add_AccessLogServiceServicer_to_server, but with a request

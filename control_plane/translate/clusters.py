@@ -66,9 +66,9 @@ from control_plane.translate.names import (
     credential_secret,
 )
 from control_plane.translate.provider_cap import (
+    CONNECTION_OPTIONS,
     ONE_STREAM_H2,
     circuit_breakers,
-    connection_options,
     fleet_concurrency,
     retries_in_flight,
 )
@@ -340,7 +340,7 @@ def _protocol_options(
     either way (provider_cap.py); then the per-attempt filters: the rewrite, the credential,
     the codec."""
     options = upstream_http_pb2.HttpProtocolOptions(
-        common_http_protocol_options=connection_options()
+        common_http_protocol_options=CONNECTION_OPTIONS
     )
     if tls:
         options.auto_config.http_protocol_options.CopyFrom(protocol_pb2.Http1ProtocolOptions())

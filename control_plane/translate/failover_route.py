@@ -7,8 +7,7 @@ reads (override_metadata_namespace), among the groups the route configures, one 
 What bounds the retrying:
 
 - per request: at most `attempts` attempts (num_retries = attempts - 1, at most max_fallbacks);
-- per provider: its max_concurrency circuit breaker (clusters.py), which guards the provider a
-  retry goes to;
+- per provider: its cap at this edge (provider_cap.py), which guards the provider a retry goes to;
 - per edge: the max_retries circuit breaker (provider_cap.retries_in_flight).
 
 Envoy requires a positive retry back-off, so it is 1 ms: the next attempt goes to another

@@ -40,10 +40,8 @@ ONE_STREAM_H2 = protocol_pb2.Http2ProtocolOptions(
 )
 """h2 to a provider (ALPN over TLS) held to one request a connection, as HTTP/1.1 is."""
 
-
-def connection_options() -> protocol_pb2.HttpProtocolOptions:
-    """Every provider connection's: idle ones give their slot back after IDLE_CONNECTION_S."""
-    return protocol_pb2.HttpProtocolOptions(idle_timeout=seconds(IDLE_CONNECTION_S))
+CONNECTION_OPTIONS = protocol_pb2.HttpProtocolOptions(idle_timeout=seconds(IDLE_CONNECTION_S))
+"""Every provider connection's: idle ones give their slot back after IDLE_CONNECTION_S."""
 
 
 def fleet_concurrency(config: RoutingConfig) -> int:
