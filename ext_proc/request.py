@@ -212,16 +212,18 @@ def _decision_fields(
 class RequestPhases:
     """The state of one request's ext_proc stream."""
 
-    def __init__(self, state: RouterState, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, state: RouterState, clock: Callable[[], float] = time.time,
+                 full: AbstractSet[str] = NOBODY_AT_CAP) -> None:
+        """`full`: the providers the request's edge has at their max_concurrency (tried after
+        others: scoring.decide)."""
         self._state = state
         self._clock = clock
+        self.full = full
         self.phase = Phase.HEADERS
         self.decision: Decision | None = None
         """The routing decision, once made (for whoever audits the stream)."""
         self.client: ClientRule | None = None
         """The client the admission gate let in (ext_proc/admission.py); None: no clients."""
-        self.full: AbstractSet[str] = NOBODY_AT_CAP
-        """Providers the request's edge has at their max_concurrency: tried last."""
 
     def handle(self, request: ext_proc_pb2.ProcessingRequest) -> ext_proc_pb2.ProcessingResponse:
         kind = request.WhichOneof("request")

@@ -187,7 +187,7 @@ def decide(
         reason += "; " + ", ".join(p for p, s in zip(providers, skipped) if s) + " ejected"
     walk = [i for i in order if eligible[i]]
     if full and providers[winner] in full:
-        walk, order, note = _spill(providers, walk, order, full, policy.max_fallbacks)
+        walk, order, note = _spill(providers, walk, order, eligible, full, policy.max_fallbacks)
         reason += note
     # Ejected providers that could serve come last, after every eligible one: a fleet ejection
     # trails the provider by its cooldown, and trying one beats failing the client request.
@@ -237,22 +237,24 @@ def _rank(
 
 
 def _spill(
-    providers: tuple[str, ...], walk: list[int], order: list[int], full: AbstractSet[str],
-    max_fallbacks: int,
+    providers: tuple[str, ...], walk: list[int], order: list[int], eligible: Sequence[bool],
+    full: AbstractSet[str], max_fallbacks: int,
 ) -> tuple[list[int], list[int], str]:
-    """(walk, order, the reason's note) with the providers at their cap behind the others:
-    at its cap a provider makes the edge queue the request (provider_cap.py), which the
-    fleet's latency does not show. They stay among the request's attempts (1 + max_fallbacks),
-    since waiting for one beats a 503 when the others fail; the order (the audit line's, whose
-    first scored entry is the choice) is the walk's, then the rest. When every provider of the
-    walk is at its cap, nothing moves."""
+    """(walk, order, the reason's note) with the providers at their cap behind up to
+    `max_fallbacks` others: at its cap a provider makes the edge queue the request
+    (provider_cap.py), which the fleet's latency does not show. So they stay among the
+    request's attempts when there is more than one (waiting for one beats a 503 when the others
+    fail); with one attempt, the first not at its cap takes it. The others keep their rank, even
+    one that breaks the strategy's constraint (over the SLA, say): any of them serves now. The
+    order (the audit line's, whose first scored entry is the choice) is the walk's (the eligible
+    ones), then the rest. When every provider of the walk is at its cap, nothing moves."""
     ready = [i for i in walk if providers[i] not in full]
     if not ready:
         return walk, order, ""
     capped = [i for i in walk if providers[i] in full]
     keep = max(max_fallbacks, 1)
     walk = ready[:keep] + capped + ready[keep:]
-    rest = [i for i in order if i not in walk]
+    rest = [i for i in order if not eligible[i]]
     names = ", ".join(providers[i] for i in capped)
     return walk, walk + rest, f"; {names} at max_concurrency: {providers[walk[0]]} first"
 

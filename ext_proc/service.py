@@ -59,8 +59,7 @@ class ExternalProcessorService(ext_proc_grpc.ExternalProcessorServicer):
             await context.abort(grpc.StatusCode.PERMISSION_DENIED,
                                 "only an edge Envoy's certificate may ask ext_proc for decisions")
         state = self._live.current
-        phases = RequestPhases(state)
-        phases.full = state.health.at_cap.get(identity[1], NOBODY_AT_CAP)
+        phases = RequestPhases(state, full=state.health.at_cap.get(identity[1], NOBODY_AT_CAP))
         request = await context.read()
         if request is grpc.aio.EOF:
             return
