@@ -18,7 +18,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -247,3 +247,20 @@ class EnvoyAdmin:
 
     def clusters(self) -> str:
         return http_get(self.url("/clusters"))[1].decode()
+
+
+def stop_each(processes: Mapping[str, ManagedProcess], names: Iterable[str],
+              errors: list[Exception]) -> dict[str, int | None]:
+    """Stop each of `names`, and their exit statuses. One that cannot be stopped (a signal or a
+    wait that failed, added to `errors` for the caller to raise once all were asked) does not
+    keep the others running."""
+    exits: dict[str, int | None] = {}
+    for name in names:
+        process = processes[name]
+        try:
+            process.stop()
+        except (OSError, subprocess.SubprocessError) as error:
+            errors.append(error)
+            continue
+        exits[name] = process.returncode
+    return exits

@@ -19,6 +19,7 @@ ext_proc worker). A socket in a directory only this user may enter can only be t
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import secrets
@@ -28,6 +29,8 @@ from pathlib import Path
 
 from control_plane.policy.model import RoutingConfig
 from gpu_router.processes import ManagedProcess, ProcessError
+
+_log = logging.getLogger(__name__)
 
 REDIS = "redis"
 """The process's name in the stack."""
@@ -94,6 +97,18 @@ def redis_home(certs: Path) -> Path:
                        "to a shorter directory")
 
 
+def remove_redis_home(home: Path) -> None:
+    """Redis's config (a copy of the password) and socket go with the stack; the password itself
+    stays in redis-password, which the next stack reads. A directory that cannot be removed is
+    logged: a copy of the password stays there."""
+    try:
+        shutil.rmtree(home)
+    except FileNotFoundError:
+        pass
+    except OSError as error:
+        _log.warning("redis directory not removed", extra={"path": str(home), "error": str(error)})
+
+
 def redis_socket(home: Path) -> Path:
     return home / "redis.sock"
 
@@ -118,7 +133,7 @@ def redis_process(home: Path, log_dir: Path, password_file: Path) -> ManagedProc
     os.fchmod(descriptor, 0o600)  # an existing file keeps its mode through O_CREAT
     with os.fdopen(descriptor, "w") as out:
         out.write(f"port 0\nunixsocket {_quoted(str(redis_socket(home)))}\nunixsocketperm 700\n"
-                  f"protected-mode yes\nsave \"\"\nappendonly no\ndir {_quoted(str(log_dir))}\n"
+                  f"protected-mode yes\nsave \"\"\nappendonly no\ndir {_quoted(str(home))}\n"
                   f"requirepass {read_password(password_file)}\n")
     return ManagedProcess(REDIS, [binary, str(config)], log_dir / f"{REDIS}.log")
 

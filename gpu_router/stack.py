@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ from gpu_router.processes import (
     http_get,
     port_open,
     python_module,
+    stop_each,
 )
 from gpu_router.redis_service import (
     ensure_password,
@@ -41,6 +41,7 @@ from gpu_router.redis_service import (
     redis_process,
     redis_socket,
     redis_url,
+    remove_redis_home,
     wants_redis,
 )
 from gpu_router.stack_endpoints import EdgeHandle, StackPorts
@@ -338,12 +339,15 @@ class Stack:
         return self.edges[0].url
 
     def stop(self) -> None:
-        """Stop everything at once, in reverse start order (tests, a failed start)."""
+        """Stop everything at once, in reverse start order (tests, a failed start); the first
+        error stopping one is raised once every other was stopped too."""
+        errors: list[Exception] = []
         try:
-            for name in reversed(list(self.processes)):
-                self.processes[name].stop()
+            stop_each(self.processes, reversed(list(self.processes)), errors)
         finally:
-            self._remove_redis_home()
+            self._remove_redis_dir()
+        if errors:
+            raise errors[0]
 
     def shutdown(self, drain_s: float = EDGE_DRAIN_S) -> dict[str, int | None]:
         """Stop for good, the edges last and drained: every edge starts its graceful drain,
@@ -352,12 +356,16 @@ class Stack:
         passed, and the simulated providers after them, as the last requests still need them.
         Returns each process's exit status, in the order they were stopped.
         """
+        errors: list[Exception] = []
         try:
-            return self._shut_down(drain_s)
+            exits = self._shut_down(drain_s, errors)
         finally:
-            self._remove_redis_home()
+            self._remove_redis_dir()
+        if errors:
+            raise errors[0]
+        return exits
 
-    def _shut_down(self, drain_s: float) -> dict[str, int | None]:
+    def _shut_down(self, drain_s: float, errors: list[Exception]) -> dict[str, int | None]:
         draining_since = time.monotonic()
         edges = [edge.node_id for edge in self.edges]
         for edge in self.edges:
@@ -365,23 +373,16 @@ class Stack:
                 with contextlib.suppress(OSError, ProcessError):  # it stops by SIGTERM anyway
                     edge.admin.drain_listeners()
         routers = [name for name in reversed(self.processes) if name not in edges + [SIMULATOR]]
-        exits = {name: self._stop(name) for name in routers}
+        exits = stop_each(self.processes, routers, errors)
         time.sleep(max(0.0, draining_since + drain_s - time.monotonic()))
-        exits |= {name: self._stop(name) for name in reversed(edges)}
+        exits |= stop_each(self.processes, reversed(edges), errors)
         if SIMULATOR in self.processes:
-            exits[SIMULATOR] = self._stop(SIMULATOR)
+            exits |= stop_each(self.processes, [SIMULATOR], errors)
         return exits
 
-    def _remove_redis_home(self) -> None:
-        """Redis's config (a copy of the password) and socket go with the stack; the password
-        itself stays in redis-password, which the next stack reads."""
+    def _remove_redis_dir(self) -> None:
         if self.redis_dir is not None:
-            shutil.rmtree(self.redis_dir, ignore_errors=True)
-
-    def _stop(self, name: str) -> int | None:
-        process = self.processes[name]
-        process.stop()
-        return process.returncode
+            remove_redis_home(self.redis_dir)
 
     def __enter__(self) -> Self:
         """Starts the stack, unless `with Stack(...).start()` already did (starting twice would

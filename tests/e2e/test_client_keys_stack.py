@@ -201,3 +201,4 @@ def test_limits_hold_across_two_edges_and_two_replicas(tmp_path: Path) -> None:
     finally:
         fleet.stop()
     assert not config.exists(), "the password's copy in Redis's config outlived the stack"
+    assert not fleet.redis_dir.exists(), "and so did its socket's directory"
