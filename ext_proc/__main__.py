@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from urllib.parse import parse_qs, urlsplit
 
 from ext_proc.json_log import configure_logging
 from ext_proc.workers import WorkerConfig, run_workers
@@ -28,10 +27,19 @@ def _positive(text: str) -> int:
     return int(text)
 
 
-def _holds_password(url: str) -> bool:
-    """A password in the URL's user part or in its query (redis-py reads ?password= too)."""
-    parts = urlsplit(url)
-    return bool(parts.password) or "password" in parse_qs(parts.query)
+def _redis_url_problem(url: str) -> str | None:
+    """What is wrong with --redis, read as redis-py reads it (imported here: only replicas
+    given --redis load it); None when nothing is."""
+    from redis.connection import parse_url
+
+    try:
+        parsed = parse_url(url)
+    except ValueError as error:  # not redis://, rediss:// or unix://; the URL is not repeated
+        return f"--redis: {error}"
+    if parsed.get("password"):  # in the user part or in ?password=
+        return ("--redis holds a password, which every local user can read on the command "
+                "line (and which logs would repeat): put it in --redis-password-file")
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,9 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.redis_password_file is not None and args.redis is None:
         parser.error("--redis-password-file needs --redis")
-    if args.redis is not None and _holds_password(args.redis):
-        parser.error("--redis holds a password, which every local user can read on the command "
-                     "line (and which logs would repeat): put it in --redis-password-file")
+    redis_problem = None if args.redis is None else _redis_url_problem(args.redis)
+    if redis_problem is not None:
+        parser.error(redis_problem)
     tls = TlsFiles(args.tls_ca, args.tls_cert, args.tls_key)
     problem = pair_problem(tls)
     if problem is not None:  # else gRPC only says it cannot bind the port

@@ -149,6 +149,7 @@ def test_ext_proc_refuses_to_start_on_unusable_flags(
         ([*files, "--redis", "redis://:secret-password@127.0.0.1:1"], "--redis-password-file"),
         ([*files, "--redis", "unix:///run/r.sock?password=secret-password"],
          "--redis-password-file"),
+        ([*files, "--redis", "http://127.0.0.1:1"], "--redis: Redis URL must specify"),
         (mismatched, f"unusable TLS files: {other.key}: not the key of {files[3]}"),
     ]
     for argv, says in cases:
