@@ -19,8 +19,8 @@ over it waits in the cluster's queue of pending requests instead of being refuse
 
 The wait is the edge's, not the provider's: the fleet's latency of a provider is measured from
 the first byte sent to it, so no latency shows a queue. The control plane names, per edge, the
-providers at their cap from the edges' load reports (telemetry/in_flight.py), and ext_proc tries
-them after the others for that edge's requests.
+providers at their cap from the edges' load reports (telemetry/in_flight.py), and ext_proc puts
+others before them for that edge's requests (scoring._spill).
 """
 
 from __future__ import annotations
