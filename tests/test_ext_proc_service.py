@@ -16,12 +16,14 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_proc_grpc
 from ext_proc_fixtures import (
+    HEALTH_TYPE_URL,
     POLICY_TYPE_URL,
     FakeAds,
     body_request,
     default_policy,
     edge_channel,
     headers_request,
+    snapshot,
 )
 from google.protobuf import json_format
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -75,10 +77,10 @@ def process(
         )
 
 
-def both_workers_acked(ads: FakeAds, version: str) -> bool:
-    """Both workers ACKed `version` of the routing policy (each ACKs it once; ACKs carry no
-    node, as in Envoy: the node is on a stream's first request only)."""
-    acks = [r for r in ads.requests_for(POLICY_TYPE_URL)
+def both_workers_acked(ads: FakeAds, version: str, type_url: str = POLICY_TYPE_URL) -> bool:
+    """Both workers ACKed `version` of the routing policy, or of `type_url` (each ACKs it once;
+    ACKs carry no node, as in Envoy: the node is on a stream's first request only)."""
+    acks = [r for r in ads.requests_for(type_url)
             if r.version_info == version and not r.HasField("error_detail")]
     return len(acks) >= 2
 
@@ -116,6 +118,35 @@ def test_not_ready_then_routes_once_the_policy_arrives(
         audit = json_format.MessageToDict(response.dynamic_metadata)["gpu_router"]
         assert audit["model"] == "mixtral-8x7b" and "request_id" not in audit
         assert audit["priority_groups"] == [{"name": "lambda"}, {"name": "runpod"}]
+
+
+def test_the_providers_at_cap_are_those_of_the_edge_the_certificate_names(
+    ads: FakeAds, ext_proc: tuple[ManagedProcess, str]
+) -> None:
+    """The fleet's at_cap is per edge: a request from the edge certified as edge-test spills
+    past the providers edge-test has at their cap, and not past another edge's."""
+    _, target = ext_proc
+    ads.publish(POLICY_TYPE_URL, "v1", default_policy("v1"))
+    eventually(lambda: both_workers_acked(ads, "v1"), "the policy in every worker")
+    request = headers_request(body_fields={"model": "mixtral"})
+
+    def order_and_reason(health_version: str, at_cap: dict[str, list[str]]) -> tuple[list, str]:
+        message = snapshot()
+        for edge, providers in at_cap.items():
+            message.at_cap.add(edge=edge, providers=providers)
+        ads.publish(HEALTH_TYPE_URL, health_version, message)
+        eventually(lambda: both_workers_acked(ads, health_version, HEALTH_TYPE_URL),
+                   f"health {health_version} in every worker")
+        answers = [process(target, request)[0] for _ in range(8)]  # both workers
+        audits = [json_format.MessageToDict(a.dynamic_metadata)["gpu_router"] for a in answers]
+        assert len({json.dumps(a, sort_keys=True) for a in audits}) == 1, audits
+        return [g["name"] for g in audits[0]["priority_groups"]], audits[0]["reason"]
+
+    order, reason = order_and_reason("h1", {"edge-other": ["lambda"]})
+    assert order == ["lambda", "runpod"] and "max_concurrency" not in reason
+    order, reason = order_and_reason("h2", {"edge-test": ["lambda"], "edge-other": ["runpod"]})
+    assert order == ["runpod", "lambda"]
+    assert reason.endswith("; lambda at max_concurrency: runpod first")
 
 
 def serving_status(target: str, service: str) -> int:
