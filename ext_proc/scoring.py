@@ -174,6 +174,7 @@ def decide(
             f"no provider can serve {route.name} ({detail})",
             _candidates(route, cost, latency, None, excluded, range(len(excluded))),
         )
+    every_eligible = all(eligible)
     keeps, score, describe = RANKERS[strategy](
         route, policy, cost, health, eligible, prompt_tokens + max_tokens
     )
@@ -185,7 +186,7 @@ def decide(
     any_skipped = any(skipped)
     if any_skipped:
         reason += "; " + ", ".join(p for p, s in zip(providers, skipped) if s) + " ejected"
-    walk = [i for i in order if eligible[i]]
+    walk = [i for i in order if eligible[i]] if not every_eligible else order[:]
     if full and providers[winner] in full:
         walk, order, note = _spill(providers, walk, order, eligible, full, policy.max_fallbacks)
         reason += note
@@ -198,7 +199,7 @@ def decide(
         route,
         order,
         score,
-        eligible,
+        None if every_eligible else eligible,
         functools.partial(_exclusion, route, policy, until, now_unix_ms, allowed),
     )
     return Decision(
@@ -301,15 +302,16 @@ def candidate_summary(
     route: ModelRoute,
     order: list[int],
     score: Sequence[float],
-    eligible: Sequence[bool],
+    eligible: Sequence[bool] | None,
     exclusion: Callable[[int], str | None],
 ) -> str:
     """The compact audit line of a decision, every candidate in rank order:
     "vast=7.048e-05;runpod=0.000126;lambda=x:gpu ... too small" (provider=score, or
     provider=x:why it was excluded; ";" in a reason becomes ","). The control plane's audit log
-    parses it (control_plane/audit.py parse_candidates); Envoy's access log carries it."""
+    parses it (control_plane/audit.py parse_candidates); Envoy's access log carries it.
+    `eligible` None: every candidate is."""
     formats = route.summary_formats
-    if all(eligible):
+    if eligible is None:
         # The route's entries joined into one format for every score at once: a third cheaper
         # than an f-string per candidate, and every request pays for this line.
         return ";".join([formats[i] for i in order]) % tuple([score[i] for i in order])

@@ -372,8 +372,9 @@ def test_the_summary_keeps_its_separator_out_of_reasons() -> None:
 
 def test_a_percent_sign_in_a_provider_name_is_not_a_format() -> None:
     route = summary_route("50%", "x%s")
-    summary = candidate_summary(route, [1, 0], [2.5, 1.0], [True, True], lambda i: None)
-    assert summary == "x%s=1;50%=2.5"
+    for eligible in (None, [True, True]):  # one format for all, then one per candidate
+        summary = candidate_summary(route, [1, 0], [2.5, 1.0], eligible, lambda i: None)
+        assert summary == "x%s=1;50%=2.5"
     summary = candidate_summary(route, [0, 1], [1.0, 2.0], [True, False], lambda i: "gone")
     assert summary == "50%=1;x%s=x:gone"
 
