@@ -141,13 +141,17 @@ def row_from_columns(values: Sequence[object]) -> LedgerRow:
     return LedgerRow(**row)  # type: ignore[arg-type]
 
 
+_reported_json = json.JSONEncoder(separators=(",", ":"), sort_keys=True).encode
+"""json.dumps with these options builds an encoder per call (~2 us of a row's ~6 us); one."""
+
+
 def ledger_row(record: RequestRecord, usage: Usage, cost_usd: float) -> LedgerRow:
     return LedgerRow(
         at_unix_ms=record.at_unix_ms, request_id=record.request_id, model=record.model,
         provider=record.provider, policy=record.policy, strategy=record.strategy,
         reason=record.reason, attempts=record.attempts, status=record.status,
         stream=record.stream, ttfb_ms=record.ttfb_ms, total_ms=record.total_ms,
-        reported_tokens=json.dumps(dict(usage.reported), separators=(",", ":"), sort_keys=True),
+        reported_tokens=_reported_json(dict(usage.reported)),
         input_tokens=usage.input_tokens, output_tokens=usage.output_tokens,
         cached_input_tokens=usage.cached_input_tokens,
         cache_write_tokens=usage.cache_write_tokens, reasoning_tokens=usage.reasoning_tokens,
