@@ -28,6 +28,8 @@ def _peer_identity(context: grpc.aio.ServicerContext) -> tuple[Role, str] | None
     return _certified(peer_certificate(context.auth_context()))
 
 
+_EDGES_ONLY = "only an edge Envoy's certificate may ask ext_proc for decisions"
+
 _certified = functools.lru_cache(maxsize=256)(certified_identity)
 """certified_identity cached per certificate: the fleet has few, and parsing one costs more
 than a request."""
@@ -51,13 +53,15 @@ class ExternalProcessorService(ext_proc_grpc.ExternalProcessorServicer):
         turn), and grpc.aio's per-stream machinery is most of a decision's cost."""
         identity = _peer_identity(context)
         if identity is None or identity[0] is not Role.EDGE:
-            # What it is certified as, beside the names it carries (which the rule distrusts).
+            # The control plane's fields (xds/peer.py Peer.fields), beside the names the
+            # certificate carries (which the rule distrusts).
             _log.warning("peer_refused", extra={
                 "peer": context.peer(),
-                "certified": None if identity is None else f"{identity[0].value}/{identity[1]}",
+                "role": "none" if identity is None else identity[0].value,
+                "peer_name": "" if identity is None else identity[1],
+                "reason": _EDGES_ONLY,
                 "identities": _names(context.peer_identities())})
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
-                                "only an edge Envoy's certificate may ask ext_proc for decisions")
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, _EDGES_ONLY)
         state = self._live.current
         phases = RequestPhases(state, full=state.health.at_cap.get(identity[1], NOBODY_AT_CAP))
         request = await context.read()

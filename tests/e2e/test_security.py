@@ -307,4 +307,6 @@ def test_ext_proc_decides_for_edge_certificates_only(stack: Stack) -> None:
     refused = [json.loads(line) for line in lines if '"peer_refused"' in line]
     assert refused and refused[-1]["identities"] == ["spiffe://gpu-router/ext-proc/ext-proc-probe",
                                                      "ext-proc.gpu-router"]
-    assert refused[-1]["certified"] == "ext-proc/ext-proc-probe"
+    # The control plane's peer_refused fields (xds/peer.py), so one query finds both.
+    assert (refused[-1]["role"], refused[-1]["peer_name"]) == ("ext-proc", "ext-proc-probe")
+    assert refused[-1]["reason"].startswith("only an edge Envoy's certificate")
