@@ -24,7 +24,9 @@ import os
 import re
 import secrets
 import shutil
+import socket
 import tempfile
+import time
 from pathlib import Path
 
 from control_plane.policy.model import RoutingConfig
@@ -82,13 +84,21 @@ _MAX_SOCKET_PATH = 100
 """A unix socket's path must fit sockaddr_un (108 bytes on Linux, with its NUL)."""
 
 
+_HOME_PREFIX = "redis-"
+_STARTING_S = 60
+"""A directory younger than this without a socket may be a Redis still starting: kept."""
+
+
 def redis_home(certs: Path) -> Path:
     """A new directory (mode 0700) for one Redis: its config and its socket; the stack removes
     it. In the certs directory (private, and not cleaned by age as /tmp is on many systems,
     which would take the socket from under a long-running service), or in the system's
-    temporary directory when a socket's path there would be too long."""
+    temporary directory when a socket's path there would be too long. The directories there of
+    stacks that were killed before removing theirs are removed first (remove_dead_homes)."""
+    if certs.is_dir():
+        remove_dead_homes(certs)
     for parent in (certs, None):
-        home = Path(tempfile.mkdtemp(prefix="redis-" if parent else "gpu-router-redis-",
+        home = Path(tempfile.mkdtemp(prefix=_HOME_PREFIX if parent else "gpu-router-redis-",
                                      dir=parent))
         if len(bytes(redis_socket(home))) <= _MAX_SOCKET_PATH:
             return home
@@ -107,6 +117,32 @@ def remove_redis_home(home: Path) -> None:
         pass
     except OSError as error:
         _log.warning("redis directory not removed", extra={"path": str(home), "error": str(error)})
+
+
+def remove_dead_homes(certs: Path) -> None:
+    """Remove the Redis directories in `certs` whose Redis is gone (a stack killed with SIGKILL
+    leaves its directory, a copy of the password in it): a socket nobody accepts on, or no socket
+    in a directory older than a start. A live Redis's directory is kept."""
+    for home in certs.glob(f"{_HOME_PREFIX}*"):
+        if not home.is_dir() or _in_use(home):
+            continue
+        _log.info("removing a dead stack's redis directory", extra={"path": str(home)})
+        remove_redis_home(home)
+
+
+def _in_use(home: Path) -> bool:
+    sock = redis_socket(home)
+    if not sock.exists():
+        return time.time() - home.stat().st_mtime < _STARTING_S
+    with socket.socket(socket.AF_UNIX) as probe:
+        probe.settimeout(1)
+        try:
+            probe.connect(str(sock))
+        except (ConnectionRefusedError, FileNotFoundError):
+            return False
+        except OSError:
+            return True  # not ours to judge (a timeout, say): kept
+    return True
 
 
 def redis_socket(home: Path) -> Path:

@@ -157,3 +157,23 @@ def test_ext_proc_refuses_to_start_on_unusable_flags(
             ext_proc_main(argv)
         assert stopped.value.code == 2
         assert says in capsys.readouterr().err
+
+
+def test_a_new_home_removes_those_of_killed_stacks_only(tmp_path: Path) -> None:
+    """A stack killed with SIGKILL leaves its Redis directory (a copy of the password in its
+    config); the next one removes it, and keeps a live Redis's and one still starting."""
+    certs = tmp_path / "certs"
+    certs.mkdir()
+    dead, live, starting, empty_old = (certs / f"redis-{n}" for n in ("dead", "live", "new", "old"))
+    for home in (dead, live, starting, empty_old):
+        home.mkdir(mode=0o700)
+        (home / "redis.conf").write_text("requirepass x\n")
+    with socket.socket(socket.AF_UNIX) as gone:
+        gone.bind(str(redis_socket(dead)))  # bound, never listening: what SIGKILL leaves
+    os.utime(empty_old, (1, 1))  # no socket, and older than any start
+    with socket.socket(socket.AF_UNIX) as listening:
+        listening.bind(str(redis_socket(live)))
+        listening.listen()
+        home = redis_home(certs)
+    assert sorted(p.name for p in certs.iterdir()) == sorted(
+        [home.name, live.name, starting.name])
