@@ -89,16 +89,23 @@ def test_a_provider_found_bad_behind_node_a_is_avoided_by_node_b(fleet: Fleet) -
     eventually(lambda: fleet.outlier_5xx("runpod") == [5, 5], "the policy's outlier detection back")
 
 
-def test_a_stream_fails_over_when_the_provider_fails_before_the_first_byte(fleet: Fleet) -> None:
+def test_streams_fail_over_when_the_provider_fails_before_the_first_byte(fleet: Fleet) -> None:
+    """64 streams side by side through both nodes, each of an OpenAI client of its own."""
     fleet.providers.reset_all()
     fleet.recovered("runpod")
     fleet.providers.fault("runpod", mode="reset", rate=1.0)
-    client = openai.OpenAI(base_url=f"{fleet.edges[1].url}/v1", api_key="unused", max_retries=0)
 
-    stream = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
-                                            max_tokens=8, stream=True, extra_headers=BATCH)
-    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    def streamed(index: int) -> str:
+        edge = fleet.edges[index % len(fleet.edges)]
+        client = openai.OpenAI(base_url=f"{edge.url}/v1", api_key="unused", max_retries=0)
+        stream = client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=8, stream=True,
+            extra_headers=BATCH)
+        return "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
 
-    assert text
-    assert fleet.providers.stats("runpod")["requests"] >= 1  # the first attempt went there
+    with ThreadPoolExecutor(CLIENTS) as pool:
+        texts = list(pool.map(streamed, range(CLIENTS)))
+
+    assert all(texts), texts  # a failed stream raises; an empty one is no answer either
+    assert fleet.providers.stats("runpod")["requests"] >= 1  # first attempts went there
     fleet.providers.call("runpod", "/_sim/reset", {})
