@@ -93,8 +93,8 @@ def redis_home(certs: Path) -> Path:
     """A new directory (mode 0700) for one Redis: its config and its socket; the stack removes
     it. In the certs directory (private, and not cleaned by age as /tmp is on many systems,
     which would take the socket from under a long-running service), or in the system's
-    temporary directory when a socket's path there would be too long. The directories there of
-    stacks that were killed before removing theirs are removed first (remove_dead_homes)."""
+    temporary directory when a socket's path there would be too long. First removes the ones
+    in the certs directory of stacks killed before they removed theirs (remove_dead_homes)."""
     if certs.is_dir():
         remove_dead_homes(certs)
     for parent in (certs, None):
