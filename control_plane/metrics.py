@@ -2,10 +2,12 @@
 
 Counters and histograms in a prometheus_client registry of each `Metrics` (not the global
 one, so tests can make several), exposed as text 0.0.4 or OpenMetrics by prometheus_client's
-own content negotiation; their values are plain Python numbers until a scrape (_Family).
+own content negotiation; their values are plain Python numbers until a scrape
+(metric_families.py).
 `Metrics.observe` takes one finished request and updates every series below; it also keeps,
 for the dashboard, a bounded time series (per provider, per 10 s bucket, the last 360 buckets
-= 1 hour) and the last 50 decisions. Everything is guarded by one lock, so any thread may observe or render.
+= 1 hour) and the last 50 decisions. Everything is guarded by one lock, so any thread may
+observe or render.
 
 Metric names (deploy/grafana/gpu-router.json reads them):
   gpu_router_requests_total{provider,model,status_class}   status_class 2xx..5xx, "none"
@@ -35,20 +37,17 @@ from __future__ import annotations
 
 import bisect
 import functools
-import itertools
 import math
 import re
 import threading
 from collections import deque
-from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import prometheus_client
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import choose_encoder
-from prometheus_client.utils import floatToGoString
 
+from control_plane.metric_families import Counter, Histogram
 from control_plane.usage.normalise import Usage
 from control_plane.usage.record import RequestRecord, is_error_status
 
@@ -61,100 +60,7 @@ NO_PROVIDER = "none"
 _REASON_WORDS = 3
 _WORD_END = re.compile(r"[:;,.]$")
 
-Labels = tuple[str, ...]
 TOKEN_KINDS = ("input", "output", "cached_input", "cache_write", "reasoning")
-
-
-class _Family:
-    """One metric's values by label values, kept in plain Python objects and rendered by
-    prometheus_client only when scraped (this is its collector). prometheus_client's own
-    children take a lock per increment and walk the buckets per observation: ~12 of them per
-    request were a fifth of booking's time. Metrics' lock guards both updates and scrapes."""
-
-    def __init__(self, name: str, help_text: str, labelnames: Sequence[str]) -> None:
-        self.name = name
-        self.help = help_text
-        self.labelnames = tuple(labelnames)
-        self._children: dict[Labels, Any] = {}
-        if not self.labelnames:
-            self.child(())  # exposed at 0 from the start, as prometheus_client does
-
-    def child(self, labels: Labels) -> Any:
-        child = self._children.get(labels)
-        if child is None:
-            child = self._children[labels] = self._new_child()
-        return child
-
-    def _new_child(self) -> Any:
-        raise NotImplementedError
-
-
-class _CounterValue:
-    __slots__ = ("value",)
-
-    def __init__(self) -> None:
-        self.value = 0.0
-
-    def inc(self, amount: float = 1.0) -> None:
-        """Raises ValueError for a negative amount: a counter only goes up."""
-        if amount < 0:
-            raise ValueError(f"a counter only goes up: cannot add {amount}")
-        self.value += amount
-
-
-class Counter(_Family):
-    def _new_child(self) -> _CounterValue:
-        return _CounterValue()
-
-    def inc(self, labels: Labels, amount: float = 1.0) -> None:
-        """Raises ValueError for a negative amount: a counter only goes up."""
-        self.child(labels).inc(amount)
-
-    def value(self, labels: Labels) -> float:
-        """The count for `labels` (0 when never incremented)."""
-        child = self._children.get(labels)
-        return 0.0 if child is None else child.value
-
-    def collect(self) -> Iterator[CounterMetricFamily]:
-        family = CounterMetricFamily(self.name, self.help, labels=self.labelnames)
-        for labels, child in self._children.items():
-            family.add_metric(labels, child.value)
-        yield family
-
-
-class _HistogramValues:
-    __slots__ = ("bounds", "counts", "sum")
-
-    def __init__(self, bounds: tuple[float, ...]) -> None:
-        self.bounds = bounds
-        self.counts = [0] * (len(bounds) + 1)
-        """Per bucket, not cumulative; the last is +Inf."""
-        self.sum = 0.0
-
-    def observe(self, value: float) -> None:
-        self.counts[bisect.bisect_left(self.bounds, value)] += 1
-        self.sum += value
-
-
-class Histogram(_Family):
-    def __init__(self, name: str, help_text: str, labelnames: Sequence[str],
-                 buckets: Sequence[float]) -> None:
-        self._bounds = tuple(buckets)
-        self._les = (*(floatToGoString(bound) for bound in self._bounds), "+Inf")
-        super().__init__(name, help_text, labelnames)
-
-    def _new_child(self) -> _HistogramValues:
-        return _HistogramValues(self._bounds)
-
-    def observe(self, labels: Labels, value: float) -> None:
-        self.child(labels).observe(value)
-
-    def collect(self) -> Iterator[HistogramMetricFamily]:
-        family = HistogramMetricFamily(self.name, self.help, labels=self.labelnames)
-        for labels, child in self._children.items():
-            family.add_metric(labels, list(zip(self._les, map(float, itertools.accumulate(
-                child.counts)), strict=True)), child.sum)
-        yield family
 
 
 @dataclass(frozen=True, slots=True)
