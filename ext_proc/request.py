@@ -218,7 +218,7 @@ class RequestPhases:
         others: scoring.decide)."""
         self._state = state
         self._clock = clock
-        self.full = full
+        self._full = full
         self.phase = Phase.HEADERS
         self.decision: Decision | None = None
         """The routing decision, once made (for whoever audits the stream)."""
@@ -290,7 +290,7 @@ class RequestPhases:
                 prompt_tokens=estimate_prompt_tokens(length),
                 max_tokens=requested_max_tokens(fields, default_max_tokens(path)),
                 now_unix_ms=int(self._clock() * 1000),
-                full=self.full,
+                full=self._full,
             )
         except NoCandidateError as error:
             return error_response(503, error.reason, kind="server_error", code="no_provider")

@@ -186,7 +186,7 @@ def decide(
     any_skipped = any(skipped)
     if any_skipped:
         reason += "; " + ", ".join(p for p, s in zip(providers, skipped) if s) + " ejected"
-    walk = [i for i in order if eligible[i]] if not every_eligible else order[:]
+    walk = order[:] if every_eligible else [i for i in order if eligible[i]]
     if full and providers[winner] in full:
         walk, order, note = _spill(providers, walk, order, eligible, full, policy.max_fallbacks)
         reason += note
