@@ -19,14 +19,15 @@ ext_proc worker). A socket in a directory only this user may enter can only be t
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import re
 import secrets
 import shutil
-import socket
+import stat
 import tempfile
-import time
+from collections.abc import Iterable
 from pathlib import Path
 
 from control_plane.policy.model import RoutingConfig
@@ -84,23 +85,32 @@ _MAX_SOCKET_PATH = 100
 """A unix socket's path must fit sockaddr_un (108 bytes on Linux, with its NUL)."""
 
 
-_HOME_PREFIX = "redis-"
-_STARTING_S = 60
-"""A directory younger than this without a socket may be a Redis still starting: kept."""
+_OWNER_FILE = ".gpu-router-redis-owner"
+"""Written into a Redis directory once its stack holds the directory's lock: a directory without
+it is still being made, and is left alone."""
+_held: dict[Path, int] = {}
+"""This process's Redis directories -> the descriptor holding each one's lock."""
 
 
 def redis_home(certs: Path) -> Path:
     """A new directory (mode 0700) for one Redis: its config and its socket; the stack removes
     it. In the certs directory (private, and not cleaned by age as /tmp is on many systems,
     which would take the socket from under a long-running service), or in the system's
-    temporary directory when a socket's path there would be too long. First removes the ones
-    in the certs directory of stacks killed before they removed theirs (remove_dead_homes)."""
-    if certs.is_dir():
-        remove_dead_homes(certs)
-    for parent in (certs, None):
-        home = Path(tempfile.mkdtemp(prefix=_HOME_PREFIX if parent else "gpu-router-redis-",
-                                     dir=parent))
+    temporary directory when a socket's path there would be too long.
+
+    The calling process holds an flock on the directory until remove_redis_home: the kernel
+    drops it when the process dies, SIGKILL included. So first the directories in both places
+    whose stack is gone are removed (remove_dead_homes), and never one whose stack lives, its
+    Redis running, starting or being respawned."""
+    places = _places(certs)
+    remove_dead_homes(places)
+    for parent, prefix in places:
+        home = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
         if len(bytes(redis_socket(home))) <= _MAX_SOCKET_PATH:
+            descriptor = os.open(home, os.O_RDONLY | os.O_DIRECTORY)
+            fcntl.flock(descriptor, fcntl.LOCK_EX)
+            _held[home] = descriptor
+            (home / _OWNER_FILE).write_text(f"{os.getpid()}\n")
             return home
         home.rmdir()
     raise ProcessError(f"{redis_socket(home)}: too long for a unix socket's path; set TMPDIR "
@@ -108,41 +118,49 @@ def redis_home(certs: Path) -> Path:
 
 
 def remove_redis_home(home: Path) -> None:
-    """Redis's config (a copy of the password) and socket go with the stack; the password itself
-    stays in redis-password, which the next stack reads. A directory that cannot be removed is
-    logged: a copy of the password stays there."""
+    """A Redis directory, its config (a copy of the password) and socket with it; the password
+    itself stays in redis-password, which the next stack reads. A directory that cannot be
+    removed is logged: a copy of the password stays there."""
     try:
         shutil.rmtree(home)
     except FileNotFoundError:
         pass
     except OSError as error:
         _log.warning("redis directory not removed", extra={"path": str(home), "error": str(error)})
+    finally:
+        descriptor = _held.pop(home, None)
+        if descriptor is not None:
+            os.close(descriptor)
 
 
-def remove_dead_homes(certs: Path) -> None:
-    """Remove the Redis directories in `certs` whose Redis is gone (a stack killed with SIGKILL
-    leaves its directory, a copy of the password in it): a socket nobody accepts on, or no socket
-    in a directory older than a start. A live Redis's directory is kept."""
-    for home in certs.glob(f"{_HOME_PREFIX}*"):
-        if not home.is_dir() or _in_use(home):
-            continue
-        _log.info("removing a dead stack's redis directory", extra={"path": str(home)})
-        remove_redis_home(home)
+def _places(certs: Path) -> tuple[tuple[Path, str], ...]:
+    """Where redis_home makes a directory, in order, and the prefix of its name there."""
+    return (certs, "redis-"), (Path(tempfile.gettempdir()), "gpu-router-redis-")
 
 
-def _in_use(home: Path) -> bool:
-    sock = redis_socket(home)
-    if not sock.exists():
-        return time.time() - home.stat().st_mtime < _STARTING_S
-    with socket.socket(socket.AF_UNIX) as probe:
-        probe.settimeout(1)
-        try:
-            probe.connect(str(sock))
-        except (ConnectionRefusedError, FileNotFoundError):
-            return False
-        except OSError:
-            return True  # not ours to judge (a timeout, say): kept
-    return True
+def remove_dead_homes(places: Iterable[tuple[Path, str]]) -> None:
+    """Remove the Redis directories in `places` (_places) that a dead stack left (one killed
+    with SIGKILL leaves its directory, a copy of the password in it): this user's directories
+    made by redis_home (the owner file in them) whose lock nobody holds."""
+    uid = os.getuid()
+    for parent, prefix in places:
+        for home in parent.glob(f"{prefix}*"):
+            try:
+                info = home.lstat()
+                if (not stat.S_ISDIR(info.st_mode) or info.st_uid != uid
+                        or not (home / _OWNER_FILE).is_file()):
+                    continue
+                descriptor = os.open(home, os.O_RDONLY | os.O_DIRECTORY)
+            except OSError:
+                continue  # gone meanwhile, or not ours to read
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # its stack lives
+            finally:
+                os.close(descriptor)
+            _log.info("removing a dead stack's redis directory", extra={"path": str(home)})
+            remove_redis_home(home)
 
 
 def redis_socket(home: Path) -> Path:

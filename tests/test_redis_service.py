@@ -7,6 +7,8 @@ import asyncio
 import os
 import shutil
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,6 +29,7 @@ from gpu_router.redis_service import (
     redis_process,
     redis_socket,
     redis_url,
+    remove_redis_home,
 )
 
 
@@ -47,7 +50,7 @@ def redis_server(tmp_path: Path) -> Iterator[tuple[Path, str, int]]:
         finally:
             process.stop()
     finally:
-        shutil.rmtree(home)
+        remove_redis_home(home)
 
 
 def tcp_listeners(pid: int) -> list[str]:
@@ -159,21 +162,38 @@ def test_ext_proc_refuses_to_start_on_unusable_flags(
         assert says in capsys.readouterr().err
 
 
-def test_a_new_home_removes_those_of_killed_stacks_only(tmp_path: Path) -> None:
+def test_a_new_home_removes_those_of_dead_stacks_only(tmp_path: Path) -> None:
     """A stack killed with SIGKILL leaves its Redis directory (a copy of the password in its
-    config); the next one removes it, and keeps a live Redis's and one still starting."""
+    config); the next one removes it. A living stack's is kept, whether its Redis answers or
+    not (the supervisor may be respawning it), as is everything else in the certs directory."""
     certs = tmp_path / "certs"
-    certs.mkdir()
-    dead, live, starting, empty_old = (certs / f"redis-{n}" for n in ("dead", "live", "new", "old"))
-    for home in (dead, live, starting, empty_old):
-        home.mkdir(mode=0o700)
-        (home / "redis.conf").write_text("requirepass x\n")
-    with socket.socket(socket.AF_UNIX) as gone:
-        gone.bind(str(redis_socket(dead)))  # bound, never listening: what SIGKILL leaves
-    os.utime(empty_old, (1, 1))  # no socket, and older than any start
-    with socket.socket(socket.AF_UNIX) as listening:
-        listening.bind(str(redis_socket(live)))
-        listening.listen()
+    ensure_password(certs)
+    not_ours = certs / "redis-notes"  # no owner file: not made by redis_home
+    not_ours.mkdir()
+    (certs / "redis-link").symlink_to(not_ours)
+    dead, living = (_held_by_a_child(certs) for _ in range(2))
+    dead[1].kill()  # SIGKILL: the kernel drops its lock
+    dead[1].wait()
+    try:
         home = redis_home(certs)
-    assert sorted(p.name for p in certs.iterdir()) == sorted(
-        [home.name, live.name, starting.name])
+        try:
+            assert sorted(p.name for p in certs.iterdir()) == sorted(
+                [PASSWORD_FILE, not_ours.name, "redis-link", living[0].name,
+                 home.name])
+        finally:
+            remove_redis_home(home)
+        assert not home.exists()
+    finally:
+        living[1].kill()
+        living[1].wait()
+
+
+def _held_by_a_child(certs: Path) -> tuple[Path, subprocess.Popen[bytes]]:
+    """A Redis directory made by redis_home in another process, which keeps running."""
+    script = ("import pathlib, sys, time\n"
+              "from gpu_router.redis_service import redis_home\n"
+              "print(redis_home(pathlib.Path(sys.argv[1])), flush=True)\n"
+              "time.sleep(600)\n")
+    child = subprocess.Popen([sys.executable, "-c", script, str(certs)], stdout=subprocess.PIPE)
+    assert child.stdout is not None
+    return Path(child.stdout.readline().decode().strip()), child
