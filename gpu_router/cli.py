@@ -88,7 +88,10 @@ def up(args: argparse.Namespace) -> int:
     try:
         supervisor.run()
     finally:
-        supervisor.report_stopped(stack.shutdown())
+        exits, errors = stack.shutdown()
+        supervisor.report_stopped(exits)  # before raising: the statuses of all that stopped
+        if errors:
+            raise errors[0]
     return 0
 
 

@@ -249,12 +249,13 @@ class EnvoyAdmin:
         return http_get(self.url("/clusters"))[1].decode()
 
 
-def stop_each(processes: Mapping[str, ManagedProcess], names: Iterable[str],
-              errors: list[Exception]) -> dict[str, int | None]:
-    """Stop each of `names`, and their exit statuses. One that cannot be stopped (a signal or a
-    wait that failed, added to `errors` for the caller to raise once all were asked) does not
-    keep the others running."""
+def stop_each(processes: Mapping[str, ManagedProcess], names: Iterable[str]
+              ) -> tuple[dict[str, int | None], list[Exception]]:
+    """Stop each of `names`: (their exit statuses, the errors of those that could not be
+    stopped: a signal or a wait that failed). One that cannot be stopped does not keep the
+    others running; the caller raises once all were asked."""
     exits: dict[str, int | None] = {}
+    errors: list[Exception] = []
     for name in names:
         process = processes[name]
         try:
@@ -263,4 +264,4 @@ def stop_each(processes: Mapping[str, ManagedProcess], names: Iterable[str],
             errors.append(error)
             continue
         exits[name] = process.returncode
-    return exits
+    return exits, errors

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
+import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -46,6 +48,8 @@ from gpu_router.redis_service import (
 )
 from gpu_router.stack_endpoints import EdgeHandle, StackPorts
 from gpu_router.xds_status import fleet_synced, policy_holders
+
+_log = logging.getLogger(__name__)
 
 SIMULATOR = "simulator"
 CONTROL_PLANE = "control-plane"
@@ -133,7 +137,10 @@ class Stack:
                     edge.serves_models, "the edge to route", timeout
                 )
         except BaseException:
-            self.stop()
+            try:
+                self.stop()
+            except (OSError, subprocess.SubprocessError):  # the start's error is the one raised
+                _log.exception("a process could not be stopped after the failed start")
             raise
         return self
 
@@ -341,31 +348,28 @@ class Stack:
     def stop(self) -> None:
         """Stop everything at once, in reverse start order (tests, a failed start); the first
         error stopping one is raised once every other was stopped too."""
-        errors: list[Exception] = []
         try:
-            stop_each(self.processes, reversed(list(self.processes)), errors)
+            _, errors = stop_each(self.processes, reversed(list(self.processes)))
         finally:
             self._remove_redis_dir()
         if errors:
             raise errors[0]
 
-    def shutdown(self, drain_s: float = EDGE_DRAIN_S) -> dict[str, int | None]:
+    def shutdown(self, drain_s: float = EDGE_DRAIN_S) -> tuple[dict[str, int | None],
+                                                               list[Exception]]:
         """Stop for good, the edges last and drained: every edge starts its graceful drain,
         ext_proc and the control plane stop meanwhile (Envoy fails open without ext_proc and
         keeps its last config without the control plane), the edges stop once `drain_s` has
         passed, and the simulated providers after them, as the last requests still need them.
-        Returns each process's exit status, in the order they were stopped.
+        Returns each process's exit status, in the order they were stopped, and the errors of
+        those that could not be stopped, for the caller to report both before it raises.
         """
-        errors: list[Exception] = []
         try:
-            exits = self._shut_down(drain_s, errors)
+            return self._shut_down(drain_s)
         finally:
             self._remove_redis_dir()
-        if errors:
-            raise errors[0]
-        return exits
 
-    def _shut_down(self, drain_s: float, errors: list[Exception]) -> dict[str, int | None]:
+    def _shut_down(self, drain_s: float) -> tuple[dict[str, int | None], list[Exception]]:
         draining_since = time.monotonic()
         edges = [edge.node_id for edge in self.edges]
         for edge in self.edges:
@@ -373,12 +377,11 @@ class Stack:
                 with contextlib.suppress(OSError, ProcessError):  # it stops by SIGTERM anyway
                     edge.admin.drain_listeners()
         routers = [name for name in reversed(self.processes) if name not in edges + [SIMULATOR]]
-        exits = stop_each(self.processes, routers, errors)
+        exits, errors = stop_each(self.processes, routers)
         time.sleep(max(0.0, draining_since + drain_s - time.monotonic()))
-        exits |= stop_each(self.processes, reversed(edges), errors)
-        if SIMULATOR in self.processes:
-            exits |= stop_each(self.processes, [SIMULATOR], errors)
-        return exits
+        last = [*reversed(edges), *([SIMULATOR] if SIMULATOR in self.processes else [])]
+        more_exits, more_errors = stop_each(self.processes, last)
+        return exits | more_exits, errors + more_errors
 
     def _remove_redis_dir(self) -> None:
         if self.redis_dir is not None:

@@ -65,3 +65,24 @@ def test_waiting_for_a_child_gives_up_once_cancelled(tmp_path: Path) -> None:
     finally:
         child.stop()
     assert not child.alive() and group_members(child.pid) == []
+
+
+class _Unstoppable(processes.ManagedProcess):
+    def stop(self) -> None:
+        raise OSError("no such process group")
+
+
+def test_one_process_that_cannot_be_stopped_does_not_keep_the_others_running(
+        tmp_path: Path) -> None:
+    sleepers = {name: processes.ManagedProcess(name, ["sleep", "300"], tmp_path / f"{name}.log")
+                for name in ("first", "last")}
+    running = {"first": sleepers["first"], "stuck": _Unstoppable("stuck", ["true"], tmp_path / "x"),
+               "last": sleepers["last"]}
+    for sleeper in sleepers.values():
+        sleeper.start()
+
+    exits, errors = processes.stop_each(running, ["first", "stuck", "last"])
+
+    assert exits == {"first": -15, "last": -15}  # SIGTERM ended both
+    assert [str(error) for error in errors] == ["no such process group"]
+    assert not any(sleeper.alive() for sleeper in sleepers.values())
