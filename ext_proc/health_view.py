@@ -81,7 +81,7 @@ class HealthView:
     generated_at_unix_ms: int = 0
     at_cap: Mapping[str, frozenset[str]] = field(default_factory=lambda: MappingProxyType({}))
     """Edge -> the providers it has at their max_concurrency: its requests to them would wait
-    (tried last for that edge's requests: scoring.decide's `full`)."""
+    (the others go first for that edge's requests: scoring.decide's `full`)."""
 
     def latency_ms(self, provider: str, model: str) -> float | None:
         """The model's EWMA on that provider, else the provider-wide one, else None (unmeasured)."""

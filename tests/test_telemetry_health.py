@@ -202,12 +202,12 @@ def test_to_json() -> None:
     assert doc["weights_pushed_at"] == "2023-11-14T22:13:20.001+00:00"
 
 
-def test_in_flight_is_summed_over_report_sources_per_provider() -> None:
+def test_in_flight_is_summed_over_edges_per_provider() -> None:
     health = fleet()
     health.record(sample(T0, provider="prov-a", model="m1"))
     version = health.version
-    health.record_in_flight("edge-1/stream-1", {"prov-a": 2, "prov-b": 1}, edge="edge-1")
-    health.record_in_flight("edge-2/stream-2", {"prov-a": 3}, edge="edge-2")
+    health.record_in_flight("stream-1", {"prov-a": 2, "prov-b": 1}, edge="edge-1")
+    health.record_in_flight("stream-2", {"prov-a": 3}, edge="edge-2")
     assert view(health, T0, PROVIDER_WIDE).in_flight == 5
     assert view(health, T0, "m1").in_flight is None  # Envoy counts per cluster, not per model
     assert view(health, T0, PROVIDER_WIDE, provider="prov-b").in_flight == 1  # a provider seen in flight only
@@ -215,13 +215,13 @@ def test_in_flight_is_summed_over_report_sources_per_provider() -> None:
         ("prov-a", "", 5), ("prov-a", "m1", 0), ("prov-b", "", 1)]
     assert health.version == version + 2
 
-    health.record_in_flight("edge-1/stream-1", {"prov-a": 2, "prov-b": 1}, edge="edge-1")
+    health.record_in_flight("stream-1", {"prov-a": 2, "prov-b": 1}, edge="edge-1")
     assert health.version == version + 2  # the same counts again: nothing to publish
 
-    health.record_in_flight("edge-1/stream-1", {}, edge="edge-1")
+    health.record_in_flight("stream-1", {}, edge="edge-1")
     assert view(health, T0, PROVIDER_WIDE).in_flight == 3
-    health.forget_in_flight("edge-2/stream-2")
-    health.forget_in_flight("edge-9/stream-9")
+    health.forget_in_flight("stream-2")
+    health.forget_in_flight("stream-9")
     assert view(health, T0, PROVIDER_WIDE).in_flight == 0
     assert health.version == version + 4
 

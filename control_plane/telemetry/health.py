@@ -22,8 +22,9 @@ Once told the policy's offerings (`use_offerings`), the table holds those provid
 provider the policy drops is forgotten at once.
 
 Requests in flight come from Envoy's load reports (load_reports.py), per provider only: each
-edge reports per cluster, and a cluster is a provider. Each report source (one edge's stream)
-replaces its own counts; the provider's figure is the sum over sources.
+edge reports per cluster, and a cluster is a provider. in_flight.py keeps each edge's last
+report: the provider's figure is the sum over edges, and an edge's providers at their cap are
+the snapshot's `at_cap`.
 
 For timing an ejection (a benchmark reads these), every aggregate remembers when its current
 failure episode began (the first error or 429 seen while its window held none) and when it

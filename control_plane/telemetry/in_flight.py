@@ -7,6 +7,8 @@ latency shows, so ext_proc puts others before them for that edge's requests.
 
 An edge has one report stream at a time; one that reconnects reports on the new stream while the
 old one may not yet be seen to end, so each edge counts by the stream that reported last.
+That assumes one Envoy per certificate name, as the stack runs them (no hot restart): two live
+Envoys sharing a name would replace each other's counts.
 """
 
 from __future__ import annotations

@@ -3,8 +3,9 @@
 Every edge opens one LRS stream to the control plane (`cluster_manager.load_stats_config` in
 its bootstrap, cluster "gpu-router.xds"). The answer to its first message asks for every
 cluster every `interval_s`; each report then carries, per cluster (= provider), the requests in
-progress on that edge right now, which FleetHealth sums over edges. When a stream ends, what
-it reported is forgotten. Counts for clusters that are not providers of the current policy, or
+progress on that edge right now, which FleetHealth sums over edges and compares with each
+provider's cap (in_flight.py). When a stream ends, what it reported is forgotten, unless its edge
+already reports on a newer one. Counts for clusters that are not providers of the current policy, or
 beyond belief, are dropped and counted (validation.py); a report that cannot be read costs only
 itself, never the stream.
 """
@@ -81,7 +82,8 @@ class LoadReportReceiver:
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[lrs_pb2.LoadStatsResponse]:
         peer = await self._admit(context, "load reports")  # before a single report is read
-        # An edge may reconnect before its old stream is seen to end: each stream is its own source.
+        # An edge may reconnect before its old stream is seen to end: the stream's own id lets
+        # the old one's end leave the new one's counts alone (in_flight.py).
         source = f"stream-{next(self._streams)}"
         node_id: str | None = None
         try:
