@@ -145,17 +145,21 @@ def test_the_reconciled_prefix_is_freed_while_offsets_stay(setup: Setup) -> None
 
 
 def test_lines_this_process_booked_are_skipped_unparsed(tmp_path: Path) -> None:
-    """As Envoy writes them (compact JSON; an older ext_proc repeated the id in its decision)."""
-    def compact(request_id: str, decision_id: str) -> bytes:
+    """As Envoy writes them (compact JSON; today's decision carries no id, an older ext_proc's
+    repeated it)."""
+    def compact(request_id: str, decision_id: str | None = None) -> bytes:
         fields = json.loads(line(request_id))
-        fields["decision"]["request_id"] = decision_id
+        fields["decision"].pop("request_id", None)
+        if decision_id is not None:
+            fields["decision"]["request_id"] = decision_id
         return json.dumps(fields, separators=(",", ":"), sort_keys=True).encode() + b"\n"
 
     path = tmp_path / "edge-1.access.jsonl"
-    path.write_bytes(compact("a", "a") + compact("b", "b") + compact("c", "other") + b"{broken\n")
+    path.write_bytes(compact("a", "a") + compact("b", "b") + compact("c", "other") + b"{broken\n"
+                     + compact("d") + compact("e"))
 
-    chunk = read_chunk(path, None, booked={"b", "c"})
+    chunk = read_chunk(path, None, booked={"b", "c", "d"})
 
-    # b is skipped; c names two ids, so it is read (and booking finds it booked).
-    assert [e.request.request_id for e in chunk.entries] == ["a", "c"]
+    # b and d are skipped; c names two ids, so it is read (and booking finds it booked).
+    assert [e.request.request_id for e in chunk.entries] == ["a", "c", "e"]
     assert chunk.end == path.stat().st_size
