@@ -94,9 +94,14 @@ def audit_entry(row: LedgerRow) -> dict[str, Any]:
     }
 
 
+_compact_json = json.JSONEncoder(separators=(",", ":")).encode
+"""One encoder for every line (json.dumps with options builds one per call), as the ledger's
+row does (store.py)."""
+
+
 def audit_line(row: LedgerRow) -> str:
     """The entry as one compact JSON line (no newline)."""
-    return json.dumps(audit_entry(row), separators=(",", ":"))
+    return _compact_json(audit_entry(row))
 
 
 class AuditLog:
