@@ -201,6 +201,10 @@ def test_a_policy_edit_that_removes_a_provider_removes_its_health() -> None:
     assert {v.provider for v in fleet.entries(NOW_MS)} == {"vast"}
     assert fleet.to_json(NOW_MS)["providers"]["vast"]["in_flight"] == 1
     assert counts.seen == {("attempt", "unknown_cluster", True): 1}
+    # The policy brought the caps too: vast at its cap is at_cap.
+    vast_cap = next(p.max_concurrency for p in POLICY.providers if p.name == "vast")
+    fleet.record_in_flight("edge-1", {"vast": vast_cap}, edge="edge-1")
+    assert fleet.to_json(NOW_MS)["at_cap"] == {"edge-1": ["vast"]}
 
 
 def test_one_bad_entry_or_message_costs_neither_the_batch_nor_the_stream() -> None:
