@@ -97,11 +97,11 @@ def test_streams_fail_over_when_the_provider_fails_before_the_first_byte(fleet: 
 
     def streamed(index: int) -> str:
         edge = fleet.edges[index % len(fleet.edges)]
-        client = openai.OpenAI(base_url=f"{edge.url}/v1", api_key="unused", max_retries=0)
-        stream = client.chat.completions.create(
-            model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=8, stream=True,
-            extra_headers=BATCH)
-        return "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+        with openai.OpenAI(base_url=f"{edge.url}/v1", api_key="unused", max_retries=0) as client:
+            stream = client.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=8,
+                stream=True, extra_headers=BATCH)
+            return "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
 
     with ThreadPoolExecutor(CLIENTS) as pool:
         texts = list(pool.map(streamed, range(CLIENTS)))
