@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import sqlite3
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from polling import eventually
@@ -74,3 +75,46 @@ def test_fallback_requests_are_booked_with_their_model_and_price(without_ext_pro
     model, policy, provider, cost = eventually(booked, "the fallback request in the ledger")
     assert (model, policy, provider) == ("llama-3.1-8b", "batch", "vast")
     assert cost > 0
+
+
+# (model asked for, provider the fallback routes must pick; None: refused with a 404)
+ASKS = (("llama-3.1-8b", "vast"), ("mixtral-8x7b", "runpod"), ("gpt-expensive", None))
+CLIENTS = 64
+
+
+def test_64_clients_at_once_each_get_the_policys_answer_and_are_booked(
+    without_ext_proc: Stack,
+) -> None:
+    """The fallback at production concurrency: 64 requests side by side, a third of them for a
+    model the policy does not have. Each gets its own model's answer (no request's route leaks
+    into another's), none fails, and each is booked once."""
+    asks = [(f"fb-load-{i}", *ASKS[i % len(ASKS)]) for i in range(CLIENTS)]
+
+    def send(ask: tuple[str, str, str | None]) -> tuple[int, dict[str, str], object]:
+        request_id, model, _ = ask
+        return chat(without_ext_proc, model, {**BATCH, "x-request-id": request_id})
+
+    with ThreadPoolExecutor(CLIENTS) as pool:
+        answers = list(pool.map(send, asks))
+    for (request_id, model, provider), (status, headers, body) in zip(asks, answers, strict=True):
+        if provider is None:
+            assert (status, body["error"]["code"]) == (404, "model_not_found"), (request_id, body)
+            assert "x-gpu-router-provider" not in headers
+        else:
+            assert status == 200, (request_id, body)
+            assert headers["x-gpu-router-reason"] == FALLBACK_REASON, request_id
+            assert headers["x-gpu-router-provider"] == provider, (request_id, model)
+    # The refused ones are booked too, with no model or provider: nobody served them.
+    expected = {request_id: (model, provider, 200) if provider else ("", "", 404)
+                for request_id, model, provider in asks}
+    ledger = without_ext_proc.log_dir / "ledger.db"
+
+    def booked() -> list[tuple[str, str, str, int]] | None:
+        with sqlite3.connect(ledger) as db:
+            rows = db.execute("select client_request_id, model, provider, status from requests "
+                              "where client_request_id like 'fb-load-%'").fetchall()
+        return rows if len(rows) >= len(expected) else None
+
+    rows = eventually(booked, "every request in the ledger")
+    assert len(rows) == len(expected)
+    assert {request_id: tuple(rest) for request_id, *rest in rows} == expected
