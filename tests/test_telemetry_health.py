@@ -226,6 +226,9 @@ def test_in_flight_is_summed_over_edges_per_provider() -> None:
     assert health.version == version + 4
 
 
+OFFERINGS = {"prov-a": ("m1",), "prov-b": ("m1",)}
+
+
 def at_cap(health: FleetHealth) -> dict[str, list[str]]:
     return {a.edge: list(a.providers) for a in health.snapshot_proto(T0).at_cap}
 
@@ -233,14 +236,14 @@ def at_cap(health: FleetHealth) -> dict[str, list[str]]:
 def test_the_snapshot_names_each_edge_s_providers_at_their_cap() -> None:
     """Per edge, not summed (the cap is each edge's: provider_cap.py), by its latest report."""
     health = fleet()
-    health.use_caps({"prov-a": 4, "prov-b": 2})
+    health.use_policy(OFFERINGS, {"prov-a": 4, "prov-b": 2})
     health.record_in_flight("stream-1", {"prov-a": 4, "prov-b": 1}, edge="edge-1")
     health.record_in_flight("stream-2", {"prov-a": 3}, edge="edge-2")
     assert at_cap(health) == {"edge-1": ["prov-a"]}  # edge-2's 3 of prov-a's 4 is not
     assert health.to_json(T0)["at_cap"] == {"edge-1": ["prov-a"]}  # /v1/health shows it
     version = health.version
     health.record_in_flight("stream-2", {"prov-a": 3}, edge="edge-2")
-    health.use_caps({"prov-a": 4, "prov-b": 2})
+    health.use_policy(OFFERINGS, {"prov-a": 4, "prov-b": 2})
     assert health.version == version  # nothing changed: nothing to publish
     health.record_in_flight("stream-2", {"prov-a": 4}, edge="edge-2")
     assert at_cap(health) == {"edge-1": ["prov-a"], "edge-2": ["prov-a"]}
@@ -255,6 +258,22 @@ def test_the_snapshot_names_each_edge_s_providers_at_their_cap() -> None:
     assert at_cap(health) == {"edge-1": ["prov-b"], "edge-2": ["prov-a"]}
     health.forget_in_flight("stream-2")
     assert at_cap(health) == {"edge-1": ["prov-b"]}
+
+
+def test_a_policy_change_is_one_new_version_and_a_reload_of_the_same_policy_none() -> None:
+    """Offerings and caps arrive together: one snapshot to publish for a policy change."""
+    health = fleet()
+    health.record(sample(T0, provider="prov-c"))
+    version = health.version
+    health.use_policy(OFFERINGS, {"prov-a": 4, "prov-b": 2})
+    assert health.version == version + 1
+    assert health.get("prov-c", PROVIDER_WIDE, T0) is None  # not in the policy: forgotten
+    health.use_policy({"prov-a": ["m1"], "prov-b": ["m1"]}, {"prov-a": 4, "prov-b": 2})
+    assert health.version == version + 1  # the same policy again
+    health.use_policy(OFFERINGS, {"prov-a": 4, "prov-b": 3})
+    assert health.version == version + 2  # a cap alone changed
+    health.use_policy({"prov-a": ("m1",)}, {"prov-a": 4, "prov-b": 3})
+    assert health.version == version + 3  # the offerings alone changed
 
 
 def test_error_ejection_reason_names_the_rate_and_window() -> None:

@@ -111,8 +111,8 @@ class AccessLogReceiver:
         """Believe attempts to this policy's providers only; the fleet forgets the others and
         learns their caps."""
         self._names = PolicyNames.of(config)
-        self._fleet.use_offerings(self._names.offerings)
-        self._fleet.use_caps({p.name: p.max_concurrency for p in config.providers})
+        self._fleet.use_policy(self._names.offerings,
+                               {p.name: p.max_concurrency for p in config.providers})
 
     def register(self, server: grpc.aio.Server) -> None:
         """As the generated add_AccessLogServiceServicer_to_server, but with a request

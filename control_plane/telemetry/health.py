@@ -17,7 +17,7 @@ until its Retry-After has passed (capped at `max_retry_after_s`, MAX_RETRY_AFTER
 an access-log entry can claim any Retry-After, and one claiming hours would eject a provider
 fleet-wide for hours; `cooldown_s` without one). It never shortens a cooldown already running.
 
-Once told the policy's offerings (`use_offerings`), the table holds those providers and their
+Once told the policy's offerings (`use_policy`), the table holds those providers and their
 (provider, model) pairs only: samples and in-flight counts for others are ignored, and a
 provider the policy drops is forgotten at once.
 
@@ -144,10 +144,16 @@ class FleetHealth:
         self._caps: Mapping[str, int] = {}
         self.version = 0
 
-    def use_offerings(self, offerings: Mapping[str, Collection[str]]) -> None:
-        """Hold only these providers (name -> the public models it offers) from now on; what
-        was kept for any other provider or model is forgotten."""
-        self._offerings = {provider: frozenset(models) for provider, models in offerings.items()}
+    def use_policy(self, offerings: Mapping[str, Collection[str]], caps: Mapping[str, int]
+                   ) -> None:
+        """Hold only these providers (name -> the public models it offers) from now on, and
+        each one's max_concurrency, the cap each edge puts on it (provider_cap.py); what was
+        kept for any other provider or model is forgotten. One new version when either changed,
+        none when a policy reload changed neither."""
+        held = {provider: frozenset(models) for provider, models in offerings.items()}
+        if held == self._offerings and caps == self._caps:
+            return
+        self._offerings, self._caps = held, dict(caps)
         stale = [key for key in self._tallies if not self.knows(*key)]
         for key in stale:
             del self._tallies[key]
@@ -157,7 +163,7 @@ class FleetHealth:
 
     def knows(self, provider: str, model: str = PROVIDER_WIDE) -> bool:
         """Whether the policy has this provider (and it offers `model`); any before
-        use_offerings."""
+        use_policy."""
         if self._offerings is None:
             return True
         models = self._offerings.get(provider)
@@ -183,12 +189,6 @@ class FleetHealth:
         """
         if sample.model and self.knows(sample.provider, sample.model):
             self._record_into((sample.provider, sample.model), sample)
-            self.version += 1
-
-    def use_caps(self, caps: Mapping[str, int]) -> None:
-        """Each provider's max_concurrency, the cap each edge puts on it (provider_cap.py)."""
-        if caps != self._caps:
-            self._caps = dict(caps)
             self.version += 1
 
     def record_in_flight(self, source: str, in_flight: Mapping[str, int], *, edge: str) -> None:
