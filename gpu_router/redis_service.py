@@ -27,7 +27,6 @@ import secrets
 import shutil
 import stat
 import tempfile
-from collections.abc import Iterable
 from pathlib import Path
 
 from control_plane.policy.model import RoutingConfig
@@ -99,12 +98,10 @@ def redis_home(certs: Path) -> Path:
     temporary directory when a socket's path there would be too long.
 
     The calling process holds an flock on the directory until remove_redis_home: the kernel
-    drops it when the process dies, SIGKILL included. So first the directories in both places
-    whose stack is gone are removed (remove_dead_homes), and never one whose stack lives, its
-    Redis running, starting or being respawned."""
-    places = _places(certs)
-    remove_dead_homes(places)
-    for parent, prefix in places:
+    drops it when the process dies, SIGKILL included. So a stack killed before it could remove
+    its directory leaves one whose lock is free (remove_dead_redis_homes), and a living stack's,
+    its Redis running, starting or being respawned, is never taken for it."""
+    for parent, prefix in _places(certs):
         home = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
         if len(bytes(redis_socket(home))) <= _MAX_SOCKET_PATH:
             descriptor = os.open(home, os.O_RDONLY | os.O_DIRECTORY)
@@ -138,12 +135,12 @@ def _places(certs: Path) -> tuple[tuple[Path, str], ...]:
     return (certs, "redis-"), (Path(tempfile.gettempdir()), "gpu-router-redis-")
 
 
-def remove_dead_homes(places: Iterable[tuple[Path, str]]) -> None:
-    """Remove the Redis directories in `places` (_places) that a dead stack left (one killed
-    with SIGKILL leaves its directory, a copy of the password in it): this user's directories
-    made by redis_home (the owner file in them) whose lock nobody holds."""
+def remove_dead_redis_homes(certs: Path) -> None:
+    """Remove the Redis directories that dead stacks left where redis_home(certs) makes them
+    (one killed with SIGKILL leaves its directory, a copy of the password in it): this user's
+    directories made by redis_home (the owner file in them) whose lock nobody holds."""
     uid = os.getuid()
-    for parent, prefix in places:
+    for parent, prefix in _places(certs):
         for home in parent.glob(f"{prefix}*"):
             try:
                 info = home.lstat()

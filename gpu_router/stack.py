@@ -43,6 +43,7 @@ from gpu_router.redis_service import (
     redis_process,
     redis_socket,
     redis_url,
+    remove_dead_redis_homes,
     remove_redis_home,
     wants_redis,
 )
@@ -191,6 +192,8 @@ class Stack:
 
     def start_redis(self, timeout: float) -> None:
         """redis-server for the client rate limits, when the policy or `redis` asks for it."""
+        # At every start, Redis or not: a stack killed with SIGKILL left its Redis directory.
+        remove_dead_redis_homes(self.certs)
         if not wants_redis(self.redis, load_policy_file(self.policy)):
             return
         self.redis_password_file = ensure_password(self.certs)

@@ -16,6 +16,7 @@ import pytest
 from ext_proc_fixtures import FakeAds
 from polling import eventually
 
+from control_plane.policy.load import default_policy_path
 from ext_proc.__main__ import main as ext_proc_main
 from ext_proc.rate_limit import Charge, RateLimiter, RedisCounters
 from gpu_router import pki
@@ -31,6 +32,7 @@ from gpu_router.redis_service import (
     redis_url,
     remove_redis_home,
 )
+from gpu_router.stack import Stack, StackPorts
 
 
 @pytest.fixture
@@ -162,10 +164,11 @@ def test_ext_proc_refuses_to_start_on_unusable_flags(
         assert says in capsys.readouterr().err
 
 
-def test_a_new_home_removes_those_of_dead_stacks_only(tmp_path: Path) -> None:
+def test_a_stack_start_removes_the_homes_of_dead_stacks_only(tmp_path: Path) -> None:
     """A stack killed with SIGKILL leaves its Redis directory (a copy of the password in its
-    config); the next one removes it. A living stack's is kept, whether its Redis answers or
-    not (the supervisor may be respawning it), as is everything else in the certs directory."""
+    config); the next stack's start removes it, whether that stack runs Redis or not. A living
+    stack's is kept, whether its Redis answers or not (the supervisor may be respawning it), as
+    is everything else in the certs directory."""
     certs = tmp_path / "certs"
     ensure_password(certs)
     not_ours = certs / "redis-notes"  # no owner file: not made by redis_home
@@ -175,14 +178,13 @@ def test_a_new_home_removes_those_of_dead_stacks_only(tmp_path: Path) -> None:
     dead[1].kill()  # SIGKILL: the kernel drops its lock
     dead[1].wait()
     try:
-        home = redis_home(certs)
-        try:
-            assert sorted(p.name for p in certs.iterdir()) == sorted(
-                [PASSWORD_FILE, not_ours.name, "redis-link", living[0].name,
-                 home.name])
-        finally:
-            remove_redis_home(home)
-        assert not home.exists()
+        Stack(policy=default_policy_path(), log_dir=tmp_path / "logs", ports=StackPorts.free(),
+              certs_dir=certs, redis="never").start_redis(timeout=5)
+        assert sorted(p.name for p in certs.iterdir()) == sorted(
+            [PASSWORD_FILE, not_ours.name, "redis-link", living[0].name])
+        home = redis_home(certs)  # beside the living one
+        remove_redis_home(home)
+        assert not home.exists() and living[0].exists()
     finally:
         living[1].kill()
         living[1].wait()
