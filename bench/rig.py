@@ -81,22 +81,30 @@ def cluster(name: str, port: int, **extra: object) -> dict:
                 "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}}}}]}]}}
 
 
-def floor_stack(work: Path, port: int, upstream_port: int) -> list[ManagedProcess]:
+def floor_stack(work: Path, port: int, upstream_port: int, http2: bool = False
+                ) -> list[ManagedProcess]:
     """The floor of the chosen stack: an Envoy with the edge's ext_proc filter settings (request
     headers only, one message per request, same timeout) and the edge's mutual TLS to ext_proc,
     in front of a grpc.aio ext_proc that answers every request with one fixed header mutation
-    (bench/floor_ext_proc.py)."""
-    grpc_port = free_port()
-    certs = pki.ensure(work / "floor-certs", [pki.Identity(pki.Role.EDGE, "floor-edge"),
-                                              pki.Identity(pki.Role.EXT_PROC, "floor-ext-proc")])
-    served = certs["floor-ext-proc"]
-    server = ManagedProcess("floor-ext-proc", [
-        sys.executable, str(Path(__file__).with_name("floor_ext_proc.py")), f"127.0.0.1:{grpc_port}",
-        str(served.ca), str(served.cert), str(served.key)], work / "floor-ext-proc.log").start()
+    (bench/floor_ext_proc.py). `http2`: the same answer over the ext_proc filter's http_service
+    instead (bench/floor_ext_proc_h2.py)."""
+    name = "floor-h2" if http2 else "floor"
+    server_port = free_port()
+    certs = pki.ensure(work / f"{name}-certs", [pki.Identity(pki.Role.EDGE, f"{name}-edge"),
+                                               pki.Identity(pki.Role.EXT_PROC, f"{name}-ext-proc")])
+    served = certs[f"{name}-ext-proc"]
+    script = "floor_ext_proc_h2.py" if http2 else "floor_ext_proc.py"
+    server = ManagedProcess(f"{name}-ext-proc", [
+        sys.executable, str(Path(__file__).with_name(script)), f"127.0.0.1:{server_port}",
+        str(served.ca), str(served.cert), str(served.key)], work / f"{name}-ext-proc.log").start()
     tls = json.loads(json_format.MessageToJson(ext_proc_cluster(EdgeSettings()).transport_socket))
+    service = ({"http_service": {"http_service": {"http_uri": {
+        "uri": f"https://{name}-ext-proc/process", "cluster": f"{name}-ext-proc",
+        "timeout": "0.2s"}}}} if http2 else
+        {"grpc_service": {"envoy_grpc": {"cluster_name": f"{name}-ext-proc"}}})
     ext_proc = {"name": "envoy.filters.http.ext_proc", "typed_config": {
         "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
-        "grpc_service": {"envoy_grpc": {"cluster_name": "floor-ext-proc"}},
+        **service,
         "processing_mode": {"request_header_mode": "SEND", "response_header_mode": "SKIP",
                             "request_trailer_mode": "SKIP", "response_trailer_mode": "SKIP"},
         "message_timeout": "0.2s", "failure_mode_allow": False}}
@@ -104,11 +112,11 @@ def floor_stack(work: Path, port: int, upstream_port: int) -> list[ManagedProces
         "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
         "explicit_http_config": {"http2_protocol_options": {}}}}}
     try:
-        server.wait_until(lambda: port_open(grpc_port), "the floor ext_proc to listen")
-        envoy = static_envoy("floor", work, port, {"match": {"prefix": "/"}, "route": {"cluster": "upstream"}},
+        server.wait_until(lambda: port_open(server_port), f"the {name} ext_proc to listen")
+        envoy = static_envoy(name, work, port, {"match": {"prefix": "/"}, "route": {"cluster": "upstream"}},
                              [cluster("upstream", upstream_port),
-                              cluster("floor-ext-proc", grpc_port, **h2, transport_socket=tls)],
-                             filters=[ext_proc], secrets=edge_secrets(certs["floor-edge"]))
+                              cluster(f"{name}-ext-proc", server_port, **h2, transport_socket=tls)],
+                             filters=[ext_proc], secrets=edge_secrets(certs[f"{name}-edge"]))
     except BaseException:
         server.stop()
         raise

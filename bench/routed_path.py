@@ -2,14 +2,15 @@
 
 Starts a fast upstream (an Envoy answering every request itself), a baseline Envoy
 that routes straight to it (no ext_proc), the floor (that Envoy with a fixed-answer grpc.aio
-ext_proc, bench/floor_ext_proc.py) and the gpu-router stack in front of the
-same upstream; then drives them with wrk and prints latency and throughput with the
+ext_proc, bench/floor_ext_proc.py), the floor over HTTP/2 ("floor h2": the same answer to the
+ext_proc filter's http_service, bench/floor_ext_proc_h2.py) and the gpu-router stack in front
+of the same upstream; then drives them with wrk and prints latency and throughput with the
 ratios against the baseline, plus ext_proc's own time as Envoy's ext_proc filter measured
 it (Envoy has no ext_proc timing stat of its own), and at 16 connections the CPU time each
 process spent per request: on a 2-core machine, 2 s of CPU per second bounds the req/s.
 
-The ratios that matter (routed/floor, accounting on/off) are measured a second time with the
-floor and the two single-worker stacks loaded in turn at 16 connections, --rounds rounds of
+The ratios that matter (routed/floor, accounting on/off, floor h2/floor) are measured a second
+time with the two floors and the two single-worker stacks loaded in turn at 16 connections, --rounds rounds of
 forward then reverse order (wrk_load.interleaved): a shared machine drifts within minutes, and
 the table's rows are minutes apart.
 
@@ -149,16 +150,19 @@ def main() -> int:
                 ("direct", "16 conn", direct_16),
                 ("direct", "1 conn 200KB", wrk(direct_url, large, 1, args.duration, work))]
         base = {label: load for _, label, load in rows}
-        floor_port = free_port()
-        floor = floor_stack(work, floor_port, upstream_port)
-        children += floor
-        floor_target = Target("floor", f"http://127.0.0.1:{floor_port}/v1/chat/completions",
-                              {"envoy": floor[1].pid, "ext_proc": floor[0].pid,
-                               "upstream": children[0].pid})
-        floor_16, cpu["floor"] = wrk_with_cpu(floor_target.url, small, 16, args.duration, work,
-                                              floor_target.pids)
-        rows += [("floor", "1 conn", wrk(floor_target.url, small, 1, args.duration, work)),
-                 ("floor", "16 conn", floor_16)]
+        floor_targets = []
+        for name, http2 in (("floor", False), ("floor h2", True)):
+            floor_port = free_port()
+            floor = floor_stack(work, floor_port, upstream_port, http2)
+            children += floor
+            floor_targets.append(Target(name, f"http://127.0.0.1:{floor_port}/v1/chat/completions",
+                                        {"envoy": floor[1].pid, "ext_proc": floor[0].pid,
+                                         "upstream": children[0].pid}))
+        for target in floor_targets:
+            floor_16, cpu[target.name] = wrk_with_cpu(target.url, small, 16, args.duration, work,
+                                                      target.pids)
+            rows += [(target.name, "1 conn", wrk(target.url, small, 1, args.duration, work)),
+                     (target.name, "16 conn", floor_16)]
         floors = {label: load for name, label, load in rows if name == "floor"}
         policy = bench_policy(work / "policy.yaml", upstream_port, providers=args.providers)
         timings = {}
@@ -195,7 +199,7 @@ def main() -> int:
             if workers != 1:
                 stacks.pop(name).stop()
         compared = interleaved(
-            [floor_target, *(Target(name, f"{stack.url}/v1/chat/completions",
+            [*floor_targets, *(Target(name, f"{stack.url}/v1/chat/completions",
                                     {**stack_pids(stack), "upstream": children[0].pid})
                              for name, stack in stacks.items())],
             small, 16, args.duration, work, args.rounds)
@@ -259,6 +263,8 @@ def print_interleaved(result: Interleaved, rounds: int) -> None:
     for name, per_round in result.rps.items():
         print(f"  {name:<12} req/s {', '.join(f'{rps:.0f}' for rps in per_round)}; "
               f"mean {sum(per_round) / len(per_round):.0f}")
+    print(f"  floor h2 / floor    {result.ratio('floor h2', 'floor'):5.3f} (ext_proc over HTTP/2, "
+          "Envoy's http_service, against gRPC)")
     if "routed x1" in result.rps:
         print(f"  routed x1 / floor   {result.ratio('routed x1', 'floor'):5.3f}")
     if "x1 acct off" in result.rps:
