@@ -20,6 +20,7 @@ from gpu_router.health_view import render_health
 from gpu_router.keys_cli import add_keys_command, client_report
 from gpu_router.processes import Cancelled, ProcessError, http_get
 from gpu_router.redis_service import RedisPasswordError, ensure_password
+from gpu_router.revocation import RevocationError, revoke
 from gpu_router.stack import Stack, StackPorts
 from gpu_router.supervisor import StopSignals, Supervisor
 
@@ -112,6 +113,20 @@ def certs_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def certs_revoke(args: argparse.Namespace) -> int:
+    """Revoke certificates of a certs directory (gpu_router/revocation.py)."""
+    try:
+        crl, serials = revoke(Path(args.dir), args.names)
+    except RevocationError as error:
+        print(f"gpu-router certs: {error}", file=sys.stderr)
+        return 1
+    for name, serial in zip(args.names, serials, strict=True):
+        print(f"revoked {name}: serial {serial:x}")
+    print(f"CRL: {crl} (the control plane and ext_proc read it within a second; "
+          f"`certs init` or `up` issues the names new certificates)")
+    return 0
+
+
 def accounting_flags(args: argparse.Namespace) -> list[str]:
     """The control plane's ledger and audit-log flags `up` was given (none: its defaults)."""
     if args.no_accounting:
@@ -194,6 +209,12 @@ def parser() -> argparse.ArgumentParser:
     init.add_argument("--ip", action="append", default=[],
                       help=f"another IP address of the control plane (always: {', '.join(pki.SERVER_IPS)})")
     init.set_defaults(handler=certs_init)
+    revoking = certs_commands.add_parser(
+        "revoke", help="revoke certificates: add them to the CA's crl.pem, remove their pairs")
+    revoking.add_argument("--dir", required=True, help="the certs directory (with ca-key.pem)")
+    revoking.add_argument("names", nargs="+", metavar="NAME",
+                          help="a certificate's name (<NAME>.pem in --dir): an edge's node id")
+    revoking.set_defaults(handler=certs_revoke)
 
     check = commands.add_parser("validate", help="check policy files; non-zero exit on errors")
     check.add_argument("files", nargs="+")

@@ -382,7 +382,7 @@ def _load_key(path: Path) -> CertificateIssuerPrivateKeyTypes:
 
 
 def _write_cert(path: Path, cert: x509.Certificate) -> None:
-    _write(path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    write_file(path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
 
 
 def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
@@ -391,10 +391,10 @@ def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    _write(path, pem, 0o600)
+    write_file(path, pem, 0o600)
 
 
-def _write(path: Path, data: bytes, mode: int) -> None:
+def write_file(path: Path, data: bytes, mode: int) -> None:
     """Atomically, so a process starting meanwhile reads the old file or the new, never half."""
     partial = path.with_name(f".{path.name}.tmp")
     fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
