@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import logging
 import signal
@@ -43,9 +44,11 @@ from control_plane.telemetry.weights import publish_weights
 from control_plane.watch import PolicyWatcher
 from control_plane.xds import type_urls
 from control_plane.xds.cache import SnapshotCache
-from control_plane.xds.server import AggregatedDiscoveryServer
+from control_plane.xds.peer import require_edge
+from control_plane.xds.server import AggregatedDiscoveryServer, certified_peer
 from gpu_router.api.v1 import health_pb2
 from gpu_router.grpc_tls import server_credentials
+from gpu_router.revocation import Revocations
 
 log = logging.getLogger("control_plane")
 
@@ -167,18 +170,20 @@ async def serve(options: Options, stop: asyncio.Event, hangup: asyncio.Event | N
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ]
     )
+    tls = options.tls_files()
+    revocations = Revocations.open(options.crl_path(), tls.ca)  # a bad CRL: refuse to start
     ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(
-        AggregatedDiscoveryServer(cache), server
+        AggregatedDiscoveryServer(
+            cache, authenticate=functools.partial(certified_peer, revocations=revocations)),
+        server,
     )
-    receiver = AccessLogReceiver(fleet, count=metrics.count_telemetry)
+    edges_only = functools.partial(require_edge, revocations=revocations)
+    receiver = AccessLogReceiver(fleet, count=metrics.count_telemetry, admit=edges_only)
     receiver.on_request.append(accounting.book_request)
     receiver.on_attempt.append(accounting.add_attempt)  # kept only with a ledger
     receiver.register(server)
-    LoadReportReceiver(fleet, count=metrics.count_telemetry).register(server)
-    server.add_secure_port(
-        f"{options.xds_host}:{options.xds_port}",
-        server_credentials(options.tls_files()),
-    )
+    LoadReportReceiver(fleet, count=metrics.count_telemetry, admit=edges_only).register(server)
+    server.add_secure_port(f"{options.xds_host}:{options.xds_port}", server_credentials(tls))
     await apply(first)
     await server.start()
     state = ControlPlaneState(cache, rollout, fleet, metrics, accounting.spend, options.ledger)

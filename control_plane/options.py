@@ -18,6 +18,7 @@ from control_plane.policy.load import default_policy_path
 from control_plane.telemetry.health import MAX_RETRY_AFTER_S
 from control_plane.translate import EdgeSettings
 from gpu_router import pki
+from gpu_router.revocation import CRL_FILE
 
 DEFAULT_EXT_PROC = ("127.0.0.1", 50051)
 
@@ -60,6 +61,9 @@ class Options:
     """Where the CA and this process's certificate are found, or made when absent."""
     tls: pki.TlsFiles | None = None
     """Bring your own CA, certificate and key (overrides certs_dir)."""
+    tls_crl: Path | None = None
+    """The CRL whose certificates the gRPC port refuses (gpu_router/revocation.py); None:
+    crl.pem in certs_dir, or none with your own CA."""
     edge_tls_files: tuple[Path, Path] | None = None
     """(certificate chain, key) the edge listener serves to clients over TLS; None: plain
     HTTP."""
@@ -71,6 +75,13 @@ class Options:
             return self.tls
         identity = pki.Identity(pki.Role.CONTROL_PLANE, pki.Role.CONTROL_PLANE.value)
         return pki.ensure(self.certs_dir, [identity])[identity.name]
+
+    def crl_path(self) -> Path | None:
+        """The CRL to read: the given one, else certs_dir's crl.pem (absent until a
+        `gpu-router certs revoke`) unless the CA is your own."""
+        if self.tls_crl is not None:
+            return self.tls_crl
+        return None if self.tls is not None else self.certs_dir / CRL_FILE
 
     @property
     def policy_path(self) -> Path:
@@ -131,6 +142,9 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
                         "signed the clients' certificates (with --tls-cert, --tls-key)")
     parser.add_argument("--tls-cert", type=Path, help="bring your own: this server's certificate")
     parser.add_argument("--tls-key", type=Path, help="bring your own: this server's private key")
+    parser.add_argument("--tls-crl", type=Path,
+                        help="a CRL signed by the CA: its certificates are refused, read again "
+                        "when it changes (default: crl.pem in --certs-dir, none with --tls-ca)")
     parser.add_argument(
         "--http-host", default="127.0.0.1", help="admin HTTP bind address (0.0.0.0 in a container)"
     )
@@ -242,6 +256,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         log_level=args.log_level,
         certs_dir=args.certs_dir,
         tls=pki.TlsFiles(*own) if all(own) else None,
+        tls_crl=args.tls_crl,
         edge_tls_files=(args.edge_tls_cert.resolve(), args.edge_tls_key.resolve())
         if all(edge_tls) else None,
     )

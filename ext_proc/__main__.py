@@ -10,6 +10,7 @@ from ext_proc.json_log import configure_logging
 from ext_proc.workers import WorkerConfig, run_workers
 from gpu_router.pki import TlsFiles, pair_problem
 from gpu_router.redis_service import RedisPasswordError, read_password
+from gpu_router.revocation import RevocationError, Revocations
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -61,6 +62,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tls-cert", type=Path, required=True,
                         help="this replica's certificate (SAN spiffe://gpu-router/ext-proc/<name>)")
     parser.add_argument("--tls-key", type=Path, required=True, help="its private key")
+    parser.add_argument("--tls-crl", type=Path,
+                        help="the fleet's CRL (crl.pem, `gpu-router certs revoke`): an edge whose "
+                        "certificate it revokes is refused; read again when it changes, and may "
+                        "appear later (default: none)")
     parser.add_argument(
         "--workers",
         type=_positive,
@@ -90,6 +95,10 @@ def main(argv: list[str] | None = None) -> int:
     if problem is not None:  # else gRPC only says it cannot bind the port
         parser.error(f"unusable TLS files: {problem}")
     try:
+        Revocations.open(args.tls_crl, args.tls_ca)  # each worker reads it again
+    except RevocationError as error:
+        parser.error(str(error))
+    try:
         password = (None if args.redis_password_file is None
                     else read_password(args.redis_password_file))
     except RedisPasswordError as error:
@@ -98,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     return run_workers(
         WorkerConfig(
             listen=args.listen, xds=args.xds, log_level=args.log_level,
-            tls=tls, redis=args.redis,
+            tls=tls, crl=args.tls_crl, redis=args.redis,
             redis_password=password,
         ),
         args.workers,

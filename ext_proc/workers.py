@@ -11,6 +11,7 @@ import os
 import signal
 from dataclasses import dataclass, field
 from multiprocessing.connection import wait
+from pathlib import Path
 from types import FrameType
 
 import grpc
@@ -31,6 +32,7 @@ from ext_proc.xds_client import (
 )
 from gpu_router.grpc_tls import channel_credentials, server_credentials
 from gpu_router.pki import TlsFiles
+from gpu_router.revocation import Revocations
 
 SHUTDOWN_GRACE_S = 2.0
 EXIT_BIND_FAILED = 2
@@ -47,6 +49,9 @@ class WorkerConfig:
     tls: TlsFiles
     """CA, certificate and key for mutual TLS: to the control plane, and on the ext_proc port
     (which takes only clients with a certificate of that CA; service.py admits only edges)."""
+    crl: Path | None = None
+    """The fleet's CRL (gpu_router/revocation.py): edges whose certificate it revokes are
+    refused; read again when it changes. None: nothing is revoked."""
     log_level: str = "warning"
     redis: str | None = None
     """redis:// or unix:// URL of the fleet's shared rate-limit counters; None: counters in each
@@ -68,7 +73,8 @@ async def serve(config: WorkerConfig, stop: asyncio.Event) -> None:
     counters = (LocalCounters() if config.redis is None
                 else RedisCounters(config.redis, password=config.redis_password))
     ext_proc_grpc.add_ExternalProcessorServicer_to_server(
-        ExternalProcessorService(live, Admission(RateLimiter(counters))), server
+        ExternalProcessorService(live, Admission(RateLimiter(counters)),
+                                 Revocations.open(config.crl, config.tls.ca)), server
     )
     status = ServingStatus()
     await status.add_to(server)

@@ -165,6 +165,23 @@ def test_bad_policy_at_startup_exits_2_with_the_reason(tmp_path: Path) -> None:
     assert f"policy {bad} rejected" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_a_crl_that_is_not_the_cas_stops_the_start_with_the_file_named(tmp_path: Path) -> None:
+    """Revoked edges must stay refused: the control plane does not start without its CRL."""
+    certs = tmp_path / "certs"
+    other = pki.ensure(tmp_path / "other", [pki.Identity(pki.Role.EDGE, "e")])["e"]
+    pki.ensure(certs, [])
+    (certs / "crl.pem").write_bytes(other.cert.read_bytes())  # a certificate, not a CRL
+    result = subprocess.run(
+        [sys.executable, "-m", "control_plane",
+         *control_plane_args(policy_file(tmp_path / "policy.yaml"), free_port(), free_port(),
+                             certs)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert result.returncode == 1
+    assert f"{certs / 'crl.pem'}: not a readable PEM CRL" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_sigterm_stops_gracefully(
     start_control_plane: Callable[[Path], ControlPlane], tmp_path: Path
 ) -> None:

@@ -142,7 +142,8 @@ def test_ext_proc_refuses_to_start_on_unusable_flags(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Each a clear error and exit 2 before any worker starts: a password file that cannot be
-    read or without --redis, a password on the command line, TLS files that do not match."""
+    read or without --redis, a password on the command line, TLS files that do not match, a
+    CRL that is not one."""
     files = FakeAds.client_flags()
     missing = tmp_path / "nowhere" / PASSWORD_FILE
     other = pki.ensure(tmp_path / "other", [pki.Identity(pki.Role.EXT_PROC, "x")])["x"]
@@ -156,6 +157,7 @@ def test_ext_proc_refuses_to_start_on_unusable_flags(
          "--redis-password-file"),
         ([*files, "--redis", "http://127.0.0.1:1"], "--redis: Redis URL must specify"),
         (mismatched, f"unusable TLS files: {other.key}: not the key of {files[3]}"),
+        ([*files, "--tls-crl", str(other.cert)], f"{other.cert}: not a readable PEM CRL"),
     ]
     for argv, says in cases:
         with pytest.raises(SystemExit) as stopped:

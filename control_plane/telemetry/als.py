@@ -61,7 +61,7 @@ from control_plane.telemetry.validation import (
 from control_plane.telemetry.wire_utf8 import Received, register_lenient, repaired_parts
 from control_plane.translate.names import ACCESS_LOG_NAME as EDGE_LOG_NAME
 from control_plane.translate.names import ATTEMPT_LOG_NAME
-from control_plane.xds.peer import Admit, refuse_other_node, require_edge
+from control_plane.xds.peer import Admit, refuse_other_node, refuse_revoked, require_edge
 
 logger = logging.getLogger(__name__)
 
@@ -131,6 +131,7 @@ class AccessLogReceiver:
         node_id = log_name = ""
         entries = 0
         async for received in request_iterator:
+            await refuse_revoked(context, peer, "access logs")  # revoked since it opened
             message = received.message
             if message is None:
                 self._count(_KINDS.get(log_name, ACCESS_LOG), UNPARSEABLE_MESSAGE)

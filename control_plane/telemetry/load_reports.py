@@ -33,7 +33,7 @@ from control_plane.telemetry.validation import (
     count_nothing,
 )
 from control_plane.telemetry.wire_utf8 import Received, register_lenient, repaired_parts
-from control_plane.xds.peer import Admit, refuse_other_node, require_edge
+from control_plane.xds.peer import Admit, refuse_other_node, refuse_revoked, require_edge
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +88,7 @@ class LoadReportReceiver:
         node_id: str | None = None
         try:
             async for received in request_iterator:
+                await refuse_revoked(context, peer, "load reports")  # revoked since it opened
                 report = received.message
                 if report is None:
                     self._count(LOAD_REPORT, UNPARSEABLE_MESSAGE)

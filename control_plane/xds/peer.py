@@ -5,19 +5,22 @@ mutual-TLS handshake (gpu_router/pki.py), never from the node id or cluster it c
 anyone can write those. An edge's node id must be its certificate's name (Peer.may_be). Edge Envoys may fetch Envoy's resource types (secrets included) and
 send access logs and load reports; ext_proc replicas only fetch their RoutingPolicy and
 HealthSnapshot. Any other peer (no certificate, another role) is refused; each refusal is
-one JSON line, `peer_refused`.
+one JSON line, `peer_refused`. So is a certificate the fleet's CRL revokes
+(gpu_router/revocation.py): at a stream's start, and at its next message or response once
+revoked meanwhile (Peer.revoked).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 
 from control_plane.xds import type_urls
 from gpu_router.pki import Role, certified_identity, peer_certificate
+from gpu_router.revocation import NOTHING_REVOKED, Revocations, certificate_serial
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +43,14 @@ class Peer:
     """None: no certificate, or one that names none of our roles."""
     name: str = ""
     """The certificate's node or replica name."""
+    serial: int | None = None
+    """The certificate's serial number (what a CRL names)."""
+    revocations: Revocations = field(default=NOTHING_REVOKED, compare=False, repr=False)
+
+    def revoked(self) -> bool:
+        """Whether the fleet's CRL revokes this peer's certificate now (read within a second
+        of a change): a stream admitted before is refused at its next message."""
+        return self.revocations.revoked(self.serial)
 
     def may_have(self, type_url: str) -> bool:
         """Whether this peer may subscribe to (and be sent) resources of `type_url`."""
@@ -69,14 +80,28 @@ def nothing(_type_url: str) -> bool:
     return False
 
 
-def peer_of(address: str, auth_context: Mapping[str, Sequence[bytes]]) -> Peer:
+def peer_of(address: str, auth_context: Mapping[str, Sequence[bytes]],
+            revocations: Revocations = NOTHING_REVOKED) -> Peer:
     """The peer as its certificate (auth_context()["x509_pem_cert"]) names it."""
-    identity = certified_identity(peer_certificate(auth_context))
-    return Peer(address, None) if identity is None else Peer(address, *identity)
+    pem = peer_certificate(auth_context)
+    identity = certified_identity(pem)
+    if identity is None or pem is None:
+        return Peer(address, None)
+    return Peer(address, *identity, serial=certificate_serial(pem), revocations=revocations)
 
 
-def peer_from(context: grpc.aio.ServicerContext) -> Peer:
-    return peer_of(context.peer(), context.auth_context())
+def peer_from(context: grpc.aio.ServicerContext,
+              revocations: Revocations = NOTHING_REVOKED) -> Peer:
+    return peer_of(context.peer(), context.auth_context(), revocations)
+
+
+REVOKED = "the client certificate is revoked"
+
+
+async def refuse_revoked(context: grpc.aio.ServicerContext, peer: Peer, asked: str) -> None:
+    """Refuse the RPC (raises) when the fleet's CRL revokes `peer`'s certificate now."""
+    if peer.revoked():
+        await refuse(context, peer, asked, grpc.StatusCode.UNAUTHENTICATED, REVOKED)
 
 
 async def refuse(
@@ -91,9 +116,12 @@ Admit = Callable[[grpc.aio.ServicerContext, str], Awaitable[Peer]]
 """Checks a telemetry stream's peer before anything is read from it (refuses by raising)."""
 
 
-async def require_edge(context: grpc.aio.ServicerContext, asked: str) -> Peer:
-    """The peer, if it is an edge Envoy; otherwise refuse the RPC (for ALS and LRS streams)."""
-    peer = peer_from(context)
+async def require_edge(context: grpc.aio.ServicerContext, asked: str,
+                       revocations: Revocations = NOTHING_REVOKED) -> Peer:
+    """The peer, if it is an edge Envoy whose certificate is not revoked; otherwise refuse the
+    RPC (for ALS and LRS streams)."""
+    peer = peer_from(context, revocations)
+    await refuse_revoked(context, peer, asked)
     if peer.role is not Role.EDGE:
         code = grpc.StatusCode.UNAUTHENTICATED if peer.role is None else (
             grpc.StatusCode.PERMISSION_DENIED

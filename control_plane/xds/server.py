@@ -29,6 +29,7 @@ from control_plane.xds.peer import (
     peer_from,
     refuse,
     refuse_other_node,
+    refuse_revoked,
 )
 from control_plane.xds.stream import (
     Acked,
@@ -42,6 +43,7 @@ from control_plane.xds.stream import (
     Subscribed,
     XdsStream,
 )
+from gpu_router.revocation import NOTHING_REVOKED, Revocations
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +54,10 @@ Authenticate = Callable[[grpc.aio.ServicerContext, Node], Peer]
 """Who the peer of a stream is, given its first request's node."""
 
 
-def certified_peer(context: grpc.aio.ServicerContext, _node: Node) -> Peer:
+def certified_peer(context: grpc.aio.ServicerContext, _node: Node,
+                   revocations: Revocations = NOTHING_REVOKED) -> Peer:
     """The peer as its TLS client certificate names it; the node's claim is not evidence."""
-    return peer_from(context)
+    return peer_from(context, revocations)
 
 
 class _Signal(enum.Enum):
@@ -101,6 +104,8 @@ class AggregatedDiscoveryServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer)
                     if first and stream.node is not None:
                         log.info("xds_stream_open", extra={**_node_fields(stream), "peer": peer})
                     self._cache.note_acks()
+                # A certificate revoked since the stream opened gets nothing more (keys least).
+                await refuse_revoked(context, admitted, "xDS responses")
                 for response in stream.responses(self._cache.snapshot):
                     yield _to_proto(response)
         finally:
@@ -119,6 +124,7 @@ class AggregatedDiscoveryServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer)
                          grpc.StatusCode.INVALID_ARGUMENT, "the first request names no node")
             return unnamed
         peer = self._authenticate(context, request.node)
+        await refuse_revoked(context, peer, asked)
         if peer.role is None:
             await refuse(context, peer, asked, grpc.StatusCode.UNAUTHENTICATED,
                          "no client certificate of a gpu-router role")

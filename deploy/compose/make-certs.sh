@@ -10,7 +10,8 @@
 #   <node>-certs    -> that Envoy only, at /etc/gpu-router/certs: ca.pem, edge.pem, edge-key.pem,
 #                      its own certificate (the control plane takes an edge's node id only from
 #                      the certificate naming it), for each node in EDGE_NODES
-#   ext-proc volume -> every ext_proc at /certs: ca.pem, ext-proc.pem, ext-proc-key.pem
+#   ext-proc volume -> every ext_proc at /certs: ca.pem, ext-proc.pem, ext-proc-key.pem, and
+#                      crl.pem once a certificate is revoked
 #   redis volume    -> Redis and every ext_proc at /redis: redis-password, and redis.conf (for
 #                      redis-server: requirepass, nothing persisted)
 # The directories can be moved for tests: PKI_DIR, EDGE_ROOT (holding the <node>-certs
@@ -38,6 +39,8 @@ for node in $edge_nodes; do
   install -m 0644 "$pki/$node-key.pem" "$dir/edge-key.pem"
 done
 cp "$pki/ca.pem" "$pki/ext-proc.pem" "$pki/ext-proc-key.pem" "$ext_proc/"
+# The CRL (`gpu-router certs revoke`), which every ext_proc reads as the control plane does.
+if [ -f "$pki/crl.pem" ]; then cp "$pki/crl.pem" "$ext_proc/"; fi
 # The Redis image runs redis-server as its own user, which must read both files: readable by
 # all, in a volume that only Redis and the ext_proc replicas mount.
 install -m 0644 "$pki/redis-password" "$redis/redis-password"

@@ -25,6 +25,8 @@ from gpu_router.stack import Stack, StackPorts
 
 CLIENTS = 64
 """Concurrent clients in a test of a fault or a change under load: as production has, not a few."""
+CLI = [sys.executable, "-c", "from gpu_router.cli import main; main()"]
+"""The `gpu-router` command, as this interpreter runs it."""
 
 
 def policy_on_free_ports(source: Path, destination: Path, edit: Callable[[dict], None] | None = None) -> Path:

@@ -6,18 +6,15 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import urllib.parse
 from pathlib import Path
 
 import yaml
 from polling import eventually
-from stack_harness import policy_on_free_ports
+from stack_harness import CLI, policy_on_free_ports
 
 from control_plane.policy.load import default_policy_path
 from gpu_router.processes import free_port, http_get, port_open
-
-CLI = [sys.executable, "-c", "from gpu_router.cli import main; main()"]
 
 
 def test_validate_accepts_the_default_and_the_example() -> None:

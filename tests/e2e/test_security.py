@@ -12,7 +12,10 @@ its file reaches the provider's requests without any restart.
 from __future__ import annotations
 
 import json
+import shutil
 import sqlite3
+import subprocess
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,7 +30,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_proc_grpc
 from envoy.service.load_stats.v3 import lrs_pb2, lrs_pb2_grpc
 from polling import eventually
-from stack_harness import Providers, chat, policy_on_free_ports, start_stack
+from stack_harness import CLI, Providers, chat, policy_on_free_ports, start_stack
 
 from control_plane.policy.load import default_policy_path
 from control_plane.telemetry.als import ATTEMPT_LOG_NAME, EDGE_LOG_NAME
@@ -76,10 +79,11 @@ def mtls(stack: Stack, role: pki.Role, name: str) -> grpc.Channel:
     return grpc.secure_channel(target(stack), credentials)
 
 
-def ask_for_the_key(channel: grpc.Channel, cluster: str) -> tuple[grpc.StatusCode, list[str]]:
+def ask_for_the_key(channel: grpc.Channel, cluster: str,
+                    node_id: str = "probe") -> tuple[grpc.StatusCode, list[str]]:
     """One ADS stream asking for the keyed provider's secret: how it ended, the secrets sent."""
     request = discovery_pb2.DiscoveryRequest(
-        node=base_pb2.Node(id="probe", cluster=cluster),
+        node=base_pb2.Node(id=node_id, cluster=cluster),
         type_url=type_urls.SECRET,
         resource_names=[SECRET],
     )
@@ -310,3 +314,66 @@ def test_ext_proc_decides_for_edge_certificates_only(stack: Stack) -> None:
     # The control plane's peer_refused fields (xds/peer.py), so one query finds both.
     assert (refused[-1]["role"], refused[-1]["peer_name"]) == ("ext-proc", "ext-proc-probe")
     assert refused[-1]["reason"].startswith("only an edge Envoy's certificate")
+
+
+def test_a_revoked_edge_certificate_is_refused_on_every_port_without_a_restart(
+    stack: Stack, tmp_path: Path,
+) -> None:
+    """A stolen edge key: `gpu-router certs revoke` puts its certificate on the CA's CRL. Within
+    a second, new streams on the control plane's port (no key) and ext_proc's are refused, and
+    an access-log stream and an xDS stream opened before end at their next message (the entry
+    is not booked); the stack's own edges route on. The revoked pair leaves the certs directory."""
+    issued = stack.tls(pki.Role.EDGE, "stolen")
+    stolen = pki.TlsFiles(*(Path(shutil.copy(path, tmp_path)) for path in
+                            (issued.ca, issued.cert, issued.key)))  # the thief's copy
+    with grpc.secure_channel(target(stack), channel_credentials(stolen)) as channel:
+        code, keys = ask_for_the_key(channel, EDGE_CLUSTER, "stolen")
+        assert (code, len(keys)) == (grpc.StatusCode.OK, 1)
+    assert ask_ext_proc(stack, stolen) == grpc.StatusCode.OK
+    revoked = threading.Event()
+
+    def entries() -> Iterator[als_pb2.StreamAccessLogsMessage]:
+        yield from forged_log("before-revoking", node_id="stolen")
+        revoked.wait(30)
+        yield from forged_log("after-revoking", node_id="stolen")
+
+    def subscriptions() -> Iterator[discovery_pb2.DiscoveryRequest]:
+        asked = discovery_pb2.DiscoveryRequest(node=base_pb2.Node(id="stolen", cluster=EDGE_CLUSTER),
+                                               type_url=type_urls.SECRET, resource_names=[SECRET])
+        yield asked
+        revoked.wait(30)
+        yield asked
+
+    before = len(refusals(stack))
+    open_stream = grpc.secure_channel(target(stack), channel_credentials(stolen))
+    try:
+        stream = als_pb2_grpc.AccessLogServiceStub(open_stream).StreamAccessLogs.future(
+            entries(), timeout=60)
+        xds = ads_pb2_grpc.AggregatedDiscoveryServiceStub(open_stream).StreamAggregatedResources(
+            subscriptions(), timeout=60)
+        assert next(xds).resources  # the key, while the certificate is good
+        eventually(lambda: booked(stack, "before-revoking") == 1, "the entry sent before")
+        result = subprocess.run([*CLI, "certs", "revoke", "--dir", str(stack.certs), "stolen"],
+                                capture_output=True, text=True, check=False)
+        assert result.returncode == 0, result.stderr
+        assert not issued.cert.exists() and not issued.key.exists()
+        with grpc.secure_channel(target(stack), channel_credentials(stolen)) as channel:
+            eventually(lambda: ask_for_the_key(channel, EDGE_CLUSTER, "stolen")
+                       == (grpc.StatusCode.UNAUTHENTICATED, []), "a new stream refused")
+        revoked.set()
+        with pytest.raises(grpc.RpcError) as ended:
+            stream.result()
+        assert ended.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with pytest.raises(grpc.RpcError) as ended:
+            list(xds)  # the open xDS stream: refused at its next request, before any response
+        assert ended.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        revoked.set()
+        open_stream.close()
+    eventually(lambda: ask_ext_proc(stack, stolen) == grpc.StatusCode.PERMISSION_DENIED,
+               "ext_proc refusing it")
+    assert booked(stack, "after-revoking") == 0
+    reasons = [(entry["peer_name"], entry["reason"]) for entry in refusals(stack)[before:]]
+    assert set(reasons) == {("stolen", "the client certificate is revoked")}
+    status, _, body = chat(stack, "llama-3.1-8b")
+    assert status == 200, body
