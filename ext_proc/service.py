@@ -16,7 +16,7 @@ from ext_proc.request import NotReadyError, ProtocolError, RequestPhases
 from ext_proc.router_state import LiveState
 from ext_proc.scoring import NOBODY_AT_CAP
 from gpu_router.pki import Role, certified_identity, peer_certificate
-from gpu_router.revocation import NOTHING_REVOKED, Revocations, certificate_serial
+from gpu_router.revocation import NOTHING_REVOKED, REVOKED, Revocations, certificate_serial
 
 _log = logging.getLogger(__name__)
 
@@ -33,12 +33,11 @@ def _peer_identity(context: grpc.aio.ServicerContext, revocations: Revocations
     if identity is None or identity[0] is not Role.EDGE:
         return _EDGES_ONLY
     if pem is not None and revocations.revoked(certificate_serial(pem)):
-        return _REVOKED
+        return REVOKED
     return identity
 
 
 _EDGES_ONLY = "only an edge Envoy's certificate may ask ext_proc for decisions"
-_REVOKED = "the client certificate is revoked"
 
 _certified = functools.lru_cache(maxsize=256)(certified_identity)
 """certified_identity cached per certificate: the fleet has few, and parsing one costs more

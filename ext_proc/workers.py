@@ -32,10 +32,10 @@ from ext_proc.xds_client import (
 )
 from gpu_router.grpc_tls import channel_credentials, server_credentials
 from gpu_router.pki import TlsFiles
-from gpu_router.revocation import Revocations
+from gpu_router.revocation import RevocationError, Revocations
 
 SHUTDOWN_GRACE_S = 2.0
-EXIT_BIND_FAILED = 2
+EXIT_CANNOT_START = 2
 
 _log = logging.getLogger(__name__)
 
@@ -126,9 +126,9 @@ def worker_main(config: WorkerConfig) -> None:
         # the fixed-answer floor ext_proc spent 12-17% less CPU per request and ours 6-15% (each
         # pair loaded in turn); the control plane measured no difference and stays on asyncio.
         uvloop.run(_serve_until_signalled(config))
-    except BindError as error:
+    except (BindError, RevocationError) as error:  # the CRL may have turned bad since main
         _log.error("ext_proc worker cannot start", extra={"error": str(error)})
-        raise SystemExit(EXIT_BIND_FAILED) from error
+        raise SystemExit(EXIT_CANNOT_START) from error
 
 
 def run_workers(config: WorkerConfig, count: int) -> int:

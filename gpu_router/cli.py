@@ -116,7 +116,7 @@ def certs_init(args: argparse.Namespace) -> int:
 def certs_revoke(args: argparse.Namespace) -> int:
     """Revoke certificates of a certs directory (gpu_router/revocation.py)."""
     try:
-        crl, serials = revoke(Path(args.dir), args.names)
+        crl, serials = revoke(Path(args.dir), args.names, [Path(d) for d in args.copy_to])
     except RevocationError as error:
         print(f"gpu-router certs: {error}", file=sys.stderr)
         return 1
@@ -212,6 +212,9 @@ def parser() -> argparse.ArgumentParser:
     revoking = certs_commands.add_parser(
         "revoke", help="revoke certificates: add them to the CA's crl.pem, remove their pairs")
     revoking.add_argument("--dir", required=True, help="the certs directory (with ca-key.pem)")
+    revoking.add_argument("--copy-to", action="append", default=[], metavar="DIR",
+                          help="also write crl.pem into DIR (atomically), for ext_proc to read "
+                          "there; repeat")
     revoking.add_argument("names", nargs="+", metavar="NAME",
                           help="a certificate's name (<NAME>.pem in --dir): an edge's node id")
     revoking.set_defaults(handler=certs_revoke)

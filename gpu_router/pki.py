@@ -9,7 +9,8 @@ writes a certs directory, keeping every file that is still valid, so a user's ow
 certificates ("bring your own") are used as they are and nothing valid is ever overwritten.
 
 Layout of a certs directory: ca.pem (+ ca-key.pem when we made the CA), and per process
-<name>.pem / <name>-key.pem, e.g. control-plane.pem, edge-1.pem, ext-proc-1.pem.
+<name>.pem / <name>-key.pem, e.g. control-plane.pem, edge-1.pem, ext-proc-1.pem (the files are
+read and written by pem_files.py; crl.pem by revocation.py).
 """
 
 from __future__ import annotations
@@ -24,10 +25,19 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from gpu_router.pem_files import (
+    PkiError,
+    load_cert,
+    load_key,
+    same_key,
+    write_cert,
+    write_key,
+)
 
 TRUST_DOMAIN = "gpu-router"
 CA_FILE = "ca.pem"
@@ -59,10 +69,6 @@ SERVING_ROLES = frozenset({Role.CONTROL_PLANE, Role.EXT_PROC})
 def role_prefix(role: Role) -> str:
     """The start of every SPIFFE id of an edge or ext_proc certificate (each ends in a name)."""
     return f"spiffe://{TRUST_DOMAIN}/{role.value}/"
-
-
-class PkiError(RuntimeError):
-    """A certs directory cannot be used as it is, and cannot be completed; says which file and why."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,12 +196,12 @@ def make_leaf(
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
         )
-        .sign(ca_key, _digest_for(ca_key))
+        .sign(ca_key, signing_digest(ca_key))
     )
     return cert, key
 
 
-def _digest_for(key: CertificateIssuerPrivateKeyTypes) -> hashes.SHA256 | None:
+def signing_digest(key: CertificateIssuerPrivateKeyTypes) -> hashes.SHA256 | None:
     """Ed25519 and Ed448 sign without a separate digest; every other key type with SHA-256."""
     return None if isinstance(key, ed25519.Ed25519PrivateKey | ed448.Ed448PrivateKey) else (
         hashes.SHA256()
@@ -281,9 +287,9 @@ def ensure(
     ca_path, ca_key_path = directory / CA_FILE, directory / CA_KEY_FILE
     if not ca_path.exists():
         ca_cert, ca_key = make_ca(now)
-        _write_key(ca_key_path, ca_key)
-        _write_cert(ca_path, ca_cert)
-    ca_cert = _load_cert(ca_path)
+        write_key(ca_key_path, ca_key)
+        write_cert(ca_path, ca_cert)
+    ca_cert = load_cert(ca_path)
     if ca_cert.not_valid_after_utc < now:
         raise PkiError(f"{ca_path}: the CA expired {ca_cert.not_valid_after_utc:%Y-%m-%d}; "
                        f"remove the directory's files to make a new CA")
@@ -296,10 +302,10 @@ def ensure(
         if problem is not None:
             if not ca_key_path.exists():
                 raise PkiError(f"{files.cert}: {problem}, and {ca_key_path} is absent to issue one")
-            cert, key = make_leaf(ca_cert, _load_key(ca_key_path), identity, now,
+            cert, key = make_leaf(ca_cert, load_key(ca_key_path), identity, now,
                                   dns=extra_dns, ips=extra_ips)
-            _write_key(files.key, key)
-            _write_cert(files.cert, cert)
+            write_key(files.key, key)
+            write_cert(files.cert, cert)
         out[identity.name] = files
     return out
 
@@ -315,8 +321,8 @@ def _existing_problem(
     if not files.cert.exists() or not files.key.exists():
         return "is missing"
     try:
-        cert = _load_cert(files.cert)
-        key = _load_key(files.key)
+        cert = load_cert(files.cert)
+        key = load_key(files.key)
     except PkiError as error:
         return str(error)
     if not same_key(cert, key):
@@ -327,17 +333,12 @@ def _existing_problem(
     return leaf_problem(cert, ca_cert, identity, now)
 
 
-def same_key(cert: x509.Certificate, key: CertificateIssuerPrivateKeyTypes) -> bool:
-    """Whether `key` is the private key of `cert`."""
-    return key.public_key().public_bytes(*_SPKI) == cert.public_key().public_bytes(*_SPKI)
-
-
 def pair_problem(files: TlsFiles) -> str | None:
     """Why a process cannot present `files` (unreadable, not PEM, or a key that is not the
     certificate's), naming the file; None when it can."""
     try:
-        cert, key = _load_cert(files.cert), _load_key(files.key)
-        _load_cert(files.ca)
+        cert, key = load_cert(files.cert), load_key(files.key)
+        load_cert(files.ca)
     except PkiError as error:
         return str(error)
     return None if same_key(cert, key) else f"{files.key}: not the key of {files.cert}"
@@ -358,47 +359,3 @@ def _missing_addresses(cert: x509.Certificate, dns: Sequence[str], ips: Sequence
     return [name for name in dns if name not in names] + [
         ip for ip in ips if ipaddress.ip_address(ip) not in addresses
     ]
-
-
-_SPKI = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-
-
-def _load_cert(path: Path) -> x509.Certificate:
-    try:
-        return x509.load_pem_x509_certificate(path.read_bytes())
-    except (OSError, ValueError) as error:
-        raise PkiError(f"{path}: not a readable PEM certificate: {error}") from error
-
-
-def _load_key(path: Path) -> CertificateIssuerPrivateKeyTypes:
-    """A CA's or a leaf's key: ours are EC P-256, one brought along may be RSA or Ed25519."""
-    try:
-        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-    except (OSError, ValueError, TypeError) as error:
-        raise PkiError(f"{path}: not a readable unencrypted PEM private key: {error}") from error
-    if not isinstance(key, CertificateIssuerPrivateKeyTypes):
-        raise PkiError(f"{path}: a {type(key).__name__} cannot sign certificates")
-    return key
-
-
-def _write_cert(path: Path, cert: x509.Certificate) -> None:
-    write_file(path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
-
-
-def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
-    pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-    write_file(path, pem, 0o600)
-
-
-def write_file(path: Path, data: bytes, mode: int) -> None:
-    """Atomically, so a process starting meanwhile reads the old file or the new, never half."""
-    partial = path.with_name(f".{path.name}.tmp")
-    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
-    os.chmod(partial, mode)
-    os.replace(partial, path)

@@ -6,29 +6,42 @@ NAME's certificate to the CRL and removes its pair from the directory, so the ne
 `certs init` or `up` issues the node a new one. The control plane and ext_proc read the CRL
 (`--tls-crl`) and refuse a revoked certificate on every new stream; the control plane also ends
 an open stream of one at its next message either way (Peer.revoked). They read the file again
-when it changes, so revoking needs no restart.
+when it changes, so revoking needs no restart. Envoy does not read it: the certificates it
+checks (the control plane's, ext_proc's as a server) are not revoked here.
 
-The CRL is X.509 (RFC 5280), built and verified with `cryptography`: OpenSSL and Envoy read the
-same file. Its signature must be the CA's: a CRL anyone could write could also un-revoke.
+The CRL is X.509 (RFC 5280), built and verified with `cryptography`: OpenSSL reads the same file.
+Nothing may un-revoke: a CRL must be the CA's (signature), and newer than the last one read
+(its CRL number rises with every revocation); a CRL that disappears, turns unreadable or goes
+back is logged and the last good list kept.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import fcntl
 import functools
 import logging
+import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 
 from gpu_router import pki
+from gpu_router.pem_files import PkiError, load_cert, load_key, write_file
 
 CRL_FILE = "crl.pem"
 RELOAD_EVERY_S = 1.0
 """How often a Revocations looks at its file: a revocation counts within a second."""
+REVOKED = "the client certificate is revoked"
+"""Why a port refused a revoked certificate (its `peer_refused` line's reason)."""
+REVOCABLE = frozenset({pki.Role.EDGE, pki.Role.EXT_PROC})
+"""The roles whose certificates the control plane's and ext_proc's ports check against the CRL
+(no one checks the control plane's own against it)."""
 
 _log = logging.getLogger(__name__)
 
@@ -37,22 +50,46 @@ class RevocationError(RuntimeError):
     """A CRL cannot be read or made; says which file and why."""
 
 
-def read_crl(crl: Path, ca: Path) -> frozenset[int]:
-    """The serial numbers `crl` revokes; RevocationError when it is not a PEM CRL signed by the
-    CA in `ca` (a missing file is an error here: Revocations treats one as empty)."""
-    return frozenset(entry.serial_number for entry in _revoked_entries(crl, ca))
+@dataclass(frozen=True, slots=True)
+class Crl:
+    number: int
+    """Its CRL number: every revocation makes a higher one (at least the Unix time)."""
+    serials: frozenset[int]
+    """The serial numbers it revokes."""
 
 
-def _revoked_entries(crl: Path, ca: Path) -> list[x509.RevokedCertificate]:
+NO_CRL = Crl(-1, frozenset())
+
+
+def load_authority(ca: Path) -> x509.Certificate:
+    """The CA certificate whose signature a CRL must carry; RevocationError naming the file."""
     try:
-        revoked = x509.load_pem_x509_crl(crl.read_bytes())
+        return load_cert(ca)
+    except PkiError as error:
+        raise RevocationError(str(error)) from error
+
+
+def read_crl(crl: Path, authority: x509.Certificate) -> Crl:
+    """The CRL in `crl`; RevocationError when it is not a PEM CRL the CA signed, with a number
+    (a missing file is an error here: Revocations treats one it never saw as empty)."""
+    loaded = _load_crl(crl, authority)
+    try:
+        number = loaded.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+    except x509.ExtensionNotFound as error:
+        raise RevocationError(f"{crl}: has no CRL number (`gpu-router certs revoke` gives one)"
+                              ) from error
+    return Crl(number, frozenset(entry.serial_number for entry in loaded))
+
+
+def _load_crl(crl: Path, authority: x509.Certificate) -> x509.CertificateRevocationList:
+    try:
+        loaded = x509.load_pem_x509_crl(crl.read_bytes())
     except (OSError, ValueError) as error:
         raise RevocationError(f"{crl}: not a readable PEM CRL ({error})") from error
-    authority = x509.load_pem_x509_certificate(ca.read_bytes())
-    if revoked.issuer != authority.subject or not revoked.is_signature_valid(
+    if loaded.issuer != authority.subject or not loaded.is_signature_valid(
             authority.public_key()):  # type: ignore[arg-type]
-        raise RevocationError(f"{crl}: not signed by the CA in {ca}")
-    return list(revoked)
+        raise RevocationError(f"{crl}: not signed by the fleet's CA")
+    return loaded
 
 
 @functools.lru_cache(maxsize=256)
@@ -67,21 +104,23 @@ def certificate_serial(pem: bytes) -> int | None:
 
 class Revocations:
     """The serials a CRL file revokes, read again when the file changes (looked at once a
-    second at most). No file: nothing revoked, until one appears. A file that turns bad keeps
-    the last good list and logs why; at start (open) a bad file is an error."""
+    second at most). No file yet: nothing revoked, until one appears. A file that turns bad,
+    disappears or holds an older CRL keeps the last good list and logs why; at start (open) a
+    bad file is an error."""
 
-    def __init__(self, crl: Path | None, ca: Path | None,
+    def __init__(self, crl: Path | None, authority: x509.Certificate | None,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        self._crl, self._ca, self._clock = crl, ca, clock
-        self._serials: frozenset[int] = frozenset()
+        self._crl, self._authority, self._clock = crl, authority, clock
+        self._current = NO_CRL
         self._seen: tuple[int, int, int] | None = None
         self._looked_at = -RELOAD_EVERY_S
 
     @classmethod
-    def open(cls, crl: Path | None, ca: Path | None) -> Revocations:
-        """Revocations of `crl` (None: nothing is ever revoked), read now: RevocationError when
-        the file is there and bad."""
-        revocations = cls(crl, ca)
+    def open(cls, crl: Path | None, ca: Path,
+             clock: Callable[[], float] = time.monotonic) -> Revocations:
+        """Revocations of `crl` (None: nothing is ever revoked) under the CA in `ca`, read now:
+        RevocationError when the file is there and bad, or the CA cannot be read."""
+        revocations = cls(crl, None if crl is None else load_authority(ca), clock)
         revocations._reload(strict=True)
         return revocations
 
@@ -91,74 +130,111 @@ class Revocations:
         if now - self._looked_at >= RELOAD_EVERY_S:
             self._looked_at = now
             self._reload(strict=False)
-        return serial in self._serials
+        return serial in self._current.serials
 
     def _reload(self, *, strict: bool) -> None:
-        if self._crl is None or self._ca is None:
+        if self._crl is None or self._authority is None:
             return
         try:
             info = self._crl.stat()
         except FileNotFoundError:
-            self._serials, self._seen = frozenset(), None
+            if self._seen is not None:  # it was there: its list stays, reported once
+                _log.error("crl_missing", extra={"path": str(self._crl)})
+                self._seen = None
             return
         seen = (info.st_ino, info.st_size, info.st_mtime_ns)
         if seen == self._seen:
             return
+        self._seen = seen  # a bad file is reported once, not every second
         try:
-            self._serials = read_crl(self._crl, self._ca)
+            crl = read_crl(self._crl, self._authority)
         except RevocationError as error:
             if strict:
                 raise
             _log.error("crl_unreadable", extra={"path": str(self._crl), "error": str(error)})
-        self._seen = seen  # a bad file is reported once, not every second
+            return
+        if crl.number < self._current.number:
+            _log.error("crl_older", extra={"path": str(self._crl), "number": crl.number,
+                                           "kept_number": self._current.number})
+            return
+        self._current = crl
 
-
-REVOCABLE = frozenset({pki.Role.EDGE, pki.Role.EXT_PROC})
-"""The roles whose certificates the control plane's and ext_proc's ports check against the CRL
-(no one checks the control plane's own against it)."""
 
 NOTHING_REVOKED = Revocations(None, None)
 """For a port whose peers nobody revokes (and for tests)."""
 
 
-def revoke(directory: Path, names: Iterable[str],
+def revoke(directory: Path, names: Iterable[str], copy_to: Iterable[Path] = (),
            now: datetime.datetime | None = None) -> tuple[Path, list[int]]:
-    """Add the certificates of `names` (<name>.pem in `directory`) to its crl.pem, signed with
-    its CA key, and remove their pairs so the next `certs init` or `up` issues new ones.
-    (CRL path, each name's serial). RevocationError when a name has no certificate there, or
-    the CA key is absent."""
+    """Add the certificates of `names` (<name>.pem in `directory`, edges' or ext_proc
+    replicas') to its crl.pem, signed with its CA key under the next CRL number, write the same
+    file into each of `copy_to`, and remove their pairs so the next `certs init` or `up` issues
+    new ones. (CRL path, each name's serial). RevocationError naming the file when a name has no
+    certificate of those roles there, or the CA cannot sign; nothing is revoked then. One
+    revocation at a time per directory (a lock): two at once would lose one's entries."""
     now = now or datetime.datetime.now(datetime.UTC)
-    ca_path, ca_key_path = directory / pki.CA_FILE, directory / pki.CA_KEY_FILE
-    if not ca_key_path.exists():
-        raise RevocationError(f"{ca_key_path}: absent; only the CA's key signs a CRL")
-    authority = x509.load_pem_x509_certificate(ca_path.read_bytes())
-    key = serialization.load_pem_private_key(ca_key_path.read_bytes(), password=None)
-    files = [pki.tls_files(directory, name) for name in names]
-    for leaf in files:
-        if not leaf.cert.exists():
-            raise RevocationError(f"{leaf.cert}: no certificate of that name to revoke")
-        identity = pki.certified_identity(leaf.cert.read_bytes())
-        if identity is None or identity[0] not in REVOCABLE:
-            raise RevocationError(f"{leaf.cert}: not an edge's or ext_proc's certificate (only "
-                                  "the ports that take those read the CRL)")
-    crl_path = directory / CRL_FILE
-    kept = _revoked_entries(crl_path, ca_path) if crl_path.exists() else []
-    known = {entry.serial_number for entry in kept}
-    serials = [x509.load_pem_x509_certificate(leaf.cert.read_bytes()).serial_number
-               for leaf in files]
-    builder = (x509.CertificateRevocationListBuilder()
-               .issuer_name(authority.subject)
-               .last_update(now)
-               .next_update(authority.not_valid_after_utc))
-    for entry in kept:  # with the dates they were revoked on
-        builder = builder.add_revoked_certificate(entry)
-    for serial in dict.fromkeys(s for s in serials if s not in known):
-        builder = builder.add_revoked_certificate(
-            x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(now).build())
-    crl = builder.sign(key, hashes.SHA256())  # type: ignore[arg-type]
-    pki.write_file(crl_path, crl.public_bytes(serialization.Encoding.PEM), 0o644)
-    for leaf in files:
-        for path in (leaf.cert, leaf.key):
-            path.unlink(missing_ok=True)
+    authority = load_authority(directory / pki.CA_FILE)
+    try:
+        key = load_key(directory / pki.CA_KEY_FILE)
+    except PkiError as error:
+        raise RevocationError(f"{error}; only the CA's key signs a CRL") from error
+    if authority.not_valid_after_utc <= now:
+        raise RevocationError(f"{directory / pki.CA_FILE}: the CA has expired")
+    with _locked(directory):
+        files = [pki.tls_files(directory, name) for name in names]
+        serials = [_revocable_serial(leaf.cert) for leaf in files]
+        crl_path = directory / CRL_FILE
+        earlier = _load_crl(crl_path, authority) if crl_path.exists() else None
+        # The time, so a CRL made after the file was lost still reads as newer.
+        number = max(int(now.timestamp()),
+                     0 if earlier is None else read_crl(crl_path, authority).number + 1)
+        kept = [] if earlier is None else list(earlier)
+        known = {entry.serial_number for entry in kept}
+        builder = (x509.CertificateRevocationListBuilder()
+                   .issuer_name(authority.subject)
+                   .last_update(now)
+                   .next_update(authority.not_valid_after_utc)
+                   .add_extension(x509.CRLNumber(number), critical=False)
+                   .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
+                       key.public_key()), critical=False))  # type: ignore[arg-type]
+        for entry in kept:  # with the dates they were revoked on
+            builder = builder.add_revoked_certificate(entry)
+        for serial in dict.fromkeys(s for s in serials if s not in known):
+            builder = builder.add_revoked_certificate(
+                x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(now)
+                .build())
+        try:
+            signed = builder.sign(key, pki.signing_digest(key))  # type: ignore[arg-type]
+        except (TypeError, ValueError) as error:
+            raise RevocationError(f"{directory / pki.CA_KEY_FILE}: cannot sign a CRL ({error})"
+                                  ) from error
+        pem = signed.public_bytes(serialization.Encoding.PEM)
+        for place in (directory, *copy_to):
+            write_file(place / CRL_FILE, pem, 0o644)
+        for leaf in files:
+            for path in (leaf.cert, leaf.key):
+                path.unlink(missing_ok=True)
     return crl_path, serials
 
+
+def _revocable_serial(cert: Path) -> int:
+    """The serial of the edge's or ext_proc replica's certificate in `cert` (read once)."""
+    if not cert.exists():
+        raise RevocationError(f"{cert}: no certificate of that name to revoke")
+    pem = cert.read_bytes()
+    identity = pki.certified_identity(pem)
+    if identity is None or identity[0] not in REVOCABLE:
+        raise RevocationError(f"{cert}: not an edge's or ext_proc's certificate (only the "
+                              "ports that take those read the CRL)")
+    return x509.load_pem_x509_certificate(pem).serial_number
+
+
+@contextlib.contextmanager
+def _locked(directory: Path) -> Iterator[None]:
+    """An exclusive flock on the directory's .crl.lock while revoking."""
+    descriptor = os.open(directory / ".crl.lock", os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)  # releases the lock

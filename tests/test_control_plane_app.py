@@ -165,7 +165,7 @@ def test_bad_policy_at_startup_exits_2_with_the_reason(tmp_path: Path) -> None:
     assert f"policy {bad} rejected" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_a_crl_that_is_not_the_cas_stops_the_start_with_the_file_named(tmp_path: Path) -> None:
+def test_an_unreadable_crl_stops_the_start_with_the_file_named(tmp_path: Path) -> None:
     """Revoked edges must stay refused: the control plane does not start without its CRL."""
     certs = tmp_path / "certs"
     other = pki.ensure(tmp_path / "other", [pki.Identity(pki.Role.EDGE, "e")])["e"]

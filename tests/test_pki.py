@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from gpu_router import pki
+from gpu_router import pem_files, pki
 
 NOW = datetime.datetime(2026, 12, 1, tzinfo=datetime.UTC)
 EDGE = pki.Identity(pki.Role.EDGE, "edge-1")
@@ -130,7 +130,7 @@ def test_ext_proc_certificates_also_serve_its_port_and_older_ones_are_reissued(
     # A replica certificate made before ext_proc served TLS: client auth, no DNS name.
     directory = tmp_path / "certs"
     files = pki.ensure(directory, [EXT_PROC], now=NOW)["ext-proc-1"]
-    old, old_key = pki.make_leaf(load(files.ca), pki._load_key(directory / pki.CA_KEY_FILE),
+    old, old_key = pki.make_leaf(load(files.ca), pem_files.load_key(directory / pki.CA_KEY_FILE),
                                  EDGE, NOW)
     client_only = (
         x509.CertificateBuilder(
@@ -141,12 +141,12 @@ def test_ext_proc_certificates_also_serve_its_port_and_older_ones_are_reissued(
             [x509.UniformResourceIdentifier(EXT_PROC.spiffe_id)]), critical=False)
         .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH]),
                        critical=False)
-        .sign(pki._load_key(directory / pki.CA_KEY_FILE), pki.hashes.SHA256())
+        .sign(pem_files.load_key(directory / pki.CA_KEY_FILE), pki.hashes.SHA256())
     )
     assert pki.leaf_problem(client_only, load(files.ca), EXT_PROC, NOW) == (
         "lacks server auth (extended key usage), which this role's port needs")
-    pki._write_cert(files.cert, client_only)
-    pki._write_key(files.key, old_key)
+    pem_files.write_cert(files.cert, client_only)
+    pem_files.write_key(files.key, old_key)
     pki.ensure(directory, [EXT_PROC], now=NOW)
     renewed = load(files.cert)
     assert server_auth in usages(renewed)

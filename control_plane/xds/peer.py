@@ -20,7 +20,7 @@ import grpc
 
 from control_plane.xds import type_urls
 from gpu_router.pki import Role, certified_identity, peer_certificate
-from gpu_router.revocation import NOTHING_REVOKED, Revocations, certificate_serial
+from gpu_router.revocation import NOTHING_REVOKED, REVOKED, Revocations, certificate_serial
 
 log = logging.getLogger(__name__)
 
@@ -92,10 +92,9 @@ def peer_of(address: str, auth_context: Mapping[str, Sequence[bytes]],
 
 def peer_from(context: grpc.aio.ServicerContext,
               revocations: Revocations = NOTHING_REVOKED) -> Peer:
+    """The peer of a gRPC stream, as its certificate names it, checked against `revocations`
+    whenever Peer.revoked is asked."""
     return peer_of(context.peer(), context.auth_context(), revocations)
-
-
-REVOKED = "the client certificate is revoked"
 
 
 async def refuse_revoked(context: grpc.aio.ServicerContext, peer: Peer, asked: str) -> None:

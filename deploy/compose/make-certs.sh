@@ -39,8 +39,15 @@ for node in $edge_nodes; do
   install -m 0644 "$pki/$node-key.pem" "$dir/edge-key.pem"
 done
 cp "$pki/ca.pem" "$pki/ext-proc.pem" "$pki/ext-proc-key.pem" "$ext_proc/"
-# The CRL (`gpu-router certs revoke`), which every ext_proc reads as the control plane does.
-if [ -f "$pki/crl.pem" ]; then cp "$pki/crl.pem" "$ext_proc/"; fi
+# The CRL (`gpu-router certs revoke`), which every ext_proc reads as the control plane does:
+# renamed into place (a replica starting meanwhile reads the old file or the new), and none
+# left from a CA the pki volume no longer holds.
+if [ -f "$pki/crl.pem" ]; then
+  cp "$pki/crl.pem" "$ext_proc/.crl.pem.tmp"
+  mv "$ext_proc/.crl.pem.tmp" "$ext_proc/crl.pem"
+else
+  rm -f "$ext_proc/crl.pem"
+fi
 # The Redis image runs redis-server as its own user, which must read both files: readable by
 # all, in a volume that only Redis and the ext_proc replicas mount.
 install -m 0644 "$pki/redis-password" "$redis/redis-password"
