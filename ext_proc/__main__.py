@@ -74,9 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--redis",
-        help="redis://HOST:PORT (or unix:///PATH/redis.sock) shared by every replica for "
-        "fleet-wide client rate limits "
-        "(default: counters in each worker process)",
+        help="redis://HOST:PORT, rediss://HOST:PORT (TLS, with this replica's --tls-* files) "
+        "or unix:///PATH/redis.sock, shared by every replica for fleet-wide client rate "
+        "limits (default: counters in each worker process)",
     )
     parser.add_argument(
         "--redis-password-file", type=Path,

@@ -26,6 +26,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from gpu_router.pki import TlsFiles
+
 WINDOW_S = 60
 RETRY_REDIS_S = 1.0
 REDIS_TIMEOUT_S = 0.05
@@ -89,17 +91,28 @@ class LocalCounters:
             self._counts[key] = self._counts.get(key, 0) - charge.cost
 
 
+def tls_options(url: str, tls: TlsFiles | None) -> dict[str, str]:
+    """redis-py's options for a rediss:// URL: mutual TLS with the replica's own certificate,
+    Redis's checked against the fleet's CA and the host dialled (Compose's Redis has one, made
+    by `gpu-router certs init --redis HOST`). None for redis:// and unix://."""
+    if tls is None or not url.startswith("rediss://"):
+        return {}
+    return {"ssl_certfile": str(tls.cert), "ssl_keyfile": str(tls.key),
+            "ssl_ca_certs": str(tls.ca), "ssl_cert_reqs": "required"}
+
+
 class RedisCounters:
     """Counters shared by the fleet in Redis (keys gpu-router:rl:<counter>:<minute>)."""
 
     def __init__(self, url: str, clock: Callable[[], float] = time.monotonic, *,
-                 password: str | None = None) -> None:
+                 password: str | None = None, tls: TlsFiles | None = None) -> None:
         import redis.asyncio as redis  # only replicas given --redis need the client
 
         self._errors = (redis.RedisError, OSError, asyncio.TimeoutError)
         self._redis = redis.Redis.from_url(url, password=password,
                                            socket_timeout=REDIS_TIMEOUT_S,
-                                           socket_connect_timeout=REDIS_TIMEOUT_S)
+                                           socket_connect_timeout=REDIS_TIMEOUT_S,
+                                           **tls_options(url, tls))
         self._clock = clock
         self._down_until = 0.0
         self.url = url

@@ -71,7 +71,7 @@ async def serve(config: WorkerConfig, stop: asyncio.Event) -> None:
     # message limits hold.
     server = grpc.aio.server(options=[("grpc.so_reuseport", 1)])
     counters = (LocalCounters() if config.redis is None
-                else RedisCounters(config.redis, password=config.redis_password))
+                else RedisCounters(config.redis, password=config.redis_password, tls=config.tls))
     ext_proc_grpc.add_ExternalProcessorServicer_to_server(
         ExternalProcessorService(live, Admission(RateLimiter(counters)),
                                  Revocations.open(config.crl, config.tls.ca)), server

@@ -100,7 +100,7 @@ def certs_init(args: argparse.Namespace) -> int:
     """Make (or complete) a certs directory for a fleet, the Redis password included; valid
     files are kept as they are."""
     try:
-        made = pki.ensure(Path(args.dir), pki.fleet(args.edge, args.ext_proc),
+        made = pki.ensure(Path(args.dir), pki.fleet(args.edge, args.ext_proc, args.redis),
                           dns=[*pki.SERVER_DNS, *args.dns], ips=[*pki.SERVER_IPS, *args.ip])
         password_file = ensure_password(Path(args.dir))
     except (pki.PkiError, RedisPasswordError) as error:
@@ -204,6 +204,9 @@ def parser() -> argparse.ArgumentParser:
                       help="an edge Envoy's certificate (spiffe://gpu-router/edge/NAME); repeat")
     init.add_argument("--ext-proc", action="append", default=[], metavar="NAME",
                       help="an ext_proc replica's certificate (spiffe://gpu-router/ext-proc/NAME)")
+    init.add_argument("--redis", action="append", default=[], metavar="HOST",
+                      help="a Redis's server certificate for TLS to the ext_proc replicas (DNS "
+                      "name HOST: what they dial)")
     init.add_argument("--dns", action="append", default=[],
                       help=f"another DNS name of the control plane (always: {', '.join(pki.SERVER_DNS)})")
     init.add_argument("--ip", action="append", default=[],

@@ -60,9 +60,11 @@ class Role(enum.Enum):
     EDGE = "edge"
     EXT_PROC = "ext-proc"
     CONTROL_PLANE = "control-plane"
+    REDIS = "redis"
+    """Compose's Redis (TLS to the ext_proc replicas): it serves, and no port admits it."""
 
 
-SERVING_ROLES = frozenset({Role.CONTROL_PLANE, Role.EXT_PROC})
+SERVING_ROLES = frozenset({Role.CONTROL_PLANE, Role.EXT_PROC, Role.REDIS})
 """The roles whose certificates also serve a port (server auth)."""
 
 
@@ -253,12 +255,15 @@ def _serves(cert: x509.Certificate) -> bool:
     return ExtendedKeyUsageOID.SERVER_AUTH in usages
 
 
-def fleet(edges: Iterable[str], ext_procs: Iterable[str]) -> list[Identity]:
-    """The control plane's identity and one per named edge node and ext_proc replica."""
+def fleet(edges: Iterable[str], ext_procs: Iterable[str], redis: Iterable[str] = ()
+          ) -> list[Identity]:
+    """The control plane's identity and one per named edge node, ext_proc replica and Redis
+    (named by the host name its clients dial)."""
     return [
         Identity(Role.CONTROL_PLANE, Role.CONTROL_PLANE.value),
         *(Identity(Role.EDGE, name) for name in edges),
         *(Identity(Role.EXT_PROC, name) for name in ext_procs),
+        *(Identity(Role.REDIS, name) for name in redis),
     ]
 
 
@@ -345,8 +350,11 @@ def pair_problem(files: TlsFiles) -> str | None:
 
 
 def _dns_names(identity: Identity, dns: Sequence[str]) -> tuple[str, ...]:
-    """`dns` and, for an ext_proc replica, the name its own healthcheck asks for."""
-    return (*dns, EXT_PROC_SERVER_NAME) if identity.role is Role.EXT_PROC else tuple(dns)
+    """`dns` and, for an ext_proc replica, the name its own healthcheck asks for; for a Redis,
+    its name, the host its clients dial and check."""
+    if identity.role is Role.EXT_PROC:
+        return (*dns, EXT_PROC_SERVER_NAME)
+    return (*dns, identity.name) if identity.role is Role.REDIS else tuple(dns)
 
 
 def _missing_addresses(cert: x509.Certificate, dns: Sequence[str], ips: Sequence[str]) -> list[str]:

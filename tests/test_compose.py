@@ -150,7 +150,8 @@ def test_every_ext_proc_replica_counts_rate_limits_in_the_fleets_redis(
 ) -> None:
     [redis] = [name for name, s in services.items() if _program(s["command"]) == "redis-server"]
     for name, service in of_kind(services, "ext_proc").items():
-        assert flags(service["command"])["--redis"] == [f"redis://{redis}:6379"], name
+        # TLS, the replica's own certificate presented and Redis's checked for this host name
+        assert flags(service["command"])["--redis"] == [f"rediss://{redis}:6379"], name
         assert service["depends_on"][redis] == {"condition": "service_healthy"}, name
     assert "ports" not in services[redis]  # the fleet's own: not published
 
@@ -465,22 +466,28 @@ def redis_healthcheck_passes_only_with_the_password(
     redis: dict[str, Any], volumes: dict[str, Path], tmp_path: Path
 ) -> None:
     """The Redis service's healthcheck, run against a redis-server on its config as the control
-    plane's entrypoint made it (moved to a free port): it passes, and fails once the password
-    file it reads holds another password."""
+    plane's entrypoint made it (moved to a free port, its TLS files to where the volume lies
+    here): it passes over TLS, and fails once the password file it reads holds another
+    password."""
     if shutil.which("redis-server") is None:
         pytest.skip("redis-server is not installed (.ci/run installs it on Debian); every "
                     "other check of this test ran")
     port = free_port()
     config = in_volume(redis, redis["command"][1], volumes)
     password_file = in_volume(redis, "/redis/redis-password", volumes)
-    server = ManagedProcess("redis", ["redis-server", str(config), "--port", str(port),
-                                      "--bind", "127.0.0.1", "--dir", str(tmp_path)],
+    tls_dir = in_volume(redis, "/redis-tls", volumes)
+    moved = [word for name in ("cert", "key", "ca-cert") for word in (
+        f"--tls-{name}-file", str(tls_dir / {"cert": "redis.pem", "key": "redis-key.pem",
+                                             "ca-cert": "ca.pem"}[name]))]
+    server = ManagedProcess("redis", ["redis-server", str(config), "--tls-port", str(port),
+                                      *moved, "--bind", "127.0.0.1", "--dir", str(tmp_path)],
                             tmp_path / "redis.log").start()
     try:
         server.wait_until(lambda: port_open(port), "redis-server to listen")
         [shell, flag, script] = redis["healthcheck"]["test"][1:]
         script = script.replace("$$", "$").replace("/redis/redis-password", str(password_file))
-        script = script.replace("redis-cli ping", f"redis-cli -p {port} ping")
+        script = script.replace("/redis-tls/", f"{tls_dir}/")
+        script = script.replace("redis-cli ", f"redis-cli -p {port} ")
 
         def healthy() -> bool:
             return subprocess.run([shell, flag, script], check=False, timeout=10).returncode == 0
@@ -508,7 +515,8 @@ def test_each_node_presents_its_roles_certificate_which_the_control_plane_makes(
     nodes = {name: flags(service["command"])["--service-node"][0]
              for name, service in of_kind(services, "envoy").items()}
     volumes = {name: tmp_path / name for name in (
-        "pki", "ext-proc-certs", "redis-secret", *(f"{node}-certs" for node in nodes.values()))}
+        "pki", "ext-proc-certs", "redis-secret", "redis-tls",
+        *(f"{node}-certs" for node in nodes.values()))}
     env = {
         **os.environ,
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
@@ -516,6 +524,7 @@ def test_each_node_presents_its_roles_certificate_which_the_control_plane_makes(
         "EDGE_ROOT": str(tmp_path),  # holding <node>-certs, as the control plane mounts them
         "EXT_PROC_DIR": str(in_volume(control, "/ext-proc-certs", volumes)),
         "REDIS_DIR": str(in_volume(control, "/redis-secret", volumes)),
+        "REDIS_TLS_DIR": str(in_volume(control, "/redis-tls", volumes)),
     }
     made = subprocess.run([shell, str(host_path(control, script)), "true"], env=env,
                           capture_output=True, text=True, timeout=60, check=False)
@@ -538,6 +547,11 @@ def test_each_node_presents_its_roles_certificate_which_the_control_plane_makes(
     config = in_volume(redis, redis["command"][1], volumes).read_text().splitlines()
     assert passwords == {read_password(volumes["pki"] / PASSWORD_FILE)}
     assert f"requirepass {passwords.pop()}" in config and 'save ""' in config
+    assert {"port 0", "tls-port 6379", "tls-auth-clients yes"} <= set(config)  # TLS only
+    served = x509.load_pem_x509_certificate(in_volume(redis, "/redis-tls/redis.pem",
+                                                      volumes).read_bytes())
+    names = served.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "redis" in names.get_values_for_type(x509.DNSName)  # the host the replicas dial
     for name, service in of_kind(services, "envoy").items():
         bootstrap = yaml.safe_load(host_path(service, flags(service["command"])["-c"][0]).read_text())
         [xds] = [c for c in bootstrap["static_resources"]["clusters"] if c["name"] == "gpu-router.xds"]
@@ -565,6 +579,8 @@ def test_each_node_presents_its_roles_certificate_which_the_control_plane_makes(
         "ca.pem", "ext-proc-key.pem", "ext-proc.pem"]
     assert sorted(p.name for p in volumes["redis-secret"].iterdir()) == [
         "redis-password", "redis.conf"]
+    assert sorted(p.name for p in volumes["redis-tls"].iterdir()) == [
+        "ca.pem", "redis-key.pem", "redis.pem"]
     before = {p.name: p.read_bytes() for p in volumes["pki"].iterdir()}
     again = subprocess.run([shell, str(host_path(control, script)), "true"], env=env,
                            capture_output=True, text=True, timeout=60, check=False)

@@ -30,6 +30,9 @@ def test_the_role_is_the_certificates_never_the_claim() -> None:
     assert ext_proc.role is pki.Role.EXT_PROC
     assert peer_of("ipv4:3", {}).role is None
     assert peer_of("ipv4:4", {"x509_pem_cert": [b"not a certificate"]}).role is None
+    # Compose's Redis serves with a certificate of the fleet's CA: it is no peer of ours.
+    redis = pem_of(pki.Identity(pki.Role.REDIS, "redis"))
+    assert peer_of("ipv4:5", {"x509_pem_cert": [redis]}).role is None
 
 
 def test_only_an_edge_may_have_secrets_and_an_ext_proc_only_our_types() -> None:

@@ -13,22 +13,26 @@
 #   ext-proc volume -> every ext_proc at /certs: ca.pem, ext-proc.pem, ext-proc-key.pem, and
 #                      crl.pem once a certificate is revoked
 #   redis volume    -> Redis and every ext_proc at /redis: redis-password, and redis.conf (for
-#                      redis-server: requirepass, nothing persisted)
+#                      redis-server: requirepass, TLS only, nothing persisted)
+#   redis-tls volume -> Redis only, at /redis-tls: ca.pem, redis.pem, redis-key.pem (its server
+#                      certificate, DNS name "redis": the replicas dial rediss://redis:6379
+#                      with their own ext-proc certificate, which Redis checks against the CA)
 # The directories can be moved for tests: PKI_DIR, EDGE_ROOT (holding the <node>-certs
-# directories), EXT_PROC_DIR, REDIS_DIR.
+# directories), EXT_PROC_DIR, REDIS_DIR, REDIS_TLS_DIR.
 set -eu
 pki=${PKI_DIR:-/pki}
 edge_root=${EDGE_ROOT:-}
 edge_nodes=${EDGE_NODES:-envoy-1 envoy-2}  # the --service-node of each Envoy service
 ext_proc=${EXT_PROC_DIR:-/ext-proc-certs}
 redis=${REDIS_DIR:-/redis-secret}
+redis_tls=${REDIS_TLS_DIR:-/redis-tls}
 
 edges=""
 for node in $edge_nodes; do edges="$edges --edge $node"; done
 # shellcheck disable=SC2086  # one --edge NAME pair per node
-gpu-router certs init --dir "$pki" $edges --ext-proc ext-proc > /dev/null
+gpu-router certs init --dir "$pki" $edges --ext-proc ext-proc --redis redis > /dev/null
 
-mkdir -p "$ext_proc" "$redis"
+mkdir -p "$ext_proc" "$redis" "$redis_tls"
 for node in $edge_nodes; do
   dir="$edge_root/$node-certs"
   mkdir -p "$dir"
@@ -48,9 +52,16 @@ if [ -f "$pki/crl.pem" ]; then
 else
   rm -f "$ext_proc/crl.pem"
 fi
-# The Redis image runs redis-server as its own user, which must read both files: readable by
-# all, in a volume that only Redis and the ext_proc replicas mount.
+# The Redis image runs redis-server as its own user, which must read these files: readable by
+# all, in volumes that only Redis (and, for the password, the ext_proc replicas) mount.
 install -m 0644 "$pki/redis-password" "$redis/redis-password"
-printf 'requirepass %s\nsave ""\nappendonly no\n' "$(cat "$pki/redis-password")" > "$redis/redis.conf"
+cp "$pki/ca.pem" "$pki/redis.pem" "$redis_tls/"
+install -m 0644 "$pki/redis-key.pem" "$redis_tls/redis-key.pem"
+{
+  printf 'requirepass %s\nsave ""\nappendonly no\n' "$(cat "$pki/redis-password")"
+  printf 'port 0\ntls-port 6379\ntls-auth-clients yes\n'
+  printf 'tls-cert-file /redis-tls/redis.pem\ntls-key-file /redis-tls/redis-key.pem\n'
+  printf 'tls-ca-cert-file /redis-tls/ca.pem\n'
+} > "$redis/redis.conf"
 chmod 0644 "$redis/redis.conf"
 exec "$@"

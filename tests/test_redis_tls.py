@@ -1,0 +1,97 @@
+"""Redis over mutual TLS, as Compose runs it between the ext_proc replicas and Redis: a real
+redis-server with a certificate from `certs init --redis`, the replicas' own certificates."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from ext_proc.rate_limit import RETRY_REDIS_S, Charge, RateLimiter, RedisCounters
+from gpu_router import pki
+from gpu_router.processes import ManagedProcess, free_port, port_open
+
+PASSWORD = "a-password-of-the-fleet-0123456789"
+
+
+@pytest.fixture
+def tls_redis(tmp_path: Path) -> Iterator[tuple[int, dict[str, pki.TlsFiles]]]:
+    """A redis-server taking TLS only, with client certificates of the fleet's CA: (port,
+    the certs: "localhost" Redis's, "ext-proc" a replica's)."""
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (.ci/run installs it on Debian)")
+    certs = pki.ensure(tmp_path / "certs", pki.fleet([], ["ext-proc"], ["localhost"]))
+    served = certs["localhost"]
+    port = free_port()
+    config = tmp_path / "redis.conf"
+    config.write_text(
+        f"port 0\ntls-port {port}\nbind 127.0.0.1\ntls-cert-file {served.cert}\n"
+        f"tls-key-file {served.key}\ntls-ca-cert-file {served.ca}\ntls-auth-clients yes\n"
+        f"requirepass {PASSWORD}\nsave \"\"\nappendonly no\ndir {tmp_path}\n")
+    server = ManagedProcess("redis", ["redis-server", str(config)], tmp_path / "redis.log").start()
+    try:
+        server.wait_until(lambda: port_open(port), "redis-server to listen")
+        yield port, certs
+    finally:
+        server.stop()
+
+
+def test_replicas_share_counters_over_tls_and_their_certificate(
+    tls_redis: tuple[int, dict[str, pki.TlsFiles]],
+) -> None:
+    port, certs = tls_redis
+
+    async def connected(counters: RedisCounters, now: list[float]) -> RedisCounters:
+        """Once its pool holds a connection: a first TLS handshake may outlast the 50 ms a
+        round trip gets (it then fails open for a second, as in production)."""
+        for _ in range(20):
+            if await counters.add(0, [Charge("tls:warm", 1, 1000)]) is not None:
+                return counters
+            now[0] += RETRY_REDIS_S
+        raise AssertionError("no round trip to Redis over TLS")
+
+    async def waits() -> list[float | None]:
+        url = f"rediss://localhost:{port}"
+        now = [0.0]
+        one, two = [await connected(RedisCounters(url, lambda: now[0], password=PASSWORD,
+                                                  tls=certs["ext-proc"]), now)
+                    for _ in range(2)]
+        limit = [Charge("tls:req", 1, 2)]
+        found = [await RateLimiter(counters, clock=lambda: 600.0).retry_after(limit)
+                 for counters in (one, two, one)]
+        await one.close()
+        await two.close()
+        return found
+
+    assert asyncio.run(waits()) == [None, None, 60]  # the third is over the shared limit
+
+
+@pytest.mark.parametrize("how", ["plaintext", "no client certificate", "another host name"])
+def test_redis_refuses_what_is_not_the_fleets_tls(
+    tls_redis: tuple[int, dict[str, pki.TlsFiles]], how: str,
+) -> None:
+    """The password alone is not enough, and a replica checks that it reached the Redis whose
+    name it dialled (127.0.0.1 is not in the certificate: `--redis HOST` names the host)."""
+    port, certs = tls_redis
+    replica = certs["ext-proc"]
+    options = {
+        "plaintext": {"host": "localhost"},
+        "no client certificate": {"host": "localhost", "ssl": True,
+                                  "ssl_ca_certs": str(replica.ca)},
+        "another host name": {"host": "127.0.0.1", "ssl": True, "ssl_ca_certs": str(replica.ca),
+                              "ssl_certfile": str(replica.cert),
+                              "ssl_keyfile": str(replica.key)},
+    }[how]
+    client = redis.Redis(port=port, password=PASSWORD, socket_timeout=5, **options)
+    with pytest.raises(redis.ConnectionError):
+        client.ping()
+    client.close()
+    ok = redis.Redis(host="localhost", port=port, password=PASSWORD, ssl=True,
+                     ssl_ca_certs=str(replica.ca), ssl_certfile=str(replica.cert),
+                     ssl_keyfile=str(replica.key), socket_timeout=5)
+    assert ok.ping()  # the same server, the replica's way
+    ok.close()
