@@ -16,6 +16,7 @@ import signal
 import sys
 import time
 from collections.abc import Coroutine, Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -132,12 +133,19 @@ async def serve(options: Options, stop: asyncio.Event, hangup: asyncio.Event | N
 
     Raises one of REJECTIONS, before any port is opened, when the startup policy is unusable.
     """
-    settings = options.edge_settings()
+    tls = options.tls_files()
+    revocations = Revocations.open(options.crl_path(), tls.ca)  # a bad CRL: refuse to start
+
+    def prepare(path: Path) -> Release:
+        """The policy's config, with the CRL the edges check ext_proc's certificates against."""
+        settings = replace(options.edge_settings(), ext_proc_crl=revocations.current_pem())
+        return prepare_release(path, settings, options.edge_tls_files)
+
     cache = SnapshotCache()
     rollout = Rollout(cache)
     fleet = FleetHealth(max_retry_after_s=options.max_retry_after_s)
     metrics = Metrics()
-    first = prepare_release(options.policy_path, settings, options.edge_tls_files)
+    first = prepare(options.policy_path)
     accounting = Accounting(
         metrics, options.ledger, options.audit_log,
         retention_days=options.ledger_retention_days, audit_max_bytes=options.audit_max_bytes,
@@ -154,14 +162,15 @@ async def serve(options: Options, stop: asyncio.Event, hangup: asyncio.Event | N
         receiver.use_policy(release.config)  # the health table keeps its providers only
 
     # Watched: the policy file (unless embedded), the key files it names and the edge listener's
-    # certificate and key, so a rotated key or certificate reaches the edges over SDS; SIGHUP
-    # re-reads them at once. An env: key is read from this process's environment, which cannot
-    # change: rotating one takes a restart.
+    # certificate and key, so a rotated key or certificate reaches the edges over SDS, and the
+    # CRL, so a revoked ext_proc certificate fails the edges' handshakes; SIGHUP re-reads them
+    # at once. An env: key is read from this process's environment, which cannot change:
+    # rotating one takes a restart.
     watcher = PolicyWatcher(
-        options.policy_path,
-        lambda path: prepare_release(path, settings, options.edge_tls_files), apply, REJECTIONS,
+        options.policy_path, prepare, apply, REJECTIONS,
         also=lambda: (*credential_files((rollout.current or first).config),
-                      *(options.edge_tls_files or ())),
+                      *(options.edge_tls_files or ()),
+                      *(() if revocations.path is None else (revocations.path,))),
     )
 
     server = grpc.aio.server(
@@ -170,8 +179,6 @@ async def serve(options: Options, stop: asyncio.Event, hangup: asyncio.Event | N
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ]
     )
-    tls = options.tls_files()
-    revocations = Revocations.open(options.crl_path(), tls.ca)  # a bad CRL: refuse to start
     ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(
         AggregatedDiscoveryServer(
             cache, authenticate=functools.partial(certified_peer, revocations=revocations)),

@@ -6,8 +6,9 @@ NAME's certificate to the CRL and removes its pair from the directory, so the ne
 `certs init` or `up` issues the node a new one. The control plane and ext_proc read the CRL
 (`--tls-crl`) and refuse a revoked certificate on every new stream; the control plane also ends
 an open stream of one at its next message either way (Peer.revoked). They read the file again
-when it changes, so revoking needs no restart. Envoy does not read it: the certificates it
-checks (the control plane's, ext_proc's as a server) are not revoked here.
+when it changes, so revoking needs no restart. The control plane also sends it to every edge
+with the ext_proc cluster (EdgeSettings.ext_proc_crl), so a revoked replica fails the edges'
+handshakes too. The control plane's own certificate is not revoked here.
 
 The CRL is X.509 (RFC 5280), built and verified with `cryptography`: OpenSSL reads the same file.
 Nothing may un-revoke: a CRL must be the CA's (signature), and newer than the last one read
@@ -56,9 +57,11 @@ class Crl:
     """Its CRL number: every revocation makes a higher one (at least the Unix time)."""
     serials: frozenset[int]
     """The serial numbers it revokes."""
+    pem: bytes
+    """The file as read (the control plane hands it to the edges: EdgeSettings.ext_proc_crl)."""
 
 
-NO_CRL = Crl(-1, frozenset())
+NO_CRL = Crl(-1, frozenset(), b"")
 
 
 def load_authority(ca: Path) -> x509.Certificate:
@@ -72,24 +75,26 @@ def load_authority(ca: Path) -> x509.Certificate:
 def read_crl(crl: Path, authority: x509.Certificate) -> Crl:
     """The CRL in `crl`; RevocationError when it is not a PEM CRL the CA signed, with a number
     (a missing file is an error here: Revocations treats one it never saw as empty)."""
-    loaded = _load_crl(crl, authority)
+    pem, loaded = _load_crl(crl, authority)
     try:
         number = loaded.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
     except x509.ExtensionNotFound as error:
         raise RevocationError(f"{crl}: has no CRL number (`gpu-router certs revoke` gives one)"
                               ) from error
-    return Crl(number, frozenset(entry.serial_number for entry in loaded))
+    return Crl(number, frozenset(entry.serial_number for entry in loaded), pem)
 
 
-def _load_crl(crl: Path, authority: x509.Certificate) -> x509.CertificateRevocationList:
+def _load_crl(crl: Path, authority: x509.Certificate
+              ) -> tuple[bytes, x509.CertificateRevocationList]:
     try:
-        loaded = x509.load_pem_x509_crl(crl.read_bytes())
+        pem = crl.read_bytes()
+        loaded = x509.load_pem_x509_crl(pem)
     except (OSError, ValueError) as error:
         raise RevocationError(f"{crl}: not a readable PEM CRL ({error})") from error
     if loaded.issuer != authority.subject or not loaded.is_signature_valid(
             authority.public_key()):  # type: ignore[arg-type]
         raise RevocationError(f"{crl}: not signed by the fleet's CA")
-    return loaded
+    return pem, loaded
 
 
 @functools.lru_cache(maxsize=256)
@@ -110,7 +115,9 @@ class Revocations:
 
     def __init__(self, crl: Path | None, authority: x509.Certificate | None,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        self._crl, self._authority, self._clock = crl, authority, clock
+        self.path = crl
+        """The CRL file (None: nothing is ever revoked)."""
+        self._authority, self._clock = authority, clock
         self._current = NO_CRL
         self._seen: tuple[int, int, int] | None = None
         self._looked_at = -RELOAD_EVERY_S
@@ -132,14 +139,21 @@ class Revocations:
             self._reload(strict=False)
         return serial in self._current.serials
 
+    def current_pem(self) -> bytes:
+        """The last good CRL as read (b"" with none), its file looked at again now: what the
+        control plane sends every edge, which checks ext_proc's certificates against it."""
+        self._looked_at = self._clock()
+        self._reload(strict=False)
+        return self._current.pem
+
     def _reload(self, *, strict: bool) -> None:
-        if self._crl is None or self._authority is None:
+        if self.path is None or self._authority is None:
             return
         try:
-            info = self._crl.stat()
+            info = self.path.stat()
         except FileNotFoundError:
             if self._seen is not None:  # it was there: its list stays, reported once
-                _log.error("crl_missing", extra={"path": str(self._crl)})
+                _log.error("crl_missing", extra={"path": str(self.path)})
                 self._seen = None
             return
         seen = (info.st_ino, info.st_size, info.st_mtime_ns)
@@ -147,14 +161,14 @@ class Revocations:
             return
         self._seen = seen  # a bad file is reported once, not every second
         try:
-            crl = read_crl(self._crl, self._authority)
+            crl = read_crl(self.path, self._authority)
         except RevocationError as error:
             if strict:
                 raise
-            _log.error("crl_unreadable", extra={"path": str(self._crl), "error": str(error)})
+            _log.error("crl_unreadable", extra={"path": str(self.path), "error": str(error)})
             return
         if crl.number < self._current.number:
-            _log.error("crl_older", extra={"path": str(self._crl), "number": crl.number,
+            _log.error("crl_older", extra={"path": str(self.path), "number": crl.number,
                                            "kept_number": self._current.number})
             return
         self._current = crl
@@ -184,7 +198,7 @@ def revoke(directory: Path, names: Iterable[str], copy_to: Iterable[Path] = (),
         files = [pki.tls_files(directory, name) for name in names]
         serials = [_revocable_serial(leaf.cert) for leaf in files]
         crl_path = directory / CRL_FILE
-        earlier = _load_crl(crl_path, authority) if crl_path.exists() else None
+        earlier = _load_crl(crl_path, authority)[1] if crl_path.exists() else None
         # The time, so a CRL made after the file was lost still reads as newer.
         number = max(int(now.timestamp()),
                      0 if earlier is None else read_crl(crl_path, authority).number + 1)

@@ -40,3 +40,16 @@ def test_replicas_are_reached_over_mutual_tls_and_must_be_ext_proc_certificates(
     assert (san.san_type, san.matcher.prefix) == (
         common_pb2.SubjectAltNameMatcher.URI, "spiffe://gpu-router/ext-proc/")
     assert list(common.alpn_protocols) == ["h2"]
+    assert not validation.default_validation_context.HasField("crl")  # nothing revoked
+
+
+def test_the_fleets_crl_rides_with_the_cluster_checked_on_the_replicas_leaf_only() -> None:
+    """A revoked replica's certificate fails every edge's handshake with the next config; the
+    CA is the trust anchor, so only the leaf is looked up (no CRL for the CA itself)."""
+    crl = b"-----BEGIN X509 CRL-----\n...\n-----END X509 CRL-----\n"
+    socket = ext_proc_cluster(EdgeSettings(ext_proc_crl=crl)).transport_socket
+    context = tls_pb2.UpstreamTlsContext()
+    assert socket.typed_config.Unpack(context)
+    default = context.common_tls_context.combined_validation_context.default_validation_context
+    assert (default.crl.inline_bytes, default.only_verify_leaf_cert_crl) == (crl, True)
+    assert default.match_typed_subject_alt_names  # beside the SAN rule, not instead of it

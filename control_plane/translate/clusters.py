@@ -187,17 +187,19 @@ def ext_proc_cluster(settings: EdgeSettings) -> cluster_pb2.Cluster:
         common_lb_config=cluster_pb2.Cluster.CommonLbConfig(
             healthy_panic_threshold=percent_pb2.Percent(value=0)
         ),
-        transport_socket=_ext_proc_tls(),
+        transport_socket=_ext_proc_tls(settings.ext_proc_crl),
     )
     cluster.typed_extension_protocol_options[HTTP_PROTOCOL_OPTIONS].CopyFrom(packed(options))
     return cluster
 
 
-def _ext_proc_tls() -> base_pb2.TransportSocket:
+def _ext_proc_tls(crl: bytes) -> base_pb2.TransportSocket:
     """Mutual TLS to the ext_proc replicas, which take nothing else: the node's own edge
     certificate, and a replica's checked against the fleet's CA and for an ext_proc SPIFFE id.
     Both come from static secrets in the node's bootstrap (no SDS source: Envoy looks them up
-    there), so the control plane names them without ever holding an edge's key."""
+    there), so the control plane names them without ever holding an edge's key. With a `crl`
+    (the fleet's, PEM), a revoked replica's certificate fails the handshake: the leaf's only
+    (the CA is the trust anchor)."""
     context = tls_pb2.UpstreamTlsContext(
         common_tls_context=tls_pb2.CommonTlsContext(
             alpn_protocols=["h2"],
@@ -210,6 +212,8 @@ def _ext_proc_tls() -> base_pb2.TransportSocket:
                         san_type=common_pb2.SubjectAltNameMatcher.URI,
                         matcher=string_pb2.StringMatcher(prefix=role_prefix(Role.EXT_PROC)),
                     )],
+                    crl=base_pb2.DataSource(inline_bytes=crl) if crl else None,
+                    only_verify_leaf_cert_crl=bool(crl),
                 ),
                 validation_context_sds_secret_config=secret_pb2.SdsSecretConfig(
                     name=FLEET_CA_SECRET

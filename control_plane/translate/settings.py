@@ -49,6 +49,10 @@ class EdgeSettings:
     edge_tls: bool = False
     """The edge listener serves TLS only (HTTP/1.1 and h2 by ALPN), with the certificate the
     control plane pushes over SDS (control_plane/edge_certificate.py); False: plain HTTP."""
+    ext_proc_crl: bytes = b""
+    """The fleet's CRL (PEM, gpu_router/revocation.py) the edges check each ext_proc replica's
+    certificate against; empty: none is revoked. The control plane sends it with the ext_proc
+    cluster, so a revocation reaches every edge with the next config."""
     trusted_ca_file: str = "/etc/ssl/certs/ca-certificates.crt"
     edge_log_dir: str | None = None
     """Directory (on the edge's host, existing) where each edge also appends every client request

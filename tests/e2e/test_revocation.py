@@ -1,0 +1,50 @@
+"""Revoking an ext_proc replica's certificate while a stack runs: the control plane sends the
+fleet's CRL to every edge with the ext_proc cluster, and each edge's TLS handshake to the
+revoked replica fails, so requests go on along the fallback routes; the control plane refuses
+the replica too. (An edge certificate's revocation: test_security.py.)"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Iterator
+
+import pytest
+from polling import eventually
+from stack_harness import CLI, chat, policy_on_free_ports, start_stack
+
+from control_plane.policy.load import default_policy_path
+from gpu_router.stack import Stack
+
+FALLBACK_REASON = "fallback: ext_proc unavailable"
+BATCH = {"x-workload": "batch"}
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    directory = tmp_path_factory.mktemp("revocation")
+    policy = policy_on_free_ports(default_policy_path(), directory / "policy.yaml")
+    running = start_stack(policy, directory / "logs")
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+def reason(stack: Stack) -> str:
+    status, headers, body = chat(stack, "llama-3.1-8b", BATCH)
+    assert status == 200, body  # served either way: by ext_proc's decision or the fallback
+    return headers["x-gpu-router-reason"]
+
+
+def test_a_revoked_ext_proc_certificate_fails_every_edges_handshake(stack: Stack) -> None:
+    assert reason(stack) != FALLBACK_REASON  # ext_proc decides
+    result = subprocess.run([*CLI, "certs", "revoke", "--dir", str(stack.certs), "ext-proc-1"],
+                            capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    # The replica still runs, with the certificate it loaded at start; the edge refuses it.
+    eventually(lambda: reason(stack) == FALLBACK_REASON, "the edge to stop asking ext_proc")
+    lines = stack.processes["control-plane"].log_path.read_text().splitlines()
+    refused = [json.loads(line) for line in lines if '"peer_refused"' in line]
+    assert {(entry["peer_name"], entry["reason"]) for entry in refused} == {
+        ("ext-proc-1", "the client certificate is revoked")}
