@@ -36,7 +36,13 @@ from control_plane.ledger.why import UnknownRequestError, explain
 from control_plane.metrics import Metrics
 from control_plane.options import Options, parse_args
 from control_plane.policy.credentials import credential_files
-from control_plane.rollout import REJECTIONS, Release, Rollout, prepare_release
+from control_plane.rollout import (
+    REJECTIONS,
+    Release,
+    Rollout,
+    prepare_release,
+    with_ext_proc_crl,
+)
 from control_plane.telemetry.als import AccessLogReceiver
 from control_plane.telemetry.health import FleetHealth
 from control_plane.telemetry.load_reports import LoadReportReceiver
@@ -49,7 +55,7 @@ from control_plane.xds.peer import require_edge
 from control_plane.xds.server import AggregatedDiscoveryServer, certified_peer
 from gpu_router.api.v1 import health_pb2
 from gpu_router.grpc_tls import server_credentials
-from gpu_router.revocation import Revocations
+from gpu_router.revocation import RELOAD_EVERY_S, Revocations
 
 log = logging.getLogger("control_plane")
 
@@ -162,15 +168,13 @@ async def serve(options: Options, stop: asyncio.Event, hangup: asyncio.Event | N
         receiver.use_policy(release.config)  # the health table keeps its providers only
 
     # Watched: the policy file (unless embedded), the key files it names and the edge listener's
-    # certificate and key, so a rotated key or certificate reaches the edges over SDS, and the
-    # CRL, so a revoked ext_proc certificate fails the edges' handshakes; SIGHUP re-reads them
-    # at once. An env: key is read from this process's environment, which cannot change:
-    # rotating one takes a restart.
+    # certificate and key, so a rotated key or certificate reaches the edges over SDS; SIGHUP
+    # re-reads them at once. An env: key is read from this process's environment, which cannot
+    # change: rotating one takes a restart. (The CRL: _follow_crl.)
     watcher = PolicyWatcher(
         options.policy_path, prepare, apply, REJECTIONS,
         also=lambda: (*credential_files((rollout.current or first).config),
-                      *(options.edge_tls_files or ()),
-                      *(() if revocations.path is None else (revocations.path,))),
+                      *(options.edge_tls_files or ())),
     )
 
     server = grpc.aio.server(
@@ -227,6 +231,8 @@ async def serve(options: Options, stop: asyncio.Event, hangup: asyncio.Event | N
     if state.savings is not None:
         jobs.append(state.savings.run())
     jobs.append(watcher.run())  # also on the embedded policy: its key files and certificate
+    if revocations.path is not None:
+        jobs.append(_follow_crl(revocations, rollout))
     if hangup is not None:
         jobs.append(_reload_on(hangup, watcher))
     if reconciler is not None:
@@ -251,6 +257,17 @@ async def serve(options: Options, stop: asyncio.Event, hangup: asyncio.Event | N
         if reconciler is not None:
             reconciler.close()
         log.info("control_plane_stopped")
+
+
+async def _follow_crl(revocations: Revocations, rollout: Rollout) -> None:
+    """Send the edges each new CRL with the served release's ext_proc cluster (a revoked
+    replica then fails their handshakes), within a second of the file's change."""
+    while True:
+        await asyncio.sleep(RELOAD_EVERY_S)
+        crl = revocations.current_pem()
+        if rollout.current is not None and crl != rollout.current.settings.ext_proc_crl:
+            await rollout.reapply(functools.partial(with_ext_proc_crl, crl=crl))
+            log.info("crl_sent_to_edges", extra={"path": str(revocations.path)})
 
 
 async def _reload_on(hangup: asyncio.Event, watcher: PolicyWatcher[Release]) -> None:

@@ -26,8 +26,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from google.protobuf.message import Message
@@ -39,7 +39,8 @@ from control_plane.policy.model import RoutingConfig
 from control_plane.policy.wire import to_routing_policy
 from control_plane.telemetry.weights import fitted, watched
 from control_plane.translate import EdgeSettings, EnvoyResources, TranslationError, translate
-from control_plane.translate.clusters import all_clusters
+from control_plane.translate.clusters import all_clusters, ext_proc_cluster
+from control_plane.translate.names import EXT_PROC_CLUSTER
 from control_plane.translate.routes import route_configuration
 from control_plane.xds import type_urls
 from control_plane.xds.cache import SnapshotCache
@@ -94,6 +95,14 @@ def prepare_release(
     )
 
 
+def with_ext_proc_crl(release: Release, crl: bytes) -> Release:
+    """`release` with the fleet's CRL `crl` (PEM) in its ext_proc cluster: a revocation reaches
+    the edges without a reload of the policy file, which may be mid-edit and rejected."""
+    settings = replace(release.settings, ext_proc_crl=crl)
+    clusters = {**release.edge[type_urls.CLUSTER], EXT_PROC_CLUSTER: ext_proc_cluster(settings)}
+    return replace(release, settings=settings, edge={**release.edge, type_urls.CLUSTER: clusters})
+
+
 def _by_type(resources: EnvoyResources) -> dict[str, Mapping[str, Message]]:
     return {
         type_urls.CLUSTER: resources.clusters,
@@ -140,50 +149,60 @@ class Rollout:
 
     async def apply(self, release: Release) -> None:
         async with self._lock:
-            started = time.monotonic()
-            old = self._cache.snapshot
-            edge = {**release.edge, **self._health_shaped(release)}
-            merged = {t: {**old.resources(t), **edge[t]} for t in _MERGED_TYPES}
-            staged = self._cache.set_types({**edge, **merged})
-            edge_acked = await self._wait(
-                staged,
-                {
-                    type_urls.CLUSTER: frozenset(),
-                    type_urls.ENDPOINT: frozenset(release.edge[type_urls.ENDPOINT]),
-                    type_urls.LISTENER: frozenset(),
-                },
-                EDGE_NODES,
-                self._timeouts.edge_s,
-            )
-            policy = self._cache.set_types(
-                {type_urls.ROUTING_POLICY: {ROUTING_POLICY_NAME: release.routing_policy}}
-            )
-            ext_proc_acked = await self._wait(
-                policy,
-                {type_urls.ROUTING_POLICY: frozenset()},
-                EXT_PROC_NODES,
-                self._timeouts.ext_proc_s,
-            )
-            # Weights that arrived meanwhile are applied here.
-            edge = {**release.edge, **self._health_shaped(release)}
-            final = self._cache.set_types({t: edge[t] for t in (*_MERGED_TYPES, type_urls.ROUTE)})
-            self.current = release
-            log.info(
-                "policy_applied",
-                extra={
-                    "file": release.config.source,
-                    "policy_version": release.config.version,
-                    "providers": [p.name for p in release.config.providers],
-                    "removed_clusters": sorted(
-                        set(old.resources(type_urls.CLUSTER)) - set(release.edge[type_urls.CLUSTER])
-                    ),
-                    "cds_version": final.version(type_urls.CLUSTER),
-                    "lds_version": final.version(type_urls.LISTENER),
-                    "edge_acked": edge_acked,
-                    "ext_proc_acked": ext_proc_acked,
-                    "duration_ms": round((time.monotonic() - started) * 1000, 1),
-                },
-            )
+            await self._apply(release)
+
+    async def reapply(self, change: Callable[[Release], Release]) -> None:
+        """Apply `change` of the release served once the rollouts before it are done (so it
+        never brings back a policy a newer rollout replaced); nothing before the first."""
+        async with self._lock:
+            if self.current is not None:
+                await self._apply(change(self.current))
+
+    async def _apply(self, release: Release) -> None:
+        started = time.monotonic()
+        old = self._cache.snapshot
+        edge = {**release.edge, **self._health_shaped(release)}
+        merged = {t: {**old.resources(t), **edge[t]} for t in _MERGED_TYPES}
+        staged = self._cache.set_types({**edge, **merged})
+        edge_acked = await self._wait(
+            staged,
+            {
+                type_urls.CLUSTER: frozenset(),
+                type_urls.ENDPOINT: frozenset(release.edge[type_urls.ENDPOINT]),
+                type_urls.LISTENER: frozenset(),
+            },
+            EDGE_NODES,
+            self._timeouts.edge_s,
+        )
+        policy = self._cache.set_types(
+            {type_urls.ROUTING_POLICY: {ROUTING_POLICY_NAME: release.routing_policy}}
+        )
+        ext_proc_acked = await self._wait(
+            policy,
+            {type_urls.ROUTING_POLICY: frozenset()},
+            EXT_PROC_NODES,
+            self._timeouts.ext_proc_s,
+        )
+        # Weights that arrived meanwhile are applied here.
+        edge = {**release.edge, **self._health_shaped(release)}
+        final = self._cache.set_types({t: edge[t] for t in (*_MERGED_TYPES, type_urls.ROUTE)})
+        self.current = release
+        log.info(
+            "policy_applied",
+            extra={
+                "file": release.config.source,
+                "policy_version": release.config.version,
+                "providers": [p.name for p in release.config.providers],
+                "removed_clusters": sorted(
+                    set(old.resources(type_urls.CLUSTER)) - set(release.edge[type_urls.CLUSTER])
+                ),
+                "cds_version": final.version(type_urls.CLUSTER),
+                "lds_version": final.version(type_urls.LISTENER),
+                "edge_acked": edge_acked,
+                "ext_proc_acked": ext_proc_acked,
+                "duration_ms": round((time.monotonic() - started) * 1000, 1),
+            },
+        )
 
     async def _wait(
         self,

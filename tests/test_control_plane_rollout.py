@@ -9,11 +9,12 @@ from pathlib import Path
 import pytest
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.route.v3 import route_pb2
+from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
 from translate_fixtures import attempt_order
 from xds_fixtures import policy_file
 
 from control_plane.policy.load import PolicyError
-from control_plane.rollout import AckTimeouts, Rollout, prepare_release
+from control_plane.rollout import AckTimeouts, Rollout, prepare_release, with_ext_proc_crl
 from control_plane.translate import EdgeSettings
 from control_plane.xds import type_urls
 from control_plane.xds.cache import SnapshotCache
@@ -227,3 +228,42 @@ def test_fleet_weights_order_the_fallback_and_watch_the_unhealthy_even_across_a_
         assert "lambda" not in fallback_order(cache)
 
     asyncio.run(scenario())
+
+
+def served_crl(cache: SnapshotCache) -> bytes:
+    packed = cache.snapshot.resources(type_urls.CLUSTER)["gpu-router.ext_proc"]
+    cluster = cluster_pb2.Cluster.FromString(packed.value)
+    context = tls_pb2.UpstreamTlsContext()
+    assert cluster.transport_socket.typed_config.Unpack(context)
+    validation = context.common_tls_context.combined_validation_context
+    return validation.default_validation_context.crl.inline_bytes
+
+
+def test_a_crl_reaches_the_edges_with_the_served_policy_never_an_older_one(
+    tmp_path: Path,
+) -> None:
+    """The CRL follower's change waits for a rollout in progress and applies to what it
+    served: the newer policy keeps its providers and gets the CRL."""
+    first = prepare_release(policy_file(tmp_path / "a.yaml", without=("runpod",)), SETTINGS)
+    second = prepare_release(policy_file(tmp_path / "b.yaml", without=("vast",)), SETTINGS)
+    crl = b"-----BEGIN X509 CRL-----\n...\n-----END X509 CRL-----\n"
+
+    async def scenario() -> tuple[list[str], bytes]:
+        cache = SnapshotCache()
+        # An edge that never acks: each rollout holds the lock for its ack timeout.
+        AutoAckingNode(cache, Node(id="e", cluster="gpu-router-edge"), (type_urls.CLUSTER,),
+                       ack=False)
+        rollout = Rollout(cache, AckTimeouts(edge_s=0.05, ext_proc_s=0.05))
+        await rollout.reapply(lambda release: with_ext_proc_crl(release, crl))  # none served
+        assert rollout.current is None
+        await rollout.apply(first)
+        newer = asyncio.create_task(rollout.apply(second))
+        await asyncio.sleep(0)  # the newer rollout holds the lock, waiting for acks
+        await rollout.reapply(lambda release: with_ext_proc_crl(release, crl))
+        await newer
+        assert rollout.current is not None and rollout.current.settings.ext_proc_crl == crl
+        return sorted(p.name for p in rollout.current.config.providers), served_crl(cache)
+
+    names, served = asyncio.run(scenario())
+    assert "vast" not in names and "runpod" in names  # the newer policy, not the first
+    assert served == crl

@@ -1,7 +1,8 @@
 """Revoking an ext_proc replica's certificate while a stack runs: the control plane sends the
 fleet's CRL to every edge with the ext_proc cluster, and each edge's TLS handshake to the
-revoked replica fails, so requests go on along the fallback routes; the control plane refuses
-the replica too. (An edge certificate's revocation: test_security.py.)"""
+revoked replica fails, so requests go on along the fallback routes, until the replica runs on a
+new certificate; the control plane refuses the revoked one too. (An edge certificate's
+revocation: test_security.py.)"""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from polling import eventually
 from stack_harness import CLI, chat, policy_on_free_ports, start_stack
 
 from control_plane.policy.load import default_policy_path
+from gpu_router import pki
 from gpu_router.stack import Stack
 
 FALLBACK_REASON = "fallback: ext_proc unavailable"
@@ -48,3 +50,8 @@ def test_a_revoked_ext_proc_certificate_fails_every_edges_handshake(stack: Stack
     refused = [json.loads(line) for line in lines if '"peer_refused"' in line]
     assert {(entry["peer_name"], entry["reason"]) for entry in refused} == {
         ("ext-proc-1", "the client certificate is revoked")}
+    # The same CRL passes a replica whose certificate it does not name: the replica restarted
+    # with a new one (as the next `up` issues it) decides again.
+    stack.tls(pki.Role.EXT_PROC, "ext-proc-1")
+    stack.restart("ext-proc-1")
+    eventually(lambda: reason(stack) != FALLBACK_REASON, "ext_proc to decide again")
