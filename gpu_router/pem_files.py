@@ -25,6 +25,7 @@ def same_key(cert: x509.Certificate, key: CertificateIssuerPrivateKeyTypes) -> b
 
 
 def load_cert(path: Path) -> x509.Certificate:
+    """The PEM certificate in `path`; PkiError naming the file when it cannot be read."""
     try:
         return x509.load_pem_x509_certificate(path.read_bytes())
     except (OSError, ValueError) as error:
@@ -43,10 +44,12 @@ def load_key(path: Path) -> CertificateIssuerPrivateKeyTypes:
 
 
 def write_cert(path: Path, cert: x509.Certificate) -> None:
+    """Readable by all (0644): a certificate is public."""
     write_file(path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
 
 
 def write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
+    """The owner's only (0600), unencrypted: the process reading it has no one to ask."""
     pem = key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,

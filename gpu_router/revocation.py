@@ -40,6 +40,8 @@ RELOAD_EVERY_S = 1.0
 """How often a Revocations looks at its file: a revocation counts within a second."""
 REVOKED = "the client certificate is revoked"
 """Why a port refused a revoked certificate (its `peer_refused` line's reason)."""
+CLOCK_SKEW = datetime.timedelta(minutes=5)
+"""A CRL counts from this long before it was made: Envoy refuses one from its future."""
 REVOCABLE = frozenset({pki.Role.EDGE, pki.Role.EXT_PROC})
 """The roles whose certificates the control plane's and ext_proc's ports check against the CRL
 (no one checks the control plane's own against it)."""
@@ -75,26 +77,29 @@ def load_authority(ca: Path) -> x509.Certificate:
 def read_crl(crl: Path, authority: x509.Certificate) -> Crl:
     """The CRL in `crl`; RevocationError when it is not a PEM CRL the CA signed, with a number
     (a missing file is an error here: Revocations treats one it never saw as empty)."""
-    pem, loaded = _load_crl(crl, authority)
+    return _crl_of(crl, _load_crl(crl, authority))
+
+
+def _crl_of(crl: Path, loaded: x509.CertificateRevocationList) -> Crl:
     try:
         number = loaded.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
     except x509.ExtensionNotFound as error:
         raise RevocationError(f"{crl}: has no CRL number (`gpu-router certs revoke` gives one)"
                               ) from error
+    # Re-encoded: whatever else the file holds does not reach the edges.
+    pem = loaded.public_bytes(serialization.Encoding.PEM)
     return Crl(number, frozenset(entry.serial_number for entry in loaded), pem)
 
 
-def _load_crl(crl: Path, authority: x509.Certificate
-              ) -> tuple[bytes, x509.CertificateRevocationList]:
+def _load_crl(crl: Path, authority: x509.Certificate) -> x509.CertificateRevocationList:
     try:
-        pem = crl.read_bytes()
-        loaded = x509.load_pem_x509_crl(pem)
+        loaded = x509.load_pem_x509_crl(crl.read_bytes())
     except (OSError, ValueError) as error:
         raise RevocationError(f"{crl}: not a readable PEM CRL ({error})") from error
     if loaded.issuer != authority.subject or not loaded.is_signature_valid(
             authority.public_key()):  # type: ignore[arg-type]
         raise RevocationError(f"{crl}: not signed by the fleet's CA")
-    return pem, loaded
+    return loaded
 
 
 @functools.lru_cache(maxsize=256)
@@ -187,6 +192,10 @@ def revoke(directory: Path, names: Iterable[str], copy_to: Iterable[Path] = (),
     certificate of those roles there, or the CA cannot sign; nothing is revoked then. One
     revocation at a time per directory (a lock): two at once would lose one's entries."""
     now = now or datetime.datetime.now(datetime.UTC)
+    copy_to = list(copy_to)
+    for place in copy_to:
+        if not place.is_dir():
+            raise RevocationError(f"{place}: not a directory to copy the CRL into")
     authority = load_authority(directory / pki.CA_FILE)
     try:
         key = load_key(directory / pki.CA_KEY_FILE)
@@ -198,15 +207,15 @@ def revoke(directory: Path, names: Iterable[str], copy_to: Iterable[Path] = (),
         files = [pki.tls_files(directory, name) for name in names]
         serials = [_revocable_serial(leaf.cert) for leaf in files]
         crl_path = directory / CRL_FILE
-        earlier = _load_crl(crl_path, authority)[1] if crl_path.exists() else None
+        earlier = _load_crl(crl_path, authority) if crl_path.exists() else None
         # The time, so a CRL made after the file was lost still reads as newer.
         number = max(int(now.timestamp()),
-                     0 if earlier is None else read_crl(crl_path, authority).number + 1)
+                     0 if earlier is None else _crl_of(crl_path, earlier).number + 1)
         kept = [] if earlier is None else list(earlier)
         known = {entry.serial_number for entry in kept}
         builder = (x509.CertificateRevocationListBuilder()
                    .issuer_name(authority.subject)
-                   .last_update(now)
+                   .last_update(now - CLOCK_SKEW)  # an edge whose clock is behind
                    .next_update(authority.not_valid_after_utc)
                    .add_extension(x509.CRLNumber(number), critical=False)
                    .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
@@ -224,7 +233,10 @@ def revoke(directory: Path, names: Iterable[str], copy_to: Iterable[Path] = (),
                                   ) from error
         pem = signed.public_bytes(serialization.Encoding.PEM)
         for place in (directory, *copy_to):
-            write_file(place / CRL_FILE, pem, 0o644)
+            try:
+                write_file(place / CRL_FILE, pem, 0o644)
+            except OSError as error:
+                raise RevocationError(f"{place / CRL_FILE}: cannot write ({error})") from error
         for leaf in files:
             for path in (leaf.cert, leaf.key):
                 path.unlink(missing_ok=True)
