@@ -98,7 +98,8 @@ def tls_options(url: str, tls: TlsFiles | None) -> dict[str, str]:
     if tls is None or not url.startswith("rediss://"):
         return {}
     return {"ssl_certfile": str(tls.cert), "ssl_keyfile": str(tls.key),
-            "ssl_ca_certs": str(tls.ca), "ssl_cert_reqs": "required"}
+            "ssl_ca_certs": str(tls.ca), "ssl_cert_reqs": "required",
+            "ssl_check_hostname": True}  # redis-py 5 did not by default
 
 
 class RedisCounters:

@@ -255,16 +255,35 @@ def _serves(cert: x509.Certificate) -> bool:
     return ExtendedKeyUsageOID.SERVER_AUTH in usages
 
 
+RESERVED_NAMES = frozenset({"ca", "ca-key", "crl", "redis-password", Role.CONTROL_PLANE.value})
+"""File stems of a certs directory that a named certificate's files would overwrite."""
+
+
 def fleet(edges: Iterable[str], ext_procs: Iterable[str], redis: Iterable[str] = ()
           ) -> list[Identity]:
     """The control plane's identity and one per named edge node, ext_proc replica and Redis
-    (named by the host name its clients dial)."""
-    return [
-        Identity(Role.CONTROL_PLANE, Role.CONTROL_PLANE.value),
-        *(Identity(Role.EDGE, name) for name in edges),
-        *(Identity(Role.EXT_PROC, name) for name in ext_procs),
-        *(Identity(Role.REDIS, name) for name in redis),
-    ]
+    (named by the host name its clients dial); PkiError for a name the directory holds already
+    (`ca`, ...), and for a Redis named as the control plane or ext_proc (their clients check
+    those names) or by an IP address (a DNS name is what its certificate carries)."""
+    named = [*(Identity(Role.EDGE, name) for name in edges),
+             *(Identity(Role.EXT_PROC, name) for name in ext_procs),
+             *(Identity(Role.REDIS, name) for name in redis)]
+    for identity in named:
+        if identity.name in RESERVED_NAMES or not identity.name or "/" in identity.name:
+            raise PkiError(f"{identity.name!r} cannot name a certificate: a file of the certs "
+                           "directory has that name")
+        if identity.role is Role.REDIS and (
+                identity.name in (*SERVER_DNS, EXT_PROC_SERVER_NAME) or _is_ip(identity.name)):
+            raise PkiError(f"--redis {identity.name}: a Redis needs a DNS name of its own")
+    return [Identity(Role.CONTROL_PLANE, Role.CONTROL_PLANE.value), *named]
+
+
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
 
 
 def tls_files(directory: Path, name: str) -> TlsFiles:

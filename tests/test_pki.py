@@ -163,3 +163,30 @@ def test_a_certificate_speaks_for_one_identity_or_none() -> None:
     for names in ([edge, other_edge], [edge, replica], [], ["spiffe://gpu-router/edgeX/a"],
                   ["spiffe://gpu-router/edge/a/b"], ["edge-1"]):
         assert pki.sole_identity(names) is None, names
+
+
+@pytest.mark.parametrize("edges, ext_procs, redis, says", [
+    (["ca"], [], [], "'ca' cannot name a certificate"),
+    ([], ["crl"], [], "'crl' cannot name a certificate"),
+    ([], [], ["control-plane"], "'control-plane' cannot name a certificate"),
+    ([], [], ["localhost"], "--redis localhost: a Redis needs a DNS name of its own"),
+    ([], [], ["ext-proc.gpu-router"], "a Redis needs a DNS name of its own"),
+    ([], [], ["10.0.0.7"], "--redis 10.0.0.7: a Redis needs a DNS name of its own"),
+])
+def test_a_fleet_refuses_names_that_would_overwrite_a_file_or_pose_as_a_server(
+    edges: list[str], ext_procs: list[str], redis: list[str], says: str,
+) -> None:
+    """`ca` would overwrite the CA; a Redis named as the control plane could pose as it to a
+    client that checks that name (ext_proc dialling it)."""
+    with pytest.raises(pki.PkiError, match=says):
+        pki.fleet(edges, ext_procs, redis)
+
+
+def test_a_redis_certificate_serves_its_dns_name(tmp_path: Path) -> None:
+    files = pki.ensure(tmp_path, pki.fleet([], [], ["redis"]), now=NOW)["redis"]
+    cert = load(files.cert)
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert names.get_values_for_type(x509.DNSName) == ["redis"]
+    assert names.get_values_for_type(x509.UniformResourceIdentifier) == [
+        "spiffe://gpu-router/redis/redis"]
+    assert pki.certified_identity(files.cert.read_bytes()) is None  # no gRPC port admits it
