@@ -19,7 +19,7 @@ from gpu_router.edge_guard import open_edge_refusal
 from gpu_router.health_view import render_health
 from gpu_router.keys_cli import add_keys_command, client_report
 from gpu_router.processes import Cancelled, ProcessError, http_get
-from gpu_router.redis_service import RedisPasswordError, ensure_password
+from gpu_router.redis_service import PASSWORD_FILE, RedisPasswordError, ensure_password
 from gpu_router.revocation import RevocationError, revoke
 from gpu_router.stack import Stack, StackPorts
 from gpu_router.supervisor import StopSignals, Supervisor
@@ -114,9 +114,12 @@ def certs_init(args: argparse.Namespace) -> int:
 
 
 def certs_revoke(args: argparse.Namespace) -> int:
-    """Revoke certificates of a certs directory (gpu_router/revocation.py)."""
+    """Revoke certificates of a certs directory (gpu_router/revocation.py); an ext_proc
+    replica's holder also knew the Redis password, which Redis checks without the CRL."""
+    directory = Path(args.dir)
+    replicas = [name for name in args.names if _role_of_pair(directory, name) is pki.Role.EXT_PROC]
     try:
-        crl, serials = revoke(Path(args.dir), args.names, [Path(d) for d in args.copy_to])
+        crl, serials = revoke(directory, args.names, [Path(d) for d in args.copy_to])
     except RevocationError as error:
         print(f"gpu-router certs: {error}", file=sys.stderr)
         return 1
@@ -124,7 +127,18 @@ def certs_revoke(args: argparse.Namespace) -> int:
         print(f"revoked {name}: serial {serial:x}")
     print(f"CRL: {crl} (the control plane and ext_proc read it within a second; "
           f"`certs init` or `up` issues the names new certificates)")
+    password = directory / PASSWORD_FILE
+    if replicas and password.exists():
+        print(f"{', '.join(replicas)} knew the Redis password, and Redis does not read the CRL: "
+              f"remove {password} (`certs init` or `up` makes a new one), then restart Redis "
+              "and the ext_proc replicas")
     return 0
+
+
+def _role_of_pair(directory: Path, name: str) -> pki.Role | None:
+    cert = pki.tls_files(directory, name).cert
+    identity = pki.certified_identity(cert.read_bytes()) if cert.is_file() else None
+    return None if identity is None else identity[0]
 
 
 def accounting_flags(args: argparse.Namespace) -> list[str]:

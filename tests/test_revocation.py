@@ -12,6 +12,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 
 from gpu_router import pem_files, pki
 from gpu_router.cli import main as cli_main
+from gpu_router.redis_service import ensure_password
 from gpu_router.revocation import (
     CRL_FILE,
     RELOAD_EVERY_S,
@@ -162,3 +163,18 @@ def test_a_crl_without_a_number_or_past_its_ca_is_refused(
         Revocations.open(path, certs["edge-1"].ca)
     with pytest.raises(RevocationError, match="ca.pem: the CA has expired"):
         revoke(directory, ["edge-1"], now=T0 + datetime.timedelta(days=3651))
+
+
+def test_revoking_a_replica_says_to_replace_the_redis_password(
+    certs: dict[str, pki.TlsFiles], capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A replica's holder knew the Redis password, which Redis checks without the CRL."""
+    directory = certs["x"].ca.parent
+    password = ensure_password(directory)
+    for name in ("edge-1", "x"):
+        with pytest.raises(SystemExit) as done:
+            cli_main(["certs", "revoke", "--dir", str(directory), name])
+        assert done.value.code == 0
+        said = capsys.readouterr().out
+        assert (f"x knew the Redis password, and Redis does not read the CRL: remove {password}"
+                in said) == (name == "x"), said
