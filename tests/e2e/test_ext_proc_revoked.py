@@ -8,50 +8,44 @@ from __future__ import annotations
 
 import json
 import subprocess
-from collections.abc import Iterator
 
-import pytest
 from polling import eventually
-from stack_harness import CLI, chat, policy_on_free_ports, start_stack
+from stack_harness import CLI, CLIENTS, Traffic, chat
 
-from control_plane.policy.load import default_policy_path
+from control_plane.translate.fallback_routes import FALLBACK_REASON
 from gpu_router import pki
 from gpu_router.stack import Stack
 
-FALLBACK_REASON = "fallback: ext_proc unavailable"
 BATCH = {"x-workload": "batch"}
-
-
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    directory = tmp_path_factory.mktemp("revocation")
-    policy = policy_on_free_ports(default_policy_path(), directory / "policy.yaml")
-    running = start_stack(policy, directory / "logs")
-    try:
-        yield running
-    finally:
-        running.stop()
+MODEL = "llama-3.1-8b"
 
 
 def reason(stack: Stack) -> str:
-    status, headers, body = chat(stack, "llama-3.1-8b", BATCH)
+    status, headers, body = chat(stack, MODEL, BATCH)
     assert status == 200, body  # served either way: by ext_proc's decision or the fallback
     return headers["x-gpu-router-reason"]
 
 
 def test_a_revoked_ext_proc_certificate_fails_every_edges_handshake(stack: Stack) -> None:
+    """With 64 clients sending throughout: not one of their requests fails, from before the
+    revocation through the fallback to the replica's return on a new certificate."""
     assert reason(stack) != FALLBACK_REASON  # ext_proc decides
-    result = subprocess.run([*CLI, "certs", "revoke", "--dir", str(stack.certs), "ext-proc-1"],
-                            capture_output=True, text=True, check=False)
-    assert result.returncode == 0, result.stderr
-    # The replica still runs, with the certificate it loaded at start; the edge refuses it.
-    eventually(lambda: reason(stack) == FALLBACK_REASON, "the edge to stop asking ext_proc")
-    lines = stack.processes["control-plane"].log_path.read_text().splitlines()
-    refused = [json.loads(line) for line in lines if '"peer_refused"' in line]
-    assert {(entry["peer_name"], entry["reason"]) for entry in refused} == {
-        ("ext-proc-1", "the client certificate is revoked")}
-    # The same CRL passes a replica whose certificate it does not name: the replica restarted
-    # with a new one (as the next `up` issues it) decides again.
-    stack.tls(pki.Role.EXT_PROC, "ext-proc-1")
-    stack.restart("ext-proc-1")
-    eventually(lambda: reason(stack) != FALLBACK_REASON, "ext_proc to decide again")
+    with Traffic(stack, MODEL, BATCH, threads=CLIENTS) as traffic:
+        result = subprocess.run(
+            [*CLI, "certs", "revoke", "--dir", str(stack.certs), "ext-proc-1"],
+            capture_output=True, text=True, check=False)
+        assert result.returncode == 0, result.stderr
+        # The replica still runs, with the certificate it loaded at start; the edge refuses it.
+        eventually(lambda: reason(stack) == FALLBACK_REASON, "the edge to stop asking ext_proc")
+        lines = stack.processes["control-plane"].log_path.read_text().splitlines()
+        refused = [json.loads(line) for line in lines if '"peer_refused"' in line]
+        assert {(entry["peer_name"], entry["reason"]) for entry in refused} == {
+            ("ext-proc-1", "the client certificate is revoked")}
+        # The same CRL passes a replica whose certificate it does not name: the replica
+        # restarted with a new one (as the next `up` issues it) decides again.
+        stack.tls(pki.Role.EXT_PROC, "ext-proc-1")
+        stack.restart("ext-proc-1")
+        eventually(lambda: reason(stack) != FALLBACK_REASON, "ext_proc to decide again")
+    assert traffic.failures() == {}, traffic.failed
+    reasons = {exchange.reason == FALLBACK_REASON for exchange in traffic.exchanges}
+    assert reasons == {True, False}  # the clients saw both: the fallback, then ext_proc again
