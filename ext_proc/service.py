@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import AsyncIterator
 
@@ -15,33 +14,24 @@ from ext_proc.rate_limit import LocalCounters, RateLimiter
 from ext_proc.request import NotReadyError, ProtocolError, RequestPhases
 from ext_proc.router_state import LiveState
 from ext_proc.scoring import NOBODY_AT_CAP
-from gpu_router.pki import Role, certified_identity, peer_certificate
-from gpu_router.revocation import NOTHING_REVOKED, REVOKED, Revocations, certificate_serial
+from gpu_router.pki import CertifiedPeer, Role, certified_peer, peer_certificate
+from gpu_router.revocation import NOTHING_REVOKED, REVOKED, Revocations
 
 _log = logging.getLogger(__name__)
 
 
-def _peer_identity(context: grpc.aio.ServicerContext, revocations: Revocations
-                   ) -> tuple[Role, str] | str:
-    """The stream's peer as its certificate names it, by the control plane's rule
-    (pki.certified_identity: URI SANs only), or why it is refused. The port takes only
-    certificates of the fleet's CA (workers.py); of those, only an edge Envoy's that the
-    fleet's CRL does not revoke may ask for decisions. ~10 us a stream (gRPC's auth context;
-    peer_identities() took ~4 but also lists DNS SANs and the CN)."""
-    pem = peer_certificate(context.auth_context())
-    identity = _certified(pem)
-    if identity is None or identity[0] is not Role.EDGE:
+def _refusal(peer: CertifiedPeer | None, revocations: Revocations) -> str | None:
+    """Why the stream's peer, as its certificate names it by the control plane's rule
+    (pki.certified_peer: URI SANs only), may not ask for decisions; None when it may. The port
+    takes only certificates of the fleet's CA (workers.py); of those, only an edge Envoy's
+    that the fleet's CRL does not revoke. ~10 us a stream (gRPC's auth context, then a cache
+    hit; peer_identities() took ~4 but also lists DNS SANs and the CN)."""
+    if peer is None or peer.role is not Role.EDGE:
         return _EDGES_ONLY
-    if pem is not None and revocations.revoked(certificate_serial(pem)):
-        return REVOKED
-    return identity
+    return REVOKED if revocations.revoked(peer.serial) else None
 
 
 _EDGES_ONLY = "only an edge Envoy's certificate may ask ext_proc for decisions"
-
-_certified = functools.lru_cache(maxsize=256)(certified_identity)
-"""certified_identity cached per certificate: the fleet has few, and parsing one costs more
-than a request."""
 
 
 class ExternalProcessorService(ext_proc_grpc.ExternalProcessorServicer):
@@ -62,20 +52,21 @@ class ExternalProcessorService(ext_proc_grpc.ExternalProcessorServicer):
         context.read()/write() rather than an async generator over `request_iterator`: the
         fixed-answer floor spent ~7% less CPU per stream that way (658 -> 613 us, loaded in
         turn), and grpc.aio's per-stream machinery is most of a decision's cost."""
-        identity = _peer_identity(context, self._revocations)
-        if isinstance(identity, str):
+        peer = certified_peer(peer_certificate(context.auth_context()))
+        refusal = _refusal(peer, self._revocations)
+        if refusal is not None:
             # The control plane's fields (xds/peer.py Peer.fields), beside the names the
             # certificate carries (which the rule distrusts).
-            certified = _certified(peer_certificate(context.auth_context()))
             _log.warning("peer_refused", extra={
                 "peer": context.peer(),
-                "role": "none" if certified is None else certified[0].value,
-                "peer_name": "" if certified is None else certified[1],
-                "reason": identity,
+                "role": "none" if peer is None else peer.role.value,
+                "peer_name": "" if peer is None else peer.name,
+                "reason": refusal,
                 "identities": _names(context.peer_identities())})
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED, identity)
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, refusal)
+        assert peer is not None  # context.abort raised otherwise
         state = self._live.current
-        phases = RequestPhases(state, full=state.health.at_cap.get(identity[1], NOBODY_AT_CAP))
+        phases = RequestPhases(state, full=state.health.at_cap.get(peer.name, NOBODY_AT_CAP))
         request = await context.read()
         if request is grpc.aio.EOF:
             return

@@ -16,6 +16,7 @@ from control_plane.translate import TranslationError, check_translatable
 from gpu_router import pki
 from gpu_router.analysis_cli import add_analysis_commands
 from gpu_router.edge_guard import open_edge_refusal
+from gpu_router.fleet_certs import fleet
 from gpu_router.health_view import render_health
 from gpu_router.keys_cli import add_keys_command, client_report
 from gpu_router.processes import Cancelled, ProcessError, http_get
@@ -90,17 +91,17 @@ def up(args: argparse.Namespace) -> int:
         supervisor.run()
     finally:
         exits, errors = stack.shutdown()
-        supervisor.report_stopped(exits)  # before raising: the statuses of all that stopped
-        if errors:
-            raise errors[0]
-    return 0
+        supervisor.report_stopped(exits)  # the statuses of all that stopped, first
+        for error in errors:  # said here, not raised: a failing run keeps its own error
+            print(f"gpu-router: could not stop: {error}", file=sys.stderr)
+    return 1 if errors else 0
 
 
 def certs_init(args: argparse.Namespace) -> int:
     """Make (or complete) a certs directory for a fleet, the Redis password included; valid
     files are kept as they are."""
     try:
-        made = pki.ensure(Path(args.dir), pki.fleet(args.edge, args.ext_proc, args.redis),
+        made = pki.ensure(Path(args.dir), fleet(args.edge, args.ext_proc, args.redis),
                           dns=[*pki.SERVER_DNS, *args.dns], ips=[*pki.SERVER_IPS, *args.ip])
         password_file = ensure_password(Path(args.dir))
     except (pki.PkiError, RedisPasswordError) as error:
@@ -117,28 +118,23 @@ def certs_revoke(args: argparse.Namespace) -> int:
     """Revoke certificates of a certs directory (gpu_router/revocation.py); an ext_proc
     replica's holder also knew the Redis password, which Redis checks without the CRL."""
     directory = Path(args.dir)
-    replicas = [name for name in args.names if _role_of_pair(directory, name) is pki.Role.EXT_PROC]
     try:
-        crl, serials = revoke(directory, args.names, [Path(d) for d in args.copy_to])
+        crl, revoked = revoke(directory, args.names, [Path(d) for d in args.copy_to])
     except RevocationError as error:
         print(f"gpu-router certs: {error}", file=sys.stderr)
         return 1
-    for name, serial in zip(args.names, serials, strict=True):
-        print(f"revoked {name}: serial {serial:x}")
+    for name, peer in zip(args.names, revoked, strict=True):
+        print(f"revoked {name}: serial {peer.serial:x}")
     print(f"CRL: {crl} (the control plane and ext_proc read it within a second; "
           f"`certs init` or `up` issues the names new certificates)")
+    replicas = [name for name, peer in zip(args.names, revoked, strict=True)
+                if peer.role is pki.Role.EXT_PROC]
     password = directory / PASSWORD_FILE
     if replicas and password.exists():
         print(f"{', '.join(replicas)} knew the Redis password, and Redis does not read the CRL: "
               f"remove {password} (`certs init` or `up` makes a new one), then restart Redis "
               "and the ext_proc replicas")
     return 0
-
-
-def _role_of_pair(directory: Path, name: str) -> pki.Role | None:
-    cert = pki.tls_files(directory, name).cert
-    identity = pki.certified_identity(cert.read_bytes()) if cert.is_file() else None
-    return None if identity is None else identity[0]
 
 
 def accounting_flags(args: argparse.Namespace) -> list[str]:

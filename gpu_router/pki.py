@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime
 import enum
+import functools
 import ipaddress
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -127,17 +128,30 @@ def peer_certificate(auth_context: Mapping[str, Sequence[bytes]]) -> bytes | Non
     return pems[0] if pems else None
 
 
-def certified_identity(pem: bytes | None) -> tuple[Role, str] | None:
-    """(role, name) of a gRPC peer from its certificate (auth_context()["x509_pem_cert"][0]):
-    the sole SPIFFE id among its URI SANs. Never gRPC's peer_identities(), which also lists DNS
-    names and, without SANs, the subject's CN: text a certificate may carry for any role."""
+@dataclass(frozen=True, slots=True)
+class CertifiedPeer:
+    """Who a peer's certificate names (its sole SPIFFE id) and which certificate it is."""
+
+    role: Role
+    name: str
+    serial: int
+    """What a CRL names (gpu_router/revocation.py)."""
+
+
+@functools.lru_cache(maxsize=256)
+def certified_peer(pem: bytes | None) -> CertifiedPeer | None:
+    """The peer a certificate (auth_context()["x509_pem_cert"][0]) names: the sole SPIFFE id
+    among its URI SANs; None for none. Never gRPC's peer_identities(), which also lists DNS
+    names and, without SANs, the subject's CN: text a certificate may carry for any role.
+    Cached: a fleet has few certificates, and parsing one costs more than a request."""
     if not pem:
         return None
     try:
         cert = x509.load_pem_x509_certificate(pem)
     except ValueError:
         return None
-    return sole_identity(uri_sans(cert))
+    identity = sole_identity(uri_sans(cert))
+    return None if identity is None else CertifiedPeer(*identity, cert.serial_number)
 
 
 def uri_sans(cert: x509.Certificate) -> list[str]:
@@ -253,37 +267,6 @@ def _serves(cert: x509.Certificate) -> bool:
     except x509.ExtensionNotFound:
         return True  # no extended key usage: any use
     return ExtendedKeyUsageOID.SERVER_AUTH in usages
-
-
-RESERVED_NAMES = frozenset({"ca", "ca-key", "crl", "redis-password", Role.CONTROL_PLANE.value})
-"""File stems of a certs directory that a named certificate's files would overwrite."""
-
-
-def fleet(edges: Iterable[str], ext_procs: Iterable[str], redis: Iterable[str] = ()
-          ) -> list[Identity]:
-    """The control plane's identity and one per named edge node, ext_proc replica and Redis
-    (named by the host name its clients dial); PkiError for a name the directory holds already
-    (`ca`, ...), and for a Redis named as the control plane or ext_proc (their clients check
-    those names) or by an IP address (a DNS name is what its certificate carries)."""
-    named = [*(Identity(Role.EDGE, name) for name in edges),
-             *(Identity(Role.EXT_PROC, name) for name in ext_procs),
-             *(Identity(Role.REDIS, name) for name in redis)]
-    for identity in named:
-        if identity.name in RESERVED_NAMES or not identity.name or "/" in identity.name:
-            raise PkiError(f"{identity.name!r} cannot name a certificate: a file of the certs "
-                           "directory has that name")
-        if identity.role is Role.REDIS and (
-                identity.name in (*SERVER_DNS, EXT_PROC_SERVER_NAME) or _is_ip(identity.name)):
-            raise PkiError(f"--redis {identity.name}: a Redis needs a DNS name of its own")
-    return [Identity(Role.CONTROL_PLANE, Role.CONTROL_PLANE.value), *named]
-
-
-def _is_ip(name: str) -> bool:
-    try:
-        ipaddress.ip_address(name)
-    except ValueError:
-        return False
-    return True
 
 
 def tls_files(directory: Path, name: str) -> TlsFiles:

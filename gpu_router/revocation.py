@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import datetime
 import fcntl
-import functools
 import logging
 import os
 import time
@@ -102,16 +101,6 @@ def _load_crl(crl: Path, authority: x509.Certificate) -> x509.CertificateRevocat
     return loaded
 
 
-@functools.lru_cache(maxsize=256)
-def certificate_serial(pem: bytes) -> int | None:
-    """A peer certificate's serial number (cached: a fleet has few certificates); None when
-    `pem` is not a certificate."""
-    try:
-        return x509.load_pem_x509_certificate(pem).serial_number
-    except ValueError:
-        return None
-
-
 class Revocations:
     """The serials a CRL file revokes, read again when the file changes (looked at once a
     second at most). No file yet: nothing revoked, until one appears. A file that turns bad,
@@ -184,11 +173,11 @@ NOTHING_REVOKED = Revocations(None, None)
 
 
 def revoke(directory: Path, names: Iterable[str], copy_to: Iterable[Path] = (),
-           now: datetime.datetime | None = None) -> tuple[Path, list[int]]:
+           now: datetime.datetime | None = None) -> tuple[Path, list[pki.CertifiedPeer]]:
     """Add the certificates of `names` (<name>.pem in `directory`, edges' or ext_proc
     replicas') to its crl.pem, signed with its CA key under the next CRL number, write the same
     file into each of `copy_to`, and remove their pairs so the next `certs init` or `up` issues
-    new ones. (CRL path, each name's serial). RevocationError naming the file when a name has no
+    new ones. (CRL path, whom each name's certificate named). RevocationError naming the file when a name has no
     certificate of those roles there, or the CA cannot sign; nothing is revoked then. One
     revocation at a time per directory (a lock): two at once would lose one's entries."""
     now = now or datetime.datetime.now(datetime.UTC)
@@ -205,7 +194,7 @@ def revoke(directory: Path, names: Iterable[str], copy_to: Iterable[Path] = (),
         raise RevocationError(f"{directory / pki.CA_FILE}: the CA has expired")
     with _locked(directory):
         files = [pki.tls_files(directory, name) for name in names]
-        serials = [_revocable_serial(leaf.cert) for leaf in files]
+        revoked = [_revocable(leaf.cert) for leaf in files]
         crl_path = directory / CRL_FILE
         earlier = _load_crl(crl_path, authority) if crl_path.exists() else None
         # The time, so a CRL made after the file was lost still reads as newer.
@@ -222,7 +211,7 @@ def revoke(directory: Path, names: Iterable[str], copy_to: Iterable[Path] = (),
                        key.public_key()), critical=False))  # type: ignore[arg-type]
         for entry in kept:  # with the dates they were revoked on
             builder = builder.add_revoked_certificate(entry)
-        for serial in dict.fromkeys(s for s in serials if s not in known):
+        for serial in dict.fromkeys(p.serial for p in revoked if p.serial not in known):
             builder = builder.add_revoked_certificate(
                 x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(now)
                 .build())
@@ -232,7 +221,8 @@ def revoke(directory: Path, names: Iterable[str], copy_to: Iterable[Path] = (),
             raise RevocationError(f"{directory / pki.CA_KEY_FILE}: cannot sign a CRL ({error})"
                                   ) from error
         pem = signed.public_bytes(serialization.Encoding.PEM)
-        for place in (directory, *copy_to):
+        # The copies first: a failed one leaves the directory's CRL, and its pairs, as before.
+        for place in (*copy_to, directory):
             try:
                 write_file(place / CRL_FILE, pem, 0o644)
             except OSError as error:
@@ -240,19 +230,18 @@ def revoke(directory: Path, names: Iterable[str], copy_to: Iterable[Path] = (),
         for leaf in files:
             for path in (leaf.cert, leaf.key):
                 path.unlink(missing_ok=True)
-    return crl_path, serials
+    return crl_path, revoked
 
 
-def _revocable_serial(cert: Path) -> int:
-    """The serial of the edge's or ext_proc replica's certificate in `cert` (read once)."""
+def _revocable(cert: Path) -> pki.CertifiedPeer:
+    """Whom the edge's or ext_proc replica's certificate in `cert` names, and its serial."""
     if not cert.exists():
         raise RevocationError(f"{cert}: no certificate of that name to revoke")
-    pem = cert.read_bytes()
-    identity = pki.certified_identity(pem)
-    if identity is None or identity[0] not in REVOCABLE:
+    peer = pki.certified_peer(cert.read_bytes())
+    if peer is None or peer.role not in REVOCABLE:
         raise RevocationError(f"{cert}: not an edge's or ext_proc's certificate (only the "
                               "ports that take those read the CRL)")
-    return x509.load_pem_x509_certificate(pem).serial_number
+    return peer
 
 
 @contextlib.contextmanager

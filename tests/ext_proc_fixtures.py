@@ -24,6 +24,7 @@ from control_plane.policy.wire import to_routing_policy
 from ext_proc import healthcheck
 from gpu_router import pki
 from gpu_router.api.v1 import health_pb2, routing_pb2
+from gpu_router.fleet_certs import fleet
 from gpu_router.grpc_tls import channel_credentials, server_credentials
 from gpu_router.processes import free_port
 
@@ -126,7 +127,7 @@ def packed(message: Message) -> any_pb2.Any:
 def test_certs() -> dict[str, pki.TlsFiles]:
     """One CA for every FakeAds of the session (a restarted one must be trusted as before)."""
     directory = Path(tempfile.mkdtemp(prefix="gpu-router-test-certs-"))
-    return pki.ensure(directory, pki.fleet(["edge-test"], ["ext-proc-test"]))
+    return pki.ensure(directory, fleet(["edge-test"], ["ext-proc-test"]))
 
 
 def edge_channel(target: str) -> grpc.Channel:

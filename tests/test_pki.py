@@ -10,6 +10,7 @@ import pytest
 from cryptography import x509
 
 from gpu_router import pem_files, pki
+from gpu_router.fleet_certs import fleet
 
 NOW = datetime.datetime(2026, 12, 1, tzinfo=datetime.UTC)
 EDGE = pki.Identity(pki.Role.EDGE, "edge-1")
@@ -169,6 +170,8 @@ def test_a_certificate_speaks_for_one_identity_or_none() -> None:
     (["ca"], [], [], "'ca' cannot name a certificate"),
     ([], ["crl"], [], "'crl' cannot name a certificate"),
     ([], [], ["control-plane"], "'control-plane' cannot name a certificate"),
+    (["control-plane-key"], [], [], "'control-plane-key' cannot name a certificate"),
+    (["dup"], [], ["dup"], "'dup' cannot name a certificate: its files would be those of"),
     ([], [], ["localhost"], "--redis localhost: a Redis needs a DNS name of its own"),
     ([], [], ["ext-proc.gpu-router"], "a Redis needs a DNS name of its own"),
     ([], [], ["10.0.0.7"], "--redis 10.0.0.7: a Redis needs a DNS name of its own"),
@@ -179,14 +182,14 @@ def test_a_fleet_refuses_names_that_would_overwrite_a_file_or_pose_as_a_server(
     """`ca` would overwrite the CA; a Redis named as the control plane could pose as it to a
     client that checks that name (ext_proc dialling it)."""
     with pytest.raises(pki.PkiError, match=says):
-        pki.fleet(edges, ext_procs, redis)
+        fleet(edges, ext_procs, redis)
 
 
 def test_a_redis_certificate_serves_its_dns_name(tmp_path: Path) -> None:
-    files = pki.ensure(tmp_path, pki.fleet([], [], ["redis"]), now=NOW)["redis"]
+    files = pki.ensure(tmp_path, fleet([], [], ["redis"]), now=NOW)["redis"]
     cert = load(files.cert)
     names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert names.get_values_for_type(x509.DNSName) == ["redis"]
     assert names.get_values_for_type(x509.UniformResourceIdentifier) == [
         "spiffe://gpu-router/redis/redis"]
-    assert pki.certified_identity(files.cert.read_bytes()) is None  # no gRPC port admits it
+    assert pki.certified_peer(files.cert.read_bytes()) is None  # no gRPC port admits it

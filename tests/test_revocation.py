@@ -49,11 +49,13 @@ def test_revoking_adds_to_the_ca_signed_crl_and_removes_the_pair(
 ) -> None:
     directory = certs["edge-1"].ca.parent
     first, second, replica = (serial(certs[name]) for name in ("edge-1", "edge-2", "x"))
-    crl, serials = revoke(directory, ["edge-1"], now=T0)
+    crl, revoked = revoke(directory, ["edge-1"], now=T0)
+    serials = [peer.serial for peer in revoked]
     assert (crl, serials) == (directory / CRL_FILE, [first])
     assert not certs["edge-1"].cert.exists() and not certs["edge-1"].key.exists()
     later = T0 + datetime.timedelta(days=3)
-    assert revoke(directory, ["edge-2", "x"], now=later)[1] == [second, replica]
+    assert [(p.role, p.name, p.serial) for p in revoke(directory, ["edge-2", "x"], now=later)[1]] == [
+        (pki.Role.EDGE, "edge-2", second), (pki.Role.EXT_PROC, "x", replica)]
     assert read_crl(crl, load_authority(certs["edge-1"].ca)).serials == {first, second, replica}
     dates = {entry.serial_number: entry.revocation_date_utc
              for entry in x509.load_pem_x509_crl(crl.read_bytes())}

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 import grpc
 
 from control_plane.xds import type_urls
-from gpu_router.pki import Role, certified_identity, peer_certificate
-from gpu_router.revocation import NOTHING_REVOKED, REVOKED, Revocations, certificate_serial
+from gpu_router.pki import Role, certified_peer, peer_certificate
+from gpu_router.revocation import NOTHING_REVOKED, REVOKED, Revocations
 
 log = logging.getLogger(__name__)
 
@@ -83,11 +83,10 @@ def nothing(_type_url: str) -> bool:
 def peer_of(address: str, auth_context: Mapping[str, Sequence[bytes]],
             revocations: Revocations = NOTHING_REVOKED) -> Peer:
     """The peer as its certificate (auth_context()["x509_pem_cert"]) names it."""
-    pem = peer_certificate(auth_context)
-    identity = certified_identity(pem)
-    if identity is None or pem is None:
+    peer = certified_peer(peer_certificate(auth_context))
+    if peer is None:
         return Peer(address, None)
-    return Peer(address, *identity, serial=certificate_serial(pem), revocations=revocations)
+    return Peer(address, peer.role, peer.name, serial=peer.serial, revocations=revocations)
 
 
 def peer_from(context: grpc.aio.ServicerContext,
