@@ -265,8 +265,7 @@ async def _follow_crl(revocations: Revocations, rollout: Rollout) -> None:
     while True:
         await asyncio.sleep(RELOAD_EVERY_S)
         crl = revocations.current_pem()
-        if rollout.current is not None and crl != rollout.current.settings.ext_proc_crl:
-            await rollout.reapply(functools.partial(with_ext_proc_crl, crl=crl))
+        if await rollout.reapply(functools.partial(with_ext_proc_crl, crl=crl)):
             log.info("crl_sent_to_edges", extra={"path": str(revocations.path)})
 
 

@@ -97,7 +97,10 @@ def prepare_release(
 
 def with_ext_proc_crl(release: Release, crl: bytes) -> Release:
     """`release` with the fleet's CRL `crl` (PEM) in its ext_proc cluster: a revocation reaches
-    the edges without a reload of the policy file, which may be mid-edit and rejected."""
+    the edges without a reload of the policy file, which may be mid-edit and rejected. The same
+    release when it has that CRL already."""
+    if crl == release.settings.ext_proc_crl:
+        return release
     settings = replace(release.settings, ext_proc_crl=crl)
     clusters = {**release.edge[type_urls.CLUSTER], EXT_PROC_CLUSTER: ext_proc_cluster(settings)}
     return replace(release, settings=settings, edge={**release.edge, type_urls.CLUSTER: clusters})
@@ -151,12 +154,19 @@ class Rollout:
         async with self._lock:
             await self._apply(release)
 
-    async def reapply(self, change: Callable[[Release], Release]) -> None:
+    async def reapply(self, change: Callable[[Release], Release]) -> bool:
         """Apply `change` of the release served once the rollouts before it are done (so it
-        never brings back a policy a newer rollout replaced); nothing before the first."""
+        never brings back a policy a newer rollout replaced); nothing before the first, nor
+        when `change` returns the release as it is (a rollout meanwhile may have made it so).
+        Whether it applied one."""
         async with self._lock:
-            if self.current is not None:
-                await self._apply(change(self.current))
+            if self.current is None:
+                return False
+            changed = change(self.current)
+            if changed is self.current:
+                return False
+            await self._apply(changed)
+            return True
 
     async def _apply(self, release: Release) -> None:
         started = time.monotonic()

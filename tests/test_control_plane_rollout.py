@@ -254,14 +254,18 @@ def test_a_crl_reaches_the_edges_with_the_served_policy_never_an_older_one(
         AutoAckingNode(cache, Node(id="e", cluster="gpu-router-edge"), (type_urls.CLUSTER,),
                        ack=False)
         rollout = Rollout(cache, AckTimeouts(edge_s=0.05, ext_proc_s=0.05))
-        await rollout.reapply(lambda release: with_ext_proc_crl(release, crl))  # none served
+        assert not await rollout.reapply(lambda release: with_ext_proc_crl(release, crl))
         assert rollout.current is None
         await rollout.apply(first)
         newer = asyncio.create_task(rollout.apply(second))
         await asyncio.sleep(0)  # the newer rollout holds the lock, waiting for acks
-        await rollout.reapply(lambda release: with_ext_proc_crl(release, crl))
+        assert await rollout.reapply(lambda release: with_ext_proc_crl(release, crl))
         await newer
         assert rollout.current is not None and rollout.current.settings.ext_proc_crl == crl
+        served = rollout.current
+        # The same CRL again (the follower asks every second): no rollout, the release kept.
+        assert not await rollout.reapply(lambda release: with_ext_proc_crl(release, crl))
+        assert rollout.current is served
         return sorted(p.name for p in rollout.current.config.providers), served_crl(cache)
 
     names, served = asyncio.run(scenario())
