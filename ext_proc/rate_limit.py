@@ -24,7 +24,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from gpu_router.pki import TlsFiles
 
@@ -91,15 +91,32 @@ class LocalCounters:
             self._counts[key] = self._counts.get(key, 0) - charge.cost
 
 
-def tls_options(url: str, tls: TlsFiles | None) -> dict[str, str]:
-    """redis-py's options for a rediss:// URL: mutual TLS with the replica's own certificate,
-    Redis's checked against the fleet's CA and the host dialled (Compose's Redis has one, made
-    by `gpu-router certs init --redis HOST`). None for redis:// and unix://."""
-    if tls is None or not url.startswith("rediss://"):
-        return {}
-    return {"ssl_certfile": str(tls.cert), "ssl_keyfile": str(tls.key),
-            "ssl_ca_certs": str(tls.ca), "ssl_cert_reqs": "required",
-            "ssl_check_hostname": True}  # redis-py 5 did not by default
+def _connection_pool(url: str, password: str | None, tls: TlsFiles | None) -> Any:
+    """redis-py's pool for `url`. A rediss:// URL with the replica's TLS files: mutual TLS with
+    its own certificate, Redis's checked against the fleet's CA only and the host dialled
+    (Compose's Redis has one, made by `gpu-router certs init --redis HOST`), every connection
+    on one SSL context made here: redis-py makes one per connection from the system's CA store
+    (~45 ms on the event loop, measured), past a round trip's REDIS_TIMEOUT_S, so under load
+    each new connection failed the limits open and stalled the worker's other streams."""
+    import ssl
+
+    from redis.asyncio.connection import ConnectionPool, SSLConnection, parse_url
+
+    options: dict[str, Any] = {**parse_url(url), "password": password,
+                               "socket_timeout": REDIS_TIMEOUT_S,
+                               "socket_connect_timeout": REDIS_TIMEOUT_S}
+    if tls is not None and options.get("connection_class") is SSLConnection:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # the peer's certificate and name
+        context.load_verify_locations(cafile=str(tls.ca))
+        context.load_cert_chain(str(tls.cert), str(tls.key))
+
+        class FleetTlsConnection(SSLConnection):
+            def __init__(self, **kwargs: Any) -> None:
+                super().__init__(**kwargs)
+                self.ssl_context.context = context  # what RedisSSLContext.get() hands out
+
+        options["connection_class"] = FleetTlsConnection
+    return ConnectionPool(**options)
 
 
 class RedisCounters:
@@ -110,10 +127,7 @@ class RedisCounters:
         import redis.asyncio as redis  # only replicas given --redis need the client
 
         self._errors = (redis.RedisError, OSError, asyncio.TimeoutError)
-        self._redis = redis.Redis.from_url(url, password=password,
-                                           socket_timeout=REDIS_TIMEOUT_S,
-                                           socket_connect_timeout=REDIS_TIMEOUT_S,
-                                           **tls_options(url, tls))
+        self._redis = redis.Redis(connection_pool=_connection_pool(url, password, tls))
         self._clock = clock
         self._down_until = 0.0
         self.url = url

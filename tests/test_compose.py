@@ -476,9 +476,13 @@ def redis_healthcheck_passes_only_with_the_password(
     config = in_volume(redis, redis["command"][1], volumes)
     password_file = in_volume(redis, "/redis/redis-password", volumes)
     tls_dir = in_volume(redis, "/redis-tls", volumes)
-    moved = [word for name in ("cert", "key", "ca-cert") for word in (
-        f"--tls-{name}-file", str(tls_dir / {"cert": "redis.pem", "key": "redis-key.pem",
-                                             "ca-cert": "ca.pem"}[name]))]
+    # The TLS files the config names, each where its volume lies here (a wrong path in the
+    # config names no file here, and redis-server does not start).
+    named = [line.split() for line in config.read_text().splitlines()
+             if line.startswith("tls-") and line.split()[0].endswith("-file")]
+    moved = [word for key, path in named for word in (f"--{key}", str(in_volume(redis, path,
+                                                                                  volumes)))]
+    assert {key for key, _ in named} == {"tls-cert-file", "tls-key-file", "tls-ca-cert-file"}
     server = ManagedProcess("redis", ["redis-server", str(config), "--tls-port", str(port),
                                       *moved, "--bind", "127.0.0.1", "--dir", str(tmp_path)],
                             tmp_path / "redis.log").start()
@@ -533,7 +537,7 @@ def test_each_node_presents_its_roles_certificate_which_the_control_plane_makes(
     assert role_of_file(in_volume(control, certs_dir, volumes) / "control-plane.pem") == (
         pki.Role.CONTROL_PLANE, "control-plane")
 
-    passwords = set()
+    passwords, dialled = set(), set()
     for name, service in of_kind(services, "ext_proc").items():
         argv = flags(service["command"])
         files = [in_volume(service, argv[flag][0], volumes)
@@ -542,16 +546,18 @@ def test_each_node_presents_its_roles_certificate_which_the_control_plane_makes(
         assert role_of_file(files[1]) == (pki.Role.EXT_PROC, "ext-proc")
         [password_file] = argv["--redis-password-file"]
         passwords.add(read_password(in_volume(service, password_file, volumes)))
+        dialled.update(urllib.parse.urlsplit(url).hostname for url in argv["--redis"])
     # Redis asks every client for the password the replicas read, and the pki volume keeps.
     [redis] = [s for s in services.values() if _program(s["command"]) == "redis-server"]
     config = in_volume(redis, redis["command"][1], volumes).read_text().splitlines()
     assert passwords == {read_password(volumes["pki"] / PASSWORD_FILE)}
     assert f"requirepass {passwords.pop()}" in config and 'save ""' in config
     assert {"port 0", "tls-port 6379", "tls-auth-clients yes"} <= set(config)  # TLS only
-    served = x509.load_pem_x509_certificate(in_volume(redis, "/redis-tls/redis.pem",
-                                                      volumes).read_bytes())
+    [served_path] = [line.split()[1] for line in config if line.startswith("tls-cert-file ")]
+    served = x509.load_pem_x509_certificate(in_volume(redis, served_path, volumes).read_bytes())
     names = served.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    assert "redis" in names.get_values_for_type(x509.DNSName)  # the host the replicas dial
+    [host] = dialled
+    assert host in names.get_values_for_type(x509.DNSName)  # the host the replicas dial
     for name, service in of_kind(services, "envoy").items():
         bootstrap = yaml.safe_load(host_path(service, flags(service["command"])["-c"][0]).read_text())
         [xds] = [c for c in bootstrap["static_resources"]["clusters"] if c["name"] == "gpu-router.xds"]

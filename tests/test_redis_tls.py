@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import ssl
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -43,9 +44,17 @@ def tls_redis(tmp_path: Path) -> Iterator[tuple[int, dict[str, pki.TlsFiles]]]:
 
 
 def test_replicas_share_counters_over_tls_and_their_certificate(
-    tls_redis: tuple[int, dict[str, pki.TlsFiles]],
+    tls_redis: tuple[int, dict[str, pki.TlsFiles]], monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """Every connection on the one SSL context the replica made: none builds its own from the
+    system's CA store (~50 ms on the event loop each, which stalled every stream of the worker
+    as its pool grew), so that store cannot vouch for a Redis either."""
     port, certs = tls_redis
+
+    def per_connection(*args: object, **kwargs: object) -> ssl.SSLContext:
+        raise AssertionError("an SSL context made per connection")
+
+    monkeypatch.setattr(ssl, "create_default_context", per_connection)
 
     async def connected(counters: RedisCounters, now: list[float]) -> RedisCounters:
         """Once its pool holds a connection: a first TLS handshake may outlast the 50 ms a
@@ -84,17 +93,20 @@ def test_replicas_share_counters_over_tls_and_their_certificate(
     assert refused
 
 
-@pytest.mark.parametrize("how", ["plaintext", "no client certificate"])
+@pytest.mark.parametrize("how", ["plaintext", "no client certificate", "another CA's"])
 def test_redis_refuses_what_is_not_the_fleets_tls(
-    tls_redis: tuple[int, dict[str, pki.TlsFiles]], how: str,
+    tls_redis: tuple[int, dict[str, pki.TlsFiles]], how: str, tmp_path: Path,
 ) -> None:
     """The password alone is not enough: TLS, with a client certificate of the fleet's CA."""
     port, certs = tls_redis
     replica = certs["ext-proc"]
+    stranger = pki.ensure(tmp_path / "other", [pki.Identity(pki.Role.EXT_PROC, "x")])["x"]
     options = {
         "plaintext": {"host": "localhost"},
         "no client certificate": {"host": "localhost", "ssl": True,
                                   "ssl_ca_certs": str(replica.ca)},
+        "another CA's": {"host": "localhost", "ssl": True, "ssl_ca_certs": str(replica.ca),
+                         "ssl_certfile": str(stranger.cert), "ssl_keyfile": str(stranger.key)},
     }[how]
     client = redis.Redis(port=port, password=PASSWORD, socket_timeout=5, **options)
     with pytest.raises(redis.ConnectionError):
