@@ -54,8 +54,7 @@ def start_stack(policy: Path, log_dir: Path, **kwargs: Any) -> Stack:
 def audit_trail(stack: Stack) -> list[dict[str, Any]]:
     """The stack's audit trail of the last hour, as `gpu-router audit` prints it."""
     printed = subprocess.run(
-        [sys.executable, "-c", "from gpu_router.cli import main; main()", "audit",
-         "--ledger", str(stack.log_dir / "ledger.db"), "--since", "1h"],
+        [*CLI, "audit", "--ledger", str(stack.log_dir / "ledger.db"), "--since", "1h"],
         capture_output=True, text=True, check=True, timeout=60).stdout
     return [json.loads(line) for line in printed.splitlines()]
 

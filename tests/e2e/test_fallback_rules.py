@@ -11,7 +11,15 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from polling import eventually
-from stack_harness import chat, policy_on_free_ports, post, start_stack
+from stack_harness import (
+    CLIENTS,
+    Providers,
+    Traffic,
+    chat,
+    policy_on_free_ports,
+    post,
+    start_stack,
+)
 
 from control_plane.policy.load import default_policy_path
 from gpu_router.processes import http_get
@@ -79,7 +87,6 @@ def test_fallback_requests_are_booked_with_their_model_and_price(without_ext_pro
 
 # (model asked for, provider the fallback routes must pick; None: refused with a 404)
 ASKS = (("llama-3.1-8b", "vast"), ("mixtral-8x7b", "runpod"), ("gpt-expensive", None))
-CLIENTS = 64
 
 
 def test_64_clients_at_once_each_get_the_policys_answer_and_are_booked(
@@ -118,3 +125,21 @@ def test_64_clients_at_once_each_get_the_policys_answer_and_are_booked(
     rows = eventually(booked, "every request in the ledger")
     assert len(rows) == len(expected)
     assert {request_id: tuple(rest) for request_id, *rest in rows} == expected
+
+
+def test_the_fallback_fails_over_a_provider_outage_for_64_clients(without_ext_proc: Stack) -> None:
+    """ext_proc down and the policy's first provider answering 503 to nearly everything (99%:
+    at 100% the simulator fails its health check too, and Envoy would never send it one): 64
+    clients at once are all served, with the fallback's reason, the failures failed over to the
+    next fitting provider in the strategy's order."""
+    providers = Providers(without_ext_proc.policy)
+    providers.fault("vast", mode="error", status=503, rate=0.99)
+    try:
+        with Traffic(without_ext_proc, "llama-3.1-8b", BATCH, threads=CLIENTS) as traffic:
+            eventually(lambda: traffic.total() >= 4 * CLIENTS, "requests through the outage")
+        met = providers.stats("vast")["requests"]
+    finally:
+        providers.reset_all()
+    assert traffic.failures() == {}, traffic.failed
+    assert {exchange.reason for exchange in traffic.exchanges} == {FALLBACK_REASON}
+    assert traffic.count("runpod") > 0 and met > 0  # the outage was met and failed over

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import yaml
 from polling import eventually
-from stack_harness import CLIENTS, Providers, Traffic, chat, post
+from stack_harness import CLI, CLIENTS, Providers, Traffic, chat, post
 
 from gpu_router.processes import http_get
 from gpu_router.stack import Stack
@@ -118,8 +117,7 @@ def test_models_are_listed_through_the_edge(stack: Stack) -> None:
 def test_gpu_router_health_shows_what_the_fleet_measured(stack: Stack, providers: Providers) -> None:
     for _ in range(3):
         assert chat(stack, "llama-3.1-8b", {"x-workload": "batch"})[0] == 200
-    command = [sys.executable, "-c", "from gpu_router.cli import main; main()", "health",
-               "--control-plane", stack.control_url("")]
+    command = [*CLI, "health", "--control-plane", stack.control_url("")]
 
     def vast_rows() -> list[str]:
         table = subprocess.run(command, capture_output=True, text=True, check=True).stdout

@@ -11,7 +11,6 @@ import os
 import signal
 import sqlite3
 import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,12 +18,11 @@ from typing import Any
 
 import pytest
 from polling import eventually
-from stack_harness import CLIENTS, Traffic, chat, policy_on_free_ports
+from stack_harness import CLI, CLIENTS, Traffic, chat, policy_on_free_ports
 
 from control_plane.policy.load import default_policy_path
 from gpu_router.processes import free_port, port_open
 
-CLI = [sys.executable, "-c", "from gpu_router.cli import main; main()"]
 TAG = "GPU_ROUTER_SERVICE_TEST"
 MODEL = "llama-3.1-8b"
 BATCH = {"x-workload": "batch"}
