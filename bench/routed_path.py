@@ -27,6 +27,7 @@ cost grows with the providers (config, route matching, decide()).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import shutil
 import sys
 import tempfile
@@ -130,6 +131,9 @@ def main() -> int:
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         print("bench needs wrk (apt-get install wrk)", file=sys.stderr)
+        return 2
+    if importlib.util.find_spec("h2") is None:  # its HTTP/2 floor (bench/floor_ext_proc_h2.py)
+        print("bench needs h2 (pip install -e '.[bench]')", file=sys.stderr)
         return 2
 
     work = Path(tempfile.mkdtemp(prefix="gpu-router-bench-"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
@@ -20,6 +21,8 @@ def _address(text: str) -> str:
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise argparse.ArgumentTypeError(f"expected host:port, got {text!r}")
     return text
+
+_log = logging.getLogger(__name__)
 
 
 def _positive(text: str) -> int:
@@ -104,6 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     except RedisPasswordError as error:
         parser.error(str(error))
     configure_logging(args.log_level)
+    if args.tls_crl is None:  # `gpu-router up` and Compose pass one; by hand it is easy to miss
+        _log.warning("ext_proc_without_crl", extra={
+            "consequence": "an edge certificate the fleet revoked is not refused here"})
     return run_workers(
         WorkerConfig(
             listen=args.listen, xds=args.xds, log_level=args.log_level,
