@@ -15,7 +15,7 @@ import logging
 import signal
 import sys
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -53,7 +53,7 @@ from control_plane.xds import type_urls
 from control_plane.xds.cache import SnapshotCache
 from control_plane.xds.peer import require_edge
 from control_plane.xds.server import AggregatedDiscoveryServer, certified_peer
-from gpu_router.api.v1 import health_pb2
+from gpu_router.api.v1 import health_pb2, revocation_pb2
 from gpu_router.grpc_tls import server_credentials
 from gpu_router.revocation import RELOAD_EVERY_S, Revocations
 
@@ -62,6 +62,7 @@ log = logging.getLogger("control_plane")
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 HEALTH_SNAPSHOT_NAME = "fleet"
 CLIENT_SPEND_NAME = "clients"
+REVOCATION_LIST_NAME = "crl"
 EXIT_BAD_POLICY = 2
 EXIT_FAILED = 1
 _STOP_GRACE_S = 2.0
@@ -148,6 +149,15 @@ async def serve(options: Options, stop: asyncio.Event, hangup: asyncio.Event | N
         return prepare_release(path, settings, options.edge_tls_files)
 
     cache = SnapshotCache()
+
+    def publish_crl(pem: bytes) -> bool:
+        """Send every ext_proc replica this CRL (b"": none); whether it was new to them."""
+        before = cache.snapshot.version(type_urls.REVOCATION_LIST)
+        after = cache.set_types({type_urls.REVOCATION_LIST: {
+            REVOCATION_LIST_NAME: revocation_pb2.RevocationList(crl_pem=pem)}})
+        return after.version(type_urls.REVOCATION_LIST) != before
+
+    publish_crl(revocations.current_pem())
     rollout = Rollout(cache)
     fleet = FleetHealth(max_retry_after_s=options.max_retry_after_s)
     metrics = Metrics()
@@ -232,7 +242,7 @@ async def serve(options: Options, stop: asyncio.Event, hangup: asyncio.Event | N
         jobs.append(state.savings.run())
     jobs.append(watcher.run())  # also on the embedded policy: its key files and certificate
     if revocations.path is not None:
-        jobs.append(_follow_crl(revocations, rollout))
+        jobs.append(_follow_crl(revocations, rollout, publish_crl))
     if hangup is not None:
         jobs.append(_reload_on(hangup, watcher))
     if reconciler is not None:
@@ -259,12 +269,16 @@ async def serve(options: Options, stop: asyncio.Event, hangup: asyncio.Event | N
         log.info("control_plane_stopped")
 
 
-async def _follow_crl(revocations: Revocations, rollout: Rollout) -> None:
-    """Send the edges each new CRL with the served release's ext_proc cluster (a revoked
-    replica then fails their handshakes), within a second of the file's change."""
+async def _follow_crl(revocations: Revocations, rollout: Rollout,
+                      publish: Callable[[bytes], bool]) -> None:
+    """Within a second of the file's change, send each new CRL to every ext_proc replica (which
+    then refuses a revoked edge) and to the edges with the served release's ext_proc cluster (a
+    revoked replica then fails their handshakes)."""
     while True:
         await asyncio.sleep(RELOAD_EVERY_S)
         crl = revocations.current_pem()
+        if publish(crl):
+            log.info("crl_sent_to_ext_proc", extra={"path": str(revocations.path)})
         if await rollout.reapply(functools.partial(with_ext_proc_crl, crl=crl)):
             log.info("crl_sent_to_edges", extra={"path": str(revocations.path)})
 

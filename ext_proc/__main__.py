@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
@@ -21,8 +20,6 @@ def _address(text: str) -> str:
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise argparse.ArgumentTypeError(f"expected host:port, got {text!r}")
     return text
-
-_log = logging.getLogger(__name__)
 
 
 def _positive(text: str) -> int:
@@ -66,9 +63,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="this replica's certificate (SAN spiffe://gpu-router/ext-proc/<name>)")
     parser.add_argument("--tls-key", type=Path, required=True, help="its private key")
     parser.add_argument("--tls-crl", type=Path,
-                        help="the fleet's CRL (crl.pem, `gpu-router certs revoke`): an edge whose "
-                        "certificate it revokes is refused; read again when it changes, and may "
-                        "appear later (default: none)")
+                        help="a copy of the fleet's CRL (crl.pem, `gpu-router certs revoke`), "
+                        "read again when it changes: an edge whose certificate it revokes is "
+                        "refused even before the control plane, which sends its CRL over xDS, is "
+                        "reached (default: the control plane's only)")
     parser.add_argument(
         "--workers",
         type=_positive,
@@ -107,9 +105,6 @@ def main(argv: list[str] | None = None) -> int:
     except RedisPasswordError as error:
         parser.error(str(error))
     configure_logging(args.log_level)
-    if args.tls_crl is None:  # `gpu-router up` and Compose pass one; by hand it is easy to miss
-        _log.warning("ext_proc_without_crl", extra={
-            "consequence": "an edge certificate the fleet revoked is not refused here"})
     return run_workers(
         WorkerConfig(
             listen=args.listen, xds=args.xds, log_level=args.log_level,

@@ -50,8 +50,9 @@ class WorkerConfig:
     """CA, certificate and key for mutual TLS: to the control plane, and on the ext_proc port
     (which takes only clients with a certificate of that CA; service.py admits only edges)."""
     crl: Path | None = None
-    """The fleet's CRL (gpu_router/revocation.py): edges whose certificate it revokes are
-    refused; read again when it changes. None: nothing is revoked."""
+    """A copy of the fleet's CRL (gpu_router/revocation.py), read again when it changes: edges
+    whose certificate it revokes are refused. The control plane sends the CRL too, over xDS;
+    the file counts from start, before the control plane is reached. None: xDS only."""
     log_level: str = "warning"
     redis: str | None = None
     """redis:// or unix:// URL of the fleet's shared rate-limit counters; None: counters in each
@@ -72,9 +73,9 @@ async def serve(config: WorkerConfig, stop: asyncio.Event) -> None:
     server = grpc.aio.server(options=[("grpc.so_reuseport", 1)])
     counters = (LocalCounters() if config.redis is None
                 else RedisCounters(config.redis, password=config.redis_password, tls=config.tls))
+    revocations = Revocations.open(config.crl, config.tls.ca)
     ext_proc_grpc.add_ExternalProcessorServicer_to_server(
-        ExternalProcessorService(live, Admission(RateLimiter(counters)),
-                                 Revocations.open(config.crl, config.tls.ca)), server
+        ExternalProcessorService(live, Admission(RateLimiter(counters)), revocations), server
     )
     status = ServingStatus()
     await status.add_to(server)
@@ -95,7 +96,7 @@ async def serve(config: WorkerConfig, stop: asyncio.Event) -> None:
     tasks = (
         asyncio.create_task(
             AdsClient(
-                config.xds, Subscriptions(node, live_subscriptions(live)),
+                config.xds, Subscriptions(node, live_subscriptions(live, revocations)),
                 credentials=channel_credentials(config.tls),
             ).run()
         ),

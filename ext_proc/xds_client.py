@@ -1,4 +1,5 @@
-"""ext_proc's ADS client: learns the RoutingPolicy and HealthSnapshot like Envoy learns clusters.
+"""ext_proc's ADS client: learns the fleet's CRL, the RoutingPolicy, the HealthSnapshot and
+what clients spent, like Envoy learns clusters.
 
 State of the world over envoy.service.discovery.v3.AggregatedDiscoveryService.
 `Subscriptions` is the pure per-stream logic (what to request, how to answer a
@@ -23,14 +24,17 @@ from google.protobuf.message import DecodeError, Message
 from google.rpc import status_pb2
 
 from ext_proc.router_state import LiveState
-from gpu_router.api.v1 import clients_pb2, health_pb2, routing_pb2
+from gpu_router.api.v1 import clients_pb2, health_pb2, revocation_pb2, routing_pb2
+from gpu_router.revocation import RevocationError, Revocations
 
 POLICY_TYPE_URL = "type.googleapis.com/gpu_router.api.v1.RoutingPolicy"
 HEALTH_TYPE_URL = "type.googleapis.com/gpu_router.api.v1.HealthSnapshot"
 CLIENT_SPEND_TYPE_URL = "type.googleapis.com/gpu_router.api.v1.ClientSpendSnapshot"
+REVOCATION_TYPE_URL = "type.googleapis.com/gpu_router.api.v1.RevocationList"
 POLICY_RESOURCE = "default"
 HEALTH_RESOURCE = "fleet"
 CLIENT_SPEND_RESOURCE = "clients"
+REVOCATION_RESOURCE = "crl"
 NODE_CLUSTER = "gpu-router-ext-proc"
 _RESOURCE_WRAPPER_URL = "type.googleapis.com/envoy.service.discovery.v3.Resource"
 _INVALID_ARGUMENT = 3  # google.rpc.Code
@@ -70,8 +74,26 @@ class TypeState:
     """Nonce of the last response seen."""
 
 
-def live_subscriptions(live: LiveState) -> tuple[Subscription, ...]:
+def learn_crl(revocations: Revocations) -> Callable[[revocation_pb2.RevocationList], None]:
+    """Applies a RevocationList: a CRL that is not the fleet CA's is NACKed (ResourceError)."""
+    def apply(message: revocation_pb2.RevocationList) -> None:
+        try:
+            if revocations.learn(message.crl_pem):
+                _log.info("crl_learned", extra={"bytes": len(message.crl_pem)})
+        except RevocationError as error:
+            raise ResourceError(str(error)) from error
+    return apply
+
+
+def live_subscriptions(live: LiveState, revocations: Revocations) -> tuple[Subscription, ...]:
+    """What a worker watches; the CRL first, so its first answer is read before a policy's."""
     return (
+        Subscription(
+            type_url=REVOCATION_TYPE_URL,
+            resource_name=REVOCATION_RESOURCE,
+            message=revocation_pb2.RevocationList,
+            apply=learn_crl(revocations),
+        ),  # type: ignore[arg-type]
         Subscription(
             type_url=POLICY_TYPE_URL,
             resource_name=POLICY_RESOURCE,

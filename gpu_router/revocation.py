@@ -8,7 +8,8 @@ NAME's certificate to the CRL and removes its pair from the directory, so the ne
 an open stream of one at its next message either way (Peer.revoked). They read the file again
 when it changes, so revoking needs no restart. The control plane also sends it to every edge
 with the ext_proc cluster (EdgeSettings.ext_proc_crl), so a revoked replica fails the edges'
-handshakes too. The control plane's own certificate is not revoked here.
+handshakes too, and to every ext_proc replica over xDS (RevocationList, Revocations.learn), so
+a replica needs no copy of the file. The control plane's own certificate is not revoked here.
 
 The CRL is X.509 (RFC 5280), built and verified with `cryptography`: OpenSSL reads the same file.
 Nothing may un-revoke: a CRL must be the CA's (signature), and newer than the last one read
@@ -79,12 +80,12 @@ def read_crl(crl: Path, authority: x509.Certificate) -> Crl:
     return _crl_of(crl, _load_crl(crl, authority))
 
 
-def _crl_of(crl: Path, loaded: x509.CertificateRevocationList) -> Crl:
+def _crl_of(source: object, loaded: x509.CertificateRevocationList) -> Crl:
     try:
         number = loaded.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
     except x509.ExtensionNotFound as error:
-        raise RevocationError(f"{crl}: has no CRL number (`gpu-router certs revoke` gives one)"
-                              ) from error
+        raise RevocationError(f"{source}: has no CRL number (`gpu-router certs revoke` gives "
+                              "one)") from error
     # Re-encoded: whatever else the file holds does not reach the edges.
     pem = loaded.public_bytes(serialization.Encoding.PEM)
     return Crl(number, frozenset(entry.serial_number for entry in loaded), pem)
@@ -92,36 +93,47 @@ def _crl_of(crl: Path, loaded: x509.CertificateRevocationList) -> Crl:
 
 def _load_crl(crl: Path, authority: x509.Certificate) -> x509.CertificateRevocationList:
     try:
-        loaded = x509.load_pem_x509_crl(crl.read_bytes())
-    except (OSError, ValueError) as error:
+        pem = crl.read_bytes()
+    except OSError as error:
         raise RevocationError(f"{crl}: not a readable PEM CRL ({error})") from error
+    return _signed_crl(crl, pem, authority)
+
+
+def _signed_crl(source: object, pem: bytes,
+                authority: x509.Certificate) -> x509.CertificateRevocationList:
+    try:
+        loaded = x509.load_pem_x509_crl(pem)
+    except ValueError as error:
+        raise RevocationError(f"{source}: not a readable PEM CRL ({error})") from error
     if loaded.issuer != authority.subject or not loaded.is_signature_valid(
             authority.public_key()):  # type: ignore[arg-type]
-        raise RevocationError(f"{crl}: not signed by the fleet's CA")
+        raise RevocationError(f"{source}: not signed by the fleet's CA")
     return loaded
 
 
 class Revocations:
-    """The serials a CRL file revokes, read again when the file changes (looked at once a
-    second at most). No file yet: nothing revoked, until one appears. A file that turns bad,
-    disappears or holds an older CRL keeps the last good list and logs why; at start (open) a
-    bad file is an error."""
+    """The serials the fleet's CRL revokes: from a file, read again when it changes (looked at
+    once a second at most), and in ext_proc from the control plane too (learn). The CRL of the
+    highest number either gave counts; none yet: nothing revoked. A file that turns bad,
+    disappears or goes back to an older CRL keeps the last good list and logs why; at start
+    (open) a bad file is an error."""
 
     def __init__(self, crl: Path | None, authority: x509.Certificate | None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.path = crl
-        """The CRL file (None: nothing is ever revoked)."""
+        """The CRL file (None: none, only what `learn` is given)."""
         self._authority, self._clock = authority, clock
         self._current = NO_CRL
+        self._file_number = NO_CRL.number
         self._seen: tuple[int, int, int] | None = None
         self._looked_at = -RELOAD_EVERY_S
 
     @classmethod
     def open(cls, crl: Path | None, ca: Path,
              clock: Callable[[], float] = time.monotonic) -> Revocations:
-        """Revocations of `crl` (None: nothing is ever revoked) under the CA in `ca`, read now:
-        RevocationError when the file is there and bad, or the CA cannot be read."""
-        revocations = cls(crl, None if crl is None else load_authority(ca), clock)
+        """Revocations of `crl` (None: no file) under the CA in `ca`, read now: RevocationError
+        when the file is there and bad, or the CA cannot be read."""
+        revocations = cls(crl, load_authority(ca), clock)
         revocations._reload(strict=True)
         return revocations
 
@@ -139,6 +151,22 @@ class Revocations:
         self._looked_at = self._clock()
         self._reload(strict=False)
         return self._current.pem
+
+    def learn(self, pem: bytes, source: str = "the control plane's CRL") -> bool:
+        """Take a CRL the control plane sent (b"": it has none); whether it is now the one
+        that counts. RevocationError when it is not a PEM CRL the CA signed, with a number; an
+        older one than held is set aside (nothing un-revokes)."""
+        if not pem:
+            return False
+        if self._authority is None:
+            raise RevocationError(f"{source}: no CA to check it against")
+        return self._take(_crl_of(source, _signed_crl(source, pem, self._authority)))
+
+    def _take(self, crl: Crl) -> bool:
+        if crl.number < self._current.number:
+            return False
+        self._current = crl
+        return True
 
     def _reload(self, *, strict: bool) -> None:
         if self.path is None or self._authority is None:
@@ -161,11 +189,12 @@ class Revocations:
                 raise
             _log.error("crl_unreadable", extra={"path": str(self.path), "error": str(error)})
             return
-        if crl.number < self._current.number:
+        if crl.number < self._file_number:
             _log.error("crl_older", extra={"path": str(self.path), "number": crl.number,
-                                           "kept_number": self._current.number})
+                                           "kept_number": self._file_number})
             return
-        self._current = crl
+        self._file_number = crl.number
+        self._take(crl)
 
 
 NOTHING_REVOKED = Revocations(None, None)

@@ -47,7 +47,6 @@ from gpu_router.redis_service import (
     remove_redis_home,
     wants_redis,
 )
-from gpu_router.revocation import CRL_FILE
 from gpu_router.stack_endpoints import EdgeHandle, StackPorts
 from gpu_router.xds_status import fleet_synced, policy_holders
 
@@ -218,8 +217,8 @@ class Stack:
             args += ["--redis", self.redis_url,
                      "--redis-password-file", str(self.redis_password_file)]
         tls = self.tls(pki.Role.EXT_PROC, f"ext-proc-{index + 1}")
-        args += ["--tls-ca", str(tls.ca), "--tls-cert", str(tls.cert), "--tls-key", str(tls.key),
-                 "--tls-crl", str(self.certs / CRL_FILE)]  # as the control plane reads it
+        # No --tls-crl: the control plane sends the replica its CRL over xDS.
+        args += ["--tls-ca", str(tls.ca), "--tls-cert", str(tls.cert), "--tls-key", str(tls.key)]
         ext_proc = python_module(f"ext-proc-{index + 1}", "ext_proc", args, self.log_dir)
         self._launch(
             ext_proc,

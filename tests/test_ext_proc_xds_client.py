@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
+from pathlib import Path
 
 from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import discovery_pb2
@@ -19,12 +21,15 @@ from ext_proc_fixtures import (
 from ext_proc.router_state import LiveState
 from ext_proc.xds_client import (
     CLIENT_SPEND_TYPE_URL,
+    REVOCATION_TYPE_URL,
     AdsClient,
     Subscriptions,
     live_subscriptions,
     node_identity,
 )
-from gpu_router.api.v1 import routing_pb2
+from gpu_router import pki
+from gpu_router.api.v1 import revocation_pb2, routing_pb2
+from gpu_router.revocation import CRL_FILE, NOTHING_REVOKED, Revocations, revoke
 
 NODE = base_pb2.Node(id="ext-proc-test-1", cluster="gpu-router-ext-proc")
 
@@ -53,8 +58,9 @@ def test_node_identity_follows_the_contract() -> None:
 
 
 def test_initial_requests_subscribe_to_every_type_by_name() -> None:
-    requests = Subscriptions(NODE, live_subscriptions(LiveState())).initial_requests()
+    requests = Subscriptions(NODE, live_subscriptions(LiveState(), NOTHING_REVOKED)).initial_requests()
     assert [(r.type_url, list(r.resource_names), r.version_info, r.node.id) for r in requests] == [
+        (REVOCATION_TYPE_URL, ["crl"], "", "ext-proc-test-1"),
         (POLICY_TYPE_URL, ["default"], "", "ext-proc-test-1"),
         (HEALTH_TYPE_URL, ["fleet"], "", "ext-proc-test-1"),
         (CLIENT_SPEND_TYPE_URL, ["clients"], "", "ext-proc-test-1"),
@@ -63,7 +69,7 @@ def test_initial_requests_subscribe_to_every_type_by_name() -> None:
 
 def test_ack_applies_and_nack_keeps_the_last_good_state() -> None:
     live = LiveState()
-    subscriptions = Subscriptions(NODE, live_subscriptions(live))
+    subscriptions = Subscriptions(NODE, live_subscriptions(live, NOTHING_REVOKED))
     ack = subscriptions.on_response(response(POLICY_TYPE_URL, "v1", "n1", default_policy("v1")))
     assert (ack.version_info, ack.response_nonce, ack.HasField("error_detail")) == (
         "v1",
@@ -81,12 +87,13 @@ def test_ack_applies_and_nack_keeps_the_last_good_state() -> None:
     )
     assert health.version_info == "h1"
     assert live.current.table is table and live.current.health.latency_ms("vast", "bge-large") == 5
-    assert subscriptions.initial_requests()[0].version_info == "v1"
+    resumed = {r.type_url: r.version_info for r in subscriptions.initial_requests()}
+    assert resumed[POLICY_TYPE_URL] == "v1"
 
 
 def test_wrong_or_wrapped_resources() -> None:
     live = LiveState()
-    subscriptions = Subscriptions(NODE, live_subscriptions(live))
+    subscriptions = Subscriptions(NODE, live_subscriptions(live, NOTHING_REVOKED))
     wrong_type = subscriptions.on_response(response(POLICY_TYPE_URL, "v1", "n1", snapshot()))
     assert (
         "expected type.googleapis.com/gpu_router.api.v1.RoutingPolicy"
@@ -103,10 +110,40 @@ def test_wrong_or_wrapped_resources() -> None:
     assert unknown.error_detail.message == "type not subscribed"
 
 
+def test_the_control_planes_crl_revokes_and_another_cas_is_nacked(tmp_path: Path) -> None:
+    """The CRL the control plane sends is what a replica refuses edges by, with no file of its
+    own; one another CA signed is NACKed and changes nothing, and an empty one (the control
+    plane has none) is ACKed."""
+    now = datetime.datetime(2026, 12, 1, tzinfo=datetime.UTC)
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    for directory in (ours, theirs):
+        pki.ensure(directory, [pki.Identity(pki.Role.EDGE, "edge-1")], now=now)
+    serial = pki.certified_peer((ours / "edge-1.pem").read_bytes()).serial
+    for directory in (ours, theirs):
+        revoke(directory, ["edge-1"], now=now)
+    revocations = Revocations.open(None, ours / pki.CA_FILE)
+    subscriptions = Subscriptions(NODE, live_subscriptions(LiveState(), revocations))
+
+    def crl(directory: Path) -> revocation_pb2.RevocationList:
+        return revocation_pb2.RevocationList(crl_pem=(directory / CRL_FILE).read_bytes())
+
+    empty = subscriptions.on_response(
+        response(REVOCATION_TYPE_URL, "c0", "n0", revocation_pb2.RevocationList()))
+    assert empty.version_info == "c0" and not empty.HasField("error_detail")
+    assert not revocations.revoked(serial)
+    foreign = subscriptions.on_response(response(REVOCATION_TYPE_URL, "c1", "n1", crl(theirs)))
+    assert foreign.version_info == "c0"
+    assert "not signed by the fleet's CA" in foreign.error_detail.message
+    assert not revocations.revoked(serial)
+    ack = subscriptions.on_response(response(REVOCATION_TYPE_URL, "c2", "n2", crl(ours)))
+    assert ack.version_info == "c2" and not ack.HasField("error_detail")
+    assert revocations.revoked(serial)
+
+
 async def _run_client_across_a_restart(live: LiveState, first: FakeAds, port: int) -> FakeAds:
     client = asyncio.create_task(
         AdsClient(
-            first.target, Subscriptions(NODE, live_subscriptions(live)), max_backoff_s=0.5,
+            first.target, Subscriptions(NODE, live_subscriptions(live, NOTHING_REVOKED)), max_backoff_s=0.5,
             credentials=FakeAds.client_credentials(),
         ).run()
     )

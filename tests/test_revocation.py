@@ -129,6 +129,43 @@ def test_a_revocation_counts_within_a_second_and_nothing_un_revokes(
     assert [r.msg for r in caplog.records] == ["crl_older", "crl_unreadable", "crl_missing"]
 
 
+def test_the_control_planes_crl_and_the_file_the_newer_counts(
+    certs: dict[str, pki.TlsFiles], caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An ext_proc replica learns the CRL over xDS and may read a copy too: whichever is newer
+    counts, an older one from the control plane changes nothing, and only the file going back
+    on itself is reported."""
+    directory = certs["edge-1"].ca.parent
+    crl = directory / CRL_FILE
+    edge_1, edge_2 = serial(certs["edge-1"]), serial(certs["edge-2"])
+    revoke(directory, ["edge-1"], now=T0)
+    older = crl.read_bytes()
+    revoke(directory, ["edge-2"], now=T0)
+    newer = crl.read_bytes()
+    crl.unlink()
+    clock = Clock()
+    revocations = Revocations.open(crl, certs["edge-1"].ca, clock)
+    with caplog.at_level(logging.ERROR, logger="gpu_router.revocation"):
+        assert revocations.learn(older) and revocations.revoked(edge_1)
+        assert not revocations.revoked(edge_2)
+        assert revocations.learn(newer) and revocations.revoked(edge_2)
+        assert not revocations.learn(older) and revocations.revoked(edge_2)
+        assert not revocations.learn(b"")
+        crl.write_bytes(older)  # a copy behind the control plane's is not a step back
+        clock.now += RELOAD_EVERY_S
+        assert revocations.revoked(edge_1) and revocations.revoked(edge_2)
+        assert not caplog.records
+        crl.write_bytes(newer)
+        clock.now += RELOAD_EVERY_S
+        assert revocations.revoked(edge_2)
+        crl.write_bytes(older)
+        clock.now += RELOAD_EVERY_S
+        assert revocations.revoked(edge_1) and revocations.revoked(edge_2)
+    assert [r.msg for r in caplog.records] == ["crl_older"]
+    with pytest.raises(RevocationError, match="the control plane's CRL: not a readable PEM CRL"):
+        revocations.learn(b"half a file")
+
+
 def test_the_command_revokes_and_names_what_it_cannot(
     certs: dict[str, pki.TlsFiles], capsys: pytest.CaptureFixture[str], tmp_path: Path,
 ) -> None:

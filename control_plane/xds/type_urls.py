@@ -4,7 +4,8 @@ The order is written down once, here: the xDS protocol's eventual-consistency ru
 want clusters before their endpoints and listeners before their route configurations
 (an updated cluster warms until its endpoints arrive; a listener names its route
 configuration). Secrets follow clusters and precede listeners, which may reference
-them. Our own resources go last: they are read by ext_proc replicas, never by Envoy.
+them. Our own resources go last: they are read by ext_proc replicas, never by Envoy; the CRL
+first of them, so a replica refuses revoked edges before it holds a policy to serve.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ SECRET = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
 ROUTING_POLICY = "type.googleapis.com/gpu_router.api.v1.RoutingPolicy"
 HEALTH_SNAPSHOT = "type.googleapis.com/gpu_router.api.v1.HealthSnapshot"
 CLIENT_SPEND = "type.googleapis.com/gpu_router.api.v1.ClientSpendSnapshot"
+REVOCATION_LIST = "type.googleapis.com/gpu_router.api.v1.RevocationList"
 
 SEND_ORDER: tuple[str, ...] = (
     CLUSTER,
@@ -24,6 +26,7 @@ SEND_ORDER: tuple[str, ...] = (
     SECRET,
     LISTENER,
     ROUTE,
+    REVOCATION_LIST,
     ROUTING_POLICY,
     HEALTH_SNAPSHOT,
     CLIENT_SPEND,
@@ -31,7 +34,7 @@ SEND_ORDER: tuple[str, ...] = (
 """Order matters: when several types change at once, responses go out in this order."""
 
 WILDCARD_TYPES: frozenset[str] = frozenset(
-    {LISTENER, CLUSTER, ROUTING_POLICY, HEALTH_SNAPSHOT, CLIENT_SPEND}
+    {LISTENER, CLUSTER, REVOCATION_LIST, ROUTING_POLICY, HEALTH_SNAPSHOT, CLIENT_SPEND}
 )
 """Types where an empty subscription means "everything" (state of the world: the full set)."""
 

@@ -10,8 +10,8 @@
 #   <node>-certs    -> that Envoy only, at /etc/gpu-router/certs: ca.pem, edge.pem, edge-key.pem,
 #                      its own certificate (the control plane takes an edge's node id only from
 #                      the certificate naming it), for each node in EDGE_NODES
-#   ext-proc volume -> every ext_proc at /certs: ca.pem, ext-proc.pem, ext-proc-key.pem, and
-#                      crl.pem once a certificate is revoked
+#   ext-proc volume -> every ext_proc at /certs: ca.pem, ext-proc.pem, ext-proc-key.pem (the
+#                      CRL reaches them over xDS)
 #   redis volume    -> Redis and every ext_proc at /redis: redis-password, and redis.conf (for
 #                      redis-server: requirepass, TLS only, nothing persisted)
 #   redis-tls volume -> Redis only, at /redis-tls: ca.pem, redis.pem, redis-key.pem (its server
@@ -43,15 +43,6 @@ for node in $edge_nodes; do
   install -m 0644 "$pki/$node-key.pem" "$dir/edge-key.pem"
 done
 cp "$pki/ca.pem" "$pki/ext-proc.pem" "$pki/ext-proc-key.pem" "$ext_proc/"
-# The CRL (`gpu-router certs revoke`), which every ext_proc reads as the control plane does:
-# renamed into place (a replica starting meanwhile reads the old file or the new), and none
-# left from a CA the pki volume no longer holds.
-if [ -f "$pki/crl.pem" ]; then
-  cp "$pki/crl.pem" "$ext_proc/.crl.pem.tmp"
-  mv "$ext_proc/.crl.pem.tmp" "$ext_proc/crl.pem"
-else
-  rm -f "$ext_proc/crl.pem"
-fi
 # The Redis image runs redis-server as its own user, which must read these files: readable by
 # all, in volumes that only Redis (and, for the password, the ext_proc replicas) mount.
 install -m 0644 "$pki/redis-password" "$redis/redis-password"

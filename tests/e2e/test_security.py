@@ -320,7 +320,8 @@ def test_a_revoked_edge_certificate_is_refused_on_every_port_without_a_restart(
     stack: Stack, tmp_path: Path,
 ) -> None:
     """A stolen edge key: `gpu-router certs revoke` puts its certificate on the CA's CRL. Within
-    a second, new streams on the control plane's port (no key) and ext_proc's are refused, and
+    a second, new streams on the control plane's port (no key) and ext_proc's (which has no copy
+    of the file: the control plane sends it the CRL over xDS) are refused, and
     an access-log stream and an xDS stream opened before end at their next message (the entry
     is not booked); the stack's own edges route on. The revoked pair leaves the certs directory."""
     issued = stack.tls(pki.Role.EDGE, "stolen")
