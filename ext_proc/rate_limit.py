@@ -8,7 +8,8 @@ back, so refusals do not eat into the next minute.
 
 Where the counters live decides how far a limit holds:
 - RedisCounters (`--redis URL`): every ext_proc worker of every replica behind every edge
-  shares them; one pipelined round trip per limited request (INCRBY, EXPIRE, GET). If Redis
+  shares them; one pipelined round trip per limited request (INCRBY, EXPIRE, GET), on one of
+  POOL_CONNECTIONS connections the worker opens at start. If Redis
   cannot be reached the limit fails open (the request passes, a warning is logged once per
   outage, Redis is tried again after RETRY_REDIS_S): budgets stay enforced, as they come from
   the control plane, not from Redis.
@@ -32,6 +33,10 @@ WINDOW_S = 60
 RETRY_REDIS_S = 1.0
 REDIS_TIMEOUT_S = 0.05
 """Per round trip: well inside Envoy's 200 ms wait for ext_proc's answer."""
+POOL_CONNECTIONS = 4
+"""Redis connections per worker, opened at start (RedisCounters.warm). A limited request waits
+for a free one (each is held for one round trip) instead of opening its own: a burst of 64 new
+TLS connections at once took longer than REDIS_TIMEOUT_S and failed every limit open."""
 _KEY_TTL_S = 2 * WINDOW_S + 5
 
 _log = logging.getLogger(__name__)
@@ -100,7 +105,7 @@ def _connection_pool(url: str, password: str | None, tls: TlsFiles | None) -> An
     each new connection failed the limits open and stalled the worker's other streams."""
     import ssl
 
-    from redis.asyncio.connection import ConnectionPool, SSLConnection, parse_url
+    from redis.asyncio.connection import BlockingConnectionPool, SSLConnection, parse_url
 
     options: dict[str, Any] = {**parse_url(url), "password": password,
                                "socket_timeout": REDIS_TIMEOUT_S,
@@ -116,7 +121,8 @@ def _connection_pool(url: str, password: str | None, tls: TlsFiles | None) -> An
                 self.ssl_context.context = context  # what RedisSSLContext.get() hands out
 
         options["connection_class"] = FleetTlsConnection
-    return ConnectionPool(**options)
+    # No wait of its own for a free connection: the round trip's (RedisCounters) bounds it.
+    return BlockingConnectionPool(max_connections=POOL_CONNECTIONS, timeout=None, **options)
 
 
 class RedisCounters:
@@ -131,6 +137,22 @@ class RedisCounters:
         self._clock = clock
         self._down_until = 0.0
         self.url = url
+
+    async def warm(self) -> None:
+        """Open the pool's connections before the first limited request needs one; Redis out
+        of reach is logged (the limits fail open until it is back), not an error."""
+        pool = self._redis.connection_pool
+        held = []
+        try:
+            for _ in range(POOL_CONNECTIONS):  # held at once: each is a connection of its own
+                held.append(await pool.get_connection())
+        except self._errors as error:
+            _log.warning("rate-limit store unreachable at start: limits fail open until it is "
+                         "reached", extra={"redis": self.url,
+                                           "error": f"{type(error).__name__}: {error}"})
+        finally:
+            for connection in held:
+                await pool.release(connection)
 
     @staticmethod
     def _key(counter: str, window: int) -> str:

@@ -71,8 +71,10 @@ async def serve(config: WorkerConfig, stop: asyncio.Event) -> None:
     # Messages stay small (headers and metadata: Envoy never sends bodies), so gRPC's default
     # message limits hold.
     server = grpc.aio.server(options=[("grpc.so_reuseport", 1)])
-    counters = (LocalCounters() if config.redis is None
-                else RedisCounters(config.redis, password=config.redis_password, tls=config.tls))
+    counters: LocalCounters | RedisCounters = LocalCounters()
+    if config.redis is not None:
+        counters = RedisCounters(config.redis, password=config.redis_password, tls=config.tls)
+        await counters.warm()
     revocations = Revocations.open(config.crl, config.tls.ca)
     ext_proc_grpc.add_ExternalProcessorServicer_to_server(
         ExternalProcessorService(live, Admission(RateLimiter(counters)), revocations), server

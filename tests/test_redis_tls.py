@@ -12,7 +12,13 @@ from pathlib import Path
 import pytest
 import redis
 
-from ext_proc.rate_limit import RETRY_REDIS_S, Charge, RateLimiter, RedisCounters
+from ext_proc.rate_limit import (
+    POOL_CONNECTIONS,
+    RETRY_REDIS_S,
+    Charge,
+    RateLimiter,
+    RedisCounters,
+)
 from gpu_router import pki
 from gpu_router.processes import ManagedProcess, free_port, port_open
 
@@ -91,6 +97,41 @@ def test_replicas_share_counters_over_tls_and_their_certificate(
     found, refused = asyncio.run(waits())
     assert found == [None, None, 60]  # the third is over the shared limit
     assert refused
+
+
+def test_a_worker_connects_at_start_and_a_burst_shares_its_connections(
+    tls_redis: tuple[int, dict[str, pki.TlsFiles]],
+) -> None:
+    """The worker's connections are open before its first limited request, and 64 requests at
+    once share them: a connection per request (64 TLS handshakes at once) outlasted the round
+    trip's 50 ms and failed the limits open for a second."""
+    port, certs = tls_redis
+    probe = redis.Redis(host="localhost", port=port, password=PASSWORD, ssl=True,
+                        ssl_ca_certs=str(certs["ext-proc"].ca),
+                        ssl_certfile=str(certs["ext-proc"].cert),
+                        ssl_keyfile=str(certs["ext-proc"].key), socket_timeout=5)
+
+    def worker_connections() -> int:
+        return int(probe.info("clients")["connected_clients"]) - 1  # the probe's own
+
+    async def burst() -> tuple[int, int, list[list[tuple[int, int]] | None]]:
+        counters = RedisCounters(f"rediss://localhost:{port}", password=PASSWORD,
+                                 tls=certs["ext-proc"])
+        try:
+            await counters.warm()
+            warmed = worker_connections()
+            added = await asyncio.gather(*(counters.add(7, [Charge(f"burst:{i}", 1, 1000)])
+                                           for i in range(64)))
+            return warmed, worker_connections(), added
+        finally:
+            await counters.close()
+
+    try:
+        warmed, after, added = asyncio.run(burst())
+    finally:
+        probe.close()
+    assert (warmed, after) == (POOL_CONNECTIONS, POOL_CONNECTIONS)
+    assert [counts for counts in added if counts is not None]  # the burst reached Redis
 
 
 @pytest.mark.parametrize("how", ["plaintext", "no client certificate", "another CA's"])
