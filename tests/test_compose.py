@@ -518,15 +518,16 @@ def test_each_node_presents_its_roles_certificate_which_the_control_plane_makes(
     [*_, shell, script] = control["entrypoint"]
     nodes = {name: flags(service["command"])["--service-node"][0]
              for name, service in of_kind(services, "envoy").items()}
+    replicas = list(of_kind(services, "ext_proc"))
     volumes = {name: tmp_path / name for name in (
-        "pki", "ext-proc-certs", "redis-secret", "redis-tls",
-        *(f"{node}-certs" for node in nodes.values()))}
+        "pki", "redis-secret", "redis-tls", *(f"{node}-certs" for node in nodes.values()),
+        *(f"{replica}-certs" for replica in replicas))}
     env = {
         **os.environ,
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
         "PKI_DIR": str(in_volume(control, "/pki", volumes)),
         "EDGE_ROOT": str(tmp_path),  # holding <node>-certs, as the control plane mounts them
-        "EXT_PROC_DIR": str(in_volume(control, "/ext-proc-certs", volumes)),
+        "EXT_PROC_ROOT": str(tmp_path),  # holding <replica>-certs, likewise
         "REDIS_DIR": str(in_volume(control, "/redis-secret", volumes)),
         "REDIS_TLS_DIR": str(in_volume(control, "/redis-tls", volumes)),
     }
@@ -543,7 +544,8 @@ def test_each_node_presents_its_roles_certificate_which_the_control_plane_makes(
         files = [in_volume(service, argv[flag][0], volumes)
                  for flag in ("--tls-ca", "--tls-cert", "--tls-key")]
         assert all(path.is_file() for path in files), name
-        assert role_of_file(files[1]) == (pki.Role.EXT_PROC, "ext-proc")
+        assert role_of_file(files[1]) == (pki.Role.EXT_PROC, name), "its own, naming it"
+        assert files[1].parent == volumes[f"{name}-certs"], "in a volume of its own"
         [password_file] = argv["--redis-password-file"]
         passwords.add(read_password(in_volume(service, password_file, volumes)))
         dialled.update(urllib.parse.urlsplit(url).hostname for url in argv["--redis"])
@@ -581,8 +583,10 @@ def test_each_node_presents_its_roles_certificate_which_the_control_plane_makes(
         assert sorted(p.name for p in volumes[f"{node}-certs"].iterdir()) == [
             "ca.pem", "edge-key.pem", "edge.pem"]
         assert in_volume(control, f"/{node}-certs", volumes) == volumes[f"{node}-certs"]
-    assert sorted(p.name for p in volumes["ext-proc-certs"].iterdir()) == [
-        "ca.pem", "ext-proc-key.pem", "ext-proc.pem"]
+    for replica in replicas:
+        assert sorted(p.name for p in volumes[f"{replica}-certs"].iterdir()) == [
+            "ca.pem", "ext-proc-key.pem", "ext-proc.pem"]
+        assert in_volume(control, f"/{replica}-certs", volumes) == volumes[f"{replica}-certs"]
     assert sorted(p.name for p in volumes["redis-secret"].iterdir()) == [
         "redis-password", "redis.conf"]
     assert sorted(p.name for p in volumes["redis-tls"].iterdir()) == [

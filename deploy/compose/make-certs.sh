@@ -10,29 +10,34 @@
 #   <node>-certs    -> that Envoy only, at /etc/gpu-router/certs: ca.pem, edge.pem, edge-key.pem,
 #                      its own certificate (the control plane takes an edge's node id only from
 #                      the certificate naming it), for each node in EDGE_NODES
-#   ext-proc volume -> every ext_proc at /certs: ca.pem, ext-proc.pem, ext-proc-key.pem (the
-#                      CRL reaches them over xDS)
+#   <replica>-certs -> that ext_proc only, at /certs: ca.pem, ext-proc.pem, ext-proc-key.pem,
+#                      its own certificate (named by the replica: revoking one leaves the
+#                      others), for each replica in EXT_PROC_REPLICAS; the CRL reaches them
+#                      over xDS
 #   redis volume    -> Redis and every ext_proc at /redis: redis-password, and redis.conf (for
 #                      redis-server: requirepass, TLS only, nothing persisted)
 #   redis-tls volume -> Redis only, at /redis-tls: ca.pem, redis.pem, redis-key.pem (its server
 #                      certificate, DNS name "redis": the replicas dial rediss://redis:6379
 #                      with their own ext-proc certificate, which Redis checks against the CA)
 # The directories can be moved for tests: PKI_DIR, EDGE_ROOT (holding the <node>-certs
-# directories), EXT_PROC_DIR, REDIS_DIR, REDIS_TLS_DIR.
+# directories), EXT_PROC_ROOT (holding the <replica>-certs directories), REDIS_DIR,
+# REDIS_TLS_DIR.
 set -eu
 pki=${PKI_DIR:-/pki}
 edge_root=${EDGE_ROOT:-}
 edge_nodes=${EDGE_NODES:-envoy-1 envoy-2}  # the --service-node of each Envoy service
-ext_proc=${EXT_PROC_DIR:-/ext-proc-certs}
+ext_proc_root=${EXT_PROC_ROOT:-}
+ext_proc_replicas=${EXT_PROC_REPLICAS:-ext-proc-1 ext-proc-2}  # the ext_proc services
 redis=${REDIS_DIR:-/redis-secret}
 redis_tls=${REDIS_TLS_DIR:-/redis-tls}
 
-edges=""
-for node in $edge_nodes; do edges="$edges --edge $node"; done
-# shellcheck disable=SC2086  # one --edge NAME pair per node
-gpu-router certs init --dir "$pki" $edges --ext-proc ext-proc --redis redis > /dev/null
+names=""
+for node in $edge_nodes; do names="$names --edge $node"; done
+for replica in $ext_proc_replicas; do names="$names --ext-proc $replica"; done
+# shellcheck disable=SC2086  # one --edge or --ext-proc NAME pair per node and replica
+gpu-router certs init --dir "$pki" $names --redis redis > /dev/null
 
-mkdir -p "$ext_proc" "$redis" "$redis_tls"
+mkdir -p "$redis" "$redis_tls"
 for node in $edge_nodes; do
   dir="$edge_root/$node-certs"
   mkdir -p "$dir"
@@ -42,7 +47,13 @@ for node in $edge_nodes; do
   # is readable by all, in a volume that only this node's container mounts.
   install -m 0644 "$pki/$node-key.pem" "$dir/edge-key.pem"
 done
-cp "$pki/ca.pem" "$pki/ext-proc.pem" "$pki/ext-proc-key.pem" "$ext_proc/"
+for replica in $ext_proc_replicas; do
+  dir="$ext_proc_root/$replica-certs"
+  mkdir -p "$dir"
+  cp "$pki/ca.pem" "$dir/"
+  cp "$pki/$replica.pem" "$dir/ext-proc.pem"
+  cp "$pki/$replica-key.pem" "$dir/ext-proc-key.pem"
+done
 # The Redis image runs redis-server as its own user, which must read these files: readable by
 # all, in volumes that only Redis (and, for the password, the ext_proc replicas) mount.
 install -m 0644 "$pki/redis-password" "$redis/redis-password"
