@@ -38,6 +38,10 @@ POOL_CONNECTIONS = 4
 for a free one (each is held for one round trip) instead of opening its own: a burst of 64 new
 TLS connections at once took longer than REDIS_TIMEOUT_S and failed every limit open."""
 _KEY_TTL_S = 2 * WINDOW_S + 5
+KEY_PREFIX = "gpu-router:rl:"
+"""Every counter's key starts with it: all Redis lets the fleet's password touch."""
+COMMANDS = ("incrby", "decrby", "expire", "get")
+"""What RedisCounters sends: all Redis lets the fleet's password run, with PING (redis_service)."""
 
 _log = logging.getLogger(__name__)
 
@@ -156,7 +160,7 @@ class RedisCounters:
 
     @staticmethod
     def _key(counter: str, window: int) -> str:
-        return f"gpu-router:rl:{counter}:{window}"
+        return f"{KEY_PREFIX}{counter}:{window}"
 
     async def add(self, window: int, charges: Sequence[Charge]) -> list[tuple[int, int]] | None:
         if self._clock() < self._down_until:

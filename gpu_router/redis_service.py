@@ -6,7 +6,10 @@ shared store. `gpu-router up` and the Stack start it (no persistence: counters l
 minutes) when the policy gives some client a limit, or when asked.
 
 It takes no command before AUTH with the fleet's password: anyone else who reached it could
-reset the counters (escape a limit) or raise them (get a client refused). The password is made
+reset the counters (escape a limit) or raise them (get a client refused). With the password,
+only the counters' commands on the counters' keys (access_rule): whoever holds it (a revoked
+replica, say) can move counters, not CONFIG SET a directory and SAVE a file as Redis's user,
+FLUSHALL or load a module. The password is made
 once into the certs directory (PASSWORD_FILE, mode 0600) and travels only in files: redis-server
 reads it from a config file of mode 0600, ext_proc from --redis-password-file; never in argv,
 which every local user can read.
@@ -30,6 +33,7 @@ import tempfile
 from pathlib import Path
 
 from control_plane.policy.model import RoutingConfig
+from ext_proc.rate_limit import COMMANDS, KEY_PREFIX
 from gpu_router.processes import ManagedProcess, ProcessError
 
 _log = logging.getLogger(__name__)
@@ -69,6 +73,15 @@ def read_password(path: Path) -> str:
         raise RedisPasswordError(f"{path}: the Redis password must be 16 to 256 characters of "
                                  "A-Z a-z 0-9 . _ ~ + / = -")
     return password
+
+
+def access_rule(password: str) -> str:
+    """redis.conf's line for its one user (the default, which every client is): the password,
+    and only what the rate-limit counters send (ext_proc/rate_limit.py), on their keys, and
+    PING (readiness and health checks)."""
+    commands = " ".join(f"+{command}" for command in (*COMMANDS, "ping"))
+    return (f"user default on resetpass >{password} resetkeys ~{KEY_PREFIX}* resetchannels "
+            f"-@all {commands}")
 
 
 def wants_redis(mode: str, config: RoutingConfig) -> bool:
@@ -185,7 +198,7 @@ def redis_process(home: Path, log_dir: Path, password_file: Path) -> ManagedProc
     with os.fdopen(descriptor, "w") as out:
         out.write(f"port 0\nunixsocket {_quoted(str(redis_socket(home)))}\nunixsocketperm 700\n"
                   f"protected-mode yes\nsave \"\"\nappendonly no\ndir {_quoted(str(home))}\n"
-                  f"requirepass {read_password(password_file)}\n")
+                  f"{access_rule(read_password(password_file))}\n")
     return ManagedProcess(REDIS, [binary, str(config)], log_dir / f"{REDIS}.log")
 
 

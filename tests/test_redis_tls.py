@@ -23,8 +23,11 @@ from ext_proc.rate_limit import (
 )
 from gpu_router import pki
 from gpu_router.processes import ManagedProcess, free_port, port_open
+from gpu_router.redis_service import access_rule
 
 PASSWORD = "a-password-of-the-fleet-0123456789"
+OBSERVER = "the-tests-own-password-0123456789"
+"""A second user, the test's, which may read Redis's client list (the fleet's may not)."""
 
 
 @pytest.fixture
@@ -42,7 +45,8 @@ def tls_redis(tmp_path: Path) -> Iterator[tuple[int, dict[str, pki.TlsFiles]]]:
     config.write_text(
         f"port 0\ntls-port {port}\nbind 127.0.0.1\ntls-cert-file {served.cert}\n"
         f"tls-key-file {served.key}\ntls-ca-cert-file {served.ca}\ntls-auth-clients yes\n"
-        f"requirepass {PASSWORD}\nsave \"\"\nappendonly no\ndir {tmp_path}\n")
+        f"{access_rule(PASSWORD)}\nuser observer on >{OBSERVER} ~* +@all\n"
+        f"save \"\"\nappendonly no\ndir {tmp_path}\n")
     server = ManagedProcess("redis", ["redis-server", str(config)], tmp_path / "redis.log").start()
     try:
         server.wait_until(lambda: port_open(port), "redis-server to listen")
@@ -108,7 +112,8 @@ def test_a_worker_connects_at_start_and_a_burst_shares_its_connections(
     once share them: a connection per request (64 TLS handshakes at once) outlasted the round
     trip's 50 ms and failed the limits open for a second."""
     port, certs = tls_redis
-    probe = redis.Redis(host="localhost", port=port, password=PASSWORD, ssl=True,
+    probe = redis.Redis(host="localhost", port=port, username="observer", password=OBSERVER,
+                        ssl=True,
                         ssl_ca_certs=str(certs["ext-proc"].ca),
                         ssl_certfile=str(certs["ext-proc"].cert),
                         ssl_keyfile=str(certs["ext-proc"].key), socket_timeout=5)
@@ -134,6 +139,27 @@ def test_a_worker_connects_at_start_and_a_burst_shares_its_connections(
         probe.close()
     assert (warmed, after) == (POOL_CONNECTIONS, POOL_CONNECTIONS)
     assert [counts for counts in added if counts is not None]  # the burst reached Redis
+
+
+@pytest.mark.parametrize("command", [("FLUSHALL",), ("CONFIG", "SET", "dir", "/tmp"),
+                                     ("SET", "gpu-router:rl:x:1", "0"), ("GET", "elsewhere"),
+                                     ("KEYS", "*"), ("EVAL", "return 1", "0")])
+def test_the_password_runs_the_counters_commands_only(
+    tls_redis: tuple[int, dict[str, pki.TlsFiles]], command: tuple[str, ...],
+) -> None:
+    """A revoked replica still holds the password: it may move counters, not turn Redis into a
+    file writer (CONFIG SET dir, then SAVE), wipe it, or read other keys."""
+    port, certs = tls_redis
+    replica = certs["ext-proc"]
+    client = redis.Redis(host="localhost", port=port, password=PASSWORD, ssl=True,
+                         ssl_ca_certs=str(replica.ca), ssl_certfile=str(replica.cert),
+                         ssl_keyfile=str(replica.key), socket_timeout=5)
+    try:
+        assert client.incrby("gpu-router:rl:x:1", 1) == 1  # what the counters send
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            client.execute_command(*command)
+    finally:
+        client.close()
 
 
 @pytest.mark.parametrize("how", ["plaintext", "no client certificate", "another CA's"])

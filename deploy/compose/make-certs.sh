@@ -15,7 +15,8 @@
 #                      others), for each replica in EXT_PROC_REPLICAS; the CRL reaches them
 #                      over xDS
 #   redis volume    -> Redis and every ext_proc at /redis: redis-password, and redis.conf (for
-#                      redis-server: requirepass, TLS only, nothing persisted)
+#                      redis-server: the password and the counters' commands only, TLS only,
+#                      nothing persisted)
 #   redis-tls volume -> Redis only, at /redis-tls: ca.pem, redis.pem, redis-key.pem (its server
 #                      certificate, DNS name "redis": the replicas dial rediss://redis:6379
 #                      with their own ext-proc certificate, which Redis checks against the CA)
@@ -60,7 +61,10 @@ install -m 0644 "$pki/redis-password" "$redis/redis-password"
 cp "$pki/ca.pem" "$pki/redis.pem" "$redis_tls/"
 install -m 0644 "$pki/redis-key.pem" "$redis_tls/redis-key.pem"
 {
-  printf 'requirepass %s\nsave ""\nappendonly no\n' "$(cat "$pki/redis-password")"
+  # The password, and only the rate-limit counters' commands on their keys (as `gpu-router up`).
+  python -c 'import pathlib, sys; from gpu_router import redis_service as r
+print(r.access_rule(r.read_password(pathlib.Path(sys.argv[1]))))' "$pki/redis-password"
+  printf 'save ""\nappendonly no\n'
   printf 'port 0\ntls-port 6379\ntls-auth-clients yes\n'
   printf 'tls-cert-file /redis-tls/redis.pem\ntls-key-file /redis-tls/redis-key.pem\n'
   printf 'tls-ca-cert-file /redis-tls/ca.pem\n'
