@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ext_proc.json_log import configure_logging
 from ext_proc.workers import WorkerConfig, run_workers
-from gpu_router.pki import TlsFiles, pair_problem
+from gpu_router.pki import Role, TlsFiles, certified_peer, pair_problem
 from gpu_router.redis_service import RedisPasswordError, read_password
 from gpu_router.revocation import RevocationError, Revocations
 
@@ -84,10 +84,16 @@ def main(argv: list[str] | None = None) -> int:
         help="file holding the password Redis asks before any command (never on the command "
         "line, which every local user can read)",
     )
+    parser.add_argument(
+        "--redis-user",
+        help="the Redis user that password is for (default: the replica the --tls-cert names, "
+        "as `gpu-router up` and Compose make Redis's users; `default` for a Redis with only "
+        "requirepass)",
+    )
     parser.add_argument("--log-level", choices=LOG_LEVELS, default="warning")
     args = parser.parse_args(argv)
-    if args.redis_password_file is not None and args.redis is None:
-        parser.error("--redis-password-file needs --redis")
+    if args.redis is None and (args.redis_password_file or args.redis_user) is not None:
+        parser.error("--redis-password-file and --redis-user need --redis")
     redis_problem = None if args.redis is None else _redis_url_problem(args.redis)
     if redis_problem is not None:
         parser.error(redis_problem)
@@ -104,12 +110,18 @@ def main(argv: list[str] | None = None) -> int:
                     else read_password(args.redis_password_file))
     except RedisPasswordError as error:
         parser.error(str(error))
+    user = args.redis_user
+    if user is None and password is not None:
+        replica = certified_peer(tls.cert.read_bytes())
+        if replica is None or replica.role is not Role.EXT_PROC:
+            parser.error(f"{tls.cert} names no ext_proc replica: give --redis-user")
+        user = replica.name
     configure_logging(args.log_level)
     return run_workers(
         WorkerConfig(
             listen=args.listen, xds=args.xds, log_level=args.log_level,
             tls=tls, crl=args.tls_crl, redis=args.redis,
-            redis_password=password,
+            redis_user=user, redis_password=password,
         ),
         args.workers,
     )

@@ -100,7 +100,8 @@ class LocalCounters:
             self._counts[key] = self._counts.get(key, 0) - charge.cost
 
 
-def _connection_pool(url: str, password: str | None, tls: TlsFiles | None) -> Any:
+def _connection_pool(url: str, user: str | None, password: str | None,
+                     tls: TlsFiles | None) -> Any:
     """redis-py's pool for `url`. A rediss:// URL with the replica's TLS files: mutual TLS with
     its own certificate, Redis's checked against the fleet's CA only and the host dialled
     (Compose's Redis has one, made by `gpu-router certs init --redis HOST`), every connection
@@ -111,7 +112,7 @@ def _connection_pool(url: str, password: str | None, tls: TlsFiles | None) -> An
 
     from redis.asyncio.connection import BlockingConnectionPool, SSLConnection, parse_url
 
-    options: dict[str, Any] = {**parse_url(url), "password": password,
+    options: dict[str, Any] = {**parse_url(url), "username": user, "password": password,
                                "socket_timeout": REDIS_TIMEOUT_S,
                                "socket_connect_timeout": REDIS_TIMEOUT_S}
     if tls is not None and options.get("connection_class") is SSLConnection:
@@ -133,11 +134,13 @@ class RedisCounters:
     """Counters shared by the fleet in Redis (keys gpu-router:rl:<counter>:<minute>)."""
 
     def __init__(self, url: str, clock: Callable[[], float] = time.monotonic, *,
-                 password: str | None = None, tls: TlsFiles | None = None) -> None:
+                 user: str | None = None, password: str | None = None,
+                 tls: TlsFiles | None = None) -> None:
+        """`user`: the replica's Redis user (None: Redis's default user)."""
         import redis.asyncio as redis  # only replicas given --redis need the client
 
         self._errors = (redis.RedisError, OSError, asyncio.TimeoutError)
-        self._redis = redis.Redis(connection_pool=_connection_pool(url, password, tls))
+        self._redis = redis.Redis(connection_pool=_connection_pool(url, user, password, tls))
         self._clock = clock
         self._down_until = 0.0
         self.url = url

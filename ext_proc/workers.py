@@ -57,8 +57,10 @@ class WorkerConfig:
     redis: str | None = None
     """redis:// or unix:// URL of the fleet's shared rate-limit counters; None: counters in each
     worker."""
+    redis_user: str | None = None
+    """The replica's Redis user (--redis-user, else the name its certificate carries)."""
     redis_password: str | None = field(default=None, repr=False)
-    """What Redis asks before any command (read from --redis-password-file)."""
+    """That user's password (read from --redis-password-file)."""
 
 
 class BindError(RuntimeError):
@@ -73,7 +75,8 @@ async def serve(config: WorkerConfig, stop: asyncio.Event) -> None:
     server = grpc.aio.server(options=[("grpc.so_reuseport", 1)])
     counters: LocalCounters | RedisCounters = LocalCounters()
     if config.redis is not None:
-        counters = RedisCounters(config.redis, password=config.redis_password, tls=config.tls)
+        counters = RedisCounters(config.redis, user=config.redis_user,
+                                 password=config.redis_password, tls=config.tls)
         await counters.warm()
     revocations = Revocations.open(config.crl, config.tls.ca)
     ext_proc_grpc.add_ExternalProcessorServicer_to_server(

@@ -20,7 +20,7 @@ from gpu_router.fleet_certs import fleet
 from gpu_router.health_view import render_health
 from gpu_router.keys_cli import add_keys_command, client_report
 from gpu_router.processes import Cancelled, ProcessError, http_get
-from gpu_router.redis_service import PASSWORD_FILE, RedisPasswordError, ensure_password
+from gpu_router.redis_service import RedisPasswordError, ensure_password, password_file
 from gpu_router.revocation import RevocationError, revoke
 from gpu_router.stack import Stack, StackPorts
 from gpu_router.supervisor import StopSignals, Supervisor
@@ -103,20 +103,23 @@ def certs_init(args: argparse.Namespace) -> int:
     try:
         made = pki.ensure(Path(args.dir), fleet(args.edge, args.ext_proc, args.redis),
                           dns=[*pki.SERVER_DNS, *args.dns], ips=[*pki.SERVER_IPS, *args.ip])
-        password_file = ensure_password(Path(args.dir))
+        passwords = {name: ensure_password(Path(args.dir), name) for name in args.ext_proc}
+        default_password = ensure_password(Path(args.dir))
     except (pki.PkiError, RedisPasswordError) as error:
         print(f"gpu-router certs: {error}", file=sys.stderr)
         return 1
     for name, files in made.items():
         print(f"{name}: {files.cert} {files.key}")
     print(f"CA: {Path(args.dir) / pki.CA_FILE}")
-    print(f"Redis password: {password_file}")
+    print(f"Redis password (PING only): {default_password}")
+    for name, path in passwords.items():
+        print(f"Redis password of {name}: {path}")
     return 0
 
 
 def certs_revoke(args: argparse.Namespace) -> int:
-    """Revoke certificates of a certs directory (gpu_router/revocation.py); an ext_proc
-    replica's holder also knew the Redis password, which Redis checks without the CRL."""
+    """Revoke certificates of a certs directory (gpu_router/revocation.py), and a replica's
+    Redis password with its certificate: Redis reads no CRL."""
     directory = Path(args.dir)
     try:
         crl, revoked = revoke(directory, args.names, [Path(d) for d in args.copy_to])
@@ -129,11 +132,12 @@ def certs_revoke(args: argparse.Namespace) -> int:
           f"`certs init` or `up` issues the names new certificates)")
     replicas = [name for name, peer in zip(args.names, revoked, strict=True)
                 if peer.role is pki.Role.EXT_PROC]
-    password = directory / PASSWORD_FILE
-    if replicas and password.exists():
-        print(f"{', '.join(replicas)} knew the Redis password, and Redis does not read the CRL: "
-              f"remove {password} (`certs init` or `up` makes a new one), then restart Redis "
-              "and the ext_proc replicas")
+    for name in replicas:  # Redis reads no CRL: the user's password goes with the certificate
+        password_file(directory, name).unlink(missing_ok=True)
+    if replicas:
+        print(f"{', '.join(replicas)}: Redis password removed (`certs init` or `up` makes a new "
+              "one); Redis refuses the old one once it restarts on rules rendered anew "
+              "(`gpu-router up`, or Compose's control plane, at start)")
     return 0
 
 

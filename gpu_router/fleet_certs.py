@@ -17,6 +17,7 @@ from gpu_router.pki import (
     PkiError,
     Role,
 )
+from gpu_router.redis_service import redis_user_problem
 from gpu_router.revocation import CRL_FILE
 
 
@@ -24,8 +25,9 @@ def fleet(edges: Iterable[str], ext_procs: Iterable[str], redis: Iterable[str] =
           ) -> list[Identity]:
     """The control plane's identity and one per named edge node, ext_proc replica and Redis
     (named by the host name its clients dial); PkiError for a name the directory holds already
-    (`ca`, ...), and for a Redis named as the control plane or ext_proc (their clients check
-    those names) or by an IP address (a DNS name is what its certificate carries)."""
+    (`ca`, ...), for a replica whose name cannot be a Redis user's, and for a Redis named as
+    the control plane or ext_proc (their clients check those names) or by an IP address (a DNS
+    name is what its certificate carries)."""
     named = [*(Identity(Role.EDGE, name) for name in edges),
              *(Identity(Role.EXT_PROC, name) for name in ext_procs),
              *(Identity(Role.REDIS, name) for name in redis)]
@@ -36,6 +38,9 @@ def fleet(edges: Iterable[str], ext_procs: Iterable[str], redis: Iterable[str] =
             raise PkiError(f"{identity.name!r} cannot name a certificate: its files would be "
                            f"those of another ({', '.join(sorted(files & taken))})")
         taken |= files
+        problem = redis_user_problem(identity.name)
+        if identity.role is Role.EXT_PROC and problem is not None:
+            raise PkiError(f"--ext-proc {identity.name}: also the replica's Redis user: {problem}")
         if identity.role is Role.REDIS and (
                 identity.name in (*SERVER_DNS, EXT_PROC_SERVER_NAME) or _is_ip(identity.name)):
             raise PkiError(f"--redis {identity.name}: a Redis needs a DNS name of its own")

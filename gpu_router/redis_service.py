@@ -5,14 +5,15 @@ worker and replica counts alone, so a fleet (several workers, replicas or edges)
 shared store. `gpu-router up` and the Stack start it (no persistence: counters live two
 minutes) when the policy gives some client a limit, or when asked.
 
-It takes no command before AUTH with the fleet's password: anyone else who reached it could
-reset the counters (escape a limit) or raise them (get a client refused). With the password,
-only the counters' commands on the counters' keys (access_rule): whoever holds it (a revoked
-replica, say) can move counters, not CONFIG SET a directory and SAVE a file as Redis's user,
-FLUSHALL or load a module. The password is made
-once into the certs directory (PASSWORD_FILE, mode 0600) and travels only in files: redis-server
-reads it from a config file of mode 0600, ext_proc from --redis-password-file; never in argv,
-which every local user can read.
+It takes no command before AUTH: anyone else who reached it could reset the counters (escape a
+limit) or raise them (get a client refused). Each ext_proc replica is a Redis user of its own,
+named as its certificate, with its own password, which runs only the counters' commands on the
+counters' keys (access_rules): a stolen password moves counters, but cannot CONFIG SET a
+directory and SAVE a file as Redis's user, FLUSHALL or load a module, and a revoked replica's
+goes with its certificate. The default user may only PING. The passwords are made once into
+the certs directory (PASSWORD_FILE, USERS_DIR, mode 0600) and travel only in files:
+redis-server reads them from a config file of mode 0600, ext_proc from --redis-password-file;
+never in argv, which every local user can read.
 
 The stack's Redis listens on a unix socket in a directory of its own (mode 0700, redis_home),
 and on no TCP port. A port picked free can be taken by any local user between the pick and Redis's bind, and
@@ -30,6 +31,8 @@ import secrets
 import shutil
 import stat
 import tempfile
+from collections.abc import Callable, Iterable
+from functools import partial
 from pathlib import Path
 
 from control_plane.policy.model import RoutingConfig
@@ -42,26 +45,65 @@ REDIS = "redis"
 """The process's name in the stack."""
 MODES = ("auto", "always", "never")
 PASSWORD_FILE = "redis-password"
+"""The password of Redis's default user, which may only PING (readiness and health checks)."""
+USERS_DIR = "redis-users"
+"""One password file per ext_proc replica, named as the replica: its Redis user."""
+DEFAULT_USER = "default"
 _PASSWORD = re.compile(r"[A-Za-z0-9._~+/=-]{16,256}")
 """What a password may be: written into redis.conf and a RESP command unquoted, it must hold no
 space, quote or control character."""
+_USER = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
 class RedisPasswordError(ValueError):
     """A password file that is missing, unreadable, or holds no usable password; names the file."""
 
 
-def ensure_password(directory: Path) -> Path:
-    """The fleet's Redis password file in `directory`, made (mode 0600) when absent; an existing
-    one is kept, so every replica and restart agrees on it."""
-    path = directory / PASSWORD_FILE
+def redis_user_problem(name: str) -> str | None:
+    """Why an ext_proc replica's name cannot be its Redis user's (written into redis.conf
+    unquoted); None when it can."""
+    if name == DEFAULT_USER or not _USER.fullmatch(name):
+        return (f"{name!r} cannot name a Redis user: 1 to 64 of A-Z a-z 0-9 . _ -, and not "
+                f"{DEFAULT_USER!r} (Redis's own)")
+    return None
+
+
+def password_file(directory: Path, user: str | None = None) -> Path:
+    """Where `directory` keeps the default user's password (None) or replica `user`'s."""
+    return directory / PASSWORD_FILE if user is None else directory / USERS_DIR / user
+
+
+def ensure_password(directory: Path, user: str | None = None) -> Path:
+    """The password file of Redis's default user (None) or of ext_proc replica `user` in
+    `directory`, made (mode 0600) when absent; an existing one is kept, so every restart agrees
+    on it."""
+    problem = None if user is None else redis_user_problem(user)
+    if problem is not None:
+        raise RedisPasswordError(problem)
+    path = password_file(directory, user)
     if not path.exists():
-        directory.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(descriptor, "w") as out:
             out.write(secrets.token_urlsafe(32) + "\n")
     read_password(path)
     return path
+
+
+def access_rules(directory: Path, replicas: Iterable[str]) -> str:
+    """redis.conf's users, with the passwords in `directory` (made when absent): the default
+    user, which every client is before AUTH, may only PING; each ext_proc replica is a user of
+    its own, whose password runs only the counters' commands (ext_proc/rate_limit.py) on their
+    keys. A replica's password goes with its certificate (`certs revoke`), so a Redis started
+    on rules rendered after a revocation refuses the revoked replica's."""
+    default = read_password(ensure_password(directory))
+    rules = [f"user {DEFAULT_USER} on resetpass >{default} resetkeys resetchannels -@all +ping"]
+    commands = " ".join(f"+{command}" for command in (*COMMANDS, "ping"))
+    for name in sorted(set(replicas)):
+        password = read_password(ensure_password(directory, name))
+        rules.append(f"user {name} on resetpass >{password} resetkeys ~{KEY_PREFIX}* "
+                     f"resetchannels -@all {commands}")
+    return "\n".join(rules) + "\n"
 
 
 def read_password(path: Path) -> str:
@@ -73,15 +115,6 @@ def read_password(path: Path) -> str:
         raise RedisPasswordError(f"{path}: the Redis password must be 16 to 256 characters of "
                                  "A-Z a-z 0-9 . _ ~ + / = -")
     return password
-
-
-def access_rule(password: str) -> str:
-    """redis.conf's line for its one user (the default, which every client is): the password,
-    and only what the rate-limit counters send (ext_proc/rate_limit.py), on their keys, and
-    PING (readiness and health checks)."""
-    commands = " ".join(f"+{command}" for command in (*COMMANDS, "ping"))
-    return (f"user default on resetpass >{password} resetkeys ~{KEY_PREFIX}* resetchannels "
-            f"-@all {commands}")
 
 
 def wants_redis(mode: str, config: RoutingConfig) -> bool:
@@ -182,11 +215,11 @@ def redis_url(home: Path) -> str:
     return f"unix://{redis_socket(home)}"
 
 
-def redis_process(home: Path, log_dir: Path, password_file: Path) -> ManagedProcess:
-    """redis-server on the socket in `home` (redis_home) behind the password in
-    `password_file`, nothing persisted, no TCP port; its config (password included) is
-    `home`/redis.conf, mode 0600. ProcessError when the redis-server binary (Debian: apt-get
-    install redis-server) is missing."""
+def redis_process(home: Path, log_dir: Path, rules: str) -> ManagedProcess:
+    """redis-server on the socket in `home` (redis_home) with these users (access_rules),
+    nothing persisted, no TCP port; its config (passwords included) is `home`/redis.conf, mode
+    0600. ProcessError when the redis-server binary (Debian: apt-get install redis-server) is
+    missing."""
     binary = shutil.which("redis-server")
     if binary is None:
         raise ProcessError("client rate limits across ext_proc workers need redis-server "
@@ -198,8 +231,23 @@ def redis_process(home: Path, log_dir: Path, password_file: Path) -> ManagedProc
     with os.fdopen(descriptor, "w") as out:
         out.write(f"port 0\nunixsocket {_quoted(str(redis_socket(home)))}\nunixsocketperm 700\n"
                   f"protected-mode yes\nsave \"\"\nappendonly no\ndir {_quoted(str(home))}\n"
-                  f"{access_rule(read_password(password_file))}\n")
+                  f"{rules}")
     return ManagedProcess(REDIS, [binary, str(config)], log_dir / f"{REDIS}.log")
+
+
+def fleet_redis(certs: Path, log_dir: Path, replicas: Iterable[str]
+                ) -> tuple[Path, ManagedProcess, Callable[[], bool]]:
+    """A redis-server for these ext_proc replicas (their users: access_rules, with the passwords
+    in `certs`) in a new redis_home: (that directory, the process, the check that it answers
+    PING after AUTH as the default user)."""
+    password = read_password(ensure_password(certs))
+    home = redis_home(certs)
+    try:
+        process = redis_process(home, log_dir, access_rules(certs, replicas))
+    except BaseException:
+        remove_redis_home(home)
+        raise
+    return home, process, partial(redis_answers, redis_socket(home), password)
 
 
 def _quoted(text: str) -> str:

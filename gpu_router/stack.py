@@ -17,7 +17,6 @@ import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any, Self
 
@@ -36,12 +35,8 @@ from gpu_router.processes import (
     stop_each,
 )
 from gpu_router.redis_service import (
-    ensure_password,
-    read_password,
-    redis_answers,
-    redis_home,
-    redis_process,
-    redis_socket,
+    fleet_redis,
+    password_file,
     redis_url,
     remove_dead_redis_homes,
     remove_redis_home,
@@ -64,6 +59,11 @@ Probe = Callable[[], Callable[[], bool]]
 
 def _never() -> bool:
     return False
+
+
+def _replica_name(index: int) -> str:
+    """ext_proc replica `index`'s process, certificate and Redis user."""
+    return f"ext-proc-{index + 1}"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -111,8 +111,6 @@ class Stack:
     --edge-tls-cert, --edge-tls-key); None: plain HTTP."""
     redis_url: str | None = None
     """Where the replicas' rate-limit counters are, once started; None: in each worker."""
-    redis_password_file: Path | None = None
-    """The password Redis asks before any command (in the certs directory), once started."""
     _lifecycles: dict[str, _Lifecycle] = field(default_factory=dict, repr=False)
     redis_dir: Path | None = field(default=None, init=False)
     """Redis's own directory (mode 0700: its config, the password in it, and its socket), once
@@ -196,30 +194,29 @@ class Stack:
         remove_dead_redis_homes(self.certs)
         if not wants_redis(self.redis, load_policy_file(self.policy)):
             return
-        self.redis_password_file = ensure_password(self.certs)
-        password = read_password(self.redis_password_file)
-        home = self.redis_dir = redis_home(self.certs)
-        self._launch(redis_process(home, self.log_dir, self.redis_password_file),
-                     _Lifecycle(what="redis to take the password and answer PING",
-                                probe=lambda: partial(redis_answers, redis_socket(home), password),
-                                ports=()), timeout)
+        home, process, answers = fleet_redis(
+            self.certs, self.log_dir, map(_replica_name, range(self.ext_proc_replicas)))
+        self.redis_dir = home
+        self._launch(process, _Lifecycle(what="redis to take the password and answer PING",
+                                         probe=lambda: answers, ports=()), timeout)
         self.redis_url = redis_url(home)
 
     def start_ext_proc(self, index: int, timeout: float) -> None:
-        """ext_proc replica `index` (named ext-proc-<index + 1>) on its port."""
+        """ext_proc replica `index` (_replica_name) on its port."""
         port = self.ext_proc_ports[index]
         args = [
             "--listen", f"127.0.0.1:{port}",
             "--xds", f"127.0.0.1:{self.ports.xds}",
             "--workers", str(self.ext_proc_workers),
         ]  # fmt: skip
-        if self.redis_url is not None:
+        name = _replica_name(index)
+        if self.redis_url is not None:  # as the Redis user its certificate names
             args += ["--redis", self.redis_url,
-                     "--redis-password-file", str(self.redis_password_file)]
-        tls = self.tls(pki.Role.EXT_PROC, f"ext-proc-{index + 1}")
+                     "--redis-password-file", str(password_file(self.certs, name))]
+        tls = self.tls(pki.Role.EXT_PROC, name)
         # No --tls-crl: the control plane sends the replica its CRL over xDS.
         args += ["--tls-ca", str(tls.ca), "--tls-cert", str(tls.cert), "--tls-key", str(tls.key)]
-        ext_proc = python_module(f"ext-proc-{index + 1}", "ext_proc", args, self.log_dir)
+        ext_proc = python_module(name, "ext_proc", args, self.log_dir)
         self._launch(
             ext_proc,
             _Lifecycle(

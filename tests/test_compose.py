@@ -43,7 +43,7 @@ from gpu_router.processes import (
     port_open,
     python_module,
 )
-from gpu_router.redis_service import PASSWORD_FILE, access_rule, read_password
+from gpu_router.redis_service import access_rules, password_file, read_password
 from simulator.__main__ import parse_args as simulator_args
 from simulator.__main__ import plan as simulator_plan
 
@@ -546,14 +546,20 @@ def test_each_node_presents_its_roles_certificate_which_the_control_plane_makes(
         assert all(path.is_file() for path in files), name
         assert role_of_file(files[1]) == (pki.Role.EXT_PROC, name), "its own, naming it"
         assert files[1].parent == volumes[f"{name}-certs"], "in a volume of its own"
-        [password_file] = argv["--redis-password-file"]
-        passwords.add(read_password(in_volume(service, password_file, volumes)))
+        # Its own Redis user's password, the user named by its certificate (ext_proc's default).
+        [password] = argv["--redis-password-file"]
+        assert in_volume(service, password, volumes).parent == volumes[f"{name}-certs"], name
+        assert "--redis-user" not in argv, name
+        mine = read_password(in_volume(service, password, volumes))
+        assert mine == read_password(password_file(volumes["pki"], name)), name
+        passwords.add(mine)
         dialled.update(urllib.parse.urlsplit(url).hostname for url in argv["--redis"])
-    # Redis asks every client for the password the replicas read, and the pki volume keeps.
+    # Redis has a user per replica, with the password the replica reads and the pki keeps.
     [redis] = [s for s in services.values() if _program(s["command"]) == "redis-server"]
     config = in_volume(redis, redis["command"][1], volumes).read_text().splitlines()
-    assert passwords == {read_password(volumes["pki"] / PASSWORD_FILE)}
-    assert access_rule(passwords.pop()) in config and 'save ""' in config
+    assert len(passwords) == len(replicas), "no replica's password is another's"
+    rules = access_rules(volumes["pki"], replicas).splitlines()
+    assert set(rules) <= set(config) and 'save ""' in config
     assert {"port 0", "tls-port 6379", "tls-auth-clients yes"} <= set(config)  # TLS only
     [served_path] = [line.split()[1] for line in config if line.startswith("tls-cert-file ")]
     served = x509.load_pem_x509_certificate(in_volume(redis, served_path, volumes).read_bytes())
@@ -585,16 +591,19 @@ def test_each_node_presents_its_roles_certificate_which_the_control_plane_makes(
         assert in_volume(control, f"/{node}-certs", volumes) == volumes[f"{node}-certs"]
     for replica in replicas:
         assert sorted(p.name for p in volumes[f"{replica}-certs"].iterdir()) == [
-            "ca.pem", "ext-proc-key.pem", "ext-proc.pem"]
+            "ca.pem", "ext-proc-key.pem", "ext-proc.pem", "redis-password"]
         assert in_volume(control, f"/{replica}-certs", volumes) == volumes[f"{replica}-certs"]
     assert sorted(p.name for p in volumes["redis-secret"].iterdir()) == [
         "redis-password", "redis.conf"]
     assert sorted(p.name for p in volumes["redis-tls"].iterdir()) == [
         "ca.pem", "redis-key.pem", "redis.pem"]
-    before = {p.name: p.read_bytes() for p in volumes["pki"].iterdir()}
+    def pki_files() -> dict[Path, bytes]:
+        return {p: p.read_bytes() for p in volumes["pki"].rglob("*") if p.is_file()}
+
+    before = pki_files()
     again = subprocess.run([shell, str(host_path(control, script)), "true"], env=env,
                            capture_output=True, text=True, timeout=60, check=False)
     assert again.returncode == 0, again.stderr
-    assert {p.name: p.read_bytes() for p in volumes["pki"].iterdir()} == before, "kept on restart"
+    assert pki_files() == before, "kept on restart"
     # Last: it skips without redis-server, and nothing above may be skipped with it.
     redis_healthcheck_passes_only_with_the_password(redis, volumes, tmp_path)

@@ -175,12 +175,15 @@ def test_a_certificate_speaks_for_one_identity_or_none() -> None:
     ([], [], ["localhost"], "--redis localhost: a Redis needs a DNS name of its own"),
     ([], [], ["ext-proc.gpu-router"], "a Redis needs a DNS name of its own"),
     ([], [], ["10.0.0.7"], "--redis 10.0.0.7: a Redis needs a DNS name of its own"),
+    ([], ["default"], [], "--ext-proc default: also the replica's Redis user: 'default' cannot"),
+    ([], ["two words"], [], "--ext-proc two words: also the replica's Redis user"),
 ])
 def test_a_fleet_refuses_names_that_would_overwrite_a_file_or_pose_as_a_server(
     edges: list[str], ext_procs: list[str], redis: list[str], says: str,
 ) -> None:
     """`ca` would overwrite the CA; a Redis named as the control plane could pose as it to a
-    client that checks that name (ext_proc dialling it)."""
+    client that checks that name (ext_proc dialling it); a replica's name is its Redis user's,
+    written into redis.conf."""
     with pytest.raises(pki.PkiError, match=says):
         fleet(edges, ext_procs, redis)
 

@@ -1,5 +1,6 @@
-"""The fleet's Redis (gpu_router/redis_service.py): no command before AUTH with the fleet's
-password, which travels only in files; and ext_proc's flags for it."""
+"""The fleet's Redis (gpu_router/redis_service.py): no command before AUTH, a user per ext_proc
+replica whose password travels only in files and goes with its certificate; and ext_proc's
+flags for it."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 from ext_proc_fixtures import FakeAds
 from polling import eventually
 
@@ -20,10 +22,13 @@ from control_plane.policy.load import default_policy_path
 from ext_proc.__main__ import main as ext_proc_main
 from ext_proc.rate_limit import Charge, RateLimiter, RedisCounters
 from gpu_router import pki
+from gpu_router.cli import main as cli_main
 from gpu_router.redis_service import (
     PASSWORD_FILE,
     RedisPasswordError,
+    access_rules,
     ensure_password,
+    password_file,
     read_password,
     redis_answers,
     redis_home,
@@ -34,17 +39,20 @@ from gpu_router.redis_service import (
 )
 from gpu_router.stack import Stack, StackPorts
 
+REPLICAS = ("ext-proc-1", "ext-proc-2")
+
 
 @pytest.fixture
 def redis_server(tmp_path: Path) -> Iterator[tuple[Path, str, int]]:
-    """A launcher-made redis-server: (its directory, password, pid)."""
+    """A launcher-made redis-server with the users of REPLICAS (their passwords in
+    tmp_path/certs): (its directory, the default user's password, pid)."""
     if shutil.which("redis-server") is None:
         pytest.skip("redis-server is not installed (.ci/run installs it on Debian)")
-    password_file = ensure_password(tmp_path / "certs")
-    password = read_password(password_file)
+    password = read_password(ensure_password(tmp_path / "certs"))
     home = redis_home(tmp_path / "certs")
     try:
-        process = redis_process(home, tmp_path, password_file).start()
+        rules = access_rules(tmp_path / "certs", REPLICAS)
+        process = redis_process(home, tmp_path, rules).start()
         try:
             eventually(lambda: redis_answers(redis_socket(home), password),
                        "redis-server to answer PING")
@@ -104,6 +112,53 @@ def test_redis_takes_no_command_before_the_fleets_password(
     assert kind == "ConnectionError" and message
 
 
+def test_each_replica_is_a_redis_user_of_its_own_and_revoking_one_retires_its_password(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Redis reads no CRL: a replica's password goes with its certificate, so a Redis started
+    on the rules rendered after `certs revoke` and `certs init` refuses the revoked replica's
+    old password and takes its new one, while the other replica's stays as it was. No
+    replica's password is another's, and the default user's only PINGs."""
+    certs = tmp_path / "certs"
+    init = ["certs", "init", "--dir", str(certs), *(f"--ext-proc={name}" for name in REPLICAS)]
+
+    def command(argv: list[str]) -> None:
+        with pytest.raises(SystemExit) as done:
+            cli_main(argv)
+        assert done.value.code == 0, capsys.readouterr().err
+
+    command(init)
+    old = {name: read_password(password_file(certs, name)) for name in REPLICAS}
+    command(["certs", "revoke", "--dir", str(certs), "ext-proc-1"])
+    command(init)
+    new = {name: read_password(password_file(certs, name)) for name in REPLICAS}
+    assert new["ext-proc-2"] == old["ext-proc-2"] and new["ext-proc-1"] != old["ext-proc-1"]
+    capsys.readouterr()
+    default = read_password(password_file(certs))
+    home = redis_home(certs)
+    process = redis_process(home, tmp_path, access_rules(certs, REPLICAS)).start()
+
+    def counting(user: str, password: str) -> str:
+        try:
+            with redis.Redis(unix_socket_path=str(redis_socket(home)), username=user,
+                             password=password, socket_timeout=5) as client:
+                client.incrby("gpu-router:rl:users:1", 1)
+        except redis.RedisError as error:
+            return type(error).__name__
+        return "counted"
+
+    try:
+        eventually(lambda: redis_answers(redis_socket(home), default), "redis-server to answer")
+        assert counting("ext-proc-1", old["ext-proc-1"]) == "AuthenticationError"
+        assert counting("ext-proc-1", new["ext-proc-1"]) == "counted"
+        assert counting("ext-proc-2", old["ext-proc-2"]) == "counted"
+        assert counting("ext-proc-1", new["ext-proc-2"]) == "AuthenticationError"
+        assert counting("default", default) == "NoPermissionError"
+    finally:
+        process.stop()
+        remove_redis_home(home)
+
+
 @pytest.mark.parametrize("text", ["", "short", "has space in it, long enough", "quo\"te-long-enough"])
 def test_an_unusable_redis_password_file_is_an_error_naming_it(tmp_path: Path, text: str) -> None:
     path = tmp_path / PASSWORD_FILE
@@ -113,14 +168,15 @@ def test_an_unusable_redis_password_file_is_an_error_naming_it(tmp_path: Path, t
 
 
 def test_redis_counters_are_shared_and_a_lost_redis_fails_open(
-    redis_server: tuple[Path, str, int]
+    redis_server: tuple[Path, str, int], tmp_path: Path
 ) -> None:
-    home, password, _ = redis_server
+    home, _, _ = redis_server
 
     async def scenario() -> tuple[list[float | None], float | None, float | None]:
         url = redis_url(home)
-        # two workers, one store
-        one, two = RedisCounters(url, password=password), RedisCounters(url, password=password)
+        # two replicas, each its own user, one store
+        one, two = (RedisCounters(url, user=name, password=read_password(
+            password_file(tmp_path / "certs", name))) for name in REPLICAS)
         limit = [Charge("shared:req", 1, 3)]
         waits = []
         for counters in (one, two, one, two, one):
@@ -143,13 +199,16 @@ def test_ext_proc_refuses_to_start_on_unusable_flags(
 ) -> None:
     """Each a clear error and exit 2 before any worker starts: a password file that cannot be
     read or without --redis, a password on the command line, TLS files that do not match, a
-    CRL that is not one."""
+    CRL that is not one, a password whose Redis user no certificate names."""
     files = FakeAds.client_flags()
     missing = tmp_path / "nowhere" / PASSWORD_FILE
     other = pki.ensure(tmp_path / "other", [pki.Identity(pki.Role.EXT_PROC, "x")])["x"]
+    edge = pki.ensure(tmp_path / "edge", [pki.Identity(pki.Role.EDGE, "e")])["e"]
+    password = ensure_password(tmp_path / "edge")
     mismatched = ["--tls-ca", files[1], "--tls-cert", files[3], "--tls-key", str(other.key)]
     cases = [
-        ([*files, "--redis-password-file", str(missing)], "--redis-password-file needs --redis"),
+        ([*files, "--redis-password-file", str(missing)],
+         "--redis-password-file and --redis-user need --redis"),
         ([*files, "--redis", "redis://127.0.0.1:1", "--redis-password-file", str(missing)],
          str(missing)),
         ([*files, "--redis", "redis://:secret-password@127.0.0.1:1"], "--redis-password-file"),
@@ -158,6 +217,9 @@ def test_ext_proc_refuses_to_start_on_unusable_flags(
         ([*files, "--redis", "http://127.0.0.1:1"], "--redis: Redis URL must specify"),
         (mismatched, f"unusable TLS files: {other.key}: not the key of {files[3]}"),
         ([*files, "--tls-crl", str(other.cert)], f"{other.cert}: not a readable PEM CRL"),
+        (["--tls-ca", str(edge.ca), "--tls-cert", str(edge.cert), "--tls-key", str(edge.key),
+          "--redis", "redis://127.0.0.1:1", "--redis-password-file", str(password)],
+         f"{edge.cert} names no ext_proc replica: give --redis-user"),
     ]
     for argv, says in cases:
         with pytest.raises(SystemExit) as stopped:

@@ -23,11 +23,16 @@ from ext_proc.rate_limit import (
 )
 from gpu_router import pki
 from gpu_router.processes import ManagedProcess, free_port, port_open
-from gpu_router.redis_service import access_rule
+from gpu_router.redis_service import access_rules, password_file, read_password
 
-PASSWORD = "a-password-of-the-fleet-0123456789"
+REPLICA = "ext-proc"
 OBSERVER = "the-tests-own-password-0123456789"
 """A second user, the test's, which may read Redis's client list (the fleet's may not)."""
+
+
+def password(certs: dict[str, pki.TlsFiles]) -> str:
+    """The replica's Redis password (access_rules made it beside the certificates)."""
+    return read_password(password_file(certs[REPLICA].ca.parent, REPLICA))
 
 
 @pytest.fixture
@@ -45,7 +50,7 @@ def tls_redis(tmp_path: Path) -> Iterator[tuple[int, dict[str, pki.TlsFiles]]]:
     config.write_text(
         f"port 0\ntls-port {port}\nbind 127.0.0.1\ntls-cert-file {served.cert}\n"
         f"tls-key-file {served.key}\ntls-ca-cert-file {served.ca}\ntls-auth-clients yes\n"
-        f"{access_rule(PASSWORD)}\nuser observer on >{OBSERVER} ~* +@all\n"
+        f"{access_rules(tmp_path / 'certs', [REPLICA])}user observer on >{OBSERVER} ~* +@all\n"
         f"save \"\"\nappendonly no\ndir {tmp_path}\n")
     server = ManagedProcess("redis", ["redis-server", str(config)], tmp_path / "redis.log").start()
     try:
@@ -80,7 +85,8 @@ def test_replicas_share_counters_over_tls_and_their_certificate(
     async def waits() -> tuple[list[float | None], bool]:
         url = f"rediss://localhost:{port}"
         now = [0.0]
-        one, two = [await connected(RedisCounters(url, lambda: now[0], password=PASSWORD,
+        one, two = [await connected(RedisCounters(url, lambda: now[0], user=REPLICA,
+                                                  password=password(certs),
                                                   tls=certs["ext-proc"]), now)
                     for _ in range(2)]
         limit = [Charge("tls:req", 1, 2)]
@@ -89,7 +95,8 @@ def test_replicas_share_counters_over_tls_and_their_certificate(
         # The same server dialled by an address its certificate does not name: refused (the
         # replica then fails open), where the name it does carry connected above.
         elsewhere = RedisCounters(f"rediss://127.0.0.1:{port}", lambda: now[0],
-                                  password=PASSWORD, tls=certs["ext-proc"])
+                                  user=REPLICA, password=password(certs),
+                                  tls=certs["ext-proc"])
         try:
             await connected(elsewhere, now)
         except AssertionError:
@@ -122,7 +129,8 @@ def test_a_worker_connects_at_start_and_a_burst_shares_its_connections(
         return int(probe.info("clients")["connected_clients"]) - 1  # the probe's own
 
     async def burst() -> tuple[int, int, list[list[tuple[int, int]] | None]]:
-        counters = RedisCounters(f"rediss://localhost:{port}", password=PASSWORD,
+        counters = RedisCounters(f"rediss://localhost:{port}", user=REPLICA,
+                                 password=password(certs),
                                  tls=certs["ext-proc"])
         try:
             await counters.warm()
@@ -147,11 +155,12 @@ def test_a_worker_connects_at_start_and_a_burst_shares_its_connections(
 def test_the_password_runs_the_counters_commands_only(
     tls_redis: tuple[int, dict[str, pki.TlsFiles]], command: tuple[str, ...],
 ) -> None:
-    """A revoked replica still holds the password: it may move counters, not turn Redis into a
-    file writer (CONFIG SET dir, then SAVE), wipe it, or read other keys."""
+    """A replica's password, stolen: it may move counters, not turn Redis into a file writer
+    (CONFIG SET dir, then SAVE), wipe it, or read other keys."""
     port, certs = tls_redis
     replica = certs["ext-proc"]
-    client = redis.Redis(host="localhost", port=port, password=PASSWORD, ssl=True,
+    client = redis.Redis(host="localhost", port=port, username=REPLICA,
+                         password=password(certs), ssl=True,
                          ssl_ca_certs=str(replica.ca), ssl_certfile=str(replica.cert),
                          ssl_keyfile=str(replica.key), socket_timeout=5)
     try:
@@ -177,12 +186,13 @@ def test_redis_refuses_what_is_not_the_fleets_tls(
         "another CA's": {"host": "localhost", "ssl": True, "ssl_ca_certs": str(replica.ca),
                          "ssl_certfile": str(stranger.cert), "ssl_keyfile": str(stranger.key)},
     }[how]
-    client = redis.Redis(port=port, password=PASSWORD, socket_timeout=5,
+    client = redis.Redis(port=port, username=REPLICA, password=password(certs), socket_timeout=5,
                          retry=Retry(NoBackoff(), 0), **options)  # refused once is enough
     with pytest.raises(redis.ConnectionError):
         client.ping()
     client.close()
-    ok = redis.Redis(host="localhost", port=port, password=PASSWORD, ssl=True,
+    ok = redis.Redis(host="localhost", port=port, username=REPLICA, password=password(certs),
+                     ssl=True,
                      ssl_ca_certs=str(replica.ca), ssl_certfile=str(replica.cert),
                      ssl_keyfile=str(replica.key), socket_timeout=5)
     assert ok.ping()  # the same server, the replica's way

@@ -12,11 +12,11 @@
 #                      the certificate naming it), for each node in EDGE_NODES
 #   <replica>-certs -> that ext_proc only, at /certs: ca.pem, ext-proc.pem, ext-proc-key.pem,
 #                      its own certificate (named by the replica: revoking one leaves the
-#                      others), for each replica in EXT_PROC_REPLICAS; the CRL reaches them
-#                      over xDS
-#   redis volume    -> Redis and every ext_proc at /redis: redis-password, and redis.conf (for
-#                      redis-server: the password and the counters' commands only, TLS only,
-#                      nothing persisted)
+#                      others), and redis-password, its own Redis user's, for each replica in
+#                      EXT_PROC_REPLICAS; the CRL reaches them over xDS
+#   redis volume    -> Redis only, at /redis: redis-password (its default user's: PING only,
+#                      for the healthcheck), and redis.conf (for redis-server: a user per
+#                      replica, the counters' commands only; TLS only; nothing persisted)
 #   redis-tls volume -> Redis only, at /redis-tls: ca.pem, redis.pem, redis-key.pem (its server
 #                      certificate, DNS name "redis": the replicas dial rediss://redis:6379
 #                      with their own ext-proc certificate, which Redis checks against the CA)
@@ -54,16 +54,19 @@ for replica in $ext_proc_replicas; do
   cp "$pki/ca.pem" "$dir/"
   cp "$pki/$replica.pem" "$dir/ext-proc.pem"
   cp "$pki/$replica-key.pem" "$dir/ext-proc-key.pem"
+  cp "$pki/redis-users/$replica" "$dir/redis-password"  # its own Redis user's
 done
 # The Redis image runs redis-server as its own user, which must read these files: readable by
-# all, in volumes that only Redis (and, for the password, the ext_proc replicas) mount.
+# all, in volumes that only Redis mounts.
 install -m 0644 "$pki/redis-password" "$redis/redis-password"
 cp "$pki/ca.pem" "$pki/redis.pem" "$redis_tls/"
 install -m 0644 "$pki/redis-key.pem" "$redis_tls/redis-key.pem"
 {
-  # The password, and only the rate-limit counters' commands on their keys (as `gpu-router up`).
-  python -c 'import pathlib, sys; from gpu_router import redis_service as r
-print(r.access_rule(r.read_password(pathlib.Path(sys.argv[1]))))' "$pki/redis-password"
+  # A user per replica, as `gpu-router up` makes them: the counters' commands only; the
+  # default user's password (the healthcheck's) runs PING only.
+  # shellcheck disable=SC2086  # one argument per replica
+  python -c 'import pathlib, sys; from gpu_router.redis_service import access_rules
+sys.stdout.write(access_rules(pathlib.Path(sys.argv[1]), sys.argv[2:]))' "$pki" $ext_proc_replicas
   printf 'save ""\nappendonly no\n'
   printf 'port 0\ntls-port 6379\ntls-auth-clients yes\n'
   printf 'tls-cert-file /redis-tls/redis.pem\ntls-key-file /redis-tls/redis-key.pem\n'
