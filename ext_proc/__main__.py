@@ -40,6 +40,8 @@ def _redis_url_problem(url: str) -> str | None:
     if parsed.get("password"):  # in the user part or in ?password=
         return ("--redis holds a password, which every local user can read on the command "
                 "line (and which logs would repeat): put it in --redis-password-file")
+    if parsed.get("username"):  # the user goes with its password: both flags, or neither
+        return "--redis names a user: give it as --redis-user, with --redis-password-file"
     return None
 
 
@@ -94,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.redis is None and (args.redis_password_file or args.redis_user) is not None:
         parser.error("--redis-password-file and --redis-user need --redis")
+    if args.redis_user is not None and (not args.redis_user or args.redis_password_file is None):
+        parser.error("--redis-user needs a name, and its password in --redis-password-file")
     redis_problem = None if args.redis is None else _redis_url_problem(args.redis)
     if redis_problem is not None:
         parser.error(redis_problem)

@@ -1,6 +1,6 @@
 """`python -m ext_proc.healthcheck [HOST:PORT] --tls-ca CA --tls-cert CERT --tls-key KEY`: exit 0
-when the ext_proc replica there answers SERVING to grpc.health.v1 (it holds a routing policy), 1
-otherwise, with the reason on stderr.
+when the ext_proc replica there answers SERVING to grpc.health.v1 (it holds a routing policy
+and the CRL), 1 otherwise, with the reason on stderr.
 
 The same check Envoy makes, for container health checks (docker-compose.yml): a TCP connect
 would pass for a replica that is frozen or has no policy yet. The port takes mutual TLS only:

@@ -39,9 +39,9 @@ for a free one (each is held for one round trip) instead of opening its own: a b
 TLS connections at once took longer than REDIS_TIMEOUT_S and failed every limit open."""
 _KEY_TTL_S = 2 * WINDOW_S + 5
 KEY_PREFIX = "gpu-router:rl:"
-"""Every counter's key starts with it: all Redis lets the fleet's password touch."""
+"""Every counter's key starts with it: all Redis lets a replica's user touch."""
 COMMANDS = ("incrby", "decrby", "expire", "get")
-"""What RedisCounters sends: all Redis lets the fleet's password run, with PING (redis_service)."""
+"""What RedisCounters sends: all Redis lets a replica's user run, with PING (redis_service)."""
 
 _log = logging.getLogger(__name__)
 
@@ -146,17 +146,16 @@ class RedisCounters:
         self.url = url
 
     async def warm(self) -> None:
-        """Open the pool's connections before the first limited request needs one; Redis out
-        of reach is logged (the limits fail open until it is back), not an error."""
+        """Open the pool's connections before the first limited request needs one; a Redis
+        out of reach, or refusing this user, is logged (the limits fail open), not an error."""
         pool = self._redis.connection_pool
         held = []
         try:
             for _ in range(POOL_CONNECTIONS):  # held at once: each is a connection of its own
                 held.append(await pool.get_connection())
         except self._errors as error:
-            _log.warning("rate-limit store unreachable at start: limits fail open until it is "
-                         "reached", extra={"redis": self.url,
-                                           "error": f"{type(error).__name__}: {error}"})
+            _log.warning("rate-limit store not usable at start: limits fail open",
+                         extra={"redis": self.url, "error": f"{type(error).__name__}: {error}"})
         finally:
             for connection in held:
                 await pool.release(connection)

@@ -44,7 +44,9 @@ class LiveState:
     def __init__(self) -> None:
         self.current = RouterState()
         self.routable = asyncio.Event()
-        """Set once a routing policy is held (the health check reports SERVING from then on)."""
+        """Set once a routing policy and the fleet's CRL are held (the health check reports
+        SERVING from then on): a replica never serves before it can refuse a revoked edge."""
+        self._awaited = {"policy", "crl"}
 
     def apply_policy(self, policy: routing_pb2.RoutingPolicy) -> None:
         """Build the routing table (RoutingTableError leaves the old one in place)."""
@@ -52,7 +54,16 @@ class LiveState:
         clients = build_client_table(policy.clients, table)
         current = self.current
         self.current = RouterState.of(table, current.health, clients, current.spent)
-        self.routable.set()
+        self._holds("policy")
+
+    def crl_applied(self) -> None:
+        """The control plane's CRL (an empty one: it has none) is applied."""
+        self._holds("crl")
+
+    def _holds(self, what: str) -> None:
+        self._awaited.discard(what)
+        if not self._awaited:
+            self.routable.set()
 
     def apply_health(self, snapshot: health_pb2.HealthSnapshot) -> None:
         current = self.current

@@ -1,11 +1,12 @@
 """grpc.health.v1 for Envoy's active health check of the ext_proc cluster.
 
 A worker reports SERVING only once it holds a routing policy (before that every stream would
-fail), and NOT_SERVING from the moment it starts shutting down. Envoy checks each replica every
-few hundred milliseconds: a frozen or overloaded replica misses its checks and is marked
-unhealthy, and with no healthy replica Envoy fails ext_proc streams at once, so requests go to
-the fallback route without waiting out the message timeout. The health check never depends on the
-control plane: a worker keeps serving on its last policy while the control plane is away.
+fail) and the fleet's CRL (before that it could not refuse a revoked edge), and NOT_SERVING
+from the moment it starts shutting down. Envoy checks each replica every few hundred
+milliseconds: a frozen or overloaded replica misses its checks and is marked unhealthy, and
+with no healthy replica Envoy fails ext_proc streams at once, so requests go to the fallback
+route without waiting out the message timeout. The health check never depends on the control
+plane: a worker keeps serving on its last policy while the control plane is away.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ class ServingStatus:
         health_pb2_grpc.add_HealthServicer_to_server(self._servicer, server)
 
     async def serve_once_routable(self, live: LiveState) -> None:
-        """Report SERVING once `live` holds a routing policy (a worker never loses it again)."""
+        """Report SERVING once `live` holds a routing policy and the fleet's CRL (a worker
+        never loses them again)."""
         await live.routable.wait()
         await self._set(health_pb2.HealthCheckResponse.SERVING)
 

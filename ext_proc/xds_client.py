@@ -74,14 +74,17 @@ class TypeState:
     """Nonce of the last response seen."""
 
 
-def learn_crl(revocations: Revocations) -> Callable[[revocation_pb2.RevocationList], None]:
-    """Applies a RevocationList: a CRL that is not the fleet CA's is NACKed (ResourceError)."""
+def learn_crl(revocations: Revocations, applied: Callable[[], None]
+              ) -> Callable[[revocation_pb2.RevocationList], None]:
+    """Applies a RevocationList, then calls `applied`; a CRL that is not the fleet CA's is
+    NACKed (ResourceError)."""
     def apply(message: revocation_pb2.RevocationList) -> None:
         try:
             if revocations.learn(message.crl_pem):
                 _log.info("crl_learned", extra={"bytes": len(message.crl_pem)})
         except RevocationError as error:
             raise ResourceError(str(error)) from error
+        applied()
     return apply
 
 
@@ -92,7 +95,7 @@ def live_subscriptions(live: LiveState, revocations: Revocations) -> tuple[Subsc
             type_url=REVOCATION_TYPE_URL,
             resource_name=REVOCATION_RESOURCE,
             message=revocation_pb2.RevocationList,
-            apply=learn_crl(revocations),
+            apply=learn_crl(revocations, live.crl_applied),
         ),  # type: ignore[arg-type]
         Subscription(
             type_url=POLICY_TYPE_URL,

@@ -133,7 +133,12 @@ def certs_revoke(args: argparse.Namespace) -> int:
     replicas = [name for name, peer in zip(args.names, revoked, strict=True)
                 if peer.role is pki.Role.EXT_PROC]
     for name in replicas:  # Redis reads no CRL: the user's password goes with the certificate
-        password_file(directory, name).unlink(missing_ok=True)
+        try:
+            password_file(directory, name).unlink(missing_ok=True)
+        except OSError as error:
+            print(f"gpu-router certs: {name} is revoked, but its Redis password is not: "
+                  f"{error}; remove the file by hand", file=sys.stderr)
+            return 1
     if replicas:
         print(f"{', '.join(replicas)}: Redis password removed (`certs init` or `up` makes a new "
               "one); Redis refuses the old one once it restarts on rules rendered anew "

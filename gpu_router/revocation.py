@@ -163,7 +163,7 @@ class Revocations:
         return self._take(_crl_of(source, _signed_crl(source, pem, self._authority)))
 
     def _take(self, crl: Crl) -> bool:
-        if crl.number < self._current.number:
+        if crl.number <= self._current.number:  # older, or the one held (a stream's reconnect)
             return False
         self._current = crl
         return True

