@@ -38,7 +38,7 @@ import yaml
 from load import Load, Phases, percentile_ms
 
 from control_plane.policy.load import default_policy_path
-from gpu_router.processes import EnvoyAdmin, free_port, http_get, port_open, python_module
+from gpu_router.processes import EnvoyAdmin, free_port, port_open, python_module
 from gpu_router.stack import Stack, StackPorts
 
 VICTIM = "runpod"
@@ -92,7 +92,7 @@ def winner(load: Load) -> str:
 
 def fleet_states(stack: Stack) -> str:
     """The control plane's state of each provider, e.g. "lambda healthy, runpod ejected"."""
-    providers = json.loads(http_get(stack.control_url("/v1/health"))[1])["providers"]
+    providers = json.loads(stack.control_get("/v1/health")[1])["providers"]
     return ", ".join(f"{name} {providers.get(name, {}).get('state', '?')}" for name in PROVIDERS)
 
 
@@ -216,7 +216,7 @@ def kill_case(args: argparse.Namespace, work: Path) -> int:
                 if now_counts != previous:
                     last_change, previous = time.monotonic(), now_counts
                 if ejected_at is None:
-                    health = json.loads(http_get(stack.control_url("/v1/health"))[1])
+                    health = json.loads(stack.control_get("/v1/health")[1])
                     if health["providers"].get(VICTIM, {}).get("state") == "ejected":
                         ejected_at, at_ejection = time.monotonic(), now_counts
                 time.sleep(0.02)

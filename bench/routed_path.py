@@ -46,7 +46,7 @@ from wrk_load import (
     wrk_with_cpu,
 )
 
-from gpu_router.processes import free_port, http_get
+from gpu_router.processes import free_port
 from gpu_router.stack import Stack, StackPorts
 
 
@@ -54,7 +54,7 @@ def ext_proc_histogram(stack: Stack) -> dict[str, float]:
     """gpu_router_ext_proc_duration_seconds from the control plane: ext_proc's time per request
     as Envoy's ext_proc filter measured it (Envoy has no stat for it, and the ext_proc gRPC
     cluster records no upstream_rq_time for these streams). Sample name -> value."""
-    _, body = http_get(stack.control_url("/metrics"))
+    _, body = stack.control_get("/metrics")
     samples = (line.partition(" ") for line in body.decode().splitlines())
     return {name: float(value) for name, _, value in samples
             if name.startswith("gpu_router_ext_proc_duration_seconds")}

@@ -10,6 +10,12 @@ GET /metrics      -> Prometheus exposition: text 0.0.4, or OpenMetrics when the 
                      asks for it (state.metrics_exposition(accept))
 GET /dashboard    -> the dashboard page and its assets (no CDN: works offline)
 
+Every path but /healthz (liveness: it tells nothing) answers only a request carrying the
+operator's admin token (the control plane's --admin-token-file), as `Authorization: Bearer
+<token>` or Basic with the token as the password (what a browser asks for on the dashboard, and
+`curl -u :TOKEN`); anything else gets 401. The API shows per-client spend and every request's
+story: nothing of it is for whoever merely reaches the port.
+
 Errors are JSON in the same shape the edge gives clients:
 {"error": {"message": ..., "type": ..., "param": null, "code": ...}}.
 Requests aiohttp cannot parse are answered 400 by aiohttp itself.
@@ -17,6 +23,8 @@ Requests aiohttp cannot parse are answered 400 by aiohttp itself.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import logging
 import secrets
@@ -80,6 +88,26 @@ Route = Callable[[str], tuple[bytes, str]]
 
 def _as_json(producer: Callable[[], Any]) -> Route:
     return lambda _accept: (json.dumps(producer(), indent=2, sort_keys=True).encode(), JSON)
+
+
+OPEN_PATHS = frozenset({"/healthz"})
+"""Answered without the token: container healthchecks probe it, and it tells nothing."""
+
+
+def authorized(header: str | None, token: str) -> bool:
+    """Whether an Authorization header carries the admin token: `Bearer <token>`, or Basic
+    with the token as the password (any user name)."""
+    scheme, _, value = (header or "").strip().partition(" ")
+    if scheme.lower() == "bearer":
+        given = value.strip()
+    elif scheme.lower() == "basic":
+        try:
+            given = base64.b64decode(value.strip(), validate=True).decode().partition(":")[2]
+        except (binascii.Error, UnicodeDecodeError):
+            return False
+    else:
+        return False
+    return secrets.compare_digest(given.encode(), token.encode())
 
 
 def _fixed(body: bytes, content_type: str) -> Route:
@@ -162,11 +190,13 @@ def respond(table: dict[str, Route], method: str, path: str, accept: str,
 class AdminHttpServer:
     """Serves `respond` with aiohttp; port 0 picks a free one (read `.port` after start)."""
 
-    def __init__(self, host: str, port: int, state: AdminState) -> None:
+    def __init__(self, host: str, port: int, state: AdminState, token: str) -> None:
+        """`token`: the admin token every path but OPEN_PATHS asks for."""
         self.host = host
         self.port = port
         self._routes = routes(state)
         self._state = state
+        self._token = token
         self._runner: web.AppRunner | None = None
 
     async def start(self) -> None:
@@ -192,5 +222,10 @@ class AdminHttpServer:
         self._runner = None
 
     async def _serve(self, request: web.Request) -> web.Response:
+        if request.path not in OPEN_PATHS and not authorized(
+                request.headers.get("Authorization"), self._token):
+            return _error(HTTPStatus.UNAUTHORIZED, "the admin API needs the control plane's "
+                          "admin token: Authorization: Bearer <token>, or Basic with it as the "
+                          "password", {"WWW-Authenticate": 'Basic realm="gpu-router"'})
         return respond(self._routes, request.method, request.path,
                        request.headers.get("Accept", ""), self._state)

@@ -56,6 +56,7 @@ from control_plane.xds.server import AggregatedDiscoveryServer, certified_peer
 from gpu_router.api.v1 import health_pb2, revocation_pb2
 from gpu_router.grpc_tls import server_credentials
 from gpu_router.revocation import RELOAD_EVERY_S, Revocations
+from gpu_router.secret_files import SecretFileError
 
 log = logging.getLogger("control_plane")
 
@@ -142,6 +143,7 @@ async def serve(options: Options, stop: asyncio.Event, hangup: asyncio.Event | N
     """
     tls = options.tls_files()
     revocations = Revocations.open(options.crl_path(), tls.ca)  # a bad CRL: refuse to start
+    admin_token = options.admin_token()  # one that cannot be read: refuse to start
 
     def prepare(path: Path) -> Release:
         """The policy's config, with the CRL the edges check ext_proc's certificates against."""
@@ -208,7 +210,7 @@ async def serve(options: Options, stop: asyncio.Event, hangup: asyncio.Event | N
     await apply(first)
     await server.start()
     state = ControlPlaneState(cache, rollout, fleet, metrics, accounting.spend, options.ledger)
-    admin = AdminHttpServer(options.http_host, options.http_port, state)
+    admin = AdminHttpServer(options.http_host, options.http_port, state, admin_token)
     await admin.start()
     # What start-up made (modules, protobuf descriptors, the first snapshot) lives as long as
     # the process: out of the collector's generations, a full collection no longer walks it.
@@ -309,7 +311,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except REJECTIONS as error:
         print(f"control plane: policy {options.policy_path} rejected:\n{error}", file=sys.stderr)
         return EXIT_BAD_POLICY
-    except (OSError, RuntimeError) as error:
+    except (OSError, RuntimeError, SecretFileError) as error:
         print(f"control plane: failed: {error}", file=sys.stderr)
         return EXIT_FAILED
     return 0

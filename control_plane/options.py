@@ -18,6 +18,7 @@ from control_plane.policy.load import default_policy_path
 from control_plane.telemetry.health import MAX_RETRY_AFTER_S
 from control_plane.translate import EdgeSettings
 from gpu_router import pki
+from gpu_router.admin_token import ADMIN_TOKEN_FILE, admin_token
 from gpu_router.revocation import CRL_FILE
 
 DEFAULT_EXT_PROC = ("127.0.0.1", 50051)
@@ -67,6 +68,9 @@ class Options:
     edge_tls_files: tuple[Path, Path] | None = None
     """(certificate chain, key) the edge listener serves to clients over TLS; None: plain
     HTTP."""
+    admin_token_file: Path | None = None
+    """The token the admin HTTP API asks for (admin_http.py); None: ADMIN_TOKEN_FILE in
+    certs_dir, made on first start."""
 
     def tls_files(self) -> pki.TlsFiles:
         """The gRPC port's CA, certificate and key: the given ones, else certs_dir's (made
@@ -75,6 +79,11 @@ class Options:
             return self.tls
         identity = pki.Identity(pki.Role.CONTROL_PLANE, pki.Role.CONTROL_PLANE.value)
         return pki.ensure(self.certs_dir, [identity])[identity.name]
+
+    def admin_token(self) -> str:
+        """The admin HTTP API's token, from admin_token_file or certs_dir's (made there when
+        absent); SecretFileError naming the file when it cannot be used."""
+        return admin_token(self.admin_token_file or self.certs_dir / ADMIN_TOKEN_FILE)
 
     def crl_path(self) -> Path | None:
         """The CRL to read: the given one, else certs_dir's crl.pem (absent until a
@@ -149,6 +158,9 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         "--http-host", default="127.0.0.1", help="admin HTTP bind address (0.0.0.0 in a container)"
     )
     parser.add_argument("--http-port", type=int, default=8080, help="admin HTTP port")
+    parser.add_argument("--admin-token-file", type=Path,
+                        help="file holding the token every admin HTTP path but /healthz asks for "
+                        "(default: admin-token in --certs-dir, made on first start)")
     parser.add_argument(
         "--edge-host",
         default="127.0.0.1",
@@ -257,6 +269,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         certs_dir=args.certs_dir,
         tls=pki.TlsFiles(*own) if all(own) else None,
         tls_crl=args.tls_crl,
+        admin_token_file=args.admin_token_file,
         edge_tls_files=(args.edge_tls_cert.resolve(), args.edge_tls_key.resolve())
         if all(edge_tls) else None,
     )

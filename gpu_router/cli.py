@@ -14,6 +14,7 @@ from control_plane.ledger.store import data_dir, default_ledger_path
 from control_plane.policy.load import PolicyError, default_policy_path, load_policy_file
 from control_plane.translate import TranslationError, check_translatable
 from gpu_router import pki
+from gpu_router.admin_token import ADMIN_TOKEN_FILE, bearer, read_admin_token
 from gpu_router.analysis_cli import add_analysis_commands
 from gpu_router.edge_guard import open_edge_refusal
 from gpu_router.fleet_certs import fleet
@@ -22,6 +23,7 @@ from gpu_router.keys_cli import add_keys_command, client_report
 from gpu_router.processes import Cancelled, ProcessError, http_get
 from gpu_router.redis_service import RedisPasswordError, ensure_password, password_file
 from gpu_router.revocation import RevocationError, revoke
+from gpu_router.secret_files import SecretFileError
 from gpu_router.stack import Stack, StackPorts
 from gpu_router.supervisor import StopSignals, Supervisor
 
@@ -78,12 +80,13 @@ def up(args: argparse.Namespace) -> int:
     except Cancelled:
         print(f"gpu-router: stopped by {signals.names()[0]} while starting", file=sys.stderr)
         return 0
-    except (ProcessError, pki.PkiError, RedisPasswordError) as error:
+    except (ProcessError, pki.PkiError, SecretFileError) as error:
         print(f"gpu-router: {error}", file=sys.stderr)
         return 1
     print(f"gpu-router is up: OpenAI-compatible endpoint {stack.url}/v1\n"
           f"  Envoy admin     http://127.0.0.1:{ports.admin}/stats\n"
-          f"  control plane   {stack.control_url('/v1/health')}\n"
+          f"  control plane   {stack.control_url('/v1/health')} (admin token: "
+          f"{stack.certs / ADMIN_TOKEN_FILE})\n"
           f"Ctrl-C (or SIGTERM, SIGHUP) stops everything; children that exit are restarted.",
           flush=True)
     supervisor = Supervisor(stack, signals)
@@ -157,7 +160,11 @@ def accounting_flags(args: argparse.Namespace) -> list[str]:
 def health(args: argparse.Namespace) -> int:
     url = f"{args.control_plane.rstrip('/')}/v1/health"
     try:
-        status, body = http_get(url)
+        token = read_admin_token(Path(args.admin_token_file))
+        status, body = http_get(url, headers=bearer(token))
+    except SecretFileError as error:
+        print(f"gpu-router: {error}", file=sys.stderr)
+        return 1
     except OSError as error:
         print(f"gpu-router: cannot reach the control plane at {url}: {error}", file=sys.stderr)
         return 1
@@ -247,6 +254,9 @@ def parser() -> argparse.ArgumentParser:
     show = commands.add_parser("health", help="fleet health per provider and model, from the control plane")
     show.add_argument("--control-plane", default=f"http://127.0.0.1:{defaults.control_http}")
     show.add_argument("--format", choices=("table", "json"), default="table")
+    show.add_argument("--admin-token-file", default=str(data_dir() / "certs" / ADMIN_TOKEN_FILE),
+                      help="the control plane's admin token (default: %(default)s, where "
+                      "`gpu-router up` and the control plane keep it)")
     show.set_defaults(handler=health)
 
     spend = commands.add_parser("report", help="spend, latency and errors per provider from the usage ledger")

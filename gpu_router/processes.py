@@ -79,11 +79,13 @@ def envoy_binary() -> str:
 
 
 def http_get(
-    url: str, timeout: float = 2.0, context: ssl.SSLContext | None = None
+    url: str, timeout: float = 2.0, context: ssl.SSLContext | None = None,
+    headers: dict[str, str] | None = None,
 ) -> tuple[int, bytes]:
     """GET a loopback URL; (status, body), with HTTP errors returned, not raised."""
+    request = urllib.request.Request(url, headers=headers or {})
     try:
-        with urllib.request.urlopen(url, timeout=timeout, context=context) as response:
+        with urllib.request.urlopen(request, timeout=timeout, context=context) as response:
             return response.status, response.read()
     except urllib.error.HTTPError as error:
         return error.code, error.read()

@@ -27,7 +27,6 @@ import fcntl
 import logging
 import os
 import re
-import secrets
 import shutil
 import stat
 import tempfile
@@ -38,6 +37,7 @@ from pathlib import Path
 from control_plane.policy.model import RoutingConfig
 from ext_proc.rate_limit import COMMANDS, KEY_PREFIX
 from gpu_router.processes import ManagedProcess, ProcessError
+from gpu_router.secret_files import SecretFileError, ensure_secret, read_secret
 
 _log = logging.getLogger(__name__)
 
@@ -49,13 +49,11 @@ PASSWORD_FILE = "redis-password"
 USERS_DIR = "redis-users"
 """One password file per ext_proc replica, named as the replica: its Redis user."""
 DEFAULT_USER = "default"
-_PASSWORD = re.compile(r"[A-Za-z0-9._~+/=-]{16,256}")
-"""What a password may be: written into redis.conf and a RESP command unquoted, it must hold no
-space, quote or control character."""
+_WHAT = "the Redis password"
 _USER = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
-class RedisPasswordError(ValueError):
+class RedisPasswordError(SecretFileError):
     """A password file that is missing, unreadable, or holds no usable password; names the file."""
 
 
@@ -80,14 +78,11 @@ def ensure_password(directory: Path, user: str | None = None) -> Path:
     problem = None if user is None else redis_user_problem(user)
     if problem is not None:
         raise RedisPasswordError(problem)
-    path = password_file(directory, user)
-    if not path.exists():
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(descriptor, "w") as out:
-            out.write(secrets.token_urlsafe(32) + "\n")
-    read_password(path)
-    return path
+    return ensure_secret(password_file(directory, user), _WHAT, RedisPasswordError)
+
+
+def read_password(path: Path) -> str:
+    return read_secret(path, _WHAT, RedisPasswordError)
 
 
 def access_rules(directory: Path, replicas: Iterable[str]) -> str:
@@ -104,17 +99,6 @@ def access_rules(directory: Path, replicas: Iterable[str]) -> str:
         rules.append(f"user {name} on resetpass >{password} resetkeys ~{KEY_PREFIX}* "
                      f"resetchannels -@all {commands}")
     return "\n".join(rules) + "\n"
-
-
-def read_password(path: Path) -> str:
-    try:
-        password = path.read_text().strip()
-    except (OSError, UnicodeDecodeError) as error:
-        raise RedisPasswordError(f"{path}: cannot read the Redis password: {error}") from error
-    if not _PASSWORD.fullmatch(password):
-        raise RedisPasswordError(f"{path}: the Redis password must be 16 to 256 characters of "
-                                 "A-Z a-z 0-9 . _ ~ + / = -")
-    return password
 
 
 def wants_redis(mode: str, config: RoutingConfig) -> bool:

@@ -22,6 +22,7 @@ from typing import Any, Self
 
 from control_plane.policy.load import load_policy_file
 from gpu_router import pki
+from gpu_router.admin_token import ADMIN_TOKEN_FILE, admin_token, bearer
 from gpu_router.bootstrap import EdgeNode, write_bootstrap
 from gpu_router.processes import (
     EnvoyAdmin,
@@ -132,9 +133,7 @@ class Stack:
             for index in range(self.edge_nodes):
                 self.start_edge(index, timeout)
             for edge in self.edges:
-                edge.process.wait_until(
-                    edge.serves_models, "the edge to route", timeout
-                )
+                edge.process.wait_until(edge.serves_models, "the edge to route", timeout)
         except BaseException:
             try:
                 self.stop()
@@ -146,15 +145,8 @@ class Stack:
     def start_simulators(self, timeout: float) -> None:
         sims = python_module(SIMULATOR, "simulator", ["--policy", str(self.policy)], self.log_dir)
         ports = tuple(self.simulator_ports())
-        self._launch(
-            sims,
-            _Lifecycle(
-                what="simulators to listen",
-                probe=lambda: lambda: all(map(port_open, ports)),
-                ports=ports,
-            ),
-            timeout,
-        )
+        self._launch(sims, _Lifecycle(what="simulators to listen", ports=ports,
+                                      probe=lambda: lambda: all(map(port_open, ports))), timeout)
 
     def simulator_ports(self) -> list[int]:
         from simulator.fleet import load_fleet
@@ -313,9 +305,15 @@ class Stack:
     def control_url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.ports.control_http}{path}"
 
+    def control_get(self, path: str) -> tuple[int, bytes]:
+        """GET `path` from the control plane's admin API, with its admin token (in the certs
+        directory, where the control plane finds it)."""
+        token = admin_token(self.certs / ADMIN_TOKEN_FILE)
+        return http_get(self.control_url(path), headers=bearer(token))
+
     def xds_nodes(self) -> list[dict[str, Any]]:
         """The control plane's view of every connected node (GET /v1/xds)."""
-        status, body = http_get(self.control_url("/v1/xds"))
+        status, body = self.control_get("/v1/xds")
         if status != 200:
             raise ProcessError(f"control plane /v1/xds answered {status}: {body[:200]!r}")
         nodes: list[dict[str, Any]] = json.loads(body)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import http.client
 import json
 import logging
@@ -10,13 +11,20 @@ import re
 import socket
 import urllib.error
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from control_plane.admin_http import AdminHttpServer
+from control_plane.admin_http import AdminHttpServer, authorized
 from control_plane.metrics import Metrics
+from control_plane.options import Options
+from gpu_router.admin_token import ADMIN_TOKEN_FILE, bearer, read_admin_token
 from gpu_router.processes import free_port, http_get
+from gpu_router.secret_files import SecretFileError
+
+TOKEN = "the-operators-token-0123456789"
+AUTH = bearer(TOKEN)
 
 
 class FakeState:
@@ -43,8 +51,9 @@ class FakeState:
 def _request(
     port: int, method: str, path: str, headers: dict[str, str] | None = None
 ) -> tuple[int, dict[str, str], bytes]:
+    """With the admin token unless `headers` says otherwise."""
     request = urllib.request.Request(
-        f"http://127.0.0.1:{port}{path}", method=method, headers=headers or {}
+        f"http://127.0.0.1:{port}{path}", method=method, headers={**AUTH, **(headers or {})}
     )
     try:
         with urllib.request.urlopen(request, timeout=5) as response:
@@ -64,7 +73,7 @@ def _raw(port: int, data: bytes) -> bytes:
 
 async def _exercise() -> None:
     port = free_port()
-    server = AdminHttpServer("127.0.0.1", port, FakeState())
+    server = AdminHttpServer("127.0.0.1", port, FakeState(), TOKEN)
     await server.start()
     try:
         status, headers, body = await asyncio.to_thread(_request, port, "GET", "/healthz")
@@ -79,7 +88,8 @@ async def _exercise() -> None:
         assert json.loads(body) == FakeState().health()
 
         assert json.loads(
-            (await asyncio.to_thread(http_get, f"http://127.0.0.1:{port}/v1/policy"))[1]
+            (await asyncio.to_thread(http_get, f"http://127.0.0.1:{port}/v1/policy", 2.0,
+                                     None, AUTH))[1]
         ) == {"version": "abc", "providers": ["prov-a"]}
 
         status, _, body = await asyncio.to_thread(_request, port, "GET", "/v1/xds")
@@ -125,7 +135,7 @@ def _two_on_one_connection(port: int) -> bool:
     try:
         sockets = []
         for path in ("/healthz", "/v1/policy"):
-            conn.request("GET", path)
+            conn.request("GET", path, headers=AUTH)
             response = conn.getresponse()
             response.read()
             assert response.status == 200
@@ -148,3 +158,62 @@ def test_admin_http_serves_state_over_real_sockets(caplog: pytest.LogCaptureFixt
         asyncio.run(_exercise())
     unparsable = [r for r in caplog.records if r.name == "control_plane.admin_http.protocol"]
     assert unparsable == [], "answered 400, not logged with a traceback"
+
+
+def basic(user: str, password: str) -> dict[str, str]:
+    return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+
+
+@pytest.mark.parametrize(("headers", "admitted"), [
+    ({"Authorization": ""}, False),
+    (bearer("not-the-token-0123456789"), False),
+    (bearer(TOKEN), True),
+    ({"Authorization": f"bearer  {TOKEN} "}, True),
+    (basic("", TOKEN), True),  # curl -u :TOKEN
+    (basic("operator", TOKEN), True),  # what a browser sends once asked
+    (basic(TOKEN, ""), False),
+    ({"Authorization": f"Basic {TOKEN}"}, False),  # not base64 of user:password
+    ({"Authorization": f"Token {TOKEN}"}, False),
+])
+def test_the_admin_api_answers_the_operators_token_only(
+    headers: dict[str, str], admitted: bool,
+) -> None:
+    """Per-client spend and every request's story are for the operator: every path but
+    /healthz asks for the token, and one without it learns nothing, not even which paths
+    exist; the browser is asked for it (Basic), so the dashboard works."""
+    assert authorized(headers["Authorization"], TOKEN) is admitted
+
+    async def exercise() -> list[tuple[int, dict[str, str], bytes]]:
+        port = free_port()
+        server = AdminHttpServer("127.0.0.1", port, FakeState(), TOKEN)
+        await server.start()
+        try:
+            return [await asyncio.to_thread(_request, port, "GET", path, headers)
+                    for path in ("/v1/policy", "/nope", "/healthz")]
+        finally:
+            await server.stop()
+
+    policy, nope, healthz = asyncio.run(exercise())
+    assert healthz[0] == 200
+    if admitted:
+        assert (policy[0], nope[0]) == (200, 404)
+    else:
+        assert (policy[0], nope[0]) == (401, 401)
+        assert policy[1]["WWW-Authenticate"] == 'Basic realm="gpu-router"'
+        assert json.loads(policy[2])["error"]["code"] == "unauthorized"
+
+
+def test_the_token_is_made_once_private_and_a_bad_one_is_an_error_naming_its_file(
+    tmp_path: Path,
+) -> None:
+    """The control plane makes it on first start and keeps it; `gpu-router health` reads it."""
+    options = Options(policy=None, certs_dir=tmp_path / "certs")
+    token = options.admin_token()
+    path = tmp_path / "certs" / ADMIN_TOKEN_FILE
+    assert path.stat().st_mode & 0o777 == 0o600 and options.admin_token() == token
+    assert read_admin_token(path) == token
+    path.write_text("short\n")
+    with pytest.raises(SecretFileError, match=f"{path}: the admin token must be 16 to 256"):
+        options.admin_token()
+    with pytest.raises(SecretFileError, match="cannot read the admin token"):
+        read_admin_token(tmp_path / "nowhere")

@@ -21,6 +21,7 @@ from xds_fixtures import dynamic_clusters, policy_file, running_envoy
 
 from control_plane.xds import type_urls
 from gpu_router import pki
+from gpu_router.admin_token import ADMIN_TOKEN_FILE, bearer, read_admin_token
 from gpu_router.api.v1 import health_pb2, routing_pb2
 from gpu_router.grpc_tls import channel_credentials
 from gpu_router.processes import (
@@ -51,7 +52,8 @@ class ControlPlane:
         return [entry for entry in map(json.loads, filter(None, lines)) if entry["event"] == name]
 
     def get(self, path: str) -> Any:
-        status, body = http_get(f"http://127.0.0.1:{self.http_port}{path}")
+        token = read_admin_token(self.certs / ADMIN_TOKEN_FILE)  # it made it on start
+        status, body = http_get(f"http://127.0.0.1:{self.http_port}{path}", headers=bearer(token))
         assert status == 200, body
         return json.loads(body)
 

@@ -265,7 +265,9 @@ function render(data) {
 
 async function poll() {
   try {
-    const response = await fetch("/v1/dashboard", {cache: "no-store"});
+    // From the origin: a page opened as http://user:token@host/ has the credentials in its
+    // base URL, which fetch refuses; the browser sends the ones it was given from its cache.
+    const response = await fetch(new URL("/v1/dashboard", location.origin), {cache: "no-store"});
     if (!response.ok) throw new Error(`HTTP ${response.status}`);
     render(await response.json());
   } catch (error) {

@@ -14,7 +14,7 @@ from polling import eventually
 from stack_harness import Providers, Traffic, start_stack
 
 from control_plane.policy.load import default_policy_path
-from gpu_router.processes import ManagedProcess, free_port, http_get, port_open, python_module
+from gpu_router.processes import ManagedProcess, free_port, port_open, python_module
 from gpu_router.stack import Stack
 
 MODEL = "llama-3.1-8b"
@@ -46,7 +46,7 @@ class Fleet:
         return list(self.stack.edges)
 
     def health(self) -> dict:
-        return json.loads(http_get(self.stack.control_url("/v1/health"))[1])
+        return json.loads(self.stack.control_get("/v1/health")[1])
 
     def state(self, provider: str) -> str:
         return self.health()["providers"].get(provider, {}).get("state", "healthy")

@@ -16,6 +16,7 @@ from polling import eventually
 from stack_harness import Providers, audit_trail, chat
 
 from control_plane.ledger.report import run_report
+from gpu_router.admin_token import ADMIN_TOKEN_FILE, read_admin_token
 from gpu_router.stack import Stack
 
 BATCH = {"x-workload": "batch"}
@@ -132,7 +133,10 @@ def test_audit_trail_has_one_complete_line_per_request(stack: Stack, traffic: di
 
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="needs /usr/bin/chromium (.ci/run installs it)")
 def test_the_control_planes_dashboard_draws_the_traffic(stack: Stack, traffic: dict, tmp_path: Path) -> None:
-    dom = chromium(stack.control_url("/dashboard"), tmp_path / "profile", "--dump-dom")
+    # As an operator's browser, once asked for the admin token (Basic, the token as password).
+    token = read_admin_token(stack.certs / ADMIN_TOKEN_FILE)
+    page = stack.control_url("/dashboard").replace("http://", f"http://operator:{token}@")
+    dom = chromium(page, tmp_path / "profile", "--dump-dom")
 
     drawn = set(re.findall(r'<path [^>]*data-provider="([\w-]+)" data-series="total"', dom))
     assert drawn >= {"coreweave", "runpod", "vast", "lambda"}

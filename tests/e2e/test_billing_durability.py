@@ -24,7 +24,6 @@ from control_plane.policy.load import default_policy_path
 from control_plane.telemetry.client_request import record_from_edge_entry
 from control_plane.translate.durable_log import FILE_SUFFIX
 from control_plane.usage.record import RequestRecord
-from gpu_router.processes import http_get
 from gpu_router.stack import Stack
 
 MODEL = "llama-3.1-8b"
@@ -58,7 +57,7 @@ def successes(traffic: Traffic) -> int:
 
 
 def metric(stack: Stack, name: str) -> float:
-    status, body = http_get(stack.control_url("/metrics"))
+    status, body = stack.control_get("/metrics")
     assert status == 200
     text = body.decode()
     return sum(float(value) for value in re.findall(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.MULTILINE))

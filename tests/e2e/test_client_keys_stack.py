@@ -19,7 +19,6 @@ from stack_harness import CLIENTS, Providers, Traffic, chat, policy_on_free_port
 
 from control_plane.policy.load import default_policy_path
 from gpu_router.keys_cli import client_report, key_sha256, new_key
-from gpu_router.processes import http_get
 from gpu_router.stack import Stack
 
 KEYS = {name: new_key() for name in ("team", "tiny", "rpm20", "steady", "late", "rotated")}
@@ -130,9 +129,9 @@ def test_the_ledger_report_and_metrics_name_the_client(stack: Stack) -> None:
     report = json.loads(client_report(str(ledger), "1h", "json"))
     team = next(row for row in report if row["client"] == "team")
     assert team["requests"] >= 2 and team["spend_usd"] > 0
-    metrics = http_get(stack.control_url("/metrics"))[1].decode()
+    metrics = stack.control_get("/metrics")[1].decode()
     assert 'gpu_router_client_requests_total{client="team",status_class="2xx"}' in metrics
-    dashboard = json.loads(http_get(stack.control_url("/v1/dashboard"))[1])
+    dashboard = json.loads(stack.control_get("/v1/dashboard")[1])
     rows = {row["client"]: row for row in dashboard["clients"]}
     assert list(rows)[:4] == ["team", "tiny", "rpm20", "steady"]
     assert rows["team"]["requests"] >= 2 and rows["team"]["budget_usd"] is None
@@ -162,12 +161,12 @@ def test_keys_added_changed_and_removed_take_effect_without_failing_others(stack
                 next(c for c in clients if c["name"] == "late")))
             eventually(lambda: chat(stack, "llama-3.1-8b", bearer("late"))[0] == 401,
                        "the removed key to be refused")
-            version = json.loads(http_get(stack.control_url("/v1/policy"))[1])["version"]
+            version = json.loads(stack.control_get("/v1/policy")[1])["version"]
             edit_clients(stack.policy, lambda clients: clients.append(
                 {"name": "broken", "key_sha256": "not-a-hash"}))  # rejected: the last good stays
             eventually(lambda: "policy_rejected" in (stack.log_dir / "control-plane.log").read_text(),
                        "the bad edit to be rejected")
-            assert json.loads(http_get(stack.control_url("/v1/policy"))[1])["version"] == version
+            assert json.loads(stack.control_get("/v1/policy")[1])["version"] == version
             assert chat(stack, "llama-3.1-8b", bearer("rotated"))[0] == 200
             seen = traffic.total()
             eventually(lambda: traffic.total() >= seen + 10, "more traffic after the edits")

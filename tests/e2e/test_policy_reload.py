@@ -12,7 +12,6 @@ from polling import eventually
 from stack_harness import CLIENTS, Providers, Traffic, chat
 
 from control_plane.policy.load import load_policy_text
-from gpu_router.processes import http_get
 from gpu_router.stack import Stack
 
 
@@ -27,7 +26,7 @@ def provider(document: dict, name: str) -> dict:
 
 
 def policy_version(stack: Stack) -> str:
-    return json.loads(http_get(stack.control_url("/v1/policy"))[1])["version"]
+    return json.loads(stack.control_get("/v1/policy")[1])["version"]
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ import yaml
 from polling import eventually
 from stack_harness import CLI, CLIENTS, Providers, Traffic, chat, post
 
+from gpu_router.admin_token import ADMIN_TOKEN_FILE
 from gpu_router.processes import http_get
 from gpu_router.stack import Stack
 
@@ -117,7 +118,8 @@ def test_models_are_listed_through_the_edge(stack: Stack) -> None:
 def test_gpu_router_health_shows_what_the_fleet_measured(stack: Stack, providers: Providers) -> None:
     for _ in range(3):
         assert chat(stack, "llama-3.1-8b", {"x-workload": "batch"})[0] == 200
-    command = [*CLI, "health", "--control-plane", stack.control_url("")]
+    command = [*CLI, "health", "--control-plane", stack.control_url(""),
+               "--admin-token-file", str(stack.certs / ADMIN_TOKEN_FILE)]
 
     def vast_rows() -> list[str]:
         table = subprocess.run(command, capture_output=True, text=True, check=True).stdout
@@ -152,7 +154,7 @@ def test_requests_in_flight_show_in_fleet_health(stack: Stack, providers: Provid
     providers.latency("vast", 2500)
 
     def in_flight() -> dict[str, int]:
-        health = json.loads(http_get(stack.control_url("/v1/health"))[1])
+        health = json.loads(stack.control_get("/v1/health")[1])
         return {name: view["in_flight"] for name, view in health["providers"].items() if view["in_flight"]}
 
     with ThreadPoolExecutor(3) as pool:
@@ -199,5 +201,5 @@ def test_clients_over_a_providers_cap_wait_then_go_to_the_next_and_none_gets_an_
     # The first requests, before any load report, met the cap and waited.
     assert stats[overflows] > before, stats
     # Once the load is gone, so is the cap (the next reports), for whatever runs next.
-    eventually(lambda: json.loads(http_get(stack.control_url("/v1/health"))[1])["at_cap"] == {},
+    eventually(lambda: json.loads(stack.control_get("/v1/health")[1])["at_cap"] == {},
                "the control plane to see vast below its cap again")

@@ -11,7 +11,6 @@ import json
 import math
 import sqlite3
 import time
-import urllib.request
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -49,8 +48,7 @@ def rows(stack: Stack, where: str = "1", *args: object) -> list[sqlite3.Row]:
 def history_caught_up(stack: Stack) -> bool:
     """The health history's latest rows hold the fleet's current EWMAs (what ext_proc routes
     on), every offering of the warm-up measured."""
-    with urllib.request.urlopen(stack.control_url("/v1/health")) as answer:
-        fleet = json.loads(answer.read())["providers"]
+    fleet = json.loads(stack.control_get("/v1/health")[1])["providers"]
     current = {(provider, model): figures["ewma_latency_ms"]
                for provider, entry in fleet.items()
                for model, figures in [("", entry), *entry["models"].items()]}
@@ -204,10 +202,9 @@ def test_why_tells_every_candidate_and_attempt_of_a_failed_over_request(
     assert (last["outcome"], last["status"]) == ("answered 200", 200)
     assert story["cost_usd"] > 0 and story["input_tokens"] > 0
 
-    with urllib.request.urlopen(stack.control_url(f"/v1/why/{story['request_id']}")) as answer:
-        assert json.loads(answer.read())["attempts_detail"] == story["attempts_detail"]
-    with urllib.request.urlopen(stack.control_url("/v1/dashboard")) as answer:
-        card = json.loads(answer.read())["savings"]
+    status, body = stack.control_get(f"/v1/why/{story['request_id']}")
+    assert status == 200 and json.loads(body)["attempts_detail"] == story["attempts_detail"]
+    card = json.loads(stack.control_get("/v1/dashboard")[1])["savings"]
     assert card is not None and set(card) >= {"actual_usd", "vs_cheapest", "models"}, (
         "the savings card's figure, made at start and every minute")
 

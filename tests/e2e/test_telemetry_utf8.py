@@ -18,7 +18,6 @@ import urllib.parse
 
 from polling import eventually
 
-from gpu_router.processes import http_get
 from gpu_router.stack import Stack
 
 
@@ -80,7 +79,7 @@ def test_non_utf8_header_and_body_bytes_are_booked_with_their_burst(stack: Stack
                         "utf8-model-header": 400, "utf8-other-header": 200, "utf8-after": 200}
     eventually(lambda: set(booked(stack)) >= set(requests), "every request in the ledger")
     assert sorted(i for i in booked(stack) if i in requests) == sorted(requests)
-    _, metrics = http_get(stack.control_url("/metrics"))
+    _, metrics = stack.control_get("/metrics")
     assert b'gpu_router_telemetry_dropped_total{kind="edge"' not in metrics
     log = (stack.log_dir / "control-plane.log").read_text()
     assert "DecodeError" not in log, "an access-log message failed to parse"
