@@ -24,7 +24,6 @@ Requests aiohttp cannot parse are answered 400 by aiohttp itself.
 from __future__ import annotations
 
 import base64
-import binascii
 import json
 import logging
 import secrets
@@ -97,17 +96,19 @@ OPEN_PATHS = frozenset({"/healthz"})
 def authorized(header: str | None, token: str) -> bool:
     """Whether an Authorization header carries the admin token: `Bearer <token>`, or Basic
     with the token as the password (any user name)."""
-    scheme, _, value = (header or "").strip().partition(" ")
-    if scheme.lower() == "bearer":
+    # As bytes: aiohttp hands any other byte on as a surrogate, which encode() would not take.
+    raw = (header or "").encode("utf-8", "surrogateescape")
+    scheme, _, value = raw.strip().partition(b" ")
+    if scheme.lower() == b"bearer":
         given = value.strip()
-    elif scheme.lower() == "basic":
+    elif scheme.lower() == b"basic":
         try:
-            given = base64.b64decode(value.strip(), validate=True).decode().partition(":")[2]
-        except (binascii.Error, UnicodeDecodeError):
+            given = base64.b64decode(value.strip(), validate=True).partition(b":")[2]
+        except ValueError:  # binascii.Error, and non-ASCII input
             return False
     else:
         return False
-    return secrets.compare_digest(given.encode(), token.encode())
+    return secrets.compare_digest(given, token.encode())
 
 
 def _fixed(body: bytes, content_type: str) -> Route:

@@ -1,8 +1,8 @@
 """The operator's token for the control plane's admin HTTP API (control_plane/admin_http.py).
 
 One file, ADMIN_TOKEN_FILE in the control plane's certs directory unless --admin-token-file
-names another, made on first start (mode 0600) by whichever of the control plane, `gpu-router
-up` and `gpu-router health` comes first; every client of the API reads it from there.
+names another, made (mode 0600) on the control plane's first start, or by the Stack before it
+starts one; every client of the API (`gpu-router health`, the Stack) reads it from there.
 """
 
 from __future__ import annotations

@@ -8,9 +8,11 @@ space, quote or control character.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import secrets
+import tempfile
 from pathlib import Path
 
 _SECRET = re.compile(r"[A-Za-z0-9._~+/=-]{16,256}")
@@ -25,13 +27,16 @@ def ensure_secret(path: Path, what: str, error: type[SecretFileError] = SecretFi
     an existing one is kept. `error` (naming the file and `what`) when it holds no usable one."""
     if not path.exists():
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # Written whole beside it, then linked into place: a process reading it meanwhile finds
+        # no file or the whole secret, and of two making it at once one links, one finds it.
+        descriptor, draft = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
         try:
-            descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            pass  # another process made it meanwhile: its secret is the one
-        else:
-            with os.fdopen(descriptor, "w") as out:
+            with os.fdopen(descriptor, "w") as out:  # mkstemp: mode 0600
                 out.write(secrets.token_urlsafe(32) + "\n")
+            with contextlib.suppress(FileExistsError):
+                os.link(draft, path)
+        finally:
+            os.unlink(draft)
     read_secret(path, what, error)
     return path
 

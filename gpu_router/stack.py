@@ -113,6 +113,7 @@ class Stack:
     redis_url: str | None = None
     """Where the replicas' rate-limit counters are, once started; None: in each worker."""
     _lifecycles: dict[str, _Lifecycle] = field(default_factory=dict, repr=False)
+    _admin_token: str = field(default="", init=False, repr=False)
     redis_dir: Path | None = field(default=None, init=False)
     """Redis's own directory (mode 0700: its config, the password in it, and its socket), once
     started: kept while Redis may be respawned, removed at stop."""
@@ -168,6 +169,7 @@ class Stack:
         if self.edge_tls is not None:
             args += ["--edge-tls-cert", str(self.edge_tls[0]), "--edge-tls-key", str(self.edge_tls[1])]
         self.tls(pki.Role.CONTROL_PLANE, pki.Role.CONTROL_PLANE.value)
+        self._admin_token = admin_token(self.certs / ADMIN_TOKEN_FILE)  # the one it will read
         args += ["--certs-dir", str(self.certs)]
         control = python_module(CONTROL_PLANE, "control_plane", args, self.log_dir)
         self._launch(
@@ -306,10 +308,8 @@ class Stack:
         return f"http://127.0.0.1:{self.ports.control_http}{path}"
 
     def control_get(self, path: str) -> tuple[int, bytes]:
-        """GET `path` from the control plane's admin API, with its admin token (in the certs
-        directory, where the control plane finds it)."""
-        token = admin_token(self.certs / ADMIN_TOKEN_FILE)
-        return http_get(self.control_url(path), headers=bearer(token))
+        """GET `path` from the control plane's admin API, with its admin token."""
+        return http_get(self.control_url(path), headers=bearer(self._admin_token))
 
     def xds_nodes(self) -> list[dict[str, Any]]:
         """The control plane's view of every connected node (GET /v1/xds)."""

@@ -217,3 +217,24 @@ def test_the_token_is_made_once_private_and_a_bad_one_is_an_error_naming_its_fil
         options.admin_token()
     with pytest.raises(SecretFileError, match="cannot read the admin token"):
         read_admin_token(tmp_path / "nowhere")
+
+
+def test_an_authorization_header_of_any_bytes_is_answered_not_a_failure() -> None:
+    """Whoever reaches the port may send any bytes: they get 401, not a 500 and a traceback in
+    the log; a user name that is not UTF-8 does not matter beside the right token."""
+    latin_1_user = base64.b64encode(b"op\xe9rator:" + TOKEN.encode())
+
+    async def exercise() -> list[bytes]:
+        port = free_port()
+        server = AdminHttpServer("127.0.0.1", port, FakeState(), TOKEN)
+        await server.start()
+        try:
+            return [await asyncio.to_thread(
+                _raw, port, b"GET /v1/policy HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                b"Authorization: " + value + b"\r\n\r\n")
+                for value in (b"Basic \xe9", b"Bearer \xe9", b"Basic " + latin_1_user)]
+        finally:
+            await server.stop()
+
+    replies = asyncio.run(exercise())
+    assert [reply.split(b" ", 2)[1] for reply in replies] == [b"401", b"401", b"200"], replies
