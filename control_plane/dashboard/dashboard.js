@@ -265,8 +265,8 @@ function render(data) {
 
 async function poll() {
   try {
-    // From the origin: a page opened as http://user:token@host/ has the credentials in its
-    // base URL, which fetch refuses; the browser sends the ones it was given from its cache.
+    // From the origin: a page opened with credentials in its URL (user:token@host) has them
+    // in its base URL, which fetch refuses; the browser sends the ones it was given anyway.
     const response = await fetch(new URL("/v1/dashboard", location.origin), {cache: "no-store"});
     if (!response.ok) throw new Error(`HTTP ${response.status}`);
     render(await response.json());
