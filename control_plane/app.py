@@ -52,7 +52,7 @@ from control_plane.watch import PolicyWatcher
 from control_plane.xds import type_urls
 from control_plane.xds.cache import SnapshotCache
 from control_plane.xds.peer import require_edge
-from control_plane.xds.server import AggregatedDiscoveryServer, certified_peer
+from control_plane.xds.server import AggregatedDiscoveryServer, peer_by_certificate
 from gpu_router.api.v1 import health_pb2, revocation_pb2
 from gpu_router.grpc_tls import server_credentials
 from gpu_router.revocation import RELOAD_EVERY_S, Revocations
@@ -182,7 +182,7 @@ async def serve(options: Options, stop: asyncio.Event, hangup: asyncio.Event | N
     # Watched: the policy file (unless embedded), the key files it names and the edge listener's
     # certificate and key, so a rotated key or certificate reaches the edges over SDS; SIGHUP
     # re-reads them at once. An env: key is read from this process's environment, which cannot
-    # change: rotating one takes a restart. (The CRL: _follow_crl.)
+    # change: rotating one takes a restart. (The CRL: _send_crl_to_ext_proc, _send_crl_to_edges.)
     watcher = PolicyWatcher(
         options.policy_path, prepare, apply, REJECTIONS,
         also=lambda: (*credential_files((rollout.current or first).config),
@@ -197,7 +197,7 @@ async def serve(options: Options, stop: asyncio.Event, hangup: asyncio.Event | N
     )
     ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(
         AggregatedDiscoveryServer(
-            cache, authenticate=functools.partial(certified_peer, revocations=revocations)),
+            cache, authenticate=functools.partial(peer_by_certificate, revocations=revocations)),
         server,
     )
     edges_only = functools.partial(require_edge, revocations=revocations)
@@ -244,7 +244,8 @@ async def serve(options: Options, stop: asyncio.Event, hangup: asyncio.Event | N
         jobs.append(state.savings.run())
     jobs.append(watcher.run())  # also on the embedded policy: its key files and certificate
     if revocations.path is not None:
-        jobs.append(_follow_crl(revocations, rollout, publish_crl))
+        jobs += [_send_crl_to_ext_proc(revocations, publish_crl),
+                 _send_crl_to_edges(revocations, rollout)]
     if hangup is not None:
         jobs.append(_reload_on(hangup, watcher))
     if reconciler is not None:
@@ -271,16 +272,22 @@ async def serve(options: Options, stop: asyncio.Event, hangup: asyncio.Event | N
         log.info("control_plane_stopped")
 
 
-async def _follow_crl(revocations: Revocations, rollout: Rollout,
-                      publish: Callable[[bytes], bool]) -> None:
-    """Within a second of the file's change, send each new CRL to every ext_proc replica (which
-    then refuses a revoked edge) and to the edges with the served release's ext_proc cluster (a
-    revoked replica then fails their handshakes)."""
+async def _send_crl_to_ext_proc(revocations: Revocations,
+                                publish: Callable[[bytes], bool]) -> None:
+    """Within a second of the file's change, send each new CRL to every ext_proc replica, which
+    then refuses a revoked edge: on a loop of its own, never behind a rollout's acks."""
+    while True:
+        await asyncio.sleep(RELOAD_EVERY_S)
+        if publish(revocations.current_pem()):
+            log.info("crl_sent_to_ext_proc", extra={"path": str(revocations.path)})
+
+
+async def _send_crl_to_edges(revocations: Revocations, rollout: Rollout) -> None:
+    """Send each new CRL to the edges with the served release's ext_proc cluster (a revoked
+    replica then fails their handshakes), once any rollout in progress is acked."""
     while True:
         await asyncio.sleep(RELOAD_EVERY_S)
         crl = revocations.current_pem()
-        if publish(crl):
-            log.info("crl_sent_to_ext_proc", extra={"path": str(revocations.path)})
         if await rollout.reapply(functools.partial(with_ext_proc_crl, crl=crl)):
             log.info("crl_sent_to_edges", extra={"path": str(revocations.path)})
 

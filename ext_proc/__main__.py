@@ -67,8 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tls-crl", type=Path,
                         help="a copy of the fleet's CRL (crl.pem, `gpu-router certs revoke`), "
                         "read again when it changes: an edge whose certificate it revokes is "
-                        "refused even before the control plane, which sends its CRL over xDS, is "
-                        "reached (default: the control plane's only)")
+                        "refused even while the control plane, which sends its CRL over xDS, is "
+                        "out of reach (default: the control plane's only)")
     parser.add_argument(
         "--workers",
         type=_positive,

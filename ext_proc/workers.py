@@ -51,8 +51,9 @@ class WorkerConfig:
     (which takes only clients with a certificate of that CA; service.py admits only edges)."""
     crl: Path | None = None
     """A copy of the fleet's CRL (gpu_router/revocation.py), read again when it changes: edges
-    whose certificate it revokes are refused. The control plane sends the CRL too, over xDS;
-    the file counts from start, before the control plane is reached. None: xDS only."""
+    whose certificate it revokes are refused. The control plane sends the CRL over xDS (a worker
+    serves only once it has); the copy counts while the control plane is out of reach. None:
+    xDS only."""
     log_level: str = "warning"
     redis: str | None = None
     """redis:// or unix:// URL of the fleet's shared rate-limit counters; None: counters in each

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable
+from pathlib import Path
 
 from gpu_router.pki import (
     CA_FILE,
@@ -16,6 +17,7 @@ from gpu_router.pki import (
     Identity,
     PkiError,
     Role,
+    tls_files,
 )
 from gpu_router.redis_service import redis_user_problem
 from gpu_router.revocation import CRL_FILE
@@ -48,8 +50,9 @@ def fleet(edges: Iterable[str], ext_procs: Iterable[str], redis: Iterable[str] =
 
 
 def _files_of(name: str) -> set[str]:
-    """The file names of `name`'s pair (tls_files)."""
-    return {f"{name}.pem", f"{name}-key.pem"}
+    """The file names of `name`'s pair, as tls_files names them."""
+    pair = tls_files(Path(), name)
+    return {pair.cert.name, pair.key.name}
 
 
 def _is_ip(name: str) -> bool:

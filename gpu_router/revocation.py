@@ -3,13 +3,14 @@
 A stolen edge key would otherwise work until its certificate expires (a year) or the CA is
 replaced, and an edge certificate gets every provider key. `gpu-router certs revoke NAME` adds
 NAME's certificate to the CRL and removes its pair from the directory, so the next
-`certs init` or `up` issues the node a new one. The control plane and ext_proc read the CRL
-(`--tls-crl`) and refuse a revoked certificate on every new stream; the control plane also ends
-an open stream of one at its next message either way (Peer.revoked). They read the file again
-when it changes, so revoking needs no restart. The control plane also sends it to every edge
-with the ext_proc cluster (EdgeSettings.ext_proc_crl), so a revoked replica fails the edges'
-handshakes too, and to every ext_proc replica over xDS (RevocationList, Revocations.learn), so
-a replica needs no copy of the file. The control plane's own certificate is not revoked here.
+`certs init` or `up` issues the node a new one. The control plane reads the CRL and refuses a
+revoked certificate on every new stream, and ends an open stream of one at its next message
+(Peer.revoked); it reads the file again when it changes, so revoking needs no restart. It sends
+the CRL to every ext_proc replica over xDS (RevocationList, Revocations.learn), which refuses a
+revoked edge on every new stream, and to every edge with the ext_proc cluster
+(EdgeSettings.ext_proc_crl), so a revoked replica fails the edges' handshakes too. A replica may
+also read a copy (`--tls-crl`, which `certs revoke --copy-to` writes): it counts while the
+control plane is out of reach. The control plane's own certificate is not revoked here.
 
 The CRL is X.509 (RFC 5280), built and verified with `cryptography`: OpenSSL reads the same file.
 Nothing may un-revoke: a CRL must be the CA's (signature), and newer than the last one read
@@ -152,12 +153,13 @@ class Revocations:
         self._reload(strict=False)
         return self._current.pem
 
-    def learn(self, pem: bytes, source: str = "the control plane's CRL") -> bool:
+    def learn(self, pem: bytes) -> bool:
         """Take a CRL the control plane sent (b"": it has none); whether it is now the one
         that counts. RevocationError when it is not a PEM CRL the CA signed, with a number; an
         older one than held is set aside (nothing un-revokes)."""
         if not pem:
             return False
+        source = "the control plane's CRL"
         if self._authority is None:
             raise RevocationError(f"{source}: no CA to check it against")
         return self._take(_crl_of(source, _signed_crl(source, pem, self._authority)))

@@ -54,7 +54,7 @@ Authenticate = Callable[[grpc.aio.ServicerContext, Node], Peer]
 """Who the peer of a stream is, given its first request's node."""
 
 
-def certified_peer(context: grpc.aio.ServicerContext, _node: Node,
+def peer_by_certificate(context: grpc.aio.ServicerContext, _node: Node,
                    revocations: Revocations = NOTHING_REVOKED) -> Peer:
     """The peer as its TLS client certificate names it; the node's claim is not evidence."""
     return peer_from(context, revocations)
@@ -68,7 +68,8 @@ class _Signal(enum.Enum):
 class AggregatedDiscoveryServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
     """State-of-the-world ADS over one SnapshotCache, for Envoy nodes and ext_proc replicas."""
 
-    def __init__(self, cache: SnapshotCache, authenticate: Authenticate = certified_peer) -> None:
+    def __init__(self, cache: SnapshotCache,
+                 authenticate: Authenticate = peer_by_certificate) -> None:
         self._cache = cache
         self._authenticate = authenticate
 
