@@ -24,6 +24,12 @@ from gpu_router.revocation import CRL_FILE
 DEFAULT_EXT_PROC = ("127.0.0.1", 50051)
 
 
+def default_certs_dir() -> Path:
+    """Where the control plane, `gpu-router up` and its clients keep the CA, certificates and
+    secrets unless told otherwise."""
+    return data_dir() / "certs"
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Options:
     policy: Path | None
@@ -58,7 +64,7 @@ class Options:
     """Each provider's and model's health is kept in the ledger's database this often (and at
     every state change) for `gpu-router replay` and `why`."""
     log_level: str = "info"
-    certs_dir: Path = field(default_factory=lambda: data_dir() / "certs")
+    certs_dir: Path = field(default_factory=default_certs_dir)
     """Where the CA and this process's certificate are found, or made when absent."""
     tls: pki.TlsFiles | None = None
     """Bring your own CA, certificate and key (overrides certs_dir)."""
@@ -143,7 +149,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     parser.add_argument("--xds-port", type=int, default=18000,
                         help="ADS, access-log and load-report gRPC port (mutual TLS)")
     parser.add_argument(
-        "--certs-dir", type=Path, default=data_dir() / "certs",
+        "--certs-dir", type=Path, default=default_certs_dir(),
         help="the CA (ca.pem, ca-key.pem) and control-plane.pem/-key.pem, made when absent "
         "(default: %(default)s)",
     )

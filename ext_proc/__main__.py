@@ -94,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--log-level", choices=LOG_LEVELS, default="warning")
     args = parser.parse_args(argv)
-    if args.redis is None and (args.redis_password_file or args.redis_user) is not None:
+    if args.redis is None and (args.redis_password_file is not None
+                               or args.redis_user is not None):
         parser.error("--redis-password-file and --redis-user need --redis")
     if args.redis_user is not None and (not args.redis_user or args.redis_password_file is None):
         parser.error("--redis-user needs a name, and its password in --redis-password-file")

@@ -112,9 +112,11 @@ def _connection_pool(url: str, user: str | None, password: str | None,
 
     from redis.asyncio.connection import BlockingConnectionPool, SSLConnection, parse_url
 
+    # No CLIENT SETINFO on connecting (driver_info None): a replica's user may run only
+    # COMMANDS, and Redis 7.2+ would log each refused SETINFO among real refusals.
     options: dict[str, Any] = {**parse_url(url), "username": user, "password": password,
                                "socket_timeout": REDIS_TIMEOUT_S,
-                               "socket_connect_timeout": REDIS_TIMEOUT_S}
+                               "socket_connect_timeout": REDIS_TIMEOUT_S, "driver_info": None}
     if tls is not None and options.get("connection_class") is SSLConnection:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # the peer's certificate and name
         context.load_verify_locations(cafile=str(tls.ca))

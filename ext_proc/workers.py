@@ -20,7 +20,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_proc_gr
 
 from ext_proc.admission import Admission
 from ext_proc.json_log import configure_logging
-from ext_proc.rate_limit import LocalCounters, RateLimiter, RedisCounters
+from ext_proc.rate_limit import Counters, LocalCounters, RateLimiter, RedisCounters
 from ext_proc.router_state import LiveState
 from ext_proc.service import ExternalProcessorService
 from ext_proc.serving_status import ServingStatus
@@ -74,11 +74,13 @@ async def serve(config: WorkerConfig, stop: asyncio.Event) -> None:
     # Messages stay small (headers and metadata: Envoy never sends bodies), so gRPC's default
     # message limits hold.
     server = grpc.aio.server(options=[("grpc.so_reuseport", 1)])
-    counters: LocalCounters | RedisCounters = LocalCounters()
-    if config.redis is not None:
-        counters = RedisCounters(config.redis, user=config.redis_user,
-                                 password=config.redis_password, tls=config.tls)
-        await counters.warm()
+    counters: Counters
+    if config.redis is None:
+        counters = LocalCounters()
+    else:
+        counters = shared = RedisCounters(config.redis, user=config.redis_user,
+                                          password=config.redis_password, tls=config.tls)
+        await shared.warm()
     revocations = Revocations.open(config.crl, config.tls.ca)
     ext_proc_grpc.add_ExternalProcessorServicer_to_server(
         ExternalProcessorService(live, Admission(RateLimiter(counters)), revocations), server

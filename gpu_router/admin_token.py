@@ -18,7 +18,7 @@ _WHAT = "the admin token"
 def admin_token(path: Path) -> str:
     """The token in `path`, made there when absent; SecretFileError naming the file when it
     holds no usable one."""
-    return read_secret(ensure_secret(path, _WHAT), _WHAT)
+    return ensure_secret(path, _WHAT)
 
 
 def read_admin_token(path: Path) -> str:

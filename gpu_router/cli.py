@@ -10,7 +10,8 @@ from pathlib import Path
 
 from control_plane.edge_certificate import EdgeCertificateError, read_listener_certificate
 from control_plane.ledger.report import ReportError, run_report
-from control_plane.ledger.store import data_dir, default_ledger_path
+from control_plane.ledger.store import default_ledger_path
+from control_plane.options import default_certs_dir
 from control_plane.policy.load import PolicyError, default_policy_path, load_policy_file
 from control_plane.translate import TranslationError, check_translatable
 from gpu_router import pki
@@ -106,17 +107,17 @@ def certs_init(args: argparse.Namespace) -> int:
     try:
         made = pki.ensure(Path(args.dir), fleet(args.edge, args.ext_proc, args.redis),
                           dns=[*pki.SERVER_DNS, *args.dns], ips=[*pki.SERVER_IPS, *args.ip])
-        passwords = {name: ensure_password(Path(args.dir), name) for name in args.ext_proc}
-        default_password = ensure_password(Path(args.dir))
+        for user in (None, *args.ext_proc):
+            ensure_password(Path(args.dir), user)
     except (pki.PkiError, RedisPasswordError) as error:
         print(f"gpu-router certs: {error}", file=sys.stderr)
         return 1
     for name, files in made.items():
         print(f"{name}: {files.cert} {files.key}")
     print(f"CA: {Path(args.dir) / pki.CA_FILE}")
-    print(f"Redis password (PING only): {default_password}")
-    for name, path in passwords.items():
-        print(f"Redis password of {name}: {path}")
+    print(f"Redis password (PING only): {password_file(Path(args.dir))}")
+    for name in args.ext_proc:
+        print(f"Redis password of {name}: {password_file(Path(args.dir), name)}")
     return 0
 
 
@@ -199,7 +200,7 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--audit-log", help="also write the audit trail to this file (default: none; "
                      "`gpu-router audit` renders it from the ledger)")
     run.add_argument("--no-accounting", action="store_true", help="keep no ledger and no audit trail")
-    run.add_argument("--certs-dir", default=str(data_dir() / "certs"),
+    run.add_argument("--certs-dir", default=str(default_certs_dir()),
                      help="CA and certificates for mutual TLS with the control plane, made when "
                      "absent, kept when valid (default: %(default)s)")
     defaults = StackPorts()
@@ -254,7 +255,7 @@ def parser() -> argparse.ArgumentParser:
     show = commands.add_parser("health", help="fleet health per provider and model, from the control plane")
     show.add_argument("--control-plane", default=f"http://127.0.0.1:{defaults.control_http}")
     show.add_argument("--format", choices=("table", "json"), default="table")
-    show.add_argument("--admin-token-file", default=str(data_dir() / "certs" / ADMIN_TOKEN_FILE),
+    show.add_argument("--admin-token-file", default=str(default_certs_dir() / ADMIN_TOKEN_FILE),
                       help="the control plane's admin token (default: %(default)s, where "
                       "`gpu-router up` and the control plane keep it)")
     show.set_defaults(handler=health)

@@ -53,8 +53,8 @@ _WHAT = "the Redis password"
 _USER = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
-class RedisPasswordError(SecretFileError):
-    """A password file that is missing, unreadable, or holds no usable password; names the file."""
+RedisPasswordError = SecretFileError
+"""A password file that is missing, unreadable, or holds no usable password; names the file."""
 
 
 def redis_user_problem(name: str) -> str | None:
@@ -71,18 +71,18 @@ def password_file(directory: Path, user: str | None = None) -> Path:
     return directory / PASSWORD_FILE if user is None else directory / USERS_DIR / user
 
 
-def ensure_password(directory: Path, user: str | None = None) -> Path:
-    """The password file of Redis's default user (None) or of ext_proc replica `user` in
-    `directory`, made (mode 0600) when absent; an existing one is kept, so every restart agrees
-    on it."""
+def ensure_password(directory: Path, user: str | None = None) -> str:
+    """The password of Redis's default user (None) or of ext_proc replica `user`, in its file in
+    `directory` (password_file), made (mode 0600) when absent; an existing one is kept, so every
+    restart agrees on it."""
     problem = None if user is None else redis_user_problem(user)
     if problem is not None:
         raise RedisPasswordError(problem)
-    return ensure_secret(password_file(directory, user), _WHAT, RedisPasswordError)
+    return ensure_secret(password_file(directory, user), _WHAT)
 
 
 def read_password(path: Path) -> str:
-    return read_secret(path, _WHAT, RedisPasswordError)
+    return read_secret(path, _WHAT)
 
 
 def access_rules(directory: Path, replicas: Iterable[str]) -> str:
@@ -91,11 +91,11 @@ def access_rules(directory: Path, replicas: Iterable[str]) -> str:
     its own, whose password runs only the counters' commands (ext_proc/rate_limit.py) on their
     keys. A replica's password goes with its certificate (`certs revoke`), so a Redis started
     on rules rendered after a revocation refuses the revoked replica's."""
-    default = read_password(ensure_password(directory))
+    default = ensure_password(directory)
     rules = [f"user {DEFAULT_USER} on resetpass >{default} resetkeys resetchannels -@all +ping"]
     commands = " ".join(f"+{command}" for command in (*COMMANDS, "ping"))
     for name in sorted(set(replicas)):
-        password = read_password(ensure_password(directory, name))
+        password = ensure_password(directory, name)
         rules.append(f"user {name} on resetpass >{password} resetkeys ~{KEY_PREFIX}* "
                      f"resetchannels -@all {commands}")
     return "\n".join(rules) + "\n"
@@ -224,7 +224,7 @@ def fleet_redis(certs: Path, log_dir: Path, replicas: Iterable[str]
     """A redis-server for these ext_proc replicas (their users: access_rules, with the passwords
     in `certs`) in a new redis_home: (that directory, the process, the check that it answers
     PING after AUTH as the default user)."""
-    password = read_password(ensure_password(certs))
+    password = ensure_password(certs)
     home = redis_home(certs)
     try:
         process = redis_process(home, log_dir, access_rules(certs, replicas))

@@ -22,9 +22,10 @@ class SecretFileError(ValueError):
     """A secret's file that is missing, unreadable, or holds no usable secret; names the file."""
 
 
-def ensure_secret(path: Path, what: str, error: type[SecretFileError] = SecretFileError) -> Path:
-    """`path`, made (mode 0600, its directory 0700 when new) with a random secret when absent;
-    an existing one is kept. `error` (naming the file and `what`) when it holds no usable one."""
+def ensure_secret(path: Path, what: str) -> str:
+    """The secret in `path`, made there (mode 0600, its directory 0700 when new) when absent;
+    an existing one is kept. SecretFileError naming the file and `what` when it holds no usable
+    one."""
     if not path.exists():
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         # Written whole beside it, then linked into place: a process reading it meanwhile finds
@@ -37,16 +38,17 @@ def ensure_secret(path: Path, what: str, error: type[SecretFileError] = SecretFi
                 os.link(draft, path)
         finally:
             os.unlink(draft)
-    read_secret(path, what, error)
-    return path
+    return read_secret(path, what)
 
 
-def read_secret(path: Path, what: str, error: type[SecretFileError] = SecretFileError) -> str:
-    """The secret in `path`; `error` naming the file and `what` when it cannot be used."""
+def read_secret(path: Path, what: str) -> str:
+    """The secret in `path`; SecretFileError naming the file and `what` when it cannot be
+    used."""
     try:
         secret = path.read_text().strip()
     except (OSError, UnicodeDecodeError) as cause:
-        raise error(f"{path}: cannot read {what}: {cause}") from cause
+        raise SecretFileError(f"{path}: cannot read {what}: {cause}") from cause
     if not _SECRET.fullmatch(secret):
-        raise error(f"{path}: {what} must be 16 to 256 characters of A-Z a-z 0-9 . _ ~ + / = -")
+        raise SecretFileError(
+            f"{path}: {what} must be 16 to 256 characters of A-Z a-z 0-9 . _ ~ + / = -")
     return secret

@@ -48,7 +48,7 @@ def redis_server(tmp_path: Path) -> Iterator[tuple[Path, str, int]]:
     tmp_path/certs): (its directory, the default user's password, pid)."""
     if shutil.which("redis-server") is None:
         pytest.skip("redis-server is not installed (.ci/run installs it on Debian)")
-    password = read_password(ensure_password(tmp_path / "certs"))
+    password = ensure_password(tmp_path / "certs")
     home = redis_home(tmp_path / "certs")
     try:
         rules = access_rules(tmp_path / "certs", REPLICAS)
@@ -96,7 +96,7 @@ def test_redis_takes_no_command_before_the_fleets_password(
     assert (home / "redis.conf").stat().st_mode & 0o777 == 0o600
     assert not list(tmp_path.glob("redis*.conf")), "not in the log directory"
     assert (tmp_path / "certs" / PASSWORD_FILE).stat().st_mode & 0o777 == 0o600
-    assert ensure_password(tmp_path / "certs").read_text().strip() == password, "kept"
+    assert ensure_password(tmp_path / "certs") == password, "kept"
 
     async def without_password() -> list[tuple[int, int]] | None:
         counters = RedisCounters(redis_url(home))
@@ -204,7 +204,8 @@ def test_ext_proc_refuses_to_start_on_unusable_flags(
     missing = tmp_path / "nowhere" / PASSWORD_FILE
     other = pki.ensure(tmp_path / "other", [pki.Identity(pki.Role.EXT_PROC, "x")])["x"]
     edge = pki.ensure(tmp_path / "edge", [pki.Identity(pki.Role.EDGE, "e")])["e"]
-    password = ensure_password(tmp_path / "edge")
+    ensure_password(tmp_path / "edge")
+    password = password_file(tmp_path / "edge")
     mismatched = ["--tls-ca", files[1], "--tls-cert", files[3], "--tls-key", str(other.key)]
     cases = [
         ([*files, "--redis-password-file", str(missing)],

@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 
 from gpu_router import pem_files, pki
 from gpu_router.cli import main as cli_main
-from gpu_router.redis_service import ensure_password
+from gpu_router.redis_service import ensure_password, password_file
 from gpu_router.revocation import (
     CRL_FILE,
     RELOAD_EVERY_S,
@@ -210,7 +210,8 @@ def test_revoking_a_replica_retires_its_redis_password(
     """Redis reads no CRL: a replica's Redis password goes with its certificate (the next
     `certs init` or `up` makes a new one), and no other."""
     directory = certs["x"].ca.parent
-    mine, default = ensure_password(directory, "x"), ensure_password(directory)
+    ensure_password(directory, "x"), ensure_password(directory)
+    mine, default = password_file(directory, "x"), password_file(directory)
     for name in ("edge-1", "x"):
         with pytest.raises(SystemExit) as done:
             cli_main(["certs", "revoke", "--dir", str(directory), name])

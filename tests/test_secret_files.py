@@ -5,7 +5,7 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from gpu_router.secret_files import ensure_secret, read_secret
+from gpu_router.secret_files import ensure_secret
 
 
 def test_many_makers_at_once_agree_on_one_whole_secret(tmp_path: Path) -> None:
@@ -15,7 +15,7 @@ def test_many_makers_at_once_agree_on_one_whole_secret(tmp_path: Path) -> None:
         path = tmp_path / f"round-{attempt}" / "secret"
 
         def make(_: int, path: Path = path) -> str:
-            return read_secret(ensure_secret(path, "the secret"), "the secret")
+            return ensure_secret(path, "the secret")
 
         with ThreadPoolExecutor(16) as pool:
             secrets = set(pool.map(make, range(16)))
