@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis as redis_client
 import yaml
 from cryptography import x509
 from xds_fixtures import AdsHarness
@@ -463,12 +464,14 @@ def in_volume(service: dict[str, Any], container_path: str, volumes: dict[str, P
 
 
 def redis_healthcheck_passes_only_with_the_password(
-    redis: dict[str, Any], volumes: dict[str, Path], tmp_path: Path
+    redis: dict[str, Any], volumes: dict[str, Path], tmp_path: Path,
+    replicas: dict[str, dict[str, Any]],
 ) -> None:
     """The Redis service's healthcheck, run against a redis-server on its config as the control
     plane's entrypoint made it (moved to a free port, its TLS files to where the volume lies
     here): it passes over TLS, and fails once the password file it reads holds another
-    password."""
+    password; each replica, on the files its command names, counts there and may do nothing
+    else."""
     if shutil.which("redis-server") is None:
         pytest.skip("redis-server is not installed (.ci/run installs it on Debian); every "
                     "other check of this test ran")
@@ -497,10 +500,34 @@ def redis_healthcheck_passes_only_with_the_password(
             return subprocess.run([shell, flag, script], check=False, timeout=10).returncode == 0
 
         assert healthy()
+        for name, service in replicas.items():
+            assert replica_may_count_only(service, volumes, port), name
         password_file.write_text("another-password-of-the-right-form\n")
         assert not healthy()
     finally:
         server.stop()
+
+
+def replica_may_count_only(service: dict[str, Any], volumes: dict[str, Path], port: int) -> bool:
+    """The replica, with the TLS files and password its command names and the Redis user its
+    certificate names, moves a counter; CONFIG is refused it."""
+    argv = flags(service["command"])
+    ca, cert, key, password = (in_volume(service, argv[flag][0], volumes) for flag in (
+        "--tls-ca", "--tls-cert", "--tls-key", "--redis-password-file"))
+    _, user = role_of_file(cert) or (None, "")
+    client = redis_client.Redis(
+        host="127.0.0.1", port=port, username=user, password=read_password(password),
+        ssl=True, ssl_ca_certs=str(ca), ssl_certfile=str(cert), ssl_keyfile=str(key),
+        ssl_check_hostname=False, socket_timeout=5)  # Redis's name is "redis", dialled here by IP
+    try:
+        client.incrby("gpu-router:rl:compose:1", 1)
+        try:
+            client.config_get("dir")
+        except redis_client.exceptions.NoPermissionError:
+            return True
+        return False
+    finally:
+        client.close()
 
 
 def role_of_file(path: Path) -> tuple[pki.Role, str] | None:
@@ -606,4 +633,5 @@ def test_each_node_presents_its_roles_certificate_which_the_control_plane_makes(
     assert again.returncode == 0, again.stderr
     assert pki_files() == before, "kept on restart"
     # Last: it skips without redis-server, and nothing above may be skipped with it.
-    redis_healthcheck_passes_only_with_the_password(redis, volumes, tmp_path)
+    redis_healthcheck_passes_only_with_the_password(
+        redis, volumes, tmp_path, of_kind(services, "ext_proc"))

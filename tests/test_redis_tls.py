@@ -4,6 +4,7 @@ redis-server with a certificate from `certs init --redis`, the replicas' own cer
 from __future__ import annotations
 
 import asyncio
+import logging
 import shutil
 import ssl
 from collections.abc import Iterator
@@ -62,6 +63,7 @@ def tls_redis(tmp_path: Path) -> Iterator[tuple[int, dict[str, pki.TlsFiles]]]:
 
 def test_replicas_share_counters_over_tls_and_their_certificate(
     tls_redis: tuple[int, dict[str, pki.TlsFiles]], monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Every connection on the one SSL context the replica made: none builds its own from the
     system's CA store (~50 ms on the event loop each, which stalled every stream of the worker
@@ -107,9 +109,13 @@ def test_replicas_share_counters_over_tls_and_their_certificate(
             await counters.close()
         return found, refused
 
-    found, refused = asyncio.run(waits())
+    with caplog.at_level(logging.WARNING, logger="ext_proc.rate_limit"):
+        found, refused = asyncio.run(waits())
     assert found == [None, None, 60]  # the third is over the shared limit
     assert refused
+    # For the name, not for any failure to connect: the handshake checked Redis's certificate.
+    errors = [getattr(record, "error", "") for record in caplog.records]
+    assert any("certificate verify failed" in error for error in errors), errors
 
 
 def test_a_worker_connects_at_start_and_a_burst_shares_its_connections(
@@ -152,7 +158,8 @@ def test_a_worker_connects_at_start_and_a_burst_shares_its_connections(
 
 @pytest.mark.parametrize("command", [("FLUSHALL",), ("CONFIG", "SET", "dir", "/tmp"),
                                      ("SET", "gpu-router:rl:x:1", "0"), ("GET", "elsewhere"),
-                                     ("KEYS", "*"), ("EVAL", "return 1", "0")])
+                                     ("KEYS", "*"), ("EVAL", "return 1", "0"),
+                                     ("SCRIPT", "FLUSH"), ("MODULE", "LIST")])
 def test_the_password_runs_the_counters_commands_only(
     tls_redis: tuple[int, dict[str, pki.TlsFiles]], command: tuple[str, ...],
 ) -> None:
