@@ -14,11 +14,11 @@ import yaml
 from polling import eventually
 
 from control_plane.policy.load import default_policy_path
+from control_plane.translate.fallback_routes import FALLBACK_REASON
 from gpu_router.processes import free_port, port_open
 from gpu_router.stack import EdgeHandle, Stack, StackPorts
 
 MODEL = "llama-3.1-8b"
-FALLBACK_REASON = "fallback: ext_proc unavailable"
 EXT_PROC_HOST_STREAMS = re.compile(
     r"^gpu-router\.ext_proc::127\.0\.0\.1:(\d+)::rq_total::(\d+)$", re.MULTILINE
 )

@@ -17,10 +17,8 @@ from control_plane.policy.load import default_policy_path
 from gpu_router.processes import ManagedProcess, free_port, port_open, python_module
 from gpu_router.stack import Stack
 
-MODEL = "llama-3.1-8b"
-BATCH = {"x-workload": "batch"}
-"""Cost-first: runpod ($0.10) wins, then lambda ($0.25), then coreweave ($0.30)."""
 PROVIDERS = ("lambda", "coreweave", "runpod")
+"""Under BATCH (cost-first), runpod ($0.10) wins, then lambda ($0.25), then coreweave ($0.30)."""
 HEALTH_TYPE = "type.googleapis.com/gpu_router.api.v1.HealthSnapshot"
 
 

@@ -24,6 +24,9 @@ from gpu_router.processes import free_port
 from gpu_router.stack import Stack, StackPorts
 
 CLIENTS = 64
+MODEL = "llama-3.1-8b"
+BATCH = {"x-workload": "batch"}
+"""Cost-first: of the default policy's providers, the cheapest that fits wins."""
 """Concurrent clients in a test of a fault or a change under load: as production has, not a few."""
 CLI = [sys.executable, "-c", "from gpu_router.cli import main; main()"]
 """The `gpu-router` command, as this interpreter runs it."""

@@ -7,8 +7,8 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from fleet_harness import BATCH, MODEL, PROVIDERS, Fleet, hold, phase, running_fleet
-from stack_harness import CLIENTS, Traffic, chat
+from fleet_harness import PROVIDERS, Fleet, hold, phase, running_fleet
+from stack_harness import BATCH, CLIENTS, MODEL, Traffic, chat
 
 PER_PHASE = 300
 """Requests served during each fault, across the 64 clients."""

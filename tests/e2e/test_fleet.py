@@ -9,9 +9,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
-from fleet_harness import BATCH, MODEL, Fleet, hold, phase, running_fleet
+from fleet_harness import Fleet, hold, phase, running_fleet
 from polling import eventually
-from stack_harness import CLIENTS, Traffic, chat
+from stack_harness import BATCH, CLIENTS, MODEL, Traffic, chat
 
 CLIENTS_PER_EDGE = 32
 """64 concurrent clients over the two Envoys, as production has them, so that failovers run side

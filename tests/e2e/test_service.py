@@ -21,12 +21,12 @@ from polling import eventually
 from stack_harness import CLI, CLIENTS, Traffic, chat, policy_on_free_ports
 
 from control_plane.policy.load import default_policy_path
+from control_plane.translate.fallback_routes import FALLBACK_REASON
 from gpu_router.processes import free_port, port_open
 
 TAG = "GPU_ROUTER_SERVICE_TEST"
 MODEL = "llama-3.1-8b"
 BATCH = {"x-workload": "batch"}
-FALLBACK_REASON = "fallback: ext_proc unavailable"
 
 
 class Up:
