@@ -9,6 +9,7 @@ from pathlib import Path
 from ext_proc.json_log import configure_logging
 from ext_proc.workers import WorkerConfig, run_workers
 from gpu_router.pki import Role, TlsFiles, certified_peer, pair_problem
+from gpu_router.redis_client import redis_url_problem
 from gpu_router.redis_service import RedisPasswordError, read_password
 from gpu_router.revocation import RevocationError, Revocations
 
@@ -26,23 +27,6 @@ def _positive(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return int(text)
-
-
-def _redis_url_problem(url: str) -> str | None:
-    """What is wrong with --redis, read as redis-py reads it (imported here: only replicas
-    given --redis load it); None when nothing is."""
-    from redis.connection import parse_url
-
-    try:
-        parsed = parse_url(url)
-    except ValueError as error:  # not redis://, rediss:// or unix://; the URL is not repeated
-        return f"--redis: {error}"
-    if parsed.get("password"):  # in the user part or in ?password=
-        return ("--redis holds a password, which every local user can read on the command "
-                "line (and which logs would repeat): put it in --redis-password-file")
-    if parsed.get("username"):  # the user goes with its password: both flags, or neither
-        return "--redis names a user: give it as --redis-user, with --redis-password-file"
-    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--redis-password-file and --redis-user need --redis")
     if args.redis_user is not None and (not args.redis_user or args.redis_password_file is None):
         parser.error("--redis-user needs a name, and its password in --redis-password-file")
-    redis_problem = None if args.redis is None else _redis_url_problem(args.redis)
+    redis_problem = None if args.redis is None else redis_url_problem(
+        args.redis, "give it as --redis-user, with --redis-password-file")
     if redis_problem is not None:
         parser.error(redis_problem)
     tls = TlsFiles(args.tls_ca, args.tls_cert, args.tls_key)

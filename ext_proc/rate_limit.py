@@ -25,9 +25,10 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 from gpu_router.pki import TlsFiles
+from gpu_router.redis_client import connection_pool
 
 WINDOW_S = 60
 RETRY_REDIS_S = 1.0
@@ -100,38 +101,6 @@ class LocalCounters:
             self._counts[key] = self._counts.get(key, 0) - charge.cost
 
 
-def _connection_pool(url: str, user: str | None, password: str | None,
-                     tls: TlsFiles | None) -> Any:
-    """redis-py's pool for `url`. A rediss:// URL with the replica's TLS files: mutual TLS with
-    its own certificate, Redis's checked against the fleet's CA only and the host dialled
-    (Compose's Redis has one, made by `gpu-router certs init --redis HOST`), every connection
-    on one SSL context made here: redis-py makes one per connection from the system's CA store
-    (~45 ms on the event loop, measured), past a round trip's REDIS_TIMEOUT_S, so under load
-    each new connection failed the limits open and stalled the worker's other streams."""
-    import ssl
-
-    from redis.asyncio.connection import BlockingConnectionPool, SSLConnection, parse_url
-
-    # No CLIENT SETINFO on connecting (driver_info None): a replica's user may run only
-    # COMMANDS, and Redis 7.2+ would log each refused SETINFO among real refusals.
-    options: dict[str, Any] = {**parse_url(url), "username": user, "password": password,
-                               "socket_timeout": REDIS_TIMEOUT_S,
-                               "socket_connect_timeout": REDIS_TIMEOUT_S, "driver_info": None}
-    if tls is not None and options.get("connection_class") is SSLConnection:
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # the peer's certificate and name
-        context.load_verify_locations(cafile=str(tls.ca))
-        context.load_cert_chain(str(tls.cert), str(tls.key))
-
-        class FleetTlsConnection(SSLConnection):
-            def __init__(self, **kwargs: Any) -> None:
-                super().__init__(**kwargs)
-                self.ssl_context.context = context  # what RedisSSLContext.get() hands out
-
-        options["connection_class"] = FleetTlsConnection
-    # No wait of its own for a free connection: the round trip's (RedisCounters) bounds it.
-    return BlockingConnectionPool(max_connections=POOL_CONNECTIONS, timeout=None, **options)
-
-
 class RedisCounters:
     """Counters shared by the fleet in Redis (keys gpu-router:rl:<counter>:<minute>)."""
 
@@ -142,7 +111,9 @@ class RedisCounters:
         import redis.asyncio as redis  # only replicas given --redis need the client
 
         self._errors = (redis.RedisError, OSError, asyncio.TimeoutError)
-        self._redis = redis.Redis(connection_pool=_connection_pool(url, user, password, tls))
+        self._redis = redis.Redis(connection_pool=connection_pool(
+            url, user=user, password=password, tls=tls, timeout_s=REDIS_TIMEOUT_S,
+            max_connections=POOL_CONNECTIONS))
         self._clock = clock
         self._down_until = 0.0
         self.url = url
