@@ -36,6 +36,7 @@ from control_plane.ledger.why import UnknownRequestError, explain
 from control_plane.metrics import Metrics
 from control_plane.options import Options, parse_args
 from control_plane.policy.credentials import credential_files
+from control_plane.redis_users import follow_revocations
 from control_plane.rollout import (
     REJECTIONS,
     Release,
@@ -144,6 +145,7 @@ async def serve(options: Options, stop: asyncio.Event, hangup: asyncio.Event | N
     tls = options.tls_files()
     revocations = Revocations.open(options.crl_path(), tls.ca)  # a bad CRL: refuse to start
     admin_token = options.admin_token()  # one that cannot be read: refuse to start
+    redis_password = None if options.redis is None else options.redis_password()  # likewise
 
     def prepare(path: Path) -> Release:
         """The policy's config, with the CRL the edges check ext_proc's certificates against."""
@@ -246,6 +248,8 @@ async def serve(options: Options, stop: asyncio.Event, hangup: asyncio.Event | N
     if revocations.path is not None:
         jobs += [_send_crl_to_ext_proc(revocations, publish_crl),
                  _send_crl_to_edges(revocations, rollout)]
+    if options.redis is not None and redis_password is not None:
+        jobs.append(follow_revocations(options.redis, redis_password, tls, options.certs_dir))
     if hangup is not None:
         jobs.append(_reload_on(hangup, watcher))
     if reconciler is not None:

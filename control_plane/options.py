@@ -19,6 +19,13 @@ from control_plane.telemetry.health import MAX_RETRY_AFTER_S
 from control_plane.translate import EdgeSettings
 from gpu_router import pki
 from gpu_router.admin_token import ADMIN_TOKEN_FILE, admin_token
+from gpu_router.redis_client import redis_url_problem
+from gpu_router.redis_service import (
+    CONTROL_PASSWORD_FILE,
+    CONTROL_USER,
+    password_file,
+    read_password,
+)
 from gpu_router.revocation import CRL_FILE
 
 DEFAULT_EXT_PROC = ("127.0.0.1", 50051)
@@ -77,6 +84,11 @@ class Options:
     admin_token_file: Path | None = None
     """The token the admin HTTP API asks for (admin_http.py); None: ADMIN_TOKEN_FILE in
     certs_dir, made on first start."""
+    redis: str | None = None
+    """The fleet's Redis (redis://, rediss:// with this process's TLS files, unix://), where the
+    control plane deletes a revoked replica's user (redis_users.py); None: no Redis."""
+    redis_password_file: Path | None = None
+    """The password of the control plane's Redis user; None: certs_dir's (redis_service)."""
 
     def tls_files(self) -> pki.TlsFiles:
         """The gRPC port's CA, certificate and key: the given ones, else certs_dir's (made
@@ -90,6 +102,12 @@ class Options:
         """The admin HTTP API's token, from admin_token_file or certs_dir's (made there when
         absent); SecretFileError naming the file when it cannot be used."""
         return admin_token(self.admin_token_file or self.certs_dir / ADMIN_TOKEN_FILE)
+
+    def redis_password(self) -> str:
+        """The control plane's Redis password (redis_password_file, else certs_dir's);
+        SecretFileError naming the file when it cannot be used."""
+        return read_password(self.redis_password_file
+                             or password_file(self.certs_dir, CONTROL_USER))
 
     def crl_path(self) -> Path | None:
         """The CRL to read: the given one, else certs_dir's crl.pem (absent until a
@@ -167,6 +185,15 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     parser.add_argument("--admin-token-file", type=Path,
                         help="file holding the token every admin HTTP path but /healthz asks for "
                         "(default: admin-token in --certs-dir, made on first start)")
+    parser.add_argument(
+        "--redis",
+        help="the fleet's Redis (redis://HOST:PORT, rediss://HOST:PORT with this process's TLS "
+        "files, unix:///PATH/redis.sock): a revoked ext_proc replica's user is deleted there "
+        "within a second (default: none)")
+    parser.add_argument(
+        "--redis-password-file", type=Path,
+        help="the password of the control plane's Redis user (default: "
+        f"{CONTROL_PASSWORD_FILE} in --certs-dir)")
     parser.add_argument(
         "--edge-host",
         default="127.0.0.1",
@@ -249,6 +276,12 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     own = (args.tls_ca, args.tls_cert, args.tls_key)
     if any(own) and not all(own):
         parser.error("--tls-ca, --tls-cert and --tls-key go together")
+    if args.redis is None and args.redis_password_file is not None:
+        parser.error("--redis-password-file needs --redis")
+    redis_problem = None if args.redis is None else redis_url_problem(
+        args.redis, f"the control plane is Redis's user {CONTROL_USER!r}")
+    if redis_problem is not None:
+        parser.error(redis_problem)
     edge_tls = (args.edge_tls_cert, args.edge_tls_key)
     if any(edge_tls) and not all(edge_tls):
         parser.error("--edge-tls-cert and --edge-tls-key go together")
@@ -276,6 +309,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         tls=pki.TlsFiles(*own) if all(own) else None,
         tls_crl=args.tls_crl,
         admin_token_file=args.admin_token_file,
+        redis=args.redis,
+        redis_password_file=args.redis_password_file,
         edge_tls_files=(args.edge_tls_cert.resolve(), args.edge_tls_key.resolve())
         if all(edge_tls) else None,
     )

@@ -10,8 +10,11 @@ limit) or raise them (get a client refused). Each ext_proc replica is a Redis us
 named as its certificate, with its own password, which runs only the counters' commands on the
 counters' keys (access_rules): a stolen password moves counters, but cannot CONFIG SET a
 directory and SAVE a file as Redis's user, FLUSHALL or load a module, and a revoked replica's
-goes with its certificate. The default user may only PING. The passwords are made once into
-the certs directory (PASSWORD_FILE, USERS_DIR, mode 0600) and travel only in files:
+goes with its certificate: `certs revoke` removes its password file, and the control plane,
+Redis's user CONTROL_USER, which may only list users and delete one, deletes the replica's user
+within a second (control_plane/redis_users.py), its open connections with it. The default user
+may only PING. The passwords are made once into the certs directory (PASSWORD_FILE,
+CONTROL_PASSWORD_FILE, USERS_DIR, mode 0600) and travel only in files:
 redis-server reads them from a config file of mode 0600, ext_proc from --redis-password-file;
 never in argv, which every local user can read.
 
@@ -48,7 +51,12 @@ PASSWORD_FILE = "redis-password"
 """The password of Redis's default user, which may only PING (readiness and health checks)."""
 USERS_DIR = "redis-users"
 """One password file per ext_proc replica, named as the replica: its Redis user."""
+CONTROL_PASSWORD_FILE = "redis-control-password"
+"""The password of the control plane's Redis user (CONTROL_USER)."""
 DEFAULT_USER = "default"
+CONTROL_USER = "control-plane"
+"""The control plane's Redis user, named as its certificate: CONTROL_COMMANDS only."""
+CONTROL_COMMANDS = ("acl|users", "acl|deluser")
 _WHAT = "the Redis password"
 _USER = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
@@ -60,22 +68,25 @@ RedisPasswordError = SecretFileError
 def redis_user_problem(name: str) -> str | None:
     """Why an ext_proc replica's name cannot be its Redis user's (written into redis.conf
     unquoted); None when it can."""
-    if name == DEFAULT_USER or not _USER.fullmatch(name):
+    if name in (DEFAULT_USER, CONTROL_USER) or not _USER.fullmatch(name):
         return (f"{name!r} cannot name a Redis user: 1 to 64 of A-Z a-z 0-9 . _ -, and not "
-                f"{DEFAULT_USER!r} (Redis's own)")
+                f"{DEFAULT_USER!r} (Redis's own) or {CONTROL_USER!r} (the control plane's)")
     return None
 
 
 def password_file(directory: Path, user: str | None = None) -> Path:
-    """Where `directory` keeps the default user's password (None) or replica `user`'s."""
-    return directory / PASSWORD_FILE if user is None else directory / USERS_DIR / user
+    """Where `directory` keeps the password of the default user (None), the control plane's
+    (CONTROL_USER) or replica `user`'s."""
+    if user is None:
+        return directory / PASSWORD_FILE
+    return directory / CONTROL_PASSWORD_FILE if user == CONTROL_USER else directory / USERS_DIR / user
 
 
 def ensure_password(directory: Path, user: str | None = None) -> str:
-    """The password of Redis's default user (None) or of ext_proc replica `user`, in its file in
-    `directory` (password_file), made (mode 0600) when absent; an existing one is kept, so every
-    restart agrees on it."""
-    problem = None if user is None else redis_user_problem(user)
+    """The password of Redis's default user (None), the control plane's (CONTROL_USER) or
+    ext_proc replica `user`'s, in its file in `directory` (password_file), made (mode 0600)
+    when absent; an existing one is kept, so every restart agrees on it."""
+    problem = None if user in (None, CONTROL_USER) else redis_user_problem(user)
     if problem is not None:
         raise RedisPasswordError(problem)
     return ensure_secret(password_file(directory, user), _WHAT)
@@ -87,18 +98,35 @@ def read_password(path: Path) -> str:
 
 def access_rules(directory: Path, replicas: Iterable[str]) -> str:
     """redis.conf's users, with the passwords in `directory` (made when absent): the default
-    user, which every client is before AUTH, may only PING; each ext_proc replica is a user of
-    its own, whose password runs only the counters' commands (ext_proc/rate_limit.py) on their
-    keys. A replica's password goes with its certificate (`certs revoke`), so a Redis started
-    on rules rendered after a revocation refuses the revoked replica's."""
+    user, which every client is before AUTH, may only PING; the control plane may only list
+    users and delete one (CONTROL_COMMANDS), on no key; each ext_proc replica is a user of its
+    own, whose password runs only the counters' commands (ext_proc/rate_limit.py) on their
+    keys. A replica's password goes with its certificate (`certs revoke`): the control plane
+    deletes its user from a running Redis, and rules rendered after the revocation lack it."""
     default = ensure_password(directory)
-    rules = [f"user {DEFAULT_USER} on resetpass >{default} resetkeys resetchannels -@all +ping"]
+    control = ensure_password(directory, CONTROL_USER)
+    control_commands = " ".join(f"+{command}" for command in ("ping", *CONTROL_COMMANDS))
+    rules = [f"user {DEFAULT_USER} on resetpass >{default} resetkeys resetchannels -@all +ping",
+             f"user {CONTROL_USER} on resetpass >{control} resetkeys resetchannels -@all "
+             + control_commands]
     commands = " ".join(f"+{command}" for command in (*COMMANDS, "ping"))
     for name in sorted(set(replicas)):
         password = ensure_password(directory, name)
         rules.append(f"user {name} on resetpass >{password} resetkeys ~{KEY_PREFIX}* "
                      f"resetchannels -@all {commands}")
     return "\n".join(rules) + "\n"
+
+
+def replica_users(directory: Path) -> frozenset[str]:
+    """The replicas whose Redis user `directory` keeps a password for (USERS_DIR). OSError when
+    that directory cannot be listed: a lost mount must not read as every replica revoked."""
+    return frozenset(path.name for path in (directory / USERS_DIR).iterdir())
+
+
+def revoked_users(in_redis: Iterable[str], replicas: frozenset[str]) -> list[str]:
+    """Redis's users that are no longer a replica's (its password file went with its
+    certificate: `certs revoke`), Redis's own and the control plane's aside."""
+    return sorted(set(in_redis) - replicas - {DEFAULT_USER, CONTROL_USER})
 
 
 def wants_redis(mode: str, config: RoutingConfig) -> bool:

@@ -36,6 +36,7 @@ from gpu_router.processes import (
     stop_each,
 )
 from gpu_router.redis_service import (
+    CONTROL_USER,
     fleet_redis,
     password_file,
     redis_url,
@@ -127,8 +128,8 @@ class Stack:
         try:
             if self.simulators:
                 self.start_simulators(timeout)
+            self.start_redis(timeout)  # first: the control plane follows its users
             self.start_control_plane(timeout)
-            self.start_redis(timeout)
             for index in range(self.ext_proc_replicas):
                 self.start_ext_proc(index, timeout)
             for index in range(self.edge_nodes):
@@ -166,6 +167,9 @@ class Stack:
             args += ["--ext-proc-address", f"127.0.0.1:{port}"]
         args += self.accounting
         args += ["--edge-log-dir", str(self.log_dir)]  # each edge's durable request log
+        if self.redis_url is not None:  # as Redis's user control-plane: revoked replicas' go
+            args += ["--redis", self.redis_url,
+                     "--redis-password-file", str(password_file(self.certs, CONTROL_USER))]
         if self.edge_tls is not None:
             args += ["--edge-tls-cert", str(self.edge_tls[0]), "--edge-tls-key", str(self.edge_tls[1])]
         self.tls(pki.Role.CONTROL_PLANE, pki.Role.CONTROL_PLANE.value)

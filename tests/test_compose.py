@@ -44,7 +44,7 @@ from gpu_router.processes import (
     port_open,
     python_module,
 )
-from gpu_router.redis_service import access_rules, password_file, read_password
+from gpu_router.redis_service import CONTROL_USER, access_rules, password_file, read_password
 from simulator.__main__ import parse_args as simulator_args
 from simulator.__main__ import plan as simulator_plan
 
@@ -155,6 +155,10 @@ def test_every_ext_proc_replica_counts_rate_limits_in_the_fleets_redis(
         assert flags(service["command"])["--redis"] == [f"rediss://{redis}:6379"], name
         assert service["depends_on"][redis] == {"condition": "service_healthy"}, name
     assert "ports" not in services[redis]  # the fleet's own: not published
+    # The control plane deletes a revoked replica's user there (it starts first: Redis waits
+    # for it, and it looks again every second).
+    [control] = of_kind(services, "control_plane").values()
+    assert flags(control["command"])["--redis"] == [f"rediss://{redis}:6379"]
 
 
 def seconds(duration: str) -> float:
@@ -465,13 +469,13 @@ def in_volume(service: dict[str, Any], container_path: str, volumes: dict[str, P
 
 def redis_healthcheck_passes_only_with_the_password(
     redis: dict[str, Any], volumes: dict[str, Path], tmp_path: Path,
-    replicas: dict[str, dict[str, Any]],
+    replicas: dict[str, dict[str, Any]], control: dict[str, Any],
 ) -> None:
     """The Redis service's healthcheck, run against a redis-server on its config as the control
     plane's entrypoint made it (moved to a free port, its TLS files to where the volume lies
     here): it passes over TLS, and fails once the password file it reads holds another
     password; each replica, on the files its command names, counts there and may do nothing
-    else."""
+    else; the control plane, on its own, may delete a replica's user and not read a counter."""
     if shutil.which("redis-server") is None:
         pytest.skip("redis-server is not installed (.ci/run installs it on Debian); every "
                     "other check of this test ran")
@@ -502,6 +506,7 @@ def redis_healthcheck_passes_only_with_the_password(
         assert healthy()
         for name, service in replicas.items():
             assert replica_may_count_only(service, volumes, port), name
+        assert control_plane_deletes_a_replica(control, volumes, port, next(iter(replicas)))
         password_file.write_text("another-password-of-the-right-form\n")
         assert not healthy()
     finally:
@@ -525,6 +530,29 @@ def replica_may_count_only(service: dict[str, Any], volumes: dict[str, Path], po
             client.config_get("dir")
         except redis_client.exceptions.NoPermissionError:
             return True
+        return False
+    finally:
+        client.close()
+
+
+def control_plane_deletes_a_replica(control: dict[str, Any], volumes: dict[str, Path],
+                                    port: int, replica: str) -> bool:
+    """The control plane, with the password file its command names and its own certificate
+    (in --certs-dir), deletes `replica`'s user; reading a counter is refused it."""
+    argv = flags(control["command"])
+    certs = in_volume(control, argv["--certs-dir"][0], volumes)
+    password = in_volume(control, argv["--redis-password-file"][0], volumes)
+    client = redis_client.Redis(
+        host="127.0.0.1", port=port, username=CONTROL_USER, password=read_password(password),
+        ssl=True, ssl_ca_certs=str(certs / "ca.pem"), ssl_certfile=str(certs / "control-plane.pem"),
+        ssl_keyfile=str(certs / "control-plane-key.pem"), ssl_check_hostname=False,
+        socket_timeout=5)
+    try:
+        deleted = client.acl_deluser(replica) == 1
+        try:
+            client.get("gpu-router:rl:compose:1")
+        except redis_client.exceptions.NoPermissionError:
+            return deleted
         return False
     finally:
         client.close()
@@ -634,4 +662,4 @@ def test_each_node_presents_its_roles_certificate_which_the_control_plane_makes(
     assert pki_files() == before, "kept on restart"
     # Last: it skips without redis-server, and nothing above may be skipped with it.
     redis_healthcheck_passes_only_with_the_password(
-        redis, volumes, tmp_path, of_kind(services, "ext_proc"))
+        redis, volumes, tmp_path, of_kind(services, "ext_proc"), control)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -17,6 +16,7 @@ import pytest
 import redis
 from ext_proc_fixtures import FakeAds
 from polling import eventually
+from redis_fixtures import running_redis
 
 from control_plane.policy.load import default_policy_path
 from ext_proc.__main__ import main as ext_proc_main
@@ -46,21 +46,8 @@ REPLICAS = ("ext-proc-1", "ext-proc-2")
 def redis_server(tmp_path: Path) -> Iterator[tuple[Path, str, int]]:
     """A launcher-made redis-server with the users of REPLICAS (their passwords in
     tmp_path/certs): (its directory, the default user's password, pid)."""
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed (.ci/run installs it on Debian)")
-    password = ensure_password(tmp_path / "certs")
-    home = redis_home(tmp_path / "certs")
-    try:
-        rules = access_rules(tmp_path / "certs", REPLICAS)
-        process = redis_process(home, tmp_path, rules).start()
-        try:
-            eventually(lambda: redis_answers(redis_socket(home), password),
-                       "redis-server to answer PING")
-            yield home, password, process.pid
-        finally:
-            process.stop()
-    finally:
-        remove_redis_home(home)
+    with running_redis(tmp_path / "certs", tmp_path, REPLICAS) as running:
+        yield running
 
 
 def tcp_listeners(pid: int) -> list[str]:

@@ -161,6 +161,8 @@ class Exchange:
     edge: str
     status: int | str
     latency_s: float
+    sent_at: float
+    """time.monotonic() when the request was sent."""
     provider: str = ""
     reason: str = ""
     headers: tuple[tuple[str, str], ...] = ()
@@ -205,8 +207,9 @@ class Traffic:
             failure = transport_failure(error)
             if failure is None:
                 raise
-            return Exchange(when, edge.url, failure, time.monotonic() - start, body=repr(error))
-        return Exchange(when, edge.url, status, time.monotonic() - start,
+            return Exchange(when, edge.url, failure, time.monotonic() - start, start,
+                            body=repr(error))
+        return Exchange(when, edge.url, status, time.monotonic() - start, start,
                         headers.get("x-gpu-router-provider", ""), headers.get("x-gpu-router-reason", ""),
                         tuple(sorted(headers.items())), body)
 
@@ -259,6 +262,12 @@ class Traffic:
     def total(self) -> int:
         with self.lock:
             return len(self.exchanges)
+
+    def sent_after(self, moment: float) -> list[Exchange]:
+        """The finished requests sent after `moment` (time.monotonic()). Not the last ones to
+        finish: a slow request sent before it may finish after many sent since."""
+        with self.lock:
+            return [exchange for exchange in self.exchanges if exchange.sent_at > moment]
 
 
 class TrafficClientDied(RuntimeError):
