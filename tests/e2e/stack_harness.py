@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import ssl
 import subprocess
 import sys
@@ -43,6 +44,15 @@ def policy_on_free_ports(source: Path, destination: Path, edit: Callable[[dict],
         edit(document)
     destination.write_text(yaml.safe_dump(document, sort_keys=False))
     return destination
+
+
+def replace_file(path: Path, text: str) -> None:
+    """Write `text` whole, by renaming a new file over `path` (as the README advises for a
+    watched policy): a watcher reading mid-write would see a half file, rightly reject it ("the
+    document is empty"), and race a test's check of the edit's own outcome."""
+    draft = path.with_name(f".{path.name}.new")
+    draft.write_text(text)
+    os.replace(draft, path)
 
 
 def start_stack(policy: Path, log_dir: Path, **kwargs: Any) -> Stack:

@@ -15,7 +15,15 @@ from typing import Any
 import pytest
 import yaml
 from polling import eventually
-from stack_harness import CLIENTS, Providers, Traffic, chat, policy_on_free_ports, start_stack
+from stack_harness import (
+    CLIENTS,
+    Providers,
+    Traffic,
+    chat,
+    policy_on_free_ports,
+    replace_file,
+    start_stack,
+)
 
 from control_plane.policy.load import default_policy_path
 from gpu_router.keys_cli import client_report, key_sha256, new_key
@@ -51,7 +59,7 @@ def error_code(body: Any) -> str:
 def edit_clients(path: Path, change: Callable[[list[dict]], None]) -> None:
     document = yaml.safe_load(path.read_text())
     change(document["clients"])
-    path.write_text(yaml.safe_dump(document, sort_keys=False))
+    replace_file(path, yaml.safe_dump(document, sort_keys=False))
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +180,7 @@ def test_keys_added_changed_and_removed_take_effect_without_failing_others(stack
             eventually(lambda: traffic.total() >= seen + 10, "more traffic after the edits")
         assert traffic.failures() == {}, traffic.failed
     finally:
-        stack.policy.write_text(original)
+        replace_file(stack.policy, original)
 
 
 @pytest.mark.skipif(not REDIS, reason="redis-server is not installed (.ci/run installs it)")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 from polling import eventually
-from stack_harness import CLIENTS, Providers, Traffic, chat
+from stack_harness import CLIENTS, Providers, Traffic, chat, replace_file
 
 from control_plane.policy.load import load_policy_text
 from gpu_router.stack import Stack
@@ -18,7 +18,7 @@ from gpu_router.stack import Stack
 def edit_policy(path: Path, change) -> None:
     document = yaml.safe_load(path.read_text())
     change(document)
-    path.write_text(yaml.safe_dump(document, sort_keys=False))
+    replace_file(path, yaml.safe_dump(document, sort_keys=False))
 
 
 def provider(document: dict, name: str) -> dict:
@@ -33,7 +33,7 @@ def policy_version(stack: Stack) -> str:
 def original_policy(stack: Stack) -> Iterator[str]:
     text = stack.policy.read_text()
     yield text
-    stack.policy.write_text(text)
+    replace_file(stack.policy, text)
 
 
 def test_removing_a_provider_moves_traffic_without_failing_in_flight_requests(
@@ -55,7 +55,7 @@ def test_removing_a_provider_moves_traffic_without_failing_in_flight_requests(
 def test_a_price_change_reroutes_without_restart(
     stack: Stack, providers: Providers, original_policy: str
 ) -> None:
-    stack.policy.write_text(original_policy)
+    replace_file(stack.policy, original_policy)
     eventually(lambda: chat(stack, "llama-3.1-70b", {"x-workload": "batch"})[1].get("x-gpu-router-provider")
                == "coreweave", "the original policy to be back")
     envoy_pid = stack.edges[0].process.pid
@@ -71,7 +71,7 @@ def test_a_price_change_reroutes_without_restart(
 def test_an_invalid_edit_is_rejected_and_routing_stays(
     stack: Stack, providers: Providers, original_policy: str
 ) -> None:
-    stack.policy.write_text(original_policy)
+    replace_file(stack.policy, original_policy)
     good = load_policy_text(original_policy, str(stack.policy)).version
     eventually(lambda: policy_version(stack) == good, "the original policy to be back")
 
