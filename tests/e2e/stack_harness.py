@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import signal
 import ssl
 import subprocess
 import sys
@@ -14,7 +15,8 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, Self
@@ -44,6 +46,17 @@ def policy_on_free_ports(source: Path, destination: Path, edit: Callable[[dict],
         edit(document)
     destination.write_text(yaml.safe_dump(document, sort_keys=False))
     return destination
+
+
+@contextmanager
+def frozen(stack: Stack, name: str) -> Iterator[None]:
+    """SIGSTOP a process of the stack and all its workers (its group); SIGCONT whatever happens."""
+    group = stack.processes[name].pid
+    os.killpg(group, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.killpg(group, signal.SIGCONT)
 
 
 def replace_file(path: Path, text: str) -> None:

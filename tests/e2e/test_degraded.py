@@ -10,13 +10,8 @@ requests (failure_mode_allowed) keep growing.
 
 from __future__ import annotations
 
-import os
-import signal
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 from polling import eventually
-from stack_harness import CLIENTS, Traffic
+from stack_harness import CLIENTS, Traffic, frozen
 
 from gpu_router.stack import EdgeHandle, Stack
 
@@ -52,17 +47,6 @@ def grows(edge: EdgeHandle, counter: str, by: int, what: str) -> dict[str, int]:
     """Wait until the filter's `counter` has grown by `by` from now; return the stats then."""
     start = filter_stats(edge)[counter]
     return eventually(lambda: (s := filter_stats(edge))[counter] >= start + by and s, what)
-
-
-@contextmanager
-def frozen(stack: Stack, name: str) -> Iterator[None]:
-    """SIGSTOP a process of the stack and all its workers (its group); SIGCONT whatever happens."""
-    group = stack.processes[name].pid
-    os.killpg(group, signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        os.killpg(group, signal.SIGCONT)
 
 
 def routed_by_ext_proc_again(edge: EdgeHandle) -> None:
