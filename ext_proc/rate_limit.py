@@ -116,6 +116,8 @@ class RedisCounters:
             max_connections=POOL_CONNECTIONS))
         self._clock = clock
         self._down_until = 0.0
+        self._failing = False
+        """Since the last failed round trip: one warning per outage, one when it ends."""
         self.url = url
 
     async def warm(self) -> None:
@@ -151,6 +153,10 @@ class RedisCounters:
         except self._errors as error:
             self._failed(error)
             return None
+        if self._failing:
+            self._failing = False
+            _log.warning("rate-limit store reachable again: limits counted",
+                         extra={"redis": self.url})
         return [(int(replies[i + 2] or 0), int(replies[i])) for i in range(0, len(replies), 3)]
 
     async def give_back(self, window: int, charges: Sequence[Charge]) -> None:
@@ -163,7 +169,8 @@ class RedisCounters:
             self._failed(error)
 
     def _failed(self, error: BaseException) -> None:
-        if self._clock() >= self._down_until:
+        if not self._failing:
+            self._failing = True
             _log.warning("rate-limit store unreachable: limits fail open",
                          extra={"redis": self.url, "error": f"{type(error).__name__}: {error}",
                                 "retry_in_s": RETRY_REDIS_S})

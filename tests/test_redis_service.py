@@ -5,7 +5,9 @@ flags for it."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -20,7 +22,7 @@ from redis_fixtures import running_redis
 
 from control_plane.policy.load import default_policy_path
 from ext_proc.__main__ import main as ext_proc_main
-from ext_proc.rate_limit import Charge, RateLimiter, RedisCounters
+from ext_proc.rate_limit import RETRY_REDIS_S, Charge, RateLimiter, RedisCounters
 from gpu_router import pki
 from gpu_router.cli import main as cli_main
 from gpu_router.redis_service import (
@@ -179,6 +181,43 @@ def test_redis_counters_are_shared_and_a_lost_redis_fails_open(
     assert waits[:3] == [None, None, None] and waits[3] == waits[4] == 60
     assert open_wait is None  # limits fail open; budgets do not depend on Redis
     assert later is None
+
+
+def test_a_frozen_redis_is_one_warning_per_outage_and_one_when_it_ends(
+    redis_server: tuple[Path, str, int], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SIGSTOP: each try waits out one round trip and fails open; tries a second apart during
+    the outage warn once; the first that counts again says so."""
+    home, _, pid = redis_server
+    now = [600.0]
+
+    async def scenario() -> list[list[tuple[int, int]] | None]:
+        counters = RedisCounters(redis_url(home), clock=lambda: now[0], user="ext-proc-1",
+                                 password=read_password(password_file(tmp_path / "certs",
+                                                                      "ext-proc-1")))
+        charge = [Charge("outage:req", 1, 100)]
+        answers = [await counters.add(10, charge)]
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            for _ in range(3):
+                now[0] += RETRY_REDIS_S
+                answers.append(await counters.add(10, charge))
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        now[0] += RETRY_REDIS_S
+        answers.append(await counters.add(10, charge))
+        await counters.close()
+        return answers
+
+    caplog.set_level(logging.WARNING, logger="ext_proc.rate_limit")
+    answers = asyncio.run(scenario())
+    assert answers[0] == [(0, 1)] and answers[1:4] == [None, None, None]
+    # Counted again (with whatever a frozen try had sent: Redis runs it once it wakes, and that
+    # request was served, so counting it is right).
+    assert answers[4] is not None and answers[4][0][1] >= 2
+    assert [r.getMessage() for r in caplog.records] == [
+        "rate-limit store unreachable: limits fail open",
+        "rate-limit store reachable again: limits counted"]
 
 
 def test_ext_proc_refuses_to_start_on_unusable_flags(

@@ -20,6 +20,7 @@ from stack_harness import (
     Providers,
     Traffic,
     chat,
+    frozen,
     policy_on_free_ports,
     replace_file,
     start_stack,
@@ -29,7 +30,8 @@ from control_plane.policy.load import default_policy_path
 from gpu_router.keys_cli import client_report, key_sha256, new_key
 from gpu_router.stack import Stack
 
-KEYS = {name: new_key() for name in ("team", "tiny", "rpm20", "steady", "late", "rotated")}
+KEYS = {name: new_key() for name in ("team", "tiny", "rpm20", "steady", "late", "rotated",
+                                     "roomy")}
 REDIS = shutil.which("redis-server") is not None
 TINY_BUDGET_USD = 1e-7
 """Less than one request costs: the first request is served, the ones after it are refused."""
@@ -179,6 +181,35 @@ def test_keys_added_changed_and_removed_take_effect_without_failing_others(stack
             seen = traffic.total()
             eventually(lambda: traffic.total() >= seen + 10, "more traffic after the edits")
         assert traffic.failures() == {}, traffic.failed
+    finally:
+        replace_file(stack.policy, original)
+
+
+@pytest.mark.skipif(not REDIS, reason="redis-server is not installed (.ci/run installs it)")
+def test_a_frozen_redis_fails_limits_open_and_no_request(stack: Stack) -> None:
+    """SIGSTOP Redis under 64 clients of a limited key (a limit they stay under): every request
+    is served, ext_proc warns once for the outage, and counts in Redis again once it runs."""
+    original = stack.policy.read_text()
+    log = stack.processes["ext-proc-1"].log_path
+    outage = "rate-limit store unreachable"
+    try:
+        edit_clients(stack.policy, lambda clients: clients.append(
+            client("roomy", limits={"requests_per_minute": 1_000_000})))
+        eventually(lambda: chat(stack, "llama-3.1-8b", bearer("roomy"))[0] == 200, "the key")
+        assert outage not in log.read_text()
+        with Traffic(stack, "llama-3.1-8b", bearer("roomy"), threads=CLIENTS) as traffic:
+            eventually(lambda: traffic.total() >= CLIENTS, "requests before the freeze")
+            with frozen(stack, "redis"):
+                eventually(lambda: outage in log.read_text(), "ext_proc to find Redis frozen")
+                seen = traffic.total()
+                eventually(lambda: traffic.total() >= seen + 4 * CLIENTS,
+                           "requests while Redis is frozen")
+            eventually(lambda: "rate-limit store reachable again" in log.read_text(),
+                       "ext_proc to count in Redis again")
+            seen = traffic.total()
+            eventually(lambda: traffic.total() >= seen + CLIENTS, "requests after")
+        assert traffic.failures() == {}, traffic.failed
+        assert log.read_text().count(outage) == 1, "one warning per outage"
     finally:
         replace_file(stack.policy, original)
 
