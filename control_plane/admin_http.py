@@ -27,14 +27,17 @@ import base64
 import json
 import logging
 import secrets
+import ssl
 from collections.abc import Callable
 from http import HTTPStatus
+from pathlib import Path
 from typing import Any, Protocol
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from control_plane.dashboard.data import DATA_PATH, dashboard_files
+from control_plane.edge_certificate import EdgeCertificateError, read_listener_certificate
 
 logger = logging.getLogger(__name__)
 
@@ -188,13 +191,34 @@ def respond(table: dict[str, Route], method: str, path: str, accept: str,
     return web.Response(body=body, headers={"Content-Type": content_type})
 
 
+class AdminTlsError(Exception):
+    """The admin API's certificate or key cannot be served; says which file and why."""
+
+
+def admin_tls_context(cert: Path, key: Path) -> ssl.SSLContext:
+    """TLS 1.2 or later with this pair, checked as the edge listener's is (AdminTlsError naming
+    the file). Read once: a new pair takes a restart of the control plane, whose edges keep
+    their last config meanwhile."""
+    try:
+        read_listener_certificate(cert, key)
+    except EdgeCertificateError as error:
+        raise AdminTlsError(f"--http-tls-cert, --http-tls-key: {error}") from None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(cert, key)
+    return context
+
+
 class AdminHttpServer:
     """Serves `respond` with aiohttp; port 0 picks a free one (read `.port` after start)."""
 
-    def __init__(self, host: str, port: int, state: AdminState, token: str) -> None:
-        """`token`: the admin token every path but OPEN_PATHS asks for."""
+    def __init__(self, host: str, port: int, state: AdminState, token: str,
+                 tls: ssl.SSLContext | None = None) -> None:
+        """`token`: the admin token every path but OPEN_PATHS asks for; `tls`: serve HTTPS
+        only (admin_tls_context)."""
         self.host = host
         self.port = port
+        self._tls = tls
         self._routes = routes(state)
         self._state = state
         self._token = token
@@ -212,9 +236,10 @@ class AdminHttpServer:
             shutdown_timeout=_SHUTDOWN_GRACE_S,
         )
         await self._runner.setup()
-        await web.TCPSite(self._runner, self.host, self.port).start()
+        await web.TCPSite(self._runner, self.host, self.port, ssl_context=self._tls).start()
         self.port = int(self._runner.addresses[0][1])
-        logger.info("admin http listening", extra={"host": self.host, "port": self.port})
+        logger.info("admin http listening",
+                    extra={"host": self.host, "port": self.port, "tls": self._tls is not None})
 
     async def stop(self) -> None:
         if self._runner is None:

@@ -25,7 +25,7 @@ import grpc
 from envoy.service.discovery.v3 import ads_pb2_grpc
 
 from control_plane.accounting import Accounting
-from control_plane.admin_http import AdminHttpServer
+from control_plane.admin_http import AdminHttpServer, AdminTlsError, admin_tls_context
 from control_plane.client_spend import ClientSpend, publish_spend
 from control_plane.dashboard.data import dashboard_data
 from control_plane.dashboard.savings_card import SavingsCard
@@ -146,6 +146,8 @@ async def serve(options: Options, stop: asyncio.Event, hangup: asyncio.Event | N
     revocations = Revocations.open(options.crl_path(), tls.ca)  # a bad CRL: refuse to start
     admin_token = options.admin_token()  # one that cannot be read: refuse to start
     redis_password = None if options.redis is None else options.redis_password()  # likewise
+    admin_tls = None if options.admin_tls_files is None else admin_tls_context(
+        *options.admin_tls_files)  # likewise
 
     def prepare(path: Path) -> Release:
         """The policy's config, with the CRL the edges check ext_proc's certificates against."""
@@ -212,7 +214,7 @@ async def serve(options: Options, stop: asyncio.Event, hangup: asyncio.Event | N
     await apply(first)
     await server.start()
     state = ControlPlaneState(cache, rollout, fleet, metrics, accounting.spend, options.ledger)
-    admin = AdminHttpServer(options.http_host, options.http_port, state, admin_token)
+    admin = AdminHttpServer(options.http_host, options.http_port, state, admin_token, admin_tls)
     await admin.start()
     # What start-up made (modules, protobuf descriptors, the first snapshot) lives as long as
     # the process: out of the collector's generations, a full collection no longer walks it.
@@ -322,7 +324,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except REJECTIONS as error:
         print(f"control plane: policy {options.policy_path} rejected:\n{error}", file=sys.stderr)
         return EXIT_BAD_POLICY
-    except (OSError, RuntimeError, SecretFileError) as error:
+    except (OSError, RuntimeError, SecretFileError, AdminTlsError) as error:
         print(f"control plane: failed: {error}", file=sys.stderr)
         return EXIT_FAILED
     return 0

@@ -84,6 +84,8 @@ class Options:
     admin_token_file: Path | None = None
     """The token the admin HTTP API asks for (admin_http.py); None: ADMIN_TOKEN_FILE in
     certs_dir, made on first start."""
+    admin_tls_files: tuple[Path, Path] | None = None
+    """(certificate chain, key) the admin HTTP API serves, HTTPS only; None: plain HTTP."""
     redis: str | None = None
     """The fleet's Redis (redis://, rediss:// with this process's TLS files, unix://), where the
     control plane deletes a revoked replica's user (redis_users.py); None: no Redis."""
@@ -182,6 +184,11 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         "--http-host", default="127.0.0.1", help="admin HTTP bind address (0.0.0.0 in a container)"
     )
     parser.add_argument("--http-port", type=int, default=8080, help="admin HTTP port")
+    parser.add_argument("--http-tls-cert", type=Path,
+                        help="PEM certificate chain the admin HTTP API serves (with "
+                        "--http-tls-key: HTTPS only, so the admin token never crosses a network "
+                        "in the clear; read at start; default: plain HTTP)")
+    parser.add_argument("--http-tls-key", type=Path, help="its PEM private key")
     parser.add_argument("--admin-token-file", type=Path,
                         help="file holding the token every admin HTTP path but /healthz asks for "
                         "(default: admin-token in --certs-dir, made on first start)")
@@ -285,6 +292,9 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     edge_tls = (args.edge_tls_cert, args.edge_tls_key)
     if any(edge_tls) and not all(edge_tls):
         parser.error("--edge-tls-cert and --edge-tls-key go together")
+    admin_tls = (args.http_tls_cert, args.http_tls_key)
+    if any(admin_tls) and not all(admin_tls):
+        parser.error("--http-tls-cert and --http-tls-key go together")
     return Options(
         policy=args.policy,
         xds_host=args.xds_host,
@@ -309,6 +319,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         tls=pki.TlsFiles(*own) if all(own) else None,
         tls_crl=args.tls_crl,
         admin_token_file=args.admin_token_file,
+        admin_tls_files=(args.http_tls_cert, args.http_tls_key) if all(admin_tls) else None,
         redis=args.redis,
         redis_password_file=args.redis_password_file,
         edge_tls_files=(args.edge_tls_cert.resolve(), args.edge_tls_key.resolve())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import ssl
 import sys
 import tempfile
 from pathlib import Path
@@ -56,17 +57,12 @@ def up(args: argparse.Namespace) -> int:
     if refusal is not None:
         print(f"gpu-router: {refusal}", file=sys.stderr)
         return 2
-    edge_tls = None
-    if args.edge_tls_cert or args.edge_tls_key:
-        if not (args.edge_tls_cert and args.edge_tls_key):
-            print("gpu-router: --edge-tls-cert and --edge-tls-key go together", file=sys.stderr)
-            return 2
-        edge_tls = (Path(args.edge_tls_cert).resolve(), Path(args.edge_tls_key).resolve())
-        try:
-            read_listener_certificate(*edge_tls)  # the control plane would refuse to start
-        except EdgeCertificateError as error:
-            print(f"gpu-router: {error}", file=sys.stderr)
-            return 2
+    try:  # the control plane would refuse to start on a pair it cannot serve
+        edge_tls = _tls_pair("--edge-tls", args.edge_tls_cert, args.edge_tls_key)
+        admin_tls = _tls_pair("--http-tls", args.http_tls_cert, args.http_tls_key)
+    except EdgeCertificateError as error:
+        print(f"gpu-router: {error}", file=sys.stderr)
+        return 2
     ports = StackPorts(edge=args.edge_port, admin=args.admin_port, xds=args.xds_port,
                        ext_proc=args.ext_proc_port, control_http=args.http_port)
     log_dir = Path(args.log_dir) if args.log_dir else Path(tempfile.mkdtemp(prefix="gpu-router-"))
@@ -74,6 +70,7 @@ def up(args: argparse.Namespace) -> int:
     stack = Stack(policy=policy, log_dir=log_dir, ports=ports, ext_proc_workers=args.workers,
                   simulators=not args.no_simulators, accounting=accounting_flags(args),
                   edge_host=args.edge_host, redis=args.redis, edge_tls=edge_tls,
+                  admin_tls=admin_tls,
                   cancelled=signals.requested, certs_dir=Path(args.certs_dir))
     print(f"starting gpu-router with {policy} (logs in {log_dir}) ...", flush=True)
     try:
@@ -150,6 +147,18 @@ def certs_revoke(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tls_pair(flag: str, cert: str | None, key: str | None) -> tuple[Path, Path] | None:
+    """`flag`-cert and `flag`-key as a checked pair of absolute paths (EdgeCertificateError
+    naming the file or the flag otherwise); None when neither is given."""
+    if not (cert or key):
+        return None
+    if not (cert and key):
+        raise EdgeCertificateError(f"{flag}-cert and {flag}-key go together")
+    pair = (Path(cert).resolve(), Path(key).resolve())
+    read_listener_certificate(*pair)
+    return pair
+
+
 def accounting_flags(args: argparse.Namespace) -> list[str]:
     """The control plane's ledger and audit-log flags `up` was given (none: its defaults)."""
     if args.no_accounting:
@@ -161,8 +170,14 @@ def accounting_flags(args: argparse.Namespace) -> list[str]:
 def health(args: argparse.Namespace) -> int:
     url = f"{args.control_plane.rstrip('/')}/v1/health"
     try:
+        context = None if args.ca is None else ssl.create_default_context(cafile=args.ca)
+    except OSError as error:  # ssl.SSLError too
+        print(f"gpu-router: --ca {args.ca}: not a readable PEM CA certificate ({error})",
+              file=sys.stderr)
+        return 1
+    try:
         token = read_admin_token(Path(args.admin_token_file))
-        status, body = http_get(url, headers=bearer(token))
+        status, body = http_get(url, headers=bearer(token), context=context)
     except SecretFileError as error:
         print(f"gpu-router: {error}", file=sys.stderr)
         return 1
@@ -213,6 +228,10 @@ def parser() -> argparse.ArgumentParser:
                      help="PEM certificate chain every edge serves to clients: TLS only, "
                      "HTTP/1.1 and h2 (with --edge-tls-key; rotated by rewriting the files)")
     run.add_argument("--edge-tls-key", help="its PEM private key")
+    run.add_argument("--http-tls-cert",
+                     help="PEM certificate chain the control plane's admin API serves: HTTPS "
+                     "only (with --http-tls-key; read at start)")
+    run.add_argument("--http-tls-key", help="its PEM private key")
     run.add_argument("--redis", choices=("auto", "always", "never"), default="auto",
                      help="start redis-server for fleet-wide client rate limits (auto: when "
                      "the policy at start gives some client a limit)")
@@ -255,6 +274,8 @@ def parser() -> argparse.ArgumentParser:
     show = commands.add_parser("health", help="fleet health per provider and model, from the control plane")
     show.add_argument("--control-plane", default=f"http://127.0.0.1:{defaults.control_http}")
     show.add_argument("--format", choices=("table", "json"), default="table")
+    show.add_argument("--ca", help="PEM CA certificate(s) to check an https:// control plane's "
+                      "certificate against (default: the system's)")
     show.add_argument("--admin-token-file", default=str(default_certs_dir() / ADMIN_TOKEN_FILE),
                       help="the control plane's admin token (default: %(default)s, where "
                       "`gpu-router up` and the control plane keep it)")

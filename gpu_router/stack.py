@@ -11,18 +11,17 @@ control plane); degraded-mode tests kill and restart its processes by name, and
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Self
+from typing import Self
 
 from control_plane.policy.load import load_policy_file
 from gpu_router import pki
-from gpu_router.admin_token import ADMIN_TOKEN_FILE, admin_token, bearer
+from gpu_router.admin_token import ADMIN_TOKEN_FILE, admin_token
 from gpu_router.bootstrap import EdgeNode, write_bootstrap
 from gpu_router.processes import (
     EnvoyAdmin,
@@ -30,7 +29,6 @@ from gpu_router.processes import (
     ProcessError,
     envoy_binary,
     free_port,
-    http_get,
     port_open,
     python_module,
     stop_each,
@@ -44,7 +42,7 @@ from gpu_router.redis_service import (
     remove_redis_home,
     wants_redis,
 )
-from gpu_router.stack_endpoints import EdgeHandle, StackPorts
+from gpu_router.stack_endpoints import ControlPlaneApi, EdgeHandle, StackPorts
 from gpu_router.xds_status import fleet_synced, policy_holders
 
 _log = logging.getLogger(__name__)
@@ -111,6 +109,9 @@ class Stack:
     edge_tls: tuple[Path, Path] | None = None
     """(certificate chain, key) every edge serves to clients over TLS (the control plane's
     --edge-tls-cert, --edge-tls-key); None: plain HTTP."""
+    admin_tls: tuple[Path, Path] | None = None
+    """(certificate chain, key) the control plane's admin API serves over HTTPS only (its
+    --http-tls-cert, --http-tls-key); None: plain HTTP."""
     redis_url: str | None = None
     """Where the replicas' rate-limit counters are, once started; None: in each worker."""
     _lifecycles: dict[str, _Lifecycle] = field(default_factory=dict, repr=False)
@@ -170,6 +171,9 @@ class Stack:
         if self.redis_url is not None:  # as Redis's user control-plane: revoked replicas' go
             args += ["--redis", self.redis_url,
                      "--redis-password-file", str(password_file(self.certs, CONTROL_USER))]
+        if self.admin_tls is not None:
+            args += ["--http-tls-cert", str(self.admin_tls[0]),
+                     "--http-tls-key", str(self.admin_tls[1])]
         if self.edge_tls is not None:
             args += ["--edge-tls-cert", str(self.edge_tls[0]), "--edge-tls-key", str(self.edge_tls[1])]
         self.tls(pki.Role.CONTROL_PLANE, pki.Role.CONTROL_PLANE.value)
@@ -308,40 +312,37 @@ class Stack:
             return lambda: ready() and self.fleet_synced()
         return ready
 
+    @property
+    def control(self) -> ControlPlaneApi:
+        """The control plane's admin API, with its admin token."""
+        return ControlPlaneApi(port=self.ports.control_http, token=self._admin_token,
+                               certificate=None if self.admin_tls is None else self.admin_tls[0])
+
     def control_url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.ports.control_http}{path}"
+        return self.control.url(path)
 
     def control_get(self, path: str) -> tuple[int, bytes]:
-        """GET `path` from the control plane's admin API, with its admin token."""
-        return http_get(self.control_url(path), headers=bearer(self._admin_token))
-
-    def xds_nodes(self) -> list[dict[str, Any]]:
-        """The control plane's view of every connected node (GET /v1/xds)."""
-        status, body = self.control_get("/v1/xds")
-        if status != 200:
-            raise ProcessError(f"control plane /v1/xds answered {status}: {body[:200]!r}")
-        nodes: list[dict[str, Any]] = json.loads(body)
-        return nodes
+        return self.control.get(path)
 
     def fleet_synced(self) -> bool:
         """Whether every edge node runs the control plane's listener and clusters, and every
         ext_proc worker its routing policy."""
         workers = self.ext_proc_replicas * self.ext_proc_workers
-        return fleet_synced(self.xds_nodes(), (edge.node_id for edge in self.edges), workers)
+        return fleet_synced(self.control.xds_nodes(), (edge.node_id for edge in self.edges), workers)
 
     def _control_plane_healthy(self) -> bool:
-        return http_get(self.control_url("/healthz"))[0] == 200
+        return self.control_get("/healthz")[0] == 200
 
     def _new_policy_holders(self, port: int) -> Callable[[], bool]:
         """Ready check of an ext_proc replica about to (re)start on `port`: it listens, and as
         many ext_proc nodes as it has workers, none connected before, hold the current policy."""
         try:
-            known = policy_holders(self.xds_nodes())
+            known = policy_holders(self.control.xds_nodes())
         except (OSError, ProcessError):
             known = set()
         return lambda: (
             port_open(port)
-            and len(policy_holders(self.xds_nodes()) - known) >= self.ext_proc_workers
+            and len(policy_holders(self.control.xds_nodes()) - known) >= self.ext_proc_workers
         )
 
     @property

@@ -1,12 +1,23 @@
-"""Where a stack's processes listen: its ports, and a handle on each running edge node."""
+"""Where a stack's processes listen: its ports, a handle on each running edge node, and the
+control plane's admin API as the stack reaches it."""
 
 from __future__ import annotations
 
 import json
 import ssl
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
-from gpu_router.processes import EnvoyAdmin, ManagedProcess, free_port, http_get
+from gpu_router.admin_token import bearer
+from gpu_router.processes import (
+    EnvoyAdmin,
+    ManagedProcess,
+    ProcessError,
+    free_port,
+    http_get,
+    pinned_context,
+)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -57,3 +68,29 @@ class EdgeHandle:
         status, body = http_get(f"{self.url}/v1/models",
                                 context=None if self.scheme == "http" else _OWN_EDGE_TLS)
         return status == 200 and bool(json.loads(body).get("data"))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ControlPlaneApi:
+    """The control plane's admin API on loopback, with its admin token: over HTTPS to the
+    `certificate` the control plane serves only (pinned), when it serves one."""
+
+    port: int
+    token: str = field(repr=False)
+    certificate: Path | None = None
+
+    def url(self, path: str) -> str:
+        scheme = "http" if self.certificate is None else "https"
+        return f"{scheme}://127.0.0.1:{self.port}{path}"
+
+    def get(self, path: str) -> tuple[int, bytes]:
+        context = None if self.certificate is None else pinned_context(self.certificate)
+        return http_get(self.url(path), headers=bearer(self.token), context=context)
+
+    def xds_nodes(self) -> list[dict[str, Any]]:
+        """Every connected node as the control plane sees it (GET /v1/xds)."""
+        status, body = self.get("/v1/xds")
+        if status != 200:
+            raise ProcessError(f"control plane /v1/xds answered {status}: {body[:200]!r}")
+        nodes: list[dict[str, Any]] = json.loads(body)
+        return nodes

@@ -15,7 +15,8 @@ NOW = datetime.datetime.now(datetime.UTC)
 
 
 def server_pair(directory: Path, *, now: datetime.datetime = NOW) -> tuple[Path, Path, Path]:
-    """(ca.pem, edge.pem, edge-key.pem): a new CA and a certificate for 127.0.0.1/localhost."""
+    """(ca.pem, edge.pem, edge-key.pem): a new CA and a certificate for 127.0.0.1/localhost;
+    the CA's key beside them (ca-key.pem), for a test that signs another."""
     directory.mkdir(parents=True, exist_ok=True)
     ca, ca_key = pki.make_ca(now)
     leaf, key = pki.make_leaf(ca, ca_key, pki.Identity(pki.Role.CONTROL_PLANE, "edge"), now,
@@ -23,9 +24,10 @@ def server_pair(directory: Path, *, now: datetime.datetime = NOW) -> tuple[Path,
     paths = directory / "ca.pem", directory / "edge.pem", directory / "edge-key.pem"
     paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     paths[1].write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
-    paths[2].write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                           serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
+    for path, private in ((paths[2], key), (directory / "ca-key.pem", ca_key)):
+        path.write_bytes(private.private_bytes(serialization.Encoding.PEM,
+                                               serialization.PrivateFormat.PKCS8,
+                                               serialization.NoEncryption()))
     return paths
 
 

@@ -91,7 +91,7 @@ def test_each_node_listens_on_its_own_edge_port_and_routes(fleet: Stack) -> None
     assert second.edge_port not in (fleet.ports.edge, *fleet.ext_proc_ports)
     assert port_open(first.edge_port) and port_open(second.edge_port)
     assert fleet.fleet_synced()
-    nodes = {n["id"]: n for n in fleet.xds_nodes()}
+    nodes = {n["id"]: n for n in fleet.control.xds_nodes()}
     assert nodes[first.node_id]["edge_port"] is None
     assert nodes[second.node_id]["edge_port"] == second.edge_port
     assert all(picked_by_ext_proc(edge) for edge in fleet.edges)
@@ -141,7 +141,7 @@ def test_a_restarted_control_plane_resyncs_every_node(fleet: Stack) -> None:
     fleet.restart("control-plane")
 
     assert control_plane.pid != old_pid and fleet.fleet_synced()
-    assert {n["id"] for n in fleet.xds_nodes() if n["cluster"] == "gpu-router-edge"} == {
+    assert {n["id"] for n in fleet.control.xds_nodes() if n["cluster"] == "gpu-router-edge"} == {
         edge.node_id for edge in fleet.edges
     }
     assert all(picked_by_ext_proc(edge) for edge in fleet.edges)

@@ -22,6 +22,7 @@ from polling import eventually
 from stack_harness import chat, policy_on_free_ports, start_stack
 
 from control_plane.policy.load import default_policy_path
+from gpu_router.processes import http_get
 from gpu_router.stack import Stack
 
 MODEL = "llama-3.1-8b"
@@ -33,7 +34,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Stack, Pa
     directory = tmp_path_factory.mktemp("edge-tls")
     ca, cert, key = server_pair(directory / "tls")
     policy = policy_on_free_ports(default_policy_path(), directory / "policy.yaml")
-    stack = start_stack(policy, directory / "logs", edge_tls=(cert, key))
+    stack = start_stack(policy, directory / "logs", edge_tls=(cert, key), admin_tls=(cert, key))
     try:
         yield stack, ca, cert, key
     finally:
@@ -65,12 +66,27 @@ def test_a_client_that_trusts_the_certificate_is_routed(
 
 
 def test_plain_http_gets_no_answer(served: tuple[Stack, Path, Path, Path]) -> None:
+    """Nor from the control plane's admin API, given the same pair (`--http-tls-cert`)."""
     stack, *_ = served
-    connection = http.client.HTTPConnection("127.0.0.1", stack.edges[0].edge_port, timeout=10)
-    with pytest.raises((ConnectionError, http.client.HTTPException)):
-        connection.request("GET", "/v1/models")
-        connection.getresponse().read()
-    connection.close()
+    for port, path in ((stack.edges[0].edge_port, "/v1/models"),
+                       (stack.ports.control_http, "/healthz")):
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        with pytest.raises((ConnectionError, http.client.HTTPException)):
+            connection.request("GET", path)
+            connection.getresponse().read()
+        connection.close()
+
+
+def test_the_admin_api_over_https_is_what_the_launcher_reads(
+    served: tuple[Stack, Path, Path, Path],
+) -> None:
+    """The stack's own readiness checks (every node in sync, read from /v1/xds with the admin
+    token) went to the pinned certificate: the stack started. A client of the CA reads it too."""
+    stack, ca, _, _ = served
+    assert stack.control_url("/v1/health").startswith("https://")
+    status, body = stack.control_get("/v1/policy")
+    assert status == 200 and json.loads(body)["version"]
+    assert http_get(stack.control_url("/v1/policy"), context=client_context(ca))[0] == 401
 
 
 def test_a_rotated_certificate_is_served_without_a_restart_and_a_bad_one_never(
