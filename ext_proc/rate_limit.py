@@ -11,7 +11,7 @@ Where the counters live decides how far a limit holds:
   shares them; one pipelined round trip per limited request (INCRBY, EXPIRE, GET), on one of
   POOL_CONNECTIONS connections the worker opens at start. If Redis
   cannot be reached the limit fails open (the request passes, a warning is logged once per
-  outage, Redis is tried again after RETRY_REDIS_S): budgets stay enforced, as they come from
+  outage and worker, and once when it ends; Redis is tried again after RETRY_REDIS_S): budgets stay enforced, as they come from
   the control plane, not from Redis.
 - LocalCounters (the default, no Redis): in this worker process only. Exact with one ext_proc
   worker behind one edge; with N workers (or replicas) a client gets up to N times its limit.

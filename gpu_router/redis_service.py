@@ -11,8 +11,9 @@ named as its certificate, with its own password, which runs only the counters' c
 counters' keys (access_rules): a stolen password moves counters, but cannot CONFIG SET a
 directory and SAVE a file as Redis's user, FLUSHALL or load a module, and a revoked replica's
 goes with its certificate: `certs revoke` removes its password file, and the control plane,
-Redis's user CONTROL_USER, which may only list users and delete one, deletes the replica's user
-within a second (control_plane/redis_users.py), its open connections with it. The default user
+Redis's user CONTROL_USER, which may only list users and delete one, deletes within a second
+(control_plane/redis_users.py) a replica's user that the password in its file no longer opens,
+its open connections with it. The default user
 may only PING. The passwords are made once into the certs directory (PASSWORD_FILE,
 CONTROL_PASSWORD_FILE, USERS_DIR, mode 0600) and travel only in files:
 redis-server reads them from a config file of mode 0600, ext_proc from --redis-password-file;
@@ -79,7 +80,9 @@ def password_file(directory: Path, user: str | None = None) -> Path:
     (CONTROL_USER) or replica `user`'s."""
     if user is None:
         return directory / PASSWORD_FILE
-    return directory / CONTROL_PASSWORD_FILE if user == CONTROL_USER else directory / USERS_DIR / user
+    if user == CONTROL_USER:
+        return directory / CONTROL_PASSWORD_FILE
+    return directory / USERS_DIR / user
 
 
 def ensure_password(directory: Path, user: str | None = None) -> str:
@@ -117,16 +120,21 @@ def access_rules(directory: Path, replicas: Iterable[str]) -> str:
     return "\n".join(rules) + "\n"
 
 
-def replica_users(directory: Path) -> frozenset[str]:
-    """The replicas whose Redis user `directory` keeps a password for (USERS_DIR). OSError when
-    that directory cannot be listed: a lost mount must not read as every replica revoked."""
-    return frozenset(path.name for path in (directory / USERS_DIR).iterdir())
+def replica_passwords(directory: Path) -> dict[str, str]:
+    """Replica -> the password `directory` keeps for its Redis user (USERS_DIR); a file that
+    cannot be read counts as none. OSError when the directory cannot be listed."""
+    passwords = {}
+    for path in (directory / USERS_DIR).iterdir():
+        try:
+            passwords[path.name] = read_password(path)
+        except SecretFileError:
+            continue
+    return passwords
 
 
-def revoked_users(in_redis: Iterable[str], replicas: frozenset[str]) -> list[str]:
-    """Redis's users that are no longer a replica's (its password file went with its
-    certificate: `certs revoke`), Redis's own and the control plane's aside."""
-    return sorted(set(in_redis) - replicas - {DEFAULT_USER, CONTROL_USER})
+def replica_users(in_redis: Iterable[str]) -> list[str]:
+    """Redis's users that are replicas': all but Redis's own and the control plane's."""
+    return sorted(set(in_redis) - {DEFAULT_USER, CONTROL_USER})
 
 
 def wants_redis(mode: str, config: RoutingConfig) -> bool:

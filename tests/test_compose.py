@@ -44,7 +44,14 @@ from gpu_router.processes import (
     port_open,
     python_module,
 )
-from gpu_router.redis_service import CONTROL_USER, access_rules, password_file, read_password
+from gpu_router.redis_service import (
+    CONTROL_USER,
+    access_rules,
+    password_file,
+    read_password,
+    replica_passwords,
+    replica_users,
+)
 from simulator.__main__ import parse_args as simulator_args
 from simulator.__main__ import plan as simulator_plan
 
@@ -538,7 +545,8 @@ def replica_may_count_only(service: dict[str, Any], volumes: dict[str, Path], po
 def control_plane_deletes_a_replica(control: dict[str, Any], volumes: dict[str, Path],
                                     port: int, replica: str) -> bool:
     """The control plane, with the password file its command names and its own certificate
-    (in --certs-dir), deletes `replica`'s user; reading a counter is refused it."""
+    (in --certs-dir), finds in Redis the replica users its certs directory keeps passwords for
+    (it would delete any other), deletes `replica`'s, and is refused reading a counter."""
     argv = flags(control["command"])
     certs = in_volume(control, argv["--certs-dir"][0], volumes)
     password = in_volume(control, argv["--redis-password-file"][0], volumes)
@@ -548,6 +556,7 @@ def control_plane_deletes_a_replica(control: dict[str, Any], volumes: dict[str, 
         ssl_keyfile=str(certs / "control-plane-key.pem"), ssl_check_hostname=False,
         socket_timeout=5)
     try:
+        assert replica_users(client.acl_users()) == sorted(replica_passwords(certs))
         deleted = client.acl_deluser(replica) == 1
         try:
             client.get("gpu-router:rl:compose:1")

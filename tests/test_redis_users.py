@@ -15,17 +15,18 @@ import redis
 from redis_fixtures import running_redis
 
 from control_plane.options import parse_args
-from control_plane.redis_users import follow_revocations, retire_revoked_users
+from control_plane.redis_users import follow_revocations, logins, retire_revoked_users
 from gpu_router.redis_service import (
     CONTROL_USER,
     DEFAULT_USER,
     USERS_DIR,
+    ensure_password,
     password_file,
     read_password,
     redis_socket,
     redis_url,
     redis_user_problem,
-    revoked_users,
+    replica_users,
 )
 
 REPLICAS = ("ext-proc-1", "ext-proc-2")
@@ -76,6 +77,20 @@ def test_the_control_plane_may_only_list_users_and_delete_one(fleet: tuple[Path,
                 command()
 
 
+async def look(home: Path, certs: Path, directory: Path) -> list[str]:
+    """One look of the control plane's, as it makes them, at the Redis in `home`."""
+    import redis.asyncio as aredis
+
+    password = read_password(password_file(certs, CONTROL_USER))
+    control = aredis.Redis(unix_socket_path=str(redis_socket(home)), username=CONTROL_USER,
+                           password=password)
+    try:
+        return await retire_revoked_users(control, directory,
+                                          logins(redis_url(home), None, password))
+    finally:
+        await control.aclose()
+
+
 def test_a_revoked_replicas_user_goes_with_its_open_connections(
     fleet: tuple[Path, Path]
 ) -> None:
@@ -87,20 +102,10 @@ def test_a_revoked_replicas_user_goes_with_its_open_connections(
     old = read_password(password_file(certs, "ext-proc-1"))
     password_file(certs, "ext-proc-1").unlink()  # as `certs revoke ext-proc-1` does
 
-    async def look(directory: Path) -> list[str]:
-        import redis.asyncio as aredis
-
-        control = aredis.Redis(unix_socket_path=str(redis_socket(home)), username=CONTROL_USER,
-                               password=read_password(password_file(certs, CONTROL_USER)))
-        try:
-            return await retire_revoked_users(control, directory)
-        finally:
-            await control.aclose()
-
     with pytest.raises(OSError):
-        asyncio.run(look(certs / "lost-mount"))
-    assert asyncio.run(look(certs)) == ["ext-proc-1"]
-    assert asyncio.run(look(certs)) == []  # deleted once
+        asyncio.run(look(home, certs, certs / "lost-mount"))
+    assert asyncio.run(look(home, certs, certs)) == ["ext-proc-1"]
+    assert asyncio.run(look(home, certs, certs)) == []  # deleted once
     assert held.recv(64) == b"", "its open connection is closed"
     held.close()
     with pytest.raises(redis.exceptions.AuthenticationError):
@@ -108,6 +113,21 @@ def test_a_revoked_replicas_user_goes_with_its_open_connections(
                     password=old, socket_timeout=5).ping()
     with client(home, certs, "ext-proc-2") as other:
         assert other.incrby("gpu-router:rl:x:1", 1) == 1
+
+
+def test_a_new_password_made_before_the_look_does_not_save_the_revoked_one(
+    fleet: tuple[Path, Path]
+) -> None:
+    """`certs revoke` then `certs init` (or a control plane away meanwhile): the file holds a
+    password Redis does not know, so the user Redis has is the revoked one's."""
+    certs, home = fleet
+    old = read_password(password_file(certs, "ext-proc-1"))
+    password_file(certs, "ext-proc-1").unlink()
+    assert ensure_password(certs, "ext-proc-1") != old
+    assert asyncio.run(look(home, certs, certs)) == ["ext-proc-1"]
+    with pytest.raises(redis.exceptions.AuthenticationError):
+        redis.Redis(unix_socket_path=str(redis_socket(home)), username="ext-proc-1",
+                    password=old, socket_timeout=5).ping()
 
 
 def test_the_loop_logs_each_removal_and_an_unreachable_redis_once(
@@ -132,10 +152,9 @@ def test_the_loop_logs_each_removal_and_an_unreachable_redis_once(
     assert caplog.records[-1].error.startswith("ConnectionError: ")  # type: ignore[attr-defined]
 
 
-def test_revoked_users_are_replicas_only() -> None:
-    in_redis = [DEFAULT_USER, CONTROL_USER, "ext-proc-1", "ext-proc-2"]
-    assert revoked_users(in_redis, frozenset({"ext-proc-2"})) == ["ext-proc-1"]
-    assert revoked_users(in_redis, frozenset()) == ["ext-proc-1", "ext-proc-2"]
+def test_redis_own_user_and_the_control_planes_are_never_a_replicas() -> None:
+    in_redis = [DEFAULT_USER, CONTROL_USER, "ext-proc-2", "ext-proc-1"]
+    assert replica_users(in_redis) == ["ext-proc-1", "ext-proc-2"]
     assert redis_user_problem(CONTROL_USER) is not None, "no replica may take its name"
     assert USERS_DIR not in str(password_file(Path("c"), CONTROL_USER))
 
