@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import ssl
 import sys
 import tempfile
+import urllib.parse
 from pathlib import Path
 
 from control_plane.edge_certificate import EdgeCertificateError, read_listener_certificate
@@ -147,6 +149,13 @@ def certs_revoke(args: argparse.Namespace) -> int:
     return 0
 
 
+def _loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def _tls_pair(flag: str, cert: str | None, key: str | None) -> tuple[Path, Path] | None:
     """`flag`-cert and `flag`-key as a checked pair of absolute paths (EdgeCertificateError
     naming the file or the flag otherwise); None when neither is given."""
@@ -169,6 +178,11 @@ def accounting_flags(args: argparse.Namespace) -> list[str]:
 
 def health(args: argparse.Namespace) -> int:
     url = f"{args.control_plane.rstrip('/')}/v1/health"
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme != "https" and not _loopback(parts.hostname or ""):
+        print(f"gpu-router: {url} would carry the admin token in the clear: serve the control "
+              "plane's API over HTTPS (--http-tls-cert) and give https://", file=sys.stderr)
+        return 1
     try:
         context = None if args.ca is None else ssl.create_default_context(cafile=args.ca)
     except OSError as error:  # ssl.SSLError too

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import ssl
 import subprocess
 import time
 from collections.abc import Callable
@@ -29,6 +30,7 @@ from gpu_router.processes import (
     ProcessError,
     envoy_binary,
     free_port,
+    pinned_context,
     port_open,
     python_module,
     stop_each,
@@ -43,7 +45,7 @@ from gpu_router.redis_service import (
     wants_redis,
 )
 from gpu_router.stack_endpoints import ControlPlaneApi, EdgeHandle, StackPorts
-from gpu_router.xds_status import fleet_synced, policy_holders
+from gpu_router.xds_status import fleet_synced
 
 _log = logging.getLogger(__name__)
 
@@ -116,6 +118,7 @@ class Stack:
     """Where the replicas' rate-limit counters are, once started; None: in each worker."""
     _lifecycles: dict[str, _Lifecycle] = field(default_factory=dict, repr=False)
     _admin_token: str = field(default="", init=False, repr=False)
+    _admin_pin: ssl.SSLContext | None = field(default=None, init=False, repr=False)
     redis_dir: Path | None = field(default=None, init=False)
     """Redis's own directory (mode 0700: its config, the password in it, and its socket), once
     started: kept while Redis may be respawned, removed at stop."""
@@ -178,13 +181,14 @@ class Stack:
             args += ["--edge-tls-cert", str(self.edge_tls[0]), "--edge-tls-key", str(self.edge_tls[1])]
         self.tls(pki.Role.CONTROL_PLANE, pki.Role.CONTROL_PLANE.value)
         self._admin_token = admin_token(self.certs / ADMIN_TOKEN_FILE)  # the one it will read
+        self._pin_admin_certificate()
         args += ["--certs-dir", str(self.certs)]
         control = python_module(CONTROL_PLANE, "control_plane", args, self.log_dir)
         self._launch(
             control,
             _Lifecycle(
                 what="its HTTP port",
-                probe=lambda: self._control_plane_healthy,
+                probe=lambda: lambda: self.control.healthy(),
                 ports=(self.ports.xds, self.ports.control_http),
             ),
             timeout,
@@ -307,16 +311,21 @@ class Stack:
         process, lifecycle = self.processes[name], self._lifecycles[name]
         process.stop()
         ready = lifecycle.probe()
+        if name != CONTROL_PLANE:
+            process.start()
+            return ready
+        self._pin_admin_certificate()  # the certificate it reads as it starts again
         process.start()
-        if name == CONTROL_PLANE:
-            return lambda: ready() and self.fleet_synced()
-        return ready
+        return lambda: ready() and self.fleet_synced()
+
+    def _pin_admin_certificate(self) -> None:
+        self._admin_pin = None if self.admin_tls is None else pinned_context(self.admin_tls[0])
 
     @property
     def control(self) -> ControlPlaneApi:
-        """The control plane's admin API, with its admin token."""
+        """The control plane's admin API, with its admin token (and its pinned certificate)."""
         return ControlPlaneApi(port=self.ports.control_http, token=self._admin_token,
-                               certificate=None if self.admin_tls is None else self.admin_tls[0])
+                               pinned=self._admin_pin)
 
     def control_url(self, path: str) -> str:
         return self.control.url(path)
@@ -328,22 +337,13 @@ class Stack:
         """Whether every edge node runs the control plane's listener and clusters, and every
         ext_proc worker its routing policy."""
         workers = self.ext_proc_replicas * self.ext_proc_workers
-        return fleet_synced(self.control.xds_nodes(), (edge.node_id for edge in self.edges), workers)
-
-    def _control_plane_healthy(self) -> bool:
-        return self.control_get("/healthz")[0] == 200
+        return fleet_synced(self.control.xds_nodes(), (e.node_id for e in self.edges), workers)
 
     def _new_policy_holders(self, port: int) -> Callable[[], bool]:
         """Ready check of an ext_proc replica about to (re)start on `port`: it listens, and as
         many ext_proc nodes as it has workers, none connected before, hold the current policy."""
-        try:
-            known = policy_holders(self.control.xds_nodes())
-        except (OSError, ProcessError):
-            known = set()
-        return lambda: (
-            port_open(port)
-            and len(policy_holders(self.control.xds_nodes()) - known) >= self.ext_proc_workers
-        )
+        holders = self.control.new_policy_holders(self.ext_proc_workers)
+        return lambda: port_open(port) and holders()
 
     @property
     def url(self) -> str:

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import json
 import ssl
+import urllib.error
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from gpu_router.admin_token import bearer
@@ -16,8 +17,8 @@ from gpu_router.processes import (
     ProcessError,
     free_port,
     http_get,
-    pinned_context,
 )
+from gpu_router.xds_status import policy_holders
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -72,20 +73,38 @@ class EdgeHandle:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ControlPlaneApi:
-    """The control plane's admin API on loopback, with its admin token: over HTTPS to the
-    `certificate` the control plane serves only (pinned), when it serves one."""
+    """The control plane's admin API on loopback, with its admin token: over HTTPS to the one
+    certificate `pinned` accepts (processes.pinned_context), when it serves one."""
 
     port: int
     token: str = field(repr=False)
-    certificate: Path | None = None
+    pinned: ssl.SSLContext | None = None
 
     def url(self, path: str) -> str:
-        scheme = "http" if self.certificate is None else "https"
+        scheme = "http" if self.pinned is None else "https"
         return f"{scheme}://127.0.0.1:{self.port}{path}"
 
     def get(self, path: str) -> tuple[int, bytes]:
-        context = None if self.certificate is None else pinned_context(self.certificate)
-        return http_get(self.url(path), headers=bearer(self.token), context=context)
+        return http_get(self.url(path), headers=bearer(self.token), context=self.pinned)
+
+    def new_policy_holders(self, workers: int) -> Callable[[], bool]:
+        """Whether `workers` ext_proc nodes that were not connected now hold the current policy
+        (a replica (re)starting with that many workers)."""
+        try:
+            known = policy_holders(self.xds_nodes())
+        except (OSError, ProcessError):
+            known = set()
+        return lambda: len(policy_holders(self.xds_nodes()) - known) >= workers
+
+    def healthy(self) -> bool:
+        """/healthz answers; ProcessError when the certificate served is not the pinned one (a
+        start would otherwise wait for it until its timeout)."""
+        try:
+            return self.get("/healthz")[0] == 200
+        except urllib.error.URLError as error:
+            if isinstance(error.reason, ssl.SSLCertVerificationError):
+                raise ProcessError(f"the control plane's admin API: {error.reason}") from None
+            raise
 
     def xds_nodes(self) -> list[dict[str, Any]]:
         """Every connected node as the control plane sees it (GET /v1/xds)."""

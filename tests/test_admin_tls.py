@@ -52,10 +52,11 @@ def test_https_only_with_the_token(served: tuple[int, Path, Path]) -> None:
     assert http_get(url, headers=bearer(TOKEN), context=pinned_context(cert))[0] == 200
     assert http_get(url, context=ssl.create_default_context(cafile=str(ca)))[0] == 401
     plain = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-    with pytest.raises((ConnectionError, http.client.HTTPException)):
+    with pytest.raises((ConnectionError, http.client.HTTPException)) as failed:
         plain.request("GET", "/healthz")
         plain.getresponse().read()
     plain.close()
+    assert not isinstance(failed.value, ConnectionRefusedError), "it listens, TLS only"
 
 
 def test_the_pin_refuses_another_certificate_of_the_same_ca(
@@ -96,6 +97,11 @@ def test_gpu_router_health_checks_the_certificate_against_its_ca(
     assert "CERTIFICATE_VERIFY_FAILED" in capsys.readouterr().err
     assert run([*health, "--ca", str(tmp_path / "nowhere.pem")]) == 1
     assert f"--ca {tmp_path / 'nowhere.pem'}" in capsys.readouterr().err
+    # Plain HTTP only on loopback: elsewhere the token would cross the network in the clear.
+    remote = ["health", "--control-plane", "http://192.0.2.1:8080", "--admin-token-file",
+              str(token)]
+    assert run(remote) == 1
+    assert "would carry the admin token in the clear" in capsys.readouterr().err
 
 
 def test_an_unusable_pair_stops_the_control_plane_naming_the_file(

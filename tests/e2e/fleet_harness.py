@@ -54,7 +54,8 @@ class Fleet:
         what the control plane serves now."""
         if (self.health()["published_version"] or 0) < version:
             return False
-        workers = [n for n in self.stack.control.xds_nodes() if n["cluster"] == "gpu-router-ext-proc"]
+        workers = [n for n in self.stack.control.xds_nodes()
+                   if n["cluster"] == "gpu-router-ext-proc"]
         states = [n["types"].get(HEALTH_TYPE) for n in workers]
         return bool(workers) and all(
             s is not None and s["acked_version"] == s["current_version"] != "" for s in states)

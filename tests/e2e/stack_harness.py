@@ -60,9 +60,9 @@ def frozen(stack: Stack, name: str) -> Iterator[None]:
 
 
 def replace_file(path: Path, text: str) -> None:
-    """Write `text` whole, by renaming a new file over `path` (as the README advises for a
-    watched policy): a watcher reading mid-write would see a half file, rightly reject it ("the
-    document is empty"), and race a test's check of the edit's own outcome."""
+    """Write `text` whole, by renaming a new file over `path` (as editors and config managers
+    do): a watcher reading mid-write would see a half file, rightly reject it ("the document
+    is empty"), and race a test's check of the edit's own outcome."""
     draft = path.with_name(f".{path.name}.new")
     draft.write_text(text)
     os.replace(draft, path)

@@ -66,6 +66,16 @@ def metric(stack: Stack, name: str) -> float:
     return sum(float(value) for value in re.findall(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.MULTILINE))
 
 
+def assert_one_row_per_request(stack: Stack, start_ms: int, traffic: Traffic) -> None:
+    """One row per request sent since `start_ms` (whatever its status), one row per 200, no
+    request id twice, once the ledger has caught up."""
+    served = successes(traffic)
+    sent = sum(traffic.outcomes.values())
+    eventually(lambda: ledger_counts(stack, start_ms)[2] >= served,
+               f"{served} rows with status 200 in the ledger", timeout=120)
+    assert ledger_counts(stack, start_ms) == (sent, sent, served), traffic.failures()
+
+
 def test_a_control_plane_sigkill_under_load_loses_and_doubles_no_booking(stack: Stack) -> None:
     # The stack's own readiness requests (GET /v1/models) are booked too: count from here.
     start_ms = int(time.time() * 1000)
@@ -77,13 +87,7 @@ def test_a_control_plane_sigkill_under_load_loses_and_doubles_no_booking(stack: 
         stack.restart("control-plane")
         back = successes(traffic)
         eventually(lambda: successes(traffic) >= back + STEADY, "requests after the restart")
-    served = successes(traffic)
-    sent = sum(traffic.outcomes.values())
-
-    eventually(lambda: ledger_counts(stack, start_ms)[2] >= served,
-               f"{served} rows with status 200 in the ledger")
-    # One row per request sent (whatever its status), one row per 200, no request id twice.
-    assert ledger_counts(stack, start_ms) == (sent, sent, served), traffic.failures()
+    assert_one_row_per_request(stack, start_ms, traffic)
     # The requests of the outage came from the edge's file, not from the gRPC access log.
     assert metric(stack, "gpu_router_reconciled_requests_total") > 0
 
@@ -99,14 +103,10 @@ def test_a_frozen_control_plane_under_load_loses_and_doubles_no_booking(stack: S
         with frozen(stack, "control-plane"):
             stopped = successes(traffic)
             eventually(lambda: successes(traffic) >= stopped + FROZEN,
-                       "requests served while it is frozen")
+                       "requests served while it is frozen", timeout=180)
         back = successes(traffic)
         eventually(lambda: successes(traffic) >= back + STEADY, "requests once it runs again")
-    served = successes(traffic)
-    sent = sum(traffic.outcomes.values())
-    eventually(lambda: ledger_counts(stack, start_ms)[2] >= served,
-               f"{served} rows with status 200 in the ledger")
-    assert ledger_counts(stack, start_ms) == (sent, sent, served), traffic.failures()
+    assert_one_row_per_request(stack, start_ms, traffic)
     # Some came from the edge's file: the freeze outlasted what the access log could keep.
     assert metric(stack, "gpu_router_reconciled_requests_total") > reconciled
 

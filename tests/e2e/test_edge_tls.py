@@ -71,10 +71,11 @@ def test_plain_http_gets_no_answer(served: tuple[Stack, Path, Path, Path]) -> No
     for port, path in ((stack.edges[0].edge_port, "/v1/models"),
                        (stack.ports.control_http, "/healthz")):
         connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-        with pytest.raises((ConnectionError, http.client.HTTPException)):
+        with pytest.raises((ConnectionError, http.client.HTTPException)) as failed:
             connection.request("GET", path)
             connection.getresponse().read()
         connection.close()
+        assert not isinstance(failed.value, ConnectionRefusedError), "it listens, TLS only"
 
 
 def test_the_admin_api_over_https_is_what_the_launcher_reads(
