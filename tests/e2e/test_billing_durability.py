@@ -30,8 +30,7 @@ MODEL = "llama-3.1-8b"
 STEADY = 30
 """Successful requests to see in each phase: before the kill, while down, after the restart."""
 FROZEN = 2000
-"""Successful requests while the control plane is frozen: more access log than the edge keeps
-for it (~1 MB backed up; 1,000 requests had 62 dropped)."""
+"""Successful requests while the control plane is frozen: megabytes of access log backed up."""
 
 
 @pytest.fixture(scope="module")
@@ -95,9 +94,10 @@ def test_a_control_plane_sigkill_under_load_loses_and_doubles_no_booking(stack: 
 def test_a_frozen_control_plane_under_load_loses_and_doubles_no_booking(stack: Stack) -> None:
     """SIGSTOP, not a crash: the edge's gRPC access log backs up against a control plane that
     reads nothing, and flushes what it kept once it runs again; what it could not keep, the
-    edge's file carries. Either way, one row per request."""
+    edge's file carries (how much each carries depends on the buffers: 1,346 of ~2,000
+    requests came from the file in one run, none in another). Either way, one row per
+    request."""
     start_ms = int(time.time() * 1000)
-    reconciled = metric(stack, "gpu_router_reconciled_requests_total")
     with Traffic(stack, MODEL, {}, threads=CLIENTS) as traffic:
         eventually(lambda: successes(traffic) >= STEADY, "requests before the freeze")
         with frozen(stack, "control-plane"):
@@ -107,8 +107,6 @@ def test_a_frozen_control_plane_under_load_loses_and_doubles_no_booking(stack: S
         back = successes(traffic)
         eventually(lambda: successes(traffic) >= back + STEADY, "requests once it runs again")
     assert_one_row_per_request(stack, start_ms, traffic)
-    # Some came from the edge's file: the freeze outlasted what the access log could keep.
-    assert metric(stack, "gpu_router_reconciled_requests_total") > reconciled
 
 
 def test_each_line_of_the_edge_file_carries_ext_procs_latency(stack: Stack) -> None:
