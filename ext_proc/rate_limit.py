@@ -11,7 +11,8 @@ Where the counters live decides how far a limit holds:
   shares them; one pipelined round trip per limited request (INCRBY, EXPIRE, GET), on one of
   POOL_CONNECTIONS connections the worker opens at start. If Redis
   cannot be reached the limit fails open (the request passes, a warning is logged once per
-  outage and worker, and once when it ends; Redis is tried again after RETRY_REDIS_S): budgets stay enforced, as they come from
+  outage and worker, and once when it ends; one request tries Redis again every
+  RETRY_REDIS_S, the others pass without waiting): budgets stay enforced, as they come from
   the control plane, not from Redis.
 - LocalCounters (the default, no Redis): in this worker process only. Exact with one ext_proc
   worker behind one edge; with N workers (or replicas) a client gets up to N times its limit.
@@ -140,8 +141,11 @@ class RedisCounters:
         return f"{KEY_PREFIX}{counter}:{window}"
 
     async def add(self, window: int, charges: Sequence[Charge]) -> list[tuple[int, int]] | None:
-        if self._clock() < self._down_until:
+        now = self._clock()
+        if now < self._down_until:
             return None
+        if self._failing:  # one request a retry asks whether the outage ended; the rest pass
+            self._down_until = now + RETRY_REDIS_S
         pipe = self._redis.pipeline(transaction=False)
         for charge in charges:
             current = self._key(charge.counter, window)
@@ -149,12 +153,12 @@ class RedisCounters:
             pipe.expire(current, _KEY_TTL_S)
             pipe.get(self._key(charge.counter, window - 1))
         try:
-            replies = await asyncio.wait_for(pipe.execute(), REDIS_TIMEOUT_S * 2)
+            replies = await asyncio.wait_for(pipe.execute(), REDIS_TIMEOUT_S)
         except self._errors as error:
             self._failed(error)
             return None
         if self._failing:
-            self._failing = False
+            self._failing, self._down_until = False, 0.0
             _log.warning("rate-limit store reachable again: limits counted",
                          extra={"redis": self.url})
         return [(int(replies[i + 2] or 0), int(replies[i])) for i in range(0, len(replies), 3)]
@@ -164,7 +168,7 @@ class RedisCounters:
         for charge in charges:
             pipe.decrby(self._key(charge.counter, window), charge.cost)
         try:
-            await asyncio.wait_for(pipe.execute(), REDIS_TIMEOUT_S * 2)
+            await asyncio.wait_for(pipe.execute(), REDIS_TIMEOUT_S)
         except self._errors as error:
             self._failed(error)
 
