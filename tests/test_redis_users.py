@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -130,26 +130,45 @@ def test_a_new_password_made_before_the_look_does_not_save_the_revoked_one(
                     password=old, socket_timeout=5).ping()
 
 
-def test_the_loop_logs_each_removal_and_an_unreachable_redis_once(
-    fleet: tuple[Path, Path], caplog: pytest.LogCaptureFixture
+def test_the_loop_logs_an_unreachable_redis_once_then_each_removal_and_the_mend(
+    fleet: tuple[Path, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """Redis's socket appears only after the loop started (a link made later): one warning while
+    it cannot be reached, however many looks fail, then the revoked user's removal and the
+    mend, each logged once."""
     certs, home = fleet
     password = read_password(password_file(certs, CONTROL_USER))
     password_file(certs, "ext-proc-2").unlink()
+    link = tmp_path / "later.sock"
 
-    async def run(url: str) -> None:
-        task = asyncio.create_task(follow_revocations(url, password, None, certs, every_s=0.05))
-        await asyncio.sleep(0.5)
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
+    def events() -> list[tuple[str, str | None]]:
+        return [(r.getMessage(), getattr(r, "redis_user", None)) for r in caplog.records]
+
+    async def until(what: str, done: Callable[[], bool]) -> None:
+        for _ in range(600):  # 30 s at most
+            if done():
+                return
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"the loop never logged {what}: {events()}")
+
+    async def run() -> None:
+        task = asyncio.create_task(
+            follow_revocations(f"unix://{link}", password, None, certs, every_s=0.01))
+        try:
+            await until("the outage", lambda: bool(events()))
+            await asyncio.sleep(0.1)  # several more looks fail meanwhile
+            link.symlink_to(redis_socket(home))
+            await until("the mend", lambda: len(events()) >= 3)
+        finally:
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
 
     caplog.set_level(logging.INFO, logger="control_plane.redis_users")
-    asyncio.run(run(redis_url(home)))
-    asyncio.run(run(f"unix://{home}/no.sock"))
-    events = [(r.getMessage(), getattr(r, "redis_user", None)) for r in caplog.records]
-    assert events == [("redis_user_removed", "ext-proc-2"), ("redis_users_not_followed", None)]
-    assert caplog.records[-1].error.startswith("ConnectionError: ")  # type: ignore[attr-defined]
+    asyncio.run(run())
+    assert events() == [("redis_users_not_followed", None), ("redis_user_removed", "ext-proc-2"),
+                        ("redis_users_followed_again", None)]
+    assert caplog.records[0].error.startswith("ConnectionError: ")  # type: ignore[attr-defined]
 
 
 def test_redis_own_user_and_the_control_planes_are_never_a_replicas() -> None:
