@@ -145,7 +145,8 @@ async def serve(options: Options, stop: asyncio.Event, hangup: asyncio.Event | N
     tls = options.tls_files()
     revocations = Revocations.open(options.crl_path(), tls.ca)  # a bad CRL: refuse to start
     admin_token = options.admin_token()  # one that cannot be read: refuse to start
-    redis_password = None if options.redis is None else options.redis_password()  # likewise
+    follow_redis = None if options.redis is None else functools.partial(  # password likewise
+        follow_revocations, options.redis, options.redis_password(), tls, options.certs_dir)
     admin_tls = None if options.admin_tls_files is None else admin_tls_context(
         *options.admin_tls_files)  # likewise
 
@@ -250,8 +251,8 @@ async def serve(options: Options, stop: asyncio.Event, hangup: asyncio.Event | N
     if revocations.path is not None:
         jobs += [_send_crl_to_ext_proc(revocations, publish_crl),
                  _send_crl_to_edges(revocations, rollout)]
-    if options.redis is not None and redis_password is not None:
-        jobs.append(follow_revocations(options.redis, redis_password, tls, options.certs_dir))
+    if follow_redis is not None:
+        jobs.append(follow_redis())
     if hangup is not None:
         jobs.append(_reload_on(hangup, watcher))
     if reconciler is not None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import json
 import ssl
 import sys
@@ -20,7 +19,7 @@ from control_plane.translate import TranslationError, check_translatable
 from gpu_router import pki
 from gpu_router.admin_token import ADMIN_TOKEN_FILE, bearer, read_admin_token
 from gpu_router.analysis_cli import add_analysis_commands
-from gpu_router.edge_guard import open_edge_refusal
+from gpu_router.edge_guard import is_loopback, open_edge_refusal
 from gpu_router.fleet_certs import fleet
 from gpu_router.health_view import render_health
 from gpu_router.keys_cli import add_keys_command, client_report
@@ -149,13 +148,6 @@ def certs_revoke(args: argparse.Namespace) -> int:
     return 0
 
 
-def _loopback(host: str) -> bool:
-    try:
-        return host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def _tls_pair(flag: str, cert: str | None, key: str | None) -> tuple[Path, Path] | None:
     """`flag`-cert and `flag`-key as a checked pair of absolute paths (EdgeCertificateError
     naming the file or the flag otherwise); None when neither is given."""
@@ -179,7 +171,7 @@ def accounting_flags(args: argparse.Namespace) -> list[str]:
 def health(args: argparse.Namespace) -> int:
     url = f"{args.control_plane.rstrip('/')}/v1/health"
     parts = urllib.parse.urlsplit(url)
-    if parts.scheme != "https" and not _loopback(parts.hostname or ""):
+    if parts.scheme != "https" and not is_loopback(parts.hostname or ""):
         print(f"gpu-router: {url} would carry the admin token in the clear: serve the control "
               "plane's API over HTTPS (--http-tls-cert) and give https://", file=sys.stderr)
         return 1
