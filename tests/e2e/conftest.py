@@ -5,9 +5,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from stack_harness import Providers, policy_on_free_ports, start_stack
+from stack_harness import (
+    Providers,
+    default_stack,
+)
 
-from control_plane.policy.load import default_policy_path
 from gpu_router.stack import Stack
 
 
@@ -20,13 +22,8 @@ def serve_runpod_under_a_path(document: dict) -> None:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """One stack per test module, on the embedded default policy moved to free ports."""
-    directory = tmp_path_factory.mktemp("stack")
-    policy = policy_on_free_ports(default_policy_path(), directory / "policy.yaml", serve_runpod_under_a_path)
-    running = start_stack(policy, directory / "logs")
-    try:
+    with default_stack(tmp_path_factory.mktemp("stack"), serve_runpod_under_a_path) as running:
         yield running
-    finally:
-        running.stop()
 
 
 @pytest.fixture

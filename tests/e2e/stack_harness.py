@@ -23,6 +23,7 @@ from typing import Any, Protocol, Self
 
 import yaml
 
+from control_plane.policy.load import default_policy_path
 from gpu_router.processes import free_port
 from gpu_router.stack import Stack, StackPorts
 
@@ -74,6 +75,19 @@ def start_stack(policy: Path, log_dir: Path, **kwargs: Any) -> Stack:
     accounting = ["--ledger", str(log_dir / "ledger.db"), "--edge-decision-log"]
     return Stack(policy=policy, log_dir=log_dir, ports=StackPorts.free(), accounting=accounting,
                  **kwargs).start()
+
+
+@contextmanager
+def default_stack(directory: Path, edit: Callable[[dict], None] | None = None,
+                  **kwargs: Any) -> Iterator[Stack]:
+    """start_stack in `directory` on the embedded default policy moved to free ports (and edited
+    by `edit`), stopped on leaving."""
+    policy = policy_on_free_ports(default_policy_path(), directory / "policy.yaml", edit)
+    running = start_stack(policy, directory / "logs", **kwargs)
+    try:
+        yield running
+    finally:
+        running.stop()
 
 
 

@@ -17,10 +17,14 @@ from collections.abc import Iterator
 
 import pytest
 from polling import eventually
-from stack_harness import CLIENTS, Traffic, frozen, policy_on_free_ports, start_stack
+from stack_harness import (
+    CLIENTS,
+    Traffic,
+    default_stack,
+    frozen,
+)
 
 from control_plane.ledger.reconcile import read_chunk
-from control_plane.policy.load import default_policy_path
 from control_plane.telemetry.client_request import record_from_edge_entry
 from control_plane.translate.durable_log import FILE_SUFFIX
 from control_plane.usage.record import RequestRecord
@@ -35,13 +39,8 @@ FROZEN = 2000
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    directory = tmp_path_factory.mktemp("durability")
-    policy = policy_on_free_ports(default_policy_path(), directory / "policy.yaml")
-    running = start_stack(policy, directory / "logs")
-    try:
+    with default_stack(tmp_path_factory.mktemp("durability")) as running:
         yield running
-    finally:
-        running.stop()
 
 
 def ledger_counts(stack: Stack, since_unix_ms: int) -> tuple[int, int, int]:

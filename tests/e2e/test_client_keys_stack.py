@@ -20,6 +20,7 @@ from stack_harness import (
     Providers,
     Traffic,
     chat,
+    default_stack,
     frozen,
     policy_on_free_ports,
     replace_file,
@@ -66,14 +67,10 @@ def edit_clients(path: Path, change: Callable[[list[dict]], None]) -> None:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    directory = tmp_path_factory.mktemp("clients")
-    policy = policy_on_free_ports(default_policy_path(), directory / "policy.yaml", with_clients)
     # One ext_proc worker: its own counters are exact, Redis or not.
-    running = start_stack(policy, directory / "logs", redis="auto" if REDIS else "never")
-    try:
+    with default_stack(tmp_path_factory.mktemp("clients"), with_clients,
+                       redis="auto" if REDIS else "never") as running:
         yield running
-    finally:
-        running.stop()
 
 
 def test_no_key_and_a_wrong_key_are_401_a_good_key_200_another_model_403(stack: Stack) -> None:

@@ -19,9 +19,11 @@ from pathlib import Path
 import pytest
 from edge_tls_fixtures import client_context, server_pair
 from polling import eventually
-from stack_harness import chat, policy_on_free_ports, start_stack
+from stack_harness import (
+    chat,
+    default_stack,
+)
 
-from control_plane.policy.load import default_policy_path
 from gpu_router.processes import http_get
 from gpu_router.stack import Stack
 
@@ -33,12 +35,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Stack, Pa
     """(stack, ca, cert, key): the stack's edge serves cert/key, which chain to ca."""
     directory = tmp_path_factory.mktemp("edge-tls")
     ca, cert, key = server_pair(directory / "tls")
-    policy = policy_on_free_ports(default_policy_path(), directory / "policy.yaml")
-    stack = start_stack(policy, directory / "logs", edge_tls=(cert, key), admin_tls=(cert, key))
-    try:
+    with default_stack(directory, edge_tls=(cert, key), admin_tls=(cert, key)) as stack:
         yield stack, ca, cert, key
-    finally:
-        stack.stop()
 
 
 def served_certificate(stack: Stack) -> bytes:

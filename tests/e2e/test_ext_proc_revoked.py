@@ -22,11 +22,9 @@ from stack_harness import (
     MODEL,
     Traffic,
     chat,
-    policy_on_free_ports,
-    start_stack,
+    default_stack,
 )
 
-from control_plane.policy.load import default_policy_path
 from control_plane.translate.fallback_routes import FALLBACK_REASON
 from gpu_router import pki
 from gpu_router.redis_service import ensure_password, password_file, read_password
@@ -37,14 +35,9 @@ from gpu_router.stack import Stack
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """The default policy's stack, with the fleet's Redis (the replica is a user there) where
     redis-server is installed (.ci/run installs it)."""
-    directory = tmp_path_factory.mktemp("stack")
-    policy = policy_on_free_ports(default_policy_path(), directory / "policy.yaml")
     redis = "always" if shutil.which("redis-server") else "never"
-    running = start_stack(policy, directory / "logs", redis=redis)
-    try:
+    with default_stack(tmp_path_factory.mktemp("stack"), redis=redis) as running:
         yield running
-    finally:
-        running.stop()
 
 
 def removed_redis_users(stack: Stack) -> list[str]:

@@ -17,12 +17,10 @@ from stack_harness import (
     Providers,
     Traffic,
     chat,
-    policy_on_free_ports,
+    default_stack,
     post,
-    start_stack,
 )
 
-from control_plane.policy.load import default_policy_path
 from control_plane.translate.fallback_routes import FALLBACK_REASON
 from gpu_router.processes import http_get
 from gpu_router.stack import Stack
@@ -30,14 +28,9 @@ from gpu_router.stack import Stack
 
 @pytest.fixture(scope="module")
 def without_ext_proc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    directory = tmp_path_factory.mktemp("fallback-rules")
-    policy = policy_on_free_ports(default_policy_path(), directory / "policy.yaml")
-    stack = start_stack(policy, directory / "logs")
-    try:
+    with default_stack(tmp_path_factory.mktemp("fallback-rules")) as stack:
         stack.kill("ext-proc-1")
         yield stack
-    finally:
-        stack.stop()
 
 
 def test_a_known_model_goes_to_the_policys_cheapest_fitting_provider(without_ext_proc: Stack) -> None:
