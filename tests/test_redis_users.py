@@ -14,6 +14,7 @@ import pytest
 import redis
 from redis_fixtures import running_redis
 
+from control_plane import redis_users
 from control_plane.options import parse_args
 from control_plane.redis_users import follow_revocations, logins, retire_revoked_users
 from gpu_router.redis_service import (
@@ -169,6 +170,36 @@ def test_the_loop_logs_an_unreachable_redis_once_then_each_removal_and_the_mend(
     assert events() == [("redis_users_not_followed", None), ("redis_user_removed", "ext-proc-2"),
                         ("redis_users_followed_again", None)]
     assert caplog.records[0].error.startswith("ConnectionError: ")  # type: ignore[attr-defined]
+
+
+def test_a_cancel_swallowed_inside_a_look_still_stops_the_loop(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """redis-py's asyncio.wait_for swallows a cancel that lands as its send finishes (CPython
+    3.11, gh-86296): the loop stops all the same, or the control plane's stop waits forever."""
+    swallowed: list[bool] = []
+
+    async def look_that_swallows_the_first_cancel(*_: object) -> list[str]:
+        if not swallowed:
+            swallowed.append(False)
+            try:
+                await asyncio.sleep(30)
+            except asyncio.CancelledError:
+                swallowed[0] = True  # returns as wait_for does when its inner call is done
+        return []
+
+    async def run() -> None:
+        task = asyncio.create_task(
+            follow_revocations("unix:///nowhere.sock", "password", None, tmp_path, every_s=0.01))
+        while not swallowed:
+            await asyncio.sleep(0.01)
+        task.cancel()
+        done, _ = await asyncio.wait([task], timeout=30)
+        assert swallowed == [True]
+        assert done and task.cancelled(), "the loop went on after its cancel"
+
+    monkeypatch.setattr(redis_users, "retire_revoked_users", look_that_swallows_the_first_cancel)
+    asyncio.run(run())
 
 
 def test_redis_own_user_and_the_control_planes_are_never_a_replicas() -> None:
