@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import http.client
+import socket
 import ssl
 import threading
 import urllib.error
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -57,6 +59,26 @@ def test_https_only_with_the_token(served: tuple[int, Path, Path]) -> None:
         plain.getresponse().read()
     plain.close()
     assert not isinstance(failed.value, ConnectionRefusedError), "it listens, TLS only"
+
+
+def handshake(port: int, newest: ssl.TLSVersion) -> str:
+    """The version a client offering TLS 1.0 up to `newest` (every cipher) gets."""
+    client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    client.check_hostname, client.verify_mode = False, ssl.CERT_NONE
+    with warnings.catch_warnings():  # the old versions are deprecated: offering them is the test
+        warnings.simplefilter("ignore", DeprecationWarning)
+        client.minimum_version, client.maximum_version = ssl.TLSVersion.TLSv1, newest
+    client.set_ciphers("DEFAULT:@SECLEVEL=0")
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, \
+            client.wrap_socket(raw) as tls:
+        return str(tls.version())
+
+
+def test_tls_1_2_or_later_only(served: tuple[int, Path, Path]) -> None:
+    port = served[0]
+    assert handshake(port, ssl.TLSVersion.TLSv1_2) == "TLSv1.2"
+    with pytest.raises(ssl.SSLError):  # refused: aiohttp closes without an alert
+        handshake(port, ssl.TLSVersion.TLSv1_1)
 
 
 def test_the_pin_refuses_another_certificate_of_the_same_ca(
