@@ -62,8 +62,9 @@ class Up:
         return self
 
     def started(self) -> bool:
+        """Up, and supervising: its line comes after the endpoint's, on the other stream."""
         assert self.popen is not None and self.popen.poll() is None, self.stderr.read_text()
-        return "Ctrl-C" in self.stdout.read_text()
+        return "Ctrl-C" in self.stdout.read_text() and bool(self.events("supervising"))
 
     @property
     def url(self) -> str:
