@@ -22,12 +22,9 @@ from stack_harness import (
     chat,
     default_stack,
     frozen,
-    policy_on_free_ports,
     replace_file,
-    start_stack,
 )
 
-from control_plane.policy.load import default_policy_path
 from gpu_router.keys_cli import client_report, key_sha256, new_key
 from gpu_router.stack import Stack
 
@@ -213,10 +210,8 @@ def test_a_frozen_redis_fails_limits_open_and_no_request(stack: Stack) -> None:
 
 @pytest.mark.skipif(not REDIS, reason="redis-server is not installed (.ci/run installs it)")
 def test_limits_hold_across_two_edges_and_two_replicas(tmp_path: Path) -> None:
-    policy = policy_on_free_ports(default_policy_path(), tmp_path / "policy.yaml", with_clients)
-    fleet = start_stack(policy, tmp_path / "logs", edge_nodes=2, ext_proc_replicas=2,
-                        ext_proc_workers=2)
-    try:
+    with default_stack(tmp_path, with_clients, edge_nodes=2, ext_proc_replicas=2,
+                       ext_proc_workers=2) as fleet:
         assert fleet.redis_url is not None  # a client has a limit: the stack started Redis
         assert fleet.redis_dir is not None
         # On a socket only this user can reach, never on a TCP port (redis_service.py).
@@ -233,7 +228,5 @@ def test_limits_hold_across_two_edges_and_two_replicas(tmp_path: Path) -> None:
         # Four ext_proc workers behind two edges, one shared counter: 20 of 40 (per-worker
         # counters would let up to 40 through).
         assert 20 <= admitted <= 21
-    finally:
-        fleet.stop()
     assert not config.exists(), "the password's copy in Redis's config outlived the stack"
     assert not fleet.redis_dir.exists(), "and so did its socket's directory"

@@ -38,11 +38,9 @@ from stack_harness import (
     Providers,
     Traffic,
     chat,
-    policy_on_free_ports,
-    start_stack,
+    default_stack,
 )
 
-from control_plane.policy.load import default_policy_path
 from control_plane.telemetry.als import ATTEMPT_LOG_NAME, EDGE_LOG_NAME
 from control_plane.translate.fallback_routes import FALLBACK_REASON
 from control_plane.translate.names import credential_secret
@@ -68,12 +66,8 @@ def keyed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Stack, Pat
         vast = next(p for p in document["providers"] if p["name"] == KEYED)
         vast["credentials"] = {"file": str(key_file)}
 
-    policy = policy_on_free_ports(default_policy_path(), directory / "policy.yaml", with_key)
-    running = start_stack(policy, directory / "logs")
-    try:
+    with default_stack(directory, with_key) as running:
         yield running, key_file
-    finally:
-        running.stop()
 
 
 @pytest.fixture
