@@ -54,7 +54,10 @@ for replica in $ext_proc_replicas; do
   cp "$pki/ca.pem" "$dir/"
   cp "$pki/$replica.pem" "$dir/ext-proc.pem"
   cp "$pki/$replica-key.pem" "$dir/ext-proc-key.pem"
-  cp "$pki/redis-users/$replica" "$dir/redis-password"  # its own Redis user's
+  # Its own Redis user's password, where gpu-router keeps it (redis_service.password_file).
+  cp "$(python -c 'import pathlib, sys; from gpu_router.redis_service import password_file
+print(password_file(pathlib.Path(sys.argv[1]), sys.argv[2]))' "$pki" "$replica")" \
+    "$dir/redis-password"
 done
 # The Redis image runs redis-server as its own user, which must read these files: readable by
 # all, in volumes that only Redis mounts.
