@@ -81,7 +81,7 @@ async def follow_revocations(url: str, password: str, tls: TlsFiles | None,
                              certs_dir: Path, every_s: float = LOOK_EVERY_S) -> None:
     """Retire revoked replicas' Redis users (retire_revoked_users) every `every_s`, until
     cancelled. A cancel that lands while redis-py awaits asyncio.wait_for on a send that has just
-    finished is swallowed there (CPython 3.11, gh-86296; once in ~60 stops, measured), so the
+    finished is swallowed there (CPython 3.11, gh-86296; 3 of 25 runs of its test hung), so the
     loop asks its task after each look: the control plane's stop waits for this task."""
     import redis.asyncio as redis  # only a control plane given --redis needs the client
 

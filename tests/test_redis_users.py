@@ -14,7 +14,6 @@ import pytest
 import redis
 from redis_fixtures import running_redis
 
-from control_plane import redis_users
 from control_plane.options import parse_args
 from control_plane.redis_users import follow_revocations, logins, retire_revoked_users
 from gpu_router.redis_service import (
@@ -198,7 +197,8 @@ def test_a_cancel_swallowed_inside_a_look_still_stops_the_loop(
         assert swallowed == [True]
         assert done and task.cancelled(), "the loop went on after its cancel"
 
-    monkeypatch.setattr(redis_users, "retire_revoked_users", look_that_swallows_the_first_cancel)
+    monkeypatch.setattr("control_plane.redis_users.retire_revoked_users",
+                        look_that_swallows_the_first_cancel)
     asyncio.run(run())
 
 
