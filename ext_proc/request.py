@@ -9,7 +9,9 @@ fallbacks) in ROUTE_HEADER, and the order itself in the decision's dynamic metad
 its retry policy walks the providers in that order within the same client request. Envoy's
 upstream filters, not ext_proc, rewrite the path and the body's model per attempt.
 Any message after the request headers is a ProtocolError. Pure: no I/O, so it tests
-with hand-built ProcessingRequest protos.
+with hand-built ProcessingRequest protos. The edge sends only the headers read here, the client
+key's (admission.py) and those a policy matches on (control_plane/translate/listeners.py
+ext_proc_headers): a header read here must be added there.
 """
 
 from __future__ import annotations

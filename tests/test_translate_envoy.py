@@ -40,7 +40,7 @@ from polling import eventually
 from translate_fixtures import provider, routing_config, static_bootstrap, write_bootstrap
 from usage_fixtures import make_record
 
-from control_plane.policy.model import Credential, Model, Policy, RoutingConfig
+from control_plane.policy.model import Credential, Match, Model, Policy, RoutingConfig
 from control_plane.telemetry.client_request import ext_proc_latency_us
 from control_plane.translate import EdgeSettings, translate
 from control_plane.translate.clusters import EXT_PROC_HEALTH_SERVICE
@@ -406,7 +406,12 @@ def config_for(upstreams: dict[str, Upstream], refused_port: int) -> RoutingConf
         provider(
             "gamma", f"http://127.0.0.1:{refused_port}", model_ids={"llama-3.1-8b": "gamma-8b"}
         ),
-        policies=(Policy(name="default", max_fallbacks=2, per_try_timeout_ms=PER_TRY_TIMEOUT_MS),),
+        policies=(
+            # Matches no request: its headers are the stand-in ext_proc's instructions, and the
+            # edge sends ext_proc only the headers a policy matches on (and the decision's).
+            Policy(name="stand-in", match=Match(headers=((PICK_HEADER, ""), (FAIL_HEADER, "")))),
+            Policy(name="default", max_fallbacks=2, per_try_timeout_ms=PER_TRY_TIMEOUT_MS),
+        ),
         models=(*(Model(name=name, aliases=(alias,)) for alias, name in ALIASES.items()),
                 Model(name="odd-model")),
     )
@@ -669,7 +674,19 @@ def test_the_edge_makes_its_own_request_id_and_logs_the_clients(edge: Edge) -> N
     eventually(lambda: edge.logged("gpu-router.edge", rid), "the edge log")
     (entry,) = edge.logged("gpu-router.edge", rid)
     assert entry.request.request_id == sent["x-request-id"]
-    assert edge.processor.seen[-1].headers["x-request-id"] == sent["x-request-id"]
+
+
+def test_ext_proc_gets_only_the_headers_it_reads(edge: Edge) -> None:
+    """The decision's headers and those a policy matches on; not the client's others, nor its
+    key when no clients are declared."""
+    sdk = {"user-agent": "OpenAI/Python 1.54.0", "x-stainless-lang": "python",
+           "authorization": "Bearer sk-client", "x-api-key": "sk-client", "accept": "*/*",
+           "x-gpu-router-strategy": "cost", "x-gpu-router-model": "llama3-8b"}
+    status, _, _ = edge.post({PICK_HEADER: "beta", **sdk}, chat("llama3-8b"))
+    assert status == 200
+    assert sorted(edge.processor.seen[-1].headers) == sorted([
+        ":method", ":path", "content-length", PICK_HEADER, "x-gpu-router-model",
+        "x-gpu-router-strategy"])
 
 
 def test_a_client_copy_header_without_an_id_is_not_kept(edge: Edge) -> None:

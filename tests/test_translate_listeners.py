@@ -18,7 +18,8 @@ from envoy.extensions.http.early_header_mutation.header_mutation.v3 import (
 )
 from google.protobuf.message import Message
 
-from control_plane.translate.listeners import all_listeners, edge_listener
+from control_plane.policy.model import Client, Match, Policy, RoutingConfig
+from control_plane.translate.listeners import all_listeners, edge_listener, ext_proc_headers
 from control_plane.translate.request_fields import request_fields_lua
 from control_plane.translate.settings import EdgeSettings
 from control_plane.translate.usage_capture import usage_capture_lua
@@ -123,6 +124,39 @@ def test_ext_proc_gets_request_headers_and_body_metadata_only() -> None:
     options = config.metadata_options
     assert list(options.forwarding_namespaces.untyped) == ["gpu_router.request"]
     assert list(options.receiving_namespaces.untyped) == ["gpu_router"]
+    assert forwarded(config) == [
+        ":method", ":path", "content-length", "x-gpu-router-model", "x-gpu-router-strategy"]
+
+
+def forwarded(config: ext_proc_pb2.ExternalProcessor) -> list[str]:
+    """The request headers the ext_proc filter forwards (exact names, any case)."""
+    patterns = config.forward_rules.allowed_headers.patterns
+    assert all(p.ignore_case and p.WhichOneof("match_pattern") == "exact" for p in patterns)
+    assert not config.forward_rules.HasField("disallowed_headers")
+    return [p.exact for p in patterns]
+
+
+def test_ext_proc_gets_the_client_key_and_policy_match_headers_only_when_they_are_read() -> None:
+    policies = (Policy(name="batch", match=Match(headers=(("x-workload", "batch"),))),
+                Policy(name="gold", match=Match(headers=(("x-tier", "gold"),
+                                                         ("x-workload", "online")))),
+                Policy(name="default"))
+    plain = RoutingConfig(providers=(), models=(), policies=policies)
+    assert ext_proc_headers(plain) == (
+        ":method", ":path", "content-length", "x-gpu-router-model", "x-gpu-router-strategy",
+        "x-tier", "x-workload")
+    keyed = RoutingConfig(providers=(), models=(), policies=(Policy(name="default"),),
+                          clients=(Client(name="team-a", key_sha256="0" * 64),))
+    assert ext_proc_headers(keyed) == (
+        ":method", ":path", "authorization", "content-length", "x-api-key",
+        "x-gpu-router-model", "x-gpu-router-strategy")
+    (listener,) = all_listeners(SETTINGS, ext_proc_headers(keyed)).values()
+    manager = hcm_pb2.HttpConnectionManager()
+    assert listener.filter_chains[0].filters[0].typed_config.Unpack(manager)
+    (http_filter,) = [f for f in manager.http_filters if f.name == "envoy.filters.http.ext_proc"]
+    config = ext_proc_pb2.ExternalProcessor()
+    assert http_filter.typed_config.Unpack(config)
+    assert forwarded(config) == list(ext_proc_headers(keyed))
 
 
 def test_access_log_goes_over_grpc_to_the_xds_cluster() -> None:

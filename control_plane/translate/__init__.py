@@ -21,7 +21,7 @@ from control_plane.policy.model import RoutingConfig
 from control_plane.translate.clusters import all_clusters
 from control_plane.translate.endpoints import endpoint_assignments
 from control_plane.translate.errors import MissingCredentialError, TranslationError
-from control_plane.translate.listeners import all_listeners
+from control_plane.translate.listeners import all_listeners, ext_proc_headers
 from control_plane.translate.names import EDGE_LISTENER_SECRET, ROUTE_CONFIG
 from control_plane.translate.routes import route_configuration
 from control_plane.translate.secrets import credential_secrets, listener_secret
@@ -72,7 +72,8 @@ def translate(
     return EnvoyResources(
         # Clients declared: only ext_proc checks keys, so the edge must not go on without it.
         listeners=MappingProxyType(all_listeners(
-            replace(settings, ext_proc_fail_open=False) if config.clients else settings)),
+            replace(settings, ext_proc_fail_open=False) if config.clients else settings,
+            ext_proc_headers(config))),
         routes=MappingProxyType({ROUTE_CONFIG: route_configuration(config, settings)}),
         clusters=MappingProxyType(all_clusters(config, settings)),
         endpoints=MappingProxyType(endpoint_assignments(config)),

@@ -28,9 +28,11 @@ from envoy.extensions.http.early_header_mutation.header_mutation.v3 import (
     header_mutation_pb2 as early_mutation_pb2,
 )
 from envoy.extensions.transport_sockets.tls.v3 import secret_pb2, tls_pb2
+from envoy.type.matcher.v3 import string_pb2
 from envoy.type.v3 import http_status_pb2
 from google.protobuf import wrappers_pb2
 
+from control_plane.policy.model import RoutingConfig
 from control_plane.telemetry.response_flags import FLAG_NAMES, UPSTREAM_FAILURE_FLAGS
 from control_plane.translate.durable_log import (
     EXT_PROC_LATENCY,
@@ -41,15 +43,18 @@ from control_plane.translate.envoy_api import ads_source, milliseconds, packed, 
 from control_plane.translate.names import (
     ACCESS_LOG_NAME,
     ATTEMPT_LOG_NAME,
+    CLIENT_KEY_HEADERS,
     CLIENT_REQUEST_ID_HEADER,
     EDGE_LISTENER_SECRET,
     EXT_PROC_CLUSTER,
     EXT_PROC_FILTER,
     LISTENER,
     METADATA_NAMESPACE,
+    MODEL_HEADER,
     REQUEST_METADATA_NAMESPACE,
     ROUTE_CONFIG,
     ROUTE_HEADER,
+    STRATEGY_HEADER,
 )
 from control_plane.translate.request_fields import request_fields_lua
 from control_plane.translate.settings import EdgeSettings
@@ -60,8 +65,25 @@ Mode = processing_mode_pb2.ProcessingMode
 USAGE_CAPTURE_FILTER = "envoy.filters.http.lua"
 REQUEST_FIELDS_FILTER = "gpu-router.request_fields"
 
+DECISION_HEADERS = (":method", ":path", "content-length", MODEL_HEADER, STRATEGY_HEADER)
+"""The request headers every decision reads (ext_proc/request.py)."""
 
-def edge_listener(settings: EdgeSettings) -> listener_pb2.Listener:
+
+def ext_proc_headers(config: RoutingConfig) -> tuple[str, ...]:
+    """The request headers the edge sends ext_proc, which are the ones it reads: the decision's,
+    the client key's when the policy declares clients, and every header a policy matches on.
+    Any other header would only cost Envoy and ext_proc a copy and a parse per request (an
+    OpenAI SDK sends a dozen), and a key nobody checks need not leave the edge."""
+    names = set(DECISION_HEADERS)
+    if config.clients:
+        names.update(CLIENT_KEY_HEADERS)
+    names.update(name for policy in config.policies for name, _ in policy.match.headers)
+    return tuple(sorted(names))
+
+
+def edge_listener(settings: EdgeSettings,
+                  forwarded: tuple[str, ...] = DECISION_HEADERS) -> listener_pb2.Listener:
+    """`forwarded`: the request headers ext_proc gets (ext_proc_headers)."""
     manager = hcm_pb2.HttpConnectionManager(
         stat_prefix="edge",
         codec_type=hcm_pb2.HttpConnectionManager.AUTO,
@@ -76,7 +98,7 @@ def edge_listener(settings: EdgeSettings) -> listener_pb2.Listener:
         http_filters=[
             *([_usage_capture()] if settings.capture_usage else []),
             _request_fields(),
-            _ext_proc(settings),
+            _ext_proc(settings, forwarded),
             _router(settings),
         ],
         access_log=[
@@ -124,8 +146,9 @@ def _client_tls() -> base_pb2.TransportSocket:
     return tls_socket(context)
 
 
-def all_listeners(settings: EdgeSettings) -> dict[str, listener_pb2.Listener]:
-    return {LISTENER: edge_listener(settings)}
+def all_listeners(settings: EdgeSettings, forwarded: tuple[str, ...] = DECISION_HEADERS
+                  ) -> dict[str, listener_pb2.Listener]:
+    return {LISTENER: edge_listener(settings, forwarded)}
 
 
 def _strip_route_header() -> extension_pb2.TypedExtensionConfig:
@@ -217,9 +240,10 @@ def _request_fields() -> hcm_pb2.HttpFilter:
     return hcm_pb2.HttpFilter(name=REQUEST_FIELDS_FILTER, typed_config=packed(lua))
 
 
-def _ext_proc(settings: EdgeSettings) -> hcm_pb2.HttpFilter:
-    """Request headers only, with the request fields' metadata attached: one message, one answer per
-    request; when ext_proc is down or slow the request goes on to the fallback route."""
+def _ext_proc(settings: EdgeSettings, forwarded: tuple[str, ...]) -> hcm_pb2.HttpFilter:
+    """Request headers only (`forwarded` of them), with the request fields' metadata attached:
+    one message, one answer per request; when ext_proc is down or slow the request goes on to
+    the fallback route."""
     processor = ext_proc_pb2.ExternalProcessor(
         grpc_service=grpc_service_pb2.GrpcService(
             envoy_grpc=grpc_service_pb2.GrpcService.EnvoyGrpc(cluster_name=EXT_PROC_CLUSTER)
@@ -233,6 +257,9 @@ def _ext_proc(settings: EdgeSettings) -> hcm_pb2.HttpFilter:
             response_trailer_mode=Mode.SKIP,
         ),
         allow_mode_override=False,
+        forward_rules=ext_proc_pb2.HeaderForwardingRules(
+            allowed_headers=string_pb2.ListStringMatcher(patterns=[
+                string_pb2.StringMatcher(exact=name, ignore_case=True) for name in forwarded])),
         failure_mode_allow=settings.ext_proc_fail_open,
         status_on_error=None if settings.ext_proc_fail_open else http_status_pb2.HttpStatus(
             code=http_status_pb2.ServiceUnavailable),

@@ -28,6 +28,9 @@ ROUTE_HEADER = "x-gpu-router-route"
 of the policy and model, the order itself riding in the decision metadata (ORDER_METADATA_KEY);
 stripped from client requests."""
 MODEL_HEADER = "x-gpu-router-model"
+STRATEGY_HEADER = "x-gpu-router-strategy"
+CLIENT_KEY_HEADERS = ("authorization", "x-api-key")
+"""Where clients send their gpu-router key (ext_proc's clients.presented_key)."""
 PROVIDER_RESPONSE_HEADER = "x-gpu-router-provider"
 REASON_RESPONSE_HEADER = "x-gpu-router-reason"
 

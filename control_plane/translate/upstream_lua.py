@@ -24,7 +24,11 @@ from collections.abc import Mapping
 
 from control_plane.policy.model import Provider, RoutingConfig
 from control_plane.translate.lua_json import JSON_MEMBERS
-from control_plane.translate.names import METADATA_NAMESPACE, REQUEST_METADATA_NAMESPACE
+from control_plane.translate.names import (
+    CLIENT_KEY_HEADERS,
+    METADATA_NAMESPACE,
+    REQUEST_METADATA_NAMESPACE,
+)
 
 _REWRITE = r"""
 local NONE = {}
@@ -110,7 +114,7 @@ def credential_headers(config: RoutingConfig) -> tuple[str, ...]:
     attempt's credential_injector set them: authorization and x-api-key (where clients send
     their gpu-router key, which no provider may see, whatever headers providers use) and every
     provider's credential header, sorted."""
-    headers = {"authorization", "x-api-key"}
+    headers = set(CLIENT_KEY_HEADERS)
     headers.update(p.credential.header for p in config.providers if p.credential is not None)
     return tuple(sorted(headers))
 
