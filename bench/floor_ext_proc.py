@@ -34,10 +34,9 @@ ANSWER = ext_proc_pb2.ProcessingResponse(
 class Floor(ext_proc_grpc.ExternalProcessorServicer):
     async def Process(self, request_iterator: AsyncIterator[ext_proc_pb2.ProcessingRequest],
                       context: grpc.aio.ServicerContext) -> None:
-        """As ext_proc/service.py does it: read, write, read the end of the stream."""
+        """As ext_proc/service.py does it: read, write, end the stream."""
         await context.read()
         await context.write(ANSWER)
-        await context.read()
 
 
 async def serve(address: str, tls: TlsFiles) -> None:

@@ -48,10 +48,13 @@ class ExternalProcessorService(ext_proc_grpc.ExternalProcessorServicer):
         request_iterator: AsyncIterator[ext_proc_pb2.ProcessingRequest],
         context: grpc.aio.ServicerContext,
     ) -> None:
-        """Read the request headers, write one answer, then expect the end of the stream.
+        """Read the request headers, write one answer, and end the stream: by its processing
+        mode Envoy sends nothing more, and it resets each stream once answered (every ext_proc
+        stream counts in the cluster's upstream_rq_tx_reset), so a read for the end would only
+        wait for that reset (it cost the fixed-answer floor ~30 us of its ~300 a stream).
         context.read()/write() rather than an async generator over `request_iterator`: the
-        fixed-answer floor spent ~7% less CPU per stream that way (658 -> 613 us, loaded in
-        turn), and grpc.aio's per-stream machinery is most of a decision's cost."""
+        floor spent ~7% less CPU per stream that way (658 -> 613 us, loaded in turn), and
+        grpc.aio's per-stream machinery is most of a decision's cost."""
         peer = certified_peer(peer_certificate(context.auth_context()))
         refusal = _refusal(peer, self._revocations)
         if refusal is not None:
@@ -79,9 +82,6 @@ class ExternalProcessorService(ext_proc_grpc.ExternalProcessorServicer):
         if admitted is not None:
             tag_client(response, admitted)
         await context.write(response)
-        extra = await context.read()
-        if extra is not grpc.aio.EOF:
-            await _answer(phases, extra, context)  # out of phase: fails the stream
 
 
 async def _answer(phases: RequestPhases, request: ext_proc_pb2.ProcessingRequest,
