@@ -8,7 +8,8 @@ fallbacks) in ROUTE_HEADER, and the order itself in the decision's dynamic metad
 (ORDER_KEY); the control plane's route for that header value reads the order from there, and
 its retry policy walks the providers in that order within the same client request. Envoy's
 upstream filters, not ext_proc, rewrite the path and the body's model per attempt.
-Any message after the request headers is a ProtocolError. Pure: no I/O, so it tests
+A RequestPhases answers one request-headers message; any other message, or a second one, is a
+ProtocolError (the service reads one message a stream, service.py). Pure: no I/O, so it tests
 with hand-built ProcessingRequest protos. The edge sends only the headers read here, the client
 key's (admission.py) and those a policy matches on (control_plane/translate/listeners.py
 ext_proc_headers): a header read here must be added there.

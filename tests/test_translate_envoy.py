@@ -407,7 +407,8 @@ def config_for(upstreams: dict[str, Upstream], refused_port: int) -> RoutingConf
             "gamma", f"http://127.0.0.1:{refused_port}", model_ids={"llama-3.1-8b": "gamma-8b"}
         ),
         policies=(
-            # Matches no request: its headers are the stand-in ext_proc's instructions, and the
+            # Matches no request the tests send (each sends these headers with a value): its
+            # headers are the stand-in ext_proc's instructions, and the
             # edge sends ext_proc only the headers a policy matches on (and the decision's).
             Policy(name="stand-in", match=Match(headers=((PICK_HEADER, ""), (FAIL_HEADER, "")))),
             Policy(name="default", max_fallbacks=2, per_try_timeout_ms=PER_TRY_TIMEOUT_MS),

@@ -19,7 +19,12 @@ from envoy.extensions.http.early_header_mutation.header_mutation.v3 import (
 from google.protobuf.message import Message
 
 from control_plane.policy.model import Client, Match, Policy, RoutingConfig
-from control_plane.translate.listeners import all_listeners, edge_listener, ext_proc_headers
+from control_plane.translate.listeners import (
+    DECISION_HEADERS,
+    all_listeners,
+    edge_listener,
+    ext_proc_headers,
+)
 from control_plane.translate.request_fields import request_fields_lua
 from control_plane.translate.settings import EdgeSettings
 from control_plane.translate.usage_capture import usage_capture_lua
@@ -29,8 +34,11 @@ Mode = processing_mode_pb2.ProcessingMode
 M = TypeVar("M", bound=Message)
 
 
-def connection_manager(settings: EdgeSettings = SETTINGS) -> hcm_pb2.HttpConnectionManager:
-    listener = edge_listener(settings)
+def connection_manager(settings: EdgeSettings = SETTINGS,
+                       forwarded: tuple[str, ...] = DECISION_HEADERS
+                       ) -> hcm_pb2.HttpConnectionManager:
+    """The edge listener's HCM; `forwarded`: the headers it sends ext_proc."""
+    listener = edge_listener(settings, forwarded)
     (chain,) = listener.filter_chains
     (network_filter,) = chain.filters
     assert network_filter.name == "envoy.filters.network.http_connection_manager"
@@ -39,8 +47,9 @@ def connection_manager(settings: EdgeSettings = SETTINGS) -> hcm_pb2.HttpConnect
     return manager
 
 
-def http_filter_config(name: str, config: M) -> M:
-    (http_filter,) = [f for f in connection_manager().http_filters if f.name == name]
+def http_filter_config(name: str, config: M, forwarded: tuple[str, ...] = DECISION_HEADERS) -> M:
+    (http_filter,) = [
+        f for f in connection_manager(forwarded=forwarded).http_filters if f.name == name]
     assert http_filter.typed_config.Unpack(config)
     return config
 
@@ -150,12 +159,8 @@ def test_ext_proc_gets_the_client_key_and_policy_match_headers_only_when_they_ar
     assert ext_proc_headers(keyed) == (
         ":method", ":path", "authorization", "content-length", "x-api-key",
         "x-gpu-router-model", "x-gpu-router-strategy")
-    (listener,) = all_listeners(SETTINGS, ext_proc_headers(keyed)).values()
-    manager = hcm_pb2.HttpConnectionManager()
-    assert listener.filter_chains[0].filters[0].typed_config.Unpack(manager)
-    (http_filter,) = [f for f in manager.http_filters if f.name == "envoy.filters.http.ext_proc"]
-    config = ext_proc_pb2.ExternalProcessor()
-    assert http_filter.typed_config.Unpack(config)
+    config = http_filter_config("envoy.filters.http.ext_proc", ext_proc_pb2.ExternalProcessor(),
+                                ext_proc_headers(keyed))
     assert forwarded(config) == list(ext_proc_headers(keyed))
 
 
@@ -209,3 +214,16 @@ def test_decisions_are_logged_on_envoys_stdout_as_json_when_asked() -> None:
     fields = dict(config.log_format.json_format)
     assert fields["reason"] == "%DYNAMIC_METADATA(gpu_router:reason)%"
     assert fields["served_by"] == "%UPSTREAM_CLUSTER%"
+
+
+def test_the_forwarded_headers_are_the_ones_ext_proc_reads() -> None:
+    """The wire contract between the deployables (a test may import both): ext_proc's routing
+    headers are among the decision's, and it finds a client key in each client-key header."""
+    from control_plane.translate.names import CLIENT_KEY_HEADERS
+    from ext_proc.clients import presented_key
+    from ext_proc.request import MODEL_HEADER, STRATEGY_HEADER
+
+    assert {MODEL_HEADER, STRATEGY_HEADER} < set(DECISION_HEADERS)
+    for name in CLIENT_KEY_HEADERS:
+        value = b"Bearer sk-1" if name == "authorization" else b"sk-1"
+        assert presented_key([(name, value)]) == b"sk-1", name

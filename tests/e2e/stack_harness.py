@@ -69,6 +69,11 @@ def replace_file(path: Path, text: str) -> None:
     os.replace(draft, path)
 
 
+def policy_version(stack: Stack) -> str:
+    """The version of the policy the control plane serves (/v1/policy)."""
+    return json.loads(stack.control_get("/v1/policy")[1])["version"]
+
+
 def start_stack(policy: Path, log_dir: Path, **kwargs: Any) -> Stack:
     """A stack on free ports whose ledger lives in `log_dir` (the audit trail is read from it:
     audit_trail)."""

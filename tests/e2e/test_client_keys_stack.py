@@ -22,6 +22,7 @@ from stack_harness import (
     chat,
     default_stack,
     frozen,
+    policy_version,
     replace_file,
 )
 
@@ -55,10 +56,6 @@ def bearer(name: str) -> dict[str, str]:
 
 def error_code(body: Any) -> str:
     return body["error"]["code"] if isinstance(body, dict) and "error" in body else repr(body)
-
-
-def served_version(stack: Stack) -> str:
-    return json.loads(stack.control_get("/v1/policy")[1])["version"]
 
 
 def edit_clients(path: Path, change: Callable[[list[dict]], None]) -> None:
@@ -173,12 +170,12 @@ def test_keys_added_changed_and_removed_take_effect_without_failing_others(stack
             # ext_proc refuses the key as soon as it has the removal, a moment before the
             # control plane's rollout (which waits for every ACK) serves it as its policy.
             version = load_policy_file(stack.policy).version
-            eventually(lambda: served_version(stack) == version, "the removal to be served")
+            eventually(lambda: policy_version(stack) == version, "the removal to be served")
             edit_clients(stack.policy, lambda clients: clients.append(
                 {"name": "broken", "key_sha256": "not-a-hash"}))  # rejected: the last good stays
             eventually(lambda: "policy_rejected" in (stack.log_dir / "control-plane.log").read_text(),
                        "the bad edit to be rejected")
-            assert served_version(stack) == version
+            assert policy_version(stack) == version
             assert chat(stack, "llama-3.1-8b", bearer("rotated"))[0] == 200
             seen = traffic.total()
             eventually(lambda: traffic.total() >= seen + 10, "more traffic after the edits")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 from polling import eventually
-from stack_harness import CLIENTS, Providers, Traffic, chat, replace_file
+from stack_harness import CLIENTS, Providers, Traffic, chat, policy_version, replace_file
 
 from control_plane.policy.load import load_policy_text
 from gpu_router.stack import Stack
@@ -23,10 +23,6 @@ def edit_policy(path: Path, change) -> None:
 
 def provider(document: dict, name: str) -> dict:
     return next(p for p in document["providers"] if p["name"] == name)
-
-
-def policy_version(stack: Stack) -> str:
-    return json.loads(stack.control_get("/v1/policy")[1])["version"]
 
 
 @pytest.fixture
