@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import select
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -147,6 +148,22 @@ def test_the_trail_read_from_the_ledger_is_the_files_entries_in_booking_order(
             connection, TrailQuery(0, client="team-a"))] == ["r1", "r3"]
         assert [row.request_id for _, row in rows_after(
             connection, TrailQuery(0), after_id=trail[2][0])] == ["r3", "r4"]
+
+
+def test_the_trail_reads_a_ledger_the_control_plane_has_not_upgraded_yet(tmp_path: Path) -> None:
+    """`gpu-router audit` of a new release over a version-7 ledger (keyed by the id alone), which
+    it opens read-only: the start-time index it names is there under the same name."""
+    path = ledger_of(tmp_path / "ledger.db", [booked(request_id=f"r{index}",
+                                                     at_unix_ms=NOW_MS - index * 1000)
+                                              for index in range(3)])
+    with sqlite3.connect(path) as old:
+        old.execute("DROP INDEX requests_at")
+        old.execute("CREATE UNIQUE INDEX requests_request_id ON requests (request_id)")
+        old.execute("CREATE INDEX requests_at ON requests (at_unix_ms)")
+        old.execute("PRAGMA user_version=7")
+    with read_only(path) as connection:
+        assert [row.request_id for _, row in rows_after(
+            connection, TrailQuery(NOW_MS - 1_500))] == ["r0", "r1"]
 
 
 def test_the_trail_starts_at_the_window_and_follows_rows_booked_later(tmp_path: Path) -> None:

@@ -91,6 +91,21 @@ def test_a_restarted_control_plane_books_nothing_twice(setup: Setup) -> None:
     assert ledger_ids(setup.ledger) == ["a", "b", "c"]
 
 
+def test_a_request_an_earlier_process_booked_is_found_by_its_start_time_and_id(
+        setup: Setup) -> None:
+    """No offset committed yet and nothing in this process's memory: only the ledger's key,
+    the start time and id the file's line and the gRPC log's entry share, says "b" is booked."""
+    booked = line("b")
+    setup.append(line("a"), booked)
+    assert setup.accounting.book(entry_from_line(booked), "edge-1")  # came over ALS
+    setup.stop()
+    setup.start()
+    setup.reconcile()
+    setup.stop()
+    assert setup.reconciled() == 1  # "a" only
+    assert ledger_ids(setup.ledger) == ["a", "b"]
+
+
 def test_rows_lost_with_the_last_batch_are_booked_from_the_file(setup: Setup) -> None:
     """What a SIGKILL leaves: the ALS path had booked "a" but its batch never committed."""
     setup.append(line("a"), line("b"))

@@ -1,6 +1,6 @@
 """The SQLite usage ledger: rows round-trip; batches flush on size, on time and on close;
-a crash loses only rows added since the last committed batch; one row per request id; old
-rows pruned; a batch that keeps failing is dropped, counted and logged."""
+a crash loses only rows added since the last committed batch; one row per request (its start
+time and id); old rows pruned; a batch that keeps failing is dropped, counted and logged."""
 
 from __future__ import annotations
 
@@ -159,7 +159,30 @@ def test_a_version_1_ledger_keeps_the_first_row_of_a_repeated_request(tmp_path: 
         assert connection.execute("SELECT request_id, at_unix_ms FROM requests ORDER BY id"
                                   ).fetchall() == [("a", 1), ("b", 3)]
         with pytest.raises(sqlite3.IntegrityError):
-            connection.execute("INSERT INTO requests (request_id, at_unix_ms) VALUES ('a', 4)")
+            connection.execute("INSERT INTO requests (request_id, at_unix_ms) VALUES ('a', 1)")
+
+
+def test_a_version_7_ledger_is_keyed_by_start_time_and_id_and_keeps_its_rows(
+        tmp_path: Path) -> None:
+    path = tmp_path / "ledger.db"
+    writer = LedgerWriter(path, clock=lambda: 1_700_000_000.0)
+    for index in range(3):
+        writer.add(row(index))
+    writer.close()
+    with sqlite3.connect(path) as old:  # as version 7 left it: keyed by the id alone
+        old.execute("DROP INDEX requests_at")
+        old.execute("CREATE UNIQUE INDEX requests_request_id ON requests (request_id)")
+        old.execute("CREATE INDEX requests_at ON requests (at_unix_ms)")
+        old.execute("PRAGMA user_version=7")
+    with open_ledger(path) as connection:
+        indexes = {name for (name,) in connection.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'requests'")}
+        assert indexes == {"requests_at", "requests_client_at"}
+        assert [r.request_id for r in read_rows(connection)] == ["req-0", "req-1", "req-2"]
+        plan = connection.execute(
+            "EXPLAIN QUERY PLAN SELECT 1 FROM requests WHERE at_unix_ms = ? AND request_id = ?",
+            (1, "a")).fetchall()
+        assert "USING COVERING INDEX requests_at (at_unix_ms=? AND request_id=?)" in plan[0][3]
 
 
 def test_a_version_3_ledger_gets_the_client_request_id_column(tmp_path: Path) -> None:
@@ -227,4 +250,7 @@ def test_reconciler_offsets_commit_with_the_rows(tmp_path: Path) -> None:
     with open_ledger(path) as connection:
         assert read_offsets(connection) == {"/logs/edge-1.access.jsonl": LogOffset(
             path="/logs/edge-1.access.jsonl", inode=7, offset=250)}
-        assert known_request_ids(connection, ["req-1", "req-9"]) == {"req-1"}
+        at = row(1).at_unix_ms
+        assert known_request_ids(connection, [(at, "req-1"), (at, "req-9")]) == {"req-1"}
+        # The key is the pair: the same id at another start time is another request.
+        assert known_request_ids(connection, [(at + 1, "req-1")]) == set()

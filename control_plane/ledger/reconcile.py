@@ -210,5 +210,6 @@ class Reconciler:
                                          booked=self._accounting.booked))
             except FileNotFoundError:
                 continue
-        ids = [entry.request.request_id for chunk in chunks for entry in chunk.entries]
-        return chunks, known_request_ids(self._connection, ids)
+        keys = [(unix_ms(entry.common_properties.start_time), entry.request.request_id)
+                for chunk in chunks for entry in chunk.entries]
+        return chunks, known_request_ids(self._connection, keys)
