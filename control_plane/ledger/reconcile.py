@@ -5,9 +5,9 @@ SIGKILL loses the ledger rows of the last unwritten batch. Every edge also appen
 request to <edge_log_dir>/<node>.access.jsonl; on start and then every `interval_s` the
 reconciler reads each file from its committed position, and books, through `Accounting.book`
 (which reads the entry as the gRPC path's receiver does, then books it as that path does),
-every request whose id is neither in the ledger nor booked by this process. Its new position
-goes to the ledger through the same batches, after those rows, so a position on disk means
-everything before it is booked (store.py).
+every request neither in the ledger (looked up by its start time and id, the ledger's key) nor
+booked by this process. Its new position goes to the ledger through the same batches, after
+those rows, so a position on disk means everything before it is booked (store.py).
 
 The files are bounded by freeing what has been reconciled: the committed prefix of each file
 is deallocated (fallocate PUNCH_HOLE, whole 4 KiB blocks), so a file takes the disk space of its

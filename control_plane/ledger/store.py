@@ -228,15 +228,15 @@ def prune(connection: sqlite3.Connection, retention_days: float, now_ms: int) ->
         return deleted
 
 
+_KNOWN = "SELECT request_id FROM requests WHERE at_unix_ms = ? AND request_id = ?"
+
+
 def known_request_ids(connection: sqlite3.Connection,
                       requests: Iterable[tuple[int, str]]) -> set[str]:
     """The ids of `requests`, (start ms, request id) pairs, that already have a row: one seek
     in the unique key each."""
     return {request_id for key in dict.fromkeys(requests)
             for request_id in connection.execute(_KNOWN, key).fetchone() or ()}
-
-
-_KNOWN = "SELECT request_id FROM requests WHERE at_unix_ms = ? AND request_id = ?"
 
 
 def read_offsets(connection: sqlite3.Connection) -> dict[str, LogOffset]:
