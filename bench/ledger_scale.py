@@ -62,7 +62,7 @@ def fill(path: Path, rows: int, now_ms: int, days: int = WINDOW_DAYS) -> None:
                       pick)
     values = {
         "at_unix_ms": f"{start} + x * {days * DAY_MS} / {rows}",
-        "request_id": "'req-' || x",
+        "request_id": "lower(hex(randomblob(16)))",  # random, as Envoy's UUIDs
         "model": models,
         "provider": f"(CASE WHEN x % 200 = 7 THEN '' ELSE {providers} END)",
         "policy": "'interactive'", "strategy": "'latency'", "reason": "'fastest'",
