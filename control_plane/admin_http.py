@@ -196,18 +196,40 @@ class AdminTlsError(Exception):
     """The admin API's certificate or key cannot be served; says which file and why."""
 
 
-def admin_tls_context(cert: Path, key: Path) -> ssl.SSLContext:
-    """TLS 1.2 or later with this pair, checked as the edge listener's is (AdminTlsError naming
-    the file). Read once: a new pair takes a restart of the control plane, whose edges keep
-    their last config meanwhile."""
-    try:
-        read_listener_certificate(cert, key)
-    except EdgeCertificateError as error:
-        raise AdminTlsError(f"--http-tls-cert, --http-tls-key: {error}") from None
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(cert, key)
-    return context
+class AdminTls:
+    """The admin API's TLS: 1.2 or later with the pair in `cert` and `key`, checked as the edge
+    listener's is (AdminTlsError naming the file). The listener keeps `context`, whose SNI
+    callback hands every handshake the pair served now, so a renewed pair (`serve(read())`, the
+    control plane's watcher) is served from the next connection on without reopening the port;
+    connections already open keep theirs."""
+
+    def __init__(self, cert: Path, key: Path) -> None:
+        self.cert, self.key = cert, key
+        self._served = self.context = self.read()
+        self.context.sni_callback = self._hand_over
+
+    def read(self) -> ssl.SSLContext:
+        """A context of the pair as the files hold it now."""
+        try:
+            read_listener_certificate(self.cert, self.key)
+        except EdgeCertificateError as error:
+            raise AdminTlsError(f"--http-tls-cert, --http-tls-key: {error}") from None
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        try:
+            context.load_cert_chain(self.cert, self.key)
+        except (ssl.SSLError, OSError) as error:  # a file replaced since it was checked
+            raise AdminTlsError(f"--http-tls-cert {self.cert}, --http-tls-key {self.key}: "
+                                f"{error}") from None
+        return context
+
+    def serve(self, context: ssl.SSLContext) -> None:
+        self._served = context
+
+    def _hand_over(self, connection: ssl.SSLObject, _server_name: str | None,
+                   _context: ssl.SSLContext) -> None:
+        if connection.context is not self._served:
+            connection.context = self._served
 
 
 class AdminHttpServer:
@@ -216,7 +238,7 @@ class AdminHttpServer:
     def __init__(self, host: str, port: int, state: AdminState, token: str,
                  tls: ssl.SSLContext | None = None) -> None:
         """`token`: the admin token every path but OPEN_PATHS asks for; `tls`: serve HTTPS
-        only (admin_tls_context)."""
+        only (AdminTls.context)."""
         self.host = host
         self.port = port
         self._tls = tls

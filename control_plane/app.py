@@ -13,6 +13,7 @@ import functools
 import gc
 import logging
 import signal
+import ssl
 import sys
 import time
 from collections.abc import Callable, Coroutine, Sequence
@@ -25,7 +26,7 @@ import grpc
 from envoy.service.discovery.v3 import ads_pb2_grpc
 
 from control_plane.accounting import Accounting
-from control_plane.admin_http import AdminHttpServer, AdminTlsError, admin_tls_context
+from control_plane.admin_http import AdminHttpServer, AdminTls, AdminTlsError
 from control_plane.client_spend import ClientSpend, publish_spend
 from control_plane.dashboard.data import dashboard_data
 from control_plane.dashboard.savings_card import SavingsCard
@@ -138,7 +139,7 @@ class ControlPlaneState:
 
 async def serve(options: Options, stop: asyncio.Event, hangup: asyncio.Event | None = None) -> None:
     """Run every part of the control plane until `stop` is set or a part fails; each time
-    `hangup` is set (SIGHUP), re-read the policy and its key files at once.
+    `hangup` is set (SIGHUP), re-read the policy, its key files and the admin API's pair at once.
 
     Raises one of REJECTIONS, before any port is opened, when the startup policy is unusable.
     """
@@ -147,8 +148,10 @@ async def serve(options: Options, stop: asyncio.Event, hangup: asyncio.Event | N
     admin_token = options.admin_token()  # one that cannot be read: refuse to start
     follow_redis = None if options.redis is None else functools.partial(  # password likewise
         follow_revocations, options.redis, options.redis_password(), tls, options.certs_dir)
-    admin_tls = None if options.admin_tls_files is None else admin_tls_context(
+    admin_tls = None if options.admin_tls_files is None else AdminTls(
         *options.admin_tls_files)  # likewise
+    # Made with the pair it watches, so a renewal before the port opens is not missed.
+    watchers = [] if admin_tls is None else [_admin_tls_watcher(admin_tls)]
 
     def prepare(path: Path) -> Release:
         """The policy's config, with the CRL the edges check ext_proc's certificates against."""
@@ -215,7 +218,8 @@ async def serve(options: Options, stop: asyncio.Event, hangup: asyncio.Event | N
     await apply(first)
     await server.start()
     state = ControlPlaneState(cache, rollout, fleet, metrics, accounting.spend, options.ledger)
-    admin = AdminHttpServer(options.http_host, options.http_port, state, admin_token, admin_tls)
+    admin = AdminHttpServer(options.http_host, options.http_port, state, admin_token,
+                            None if admin_tls is None else admin_tls.context)
     await admin.start()
     # What start-up made (modules, protobuf descriptors, the first snapshot) lives as long as
     # the process: out of the collector's generations, a full collection no longer walks it.
@@ -247,14 +251,15 @@ async def serve(options: Options, stop: asyncio.Event, hangup: asyncio.Event | N
                                   interval_s=options.health_history_interval_s))
     if state.savings is not None:
         jobs.append(state.savings.run())
-    jobs.append(watcher.run())  # also on the embedded policy: its key files and certificate
+    watchers.append(watcher)  # also on the embedded policy: its key files and certificate
+    jobs += [each.run() for each in watchers]
     if revocations.path is not None:
         jobs += [_send_crl_to_ext_proc(revocations, publish_crl),
                  _send_crl_to_edges(revocations, rollout)]
     if follow_redis is not None:
         jobs.append(follow_redis())
     if hangup is not None:
-        jobs.append(_reload_on(hangup, watcher))
+        jobs.append(_reload_on(hangup, watchers))
     if reconciler is not None:
         jobs.append(reconciler.run())
     tasks = [asyncio.create_task(job) for job in jobs]
@@ -299,12 +304,25 @@ async def _send_crl_to_edges(revocations: Revocations, rollout: Rollout) -> None
             log.info("crl_sent_to_edges", extra={"path": str(revocations.path)})
 
 
-async def _reload_on(hangup: asyncio.Event, watcher: PolicyWatcher[Release]) -> None:
+def _admin_tls_watcher(tls: AdminTls) -> PolicyWatcher[ssl.SSLContext]:
+    """Serves the admin API's pair anew within a poll of its files' change (a renewal that does
+    not check is logged, `admin_tls_rejected`, and the last good pair keeps serving)."""
+
+    async def serve(context: ssl.SSLContext) -> None:
+        tls.serve(context)
+        log.info("admin_tls_reloaded", extra={"file": str(tls.cert)})
+
+    return PolicyWatcher(tls.cert, lambda _path: tls.read(), serve, (AdminTlsError,),
+                         also=lambda: (tls.key,), rejected="admin_tls_rejected")
+
+
+async def _reload_on(hangup: asyncio.Event, watchers: list[PolicyWatcher[Any]]) -> None:
     while True:
         await hangup.wait()
         hangup.clear()
         log.info("reload_requested")
-        await watcher.reload()
+        for watcher in watchers:
+            await watcher.reload()
 
 
 async def _run(options: Options) -> None:

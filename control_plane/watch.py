@@ -1,5 +1,6 @@
 """Watches the policy file, and the provider key files it names, and rolls out each new good
-version of them: a rotated key (a file: credential) reaches Envoy over SDS within a poll.
+version of them: a rotated key (a file: credential) reaches Envoy over SDS within a poll. The
+admin API's certificate and key are watched the same way (app.py).
 
 Polling (stat every half second, then a content hash) instead of inotify: it works the
 same on every filesystem, in containers with bind-mounted ConfigMaps (which swap a
@@ -38,8 +39,11 @@ class PolicyWatcher(Generic[R]):
         rejections: tuple[type[Exception], ...],
         interval_s: float = 0.5,
         also: Callable[[], Iterable[Path]] = tuple,
+        rejected: str = "policy_rejected",
     ) -> None:
+        """`rejected`: the event logged, with the file and the error, when `prepare` refuses."""
         self._path = path
+        self._rejected = rejected
         self._also = also
         self._prepare = prepare
         self._apply = apply
@@ -71,7 +75,7 @@ class PolicyWatcher(Generic[R]):
         try:
             release = self._prepare(self._path)
         except self._rejections as error:
-            log.warning("policy_rejected", extra={"file": str(self._path), "error": str(error)})
+            log.warning(self._rejected, extra={"file": str(self._path), "error": str(error)})
             return
         await self._apply(release)
 

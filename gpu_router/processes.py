@@ -91,18 +91,21 @@ def http_get(
         return error.code, error.read()
 
 
-def pinned_context(certificate: Path) -> ssl.SSLContext:
-    """TLS that accepts only the first certificate in `certificate` (a PEM chain): for a server
-    this process launched on loopback, whose certificate names the host clients use, not
-    127.0.0.1. Its issuer is not trusted: another certificate it signed is refused."""
+def pinned_context(*certificates: Path | bytes) -> ssl.SSLContext:
+    """TLS that accepts only the first certificate of each PEM chain given (a file, or its
+    bytes): for a server this process launched on loopback, whose certificate names the host
+    clients use, not 127.0.0.1. Their issuers are not trusted: another certificate one signed
+    is refused. ValueError for a chain that is not PEM."""
     from cryptography import x509
     from cryptography.hazmat.primitives.serialization import Encoding
 
-    leaf = x509.load_pem_x509_certificates(certificate.read_bytes())[0].public_bytes(Encoding.DER)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.check_hostname = False  # the certificate itself is pinned
-    context.load_verify_locations(cadata=leaf)
-    context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN  # the leaf is the trust anchor
+    for chain in certificates:
+        pem = chain.read_bytes() if isinstance(chain, Path) else chain
+        context.load_verify_locations(
+            cadata=x509.load_pem_x509_certificates(pem)[0].public_bytes(Encoding.DER))
+    context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN  # each leaf is a trust anchor
     return context
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import ssl
 import subprocess
 import time
 from collections.abc import Callable
@@ -30,7 +29,6 @@ from gpu_router.processes import (
     ProcessError,
     envoy_binary,
     free_port,
-    pinned_context,
     port_open,
     python_module,
     stop_each,
@@ -44,7 +42,7 @@ from gpu_router.redis_service import (
     remove_redis_home,
     wants_redis,
 )
-from gpu_router.stack_endpoints import ControlPlaneApi, EdgeHandle, StackPorts
+from gpu_router.stack_endpoints import ControlPlaneApi, EdgeHandle, StackPorts, admin_pin
 from gpu_router.xds_status import fleet_synced
 
 _log = logging.getLogger(__name__)
@@ -118,7 +116,7 @@ class Stack:
     """Where the replicas' rate-limit counters are, once started; None: in each worker."""
     _lifecycles: dict[str, _Lifecycle] = field(default_factory=dict, repr=False)
     _admin_token: str = field(default="", init=False, repr=False)
-    _admin_pin: ssl.SSLContext | None = field(default=None, init=False, repr=False)
+    _admin_pem: bytes = field(default=b"", init=False, repr=False)
     redis_dir: Path | None = field(default=None, init=False)
     """Redis's own directory (mode 0700: its config, the password in it, and its socket), once
     started: kept while Redis may be respawned, removed at stop."""
@@ -319,13 +317,14 @@ class Stack:
         return lambda: ready() and self.fleet_synced()
 
     def _pin_admin_certificate(self) -> None:
-        self._admin_pin = None if self.admin_tls is None else pinned_context(self.admin_tls[0])
+        """The admin certificate the control plane reads as it (re)starts."""
+        self._admin_pem = b"" if self.admin_tls is None else self.admin_tls[0].read_bytes()
 
     @property
     def control(self) -> ControlPlaneApi:
-        """The control plane's admin API, with its admin token (and its pinned certificate)."""
-        return ControlPlaneApi(port=self.ports.control_http, token=self._admin_token,
-                               pinned=self._admin_pin)
+        """The control plane's admin API, with its admin token (and its pinned certificates)."""
+        return ControlPlaneApi(port=self.ports.control_http, token=self._admin_token, pinned=(
+            None if self.admin_tls is None else admin_pin(self._admin_pem, self.admin_tls[0])))
 
     def control_url(self, path: str) -> str:
         return self.control.url(path)

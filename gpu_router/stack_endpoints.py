@@ -8,6 +8,7 @@ import ssl
 import urllib.error
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from gpu_router.admin_token import bearer
@@ -17,6 +18,7 @@ from gpu_router.processes import (
     ProcessError,
     free_port,
     http_get,
+    pinned_context,
 )
 from gpu_router.xds_status import policy_holders
 
@@ -71,10 +73,20 @@ class EdgeHandle:
         return status == 200 and bool(json.loads(body).get("data"))
 
 
+def admin_pin(started_with: bytes, certificate: Path) -> ssl.SSLContext:
+    """The admin API's certificates a stack accepts: the one the control plane started with and
+    the file's now, since it serves a renewed pair from its next poll of the files on (one it
+    refuses, it never serves)."""
+    try:
+        return pinned_context(started_with, certificate.read_bytes())
+    except (OSError, ValueError):  # the file in the middle of its renewal
+        return pinned_context(started_with)
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ControlPlaneApi:
-    """The control plane's admin API on loopback, with its admin token: over HTTPS to the one
-    certificate `pinned` accepts (processes.pinned_context), when it serves one."""
+    """The control plane's admin API on loopback, with its admin token: over HTTPS to the
+    certificates `pinned` accepts (admin_pin), when it serves one."""
 
     port: int
     token: str = field(repr=False)

@@ -1,11 +1,13 @@
 """The admin API over HTTPS (the control plane's --http-tls-cert, --http-tls-key): the token never
-crosses a network in the clear; the launcher pins the certificate it gave; `gpu-router health
---ca` checks it against a private CA."""
+crosses a network in the clear; a renewed pair is served from the next connection; the launcher
+pins the certificate it gave; `gpu-router health --ca` checks it against a private CA."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.client
+import os
 import socket
 import ssl
 import threading
@@ -20,7 +22,7 @@ from cryptography.hazmat.primitives import serialization
 from edge_tls_fixtures import NOW, server_pair
 from test_admin_http import TOKEN, FakeState
 
-from control_plane.admin_http import AdminHttpServer, AdminTlsError, admin_tls_context
+from control_plane.admin_http import AdminHttpServer, AdminTls, AdminTlsError
 from control_plane.app import EXIT_FAILED
 from control_plane.app import main as control_plane_main
 from gpu_router import pki
@@ -29,23 +31,61 @@ from gpu_router.cli import main as cli_main
 from gpu_router.processes import free_port, http_get, pinned_context
 
 
-@pytest.fixture
-def served(tmp_path: Path) -> Iterator[tuple[int, Path, Path]]:
-    """(port, ca, cert): an admin API serving cert over HTTPS, on a loop of its own."""
-    ca, cert, key = server_pair(tmp_path / "tls")
+@contextlib.contextmanager
+def serving(tls: AdminTls) -> Iterator[int]:
+    """The port of an admin API serving over `tls`, on a loop of its own."""
     port = free_port()
     loop = asyncio.new_event_loop()
-    server = AdminHttpServer("127.0.0.1", port, FakeState(), TOKEN, admin_tls_context(cert, key))
+    server = AdminHttpServer("127.0.0.1", port, FakeState(), TOKEN, tls.context)
     loop.run_until_complete(server.start())
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
     try:
-        yield port, ca, cert
+        yield port
     finally:
         asyncio.run_coroutine_threadsafe(server.stop(), loop).result(10)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
         loop.close()
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[tuple[int, Path, Path]]:
+    """(port, ca, cert): an admin API serving cert over HTTPS."""
+    ca, cert, key = server_pair(tmp_path / "tls")
+    with serving(AdminTls(cert, key)) as port:
+        yield port, ca, cert
+
+
+def served_certificate(port: int) -> bytes:
+    """The DER certificate the port presents to a new connection (looked at, not verified)."""
+    client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    client.check_hostname, client.verify_mode = False, ssl.CERT_NONE
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, \
+            client.wrap_socket(raw) as tls:
+        return tls.getpeercert(binary_form=True) or b""
+
+
+def test_a_renewed_pair_is_served_from_the_next_connection_and_a_bad_one_never(
+    tmp_path: Path,
+) -> None:
+    _, cert, key = server_pair(tmp_path / "tls")
+    tls = AdminTls(cert, key)
+    first = ssl.PEM_cert_to_DER_cert(cert.read_text())
+    with serving(tls) as port:
+        _, new_cert, new_key = server_pair(tmp_path / "next")
+        for source, target in ((new_key, key), (new_cert, cert)):
+            os.replace(source, target)
+        assert served_certificate(port) == first  # nothing served anew until served
+        tls.serve(tls.read())
+        assert served_certificate(port) == ssl.PEM_cert_to_DER_cert(cert.read_text()) != first
+        _, _, other_key = server_pair(tmp_path / "other")
+        os.replace(other_key, key)
+        with pytest.raises(AdminTlsError, match=f"{key}: not the key of the certificate"):
+            tls.read()
+        assert served_certificate(port) == ssl.PEM_cert_to_DER_cert(cert.read_text())
+        assert http_get(f"https://127.0.0.1:{port}/v1/policy", headers=bearer(TOKEN),
+                        context=pinned_context(cert))[0] == 200
 
 
 def test_https_only_with_the_token(served: tuple[int, Path, Path]) -> None:
@@ -132,7 +172,7 @@ def test_an_unusable_pair_stops_the_control_plane_naming_the_file(
     _, cert, _ = server_pair(tmp_path / "tls")
     _, _, other_key = server_pair(tmp_path / "other")
     with pytest.raises(AdminTlsError, match=f"{other_key}: not the key of the certificate"):
-        admin_tls_context(cert, other_key)
+        AdminTls(cert, other_key)
     argv = ["--certs-dir", str(tmp_path / "certs"), "--no-accounting", "--xds-port",
             str(free_port()), "--http-port", str(free_port()),
             "--http-tls-cert", str(cert), "--http-tls-key", str(other_key)]

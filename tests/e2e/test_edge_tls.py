@@ -3,7 +3,8 @@
 Clients' keys and prompts cross the network to the edge: with a certificate given, the edge
 speaks TLS only. The certificate reaches every edge over SDS from the control plane, which
 re-reads the files when they change: a rotated certificate is served without a restart, and an
-unusable one is refused while the last good one keeps serving.
+unusable one is refused while the last good one keeps serving. The admin API, given the same
+pair, follows it likewise, and so does the launcher's pin of it.
 """
 
 from __future__ import annotations
@@ -39,11 +40,11 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Stack, Pa
         yield stack, ca, cert, key
 
 
-def served_certificate(stack: Stack) -> bytes:
-    """The DER certificate the edge presents now (not verified: only looked at)."""
+def served_certificate(port: int) -> bytes:
+    """The DER certificate the port presents now (not verified: only looked at)."""
     context = ssl.create_default_context()
     context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
-    with socket.create_connection(("127.0.0.1", stack.edges[0].edge_port), timeout=10) as raw, \
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, \
             context.wrap_socket(raw) as tls:
         return tls.getpeercert(binary_form=True) or b""
 
@@ -60,7 +61,7 @@ def test_a_client_that_trusts_the_certificate_is_routed(
     status, headers, body = chat(stack, MODEL, context=client_context(ca))
     assert status == 200, body
     assert headers["x-gpu-router-provider"] and body["choices"]
-    assert served_certificate(stack) == der(cert)
+    assert served_certificate(stack.edges[0].edge_port) == der(cert)
 
 
 def test_plain_http_gets_no_answer(served: tuple[Stack, Path, Path, Path]) -> None:
@@ -96,24 +97,31 @@ def test_a_rotated_certificate_is_served_without_a_restart_and_a_bad_one_never(
     new_ca, new_cert, new_key = server_pair(tmp_path / "next")
     for source, target in ((new_key, key), (new_cert, cert)):  # key first: one poll may see both
         os.replace(source, target)
-    eventually(lambda: served_certificate(stack) == der(cert), "the new certificate served")
+    for port in (stack.edges[0].edge_port, stack.ports.control_http):  # the admin API's too
+        eventually(lambda port=port: served_certificate(port) == der(cert),
+                   f"the new certificate served on {port}")
     status, _, _ = chat(stack, MODEL, context=client_context(new_ca))
     assert status == 200
     assert stack.edges[0].process.pid == envoy_pid
+    assert stack.control_get("/v1/policy")[0] == 200  # the launcher follows the renewal
 
     log = stack.processes["control-plane"].log_path
 
-    def key_rejections() -> list[dict]:
+    def key_rejections(event: str = "policy_rejected") -> list[dict]:
         return [json.loads(line) for line in log.read_text().splitlines()
-                if '"policy_rejected"' in line and "not the key of the certificate" in line]
+                if f'"{event}"' in line and "not the key of the certificate" in line]
 
     # The rotation above may have been polled between its two replaces (a real rejection):
     # only a rejection after this key is replaced says this key was refused.
-    before = len(key_rejections())
+    before = {event: len(key_rejections(event)) for event in ("policy_rejected",
+                                                              "admin_tls_rejected")}
     _, _, other_key = server_pair(tmp_path / "other")
     os.replace(other_key, key)  # not the certificate's key: refused, the last good one stays
-    rejected = eventually(lambda: key_rejections()[before:],
-                          "the control plane to refuse the mismatched key")
-    assert str(key) in rejected[-1]["error"]
-    assert served_certificate(stack) == der(cert)
+    for event, count in before.items():
+        rejected = eventually(lambda event=event, count=count: key_rejections(event)[count:],
+                              f"the control plane to refuse the mismatched key ({event})")
+        assert str(key) in rejected[-1]["error"]
+    for port in (stack.edges[0].edge_port, stack.ports.control_http):
+        assert served_certificate(port) == der(cert)
     assert chat(stack, MODEL, context=client_context(new_ca))[0] == 200
+    assert stack.control_get("/v1/policy")[0] == 200
