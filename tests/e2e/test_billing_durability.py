@@ -108,21 +108,44 @@ def test_a_frozen_control_plane_under_load_loses_and_doubles_no_booking(stack: S
     assert_one_row_per_request(stack, start_ms, traffic)
 
 
+def decided(stack: Stack, since_us: int) -> list[RequestRecord]:
+    """The decided requests' records on the edge files since, read as the reconciler reads
+    them (complete lines only; what it booked is punched out, Envoy flushes each second)."""
+    records = (record_from_edge_entry(entry)
+               for path in stack.log_dir.glob(f"*{FILE_SUFFIX}")
+               for entry in read_chunk(path, None).entries)
+    return [record for record in records if record is not None and record.model == MODEL
+            and record.at_unix_ms * 1000 >= since_us - 1000]
+
+
 def test_each_line_of_the_edge_file_carries_ext_procs_latency(stack: Stack) -> None:
     """Real Envoy renders the ext_proc latency field (durable_log.EDGE_FILE_FIELDS) as the
     reconciler reads it: every decided request's line gives its ext_proc time."""
     since_us = int(time.time() * 1_000_000)
     with Traffic(stack, MODEL, {}, threads=2) as traffic:
         eventually(lambda: successes(traffic) >= 5, "requests")
+    eventually(lambda: len(decided(stack, since_us)) >= 5, "the requests' lines in the edge file")
+    assert all(record.ext_proc_us > 0 for record in decided(stack, since_us))
 
-    def decided() -> list[RequestRecord]:
-        """The decided requests' records on the edge files since, read as the reconciler reads
-        them (complete lines only; what it booked is punched out, Envoy flushes each second)."""
-        records = (record_from_edge_entry(entry)
-                   for path in stack.log_dir.glob(f"*{FILE_SUFFIX}")
-                   for entry in read_chunk(path, None).entries)
-        return [record for record in records if record is not None and record.model == MODEL
-                and record.at_unix_ms * 1000 >= since_us - 1000]
 
-    eventually(lambda: len(decided()) >= 5, "the requests' lines in the edge file")
-    assert all(record.ext_proc_us > 0 for record in decided())
+def test_the_edge_file_and_the_grpc_access_log_give_a_request_the_same_start_ms(
+        stack: Stack) -> None:
+    """The ledger's key is a request's start time to the millisecond and its id (store.py), and
+    the reconciler looks a line up by both: had the file's start time differed from the one the
+    gRPC log booked, a request booked over gRPC and read from the file after a restart would be
+    booked twice."""
+    since_us = int(time.time() * 1_000_000)
+    with Traffic(stack, MODEL, {}, threads=2) as traffic:
+        eventually(lambda: successes(traffic) >= 20, "requests")
+    eventually(lambda: len(decided(stack, since_us)) >= 5, "the requests' lines in the edge file")
+    from_file = {record.request_id: record.at_unix_ms for record in decided(stack, since_us)}
+
+    def booked() -> dict[str, int]:
+        with sqlite3.connect(stack.log_dir / "ledger.db") as connection:
+            return dict(connection.execute(
+                "SELECT request_id, at_unix_ms FROM requests WHERE at_unix_ms >= ?",
+                (since_us // 1000 - 1000,)))
+
+    rows = eventually(lambda: booked() if set(from_file) <= set(booked()) else None,
+                      "the gRPC access log's rows of those requests")
+    assert {rid: rows[rid] for rid in from_file} == from_file
