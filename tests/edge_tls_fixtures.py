@@ -1,9 +1,10 @@
 """Certificates a client trusts for the edge listener's TLS: a CA of the test's own and a
-server certificate for 127.0.0.1 (gpu_router/pki.py makes both)."""
+server certificate for 127.0.0.1 (gpu_router/pki.py makes both); what a port serves."""
 
 from __future__ import annotations
 
 import datetime
+import socket
 import ssl
 from pathlib import Path
 
@@ -33,3 +34,18 @@ def server_pair(directory: Path, *, now: datetime.datetime = NOW) -> tuple[Path,
 
 def client_context(ca: Path) -> ssl.SSLContext:
     return ssl.create_default_context(cafile=str(ca))
+
+
+def served_certificate(port: int) -> bytes:
+    """The DER certificate a port on 127.0.0.1 presents to a new connection (looked at, not
+    verified)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, \
+            context.wrap_socket(raw) as tls:
+        return tls.getpeercert(binary_form=True) or b""
+
+
+def der(pem: Path) -> bytes:
+    """The first certificate of a PEM file, as served_certificate gives it."""
+    return ssl.PEM_cert_to_DER_cert(pem.read_text())

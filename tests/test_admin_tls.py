@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from edge_tls_fixtures import NOW, server_pair
+from edge_tls_fixtures import NOW, der, served_certificate, server_pair
 from test_admin_http import TOKEN, FakeState
 
 from control_plane.admin_http import AdminHttpServer, AdminTls, AdminTlsError
@@ -57,33 +57,24 @@ def served(tmp_path: Path) -> Iterator[tuple[int, Path, Path]]:
         yield port, ca, cert
 
 
-def served_certificate(port: int) -> bytes:
-    """The DER certificate the port presents to a new connection (looked at, not verified)."""
-    client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    client.check_hostname, client.verify_mode = False, ssl.CERT_NONE
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, \
-            client.wrap_socket(raw) as tls:
-        return tls.getpeercert(binary_form=True) or b""
-
-
 def test_a_renewed_pair_is_served_from_the_next_connection_and_a_bad_one_never(
     tmp_path: Path,
 ) -> None:
     _, cert, key = server_pair(tmp_path / "tls")
     tls = AdminTls(cert, key)
-    first = ssl.PEM_cert_to_DER_cert(cert.read_text())
+    first = der(cert)
     with serving(tls) as port:
         _, new_cert, new_key = server_pair(tmp_path / "next")
         for source, target in ((new_key, key), (new_cert, cert)):
             os.replace(source, target)
         assert served_certificate(port) == first  # nothing served anew until served
         tls.serve(tls.read())
-        assert served_certificate(port) == ssl.PEM_cert_to_DER_cert(cert.read_text()) != first
+        assert served_certificate(port) == der(cert) != first
         _, _, other_key = server_pair(tmp_path / "other")
         os.replace(other_key, key)
         with pytest.raises(AdminTlsError, match=f"{key}: not the key of the certificate"):
             tls.read()
-        assert served_certificate(port) == ssl.PEM_cert_to_DER_cert(cert.read_text())
+        assert served_certificate(port) == der(cert)
         assert http_get(f"https://127.0.0.1:{port}/v1/policy", headers=bearer(TOKEN),
                         context=pinned_context(cert))[0] == 200
 

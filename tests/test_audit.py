@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import select
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -14,7 +13,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import pytest
-from usage_fixtures import make_record
+from usage_fixtures import as_version_7, make_record
 
 from control_plane.audit import AuditLog, audit_entry, audit_line, parse_candidates
 from control_plane.ledger import audit_trail
@@ -156,11 +155,7 @@ def test_the_trail_reads_a_ledger_the_control_plane_has_not_upgraded_yet(tmp_pat
     path = ledger_of(tmp_path / "ledger.db", [booked(request_id=f"r{index}",
                                                      at_unix_ms=NOW_MS - index * 1000)
                                               for index in range(3)])
-    with sqlite3.connect(path) as old:
-        old.execute("DROP INDEX requests_at")
-        old.execute("CREATE UNIQUE INDEX requests_request_id ON requests (request_id)")
-        old.execute("CREATE INDEX requests_at ON requests (at_unix_ms)")
-        old.execute("PRAGMA user_version=7")
+    as_version_7(path)
     with read_only(path) as connection:
         assert [row.request_id for _, row in rows_after(
             connection, TrailQuery(NOW_MS - 1_500))] == ["r0", "r1"]

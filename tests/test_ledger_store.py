@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from usage_fixtures import make_record
+from usage_fixtures import as_version_7, make_record
 
 from control_plane.json_log import JsonLogFormatter
 from control_plane.ledger.batching import RETRIES, BatcherClosedError
@@ -169,11 +169,7 @@ def test_a_version_7_ledger_is_keyed_by_start_time_and_id_and_keeps_its_rows(
     for index in range(3):
         writer.add(row(index))
     writer.close()
-    with sqlite3.connect(path) as old:  # as version 7 left it: keyed by the id alone
-        old.execute("DROP INDEX requests_at")
-        old.execute("CREATE UNIQUE INDEX requests_request_id ON requests (request_id)")
-        old.execute("CREATE INDEX requests_at ON requests (at_unix_ms)")
-        old.execute("PRAGMA user_version=7")
+    as_version_7(path)
     with open_ledger(path) as connection:
         indexes = {name for (name,) in connection.execute(
             "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'requests'")}

@@ -1,9 +1,12 @@
-"""RequestRecord factory and real provider response texts for the usage/ledger/audit tests."""
+"""RequestRecord factory and real provider response texts for the usage/ledger/audit tests, and
+a ledger turned back into the shape an older release left."""
 
 from __future__ import annotations
 
 import json
+import sqlite3
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from control_plane.usage.record import RequestRecord
@@ -19,6 +22,16 @@ BASE_RECORD = RequestRecord(
 
 def make_record(**changes: Any) -> RequestRecord:
     return replace(BASE_RECORD, **changes)
+
+
+def as_version_7(ledger: Path) -> None:
+    """The ledger's requests keyed as version 7 left them: by the request id alone, with an
+    index of the start time beside it."""
+    with sqlite3.connect(ledger) as connection:
+        connection.execute("DROP INDEX requests_at")
+        connection.execute("CREATE UNIQUE INDEX requests_request_id ON requests (request_id)")
+        connection.execute("CREATE INDEX requests_at ON requests (at_unix_ms)")
+        connection.execute("PRAGMA user_version=7")
 
 
 def compact(value: Any) -> str:

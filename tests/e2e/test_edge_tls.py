@@ -12,13 +12,11 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import socket
-import ssl
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from edge_tls_fixtures import client_context, server_pair
+from edge_tls_fixtures import client_context, der, served_certificate, server_pair
 from polling import eventually
 from stack_harness import (
     chat,
@@ -38,19 +36,6 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Stack, Pa
     ca, cert, key = server_pair(directory / "tls")
     with default_stack(directory, edge_tls=(cert, key), admin_tls=(cert, key)) as stack:
         yield stack, ca, cert, key
-
-
-def served_certificate(port: int) -> bytes:
-    """The DER certificate the port presents now (not verified: only looked at)."""
-    context = ssl.create_default_context()
-    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, \
-            context.wrap_socket(raw) as tls:
-        return tls.getpeercert(binary_form=True) or b""
-
-
-def der(pem: Path) -> bytes:
-    return ssl.PEM_cert_to_DER_cert(pem.read_text())
 
 
 def test_a_client_that_trusts_the_certificate_is_routed(
