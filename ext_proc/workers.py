@@ -4,6 +4,7 @@ grpc.aio server and xDS client, so decisions scale with cores and no state is sh
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import logging
 import multiprocessing
@@ -105,7 +106,7 @@ async def serve(config: WorkerConfig, stop: asyncio.Event) -> None:
         asyncio.create_task(
             AdsClient(
                 config.xds, Subscriptions(node, live_subscriptions(live, revocations)),
-                credentials=channel_credentials(config.tls),
+                credentials=functools.partial(channel_credentials, config.tls),
             ).run()
         ),
         asyncio.create_task(status.serve_once_routable(live)),

@@ -227,10 +227,13 @@ class AdsClient:
         target: str,
         subscriptions: Subscriptions,
         *,
-        credentials: grpc.ChannelCredentials,
+        credentials: Callable[[], grpc.ChannelCredentials],
         min_backoff_s: float = 0.1,
         max_backoff_s: float = 5.0,
     ) -> None:
+        """`credentials` is called for each channel: a stream that failed reconnects over a new
+        channel with the TLS files as they are then (a renewed certificate without a restart;
+        grpc_tls.py)."""
         self._target = target
         self._credentials = credentials
         self._subscriptions = subscriptions
@@ -241,28 +244,30 @@ class AdsClient:
     async def run(self) -> None:
         """Until cancelled. A stream that carried a response resets the backoff."""
         backoff = self._min_backoff
-        async with grpc.aio.secure_channel(self._target, self._credentials) as channel:
-            stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
-            while True:
-                self._responded = False
-                try:
-                    await self._stream(stub)
-                    _log.warning(
-                        "xds stream closed by the control plane", extra={"target": self._target}
-                    )
-                except grpc.aio.AioRpcError as error:
-                    _log.warning(
-                        "xds stream failed",
-                        extra={
-                            "target": self._target,
-                            "code": error.code().name,
-                            "retry_in_s": backoff,
-                        },
-                    )
-                if self._responded:
-                    backoff = self._min_backoff
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, self._max_backoff)
+        while True:
+            self._responded = False
+            try:
+                async with grpc.aio.secure_channel(self._target, self._credentials()) as channel:
+                    await self._stream(ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel))
+                _log.warning(
+                    "xds stream closed by the control plane", extra={"target": self._target}
+                )
+            except grpc.aio.AioRpcError as error:
+                _log.warning(
+                    "xds stream failed",
+                    extra={
+                        "target": self._target,
+                        "code": error.code().name,
+                        "retry_in_s": backoff,
+                    },
+                )
+            except OSError as error:  # a TLS file being replaced: the next try reads it again
+                _log.warning("xds credentials unreadable",
+                             extra={"error": str(error), "retry_in_s": backoff})
+            if self._responded:
+                backoff = self._min_backoff
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, self._max_backoff)
 
     async def _stream(self, stub: ads_pb2_grpc.AggregatedDiscoveryServiceStub) -> None:
         call = stub.StreamAggregatedResources()

@@ -147,6 +147,8 @@ class FakeAds(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
     def __init__(self, port: int | None = None) -> None:
         self.port = port or free_port()
         self.requests: list[discovery_pb2.DiscoveryRequest] = []
+        self.peers: list[bytes | None] = []
+        """Each stream's client certificate (PEM), in the order the streams opened."""
         # As the control plane, which always has a CRL to send (empty without one): a replica
         # serves only once it holds one.
         self._resources: dict[str, tuple[str, list[any_pb2.Any]]] = {
@@ -222,6 +224,7 @@ class FakeAds(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         out: queue.Queue[discovery_pb2.DiscoveryResponse | None] = queue.Queue()
         with self._lock:
             self._streams.append((subscribed, out))
+            self.peers.append(pki.peer_certificate(context.auth_context()))
 
         def read() -> None:
             try:

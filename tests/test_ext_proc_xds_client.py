@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import functools
+import shutil
 from pathlib import Path
 
 from envoy.config.core.v3 import base_pb2
@@ -17,6 +19,7 @@ from ext_proc_fixtures import (
     packed,
     snapshot,
 )
+from test_grpc_tls import renew
 
 from ext_proc.router_state import LiveState
 from ext_proc.xds_client import (
@@ -29,6 +32,7 @@ from ext_proc.xds_client import (
 )
 from gpu_router import pki
 from gpu_router.api.v1 import revocation_pb2, routing_pb2
+from gpu_router.grpc_tls import channel_credentials
 from gpu_router.revocation import CRL_FILE, NOTHING_REVOKED, Revocations, revoke
 
 NODE = base_pb2.Node(id="ext-proc-test-1", cluster="gpu-router-ext-proc")
@@ -148,7 +152,7 @@ async def _run_client_across_a_restart(live: LiveState, first: FakeAds, port: in
         AdsClient(
             first.target, Subscriptions(NODE, live_subscriptions(live, NOTHING_REVOKED)),
             max_backoff_s=0.5,
-            credentials=FakeAds.client_credentials(),
+            credentials=FakeAds.client_credentials,
         ).run()
     )
     try:
@@ -193,3 +197,36 @@ def test_client_reconnects_and_resumes_from_the_acked_version() -> None:
         assert (resumed.version_info, resumed.response_nonce) == ("v1", "")
     finally:
         second.stop()
+
+
+def test_the_client_reconnects_with_the_pair_its_files_hold_then(tmp_path: Path) -> None:
+    """A renewed certificate is presented from the next connection on, without a restart."""
+    given = FakeAds.client_files()
+    for name in (pki.CA_FILE, pki.CA_KEY_FILE, given.cert.name, given.key.name):
+        shutil.copy(given.ca.parent / name, tmp_path / name)
+    files = pki.tls_files(tmp_path, given.cert.stem)
+    replica = pki.certified_peer(files.cert.read_bytes())
+    assert replica is not None
+
+    async def run() -> None:
+        live = LiveState()
+        with FakeAds() as first:
+            first.publish(POLICY_TYPE_URL, "v1", default_policy("v1"))
+            client = asyncio.create_task(AdsClient(
+                first.target, Subscriptions(NODE, live_subscriptions(live, NOTHING_REVOKED)),
+                max_backoff_s=0.5, credentials=functools.partial(channel_credentials, files),
+            ).run())
+            try:
+                await _until(lambda: live.current.table is not None, "v1 applied")
+                assert first.peers == [files.cert.read_bytes()]
+                renew(files, pki.Identity(replica.role, replica.name))
+                first.stop()
+                with FakeAds(first.port) as second:
+                    second.publish(POLICY_TYPE_URL, "v2", default_policy("v2"))
+                    await _until(lambda: live.current.table.version == "v2", "v2 applied")
+                    assert second.peers == [files.cert.read_bytes()]
+                    assert first.peers[0] != second.peers[0]
+            finally:
+                client.cancel()
+
+    asyncio.run(run())

@@ -1,0 +1,139 @@
+"""The fleet's gRPC ports (the control plane's, ext_proc's) serve a renewed certificate from the
+next connection without a restart, and a pair that does not check never: gpu_router/grpc_tls.py
+on a real grpc.aio server, as both services run it."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import logging
+import shutil
+import socket
+import ssl
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from gpu_router import pki
+from gpu_router.fleet_certs import fleet
+from gpu_router.grpc_tls import channel_credentials, server_credentials
+from gpu_router.pem_files import load_cert, load_key, write_cert, write_key
+from gpu_router.processes import free_port
+
+REPLICA = pki.Identity(pki.Role.EXT_PROC, "x1")
+
+
+def renew(files: pki.TlsFiles, identity: pki.Identity = REPLICA) -> None:
+    """A new certificate and key for `identity` from the directory's CA, as a renewal writes
+    them: the key first, then the certificate."""
+    directory = files.ca.parent
+    cert, key = pki.make_leaf(load_cert(files.ca), load_key(directory / pki.CA_KEY_FILE),
+                              identity, datetime.datetime.now(datetime.UTC),
+                              dns=[pki.EXT_PROC_SERVER_NAME])
+    write_key(files.key, key)
+    write_cert(files.cert, cert)
+
+
+def served(port: int, client: pki.TlsFiles) -> bytes:
+    """The DER certificate the port presents to a new connection of an edge's certificate."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    context.load_cert_chain(client.cert, client.key)
+    context.set_alpn_protocols(["h2"])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, \
+            context.wrap_socket(raw) as tls:
+        return tls.getpeercert(binary_form=True) or b""
+
+
+def der(pem: Path) -> bytes:
+    return ssl.PEM_cert_to_DER_cert(pem.read_text())
+
+
+@asynccontextmanager
+async def serving(files: pki.TlsFiles) -> AsyncIterator[int]:
+    port = free_port()
+    server = grpc.aio.server()
+    health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
+    server.add_secure_port(f"127.0.0.1:{port}", server_credentials(files))
+    await server.start()
+    try:
+        yield port
+    finally:
+        await server.stop(None)
+
+
+async def check(channel: grpc.aio.Channel) -> int:
+    reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+    return reply.status
+
+
+def open_channel(port: int, client: pki.TlsFiles) -> grpc.aio.Channel:
+    return grpc.aio.secure_channel(
+        f"127.0.0.1:{port}", channel_credentials(client),
+        options=[("grpc.ssl_target_name_override", pki.EXT_PROC_SERVER_NAME)])
+
+
+@pytest.fixture
+def certs(tmp_path: Path) -> dict[str, pki.TlsFiles]:
+    return pki.ensure(tmp_path / "certs", fleet(["e1"], ["x1"]))
+
+
+def test_a_renewed_pair_is_served_from_the_next_connection_and_a_bad_one_never(
+        certs: dict[str, pki.TlsFiles], tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    replica, edge = certs["x1"], certs["e1"]
+
+    async def run() -> None:
+        async with serving(replica) as port:
+            started_with = der(replica.cert)
+            assert await asyncio.to_thread(served, port, edge) == started_with
+            opened_before = open_channel(port, edge)
+            assert await check(opened_before) == health_pb2.HealthCheckResponse.SERVING
+
+            renew(replica)
+            renewed = der(replica.cert)
+            assert renewed != started_with
+            assert await asyncio.to_thread(served, port, edge) == renewed
+            async with open_channel(port, edge) as opened_after:
+                assert await check(opened_after) == health_pb2.HealthCheckResponse.SERVING
+            # The connection made before the renewal keeps its pair and goes on serving.
+            assert await check(opened_before) == health_pb2.HealthCheckResponse.SERVING
+            await opened_before.close()
+
+            # A certificate whose key is not in place yet (another pair's): not served.
+            renew(replica)
+            shutil.copy(tmp_path / "certs" / "e1-key.pem", replica.key)
+            with caplog.at_level(logging.WARNING, logger="gpu_router.tls_renewal"):
+                assert await asyncio.to_thread(served, port, edge) == renewed
+            assert [r.error for r in caplog.records if r.message == "tls_rejected"] == [
+                f"{replica.key}: not the key of {replica.cert}"]
+            assert await asyncio.to_thread(served, port, edge) == renewed  # logged once
+            assert len(caplog.records) == 1
+
+            # The renewal completes: served from then on.
+            renew(replica)
+            assert await asyncio.to_thread(served, port, edge) == der(replica.cert)
+
+    asyncio.run(run())
+
+
+def test_files_missing_while_replaced_keep_the_pair_served(
+        certs: dict[str, pki.TlsFiles], caplog: pytest.LogCaptureFixture) -> None:
+    replica, edge = certs["x1"], certs["e1"]
+
+    async def run() -> None:
+        async with serving(replica) as port:
+            started_with = der(replica.cert)
+            kept = replica.key.read_bytes()
+            replica.key.unlink()
+            with caplog.at_level(logging.WARNING, logger="gpu_router.tls_renewal"):
+                assert await asyncio.to_thread(served, port, edge) == started_with
+            assert [r.message for r in caplog.records] == ["tls_rejected"]
+            replica.key.write_bytes(kept)
+            replica.key.chmod(0o600)
+            assert await asyncio.to_thread(served, port, edge) == started_with
+
+    asyncio.run(run())
