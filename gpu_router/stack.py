@@ -244,6 +244,7 @@ class Stack:
                 xds_port=self.ports.xds,
                 edge_port=None if index == 0 else edge_port,
                 tls=self.tls(pki.Role.EDGE, node_id),
+                secrets_dir=self.log_dir / f"{node_id}.secrets",
             ),
             self.log_dir / f"{node_id}.bootstrap.yaml",
         )

@@ -31,7 +31,13 @@ from control_plane.options import parse_args as control_plane_args
 from control_plane.policy.load import default_policy_path
 from control_plane.xds import type_urls
 from gpu_router import pki
-from gpu_router.bootstrap import EdgeNode, edge_secrets, render_bootstrap, xds_transport_socket
+from gpu_router.bootstrap import (
+    DEFAULT_EDGE_TLS,
+    DEFAULT_SECRETS,
+    EdgeNode,
+    render_bootstrap,
+    secret_files,
+)
 from gpu_router.processes import (
     EnvoyAdmin,
     ManagedProcess,
@@ -183,8 +189,12 @@ def test_envoy_nodes_bootstrap_to_the_control_plane_service(
     for name, service in of_kind(services, "envoy").items():
         argv = flags(service["command"])
         bootstrap = host_path(service, argv["-c"][0])
-        expected = render_bootstrap(EdgeNode(xds_host=control_plane_name, xds_port=options.xds_port))
+        expected = render_bootstrap(EdgeNode(xds_host=control_plane_name, xds_port=options.xds_port,
+                                             secrets_dir=DEFAULT_SECRETS))
         assert yaml.safe_load(bootstrap.read_text()) == expected, name
+        # The SDS files it names, mounted from the repository, name the node's certs volume.
+        for path, content in secret_files(DEFAULT_EDGE_TLS, DEFAULT_SECRETS).items():
+            assert yaml.safe_load(host_path(service, str(path)).read_text()) == content, name
         assert argv["--service-cluster"] == [EDGE_NODE_CLUSTER]
         node_ids += argv["--service-node"]
     assert len(set(node_ids)) == len(node_ids) == len(of_kind(services, "envoy"))
@@ -279,17 +289,17 @@ def test_all_providers_are_served_on_the_given_host(tmp_path: Path) -> None:
 
 
 def test_the_compose_bootstrap_passes_envoy_validation(tmp_path: Path) -> None:
-    """Validated as it is, except that its certificate paths (the node's certs volume) point at
-    files here: Envoy checks that they exist."""
-    bootstrap = yaml.safe_load((ROOT / "deploy/compose/envoy.yaml").read_text())
-    [xds] = [c for c in bootstrap["static_resources"]["clusters"] if c["name"] == "gpu-router.xds"]
+    """Validated as it is, except that its SDS files' directory and the certificate paths they
+    name (the node's certs volume) point at files here: Envoy checks that they exist."""
+    secrets = tmp_path / "secrets"
+    text = (ROOT / "deploy/compose/envoy.yaml").read_text()
+    assert str(DEFAULT_SECRETS) in text
     edge = pki.ensure(tmp_path / "certs", [pki.Identity(pki.Role.EDGE, "edge")])["edge"]
-    xds["transport_socket"] = xds_transport_socket(edge, xds["transport_socket"])
-    assert [secret["name"] for secret in bootstrap["static_resources"]["secrets"]] == [
-        secret["name"] for secret in edge_secrets(edge)]
-    bootstrap["static_resources"]["secrets"] = edge_secrets(edge)
+    secrets.mkdir()
+    for path, content in secret_files(edge, secrets).items():
+        path.write_text(yaml.safe_dump(content))
     config = tmp_path / "envoy.yaml"
-    config.write_text(yaml.safe_dump(bootstrap))
+    config.write_text(text.replace(str(DEFAULT_SECRETS), str(secrets)))
     result = subprocess.run(
         [
             envoy_binary(),

@@ -137,6 +137,17 @@ def role_of_file(path: Path) -> tuple[pki.Role, str] | None:
     return pki.role_of(uri)
 
 
+def sds_secrets(service: dict[str, Any]) -> list[str]:
+    """The SDS files an Envoy service's bootstrap reads its xDS cluster's secrets from."""
+    bootstrap = yaml.safe_load(host_path(service, flags(service["command"])["-c"][0]).read_text())
+    [xds] = [c for c in bootstrap["static_resources"]["clusters"] if c["name"] == "gpu-router.xds"]
+    context = xds["transport_socket"]["typed_config"]["common_tls_context"]
+    [certificate] = context["tls_certificate_sds_secret_configs"]
+    authority = context["combined_validation_context"]["validation_context_sds_secret_config"]
+    return [config["sds_config"]["path_config_source"]["path"]
+            for config in (certificate, authority)]
+
+
 def test_each_node_presents_its_roles_certificate_which_the_control_plane_makes(
     services: dict[str, dict[str, Any]], tmp_path: Path
 ) -> None:
@@ -196,23 +207,20 @@ def test_each_node_presents_its_roles_certificate_which_the_control_plane_makes(
     [host] = dialled
     assert host in names.get_values_for_type(x509.DNSName)  # the host the replicas dial
     for name, service in of_kind(services, "envoy").items():
-        bootstrap = yaml.safe_load(host_path(service, flags(service["command"])["-c"][0]).read_text())
-        [xds] = [c for c in bootstrap["static_resources"]["clusters"] if c["name"] == "gpu-router.xds"]
-        context = xds["transport_socket"]["typed_config"]["common_tls_context"]
-        [pair] = context["tls_certificates"]
+        # The SDS files both of the node's TLS contexts read (the xDS cluster's, and the ext_proc
+        # cluster's, which the control plane points at the same files).
+        named = {}
+        for secret in sds_secrets(service):
+            [resource] = yaml.safe_load(host_path(service, secret).read_text())["resources"]
+            named[resource["name"]] = resource
+        pair = named[EDGE_CERTIFICATE_SECRET]["tls_certificate"]
         cert = in_volume(service, pair["certificate_chain"]["filename"], volumes)
         key = in_volume(service, pair["private_key"]["filename"], volumes)
-        ca = in_volume(service, context["validation_context"]["trusted_ca"]["filename"], volumes)
+        trusted = named[FLEET_CA_SECRET]["validation_context"]["trusted_ca"]["filename"]
+        ca = in_volume(service, trusted, volumes)
         assert cert.is_file() and key.is_file() and ca.is_file(), name
         assert role_of_file(cert) == (pki.Role.EDGE, nodes[name]), "its own, naming its node"
         assert key.stat().st_mode & 0o004, "readable by the Envoy image's unprivileged user"
-        # The same files as the static secrets the ext_proc cluster's mutual TLS names.
-        named = {secret["name"]: secret for secret in bootstrap["static_resources"]["secrets"]}
-        pair = named[EDGE_CERTIFICATE_SECRET]["tls_certificate"]
-        assert (in_volume(service, pair["certificate_chain"]["filename"], volumes),
-                in_volume(service, pair["private_key"]["filename"], volumes)) == (cert, key)
-        trusted = named[FLEET_CA_SECRET]["validation_context"]["trusted_ca"]["filename"]
-        assert in_volume(service, trusted, volumes) == ca, name
 
     for node in nodes.values():
         assert sorted(p.name for p in volumes[f"{node}-certs"].iterdir()) == [

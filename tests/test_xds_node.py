@@ -1,18 +1,25 @@
-"""Per-node views: node metadata moves one node's edge listener, with a version of its own."""
+"""Per-node views: node metadata moves one node's edge listener, and points its ext_proc cluster
+at the node's secrets files, each with a version of its own."""
 
 from __future__ import annotations
 
 import pytest
+from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.listener.v3 import listener_pb2
+from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
 from google.protobuf import any_pb2, json_format, struct_pb2
 from xds_fixtures import cluster, listener
 
+from control_plane.translate.clusters import ext_proc_cluster
+from control_plane.translate.names import EDGE_CERTIFICATE_SECRET, EXT_PROC_CLUSTER, FLEET_CA_SECRET
+from control_plane.translate.settings import EdgeSettings
 from control_plane.xds import type_urls
 from control_plane.xds.node import (
     Node,
     NodeMetadataError,
     edge_port_from_metadata,
     node_resources,
+    secrets_dir_from_metadata,
     snapshot_version,
 )
 from control_plane.xds.snapshot import TypeResources
@@ -111,3 +118,59 @@ def test_other_types_and_snapshots_without_the_edge_listener_are_not_patched() -
 def test_snapshot_versions_map_to_themselves() -> None:
     assert snapshot_version("0123456789abcdef") == "0123456789abcdef"
     assert snapshot_version("") == ""
+
+
+@pytest.mark.parametrize(
+    ("document", "directory"),
+    [
+        ({"gpu_router": {"edge_port": 10001}}, None),
+        ({"gpu_router": {"secrets_dir": "/var/lib/gpu-router/edge-1.secrets"}},
+         "/var/lib/gpu-router/edge-1.secrets"),
+    ],
+)
+def test_the_secrets_directory_is_read_from_our_namespace(document: dict,
+                                                           directory: str | None) -> None:
+    assert secrets_dir_from_metadata(metadata(document)) == directory
+
+
+@pytest.mark.parametrize(
+    ("value", "shown"),
+    [("secrets", 'got "secrets"'), ("", 'got ""'), (7, "got 7"),
+     ("/etc/gpu\n", 'got "/etc/gpu\\\\n"')],
+)
+def test_a_secrets_directory_that_is_no_absolute_path_is_refused(value: object,
+                                                                  shown: str) -> None:
+    with pytest.raises(NodeMetadataError, match=f"secrets_dir must be an absolute path, {shown}"):
+        secrets_dir_from_metadata(metadata({"gpu_router": {"secrets_dir": value}}))
+
+
+def secret_sources(packed: any_pb2.Any) -> dict[str, str]:
+    """Each secret the cluster's TLS names -> the SDS file it is read from ("" for static)."""
+    decoded, context = cluster_pb2.Cluster(), tls_pb2.UpstreamTlsContext()
+    packed.Unpack(decoded)
+    decoded.transport_socket.typed_config.Unpack(context)
+    common = context.common_tls_context
+    configs = [*common.tls_certificate_sds_secret_configs,
+               common.combined_validation_context.validation_context_sds_secret_config]
+    return {c.name: c.sds_config.path_config_source.path for c in configs}
+
+
+def test_a_node_with_a_secrets_directory_reads_the_ext_proc_clusters_secrets_there() -> None:
+    entry = TypeResources.of({EXT_PROC_CLUSTER: ext_proc_cluster(EdgeSettings()),
+                              "a": cluster("a")})
+    node = Node(id="edge-1", cluster="gpu-router-edge", secrets_dir="/srv/edge-1.secrets")
+    view = node_resources(node, type_urls.CLUSTER, entry)
+    assert secret_sources(view.resources[EXT_PROC_CLUSTER]) == {
+        EDGE_CERTIFICATE_SECRET: "/srv/edge-1.secrets/gpu-router.edge-certificate.sds.yaml",
+        FLEET_CA_SECRET: "/srv/edge-1.secrets/gpu-router.fleet-ca.sds.yaml"}
+    assert secret_sources(entry.resources[EXT_PROC_CLUSTER]) == {
+        EDGE_CERTIFICATE_SECRET: "", FLEET_CA_SECRET: ""}, "the shared snapshot is untouched"
+    assert view.resources["a"] == entry.resources["a"]
+    assert snapshot_version(view.version) == entry.version != view.version
+    elsewhere = Node(id="edge-2", cluster="gpu-router-edge", secrets_dir="/srv/edge-2.secrets")
+    assert node_resources(elsewhere, type_urls.CLUSTER, entry).version != view.version
+    # Static secrets (no directory), other types, a snapshot without the cluster: as they are.
+    assert node_resources(edge(None), type_urls.CLUSTER, entry) is entry
+    assert node_resources(node, type_urls.LISTENER, listeners()).version == listeners().version
+    without = TypeResources.of({"a": cluster("a")})
+    assert node_resources(node, type_urls.CLUSTER, without) is without

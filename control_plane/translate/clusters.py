@@ -196,8 +196,9 @@ def ext_proc_cluster(settings: EdgeSettings) -> cluster_pb2.Cluster:
 def _ext_proc_tls(crl: bytes) -> base_pb2.TransportSocket:
     """Mutual TLS to the ext_proc replicas, which take nothing else: the node's own edge
     certificate, and a replica's checked against the fleet's CA and for an ext_proc SPIFFE id.
-    Both come from static secrets in the node's bootstrap (no SDS source: Envoy looks them up
-    there), so the control plane names them without ever holding an edge's key. With a `crl`
+    Both are named here without a source, so Envoy looks them up in the node's bootstrap's
+    static secrets; a node with a secrets directory is served them from its SDS files instead
+    (edge_secret_files.py). Either way the control plane never holds an edge's key. With a `crl`
     (the fleet's, PEM), a revoked replica's certificate fails the handshake: the leaf's only
     (the CA is the trust anchor)."""
     context = tls_pb2.UpstreamTlsContext(

@@ -14,10 +14,11 @@ EXT_PROC_CLUSTER = "gpu-router.ext_proc"
 EXT_PROC_FILTER = "envoy.filters.http.ext_proc"
 """The ext_proc filter's name, which is also the name of its filter state."""
 EDGE_CERTIFICATE_SECRET = "gpu-router.edge-certificate"
-"""The static secret (each edge's bootstrap, gpu_router/bootstrap.py) holding the node's own
-certificate and key: what it presents to ext_proc. The key never leaves the edge's machine."""
+"""The secret (static in each edge's bootstrap, gpu_router/bootstrap.py, or the SDS file of its
+secrets directory, edge_secret_files.py) holding the node's own certificate and key: what it
+presents to ext_proc. The key never leaves the edge's machine."""
 FLEET_CA_SECRET = "gpu-router.fleet-ca"
-"""The static secret holding the fleet's CA, which an ext_proc replica's certificate must chain to."""
+"""The secret holding the fleet's CA, which an ext_proc replica's certificate must chain to."""
 ACCESS_LOG_NAME = "gpu-router.edge"
 """The listener's access log: one entry per client request, its outcome."""
 ATTEMPT_LOG_NAME = "gpu-router.attempt"

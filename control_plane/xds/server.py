@@ -21,7 +21,11 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 
 from control_plane.xds.cache import SnapshotCache
-from control_plane.xds.node import NodeMetadataError, edge_port_from_metadata
+from control_plane.xds.node import (
+    NodeMetadataError,
+    edge_port_from_metadata,
+    secrets_dir_from_metadata,
+)
 from control_plane.xds.peer import (
     NODE_CLUSTERS,
     Peer,
@@ -165,6 +169,7 @@ def _from_proto(message: discovery_pb2.DiscoveryRequest) -> Request:
             id=message.node.id,
             cluster=message.node.cluster,
             edge_port=edge_port_from_metadata(message.node.metadata),
+            secrets_dir=secrets_dir_from_metadata(message.node.metadata),
         )
         if message.HasField("node")
         else None,

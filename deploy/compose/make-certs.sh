@@ -32,6 +32,15 @@ ext_proc_replicas=${EXT_PROC_REPLICAS:-ext-proc-1 ext-proc-2}  # the ext_proc se
 redis=${REDIS_DIR:-/redis-secret}
 redis_tls=${REDIS_TLS_DIR:-/redis-tls}
 
+# Each file is copied beside its place and renamed over it, key first: a process reading the
+# volume meanwhile sees the old file or the new, never half (the Envoys and the ext_proc
+# replicas take a renewed pair from their volume without a restart, on the rename).
+place() {  # SOURCE DESTINATION MODE
+  cp "$1" "$2.tmp"
+  chmod "$3" "$2.tmp"
+  mv -f "$2.tmp" "$2"
+}
+
 names=""
 for node in $edge_nodes; do names="$names --edge $node"; done
 for replica in $ext_proc_replicas; do names="$names --ext-proc $replica"; done
@@ -42,18 +51,18 @@ mkdir -p "$redis" "$redis_tls"
 for node in $edge_nodes; do
   dir="$edge_root/$node-certs"
   mkdir -p "$dir"
-  cp "$pki/ca.pem" "$dir/"
-  cp "$pki/$node.pem" "$dir/edge.pem"
   # The Envoy image runs Envoy as its own unprivileged user, which must read the key: the file
   # is readable by all, in a volume that only this node's container mounts.
-  install -m 0644 "$pki/$node-key.pem" "$dir/edge-key.pem"
+  place "$pki/$node-key.pem" "$dir/edge-key.pem" 0644
+  place "$pki/$node.pem" "$dir/edge.pem" 0644
+  place "$pki/ca.pem" "$dir/ca.pem" 0644
 done
 for replica in $ext_proc_replicas; do
   dir="$ext_proc_root/$replica-certs"
   mkdir -p "$dir"
-  cp "$pki/ca.pem" "$dir/"
-  cp "$pki/$replica.pem" "$dir/ext-proc.pem"
-  cp "$pki/$replica-key.pem" "$dir/ext-proc-key.pem"
+  place "$pki/$replica-key.pem" "$dir/ext-proc-key.pem" 0600
+  place "$pki/$replica.pem" "$dir/ext-proc.pem" 0644
+  place "$pki/ca.pem" "$dir/ca.pem" 0644
   # Its own Redis user's password, where gpu-router keeps it (redis_service.password_file).
   cp "$(python -c 'import pathlib, sys; from gpu_router.redis_service import password_file
 print(password_file(pathlib.Path(sys.argv[1]), sys.argv[2]))' "$pki" "$replica")" \
