@@ -4,9 +4,14 @@ redis-py is imported inside each function: only processes given a Redis load it.
 
 from __future__ import annotations
 
+import logging
+import ssl
 from typing import Any
 
 from gpu_router.pki import TlsFiles
+from gpu_router.tls_renewal import Renewal
+
+_log = logging.getLogger(__name__)
 
 
 def redis_url_problem(url: str, user_hint: str) -> str | None:
@@ -33,9 +38,9 @@ def connection_pool(url: str, *, user: str | None, password: str | None,
     checked against the fleet's CA only and the host dialled (Compose's Redis has one, made by
     `gpu-router certs init --redis HOST`), every connection on one SSL context made here:
     redis-py makes one per connection from the system's CA store (~45 ms on the event loop,
-    measured), which under load failed ext_proc's limits open and stalled its other streams."""
-    import ssl
-
+    measured), which under load failed ext_proc's limits open and stalled its other streams.
+    The context is made anew when the files are renewed (tls_renewal.py), for the connections
+    made from then on."""
     from redis.asyncio.connection import BlockingConnectionPool, SSLConnection, parse_url
 
     # No CLIENT SETINFO on connecting (driver_info None): our users may run only their own
@@ -44,15 +49,37 @@ def connection_pool(url: str, *, user: str | None, password: str | None,
                                "socket_timeout": timeout_s,
                                "socket_connect_timeout": timeout_s, "driver_info": None}
     if tls is not None and options.get("connection_class") is SSLConnection:
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # the peer's certificate and name
-        context.load_verify_locations(cafile=str(tls.ca))
-        context.load_cert_chain(str(tls.cert), str(tls.key))
+        contexts = _FleetContexts(tls)
 
         class FleetTlsConnection(SSLConnection):
-            def __init__(self, **kwargs: Any) -> None:
-                super().__init__(**kwargs)
-                self.ssl_context.context = context  # what RedisSSLContext.get() hands out
+            def _connection_arguments(self) -> Any:  # called as each connection is made
+                self.ssl_context.context = contexts.current()  # RedisSSLContext.get()'s answer
+                return super()._connection_arguments()
 
         options["connection_class"] = FleetTlsConnection
     # No wait of its own for a free connection: the caller's round trip bounds it.
     return BlockingConnectionPool(max_connections=max_connections, timeout=None, **options)
+
+
+class _FleetContexts:
+    """The SSL context of the process's TLS files as they were when last renewed."""
+
+    def __init__(self, tls: TlsFiles) -> None:
+        self._renewal = Renewal(tls)
+        self._context = _client_context(tls)
+
+    def current(self) -> ssl.SSLContext:
+        if self._renewal.renewed():
+            try:
+                self._context = _client_context(self._renewal.files)
+            except (ssl.SSLError, OSError) as error:  # replaced again since it was checked
+                _log.warning("tls_rejected", extra={"file": str(self._renewal.files.cert),
+                                                    "error": str(error)})
+        return self._context
+
+
+def _client_context(tls: TlsFiles) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # the peer's certificate and name
+    context.load_verify_locations(cafile=str(tls.ca))
+    context.load_cert_chain(str(tls.cert), str(tls.key))
+    return context

@@ -4,16 +4,19 @@ redis-server with a certificate from `certs init --redis`, the replicas' own cer
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import shutil
 import ssl
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
+from test_grpc_tls import renew
 
 from ext_proc.rate_limit import (
     POOL_CONNECTIONS,
@@ -24,6 +27,7 @@ from ext_proc.rate_limit import (
 )
 from gpu_router import pki
 from gpu_router.processes import ManagedProcess, free_port, port_open
+from gpu_router.redis_client import connection_pool
 from gpu_router.redis_service import access_rules, password_file, read_password
 
 REPLICA = "ext-proc"
@@ -205,3 +209,44 @@ def test_redis_refuses_what_is_not_the_fleets_tls(
                      ssl_keyfile=str(replica.key), socket_timeout=5)
     assert ok.ping()  # the same server, the replica's way
     ok.close()
+
+
+def test_a_renewed_certificate_is_presented_from_the_next_connection(tmp_path: Path) -> None:
+    """The pool's connections present the pair the files hold as each is made, without a
+    restart (Redis does not show a client's certificate: a TLS server of the test's own, asking
+    for the fleet's, records each one it is shown)."""
+    certs = pki.ensure(tmp_path / "certs", [pki.Identity(pki.Role.REDIS, "localhost"),
+                                            pki.Identity(pki.Role.EXT_PROC, "ext-proc")])
+    served, replica = certs["localhost"], certs["ext-proc"]
+    shown: list[bytes] = []
+
+    async def record(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        shown.append(writer.get_extra_info("ssl_object").getpeercert(binary_form=True))
+        writer.close()
+
+    async def connect_once(pool: Any) -> None:
+        connection = pool.connection_class(**pool.connection_kwargs)
+        with contextlib.suppress(redis.RedisError, OSError):  # the server hangs up: recorded
+            await connection.connect()
+        await connection.disconnect()
+
+    async def run() -> None:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(served.ca))
+        context.load_cert_chain(served.cert, served.key)
+        context.verify_mode = ssl.CERT_REQUIRED
+        server = await asyncio.start_server(record, "127.0.0.1", 0, ssl=context)
+        port = server.sockets[0].getsockname()[1]
+        pool = connection_pool(f"rediss://localhost:{port}", user=None, password=None,
+                               tls=replica, timeout_s=5, max_connections=2)
+        try:
+            await connect_once(pool)
+            renew(replica, pki.Identity(pki.Role.EXT_PROC, "ext-proc"))
+            await connect_once(pool)
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    before = ssl.PEM_cert_to_DER_cert(replica.cert.read_text())
+    asyncio.run(run())
+    assert shown == [before, ssl.PEM_cert_to_DER_cert(replica.cert.read_text())]
+    assert shown[0] != shown[1]
