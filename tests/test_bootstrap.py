@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from control_plane.translate.edge_secret_files import SECRET_TYPE_URL
+from control_plane.translate.edge_secret_files import CONNECTION_MAX_AGE_S, SECRET_TYPE_URL
 from control_plane.translate.names import EDGE_CERTIFICATE_SECRET, FLEET_CA_SECRET
 from gpu_router import pki
 from gpu_router.bootstrap import XDS_CLUSTER, EdgeNode, write_bootstrap
@@ -33,6 +33,10 @@ def test_a_node_with_a_secrets_directory_reads_its_secrets_from_files_it_watches
              for config in (certificate, combined["validation_context_sds_secret_config"])}
     assert files == {name: secrets / f"{name}.sds.yaml"
                      for name in (EDGE_CERTIFICATE_SECRET, FLEET_CA_SECRET)}
+    options = xds["typed_extension_protocol_options"][
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
+    assert options["common_http_protocol_options"] == {
+        "max_connection_duration": f"{CONNECTION_MAX_AGE_S}s"}  # a replaced certificate's end
     # The control plane's identity is still checked, against the CA the file names.
     assert combined["default_validation_context"]["match_typed_subject_alt_names"] == [
         {"san_type": "URI", "matcher": {"exact": "spiffe://gpu-router/control-plane"}}]

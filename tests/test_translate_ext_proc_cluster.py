@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from envoy.extensions.transport_sockets.tls.v3 import common_pb2, tls_pb2
+from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2 as upstream_http_pb2
 
 from control_plane.translate.clusters import ext_proc_cluster
+from control_plane.translate.edge_secret_files import CONNECTION_MAX_AGE_S
 from control_plane.translate.settings import EdgeSettings
 
 
@@ -25,7 +27,8 @@ def test_with_no_healthy_replica_envoy_fails_the_stream_instead_of_panicking() -
 
 def test_replicas_are_reached_over_mutual_tls_and_must_be_ext_proc_certificates() -> None:
     """The node's own certificate and the fleet's CA come from its bootstrap's static secrets
-    (named, with no SDS source); a replica must present an ext_proc SPIFFE id: another role's
+    (named, with no SDS source; a node with a secrets directory is served its SDS files
+    instead: test_xds_node.py); a replica must present an ext_proc SPIFFE id: another role's
     certificate of the same CA (an edge's, say) cannot stand in for ext_proc."""
     socket = ext_proc_cluster(EdgeSettings()).transport_socket
     context = tls_pb2.UpstreamTlsContext()
@@ -53,3 +56,14 @@ def test_the_fleets_crl_rides_with_the_cluster_checked_on_the_replicas_leaf_only
     default = context.common_tls_context.combined_validation_context.default_validation_context
     assert (default.crl.inline_bytes, default.only_verify_leaf_cert_crl) == (crl, True)
     assert default.match_typed_subject_alt_names  # beside the SAN rule, not instead of it
+
+
+def test_a_connection_takes_new_streams_for_a_bounded_age() -> None:
+    """So a certificate the edge has replaced (and may see revoked) leaves its connections to
+    the replicas within that age (edge_secret_files.CONNECTION_MAX_AGE_S)."""
+    options = upstream_http_pb2.HttpProtocolOptions()
+    cluster = ext_proc_cluster(EdgeSettings())
+    assert cluster.typed_extension_protocol_options[
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"].Unpack(options)
+    age = options.common_http_protocol_options.max_connection_duration
+    assert age.ToSeconds() == CONNECTION_MAX_AGE_S == 30

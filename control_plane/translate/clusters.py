@@ -44,6 +44,7 @@ from control_plane.policy.model import (
     Provider,
     RoutingConfig,
 )
+from control_plane.translate.edge_secret_files import CONNECTION_MAX_AGE_S
 from control_plane.translate.endpoints import (
     assignment,
     ip_address,
@@ -160,7 +161,9 @@ def ext_proc_cluster(settings: EdgeSettings) -> cluster_pb2.Cluster:
     options = upstream_http_pb2.HttpProtocolOptions(
         explicit_http_config=upstream_http_pb2.HttpProtocolOptions.ExplicitHttpConfig(
             http2_protocol_options=protocol_pb2.Http2ProtocolOptions()
-        )
+        ),
+        common_http_protocol_options=protocol_pb2.HttpProtocolOptions(
+            max_connection_duration=seconds(CONNECTION_MAX_AGE_S)),  # a renewed certificate
     )
     replicas = settings.ext_proc_endpoints
     by_ip = all(ip_address(host) is not None for host, _ in replicas)

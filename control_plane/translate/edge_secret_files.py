@@ -18,6 +18,16 @@ from envoy.extensions.transport_sockets.tls.v3 import secret_pb2, tls_pb2
 
 from control_plane.translate.names import EDGE_CERTIFICATE_SECRET, FLEET_CA_SECRET
 
+CONNECTION_MAX_AGE_S = 30
+"""How long an edge's connection to the control plane or to a replica takes new streams. Envoy
+does not close connections when it reloads a certificate, and the control plane and the
+replicas refuse every stream a revoked certificate opens (at its next message), so an edge
+whose certificate was renewed and the old one then revoked kept failing on the connections it
+had made with the old one (measured: its xDS stream lost and about half its requests on the
+fallback route for as long as it was watched, 17 s). With a 30 s age it was back 33-51 s after
+the revocation (three runs; Envoy's xDS retry backoff adds to the age). envoy/bootstrap.yaml
+spells it for the xDS cluster. The cost: one TLS handshake per Envoy worker and replica every
+30 s."""
 SDS_FILE_SUFFIX = ".sds.yaml"
 SECRET_TYPE_URL = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
 EDGE_SECRETS = (EDGE_CERTIFICATE_SECRET, FLEET_CA_SECRET)

@@ -9,15 +9,19 @@ from __future__ import annotations
 
 import datetime
 import json
+import shutil
 import ssl
+import subprocess
 import time
+from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from polling import eventually
-from stack_harness import BATCH, CLIENTS, MODEL, Traffic, chat
+from stack_harness import BATCH, CLI, CLIENTS, MODEL, Traffic, chat, default_stack
 from test_grpc_tls import served
 
+from control_plane.translate.edge_secret_files import CONNECTION_MAX_AGE_S
 from control_plane.translate.fallback_routes import FALLBACK_REASON
 from gpu_router import pki
 from gpu_router.pem_files import load_cert, load_key, write_cert, write_key
@@ -74,6 +78,52 @@ def test_the_fleet_takes_renewed_certificates_without_a_restart(stack: Stack) ->
         eventually(lambda: len(traffic.sent_after(renewed)) >= CLIENTS, "the clients to go on")
     assert traffic.total() and traffic.failures() == {}, traffic.failed
     assert {name: process.pid for name, process in stack.processes.items()} == pids
-    status, headers, body = chat(stack, MODEL, BATCH)
-    assert status == 200 and headers["x-gpu-router-reason"] != FALLBACK_REASON, body
+    assert reason(stack) != FALLBACK_REASON
     assert ssl.PEM_cert_to_DER_cert(client.cert.read_text()) == der(edge)
+
+
+def test_an_edge_whose_replaced_certificate_is_revoked_reconnects_with_its_new_one(
+        tmp_path: Path) -> None:
+    """Revoked after the edge took its renewal (a key thought stolen): the control plane and the
+    replica refuse every stream on the connections the edge made with the old certificate, and
+    Envoy does not close those when it reloads one. They take no new stream after
+    CONNECTION_MAX_AGE_S, so the edge opens new ones with its new certificate: it syncs again
+    and ext_proc decides again, and no client request fails meanwhile (the fallback routes).
+    A stack of its own: every connection of its edge made with the certificate revoked."""
+    with default_stack(tmp_path) as stack:
+        _revoke_the_replaced_certificate(stack)
+
+
+def _revoke_the_replaced_certificate(stack: Stack) -> None:
+    old = pki.tls_files(stack.certs, EDGE.name)
+    retired = pki.tls_files(stack.certs, "retired-edge-1")  # its name for `certs revoke`
+    for source, target in ((old.cert, retired.cert), (old.key, retired.key)):
+        shutil.copy(source, target)
+    edge = reissue(stack, EDGE)
+    eventually(lambda: edge_serials(stack) == [edge.serial_number] * 2, "the renewal taken")
+    refused = len(refusals(stack))
+    with Traffic(stack, MODEL, BATCH, threads=CLIENTS) as traffic:
+        result = subprocess.run([*CLI, "certs", "revoke", "--dir", str(stack.certs),
+                                 "retired-edge-1"], capture_output=True, text=True, check=False)
+        assert result.returncode == 0, result.stderr
+        eventually(lambda: len(refusals(stack)) > refused, "the old certificate refused")
+        eventually(lambda: stack.fleet_synced() and reason(stack) != FALLBACK_REASON,
+                   "the edge back on its new certificate", timeout=4 * CONNECTION_MAX_AGE_S)
+        back = time.monotonic()
+        eventually(lambda: len(traffic.sent_after(back)) >= CLIENTS, "the clients to go on")
+    assert traffic.total() and traffic.failures() == {}, traffic.failed
+    assert {(entry["peer_name"], entry["reason"]) for entry in refusals(stack)[refused:]} == {
+        (EDGE.name, "the client certificate is revoked")}
+    after = traffic.sent_after(back)
+    assert [e for e in after if e.reason == FALLBACK_REASON] == [], "then ext_proc, all of them"
+
+
+def refusals(stack: Stack) -> list[dict]:
+    lines = stack.processes["control-plane"].log_path.read_text().splitlines()
+    return [json.loads(line) for line in lines if '"peer_refused"' in line]
+
+
+def reason(stack: Stack) -> str:
+    status, headers, body = chat(stack, MODEL, BATCH)
+    assert status == 200, body  # served either way: by ext_proc's decision or the fallback
+    return headers["x-gpu-router-reason"]
