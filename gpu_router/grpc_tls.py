@@ -14,7 +14,7 @@ from collections.abc import Callable
 import grpc
 
 from gpu_router.pki import TlsFiles
-from gpu_router.tls_renewal import Renewal
+from gpu_router.tls_renewal import Renewing
 
 _log = logging.getLogger(__name__)
 
@@ -22,8 +22,9 @@ _log = logging.getLogger(__name__)
 def server_credentials(files: TlsFiles) -> grpc.ServerCredentials:
     """This process's certificate, and a client certificate of the CA in `files` required
     before any stream is read; renewed files are served from the next connection on."""
-    return grpc.dynamic_ssl_server_credentials(
-        _configuration(files), _fetcher(Renewal(files)), require_client_authentication=True)
+    pair = Renewing(files, _configuration)
+    return grpc.dynamic_ssl_server_credentials(pair.current, _fetcher(pair),
+                                               require_client_authentication=True)
 
 
 def channel_credentials(files: TlsFiles) -> grpc.ChannelCredentials:
@@ -34,15 +35,16 @@ def channel_credentials(files: TlsFiles) -> grpc.ChannelCredentials:
                                         certificate_chain=cert)
 
 
-def _fetcher(renewal: Renewal) -> Callable[[], grpc.ServerCertificateConfiguration | None]:
+def _fetcher(pair: Renewing[grpc.ServerCertificateConfiguration]
+             ) -> Callable[[], grpc.ServerCertificateConfiguration | None]:
     """What gRPC calls before every new connection's handshake: the renewed pair, or None to
     keep the one served."""
 
     def fetch() -> grpc.ServerCertificateConfiguration | None:
         try:
-            return _configuration(renewal.files) if renewal.renewed() else None
+            return pair.current if pair.refresh() else None
         except Exception:  # noqa: BLE001 - raised into gRPC's handshake, it would be lost
-            _log.exception("tls_renewal_failed", extra={"file": str(renewal.files.cert)})
+            _log.exception("tls_renewal_failed", extra={"file": str(pair.files.cert)})
             return None
 
     return fetch

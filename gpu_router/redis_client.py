@@ -4,14 +4,11 @@ redis-py is imported inside each function: only processes given a Redis load it.
 
 from __future__ import annotations
 
-import logging
 import ssl
 from typing import Any
 
 from gpu_router.pki import TlsFiles
-from gpu_router.tls_renewal import Renewal
-
-_log = logging.getLogger(__name__)
+from gpu_router.tls_renewal import Renewing
 
 
 def redis_url_problem(url: str, user_hint: str) -> str | None:
@@ -49,33 +46,17 @@ def connection_pool(url: str, *, user: str | None, password: str | None,
                                "socket_timeout": timeout_s,
                                "socket_connect_timeout": timeout_s, "driver_info": None}
     if tls is not None and options.get("connection_class") is SSLConnection:
-        contexts = _FleetContexts(tls)
+        contexts = Renewing(tls, _client_context)
 
         class FleetTlsConnection(SSLConnection):
             def _connection_arguments(self) -> Any:  # called as each connection is made
-                self.ssl_context.context = contexts.current()  # RedisSSLContext.get()'s answer
+                contexts.refresh()
+                self.ssl_context.context = contexts.current  # RedisSSLContext.get()'s answer
                 return super()._connection_arguments()
 
         options["connection_class"] = FleetTlsConnection
     # No wait of its own for a free connection: the caller's round trip bounds it.
     return BlockingConnectionPool(max_connections=max_connections, timeout=None, **options)
-
-
-class _FleetContexts:
-    """The SSL context of the process's TLS files as they were when last renewed."""
-
-    def __init__(self, tls: TlsFiles) -> None:
-        self._renewal = Renewal(tls)
-        self._context = _client_context(tls)
-
-    def current(self) -> ssl.SSLContext:
-        if self._renewal.renewed():
-            try:
-                self._context = _client_context(self._renewal.files)
-            except (ssl.SSLError, OSError) as error:  # replaced again since it was checked
-                _log.warning("tls_rejected", extra={"file": str(self._renewal.files.cert),
-                                                    "error": str(error)})
-        return self._context
 
 
 def _client_context(tls: TlsFiles) -> ssl.SSLContext:

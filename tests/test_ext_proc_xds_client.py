@@ -8,6 +8,7 @@ import functools
 import shutil
 from pathlib import Path
 
+from edge_tls_fixtures import reissue
 from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 from ext_proc_fixtures import (
@@ -19,7 +20,6 @@ from ext_proc_fixtures import (
     packed,
     snapshot,
 )
-from test_grpc_tls import renew
 
 from ext_proc.router_state import LiveState
 from ext_proc.xds_client import (
@@ -219,7 +219,7 @@ def test_the_client_reconnects_with_the_pair_its_files_hold_then(tmp_path: Path)
             try:
                 await _until(lambda: live.current.table is not None, "v1 applied")
                 assert first.peers == [files.cert.read_bytes()]
-                renew(files, pki.Identity(replica.role, replica.name))
+                reissue(files, pki.Identity(replica.role, replica.name))
                 first.stop()
                 with FakeAds(first.port) as second:
                     second.publish(POLICY_TYPE_URL, "v2", default_policy("v2"))

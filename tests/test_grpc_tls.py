@@ -5,52 +5,23 @@ on a real grpc.aio server, as both services run it."""
 from __future__ import annotations
 
 import asyncio
-import datetime
 import logging
 import shutil
-import socket
-import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 import grpc
 import pytest
+from edge_tls_fixtures import der, reissue, served_certificate
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from gpu_router import pki
 from gpu_router.fleet_certs import fleet
 from gpu_router.grpc_tls import channel_credentials, server_credentials
-from gpu_router.pem_files import load_cert, load_key, write_cert, write_key
 from gpu_router.processes import free_port
 
 REPLICA = pki.Identity(pki.Role.EXT_PROC, "x1")
-
-
-def renew(files: pki.TlsFiles, identity: pki.Identity = REPLICA) -> None:
-    """A new certificate and key for `identity` from the directory's CA, as a renewal writes
-    them: the key first, then the certificate."""
-    directory = files.ca.parent
-    cert, key = pki.make_leaf(load_cert(files.ca), load_key(directory / pki.CA_KEY_FILE),
-                              identity, datetime.datetime.now(datetime.UTC),
-                              dns=[pki.EXT_PROC_SERVER_NAME])
-    write_key(files.key, key)
-    write_cert(files.cert, cert)
-
-
-def served(port: int, client: pki.TlsFiles) -> bytes:
-    """The DER certificate the port presents to a new connection of an edge's certificate."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
-    context.load_cert_chain(client.cert, client.key)
-    context.set_alpn_protocols(["h2"])
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, \
-            context.wrap_socket(raw) as tls:
-        return tls.getpeercert(binary_form=True) or b""
-
-
-def der(pem: Path) -> bytes:
-    return ssl.PEM_cert_to_DER_cert(pem.read_text())
 
 
 @asynccontextmanager
@@ -95,14 +66,14 @@ def test_a_renewed_pair_is_served_from_the_next_connection_and_a_bad_one_never(
     async def run() -> None:
         async with serving(replica) as port:
             started_with = der(replica.cert)
-            assert await asyncio.to_thread(served, port, edge) == started_with
+            assert await asyncio.to_thread(served_certificate, port, edge) == started_with
             opened_before = open_channel(port, edge)
             assert await check(opened_before) == health_pb2.HealthCheckResponse.SERVING
 
-            renew(replica)
+            reissue(replica, REPLICA)
             renewed = der(replica.cert)
             assert renewed != started_with
-            assert await asyncio.to_thread(served, port, edge) == renewed
+            assert await asyncio.to_thread(served_certificate, port, edge) == renewed
             async with open_channel(port, edge) as opened_after:
                 assert await check(opened_after) == health_pb2.HealthCheckResponse.SERVING
             # The connection made before the renewal keeps its pair and goes on serving.
@@ -110,18 +81,18 @@ def test_a_renewed_pair_is_served_from_the_next_connection_and_a_bad_one_never(
             await opened_before.close()
 
             # A certificate whose key is not in place yet (another pair's): not served.
-            renew(replica)
+            reissue(replica, REPLICA)
             shutil.copy(tmp_path / "certs" / "e1-key.pem", replica.key)
             with caplog.at_level(logging.WARNING, logger="gpu_router.tls_renewal"):
                 caplog.clear()
-                assert await asyncio.to_thread(served, port, edge) == renewed
-                assert await asyncio.to_thread(served, port, edge) == renewed
+                assert await asyncio.to_thread(served_certificate, port, edge) == renewed
+                assert await asyncio.to_thread(served_certificate, port, edge) == renewed
             assert [r.error for r in warnings(caplog)] == [  # once, for both connections
                 f"{replica.key}: not the key of {replica.cert}"]
 
             # The renewal completes: served from then on.
-            renew(replica)
-            assert await asyncio.to_thread(served, port, edge) == der(replica.cert)
+            reissue(replica, REPLICA)
+            assert await asyncio.to_thread(served_certificate, port, edge) == der(replica.cert)
 
     asyncio.run(run())
 
@@ -136,10 +107,10 @@ def test_files_missing_while_replaced_keep_the_pair_served(
             kept = replica.key.read_bytes()
             replica.key.unlink()
             with caplog.at_level(logging.WARNING, logger="gpu_router.tls_renewal"):
-                assert await asyncio.to_thread(served, port, edge) == started_with
+                assert await asyncio.to_thread(served_certificate, port, edge) == started_with
             assert [r.message for r in warnings(caplog)] == ["tls_rejected"]
             replica.key.write_bytes(kept)
             replica.key.chmod(0o600)
-            assert await asyncio.to_thread(served, port, edge) == started_with
+            assert await asyncio.to_thread(served_certificate, port, edge) == started_with
 
     asyncio.run(run())

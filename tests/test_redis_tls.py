@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 import redis
+from edge_tls_fixtures import reissue
 from redis.backoff import NoBackoff
 from redis.retry import Retry
-from test_grpc_tls import renew
 
 from ext_proc.rate_limit import (
     POOL_CONNECTIONS,
@@ -240,7 +240,7 @@ def test_a_renewed_certificate_is_presented_from_the_next_connection(tmp_path: P
                                tls=replica, timeout_s=5, max_connections=2)
         try:
             await connect_once(pool)
-            renew(replica, pki.Identity(pki.Role.EXT_PROC, "ext-proc"))
+            reissue(replica, pki.Identity(pki.Role.EXT_PROC, "ext-proc"))
             await connect_once(pool)
         finally:
             server.close()

@@ -180,6 +180,20 @@ TRANSPORT_FAILURES = ("timeout", "refused", "reset", "incomplete")
 """The keys Traffic counts a request under when no HTTP status came back."""
 
 
+def reason(stack: Stack) -> str:
+    """Why the edge routed a batch chat request as it did (x-gpu-router-reason)."""
+    status, headers, body = chat(stack, MODEL, BATCH)
+    assert status == 200, body  # served either way: by ext_proc's decision or the fallback
+    return headers["x-gpu-router-reason"]
+
+
+def refusals(stack: Stack) -> list[dict]:
+    """The peers the control plane refused so far (its `peer_refused` log lines)."""
+    lines = stack.processes["control-plane"].log_path.read_text().splitlines()
+    entries = [json.loads(line) for line in lines if line.startswith("{")]
+    return [entry for entry in entries if entry.get("event") == "peer_refused"]
+
+
 def transport_failure(error: BaseException) -> str | None:
     """Which transport failure `error` is, or None when it is something else (a bug)."""
     if isinstance(error, urllib.error.URLError) and isinstance(error.reason, BaseException):

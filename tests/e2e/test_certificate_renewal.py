@@ -7,24 +7,21 @@ none fails."""
 
 from __future__ import annotations
 
-import datetime
 import json
 import shutil
-import ssl
 import subprocess
 import time
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from edge_tls_fixtures import der, reissue, served_certificate
 from polling import eventually
-from stack_harness import BATCH, CLI, CLIENTS, MODEL, Traffic, chat, default_stack
-from test_grpc_tls import served
+from stack_harness import BATCH, CLI, CLIENTS, MODEL, Traffic, default_stack, reason, refusals
 
 from control_plane.translate.edge_secret_files import CONNECTION_MAX_AGE_S
 from control_plane.translate.fallback_routes import FALLBACK_REASON
 from gpu_router import pki
-from gpu_router.pem_files import load_cert, load_key, write_cert, write_key
+from gpu_router.pem_files import load_cert
 from gpu_router.processes import http_get
 from gpu_router.stack import Stack
 
@@ -33,18 +30,12 @@ CONTROL_PLANE = pki.Identity(pki.Role.CONTROL_PLANE, pki.Role.CONTROL_PLANE.valu
 REPLICA = pki.Identity(pki.Role.EXT_PROC, "ext-proc-1")
 
 
-def reissue(stack: Stack, identity: pki.Identity) -> x509.Certificate:
-    """A new pair for `identity` from the stack's CA with the SANs `gpu-router up` gives it,
-    written over the old as `certs init` writes (each file renamed into place, key first)."""
-    certs = stack.certs
+def reissue_in(stack: Stack, identity: pki.Identity) -> x509.Certificate:
+    """A new pair for `identity` in the stack's certs directory, with the SANs `gpu-router up`
+    gives it."""
     extra = ({"dns": pki.SERVER_DNS, "ips": pki.SERVER_IPS}
              if identity.role is pki.Role.CONTROL_PLANE else {})
-    cert, key = pki.make_leaf(load_cert(certs / pki.CA_FILE), load_key(certs / pki.CA_KEY_FILE),
-                              identity, datetime.datetime.now(datetime.UTC), **extra)
-    files = pki.tls_files(certs, identity.name)
-    write_key(files.key, key)
-    write_cert(files.cert, cert)
-    return cert
+    return reissue(pki.tls_files(stack.certs, identity.name), identity, **extra)
 
 
 def edge_serials(stack: Stack) -> list[int]:
@@ -57,29 +48,28 @@ def edge_serials(stack: Stack) -> list[int]:
             for chain in context["cert_chain"]]
 
 
-def der(cert: x509.Certificate) -> bytes:
-    return cert.public_bytes(serialization.Encoding.DER)
-
-
 def test_the_fleet_takes_renewed_certificates_without_a_restart(stack: Stack) -> None:
     pids = {name: process.pid for name, process in stack.processes.items()}
     before = edge_serials(stack)
     assert before == [load_cert(stack.certs / "edge-1.pem").serial_number] * 2
     with Traffic(stack, MODEL, BATCH, threads=CLIENTS) as traffic:
-        edge = reissue(stack, EDGE)
-        control_plane, replica = reissue(stack, CONTROL_PLANE), reissue(stack, REPLICA)
+        edge = reissue_in(stack, EDGE)
+        for identity in (CONTROL_PLANE, REPLICA):
+            reissue_in(stack, identity)
         eventually(lambda: edge_serials(stack) == [edge.serial_number] * 2,
                    "the edge to take its renewed certificate in both contexts")
         client = pki.tls_files(stack.certs, EDGE.name)
-        for port, cert in ((stack.ports.xds, control_plane), (stack.ports.ext_proc, replica)):
-            eventually(lambda port=port, cert=cert: served(port, client) == der(cert),
+        for port, identity in ((stack.ports.xds, CONTROL_PLANE),
+                               (stack.ports.ext_proc, REPLICA)):
+            renewed = der(pki.tls_files(stack.certs, identity.name).cert)
+            eventually(lambda port=port, renewed=renewed:
+                       served_certificate(port, client) == renewed,
                        f"port {port} to serve its renewed certificate")
-        renewed = time.monotonic()
-        eventually(lambda: len(traffic.sent_after(renewed)) >= CLIENTS, "the clients to go on")
+        after = time.monotonic()
+        eventually(lambda: len(traffic.sent_after(after)) >= CLIENTS, "the clients to go on")
     assert traffic.total() and traffic.failures() == {}, traffic.failed
     assert {name: process.pid for name, process in stack.processes.items()} == pids
     assert reason(stack) != FALLBACK_REASON
-    assert ssl.PEM_cert_to_DER_cert(client.cert.read_text()) == der(edge)
 
 
 def test_an_edge_whose_replaced_certificate_is_revoked_reconnects_with_its_new_one(
@@ -99,7 +89,7 @@ def _revoke_the_replaced_certificate(stack: Stack) -> None:
     retired = pki.tls_files(stack.certs, "retired-edge-1")  # its name for `certs revoke`
     for source, target in ((old.cert, retired.cert), (old.key, retired.key)):
         shutil.copy(source, target)
-    edge = reissue(stack, EDGE)
+    edge = reissue_in(stack, EDGE)
     eventually(lambda: edge_serials(stack) == [edge.serial_number] * 2, "the renewal taken")
     refused = len(refusals(stack))
     with Traffic(stack, MODEL, BATCH, threads=CLIENTS) as traffic:
@@ -116,14 +106,3 @@ def _revoke_the_replaced_certificate(stack: Stack) -> None:
         (EDGE.name, "the client certificate is revoked")}
     after = traffic.sent_after(back)
     assert [e for e in after if e.reason == FALLBACK_REASON] == [], "then ext_proc, all of them"
-
-
-def refusals(stack: Stack) -> list[dict]:
-    lines = stack.processes["control-plane"].log_path.read_text().splitlines()
-    return [json.loads(line) for line in lines if '"peer_refused"' in line]
-
-
-def reason(stack: Stack) -> str:
-    status, headers, body = chat(stack, MODEL, BATCH)
-    assert status == 200, body  # served either way: by ext_proc's decision or the fallback
-    return headers["x-gpu-router-reason"]

@@ -21,8 +21,8 @@ from stack_harness import (
     CLIENTS,
     MODEL,
     Traffic,
-    chat,
     default_stack,
+    reason,
 )
 
 from control_plane.translate.fallback_routes import FALLBACK_REASON
@@ -54,12 +54,6 @@ def redis_login(stack: Stack, user: str, password: str) -> str:
             return "PONG" if client.ping() else "no answer"
     except redis.RedisError as error:
         return type(error).__name__
-
-
-def reason(stack: Stack) -> str:
-    status, headers, body = chat(stack, MODEL, BATCH)
-    assert status == 200, body  # served either way: by ext_proc's decision or the fallback
-    return headers["x-gpu-router-reason"]
 
 
 def test_a_revoked_ext_proc_certificate_fails_every_edges_handshake(stack: Stack) -> None:

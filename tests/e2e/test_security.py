@@ -39,6 +39,7 @@ from stack_harness import (
     Traffic,
     chat,
     default_stack,
+    refusals,
 )
 
 from control_plane.telemetry.als import ATTEMPT_LOG_NAME, EDGE_LOG_NAME
@@ -103,12 +104,6 @@ def ask_for_the_key(channel: grpc.Channel, cluster: str,
     except grpc.RpcError as error:
         return error.code(), received
     return grpc.StatusCode.OK, received
-
-
-def refusals(stack: Stack) -> list[dict]:
-    lines = stack.processes["control-plane"].log_path.read_text().splitlines()
-    entries = [json.loads(line) for line in lines if line.startswith("{")]
-    return [entry for entry in entries if entry.get("event") == "peer_refused"]
 
 
 def test_an_edge_certificate_gets_the_key(stack: Stack) -> None:
