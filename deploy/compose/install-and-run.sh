@@ -6,5 +6,6 @@ set -eu
 rm -rf /tmp/gpu-router && mkdir /tmp/gpu-router
 cd /src
 cp -r pyproject.toml setup.py README.md proto gpu_router control_plane ext_proc simulator /tmp/gpu-router/
-pip install --no-cache-dir --quiet --disable-pip-version-check --root-user-action=ignore /tmp/gpu-router
+pip install --no-cache-dir --quiet --disable-pip-version-check --root-user-action=ignore \
+  -c /src/constraints.txt /tmp/gpu-router
 exec "$@"
