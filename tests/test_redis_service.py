@@ -55,7 +55,12 @@ def redis_server(tmp_path: Path) -> Iterator[tuple[Path, str, int]]:
 
 def tcp_listeners(pid: int) -> list[str]:
     """The TCP sockets (IPv4 and IPv6) `pid` listens on, as /proc/net/tcp* lines."""
-    inodes = {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            inodes.add(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except FileNotFoundError:  # closed since the listing: a client Redis let go, no listener
+            continue
     listening = []
     for table in ("tcp", "tcp6"):
         for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
