@@ -23,34 +23,35 @@ import tempfile
 from pathlib import Path
 
 from google.protobuf import json_format
-from rig import chat_body, cluster, fast_upstream, static_envoy
+from rig import COMPLETION, MODEL, chat_body, cluster, fast_upstream, static_envoy
 from wrk_load import Target, interleaved, wrk
 
 from control_plane.translate.durable_log import durable_edge_log
 from control_plane.translate.listeners import _request_fields, _usage_capture
 from control_plane.translate.names import (
     METADATA_NAMESPACE,
-    ORDER_METADATA_KEY,
     REQUEST_METADATA_NAMESPACE,
     USAGE_METADATA_NAMESPACE,
     USAGE_METADATA_TEXT_KEY,
 )
 from control_plane.translate.settings import EdgeSettings
 from control_plane.translate.upstream_lua import lua_string
+from ext_proc.request import _decision_fields
 
 ROUTED_METADATA = {
     METADATA_NAMESPACE: {
-        "provider": "fast-1", "model": "llama-3.1-8b", "policy": "interactive",
-        "strategy": "balanced", "fallbacks": "fast-2,fast-3",
+        **json_format.MessageToDict(_decision_fields(
+            "fast-1", ("fast-2", "fast-3"), MODEL, "interactive", "balanced")),
         "reason": "balanced: best score 0.41 of 4 eligible",
         "candidates": "fast-1=0.410 fast-2=0.433 fast-3=0.502 fast-0=0.611",
-        "path": "/v1/chat/completions", "length": "153",
-        ORDER_METADATA_KEY: [{"name": name} for name in ("fast-1", "fast-2", "fast-3")]},
-    REQUEST_METADATA_NAMESPACE: {"model": "llama-3.1-8b", "max_tokens": 16, "stream": False},
+        "path": "/v1/chat/completions", "length": "153"},
+    REQUEST_METADATA_NAMESPACE: {"model": MODEL, "max_tokens": 16, "stream": False},
 }
-"""What a routed request's metadata holds by its end, but the usage: ext_proc's decision (and the
-provider's upstream Lua's path and length), the request-fields filter's body fields."""
-USAGE_TEXT = '"usage":{"prompt_tokens":5,"completion_tokens":1,"total_tokens":6}}'
+"""What a routed request's metadata holds by its end, but the usage: ext_proc's decision (as it
+builds it, and the provider's upstream Lua's path and length), the request-fields filter's body
+fields."""
+USAGE_TEXT = COMPLETION[COMPLETION.rindex('"usage"'):]
+"""What the usage capture keeps of the fast upstream's answer: from its last "usage" key on."""
 
 
 def _lua_value(value: object) -> str:

@@ -32,8 +32,10 @@ from control_plane.policy.load import default_policy_path
 from control_plane.xds import type_urls
 from gpu_router import pki
 from gpu_router.bootstrap import (
+    BOOTSTRAP_TEMPLATE,
     DEFAULT_EDGE_TLS,
     DEFAULT_SECRETS,
+    XDS_CLUSTER,
     EdgeNode,
     render_bootstrap,
     secret_files,
@@ -318,6 +320,19 @@ def test_the_compose_bootstrap_passes_envoy_validation(tmp_path: Path) -> None:
         timeout=60,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_compose_bootstrap_reaches_the_control_plane_as_gpu_router_up_does() -> None:
+    """Its xDS connection's HTTP/2 options (keepalive, and the connection age that lets a replaced
+    certificate leave it: edge_secret_files.CONNECTION_MAX_AGE_S) are the bootstrap's, which
+    test_bootstrap.py checks against the constant."""
+
+    def options(path: Path) -> dict:
+        clusters = yaml.safe_load(path.read_text())["static_resources"]["clusters"]
+        (xds,) = [cluster for cluster in clusters if cluster["name"] == XDS_CLUSTER]
+        return xds["typed_extension_protocol_options"]
+
+    assert options(ROOT / "deploy/compose/envoy.yaml") == options(BOOTSTRAP_TEMPLATE)
 
 
 @pytest.fixture

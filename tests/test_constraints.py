@@ -8,19 +8,15 @@ pinned set, not whatever the index held that day.
 
 from __future__ import annotations
 
-import re
 import tomllib
 from importlib import metadata
 from pathlib import Path
 
 from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parent.parent
 EXTRAS = ("test", "bench")
-
-
-def _name(text: str) -> str:
-    return re.sub(r"[-_.]+", "-", text).lower()
 
 
 def pins() -> dict[str, str]:
@@ -32,7 +28,7 @@ def pins() -> dict[str, str]:
             continue
         name, separator, version = line.partition("==")
         assert separator and version, f"constraints.txt:{number}: {line!r} is not name==version"
-        found[_name(name)] = version
+        found[canonicalize_name(name)] = version
     return found
 
 
@@ -46,7 +42,7 @@ def requirements(extras: tuple[str, ...] = EXTRAS) -> list[Requirement]:
 def test_every_dependency_is_pinned_inside_its_range() -> None:
     pinned = pins()
     for requirement in requirements():
-        version = pinned.get(_name(requirement.name))
+        version = pinned.get(canonicalize_name(requirement.name))
         assert version is not None, f"{requirement.name} has no pin in constraints.txt"
         assert requirement.specifier.contains(version, prereleases=True), (
             f"constraints.txt pins {requirement.name}=={version}, outside pyproject's "
@@ -57,7 +53,7 @@ def test_the_suite_runs_on_the_pinned_versions() -> None:
     """The runtime and test dependencies, which .ci/run installs (not the bench's)."""
     pinned, drifted = pins(), []
     for requirement in requirements(("test",)):
-        name = _name(requirement.name)
+        name = canonicalize_name(requirement.name)
         installed = metadata.version(requirement.name)
         if installed != pinned.get(name):
             drifted.append(f"{name} {installed} (pinned {pinned.get(name, 'nowhere')})")

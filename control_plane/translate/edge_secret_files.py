@@ -26,7 +26,8 @@ whose certificate was renewed and the old one then revoked kept failing on the c
 had made with the old one (measured: its xDS stream lost and about half its requests on the
 fallback route for as long as it was watched, 17 s). With a 30 s age it was back 33-51 s after
 the revocation (three runs; Envoy's xDS retry backoff adds to the age). envoy/bootstrap.yaml
-spells it for the xDS cluster. The cost: one TLS handshake per Envoy worker and replica every
+spells it for the xDS cluster (tests/test_bootstrap.py), and deploy/compose/envoy.yaml as that
+does (tests/test_compose.py). The cost: one TLS handshake per Envoy worker and replica every
 30 s."""
 SDS_FILE_SUFFIX = ".sds.yaml"
 SECRET_TYPE_URL = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
