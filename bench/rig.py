@@ -26,6 +26,10 @@ COMPLETION = json.dumps({
 })
 
 
+UPSTREAM_MAX_BODY = 1 << 20
+"""The largest request body the fast upstream reads (the benches send up to 200 KB)."""
+
+
 def static_envoy(name: str, work: Path, listen_port: int, route: dict, clusters: list[dict],
                  concurrency: list[str] = (), filters: list[dict] = (),
                  access_log: list[dict] = (), secrets: list[dict] = ()) -> ManagedProcess:
@@ -64,10 +68,23 @@ def static_envoy(name: str, work: Path, listen_port: int, route: dict, clusters:
     return process
 
 
+def admin_of(work: Path, name: str) -> EnvoyAdmin:
+    """The admin endpoint of the static Envoy `name` started in `work`."""
+    config = yaml.safe_load((work / f"{name}.yaml").read_text())
+    return EnvoyAdmin(config["admin"]["address"]["socket_address"]["port_value"])
+
+
 def fast_upstream(work: Path, port: int) -> ManagedProcess:
+    """An Envoy answering every request with COMPLETION once it has read the request's body,
+    as a provider does. A direct response sent before the body is read makes Envoy close the
+    connection (`connection: close`), so every Envoy in front of it opened a connection per
+    request: the buffer filter holds the answer until the body is in."""
     route = {"match": {"prefix": "/"}, "direct_response": {"status": 200, "body": {"inline_string": COMPLETION}},
              "response_headers_to_add": [{"header": {"key": "content-type", "value": "application/json"}}]}
-    return static_envoy("upstream", work, port, route, [], ["--concurrency", "1"])
+    whole_body = {"name": "envoy.filters.http.buffer", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.buffer.v3.Buffer",
+        "max_request_bytes": UPSTREAM_MAX_BODY}}
+    return static_envoy("upstream", work, port, route, [], ["--concurrency", "1"], [whole_body])
 
 
 def direct_envoy(work: Path, port: int, upstream_port: int) -> ManagedProcess:
