@@ -12,7 +12,9 @@ process spent per request: on a 2-core machine, 2 s of CPU per second bounds the
 The ratios that matter (routed/floor, accounting on/off, floor h2/floor) are measured a second
 time with the two floors and the two single-worker stacks loaded in turn at 16 connections, --rounds rounds of
 forward then reverse order (wrk_load.interleaved): a shared machine drifts within minutes, and
-the table's rows are minutes apart.
+the table's rows are minutes apart. Each load in turn also prints the hypervisor's steal (the
+share of the machine's CPU time that was not ours, /proc/stat): on a VM, rounds with more steal
+do fewer req/s at the same CPU per request.
 
     python bench/routed_path.py [--duration 10] [--workers 1 2] [--rounds 2] [--client-keys 100]
                                 [--providers 4] [--provider-scaling 4 50]
@@ -110,7 +112,8 @@ def ab_ratios(work: Path, policy: Path, other: Path, seconds: int, key: str = ""
 def print_comparison(title: str, result: Interleaved, over: str, under: str, label: str) -> None:
     print(f"\n{title}:")
     for index, ratio in enumerate(result.round_ratios(over, under)):
-        print(f"  round {index + 1:<4} {label} {ratio:5.3f}")
+        steal = " / ".join(f"{result.steal[name][index]:.0%}" for name in (over, under))
+        print(f"  round {index + 1:<4} {label} {ratio:5.3f} (hypervisor steal {steal})")
     print(f"  all        {label} {result.ratio(over, under):5.3f}")
 
 
@@ -265,8 +268,9 @@ def print_interleaved(result: Interleaved, rounds: int) -> None:
     """The floor and the single-worker stacks at 16 connections, loaded in turn."""
     print(f"\nInterleaved at 16 connections ({rounds} rounds, forward then reverse order):")
     for name, per_round in result.rps.items():
+        steal = ", ".join(f"{share:.0%}" for share in result.steal[name])
         print(f"  {name:<12} req/s {', '.join(f'{rps:.0f}' for rps in per_round)}; "
-              f"mean {sum(per_round) / len(per_round):.0f}")
+              f"mean {sum(per_round) / len(per_round):.0f}; hypervisor steal {steal}")
     print(f"  floor h2 / floor    {result.ratio('floor h2', 'floor'):5.3f} (ext_proc over HTTP/2, "
           "Envoy's http_service, against gRPC)")
     if "routed x1" in result.rps:

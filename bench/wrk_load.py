@@ -21,6 +21,8 @@ class Load:
     rps: float
     errors: int
     requests: int
+    error_kinds: str = ""
+    """wrk's count of each kind of failure (connect, read, write, status >= 400, timeout)."""
 
 
 WRK_SCRIPT = """
@@ -30,9 +32,10 @@ wrk.headers["content-type"] = "application/json"
 local f = io.open("%s", "rb"); wrk.body = f:read("*a"); f:close()
 done = function(summary, latency, requests)
   local e = summary.errors
-  io.write(string.format("RESULT {\\"p50\\":%%d,\\"p99\\":%%d,\\"requests\\":%%d,\\"duration\\":%%d,\\"errors\\":%%d}\\n",
+  io.write(string.format("RESULT {\\"p50\\":%%d,\\"p99\\":%%d,\\"requests\\":%%d,\\"duration\\":%%d,\\"errors\\":%%d,\\"kinds\\":\\"connect %%d, read %%d, write %%d, status %%d, timeout %%d\\"}\\n",
     latency:percentile(50), latency:percentile(99), summary.requests, summary.duration,
-    e.connect + e.read + e.write + e.status + e.timeout))
+    e.connect + e.read + e.write + e.status + e.timeout, e.connect, e.read, e.write, e.status,
+    e.timeout))
 end
 """
 
@@ -48,7 +51,8 @@ def wrk(url: str, body: bytes, connections: int, seconds: int, work: Path, key: 
                           "-s", str(script), url], capture_output=True, text=True, check=True).stdout
     result = json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])
     return Load(result["p50"] / 1000, result["p99"] / 1000,
-                result["requests"] / (result["duration"] / 1e6), result["errors"], result["requests"])
+                result["requests"] / (result["duration"] / 1e6), result["errors"], result["requests"],
+                result["kinds"])
 
 
 def cpu_seconds(pid: int) -> float:
@@ -71,6 +75,14 @@ def cpu_reading(pids: dict[str, int]) -> dict[str, float]:
     """CPU seconds so far per process, and of every child this script waited for (wrk)."""
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return {**{name: cpu_seconds(pid) for name, pid in pids.items()}, "wrk": usage.ru_utime + usage.ru_stime}
+
+
+def host_ticks() -> tuple[int, int]:
+    """(steal, all) CPU ticks of the machine so far (/proc/stat): on a VM, the hypervisor's
+    steal is time the machine's CPUs were not ours, which no process's CPU time shows."""
+    with open("/proc/stat") as stat:
+        ticks = [int(value) for value in stat.readline().split()[1:]]
+    return ticks[7], sum(ticks[:8])  # user nice system idle iowait irq softirq steal
 
 
 def per_request(before: dict[str, float], after: dict[str, float], load: Load) -> dict[str, float]:
@@ -102,6 +114,8 @@ class Interleaved:
 
     rps: dict[str, list[float]] = field(default_factory=dict)
     cpu_us: dict[str, dict[str, float]] = field(default_factory=dict)
+    steal: dict[str, list[float]] = field(default_factory=dict)
+    """Per target per round, the share of the machine's CPU time the hypervisor took."""
 
     def ratio(self, over: str, under: str) -> float:
         """Total req/s of `over` over that of `under`, all rounds."""
@@ -115,16 +129,18 @@ def interleaved(targets: list[Target], body: bytes, connections: int, seconds: i
                 rounds: int = 2) -> Interleaved:
     """Load the targets in turn, forward then reverse per round (A B C, C B A, ...), so that a
     drift of the shared machine weighs on all alike. Raises when any request failed."""
-    out = Interleaved({t.name: [] for t in targets}, {})
+    out = Interleaved({t.name: [] for t in targets}, {}, {t.name: [] for t in targets})
     spent: dict[str, dict[str, float]] = {t.name: {} for t in targets}
     served = dict.fromkeys(spent, 0)
     for index in range(rounds):
         for target in (targets if index % 2 == 0 else targets[::-1]):
-            before = cpu_reading(target.pids)
+            before, (stolen, ticks) = cpu_reading(target.pids), host_ticks()
             load = wrk(target.url, body, connections, seconds, work, target.key)
-            after = cpu_reading(target.pids)
+            after, (stolen_after, ticks_after) = cpu_reading(target.pids), host_ticks()
+            out.steal[target.name].append((stolen_after - stolen) / max(ticks_after - ticks, 1))
             if load.errors:
-                raise RuntimeError(f"{load.errors} failed requests loading {target.name}")
+                raise RuntimeError(f"{load.errors} failed requests loading {target.name} "
+                                   f"(round {index + 1}; {load.error_kinds})")
             out.rps[target.name].append(load.rps)
             served[target.name] += load.requests
             for process in before:
