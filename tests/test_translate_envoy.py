@@ -324,9 +324,11 @@ class Edge:
         finally:
             connection.close()
 
-    def lockstep(self, script: Script) -> tuple[int, bytes, str]:
+    def lockstep(self, script: Script, hang_up_after: int | None = None) -> tuple[int, bytes, str]:
         """Has beta answer with `script`, reading each chunk before letting beta send the next:
-        (status, the body the client received, the request's x-request-id)."""
+        (status, the body the client received, the request's x-request-id). With
+        `hang_up_after`, the client closes its connection once it has that many chunks, before
+        beta may send the rest."""
         key, rid = uuid.uuid4().hex, request_id()
         self.upstreams["beta"].scripts[key] = script
         connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
@@ -344,17 +346,22 @@ class Edge:
             )
             response = connection.getresponse()
             received, expected = b"", 0
-            for chunk in script.chunks:
+            wanted = script.chunks[:hang_up_after]
+            for index, chunk in enumerate(wanted, 1):
                 expected += len(chunk)
                 while len(received) < expected:
                     more = response.read1(65536)
                     assert more, f"the body ended after {len(received)} of {expected} bytes"
                     received += more
-                script.next_chunk.release()
-            received += response.read()
+                if hang_up_after is None or index < len(wanted):
+                    script.next_chunk.release()
+            if hang_up_after is None:
+                received += response.read()
             return response.status, received, rid
         finally:
             connection.close()
+            if hang_up_after is not None:
+                script.next_chunk.release()  # beta sends on into a stream Envoy has reset
 
     def usage_logged(self, request_id: str) -> dict | None:
         """The edge log's "gpu_router.usage" metadata for the request (None: not there)."""
@@ -1167,6 +1174,45 @@ def test_an_anthropic_streams_usage_lines_are_kept_whole_when_split(edge: Edge) 
     assert text == (start + delta).decode()
     usage = normalise(make_record(usage_text=text, stream=True), "anthropic")
     assert (usage.estimated, usage.input_tokens, usage.output_tokens) == (False, 25, 15)
+
+
+@pytest.mark.parametrize(
+    ("content_type", "chunks", "usage_format"),
+    [
+        (
+            "application/json",
+            [
+                b'{"id":"c1","choices":[{"message":{"content":"hi"}}],',
+                b'"usage":{"prompt_tokens":9,"completion_tokens":2}',
+                b',"system_fingerprint":"fp"}',
+            ],
+            "openai",
+        ),
+        (
+            "text/event-stream",
+            [
+                b'data: {"choices":[{"delta":{"content":"hi"}}],"usage":null}\n\n',
+                b'data: {"choices":[],"usage":{"prompt_tokens":9,"completion_tokens":2}}\n\n',
+                b"data: [DONE]\n\n",
+            ],
+            "openai",
+        ),
+    ],
+    ids=["JSON", "stream"],
+)
+def test_usage_is_kept_when_the_client_hangs_up_before_the_body_ends(
+    edge: Edge, content_type: str, chunks: list[bytes], usage_format: str
+) -> None:
+    """The client closes once it has the usage chunk, before the upstream sends the last one:
+    the request is still billed from the usage the provider reported, not estimated."""
+    script = Script(content_type, chunks)
+    status, received, rid = edge.lockstep(script, hang_up_after=2)
+    assert (status, received) == (200, b"".join(chunks[:2]))
+    usage = edge.usage_logged(rid)
+    assert usage is not None, "the usage seen before the hang-up was not logged"
+    record = make_record(usage_text=usage["text"], stream=content_type == "text/event-stream")
+    reported = normalise(record, usage_format)
+    assert (reported.estimated, reported.input_tokens, reported.output_tokens) == (False, 9, 2)
 
 
 @pytest.mark.parametrize(

@@ -15,7 +15,9 @@ bytes of the previous chunk (JSON) or the carried incomplete line (SSE). A JSON 
 `"usage"` wins (the top-level usage comes after the content in OpenAI's and Anthropic's bodies);
 SSE lines whose usage is null (OpenAI's include_usage puts `"usage":null` on every chunk but the
 last) are not kept. Responses that are not 2xx, are compressed, or are neither JSON nor an event
-stream are passed on untouched.
+stream are passed on untouched. The metadata is written whenever a chunk changes the text, not
+when the body ends: a client that hangs up after the usage chunk ends the iteration there, and
+its request is still billed from what the provider reported.
 """
 
 from __future__ import annotations
@@ -42,9 +44,15 @@ local function last_key(s)
   return last
 end
 
--- A JSON body from its last KEY on, at most LIMIT bytes; nil when it has none.
+-- The usage text into the stream's metadata. Called as soon as a chunk changes it, not once
+-- the body has ended: a client that hangs up after the usage chunk ends the body iteration.
+local function publish(handle, text)
+  handle:streamInfo():dynamicMetadata():set(NAMESPACE, TEXT_KEY, text)
+end
+
+-- Publishes a JSON body from its last KEY on, at most LIMIT bytes; nothing when it has none.
 local function json_usage(handle)
-  local text, tail = nil, ""
+  local text, tail, published = nil, "", nil
   for chunk in handle:bodyChunks() do
     local n = chunk:length()
     if n > 0 then
@@ -68,9 +76,12 @@ local function json_usage(handle)
       else
         tail = sub(tail .. s, -OVERLAP)
       end
+      if text ~= published then
+        published = text
+        publish(handle, text)
+      end
     end
   end
-  return text
 end
 
 -- `kept` with `line` appended, oldest lines dropped to stay within LIMIT.
@@ -119,23 +130,30 @@ local function sse_lines(data, kept, skipping)
   return kept, carry, false
 end
 
--- The usage-carrying "data:" lines of an event stream, the last ones within LIMIT bytes.
+-- Publishes the usage-carrying "data:" lines of an event stream, the last ones within LIMIT
+-- bytes; nothing when it has none.
 local function sse_usage(handle)
-  local kept, carry, skipping = "", "", false
+  local kept, carry, skipping, published = "", "", false, ""
   for chunk in handle:bodyChunks() do
     local n = chunk:length()
     if n > 0 then
       local s = chunk:getBytes(0, n)
       if carry ~= "" or skipping or byte(s, n) ~= NEWLINE or find(s, KEY, 1, true) ~= nil then
         kept, carry, skipping = sse_lines(carry .. s, kept, skipping)
+        if kept ~= published then
+          published = kept
+          publish(handle, kept)
+        end
       end
     end
   end
   if carry ~= "" then
     -- A stream that ends without ending its last line.
     kept = sse_lines(carry .. "\n", kept, false)
+    if kept ~= published then
+      publish(handle, kept)
+    end
   end
-  return kept
 end
 
 function envoy_on_response(handle)
@@ -149,17 +167,10 @@ function envoy_on_response(handle)
     return
   end
   local media = lower(headers:get("content-type") or "")
-  local capture
   if find(media, "application/json", 1, true) == 1 then
-    capture = json_usage
+    json_usage(handle)
   elseif find(media, "text/event-stream", 1, true) == 1 then
-    capture = sse_usage
-  else
-    return
-  end
-  local text = capture(handle)
-  if text ~= nil and text ~= "" then
-    handle:streamInfo():dynamicMetadata():set(NAMESPACE, TEXT_KEY, text)
+    sse_usage(handle)
   end
 end
 """
