@@ -18,8 +18,8 @@ import grpc
 import uvloop
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc_pb2
-from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_proc_grpc
 
+from ext_proc.service import add_to_server
 from gpu_router.grpc_tls import server_credentials
 from gpu_router.pki import TlsFiles
 
@@ -31,17 +31,16 @@ ANSWER = ext_proc_pb2.ProcessingResponse(
                 append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD)]))))
 
 
-class Floor(ext_proc_grpc.ExternalProcessorServicer):
-    async def Process(self, request_iterator: AsyncIterator[ext_proc_pb2.ProcessingRequest],
-                      context: grpc.aio.ServicerContext) -> None:
-        """As ext_proc/service.py does it: read, write, end the stream."""
-        await context.read()
-        await context.write(ANSWER)
+async def process(_requests: AsyncIterator[ext_proc_pb2.ProcessingRequest],
+                  context: grpc.aio.ServicerContext) -> ext_proc_pb2.ProcessingResponse:
+    """As ext_proc/service.py does it: read, answer, end the stream (served stream-unary)."""
+    await context.read()
+    return ANSWER
 
 
 async def serve(address: str, tls: TlsFiles) -> None:
     server = grpc.aio.server()
-    ext_proc_grpc.add_ExternalProcessorServicer_to_server(Floor(), server)
+    add_to_server(process, server)
     server.add_secure_port(address, server_credentials(tls))
     await server.start()
     await server.wait_for_termination()

@@ -1,13 +1,12 @@
-"""The grpc.aio ExternalProcessor servicer: adapts Envoy's stream to RequestPhases."""
+"""The grpc.aio ExternalProcessor service: adapts Envoy's stream to RequestPhases."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc_pb2
-from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_proc_grpc
 
 from ext_proc.admission import Admission, tag_client
 from ext_proc.rate_limit import LocalCounters, RateLimiter
@@ -34,7 +33,7 @@ def _refusal(peer: CertifiedPeer | None, revocations: Revocations) -> str | None
 _EDGES_ONLY = "only an edge Envoy's certificate may ask ext_proc for decisions"
 
 
-class ExternalProcessorService(ext_proc_grpc.ExternalProcessorServicer):
+class ExternalProcessorService:
     """One stream per HTTP request; each stream decides on the state current when it opened."""
 
     def __init__(self, live: LiveState, admission: Admission | None = None,
@@ -47,14 +46,13 @@ class ExternalProcessorService(ext_proc_grpc.ExternalProcessorServicer):
         self,
         request_iterator: AsyncIterator[ext_proc_pb2.ProcessingRequest],
         context: grpc.aio.ServicerContext,
-    ) -> None:
-        """Read the request headers, write one answer, and end the stream: by its processing
-        mode Envoy sends nothing more, and it resets each stream once answered (every ext_proc
-        stream counts in the cluster's upstream_rq_tx_reset), so a read for the end would only
-        wait for that reset (it cost the fixed-answer floor ~30 us of its ~300 a stream).
-        context.read()/write() rather than an async generator over `request_iterator`: the
-        floor spent ~7% less CPU per stream that way (658 -> 613 us, loaded in turn), and
-        grpc.aio's per-stream machinery is most of a decision's cost."""
+    ) -> ext_proc_pb2.ProcessingResponse:
+        """Read the request headers, return one answer, and so end the stream: by its
+        processing mode Envoy sends nothing more, so a read for the end would only wait for
+        Envoy's reset of the stream (it cost the fixed-answer floor ~30 us of its ~300 a
+        stream). Served as stream-unary (add_to_server). context.read() rather than iterating
+        `request_iterator`: the floor spent ~7% less CPU per stream that way (658 -> 613 us,
+        loaded in turn), and grpc.aio's per-stream machinery is most of a decision's cost."""
         peer = certified_peer(peer_certificate(context.auth_context()))
         refusal = _refusal(peer, self._revocations)
         if refusal is not None:
@@ -72,16 +70,41 @@ class ExternalProcessorService(ext_proc_grpc.ExternalProcessorServicer):
         phases = RequestPhases(state, full=state.health.at_cap.get(peer.name, NOBODY_AT_CAP))
         request = await context.read()
         if request is grpc.aio.EOF:
-            return
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, _NO_REQUEST)
         admitted = await self._admission.admit(state, request)
         if isinstance(admitted, ext_proc_pb2.ProcessingResponse):
-            await context.write(admitted)  # refused by the client gate (key, budget, rate limit)
-            return
+            return admitted  # refused by the client gate (key, budget, rate limit)
         phases.client = admitted
         response = await _answer(phases, request, context)
         if admitted is not None:
             tag_client(response, admitted)
-        await context.write(response)
+        return response
+
+
+_NO_REQUEST = "the stream ended before its request headers"
+
+
+Process = Callable[
+    [AsyncIterator[ext_proc_pb2.ProcessingRequest], grpc.aio.ServicerContext],
+    Awaitable[ext_proc_pb2.ProcessingResponse],
+]
+
+
+def add_to_server(process: Process, server: grpc.aio.Server) -> None:
+    """Serves `process` as Envoy's ExternalProcessor's Process, registered as stream-unary:
+    on the wire a stream-stream call that sends one answer and ends is the same, but grpc.aio
+    sends a unary answer and the stream's status in one batch where a streamed one takes two.
+    The fixed-answer floor spent ~11% less ext_proc CPU per request that way (400 -> 356 and
+    548 -> 491 us, two runs loaded in turn)."""
+    handlers = {"Process": grpc.stream_unary_rpc_method_handler(
+        process,
+        request_deserializer=ext_proc_pb2.ProcessingRequest.FromString,
+        response_serializer=ext_proc_pb2.ProcessingResponse.SerializeToString)}
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(_SERVICE, handlers),))
+    server.add_registered_method_handlers(_SERVICE, handlers)
+
+
+_SERVICE = ext_proc_pb2.DESCRIPTOR.services_by_name["ExternalProcessor"].full_name
 
 
 async def _answer(phases: RequestPhases, request: ext_proc_pb2.ProcessingRequest,

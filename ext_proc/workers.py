@@ -17,13 +17,12 @@ from types import FrameType
 
 import grpc
 import uvloop
-from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_proc_grpc
 
 from ext_proc.admission import Admission
 from ext_proc.json_log import configure_logging
 from ext_proc.rate_limit import Counters, LocalCounters, RateLimiter, RedisCounters
 from ext_proc.router_state import LiveState
-from ext_proc.service import ExternalProcessorService
+from ext_proc.service import ExternalProcessorService, add_to_server
 from ext_proc.serving_status import ServingStatus
 from ext_proc.xds_client import (
     AdsClient,
@@ -83,9 +82,8 @@ async def serve(config: WorkerConfig, stop: asyncio.Event) -> None:
                                           password=config.redis_password, tls=config.tls)
         await shared.warm()
     revocations = Revocations.open(config.crl, config.tls.ca)
-    ext_proc_grpc.add_ExternalProcessorServicer_to_server(
-        ExternalProcessorService(live, Admission(RateLimiter(counters)), revocations), server
-    )
+    service = ExternalProcessorService(live, Admission(RateLimiter(counters)), revocations)
+    add_to_server(service.Process, server)
     status = ServingStatus()
     await status.add_to(server)
     try:

@@ -226,6 +226,16 @@ def test_out_of_phase_message_fails_the_stream(
     assert "unexpected request_body in the headers phase" in caught.value.details()
 
 
+def test_a_stream_without_request_headers_fails(
+    ads: FakeAds, ext_proc: tuple[ManagedProcess, str]
+) -> None:
+    _, target = ext_proc
+    with pytest.raises(grpc.RpcError) as caught:
+        process(target)
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert caught.value.details() == "the stream ended before its request headers"
+
+
 def test_sigterm_stops_every_worker(ext_proc: tuple[ManagedProcess, str]) -> None:
     managed, target = ext_proc
     managed.stop()
