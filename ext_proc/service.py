@@ -31,6 +31,7 @@ def _refusal(peer: CertifiedPeer | None, revocations: Revocations) -> str | None
 
 
 _EDGES_ONLY = "only an edge Envoy's certificate may ask ext_proc for decisions"
+_NO_REQUEST = "the stream ended before its request headers"
 
 
 class ExternalProcessorService:
@@ -81,16 +82,14 @@ class ExternalProcessorService:
         return response
 
 
-_NO_REQUEST = "the stream ended before its request headers"
-
-
-Process = Callable[
+ProcessHandler = Callable[
     [AsyncIterator[ext_proc_pb2.ProcessingRequest], grpc.aio.ServicerContext],
     Awaitable[ext_proc_pb2.ProcessingResponse],
 ]
+_SERVICE = ext_proc_pb2.DESCRIPTOR.services_by_name["ExternalProcessor"].full_name
 
 
-def add_to_server(process: Process, server: grpc.aio.Server) -> None:
+def add_to_server(process: ProcessHandler, server: grpc.aio.Server) -> None:
     """Serves `process` as Envoy's ExternalProcessor's Process, registered as stream-unary:
     on the wire a stream-stream call that sends one answer and ends is the same, but grpc.aio
     sends a unary answer and the stream's status in one batch where a streamed one takes two.
@@ -102,9 +101,6 @@ def add_to_server(process: Process, server: grpc.aio.Server) -> None:
         response_serializer=ext_proc_pb2.ProcessingResponse.SerializeToString)}
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(_SERVICE, handlers),))
     server.add_registered_method_handlers(_SERVICE, handlers)
-
-
-_SERVICE = ext_proc_pb2.DESCRIPTOR.services_by_name["ExternalProcessor"].full_name
 
 
 async def _answer(phases: RequestPhases, request: ext_proc_pb2.ProcessingRequest,

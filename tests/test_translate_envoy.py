@@ -1177,7 +1177,7 @@ def test_an_anthropic_streams_usage_lines_are_kept_whole_when_split(edge: Edge) 
 
 
 @pytest.mark.parametrize(
-    ("content_type", "chunks", "usage_format"),
+    ("content_type", "chunks"),
     [
         (
             "application/json",
@@ -1186,7 +1186,6 @@ def test_an_anthropic_streams_usage_lines_are_kept_whole_when_split(edge: Edge) 
                 b'"usage":{"prompt_tokens":9,"completion_tokens":2}',
                 b',"system_fingerprint":"fp"}',
             ],
-            "openai",
         ),
         (
             "text/event-stream",
@@ -1195,13 +1194,12 @@ def test_an_anthropic_streams_usage_lines_are_kept_whole_when_split(edge: Edge) 
                 b'data: {"choices":[],"usage":{"prompt_tokens":9,"completion_tokens":2}}\n\n',
                 b"data: [DONE]\n\n",
             ],
-            "openai",
         ),
     ],
     ids=["JSON", "stream"],
 )
 def test_usage_is_kept_when_the_client_hangs_up_before_the_body_ends(
-    edge: Edge, content_type: str, chunks: list[bytes], usage_format: str
+    edge: Edge, content_type: str, chunks: list[bytes]
 ) -> None:
     """The client closes once it has the usage chunk, before the upstream sends the last one:
     the request is still billed from the usage the provider reported, not estimated."""
@@ -1211,7 +1209,7 @@ def test_usage_is_kept_when_the_client_hangs_up_before_the_body_ends(
     usage = edge.usage_logged(rid)
     assert usage is not None, "the usage seen before the hang-up was not logged"
     record = make_record(usage_text=usage["text"], stream=content_type == "text/event-stream")
-    reported = normalise(record, usage_format)
+    reported = normalise(record, "openai")
     assert (reported.estimated, reported.input_tokens, reported.output_tokens) == (False, 9, 2)
 
 

@@ -44,10 +44,15 @@ local function last_key(s)
   return last
 end
 
--- The usage text into the stream's metadata. Called as soon as a chunk changes it, not once
--- the body has ended: a client that hangs up after the usage chunk ends the body iteration.
-local function publish(handle, text)
-  handle:streamInfo():dynamicMetadata():set(NAMESPACE, TEXT_KEY, text)
+-- Writes the usage text into the stream's metadata when it differs from what was `published`
+-- (strings are interned: the comparison is a pointer's); returns what is published now. Called
+-- per chunk, not once the body has ended: a client that hangs up after the usage chunk ends
+-- the body iteration there.
+local function publish(handle, text, published)
+  if text ~= published then
+    handle:streamInfo():dynamicMetadata():set(NAMESPACE, TEXT_KEY, text)
+  end
+  return text
 end
 
 -- Publishes a JSON body from its last KEY on, at most LIMIT bytes; nothing when it has none.
@@ -76,10 +81,7 @@ local function json_usage(handle)
       else
         tail = sub(tail .. s, -OVERLAP)
       end
-      if text ~= published then
-        published = text
-        publish(handle, text)
-      end
+      published = publish(handle, text, published)
     end
   end
 end
@@ -140,19 +142,13 @@ local function sse_usage(handle)
       local s = chunk:getBytes(0, n)
       if carry ~= "" or skipping or byte(s, n) ~= NEWLINE or find(s, KEY, 1, true) ~= nil then
         kept, carry, skipping = sse_lines(carry .. s, kept, skipping)
-        if kept ~= published then
-          published = kept
-          publish(handle, kept)
-        end
+        published = publish(handle, kept, published)
       end
     end
   end
   if carry ~= "" then
     -- A stream that ends without ending its last line.
-    kept = sse_lines(carry .. "\n", kept, false)
-    if kept ~= published then
-      publish(handle, kept)
-    end
+    publish(handle, (sse_lines(carry .. "\n", kept, false)), published)
   end
 end
 
