@@ -29,8 +29,10 @@ def redis_url_problem(url: str, user_hint: str) -> str | None:
 
 
 def connection_pool(url: str, *, user: str | None, password: str | None,
-                    tls: TlsFiles | None, timeout_s: float, max_connections: int) -> Any:
-    """redis-py's asyncio pool for `url`, each round trip and connect bounded by `timeout_s`. A
+                    tls: TlsFiles | None, timeout_s: float, max_connections: int,
+                    connect_timeout_s: float | None = None) -> Any:
+    """redis-py's asyncio pool for `url`, each round trip bounded by `timeout_s` and each connect
+    (name lookup, TCP and TLS) by `connect_timeout_s` (None: `timeout_s`). A
     rediss:// URL with the process's own TLS files: mutual TLS with its certificate, Redis's
     checked against the fleet's CA only and the host dialled (Compose's Redis has one, made by
     `gpu-router certs init --redis HOST`), every connection on one SSL context made here:
@@ -44,7 +46,8 @@ def connection_pool(url: str, *, user: str | None, password: str | None,
     # commands, and Redis 7.2+ would log each refused SETINFO among real refusals.
     options: dict[str, Any] = {**parse_url(url), "username": user, "password": password,
                                "socket_timeout": timeout_s,
-                               "socket_connect_timeout": timeout_s, "driver_info": None}
+                               "socket_connect_timeout": connect_timeout_s or timeout_s,
+                               "driver_info": None}
     if tls is not None and options.get("connection_class") is SSLConnection:
         contexts = Renewing(tls, _client_context)
 
