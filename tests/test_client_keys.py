@@ -300,9 +300,12 @@ def test_with_clients_the_edge_does_not_fail_open_without_ext_proc() -> None:
         packed.Unpack(processor)
         return processor
 
-    assert ext_proc_filter(load([])).failure_mode_allow
+    open_ = ext_proc_filter(load([]))
+    assert open_.failure_mode_allow and open_.message_timeout.ToMilliseconds() == 200
     closed = ext_proc_filter(load(clients_yaml()))
     assert not closed.failure_mode_allow and closed.status_on_error.code == 503
+    # Without failure_mode_allow a missed message timeout is the client's 504: a longer wait.
+    assert closed.message_timeout.ToMilliseconds() == 1000
 
 
 def test_up_refuses_an_open_edge_beyond_loopback(capsys: pytest.CaptureFixture[str]) -> None:

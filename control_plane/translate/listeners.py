@@ -243,7 +243,8 @@ def _request_fields() -> hcm_pb2.HttpFilter:
 def _ext_proc(settings: EdgeSettings, forwarded: tuple[str, ...]) -> hcm_pb2.HttpFilter:
     """Request headers only (`forwarded` of them), with the request fields' metadata attached:
     one message, one answer per request; when ext_proc is down or slow the request goes on to
-    the fallback route."""
+    the fallback route, or with clients declared (fail closed) is answered 503, or 504 once the
+    longer message timeout passes (EdgeSettings.ext_proc_closed_message_timeout_ms)."""
     processor = ext_proc_pb2.ExternalProcessor(
         grpc_service=grpc_service_pb2.GrpcService(
             envoy_grpc=grpc_service_pb2.GrpcService.EnvoyGrpc(cluster_name=EXT_PROC_CLUSTER)
@@ -263,7 +264,9 @@ def _ext_proc(settings: EdgeSettings, forwarded: tuple[str, ...]) -> hcm_pb2.Htt
         failure_mode_allow=settings.ext_proc_fail_open,
         status_on_error=None if settings.ext_proc_fail_open else http_status_pb2.HttpStatus(
             code=http_status_pb2.ServiceUnavailable),
-        message_timeout=milliseconds(settings.ext_proc_message_timeout_ms),
+        message_timeout=milliseconds(
+            settings.ext_proc_message_timeout_ms if settings.ext_proc_fail_open
+            else settings.ext_proc_closed_message_timeout_ms),
         metadata_options=ext_proc_pb2.MetadataOptions(
             forwarding_namespaces=ext_proc_pb2.MetadataOptions.MetadataNamespaces(
                 untyped=[REQUEST_METADATA_NAMESPACE]

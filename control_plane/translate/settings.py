@@ -28,6 +28,14 @@ class EdgeSettings:
     what an overloaded-but-alive replica costs a request. A frozen or crashed replica costs less:
     the ext_proc cluster's health check and outlier detection take it out of service, after which
     Envoy fails the stream at once (see clusters.ext_proc_cluster)."""
+    ext_proc_closed_message_timeout_ms: int = 1000
+    """The same wait when the edge fails closed (clients declared: ext_proc_fail_open off). A late
+    answer then costs the request, which Envoy answers 504, not only its decision, and a queue
+    in ext_proc is what makes an answer late: at 64 clients on the 2-core machine Envoy timed
+    ext_proc's answers at up to 100-250 ms (a CPU-bound process beside the stack), and a CI run
+    answered 12 requests 504 at 200 ms. A frozen replica is still taken out by its health check
+    after which Envoy fails the stream at once (503): the longer wait is paid only by requests
+    already waiting on it, which fail either way."""
     upstream_timeout_s: int = 300
     """Whole-response timeout of a routed request; LLM generations are long."""
     access_log_flush_ms: int = 100
@@ -45,7 +53,7 @@ class EdgeSettings:
     ext_proc_fail_open: bool = True
     """Without ext_proc's answer a request goes on along the fallback routes. translate() turns
     this off when the policy declares clients: only ext_proc checks keys, so without it the edge
-    answers 503 rather than serving unauthenticated requests."""
+    answers 503 (504 when ext_proc's answer is late) rather than serve unauthenticated requests."""
     edge_tls: bool = False
     """The edge listener serves TLS only (HTTP/1.1 and h2 by ALPN), with the certificate the
     control plane pushes over SDS (control_plane/edge_certificate.py); False: plain HTTP."""
