@@ -39,11 +39,12 @@ POOL_CONNECTIONS = 4
 """Redis connections per worker, opened at start (RedisCounters.warm). A limited request waits
 for a free one (each is held for one round trip) instead of opening its own: a burst of 64 new
 TLS connections at once took longer than REDIS_TIMEOUT_S and failed every limit open."""
-WARM_CONNECT_S = 1.0
-"""How long a connection opened at start (RedisCounters.warm) may take to connect. Start-up is
-no request's round trip: on a loaded 2-core machine a TLS connect (its name lookup in a thread)
-took over REDIS_TIMEOUT_S and warm opened none (found by CI). A request's round trip, a connect
-in it included, stays bounded by REDIS_TIMEOUT_S (asyncio.wait_for in add and give_back)."""
+CONNECT_TIMEOUT_S = 1.0
+"""How long any of the pool's connections may take to connect; only the ones opened at start
+(RedisCounters.warm) can use all of it, since a request's round trip, a connect in it included,
+stays bounded by REDIS_TIMEOUT_S (asyncio.wait_for in add and give_back). On a loaded 2-core
+machine a TLS connect (its name lookup in a thread) took over REDIS_TIMEOUT_S and warm opened
+none (found by CI)."""
 _KEY_TTL_S = 2 * WINDOW_S + 5
 KEY_PREFIX = "gpu-router:rl:"
 """Every counter's key starts with it: all Redis lets a replica's user touch."""
@@ -119,7 +120,7 @@ class RedisCounters:
         self._errors = (redis.RedisError, OSError, asyncio.TimeoutError)
         self._redis = redis.Redis(connection_pool=connection_pool(
             url, user=user, password=password, tls=tls, timeout_s=REDIS_TIMEOUT_S,
-            max_connections=POOL_CONNECTIONS, connect_timeout_s=WARM_CONNECT_S))
+            max_connections=POOL_CONNECTIONS, connect_timeout_s=CONNECT_TIMEOUT_S))
         self._clock = clock
         self._down_until = 0.0
         self._failing = False

@@ -46,7 +46,8 @@ def connection_pool(url: str, *, user: str | None, password: str | None,
     # commands, and Redis 7.2+ would log each refused SETINFO among real refusals.
     options: dict[str, Any] = {**parse_url(url), "username": user, "password": password,
                                "socket_timeout": timeout_s,
-                               "socket_connect_timeout": connect_timeout_s or timeout_s,
+                               "socket_connect_timeout": (timeout_s if connect_timeout_s is None
+                                                          else connect_timeout_s),
                                "driver_info": None}
     if tls is not None and options.get("connection_class") is SSLConnection:
         contexts = Renewing(tls, _client_context)

@@ -220,8 +220,9 @@ def test_a_frozen_redis_fails_limits_open_and_no_request(stack: Stack) -> None:
                    and turns()[-1] == "up", "ext_proc to count in Redis at one request at a time")
         # One warning per outage, not per failed round trip: each is followed by its end before
         # another.
-        assert turns()[0] == "down", turns()
-        assert all(one != other for one, other in itertools.pairwise(turns())), turns()
+        logged = turns()
+        assert logged[0] == "down", logged
+        assert all(one != other for one, other in itertools.pairwise(logged)), logged
     finally:
         replace_file(stack.policy, original)
 
